@@ -1,0 +1,1 @@
+"""DPO: losses, answer log-probabilities, reference handling and the trainer."""

@@ -1,0 +1,84 @@
+"""Tiny random Qwen-VL-Chat checkpoints in the official folder format (the stand-in for tests and the demo)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from .configuration import QWenConfig
+from .modeling import QWenLMHeadModel
+from .tokenization import DEFAULT_SYSTEM, VOCAB_FILE, QWenTokenizer, train_bpe_ranks, write_tiktoken_ranks
+
+SPECIAL_COUNT = 217
+IMG_START_OFFSET = 214
+
+
+def demo_corpus(n_rows: int = 600, seed: int = 0) -> list[str]:
+    """Texts the tiny BPE is trained on: the synthetic VLFeedback prompts/answers and the chat scaffolding."""
+    from silkie.data.synthetic import generate_rows
+
+    texts = [DEFAULT_SYSTEM, "system\n", "user\n", "assistant\n", "Picture 1: ", "\n"]
+    for row, _meta in generate_rows(n_rows, seed=seed):
+        texts.append(row["prompt"])
+        texts.extend(completion["response"] for completion in row["completions"])
+    return texts
+
+
+def tiny_config(num_ranks: int, hidden_size: int = 128, layers: int = 2, image_size: int = 56) -> QWenConfig:
+    """A small config whose special ids follow a vocabulary of `num_ranks` BPE ranks."""
+    vocab = num_ranks + SPECIAL_COUNT
+    vocab_size = (vocab + 63) // 64 * 64  # padded like the official 151,936 rows
+    return QWenConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 32,
+        kv_channels=32,
+        intermediate_size=4 * hidden_size,
+        visual={
+            "heads": 4,
+            "image_size": image_size,
+            "image_start_id": num_ranks + IMG_START_OFFSET,
+            "layers": 2,
+            "mlp_ratio": 2.0,
+            "output_dim": hidden_size,
+            "patch_size": 14,
+            "width": 64,
+        },
+    )
+
+
+def build_tiny_checkpoint(
+    out_dir: str | Path,
+    vocab_size: int = 1024,
+    corpus: Iterable[str] | None = None,
+    hidden_size: int = 128,
+    layers: int = 2,
+    image_size: int = 56,
+    seed: int = 0,
+) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and a small qwen.tiktoken into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = train_bpe_ranks(corpus if corpus is not None else demo_corpus(), vocab_size)
+    write_tiktoken_ranks(ranks, out / VOCAB_FILE)
+    tokenizer = QWenTokenizer.from_pretrained(out)
+    config = tiny_config(len(ranks), hidden_size=hidden_size, layers=layers, image_size=image_size)
+    if config.image_start_id != tokenizer.img_start_id:
+        raise AssertionError("tiny checkpoint: config image_start_id disagrees with the tokenizer")
+    config.eos_token_id = tokenizer.eod_id
+    config.pad_token_id = tokenizer.eod_id
+    torch.manual_seed(seed)
+    model = QWenLMHeadModel(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id],
+        pad_token_id=tokenizer.eod_id,
+        do_sample=False,
+        max_new_tokens=64,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,60 @@
+"""The `training:` keys a recipe may set: Hugging Face `TrainingArguments` fields (transformers 5) and their types.
+
+Kept as a plain table so the launcher can validate recipes without importing torch.
+`warmup_ratio` and `gradient_checkpointing`/`group_by_length` are accepted as the names users know
+and translated by `silkie.train_args`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TRAINING_KEYS: dict[str, Any] = {
+    "learning_rate": float,
+    "lr_scheduler_type": str,
+    "lr_scheduler_kwargs": dict | None,
+    "warmup_steps": float,
+    "warmup_ratio": float,
+    "weight_decay": float,
+    "adam_beta1": float,
+    "adam_beta2": float,
+    "adam_epsilon": float,
+    "optim": str,
+    "max_grad_norm": float,
+    "num_train_epochs": float,
+    "max_steps": int,
+    "per_device_train_batch_size": int,
+    "per_device_eval_batch_size": int,
+    "gradient_accumulation_steps": int,
+    "bf16": bool,
+    "fp16": bool,
+    "tf32": bool | None,
+    "gradient_checkpointing": bool,
+    "activation_checkpointing": bool,
+    "group_by_length": bool,
+    "train_sampling_strategy": str,
+    "logging_steps": float,
+    "logging_first_step": bool,
+    "eval_strategy": str,
+    "eval_steps": float | None,
+    "eval_on_start": bool,
+    "save_strategy": str,
+    "save_steps": float,
+    "save_total_limit": int | None,
+    "save_only_model": bool,
+    "report_to": str | list[str],
+    "run_name": str | None,
+    "seed": int,
+    "data_seed": int | None,
+    "dataloader_num_workers": int,
+    "dataloader_pin_memory": bool,
+    "dataloader_persistent_workers": bool,
+    "dataloader_prefetch_factor": int | None,
+    "ddp_timeout": int,
+    "ddp_find_unused_parameters": bool | None,
+    "torch_compile": bool,
+    "disable_tqdm": bool,
+    "log_level": str,
+    "use_cpu": bool,
+    "full_determinism": bool,
+}

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny Qwen-VL configs and models built in code (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+
+
+def tiny_config_kwargs(vocab_base: int = 1000) -> dict:
+    """Tiny Qwen-VL: hidden 128, 2 layers, 56-px ViT; special ids numbered from `vocab_base`."""
+    return dict(
+        vocab_size=vocab_base + 256,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        kv_channels=32,
+        intermediate_size=512,
+        seq_length=2048,
+        visual=dict(
+            heads=4,
+            image_size=56,
+            image_start_id=vocab_base + 214,
+            layers=2,
+            mlp_ratio=2.0,
+            output_dim=128,
+            patch_size=14,
+            width=64,
+        ),
+    )
+
+
+@pytest.fixture
+def tiny_config():
+    from silkie.models.qwen_vl import QWenConfig
+
+    return QWenConfig(**tiny_config_kwargs())
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from silkie.models.qwen_vl import QWenLMHeadModel
+
+    torch.manual_seed(0)
+    return QWenLMHeadModel(tiny_config).eval()
+
+
+def image_prompt_ids(config, batch: int = 2, prefix: int = 6, suffix: int = 20, seed: int = 0) -> torch.Tensor:
+    """Random text ids around one `<img>` span per row (256 `<imgpad>` slots)."""
+    gen = torch.Generator().manual_seed(seed)
+    start = config.image_start_id
+    text_hi = start - 214
+    span = torch.tensor([start] + [start + 2] * 256 + [start + 1])
+    rows = []
+    for _ in range(batch):
+        pre = torch.randint(0, text_hi, (prefix,), generator=gen)
+        post = torch.randint(0, text_hi, (suffix,), generator=gen)
+        rows.append(torch.cat([pre, span, post]))
+    return torch.stack(rows)
