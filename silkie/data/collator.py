@@ -1,0 +1,93 @@
+"""Batch collation for DPO pairs: right padding, lazily opened images, pairs with broken images dropped."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from silkie.data.images import ImageLoadError, ImageStore
+
+SEQUENCE_KEYS = ("prompt", "chosen", "rejected")
+
+
+class DroppedPairWarning(UserWarning):
+    """A pair was removed from a batch because its image could not be loaded."""
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists to the longest: (ids [B, L] long, attention_mask [B, L] long)."""
+    width = max((len(seq) for seq in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+class PairCollator:
+    """Tokenized pair rows -> padded tensors + `pixel_values` for the pairs with an image.
+
+    Output: `{prompt,chosen,rejected}_input_ids` / `_attention_mask` [B, L] (right padded with
+    `pad_token_id`), `pixel_values` [N_img, 3, S, S] in batch order and `image_index` [B] (row of
+    `pixel_values` per pair, -1 without image). Images are opened here, i.e. in the DataLoader worker.
+    A pair whose image fails to load is dropped with a `DroppedPairWarning` naming its id.
+    """
+
+    def __init__(
+        self,
+        image_store: ImageStore | None,
+        image_processor: Callable[[list[Image.Image]], torch.Tensor],
+        pad_token_id: int,
+    ):
+        self.image_store = image_store
+        self.image_processor = image_processor
+        self.pad_token_id = int(pad_token_id)
+        self.dropped = 0
+
+    def _load(self, row: Mapping[str, Any]) -> Image.Image | None:
+        key = row.get("image")
+        if not key:
+            return None
+        if self.image_store is None:
+            raise ImageLoadError(key, "the collator has no image store")
+        return self.image_store.open(key)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate `rows` (dicts with `prompt_id`, `image`, `*_input_ids`) into a batch of tensors."""
+        kept: list[Mapping[str, Any]] = []
+        images: list[Image.Image] = []
+        image_index: list[int] = []
+        failures: list[str] = []
+        for row in rows:
+            try:
+                image = self._load(row)
+            except ImageLoadError as error:
+                self.dropped += 1
+                failures.append(f"{row.get('prompt_id')}: {error.reason}")
+                warnings.warn(
+                    f"dropping pair {row.get('prompt_id')!r} from the batch: {error}", DroppedPairWarning, stacklevel=2
+                )
+                continue
+            kept.append(row)
+            image_index.append(len(images) if image is not None else -1)
+            if image is not None:
+                images.append(image)
+        if not kept:
+            raise RuntimeError(f"every pair of a batch of {len(rows)} was dropped (image errors: {failures})")
+        batch: dict[str, torch.Tensor] = {}
+        for name in SEQUENCE_KEYS:
+            ids, mask = pad_sequences([row[f"{name}_input_ids"] for row in kept], self.pad_token_id)
+            batch[f"{name}_input_ids"] = ids
+            batch[f"{name}_attention_mask"] = mask
+        batch["pixel_values"] = self.image_processor(images)
+        for image in images:
+            image.close()
+        batch["image_index"] = torch.tensor(image_index, dtype=torch.long)
+        if all("pair_index" in row for row in kept):  # lets the trainer look up cached reference log-probs
+            batch["pair_index"] = torch.tensor([int(row["pair_index"]) for row in kept], dtype=torch.long)
+        return batch

@@ -1,0 +1,248 @@
+"""Silkie's prompt/answer formatting and tokenization of preference pairs into a cached `datasets.Dataset`.
+
+User query = `Picture 1: <img>{image_key}</img>\\n{prompt}` (no picture line without an image); prompt ids =
+`tokenizer.build_chat_context(query)`; answer ids = `tokenizer.encode_answer(answer)`. In the trainer every
+answer token carries a label and the prompt none. Dropped pairs are counted under `too_long` (truncation
+"drop"), `prompt_too_long`, `identical_after_truncation` (truncation "answer"), `image_tag_in_text` or
+`bad_image_key`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+
+from silkie.data.pairs import PairReport, PreferencePair
+
+logger = logging.getLogger(__name__)
+
+Truncation = Literal["drop", "answer"]
+FORMAT_VERSION = "silkie-pairs-v1"
+STATS_FILE = "silkie_tokenize_stats.json"
+PAIR_FIELDS = ("prompt_id", "prompt", "image", "chosen", "rejected", "chosen_score", "rejected_score")
+FEATURES = datasets.Features(
+    {
+        "prompt_id": datasets.Value("string"),
+        "image": datasets.Value("string"),
+        "prompt_input_ids": datasets.List(datasets.Value("int32")),
+        "chosen_input_ids": datasets.List(datasets.Value("int32")),
+        "rejected_input_ids": datasets.List(datasets.Value("int32")),
+        "prompt_length": datasets.Value("int32"),
+        "chosen_length": datasets.Value("int32"),
+        "rejected_length": datasets.Value("int32"),
+        "length": datasets.Value("int32"),
+        "chosen_score": datasets.Value("float32"),
+        "rejected_score": datasets.Value("float32"),
+        "drop_reason": datasets.Value("string"),
+    }
+)
+
+
+def format_query(prompt: str, image: str | None) -> str:
+    """The user turn: `Picture 1: <img>KEY</img>\\n` + prompt, or the prompt alone without an image."""
+    return f"Picture 1: <img>{image}</img>\n{prompt}" if image else prompt
+
+
+def encode_pair(
+    prompt: str,
+    image: str | None,
+    chosen: str,
+    rejected: str,
+    tokenizer: Any,
+    max_length: int | None = None,
+    truncation: Truncation = "drop",
+) -> tuple[dict[str, list[int]] | None, str | None]:
+    """Token ids of one pair: ({prompt,chosen,rejected}_input_ids, None), or (None, drop reason).
+
+    `max_length` bounds prompt + the longer answer. "drop" drops a pair over it (`too_long`); "answer"
+    cuts both answers from the right and never cuts the prompt (`prompt_too_long` when the prompt
+    alone leaves no room for an answer).
+    """
+    try:
+        prompt_ids = tokenizer.build_chat_context(format_query(prompt, image))
+    except ValueError:  # e.g. an image key over the tokenizer's 254-byte limit, or an unclosed <img>
+        return None, "bad_image_key"
+    chosen_ids = tokenizer.encode_answer(chosen)
+    rejected_ids = tokenizer.encode_answer(rejected)
+    image_spans = 1 if image else 0
+    img_start = tokenizer.img_start_id
+    if prompt_ids.count(img_start) != image_spans or img_start in chosen_ids or img_start in rejected_ids:
+        return None, "image_tag_in_text"
+    if max_length is not None and len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length:
+        if truncation == "drop":
+            return None, "too_long"
+        budget = max_length - len(prompt_ids)
+        if budget <= 0:
+            return None, "prompt_too_long"
+        chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+        if chosen_ids == rejected_ids:
+            return None, "identical_after_truncation"
+    return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids}, None
+
+
+def _tokenize_batch(
+    batch: dict[str, list[Any]], tokenizer: Any, max_length: int | None, truncation: Truncation
+) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {name: [] for name in FEATURES}
+    for index in range(len(batch["prompt_id"])):
+        ids, reason = encode_pair(
+            batch["prompt"][index],
+            batch["image"][index],
+            batch["chosen"][index],
+            batch["rejected"][index],
+            tokenizer,
+            max_length,
+            truncation,
+        )
+        ids = ids or {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
+        lengths = {key: len(value) for key, value in ids.items()}
+        out["prompt_id"].append(batch["prompt_id"][index])
+        out["image"].append(batch["image"][index])
+        for key, value in ids.items():
+            out[key].append(value)
+        out["prompt_length"].append(lengths["prompt_input_ids"])
+        out["chosen_length"].append(lengths["chosen_input_ids"])
+        out["rejected_length"].append(lengths["rejected_input_ids"])
+        out["length"].append(
+            lengths["prompt_input_ids"] + max(lengths["chosen_input_ids"], lengths["rejected_input_ids"])
+        )
+        out["chosen_score"].append(batch["chosen_score"][index])
+        out["rejected_score"].append(batch["rejected_score"][index])
+        out["drop_reason"].append(reason or "")
+    return out
+
+
+def _pair_record(pair: PreferencePair | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(pair, PreferencePair):
+        return pair.to_dict()
+    return {name: pair.get(name) for name in PAIR_FIELDS}
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    digest = hashlib.sha256(type(tokenizer).__qualname__.encode())
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and Path(vocab_file).is_file():
+        digest.update(Path(vocab_file).read_bytes())
+    else:
+        ranks = getattr(tokenizer, "mergeable_ranks", None)
+        if ranks is None:
+            raise ValueError("cannot fingerprint the tokenizer for caching: no vocab_file or mergeable_ranks")
+        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+            digest.update(token + rank.to_bytes(4, "little"))
+    return digest.hexdigest()
+
+
+def cache_key(records: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int | None, truncation: str) -> str:
+    """Hash of (pairs content, tokenizer vocabulary bytes, options, format version)."""
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, max_length, truncation]).encode())
+    digest.update(_tokenizer_fingerprint(tokenizer).encode())
+    for record in records:
+        digest.update(json.dumps([record[name] for name in PAIR_FIELDS], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
+
+
+def _apply_stats(stats: dict[str, Any], report: PairReport | None) -> None:
+    dropped = stats["dropped"]
+    if dropped:
+        logger.warning("tokenize_pairs dropped %d of %d pairs: %s", sum(dropped.values()), stats["total"], dropped)
+    if report is None:
+        return
+    for reason, count in dropped.items():
+        report.record_later_drops(reason, count, stats["offending_ids"].get(reason, []))
+
+
+def _tokenize(
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int | None,
+    truncation: Truncation,
+    num_proc: int | None,
+    fingerprint: str,
+) -> tuple[datasets.Dataset, dict[str, Any]]:
+    source = datasets.Dataset.from_list(records)
+    mapped = source.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(records) > 1 else None,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "truncation": truncation},
+        remove_columns=source.column_names,
+        features=FEATURES,
+        new_fingerprint=fingerprint,
+        desc="tokenizing pairs",
+    )
+    reasons = mapped["drop_reason"]
+    offending: dict[str, list[str]] = {}
+    for prompt_id, reason in zip(mapped["prompt_id"], reasons):
+        if reason and len(offending.setdefault(reason, [])) < 5:
+            offending[reason].append(prompt_id)
+    dropped = Counter(reason for reason in reasons if reason)
+    if dropped:
+        mapped = mapped.filter(lambda batch: [not r for r in batch], input_columns="drop_reason", batched=True)
+    mapped = mapped.remove_columns("drop_reason")
+    return mapped, {"total": len(records), "dropped": dict(dropped), "offending_ids": offending}
+
+
+def _save_to_cache(dataset: datasets.Dataset, stats: dict[str, Any], target: Path) -> datasets.Dataset:
+    """Save atomically (staging folder + rename); if another process got there first, use its copy."""
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    (staging / STATS_FILE).write_text(json.dumps(stats), encoding="utf-8")
+    if target.exists() and not (target / STATS_FILE).is_file():
+        shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete entry
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / STATS_FILE).is_file():
+            raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return datasets.load_from_disk(str(target))
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair | Mapping[str, Any]],
+    tokenizer: Any,
+    max_length: int | None = None,
+    truncation: Truncation = "drop",
+    num_proc: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    report: PairReport | None = None,
+) -> datasets.Dataset:
+    """Tokenize pairs into a Dataset with `prompt_id`, `image`, `{prompt,chosen,rejected}_input_ids`, lengths.
+
+    With `cache_dir`, the result is saved under `cache_dir/<hash>` (hash of pairs, vocabulary bytes and options)
+    and later calls load it instead of tokenizing again. Drops are logged and, with `report`, added to it.
+    Raises `ValueError` when no pair is left.
+    """
+    if truncation not in ("drop", "answer"):
+        raise ValueError(f"truncation must be 'drop' or 'answer', got {truncation!r}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be positive or None, got {max_length}")
+    records = [_pair_record(pair) for pair in pairs]
+    if not records:
+        raise ValueError("tokenize_pairs got no pairs")
+    key = cache_key(records, tokenizer, max_length, truncation)
+    target = Path(cache_dir) / key if cache_dir is not None else None
+    if target is not None and (target / STATS_FILE).is_file():
+        logger.info("loading tokenized pairs from cache %s", target)
+        dataset = datasets.load_from_disk(str(target))
+        stats = json.loads((target / STATS_FILE).read_text(encoding="utf-8"))
+    else:
+        dataset, stats = _tokenize(records, tokenizer, max_length, truncation, num_proc, key)
+        if target is not None:
+            dataset = _save_to_cache(dataset, stats, target)
+    _apply_stats(stats, report)
+    if len(dataset) == 0:
+        raise ValueError(f"no pairs left after tokenization (max_length={max_length}, dropped={stats['dropped']})")
+    return dataset

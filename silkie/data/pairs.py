@@ -1,0 +1,304 @@
+"""Preference pairs from rated completions (Silkie: all 2-combinations, score = mean aspect rating).
+
+Every dropped row or pair is counted under a reason in a `PairReport`:
+rows -> loader reasons (see `sources`), `missing_image`, `no_usable_pairs`;
+pairs -> `empty_answer`, `non_numeric_rating`, `missing_rating`, `tie`, `identical_answers`,
+`below_margin`, `over_cap`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from typing import Any, Literal
+
+from silkie.data.images import ImageStore
+from silkie.data.sources import (
+    ASPECTS,
+    MAX_EXAMPLE_IDS,
+    Completion,
+    FeedbackRow,
+    LoadedRows,
+    PreferenceRow,
+    RowError,
+    normalize_feedback_row,
+    normalize_preference_row,
+)
+
+CapStrategy = Literal["margin", "random"]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One DPO example: a prompt (with optional image key), a preferred and a dispreferred answer."""
+
+    prompt_id: str
+    prompt: str
+    image: str | None
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+
+    @property
+    def margin(self) -> float:
+        """Score difference chosen - rejected."""
+        return self.chosen_score - self.rejected_score
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (for `datasets` / json)."""
+        return asdict(self)
+
+
+@dataclass
+class PairReport:
+    """Counts of rows and pairs kept / dropped per reason, with the first offending ids per reason."""
+
+    source: str = "rows"
+    rows_seen: int = 0
+    rows_kept: int = 0
+    rows_dropped: Counter = field(default_factory=Counter)
+    pairs_kept: int = 0
+    pairs_dropped: Counter = field(default_factory=Counter)
+    offending_ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def _example(self, reason: str, row_id: str) -> None:
+        examples = self.offending_ids.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLE_IDS and row_id not in examples:
+            examples.append(row_id)
+
+    def drop_row(self, reason: str, row_id: str, count: int = 1) -> None:
+        """Count `count` dropped rows under `reason`."""
+        self.rows_dropped[reason] += count
+        self._example(reason, row_id)
+
+    def drop_pair(self, reason: str, row_id: str) -> None:
+        """Count one dropped pair under `reason`."""
+        self.pairs_dropped[reason] += 1
+        self._example(reason, row_id)
+
+    def record_later_drops(self, reason: str, count: int, example_ids: Iterable[str] = ()) -> None:
+        """Move `count` already-kept pairs to `pairs_dropped[reason]` (e.g. dropped at tokenization)."""
+        self.pairs_dropped[reason] += count
+        self.pairs_kept -= count
+        for row_id in example_ids:
+            self._example(reason, row_id)
+
+    def merge_loader(self, loaded: LoadedRows) -> None:
+        """Fold a loader's skipped rows into this report."""
+        self.rows_seen += sum(loaded.skipped.values())
+        for reason, count in loaded.skipped.items():
+            self.rows_dropped[reason] += count
+            for row_id in loaded.skipped_ids.get(reason, []):
+                self._example(reason, row_id)
+
+    def summary(self) -> str:
+        """One line: rows seen/kept/dropped and pairs kept/dropped, per reason."""
+
+        def fmt(counter: Counter) -> str:
+            return "{" + ", ".join(f"{reason}: {n}" for reason, n in sorted(counter.items())) + "}"
+
+        return (
+            f"{self.source}: rows seen={self.rows_seen} kept={self.rows_kept} dropped={fmt(self.rows_dropped)}; "
+            f"pairs kept={self.pairs_kept} dropped={fmt(self.pairs_dropped)}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of all counters."""
+        return {
+            "source": self.source,
+            "rows_seen": self.rows_seen,
+            "rows_kept": self.rows_kept,
+            "rows_dropped": dict(self.rows_dropped),
+            "pairs_kept": self.pairs_kept,
+            "pairs_dropped": dict(self.pairs_dropped),
+            "offending_ids": {reason: list(ids) for reason, ids in self.offending_ids.items()},
+        }
+
+
+def resolve_aspect_weights(aspect_weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Normalized aspect weights (sum 1, zero weights removed); None -> equal weights over the three aspects."""
+    weights = {aspect: 1.0 for aspect in ASPECTS} if aspect_weights is None else dict(aspect_weights)
+    if any(not isinstance(w, (int, float)) or math.isnan(w) or w < 0 for w in weights.values()):
+        raise ValueError(f"aspect weights must be non-negative numbers, got {weights}")
+    weights = {aspect: float(w) for aspect, w in weights.items() if w > 0}
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"aspect weights must have a positive total, got {aspect_weights}")
+    return {aspect: w / total for aspect, w in weights.items()}
+
+
+def parse_rating(raw: str | float | None) -> float | None:
+    """A rating string like "4" -> 4.0; non-numeric ("N/A", "") or missing -> None."""
+    if raw is None or isinstance(raw, bool):
+        return None
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def score_completion(completion: Completion, weights: Mapping[str, float]) -> tuple[float | None, str | None]:
+    """(weighted mean rating, None) or (None, reason) when a weighted aspect is missing or non-numeric."""
+    total = 0.0
+    for aspect, weight in weights.items():
+        raw = completion.ratings.get(aspect)
+        if raw is None:
+            return None, "missing_rating"
+        value = parse_rating(raw)
+        if value is None:
+            return None, "non_numeric_rating"
+        total += weight * value
+    return total, None
+
+
+def _cap(
+    candidates: list[PreferencePair], k: int | None, strategy: CapStrategy, seed: int, row_id: str
+) -> tuple[list[PreferencePair], int]:
+    """At most `k` pairs (highest margin first, or a seeded random subset) and how many were cut."""
+    if k is None or len(candidates) <= k:
+        return candidates, 0
+    if strategy == "margin":
+        kept = sorted(candidates, key=lambda pair: -pair.margin)[:k]  # sorted() is stable
+    else:
+        chosen = sorted(random.Random(f"{seed}:{row_id}").sample(range(len(candidates)), k))
+        kept = [candidates[index] for index in chosen]
+    return kept, len(candidates) - k
+
+
+def _row_pairs(
+    row: FeedbackRow, weights: Mapping[str, float], min_margin: float, report: PairReport
+) -> list[PreferencePair]:
+    scored = [score_completion(completion, weights) for completion in row.completions]
+    candidates: list[PreferencePair] = []
+    for i, j in combinations(range(len(row.completions)), 2):
+        a, b = row.completions[i], row.completions[j]
+        (score_a, bad_a), (score_b, bad_b) = scored[i], scored[j]
+        if not a.response.strip() or not b.response.strip():
+            reason = "empty_answer"
+        elif bad_a or bad_b:
+            reason = "non_numeric_rating" if "non_numeric_rating" in (bad_a, bad_b) else "missing_rating"
+        elif math.isclose(score_a, score_b, abs_tol=1e-9):
+            reason = "tie"
+        elif a.response.strip() == b.response.strip():
+            reason = "identical_answers"
+        elif abs(score_a - score_b) < min_margin - 1e-9:
+            reason = "below_margin"
+        else:
+            reason = None
+        if reason is not None:
+            report.drop_pair(reason, row.id)
+            continue
+        (win, s_win), (lose, s_lose) = sorted(((a, score_a), (b, score_b)), key=lambda item: -item[1])
+        candidates.append(PreferencePair(row.id, row.prompt, row.image, win.response, lose.response, s_win, s_lose))
+    return candidates
+
+
+def _iter_rows(rows: Iterable[Any], normalize: Any, report: PairReport):
+    """Normalized rows; raw mappings are normalized here and bad ones counted."""
+    if isinstance(rows, LoadedRows):
+        report.merge_loader(rows)
+    for index, row in enumerate(rows):
+        report.rows_seen += 1
+        if isinstance(row, (FeedbackRow, PreferenceRow)):
+            yield row
+            continue
+        try:
+            yield normalize(row)
+        except RowError as error:
+            fallback = str(row.get("id", f"row {index}")) if isinstance(row, Mapping) else f"row {index}"
+            report.drop_row(error.reason, fallback)
+
+
+def _has_image(row: FeedbackRow | PreferenceRow, image_store: ImageStore | None, report: PairReport) -> bool:
+    if image_store is None or row.image is None or image_store.exists(row.image):
+        return True
+    report.drop_row("missing_image", row.id)
+    return False
+
+
+def _finish(pairs: list[PreferencePair], report: PairReport) -> tuple[list[PreferencePair], PairReport]:
+    if not pairs:
+        raise ValueError(f"no usable preference pairs from source {report.source!r}: {report.summary()}")
+    return pairs, report
+
+
+def _source_name(rows: Any, source: str | None) -> str:
+    if source is not None:
+        return source
+    return rows.name if isinstance(rows, LoadedRows) else "rows"
+
+
+def build_vlfeedback_pairs(
+    rows: Iterable[FeedbackRow | Mapping[str, Any]],
+    aspect_weights: Mapping[str, float] | None = None,
+    min_margin: float = 0.0,
+    max_pairs_per_prompt: int | None = None,
+    cap_strategy: CapStrategy = "margin",
+    seed: int = 0,
+    image_store: ImageStore | None = None,
+    source: str | None = None,
+) -> tuple[list[PreferencePair], PairReport]:
+    """Silkie pairs: every 2-combination of a row's answers, chosen = higher (weighted) mean rating.
+
+    `rows` are `FeedbackRow`s (e.g. a loader's `LoadedRows`, whose skipped rows enter the report)
+    or raw VLFeedback dicts. With `image_store`, rows whose image is absent are dropped
+    (`missing_image`). Raises `ValueError` naming the source when no pair survives.
+    """
+    if cap_strategy not in ("margin", "random"):
+        raise ValueError(f"cap_strategy must be 'margin' or 'random', got {cap_strategy!r}")
+    if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
+        raise ValueError(f"max_pairs_per_prompt must be >= 1 or None, got {max_pairs_per_prompt}")
+    weights = resolve_aspect_weights(aspect_weights)
+    report = PairReport(source=_source_name(rows, source))
+    pairs: list[PreferencePair] = []
+    for row in _iter_rows(rows, normalize_feedback_row, report):
+        if not _has_image(row, image_store, report):
+            continue
+        candidates = _row_pairs(row, weights, min_margin, report)
+        kept, over = _cap(candidates, max_pairs_per_prompt, cap_strategy, seed, row.id)
+        for _ in range(over):
+            report.drop_pair("over_cap", row.id)
+        if not kept:
+            report.drop_row("no_usable_pairs", row.id)
+            continue
+        report.rows_kept += 1
+        report.pairs_kept += len(kept)
+        pairs.extend(kept)
+    return _finish(pairs, report)
+
+
+def pairs_from_preference_rows(
+    rows: Iterable[PreferenceRow | Mapping[str, Any]],
+    image_store: ImageStore | None = None,
+    source: str | None = None,
+) -> tuple[list[PreferencePair], PairReport]:
+    """Pairs from a generic preference source (one pair per row; scores default to 1.0 / 0.0)."""
+    report = PairReport(source=_source_name(rows, source))
+    pairs: list[PreferencePair] = []
+    for row in _iter_rows(rows, normalize_preference_row, report):
+        if not _has_image(row, image_store, report):
+            continue
+        if not row.chosen.strip() or not row.rejected.strip():
+            reason = "empty_answer"
+        elif row.chosen.strip() == row.rejected.strip():
+            reason = "identical_answers"
+        else:
+            reason = None
+        if reason is not None:
+            report.drop_pair(reason, row.id)
+            report.drop_row("no_usable_pairs", row.id)
+            continue
+        chosen_score = 1.0 if row.chosen_score is None else row.chosen_score
+        rejected_score = 0.0 if row.rejected_score is None else row.rejected_score
+        pairs.append(
+            PreferencePair(row.id, row.prompt, row.image, row.chosen, row.rejected, chosen_score, rejected_score)
+        )
+        report.rows_kept += 1
+        report.pairs_kept += 1
+    return _finish(pairs, report)

@@ -1,0 +1,316 @@
+"""Loaders that turn VLFeedback (release jsonl or hub) and generic preference files into normalized rows.
+
+A malformed row never stops a load: it is skipped and counted under a reason
+(`missing_field`, `wrong_type`, `bad_json`, `malformed_completions`, `too_few_completions`,
+`multiple images unsupported`), with the first few offending ids kept for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from silkie.data.images import image_key
+
+ASPECTS = ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")
+MAX_EXAMPLE_IDS = 5
+MULTIPLE_IMAGES = "multiple images unsupported"
+
+
+class RowError(ValueError):
+    """A row that cannot be normalized; `reason` is the counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer of a VLFeedback row with its raw per-aspect ratings (strings, or None when absent)."""
+
+    model: str
+    response: str
+    ratings: Mapping[str, str | None]
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """A VLFeedback instruction: prompt, image key and its rated completions."""
+
+    id: str
+    prompt: str
+    image: str | None
+    completions: tuple[Completion, ...]
+
+
+@dataclass(frozen=True)
+class PreferenceRow:
+    """A row of a generic preference file (one chosen and one rejected answer)."""
+
+    id: str
+    prompt: str
+    image: str | None
+    chosen: str
+    rejected: str
+    chosen_score: float | None = None
+    rejected_score: float | None = None
+
+
+RowT = TypeVar("RowT")
+
+
+@dataclass
+class LoadedRows(Generic[RowT]):
+    """The rows a loader kept, plus what it skipped and why (iterable like a list of rows)."""
+
+    name: str
+    rows: list[RowT] = field(default_factory=list)
+    rows_seen: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skipped_ids: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, row_id: str) -> None:
+        """Count one skipped row under `reason`."""
+        self.skipped[reason] += 1
+        examples = self.skipped_ids.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLE_IDS:
+            examples.append(row_id)
+
+    def __iter__(self) -> Iterator[RowT]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _require(raw: Mapping[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
+    if key not in raw or raw[key] is None:
+        raise RowError("missing_field", key)
+    value = raw[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise RowError("wrong_type", f"{key} is {type(value).__name__}")
+    return value
+
+
+def _row_id(raw: Any, fallback: str) -> str:
+    if isinstance(raw, Mapping) and isinstance(raw.get("id"), (str, int)) and not isinstance(raw.get("id"), bool):
+        return str(raw["id"])
+    return fallback
+
+
+def _raw_rating(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        value = value.get("Rating")
+    if value is None or isinstance(value, bool):
+        return None
+    return str(value).strip() if isinstance(value, (str, int, float)) else None
+
+
+def _completion_dicts(raw: Any) -> list[Mapping[str, Any]]:
+    """Completions as a list of dicts, from either the row layout or the hub's columnar layout."""
+    if isinstance(raw, Mapping):
+        columns = {key: value for key, value in raw.items() if value is not None}
+        if "response" not in columns:
+            raise RowError("missing_field", "completions.response")
+        lengths = {len(value) for value in columns.values() if isinstance(value, list)}
+        if len(lengths) != 1 or not all(isinstance(value, list) for value in columns.values()):
+            raise RowError("malformed_completions", "columnar completions with unequal or non-list columns")
+        count = lengths.pop()
+        return [{key: value[index] for key, value in columns.items()} for index in range(count)]
+    if isinstance(raw, list):
+        if not all(isinstance(item, Mapping) for item in raw):
+            raise RowError("wrong_type", "completions items must be objects")
+        return list(raw)
+    raise RowError("wrong_type", f"completions is {type(raw).__name__}")
+
+
+def _completion(raw: Mapping[str, Any], index: int, models: Any) -> Completion:
+    response = _require(raw, "response", str)
+    model = raw.get("model")
+    if not isinstance(model, str) and isinstance(models, list) and index < len(models):
+        model = models[index]
+    annotations = raw.get("annotations")
+    ratings: dict[str, str | None] = {}
+    if isinstance(annotations, Mapping):
+        ratings = {str(aspect): _raw_rating(value) for aspect, value in annotations.items()}
+    return Completion(model=str(model) if model is not None else f"model_{index}", response=response, ratings=ratings)
+
+
+def normalize_feedback_row(raw: Any) -> FeedbackRow:
+    """One raw VLFeedback row (release or hub layout) -> `FeedbackRow`; raises `RowError` with a reason."""
+    if not isinstance(raw, Mapping):
+        raise RowError("wrong_type", f"row is {type(raw).__name__}")
+    row_id = str(_require(raw, "id", (str, int)))
+    prompt = _require(raw, "prompt", str)
+    if "completions" not in raw or raw["completions"] is None:
+        raise RowError("missing_field", "completions")
+    models = raw.get("models")
+    completions = tuple(
+        _completion(item, index, models) for index, item in enumerate(_completion_dicts(raw["completions"]))
+    )
+    if len(completions) < 2:
+        raise RowError("too_few_completions", f"{len(completions)} completion(s)")
+    img_path = raw.get("img_path")
+    image = image_key(row_id=row_id, img_path=img_path if isinstance(img_path, str) else None)
+    return FeedbackRow(id=row_id, prompt=prompt, image=image, completions=completions)
+
+
+def _optional_score(raw: Mapping[str, Any], key: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise RowError("wrong_type", f"{key} is {type(value).__name__}")
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise RowError("wrong_type", f"{key}={value!r} is not a number") from exc
+
+
+def _preference_image(raw: Mapping[str, Any]) -> str | None:
+    image = raw.get("image")
+    if image is not None:
+        if not isinstance(image, str):
+            raise RowError("wrong_type", f"image is {type(image).__name__}")
+        return image or None
+    images = raw.get("images")
+    if images is None:
+        return None
+    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+        raise RowError("wrong_type", "images must be a list of strings")
+    if len(images) > 1:
+        raise RowError(MULTIPLE_IMAGES, f"{len(images)} images")
+    return images[0] if images and images[0] else None
+
+
+def normalize_preference_row(raw: Any) -> PreferenceRow:
+    """One raw generic preference row -> `PreferenceRow`; raises `RowError` with a reason."""
+    if not isinstance(raw, Mapping):
+        raise RowError("wrong_type", f"row is {type(raw).__name__}")
+    prompt = _require(raw, "prompt", str)
+    chosen = _require(raw, "chosen", str)
+    rejected = _require(raw, "rejected", str)
+    image = _preference_image(raw)
+    if raw.get("id") is not None:
+        row_id = str(_require(raw, "id", (str, int)))
+    else:
+        digest = hashlib.sha1(f"{prompt}\0{image or ''}".encode()).hexdigest()[:16]
+        row_id = f"pref-{digest}"
+    return PreferenceRow(
+        id=row_id,
+        prompt=prompt,
+        image=image,
+        chosen=chosen,
+        rejected=rejected,
+        chosen_score=_optional_score(raw, "chosen_score"),
+        rejected_score=_optional_score(raw, "rejected_score"),
+    )
+
+
+def collect_rows(name: str, raw_rows: Iterable[Any], normalize: Any) -> LoadedRows:
+    """Normalize `raw_rows` with `normalize`, skipping and counting rows that raise `RowError`."""
+    loaded: LoadedRows = LoadedRows(name=name)
+    for index, raw in enumerate(raw_rows):
+        loaded.rows_seen += 1
+        if isinstance(raw, RowError):
+            loaded.skip(raw.reason, raw.detail or f"row {index}")
+            continue
+        try:
+            loaded.rows.append(normalize(raw))
+        except RowError as error:
+            loaded.skip(error.reason, _row_id(raw, f"row {index}"))
+    return loaded
+
+
+def _jsonl_records(path: Path) -> Iterator[Any]:
+    with path.open("r", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield RowError("bad_json", f"line {line_number}")
+
+
+def _json_records(path: Path) -> Iterator[Any]:
+    """A `.json` file: a JSON array of rows, or (as often in practice) JSON lines."""
+    with path.open("r", encoding="utf-8") as handle:
+        head = handle.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from _jsonl_records(path)
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    yield from data
+
+
+def _parquet_records(path: Path) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+def load_vlfeedback_jsonl(path: str | os.PathLike[str]) -> LoadedRows[FeedbackRow]:
+    """Load the release file `vlfeedback_80k.jsonl` into normalized rows (image key `merged_images/<id>.jpg`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VLFeedback jsonl not found: {path}")
+    return collect_rows(str(path), _jsonl_records(path), normalize_feedback_row)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
+
+
+def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train") -> LoadedRows[FeedbackRow]:
+    """Load VLFeedback through `datasets`: a `save_to_disk` folder, or a hub id / local dataset folder."""
+    import datasets
+
+    source = str(name_or_dir)
+    path = Path(source)
+    if _is_saved_dataset(path):
+        dataset = datasets.load_from_disk(source)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise KeyError(f"split {split!r} not in saved dataset {source} (has {list(dataset)})")
+            dataset = dataset[split]
+    else:
+        try:
+            dataset = datasets.load_dataset(source, split=split)
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not load VLFeedback dataset {source!r} (split {split!r}): {type(exc).__name__}: {exc}. "
+                "Without network access, download it beforehand or pass a local folder / the release jsonl."
+            ) from exc
+    wanted = [name for name in ("id", "prompt", "models", "completions", "img_path") if name in dataset.column_names]
+    dataset = dataset.select_columns(wanted)
+    return collect_rows(source, iter(dataset), normalize_feedback_row)
+
+
+def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceRow]:
+    """Load a generic preference file (.jsonl, .json or .parquet) with prompt/chosen/rejected[/image(s)/id]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preference file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        records = _parquet_records(path)
+    elif suffix == ".jsonl":
+        records = _jsonl_records(path)
+    elif suffix == ".json":
+        records = _json_records(path)
+    else:
+        raise ValueError(f"preference file must be .jsonl, .json or .parquet, got {path.name}")
+    return collect_rows(str(path), records, normalize_preference_row)

@@ -1,0 +1,168 @@
+"""Pair building (Silkie combinations, filters, caps, report) and the prompt-level split."""
+
+from __future__ import annotations
+
+import pytest
+
+from silkie.data.pairs import PreferencePair, build_vlfeedback_pairs, pairs_from_preference_rows
+from silkie.data.sources import normalize_feedback_row
+from silkie.data.split import split_by_prompt
+from tests.data_fixtures import clean_row, feedback_row, to_columnar
+
+
+def _texts(pairs):
+    return [(p.chosen, p.rejected) for p in pairs]
+
+
+def test_clean_prompt_gives_six_pairs_chosen_higher():
+    pairs, report = build_vlfeedback_pairs([clean_row("a"), clean_row("b")])
+    assert len(pairs) == 12 and report.pairs_kept == 12 and report.rows_kept == 2
+    first = [p for p in pairs if p.prompt_id == "a"]
+    assert _texts(first)[0] == ("answer 0 of a", "answer 1 of a")
+    assert {p.margin for p in first} == {1.0, 2.0, 3.0}
+    assert all(p.chosen_score > p.rejected_score for p in pairs)
+    assert first[0].image == "merged_images/a.jpg" and first[0].prompt == "Describe the image."
+    assert sum(report.pairs_dropped.values()) == 0
+
+
+def test_ties_are_dropped():
+    row = feedback_row("t", [(5, 5, 5), (5, 5, 5), (3, 3, 3), (1, 1, 1)])
+    pairs, report = build_vlfeedback_pairs([row])
+    assert len(pairs) == 5
+    assert report.pairs_dropped == {"tie": 1}
+    assert report.offending_ids["tie"] == ["t"]
+
+
+def test_non_numeric_rating_drops_pairs_of_that_answer():
+    row = feedback_row("na", [("N/A", 5, 5), (4, 4, 4), (3, 3, 3), (2, 2, 2)])
+    pairs, report = build_vlfeedback_pairs([row])
+    assert len(pairs) == 3 and report.pairs_dropped == {"non_numeric_rating": 3}
+    assert all("answer 0" not in p.chosen + p.rejected for p in pairs)
+    # Only weighted aspects matter: with Visual Faithfulness alone the N/A helpfulness is ignored.
+    pairs_vf, report_vf = build_vlfeedback_pairs([row], aspect_weights={"Visual Faithfulness": 1.0})
+    assert len(pairs_vf) == 6 and not report_vf.pairs_dropped
+
+
+def test_empty_answer_and_missing_rating():
+    row = feedback_row("e", [(5, 5, 5), (4, 4, 4), (3, 3, 3), (2, 2, 2)])
+    row["completions"][1]["response"] = "   "
+    del row["completions"][2]["annotations"]["Helpfulness"]
+    pairs, report = build_vlfeedback_pairs([row])
+    assert report.pairs_dropped == {"empty_answer": 3, "missing_rating": 2}
+    assert _texts(pairs) == [("answer 0 of e", "answer 3 of e")]
+
+
+def test_min_margin():
+    pairs, report = build_vlfeedback_pairs([clean_row("m")], min_margin=2.0)
+    assert sorted(p.margin for p in pairs) == [2.0, 2.0, 3.0]
+    assert report.pairs_dropped == {"below_margin": 3}
+
+
+def test_aspect_weights_change_survivors_and_scores():
+    # means: A 3.67, B 2.33, C 3.0, D 2.33 ; visual faithfulness: A 1, B 5, C 3, D 3
+    row = feedback_row("w", [(5, 5, 1), (1, 1, 5), (3, 3, 3), (2, 2, 3)])
+    mean_pairs, mean_report = build_vlfeedback_pairs([row])
+    vf_pairs, vf_report = build_vlfeedback_pairs([row], aspect_weights={"Visual Faithfulness": 2.0})
+    assert mean_report.pairs_dropped == {"tie": 1} and vf_report.pairs_dropped == {"tie": 1}
+    assert ("answer 0 of w", "answer 1 of w") in _texts(mean_pairs)
+    assert ("answer 1 of w", "answer 0 of w") in _texts(vf_pairs)
+    assert ("answer 2 of w", "answer 3 of w") in _texts(mean_pairs)
+    assert ("answer 2 of w", "answer 3 of w") not in _texts(vf_pairs)  # C and D tie on faithfulness
+    vf = {(p.chosen, p.rejected): (p.chosen_score, p.rejected_score) for p in vf_pairs}
+    assert vf[("answer 1 of w", "answer 0 of w")] == (5.0, 1.0)
+    mean = {(p.chosen, p.rejected): p.chosen_score for p in mean_pairs}
+    assert mean[("answer 0 of w", "answer 1 of w")] == pytest.approx(11 / 3)
+    with pytest.raises(ValueError):
+        build_vlfeedback_pairs([row], aspect_weights={"Helpfulness": 0.0})
+
+
+def test_cap_by_margin_is_highest_first_and_stable():
+    pairs, report = build_vlfeedback_pairs([clean_row("c")], max_pairs_per_prompt=3)
+    assert [p.margin for p in pairs] == [3.0, 2.0, 2.0]
+    # equal margins keep combination order: (0,2) before (1,3)
+    assert _texts(pairs)[1:] == [("answer 0 of c", "answer 2 of c"), ("answer 1 of c", "answer 3 of c")]
+    assert report.pairs_dropped == {"over_cap": 3} and report.pairs_kept == 3
+
+
+def test_cap_random_is_seeded_and_deterministic():
+    rows = [clean_row(f"r{i}") for i in range(8)]
+    full = set(_texts(build_vlfeedback_pairs(rows)[0]))
+    first = build_vlfeedback_pairs(rows, max_pairs_per_prompt=2, cap_strategy="random", seed=1)[0]
+    again = build_vlfeedback_pairs(rows, max_pairs_per_prompt=2, cap_strategy="random", seed=1)[0]
+    other = build_vlfeedback_pairs(rows, max_pairs_per_prompt=2, cap_strategy="random", seed=2)[0]
+    assert first == again and len(first) == 16
+    assert set(_texts(first)) <= full
+    assert _texts(first) != _texts(other)
+    with pytest.raises(ValueError):
+        build_vlfeedback_pairs(rows, cap_strategy="longest")
+
+
+def test_report_counts_and_first_offending_ids():
+    rows = [feedback_row(f"tie{i}", [(5, 5, 5), (5, 5, 5)]) for i in range(7)]
+    rows += [clean_row("ok"), {"id": "noprompt", "completions": []}, "not a row"]
+    pairs, report = build_vlfeedback_pairs(rows, source="fixture")
+    assert len(pairs) == 6
+    assert report.rows_seen == 10 and report.rows_kept == 1
+    assert report.rows_dropped == {"no_usable_pairs": 7, "missing_field": 1, "wrong_type": 1}
+    assert report.offending_ids["tie"] == ["tie0", "tie1", "tie2", "tie3", "tie4"]
+    assert report.offending_ids["missing_field"] == ["noprompt"]
+    assert report.pairs_dropped == {"tie": 7}
+    summary = report.summary()
+    assert "\n" not in summary and "fixture" in summary and "tie: 7" in summary
+    assert report.as_dict()["rows_dropped"]["no_usable_pairs"] == 7
+
+
+def test_zero_usable_pairs_raises_naming_source():
+    with pytest.raises(ValueError, match="my-source"):
+        build_vlfeedback_pairs([feedback_row("x", [(3, 3, 3), (3, 3, 3)])], source="my-source")
+
+
+def test_columnar_and_row_layouts_give_identical_pairs():
+    rows = [clean_row("a"), feedback_row("b", [(1, 2, 3), (3, 2, 1), (5, 4, 5), ("N/A", 1, 1)])]
+    by_rows = build_vlfeedback_pairs(rows)
+    by_columns = build_vlfeedback_pairs([to_columnar(r) for r in rows])
+    assert by_rows[0] == by_columns[0]
+    assert by_rows[1].as_dict() == by_columns[1].as_dict()
+    assert normalize_feedback_row(rows[1]) == normalize_feedback_row(to_columnar(rows[1]))
+
+
+def test_img_path_resolves_to_merged_images_key():
+    plain = normalize_feedback_row(clean_row("p") | {"img_path": "p.jpg"})
+    nested = normalize_feedback_row(clean_row("q") | {"img_path": "./data/merged_images/q.jpg"})
+    assert plain.image == "merged_images/p.jpg" and nested.image == "merged_images/q.jpg"
+
+
+def test_pairs_from_preference_rows():
+    rows = [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad", "image": "x.jpg"},
+        {"id": "2", "prompt": "Q2", "chosen": "same", "rejected": "same"},
+        {"id": 3, "prompt": "Q3", "chosen": "", "rejected": "bad"},
+        {"id": "4", "prompt": "Q4", "chosen": "a", "rejected": "b", "chosen_score": 4, "rejected_score": "2.5"},
+    ]
+    pairs, report = pairs_from_preference_rows(rows)
+    assert [p.prompt_id for p in pairs][1] == "4" and pairs[0].prompt_id.startswith("pref-")
+    assert pairs[0].image == "x.jpg" and (pairs[0].chosen_score, pairs[0].rejected_score) == (1.0, 0.0)
+    assert pairs[1].margin == 1.5
+    assert report.pairs_dropped == {"identical_answers": 1, "empty_answer": 1}
+    assert report.offending_ids["empty_answer"] == ["3"]
+
+
+def _pairs_for(ids):
+    return [PreferencePair(pid, "p", None, f"c{k}", f"r{k}", 1.0, 0.0) for pid in ids for k in range(2)]
+
+
+def test_split_by_prompt_no_shared_ids_and_deterministic():
+    pairs = _pairs_for([f"id{i}" for i in range(50)])
+    train, evaluation = split_by_prompt(pairs, eval_fraction=0.2, seed=3)
+    assert len(evaluation) == 20 and len(train) == 80
+    assert not {p.prompt_id for p in train} & {p.prompt_id for p in evaluation}
+    assert split_by_prompt(list(reversed(pairs)), eval_fraction=0.2, seed=3)[1] == list(reversed(evaluation))
+    assert split_by_prompt(pairs, eval_fraction=0.2, seed=4)[1] != evaluation
+    by_size = split_by_prompt(pairs, eval_size=5, seed=3)[1]
+    assert len({p.prompt_id for p in by_size}) == 5
+    assert split_by_prompt(pairs) == (pairs, [])
+    assert len(split_by_prompt(pairs, eval_fraction=0.001)[1]) == 2  # at least one prompt
+    with pytest.raises(ValueError):
+        split_by_prompt(pairs, eval_size=50)
+    with pytest.raises(ValueError):
+        split_by_prompt(pairs, eval_fraction=0.1, eval_size=3)

@@ -1,0 +1,183 @@
+"""Loaders (release jsonl, `datasets` folders, generic preference files) and image stores."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from silkie.data.images import (
+    FolderImageStore,
+    ImageLoadError,
+    ZipImageStore,
+    image_key,
+    open_image_store,
+)
+from silkie.data.pairs import build_vlfeedback_pairs
+from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
+from tests.data_fixtures import clean_row, feedback_row, jpeg_bytes, to_columnar, write_jsonl, write_zip
+
+
+def test_jsonl_loader_skips_and_counts_bad_rows(tmp_path):
+    rows = [
+        clean_row("good1"),
+        "{not json",
+        {"id": "noprompt", "models": [], "completions": clean_row("x")["completions"]},
+        {"id": "badtype", "prompt": 7, "completions": []},
+        feedback_row("single", [(5, 5, 5)]),
+        {"id": "badcomp", "prompt": "p", "completions": "oops"},
+        clean_row("good2"),
+    ]
+    loaded = load_vlfeedback_jsonl(write_jsonl(tmp_path / "vlfeedback_80k.jsonl", rows))
+    assert [row.id for row in loaded] == ["good1", "good2"]
+    assert loaded.rows_seen == 7
+    assert loaded.skipped == {"bad_json": 1, "missing_field": 1, "wrong_type": 2, "too_few_completions": 1}
+    assert loaded.skipped_ids["bad_json"] == ["line 2"]
+    assert loaded.skipped_ids["wrong_type"] == ["badtype", "badcomp"]
+    row = loaded.rows[0]
+    assert row.image == "merged_images/good1.jpg" and len(row.completions) == 4
+    assert row.completions[0].ratings == {"Helpfulness": "5", "Ethical Considerations": "5", "Visual Faithfulness": "5"}
+    pairs, report = build_vlfeedback_pairs(loaded)
+    assert len(pairs) == 12
+    assert report.rows_seen == 7 and report.rows_kept == 2 and sum(report.rows_dropped.values()) == 5
+    assert str(tmp_path) in report.summary()
+    with pytest.raises(FileNotFoundError):
+        load_vlfeedback_jsonl(tmp_path / "missing.jsonl")
+
+
+def _columnar_dataset(rows):
+    annotation = {"Rating": datasets.Value("string"), "Rationale": datasets.Value("string")}
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "models": datasets.List(datasets.Value("string")),
+            "completions": {
+                "model": datasets.List(datasets.Value("string")),
+                "response": datasets.List(datasets.Value("string")),
+                "annotations": datasets.List(
+                    {aspect: annotation for aspect in ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")}
+                ),
+            },
+            "img_path": datasets.Value("string"),
+        }
+    )
+    columnar = [to_columnar(row) | {"img_path": f"merged_images/{row['id']}.jpg"} for row in rows]
+    return datasets.Dataset.from_list(columnar, features=features)
+
+
+def test_hf_saved_folder_columnar_matches_jsonl(tmp_path):
+    rows = [clean_row("a"), feedback_row("b", [(1, 2, 3), (3, 2, 1), (5, 4, 5), ("N/A", 1, 1)])]
+    dataset = _columnar_dataset(rows)
+    assert isinstance(dataset[0]["completions"], dict)  # really the hub's columnar layout
+    dataset.save_to_disk(str(tmp_path / "flat"))
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "dict"))
+    from_jsonl = build_vlfeedback_pairs(load_vlfeedback_jsonl(write_jsonl(tmp_path / "v.jsonl", rows)))[0]
+    assert build_vlfeedback_pairs(load_vlfeedback_hf(tmp_path / "flat"))[0] == from_jsonl
+    assert build_vlfeedback_pairs(load_vlfeedback_hf(tmp_path / "dict", split="train"))[0] == from_jsonl
+    with pytest.raises(KeyError, match="test"):
+        load_vlfeedback_hf(tmp_path / "dict", split="test")
+
+
+def test_hf_offline_failure_names_the_dataset(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="MMInstruction/VLFeedback"):
+        load_vlfeedback_hf("MMInstruction/VLFeedback")
+
+
+def test_preference_file_jsonl_and_parquet(tmp_path):
+    rows = [
+        {"id": "1", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "img/1.png"},
+        {"id": "2", "prompt": "Q", "chosen": "a", "rejected": "b", "images": ["img/2.png"]},
+        {"id": "3", "prompt": "Q", "chosen": "a", "rejected": "b", "images": ["x.png", "y.png"]},
+        {"id": "4", "prompt": "Q", "chosen": "a"},
+        {"prompt": "Q5", "chosen": "a", "rejected": "b"},
+    ]
+    loaded = load_preference_file(write_jsonl(tmp_path / "prefs.jsonl", rows))
+    assert [r.image for r in loaded] == ["img/1.png", "img/2.png", None]
+    assert loaded.skipped == {"multiple images unsupported": 1, "missing_field": 1}
+    assert loaded.skipped_ids["multiple images unsupported"] == ["3"]
+    assert loaded.rows[2].id.startswith("pref-")
+    pq.write_table(pa.Table.from_pylist([rows[0], rows[4]]), tmp_path / "prefs.parquet")
+    from_parquet = load_preference_file(tmp_path / "prefs.parquet")
+    assert [r.id for r in from_parquet] == ["1", loaded.rows[2].id]
+    with pytest.raises(ValueError):
+        load_preference_file(write_jsonl(tmp_path / "prefs.csv", rows))
+
+
+def test_image_key_resolution():
+    assert image_key(row_id="abc") == "merged_images/abc.jpg"
+    assert image_key(img_path="abc.jpg") == "merged_images/abc.jpg"
+    assert image_key(img_path="/data/vlf/merged_images/abc.jpg") == "merged_images/abc.jpg"
+    assert image_key(row_id="ignored", img_path="other/dir/x.png") == "other/dir/x.png"
+
+
+def test_zip_store_reads_members_without_extracting(tmp_path):
+    zip_path = write_zip(
+        tmp_path / "merged_images.zip",
+        {
+            "merged_images/red.jpg": jpeg_bytes((220, 20, 20)),
+            "merged_images/broken.jpg": b"not a jpeg",
+        },
+    )
+    store = open_image_store(zip_path)
+    assert isinstance(store, ZipImageStore)
+    image = store.open("merged_images/red.jpg")
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (8, 8)
+    assert image.getpixel((4, 4))[0] > 180
+    assert store.exists("red.jpg") and store.open("red.jpg").size == (8, 8)  # prefix-less key
+    assert not store.exists("merged_images/blue.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged_images.zip"]  # nothing extracted
+    with pytest.raises(ImageLoadError) as missing:
+        store.open("merged_images/blue.jpg")
+    assert missing.value.key == "merged_images/blue.jpg" and "not in" in missing.value.reason
+    with pytest.raises(ImageLoadError, match="corrupt"):
+        store.open("merged_images/broken.jpg")
+    clone = pickle.loads(pickle.dumps(store))  # picklable for spawned workers, reopens lazily
+    assert clone.open("red.jpg").size == (8, 8)
+
+
+def _read_in_child(store, queue):
+    queue.put(store.open("merged_images/red.jpg").size)
+
+
+def test_zip_store_is_safe_after_fork(tmp_path):
+    store = ZipImageStore(write_zip(tmp_path / "m.zip", {"merged_images/red.jpg": jpeg_bytes()}))
+    store.open("red.jpg")  # handle opened in the parent
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(store, queue))
+    child.start()
+    child.join(timeout=20)
+    assert child.exitcode == 0 and queue.get(timeout=5) == (8, 8)
+
+
+def test_folder_store(tmp_path):
+    (tmp_path / "merged_images").mkdir()
+    (tmp_path / "merged_images" / "a.jpg").write_bytes(jpeg_bytes())
+    store = open_image_store(tmp_path)
+    assert isinstance(store, FolderImageStore)
+    assert store.exists("merged_images/a.jpg") and store.exists("a.jpg")
+    assert store.open("a.jpg").mode == "RGB"
+    assert not store.exists("../escape.jpg")
+    with pytest.raises(ImageLoadError):
+        store.open("merged_images/b.jpg")
+    inner = FolderImageStore(tmp_path / "merged_images")  # root = the image folder itself
+    assert inner.exists("merged_images/a.jpg")
+    with pytest.raises(FileNotFoundError):
+        open_image_store(tmp_path / "nope.zip")
+
+
+def test_missing_image_rows_dropped_with_store(tmp_path):
+    store = ZipImageStore(write_zip(tmp_path / "m.zip", {"merged_images/a.jpg": jpeg_bytes()}))
+    pairs, report = build_vlfeedback_pairs([clean_row("a"), clean_row("b")], image_store=store)
+    assert {p.prompt_id for p in pairs} == {"a"}
+    assert report.rows_dropped == {"missing_image": 1} and report.offending_ids["missing_image"] == ["b"]
