@@ -1,0 +1,86 @@
+"""Recipe `data:` section -> tokenized train/eval datasets, image store and a pair report."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from silkie.config import DataSection
+from silkie.data.images import ImageStore, open_image_store
+from silkie.data.pairs import PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
+from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
+from silkie.data.split import split_by_prompt
+
+
+@dataclass
+class PreparedData:
+    """Tokenized datasets (with a `pair_index` column), the image store and the report."""
+
+    train: Any
+    eval: Any | None
+    image_store: ImageStore | None
+    report: PairReport
+
+
+def _load_rows(data: DataSection) -> Any:
+    if data.source == "vlfeedback":
+        path = Path(data.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.path: VLFeedback jsonl not found: {path}")
+        return load_vlfeedback_jsonl(path)
+    if data.source == "hf":
+        return load_vlfeedback_hf(data.path, split=data.split)
+    path = Path(data.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path: preference file not found: {path}")
+    return load_preference_file(path)
+
+
+def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairReport]:
+    """Load the source, build preference pairs as the recipe says and split them by prompt."""
+    store = open_image_store(data.images) if data.images else None
+    rows = _load_rows(data)
+    if data.max_prompts is not None:
+        rows = list(itertools.islice(rows, data.max_prompts))
+    if data.source == "preference":
+        pairs, report = pairs_from_preference_rows(rows, image_store=store, source=data.path)
+    else:
+        pairs, report = build_vlfeedback_pairs(
+            rows,
+            aspect_weights=data.aspect_weights,
+            min_margin=data.min_margin,
+            max_pairs_per_prompt=data.max_pairs_per_prompt,
+            cap_strategy=data.cap_strategy,
+            seed=data.seed,
+            image_store=store,
+            source=data.path,
+        )
+    train, evaluation = split_by_prompt(
+        pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
+    )
+    return train, evaluation, store, report
+
+
+def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: str | Path) -> PreparedData:
+    """Pairs -> tokenized `datasets.Dataset`s (cached on disk), each row with its `pair_index`."""
+    from silkie.data.formatting import tokenize_pairs
+
+    train_pairs, eval_pairs, store, report = build_pairs(data)
+
+    def tokenize(pairs: list) -> Any:
+        dataset = tokenize_pairs(
+            pairs,
+            tokenizer,
+            max_length=max_length,
+            truncation=data.truncation,
+            num_proc=data.num_proc,
+            cache_dir=cache_dir,
+            report=report,
+        )
+        return dataset.add_column("pair_index", list(range(len(dataset))))
+
+    train = tokenize(train_pairs)
+    evaluation = tokenize(eval_pairs) if eval_pairs else None
+    return PreparedData(train=train, eval=evaluation, image_store=store, report=report)

@@ -1,0 +1,119 @@
+"""Turn a collated batch of pairs into model rows and the positions whose next token is scored.
+
+Two layouts give identical per-pair log-probs:
+- `concat_rows` (reference, TRL-equivalent): 2B rows, prompt+chosen and prompt+rejected.
+- `packed_rows` (shared prompt): B rows of prompt | chosen | rejected, under a block mask where each
+  answer sees the prompt and itself, never the other answer, with positions restarting after the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ScoredRows:
+    """Model inputs plus, per answer token, its predictor position (flat index into rows) and pair."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor | None
+    image_order: torch.Tensor  # index into the batch's images for each <img> span, row-major
+    chosen_index: torch.Tensor
+    chosen_targets: torch.Tensor
+    chosen_pair: torch.Tensor
+    rejected_index: torch.Tensor
+    rejected_targets: torch.Tensor
+    rejected_pair: torch.Tensor
+
+
+def _lengths(mask: torch.Tensor) -> list[int]:
+    return [int(n) for n in mask.sum(dim=1).tolist()]
+
+
+def _image_order(batch: dict, repeats: int) -> torch.Tensor:
+    index = batch["image_index"]
+    order = index[index >= 0]
+    return order.repeat(repeats)
+
+
+def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
+    """2B right-padded rows: [prompt, chosen] for pairs 0..B-1, then [prompt, rejected]."""
+    prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
+    answers = {"chosen": batch["chosen_input_ids"], "rejected": batch["rejected_input_ids"]}
+    a_len = {k: _lengths(batch[f"{k}_attention_mask"]) for k in answers}
+    size = len(p_len)
+    width = max(p_len[b] + a_len[k][b] for k in answers for b in range(size))
+    ids = torch.full((2 * size, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((2 * size, width), dtype=torch.long)
+    picks: dict[str, tuple[list[int], list[int], list[int]]] = {}
+    for offset, kind in enumerate(answers):
+        index, targets, pairs = [], [], []
+        for b in range(size):
+            row, lp, la = offset * size + b, p_len[b], a_len[kind][b]
+            ids[row, :lp] = prompts[b, :lp]
+            ids[row, lp : lp + la] = answers[kind][b, :la]
+            mask[row, : lp + la] = 1
+            index.extend(row * width + lp - 1 + k for k in range(la))
+            targets.extend(answers[kind][b, :la].tolist())
+            pairs.extend([b] * la)
+        picks[kind] = (index, targets, pairs)
+    return ScoredRows(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=None,
+        image_order=_image_order(batch, 2),
+        **_pick_tensors(picks),
+    )
+
+
+def packed_rows(batch: dict, pad_token_id: int) -> ScoredRows:
+    """B rows of prompt | chosen | rejected with a block-causal mask and restarted answer positions."""
+    prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
+    chosen, c_len = batch["chosen_input_ids"], _lengths(batch["chosen_attention_mask"])
+    rejected, r_len = batch["rejected_input_ids"], _lengths(batch["rejected_attention_mask"])
+    size = len(p_len)
+    width = max(p_len[b] + c_len[b] + r_len[b] for b in range(size))
+    ids = torch.full((size, width), pad_token_id, dtype=torch.long)
+    segment = torch.full((size, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 pad
+    positions = torch.zeros((size, width), dtype=torch.long)
+    picks = {"chosen": ([], [], []), "rejected": ([], [], [])}
+    for b in range(size):
+        lp, lc, lr = p_len[b], c_len[b], r_len[b]
+        ids[b, :lp], ids[b, lp : lp + lc], ids[b, lp + lc : lp + lc + lr] = (
+            prompts[b, :lp],
+            chosen[b, :lc],
+            rejected[b, :lr],
+        )
+        segment[b, :lp], segment[b, lp : lp + lc], segment[b, lp + lc : lp + lc + lr] = 0, 1, 2
+        positions[b, : lp + lc] = torch.arange(lp + lc)
+        positions[b, lp + lc : lp + lc + lr] = torch.arange(lp, lp + lr)
+        base = b * width
+        picks["chosen"][0].extend(base + lp - 1 + k for k in range(lc))
+        picks["chosen"][1].extend(chosen[b, :lc].tolist())
+        picks["chosen"][2].extend([b] * lc)
+        picks["rejected"][0].extend(base + (lp - 1 if k == 0 else lp + lc + k - 1) for k in range(lr))
+        picks["rejected"][1].extend(rejected[b, :lr].tolist())
+        picks["rejected"][2].extend([b] * lr)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    query_seg, key_seg = segment[:, :, None], segment[:, None, :]
+    visible = (key_seg == 0) | (key_seg == query_seg)
+    mask = (causal[None] & visible & (key_seg >= 0)) | torch.eye(width, dtype=torch.bool)[None]
+    return ScoredRows(
+        input_ids=ids,
+        attention_mask=mask[:, None],
+        position_ids=positions,
+        image_order=_image_order(batch, 1),
+        **_pick_tensors(picks),
+    )
+
+
+def _pick_tensors(picks: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for kind, (index, targets, pairs) in picks.items():
+        out[f"{kind}_index"] = torch.tensor(index, dtype=torch.long)
+        out[f"{kind}_targets"] = torch.tensor(targets, dtype=torch.long)
+        out[f"{kind}_pair"] = torch.tensor(pairs, dtype=torch.long)
+    return out

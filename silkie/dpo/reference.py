@@ -1,0 +1,127 @@
+"""Precomputed reference log-probs: one no-grad pass over a dataset, cached in the working directory.
+
+The cache is keyed by the tokenized data, the model checkpoint and the options that change the
+numbers; a cache with another key is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Hash of config.json and, per weight file, its name, size and first/last MiB."""
+    folder = Path(model_dir)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+def reference_cache_key(data_fingerprint: str, model_dir: str | Path, options: dict) -> str:
+    """Key of a reference-log-prob cache: data + model + recipe options."""
+    payload = json.dumps({"data": data_fingerprint, "model": model_fingerprint(model_dir), **options}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def load_cached(path: Path, key: str, size: int) -> torch.Tensor | None:
+    """The cached [size, 2] table if `path` holds one for `key`, else None."""
+    if not path.is_file():
+        return None
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    if stored.get("key") != key or tuple(stored["logps"].shape) != (size, 2):
+        return None
+    return stored["logps"]
+
+
+def compute_reference_table(
+    dataset: Dataset,
+    collate: Callable,
+    score_batch: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """[N, 2] reference (chosen, rejected) log-probs; each rank scores rows rank::world, then all ranks share."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate)
+    rows, values = [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            chosen, rejected = score_batch(batch)
+            rows.append(batch["pair_index"].cpu())
+            values.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+    local = (
+        torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
+        torch.cat(values) if values else torch.zeros(0, 2),
+    )
+    shards = [local]
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, local)
+    table = torch.full((len(dataset), 2), float("nan"))
+    for index, logps in shards:
+        table[index] = logps
+    return table
+
+
+def save_table(path: Path, key: str, table: torch.Tensor) -> None:
+    """Write the cache atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    torch.save({"key": key, "logps": table}, staging)
+    staging.replace(path)
+
+
+class ReferenceCache:
+    """Per-split reference tables stored as `<directory>/<split>.pt`, keyed by data + model + options."""
+
+    def __init__(self, directory: str | Path, model_dir: str | Path, options: dict):
+        self.directory = Path(directory)
+        self.model_dir = model_dir
+        self.options = options
+
+    def table(self, trainer, split: str, dataset) -> torch.Tensor:
+        """Load the split's table if its key matches, else compute it with `trainer` (all ranks) and save it."""
+        key = reference_cache_key(dataset._fingerprint, self.model_dir, self.options)
+        path = self.directory / f"{split}.pt"
+        cached = load_cached(path, key, len(dataset))
+        if cached is not None:
+            trainer.log_line(f"reference log-probs ({split}): reusing {path}")
+            return cached
+        reason = "another data/model/recipe" if path.exists() else "no cache yet"
+        trainer.log_line(f"reference log-probs ({split}): computing {len(dataset)} pairs ({reason})")
+        model = trainer.model
+
+        def score(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            features = None
+            if trainer.step_options.image_once:
+                from .step import encode_images_once
+
+                features = encode_images_once(model, batch.get("pixel_values"))
+            return trainer.reference_scores(model, batch, features, use_table=False)
+
+        table = compute_reference_table(
+            dataset, trainer.data_collator, score, trainer.args.per_device_eval_batch_size, trainer.args.device
+        )
+        missing = int(torch.isnan(table[:, 0]).sum())
+        if missing:  # pairs whose image failed to load: the collator drops them in training too
+            trainer.log_line(f"reference log-probs ({split}): {missing} pairs unscored (their images failed to load)")
+        if trainer.is_world_process_zero():
+            save_table(path, key, table)
+        trainer.accelerator.wait_for_everyone()
+        return table

@@ -1,0 +1,202 @@
+"""DPO on the Hugging Face Trainer: loss, TRL metric names, reference handling, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers.trainer as hf_trainer
+from torch import nn
+from transformers import Trainer
+
+from silkie.config import DPOSection
+
+from .losses import dpo_loss
+from .reference import ReferenceCache
+from .step import AnswerScores, StepOptions, encode_images_once, score_answers, vision_is_trainable
+
+METRIC_NAMES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+STAGING_PREFIX = "tmp-checkpoint"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised before the optimizer step when the DPO loss is NaN or infinite."""
+
+
+class SilkieDPOTrainer(Trainer):
+    """`transformers.Trainer` whose loss is DPO over collated preference pairs.
+
+    The reference is the same model with LoRA adapters disabled, a separate frozen `ref_model`
+    (full fine-tuning), or reference log-probs precomputed into the batch (`ref_chosen_logps`,
+    `ref_rejected_logps`).
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args: Any,
+        dpo: DPOSection,
+        pad_token_id: int,
+        ref_model: nn.Module | None = None,
+        reference_cache: ReferenceCache | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.dpo = dpo
+        self.pad_token_id = pad_token_id
+        self.ref_model = ref_model
+        self.reference_cache = reference_cache
+        self._ref_tables: dict[str, torch.Tensor] = {}
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainable_vision = vision_is_trainable(self.model)
+        self.step_options = StepOptions(
+            image_once=dpo.image_once and not trainable_vision,
+            share_prompt=dpo.share_prompt,
+            chunked_logps=True,
+            chunk_size=dpo.logps_chunk_size,
+        )
+        if dpo.image_once and trainable_vision:
+            self.log_line(
+                "image_once: the vision tower is trained, so images are encoded in every forward (exact path)"
+            )
+
+    def log_line(self, text: str) -> None:
+        """One line to the console on the main process."""
+        if self.is_world_process_zero():
+            print(f"[silkie] {text}", flush=True)
+
+    # ----- the DPO step -------------------------------------------------------------------------------------------
+    def reference_scores(
+        self, model: nn.Module, batch: dict, features: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
+        """Reference log-probs (chosen, rejected) for the batch, from the cache, a frozen copy, or disabled adapters."""
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        if self.ref_model is not None:
+            ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
+        else:
+            unwrapped = self.accelerator.unwrap_model(model)
+            context = unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else nullcontext()
+            with context:
+                ref = score_answers(unwrapped, batch, self.step_options, self.pad_token_id, features, no_grad=True)
+        return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+
+    def _reference_table(self, mode: str) -> torch.Tensor | None:
+        """The precomputed reference table for the train or eval set (computed or loaded on first use)."""
+        if self.reference_cache is None:
+            return None
+        if mode not in self._ref_tables:
+            dataset = self.train_dataset if mode == "train" else self.eval_dataset
+            self._ref_tables[mode] = self.reference_cache.table(self, mode, dataset)
+        return self._ref_tables[mode]
+
+    def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and per-pair metric tensors for one batch."""
+        features = encode_images_once(model, batch.get("pixel_values")) if self.step_options.image_once else None
+        policy: AnswerScores = score_answers(model, batch, self.step_options, self.pad_token_id, features)
+        ref_chosen, ref_rejected = self.reference_scores(model, batch, features)
+        out = dpo_loss(
+            policy.chosen_logps,
+            policy.rejected_logps,
+            ref_chosen.to(policy.chosen_logps.device),
+            ref_rejected.to(policy.chosen_logps.device),
+            beta=self.dpo.beta,
+            loss_type=self.dpo.loss_type,
+            loss_weights=self.dpo.loss_weights,
+            label_smoothing=self.dpo.label_smoothing,
+            chosen_lengths=policy.chosen_lengths,
+            rejected_lengths=policy.rejected_lengths,
+            chosen_nll=policy.chosen_nll,
+        )
+        metrics = {
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "logps/chosen": policy.chosen_logps.detach(),
+            "logps/rejected": policy.rejected_logps.detach(),
+            "logits/chosen": policy.chosen_logits_mean,
+            "logits/rejected": policy.rejected_logits_mean,
+        }
+        return out.loss, metrics
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise NonFiniteLossError(
+                f"non-finite DPO loss at step {self.state.global_step + 1} (value {loss.item()}); stopping before the "
+                "optimizer step. The last complete checkpoint is untouched; lower the learning rate or check the data."
+            )
+
+    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        loss, metrics = self.dpo_step(model, inputs)
+        self._check_finite(loss)
+        self._store_metrics(metrics, "train" if model.training else "eval")
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self.dpo_step(model, inputs)
+        self._store_metrics(metrics, "eval")
+        return loss.detach(), None, None
+
+    # ----- metrics ------------------------------------------------------------------------------------------------
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
+        for name, values in metrics.items():
+            gathered = self.accelerator.gather_for_metrics(values.detach().float())
+            self._metrics[mode][name].append(gathered.mean().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[f"{prefix}{name}"] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ----- checkpoints --------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write `tmp-checkpoint-N`, then rename to `checkpoint-N`: a kill mid-write never leaves a partial one."""
+        run_dir = self._get_output_dir(trial=trial)
+        step = self.state.global_step
+        staged = os.path.join(run_dir, f"{STAGING_PREFIX}-{step}")
+        final = os.path.join(run_dir, f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}")
+        original_prefix, original_limit = hf_trainer.PREFIX_CHECKPOINT_DIR, self.args.save_total_limit
+        hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+        self.args.save_total_limit = None  # rotate after the rename, over complete checkpoints only
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR = original_prefix
+            self.args.save_total_limit = original_limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            hf_trainer.rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()

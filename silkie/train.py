@@ -1,0 +1,154 @@
+"""One training process: recipe -> data -> model (+LoRA) -> DPO trainer -> adapter, metrics, plot.
+
+Normally started by `launch_dpo.py` under torchrun; works as a single process too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from silkie.callbacks import MetricsJsonlCallback, PreemptionCallback
+from silkie.config import Recipe, save_recipe
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING_RE = re.compile(r"^tmp-checkpoint-(\d+)$")
+FINISHED_MARKER = "FINISHED"
+EXIT_PREEMPTED = 0
+
+
+def latest_checkpoint(working: Path) -> Path | None:
+    """The highest complete `checkpoint-N` (half-written `tmp-checkpoint-N` folders are ignored)."""
+    found = [(int(m.group(1)), p) for p in working.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def remove_staging(working: Path) -> list[Path]:
+    """Delete checkpoints that a killed run left half-written; returns what was removed."""
+    removed = [p for p in working.glob("tmp-checkpoint-*") if STAGING_RE.match(p.name)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(text: str) -> None:
+    if _is_main():
+        print(f"[silkie] {text}", flush=True)
+
+
+def run_training(recipe: Recipe, working: str | Path) -> dict:
+    """Train as the recipe says in `working`; resume from its latest checkpoint; return final facts."""
+    from silkie.data.build import prepare_data
+    from silkie.data.collator import PairCollator
+    from silkie.dpo.reference import ReferenceCache
+    from silkie.dpo.trainer import SilkieDPOTrainer
+    from silkie.models.loading import build_frozen_reference, build_policy, load_tokenizer, resolve_dtype
+    from silkie.models.qwen_vl import QWenVLImageProcessor
+    from silkie.plotting import plot_metrics
+    from silkie.train_args import training_arguments
+
+    working = Path(working)
+    working.mkdir(parents=True, exist_ok=True)
+    if _is_main():
+        for path in remove_staging(working):
+            _say(f"removed half-written {path.name} from an interrupted run")
+        if not (working / "config.yaml").exists():
+            save_recipe(recipe, working / "config.yaml")
+    dtype = resolve_dtype(recipe.model.dtype)
+    args = training_arguments(recipe, working, bf16=dtype == torch.bfloat16)  # before the model: ZeRO-3 init
+    tokenizer = load_tokenizer(recipe.model)
+    with args.main_process_first(desc="tokenizing pairs"):
+        data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, recipe.data.cache_dir or working / "cache")
+    _say(f"data: {data.report.summary()}")
+    _say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
+    model = build_policy(recipe.model, recipe.lora)
+    ref_model = None if recipe.lora.enabled else build_frozen_reference(recipe.model)
+    base_config = model.config
+    processor = QWenVLImageProcessor(base_config.visual["image_size"])
+    collator = PairCollator(data.image_store, processor, tokenizer.pad_token_id)
+    reference_cache = None
+    if recipe.dpo.precompute_ref_log_probs:
+        options = {"dtype": str(dtype), "max_length": recipe.dpo.max_length, "lora": recipe.lora.enabled}
+        reference_cache = ReferenceCache(working / "reference_logps", recipe.model.path, options)
+    preemption = PreemptionCallback()
+    trainer = SilkieDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=collator,
+        dpo=recipe.dpo,
+        pad_token_id=tokenizer.pad_token_id,
+        ref_model=ref_model,
+        reference_cache=reference_cache,
+        callbacks=[MetricsJsonlCallback(working / "metrics.jsonl"), preemption],
+    )
+    if ref_model is not None:
+        trainer.ref_model = _place_reference(trainer, ref_model)
+    resume = latest_checkpoint(working)
+    if resume is not None:
+        _say(f"resuming from {resume.name}")
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if preemption.requested:
+            _say(f"stopped on signal {preemption.received}: checkpoint saved at step {trainer.state.global_step}")
+            return {"preempted": True, "step": trainer.state.global_step}
+        result = _finish(trainer, tokenizer, working, data.eval is not None, plot_metrics)
+    finally:
+        _teardown(trainer)
+    return result
+
+
+def _place_reference(trainer, ref_model):
+    """Frozen reference for full fine-tuning: sharded by DeepSpeed under ZeRO-3, else on the device."""
+    if trainer.is_deepspeed_enabled and trainer.args.hf_deepspeed_config.is_zero3():
+        import deepspeed
+
+        config = dict(trainer.args.hf_deepspeed_config.config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+        engine.eval()
+        return engine
+    return ref_model.to(trainer.args.device)
+
+
+def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> dict:
+    adapter_dir = working / "adapter"
+    trainer.save_model(str(adapter_dir))
+    metrics: dict = {"step": trainer.state.global_step}
+    if has_eval:
+        evaluation = trainer.evaluate()
+        metrics.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float))})
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(adapter_dir)
+        (working / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot = plot_metrics(working)
+        (working / FINISHED_MARKER).write_text(json.dumps({"step": trainer.state.global_step}))
+        accuracy = metrics.get("eval_rewards/accuracies")
+        print(f"[silkie] adapter: {adapter_dir}", flush=True)
+        print(f"[silkie] metrics: {working / 'metrics.jsonl'} (tensorboard: {working / 'runs'})", flush=True)
+        print(f"[silkie] plot: {plot}", flush=True)
+        if accuracy is not None:
+            print(f"[silkie] held-out reward accuracy: {accuracy:.3f}", flush=True)
+    return metrics
+
+
+def _teardown(trainer) -> None:
+    """Release the DeepSpeed engine and the process group (a live gloo thread can abort the exit)."""
+    engine = getattr(trainer, "model_wrapped", None)
+    if trainer.is_deepspeed_enabled and hasattr(engine, "destroy"):
+        engine.destroy()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,79 @@
+"""Recipe -> transformers `TrainingArguments` (+ DeepSpeed config dict)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from silkie.config import DeepSpeedSection, Recipe
+
+DEFAULTS: dict[str, Any] = {
+    "report_to": ["tensorboard"],
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "per_device_train_batch_size": 2,
+    "per_device_eval_batch_size": 4,
+    "remove_unused_columns": False,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "ddp_find_unused_parameters": False,
+}
+
+
+def deepspeed_config(section: DeepSpeedSection) -> dict[str, Any] | str | None:
+    """ZeRO config for the HF integration ("auto" values are filled from the TrainingArguments)."""
+    if section.config:
+        path = Path(section.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed.config: file not found: {path}")
+        return json.loads(path.read_text())
+    if section.stage == 0:
+        return None
+    zero: dict[str, Any] = {"stage": section.stage, "overlap_comm": False, "contiguous_gradients": True}
+    if section.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if section.stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if section.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> TrainingArguments:
+    """Merge defaults, the recipe's `training:` keys and what the run needs into TrainingArguments."""
+    values: dict[str, Any] = dict(DEFAULTS)
+    values.update(recipe.training)
+    if "warmup_ratio" in values:  # the name users know; transformers 5 takes a ratio in warmup_steps
+        values["warmup_steps"] = values.pop("warmup_ratio")
+    if values.pop("group_by_length", False):
+        values["train_sampling_strategy"] = "group_by_length"
+    if isinstance(values.get("report_to"), str):
+        values["report_to"] = [values["report_to"]]
+    if not (recipe.data.eval_fraction or recipe.data.eval_size):
+        values["eval_strategy"] = "no"
+    elif "eval_strategy" not in values:
+        values["eval_strategy"] = "steps" if "eval_steps" in values else "epoch"
+    values.setdefault("bf16", bf16)
+    if not torch.cuda.is_available():
+        values["use_cpu"] = True
+    ds = deepspeed_config(recipe.deepspeed)
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        deepspeed=ds,
+        seed=values.pop("seed", 42),
+        **values,
+    )
