@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,24 @@ from typing import Any
 import yaml
 
 from .training_keys import TRAINING_KEYS
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false are booleans ("no" stays the string HF strategies use)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse recipe YAML (YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=RecipeLoader)
 
 
 class RecipeError(ValueError):
@@ -243,6 +262,18 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return isinstance(value, annotation)
 
 
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Ints become floats for float fields; '5e-6' (a string to PyYAML) becomes a float where a float is allowed."""
+    if isinstance(value, int) and not isinstance(value, bool) and _type_ok(float(value), annotation):
+        return float(value)
+    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.0, annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _describe(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -256,8 +287,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     for key, value in raw.items():
         if key not in hints:
             raise RecipeError(f"recipe: unknown key '{prefix}.{key}'{_suggest(key, known)}")
-        if isinstance(value, int) and not isinstance(value, bool) and _type_ok(float(value), hints[key]):
-            value = float(value)
+        value = _coerce(value, hints[key])
         if not _type_ok(value, hints[key]):
             raise RecipeError(
                 f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {_describe(hints[key])}"
@@ -267,9 +297,10 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _check_training(training: dict[str, Any]) -> None:
-    for key, value in training.items():
+    for key, value in list(training.items()):
         if key not in TRAINING_KEYS:
             raise RecipeError(f"recipe: unknown key 'training.{key}'{_suggest(key, sorted(TRAINING_KEYS))}")
+        value = training[key] = _coerce(value, TRAINING_KEYS[key])
         if not _type_ok(value, TRAINING_KEYS[key]):
             raise RecipeError(
                 f"recipe: training.{key} = {value!r} has the wrong type; expected {_describe(TRAINING_KEYS[key])}"
@@ -304,12 +335,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) < 2 or not all(path):
         raise RecipeError(f"override '{text}': the key must be section.key (e.g. training.learning_rate=5e-6)")
-    return path, yaml.safe_load(raw) if raw.strip() else None
+    return path, parse_yaml(raw) if raw.strip() else None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides to a raw recipe dict (returns a new dict)."""
-    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    result = parse_yaml(yaml.safe_dump(raw)) or {}
     for text in overrides:
         path, value = parse_override(text)
         node = result
@@ -327,7 +358,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from err
     try:

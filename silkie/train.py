@@ -48,6 +48,8 @@ def _say(text: str) -> None:
 
 def run_training(recipe: Recipe, working: str | Path) -> dict:
     """Train as the recipe says in `working`; resume from its latest checkpoint; return final facts."""
+    from transformers import set_seed
+
     from silkie.data.build import prepare_data
     from silkie.data.collator import PairCollator
     from silkie.dpo.reference import ReferenceCache
@@ -71,6 +73,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, recipe.data.cache_dir or working / "cache")
     _say(f"data: {data.report.summary()}")
     _say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
+    set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model = build_policy(recipe.model, recipe.lora)
     ref_model = None if recipe.lora.enabled else build_frozen_reference(recipe.model)
     base_config = model.config

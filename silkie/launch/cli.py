@@ -1,0 +1,126 @@
+"""`launch_dpo.py`: recipe + overrides -> resolved DIR/config.yaml -> local torchrun or a Slurm job.
+
+Errors (bad recipe, bad --gpus, a refused --working) are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from silkie.config import RecipeError, load_recipe
+
+from .local import format_command, plan_local, run_local
+from .slurm import active_jobs, follow, render_script, slurm_layout, submit
+from .workdir import LaunchError, inspect_workdir, prepare_workdir, undo_prepare
+
+EXIT_USAGE = 2
+
+USAGE_EXAMPLES = """
+examples:
+  python launch_dpo.py --config dpo_config/demo.yaml --working runs/demo
+  python launch_dpo.py --config dpo_config/demo.yaml --working runs/demo training.learning_rate=5e-4
+  python launch_dpo.py --config dpo_config/X.yaml --working runs/x --gpus 16 --wait   # Slurm, 2 nodes of 8
+  python launch_dpo.py --config dpo_config/X.yaml --working runs/x --gpus 16 --dry-run  # print the sbatch script
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's command line."""
+    parser = _Parser(
+        prog="launch_dpo.py",
+        description="Launch DPO training from a recipe: locally with torchrun, or on Slurm with --gpus N.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="YAML recipe (dpo_config/*.yaml)")
+    parser.add_argument(
+        "--working",
+        required=True,
+        help="run directory (created if missing); a run of the same recipe there resumes from its last checkpoint",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="submit a Slurm job with N GPUs (nodes = N / slurm.gpus_per_node); without it, run on this machine",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the command or sbatch script; write nothing")
+    parser.add_argument("--wait", action="store_true", help="Slurm: follow the job's log until it ends")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="use a --working that holds another recipe or other files (nothing is deleted; old outputs -> *.bak)",
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=5e-6")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the launcher; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _launch(args)
+    except (RecipeError, LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _launch(args: argparse.Namespace) -> int:
+    if args.gpus is not None and args.gpus < 1:
+        raise LaunchError(f"--gpus must be a positive integer, got {args.gpus}")
+    recipe = load_recipe(args.config, args.overrides)
+    working = Path(args.working)
+    layout = slurm_layout(args.gpus, recipe.slurm.gpus_per_node) if args.gpus is not None else None
+    plan = inspect_workdir(working, recipe, force=args.force)
+    if plan.state == "finished":
+        print(f"[launch] {plan.message}")
+        return 0
+    if layout is None:
+        local = plan_local(recipe, working)
+        if args.dry_run:
+            _note(f"dry run: {plan.message}; {local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es)")
+            print(format_command(local))
+            return 0
+        _note(plan.message)
+        prepare_workdir(plan, recipe)
+        _note(f"{local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es): {format_command(local)}")
+        return run_local(local, working)
+    script = render_script(recipe, working, layout)
+    if args.dry_run:
+        _note(f"dry run: {plan.message}; {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
+        print(script, end="")
+        return 0
+    running = active_jobs(working)
+    if running:
+        raise LaunchError(
+            f"job {', '.join(running)} for {working} is still queued or running; wait for it or scancel it first"
+        )
+    _note(plan.message)
+    created = not working.exists()
+    prepare_workdir(plan, recipe)
+    try:
+        job_id, script_path, log_path = submit(script, working)
+    except LaunchError:
+        undo_prepare(plan, created)
+        raise
+    print(f"[launch] submitted job {job_id}: {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)", flush=True)
+    print(f"[launch] script: {script_path}", flush=True)
+    print(f"[launch] log: {log_path}", flush=True)
+    if args.wait:
+        return follow(job_id, log_path, working)
+    return 0
+
+
+def _note(text: str) -> None:
+    """Progress for the user on stderr, so stdout is exactly the command or script in a dry run."""
+    print(f"[launch] {text}", file=sys.stderr, flush=True)

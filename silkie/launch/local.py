@@ -1,0 +1,153 @@
+"""Local launch: `torchrun --standalone` with one process per visible GPU (or N gloo processes on CPU).
+
+Torch-free: GPUs are counted from `CUDA_VISIBLE_DEVICES` or `nvidia-smi -L`, and torchrun is started
+as `sys.executable -m torch.distributed.run` so it runs on the launcher's Python.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from silkie.config import Recipe
+
+from .workdir import CONFIG_NAME, FINISHED_NAME, LaunchError, latest_checkpoint
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_dpo.py"
+# torchrun turns these into a clean shutdown that forwards the same signal to every worker; the workers
+# (silkie.callbacks.PreemptionCallback) answer SIGUSR1 and SIGTERM with checkpoint-and-exit-0.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+LOCAL_SHUTDOWN_TIMEOUT_S = 120
+
+
+@dataclass
+class LocalPlan:
+    """A resolved local launch: the environment changes and the torchrun command line."""
+
+    nproc: int
+    cpu: bool
+    env: dict[str, str]
+    command: list[str]
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use: `CUDA_VISIBLE_DEVICES` when set, else `nvidia-smi -L` (0 without it)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        return 0 if not ids or ids[0] == "-1" else len(ids)
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    if listing.returncode != 0:
+        return 0
+    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+
+
+def torchrun_prefix(python: str | None = None) -> list[str]:
+    """`torchrun` as a module of the given (default: this) Python."""
+    return [python or sys.executable, "-m", "torch.distributed.run"]
+
+
+def train_command(working: str | Path) -> list[str]:
+    """The per-process entry: always the run directory's own recipe, so a resume reads the same one."""
+    if not TRAIN_SCRIPT.is_file():
+        raise LaunchError(f"train_dpo.py not found next to the silkie package ({TRAIN_SCRIPT})")
+    return [str(TRAIN_SCRIPT), "--config", str(Path(working) / CONFIG_NAME), "--working", str(working)]
+
+
+def cpu_threads(nproc: int) -> int:
+    """OpenMP threads per process so that `nproc` CPU processes share this machine's cores."""
+    return max(1, len(os.sched_getaffinity(0)) // nproc)
+
+
+def plan_local(recipe: Recipe, working: str | Path) -> LocalPlan:
+    """Pick the process count and backend from the recipe's `launch:` section and the visible GPUs."""
+    launch = recipe.launch
+    env: dict[str, str] = {}
+    if launch.cpu:
+        nproc = launch.nproc_per_node or 1
+        env["CUDA_VISIBLE_DEVICES"] = ""  # CPU mode: gloo processes even where GPUs exist
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(cpu_threads(nproc))
+    else:
+        gpus = visible_gpus()
+        if gpus == 0:
+            raise LaunchError(
+                "no GPU is visible (CUDA_VISIBLE_DEVICES / nvidia-smi -L); "
+                "add launch.cpu=true to train with gloo processes on the CPU"
+            )
+        nproc = launch.nproc_per_node or gpus
+        if nproc > gpus:
+            raise LaunchError(f"launch.nproc_per_node = {nproc} but only {gpus} GPU(s) are visible")
+    command = [
+        *torchrun_prefix(),
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "--signals_to_handle",
+        TORCHRUN_SIGNALS,
+        "--shutdown_timeout",
+        str(LOCAL_SHUTDOWN_TIMEOUT_S),
+        *train_command(working),
+    ]
+    return LocalPlan(nproc, launch.cpu, env, command)
+
+
+def format_command(plan: LocalPlan) -> str:
+    """The command line as a shell would run it (environment assignments first)."""
+    assignments = [f"{key}={shlex.quote(value)}" for key, value in plan.env.items()]
+    return " ".join([*assignments, shlex.join(plan.command)])
+
+
+def run_local(plan: LocalPlan, working: str | Path) -> int:
+    """Run torchrun in its own process group; Ctrl-C/SIGTERM are forwarded to it. Returns the exit code."""
+    working = Path(working)
+    env = {**os.environ, **plan.env}
+    proc = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        if received:  # torchrun is already shutting its workers down; a second signal would orphan them
+            print(f"[launch] still waiting for the workers to stop (at most {LOCAL_SHUTDOWN_TIMEOUT_S} s)", flush=True)
+            return
+        received.append(signum)
+        print(f"[launch] {signal.Signals(signum).name}: stopping the training processes", flush=True)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return _report(working, code, received[0] if received else None)
+
+
+def _report(working: Path, code: int, received: int | None) -> int:
+    """Tell the user where the run stands; map the outcome to the launcher's exit code."""
+    if (working / FINISHED_NAME).exists():
+        print(f"[launch] finished: adapter in {working / 'adapter'}", flush=True)
+        return 0
+    ckpt = latest_checkpoint(working)
+    intact = f"the last complete checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint had been written yet"
+    resume = "run the same command again to resume"
+    if received is not None:
+        name = signal.Signals(received).name
+        print(f"[launch] interrupted ({name}): {intact}; {resume}", file=sys.stderr, flush=True)
+        return 128 + received
+    print(
+        f"[launch] training stopped with exit code {code} before finishing: {intact}; {resume}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return code if code > 0 else 1

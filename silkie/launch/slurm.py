@@ -1,0 +1,286 @@
+"""Slurm launch: an sbatch script running `srun torchrun` (one task per node, c10d rendezvous on the first node).
+
+Preemption and the time limit: Slurm sends the batch shell `slurm.signal` (`--signal=B:USR1@N`); the
+script's trap passes SIGUSR1 to the srun step, srun forwards it to torchrun on every node, torchrun
+(started with SIGUSR1 in `--signals_to_handle`) forwards it to its workers and waits up to
+`--shutdown_timeout` seconds; the workers finish the optimizer step, save `checkpoint-N` and exit 0.
+The script then requeues the job (`scontrol requeue`), and the requeued job resumes from that checkpoint.
+A run with `FINISHED` is never started or requeued again.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from silkie.config import Recipe
+
+from .local import TORCHRUN_SIGNALS, torchrun_prefix, train_command
+from .workdir import FINISHED_NAME, LaunchError, latest_checkpoint
+
+SLURM_DIR = "slurm"
+SIGNALS = ("USR1", "USR2")  # SIGTERM is what scancel sends: it must not mean "checkpoint and requeue"
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+}
+
+
+@dataclass(frozen=True)
+class SlurmLayout:
+    """How `--gpus N` maps onto nodes: `nodes` x `gpus_per_node` (one torchrun task per node)."""
+
+    nodes: int
+    gpus_per_node: int
+
+
+def slurm_layout(gpus: int, gpus_per_node: int) -> SlurmLayout:
+    """N GPUs -> whole nodes of `gpus_per_node` (or one node with N < gpus_per_node GPUs)."""
+    if gpus < 1:
+        raise LaunchError(f"--gpus must be a positive integer, got {gpus}")
+    if gpus <= gpus_per_node:
+        return SlurmLayout(1, gpus)
+    if gpus % gpus_per_node:
+        raise LaunchError(
+            f"--gpus {gpus} is not a multiple of slurm.gpus_per_node = {gpus_per_node}; "
+            f"use a multiple of {gpus_per_node}, at most {gpus_per_node} on one node, or set slurm.gpus_per_node"
+        )
+    return SlurmLayout(gpus // gpus_per_node, gpus_per_node)
+
+
+def check_signal(name: str) -> str:
+    """`slurm.signal` as Slurm spells it (USR1/USR2)."""
+    short = name.upper().removeprefix("SIG")
+    if short not in SIGNALS:
+        raise LaunchError(
+            f"slurm.signal = {name!r} is not allowed; expected one of {', '.join(SIGNALS)} "
+            "(SIGTERM is what scancel sends, so it cannot mean 'checkpoint and requeue')"
+        )
+    return short
+
+
+def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path) -> list[str]:
+    slurm = recipe.slurm
+    options: list[tuple[str, object]] = [
+        ("job-name", slurm.job_name),
+        ("nodes", layout.nodes),
+        ("ntasks-per-node", 1),
+        ("gres", f"gpu:{layout.gpus_per_node}"),
+        ("cpus-per-gpu", slurm.cpus_per_gpu),
+        ("mem-per-gpu", slurm.mem_per_gpu),
+        ("time", slurm.time),
+        ("partition", slurm.partition),
+        ("account", slurm.account),
+        ("qos", slurm.qos),
+        ("constraint", slurm.constraint),
+        ("chdir", cwd),
+        ("output", working / SLURM_DIR / "%j.log"),
+        ("open-mode", "append"),
+        ("signal", f"B:{check_signal(slurm.signal)}@{slurm.signal_seconds}"),
+    ]
+    lines = [f"#SBATCH --{key}={value}" for key, value in options if value is not None]
+    lines.append("#SBATCH --requeue" if slurm.requeue else "#SBATCH --no-requeue")
+    for extra in slurm.extra_sbatch:
+        extra = extra.strip()
+        lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
+    return lines
+
+
+def _torchrun_line(recipe: Recipe, working: Path, layout: SlurmLayout, python: str | None) -> str:
+    return (
+        f"{shlex.join(torchrun_prefix(python))} \\\n"
+        f'    --nnodes "$SLURM_NNODES" --nproc_per_node {layout.gpus_per_node} \\\n'
+        f'    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\\n'
+        f"    --signals_to_handle {TORCHRUN_SIGNALS} --shutdown_timeout {recipe.slurm.signal_seconds} \\\n"
+        f"    {shlex.join(train_command(working))}"
+    )
+
+
+def _cpu_lines(nproc: int) -> list[str]:
+    return [
+        "# CPU mode (launch.cpu: true): gloo processes; the GPUs are still requested so the layout is the same",
+        "export CUDA_VISIBLE_DEVICES=",
+        f"threads=$(( ${{SLURM_CPUS_ON_NODE:-{nproc}}} / {nproc} ))",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}",
+    ]
+
+
+def _after_signal_lines(requeue: bool, signal_name: str) -> list[str]:
+    stopped = f"[silkie] stopped at ${{last:-no checkpoint}} after SIG{signal_name}"
+    if requeue:
+        return [
+            f'    echo "{stopped}; requeueing job $SLURM_JOB_ID"',
+            '    scontrol requeue "$SLURM_JOB_ID"',
+            "    exit 0",
+        ]
+    return [f'    echo "{stopped}; slurm.requeue is false: submit again to resume"', "    exit 1"]
+
+
+def render_script(
+    recipe: Recipe, working: str | Path, layout: SlurmLayout, cwd: str | Path | None = None, python: str | None = None
+) -> str:
+    """The complete sbatch script for this recipe and layout (paths made absolute)."""
+    working = Path(working).resolve()
+    cwd = Path(cwd or os.getcwd()).resolve()
+    slurm = recipe.slurm
+    signal_name = check_signal(slurm.signal)
+    lines = [
+        "#!/bin/bash",
+        "# silkie DPO training job, written by launch_dpo.py. Submitting it again resumes the run.",
+        *_sbatch_lines(recipe, working, layout, cwd),
+        "",
+        "set -o pipefail",
+        *(["# environment setup (slurm.setup)", *slurm.setup] if slurm.setup else []),
+        f"WORKING={shlex.quote(str(working))}",
+        f'if [ -e "$WORKING/{FINISHED_NAME}" ]; then',
+        f'    echo "[silkie] $WORKING is finished ({FINISHED_NAME} exists): nothing to do"',
+        "    exit 0",
+        "fi",
+        'echo "[silkie] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $(date)"',
+        "",
+        "# c10d rendezvous on the first node of the allocation",
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        f"MASTER_PORT={slurm.rdzv_port}",
+        *(_cpu_lines(layout.gpus_per_node) if recipe.launch.cpu else []),
+        "",
+        f"# SIG{signal_name} (Slurm's warning before the time limit, or scancel --signal={signal_name} --batch):",
+        "# srun forwards SIGUSR1 to torchrun on every node, torchrun to its workers; they checkpoint and exit.",
+        "PREEMPTED=0",
+        "STEP=",
+        "on_preempt() {",
+        '    [ "$PREEMPTED" = 1 ] && return',
+        "    PREEMPTED=1",
+        f'    echo "[silkie] SIG{signal_name}: asking the workers to save a checkpoint and stop"',
+        '    [ -n "$STEP" ] && kill -USR1 "$STEP" 2>/dev/null',
+        "}",
+        f"trap on_preempt {signal_name}",
+        "trap 'echo \"[silkie] SIGTERM (scancel or preemption): the workers save a checkpoint and stop\"' TERM",
+        "",
+        'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
+        f"    {_torchrun_line(recipe, working, layout, python)} &",
+        "STEP=$!",
+        '[ "$PREEMPTED" = 1 ] && kill -USR1 "$STEP" 2>/dev/null',
+        "while :; do",
+        '    wait "$STEP"; status=$?',
+        '    kill -0 "$STEP" 2>/dev/null || break  # wait returns early when a trapped signal arrives',
+        "done",
+        "",
+        f'if [ -e "$WORKING/{FINISHED_NAME}" ]; then',
+        '    echo "[silkie] finished: adapter in $WORKING/adapter"',
+        "    exit 0",
+        "fi",
+        'last=$(ls -d "$WORKING"/checkpoint-* 2>/dev/null | sort -V | tail -n1)',
+        'if [ "$PREEMPTED" = 1 ]; then',
+        *_after_signal_lines(slurm.requeue, signal_name),
+        "fi",
+        'echo "[silkie] training exited with status $status before finishing (last checkpoint: ${last:-none})"',
+        "exit $(( status > 0 ? status : 1 ))",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def active_jobs(working: str | Path) -> list[str]:
+    """Ids of this run's earlier jobs (DIR/slurm/<id>.sh) that are still queued or running."""
+    ids = [p.stem for p in Path(working, SLURM_DIR).glob("*.sh") if p.stem.isdigit()]
+    if not ids or shutil.which("squeue") is None:
+        return []
+    listing = subprocess.run(
+        ["squeue", "-h", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True, timeout=60
+    )
+    queued = set(listing.stdout.split()) if listing.returncode == 0 else set()
+    return sorted((i for i in ids if i in queued), key=int)
+
+
+def submit(script: str, working: str | Path) -> tuple[str, Path, Path]:
+    """Write the script to DIR/slurm/, `sbatch` it; returns (job id, script path, log path)."""
+    if shutil.which("sbatch") is None:
+        raise LaunchError("sbatch not found: Slurm is not installed here (run without --gpus to train locally)")
+    folder = Path(working).resolve() / SLURM_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    pending = folder / f"submit-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.sh"
+    pending.write_text(script)
+    pending.chmod(0o755)
+    result = subprocess.run(["sbatch", "--parsable", str(pending)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        pending.unlink()
+        reason = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
+        raise LaunchError(f"sbatch refused the job ({reason}); --dry-run prints the script")
+    match = re.match(r"^(\d+)", result.stdout.strip())
+    if not match:
+        raise LaunchError(f"could not read a job id from sbatch's answer {result.stdout.strip()!r}")
+    job_id = match.group(1)
+    script_path = folder / f"{job_id}.sh"
+    pending.rename(script_path)
+    return job_id, script_path, folder / f"{job_id}.log"
+
+
+def job_state(job_id: str) -> tuple[str | None, str]:
+    """(JobState, ExitCode) from scontrol, or from sacct once the controller forgot the job; None if unknown."""
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    if shown.returncode == 0:
+        fields = dict(part.split("=", 1) for part in shown.stdout.split() if "=" in part)
+        return fields.get("JobState"), fields.get("ExitCode", "")
+    if shutil.which("sacct"):
+        acct = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"], capture_output=True, text=True
+        )
+        rows = [line.split("|") for line in acct.stdout.splitlines() if "|" in line]
+        if acct.returncode == 0 and rows:
+            return rows[-1][0].split()[0], rows[-1][1]
+    return None, ""
+
+
+def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0) -> int:
+    """Stream the job's log until it ends (requeues included); 0 only when the run is FINISHED."""
+    working = Path(working)
+    offset = 0
+    state, exit_code = None, ""
+    while True:
+        state, exit_code = job_state(job_id)
+        offset = _stream(log_path, offset)
+        if state is None or state in FINAL_STATES:
+            break
+        time.sleep(poll_s)
+    offset = _stream(log_path, offset)
+    if (working / FINISHED_NAME).exists():
+        print(f"[launch] job {job_id} {state or 'ended'}: finished, adapter in {working / 'adapter'}", flush=True)
+        return 0
+    ckpt = latest_checkpoint(working)
+    print(
+        f"[launch] job {job_id} ended {state or 'in an unknown state'} (exit code {exit_code or '?'}) "
+        f"without finishing; last checkpoint: {ckpt or 'none'}; log: {log_path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
+
+
+def _stream(path: Path, offset: int) -> int:
+    """Print what was appended to `path` since `offset`; returns the new offset."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+    except FileNotFoundError:
+        return offset
+    if chunk:
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+    return offset + len(chunk)

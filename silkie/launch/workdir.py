@@ -1,0 +1,169 @@
+"""The run directory: is it new, a resumable run of the same recipe, finished, or something else?
+
+The launcher decides from `DIR/config.yaml` (the resolved recipe of the run there) and the `FINISHED`
+marker that `silkie.train` writes at the end; it never deletes anything: `--force` renames the files a
+new run would overwrite to `NAME.<timestamp>.bak`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from silkie.config import Recipe, RecipeError, recipe_from_dict, save_recipe
+
+CONFIG_NAME = "config.yaml"
+FINISHED_NAME = "FINISHED"
+# What a finished run leaves behind that a new run in the same folder would overwrite.
+FINISHED_OUTPUTS = ("config.yaml", "FINISHED", "final_metrics.json", "adapter", "training_curves.png")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class LaunchError(Exception):
+    """A refusal or a bad request: printed as one line, exit code 2."""
+
+
+@dataclass
+class WorkdirPlan:
+    """What launching into a directory will do."""
+
+    working: Path
+    state: str  # "new", "resume", "finished" or "force"
+    message: str
+    backups: list[tuple[Path, Path]] = field(default_factory=list)  # (original, renamed to)
+
+    @property
+    def config_path(self) -> Path:
+        return self.working / CONFIG_NAME
+
+
+def latest_checkpoint(working: Path) -> Path | None:
+    """The highest complete `checkpoint-N` in `working` (the same rule as `silkie.train`)."""
+    found = [(int(m.group(1)), p) for p in working.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"section.key": value} (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ, each as "key (old -> new)", in recipe order."""
+    flat_old, flat_new = flatten(old), flatten(new)
+    keys = list(flat_new) + [k for k in flat_old if k not in flat_new]
+    missing = object()
+    diffs = []
+    for key in keys:
+        a, b = flat_old.get(key, missing), flat_new.get(key, missing)
+        if a != b:
+            show = ["(absent)" if v is missing else repr(v) for v in (a, b)]
+            diffs.append(f"{key} ({show[0]} -> {show[1]})")
+    return diffs
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    """The recipe stored in a run directory, normalised through the schema (defaults filled in)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"not valid YAML ({str(err).splitlines()[0]})") from err
+    return recipe_from_dict(raw or {}).to_dict()
+
+
+def _summary(items: list[str], limit: int = 3) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) -> WorkdirPlan:
+    """Decide what a launch into `working` does; raise LaunchError when it must be refused."""
+    working = Path(working)
+    if working.exists() and not working.is_dir():
+        raise LaunchError(f"--working {working} exists and is not a directory")
+    config = working / CONFIG_NAME
+    resolved = recipe.to_dict()
+    if config.is_file():
+        try:
+            stored = _read_recipe(config)
+            diffs = recipe_differences(stored, resolved)
+        except RecipeError as err:
+            diffs = [f"its {CONFIG_NAME} is not a valid recipe: {err}"]
+        if not diffs:
+            if (working / FINISHED_NAME).exists():
+                return WorkdirPlan(working, "finished", _finished_message(working))
+            ckpt = latest_checkpoint(working)
+            where = f"resumes from {ckpt.name}" if ckpt else "starts (no checkpoint yet)"
+            return WorkdirPlan(working, "resume", f"{working} holds a run of this recipe; training {where}")
+        if not force:
+            raise LaunchError(
+                f"{working} holds a different recipe: {_summary(diffs)}; "
+                "use another --working, or --force to run there anyway (nothing is deleted)"
+            )
+        return _forced(working, "a different recipe was there")
+    if working.is_dir():
+        entries = sorted(p.name for p in working.iterdir())
+        if entries:
+            if not force:
+                raise LaunchError(
+                    f"{working} is not empty and holds no {CONFIG_NAME} (found: {_summary(entries)}); "
+                    "use another --working, or --force to run there anyway (nothing is deleted)"
+                )
+            return _forced(working, "the folder held other files")
+    return WorkdirPlan(working, "new", f"new run in {working}")
+
+
+def _finished_message(working: Path) -> str:
+    step = ""
+    try:
+        step = f" at step {yaml.safe_load((working / FINISHED_NAME).read_text())['step']}"
+    except Exception:  # an old or hand-made marker: the message just has no step
+        pass
+    return (
+        f"{working} holds a finished run of this recipe (FINISHED{step}); nothing to do "
+        f"(adapter: {working / 'adapter'}; use another --working to train again)"
+    )
+
+
+def _forced(working: Path, why: str) -> WorkdirPlan:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backups = [
+        (working / name, working / f"{name}.{stamp}.bak") for name in FINISHED_OUTPUTS if (working / name).exists()
+    ]
+    ckpt = latest_checkpoint(working)
+    kept = f"; kept the old {', '.join(a.name for a, _ in backups)} as *.{stamp}.bak" if backups else ""
+    where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
+    return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups)
+
+
+def prepare_workdir(plan: WorkdirPlan, recipe: Recipe) -> None:
+    """Create the directory, make the --force renames and write the resolved recipe to config.yaml."""
+    plan.working.mkdir(parents=True, exist_ok=True)
+    for original, backup in plan.backups:
+        original.rename(backup)
+    if plan.state != "resume":
+        save_recipe(recipe, plan.config_path)
+
+
+def undo_prepare(plan: WorkdirPlan, created: bool) -> None:
+    """Take back what `prepare_workdir` did (a refused submission): the new config.yaml, the renames, the folder."""
+    if plan.state != "resume":
+        plan.config_path.unlink(missing_ok=True)
+    for original, backup in plan.backups:
+        backup.rename(original)
+    if created:
+        for folder in (plan.working / "slurm", plan.working):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

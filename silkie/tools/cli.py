@@ -1,0 +1,53 @@
+"""Command-line plumbing shared by the scripts (imports no torch, so `--help` stays fast)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+class ToolError(Exception):
+    """A problem the user can fix (missing file, bad option); printed as one `error:` line, exit code 2."""
+
+
+def run_cli(command: Callable[..., int], *args: Any) -> int:
+    """Run `command(*args)`; a `ToolError` becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        return command(*args)
+    except ToolError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """`path` as a Path, or a `ToolError` naming it when it is not an existing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToolError(f"{what} not found: {path}")
+    return path
+
+
+def read_image(path: str | Path) -> Any:
+    """The image at `path` as an RGB PIL image; `ToolError` naming the file when it is missing or unreadable."""
+    from PIL import Image
+
+    path = require_file(path, "image file")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except Exception as exc:  # PIL raises many types for bad files
+        raise ToolError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def require_dir(path: str | Path, what: str, marker: str | None = None) -> Path:
+    """`path` as a Path, or a `ToolError` when it is not a folder (holding `marker`, when given)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ToolError(f"{what} not found: {path}")
+    if marker is not None and not (path / marker).is_file():
+        raise ToolError(f"{what} {path} has no {marker}")
+    return path

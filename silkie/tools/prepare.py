@@ -1,0 +1,265 @@
+"""Checks of a downloaded VLFeedback release (jsonl + image zip/folder) and conversion to a preference parquet.
+
+The report covers rows (seen, loaded, skipped per reason with first ids), images (referenced, missing,
+unreadable in a verified sample or all), and pairs (kept, dropped per reason) under given pair rules.
+The converted file is a generic preference parquet (`id`, `prompt`, `image`, `chosen`, `rejected`,
+`chosen_score`, `rejected_score`) read by recipes with `data.source: preference`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from silkie.data.sources import ASPECTS, MAX_EXAMPLE_IDS, FeedbackRow, LoadedRows
+from silkie.tools.cli import ToolError
+
+PARQUET_NAME = "vlfeedback_pairs.parquet"
+PARQUET_COLUMNS = ("id", "prompt", "image", "chosen", "rejected", "chosen_score", "rejected_score")
+WRITE_BATCH = 20_000
+
+
+@dataclass
+class PairRules:
+    """How pairs are built (the recipe's `data.*` keys of the same names)."""
+
+    aspect_weights: dict[str, float] | None = None
+    min_margin: float = 0.0
+    max_pairs_per_prompt: int | None = None
+    cap_strategy: str = "margin"
+    seed: int = 0
+
+
+@dataclass
+class ImageCheck:
+    """What the image store holds for the loaded rows."""
+
+    referenced: int = 0
+    missing: int = 0
+    missing_ids: list[str] = field(default_factory=list)
+    verified: int = 0
+    unreadable: int = 0
+    unreadable_ids: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReleaseReport:
+    """Everything `check_release` found; `as_dict()` is the `--json` output."""
+
+    jsonl: str
+    images: str
+    rows_seen: int
+    rows_loaded: int
+    rows_skipped: dict[str, int]
+    skipped_ids: dict[str, list[str]]
+    duplicate_ids: int
+    image_check: ImageCheck
+    rules: PairRules
+    pairs: dict[str, Any]
+    converted: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict."""
+        return asdict(self)
+
+    @property
+    def problems(self) -> int:
+        """Rows skipped + images missing or unreadable + duplicated ids."""
+        return (
+            sum(self.rows_skipped.values())
+            + self.image_check.missing
+            + self.image_check.unreadable
+            + (self.duplicate_ids)
+        )
+
+
+def parse_aspect_weights(text: str | None) -> dict[str, float] | None:
+    """`"Helpfulness=1,Visual Faithfulness=2"` or a JSON object -> weights; names match case-insensitively by prefix."""
+    if not text:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ToolError(f"--aspect-weights: not valid JSON ({err})") from err
+        items = list(raw.items())
+    else:
+        items = []
+        for part in text.split(","):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ToolError(f"--aspect-weights: {part!r} is not NAME=WEIGHT")
+            items.append((name, value))
+    weights = {}
+    for name, value in items:
+        matches = [a for a in ASPECTS if a.lower().startswith(str(name).strip().lower())]
+        if len(matches) != 1:
+            raise ToolError(f"--aspect-weights: {name!r} names no single aspect of {', '.join(ASPECTS)}")
+        try:
+            weights[matches[0]] = float(value)
+        except (TypeError, ValueError) as err:
+            raise ToolError(f"--aspect-weights: weight {value!r} of {matches[0]} is not a number") from err
+    return weights
+
+
+def check_images(rows: list[FeedbackRow], store: Any, verify_all: bool, sample: int, seed: int = 0) -> ImageCheck:
+    """Existence of every referenced image; decoding of all present images or a seeded sample of them."""
+    from silkie.data.images import ImageLoadError
+
+    check = ImageCheck()
+    present = []
+    for row in rows:
+        if row.image is None:
+            continue
+        check.referenced += 1
+        if store.exists(row.image):
+            present.append(row)
+        else:
+            check.missing += 1
+            if len(check.missing_ids) < MAX_EXAMPLE_IDS:
+                check.missing_ids.append(row.id)
+    to_open = present if verify_all or sample >= len(present) else random.Random(seed).sample(present, sample)
+    for row in to_open:
+        check.verified += 1
+        try:
+            store.open(row.image).close()
+        except ImageLoadError as err:
+            check.unreadable += 1
+            check.unreadable_ids[row.id] = err.reason
+    return check
+
+
+def _without_rows(loaded: LoadedRows, drop: set[str]) -> LoadedRows:
+    kept = [row for row in loaded.rows if row.id not in drop]
+    return LoadedRows(
+        loaded.name, kept, loaded.rows_seen - (len(loaded.rows) - len(kept)), loaded.skipped, loaded.skipped_ids
+    )
+
+
+def build_release_pairs(loaded: LoadedRows, store: Any, rules: PairRules, unreadable: set[str]) -> tuple[list, Any]:
+    """Pairs as a recipe with these rules would build them; rows with unreadable images count as dropped."""
+    from silkie.data.pairs import build_vlfeedback_pairs
+
+    try:
+        pairs, report = build_vlfeedback_pairs(
+            _without_rows(loaded, unreadable),
+            aspect_weights=rules.aspect_weights,
+            min_margin=rules.min_margin,
+            max_pairs_per_prompt=rules.max_pairs_per_prompt,
+            cap_strategy=rules.cap_strategy,
+            seed=rules.seed,
+            image_store=store,
+            source=loaded.name,
+        )
+    except ValueError as err:
+        raise ToolError(str(err)) from err
+    for row_id in sorted(unreadable):
+        report.rows_seen += 1
+        report.drop_row("unreadable_image", row_id)
+    return pairs, report
+
+
+def check_release(
+    jsonl: str | Path,
+    images: str | Path,
+    rules: PairRules | None = None,
+    verify_images: bool = False,
+    sample_images: int = 100,
+) -> tuple[ReleaseReport, list]:
+    """Load the release, check its images, build pairs; returns the report and the pairs."""
+    from silkie.data.images import open_image_store
+    from silkie.data.sources import load_vlfeedback_jsonl
+
+    rules = rules or PairRules()
+    try:
+        loaded = load_vlfeedback_jsonl(jsonl)
+        store = open_image_store(images)
+    except (FileNotFoundError, ValueError) as err:
+        raise ToolError(str(err)) from err
+    id_counts = Counter(row.id for row in loaded.rows)
+    image_check = check_images(loaded.rows, store, verify_images, sample_images, rules.seed)
+    pairs, pair_report = build_release_pairs(loaded, store, rules, set(image_check.unreadable_ids))
+    report = ReleaseReport(
+        jsonl=str(jsonl),
+        images=str(images),
+        rows_seen=loaded.rows_seen,
+        rows_loaded=len(loaded.rows),
+        rows_skipped=dict(loaded.skipped),
+        skipped_ids={reason: list(ids) for reason, ids in loaded.skipped_ids.items()},
+        duplicate_ids=sum(count - 1 for count in id_counts.values() if count > 1),
+        image_check=image_check,
+        rules=rules,
+        pairs=pair_report.as_dict(),
+    )
+    return report, pairs
+
+
+def write_preference_parquet(pairs: list, path: str | Path) -> Path:
+    """Write pairs as a preference parquet (`id` = prompt id, so the train/eval split stays by prompt)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, pa.float64() if name.endswith("_score") else pa.string()) for name in PARQUET_COLUMNS])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    with pq.ParquetWriter(staging, schema) as writer:
+        for start in range(0, len(pairs), WRITE_BATCH):
+            chunk = pairs[start : start + WRITE_BATCH]
+            columns = {
+                "id": [p.prompt_id for p in chunk],
+                "prompt": [p.prompt for p in chunk],
+                "image": [p.image for p in chunk],
+                "chosen": [p.chosen for p in chunk],
+                "rejected": [p.rejected for p in chunk],
+                "chosen_score": [p.chosen_score for p in chunk],
+                "rejected_score": [p.rejected_score for p in chunk],
+            }
+            writer.write_table(pa.table(columns, schema=schema))
+    staging.replace(path)
+    return path
+
+
+def _counts(counter: dict[str, int], examples: dict[str, list[str]]) -> list[str]:
+    lines = []
+    for reason, count in sorted(counter.items()):
+        ids = examples.get(reason, [])
+        lines.append(f"    {reason}: {count}" + (f" (first ids: {', '.join(ids)})" if ids else ""))
+    return lines
+
+
+def format_report(report: ReleaseReport) -> str:
+    """The human-readable report."""
+    check, pairs = report.image_check, report.pairs
+    skipped = sum(report.rows_skipped.values())
+    lines = [f"rows: {report.jsonl}: seen {report.rows_seen}, loaded {report.rows_loaded}, skipped {skipped}"]
+    lines += _counts(report.rows_skipped, report.skipped_ids)
+    if report.duplicate_ids:
+        lines.append(f"    duplicate ids: {report.duplicate_ids}")
+    lines.append(f"images: {report.images}: referenced {check.referenced}, missing {check.missing}")
+    if check.missing_ids:
+        lines.append(f"    first missing: {', '.join(check.missing_ids)}")
+    lines.append(
+        f"    decoded {check.verified} of {check.referenced - check.missing} present, unreadable {check.unreadable}"
+    )
+    lines += [
+        f"    unreadable {row_id}: {reason}" for row_id, reason in list(check.unreadable_ids.items())[:MAX_EXAMPLE_IDS]
+    ]
+    rules = report.rules
+    lines.append(
+        f"pairs (aspect_weights={rules.aspect_weights or 'equal'}, min_margin={rules.min_margin}, "
+        f"max_pairs_per_prompt={rules.max_pairs_per_prompt}): kept {pairs['pairs_kept']} "
+        f"from {pairs['rows_kept']} rows"
+    )
+    lines.append(f"  rows dropped: {sum(pairs['rows_dropped'].values())}")
+    lines += _counts(pairs["rows_dropped"], pairs["offending_ids"])
+    lines.append(f"  pairs dropped: {sum(pairs['pairs_dropped'].values())}")
+    lines += _counts(pairs["pairs_dropped"], pairs["offending_ids"])
+    if report.converted:
+        lines.append(f"converted: {report.converted} ({pairs['pairs_kept']} pairs); train on it with")
+        lines.append(f"  data.source=preference data.path={report.converted} data.images={report.images}")
+    return "\n".join(lines)

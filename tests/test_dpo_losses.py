@@ -1,0 +1,76 @@
+"""The DPO loss function against hand-computed values for every loss type."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from silkie.dpo.losses import dpo_loss
+
+PC, PR = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -15.0])
+RC, RR = torch.tensor([-11.0, -19.0]), torch.tensor([-11.0, -16.0])
+# log-ratios: chosen (1, -1), rejected (-1, 1) -> delta (2, -2)
+
+
+def logsigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_sigmoid_matches_formula_and_rewards():
+    out = dpo_loss(PC, PR, RC, RR, beta=0.1)
+    expected = [-logsigmoid(0.2), -logsigmoid(-0.2)]
+    assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-6)
+    assert out.loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1, -0.1])
+    assert out.rejected_rewards.tolist() == pytest.approx([-0.1, 0.1])
+
+
+def test_sigmoid_label_smoothing_is_cdpo():
+    out = dpo_loss(PC, PR, RC, RR, beta=0.5, label_smoothing=0.2)
+    expected = [-(0.8 * logsigmoid(1.0)) - 0.2 * logsigmoid(-1.0), -(0.8 * logsigmoid(-1.0)) - 0.2 * logsigmoid(1.0)]
+    assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_robust():
+    out = dpo_loss(PC, PR, RC, RR, beta=0.5, loss_type="robust", label_smoothing=0.1)
+    expected = [(-0.9 * logsigmoid(d) + 0.1 * logsigmoid(-d)) / 0.8 for d in (1.0, -1.0)]
+    assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hinge():
+    out = dpo_loss(PC, PR, RC, RR, beta=0.25, loss_type="hinge")
+    assert out.per_pair.tolist() == pytest.approx([max(0, 1 - 0.5), max(0, 1 + 0.5)])
+
+
+def test_ipo_uses_length_normalised_ratios():
+    lengths_c, lengths_r = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 2.0])
+    out = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", chosen_lengths=lengths_c, rejected_lengths=lengths_r)
+    avg = [1 / 2 - (-1) / 1, -1 / 4 - 1 / 2]
+    assert out.per_pair.tolist() == pytest.approx([(a - 5.0) ** 2 for a in avg], rel=1e-6)
+
+
+def test_sft_term_and_weights():
+    nll = torch.tensor(1.5)
+    out = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], chosen_nll=nll)
+    expected = [-logsigmoid(0.2) + 0.75, -logsigmoid(-0.2) + 0.75]
+    assert out.per_pair.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
+        dpo_loss(PC, PR, RC, RR, loss_type="kto")
+    with pytest.raises(ValueError, match="loss_weights has 1 entries for 2"):
+        dpo_loss(PC, PR, RC, RR, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="ipo loss needs"):
+        dpo_loss(PC, PR, RC, RR, loss_type="ipo")
+
+
+def test_gradient_flows_to_policy_only():
+    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
+    dpo_loss(pc, pr, RC, RR, beta=0.1).loss.backward()
+    # d/dpc of -logsigmoid(b*d)/2 = -b*sigmoid(-b*d)/2
+    expected = [-0.1 * (1 / (1 + math.exp(0.2))) / 2, -0.1 * (1 / (1 + math.exp(-0.2))) / 2]
+    assert pc.grad.tolist() == pytest.approx(expected, rel=1e-5)
+    assert pr.grad.tolist() == pytest.approx([-g for g in expected], rel=1e-5)

@@ -1,0 +1,137 @@
+"""Efficient DPO step (image once, shared prompt, chunked log-probs) equals the plain TRL-style path."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from silkie.config import LoraSection
+from silkie.dpo.batching import packed_rows
+from silkie.dpo.losses import dpo_loss
+from silkie.dpo.step import StepOptions, encode_images_once, score_answers
+from silkie.models.loading import apply_lora
+from silkie.models.qwen_vl import QWenConfig, QWenLMHeadModel
+
+from .conftest import tiny_config_kwargs
+from .dpo_fixtures import random_pair_batch
+
+PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
+SIZES = [(5, 7, 4), (9, 3, 6), (2, 5, 5)]
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    torch.manual_seed(0)
+    base = QWenLMHeadModel(QWenConfig(**tiny_config_kwargs()))
+    model = apply_lora(base, LoraSection(r=8, alpha=16, dropout=0.0))
+    with torch.no_grad():  # non-zero B so the adapter changes the output
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    return model.train()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return random_pair_batch(QWenConfig(**tiny_config_kwargs()), SIZES, [True, False, True], seed=1)
+
+
+def step(model, batch, options: StepOptions):
+    features = encode_images_once(model, batch["pixel_values"]) if options.image_once else None
+    policy = score_answers(model, batch, options, 0, image_features=features)
+    with model.disable_adapter():
+        ref = score_answers(model, batch, options, 0, image_features=features, no_grad=True)
+    out = dpo_loss(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps, beta=0.1)
+    model.zero_grad()
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return policy, ref, out.loss.detach(), grads
+
+
+OPTION_SETS = [
+    StepOptions(image_once=True, share_prompt=False, chunked_logps=False),
+    StepOptions(image_once=False, share_prompt=True, chunked_logps=False),
+    StepOptions(image_once=False, share_prompt=False, chunked_logps=True, chunk_size=5),
+    StepOptions(image_once=True, share_prompt=True, chunked_logps=True, chunk_size=4),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=["image_once", "share_prompt", "chunked", "all"])
+def test_optimised_paths_equal_plain(lora_model, batch, options):
+    plain_policy, plain_ref, plain_loss, plain_grads = step(lora_model, batch, PLAIN)
+    policy, ref, loss, grads = step(lora_model, batch, options)
+    for name in ("chosen_logps", "rejected_logps"):
+        assert torch.allclose(getattr(policy, name), getattr(plain_policy, name), atol=1e-5, rtol=0), name
+        assert torch.allclose(getattr(ref, name), getattr(plain_ref, name), atol=1e-5, rtol=0), name
+    assert not torch.allclose(policy.chosen_logps, ref.chosen_logps, atol=1e-3)  # the adapter matters
+    assert abs(loss.item() - plain_loss.item()) < 1e-5
+    assert grads.keys() == plain_grads.keys() and len(grads) == 2 * 4 * 2  # A and B of 4 modules x 2 layers
+    for name in grads:
+        assert torch.allclose(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_packed_rows_hide_the_other_answer(lora_model, batch):
+    options = StepOptions()
+    features = encode_images_once(lora_model, batch["pixel_values"])
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["chosen_input_ids"][:, :2] = 11
+    a = score_answers(lora_model, batch, options, 0, features, no_grad=True)
+    b = score_answers(lora_model, changed, options, 0, features, no_grad=True)
+    assert torch.equal(a.rejected_logps, b.rejected_logps)
+    assert (a.chosen_logps - b.chosen_logps).abs().max() > 1e-2
+
+
+def test_packed_layout_positions_and_mask(batch):
+    rows = packed_rows(batch, pad_token_id=0)
+    lp = int(batch["prompt_attention_mask"][1].sum())
+    lc, lr = SIZES[1][1], SIZES[1][2]
+    assert rows.position_ids[1, : lp + lc].tolist() == list(range(lp + lc))
+    assert rows.position_ids[1, lp + lc : lp + lc + lr].tolist() == list(range(lp, lp + lr))
+    mask = rows.attention_mask[1, 0]
+    first_rejected = lp + lc
+    assert mask[first_rejected, :lp].all() and not mask[first_rejected, lp:first_rejected].any()
+    assert mask[first_rejected, first_rejected] and not mask[lp, lp + 1]
+    # the first rejected token is predicted from the last prompt token, not from the chosen answer
+    assert rows.rejected_index[rows.rejected_pair == 1][0].item() == 1 * rows.input_ids.size(1) + lp - 1
+
+
+def test_image_once_encodes_without_autograd(lora_model, batch):
+    calls = []
+    visual = lora_model.get_base_model().transformer.visual
+    hook = visual.register_forward_hook(lambda module, args, out: calls.append(out.requires_grad))
+    try:
+        step(lora_model, batch, StepOptions())
+        assert calls == [False]  # one encoding per step, no graph, reused by policy and reference
+        calls.clear()
+        step(lora_model, batch, PLAIN)
+        assert len(calls) == 2  # plain path: policy and reference each encode (chosen+rejected rows)
+    finally:
+        hook.remove()
+
+
+def test_disabled_adapter_equals_frozen_copy(lora_model, batch):
+    frozen = copy.deepcopy(lora_model.get_base_model())
+    # a deep copy still holds the LoRA layers; merge-free reference = base weights with adapters off
+    base = QWenLMHeadModel(lora_model.get_base_model().config)
+    state = {k.replace("base_layer.", ""): v for k, v in frozen.state_dict().items() if "lora_" not in k}
+    base.load_state_dict(state)
+    base.requires_grad_(False)
+    options = StepOptions()
+    features = encode_images_once(lora_model, batch["pixel_values"])
+    with lora_model.disable_adapter():
+        via_adapter = score_answers(lora_model, batch, options, 0, features, no_grad=True)
+    via_copy = score_answers(base, batch, options, 0, features, no_grad=True)
+    assert torch.allclose(via_adapter.chosen_logps, via_copy.chosen_logps, atol=1e-5, rtol=0)
+    assert torch.allclose(via_adapter.rejected_logps, via_copy.rejected_logps, atol=1e-5, rtol=0)
+
+
+def test_chunk_size_does_not_change_results(lora_model, batch):
+    results = [
+        score_answers(lora_model, batch, StepOptions(chunk_size=size), 0, no_grad=True).chosen_logps
+        for size in (1, 3, 1000)
+    ]
+    for a, b in itertools.pairwise(results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
