@@ -227,3 +227,11 @@ def test_offline_hub_id_names_the_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="Qwen/Qwen-VL-Chat"):
         QWenLMHeadModel.from_pretrained("Qwen/Qwen-VL-Chat")
+
+
+def test_bf16_checkpoint_load_encodes_images(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    loaded = QWenLMHeadModel.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    features = loaded.encode_images(torch.randn(1, 3, 56, 56))
+    assert features.dtype == torch.bfloat16 and features.shape == (1, 256, 128)

@@ -39,9 +39,17 @@ def read_metrics(working: Path) -> list[dict]:
 
 def test_images_drive_learning(assets, tmp_path):
     """Held-out reward accuracy rises clearly above chance with real images, not with a constant image."""
-    common = ["training.max_steps=100", "training.eval_steps=100", "training.save_steps=1000", "data.eval_fraction=0.15",
-              "training.report_to=none", "training.logging_steps=10", "training.learning_rate=1e-3",
-              "training.lr_scheduler_type=constant", "training.warmup_ratio=0.0"]
+    common = [
+        "training.max_steps=100",
+        "training.eval_steps=100",
+        "training.save_steps=1000",
+        "data.eval_fraction=0.15",
+        "training.report_to=none",
+        "training.logging_steps=10",
+        "training.learning_rate=1e-3",
+        "training.lr_scheduler_type=constant",
+        "training.warmup_ratio=0.0",
+    ]
     real = run_in_process(tmp_path / "real", asset_overrides(assets) + common)
     flat_zip = constant_image_zip(assets["zip"], tmp_path / "flat.zip")
     flat = run_in_process(tmp_path / "flat", asset_overrides(assets, images=flat_zip) + common)
@@ -73,20 +81,31 @@ def test_adapter_is_peft_loadable_and_changes_output(assets, tmp_path):
     records = read_metrics(working)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                 "logps/rejected", "logits/chosen", "logits/rejected"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+    ):
         assert name in train[-1]
     assert 0.0 <= train[-1]["rewards/accuracies"] <= 1.0
 
 
 def test_kill_and_resume_continues_same_run(assets, tmp_path):
-    overrides = asset_overrides(assets) + FAST + ["training.max_steps=12", "training.save_steps=4", "data.max_prompts=80"]
+    overrides = (
+        asset_overrides(assets) + FAST + ["training.max_steps=12", "training.save_steps=4", "data.max_prompts=80"]
+    )
     straight = run_subprocess(tmp_path / "straight", overrides)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     working = tmp_path / "killed"
-    proc = subprocess.Popen(train_command(working, overrides), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_command(working, overrides), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while latest_checkpoint(working) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -114,8 +133,14 @@ def test_nan_loss_stops_with_the_step_and_saves_nothing(assets, tmp_path):
     state = load_file(str(broken / "model.safetensors"))
     state["lm_head.weight"][3, 0] = float("nan")
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    overrides = [f"model.path={broken}", f"data.path={assets['jsonl']}", f"data.images={assets['zip']}", *FAST,
-                 "training.max_steps=4", "training.save_steps=1"]
+    overrides = [
+        f"model.path={broken}",
+        f"data.path={assets['jsonl']}",
+        f"data.images={assets['zip']}",
+        *FAST,
+        "training.max_steps=4",
+        "training.save_steps=1",
+    ]
     with pytest.raises(NonFiniteLossError, match="at step 1"):
         run_in_process(tmp_path / "nan", overrides)
     assert latest_checkpoint(tmp_path / "nan") is None
@@ -133,13 +158,29 @@ def test_half_written_checkpoints_are_ignored_and_removed(tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_on_two_cpu_processes(assets, tmp_path, stage):
     working = tmp_path / f"zero{stage}"
-    overrides = asset_overrides(assets) + FAST + [
-        f"deepspeed.stage={stage}", "training.max_steps=8", "training.save_steps=100", "data.max_prompts=8",
-        "training.per_device_train_batch_size=4", "training.learning_rate=5e-3", "training.lr_scheduler_type=constant",
-        "training.warmup_ratio=0.0",
+    overrides = (
+        asset_overrides(assets)
+        + FAST
+        + [
+            f"deepspeed.stage={stage}",
+            "training.max_steps=8",
+            "training.save_steps=100",
+            "data.max_prompts=8",
+            "training.per_device_train_batch_size=4",
+            "training.learning_rate=5e-3",
+            "training.lr_scheduler_type=constant",
+            "training.warmup_ratio=0.0",
+        ]
+    )
+    command = [
+        train_command(working, overrides)[0],
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *train_command(working, overrides)[1:],
     ]
-    command = [train_command(working, overrides)[0], "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", *train_command(working, overrides)[1:]]
     env = subprocess_env()
     env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -149,3 +190,30 @@ def test_deepspeed_zero_on_two_cpu_processes(assets, tmp_path, stage):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.01, losses  # the loss goes down
     assert (working / "adapter" / "adapter_model.safetensors").is_file()
     assert (working / "FINISHED").is_file()
+
+
+def test_precomputed_reference_matches_and_is_reused_or_rebuilt(assets, tmp_path, capsys):
+    base = asset_overrides(assets) + FAST + ["training.save_steps=4", "data.max_prompts=40"]
+    on_the_fly = tmp_path / "on-the-fly"
+    run_in_process(on_the_fly, base + ["training.max_steps=4"])
+    cached = tmp_path / "cached"
+    run_in_process(cached, base + ["training.max_steps=4", "dpo.precompute_ref_log_probs=true"])
+    assert "reference log-probs (train): computing" in capsys.readouterr().out
+    table = torch.load(cached / "reference_logps" / "train.pt", weights_only=True)["logps"]
+    assert table.shape[1] == 2 and torch.isfinite(table).all() and (table < 0).all()
+    straight = {r["step"]: r["loss"] for r in read_metrics(on_the_fly) if "loss" in r}
+    precomputed = {r["step"]: r["loss"] for r in read_metrics(cached) if "loss" in r}
+    assert straight.keys() == precomputed.keys()
+    for step in straight:  # same loss with the reference from the cache as from disabled adapters
+        assert precomputed[step] == pytest.approx(straight[step], abs=1e-5)
+
+    (cached / "FINISHED").unlink()
+    run_in_process(cached, base + ["training.max_steps=6", "dpo.precompute_ref_log_probs=true"])
+    out = capsys.readouterr().out
+    assert "resuming from checkpoint-4" in out and "reference log-probs (train): reusing" in out
+
+    (cached / "FINISHED").unlink()
+    run_in_process(
+        cached, [*base[:-1], "data.max_prompts=48", "training.max_steps=8", "dpo.precompute_ref_log_probs=true"]
+    )
+    assert "computing" in capsys.readouterr().out  # other data: the stale cache is rebuilt, not reused

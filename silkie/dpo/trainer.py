@@ -16,9 +16,9 @@ from transformers import Trainer
 
 from silkie.config import DPOSection
 
-from .losses import dpo_loss
+from .objective import batch_dpo_loss
 from .reference import ReferenceCache
-from .step import AnswerScores, StepOptions, encode_images_once, score_answers, vision_is_trainable
+from .step import StepOptions, score_answers, vision_is_trainable
 
 METRIC_NAMES = (
     "rewards/chosen",
@@ -82,11 +82,13 @@ class SilkieDPOTrainer(Trainer):
 
     # ----- the DPO step -------------------------------------------------------------------------------------------
     def reference_scores(
-        self, model: nn.Module, batch: dict, features: torch.Tensor | None
+        self, model: nn.Module, batch: dict, features: torch.Tensor | None, use_table: bool = True
     ) -> tuple[torch.Tensor, ...]:
-        """Reference log-probs (chosen, rejected) for the batch, from the cache, a frozen copy, or disabled adapters."""
-        if "ref_chosen_logps" in batch:
-            return batch["ref_chosen_logps"].float(), batch["ref_rejected_logps"].float()
+        """Reference log-probs (chosen, rejected): precomputed table, frozen copy, or the policy with adapters off."""
+        table = self._reference_table("train" if model.training else "eval") if use_table else None
+        if table is not None:
+            picked = table[batch["pair_index"].cpu()]
+            return picked[:, 0], picked[:, 1]
         if self.ref_model is not None:
             ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
         else:
@@ -107,33 +109,11 @@ class SilkieDPOTrainer(Trainer):
 
     def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and per-pair metric tensors for one batch."""
-        features = encode_images_once(model, batch.get("pixel_values")) if self.step_options.image_once else None
-        policy: AnswerScores = score_answers(model, batch, self.step_options, self.pad_token_id, features)
-        ref_chosen, ref_rejected = self.reference_scores(model, batch, features)
-        out = dpo_loss(
-            policy.chosen_logps,
-            policy.rejected_logps,
-            ref_chosen.to(policy.chosen_logps.device),
-            ref_rejected.to(policy.chosen_logps.device),
-            beta=self.dpo.beta,
-            loss_type=self.dpo.loss_type,
-            loss_weights=self.dpo.loss_weights,
-            label_smoothing=self.dpo.label_smoothing,
-            chosen_lengths=policy.chosen_lengths,
-            rejected_lengths=policy.rejected_lengths,
-            chosen_nll=policy.chosen_nll,
-        )
-        metrics = {
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-            "logps/chosen": policy.chosen_logps.detach(),
-            "logps/rejected": policy.rejected_logps.detach(),
-            "logits/chosen": policy.chosen_logits_mean,
-            "logits/rejected": policy.rejected_logits_mean,
-        }
-        return out.loss, metrics
+
+        def reference(ref_batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.reference_scores(model, ref_batch, features)
+
+        return batch_dpo_loss(model, batch, self.step_options, self.dpo, self.pad_token_id, reference)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)

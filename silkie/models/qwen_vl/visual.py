@@ -105,7 +105,8 @@ class Resampler(nn.Module):
     def __init__(self, grid_size: int, embed_dim: int, kv_dim: int):
         super().__init__()
         self.num_queries = grid_size**2
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid_size), requires_grad=False)
+        table = sincos_pos_embed_2d(embed_dim, grid_size).to(torch.get_default_dtype())
+        self.pos_embed = nn.Parameter(table, requires_grad=False)
         self.query = nn.Parameter(torch.zeros(self.num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
         self.attn = nn.MultiheadAttention(embed_dim, embed_dim // 128, batch_first=True)
@@ -113,10 +114,10 @@ class Resampler(nn.Module):
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos_embed = resize_abs_pos(self.pos_embed, x.size(1))
         kv = self.ln_kv(self.kv_proj(x))
+        pos_embed = resize_abs_pos(self.pos_embed, x.size(1)).to(kv.dtype)
         q = self.ln_q(self.query)
-        queries = (q + self.pos_embed).unsqueeze(0).expand(x.size(0), -1, -1)
+        queries = (q + self.pos_embed.to(q.dtype)).unsqueeze(0).expand(x.size(0), -1, -1)
         out, _ = self.attn(queries, kv + pos_embed.unsqueeze(0), kv, need_weights=False)
         return out
 

@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Benchmark the DPO step: plain (TRL-equivalent) vs optimized, same model, data and device, in one run.
+
+Prints pairs/s, tokens/s, peak memory, TFLOP/pair and MFU per path and batch size, then the ratios.
+CPU with the tiny model:  python scripts/benchmark.py --tiny
+GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny stand-in model (default: official Qwen-VL-Chat size)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--paths", nargs="+", default=["plain", "optimized"], choices=("plain", "optimized"))
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--question-tokens", type=int, default=40)
+    parser.add_argument("--answer-tokens", type=int, default=150)
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="answer tokens per log-prob chunk")
+    parser.add_argument("--count-flops", action="store_true", help="count FLOPs of one step (for TFLOP/pair, MFU)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto for H100/H200)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list:
+    args = parse_args(argv)
+    import torch
+
+    from silkie.bench import build_model, format_table, measure, official_config, results_json, tiny_config
+    from silkie.config import LoraSection
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = tiny_config() if args.tiny else official_config()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    lora = LoraSection(r=args.lora_r, alpha=16, dropout=0.05)
+    model = build_model(config, args.device, dtype, lora, checkpointing=not args.no_gradient_checkpointing)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    params = sum(p.numel() for p in model.parameters())
+    name = "tiny" if args.tiny else "Qwen-VL-Chat size"
+    print(f"model: {name}, {params / 1e6:.1f}M params, {args.dtype}, device {device_name}", flush=True)
+    results = []
+    for size in args.batch_sizes:
+        for path in args.paths:
+            result = measure(model, config, path, size, args)
+            results.append(result)
+            print(
+                f"{path:9s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "
+                f"peak {result.peak_memory_gib:.2f} GiB",
+                flush=True,
+            )
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    print(format_table(results))
+    if args.out:
+        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        meta["device_name"] = device_name
+        args.out.write_text(results_json(results, meta))
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

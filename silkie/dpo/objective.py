@@ -1,0 +1,68 @@
+"""One DPO objective evaluation for a batch: image features, policy scores, reference scores, loss, metrics.
+
+Shared by the trainer and `scripts/benchmark.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from silkie.config import DPOSection
+
+from .losses import dpo_loss
+from .step import StepOptions, encode_images_once, score_answers
+
+ReferenceFn = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def batch_dpo_loss(
+    model: nn.Module,
+    batch: dict,
+    options: StepOptions,
+    dpo: DPOSection,
+    pad_token_id: int,
+    reference: ReferenceFn,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and per-pair metric tensors (TRL names); `reference(batch, features)` gives reference log-probs."""
+    features = encode_images_once(model, batch.get("pixel_values")) if options.image_once else None
+    policy = score_answers(model, batch, options, pad_token_id, features)
+    ref_chosen, ref_rejected = reference(batch, features)
+    device = policy.chosen_logps.device
+    out = dpo_loss(
+        policy.chosen_logps,
+        policy.rejected_logps,
+        ref_chosen.to(device),
+        ref_rejected.to(device),
+        beta=dpo.beta,
+        loss_type=dpo.loss_type,
+        loss_weights=dpo.loss_weights,
+        label_smoothing=dpo.label_smoothing,
+        chosen_lengths=policy.chosen_lengths,
+        rejected_lengths=policy.rejected_lengths,
+        chosen_nll=policy.chosen_nll,
+    )
+    metrics = {
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+        "logps/chosen": policy.chosen_logps.detach(),
+        "logps/rejected": policy.rejected_logps.detach(),
+        "logits/chosen": policy.chosen_logits_mean,
+        "logits/rejected": policy.rejected_logits_mean,
+    }
+    return out.loss, metrics
+
+
+def adapter_reference(model: nn.Module, options: StepOptions, pad_token_id: int) -> ReferenceFn:
+    """Reference = the same peft model with its adapters disabled (no second copy)."""
+
+    def reference(batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        with model.disable_adapter():
+            ref = score_answers(model, batch, options, pad_token_id, features, no_grad=True)
+        return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+
+    return reference
