@@ -21,7 +21,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--paths", nargs="+", default=["plain", "optimized"], choices=("plain", "optimized"))
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["plain", "optimized", "optimized+cached_ref"],
+        choices=("plain", "optimized", "optimized+cached_ref"),
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--question-tokens", type=int, default=40)

@@ -30,7 +30,9 @@ OFFICIAL_CONFIG = Path(__file__).resolve().parent / "models" / "qwen_vl" / "qwen
 PATHS = {
     "plain": StepOptions(image_once=False, share_prompt=False, chunked_logps=False),
     "optimized": StepOptions(image_once=True, share_prompt=True, chunked_logps=True),
+    "optimized+cached_ref": StepOptions(image_once=True, share_prompt=True, chunked_logps=True),
 }
+CACHED_REFERENCE = "optimized+cached_ref"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 SYSTEM_TOKENS, IMAGE_SPAN = 20, 258
 
@@ -48,6 +50,7 @@ class BenchResult:
     peak_memory_gib: float
     tflop_per_pair: float | None
     mfu: float | None
+    reference_precompute_seconds_per_pair: float | None = None
 
 
 def tiny_config() -> QWenConfig:
@@ -154,14 +157,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(model, optimizer, batch: dict, options: StepOptions, dpo: DPOSection, device: str) -> float:
-    """One full optimizer step (policy + reference forward, backward, AdamW); returns the loss."""
+def train_step(model, optimizer, batch: dict, options: StepOptions, dpo: DPOSection, device: str, reference=None):
+    """One full optimizer step (policy + reference, backward, AdamW); returns the loss.
+
+    `reference(batch, features)` overrides the on-the-fly reference (adapters disabled).
+    """
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    loss, _ = batch_dpo_loss(model, batch, options, dpo, 0, adapter_reference(model, options, 0))
+    loss, _ = batch_dpo_loss(model, batch, options, dpo, 0, reference or adapter_reference(model, options, 0))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def precompute_reference(model, batches: list[dict], options: StepOptions, device: str) -> tuple[list, float]:
+    """Reference log-probs of each batch (as `precompute_ref_log_probs` does once before training) and its time."""
+    from silkie.dpo.step import encode_images_once
+
+    reference = adapter_reference(model, options, 0)
+    tables = []
+    _sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        moved = {k: v.to(device) for k, v in batch.items()}
+        features = encode_images_once(model, moved["pixel_values"])
+        tables.append(reference(moved, features))
+    _sync(device)
+    return tables, time.perf_counter() - start
 
 
 def peak_tflops(device: str, override: float | None) -> float | None:
@@ -182,20 +204,25 @@ def measure(model, config: QWenConfig, path: str, batch_size: int, args) -> Benc
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-6)
     batches = [synthetic_batch(config, batch_size, args.question_tokens, args.answer_tokens, seed) for seed in range(3)]
+    references, precompute_seconds = [None] * len(batches), None
+    if path == CACHED_REFERENCE:
+        tables, seconds = precompute_reference(model, batches, options, args.device)
+        references = [lambda batch, features, table=table: table for table in tables]
+        precompute_seconds = seconds / (len(batches) * batch_size)
     times = []
     with PeakMemory(args.device) as memory:
         for step in range(args.warmup + args.steps):
-            batch = batches[step % len(batches)]
+            batch, reference = batches[step % len(batches)], references[step % len(batches)]
             _sync(args.device)
             start = time.perf_counter()
-            train_step(model, optimizer, batch, options, dpo, args.device)
+            train_step(model, optimizer, batch, options, dpo, args.device, reference)
             _sync(args.device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
     flops = None
     if args.count_flops:
         with FlopCounterMode(display=False) as counter:
-            train_step(model, optimizer, batches[0], options, dpo, args.device)
+            train_step(model, optimizer, batches[0], options, dpo, args.device, references[0])
         flops = counter.get_total_flops()
     median = statistics.median(times)
     tokens = statistics.mean(pair_tokens(b) for b in batches)
@@ -211,6 +238,7 @@ def measure(model, config: QWenConfig, path: str, batch_size: int, args) -> Benc
         peak_memory_gib=memory.peak / 2**30,
         tflop_per_pair=per_pair / 1e12 if per_pair else None,
         mfu=(flops / median / 1e12 / peak) if flops and peak else None,
+        reference_precompute_seconds_per_pair=precompute_seconds,
     )
 
 
@@ -231,11 +259,21 @@ def format_table(results: list[BenchResult]) -> str:
     lines.append("| batch | pairs/s ratio (optimized/plain) | peak memory ratio (optimized/plain) |")
     lines.append("| --- | --- | --- |")
     by_key = {(r.path, r.batch_size): r for r in results}
+    lines[-2] = "| batch | path | pairs/s ratio (vs plain) | peak memory ratio (vs plain) |"
+    lines[-1] = "| --- | --- | --- | --- |"
     for size in sorted({r.batch_size for r in results}):
-        plain, fast = by_key.get(("plain", size)), by_key.get(("optimized", size))
-        if plain and fast:
-            memory_ratio = fast.peak_memory_gib / plain.peak_memory_gib if plain.peak_memory_gib > 0 else float("nan")
-            lines.append(f"| {size} | {fast.pairs_per_second / plain.pairs_per_second:.2f}x | {memory_ratio:.2f}x |")
+        plain = by_key.get(("plain", size))
+        for path in (p for p in PATHS if p != "plain"):
+            fast = by_key.get((path, size))
+            if plain and fast:
+                memory = fast.peak_memory_gib / plain.peak_memory_gib if plain.peak_memory_gib > 0 else float("nan")
+                lines.append(
+                    f"| {size} | {path} | {fast.pairs_per_second / plain.pairs_per_second:.2f}x | {memory:.2f}x |"
+                )
+    cached = [r for r in results if r.reference_precompute_seconds_per_pair is not None]
+    for r in cached:
+        per_pair = r.reference_precompute_seconds_per_pair * 1e3
+        lines.append(f"\nreference precompute (batch {r.batch_size}): {per_pair:.1f} ms/pair, once per run")
     return "\n".join(lines)
 
 

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\n[launch] interrupted", file=sys.stderr)
+        return 130
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -85,6 +88,11 @@ def _launch(args: argparse.Namespace) -> int:
     if plan.state == "finished":
         print(f"[launch] {plan.message}")
         return 0
+    running = [] if args.dry_run else active_jobs(working)
+    if running:
+        raise LaunchError(
+            f"Slurm job {', '.join(running)} for {working} is still queued or running; wait for it or scancel it"
+        )
     if layout is None:
         local = plan_local(recipe, working)
         if args.dry_run:
@@ -100,11 +108,6 @@ def _launch(args: argparse.Namespace) -> int:
         _note(f"dry run: {plan.message}; {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
         print(script, end="")
         return 0
-    running = active_jobs(working)
-    if running:
-        raise LaunchError(
-            f"job {', '.join(running)} for {working} is still queued or running; wait for it or scancel it first"
-        )
     _note(plan.message)
     created = not working.exists()
     prepare_workdir(plan, recipe)

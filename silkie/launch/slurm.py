@@ -10,6 +10,7 @@ A run with `FINISHED` is never started or requeued again.
 
 from __future__ import annotations
 
+import codecs
 import getpass
 import os
 import re
@@ -251,14 +252,19 @@ def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0
     """Stream the job's log until it ends (requeues included); 0 only when the run is FINISHED."""
     working = Path(working)
     offset = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a read may end inside a character
     state, exit_code = None, ""
-    while True:
-        state, exit_code = job_state(job_id)
-        offset = _stream(log_path, offset)
-        if state is None or state in FINAL_STATES:
-            break
-        time.sleep(poll_s)
-    offset = _stream(log_path, offset)
+    try:
+        while True:
+            state, exit_code = job_state(job_id)
+            offset = _stream(log_path, offset, decoder)
+            if state is None or state in FINAL_STATES:
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"\n[launch] stopped following job {job_id}; it keeps running (scancel {job_id} stops it)", flush=True)
+        return 130
+    _stream(log_path, offset, decoder)
     if (working / FINISHED_NAME).exists():
         print(f"[launch] job {job_id} {state or 'ended'}: finished, adapter in {working / 'adapter'}", flush=True)
         return 0
@@ -272,7 +278,7 @@ def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0
     return 1
 
 
-def _stream(path: Path, offset: int) -> int:
+def _stream(path: Path, offset: int, decoder: codecs.IncrementalDecoder) -> int:
     """Print what was appended to `path` since `offset`; returns the new offset."""
     try:
         with path.open("rb") as handle:
@@ -281,6 +287,6 @@ def _stream(path: Path, offset: int) -> int:
     except FileNotFoundError:
         return offset
     if chunk:
-        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.write(decoder.decode(chunk))
         sys.stdout.flush()
     return offset + len(chunk)

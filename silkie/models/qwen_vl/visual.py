@@ -105,7 +105,8 @@ class Resampler(nn.Module):
     def __init__(self, grid_size: int, embed_dim: int, kv_dim: int):
         super().__init__()
         self.num_queries = grid_size**2
-        table = sincos_pos_embed_2d(embed_dim, grid_size).to(torch.get_default_dtype())
+        here = torch.empty(0).device  # honours a `with torch.device(...)` context, unlike from_numpy
+        table = sincos_pos_embed_2d(embed_dim, grid_size).to(dtype=torch.get_default_dtype(), device=here)
         self.pos_embed = nn.Parameter(table, requires_grad=False)
         self.query = nn.Parameter(torch.zeros(self.num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()

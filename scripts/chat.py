@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Ask a Qwen-VL-Chat model (optionally with a trained LoRA adapter) one question about an image.
+
+The prompt is Qwen-VL-Chat's: `Picture 1: <img>IMAGE</img>\\nQUESTION` inside the ChatML context. Tokens are
+printed as they are generated; generation stops at <|im_end|>. Greedy decoding unless --sample.
+--compare (needs --adapter) prints the base answer (adapter disabled) and the DPO answer as two labelled blocks.
+
+Example: python scripts/chat.py --model runs/assets/tiny-qwen-vl --adapter runs/demo/adapter \\
+    --image photo.jpg --question "What is in the picture?" --compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from silkie.tools.cli import read_image, run_cli  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base (or merged) checkpoint folder")
+    parser.add_argument("--adapter", help="LoRA adapter folder (RUN/adapter)")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--question", required=True, help="the user's question")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (256)")
+    parser.add_argument("--compare", action="store_true", help="print base and DPO answers (needs --adapter)")
+    parser.add_argument("--system", help="system message (default: Qwen-VL-Chat's 'You are a helpful assistant.')")
+    parser.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
+    parser.add_argument("--top-p", type=float, default=0.8, help="nucleus mass with --sample (0.8)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="temperature with --sample (1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed with --sample (0)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: bf16 on a GPU that has it, else fp32",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: GPU when present)")
+    args = parser.parse_args(argv)
+    if args.compare and not args.adapter:
+        parser.error("--compare needs --adapter")
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    """Stream the answer(s) to stdout."""
+    read_image(args.image)  # a bad image fails fast, before torch and the model are loaded
+    from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
+    from silkie.tools.chat import GenerationOptions, chat_once
+
+    options = GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    chat_once(
+        args.model,
+        args.image,
+        args.question,
+        adapter_dir=args.adapter,
+        options=options,
+        compare=args.compare,
+        system=args.system or DEFAULT_SYSTEM,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit code 0, or 2 with a one-line error."""
+    return run_cli(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""launch_dpo.py without Slurm: errors, dry runs, the run directory rules, and real local CPU runs (gloo)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from silkie.config import load_recipe, save_recipe
+
+from .slurm_cluster import (
+    DEMO_RECIPE,
+    REPO_ROOT,
+    asset_overrides,
+    finished_step,
+    launcher_command,
+    launcher_env,
+    make_demo_assets,
+    run_launcher,
+    train_steps,
+    wait_for,
+)
+
+TRAIN_SCRIPT = REPO_ROOT / "train_dpo.py"
+TORCHRUN = f"{shlex.quote(sys.executable)} -m torch.distributed.run"
+SIGNALS = "--signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+MAX_STEPS = 20
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The launcher's error: exit code 2, a single `error: ...` line on stderr, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_launcher_does_not_import_torch(tmp_path):
+    code = (
+        "import sys, launch_dpo\n"
+        "from silkie.launch import cli, local, slurm, workdir\n"
+        "assert 'torch' not in sys.modules, 'import'\n"
+        "rc = launch_dpo.main(sys.argv[1:])\n"
+        "assert 'torch' not in sys.modules, 'dry run'\n"
+        "print('torch-free', rc)\n"
+    )
+    for extra in ([], ["--gpus", "16"]):
+        args = ["--config", str(DEMO_RECIPE), "--working", str(tmp_path / "run"), "--dry-run", *extra]
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=launcher_env(), capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "torch-free 0"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["training.learnin_rate=1e-3"],
+            f"error: {DEMO_RECIPE}: recipe: unknown key 'training.learnin_rate' (did you mean 'learning_rate'?)",
+        ),
+        (["dpo.betta=0.2"], f"error: {DEMO_RECIPE}: recipe: unknown key 'dpo.betta' (did you mean 'beta'?)"),
+        (["lora.r=abc"], f"error: {DEMO_RECIPE}: recipe: lora.r = 'abc' has the wrong type; expected int"),
+        (
+            ["dpo.beta=-1"],
+            f"error: {DEMO_RECIPE}: recipe: dpo.beta = -1.0 is not allowed; expected a number > 0",
+        ),
+        (
+            ["data.cap_strategy=best"],
+            f"error: {DEMO_RECIPE}: recipe: data.cap_strategy = 'best' is not allowed; "
+            "expected one of 'margin', 'random'",
+        ),
+        (["--gpus", "0"], "error: --gpus must be a positive integer, got 0"),
+        (["--gpus", "two"], "error: argument --gpus: invalid int value: 'two' (see --help)"),
+        (
+            ["--gpus", "12"],
+            "error: --gpus 12 is not a multiple of slurm.gpus_per_node = 8; "
+            "use a multiple of 8, at most 8 on one node, or set slurm.gpus_per_node",
+        ),
+        (["--gpus", "3", "slurm.gpus_per_node=2"], "error: --gpus 3 is not a multiple of slurm.gpus_per_node = 2"),
+        (["--gpus", "8", "slurm.signal=TERM"], "error: slurm.signal = 'TERM' is not allowed; expected one of USR1"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(tmp_path, args, message):
+    line = one_line_error(run_launcher(tmp_path / "run", *args))
+    assert line.startswith(message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_recipe_and_cpu_hint(tmp_path):
+    result = subprocess.run(
+        launcher_command(tmp_path / "run", config=tmp_path / "nope.yaml"),
+        cwd=REPO_ROOT,
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert one_line_error(result) == f"error: recipe file not found: {tmp_path / 'nope.yaml'}"
+    no_gpu = run_launcher(tmp_path / "run", "launch.cpu=false", CUDA_VISIBLE_DEVICES="")
+    assert "add launch.cpu=true" in one_line_error(no_gpu)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_local_cpu_prints_torchrun_and_writes_nothing(tmp_path):
+    working = tmp_path / "run"
+    result = run_launcher(working, "--dry-run", "launch.nproc_per_node=2", "training.max_steps=7")
+    assert result.returncode == 0, result.stderr
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert result.stdout == (
+        f"CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS={threads} {TORCHRUN} --standalone --nproc_per_node 2 "
+        f"{SIGNALS} --shutdown_timeout 120 "
+        f"{TRAIN_SCRIPT} --config {working}/config.yaml --working {working}\n"
+    )
+    assert "new run" in result.stderr
+    assert not working.exists()
+
+
+def test_dry_run_local_gpus_one_process_per_visible_gpu(tmp_path):
+    working = tmp_path / "run"
+    result = run_launcher(
+        working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=null", CUDA_VISIBLE_DEVICES="0,1,2"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{TORCHRUN} --standalone --nproc_per_node 3 ")
+    too_many = run_launcher(
+        working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=4", CUDA_VISIBLE_DEVICES="0"
+    )
+    assert one_line_error(too_many) == "error: launch.nproc_per_node = 4 but only 1 GPU(s) are visible"
+    assert not working.exists()
+
+
+@pytest.mark.parametrize(("gpus", "nodes", "per_node"), [(4, 1, 4), (8, 1, 8), (16, 2, 8)])
+def test_dry_run_slurm_script(tmp_path, gpus, nodes, per_node):
+    working = tmp_path / "run"
+    result = run_launcher(
+        working,
+        "--dry-run",
+        "--gpus",
+        str(gpus),
+        "launch.cpu=false",
+        "slurm.partition=gpu",
+        "slurm.time=02:00:00",
+        "slurm.signal_seconds=120",
+        'slurm.extra_sbatch=["--exclusive"]',
+        'slurm.setup=["module load cuda/12.4", "source /opt/env/bin/activate"]',
+    )
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for expected in (
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gres=gpu:{per_node}",
+        "#SBATCH --cpus-per-gpu=8",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --partition=gpu",
+        f"#SBATCH --chdir={REPO_ROOT}",
+        f"#SBATCH --output={working}/slurm/%j.log",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        "#SBATCH --exclusive",
+        "module load cuda/12.4",
+        "source /opt/env/bin/activate",
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "MASTER_PORT=29500",
+        "trap on_preempt USR1",
+        'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
+        f"    {TORCHRUN} \\",
+        f'    --nnodes "$SLURM_NNODES" --nproc_per_node {per_node} \\',
+        '    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\',
+        f"    {SIGNALS} --shutdown_timeout 120 \\",
+        f"    {TRAIN_SCRIPT} --config {working}/config.yaml --working {working} &",
+        '    scontrol requeue "$SLURM_JOB_ID"',
+    ):
+        assert expected in lines, f"missing line {expected!r} in:\n{script}"
+    assert "CUDA_VISIBLE_DEVICES" not in script  # GPU mode
+    assert sum(line.startswith("#SBATCH") for line in lines) == 13  # the 12 above + --job-name
+    assert "#SBATCH --job-name=silkie-dpo" in lines
+    syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert syntax.returncode == 0, syntax.stderr
+    assert not working.exists()
+
+
+def test_dry_run_slurm_cpu_mode_and_no_requeue(tmp_path):
+    result = run_launcher(tmp_path / "run", "--dry-run", "--gpus", "2", "slurm.requeue=false", "slurm.signal=SIGUSR2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "#SBATCH --gres=gpu:2" in lines and "#SBATCH --nodes=1" in lines
+    assert "export CUDA_VISIBLE_DEVICES=" in lines
+    assert "#SBATCH --no-requeue" in lines and "#SBATCH --signal=B:USR2@300" in lines
+    assert "trap on_preempt USR2" in lines
+    assert "scontrol requeue" not in result.stdout
+
+
+def test_different_recipe_or_other_files_are_refused(tmp_path):
+    working = tmp_path / "run"
+    working.mkdir()
+    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
+    same = run_launcher(working, "--dry-run", "training.max_steps=6")
+    assert same.returncode == 0 and "holds a run of this recipe" in same.stderr
+    differs = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
+    assert one_line_error(differs) == (
+        f"error: {working} holds a different recipe: lora.r (16 -> 8), training.max_steps (6 -> 8); "
+        "use another --working, or --force to run there anyway (nothing is deleted)"
+    )
+    forced = run_launcher(working, "--dry-run", "--force", "training.max_steps=8")
+    assert forced.returncode == 0 and "--force: a different recipe was there" in forced.stderr
+    assert sorted(p.name for p in working.iterdir()) == ["config.yaml"]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    refused = run_launcher(other, "--dry-run")
+    assert "is not empty and holds no config.yaml (found: notes.txt)" in one_line_error(refused)
+    assert run_launcher(other, "--dry-run", "--force").returncode == 0
+
+
+def test_recipe_reference_is_up_to_date():
+    spec = importlib.util.spec_from_file_location("recipe_reference", REPO_ROOT / "scripts" / "recipe_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.undocumented() == [], "add a meaning to MEANINGS in scripts/recipe_reference.py"
+    assert (REPO_ROOT / "dpo_config" / "README.md").read_text() == module.render(), (
+        "dpo_config/README.md is stale: python scripts/recipe_reference.py > dpo_config/README.md"
+    )
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """A 2-process CPU run interrupted with Ctrl-C after its first checkpoint, then launched again to the end."""
+    assets = make_demo_assets(tmp_path_factory.mktemp("assets"))
+    working = tmp_path_factory.mktemp("local") / "run"
+    overrides = [
+        *asset_overrides(assets),
+        f"training.max_steps={MAX_STEPS}",
+        "training.save_steps=3",
+        "launch.nproc_per_node=2",
+    ]
+    proc = subprocess.Popen(
+        launcher_command(working, *overrides),
+        cwd=REPO_ROOT,
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (working / "checkpoint-3").is_dir(), 120, "checkpoint-3", proc=proc)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does to the launcher
+        first_out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    interrupted = {
+        "code": proc.returncode,
+        "out": first_out,
+        "checkpoints": sorted(p.name for p in working.glob("checkpoint-*")),
+        "finished": (working / "FINISHED").exists(),
+    }
+    second = run_launcher(working, *overrides, timeout=240)
+    return {"working": working, "overrides": overrides, "interrupted": interrupted, "resumed": second}
+
+
+def test_ctrl_c_stops_the_run_and_keeps_the_checkpoint(local_run):
+    interrupted = local_run["interrupted"]
+    assert interrupted["code"] == 130, interrupted["out"]
+    assert not interrupted["finished"]
+    assert "checkpoint-3" in interrupted["checkpoints"]
+    last = max(interrupted["checkpoints"], key=lambda name: int(name.split("-")[1]))
+    assert "[launch] SIGINT: stopping the training processes" in interrupted["out"]
+    assert f"the last complete checkpoint, {local_run['working'] / last}, is intact" in interrupted["out"]
+
+
+def test_relaunch_resumes_and_finishes_at_the_same_step(local_run):
+    working, resumed = local_run["working"], local_run["resumed"]
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    last = max(local_run["interrupted"]["checkpoints"], key=lambda name: int(name.split("-")[1]))
+    assert "holds a run of this recipe; training resumes from " + last in resumed.stderr
+    assert f"[silkie] resuming from {last}" in resumed.stdout
+    assert finished_step(working) == MAX_STEPS
+    steps = train_steps(working)
+    assert steps[-1] == MAX_STEPS and set(steps) == set(range(1, MAX_STEPS + 1))
+    assert (working / "adapter" / "adapter_config.json").is_file()
+    assert (working / "adapter" / "adapter_model.safetensors").is_file()
+    stored = yaml.safe_load((working / "config.yaml").read_text())
+    assert stored == load_recipe(DEMO_RECIPE, local_run["overrides"]).to_dict()
+    assert stored["training"]["max_steps"] == MAX_STEPS and stored["launch"]["nproc_per_node"] == 2
+    assert stored["data"]["max_prompts"] == 60
+
+
+def test_finished_run_is_not_restarted(local_run):
+    working = local_run["working"]
+    before = {p.name: p.stat().st_mtime_ns for p in working.iterdir()}
+    again = run_launcher(working, *local_run["overrides"])
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"[launch] {working} holds a finished run of this recipe (FINISHED at step 20)")
+    assert {p.name: p.stat().st_mtime_ns for p in working.iterdir()} == before
+
+
+def test_force_keeps_the_finished_run_and_continues_it(local_run, tmp_path):
+    working = tmp_path / "run"
+    shutil.copytree(local_run["working"], working)
+    overrides = [o for o in local_run["overrides"] if not o.startswith("training.max_steps")]
+    more = [*overrides, f"training.max_steps={MAX_STEPS + 2}"]
+    refused = run_launcher(working, *more)
+    assert f"training.max_steps ({MAX_STEPS} -> {MAX_STEPS + 2})" in one_line_error(refused)
+    forced = run_launcher(working, "--force", *more, timeout=240)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert f"[silkie] resuming from checkpoint-{MAX_STEPS}" in forced.stdout
+    names = {p.name for p in working.iterdir()}
+    for kept in ("config.yaml", "FINISHED", "final_metrics.json", "adapter", "training_curves.png"):
+        assert len([n for n in names if n.startswith(f"{kept}.") and n.endswith(".bak")]) == 1, (kept, names)
+    old_config = next(working.glob("config.yaml.*.bak"))
+    assert yaml.safe_load(old_config.read_text())["training"]["max_steps"] == MAX_STEPS
+    assert finished_step(working) == MAX_STEPS + 2
+    assert yaml.safe_load((working / "config.yaml").read_text())["training"]["max_steps"] == MAX_STEPS + 2

@@ -1,0 +1,343 @@
+"""The command-line tools on a real (tiny) trained run: merge, chat, plot, evaluate, release check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.script_fixtures import TrainedRun, build_trained_run, load_script, run_script
+
+SCRIPT_NAMES = ("merge_lora", "chat", "plot_metrics", "evaluate_pairs", "prepare_vlfeedback")
+QUESTION = "What is in the picture?"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> TrainedRun:
+    """One short LoRA DPO run shared by every test of this file."""
+    return build_trained_run(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test: the tiny models gain nothing from more, and a busy CPU loses a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _image_inputs(trained: TrainedRun, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    from silkie.models.qwen_vl import QWenVLImageProcessor
+    from silkie.tools.chat import build_prompt_ids
+    from silkie.tools.cli import read_image
+
+    ids = torch.tensor([build_prompt_ids(tokenizer, trained.image, QUESTION)])
+    return ids, QWenVLImageProcessor(56)([read_image(trained.image)])
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_script_has_help(name):
+    done = run_script(name, "--help", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage:")
+    assert "Example:" in done.stdout
+
+
+# ----- merge_lora -------------------------------------------------------------------------------------------------
+def test_merge_lora_matches_base_plus_adapter(trained, tmp_path):
+    from silkie.models.qwen_vl import QWenLMHeadModel, QWenTokenizer
+    from silkie.tools.common import load_model
+
+    out = tmp_path / "merged"
+    argv = ["--base", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--out", str(out)]
+    assert load_script("merge_lora").main(argv + ["--dtype", "fp32", "--max-shard-size", "400KB"]) == 0
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    assert all((out / shard).stat().st_size <= 400_000 + 16_384 for shard in shards)  # + safetensors header
+    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+    tokenizer = QWenTokenizer.from_pretrained(out)
+    base_tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
+    assert tokenizer.encode("There are two red circles.") == base_tokenizer.encode("There are two red circles.")
+    ids, pixels = _image_inputs(trained, tokenizer)
+    merged = QWenLMHeadModel.from_pretrained(out).eval()
+    peft_model = load_model(trained.model_dir, trained.adapter_dir)
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids, pixel_values=pixels).logits
+        adapted_logits = peft_model(input_ids=ids, pixel_values=pixels).logits
+        with peft_model.disable_adapter():
+            base_logits = peft_model(input_ids=ids, pixel_values=pixels).logits
+    assert (merged_logits - adapted_logits).abs().max().item() < 1e-5
+    assert (merged_logits - base_logits).abs().max().item() > 1e-3
+
+
+def test_merge_lora_bf16_default_single_file(trained, tmp_path, capsys):
+    from silkie.models.qwen_vl import QWenLMHeadModel
+
+    out = tmp_path / "merged-bf16"
+    argv = ["--base", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--out", str(out)]
+    assert load_script("merge_lora").main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"merged checkpoint: {out} (1 shard(s), bf16)"
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    model = QWenLMHeadModel.from_pretrained(out)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    chat = ["--model", str(out), "--image", str(trained.image), "--question", QUESTION, "--max-new-tokens", "4"]
+    assert load_script("chat").main(chat + ["--dtype", "bf16", "--device", "cpu"]) == 0  # images encode in bf16
+    assert capsys.readouterr().out.strip()
+
+
+def test_merge_lora_refuses_a_non_empty_out(trained, tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("x")
+    argv = ["--base", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--out", str(tmp_path)]
+    assert load_script("merge_lora").main(argv) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: output folder {tmp_path} is not empty (pass --overwrite to replace it)"
+    )
+
+
+# ----- chat -------------------------------------------------------------------------------------------------------
+def _greedy_answer(model, tokenizer, ids, pixels, max_new_tokens: int) -> tuple[str, list[int]]:
+    stop = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=tokenizer.eod_id,
+        )
+    new = out[0, ids.size(1) :].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True), new
+
+
+def test_chat_streams_the_greedy_answer(trained, capsys):
+    from silkie.models.qwen_vl import QWenTokenizer
+    from silkie.tools.common import load_model
+
+    argv = ["--model", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--image", str(trained.image)]
+    argv += ["--device", "cpu", "--dtype", "fp32"]
+    assert load_script("chat").main(argv + ["--question", QUESTION, "--max-new-tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+
+    tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
+    ids, pixels = _image_inputs(trained, tokenizer)
+    expected, new_ids = _greedy_answer(load_model(trained.model_dir, trained.adapter_dir), tokenizer, ids, pixels, 12)
+    assert len(new_ids) == 12 and all(i < len(tokenizer.mergeable_ranks) for i in new_ids)  # text tokens
+    assert expected.strip()
+    assert printed == expected + "\n"
+
+
+def test_chat_compare_prints_base_and_dpo_blocks(trained, capsys):
+    from silkie.models.qwen_vl import QWenTokenizer
+    from silkie.tools.chat import BASE_LABEL, DPO_LABEL
+    from silkie.tools.common import load_model
+
+    argv = ["--model", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--image", str(trained.image)]
+    argv += ["--device", "cpu", "--dtype", "fp32"]
+    assert load_script("chat").main(argv + ["--question", QUESTION, "--max-new-tokens", "8", "--compare"]) == 0
+    printed = capsys.readouterr().out
+
+    tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
+    ids, pixels = _image_inputs(trained, tokenizer)
+    model = load_model(trained.model_dir, trained.adapter_dir)
+    with model.disable_adapter():
+        base, _ = _greedy_answer(model, tokenizer, ids, pixels, 8)
+    dpo, _ = _greedy_answer(model, tokenizer, ids, pixels, 8)
+    assert printed == f"{BASE_LABEL}\n{base}\n\n{DPO_LABEL}\n{dpo}\n"
+
+
+def test_chat_stops_at_im_end(trained):
+    from silkie.models.qwen_vl import QWenLMHeadModel, QWenTokenizer
+    from silkie.tools.chat import GenerationOptions, stream_answer
+
+    tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
+    model = QWenLMHeadModel.from_pretrained(trained.model_dir).eval()
+    ids, pixels = _image_inputs(trained, tokenizer)
+    with torch.no_grad():  # point the <|im_end|> row at the last prompt state: it wins the first step
+        last = model(input_ids=ids, pixel_values=pixels, return_hidden_states_only=True).hidden_states[-1][0, -1]
+        model.lm_head.weight[tokenizer.im_end_id] = last * (1000.0 / last.pow(2).sum())
+    pieces: list[str] = []
+    assert stream_answer(model, tokenizer, ids, pixels, GenerationOptions(max_new_tokens=10), pieces.append) == ""
+    assert "".join(pieces) == ""
+    _, new_ids = _greedy_answer(model, tokenizer, ids, pixels, 10)
+    assert new_ids == [tokenizer.im_end_id]
+
+
+def test_chat_missing_image_is_one_line_error(trained, tmp_path):
+    missing = tmp_path / "no_such.jpg"
+    done = run_script("chat", "--model", str(trained.model_dir), "--image", str(missing), "--question", QUESTION)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: image file not found: {missing}"]
+    assert done.stdout == ""
+
+
+# ----- plot_metrics -----------------------------------------------------------------------------------------------
+def test_plot_metrics_writes_png(trained, tmp_path, capsys):
+    out = tmp_path / "figs" / "curves.png"
+    assert load_script("plot_metrics").main([str(trained.run_dir), "--out", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000
+    assert capsys.readouterr().out.strip() == f"plot: {out}"
+
+
+def test_plot_metrics_without_metrics_is_one_line_error(tmp_path):
+    done = run_script("plot_metrics", str(tmp_path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'metrics.jsonl'}: no metrics file")
+
+
+# ----- evaluate_pairs ---------------------------------------------------------------------------------------------
+def test_evaluate_pairs_matches_hand_computed_rewards(trained, tmp_path):
+    from silkie.config import load_recipe
+    from silkie.data.build import build_pairs, prepare_data
+    from silkie.data.collator import PairCollator
+    from silkie.dpo.losses import dpo_loss
+    from silkie.dpo.step import StepOptions, score_answers
+    from silkie.models.qwen_vl import QWenTokenizer, QWenVLImageProcessor
+    from silkie.tools.common import load_model
+
+    out = tmp_path / "eval.json"
+    argv = ["--run", str(trained.run_dir), "--batch-size", "5", "--out", str(out), "--per-pair", "--device", "cpu"]
+    assert load_script("evaluate_pairs").main(argv) == 0
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+
+    recipe = load_recipe(trained.run_dir / "config.yaml")
+    _, eval_pairs, _, _ = build_pairs(recipe.data)
+    assert result["split_size"] == summary["n_pairs"] == len(eval_pairs) == len(result["pairs"]) > 5
+    assert 0.0 <= summary["rewards/accuracies"] <= 1.0
+    assert result["beta"] == recipe.dpo.beta
+
+    # two batches by hand, with the plain (unpacked, full-logits) scoring path
+    tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
+    data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, tmp_path / "cache")
+    collator = PairCollator(data.image_store, QWenVLImageProcessor(56), tokenizer.pad_token_id)
+    model = load_model(trained.model_dir, trained.adapter_dir)
+    plain = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
+    by_index = {row["pair_index"]: row for row in result["pairs"]}
+    for start in (0, 5):
+        batch = collator([data.eval[i] for i in range(start, start + 5)])
+        policy = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
+        with model.disable_adapter():
+            ref = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
+        loss = dpo_loss(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps, beta=0.1)
+        for k, index in enumerate(batch["pair_index"].tolist()):
+            row = by_index[index]
+            assert row["rewards/chosen"] == pytest.approx(loss.chosen_rewards[k].item(), abs=1e-5)
+            assert row["rewards/rejected"] == pytest.approx(loss.rejected_rewards[k].item(), abs=1e-5)
+            assert row["logps/chosen"] == pytest.approx(policy.chosen_logps[k].item(), abs=1e-3)
+            assert row["loss"] == pytest.approx(loss.per_pair[k].item(), abs=1e-5)
+
+    margins = [row["rewards/chosen"] - row["rewards/rejected"] for row in result["pairs"]]
+    assert summary["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-9)
+    assert summary["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    # the trainer's final evaluation (one batch of 16 pairs) saw the same numbers
+    final_eval = [json.loads(line) for line in (trained.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["rewards/accuracies"] == pytest.approx(final_eval["eval_rewards/accuracies"], abs=1e-6)
+    assert summary["rewards/chosen"] == pytest.approx(final_eval["eval_rewards/chosen"], abs=1e-5)
+    assert summary["loss"] == pytest.approx(final_eval["eval_loss"], abs=1e-5)
+
+
+# ----- prepare_vlfeedback -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def broken_release(tmp_path_factory) -> tuple[Path, dict, dict]:
+    from silkie.data.synthetic import load_metadata, write_synthetic_vlfeedback
+
+    root = tmp_path_factory.mktemp("release")
+    summary = write_synthetic_vlfeedback(root, n=30, seed=3, bad_rows=4)
+    bad = {meta["bad"]: row_id for row_id, meta in load_metadata(root).items() if meta["bad"]}
+    return root, summary, bad
+
+
+def test_prepare_vlfeedback_reports_and_converts(broken_release, tmp_path):
+    from silkie.config import DataSection
+    from silkie.data.build import build_pairs
+    from silkie.data.sources import load_preference_file
+
+    root, summary, bad = broken_release
+    zip_path, report_path = root / "merged_images.zip", tmp_path / "report.json"
+    argv = [str(root / "vlfeedback_80k.jsonl"), str(zip_path), "--convert", str(tmp_path / "out")]
+    assert load_script("prepare_vlfeedback").main(argv + ["--min-margin", "1", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+
+    assert summary["bad_rows"] == {"missing_image": 1, "na_rating": 1, "empty_answer": 1, "missing_field": 1}
+    assert report["rows_seen"] == summary["rows"] == 34
+    assert report["rows_loaded"] == 33
+    assert report["rows_skipped"] == {"missing_field": 1}
+    assert report["skipped_ids"] == {"missing_field": [bad["missing_field"]]}
+    check = report["image_check"]
+    assert (check["referenced"], check["missing"], check["missing_ids"]) == (33, 1, [bad["missing_image"]])
+    assert (check["verified"], check["unreadable"]) == (32, 0)
+    pairs = report["pairs"]
+    assert pairs["rows_dropped"] == {"missing_field": 1, "missing_image": 1}
+    assert pairs["pairs_dropped"]["non_numeric_rating"] == 3  # one N/A answer of four: 3 of its 6 pairs
+    assert pairs["pairs_dropped"]["empty_answer"] == 3
+    assert pairs["offending_ids"]["non_numeric_rating"] == [bad["na_rating"]]
+    assert pairs["offending_ids"]["empty_answer"] == [bad["empty_answer"]]
+    assert pairs["pairs_dropped"]["below_margin"] > 0
+
+    parquet = Path(report["converted"])
+    assert parquet == tmp_path / "out" / "vlfeedback_pairs.parquet"
+    loaded = load_preference_file(parquet)
+    assert len(loaded.rows) == pairs["pairs_kept"] > 0 and not loaded.skipped
+    assert all(row.chosen_score - row.rejected_score >= 1.0 for row in loaded.rows)
+    section = DataSection(source="preference", path=str(parquet), images=str(zip_path), eval_fraction=0.2)
+    train, evaluation, _, pair_report = build_pairs(section)
+    assert len(train) + len(evaluation) == pairs["pairs_kept"]
+    assert not {p.prompt_id for p in train} & {p.prompt_id for p in evaluation}
+
+
+def test_prepare_vlfeedback_finds_unreadable_images(broken_release, tmp_path, capsys):
+    root, _, bad = broken_release
+    folder = tmp_path / "images"
+    with zipfile.ZipFile(root / "merged_images.zip") as archive:
+        archive.extractall(folder)
+    victim = sorted((folder / "merged_images").iterdir())[0]
+    victim.write_bytes(b"not a jpeg")
+    argv = [str(root / "vlfeedback_80k.jsonl"), str(folder), "--verify-images", "--strict"]
+    assert load_script("prepare_vlfeedback").main(argv + ["--convert", str(tmp_path / "out")]) == 1
+    printed = capsys.readouterr().out
+    assert "decoded 32 of 32 present, unreadable 1" in printed
+    assert f"unreadable_image: 1 (first ids: {victim.stem})" in printed
+
+    from silkie.data.sources import load_preference_file
+
+    rows = load_preference_file(tmp_path / "out" / "vlfeedback_pairs.parquet").rows
+    assert victim.stem not in {row.id for row in rows} and bad["missing_image"] not in {row.id for row in rows}
+
+
+def test_prepare_vlfeedback_bad_aspect_name_is_one_line_error(broken_release, capsys):
+    root, _, _ = broken_release
+    argv = [str(root / "vlfeedback_80k.jsonl"), str(root / "merged_images.zip"), "--aspect-weights", "Honesty=1"]
+    assert load_script("prepare_vlfeedback").main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --aspect-weights: 'Honesty' names no single aspect")
+
+
+def test_parse_aspect_weights_accepts_prefixes_and_json():
+    from silkie.tools.prepare import parse_aspect_weights
+
+    assert parse_aspect_weights("help=1, visual=2") == {"Helpfulness": 1.0, "Visual Faithfulness": 2.0}
+    assert parse_aspect_weights('{"Ethical Considerations": 0.5}') == {"Ethical Considerations": 0.5}
+    assert parse_aspect_weights(None) is None
+
+
+def test_missing_release_file_is_one_line_error(tmp_path):
+    done = run_script("prepare_vlfeedback", str(tmp_path / "absent.jsonl"), str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: VLFeedback jsonl not found: {tmp_path / 'absent.jsonl'}"]
+    shutil.rmtree(tmp_path, ignore_errors=True)
