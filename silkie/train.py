@@ -68,6 +68,11 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
             save_recipe(recipe, working / "config.yaml")
     dtype = resolve_dtype(recipe.model.dtype)
     args = training_arguments(recipe, working, bf16=dtype == torch.bfloat16)  # before the model: ZeRO-3 init
+    _ = args.device  # starts the process group now, so ZeRO-3 partitions the weights across all ranks at load
+    if args.deepspeed and dist.is_available() and dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed()  # deepspeed.comm over the same group (zero.Init reads its world size)
     tokenizer = load_tokenizer(recipe.model)
     with args.main_process_first(desc="tokenizing pairs"):
         data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, recipe.data.cache_dir or working / "cache")

@@ -235,3 +235,17 @@ def test_bf16_checkpoint_load_encodes_images(tiny_model, tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     features = loaded.encode_images(torch.randn(1, 3, 56, 56))
     assert features.dtype == torch.bfloat16 and features.shape == (1, 256, 128)
+
+
+def test_resampler_attention_equals_torch_multihead_attention():
+    from torch import nn
+
+    from silkie.models.qwen_vl.visual import ResamplerAttention
+
+    torch.manual_seed(4)
+    reference = nn.MultiheadAttention(256, 2, batch_first=True)
+    ours = ResamplerAttention(256, 2)
+    ours.load_state_dict(reference.state_dict())  # same parameter names: in_proj_weight/bias, out_proj.*
+    q, k, v = torch.randn(3, 16, 256), torch.randn(3, 9, 256), torch.randn(3, 9, 256)
+    expected, _ = reference(q, k, v, need_weights=False)
+    assert (ours(q, k, v) - expected).abs().max() < 1e-5

@@ -217,3 +217,18 @@ def test_precomputed_reference_matches_and_is_reused_or_rebuilt(assets, tmp_path
         cached, [*base[:-1], "data.max_prompts=48", "training.max_steps=8", "dpo.precompute_ref_log_probs=true"]
     )
     assert "computing" in capsys.readouterr().out  # other data: the stale cache is rebuilt, not reused
+
+
+def test_full_fine_tuning_uses_a_frozen_reference_copy(assets, tmp_path):
+    working = tmp_path / "full"
+    result = run_in_process(working, asset_overrides(assets) + FAST + [
+        "lora.enabled=false", "training.max_steps=3", "training.learning_rate=1e-4", "data.max_prompts=24"])
+    assert result["step"] == 3
+    from silkie.models.qwen_vl import QWenLMHeadModel
+
+    tuned = QWenLMHeadModel.from_pretrained(working / "adapter")
+    base = QWenLMHeadModel.from_pretrained(assets["model"])
+    assert not torch.equal(tuned.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    assert torch.equal(tuned.transformer.visual.conv1.weight, base.transformer.visual.conv1.weight)  # tower frozen
+    losses = [r["loss"] for r in read_metrics(working) if "loss" in r]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start

@@ -19,12 +19,14 @@ def chunked_token_logps(
     """Per-token log p(target) and mean logit for predictor states [N, D], `chunk_size` rows at a time.
 
     Each chunk is checkpointed, so at most one chunk of [chunk, vocab] fp32 logits is alive in the
-    forward and in the backward pass.
+    forward and in the backward pass (under ZeRO-3 chunks are kept instead: answer positions only).
     """
     logps, means = [], []
+    # ZeRO-3 partitions lm_head.weight and does not re-gather it for a checkpoint's recompute
+    recompute = getattr(lm_head.weight, "ds_numel", None) is None
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute and torch.is_grad_enabled() and h.requires_grad:
             lp, mean = checkpoint(_score_chunk, h, t, lm_head, use_reentrant=False)
         else:
             lp, mean = _score_chunk(h, t, lm_head)

@@ -23,7 +23,7 @@ from .attention import (
 )
 from .checkpoint_io import CheckpointLoadingMixin
 from .configuration import QWenConfig
-from .visual import Resampler, VisionTransformer, sincos_pos_embed_2d
+from .visual import Resampler, ResamplerAttention, VisionTransformer, sincos_pos_embed_2d
 
 
 class RMSNorm(nn.Module):
@@ -127,6 +127,9 @@ class QWenPreTrainedModel(CheckpointLoadingMixin, PreTrainedModel):
         if isinstance(module, VisionTransformer):
             init.normal_(module.positional_embedding, std=module.positional_embedding.size(-1) ** -0.5)
             init.normal_(module.proj, std=module.proj.size(0) ** -0.5)
+        elif isinstance(module, ResamplerAttention):
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
         elif isinstance(module, Resampler):
             init.trunc_normal_(module.query, std=0.02)
             grid = int(module.num_queries**0.5)

@@ -99,6 +99,30 @@ class VisualTransformer(nn.Module):
         return x
 
 
+class ResamplerAttention(nn.Module):
+    """Multi-head cross-attention with `nn.MultiheadAttention`'s parameter names and packed [Q; K; V] projection.
+
+    Written out (instead of `nn.MultiheadAttention`) so every weight is used inside its own module's
+    forward, which DeepSpeed ZeRO-3 needs to gather partitioned parameters.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        batch, dim = q.size(0), q.size(-1)
+        q, k, v = (t.view(batch, -1, self.num_heads, dim // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, -1, dim))
+
+
 class Resampler(nn.Module):
     """One cross-attention from `n_queries` learned queries to the patch features (no residual, no MLP)."""
 
@@ -110,7 +134,7 @@ class Resampler(nn.Module):
         self.pos_embed = nn.Parameter(table, requires_grad=False)
         self.query = nn.Parameter(torch.zeros(self.num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim != embed_dim else nn.Identity()
-        self.attn = nn.MultiheadAttention(embed_dim, embed_dim // 128, batch_first=True)
+        self.attn = ResamplerAttention(embed_dim, embed_dim // 128)
         self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
 
@@ -119,8 +143,7 @@ class Resampler(nn.Module):
         pos_embed = resize_abs_pos(self.pos_embed, x.size(1)).to(kv.dtype)
         q = self.ln_q(self.query)
         queries = (q + self.pos_embed.to(q.dtype)).unsqueeze(0).expand(x.size(0), -1, -1)
-        out, _ = self.attn(queries, kv + pos_embed.unsqueeze(0), kv, need_weights=False)
-        return out
+        return self.attn(queries, kv + pos_embed.unsqueeze(0), kv)
 
 
 class VisionTransformer(nn.Module):
