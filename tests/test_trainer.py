@@ -170,6 +170,7 @@ def test_deepspeed_zero_on_two_cpu_processes(assets, tmp_path, stage):
             "training.learning_rate=5e-3",
             "training.lr_scheduler_type=constant",
             "training.warmup_ratio=0.0",
+            "training.gradient_checkpointing=true",
         ]
     )
     command = [
