@@ -48,7 +48,7 @@ MEANINGS: dict[str, str] = {
     "lora.dropout": "Dropout on the LoRA branch.",
     "lora.target_modules": "Module names that get adapters (Qwen-VL language model by default).",
     "lora.vision": "Also adapt the vision tower (it stays frozen otherwise).",
-    "lora.load_in_4bit": "QLoRA: load the base model in 4 bit (needs bitsandbytes and a CUDA GPU).",
+    "lora.load_in_4bit": "QLoRA: language-model linears in NF4 4 bit (needs bitsandbytes and a CUDA GPU).",
     "dpo.beta": "DPO temperature: how far the policy may move from the reference.",
     "dpo.loss_type": "DPO loss (`sigmoid`, `ipo`, `hinge`, `robust`, `sft`) or a list of them to combine.",
     "dpo.loss_weights": "One weight per entry of a loss_type list; null = equal weights.",

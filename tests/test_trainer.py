@@ -233,3 +233,13 @@ def test_full_fine_tuning_uses_a_frozen_reference_copy(assets, tmp_path):
     assert torch.equal(tuned.transformer.visual.conv1.weight, base.transformer.visual.conv1.weight)  # tower frozen
     losses = [r["loss"] for r in read_metrics(working) if "loss" in r]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
+
+
+def test_qlora_without_gpu_is_refused_with_a_clear_error(assets, tmp_path):
+    from silkie.config import LoraSection, ModelSection
+    from silkie.models.loading import build_policy
+
+    with pytest.raises(ValueError, match="load_in_4bit: 4-bit QLoRA needs a CUDA GPU"):
+        build_policy(ModelSection(path=str(assets["model"])), LoraSection(load_in_4bit=True))
+    with pytest.raises(ValueError, match="needs lora.enabled: true"):
+        build_policy(ModelSection(path=str(assets["model"])), LoraSection(enabled=False, load_in_4bit=True))

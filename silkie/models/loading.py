@@ -25,10 +25,30 @@ def load_tokenizer(section: ModelSection) -> QWenTokenizer:
     return QWenTokenizer.from_pretrained(section.path)
 
 
-def load_base_model(section: ModelSection) -> QWenLMHeadModel:
-    """The checkpoint in the recipe's dtype and attention implementation."""
+def load_base_model(section: ModelSection, load_in_4bit: bool = False) -> QWenLMHeadModel:
+    """The checkpoint in the recipe's dtype and attention implementation (LLM linears in 4 bit for QLoRA)."""
+    extra = {"quantization_config": qlora_quantization(resolve_dtype(section.dtype))} if load_in_4bit else {}
     return QWenLMHeadModel.from_pretrained(
-        section.path, dtype=resolve_dtype(section.dtype), attn_implementation=section.attn_implementation
+        section.path, dtype=resolve_dtype(section.dtype), attn_implementation=section.attn_implementation, **extra
+    )
+
+
+def qlora_quantization(compute_dtype: torch.dtype):
+    """NF4 4-bit config for the language model's linears (vision tower and LM head stay in `compute_dtype`)."""
+    if not torch.cuda.is_available():
+        raise ValueError("lora.load_in_4bit: 4-bit QLoRA needs a CUDA GPU (none is visible); set it to false")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError("lora.load_in_4bit: 4-bit QLoRA needs `pip install bitsandbytes`; or set it to false") from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=["lm_head", "visual"],
     )
 
 
@@ -53,11 +73,9 @@ def apply_lora(model: QWenLMHeadModel, lora: LoraSection) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     if lora.load_in_4bit:
-        raise ValueError(
-            "lora.load_in_4bit: 4-bit QLoRA needs bitsandbytes and a CUDA GPU"
-            + ("" if torch.cuda.is_available() else " (no GPU here)")
-            + "; it is not supported by the native Qwen-VL model in this version, set it to false"
-        )
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -74,7 +92,9 @@ def apply_lora(model: QWenLMHeadModel, lora: LoraSection) -> nn.Module:
 
 def build_policy(model_section: ModelSection, lora: LoraSection) -> nn.Module:
     """Base model plus LoRA (vision frozen unless `lora.vision`), or the whole model for full fine-tuning."""
-    model = load_base_model(model_section)
+    if lora.load_in_4bit and not lora.enabled:
+        raise ValueError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
+    model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
     if lora.enabled:
         return apply_lora(model, lora)
     if not lora.vision:
