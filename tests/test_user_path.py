@@ -1,0 +1,165 @@
+"""The README's commands, the demo recipe end to end, and the scripts not covered elsewhere."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO_ROOT
+from .train_fixtures import subprocess_env
+
+README = (REPO_ROOT / "README.md").read_text()
+OTHER_SCRIPTS = (
+    "make_demo_assets",
+    "make_tiny_qwen_vl",
+    "make_synthetic_vlfeedback",
+    "benchmark",
+    "benchmark_data",
+    "gpu_check",
+    "recipe_reference",
+)
+
+
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def run(command: list[str], cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    test_command = next(b for b in bash_blocks(README) if "pytest" in b).strip()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    install, pytest_call = test_command.split(" && ")
+    assert install.replace("pip install", "pip install -q") in ci
+    assert pytest_call.startswith("python -m pytest -q") and "python -m pytest -q" in ci
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README demo command, as written, in a fresh folder (its setup part is what this env already has)."""
+    demo_command = next(b for b in bash_blocks(README) if "launch_dpo.py" in b and "demo.yaml" in b).strip()
+    steps = demo_command.split(" && ")
+    assert steps[0] == "python -m pip install torch==2.13.0 -r requirements.txt -e ."
+    cwd = tmp_path_factory.mktemp("fresh")
+    outputs = []
+    for step in steps[1:]:
+        words = step.split()
+        assert words[0] == "python"
+        words[1] = str(REPO_ROOT / words[1])
+        words = [str(REPO_ROOT / w) if w.startswith("dpo_config/") else w for w in words]
+        done = run([sys.executable, *words[1:]], cwd=cwd, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        outputs.append(done.stdout)
+    return cwd, outputs[-1]
+
+
+def test_demo_trains_and_reports_where_everything_is(demo_run):
+    cwd, stdout = demo_run
+    working = cwd / "runs" / "demo"
+    assert f"[silkie] adapter: {working / 'adapter'}" in stdout or "[silkie] adapter: runs/demo/adapter" in stdout
+    accuracy = float(re.search(r"held-out reward accuracy: ([0-9.]+)", stdout).group(1))
+    assert accuracy > 0.65  # measured 0.746; chance is 0.5
+    assert (working / "adapter" / "adapter_model.safetensors").is_file()
+    assert (working / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (working / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_rewards/accuracies" in r for r in records) and (working / "FINISHED").is_file()
+
+
+def test_readme_model_snippet_generates(demo_run):
+    cwd, _ = demo_run
+    block = next(b for b in bash_blocks(README) if "python -c" in b)
+    code = re.search(r'python -c "\n(.*)"\s*$', block, flags=re.S).group(1)
+    done = run([sys.executable, "-c", code], cwd=cwd)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("8 new tokens:")
+
+
+@pytest.mark.parametrize("name", OTHER_SCRIPTS)
+def test_script_help(name):
+    done = run([sys.executable, str(REPO_ROOT / "scripts" / f"{name}.py"), "--help"], cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage:")
+
+
+def test_benchmark_tiny_reports_both_paths(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "benchmark.py"),
+            "--tiny",
+            "--batch-sizes",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--lora-r",
+            "8",
+            "--count-flops",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = {r["path"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"plain", "optimized", "optimized+cached_ref"}
+    assert all(r["pairs_per_second"] > 0 and r["batch_size"] == 2 for r in results.values())
+    # the optimized step does strictly less work: one image encoding, the prompt once, no full logits
+    assert results["optimized"]["tflop_per_pair"] < 0.8 * results["plain"]["tflop_per_pair"]
+    assert results["optimized+cached_ref"]["tflop_per_pair"] < results["optimized"]["tflop_per_pair"]
+    assert "pairs/s ratio" in done.stdout
+
+
+def test_gpu_check_runs_every_stage_on_cpu_with_the_tiny_model(tmp_path):
+    done = run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "gpu_check.py"),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--batch-sizes",
+            "2",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["correctness"]["ok"] is True
+    assert report["correctness"]["step_loss_abs_diff"] < 1e-5
+    assert report["full_size"]["generated_new_tokens"] == 8 and report["full_size"]["step_losses_finite"]
+    assert len(report["benchmark"]["results"]) == 3 and report["profile"]["top_kernels"]
+
+
+def test_data_benchmark_counts_pairs(tmp_path):
+    done = run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "benchmark_data.py"),
+            "--n",
+            "200",
+            "--num-proc",
+            "1",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["instructions"] == 200 and report["pairs"] > 500
+    assert report["cached_seconds"] < report["cold_seconds"]
