@@ -12,10 +12,30 @@ from torch import nn
 
 from silkie.config import DPOSection
 
-from .losses import dpo_loss
-from .step import StepOptions, encode_images_once, score_answers
+from .losses import DPOLossOutput, dpo_loss
+from .step import AnswerScores, StepOptions, encode_images_once, score_answers
 
 ReferenceFn = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def loss_from_scores(
+    policy: AnswerScores, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, dpo: DPOSection
+) -> DPOLossOutput:
+    """The recipe's DPO loss for policy scores and reference log-probs (moved to the policy's device)."""
+    device = policy.chosen_logps.device
+    return dpo_loss(
+        policy.chosen_logps,
+        policy.rejected_logps,
+        ref_chosen.to(device),
+        ref_rejected.to(device),
+        beta=dpo.beta,
+        loss_type=dpo.loss_type,
+        loss_weights=dpo.loss_weights,
+        label_smoothing=dpo.label_smoothing,
+        chosen_lengths=policy.chosen_lengths,
+        rejected_lengths=policy.rejected_lengths,
+        chosen_nll=policy.chosen_nll,
+    )
 
 
 def batch_dpo_loss(
@@ -30,20 +50,7 @@ def batch_dpo_loss(
     features = encode_images_once(model, batch.get("pixel_values")) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
-    device = policy.chosen_logps.device
-    out = dpo_loss(
-        policy.chosen_logps,
-        policy.rejected_logps,
-        ref_chosen.to(device),
-        ref_rejected.to(device),
-        beta=dpo.beta,
-        loss_type=dpo.loss_type,
-        loss_weights=dpo.loss_weights,
-        label_smoothing=dpo.label_smoothing,
-        chosen_lengths=policy.chosen_lengths,
-        rejected_lengths=policy.rejected_lengths,
-        chosen_nll=policy.chosen_nll,
-    )
+    out = loss_from_scores(policy, ref_chosen, ref_rejected, dpo)
     metrics = {
         "rewards/chosen": out.chosen_rewards,
         "rewards/rejected": out.rejected_rewards,

@@ -20,16 +20,6 @@ from .objective import batch_dpo_loss
 from .reference import ReferenceCache
 from .step import StepOptions, score_answers, vision_is_trainable
 
-METRIC_NAMES = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-)
 STAGING_PREFIX = "tmp-checkpoint"
 
 

@@ -89,7 +89,7 @@ def score_pairs(
     """Per-pair policy/reference log-probs, rewards and DPO loss terms over `dataset` (no gradients)."""
     from torch.utils.data import DataLoader
 
-    from silkie.dpo.losses import dpo_loss
+    from silkie.dpo.objective import loss_from_scores
     from silkie.dpo.step import encode_images_once, score_answers
 
     table = PairTable()
@@ -99,19 +99,7 @@ def score_pairs(
         policy = score_answers(scorer.policy, batch, options, pad_token_id, features, no_grad=True)
         with scorer.reference_context():
             ref = score_answers(scorer.reference_model(), batch, options, pad_token_id, features, no_grad=True)
-        out = dpo_loss(
-            policy.chosen_logps,
-            policy.rejected_logps,
-            ref.chosen_logps,
-            ref.rejected_logps,
-            beta=dpo.beta,
-            loss_type=dpo.loss_type,
-            loss_weights=dpo.loss_weights,
-            label_smoothing=dpo.label_smoothing,
-            chosen_lengths=policy.chosen_lengths,
-            rejected_lengths=policy.rejected_lengths,
-            chosen_nll=policy.chosen_nll,
-        )
+        out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, dpo)
         table.pair_index.extend(int(i) for i in batch["pair_index"])
         for name, values in (
             ("logps/chosen", policy.chosen_logps),
