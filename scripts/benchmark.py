@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--question-tokens", type=int, default=40)
     parser.add_argument("--answer-tokens", type=int, default=150)
     parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention"), help="attention kernel")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--chunk-size", type=int, default=1024, help="answer tokens per log-prob chunk")
     parser.add_argument("--count-flops", action="store_true", help="count FLOPs of one step (for TFLOP/pair, MFU)")
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> list:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = tiny_config() if args.tiny else official_config()
+    config._attn_implementation = args.attn
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     lora = LoraSection(r=args.lora_r, alpha=16, dropout=0.05)
     model = build_model(config, args.device, dtype, lora, checkpointing=not args.no_gradient_checkpointing)

@@ -11,6 +11,7 @@ side-by-side benchmark (plain vs optimized) at that size; (4) a profile of one o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -88,6 +89,21 @@ def stage_correctness(device: str) -> dict:
     )
     result["step_loss_abs_diff"] = float((fast[2] - plain[2]).abs())
     result["step_lora_grad_max_abs_diff"] = float(max((fast[3][n] - plain[3][n]).abs().max() for n in plain[3]))
+    if device.startswith("cuda"):  # flex attention has no backward on CPU
+        flex_model = copy.deepcopy(model)
+        flex_model.get_base_model().config._attn_implementation = "flex_attention"
+        flex_policy = score_answers(flex_model, batch, StepOptions(chunk_size=16), 0)
+        flex_policy.chosen_logps.sum().backward()
+        flex_grads = {n: p.grad for n, p in flex_model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        sdpa_policy = score_answers(model, batch, StepOptions(chunk_size=16), 0)
+        sdpa_policy.chosen_logps.sum().backward()
+        result["flex_vs_sdpa_logps_max_abs_diff"] = float(
+            (flex_policy.chosen_logps - sdpa_policy.chosen_logps).abs().max()
+        )
+        result["flex_vs_sdpa_grad_max_abs_diff"] = float(
+            max((flex_grads[n] - p.grad).abs().max() for n, p in model.named_parameters() if p.grad is not None)
+        )
     result["ok"] = (
         result["logits_fp32_rel_err"] < 1e-3
         and result["logits_bf16_rel_err"] < 3e-2

@@ -25,7 +25,7 @@ MEANINGS: dict[str, str] = {
     "model.path": "Checkpoint folder: `config.json`, weights and `qwen.tiktoken` (e.g. a Qwen-VL-Chat download).",
     "model.family": "Model family; `qwen_vl` (Qwen-VL-Chat) is the one implemented.",
     "model.dtype": "Weights/compute dtype: `auto` (bf16 on GPUs that support it, else fp32), `bf16`, `fp16`, `fp32`.",
-    "model.attn_implementation": "Attention kernel: `sdpa` (PyTorch scaled dot-product) or `eager`.",
+    "model.attn_implementation": "Attention kernel: `sdpa` (default), `eager` (reference) or `flex_attention`.",
     "data.source": "`vlfeedback` (release jsonl), `hf` (a Hub dataset id or saved dataset) or `preference` "
     "(prompt/chosen/rejected rows).",
     "data.path": "The jsonl file, dataset id or preference file to read.",

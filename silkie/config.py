@@ -58,7 +58,7 @@ class ModelSection:
         )
         _choice("model.family", self.family, ("qwen_vl",))
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
-        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention"))
 
 
 @dataclass

@@ -53,6 +53,23 @@ def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
     return scale.unsqueeze(1).unsqueeze(-1)
 
 
+def build_bool_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int, batch: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean mask [B, 1, Q, K] (True = attend): causal + key padding, or a 4-D custom mask as given."""
+    key_length = past_length + query_length
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return attention_mask.to(device)
+        return attention_mask.to(device) == 0  # additive float mask: 0 keeps
+    keys = torch.arange(key_length, device=device)
+    queries = torch.arange(past_length, key_length, device=device)
+    allowed = (keys[None, :] <= queries[:, None])[None, None].expand(batch, 1, -1, -1)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :key_length].to(device=device, dtype=torch.bool)
+    return allowed
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     query_length: int,
@@ -65,22 +82,29 @@ def build_attention_mask(
     `attention_mask` may be 2-D (1 keep / 0 pad over all K keys) or a 4-D custom mask
     ([B, 1, Q, K]; bool True = attend, or additive float) which is used as given.
     """
-    key_length = past_length + query_length
-    if attention_mask is not None and attention_mask.dim() == 4:
-        if attention_mask.dtype == torch.bool:
-            return torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(
-                ~attention_mask, torch.finfo(dtype).min
-            )
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype != torch.bool:
         return attention_mask.to(dtype)
-    no_padding = attention_mask is None or bool(attention_mask.all())
+    is_custom = attention_mask is not None and attention_mask.dim() == 4
+    no_padding = attention_mask is None or (not is_custom and bool(attention_mask.all()))
     if no_padding and (past_length == 0 or query_length == 1):
         return None
-    keys = torch.arange(key_length, device=device)
-    queries = torch.arange(past_length, key_length, device=device)
-    allowed = (keys[None, :] <= queries[:, None])[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :key_length].to(device=device, dtype=torch.bool)
+    batch = attention_mask.size(0)
+    allowed = build_bool_mask(attention_mask, query_length, past_length, batch, device)
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def build_flex_block_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int, batch: int, device: torch.device
+):
+    """flex-attention BlockMask for the same rule (blocks that are fully masked are skipped by the kernel)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = build_bool_mask(attention_mask, query_length, past_length, batch, device)[:, 0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return dense[b, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, batch, None, query_length, past_length + query_length, device=device)
 
 
 def sdpa_attention(
@@ -106,4 +130,20 @@ def eager_attention(
     return torch.matmul(probs, v)
 
 
-ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention}
+_COMPILED_FLEX = {}
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout: float = 0.0) -> torch.Tensor:
+    """PyTorch flex attention with a BlockMask (compiled on GPU; the unfused reference on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if dropout:
+        raise ValueError("flex_attention does not support attention dropout; set attn_dropout_prob to 0")
+    if q.is_cuda:
+        if "fn" not in _COMPILED_FLEX:
+            _COMPILED_FLEX["fn"] = torch.compile(flex, dynamic=False)
+        flex = _COMPILED_FLEX["fn"]
+    return flex(q, k, v, block_mask=mask)
+
+
+ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention, "flex_attention": flex_attention}

@@ -18,6 +18,7 @@ from .attention import (
     QWenRotaryEmbedding,
     apply_rotary,
     build_attention_mask,
+    build_flex_block_mask,
     logn_scale,
     ntk_alpha_for_length,
 )
@@ -120,6 +121,7 @@ class QWenPreTrainedModel(CheckpointLoadingMixin, PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["QWenBlock", "VisualBlock"]
     _supports_sdpa = True
+    _supports_flex_attn = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -237,7 +239,10 @@ class QWenModel(QWenPreTrainedModel):
         q_scale = None
         if self.config.use_logn_attn and not self.training and context_length > self.config.seq_length:
             q_scale = logn_scale(position_ids, self.config.seq_length)
-        mask = build_attention_mask(attention_mask, length, past_length, inputs_embeds.dtype, inputs_embeds.device)
+        if self.config._attn_implementation == "flex_attention":
+            mask = build_flex_block_mask(attention_mask, length, past_length, batch, inputs_embeds.device)
+        else:
+            mask = build_attention_mask(attention_mask, length, past_length, inputs_embeds.dtype, inputs_embeds.device)
         hidden = self.drop(inputs_embeds)
         for block in self.h:
             hidden = block(hidden, rotary=rotary, mask=mask, cache=cache, q_scale=q_scale, use_cache=use_cache)
