@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=56, help="ViT input size in pixels (multiple of 14)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--official-size", action="store_true", help="Qwen-VL-Chat's architecture (9.6B, bf16) with random weights"
+    )
+    parser.add_argument("--device", default="cpu", help="where to create the weights (cuda is much faster)")
     args = parser.parse_args(argv)
 
     from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
@@ -29,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         layers=args.layers,
         image_size=args.image_size,
         seed=args.seed,
+        official_size=args.official_size,
+        device=args.device,
     )
     print(f"tiny Qwen-VL checkpoint written to {out}")
     return 0

@@ -19,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 2,
     "per_device_eval_batch_size": 4,
     "remove_unused_columns": False,
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
     "ddp_find_unused_parameters": False,
 }
 
@@ -59,6 +59,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
     values.update(recipe.training)
     if "warmup_ratio" in values:  # the name users know; transformers 5 takes a ratio in warmup_steps
         values["warmup_steps"] = values.pop("warmup_ratio")
+    if "gradient_checkpointing" in values:  # the name users know; transformers 5 calls it activation checkpointing
+        values["activation_checkpointing"] = values.pop("gradient_checkpointing")
     if values.pop("group_by_length", False):
         values["train_sampling_strategy"] = "group_by_length"
     if isinstance(values.get("report_to"), str):

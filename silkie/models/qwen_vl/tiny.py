@@ -10,7 +10,9 @@ from transformers import GenerationConfig
 
 from .configuration import QWenConfig
 from .modeling import QWenLMHeadModel
-from .tokenization import DEFAULT_SYSTEM, VOCAB_FILE, QWenTokenizer, train_bpe_ranks, write_tiktoken_ranks
+from .tokenization import DEFAULT_SYSTEM, VOCAB_FILE, QWenTokenizer, pad_ranks, train_bpe_ranks, write_tiktoken_ranks
+
+OFFICIAL_RANKS = 151643
 
 SPECIAL_COUNT = 217
 IMG_START_OFFSET = 214
@@ -59,26 +61,45 @@ def build_tiny_checkpoint(
     layers: int = 2,
     image_size: int = 56,
     seed: int = 0,
+    official_size: bool = False,
+    device: str = "cpu",
 ) -> Path:
-    """Write config.json, model.safetensors, generation_config.json and a small qwen.tiktoken into `out_dir`."""
+    """Write config.json, weights, generation_config.json and a small qwen.tiktoken into `out_dir`.
+
+    `official_size=True` writes Qwen-VL-Chat's architecture instead (random bf16 weights made on `device`,
+    the demo vocabulary padded to the official 151,643 ranks so every special id is the official one).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ranks = train_bpe_ranks(corpus if corpus is not None else demo_corpus(), vocab_size)
+    if official_size:
+        ranks = pad_ranks(ranks, OFFICIAL_RANKS)
     write_tiktoken_ranks(ranks, out / VOCAB_FILE)
     tokenizer = QWenTokenizer.from_pretrained(out)
-    config = tiny_config(len(ranks), hidden_size=hidden_size, layers=layers, image_size=image_size)
+    if official_size:
+        from silkie.bench import official_config
+
+        config = official_config()
+    else:
+        config = tiny_config(len(ranks), hidden_size=hidden_size, layers=layers, image_size=image_size)
     if config.image_start_id != tokenizer.img_start_id:
         raise AssertionError("tiny checkpoint: config image_start_id disagrees with the tokenizer")
     config.eos_token_id = tokenizer.eod_id
     config.pad_token_id = tokenizer.eod_id
     torch.manual_seed(seed)
-    model = QWenLMHeadModel(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if official_size else torch.float32)
+    try:
+        with torch.device(device):
+            model = QWenLMHeadModel(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id],
         pad_token_id=tokenizer.eod_id,
         do_sample=False,
         max_new_tokens=64,
     )
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size="5GB")
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU proof on the lent machine (prepare .whl with scripts/fetch_gpu_wheels.sh and carry it).
+#   scripts/gpu_session.sh check   gpu_check.py (CUDA correctness incl. flex-attention gradients, Qwen-VL-Chat-size
+#                                  step + generation, benchmark at batch 8/16, profile) + flex-attention benchmark (~4 min)
+#   scripts/gpu_session.sh zero    ~30-step train_dpo.py runs at Qwen-VL-Chat size (random bf16 checkpoint written
+#                                  first) with DeepSpeed ZeRO-2, then ZeRO-3, on the single GPU (~5 min)
+# Output lands in $OUT (or ./gpu_out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+stage() { echo "=== $1 ($(date +%T))"; }
+quiet() { grep -v "Warning\|warnings.warn\|_warn_once\|it/s]"; }
+
+if [ "${1:-check}" = check ]; then
+    stage gpu_check
+    timeout 300 python3 scripts/gpu_check.py --device cuda --dtype bf16 --batch-sizes 8 16 --steps 3 --out "$OUT" 2>&1 \
+        | quiet | tee "$OUT/gpu_check.log"
+    stage flex_benchmark
+    timeout 150 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 1 \
+        --paths plain optimized optimized+cached_ref --attn flex_attention --out "$OUT/bench_flex.json" 2>&1 \
+        | quiet | tee "$OUT/bench_flex.log"
+else
+    stage checkpoint
+    python3 scripts/make_tiny_qwen_vl.py /tmp/qwen-vl-size --official-size --device cuda 2>&1 | tail -1
+    python3 scripts/make_synthetic_vlfeedback.py /tmp/data --n 200 --image-size 448 > /dev/null
+    for zero in 2 3; do
+        stage "zero$zero"
+        timeout 200 python3 -m torch.distributed.run --standalone --nproc_per_node 1 train_dpo.py \
+            --config dpo_config/silkie.yaml --working "/tmp/zero$zero" model.path=/tmp/qwen-vl-size \
+            data.path=/tmp/data/vlfeedback_80k.jsonl data.images=/tmp/data/merged_images.zip data.eval_size=10 \
+            data.num_proc=4 deepspeed.stage=$zero training.max_steps=30 training.eval_steps=30 training.save_steps=30 \
+            training.per_device_train_batch_size=4 training.gradient_accumulation_steps=1 \
+            training.dataloader_num_workers=2 launch.nproc_per_node=1 2>&1 | quiet | grep "silkie\]\|Error\|'loss'" \
+            | tee "$OUT/zero$zero.log"
+        cp "/tmp/zero$zero/metrics.jsonl" "$OUT/zero$zero-metrics.jsonl" 2>/dev/null
+    done
+fi

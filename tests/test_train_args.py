@@ -1,0 +1,42 @@
+"""Recipe -> TrainingArguments / DeepSpeed config translation."""
+
+from __future__ import annotations
+
+from silkie.config import recipe_from_dict
+from silkie.train_args import deepspeed_config, training_arguments
+
+
+def recipe(**sections):
+    return recipe_from_dict({"model": {"path": "m"}, "data": {"path": "d"}, **sections})
+
+
+def test_user_names_are_translated(tmp_path):
+    args = training_arguments(
+        recipe(
+            training={
+                "warmup_ratio": 0.1,
+                "gradient_checkpointing": True,
+                "group_by_length": True,
+                "learning_rate": "1e-5",
+                "report_to": "none",
+            }
+        ),
+        tmp_path,
+        bf16=False,
+    )
+    assert args.warmup_steps == 0.1
+    assert args.activation_checkpointing is True
+    assert args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.train_sampling_strategy == "group_by_length"
+    assert args.learning_rate == 1e-5
+    assert args.remove_unused_columns is False
+    assert args.eval_strategy == "no"  # no held-out split in this recipe
+
+
+def test_deepspeed_sections():
+    assert deepspeed_config(recipe().deepspeed) is None
+    zero3 = deepspeed_config(recipe(deepspeed={"stage": 3, "offload": True}).deepspeed)
+    assert zero3["zero_optimization"]["stage"] == 3
+    assert zero3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert zero3["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert zero3["bf16"] == {"enabled": "auto"} and zero3["train_batch_size"] == "auto"
