@@ -110,10 +110,13 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if preemption.requested:
             _say(f"stopped on signal {preemption.received}: checkpoint saved at step {trainer.state.global_step}")
-            return {"preempted": True, "step": trainer.state.global_step}
-        result = _finish(trainer, tokenizer, working, data.eval is not None, plot_metrics)
-    finally:
-        _teardown(trainer)
+            result = {"preempted": True, "step": trainer.state.global_step}
+        else:
+            result = _finish(trainer, tokenizer, working, data.eval is not None, plot_metrics)
+    except BaseException:
+        _teardown(trainer, synchronize=False)  # the other ranks may be inside a collective: no barrier
+        raise
+    _teardown(trainer, synchronize=True)
     return result
 
 
@@ -152,11 +155,12 @@ def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> 
     return metrics
 
 
-def _teardown(trainer) -> None:
+def _teardown(trainer, synchronize: bool) -> None:
     """Release the DeepSpeed engine and the process group (a live gloo thread can abort the exit)."""
     engine = getattr(trainer, "model_wrapped", None)
     if trainer.is_deepspeed_enabled and hasattr(engine, "destroy"):
         engine.destroy()
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

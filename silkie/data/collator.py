@@ -35,7 +35,8 @@ class PairCollator:
     Output: `{prompt,chosen,rejected}_input_ids` / `_attention_mask` [B, L] (right padded with
     `pad_token_id`), `pixel_values` [N_img, 3, S, S] in batch order and `image_index` [B] (row of
     `pixel_values` per pair, -1 without image). Images are opened here, i.e. in the DataLoader worker.
-    A pair whose image fails to load is dropped with a `DroppedPairWarning` naming its id.
+    A pair whose image fails to load is dropped with a `DroppedPairWarning` naming its id, and its place is
+    taken by a copy of another pair of the batch (or the last good pair), so the batch size never changes.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class PairCollator:
         self.image_processor = image_processor
         self.pad_token_id = int(pad_token_id)
         self.dropped = 0
+        self._reserve: Mapping[str, Any] | None = None  # last good row: stands in when a whole batch fails
 
     def _load(self, row: Mapping[str, Any]) -> Image.Image | None:
         key = row.get("image")
@@ -70,15 +72,28 @@ class PairCollator:
                 self.dropped += 1
                 failures.append(f"{row.get('prompt_id')}: {error.reason}")
                 warnings.warn(
-                    f"dropping pair {row.get('prompt_id')!r} from the batch: {error}", DroppedPairWarning, stacklevel=2
+                    f"dropping pair {row.get('prompt_id')!r} (a copy of another pair takes its place): {error}",
+                    DroppedPairWarning,
+                    stacklevel=2,
                 )
                 continue
             kept.append(row)
             image_index.append(len(images) if image is not None else -1)
             if image is not None:
                 images.append(image)
+        if not kept and self._reserve is not None:
+            image = self._load(self._reserve)
+            kept.append(self._reserve)
+            image_index.append(len(images) if image is not None else -1)
+            if image is not None:
+                images.append(image)
         if not kept:
             raise RuntimeError(f"every pair of a batch of {len(rows)} was dropped (image errors: {failures})")
+        self._reserve = kept[-1]
+        # keep the batch size: ranks must run the same number of pairs (metrics, ZeRO-3 collectives)
+        for slot in range(len(rows) - len(kept)):
+            kept.append(kept[slot % len(kept)])
+            image_index.append(image_index[slot % len(image_index)])
         batch: dict[str, torch.Tensor] = {}
         for name in SEQUENCE_KEYS:
             ids, mask = pad_sequences([row[f"{name}_input_ids"] for row in kept], self.pad_token_id)

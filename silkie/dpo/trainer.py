@@ -13,6 +13,7 @@ import torch.distributed as dist
 import transformers.trainer as hf_trainer
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from silkie.config import DPOSection
 
@@ -21,6 +22,19 @@ from .reference import ReferenceCache
 from .step import StepOptions, score_answers, vision_is_trainable
 
 STAGING_PREFIX = "tmp-checkpoint"
+
+
+class EpochSeededLengthSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from `seed + epoch`, so a resumed run sees exactly the same batches."""
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at the start of every epoch."""
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,7 +92,8 @@ class SilkieDPOTrainer(Trainer):
         table = self._reference_table("train" if model.training else "eval") if use_table else None
         if table is not None:
             picked = table[batch["pair_index"].cpu()]
-            return picked[:, 0], picked[:, 1]
+            if not torch.isnan(picked).any():  # NaN: the pair's image failed during the precompute pass
+                return picked[:, 0], picked[:, 1]
         if self.ref_model is not None:
             ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
         else:
@@ -87,6 +102,17 @@ class SilkieDPOTrainer(Trainer):
             with context:
                 ref = score_answers(unwrapped, batch, self.step_options, self.pad_token_id, features, no_grad=True)
         return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        return EpochSeededLengthSampler(
+            self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            dataset=dataset,
+            lengths=dataset[self.args.length_column_name],
+            seed=self.args.seed,
+        )
 
     def _reference_table(self, mode: str) -> torch.Tensor | None:
         """The precomputed reference table for the train or eval set (computed or loaded on first use)."""
@@ -130,9 +156,11 @@ class SilkieDPOTrainer(Trainer):
 
     # ----- metrics ------------------------------------------------------------------------------------------------
     def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        for name, values in metrics.items():
-            gathered = self.accelerator.gather_for_metrics(values.detach().float())
-            self._metrics[mode][name].append(gathered.mean().item())
+        for name, values in metrics.items():  # sum and count per rank: ranks may hold different pair counts
+            values = values.detach().float()
+            totals = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+            total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+            self._metrics[mode][name].append(total / max(count, 1.0))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
