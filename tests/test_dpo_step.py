@@ -135,3 +135,29 @@ def test_chunk_size_does_not_change_results(lora_model, batch):
     ]
     for a, b in itertools.pairwise(results):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_zero3_partitioned_tower_runs_on_text_only_batches(lora_model, batch, monkeypatch):
+    """Under ZeRO-3 every rank must call the vision tower as often as the others, images or not."""
+    import silkie.dpo.step as step_module
+
+    text_only = {k: v for k, v in batch.items()}
+    text_only["image_index"] = torch.full_like(batch["image_index"], -1)
+    text_only["pixel_values"] = batch["pixel_values"][:0]
+    text_only["prompt_input_ids"] = torch.randint(0, 200, batch["prompt_input_ids"].shape)
+    calls = []
+    visual = lora_model.get_base_model().transformer.visual
+    hook = visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(step_module, "is_partitioned", lambda module: True)
+    try:
+        for options in (StepOptions(), PLAIN):
+            calls.clear()
+            features = encode_images_once(lora_model, None) if options.image_once else None
+            with_images = len(calls)
+            score_answers(lora_model, text_only, options, 0, features, no_grad=True)
+            score_answers(lora_model, text_only, options, 0, features, no_grad=True)
+            # optimized: one blank encoding per step; plain: one per scoring call, as with images
+            assert (with_images, len(calls)) == ((1, 1) if options.image_once else (0, 2)), options
+            assert set(calls) == {1}
+    finally:
+        hook.remove()

@@ -7,6 +7,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def is_partitioned(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the module's parameters."""
+    return any(hasattr(p, "ds_numel") for p in module.parameters())
+
+
 def _score_chunk(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     logits = lm_head(hidden).float()
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
@@ -22,8 +27,12 @@ def chunked_token_logps(
     forward and in the backward pass (under ZeRO-3 chunks are kept instead: answer positions only).
     """
     logps, means = [], []
-    # ZeRO-3 partitions lm_head.weight and does not re-gather it for a checkpoint's recompute
-    recompute = getattr(lm_head.weight, "ds_numel", None) is None
+    if is_partitioned(lm_head):
+        # ZeRO-3: lm_head.weight is gathered per call and not for a checkpoint's recompute, and every rank must
+        # make the same number of calls, so score all answer tokens in one call
+        recompute, chunk_size = False, max(1, hidden.size(0))
+    else:
+        recompute = True
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if recompute and torch.is_grad_enabled() and h.requires_grad:

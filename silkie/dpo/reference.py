@@ -57,6 +57,8 @@ def compute_reference_table(
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
+    per_rank = -(-len(dataset) // world)  # every rank runs the same number of batches (ZeRO-3 gathers per forward)
+    indices += [indices[-1] if indices else 0] * (per_rank - len(indices))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate)
     rows, values = [], []
     with torch.no_grad():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .batching import ScoredRows, concat_rows, packed_rows
-from .logprobs import chunked_token_logps, full_logits_token_logps, sum_per_pair
+from .logprobs import chunked_token_logps, full_logits_token_logps, is_partitioned, sum_per_pair
 
 
 @dataclass
@@ -62,10 +62,20 @@ def vision_is_trainable(model: nn.Module) -> bool:
 
 def encode_images_once(model: nn.Module, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
     """Image features for the batch's images, computed without autograd (frozen tower)."""
+    base = base_causal_lm(model)
     if pixel_values is None or pixel_values.numel() == 0:
+        if is_partitioned(base.transformer.visual):  # ZeRO-3: every rank must call the tower, even text-only
+            with torch.no_grad():
+                base.encode_images(_blank_image(base))
         return None
     with torch.no_grad():
-        return base_causal_lm(model).encode_images(pixel_values)
+        return base.encode_images(pixel_values)
+
+
+def _blank_image(base: nn.Module) -> torch.Tensor:
+    size = base.config.visual["image_size"]
+    weight = base.transformer.visual.conv1.weight
+    return torch.zeros(1, 3, size, size, device=weight.device, dtype=torch.float32)
 
 
 def score_answers(
@@ -102,7 +112,15 @@ def score_answers(
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
                 scored[kind] = full_logits_token_logps(logits, index, targets)
-    return _sum_scores(rows, scored, size, device)
+    scores = _sum_scores(rows, scored, size, device)
+    if not images and not options.image_once and is_partitioned(base_causal_lm(model).transformer.visual):
+        # ZeRO-3 with a text-only batch: run the tower on a blank image and add 0 x its output, so every rank
+        # gathers (and, when trained, reduces gradients of) the same vision parameters
+        base = base_causal_lm(model)
+        with torch.no_grad() if no_grad else nullcontext():
+            blank = base.encode_images(_blank_image(base))
+        scores.chosen_logps = scores.chosen_logps + 0.0 * blank.float().sum()
+    return scores
 
 
 def _row_images(batch: dict, rows: ScoredRows, features: torch.Tensor | None, device: torch.device) -> dict:
