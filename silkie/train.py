@@ -81,6 +81,10 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model = build_policy(recipe.model, recipe.lora)
     ref_model = None if recipe.lora.enabled else build_frozen_reference(recipe.model)
+    for config in {id(m.config): m.config for m in (model, ref_model) if m is not None}.values():
+        # inference-only long-context rules of the original (dynamic NTK, log-n): off for training and its eval,
+        # so packed rows and the plain path always score with the same rotary base
+        config.use_dynamic_ntk = config.use_logn_attn = False
     base_config = model.config
     processor = QWenVLImageProcessor(base_config.visual["image_size"])
     collator = PairCollator(data.image_store, processor, tokenizer.pad_token_id)

@@ -215,9 +215,13 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
         f"error: {working} holds a different recipe: lora.r (16 -> 8), training.max_steps (6 -> 8); "
         "use another --working, or --force to run there anyway (nothing is deleted)"
     )
+    (working / "checkpoint-3").mkdir()
     forced = run_launcher(working, "--dry-run", "--force", "training.max_steps=8")
     assert forced.returncode == 0 and "--force: a different recipe was there" in forced.stderr
-    assert sorted(p.name for p in working.iterdir()) == ["config.yaml"]
+    assert "resumes from checkpoint-3" in forced.stderr  # only the run length changed: the checkpoint fits
+    incompatible = run_launcher(working, "--dry-run", "--force", "lora.r=8")
+    assert "checkpoint-3" in incompatible.stderr and "starts from step 0" in incompatible.stderr
+    assert sorted(p.name for p in working.iterdir()) == ["checkpoint-3", "config.yaml"]
 
     other = tmp_path / "other"
     other.mkdir()

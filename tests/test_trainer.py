@@ -231,6 +231,8 @@ def test_full_fine_tuning_uses_a_frozen_reference_copy(assets, tmp_path):
     base = QWenLMHeadModel.from_pretrained(assets["model"])
     assert not torch.equal(tuned.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
     assert torch.equal(tuned.transformer.visual.conv1.weight, base.transformer.visual.conv1.weight)  # tower frozen
+    resampler_query = tuned.transformer.visual.attn_pool.query
+    assert not torch.equal(resampler_query, base.transformer.visual.attn_pool.query)  # resampler trained
     losses = [r["loss"] for r in read_metrics(working) if "loss" in r]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start
 
@@ -243,3 +245,11 @@ def test_qlora_without_gpu_is_refused_with_a_clear_error(assets, tmp_path):
         build_policy(ModelSection(path=str(assets["model"])), LoraSection(load_in_4bit=True))
     with pytest.raises(ValueError, match="needs lora.enabled: true"):
         build_policy(ModelSection(path=str(assets["model"])), LoraSection(enabled=False, load_in_4bit=True))
+
+
+def test_rows_with_images_but_no_image_store_are_refused(assets):
+    from silkie.config import DataSection
+    from silkie.data.build import build_pairs
+
+    with pytest.raises(ValueError, match=r"data.images is not set, but .*vlfeedback_80k.jsonl references images"):
+        build_pairs(DataSection(path=str(assets["jsonl"])))

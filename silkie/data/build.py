@@ -44,6 +44,13 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
     rows = _load_rows(data)
     if data.max_prompts is not None:
         rows = list(itertools.islice(rows, data.max_prompts))
+    if store is None:
+        with_image = next((row for row in rows if getattr(row, "image", None)), None)
+        if with_image is not None:
+            raise ValueError(
+                f"data.images is not set, but {data.path} references images (row {with_image.id}: "
+                f"{with_image.image}); set data.images to the images zip or folder"
+            )
     if data.source == "preference":
         pairs, report = pairs_from_preference_rows(rows, image_store=store, source=data.path)
     else:

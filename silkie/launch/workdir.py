@@ -112,7 +112,7 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
                 f"{working} holds a different recipe: {_summary(diffs)}; "
                 "use another --working, or --force to run there anyway (nothing is deleted)"
             )
-        return _forced(working, "a different recipe was there")
+        return _forced(working, "a different recipe was there", resumable=_only_schedule_changes(diffs))
     if working.is_dir():
         entries = sorted(p.name for p in working.iterdir())
         if entries:
@@ -121,7 +121,7 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
                     f"{working} is not empty and holds no {CONFIG_NAME} (found: {_summary(entries)}); "
                     "use another --working, or --force to run there anyway (nothing is deleted)"
                 )
-            return _forced(working, "the folder held other files")
+            return _forced(working, "the folder held other files", resumable=False)
     return WorkdirPlan(working, "new", f"new run in {working}")
 
 
@@ -137,12 +137,33 @@ def _finished_message(working: Path) -> str:
     )
 
 
-def _forced(working: Path, why: str) -> WorkdirPlan:
+RESUMABLE_CHANGES = (
+    "training.max_steps",
+    "training.num_train_epochs",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.eval_steps",
+    "training.eval_strategy",
+    "training.logging_steps",
+    "training.report_to",
+    "launch.",
+    "slurm.",
+)
+
+
+def _only_schedule_changes(diffs: list[str]) -> bool:
+    """True when only run length, logging/saving cadence or launch settings changed (the checkpoints still fit)."""
+    return all(diff.split(" (")[0].startswith(RESUMABLE_CHANGES) for diff in diffs)
+
+
+def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
+    """--force: keep the old outputs as *.bak; keep checkpoints only when they belong to a compatible recipe."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    backups = [
-        (working / name, working / f"{name}.{stamp}.bak") for name in FINISHED_OUTPUTS if (working / name).exists()
-    ]
-    ckpt = latest_checkpoint(working)
+    names = list(FINISHED_OUTPUTS)
+    if not resumable:  # another model, data or optimisation: the old checkpoints must not be resumed
+        names += sorted(p.name for p in working.glob("checkpoint-*")) + ["reference_logps"]
+    backups = [(working / name, working / f"{name}.{stamp}.bak") for name in names if (working / name).exists()]
+    ckpt = latest_checkpoint(working) if resumable else None
     kept = f"; kept the old {', '.join(a.name for a, _ in backups)} as *.{stamp}.bak" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
     return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups)

@@ -62,10 +62,14 @@ def lora_target_regex(lora: LoraSection) -> str:
     return pattern
 
 
-def freeze_vision(model: nn.Module) -> None:
-    """Freeze the vision tower and resampler (the Silkie default)."""
-    for param in model.transformer.visual.parameters():
-        param.requires_grad_(False)
+RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
+
+
+def freeze_vision(model: nn.Module, keep_resampler: bool = False) -> None:
+    """Freeze the vision tower; with `keep_resampler` the resampler (attn_pool, ln_post, proj) stays trainable."""
+    for name, param in model.transformer.visual.named_parameters():
+        trainable = keep_resampler and name.split(".")[0] in RESAMPLER_PARTS and name != "attn_pool.pos_embed"
+        param.requires_grad_(trainable)
 
 
 def apply_lora(model: QWenLMHeadModel, lora: LoraSection) -> nn.Module:
@@ -97,8 +101,8 @@ def build_policy(model_section: ModelSection, lora: LoraSection) -> nn.Module:
     model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
     if lora.enabled:
         return apply_lora(model, lora)
-    if not lora.vision:
-        freeze_vision(model)
+    if not lora.vision:  # full fine-tuning: LLM + resampler, vision tower frozen (as VL-RLHF)
+        freeze_vision(model, keep_resampler=True)
     return model
 
 

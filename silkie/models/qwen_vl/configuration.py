@@ -97,8 +97,8 @@ class QWenConfig(PreTrainedConfig):
                 f"visual.patch_size ({self.visual['patch_size']})"
             )
         n_queries = int(self.visual.get("n_queries", 256))
-        if int(n_queries**0.5) ** 2 != n_queries:
-            raise ValueError(f"config: visual.n_queries must be a square number, got {n_queries}")
+        if n_queries != 256:  # the tokenizer always writes 256 slots between <img> and </img>
+            raise ValueError(f"config: visual.n_queries must be 256 (the image span's slots), got {n_queries}")
         if self.rotary_pct != 1.0:
             raise ValueError(f"config: rotary_pct {self.rotary_pct} is not supported (Qwen-VL-Chat uses 1.0)")
 
