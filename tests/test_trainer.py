@@ -222,8 +222,12 @@ def test_precomputed_reference_matches_and_is_reused_or_rebuilt(assets, tmp_path
 
 def test_full_fine_tuning_uses_a_frozen_reference_copy(assets, tmp_path):
     working = tmp_path / "full"
-    result = run_in_process(working, asset_overrides(assets) + FAST + [
-        "lora.enabled=false", "training.max_steps=3", "training.learning_rate=1e-4", "data.max_prompts=24"])
+    result = run_in_process(
+        working,
+        asset_overrides(assets)
+        + FAST
+        + ["lora.enabled=false", "training.max_steps=3", "training.learning_rate=1e-4", "data.max_prompts=24"],
+    )
     assert result["step"] == 3
     from silkie.models.qwen_vl import QWenLMHeadModel
 
@@ -253,3 +257,17 @@ def test_rows_with_images_but_no_image_store_are_refused(assets):
 
     with pytest.raises(ValueError, match=r"data.images is not set, but .*vlfeedback_80k.jsonl references images"):
         build_pairs(DataSection(path=str(assets["jsonl"])))
+
+
+def test_full_fine_tuning_with_cached_reference_releases_the_copy(assets, tmp_path, capsys):
+    common = (
+        asset_overrides(assets)
+        + FAST
+        + ["lora.enabled=false", "training.max_steps=3", "training.learning_rate=1e-4", "data.max_prompts=24"]
+    )
+    run_in_process(tmp_path / "copy", common)
+    run_in_process(tmp_path / "cached", common + ["dpo.precompute_ref_log_probs=true"])
+    assert "released the frozen reference copy" in capsys.readouterr().out
+    with_copy = [r["loss"] for r in read_metrics(tmp_path / "copy") if "loss" in r]
+    with_cache = [r["loss"] for r in read_metrics(tmp_path / "cached") if "loss" in r]
+    assert with_cache == pytest.approx(with_copy, abs=1e-5)  # frozen copy and cache give the same loss

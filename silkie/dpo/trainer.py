@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from collections import defaultdict
@@ -118,10 +119,18 @@ class SilkieDPOTrainer(Trainer):
         """The precomputed reference table for the train or eval set (computed or loaded on first use)."""
         if self.reference_cache is None:
             return None
-        if mode not in self._ref_tables:
-            dataset = self.train_dataset if mode == "train" else self.eval_dataset
-            self._ref_tables[mode] = self.reference_cache.table(self, mode, dataset)
-        return self._ref_tables[mode]
+        if not self._ref_tables:  # both splits at once, so a frozen reference copy can be released afterwards
+            for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+                if dataset is not None:
+                    self._ref_tables[split] = self.reference_cache.table(self, split, dataset)
+            complete = all(not torch.isnan(table).any() for table in self._ref_tables.values())
+            if self.ref_model is not None and complete:
+                self.ref_model = None  # every pair has its reference log-probs: the copy is no longer needed
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.log_line("reference log-probs cached for every pair: released the frozen reference copy")
+        return self._ref_tables.get(mode)
 
     def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and per-pair metric tensors for one batch."""
