@@ -210,6 +210,8 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
     save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
     same = run_launcher(working, "--dry-run", "training.max_steps=6")
     assert same.returncode == 0 and "holds a run of this recipe" in same.stderr
+    relaunched = run_launcher(working, "--dry-run", "training.max_steps=6", "slurm.time=02:00:00")
+    assert relaunched.returncode == 0 and "new launch settings: slurm.time" in relaunched.stderr
     differs = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
     assert one_line_error(differs) == (
         f"error: {working} holds a different recipe: lora.r (16 -> 8), training.max_steps (6 -> 8); "

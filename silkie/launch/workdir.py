@@ -101,12 +101,16 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
             diffs = recipe_differences(stored, resolved)
         except RecipeError as err:
             diffs = [f"its {CONFIG_NAME} is not a valid recipe: {err}"]
-        if not diffs:
+        launch_only = [d for d in diffs if not d.startswith(("launch.", "slurm."))] == []
+        if not diffs or launch_only:  # how the run is launched (nodes, time, partition) may change on a resume
             if (working / FINISHED_NAME).exists():
                 return WorkdirPlan(working, "finished", _finished_message(working))
             ckpt = latest_checkpoint(working)
             where = f"resumes from {ckpt.name}" if ckpt else "starts (no checkpoint yet)"
-            return WorkdirPlan(working, "resume", f"{working} holds a run of this recipe; training {where}")
+            launch_note = f" (new launch settings: {_summary(diffs)})" if diffs else ""
+            return WorkdirPlan(
+                working, "resume", f"{working} holds a run of this recipe{launch_note}; training {where}"
+            )
         if not force:
             raise LaunchError(
                 f"{working} holds a different recipe: {_summary(diffs)}; "
