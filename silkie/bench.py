@@ -24,7 +24,7 @@ from silkie.config import DPOSection, LoraSection
 from silkie.dpo.objective import adapter_reference, batch_dpo_loss
 from silkie.dpo.step import StepOptions
 from silkie.models.loading import apply_lora
-from silkie.models.qwen_vl import QWenConfig, QWenLMHeadModel
+from silkie.models.qwen_vl import QWenConfig
 
 OFFICIAL_CONFIG = Path(__file__).resolve().parent / "models" / "qwen_vl" / "qwen_vl_chat_config.json"
 PATHS = {
@@ -67,14 +67,9 @@ def official_config() -> QWenConfig:
 
 def build_model(config: QWenConfig, device: str, dtype: torch.dtype, lora: LoraSection, checkpointing: bool):
     """Random-weight model created on `device` in `dtype`, LoRA-wrapped, vision frozen."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = QWenLMHeadModel(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = apply_lora(model, lora)
+    from silkie.models.qwen_vl.tiny import random_model
+
+    model = apply_lora(random_model(config, device, dtype), lora)
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()

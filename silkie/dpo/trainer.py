@@ -6,7 +6,6 @@ import gc
 import os
 import shutil
 from collections import defaultdict
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from silkie.config import DPOSection
 
-from .objective import batch_dpo_loss
+from .objective import adapter_reference, batch_dpo_loss
 from .reference import ReferenceCache
 from .step import StepOptions, score_answers, vision_is_trainable
 
@@ -97,12 +96,9 @@ class SilkieDPOTrainer(Trainer):
                 return picked[:, 0], picked[:, 1]
         if self.ref_model is not None:
             ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
-        else:
-            unwrapped = self.accelerator.unwrap_model(model)
-            context = unwrapped.disable_adapter() if hasattr(unwrapped, "disable_adapter") else nullcontext()
-            with context:
-                ref = score_answers(unwrapped, batch, self.step_options, self.pad_token_id, features, no_grad=True)
-        return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+            return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+        unwrapped = self.accelerator.unwrap_model(model)
+        return adapter_reference(unwrapped, self.step_options, self.pad_token_id)(batch, features)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

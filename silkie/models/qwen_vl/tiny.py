@@ -53,6 +53,17 @@ def tiny_config(num_ranks: int, hidden_size: int = 128, layers: int = 2, image_s
     )
 
 
+def random_model(config: QWenConfig, device: str, dtype: torch.dtype) -> QWenLMHeadModel:
+    """A randomly initialised model created directly on `device` in `dtype` (no full-precision CPU copy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return QWenLMHeadModel(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     vocab_size: int = 1024,
@@ -87,13 +98,7 @@ def build_tiny_checkpoint(
     config.eos_token_id = tokenizer.eod_id
     config.pad_token_id = tokenizer.eod_id
     torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if official_size else torch.float32)
-    try:
-        with torch.device(device):
-            model = QWenLMHeadModel(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = random_model(config, device, torch.bfloat16 if official_size else torch.float32)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id],
         pad_token_id=tokenizer.eod_id,
