@@ -61,7 +61,7 @@ def stage_correctness(device: str) -> dict:
     batch = {k: v.to(device) for k, v in batch.items()}
 
     def run(options):
-        features = encode_images_once(model, batch["pixel_values"]) if options.image_once else None
+        features = encode_images_once(model, batch) if options.image_once else None
         policy = score_answers(model, batch, options, 0, features)
         with model.disable_adapter():
             reference = score_answers(model, batch, options, 0, features, no_grad=True)

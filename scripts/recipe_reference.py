@@ -22,10 +22,12 @@ from silkie.config import Recipe  # noqa: E402
 from silkie.training_keys import TRAINING_KEYS  # noqa: E402
 
 MEANINGS: dict[str, str] = {
-    "model.path": "Checkpoint folder: `config.json`, weights and `qwen.tiktoken` (e.g. a Qwen-VL-Chat download).",
-    "model.family": "Model family; `qwen_vl` (Qwen-VL-Chat) is the one implemented.",
+    "model.path": "Checkpoint folder: `config.json`, weights and tokenizer files (`qwen.tiktoken` or the processor's).",
+    "model.family": "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `llava` (transformers).",
     "model.dtype": "Weights/compute dtype: `auto` (bf16 on GPUs that support it, else fp32), `bf16`, `fp16`, `fp32`.",
-    "model.attn_implementation": "Attention kernel: `sdpa` (default), `eager` (reference) or `flex_attention`.",
+    "model.attn_implementation": "Attention kernel: `sdpa` (default), `eager` (reference), `flex_attention` (qwen_vl).",
+    "model.min_pixels": "Qwen2-VL families: fewest pixels per image after resizing (null: the processor's setting).",
+    "model.max_pixels": "Qwen2-VL families: most pixels per image after resizing; bounds image tokens.",
     "data.source": "`vlfeedback` (release jsonl), `hf` (a Hub dataset id or saved dataset) or `preference` "
     "(prompt/chosen/rejected rows).",
     "data.path": "The jsonl file, dataset id or preference file to read.",
@@ -46,7 +48,7 @@ MEANINGS: dict[str, str] = {
     "lora.r": "LoRA rank.",
     "lora.alpha": "LoRA scaling numerator (scale = alpha / r).",
     "lora.dropout": "Dropout on the LoRA branch.",
-    "lora.target_modules": "Module names that get adapters (Qwen-VL language model by default).",
+    "lora.target_modules": "LLM module names that get adapters (null: the family's default).",
     "lora.vision": "Also adapt the vision tower (it stays frozen otherwise).",
     "lora.load_in_4bit": "QLoRA: language-model linears in NF4 4 bit (needs bitsandbytes and a CUDA GPU).",
     "dpo.beta": "DPO temperature: how far the policy may move from the reference.",

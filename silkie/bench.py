@@ -175,7 +175,7 @@ def precompute_reference(model, batches: list[dict], options: StepOptions, devic
     start = time.perf_counter()
     for batch in batches:
         moved = {k: v.to(device) for k, v in batch.items()}
-        features = encode_images_once(model, moved["pixel_values"])
+        features = encode_images_once(model, moved)
         tables.append(reference(moved, features))
     _sync(device)
     return tables, time.perf_counter() - start

@@ -39,6 +39,9 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)
 
 
+FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "llava")  # keys of silkie.models.family.FAMILY_CLASSES
+
+
 class RecipeError(ValueError):
     """A recipe that does not match the schema; the message names the key."""
 
@@ -51,14 +54,31 @@ class ModelSection:
     family: str = "qwen_vl"
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def check(self) -> None:
-        _require(
-            bool(self.path), "model.path", self.path, "a checkpoint folder (config.json + weights + qwen.tiktoken)"
-        )
-        _choice("model.family", self.family, ("qwen_vl",))
+        _require(bool(self.path), "model.path", self.path, "a checkpoint folder (config.json, weights, tokenizer)")
+        _choice("model.family", self.family, FAMILIES)
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention"))
+        _require(
+            self.family == "qwen_vl" or self.attn_implementation != "flex_attention",
+            "model.attn_implementation",
+            self.attn_implementation,
+            f"sdpa or eager for family {self.family} (flex_attention is implemented for qwen_vl)",
+        )
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"model.{name}", value, "null or an integer >= 1")
+            _require(
+                value is None or self.family in ("qwen2_vl", "qwen2_5_vl"),
+                f"model.{name}",
+                value,
+                "null: only qwen2_vl/qwen2_5_vl take per-image pixel bounds",
+            )
+        if self.min_pixels is not None and self.max_pixels is not None:
+            _require(self.min_pixels <= self.max_pixels, "model.min_pixels", self.min_pixels, "<= model.max_pixels")
 
 
 @dataclass
@@ -105,14 +125,19 @@ class LoraSection:
     r: int = 64
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "attn.c_proj", "w1", "w2"])
+    target_modules: list[str] | None = None  # null: the family's default (all LLM linears / Qwen-VL's four)
     vision: bool = False
     load_in_4bit: bool = False
 
     def check(self) -> None:
         _require(self.r >= 1, "lora.r", self.r, "an integer >= 1")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a number in [0, 1)")
-        _require(bool(self.target_modules), "lora.target_modules", self.target_modules, "a non-empty list")
+        _require(
+            self.target_modules is None or bool(self.target_modules),
+            "lora.target_modules",
+            self.target_modules,
+            "null (the family's default) or a non-empty list",
+        )
 
 
 @dataclass

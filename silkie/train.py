@@ -54,8 +54,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     from silkie.data.collator import PairCollator
     from silkie.dpo.reference import ReferenceCache
     from silkie.dpo.trainer import SilkieDPOTrainer
+    from silkie.models.family import get_family
     from silkie.models.loading import build_frozen_reference, build_policy, load_tokenizer, resolve_dtype
-    from silkie.models.qwen_vl import QWenVLImageProcessor
     from silkie.plotting import plot_metrics
     from silkie.train_args import training_arguments
 
@@ -81,12 +81,11 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model = build_policy(recipe.model, recipe.lora)
     ref_model = None if recipe.lora.enabled else build_frozen_reference(recipe.model)
-    for config in {id(m.config): m.config for m in (model, ref_model) if m is not None}.values():
-        # inference-only long-context rules of the original (dynamic NTK, log-n): off for training and its eval,
-        # so packed rows and the plain path always score with the same rotary base
-        config.use_dynamic_ntk = config.use_logn_attn = False
-    base_config = model.config
-    processor = QWenVLImageProcessor(base_config.visual["image_size"])
+    family = get_family(recipe.model.family)
+    for member in (model, ref_model):
+        if member is not None:
+            family.prepare_for_training(member)
+    processor = family.image_processor(model.config, recipe.model)
     collator = PairCollator(data.image_store, processor, tokenizer.pad_token_id)
     reference_cache = None
     if recipe.dpo.precompute_ref_log_probs:

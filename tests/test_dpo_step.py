@@ -40,7 +40,7 @@ def batch():
 
 
 def step(model, batch, options: StepOptions):
-    features = encode_images_once(model, batch["pixel_values"]) if options.image_once else None
+    features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, 0, image_features=features)
     with model.disable_adapter():
         ref = score_answers(model, batch, options, 0, image_features=features, no_grad=True)
@@ -75,7 +75,7 @@ def test_optimised_paths_equal_plain(lora_model, batch, options):
 
 def test_packed_rows_hide_the_other_answer(lora_model, batch):
     options = StepOptions()
-    features = encode_images_once(lora_model, batch["pixel_values"])
+    features = encode_images_once(lora_model, batch)
     changed = {k: v.clone() for k, v in batch.items()}
     changed["chosen_input_ids"][:, :2] = 11
     a = score_answers(lora_model, batch, options, 0, features, no_grad=True)
@@ -120,7 +120,7 @@ def test_disabled_adapter_equals_frozen_copy(lora_model, batch):
     base.load_state_dict(state)
     base.requires_grad_(False)
     options = StepOptions()
-    features = encode_images_once(lora_model, batch["pixel_values"])
+    features = encode_images_once(lora_model, batch)
     with lora_model.disable_adapter():
         via_adapter = score_answers(lora_model, batch, options, 0, features, no_grad=True)
     via_copy = score_answers(base, batch, options, 0, features, no_grad=True)
@@ -152,7 +152,7 @@ def test_zero3_partitioned_tower_runs_on_text_only_batches(lora_model, batch, mo
     try:
         for options in (StepOptions(), PLAIN):
             calls.clear()
-            features = encode_images_once(lora_model, None) if options.image_once else None
+            features = encode_images_once(lora_model, text_only) if options.image_once else None
             with_images = len(calls)
             score_answers(lora_model, text_only, options, 0, features, no_grad=True)
             score_answers(lora_model, text_only, options, 0, features, no_grad=True)

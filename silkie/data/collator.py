@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from silkie.data.images import ImageLoadError, ImageStore
+from silkie.models.family import ImageBatch
 
 SEQUENCE_KEYS = ("prompt", "chosen", "rejected")
 
@@ -29,12 +30,24 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[t
     return ids, mask
 
 
+def expand_marker(ids: Sequence[int], marker_id: int | None, count: int) -> list[int]:
+    """Replace the one image marker in `ids` by `count` copies (the image's feature tokens)."""
+    ids = list(ids)
+    if count == 0 or marker_id is None:
+        return ids
+    at = ids.index(marker_id)
+    return ids[:at] + [marker_id] * count + ids[at + 1 :]
+
+
 class PairCollator:
     """Tokenized pair rows -> padded tensors + `pixel_values` for the pairs with an image.
 
     Output: `{prompt,chosen,rejected}_input_ids` / `_attention_mask` [B, L] (right padded with
-    `pad_token_id`), `pixel_values` [N_img, 3, S, S] in batch order and `image_index` [B] (row of
-    `pixel_values` per pair, -1 without image). Images are opened here, i.e. in the DataLoader worker.
+    `pad_token_id`), the image tensors of the family's processor (`pixel_values` [N_img, 3, S, S] for
+    Qwen-VL; `pixel_values` patches + `image_grid_thw` for Qwen2-VL) for the images in batch order, and
+    `image_index` [B] (image number per pair, -1 without image). When the processor returns an `ImageBatch`
+    with `tokens_per_image`, each prompt's single image marker is expanded to that many marker tokens.
+    Images are opened here, i.e. in the DataLoader worker.
     A pair whose image fails to load is dropped with a `DroppedPairWarning` naming its id, and its place is
     taken by a copy of another pair of the batch (or the last good pair), so the batch size never changes.
     """
@@ -42,7 +55,7 @@ class PairCollator:
     def __init__(
         self,
         image_store: ImageStore | None,
-        image_processor: Callable[[list[Image.Image]], torch.Tensor],
+        image_processor: Callable[[list[Image.Image]], torch.Tensor | ImageBatch],
         pad_token_id: int,
     ):
         self.image_store = image_store
@@ -94,14 +107,23 @@ class PairCollator:
         for slot in range(len(rows) - len(kept)):
             kept.append(kept[slot % len(kept)])
             image_index.append(image_index[slot % len(image_index)])
-        batch: dict[str, torch.Tensor] = {}
-        for name in SEQUENCE_KEYS:
-            ids, mask = pad_sequences([row[f"{name}_input_ids"] for row in kept], self.pad_token_id)
-            batch[f"{name}_input_ids"] = ids
-            batch[f"{name}_attention_mask"] = mask
-        batch["pixel_values"] = self.image_processor(images)
+        processed = self.image_processor(images)
         for image in images:
             image.close()
+        if not isinstance(processed, ImageBatch):
+            processed = ImageBatch({"pixel_values": processed})
+        batch: dict[str, torch.Tensor] = {}
+        for name in SEQUENCE_KEYS:
+            sequences = [row[f"{name}_input_ids"] for row in kept]
+            if name == "prompt" and processed.tokens_per_image is not None:
+                sequences = [
+                    expand_marker(seq, processed.marker_id, processed.tokens_per_image[i] if i >= 0 else 0)
+                    for seq, i in zip(sequences, image_index)
+                ]
+            ids, mask = pad_sequences(sequences, self.pad_token_id)
+            batch[f"{name}_input_ids"] = ids
+            batch[f"{name}_attention_mask"] = mask
+        batch.update(processed.tensors)
         batch["image_index"] = torch.tensor(image_index, dtype=torch.long)
         if all("pair_index" in row for row in kept):  # lets the trainer look up cached reference log-probs
             batch["pair_index"] = torch.tensor([int(row["pair_index"]) for row in kept], dtype=torch.long)

@@ -1,7 +1,7 @@
-"""Silkie's prompt/answer formatting and tokenization of preference pairs into a cached `datasets.Dataset`.
+"""Tokenization of preference pairs into a cached `datasets.Dataset`, through the model family's codec.
 
-User query = `Picture 1: <img>{image_key}</img>\\n{prompt}` (no picture line without an image); prompt ids =
-`tokenizer.build_chat_context(query)`; answer ids = `tokenizer.encode_answer(answer)`. In the trainer every
+The codec (`silkie.models.family.PairCodec`) builds prompt ids (chat template, one image marker) and answer ids;
+for Qwen-VL-Chat the user query is `Picture 1: <img>{image_key}</img>\\n{prompt}`. In the trainer every
 answer token carries a label and the prompt none. Dropped pairs are counted under `too_long` (truncation
 "drop"), `prompt_too_long`, `identical_after_truncation` (truncation "answer"), `image_tag_in_text` or
 `bad_image_key`.
@@ -22,6 +22,10 @@ from typing import Any, Literal
 import datasets
 
 from silkie.data.pairs import PairReport, PreferencePair
+from silkie.models.family import PairCodec
+from silkie.models.qwen_vl.family import QwenVLCodec, format_query
+
+__all__ = ["as_codec", "cache_key", "encode_pair", "format_query", "tokenize_pairs"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +51,11 @@ FEATURES = datasets.Features(
 )
 
 
-def format_query(prompt: str, image: str | None) -> str:
-    """The user turn: `Picture 1: <img>KEY</img>\\n` + prompt, or the prompt alone without an image."""
-    return f"Picture 1: <img>{image}</img>\n{prompt}" if image else prompt
+def as_codec(tokenizer: Any) -> PairCodec:
+    """A family codec as is; a bare Qwen-VL tokenizer wrapped in its codec."""
+    if hasattr(tokenizer, "prompt_ids"):
+        return tokenizer
+    return QwenVLCodec(tokenizer)
 
 
 def encode_pair(
@@ -63,24 +69,27 @@ def encode_pair(
 ) -> tuple[dict[str, list[int]] | None, str | None]:
     """Token ids of one pair: ({prompt,chosen,rejected}_input_ids, None), or (None, drop reason).
 
-    `max_length` bounds prompt + the longer answer. "drop" drops a pair over it (`too_long`); "answer"
+    `tokenizer` is a family codec (or a Qwen-VL tokenizer). `max_length` bounds prompt (with the most tokens
+    an image can take) + the longer answer. "drop" drops a pair over it (`too_long`); "answer"
     cuts both answers from the right and never cuts the prompt (`prompt_too_long` when the prompt
     alone leaves no room for an answer).
     """
+    codec = as_codec(tokenizer)
     try:
-        prompt_ids = tokenizer.build_chat_context(format_query(prompt, image))
-    except ValueError:  # e.g. an image key over the tokenizer's 254-byte limit, or an unclosed <img>
+        prompt_ids = codec.prompt_ids(prompt, image)
+    except ValueError:  # e.g. an image key over the Qwen-VL tokenizer's 254-byte limit, or an unclosed <img>
         return None, "bad_image_key"
-    chosen_ids = tokenizer.encode_answer(chosen)
-    rejected_ids = tokenizer.encode_answer(rejected)
+    chosen_ids = codec.answer_ids(chosen)
+    rejected_ids = codec.answer_ids(rejected)
     image_spans = 1 if image else 0
-    img_start = tokenizer.img_start_id
-    if prompt_ids.count(img_start) != image_spans or img_start in chosen_ids or img_start in rejected_ids:
+    marker = codec.image_marker_id
+    if prompt_ids.count(marker) != image_spans or marker in chosen_ids or marker in rejected_ids:
         return None, "image_tag_in_text"
-    if max_length is not None and len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > max_length:
+    prompt_length = len(prompt_ids) + image_spans * codec.image_token_budget
+    if max_length is not None and prompt_length + max(len(chosen_ids), len(rejected_ids)) > max_length:
         if truncation == "drop":
             return None, "too_long"
-        budget = max_length - len(prompt_ids)
+        budget = max_length - prompt_length
         if budget <= 0:
             return None, "prompt_too_long"
         chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
@@ -127,24 +136,10 @@ def _pair_record(pair: PreferencePair | Mapping[str, Any]) -> dict[str, Any]:
     return {name: pair.get(name) for name in PAIR_FIELDS}
 
 
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    digest = hashlib.sha256(type(tokenizer).__qualname__.encode())
-    vocab_file = getattr(tokenizer, "vocab_file", None)
-    if vocab_file and Path(vocab_file).is_file():
-        digest.update(Path(vocab_file).read_bytes())
-    else:
-        ranks = getattr(tokenizer, "mergeable_ranks", None)
-        if ranks is None:
-            raise ValueError("cannot fingerprint the tokenizer for caching: no vocab_file or mergeable_ranks")
-        for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-            digest.update(token + rank.to_bytes(4, "little"))
-    return digest.hexdigest()
-
-
 def cache_key(records: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int | None, truncation: str) -> str:
-    """Hash of (pairs content, tokenizer vocabulary bytes, options, format version)."""
+    """Hash of (pairs content, the codec's fingerprint (vocabulary, template), options, format version)."""
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, max_length, truncation]).encode())
-    digest.update(_tokenizer_fingerprint(tokenizer).encode())
+    digest.update(as_codec(tokenizer).fingerprint().encode())
     for record in records:
         digest.update(json.dumps([record[name] for name in PAIR_FIELDS], ensure_ascii=False).encode())
         digest.update(b"\n")

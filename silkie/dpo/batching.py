@@ -69,8 +69,13 @@ def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
     )
 
 
-def packed_rows(batch: dict, pad_token_id: int) -> ScoredRows:
-    """B rows of prompt | chosen | rejected with a block-causal mask and restarted answer positions."""
+def packed_rows(batch: dict, pad_token_id: int, prompt_positions: torch.Tensor | None = None) -> ScoredRows:
+    """B rows of prompt | chosen | rejected with a block-causal mask and restarted answer positions.
+
+    `prompt_positions` [D, B, Lp] are multi-axis prompt positions (M-RoPE); each answer then continues from
+    the prompt's largest position + 1 on every axis, as it does in its own unpacked row. Without them positions
+    are 1-D: 0..Lp-1 for the prompt, Lp.. for each answer.
+    """
     prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
     chosen, c_len = batch["chosen_input_ids"], _lengths(batch["chosen_attention_mask"])
     rejected, r_len = batch["rejected_input_ids"], _lengths(batch["rejected_attention_mask"])
@@ -78,7 +83,8 @@ def packed_rows(batch: dict, pad_token_id: int) -> ScoredRows:
     width = max(p_len[b] + c_len[b] + r_len[b] for b in range(size))
     ids = torch.full((size, width), pad_token_id, dtype=torch.long)
     segment = torch.full((size, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 pad
-    positions = torch.zeros((size, width), dtype=torch.long)
+    axes = 1 if prompt_positions is None else prompt_positions.size(0)
+    positions = torch.zeros((axes, size, width), dtype=torch.long)
     picks = {"chosen": ([], [], []), "rejected": ([], [], [])}
     for b in range(size):
         lp, lc, lr = p_len[b], c_len[b], r_len[b]
@@ -88,8 +94,13 @@ def packed_rows(batch: dict, pad_token_id: int) -> ScoredRows:
             rejected[b, :lr],
         )
         segment[b, :lp], segment[b, lp : lp + lc], segment[b, lp + lc : lp + lc + lr] = 0, 1, 2
-        positions[b, : lp + lc] = torch.arange(lp + lc)
-        positions[b, lp + lc : lp + lc + lr] = torch.arange(lp, lp + lr)
+        if prompt_positions is None:
+            positions[:, b, :lp], start = torch.arange(lp), lp
+        else:
+            positions[:, b, :lp] = prompt_positions[:, b, :lp]
+            start = int(prompt_positions[:, b, :lp].max()) + 1 if lp else 0
+        positions[:, b, lp : lp + lc] = torch.arange(start, start + lc)
+        positions[:, b, lp + lc : lp + lc + lr] = torch.arange(start, start + lr)
         base = b * width
         picks["chosen"][0].extend(base + lp - 1 + k for k in range(lc))
         picks["chosen"][1].extend(chosen[b, :lc].tolist())
@@ -104,7 +115,7 @@ def packed_rows(batch: dict, pad_token_id: int) -> ScoredRows:
     return ScoredRows(
         input_ids=ids,
         attention_mask=mask[:, None],
-        position_ids=positions,
+        position_ids=positions[0] if prompt_positions is None else positions,
         image_order=_image_order(batch, 1),
         **_pick_tensors(picks),
     )

@@ -47,7 +47,7 @@ def batch_dpo_loss(
     reference: ReferenceFn,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and per-pair metric tensors (TRL names); `reference(batch, features)` gives reference log-probs."""
-    features = encode_images_once(model, batch.get("pixel_values")) if options.image_once else None
+    features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
     out = loss_from_scores(policy, ref_chosen, ref_rejected, dpo)

@@ -114,7 +114,7 @@ class ReferenceCache:
             if trainer.step_options.image_once:
                 from .step import encode_images_once
 
-                features = encode_images_once(model, batch.get("pixel_values"))
+                features = encode_images_once(model, batch)
             return trainer.reference_scores(model, batch, features, use_table=False)
 
         table = compute_reference_table(

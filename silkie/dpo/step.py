@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from silkie.models.family import unwrap_causal_lm
 
 from .batching import ScoredRows, concat_rows, packed_rows
 from .logprobs import chunked_token_logps, full_logits_token_logps, is_partitioned, sum_per_pair
@@ -41,41 +44,30 @@ class AnswerScores:
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
-    """The model under peft/DeepSpeed wrappers that owns `lm_head` and `encode_images` (LoRA layers stay inside)."""
-    while True:
-        if hasattr(model, "encode_images") and hasattr(model, "lm_head"):
-            return model
-        for attr in ("module", "base_model", "model"):
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module) and inner is not model:
-                model = inner
-                break
-        else:
-            raise TypeError(f"{type(model).__name__} has no encode_images/lm_head under its wrappers")
+    """The model under peft/DeepSpeed wrappers that owns `lm_head` (LoRA layers stay inside)."""
+    return unwrap_causal_lm(model)[0]
 
 
 def vision_is_trainable(model: nn.Module) -> bool:
-    """True when any parameter of the vision tower (or resampler) requires grad."""
-    visual = base_causal_lm(model).transformer.visual
-    return any(p.requires_grad for p in visual.parameters())
+    """True when any parameter of the vision tower (or its projector) requires grad."""
+    base, family = unwrap_causal_lm(model)
+    return any(p.requires_grad for p in family.vision_module(base).parameters())
 
 
-def encode_images_once(model: nn.Module, pixel_values: torch.Tensor | None) -> torch.Tensor | None:
-    """Image features for the batch's images, computed without autograd (frozen tower)."""
-    base = base_causal_lm(model)
-    if pixel_values is None or pixel_values.numel() == 0:
-        if is_partitioned(base.transformer.visual):  # ZeRO-3: every rank must call the tower, even text-only
-            with torch.no_grad():
-                base.encode_images(_blank_image(base))
-        return None
+def _has_images(batch: dict) -> bool:
+    pixel_values = batch.get("pixel_values")
+    return pixel_values is not None and pixel_values.numel() > 0
+
+
+def encode_images_once(model: nn.Module, batch: dict) -> Any:
+    """Image features for the batch's images, computed without autograd (frozen tower); None without images."""
+    base, family = unwrap_causal_lm(model)
     with torch.no_grad():
-        return base.encode_images(pixel_values)
-
-
-def _blank_image(base: nn.Module) -> torch.Tensor:
-    size = base.config.visual["image_size"]
-    weight = base.transformer.visual.conv1.weight
-    return torch.zeros(1, 3, size, size, device=weight.device, dtype=torch.float32)
+        if not _has_images(batch):
+            if is_partitioned(family.vision_module(base)):  # ZeRO-3: every rank must call the tower, even text-only
+                family.blank_image_features(base)
+            return None
+        return family.encode_images(base, batch)
 
 
 def score_answers(
@@ -83,53 +75,63 @@ def score_answers(
     batch: dict,
     options: StepOptions,
     pad_token_id: int,
-    image_features: torch.Tensor | None = None,
+    image_features: Any = None,
     no_grad: bool = False,
 ) -> AnswerScores:
     """Run `model` once over the batch's rows and sum answer-token log-probs per pair."""
-    rows = packed_rows(batch, pad_token_id) if options.share_prompt else concat_rows(batch, pad_token_id)
-    device = next(base_causal_lm(model).parameters()).device
-    images = _row_images(batch, rows, image_features, device)
+    base, family = unwrap_causal_lm(model)
+    device = next(base.parameters()).device
+    if options.share_prompt:
+        positions = family.prompt_positions(base, _on(batch, device))
+        rows = packed_rows(batch, pad_token_id, None if positions is None else positions.cpu())
+    else:
+        rows = concat_rows(batch, pad_token_id)
+    images = {}
+    if rows.image_order.numel():
+        images = family.row_image_kwargs(base, _on(batch, device), rows.image_order.to(device), image_features)
     with torch.no_grad() if no_grad else nullcontext():
+        input_ids = rows.input_ids.to(device)
         kwargs = dict(
-            input_ids=rows.input_ids.to(device),
-            attention_mask=rows.attention_mask.to(device),
+            input_ids=input_ids,
+            attention_mask=_attention_mask(rows.attention_mask.to(device), base),
             position_ids=None if rows.position_ids is None else rows.position_ids.to(device),
             use_cache=False,
             **images,
+            **family.row_kwargs(base, input_ids),
         )
         size = batch["prompt_input_ids"].size(0)
         scored = {}
         if options.chunked_logps:
-            hidden = model(**kwargs, return_hidden_states_only=True).hidden_states[-1]
+            hidden = family.hidden_states(model, base, kwargs)
             flat = hidden.reshape(-1, hidden.size(-1))
-            lm_head = base_causal_lm(model).lm_head
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
-                scored[kind] = chunked_token_logps(flat[index], targets, lm_head, options.chunk_size)
+                scored[kind] = chunked_token_logps(flat[index], targets, base.lm_head, options.chunk_size)
         else:
-            logits = model(**kwargs).logits
+            logits = family.logits(model, kwargs)
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
                 scored[kind] = full_logits_token_logps(logits, index, targets)
     scores = _sum_scores(rows, scored, size, device)
-    if not images and not options.image_once and is_partitioned(base_causal_lm(model).transformer.visual):
+    if not images and not options.image_once and is_partitioned(family.vision_module(base)):
         # ZeRO-3 with a text-only batch: run the tower on a blank image and add 0 x its output, so every rank
         # gathers (and, when trained, reduces gradients of) the same vision parameters
-        base = base_causal_lm(model)
         with torch.no_grad() if no_grad else nullcontext():
-            blank = base.encode_images(_blank_image(base))
+            blank = family.blank_image_features(base)
         scores.chosen_logps = scores.chosen_logps + 0.0 * blank.float().sum()
     return scores
 
 
-def _row_images(batch: dict, rows: ScoredRows, features: torch.Tensor | None, device: torch.device) -> dict:
-    if rows.image_order.numel() == 0:
-        return {}
-    order = rows.image_order.to(device)
-    if features is not None:
-        return {"image_features": features.index_select(0, order)}
-    return {"pixel_values": batch["pixel_values"].to(device).index_select(0, order)}
+def _on(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _attention_mask(mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """4-D block masks as additive float masks for eager attention (it adds the mask); others take booleans."""
+    if mask.dim() != 4 or getattr(base.config, "_attn_implementation", None) != "eager":
+        return mask
+    dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def _sum_scores(rows: ScoredRows, scored: dict, size: int, device: torch.device) -> AnswerScores:

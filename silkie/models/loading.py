@@ -1,16 +1,16 @@
-"""Build the policy (base checkpoint + LoRA, or full fine-tuning), the frozen reference copy and the tokenizer."""
+"""Build the policy (base checkpoint + LoRA, or full fine-tuning), the frozen reference copy and the codec.
+
+Everything family-specific (checkpoint class, module names, tokenizer/processor) comes from the recipe's
+`model.family` through `silkie.models.family`.
+"""
 
 from __future__ import annotations
-
-import re
 
 import torch
 from torch import nn
 
 from silkie.config import LoraSection, ModelSection
-from silkie.models.qwen_vl import QWenLMHeadModel, QWenTokenizer
-
-VISION_LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+from silkie.models.family import ModelFamily, PairCodec, get_family
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -20,20 +20,20 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_tokenizer(section: ModelSection) -> QWenTokenizer:
-    """The checkpoint's tokenizer (`qwen.tiktoken` in the model folder)."""
-    return QWenTokenizer.from_pretrained(section.path)
+def load_tokenizer(section: ModelSection) -> PairCodec:
+    """The checkpoint's text codec: prompt/answer ids, pad id, image marker (tokenizer files in the model folder)."""
+    return get_family(section.family).load_codec(section)
 
 
-def load_base_model(section: ModelSection, load_in_4bit: bool = False) -> QWenLMHeadModel:
+def load_base_model(section: ModelSection, load_in_4bit: bool = False) -> nn.Module:
     """The checkpoint in the recipe's dtype and attention implementation (LLM linears in 4 bit for QLoRA)."""
-    extra = {"quantization_config": qlora_quantization(resolve_dtype(section.dtype))} if load_in_4bit else {}
-    return QWenLMHeadModel.from_pretrained(
-        section.path, dtype=resolve_dtype(section.dtype), attn_implementation=section.attn_implementation, **extra
-    )
+    family = get_family(section.family)
+    dtype = resolve_dtype(section.dtype)
+    quantization = qlora_quantization(dtype, family) if load_in_4bit else None
+    return family.load_model(section, dtype, quantization)
 
 
-def qlora_quantization(compute_dtype: torch.dtype):
+def qlora_quantization(compute_dtype: torch.dtype, family: ModelFamily):
     """NF4 4-bit config for the language model's linears (vision tower and LM head stay in `compute_dtype`)."""
     if not torch.cuda.is_available():
         raise ValueError("lora.load_in_4bit: 4-bit QLoRA needs a CUDA GPU (none is visible); set it to false")
@@ -48,31 +48,21 @@ def qlora_quantization(compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=["lm_head", "visual"],
+        llm_int8_skip_modules=family.quantization_skip_modules(),
     )
 
 
-def lora_target_regex(lora: LoraSection) -> str:
-    """peft `target_modules` regex: the LLM modules named in the recipe, plus the vision blocks if asked."""
-    llm = "|".join(re.escape(t) for t in lora.target_modules)
-    pattern = rf"transformer\.h\.\d+\.(?:.*\.)?(?:{llm})"
-    if lora.vision:
-        vision = "|".join(re.escape(t) for t in VISION_LORA_TARGETS)
-        pattern += rf"|transformer\.visual\.transformer\.resblocks\.\d+\.(?:{vision})"
-    return pattern
+def lora_target_regex(lora: LoraSection, family: str = "qwen_vl") -> str:
+    """peft `target_modules` regex: the LLM modules named in the recipe (or the family's), plus vision if asked."""
+    return get_family(family).lora_target_regex(lora)
 
 
-RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
+def freeze_vision(model: nn.Module, keep_resampler: bool = False, family: str = "qwen_vl") -> None:
+    """Freeze the vision tower; with `keep_resampler` its projector (Qwen-VL resampler, merger, ...) stays trainable."""
+    get_family(family).freeze_vision(model, keep_projector=keep_resampler)
 
 
-def freeze_vision(model: nn.Module, keep_resampler: bool = False) -> None:
-    """Freeze the vision tower; with `keep_resampler` the resampler (attn_pool, ln_post, proj) stays trainable."""
-    for name, param in model.transformer.visual.named_parameters():
-        trainable = keep_resampler and name.split(".")[0] in RESAMPLER_PARTS and name != "attn_pool.pos_embed"
-        param.requires_grad_(trainable)
-
-
-def apply_lora(model: QWenLMHeadModel, lora: LoraSection) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> nn.Module:
     """Wrap with peft LoRA adapters (frozen base); returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
@@ -84,13 +74,13 @@ def apply_lora(model: QWenLMHeadModel, lora: LoraSection) -> nn.Module:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora_target_regex(lora),
+        target_modules=lora_target_regex(lora, family),
         bias="none",
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     if not lora.vision:
-        freeze_vision(peft_model.get_base_model())
+        freeze_vision(peft_model.get_base_model(), family=family)
     return peft_model
 
 
@@ -100,13 +90,13 @@ def build_policy(model_section: ModelSection, lora: LoraSection) -> nn.Module:
         raise ValueError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
     model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
     if lora.enabled:
-        return apply_lora(model, lora)
-    if not lora.vision:  # full fine-tuning: LLM + resampler, vision tower frozen (as VL-RLHF)
-        freeze_vision(model, keep_resampler=True)
+        return apply_lora(model, lora, model_section.family)
+    if not lora.vision:  # full fine-tuning: LLM + projector, vision tower frozen (as VL-RLHF)
+        freeze_vision(model, keep_resampler=True, family=model_section.family)
     return model
 
 
-def build_frozen_reference(model_section: ModelSection) -> QWenLMHeadModel:
+def build_frozen_reference(model_section: ModelSection) -> nn.Module:
     """A separate frozen copy of the base model (reference for full fine-tuning)."""
     model = load_base_model(model_section).eval()
     model.requires_grad_(False)

@@ -95,7 +95,7 @@ def score_pairs(
     table = PairTable()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     for batch in loader:
-        features = encode_images_once(scorer.policy, batch.get("pixel_values")) if options.image_once else None
+        features = encode_images_once(scorer.policy, batch) if options.image_once else None
         policy = score_answers(scorer.policy, batch, options, pad_token_id, features, no_grad=True)
         with scorer.reference_context():
             ref = score_answers(scorer.reference_model(), batch, options, pad_token_id, features, no_grad=True)

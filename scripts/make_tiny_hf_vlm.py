@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL or LLaVA-1.5) for tests and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FAMILIES = ("qwen2_vl", "llava")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer, processor)")
+    parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl", help="model family to imitate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+
+    from silkie.models.hf_vlm.tiny import build_tiny_llava, build_tiny_qwen2_vl
+
+    build = build_tiny_qwen2_vl if args.family == "qwen2_vl" else build_tiny_llava
+    out = build(args.out_dir, seed=args.seed)
+    print(f"tiny {args.family} checkpoint written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

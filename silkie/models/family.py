@@ -1,0 +1,155 @@
+"""The model-family seam: everything that differs between VLM families lives behind `ModelFamily`.
+
+A family knows how to load its checkpoint and text codec, which modules LoRA targets, how images become
+tensors (and how many placeholder tokens each one takes), how image features are computed and injected,
+and which position ids its rows need. The data pipeline, the DPO step and the trainer only call this
+interface; they never branch on model names. Families: `qwen_vl` (native Qwen-VL-Chat), `qwen2_vl` /
+`qwen2_5_vl` and `llava` (transformers-native, `AutoModelForImageTextToText`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+FAMILY_CLASSES = {
+    "qwen_vl": "silkie.models.qwen_vl.family:QwenVLFamily",
+    "qwen2_vl": "silkie.models.hf_vlm.family:Qwen2VLFamily",
+    "qwen2_5_vl": "silkie.models.hf_vlm.family:Qwen2VLFamily",
+    "llava": "silkie.models.hf_vlm.family:LlavaFamily",
+}
+
+
+class PairCodec(Protocol):
+    """Text side of a family: prompt/answer token ids for preference pairs."""
+
+    pad_token_id: int
+    image_marker_id: int  # the token that marks an image in a prompt (exactly one per image at tokenization)
+    image_token_budget: int  # most tokens an image adds to its marker when the collator expands it
+
+    def prompt_ids(self, prompt: str, image: str | None) -> list[int]:
+        """Chat-formatted user turn + assistant header; raises ValueError for an unusable image key."""
+
+    def answer_ids(self, text: str) -> list[int]:
+        """The assistant's answer, ending with the family's end-of-turn token(s)."""
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the ids (vocabulary, template): keys the tokenization cache."""
+
+    def save_pretrained(self, directory: str) -> Any:
+        """Write the tokenizer/processor files next to a saved adapter."""
+
+
+@dataclass
+class ImageBatch:
+    """A batch's images as model tensors, plus per image the number of placeholder tokens it fills."""
+
+    tensors: dict[str, torch.Tensor]
+    tokens_per_image: list[int] | None = None  # None: prompts already hold every image token (qwen_vl)
+    marker_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelFamily:
+    """Per-family behaviour. Subclasses implement every method; see `QwenVLFamily` and `HFVisionFamily`."""
+
+    name: str = ""
+    default_lora_targets: tuple[str, ...] = ()
+
+    # ----- loading ------------------------------------------------------------------------------------------------
+    def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
+        """The checkpoint in `dtype` with the recipe's attention implementation."""
+        raise NotImplementedError
+
+    def load_codec(self, section: Any) -> PairCodec:
+        """The text codec for the checkpoint in `section.path`."""
+        raise NotImplementedError
+
+    def image_processor(self, model_config: Any, section: Any) -> Any:
+        """Callable PIL images -> `ImageBatch` (or a `pixel_values` tensor) used by the collator."""
+        raise NotImplementedError
+
+    def lora_target_regex(self, lora: Any) -> str:
+        """peft `target_modules` regex for the language model (+ the vision blocks when `lora.vision`)."""
+        raise NotImplementedError
+
+    def freeze_vision(self, model: nn.Module, keep_projector: bool = False) -> None:
+        """Freeze the vision tower; `keep_projector` leaves the vision->LLM projector trainable."""
+        raise NotImplementedError
+
+    def prepare_for_training(self, model: nn.Module) -> None:
+        """Switch off inference-only behaviour that training and its evaluation must not use."""
+
+    def quantization_skip_modules(self) -> list[str]:
+        """Modules kept out of 4-bit quantization (QLoRA)."""
+        raise NotImplementedError
+
+    # ----- the DPO step -------------------------------------------------------------------------------------------
+    def owns(self, module: nn.Module) -> bool:
+        """True for this family's unwrapped causal LM (the module that owns `lm_head`)."""
+        raise NotImplementedError
+
+    def vision_module(self, base: nn.Module) -> nn.Module:
+        """The vision tower (+ projector) of the unwrapped model."""
+        raise NotImplementedError
+
+    def encode_images(self, base: nn.Module, batch: dict) -> Any:
+        """Image features for the batch's images in batch order (called under no_grad), or None."""
+        raise NotImplementedError
+
+    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
+        """Run the tower on one blank image (ZeRO-3: every rank must gather the tower each step)."""
+        raise NotImplementedError
+
+    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
+        """Forward kwargs carrying the images of `order` (row-major image spans), from features or pixels."""
+        raise NotImplementedError
+
+    def prompt_positions(self, base: nn.Module, batch: dict) -> torch.Tensor | None:
+        """Multi-axis prompt position ids [D, B, Lp] (M-RoPE), or None for plain 1-D positions."""
+        return None
+
+    def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
+        """Extra per-row forward kwargs (e.g. modality token types)."""
+        return {}
+
+    def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
+        """Last hidden states [R, L, D] (LoRA active as in `model`), without computing logits."""
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, kwargs: dict) -> torch.Tensor:
+        """Full logits [R, L, V] through the model's own forward (the plain, TRL-equivalent path)."""
+        return model(**kwargs).logits
+
+
+@functools.cache
+def get_family(name: str) -> ModelFamily:
+    """The family registered under `name` (the recipe's `model.family`)."""
+    if name not in FAMILY_CLASSES:
+        raise ValueError(f"model.family: unknown family {name!r}; expected one of {sorted(FAMILY_CLASSES)}")
+    module_name, class_name = FAMILY_CLASSES[name].split(":")
+    family = getattr(importlib.import_module(module_name), class_name)()
+    family.name = name
+    return family
+
+
+def unwrap_causal_lm(model: nn.Module) -> tuple[nn.Module, ModelFamily]:
+    """The model under peft/DeepSpeed wrappers that owns `lm_head` (LoRA layers stay inside) and its family."""
+    families = [get_family(name) for name in FAMILY_CLASSES]
+    while True:
+        if hasattr(model, "lm_head"):
+            for family in families:
+                if family.owns(model):
+                    return model, family
+        for attr in ("module", "model", "base_model"):  # "model" first: HF's `base_model` skips the LM head
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and inner is not model:
+                model = inner
+                break
+        else:
+            raise TypeError(f"{type(model).__name__} is not a model of a known family under its wrappers")

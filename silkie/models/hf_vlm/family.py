@@ -1,0 +1,232 @@
+"""Transformers-native VLMs (`AutoModelForImageTextToText` + `AutoProcessor`) behind `ModelFamily`.
+
+`Qwen2VLFamily` (Qwen2-VL and Qwen2.5-VL: dynamic resolution, `pixel_values` patches + `image_grid_thw`, 3-D
+M-RoPE) and `LlavaFamily` (LLaVA-1.5: fixed-size CLIP images, 1-D positions). Images are encoded once through
+the model's own `get_image_features` and injected back through `mm_encoder_outputs`; packed (shared-prompt)
+rows get M-RoPE positions from the model's `get_rope_index` on the prompt, each answer continuing from it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from silkie.models.family import ImageBatch, ModelFamily
+
+from .codec import ChatTemplateCodec, load_processor
+
+LLM_PREFIX = r"model\.language_model\.layers\.\d+\.(?:.*\.)?"
+
+
+def _image_outputs(features: list[torch.Tensor]) -> dict:
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+
+
+class HFVisionFamily(ModelFamily):
+    """What every transformers-native VLM shares; subclasses give the image side and module names."""
+
+    class_names: tuple[str, ...] = ()
+    default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    vision_lora_pattern = ""
+    vision_parts: tuple[str, ...] = ()  # attribute names under `model.model` (tower first, projector last)
+    projector_part = ""
+
+    def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
+        from transformers import AutoModelForImageTextToText
+
+        if section.attn_implementation == "flex_attention":
+            raise ValueError(
+                f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa or eager with {self.name}"
+            )
+        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        model = AutoModelForImageTextToText.from_pretrained(
+            section.path, dtype=dtype, attn_implementation=section.attn_implementation, **extra
+        )
+        if type(model).__name__ not in self.class_names:
+            raise ValueError(
+                f"model.family: {section.path} holds a {type(model).__name__}, not a {self.name} model "
+                f"({', '.join(self.class_names)})"
+            )
+        return model
+
+    def load_codec(self, section: Any) -> ChatTemplateCodec:
+        processor = load_processor(section.path, section.min_pixels, section.max_pixels)
+        return ChatTemplateCodec(processor, self.image_token_budget(processor))
+
+    def image_token_budget(self, processor: Any) -> int:
+        """Most tokens one image can take (bounds prompt lengths at tokenization)."""
+        raise NotImplementedError
+
+    def lora_target_regex(self, lora: Any) -> str:
+        llm = "|".join(re.escape(t) for t in (lora.target_modules or self.default_lora_targets))
+        pattern = rf"{LLM_PREFIX}(?:{llm})"
+        if lora.vision:
+            pattern += f"|{self.vision_lora_pattern}"
+        return pattern
+
+    def freeze_vision(self, model: nn.Module, keep_projector: bool = False) -> None:
+        for part in self.vision_parts:
+            trainable = keep_projector and part == self.projector_part
+            getattr(model.model, part).requires_grad_(trainable)
+
+    def owns(self, module: nn.Module) -> bool:
+        return type(module).__name__ in self.class_names
+
+    def vision_module(self, base: nn.Module) -> nn.Module:
+        return nn.ModuleList([getattr(base.model, part) for part in dict.fromkeys(self.vision_parts)])
+
+    def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
+        return base.model(**kwargs).last_hidden_state
+
+
+class Qwen2VLFamily(HFVisionFamily):
+    """Qwen2-VL / Qwen2.5-VL: images of any size within the recipe's pixel bounds; 3-D M-RoPE positions."""
+
+    class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    vision_lora_pattern = (
+        r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.(?:fc1|fc2|gate_proj|up_proj|down_proj))"
+    )
+    vision_parts = ("visual",)
+    projector_part = ""
+
+    def freeze_vision(self, model: nn.Module, keep_projector: bool = False) -> None:
+        visual = model.model.visual
+        visual.requires_grad_(False)
+        if keep_projector:  # the merger is Qwen2-VL's vision->LLM projector
+            visual.merger.requires_grad_(True)
+
+    def image_token_budget(self, processor: Any) -> int:
+        image = processor.image_processor
+        return image.size["longest_edge"] // (image.patch_size * image.merge_size) ** 2
+
+    def image_processor(self, model_config: Any, section: Any) -> Any:
+        return Qwen2VLImages(load_processor(section.path, section.min_pixels, section.max_pixels), model_config)
+
+    def quantization_skip_modules(self) -> list[str]:
+        return ["lm_head", "visual"]
+
+    def encode_images(self, base: nn.Module, batch: dict) -> list[torch.Tensor]:
+        return list(base.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+
+    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
+        vision = base.config.vision_config
+        merge, patch, temporal = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
+        device = next(base.model.visual.parameters()).device
+        pixels = torch.zeros(merge * merge, vision.in_channels * temporal * patch * patch, device=device)
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        return torch.cat(list(base.model.get_image_features(pixels, grid).pooler_output))
+
+    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
+        grid = batch["image_grid_thw"].index_select(0, order)
+        if features is not None:
+            return {"image_grid_thw": grid, **_image_outputs([features[i] for i in order.tolist()])}
+        patches = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())
+        return {"pixel_values": torch.cat([patches[i] for i in order.tolist()]), "image_grid_thw": grid}
+
+    def prompt_positions(self, base: nn.Module, batch: dict) -> torch.Tensor:
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        index = batch["image_index"]
+        grid = batch["image_grid_thw"].index_select(0, index[index >= 0]) if (index >= 0).any() else None
+        positions, _ = base.model.get_rope_index(
+            ids, self.row_kwargs(base, ids)["mm_token_type_ids"], image_grid_thw=grid, attention_mask=mask
+        )
+        return positions
+
+    def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
+        return {"mm_token_type_ids": (input_ids == base.config.image_token_id).int()}
+
+
+class Qwen2VLImages:
+    """PIL images -> `pixel_values` patches + `image_grid_thw`, and each image's token count (grid / merge^2)."""
+
+    def __init__(self, processor: Any, model_config: Any):
+        self.image_processor = processor.image_processor
+        self.marker_id = model_config.image_token_id
+        vision = model_config.vision_config
+        self.empty_width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+
+    def __call__(self, images: list) -> ImageBatch:
+        if not images:
+            tensors = {
+                "pixel_values": torch.zeros(0, self.empty_width),
+                "image_grid_thw": torch.zeros(0, 3, dtype=torch.long),
+            }
+            return ImageBatch(tensors, [], self.marker_id)
+        out = self.image_processor(images=images, return_tensors="pt")
+        grid = out["image_grid_thw"]
+        tokens = (grid.prod(-1) // self.image_processor.merge_size**2).tolist()
+        return ImageBatch({"pixel_values": out["pixel_values"], "image_grid_thw": grid}, tokens, self.marker_id)
+
+
+class LlavaFamily(HFVisionFamily):
+    """LLaVA-1.5 style: a CLIP tower at a fixed size, a projector, and a Llama-style LLM with 1-D positions."""
+
+    class_names = ("LlavaForConditionalGeneration",)
+    vision_lora_pattern = (
+        r"model\.vision_tower\.vision_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)"
+    )
+    vision_parts = ("vision_tower", "multi_modal_projector")
+    projector_part = "multi_modal_projector"
+
+    def image_token_budget(self, processor: Any) -> int:
+        return LlavaImages.tokens_per_image(processor)
+
+    def image_processor(self, model_config: Any, section: Any) -> Any:
+        return LlavaImages(load_processor(section.path, None, None), model_config)
+
+    def quantization_skip_modules(self) -> list[str]:
+        return ["lm_head", "vision_tower", "multi_modal_projector"]
+
+    def _features(self, base: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        config = base.config
+        out = base.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        )
+        return list(out.pooler_output)
+
+    def encode_images(self, base: nn.Module, batch: dict) -> list[torch.Tensor]:
+        return self._features(base, batch["pixel_values"])
+
+    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
+        size = base.config.vision_config.image_size
+        device = next(base.model.vision_tower.parameters()).device
+        return torch.cat(self._features(base, torch.zeros(1, 3, size, size, device=device)))
+
+    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
+        if features is not None:
+            return _image_outputs([features[i] for i in order.tolist()])
+        return {"pixel_values": batch["pixel_values"].index_select(0, order)}
+
+
+class LlavaImages:
+    """PIL images -> `pixel_values` [N, 3, S, S] (CLIP preprocessing); every image fills the same token count."""
+
+    def __init__(self, processor: Any, model_config: Any):
+        self.image_processor = processor.image_processor
+        self.marker_id = model_config.image_token_id
+        self.tokens = self.tokens_per_image(processor)
+        self.size = model_config.vision_config.image_size
+
+    @staticmethod
+    def tokens_per_image(processor: Any) -> int:
+        """Patches of the processed image (+ the processor's extra tokens, - CLS with the default strategy)."""
+        size = processor.image_processor.crop_size or processor.image_processor.size
+        height = size.get("height") or size.get("shortest_edge")
+        width = size.get("width") or size.get("shortest_edge")
+        count = (height // processor.patch_size) * (
+            width // processor.patch_size
+        ) + processor.num_additional_image_tokens
+        return count - (1 if processor.vision_feature_select_strategy == "default" else 0)
+
+    def __call__(self, images: list) -> ImageBatch:
+        if not images:
+            return ImageBatch({"pixel_values": torch.zeros(0, 3, self.size, self.size)}, [], self.marker_id)
+        out = self.image_processor(images=images, return_tensors="pt")
+        return ImageBatch({"pixel_values": out["pixel_values"]}, [self.tokens] * len(images), self.marker_id)

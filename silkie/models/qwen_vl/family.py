@@ -1,0 +1,123 @@
+"""Qwen-VL-Chat (native implementation) behind the `ModelFamily` interface."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from silkie.models.family import ModelFamily
+
+from .image_processing import QWenVLImageProcessor
+from .modeling import QWenLMHeadModel
+from .tokenization import QWenTokenizer
+
+VISION_LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
+RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
+
+
+def format_query(prompt: str, image: str | None) -> str:
+    """The user turn: `Picture 1: <img>KEY</img>\\n` + prompt, or the prompt alone without an image."""
+    return f"Picture 1: <img>{image}</img>\n{prompt}" if image else prompt
+
+
+class QwenVLCodec:
+    """Prompt = `build_chat_context(Picture 1: <img>KEY</img>\\n{prompt})`, answer = `encode_answer` (+<|im_end|>)."""
+
+    image_token_budget = 0  # the 256 image slots are already in the prompt ids
+
+    def __init__(self, tokenizer: QWenTokenizer):
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.image_marker_id = tokenizer.img_start_id
+
+    def prompt_ids(self, prompt: str, image: str | None) -> list[int]:
+        """Chat context with the system prompt; ValueError for an image key over the tokenizer's limit."""
+        return self.tokenizer.build_chat_context(format_query(prompt, image))
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Answer tokens + `<|im_end|>`."""
+        return self.tokenizer.encode_answer(text)
+
+    def fingerprint(self) -> str:
+        """Hash of the tokenizer class and its `qwen.tiktoken` ranks."""
+        digest = hashlib.sha256(type(self.tokenizer).__qualname__.encode())
+        vocab_file = getattr(self.tokenizer, "vocab_file", None)
+        if vocab_file and Path(vocab_file).is_file():
+            digest.update(Path(vocab_file).read_bytes())
+        else:
+            for token, rank in sorted(self.tokenizer.mergeable_ranks.items(), key=lambda item: item[1]):
+                digest.update(token + rank.to_bytes(4, "little"))
+        return digest.hexdigest()
+
+    def save_pretrained(self, directory: str) -> Any:
+        """Write `qwen.tiktoken` + tokenizer config."""
+        return self.tokenizer.save_pretrained(directory)
+
+
+class QwenVLFamily(ModelFamily):
+    """Qwen-VL-Chat: fixed 448px images, 256 resampler queries per image, 1-D rotary positions."""
+
+    default_lora_targets = ("c_attn", "attn.c_proj", "w1", "w2")
+
+    def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
+        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        return QWenLMHeadModel.from_pretrained(
+            section.path, dtype=dtype, attn_implementation=section.attn_implementation, **extra
+        )
+
+    def load_codec(self, section: Any) -> QwenVLCodec:
+        return QwenVLCodec(QWenTokenizer.from_pretrained(section.path))
+
+    def image_processor(self, model_config: Any, section: Any) -> QWenVLImageProcessor:
+        return QWenVLImageProcessor(model_config.visual["image_size"])
+
+    def lora_target_regex(self, lora: Any) -> str:
+        llm = "|".join(re.escape(t) for t in (lora.target_modules or self.default_lora_targets))
+        pattern = rf"transformer\.h\.\d+\.(?:.*\.)?(?:{llm})"
+        if lora.vision:
+            vision = "|".join(re.escape(t) for t in VISION_LORA_TARGETS)
+            pattern += rf"|transformer\.visual\.transformer\.resblocks\.\d+\.(?:{vision})"
+        return pattern
+
+    def freeze_vision(self, model: nn.Module, keep_projector: bool = False) -> None:
+        for name, param in model.transformer.visual.named_parameters():
+            trainable = keep_projector and name.split(".")[0] in RESAMPLER_PARTS and name != "attn_pool.pos_embed"
+            param.requires_grad_(trainable)
+
+    def prepare_for_training(self, model: nn.Module) -> None:
+        # inference-only long-context rules of the original (dynamic NTK, log-n): off for training and its eval,
+        # so packed rows and the plain path always score with the same rotary base
+        model.config.use_dynamic_ntk = model.config.use_logn_attn = False
+
+    def quantization_skip_modules(self) -> list[str]:
+        return ["lm_head", "visual"]
+
+    def owns(self, module: nn.Module) -> bool:
+        return isinstance(module, QWenLMHeadModel)
+
+    def vision_module(self, base: nn.Module) -> nn.Module:
+        return base.transformer.visual
+
+    def encode_images(self, base: nn.Module, batch: dict) -> torch.Tensor | None:
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None or pixel_values.numel() == 0:
+            return None
+        return base.encode_images(pixel_values)
+
+    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
+        size = base.config.visual["image_size"]
+        weight = base.transformer.visual.conv1.weight
+        return base.encode_images(torch.zeros(1, 3, size, size, device=weight.device, dtype=torch.float32))
+
+    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
+        if features is not None:
+            return {"image_features": features.index_select(0, order)}
+        return {"pixel_values": batch["pixel_values"].to(order.device).index_select(0, order)}
+
+    def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
+        return model(**kwargs, return_hidden_states_only=True).hidden_states[-1]

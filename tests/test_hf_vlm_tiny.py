@@ -1,0 +1,146 @@
+"""Tiny random Qwen2-VL / LLaVA-1.5 folders: they load with the Auto classes offline and run a forward pass."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import is_torchvision_available
+
+from silkie.models.hf_vlm.tiny import (
+    LLAVA_IMAGE_SIZE,
+    PATCH_SIZE,
+    QWEN2_VL_SPECIAL_TOKENS,
+    build_tiny_llava,
+    build_tiny_qwen2_vl,
+    register_qwen2_vl_processor,
+)
+from tests.script_fixtures import load_script
+
+FAMILIES = ("qwen2_vl", "llava")
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava}
+MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
+PROMPT = "Describe the image."
+ANSWER = "There are two red circles in the picture."
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def folder(family, tmp_path_factory) -> Path:
+    """One tiny folder per family, shared by this module's tests."""
+    return BUILDERS[family](tmp_path_factory.mktemp(family), seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    """(processor, model) as the Auto classes load them from the folder."""
+    register_qwen2_vl_processor()  # without torchvision, transformers cannot load Qwen2VLProcessor itself
+    return AutoProcessor.from_pretrained(folder), AutoModelForImageTextToText.from_pretrained(folder)
+
+
+def picture() -> Image.Image:
+    """A 80x64 (width x height) random RGB picture."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+
+
+def conversation() -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
+        {"role": "assistant", "content": [{"type": "text", "text": ANSWER}]},
+    ]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+def test_folder_is_small_and_fp32(family, folder, loaded):
+    processor, model = loaded
+    assert (folder / "model.safetensors").is_file()
+    assert sum(path.stat().st_size for path in folder.iterdir()) < 5 * 2**20
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+    assert type(model).__name__ == MODEL_CLASSES[family]
+    if not is_torchvision_available():
+        assert type(processor.image_processor).__name__.endswith("Pil")
+
+
+def test_chat_template_is_the_official_layout(family, loaded):
+    processor, _ = loaded
+    text = processor.apply_chat_template(conversation(), tokenize=False)
+    expected = {
+        "qwen2_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n{ANSWER}<|im_end|>\n",
+        "llava": f"USER: <image>\n{PROMPT} ASSISTANT: {ANSWER}</s>",
+    }[family]
+    assert text == expected
+    prompt = processor.apply_chat_template(conversation()[:1], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(prompt)
+
+
+def test_image_tokens_and_forward(family, loaded):
+    processor, model = loaded
+    text = processor.apply_chat_template(conversation(), tokenize=False)
+    inputs = processor(text=[text], images=[picture()], return_tensors="pt")
+    input_ids = inputs["input_ids"]
+    placeholders = int((input_ids == model.config.image_token_id).sum())
+    if family == "qwen2_vl":
+        assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]]  # 64x80 -> 56x84 pixels -> 4x6 patches
+        assert placeholders == int(inputs["image_grid_thw"].prod()) // 4
+    else:
+        assert tuple(inputs["pixel_values"].shape) == (1, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE)
+        assert placeholders == (LLAVA_IMAGE_SIZE // PATCH_SIZE) ** 2
+    with torch.no_grad():
+        output = model(**inputs, labels=input_ids)
+    assert torch.isfinite(output.loss)
+    assert tuple(output.logits.shape) == (1, input_ids.shape[1], model.config.text_config.vocab_size)
+
+
+def test_tokenizer_round_trip(loaded):
+    tokenizer = loaded[0].tokenizer
+    for sentence in (ANSWER, "What do you see in this image?\nThree yellow triangles, 42 naïve ones!"):
+        assert tokenizer.decode(tokenizer.encode(sentence, add_special_tokens=False)) == sentence
+
+
+def test_special_token_ids_match_the_config(family, loaded):
+    processor, model = loaded
+    tokenizer, config = processor.tokenizer, model.config
+    ids = tokenizer.convert_tokens_to_ids
+    assert config.image_token_id == processor.image_token_id
+    assert config.text_config.eos_token_id == tokenizer.eos_token_id
+    assert config.text_config.pad_token_id == tokenizer.pad_token_id
+    assert len(tokenizer) <= config.text_config.vocab_size
+    if family == "qwen2_vl":
+        assert [ids(token) for token in QWEN2_VL_SPECIAL_TOKENS] == list(range(ids("<|endoftext|>"), len(tokenizer)))
+        assert config.image_token_id == ids("<|image_pad|>")
+        assert config.video_token_id == ids("<|video_pad|>")
+        assert config.vision_start_token_id == ids("<|vision_start|>")
+        assert config.vision_end_token_id == ids("<|vision_end|>")
+        assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+        assert config.text_config.bos_token_id == ids("<|endoftext|>")
+    else:
+        assert config.image_token_id == ids("<image>")
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (1, 2, "<pad>")
+        assert config.text_config.bos_token_id == tokenizer.bos_token_id
+        assert tokenizer.encode(PROMPT)[0] == tokenizer.bos_token_id
+
+
+def test_same_seed_same_folder(family, folder, tmp_path):
+    again = BUILDERS[family](tmp_path / "again", seed=0)
+    assert digests(again) == digests(folder)
+
+
+def test_script_writes_a_folder(tmp_path, capsys):
+    script = load_script("make_tiny_hf_vlm")
+    assert script.main(["--family", "llava", "--seed", "1", str(tmp_path / "llava")]) == 0
+    assert "written to" in capsys.readouterr().out
+    assert (tmp_path / "llava" / "model.safetensors").is_file()
+    assert (tmp_path / "llava" / "chat_template.jinja").is_file()
