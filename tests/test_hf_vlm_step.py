@@ -1,0 +1,96 @@
+"""Transformers-native families (Qwen2-VL, LLaVA): the efficient DPO step equals the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from silkie.dpo.losses import dpo_loss
+from silkie.dpo.step import StepOptions, encode_images_once, score_answers
+
+from .hf_fixtures import BUILDERS, family_batch, lora_model
+
+PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
+OPTION_SETS = {
+    "image_once": StepOptions(image_once=True, share_prompt=False, chunked_logps=False),
+    "share_prompt": StepOptions(image_once=False, share_prompt=True, chunked_logps=False),
+    "chunked": StepOptions(image_once=False, share_prompt=False, chunked_logps=True, chunk_size=5),
+    "all": StepOptions(image_once=True, share_prompt=True, chunked_logps=True, chunk_size=4),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def setup(request, tmp_path_factory):
+    family = request.param
+    folder = BUILDERS[family](tmp_path_factory.mktemp(family))
+    model = lora_model(folder, family)
+    batch, pad = family_batch(folder, family, model)
+    return family, model, batch, pad
+
+
+def run(model, batch, options: StepOptions, pad: int):
+    features = encode_images_once(model, batch) if options.image_once else None
+    policy = score_answers(model, batch, options, pad, image_features=features)
+    with model.disable_adapter():
+        ref = score_answers(model, batch, options, pad, image_features=features, no_grad=True)
+    out = dpo_loss(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps, beta=0.1)
+    model.zero_grad()
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return policy, ref, out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_optimised_paths_equal_plain(setup, name):
+    family, model, batch, pad = setup
+    plain = run(model, batch, PLAIN, pad)
+    fast = run(model, batch, OPTION_SETS[name], pad)
+    for kind in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(fast[0], kind), getattr(plain[0], kind), atol=1e-5, rtol=0)
+        torch.testing.assert_close(getattr(fast[1], kind), getattr(plain[1], kind), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[2], plain[2], atol=1e-5, rtol=0)
+    assert plain[3] and set(fast[3]) == set(plain[3])
+    for param in plain[3]:
+        torch.testing.assert_close(fast[3][param], plain[3][param], atol=1e-5, rtol=1e-4)
+    # the adapter moves the policy away from the reference, so equality is not trivial
+    assert (plain[0].chosen_logps - plain[1].chosen_logps).abs().max() > 1e-2
+
+
+def test_batch_expands_each_image_to_its_feature_tokens(setup):
+    family, model, batch, pad = setup
+    marker = model.config.image_token_id
+    counts = (batch["prompt_input_ids"] == marker).sum(dim=1).tolist()
+    if family == "qwen2_vl":  # 64x80 -> 56x84 px -> grid 4x6 -> 6 tokens; sizes differ, so do the counts
+        per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+        assert batch["image_grid_thw"].tolist()[0] == [1, 6, 4]
+        assert len(set(per_image)) > 1
+    else:
+        per_image = [16] * int(batch["pixel_values"].size(0))
+    index = batch["image_index"].tolist()
+    assert counts == [per_image[i] if i >= 0 else 0 for i in index]
+
+
+def test_packed_rows_need_mrope_positions(setup, monkeypatch):
+    """Under prompt sharing, 1-D positions would give Qwen2-VL different (wrong) answers: the test can fail."""
+    family, model, batch, pad = setup
+    if family != "qwen2_vl":
+        pytest.skip("1-D positions are right for LLaVA")
+    from silkie.models.hf_vlm.family import Qwen2VLFamily
+
+    with torch.no_grad():
+        right = score_answers(model, batch, StepOptions(), pad, no_grad=True)
+        monkeypatch.setattr(Qwen2VLFamily, "prompt_positions", lambda self, base, batch: None)
+        wrong = score_answers(model, batch, StepOptions(), pad, no_grad=True)
+    assert (right.chosen_logps - wrong.chosen_logps).abs().max() > 1e-2
+
+
+def test_images_change_the_answer_scores(setup):
+    family, model, batch, pad = setup
+    other = dict(batch)
+    other["pixel_values"] = torch.randn_like(batch["pixel_values"])
+    with torch.no_grad():
+        a = score_answers(model, batch, StepOptions(), pad, no_grad=True)
+        b = score_answers(model, other, StepOptions(), pad, no_grad=True)
+    with_image = batch["image_index"] >= 0
+    assert (a.chosen_logps - b.chosen_logps)[with_image].abs().min() > 1e-4
+    torch.testing.assert_close(a.chosen_logps[~with_image], b.chosen_logps[~with_image])

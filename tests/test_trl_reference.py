@@ -1,0 +1,119 @@
+"""TRL is the reference implementation: on the same tiny model, batch and LoRA weights, our DPO loss and
+per-sequence log-probs equal those of TRL's `DPOTrainer` (the pinned version) within 1e-5 in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from silkie.config import DPOSection
+from silkie.dpo.objective import adapter_reference, batch_dpo_loss
+from silkie.dpo.step import StepOptions
+
+from .hf_fixtures import BUILDERS, PAIRS, MemoryImages, family_batch, model_section
+
+pytest.importorskip("trl")
+
+PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
+OPTIMIZED = StepOptions(chunk_size=8)
+
+
+def trl_trainer(folder, family, tmp_path):
+    """TRL's DPOTrainer over PAIRS (conversational, one image each) with LoRA on the same modules as ours."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from silkie.config import LoraSection
+    from silkie.models.family import get_family
+    from silkie.models.loading import load_base_model, load_tokenizer
+
+    section = model_section(folder, family)
+    processor = load_tokenizer(section).processor
+    store = MemoryImages()
+    rows = {"images": [], "prompt": [], "chosen": [], "rejected": []}
+    for i, (prompt, chosen, rejected, size) in enumerate(PAIRS):
+        rows["images"].append([store.open(f"img{i}")] if size else [])
+        rows["prompt"].append([{"role": "user", "content": prompt}])
+        rows["chosen"].append([{"role": "assistant", "content": chosen}])
+        rows["rejected"].append([{"role": "assistant", "content": rejected}])
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=len(PAIRS),
+        beta=0.1,
+        loss_type=["sigmoid"],
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        max_length=None,
+        seed=0,
+    )
+    targets = get_family(family).lora_target_regex(LoraSection(r=8, alpha=16, dropout=0.0))
+    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    trainer = DPOTrainer(
+        model=load_base_model(section),
+        args=args,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero: make the policy differ from the reference
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    return trainer, Dataset.from_dict(rows)
+
+
+def trl_values(trainer, dataset) -> dict[str, torch.Tensor]:
+    """TRL's loss and per-sequence policy / reference log-probs for one batch of every pair."""
+    model = trainer.model
+    inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, inputs)
+        ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, inputs)
+        kwargs = {k: v for k, v in inputs.items() if k != "completion_mask"}
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        per_token = model(**kwargs, use_cache=False, labels=labels, fused_lm_head=True).log_probs
+    policy = per_token.sum(-1)
+    size = len(dataset)
+    return {
+        "loss": loss,
+        "chosen": policy[:size],
+        "rejected": policy[size:],
+        "ref_chosen": ref_chosen,
+        "ref_rejected": ref_rejected,
+        "completion_tokens": inputs["completion_mask"].sum(-1),
+    }
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
+    folder = BUILDERS[family](tmp_path / family)
+    trainer, dataset = trl_trainer(folder, family, tmp_path)
+    expected = trl_values(trainer, dataset)
+    model = trainer.model.eval()
+    batch, pad = family_batch(folder, family, model)
+    answer_tokens = torch.cat([batch["chosen_attention_mask"].sum(-1), batch["rejected_attention_mask"].sum(-1)])
+    assert answer_tokens.tolist() == expected["completion_tokens"].tolist()  # same tokens scored
+    for options in (PLAIN, OPTIMIZED):
+        captured = {}
+
+        def reference(ref_batch, features, options=options):
+            chosen, rejected = adapter_reference(model, options, pad)(ref_batch, features)
+            captured.update(ref_chosen=chosen, ref_rejected=rejected)
+            return chosen, rejected
+
+        with torch.no_grad():
+            loss, metrics = batch_dpo_loss(model, batch, options, DPOSection(beta=0.1), pad, reference)
+        ours = {
+            "loss": loss,
+            "chosen": metrics["logps/chosen"],
+            "rejected": metrics["logps/rejected"],
+            **captured,
+        }
+        for key, value in ours.items():
+            torch.testing.assert_close(value, expected[key].to(value.dtype), atol=1e-5, rtol=0, msg=f"{options} {key}")
+        assert (ours["chosen"] - ours["ref_chosen"]).abs().max() > 1e-2  # the adapter matters
