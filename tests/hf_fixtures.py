@@ -66,7 +66,8 @@ def family_batch(folder: Path, family: str, model) -> tuple[dict, int]:
     """The collated batch of `PAIRS` and the pad id."""
     section = model_section(folder, family)
     codec = load_tokenizer(section)
-    collator = PairCollator(MemoryImages(), get_family(family).image_processor(model.config, section), codec.pad_token_id)
+    images = get_family(family).image_processor(model.config, section)
+    collator = PairCollator(MemoryImages(), images, codec.pad_token_id)
     return collator(tokenized_rows(codec)), codec.pad_token_id
 
 

@@ -101,7 +101,7 @@ def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
     for options in (PLAIN, OPTIMIZED):
         captured = {}
 
-        def reference(ref_batch, features, options=options):
+        def reference(ref_batch, features, options=options, captured=captured):
             chosen, rejected = adapter_reference(model, options, pad)(ref_batch, features)
             captured.update(ref_chosen=chosen, ref_rejected=rejected)
             return chosen, rejected

@@ -147,6 +147,11 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerFast, multiple: int = 64) ->
     return (len(tokenizer) + multiple - 1) // multiple * multiple
 
 
+# wider than the 0.02 of real checkpoints: at 64 wide that would leave the outputs near uniform and the tiny
+# demo's LoRA gradients near zero
+INIT_STD = 0.1
+
+
 def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
     """Qwen2-VL with a 2-layer, 64-wide text model and a 2-block, 32-wide ViT; token ids from `tokenizer`."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
@@ -162,6 +167,7 @@ def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
+        initializer_range=INIT_STD,
     )
     vision = dict(
         depth=2,
@@ -172,6 +178,7 @@ def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
         patch_size=PATCH_SIZE,
         spatial_merge_size=2,
         temporal_patch_size=2,
+        initializer_range=INIT_STD,
     )
     return Qwen2VLConfig(
         text_config=text,
@@ -193,6 +200,7 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         image_size=LLAVA_IMAGE_SIZE,
         patch_size=PATCH_SIZE,
         projection_dim=VISION_HIDDEN,
+        initializer_range=INIT_STD,
     )
     text = LlamaConfig(
         vocab_size=padded_vocab_size(tokenizer),
@@ -205,6 +213,7 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=INIT_STD,
     )
     return LlavaConfig(
         vision_config=vision,
