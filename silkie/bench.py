@@ -237,8 +237,8 @@ def measure(model, config: QWenConfig, path: str, batch_size: int, args) -> Benc
     )
 
 
-def format_table(results: list[BenchResult]) -> str:
-    """Markdown table with the optimized/plain ratios per batch size."""
+def format_table(results: list, baseline: str = "plain") -> str:
+    """Markdown table, then each path's pairs/s and peak-memory ratios against `baseline` per batch size."""
     lines = [
         "| path | batch | step s | pairs/s | tokens/s | peak GiB | TFLOP/pair | MFU |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -250,20 +250,18 @@ def format_table(results: list[BenchResult]) -> str:
             f"| {r.path} | {r.batch_size} | {r.step_seconds:.3f} | {r.pairs_per_second:.2f} | "
             f"{r.tokens_per_second:.0f} | {r.peak_memory_gib:.2f} | {tflop} | {mfu} |"
         )
-    lines.append("")
-    lines.append("| batch | pairs/s ratio (optimized/plain) | peak memory ratio (optimized/plain) |")
-    lines.append("| --- | --- | --- |")
+    lines += ["", f"| batch | path | pairs/s ratio (vs {baseline}) | peak memory ratio (vs {baseline}) |"]
+    lines.append("| --- | --- | --- | --- |")
     by_key = {(r.path, r.batch_size): r for r in results}
-    lines[-2] = "| batch | path | pairs/s ratio (vs plain) | peak memory ratio (vs plain) |"
-    lines[-1] = "| --- | --- | --- | --- |"
+    paths = list(dict.fromkeys(r.path for r in results if r.path != baseline))
     for size in sorted({r.batch_size for r in results}):
-        plain = by_key.get(("plain", size))
-        for path in (p for p in PATHS if p != "plain"):
+        base = by_key.get((baseline, size))
+        for path in paths:
             fast = by_key.get((path, size))
-            if plain and fast:
-                memory = fast.peak_memory_gib / plain.peak_memory_gib if plain.peak_memory_gib > 0 else float("nan")
+            if base and fast:
+                memory = fast.peak_memory_gib / base.peak_memory_gib if base.peak_memory_gib > 0 else float("nan")
                 lines.append(
-                    f"| {size} | {path} | {fast.pairs_per_second / plain.pairs_per_second:.2f}x | {memory:.2f}x |"
+                    f"| {size} | {path} | {fast.pairs_per_second / base.pairs_per_second:.2f}x | {memory:.2f}x |"
                 )
     cached = [r for r in results if r.reference_precompute_seconds_per_pair is not None]
     for r in cached:

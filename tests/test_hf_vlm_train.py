@@ -72,3 +72,41 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(family, data, tmp_path
             disabled = score_answers(tuned, batch, StepOptions(), pad, no_grad=True)
     assert (after.chosen_logps - before.chosen_logps).abs().max() > 1e-2
     torch.testing.assert_close(disabled.chosen_logps, before.chosen_logps)
+
+
+def test_qwen2_vl_under_deepspeed_zero3_on_two_cpu_processes(data, tmp_path):
+    """ZeRO-3 partitions the HF model (vision tower included); images once and packed M-RoPE rows still train."""
+    import subprocess
+    import sys
+
+    from .train_fixtures import subprocess_env
+
+    model_dir = BUILDERS["qwen2_vl"](tmp_path / "tiny-qwen2-vl")
+    working = tmp_path / "zero3"
+    overrides = [
+        f"model.path={model_dir}",
+        f"data.path={data / 'vlfeedback_80k.jsonl'}",
+        f"data.images={data / 'merged_images.zip'}",
+        "deepspeed.stage=3",
+        "data.eval_fraction=0.0",
+        "data.max_prompts=8",
+        "training.eval_strategy=no",
+        "training.logging_steps=1",
+        "training.report_to=none",
+        "training.max_steps=8",
+        "training.per_device_train_batch_size=4",
+        "training.learning_rate=5e-3",
+        "training.lr_scheduler_type=constant",
+        "training.warmup_ratio=0.0",
+        "training.gradient_checkpointing=true",
+    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO_ROOT / "train_dpo.py"), "--config", str(REPO_ROOT / "dpo_config" / "demo_qwen2_vl.yaml"),
+               "--working", str(working), *overrides]  # fmt: skip
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = [r["loss"] for r in map(json.loads, (working / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses) == 8 and losses[0] == pytest.approx(0.6931, abs=1e-3)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+    assert (working / "adapter" / "adapter_model.safetensors").is_file() and (working / "FINISHED").is_file()
