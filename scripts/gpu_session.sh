@@ -4,6 +4,8 @@
 #                                  step + generation, benchmark at batch 8/16, profile) + flex-attention benchmark (~4 min)
 #   scripts/gpu_session.sh zero    ~30-step train_dpo.py runs at Qwen-VL-Chat size (random bf16 checkpoint written
 #                                  first) with DeepSpeed ZeRO-2, then ZeRO-3, on the single GPU (~5 min)
+#   scripts/gpu_session.sh trl     TRL 1.16 DPOTrainer vs ours on a Qwen2-VL-7B-shaped model (random bf16 weights,
+#                                  LoRA r64, checkpointing, 448x448 images), batch 8 and 32, one run (~5 min)
 # Output lands in $OUT (or ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,11 @@ if [ "${1:-check}" = check ]; then
     timeout 150 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 1 \
         --paths plain optimized optimized+cached_ref --attn flex_attention --out "$OUT/bench_flex.json" 2>&1 \
         | quiet | tee "$OUT/bench_flex.log"
+elif [ "$1" = trl ]; then
+    stage trl_vs_silkie
+    timeout 420 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 32 \
+        --steps 3 --warmup 1 --runs trl silkie-optimized silkie-optimized+cached_ref --out "$OUT/bench_trl.json" 2>&1 \
+        | quiet | grep -v "^{'train_runtime" | tee "$OUT/bench_trl.log"
 else
     stage checkpoint
     python3 scripts/make_tiny_qwen_vl.py /tmp/qwen-vl-size --official-size --device cuda 2>&1 | tail -1

@@ -110,3 +110,33 @@ def test_qwen2_vl_under_deepspeed_zero3_on_two_cpu_processes(data, tmp_path):
     assert len(losses) == 8 and losses[0] == pytest.approx(0.6931, abs=1e-3)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
     assert (working / "adapter" / "adapter_model.safetensors").is_file() and (working / "FINISHED").is_file()
+
+
+def test_qwen2_vl_adapter_merges_and_evaluates_like_the_trainer(data, tmp_path):
+    """merge_lora and evaluate_pairs serve the transformers-native families: the merged folder scores like base +
+    adapter, and the held-out summary equals the trainer's own final evaluation."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from silkie.tools.evaluate import evaluate_run
+    from silkie.tools.merge import merge_adapter
+
+    model_dir = BUILDERS["qwen2_vl"](tmp_path / "tiny-qwen2-vl")
+    working = tmp_path / "run"
+    extra = ["training.max_steps=10", "data.eval_fraction=0.2", "training.eval_strategy=steps"]
+    extra.append("training.eval_steps=10")
+    final = train("qwen2_vl", model_dir, data, working, extra)
+    result = evaluate_run(working, device="cpu")
+    assert result["split_size"] == result["summary"]["n_pairs"] > 0
+    assert result["summary"]["rewards/accuracies"] == pytest.approx(final["eval_rewards/accuracies"], abs=1e-6)
+    assert result["summary"]["rewards/chosen"] == pytest.approx(final["eval_rewards/chosen"], abs=1e-5)
+
+    merged = merge_adapter(model_dir, working / "adapter", tmp_path / "merged", dtype=torch.float32)
+    assert merged.shards and (merged.out_dir / "tokenizer.json").is_file()
+    base = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    batch, pad = family_batch(model_dir, "qwen2_vl", base)
+    with torch.no_grad():
+        tuned = score_answers(PeftModel.from_pretrained(base, working / "adapter").eval(), batch, StepOptions(), pad)
+        folded = AutoModelForImageTextToText.from_pretrained(merged.out_dir).eval()
+        direct = score_answers(folded, batch, StepOptions(), pad)
+    torch.testing.assert_close(direct.chosen_logps, tuned.chosen_logps, atol=1e-4, rtol=0)

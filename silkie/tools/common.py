@@ -38,15 +38,51 @@ def load_tokenizer_from(*folders: str | Path | None) -> Any:
     raise ToolError(f"no {VOCAB_FILE} tokenizer file in {named}")
 
 
+MODEL_TYPES = {"qwen": "qwen_vl", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava": "llava"}
+
+
+def family_of(model_dir: str | Path) -> str:
+    """The model family of a checkpoint folder, from its `config.json` `model_type`."""
+    import json
+
+    config = require_dir(model_dir, "model folder", "config.json") / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ToolError(f"{config}: model_type {model_type!r} is not one of {sorted(MODEL_TYPES)}")
+    return MODEL_TYPES[model_type]
+
+
+def load_codec_from(model_dir: str | Path, *folders: str | Path | None) -> Any:
+    """The family's text codec: tokenizer (and processor) files from the first of `folders` holding them."""
+    from silkie.config import ModelSection
+    from silkie.models.family import get_family
+    from silkie.models.qwen_vl.family import QwenVLCodec
+
+    family = family_of(model_dir)
+    if family == "qwen_vl":
+        return QwenVLCodec(load_tokenizer_from(*folders, model_dir))
+    found = next((Path(f) for f in (*folders, model_dir) if f and (Path(f) / "tokenizer_config.json").is_file()), None)
+    if found is None:
+        raise ToolError(f"no tokenizer_config.json in {', '.join(str(f) for f in (*folders, model_dir) if f)}")
+    return get_family(family).load_codec(ModelSection(path=str(found), family=family))
+
+
 def load_model(
     model_dir: str | Path, adapter_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
     """The base checkpoint in `dtype` (eval mode), wrapped with the LoRA adapter from `adapter_dir` when given."""
-    from silkie.models.qwen_vl import QWenLMHeadModel
-
+    family = family_of(model_dir)
     model_dir = require_dir(model_dir, "model folder", "config.json")
-    # .to(dtype): from_pretrained(dtype=bf16) leaves the resampler's fp32 `pos_embed` in fp32 (mixed-dtype error)
-    model = QWenLMHeadModel.from_pretrained(model_dir, dtype=dtype).to(dtype)
+    if family == "qwen_vl":
+        from silkie.models.qwen_vl import QWenLMHeadModel
+
+        # .to(dtype): from_pretrained(dtype=bf16) leaves the resampler's fp32 `pos_embed` in fp32 (mixed dtypes)
+        model = QWenLMHeadModel.from_pretrained(model_dir, dtype=dtype).to(dtype)
+    else:
+        from silkie.config import ModelSection
+        from silkie.models.family import get_family
+
+        model = get_family(family).load_model(ModelSection(path=str(model_dir), family=family), dtype)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -7,6 +7,7 @@ checkpoint) it is the base checkpoint of the recipe.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -61,8 +62,11 @@ class PairTable:
         self.columns.setdefault(name, []).extend(float(v) for v in values.detach().float().cpu())
 
 
+VISION_PARTS = ("visual", "vision_tower")  # Qwen-VL / Qwen2-VL towers, LLaVA's CLIP tower
+
+
 def _adapter_has_vision(model: nn.Module) -> bool:
-    return any("visual" in name and "lora_" in name for name, _ in model.named_parameters())
+    return any(part in name and "lora_" in name for name, _ in model.named_parameters() for part in VISION_PARTS)
 
 
 def build_scorer(model_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Scorer:
@@ -158,8 +162,8 @@ def evaluate_run(
     from silkie.config import RecipeError, load_recipe
     from silkie.data.collator import PairCollator
     from silkie.dpo.step import StepOptions
-    from silkie.models.qwen_vl import QWenVLImageProcessor
-    from silkie.tools.common import load_tokenizer_from, resolve_device, resolve_tool_dtype
+    from silkie.models.family import get_family
+    from silkie.tools.common import family_of, load_codec_from, resolve_device, resolve_tool_dtype
 
     run_dir = require_dir(run_dir, "run directory")
     try:
@@ -168,14 +172,16 @@ def evaluate_run(
         raise ToolError(str(err)) from err
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
     model_dir = Path(model_dir or recipe.model.path)
-    tokenizer = load_tokenizer_from(adapter_dir, model_dir)
+    tokenizer = load_codec_from(model_dir, adapter_dir)
     dataset, store = _split_dataset(run_dir, recipe, tokenizer, split)
     if max_pairs is not None:
         dataset = dataset.select(range(min(max_pairs, len(dataset))))
     dtype, target = resolve_tool_dtype(recipe.model.dtype), resolve_device(device)
     scorer = build_scorer(model_dir, adapter_dir, dtype, target)
     config = scorer.policy.config
-    collator = PairCollator(store, QWenVLImageProcessor(config.visual["image_size"]), tokenizer.pad_token_id)
+    section = dataclasses.replace(recipe.model, path=str(model_dir), family=family_of(model_dir))
+    images = get_family(section.family).image_processor(config, section)
+    collator = PairCollator(store, images, tokenizer.pad_token_id)
     options = StepOptions(
         image_once=recipe.dpo.image_once and scorer.reference is None and not _adapter_has_vision(scorer.policy),
         share_prompt=recipe.dpo.share_prompt,

@@ -1,4 +1,4 @@
-"""Fold a LoRA adapter into its base weights and write a standalone Qwen-VL-Chat checkpoint folder."""
+"""Fold a LoRA adapter into its base weights and write a standalone checkpoint folder (any model family)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from silkie.tools.cli import ToolError, require_dir
-from silkie.tools.common import load_model, load_tokenizer_from
+from silkie.tools.common import load_codec_from, load_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -65,7 +65,8 @@ def merge_adapter(
 ) -> MergeResult:
     """Load base + adapter in `dtype`, `merge_and_unload()`, save safetensors shards, config, tokenizer.
 
-    The folder loads with `QWenLMHeadModel.from_pretrained(out_dir)` and `QWenTokenizer.from_pretrained(out_dir)`.
+    The folder loads like the base (`QWenLMHeadModel` + `QWenTokenizer` for Qwen-VL-Chat; the Auto classes
+    and `AutoProcessor` for Qwen2-VL / LLaVA).
     Other files of the base folder (e.g. the official remote-code `*.py`) are copied alongside.
     """
     base_dir = require_dir(base_dir, "base model folder", "config.json")
@@ -74,7 +75,7 @@ def merge_adapter(
     if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
         raise ToolError(f"--out {out_dir} must differ from the base and adapter folders")
     _check_out_dir(out_dir, overwrite)
-    tokenizer = load_tokenizer_from(adapter_dir, base_dir)
+    tokenizer = load_codec_from(base_dir, adapter_dir)
     model = load_model(base_dir, adapter_dir, dtype=dtype)
     merged = model.merge_and_unload()
     _set_dtype_flags(merged.config, dtype)
