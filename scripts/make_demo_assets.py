@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Create the demos' stand-ins: tiny checkpoints of each model family and a synthetic VLFeedback release.
 
-Writes OUT/tiny-qwen-vl/ (config.json, model.safetensors, qwen.tiktoken), OUT/tiny-qwen2-vl/ and OUT/tiny-llava/
+Writes OUT/tiny-qwen-vl/ (config.json, model.safetensors, qwen.tiktoken), OUT/tiny-qwen2-vl/, OUT/tiny-qwen2.5-vl/
+and OUT/tiny-llava/
 (Hugging Face folders: config, weights, tokenizer, processor, chat template) and OUT/vlfeedback/
 (vlfeedback_80k.jsonl, merged_images.zip). Existing assets are kept (use --force to rebuild).
 """
@@ -15,7 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-FOLDERS = {"qwen_vl": "tiny-qwen-vl", "qwen2_vl": "tiny-qwen2-vl", "llava": "tiny-llava"}
+FOLDERS = {
+    "qwen_vl": "tiny-qwen-vl",
+    "qwen2_vl": "tiny-qwen2-vl",
+    "qwen2_5_vl": "tiny-qwen2.5-vl",
+    "llava": "tiny-llava",
+}
 
 
 def builder(family: str):
@@ -26,7 +32,11 @@ def builder(family: str):
         return build_tiny_checkpoint
     from silkie.models.hf_vlm import tiny
 
-    return {"qwen2_vl": tiny.build_tiny_qwen2_vl, "llava": tiny.build_tiny_llava}[family]
+    return {
+        "qwen2_vl": tiny.build_tiny_qwen2_vl,
+        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
+        "llava": tiny.build_tiny_llava,
+    }[family]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL or LLaVA-1.5) for tests and the demo."""
+"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL or LLaVA-1.5) for tests and demos."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FAMILIES = ("qwen2_vl", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,9 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
 
-    from silkie.models.hf_vlm.tiny import build_tiny_llava, build_tiny_qwen2_vl
+    from silkie.models.hf_vlm import tiny
 
-    build = build_tiny_qwen2_vl if args.family == "qwen2_vl" else build_tiny_llava
+    build = {
+        "qwen2_vl": tiny.build_tiny_qwen2_vl,
+        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
+        "llava": tiny.build_tiny_llava,
+    }[args.family]
     out = build(args.out_dir, seed=args.seed)
     print(f"tiny {args.family} checkpoint written to {out}")
     return 0

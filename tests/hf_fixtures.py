@@ -11,10 +11,10 @@ from PIL import Image
 from silkie.config import LoraSection, ModelSection
 from silkie.data.collator import PairCollator
 from silkie.models.family import get_family
-from silkie.models.hf_vlm.tiny import build_tiny_llava, build_tiny_qwen2_vl
+from silkie.models.hf_vlm.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 from silkie.models.loading import apply_lora, load_base_model, load_tokenizer
 
-BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava}
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "llava": build_tiny_llava}
 # (prompt, chosen, rejected, image size (w, h) or None): sizes differ so Qwen2-VL grids (and M-RoPE) differ;
 # answers stay short so summed fp32 log-probs stay under 64 in magnitude, where 1e-5 is above fp32 rounding
 PAIRS = [

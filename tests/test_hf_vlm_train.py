@@ -15,7 +15,8 @@ from silkie.train import run_training
 from .conftest import REPO_ROOT
 from .hf_fixtures import BUILDERS, family_batch
 
-FOLDERS = {"qwen2_vl": "tiny-qwen2-vl", "llava": "tiny-llava"}
+FOLDERS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "llava": "tiny-llava"}
+RECIPES = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo_qwen2_vl", "llava": "demo_llava"}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def data(tmp_path_factory) -> Path:
 def train(family: str, model_dir: Path, data: Path, working: Path, extra: list[str]) -> dict:
     overrides = [
         f"model.path={model_dir}",
+        f"model.family={family}",
         f"data.path={data / 'vlfeedback_80k.jsonl'}",
         f"data.images={data / 'merged_images.zip'}",
         "data.eval_fraction=0.0",
@@ -41,7 +43,7 @@ def train(family: str, model_dir: Path, data: Path, working: Path, extra: list[s
         "training.learning_rate=2e-3",
         *extra,
     ]
-    return run_training(load_recipe(REPO_ROOT / "dpo_config" / f"demo_{family}.yaml", overrides), working)
+    return run_training(load_recipe(REPO_ROOT / "dpo_config" / f"{RECIPES[family]}.yaml", overrides), working)
 
 
 @pytest.mark.parametrize("family", sorted(FOLDERS))

@@ -20,7 +20,7 @@ from torch import nn
 FAMILY_CLASSES = {
     "qwen_vl": "silkie.models.qwen_vl.family:QwenVLFamily",
     "qwen2_vl": "silkie.models.hf_vlm.family:Qwen2VLFamily",
-    "qwen2_5_vl": "silkie.models.hf_vlm.family:Qwen2VLFamily",
+    "qwen2_5_vl": "silkie.models.hf_vlm.family:Qwen2_5_VLFamily",
     "llava": "silkie.models.hf_vlm.family:LlavaFamily",
 }
 

@@ -8,7 +8,9 @@ rows get M-RoPE positions from the model's `get_rope_index` on the prompt, each 
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +38,24 @@ class HFVisionFamily(ModelFamily):
     vision_parts: tuple[str, ...] = ()  # attribute names under `model.model` (tower first, projector last)
     projector_part = ""
 
+    model_types: tuple[str, ...] = ()
+
+    def check_folder(self, path: str) -> None:
+        """One-line error when `path` is not a checkpoint folder of this family (before transformers parses it)."""
+        config = Path(path) / "config.json"
+        if not config.is_file():
+            raise ValueError(f"model.path: {path} has no config.json (expected a {self.name} checkpoint folder)")
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type not in self.model_types:
+            raise ValueError(
+                f"model.family: {path} holds a {model_type!r} checkpoint, not a {self.name} model "
+                f"(model_type {' or '.join(self.model_types)})"
+            )
+
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         from transformers import AutoModelForImageTextToText
 
+        self.check_folder(section.path)
         if section.attn_implementation == "flex_attention":
             raise ValueError(
                 f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa or eager with {self.name}"
@@ -55,6 +72,7 @@ class HFVisionFamily(ModelFamily):
         return model
 
     def load_codec(self, section: Any) -> ChatTemplateCodec:
+        self.check_folder(section.path)
         processor = load_processor(section.path, section.min_pixels, section.max_pixels)
         return ChatTemplateCodec(processor, self.image_token_budget(processor))
 
@@ -87,7 +105,8 @@ class HFVisionFamily(ModelFamily):
 class Qwen2VLFamily(HFVisionFamily):
     """Qwen2-VL / Qwen2.5-VL: images of any size within the recipe's pixel bounds; 3-D M-RoPE positions."""
 
-    class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    class_names = ("Qwen2VLForConditionalGeneration",)
+    model_types = ("qwen2_vl",)
     vision_lora_pattern = (
         r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.(?:fc1|fc2|gate_proj|up_proj|down_proj))"
     )
@@ -141,6 +160,13 @@ class Qwen2VLFamily(HFVisionFamily):
         return {"mm_token_type_ids": (input_ids == base.config.image_token_id).int()}
 
 
+class Qwen2_5_VLFamily(Qwen2VLFamily):
+    """Qwen2.5-VL: Qwen2-VL's interface (window-attention ViT with a SwiGLU MLP, same M-RoPE and processor)."""
+
+    class_names = ("Qwen2_5_VLForConditionalGeneration",)
+    model_types = ("qwen2_5_vl",)
+
+
 class Qwen2VLImages:
     """PIL images -> `pixel_values` patches + `image_grid_thw`, and each image's token count (grid / merge^2)."""
 
@@ -167,8 +193,9 @@ class LlavaFamily(HFVisionFamily):
     """LLaVA-1.5 style: a CLIP tower at a fixed size, a projector, and a Llama-style LLM with 1-D positions."""
 
     class_names = ("LlavaForConditionalGeneration",)
+    model_types = ("llava",)
     vision_lora_pattern = (
-        r"model\.vision_tower\.vision_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc1|mlp\.fc2)"
+        r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
     )
     vision_parts = ("vision_tower", "multi_modal_projector")
     projector_part = "multi_modal_projector"

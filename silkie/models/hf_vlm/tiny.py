@@ -25,6 +25,9 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -152,8 +155,8 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerFast, multiple: int = 64) ->
 INIT_STD = 0.1
 
 
-def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
-    """Qwen2-VL with a 2-layer, 64-wide text model and a 2-block, 32-wide ViT; token ids from `tokenizer`."""
+def _qwen2_text_and_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[dict, dict]:
+    """The tiny Qwen2 text config and the special-token ids of a Qwen2-VL-style config."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
     text = dict(
         vocab_size=padded_vocab_size(tokenizer),
@@ -169,6 +172,18 @@ def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
         pad_token_id=ids["<|endoftext|>"],
         initializer_range=INIT_STD,
     )
+    special = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return text, special
+
+
+def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
+    """Qwen2-VL with a 2-layer, 64-wide text model and a 2-block, 32-wide ViT; token ids from `tokenizer`."""
+    text, special = _qwen2_text_and_ids(tokenizer)
     vision = dict(
         depth=2,
         embed_dim=VISION_HIDDEN,
@@ -180,14 +195,26 @@ def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
         temporal_patch_size=2,
         initializer_range=INIT_STD,
     )
-    return Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
+
+
+def tiny_qwen2_5_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL: the same text model; a 2-block ViT with a SwiGLU MLP, window attention in block 0, full in 1."""
+    text, special = _qwen2_text_and_ids(tokenizer)
+    vision = dict(
+        depth=2,
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=2 * VISION_HIDDEN,
+        num_heads=2,
+        out_hidden_size=TEXT_HIDDEN,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+        initializer_range=INIT_STD,
     )
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
 
 
 def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
@@ -250,22 +277,33 @@ def _finish_qwen2_vl_processor(out: Path, image_processor: Qwen2VLImageProcessor
         (out / name).write_text(json.dumps(data | extra, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random Qwen2-VL folder (model, Qwen2Tokenizer, PIL image processor, processor) to `out_dir`."""
+def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, version: str = "2") -> Path:
+    """Write a tiny random Qwen2-VL (`version` "2.5": Qwen2.5-VL) folder: model, tokenizer, PIL image processor."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer(style="qwen2")
-    config = tiny_qwen2_vl_config(tokenizer)
+    if version == "2.5":
+        config, model_class, processor_class = (
+            tiny_qwen2_5_vl_config(tokenizer), Qwen2_5_VLForConditionalGeneration, ImageOnlyQwen2_5_VLProcessor
+        )  # fmt: skip
+    else:
+        config, model_class = tiny_qwen2_vl_config(tokenizer), Qwen2VLForConditionalGeneration
+        processor_class = ImageOnlyQwen2VLProcessor
     eos = [config.text_config.eos_token_id, config.text_config.bos_token_id]  # <|im_end|>, <|endoftext|>
-    _save_model(Qwen2VLForConditionalGeneration, config, out, seed, eos)
+    _save_model(model_class, config, out, seed, eos)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=QWEN2_VL_MIN_PIXELS, max_pixels=QWEN2_VL_MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=2
     )
-    processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
+    processor = processor_class(image_processor, tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     processor.save_pretrained(out)
     _finish_qwen2_vl_processor(out, image_processor)
     register_qwen2_vl_processor()
     return out
+
+
+def build_tiny_qwen2_5_vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-VL folder (same tokenizer, template and image processor as Qwen2-VL)."""
+    return build_tiny_qwen2_vl(out_dir, seed, version="2.5")
 
 
 def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
@@ -297,8 +335,15 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without the video processor (see `ImageOnlyQwen2VLProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+
+
 def register_qwen2_vl_processor() -> bool:
-    """Without torchvision, make AutoProcessor load Qwen2-VL folders as `ImageOnlyQwen2VLProcessor`.
+    """Without torchvision, make AutoProcessor load Qwen2-VL / Qwen2.5-VL folders as the image-only processors.
 
     transformers 5.24 cannot build (or load) `Qwen2VLProcessor` without torchvision, because its video processor
     needs it. Returns True when the image-only processor was registered.
@@ -306,4 +351,5 @@ def register_qwen2_vl_processor() -> bool:
     if is_torchvision_available():
         return False
     AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
+    AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor, exist_ok=True)
     return True

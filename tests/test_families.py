@@ -1,0 +1,101 @@
+"""The model-family seam: registry, unwrapping, recipe checks, LoRA targets and freezing per family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from silkie.config import LoraSection, ModelSection, RecipeError
+from silkie.models.family import FAMILY_CLASSES, get_family, unwrap_causal_lm
+from silkie.models.loading import apply_lora, freeze_vision, load_base_model
+
+from .hf_fixtures import BUILDERS, model_section
+
+VISION_NAMES = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "llava": "model.vision_tower."}
+PROJECTORS = {
+    "qwen2_vl": "model.visual.merger.",
+    "qwen2_5_vl": "model.visual.merger.",
+    "llava": "model.multi_modal_projector.",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def folder(request, tmp_path_factory):
+    return request.param, BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def test_unknown_family_and_bad_model_section_give_one_line_errors():
+    with pytest.raises(ValueError, match="model.family: unknown family 'gemma'"):
+        get_family("gemma")
+    for section, needle in (
+        (ModelSection(path="m", family="qwen3"), "model.family = 'qwen3'"),
+        (ModelSection(path="m", family="qwen_vl", max_pixels=1000), "model.max_pixels = 1000"),
+        (ModelSection(path="m", family="qwen2_vl", min_pixels=5000, max_pixels=1000), "model.min_pixels = 5000"),
+        (ModelSection(path="m", family="llava", attn_implementation="flex_attention"), "model.attn_implementation"),
+    ):
+        with pytest.raises(RecipeError, match=needle):
+            section.check()
+    ModelSection(path="m", family="qwen2_5_vl", min_pixels=3136, max_pixels=200704).check()
+
+
+def test_a_checkpoint_of_another_family_is_refused_by_name(folder, tmp_path):
+    family, path = folder
+    other = "llava" if family != "llava" else "qwen2_vl"
+    with pytest.raises(ValueError, match=f"model.family: {path} holds a .* not a {other} model"):
+        load_base_model(ModelSection(path=str(path), family=other, dtype="fp32"))
+    from silkie.models.loading import load_tokenizer
+
+    with pytest.raises(ValueError, match=f"model.family: {path} holds a .* not a {other} model"):
+        load_tokenizer(ModelSection(path=str(path), family=other))
+    with pytest.raises(ValueError, match="model.path: .* has no config.json"):
+        load_tokenizer(ModelSection(path=str(tmp_path), family=other))
+
+
+def test_unwrap_finds_the_lm_under_peft_and_names_its_family(folder):
+    family, path = folder
+    model = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4), family)
+    base, found = unwrap_causal_lm(model)
+    assert base is model.get_base_model() and found.owns(base)
+    assert type(found) is type(get_family(family)) and set(FAMILY_CLASSES) >= {family}
+
+
+def test_lora_targets_every_llm_linear_and_the_vision_tower_only_when_asked(folder):
+    family, path = folder
+    plain = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4), family)
+    names = [n for n, _ in plain.named_parameters() if "lora_A" in n]
+    kinds = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(names) == 2 * 7 and all("language_model" in n for n in names)  # 2 layers x 7 linears
+    trainable = [n for n, p in plain.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with_vision = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4, vision=True), family)
+    vision = [n for n, _ in with_vision.named_parameters() if "lora_A" in n and VISION_NAMES[family] in n]
+    per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6}[family]  # qkv proj fc1 fc2 | +gate up down | q k v out
+    assert len(vision) == 2 * per_block
+
+
+def test_full_fine_tuning_trains_the_projector_not_the_tower(folder):
+    family, path = folder
+    model = load_base_model(model_section(path, family))
+    freeze_vision(model, keep_resampler=True, family=family)
+    for name, param in model.named_parameters():
+        if name.startswith(PROJECTORS[family]):
+            assert param.requires_grad, name
+        elif name.startswith(VISION_NAMES[family]):
+            assert not param.requires_grad, name
+    assert any(p.requires_grad for n, p in model.named_parameters() if "language_model" in n)
+
+
+def test_tokenization_cache_key_follows_the_codec(folder):
+    from silkie.data.formatting import cache_key
+    from silkie.models.loading import load_tokenizer
+
+    family, path = folder
+    codec = load_tokenizer(model_section(path, family))
+    record = {"prompt_id": "p", "prompt": "Q", "image": "i", "chosen": "a", "rejected": "b",
+              "chosen_score": 1.0, "rejected_score": 0.0}  # fmt: skip
+    key = cache_key([record], codec, 64, "drop")
+    assert key == cache_key([record], codec, 64, "drop") != cache_key([record], codec, 65, "drop")
+    codec.processor.chat_template = codec.processor.chat_template + " "
+    assert cache_key([record], codec, 64, "drop") != key
+    torch.manual_seed(0)
