@@ -12,7 +12,6 @@ import gc
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from silkie.bench import PeakMemory
+from silkie.bench import BenchResult, PeakMemory
 
 OURS = {  # run name -> dpo section switches
     "silkie-plain": {"image_once": False, "share_prompt": False, "precompute_ref_log_probs": False},
@@ -36,22 +35,6 @@ QWEN2_VL_7B = {  # Qwen2-VL-7B-Instruct's shape (config.json of the release)
     "vision": dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=3584, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2),
 }  # fmt: skip
-
-
-@dataclass
-class TrlBenchResult:
-    """One (trainer, batch size) measurement."""
-
-    path: str
-    batch_size: int
-    step_seconds: float
-    step_seconds_spread: float
-    pairs_per_second: float
-    tokens_per_second: float
-    peak_memory_gib: float
-    tflop_per_pair: float | None = None
-    mfu: float | None = None
-    reference_precompute_seconds_per_pair: float | None = None
 
 
 class StepClock(TrainerCallback):
@@ -221,7 +204,7 @@ def pair_tokens_of(codec, images, pairs: list[dict]) -> float:
     return total / len(sample)
 
 
-def run(args) -> list[TrlBenchResult]:
+def run(args) -> list[BenchResult]:
     """Every requested run (TRL first) at every batch size; prints a line per run and returns the results."""
     from silkie.config import LoraSection, ModelSection
     from silkie.models.family import get_family
@@ -252,10 +235,11 @@ def run(args) -> list[TrlBenchResult]:
                 else:
                     times, peak, precompute = run_ours(model, codec, images, pairs, name, size, steps, args, root)
                 median = statistics.median(times)
-                result = TrlBenchResult(
+                result = BenchResult(
                     path=name, batch_size=size, step_seconds=median, step_seconds_spread=max(times) - min(times),
                     pairs_per_second=size / median, tokens_per_second=tokens * size / median,
-                    peak_memory_gib=peak / 2**30, reference_precompute_seconds_per_pair=precompute,
+                    peak_memory_gib=peak / 2**30, tflop_per_pair=None, mfu=None,
+                    reference_precompute_seconds_per_pair=precompute,
                 )  # fmt: skip
                 results.append(result)
                 print(f"{name:28s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "
