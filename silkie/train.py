@@ -90,6 +90,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     reference_cache = None
     if recipe.dpo.precompute_ref_log_probs:
         options = {"dtype": str(dtype), "max_length": recipe.dpo.max_length, "lora": recipe.lora.enabled}
+        # the pixel bounds decide how many tokens each image takes, so they decide the reference log-probs too
+        options |= {"family": recipe.model.family, "pixels": [recipe.model.min_pixels, recipe.model.max_pixels]}
         reference_cache = ReferenceCache(working / "reference_logps", recipe.model.path, options)
     preemption = PreemptionCallback()
     trainer = SilkieDPOTrainer(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from silkie.config import LoraSection, ModelSection, RecipeError
 from silkie.models.family import FAMILY_CLASSES, get_family, unwrap_causal_lm
@@ -96,6 +95,12 @@ def test_tokenization_cache_key_follows_the_codec(folder):
               "chosen_score": 1.0, "rejected_score": 0.0}  # fmt: skip
     key = cache_key([record], codec, 64, "drop")
     assert key == cache_key([record], codec, 64, "drop") != cache_key([record], codec, 65, "drop")
-    codec.processor.chat_template = codec.processor.chat_template + " "
-    assert cache_key([record], codec, 64, "drop") != key
-    torch.manual_seed(0)
+    template = codec.processor.chat_template
+    codec.processor.chat_template = template + " "
+    try:
+        assert cache_key([record], codec, 64, "drop") != key
+    finally:
+        codec.processor.chat_template = template  # the processor is cached per folder: leave it as found
+    if family != "llava":  # the image token bound decides which pairs max_length drops
+        bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_pixels=56 * 56))
+        assert bounded.image_token_budget == 4 and cache_key([record], bounded, 64, "drop") != key

@@ -80,11 +80,12 @@ class ChatTemplateCodec:
         return self._ids(full[len(prefix) :])
 
     def fingerprint(self) -> str:
-        """Hash of the tokenizer (vocabulary, merges, special tokens) and the chat template."""
+        """Hash of the tokenizer (vocabulary, merges, special tokens), the chat template and the image token bound."""
         digest = hashlib.sha256(type(self.tokenizer).__qualname__.encode())
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         digest.update((backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab())).encode())
         digest.update(str(self.processor.chat_template or self.tokenizer.chat_template).encode())
+        digest.update(f"image tokens <= {self.image_token_budget}".encode())  # decides which pairs max_length drops
         return digest.hexdigest()
 
     def save_pretrained(self, directory: str) -> Any:
