@@ -74,6 +74,12 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
 
         deepspeed.init_distributed()  # deepspeed.comm over the same group (zero.Init reads its world size)
     tokenizer = load_tokenizer(recipe.model)
+    if tokenizer.image_token_budget >= recipe.dpo.max_length:
+        raise ValueError(
+            f"model.max_pixels: one image may take {tokenizer.image_token_budget} tokens, not below dpo.max_length "
+            f"= {recipe.dpo.max_length}, so every pair with an image would be dropped; lower model.max_pixels "
+            "(e.g. 200704 = 448x448 -> 256 tokens) or raise dpo.max_length"
+        )
     with args.main_process_first(desc="tokenizing pairs"):
         data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, recipe.data.cache_dir or working / "cache")
     _say(f"data: {data.report.summary()}")
@@ -91,7 +97,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     if recipe.dpo.precompute_ref_log_probs:
         options = {"dtype": str(dtype), "max_length": recipe.dpo.max_length, "lora": recipe.lora.enabled}
         # the pixel bounds decide how many tokens each image takes, so they decide the reference log-probs too
-        options |= {"family": recipe.model.family, "pixels": [recipe.model.min_pixels, recipe.model.max_pixels]}
+        options |= {"family": recipe.model.family, "attn": recipe.model.attn_implementation}
+        options["images"] = processor.fingerprint()
         reference_cache = ReferenceCache(working / "reference_logps", recipe.model.path, options)
     preemption = PreemptionCallback()
     trainer = SilkieDPOTrainer(

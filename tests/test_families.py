@@ -104,3 +104,61 @@ def test_tokenization_cache_key_follows_the_codec(folder):
     if family != "llava":  # the image token bound decides which pairs max_length drops
         bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_pixels=56 * 56))
         assert bounded.image_token_budget == 4 and cache_key([record], bounded, 64, "drop") != key
+
+
+def test_an_answer_template_without_a_stop_token_gets_eos(folder):
+    """llava-hf's template ends the assistant turn with a space: the codec appends EOS so the stop is learned."""
+    from silkie.models.loading import load_tokenizer
+
+    family, path = folder
+    codec = load_tokenizer(model_section(path, family))
+    eos = codec.tokenizer.eos_token_id
+    assert codec.answer_ids("Red.").count(eos) == 1
+    template = codec.processor.chat_template
+    codec.processor.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'][-1]['text'] }} "
+        "{% else %}ASSISTANT: {{ m['content'][-1]['text'] }} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    try:
+        ids = codec.answer_ids("Red.")
+    finally:
+        codec.processor.chat_template = template
+    assert ids[-1] == eos and ids.count(eos) == 1
+
+
+def test_an_image_budget_over_max_length_is_refused_before_training(tmp_path):
+    from silkie.config import load_recipe
+    from silkie.train import run_training
+
+    from .conftest import REPO_ROOT
+
+    path = BUILDERS["qwen2_vl"](tmp_path / "m")
+    overrides = [f"model.path={path}", "model.max_pixels=12845056", "data.path=none.jsonl", "training.report_to=none"]
+    recipe = load_recipe(REPO_ROOT / "dpo_config" / "demo_qwen2_vl.yaml", overrides)
+    with pytest.raises(ValueError, match=r"model.max_pixels: one image may take 16384 tokens.*dpo.max_length = 512"):
+        run_training(recipe, tmp_path / "run")
+
+
+def test_an_image_the_processor_cannot_take_drops_its_pair(folder):
+    """Qwen2-VL refuses aspect ratios over 200: the pair is dropped (and replaced), the run goes on."""
+    from PIL import Image
+
+    from silkie.data.collator import DroppedPairWarning, PairCollator
+    from silkie.models.loading import load_base_model, load_tokenizer
+
+    from .hf_fixtures import MemoryImages, tokenized_rows
+
+    family, path = folder
+    if family == "llava":
+        pytest.skip("CLIP resizes any aspect ratio")
+    section = model_section(path, family)
+    codec = load_tokenizer(section)
+    store = MemoryImages()
+    store.images["img0"] = Image.new("RGB", (2000, 5))
+    images = get_family(family).image_processor(load_base_model(section).config, section)
+    with pytest.warns(DroppedPairWarning, match="p0.*aspect ratio 2000x5"):
+        batch = PairCollator(store, images, codec.pad_token_id)(tokenized_rows(codec))
+    # 4 rows still (a copy of the first kept pair fills the slot); the 2 remaining pictures are processed
+    assert batch["prompt_input_ids"].size(0) == 4 and batch["image_grid_thw"].size(0) == 2
+    assert batch["image_index"].max() == 1

@@ -70,7 +70,12 @@ class PairCollator:
             return None
         if self.image_store is None:
             raise ImageLoadError(key, "the collator has no image store")
-        return self.image_store.open(key)
+        image = self.image_store.open(key)
+        problem = self.image_processor.check(image) if hasattr(self.image_processor, "check") else None
+        if problem:  # the family's processor would fail on it: drop the pair like an unreadable image
+            image.close()
+            raise ImageLoadError(key, problem)
+        return image
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate `rows` (dicts with `prompt_id`, `image`, `*_input_ids`) into a batch of tensors."""

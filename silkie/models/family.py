@@ -66,12 +66,14 @@ class ModelFamily:
         """The checkpoint in `dtype` with the recipe's attention implementation."""
         raise NotImplementedError
 
-    def load_codec(self, section: Any) -> PairCodec:
-        """The text codec for the checkpoint in `section.path`."""
+    def load_codec(self, section: Any, files: str | None = None) -> PairCodec:
+        """The text codec for the checkpoint in `section.path` (tokenizer files from `files` when given)."""
         raise NotImplementedError
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
-        """Callable PIL images -> `ImageBatch` (or a `pixel_values` tensor) used by the collator."""
+        """Callable PIL images -> `ImageBatch` (or a `pixel_values` tensor) used by the collator, with
+        `fingerprint()` (settings that decide pixels and token counts) and optionally `check(image)` (why the
+        processor would fail on an image, or None)."""
         raise NotImplementedError
 
     def lora_target_regex(self, lora: Any) -> str:

@@ -52,8 +52,11 @@ def family_of(model_dir: str | Path) -> str:
     return MODEL_TYPES[model_type]
 
 
-def load_codec_from(model_dir: str | Path, *folders: str | Path | None) -> Any:
-    """The family's text codec: tokenizer (and processor) files from the first of `folders` holding them."""
+def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section: Any = None) -> Any:
+    """The family's text codec: tokenizer (and processor) files from the first of `folders` holding them.
+
+    `section` (the run's `model:` recipe section) carries the pixel bounds the run trained with.
+    """
     from silkie.config import ModelSection
     from silkie.models.family import get_family
     from silkie.models.qwen_vl.family import QwenVLCodec
@@ -64,7 +67,8 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None) -> Any:
     found = next((Path(f) for f in (*folders, model_dir) if f and (Path(f) / "tokenizer_config.json").is_file()), None)
     if found is None:
         raise ToolError(f"no tokenizer_config.json in {', '.join(str(f) for f in (*folders, model_dir) if f)}")
-    return get_family(family).load_codec(ModelSection(path=str(found), family=family))
+    bounds = {"min_pixels": section.min_pixels, "max_pixels": section.max_pixels} if section is not None else {}
+    return get_family(family).load_codec(ModelSection(path=str(model_dir), family=family, **bounds), files=str(found))
 
 
 def load_model(

@@ -172,7 +172,7 @@ def evaluate_run(
         raise ToolError(str(err)) from err
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
     model_dir = Path(model_dir or recipe.model.path)
-    tokenizer = load_codec_from(model_dir, adapter_dir)
+    tokenizer = load_codec_from(model_dir, adapter_dir, section=recipe.model)
     dataset, store = _split_dataset(run_dir, recipe, tokenizer, split)
     if max_pairs is not None:
         dataset = dataset.select(range(min(max_pairs, len(dataset))))

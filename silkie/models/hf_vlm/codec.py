@@ -71,13 +71,17 @@ class ChatTemplateCodec:
         return self._ids(self.prompt_text(prompt, image))
 
     def answer_ids(self, text: str) -> list[int]:
-        """The assistant turn as rendered after a prompt (the template's end-of-turn tokens included)."""
+        """The assistant turn as rendered after a prompt (the template's end-of-turn tokens; EOS added if absent)."""
         user = self._user("", None)
         prefix = self._render(user, True)
         full = self._render([*user, {"role": "assistant", "content": [{"type": "text", "text": text}]}], False)
         if not full.startswith(prefix):
             raise ValueError("the chat template renders prompt + answer without the prompt as a prefix")
-        return self._ids(full[len(prefix) :])
+        ids = self._ids(full[len(prefix) :])
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos not in ids:  # e.g. llava-hf's template ends a turn with a space, not </s>:
+            ids.append(eos)  # without a stop token the policy would never learn where an answer ends
+        return ids
 
     def fingerprint(self) -> str:
         """Hash of the tokenizer (vocabulary, merges, special tokens), the chat template and the image token bound."""

@@ -71,9 +71,11 @@ class HFVisionFamily(ModelFamily):
             )
         return model
 
-    def load_codec(self, section: Any) -> ChatTemplateCodec:
-        self.check_folder(section.path)
-        processor = load_processor(section.path, section.min_pixels, section.max_pixels)
+    def load_codec(self, section: Any, files: str | None = None) -> ChatTemplateCodec:
+        """The codec of the checkpoint; tokenizer/processor files from `files` (e.g. an adapter folder) if given."""
+        if files is None:
+            self.check_folder(section.path)
+        processor = load_processor(files or section.path, section.min_pixels, section.max_pixels)
         return ChatTemplateCodec(processor, self.image_token_budget(processor))
 
     def image_token_budget(self, processor: Any) -> int:
@@ -176,6 +178,17 @@ class Qwen2VLImages:
         vision = model_config.vision_config
         self.empty_width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
 
+    def check(self, image: Any) -> str | None:
+        """Why the processor cannot take `image` (Qwen2-VL refuses aspect ratios over 200), or None."""
+        width, height = image.size
+        if max(width, height) > 200 * max(1, min(width, height)):
+            return f"aspect ratio {width}x{height} is over 200 (Qwen2-VL's limit)"
+        return None
+
+    def fingerprint(self) -> str:
+        """The image processor's settings (they decide pixels and token counts)."""
+        return self.image_processor.to_json_string()
+
     def __call__(self, images: list) -> ImageBatch:
         if not images:
             tensors = {
@@ -238,8 +251,14 @@ class LlavaImages:
     def __init__(self, processor: Any, model_config: Any):
         self.image_processor = processor.image_processor
         self.marker_id = model_config.image_token_id
-        self.tokens = self.tokens_per_image(processor)
-        self.size = model_config.vision_config.image_size
+        vision = model_config.vision_config  # the features the model makes decide the count, not processor keys
+        cls = 0 if model_config.vision_feature_select_strategy == "default" else 1
+        self.tokens = (vision.image_size // vision.patch_size) ** 2 + cls
+        self.size = vision.image_size
+
+    def fingerprint(self) -> str:
+        """The image processor's settings (size, crop, normalisation)."""
+        return self.image_processor.to_json_string()
 
     @staticmethod
     def tokens_per_image(processor: Any) -> int:

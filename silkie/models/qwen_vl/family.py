@@ -70,8 +70,8 @@ class QwenVLFamily(ModelFamily):
             section.path, dtype=dtype, attn_implementation=section.attn_implementation, **extra
         )
 
-    def load_codec(self, section: Any) -> QwenVLCodec:
-        return QwenVLCodec(QWenTokenizer.from_pretrained(section.path))
+    def load_codec(self, section: Any, files: str | None = None) -> QwenVLCodec:
+        return QwenVLCodec(QWenTokenizer.from_pretrained(files or section.path))
 
     def image_processor(self, model_config: Any, section: Any) -> QWenVLImageProcessor:
         return QWenVLImageProcessor(model_config.visual["image_size"])

@@ -39,6 +39,10 @@ class QWenVLImageProcessor:
         tensor = torch.from_numpy(array).permute(2, 0, 1)
         return (tensor - self.mean) / self.std
 
+    def fingerprint(self) -> str:
+        """The settings that decide the pixels (size, mean, std)."""
+        return f"qwen_vl {self.image_size} {self.mean.flatten().tolist()} {self.std.flatten().tolist()}"
+
     def __call__(self, images: Sequence[Image.Image | str | Path] | Image.Image) -> torch.Tensor:
         """A list of images -> `pixel_values` [N, 3, S, S] (float32)."""
         if isinstance(images, (Image.Image, str, Path)):
