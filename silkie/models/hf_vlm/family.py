@@ -101,7 +101,19 @@ class HFVisionFamily(ModelFamily):
         return nn.ModuleList([getattr(base.model, part) for part in dict.fromkeys(self.vision_parts)])
 
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
-        return base.model(**kwargs).last_hidden_state
+        # through the outermost module (DeepSpeed's per-step hooks, e.g. ZeRO-3 prefetch, live on the root), with
+        # logits for one position only; the decoder's last hidden states are taken from its output on the way
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(module: nn.Module, args: tuple, output: Any) -> None:
+            captured["hidden"] = output.last_hidden_state
+
+        handle = base.model.register_forward_hook(keep)
+        try:
+            model(**kwargs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return captured["hidden"]
 
 
 class Qwen2VLFamily(HFVisionFamily):
