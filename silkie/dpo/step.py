@@ -81,14 +81,15 @@ def score_answers(
     """Run `model` once over the batch's rows and sum answer-token log-probs per pair."""
     base, family = unwrap_causal_lm(model)
     device = next(base.parameters()).device
+    on_device = _on(batch, device)  # once: the image tensors may still be on the CPU
     if options.share_prompt:
-        positions = family.prompt_positions(base, _on(batch, device))
+        positions = family.prompt_positions(base, on_device)
         rows = packed_rows(batch, pad_token_id, None if positions is None else positions.cpu())
     else:
         rows = concat_rows(batch, pad_token_id)
     images = {}
     if rows.image_order.numel():
-        images = family.row_image_kwargs(base, _on(batch, device), rows.image_order.to(device), image_features)
+        images = family.row_image_kwargs(base, on_device, rows.image_order.to(device), image_features)
     with torch.no_grad() if no_grad else nullcontext():
         input_ids = rows.input_ids.to(device)
         kwargs = dict(
