@@ -142,3 +142,23 @@ def test_qwen2_vl_adapter_merges_and_evaluates_like_the_trainer(data, tmp_path):
         folded = AutoModelForImageTextToText.from_pretrained(merged.out_dir).eval()
         direct = score_answers(folded, batch, StepOptions(), pad)
     torch.testing.assert_close(direct.chosen_logps, tuned.chosen_logps, atol=1e-4, rtol=0)
+    # chat streams the same greedy answer as generate() on the same inputs, for the base and the DPO model
+    from PIL import Image
+
+    from silkie.tools.chat import GenerationOptions, _family_inputs, chat_once
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (60, 80), "red").save(image)
+    pieces: list[str] = []
+    options = GenerationOptions(max_new_tokens=6)
+    question = "What colour is it?"
+    adapter = working / "adapter"
+    answers = chat_once(model_dir, image, question, adapter, options, True, device="cpu", write=pieces.append)
+    assert set(answers) == {"base", "dpo"} and answers["dpo"] in "".join(pieces)
+    picture = Image.open(image).convert("RGB")
+    tokenizer, ids, images = _family_inputs(model_dir, working / "adapter", base.config, picture, image, question, "")
+    dpo = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), working / "adapter").eval()
+    with torch.no_grad():
+        out = dpo.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, max_new_tokens=6,
+                           do_sample=False, eos_token_id=[tokenizer.eos_token_id])  # fmt: skip
+    assert answers["dpo"] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -46,19 +46,28 @@ def build_prompt_ids(tokenizer: Any, image_path: str | Path, question: str, syst
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
+    if not hasattr(tokenizer, "im_end_id"):  # a transformers tokenizer (Qwen2-VL, LLaVA): its EOS ends the turn
+        return [tokenizer.eos_token_id]
     """Generation stops at `<|im_end|>`, `<|im_start|>` or `<|endoftext|>`."""
     return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
 
 
-def generate_kwargs(tokenizer: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor, options: GenerationOptions):
-    """Keyword arguments of `model.generate` for one prompt (greedy, or nucleus sampling)."""
+def generate_kwargs(
+    tokenizer: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict, options: GenerationOptions
+) -> dict:
+    """Keyword arguments of `model.generate` for one prompt (greedy, or nucleus sampling).
+
+    `pixel_values` is the image tensor, or a dict of the family's image inputs (e.g. + `image_grid_thw`).
+    """
+    images = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
+    pad = getattr(tokenizer, "eod_id", None)
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        pixel_values=pixel_values,
+        **images,
         max_new_tokens=options.max_new_tokens,
         eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.eod_id,
+        pad_token_id=pad if pad is not None else (tokenizer.pad_token_id or tokenizer.eos_token_id),
         do_sample=options.sample,
     )
     if options.sample:
@@ -148,19 +157,52 @@ def chat_once(
     device: str = "auto",
     write: Callable[[str], Any] | None = None,
 ) -> dict[str, str]:
-    """Load the model (+adapter), build the prompt, stream the answer(s) to `write`; returns them by name."""
-    from silkie.models.qwen_vl import QWenVLImageProcessor
-    from silkie.tools.common import load_model, load_tokenizer_from, resolve_device, resolve_tool_dtype
+    """Load the model (+adapter), build the prompt, stream the answer(s) to `write`; returns them by name.
+
+    The family comes from the model folder's config.json; `system` applies to Qwen-VL-Chat (the
+    transformers-native families use their chat template's default system turn).
+    """
+    from silkie.tools.common import family_of, load_model, resolve_device, resolve_tool_dtype
 
     if compare and adapter_dir is None:
         raise ToolError("--compare needs --adapter (the base answer is the model with the adapter disabled)")
     picture = read_image(image)
     options = options or GenerationOptions()
-    tokenizer = load_tokenizer_from(model_dir, adapter_dir)
     torch_dtype = resolve_tool_dtype(dtype)
     target = resolve_device(device)
     model = load_model(model_dir, adapter_dir, dtype=torch_dtype).to(target)
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    pixel_values = QWenVLImageProcessor(config.visual["image_size"])([picture]).to(target, torch_dtype)
-    input_ids = torch.tensor([build_prompt_ids(tokenizer, image, question, system)], device=target)
-    return answer_with_labels(model, tokenizer, input_ids, pixel_values, options, compare, write)
+    prepare = _qwen_vl_inputs if family_of(model_dir) == "qwen_vl" else _family_inputs
+    tokenizer, input_ids, images = prepare(model_dir, adapter_dir, config, picture, image, question, system)
+    images = {k: v.to(target, torch_dtype) if v.is_floating_point() else v.to(target) for k, v in images.items()}
+    return answer_with_labels(model, tokenizer, input_ids.to(target), images, options, compare, write)
+
+
+def _qwen_vl_inputs(model_dir, adapter_dir, config, picture, image, question, system) -> tuple:
+    from silkie.models.qwen_vl import QWenVLImageProcessor
+    from silkie.tools.common import load_tokenizer_from
+
+    tokenizer = load_tokenizer_from(model_dir, adapter_dir)
+    pixel_values = QWenVLImageProcessor(config.visual["image_size"])([picture])
+    return (
+        tokenizer,
+        torch.tensor([build_prompt_ids(tokenizer, image, question, system)]),
+        {"pixel_values": pixel_values},
+    )
+
+
+def _family_inputs(model_dir, adapter_dir, config, picture, image, question, system) -> tuple:
+    """Qwen2-VL / LLaVA: the codec's prompt, the image marker expanded to the picture's token count."""
+    from silkie.config import ModelSection
+    from silkie.data.collator import expand_marker
+    from silkie.models.family import get_family
+    from silkie.tools.common import family_of, load_codec_from
+
+    family = family_of(model_dir)
+    codec = load_codec_from(model_dir, adapter_dir)
+    processed = get_family(family).image_processor(config, ModelSection(path=str(model_dir), family=family))([picture])
+    ids = expand_marker(codec.prompt_ids(question, str(image)), processed.marker_id, processed.tokens_per_image[0])
+    images = dict(processed.tensors)
+    if family.startswith("qwen2"):  # M-RoPE needs the modality of each token
+        images["mm_token_type_ids"] = torch.tensor([[int(t == processed.marker_id) for t in ids]])
+    return codec.tokenizer, torch.tensor([ids]), images
