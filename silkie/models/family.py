@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -127,6 +129,12 @@ class ModelFamily:
     def logits(self, model: nn.Module, kwargs: dict) -> torch.Tensor:
         """Full logits [R, L, V] through the model's own forward (the plain, TRL-equivalent path)."""
         return model(**kwargs).logits
+
+
+def model_type_of(folder: str | Path) -> str | None:
+    """`model_type` of a checkpoint folder's config.json (None without one)."""
+    config = Path(folder) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 @functools.cache

@@ -43,12 +43,12 @@ MODEL_TYPES = {"qwen": "qwen_vl", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5
 
 def family_of(model_dir: str | Path) -> str:
     """The model family of a checkpoint folder, from its `config.json` `model_type`."""
-    import json
+    from silkie.models.family import model_type_of
 
-    config = require_dir(model_dir, "model folder", "config.json") / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type")
+    folder = require_dir(model_dir, "model folder", "config.json")
+    model_type = model_type_of(folder)
     if model_type not in MODEL_TYPES:
-        raise ToolError(f"{config}: model_type {model_type!r} is not one of {sorted(MODEL_TYPES)}")
+        raise ToolError(f"{folder / 'config.json'}: model_type {model_type!r} is not one of {sorted(MODEL_TYPES)}")
     return MODEL_TYPES[model_type]
 
 

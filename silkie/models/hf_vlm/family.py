@@ -8,15 +8,13 @@ rows get M-RoPE positions from the model's `get_rope_index` on the prompt, each 
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from silkie.models.family import ImageBatch, ModelFamily
+from silkie.models.family import ImageBatch, ModelFamily, model_type_of
 
 from .codec import ChatTemplateCodec, load_processor
 
@@ -42,10 +40,9 @@ class HFVisionFamily(ModelFamily):
 
     def check_folder(self, path: str) -> None:
         """One-line error when `path` is not a checkpoint folder of this family (before transformers parses it)."""
-        config = Path(path) / "config.json"
-        if not config.is_file():
+        model_type = model_type_of(path)
+        if model_type is None:
             raise ValueError(f"model.path: {path} has no config.json (expected a {self.name} checkpoint folder)")
-        model_type = json.loads(config.read_text()).get("model_type")
         if model_type not in self.model_types:
             raise ValueError(
                 f"model.family: {path} holds a {model_type!r} checkpoint, not a {self.name} model "
@@ -76,10 +73,10 @@ class HFVisionFamily(ModelFamily):
         if files is None:
             self.check_folder(section.path)
         processor = load_processor(files or section.path, section.min_pixels, section.max_pixels)
-        return ChatTemplateCodec(processor, self.image_token_budget(processor))
+        return ChatTemplateCodec(processor, self.image_token_budget(processor, section.path))
 
-    def image_token_budget(self, processor: Any) -> int:
-        """Most tokens one image can take (bounds prompt lengths at tokenization)."""
+    def image_token_budget(self, processor: Any, path: str) -> int:
+        """Most tokens one image can take (bounds prompt lengths at tokenization); `path`: the model folder."""
         raise NotImplementedError
 
     def lora_target_regex(self, lora: Any) -> str:
@@ -133,7 +130,7 @@ class Qwen2VLFamily(HFVisionFamily):
         if keep_projector:  # the merger is Qwen2-VL's vision->LLM projector
             visual.merger.requires_grad_(True)
 
-    def image_token_budget(self, processor: Any) -> int:
+    def image_token_budget(self, processor: Any, path: str) -> int:
         image = processor.image_processor
         return image.size["longest_edge"] // (image.patch_size * image.merge_size) ** 2
 
@@ -225,8 +222,10 @@ class LlavaFamily(HFVisionFamily):
     vision_parts = ("vision_tower", "multi_modal_projector")
     projector_part = "multi_modal_projector"
 
-    def image_token_budget(self, processor: Any) -> int:
-        return LlavaImages.tokens_per_image(processor)
+    def image_token_budget(self, processor: Any, path: str) -> int:
+        from transformers import AutoConfig
+
+        return llava_image_tokens(AutoConfig.from_pretrained(path))
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
         return LlavaImages(load_processor(section.path, None, None), model_config)
@@ -257,31 +256,28 @@ class LlavaFamily(HFVisionFamily):
         return {"pixel_values": batch["pixel_values"].index_select(0, order)}
 
 
+def llava_image_tokens(config: Any) -> int:
+    """Feature tokens per image: the tower's patches (+ CLS unless the "default" strategy drops it).
+
+    Taken from the model config (the features the model makes), not from processor keys that conversions omit.
+    """
+    vision = config.vision_config
+    cls = 0 if config.vision_feature_select_strategy == "default" else 1
+    return (vision.image_size // vision.patch_size) ** 2 + cls
+
+
 class LlavaImages:
     """PIL images -> `pixel_values` [N, 3, S, S] (CLIP preprocessing); every image fills the same token count."""
 
     def __init__(self, processor: Any, model_config: Any):
         self.image_processor = processor.image_processor
         self.marker_id = model_config.image_token_id
-        vision = model_config.vision_config  # the features the model makes decide the count, not processor keys
-        cls = 0 if model_config.vision_feature_select_strategy == "default" else 1
-        self.tokens = (vision.image_size // vision.patch_size) ** 2 + cls
-        self.size = vision.image_size
+        self.tokens = llava_image_tokens(model_config)
+        self.size = model_config.vision_config.image_size
 
     def fingerprint(self) -> str:
         """The image processor's settings (size, crop, normalisation)."""
         return self.image_processor.to_json_string()
-
-    @staticmethod
-    def tokens_per_image(processor: Any) -> int:
-        """Patches of the processed image (+ the processor's extra tokens, - CLS with the default strategy)."""
-        size = processor.image_processor.crop_size or processor.image_processor.size
-        height = size.get("height") or size.get("shortest_edge")
-        width = size.get("width") or size.get("shortest_edge")
-        count = (height // processor.patch_size) * (
-            width // processor.patch_size
-        ) + processor.num_additional_image_tokens
-        return count - (1 if processor.vision_feature_select_strategy == "default" else 0)
 
     def __call__(self, images: list) -> ImageBatch:
         if not images:
