@@ -138,26 +138,42 @@ def test_chunk_size_does_not_change_results(lora_model, batch):
 
 
 def test_zero3_partitioned_tower_runs_on_text_only_batches(lora_model, batch, monkeypatch):
-    """Under ZeRO-3 every rank must call the vision tower as often as the others, images or not."""
+    """Under ZeRO-3 every rank must call the vision tower as often as the others and at the same point of the
+    forward (right after the token embeddings, where ranks with images run it), images or not."""
     import silkie.dpo.step as step_module
 
     text_only = {k: v for k, v in batch.items()}
     text_only["image_index"] = torch.full_like(batch["image_index"], -1)
     text_only["pixel_values"] = batch["pixel_values"][:0]
     text_only["prompt_input_ids"] = torch.randint(0, 200, batch["prompt_input_ids"].shape)
-    calls = []
-    visual = lora_model.get_base_model().transformer.visual
-    hook = visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    transformer = lora_model.get_base_model().transformer
+    calls, order = [], []
+    hooks = [
+        transformer.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0])),
+        *(
+            module.register_forward_pre_hook(lambda module, args, name=name: order.append(name))
+            for name, module in (("wte", transformer.wte), ("visual", transformer.visual), ("h0", transformer.h[0]))
+        ),
+    ]
+    with torch.no_grad():
+        reference = score_answers(lora_model, text_only, PLAIN, 0, no_grad=True)
+        order.clear()
+        score_answers(lora_model, batch, PLAIN, 0, no_grad=True)
+        with_images = list(order)
     monkeypatch.setattr(step_module, "is_partitioned", lambda module: True)
     try:
         for options in (StepOptions(), PLAIN):
             calls.clear()
+            order.clear()
             features = encode_images_once(lora_model, text_only) if options.image_once else None
-            with_images = len(calls)
+            with_features = len(calls)
             score_answers(lora_model, text_only, options, 0, features, no_grad=True)
-            score_answers(lora_model, text_only, options, 0, features, no_grad=True)
+            scores = score_answers(lora_model, text_only, options, 0, features, no_grad=True)
             # optimized: one blank encoding per step; plain: one per scoring call, as with images
-            assert (with_images, len(calls)) == ((1, 1) if options.image_once else (0, 2)), options
+            assert (with_features, len(calls)) == ((1, 1) if options.image_once else (0, 2)), options
             assert set(calls) == {1}
+            torch.testing.assert_close(scores.chosen_logps, reference.chosen_logps, atol=1e-5, rtol=0)
+        assert with_images[:3] == ["wte", "visual", "h0"] and order[:3] == with_images[:3], order
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()

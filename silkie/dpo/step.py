@@ -7,11 +7,13 @@ states in chunks. Both paths return the same numbers (tests hold them within 1e-
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from silkie.models.family import unwrap_causal_lm
@@ -90,7 +92,12 @@ def score_answers(
     images = {}
     if rows.image_order.numel():
         images = family.row_image_kwargs(base, on_device, rows.image_order.to(device), image_features)
-    with torch.no_grad() if no_grad else nullcontext():
+    blank_tower = (
+        not images
+        and not options.image_once
+        and _ranks_need_the_tower(family.vision_module(base), grads=not no_grad and torch.is_grad_enabled())
+    )
+    with torch.no_grad() if no_grad else nullcontext(), _blank_tower_pass(base, family, blank_tower):
         input_ids = rows.input_ids.to(device)
         kwargs = dict(
             input_ids=input_ids,
@@ -113,14 +120,38 @@ def score_answers(
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
                 scored[kind] = full_logits_token_logps(logits, index, targets)
-    scores = _sum_scores(rows, scored, size, device)
-    if not images and not options.image_once and is_partitioned(family.vision_module(base)):
-        # ZeRO-3 with a text-only batch: run the tower on a blank image and add 0 x its output, so every rank
-        # gathers (and, when trained, reduces gradients of) the same vision parameters
-        with torch.no_grad() if no_grad else nullcontext():
-            blank = family.blank_image_features(base)
-        scores.chosen_logps = scores.chosen_logps + 0.0 * blank.float().sum()
-    return scores
+    return _sum_scores(rows, scored, size, device)
+
+
+def _ranks_need_the_tower(tower: nn.Module, grads: bool) -> bool:
+    """True when every rank must run the tower each step: ZeRO-3 gathers its parameters collectively, and a
+    trained tower's gradients are reduced across ranks (ZeRO-2 buckets, DDP) in the order they are produced."""
+    if is_partitioned(tower):
+        return True
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed and grads and any(p.requires_grad for p in tower.parameters())
+
+
+@contextmanager
+def _blank_tower_pass(base: nn.Module, family: Any, active: bool) -> Iterator[None]:
+    """Text-only rows on this rank: run the tower on a blank image right after the token embeddings.
+
+    Ranks with images run the tower at that point of the forward (and its backward after the decoder's), so the
+    blank pass keeps every rank's parameter gathers and gradient reductions in the same order; 0 x its output
+    joins the embeddings, so the rows' results are unchanged.
+    """
+    if not active:
+        yield
+        return
+
+    def add_blank(module: nn.Module, args: Any, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds + 0.0 * family.blank_image_features(base).to(embeds.dtype).sum()
+
+    handle = base.get_input_embeddings().register_forward_hook(add_blank)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _on(batch: dict, device: torch.device) -> dict:
