@@ -93,6 +93,11 @@ def test_image_tags_in_text_are_rejected(tok):
     assert encode_pair("Q", None, "see <img>x.jpg</img>", "no", tok)[1] == "image_tag_in_text"
     assert encode_pair("Q <img>y.jpg</img>", "merged_images/a.jpg", "a", "b", tok)[1] == "image_tag_in_text"
     assert encode_pair("Q", "k" * 300, "a", "b", tok)[1] == "bad_image_key"
+    # the tokenizer refuses an unclosed <img> in the text: still the text's fault, not the image key's
+    assert encode_pair("what does <img> mean?", "merged_images/a.jpg", "a", "b", tok)[1] == "image_tag_in_text"
+    assert encode_pair("what does </img> mean?", None, "a", "b", tok)[1] == "image_tag_in_text"
+    assert encode_pair("Q", "merged_images/a.jpg", "an <img> tag shows a picture", "b", tok)[1] == "image_tag_in_text"
+    assert encode_pair("Q", None, "use <img src=x> in HTML", "b", tok)[1] is None  # no tag: plain text
 
 
 def test_cache_is_reused(tok, tmp_path, monkeypatch):

@@ -75,12 +75,15 @@ def encode_pair(
     alone leaves no room for an answer).
     """
     codec = as_codec(tokenizer)
-    try:
+    try:  # the Qwen-VL codec refuses image tags in text and an image key over 254 bytes
         prompt_ids = codec.prompt_ids(prompt, image)
-    except ValueError:  # e.g. an image key over the Qwen-VL tokenizer's 254-byte limit, or an unclosed <img>
-        return None, "bad_image_key"
-    chosen_ids = codec.answer_ids(chosen)
-    rejected_ids = codec.answer_ids(rejected)
+    except ValueError:
+        return None, "image_tag_in_text" if _refuses_text(codec, prompt) else "bad_image_key"
+    try:
+        chosen_ids = codec.answer_ids(chosen)
+        rejected_ids = codec.answer_ids(rejected)
+    except ValueError:
+        return None, "image_tag_in_text"
     image_spans = 1 if image else 0
     marker = codec.image_marker_id
     if prompt_ids.count(marker) != image_spans or marker in chosen_ids or marker in rejected_ids:
@@ -96,6 +99,14 @@ def encode_pair(
         if chosen_ids == rejected_ids:
             return None, "identical_after_truncation"
     return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids}, None
+
+
+def _refuses_text(codec: PairCodec, prompt: str) -> bool:
+    try:
+        codec.prompt_ids(prompt, None)
+    except ValueError:
+        return True
+    return False
 
 
 def _tokenize_batch(

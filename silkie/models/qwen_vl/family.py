@@ -14,7 +14,7 @@ from silkie.models.family import ModelFamily
 
 from .image_processing import QWenVLImageProcessor
 from .modeling import QWenLMHeadModel
-from .tokenization import QWenTokenizer
+from .tokenization import IMG_END, IMG_START, QWenTokenizer
 
 VISION_LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
 RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
@@ -36,12 +36,19 @@ class QwenVLCodec:
         self.image_marker_id = tokenizer.img_start_id
 
     def prompt_ids(self, prompt: str, image: str | None) -> list[int]:
-        """Chat context with the system prompt; ValueError for an image key over the tokenizer's limit."""
-        return self.tokenizer.build_chat_context(format_query(prompt, image))
+        """Chat context with the system prompt; ValueError for an image key over the tokenizer's limit or an
+        image tag in the prompt's text."""
+        return self._no_stray_tags(self.tokenizer.build_chat_context(format_query(prompt, image)), 1 if image else 0)
 
     def answer_ids(self, text: str) -> list[int]:
-        """Answer tokens + `<|im_end|>`."""
-        return self.tokenizer.encode_answer(text)
+        """Answer tokens + `<|im_end|>`; ValueError for an image tag in the text."""
+        return self._no_stray_tags(self.tokenizer.encode_answer(text), 0)
+
+    def _no_stray_tags(self, ids: list[int], images: int) -> list[int]:
+        tok = self.tokenizer
+        if ids.count(tok.img_start_id) != images or ids.count(tok.img_end_id) != images:
+            raise ValueError(f"the text holds an image tag ({IMG_START} or {IMG_END})")
+        return ids
 
     def fingerprint(self) -> str:
         """Hash of the tokenizer class and its `qwen.tiktoken` ranks."""
