@@ -74,3 +74,13 @@ def test_gradient_flows_to_policy_only():
     expected = [-0.1 * (1 / (1 + math.exp(0.2))) / 2, -0.1 * (1 / (1 + math.exp(-0.2))) / 2]
     assert pc.grad.tolist() == pytest.approx(expected, rel=1e-5)
     assert pr.grad.tolist() == pytest.approx([-g for g in expected], rel=1e-5)
+
+
+def test_pair_weights_leave_pairs_out_of_the_mean():
+    full = dpo_loss(PC, PR, RC, RR, beta=0.1)
+    out = dpo_loss(PC, PR, RC, RR, beta=0.1, pair_weights=torch.tensor([0.0, 1.0]))
+    assert out.loss.item() == pytest.approx(full.per_pair[1].item(), rel=1e-6) != full.loss.item()
+    policy = PC.clone().requires_grad_(True)
+    none = dpo_loss(policy, PR, RC, RR, beta=0.1, pair_weights=torch.zeros(2))
+    none.loss.backward()
+    assert none.loss.item() == 0.0 and torch.equal(policy.grad, torch.zeros(2))  # still in the graph: grads 0

@@ -159,6 +159,6 @@ def test_an_image_the_processor_cannot_take_drops_its_pair(folder):
     images = get_family(family).image_processor(load_base_model(section).config, section)
     with pytest.warns(DroppedPairWarning, match="p0.*aspect ratio 2000x5"):
         batch = PairCollator(store, images, codec.pad_token_id)(tokenized_rows(codec))
-    # 4 rows still (a copy of the first kept pair fills the slot); the 2 remaining pictures are processed
-    assert batch["prompt_input_ids"].size(0) == 4 and batch["image_grid_thw"].size(0) == 2
-    assert batch["image_index"].max() == 1
+    # 4 rows still: the refused picture is replaced by a blank one and its pair weighted 0
+    assert batch["prompt_input_ids"].size(0) == 4 and batch["image_grid_thw"].size(0) == 3
+    assert batch["pair_weight"].tolist() == [0.0, 1.0, 1.0, 1.0] and batch["image_index"].max() == 2

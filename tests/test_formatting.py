@@ -176,20 +176,18 @@ def test_collator_drops_pair_with_missing_image(tok, store):
         tok,
     ).to_list()
     collate = PairCollator(store, QWenVLImageProcessor(56), tok.pad_token_id)
-    fresh = PairCollator(store, QWenVLImageProcessor(56), tok.pad_token_id)
-    with pytest.warns(DroppedPairWarning), pytest.raises(RuntimeError, match="every pair"):
-        fresh([rows[1]])  # nothing loaded yet that could stand in
     with pytest.warns(DroppedPairWarning, match="gone"):
         batch = collate(rows)
-    # the batch keeps its size: a copy of a good pair takes the broken pair's place
-    assert batch["prompt_input_ids"].shape[0] == 3 and batch["image_index"].tolist() == [0, 1, 0]
-    assert torch.equal(batch["prompt_input_ids"][2], batch["prompt_input_ids"][0])
-    assert batch["pixel_values"].shape[0] == 2 and collate.dropped == 1
-    with pytest.warns(DroppedPairWarning):
-        alone = collate([rows[1]])  # a batch of one broken pair: the last good pair stands in
+    # the batch keeps its size and rows: the broken pair keeps its place with a blank picture and weight 0
+    assert batch["prompt_input_ids"].shape[0] == 3 and batch["image_index"].tolist() == [0, 1, 2]
+    assert batch["pair_weight"].tolist() == [1.0, 0.0, 1.0]
+    assert batch["pixel_values"].shape[0] == 3 and batch["pixel_values"][1].flatten(1).std(1).max() == 0  # blank
     assert torch.equal(
-        alone["chosen_input_ids"][0, : len(rows[2]["chosen_input_ids"])], torch.tensor(rows[2]["chosen_input_ids"])
+        batch["chosen_input_ids"][1, : len(rows[1]["chosen_input_ids"])], torch.tensor(rows[1]["chosen_input_ids"])
     )
+    with pytest.warns(DroppedPairWarning):
+        alone = collate([rows[1]])  # a batch of only broken pairs: still a batch, nothing in it counts
+    assert alone["pair_weight"].tolist() == [0.0] and alone["prompt_input_ids"].shape[0] == 1
 
 
 def test_synthetic_end_to_end_with_workers(tok, tmp_path):
@@ -204,4 +202,5 @@ def test_synthetic_end_to_end_with_workers(tok, tmp_path):
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate, num_workers=2, multiprocessing_context="fork")
     batches = list(loader)  # images are read from the zip inside the forked workers
     assert sum(batch["prompt_input_ids"].shape[0] for batch in batches) == len(dataset)  # sizes kept
+    assert sum(int((batch["pair_weight"] == 0).sum()) for batch in batches) == missing  # broken pairs weighted 0
     assert all(batch["pixel_values"].shape[1:] == (3, 56, 56) for batch in batches)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -271,3 +272,39 @@ def test_full_fine_tuning_with_cached_reference_releases_the_copy(assets, tmp_pa
     with_copy = [r["loss"] for r in read_metrics(tmp_path / "copy") if "loss" in r]
     with_cache = [r["loss"] for r in read_metrics(tmp_path / "cached") if "loss" in r]
     assert with_cache == pytest.approx(with_copy, abs=1e-5)  # frozen copy and cache give the same loss
+
+
+def test_broken_images_are_left_out_with_workers_cached_reference_and_eval(assets, tmp_path):
+    """A third of the pictures are corrupt: their pairs get weight 0 (blank picture) in every batch, even a batch
+    of only broken pairs in a fresh DataLoader worker; the cached reference leaves them NaN; the run finishes."""
+    import zipfile
+
+    broken_zip = tmp_path / "broken.zip"
+    with zipfile.ZipFile(assets["zip"]) as src, zipfile.ZipFile(broken_zip, "w") as dst:
+        for i, name in enumerate(sorted(src.namelist())):
+            dst.writestr(name, b"not a jpeg" if i % 3 == 0 else src.read(name))
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets, images=broken_zip) + [
+        "data.max_prompts=24",
+        "data.eval_fraction=0.25",
+        "training.per_device_train_batch_size=1",
+        "training.per_device_eval_batch_size=1",
+        "training.dataloader_num_workers=2",
+        "dpo.precompute_ref_log_probs=true",
+        "training.max_steps=8",
+        "training.eval_strategy=steps",
+        "training.eval_steps=8",
+        "training.save_steps=100",
+        "training.logging_steps=1",
+        "training.report_to=none",
+    ]
+    with pytest.warns(UserWarning):
+        result = run_in_process(working, overrides)
+    assert result["step"] == 8 and 0.0 <= result["eval_rewards/accuracies"] <= 1.0
+    losses = [r["loss"] for r in read_metrics(working) if "loss" in r]
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
+    assert 0.0 in losses  # a step whose one pair was broken contributes nothing
+    for split in ("train", "eval"):
+        table = torch.load(working / "reference_logps" / f"{split}.pt", weights_only=True)["logps"]
+        unscored = int(torch.isnan(table[:, 0]).sum())
+        assert 0 < unscored < len(table), (split, unscored, len(table))  # exactly the broken pairs stay NaN

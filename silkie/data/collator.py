@@ -1,4 +1,4 @@
-"""Batch collation for DPO pairs: right padding, lazily opened images, pairs with broken images dropped."""
+"""Batch collation for DPO pairs: right padding, lazily opened images, pairs with broken images weighted 0."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from silkie.models.family import ImageBatch
 SEQUENCE_KEYS = ("prompt", "chosen", "rejected")
 
 
+BLANK_IMAGE_SIZE = (64, 64)  # stands in for a failed image; every family's processor resizes it
+
+
 class DroppedPairWarning(UserWarning):
-    """A pair was removed from a batch because its image could not be loaded."""
+    """A pair got weight 0 in its batch because its image could not be loaded."""
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,12 +47,13 @@ class PairCollator:
 
     Output: `{prompt,chosen,rejected}_input_ids` / `_attention_mask` [B, L] (right padded with
     `pad_token_id`), the image tensors of the family's processor (`pixel_values` [N_img, 3, S, S] for
-    Qwen-VL; `pixel_values` patches + `image_grid_thw` for Qwen2-VL) for the images in batch order, and
-    `image_index` [B] (image number per pair, -1 without image). When the processor returns an `ImageBatch`
-    with `tokens_per_image`, each prompt's single image marker is expanded to that many marker tokens.
-    Images are opened here, i.e. in the DataLoader worker.
-    A pair whose image fails to load is dropped with a `DroppedPairWarning` naming its id, and its place is
-    taken by a copy of another pair of the batch (or the last good pair), so the batch size never changes.
+    Qwen-VL; `pixel_values` patches + `image_grid_thw` for Qwen2-VL) for the images in batch order,
+    `image_index` [B] (image number per pair, -1 without image) and `pair_weight` [B] (1.0, or 0.0 for a pair
+    whose image failed). When the processor returns an `ImageBatch` with `tokens_per_image`, each prompt's
+    single image marker is expanded to that many marker tokens. Images are opened here, i.e. in the DataLoader
+    worker. A pair whose image fails to load keeps its place with a blank picture and weight 0 (a
+    `DroppedPairWarning` names it): the loss, metrics and cached reference leave it out, and the batch keeps
+    its size and rows, so every rank runs the same work.
     """
 
     def __init__(
@@ -61,8 +65,6 @@ class PairCollator:
         self.image_store = image_store
         self.image_processor = image_processor
         self.pad_token_id = int(pad_token_id)
-        self.dropped = 0
-        self._reserve: Mapping[str, Any] | None = None  # last good row: stands in when a whole batch fails
 
     def _load(self, row: Mapping[str, Any]) -> Image.Image | None:
         key = row.get("image")
@@ -79,39 +81,24 @@ class PairCollator:
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate `rows` (dicts with `prompt_id`, `image`, `*_input_ids`) into a batch of tensors."""
-        kept: list[Mapping[str, Any]] = []
         images: list[Image.Image] = []
         image_index: list[int] = []
-        failures: list[str] = []
+        weights: list[float] = []
         for row in rows:
+            weight = 1.0
             try:
                 image = self._load(row)
             except ImageLoadError as error:
-                self.dropped += 1
-                failures.append(f"{row.get('prompt_id')}: {error.reason}")
                 warnings.warn(
-                    f"dropping pair {row.get('prompt_id')!r} (a copy of another pair takes its place): {error}",
+                    f"dropping pair {row.get('prompt_id')!r} (kept in the batch with weight 0): {error}",
                     DroppedPairWarning,
                     stacklevel=2,
                 )
-                continue
-            kept.append(row)
+                image, weight = Image.new("RGB", BLANK_IMAGE_SIZE), 0.0
             image_index.append(len(images) if image is not None else -1)
+            weights.append(weight)
             if image is not None:
                 images.append(image)
-        if not kept and self._reserve is not None:
-            image = self._load(self._reserve)
-            kept.append(self._reserve)
-            image_index.append(len(images) if image is not None else -1)
-            if image is not None:
-                images.append(image)
-        if not kept:
-            raise RuntimeError(f"every pair of a batch of {len(rows)} was dropped (image errors: {failures})")
-        self._reserve = kept[-1]
-        # keep the batch size: ranks must run the same number of pairs (metrics, ZeRO-3 collectives)
-        for slot in range(len(rows) - len(kept)):
-            kept.append(kept[slot % len(kept)])
-            image_index.append(image_index[slot % len(image_index)])
         processed = self.image_processor(images)
         for image in images:
             image.close()
@@ -119,7 +106,7 @@ class PairCollator:
             processed = ImageBatch({"pixel_values": processed})
         batch: dict[str, torch.Tensor] = {}
         for name in SEQUENCE_KEYS:
-            sequences = [row[f"{name}_input_ids"] for row in kept]
+            sequences = [row[f"{name}_input_ids"] for row in rows]
             if name == "prompt" and processed.tokens_per_image is not None:
                 sequences = [
                     expand_marker(seq, processed.marker_id, processed.tokens_per_image[i] if i >= 0 else 0)
@@ -130,6 +117,7 @@ class PairCollator:
             batch[f"{name}_attention_mask"] = mask
         batch.update(processed.tensors)
         batch["image_index"] = torch.tensor(image_index, dtype=torch.long)
-        if all("pair_index" in row for row in kept):  # lets the trainer look up cached reference log-probs
-            batch["pair_index"] = torch.tensor([int(row["pair_index"]) for row in kept], dtype=torch.long)
+        batch["pair_weight"] = torch.tensor(weights, dtype=torch.float32)
+        if all("pair_index" in row for row in rows):  # lets the trainer look up cached reference log-probs
+            batch["pair_index"] = torch.tensor([int(row["pair_index"]) for row in rows], dtype=torch.long)
         return batch

@@ -33,8 +33,11 @@ def dpo_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     chosen_nll: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
 ) -> DPOLossOutput:
-    """Weighted sum of DPO losses over pairs; log-probs are per-sequence sums over answer tokens.
+    """Weighted sum of DPO losses, averaged over pairs; log-probs are per-sequence sums over answer tokens.
+
+    `pair_weights` (0 or 1 per pair) leaves pairs out of the mean (a batch of only weight-0 pairs has loss 0).
 
     With d = (pi_c - pi_r) - (ref_c - ref_r):
     - sigmoid: -(1-ls) logsigmoid(beta d) - ls logsigmoid(-beta d)   (Silkie / DPO; ls > 0 is cDPO)
@@ -73,8 +76,13 @@ def dpo_loss(
         else:
             raise ValueError(f"unknown loss_type '{name}'; expected one of {', '.join(LOSS_TYPES)}")
         per_pair = per_pair + weight * term
+    if pair_weights is None:
+        loss = per_pair.mean()
+    else:
+        weighted, total = (per_pair * pair_weights).sum(), pair_weights.sum()
+        loss = torch.where(total > 0, weighted / total.clamp(min=1e-12), weighted)
     return DPOLossOutput(
-        loss=per_pair.mean(),
+        loss=loss,
         per_pair=per_pair,
         chosen_rewards=(beta * chosen_ratio).detach(),
         rejected_rewards=(beta * rejected_ratio).detach(),

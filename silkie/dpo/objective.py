@@ -19,7 +19,11 @@ ReferenceFn = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, torch.Te
 
 
 def loss_from_scores(
-    policy: AnswerScores, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, dpo: DPOSection
+    policy: AnswerScores,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    dpo: DPOSection,
+    pair_weights: torch.Tensor | None = None,
 ) -> DPOLossOutput:
     """The recipe's DPO loss for policy scores and reference log-probs (moved to the policy's device)."""
     device = policy.chosen_logps.device
@@ -35,6 +39,7 @@ def loss_from_scores(
         chosen_lengths=policy.chosen_lengths,
         rejected_lengths=policy.rejected_lengths,
         chosen_nll=policy.chosen_nll,
+        pair_weights=None if pair_weights is None else pair_weights.to(device),
     )
 
 
@@ -50,7 +55,8 @@ def batch_dpo_loss(
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
-    out = loss_from_scores(policy, ref_chosen, ref_rejected, dpo)
+    weights = batch.get("pair_weight")
+    out = loss_from_scores(policy, ref_chosen, ref_rejected, dpo, weights)
     metrics = {
         "rewards/chosen": out.chosen_rewards,
         "rewards/rejected": out.rejected_rewards,
@@ -61,6 +67,9 @@ def batch_dpo_loss(
         "logits/chosen": policy.chosen_logits_mean,
         "logits/rejected": policy.rejected_logits_mean,
     }
+    if weights is not None:  # pairs whose image failed are not part of the metrics
+        kept = weights.to(out.chosen_rewards.device) > 0
+        metrics = {name: values[kept] for name, values in metrics.items()}
     return out.loss, metrics
 
 

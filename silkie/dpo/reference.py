@@ -65,8 +65,9 @@ def compute_reference_table(
         for batch in loader:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             chosen, rejected = score_batch(batch)
-            rows.append(batch["pair_index"].cpu())
-            values.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+            kept = batch["pair_weight"].cpu() > 0  # a pair whose image failed stays NaN (scored on the fly)
+            rows.append(batch["pair_index"].cpu()[kept])
+            values.append(torch.stack([chosen, rejected], dim=1).float().cpu()[kept])
     local = (
         torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
         torch.cat(values) if values else torch.zeros(0, 2),

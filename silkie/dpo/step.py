@@ -120,7 +120,7 @@ def score_answers(
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
                 scored[kind] = full_logits_token_logps(logits, index, targets)
-    return _sum_scores(rows, scored, size, device)
+    return _sum_scores(rows, scored, size, device, batch.get("pair_weight"))
 
 
 def _ranks_need_the_tower(tower: nn.Module, grads: bool) -> bool:
@@ -166,7 +166,9 @@ def _attention_mask(mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def _sum_scores(rows: ScoredRows, scored: dict, size: int, device: torch.device) -> AnswerScores:
+def _sum_scores(
+    rows: ScoredRows, scored: dict, size: int, device: torch.device, weights: torch.Tensor | None
+) -> AnswerScores:
     sums, means, lengths = {}, {}, {}
     for kind in ("chosen", "rejected"):
         logps, logit_means = scored[kind]
@@ -175,12 +177,15 @@ def _sum_scores(rows: ScoredRows, scored: dict, size: int, device: torch.device)
         lengths[kind] = sum_per_pair(torch.ones_like(logps), pair, size)
         means[kind] = sum_per_pair(logit_means, pair, size) / lengths[kind].clamp(min=1)
     chosen_logps = scored["chosen"][0]
+    # mean over the chosen tokens of the pairs with weight 1 (a pair whose image failed has weight 0)
+    token_weights = (torch.ones(size) if weights is None else weights).to(device)[rows.chosen_pair.to(device)]
+    chosen_nll = -(chosen_logps * token_weights).sum() / token_weights.sum().clamp(min=1)
     return AnswerScores(
         chosen_logps=sums["chosen"],
         rejected_logps=sums["rejected"],
         chosen_logits_mean=means["chosen"],
         rejected_logits_mean=means["rejected"],
-        chosen_nll=-chosen_logps.mean() if chosen_logps.numel() else chosen_logps.new_zeros(()),
+        chosen_nll=chosen_nll,
         chosen_lengths=lengths["chosen"],
         rejected_lengths=lengths["rejected"],
     )

@@ -92,7 +92,10 @@ class SilkieDPOTrainer(Trainer):
         table = self._reference_table("train" if model.training else "eval") if use_table else None
         if table is not None:
             picked = table[batch["pair_index"].cpu()]
-            if not torch.isnan(picked).any():  # NaN: the pair's image failed during the precompute pass
+            weights = batch.get("pair_weight")
+            if weights is not None:  # a pair left out of the loss needs no reference, only a finite number
+                picked[weights.cpu() == 0] = 0.0
+            if not torch.isnan(picked).any():  # NaN: the pair's image failed during the precompute pass only
                 return picked[:, 0], picked[:, 1]
         if self.ref_model is not None:
             ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
@@ -165,7 +168,8 @@ class SilkieDPOTrainer(Trainer):
             values = values.detach().float()
             totals = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
             total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-            self._metrics[mode][name].append(total / max(count, 1.0))
+            if count > 0:  # 0: every pair of the step had a failed image
+                self._metrics[mode][name].append(total / count)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"

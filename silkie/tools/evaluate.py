@@ -104,7 +104,8 @@ def score_pairs(
         with scorer.reference_context():
             ref = score_answers(scorer.reference_model(), batch, options, pad_token_id, features, no_grad=True)
         out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, dpo)
-        table.pair_index.extend(int(i) for i in batch["pair_index"])
+        kept = batch["pair_weight"] > 0  # a pair whose image failed is left out (counted as dropped)
+        table.pair_index.extend(int(i) for i in batch["pair_index"][kept])
         for name, values in (
             ("logps/chosen", policy.chosen_logps),
             ("logps/rejected", policy.rejected_logps),
@@ -114,7 +115,7 @@ def score_pairs(
             ("rewards/rejected", out.rejected_rewards),
             ("loss", out.per_pair),
         ):
-            table.add(name, values)
+            table.add(name, values[kept.to(values.device)])
     table.prompt_id = [dataset[i]["prompt_id"] for i in table.pair_index]
     return table
 
