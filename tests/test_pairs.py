@@ -148,7 +148,7 @@ def test_pairs_from_preference_rows():
 
 
 def _pairs_for(ids):
-    return [PreferencePair(pid, "p", None, f"c{k}", f"r{k}", 1.0, 0.0) for pid in ids for k in range(2)]
+    return [PreferencePair(pid, f"p-{pid}", None, f"c{k}", f"r{k}", 1.0, 0.0) for pid in ids for k in range(2)]
 
 
 def test_split_by_prompt_no_shared_ids_and_deterministic():
@@ -166,3 +166,16 @@ def test_split_by_prompt_no_shared_ids_and_deterministic():
         split_by_prompt(pairs, eval_size=50)
     with pytest.raises(ValueError):
         split_by_prompt(pairs, eval_fraction=0.1, eval_size=3)
+
+
+def test_split_keeps_a_prompt_together_when_each_pair_has_its_own_id():
+    """Preference files often give every pair its own id: the split still goes by question + image."""
+    pairs = [
+        PreferencePair(f"q{q}-p{k}", f"question {q % 10}", f"img{q}.jpg", f"c{k}", f"r{k}", 1.0, 0.0)
+        for q in range(20)
+        for k in range(3)
+    ]
+    train, evaluation = split_by_prompt(pairs, eval_fraction=0.2, seed=0)
+    prompts = {(p.prompt, p.image) for p in evaluation}
+    assert len(prompts) == 4 and len(evaluation) == 12  # 4 of 20 prompts, all 3 pairs of each
+    assert not prompts & {(p.prompt, p.image) for p in train}

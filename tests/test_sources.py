@@ -50,6 +50,22 @@ def test_jsonl_loader_skips_and_counts_bad_rows(tmp_path):
         load_vlfeedback_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_a_line_with_invalid_utf8_is_skipped_and_max_prompts_keeps_the_counts(tmp_path):
+    from silkie.config import DataSection
+    from silkie.data.build import build_pairs
+
+    path = write_jsonl(tmp_path / "vlfeedback_80k.jsonl", [clean_row("a"), "{not json", clean_row("b"), clean_row("c")])
+    with path.open("ab") as handle:
+        handle.write(b'{"id": "\xff\xfe"}\n')
+    loaded = load_vlfeedback_jsonl(path)
+    assert [row.id for row in loaded] == ["a", "b", "c"]
+    assert loaded.skipped == {"bad_json": 1, "bad_encoding": 1} and loaded.skipped_ids["bad_encoding"] == ["line 5"]
+    images = write_zip(tmp_path / "images.zip", {f"merged_images/{i}.jpg": jpeg_bytes() for i in "abc"})
+    train, _, _, report = build_pairs(DataSection(path=str(path), images=str(images), max_prompts=2))
+    assert {pair.prompt_id for pair in train} == {"a", "b"}
+    assert report.rows_kept == 2 and report.rows_dropped == {"bad_json": 1, "bad_encoding": 1}
+
+
 def _columnar_dataset(rows):
     annotation = {"Rating": datasets.Value("string"), "Rationale": datasets.Value("string")}
     features = datasets.Features(
@@ -181,3 +197,31 @@ def test_missing_image_rows_dropped_with_store(tmp_path):
     pairs, report = build_vlfeedback_pairs([clean_row("a"), clean_row("b")], image_store=store)
     assert {p.prompt_id for p in pairs} == {"a"}
     assert report.rows_dropped == {"missing_image": 1} and report.offending_ids["missing_image"] == ["b"]
+
+
+def test_images_of_every_mode_decode_to_the_right_rgb():
+    """CMYK, palette, grey, 16-bit and float pictures: 16-bit and float would clip to white/black without scaling."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from silkie.data.images import decode_image
+
+    def encoded(image: Image.Image, fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    grey16 = Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16))  # 50% of 65535
+    floats = Image.fromarray(np.full((4, 4), 0.25, dtype=np.float32), mode="F")
+    cases = {
+        "cmyk": (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "JPEG", (255, 0, 0), 8),
+        "palette": (Image.new("RGB", (4, 4), (0, 0, 255)).convert("P"), "PNG", (0, 0, 255), 0),
+        "grey": (Image.new("L", (4, 4), 100), "PNG", (100, 100, 100), 0),
+        "grey16": (grey16, "PNG", (128, 128, 128), 0),
+        "float": (floats, "TIFF", (64, 64, 64), 0),
+    }
+    for name, (image, fmt, expected, tolerance) in cases.items():
+        pixel = decode_image(name, encoded(image, fmt)).getpixel((1, 1))
+        assert max(abs(a - b) for a, b in zip(pixel, expected)) <= tolerance, (name, pixel)

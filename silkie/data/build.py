@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,25 @@ def _load_rows(data: DataSection) -> Any:
     return load_preference_file(path)
 
 
+def first_prompts(rows: list, count: int) -> list:
+    """The rows of the first `count` prompts (question + image; a preference file may hold several pairs each)."""
+    keys: set[tuple[str, str | None]] = set()
+    kept = []
+    for row in rows:
+        key = (row.prompt, row.image)
+        if key not in keys and len(keys) < count:
+            keys.add(key)
+        if key in keys:
+            kept.append(row)
+    return kept
+
+
 def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairReport]:
     """Load the source, build preference pairs as the recipe says and split them by prompt."""
     store = open_image_store(data.images) if data.images else None
     rows = _load_rows(data)
-    if data.max_prompts is not None:
-        rows = list(itertools.islice(rows, data.max_prompts))
+    if data.max_prompts is not None:  # in place: the loader's skip counts stay in the report
+        rows.rows = first_prompts(rows.rows, data.max_prompts)
     if store is None:
         with_image = next((row for row in rows if getattr(row, "image", None)), None)
         if with_image is not None:

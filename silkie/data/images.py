@@ -72,9 +72,23 @@ def decode_image(key: str, data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
-            return opened.convert("RGB")
+            return _to_8bit(opened).convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageLoadError(key, f"corrupt image ({type(exc).__name__}: {exc})") from exc
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale as 8 bits (PIL's own conversion clips them to white/black)."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0  # [0, 1] floats, else already in 8-bit range
+    else:
+        top = 65535.0 if values.max(initial=0.0) > 255 else 255.0
+    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
 class ZipImageStore:

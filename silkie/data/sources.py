@@ -2,7 +2,7 @@
 
 A malformed row never stops a load: it is skipped and counted under a reason
 (`missing_field`, `wrong_type`, `bad_json`, `malformed_completions`, `too_few_completions`,
-`multiple images unsupported`), with the first few offending ids kept for the report.
+`multiple images unsupported`, `bad_encoding`), with the first few offending ids kept for the report.
 """
 
 from __future__ import annotations
@@ -231,8 +231,13 @@ def collect_rows(name: str, raw_rows: Iterable[Any], normalize: Any) -> LoadedRo
 
 
 def _jsonl_records(path: Path) -> Iterator[Any]:
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes: one line with invalid UTF-8 is skipped, not fatal
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield RowError("bad_encoding", f"line {line_number}")
+                continue
             if not line.strip():
                 continue
             try:

@@ -1,4 +1,4 @@
-"""Train / eval split by prompt id, so no prompt appears on both sides."""
+"""Train / eval split by prompt (question + image), so no prompt appears on both sides."""
 
 from __future__ import annotations
 
@@ -13,17 +13,22 @@ def _rank(seed: int, prompt_id: str) -> str:
     return hashlib.sha1(f"{seed}\0{prompt_id}".encode()).hexdigest()
 
 
+def _prompt_key(pair: PreferencePair) -> tuple[str, str]:
+    return pair.prompt, pair.image or ""
+
+
 def split_by_prompt(
     pairs: Sequence[PreferencePair],
     eval_fraction: float = 0.0,
     eval_size: int | None = None,
     seed: int = 0,
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Split pairs into (train, eval) by prompt id.
+    """Split pairs into (train, eval) by prompt: pairs with the same question text and image stay together.
 
     `eval_size` is a number of prompts, `eval_fraction` a fraction of prompts (at least one prompt
-    when > 0); give one of them. Prompts are ordered by a seeded hash of their id, so the split
-    depends only on the seed and the set of ids, not on input order. Each side keeps input order.
+    when > 0); give one of them. Prompts are ordered by a seeded hash of their id (the smallest over a prompt's
+    pairs, for files that give each pair its own id), so the split depends only on the seed and the pairs, not
+    on input order. Each side keeps input order.
     """
     if eval_size is not None and eval_fraction:
         raise ValueError("give eval_fraction or eval_size, not both")
@@ -31,19 +36,21 @@ def split_by_prompt(
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if eval_size is not None and eval_size < 0:
         raise ValueError(f"eval_size must be >= 0, got {eval_size}")
-    prompt_ids = sorted({pair.prompt_id for pair in pairs})
+    ranks: dict[tuple[str, str], str] = {}
+    for pair in pairs:
+        key, rank = _prompt_key(pair), _rank(seed, pair.prompt_id)
+        ranks[key] = min(rank, ranks.get(key, rank))
     if eval_size is not None:
         n_eval = eval_size
     elif eval_fraction > 0:
-        n_eval = max(1, math.floor(eval_fraction * len(prompt_ids)))
+        n_eval = max(1, math.floor(eval_fraction * len(ranks)))
     else:
         n_eval = 0
     if n_eval == 0:
         return list(pairs), []
-    if n_eval >= len(prompt_ids):
-        raise ValueError(f"eval split of {n_eval} prompts leaves no training prompts (only {len(prompt_ids)})")
-    ordered = sorted(prompt_ids, key=lambda prompt_id: _rank(seed, prompt_id))
-    eval_ids = set(ordered[:n_eval])
-    train = [pair for pair in pairs if pair.prompt_id not in eval_ids]
-    evaluation = [pair for pair in pairs if pair.prompt_id in eval_ids]
+    if n_eval >= len(ranks):
+        raise ValueError(f"eval split of {n_eval} prompts leaves no training prompts (only {len(ranks)})")
+    eval_keys = set(sorted(ranks, key=lambda key: (ranks[key], key))[:n_eval])
+    train = [pair for pair in pairs if _prompt_key(pair) not in eval_keys]
+    evaluation = [pair for pair in pairs if _prompt_key(pair) in eval_keys]
     return train, evaluation
