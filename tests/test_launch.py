@@ -233,6 +233,32 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
     assert run_launcher(other, "--dry-run", "--force").returncode == 0
 
 
+def test_force_moves_old_checkpoints_where_checkpoint_rotation_cannot_delete_them(tmp_path):
+    """Backups named checkpoint-N.*.bak were counted (and deleted) by transformers' rotation, with the new run's
+    first checkpoint; backup-<stamp>/ is outside what rotation looks at."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    from silkie.launch.workdir import inspect_workdir, prepare_workdir
+
+    working = tmp_path / "run"
+    working.mkdir()
+    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=300"]), working / "config.yaml")
+    for step in (100, 200, 300):
+        (working / f"checkpoint-{step}").mkdir()
+        (working / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (working / "metrics.jsonl").write_text('{"loss": 0.5}\n')
+    (working / "runs").mkdir()
+    plan = inspect_workdir(working, load_recipe(DEMO_RECIPE, ["training.max_steps=300", "lora.r=8"]), force=True)
+    assert "starts from step 0" in plan.message
+    prepare_workdir(plan, load_recipe(DEMO_RECIPE, ["training.max_steps=300", "lora.r=8"]))
+    (backup,) = working.glob("backup-*")
+    moved = ["checkpoint-100", "checkpoint-200", "checkpoint-300", "config.yaml", "metrics.jsonl", "runs"]
+    assert sorted(p.name for p in backup.iterdir()) == moved
+    (working / "checkpoint-100").mkdir()  # the new run's first save, then its rotation with save_total_limit 2
+    rotate_checkpoints(str(working), save_total_limit=2, use_mtime=False)
+    assert (working / "checkpoint-100").is_dir() and sorted(p.name for p in backup.iterdir()) == moved
+
+
 def test_recipe_reference_is_up_to_date():
     spec = importlib.util.spec_from_file_location("recipe_reference", REPO_ROOT / "scripts" / "recipe_reference.py")
     module = importlib.util.module_from_spec(spec)
@@ -325,10 +351,11 @@ def test_force_keeps_the_finished_run_and_continues_it(local_run, tmp_path):
     forced = run_launcher(working, "--force", *more, timeout=240)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert f"[silkie] resuming from checkpoint-{MAX_STEPS}" in forced.stdout
-    names = {p.name for p in working.iterdir()}
-    for kept in ("config.yaml", "FINISHED", "final_metrics.json", "adapter", "training_curves.png"):
-        assert len([n for n in names if n.startswith(f"{kept}.") and n.endswith(".bak")]) == 1, (kept, names)
-    old_config = next(working.glob("config.yaml.*.bak"))
+    (backup,) = working.glob("backup-*")
+    assert sorted(p.name for p in backup.iterdir()) == sorted(
+        ["config.yaml", "FINISHED", "final_metrics.json", "adapter", "training_curves.png"]
+    )
+    old_config = backup / "config.yaml"
     assert yaml.safe_load(old_config.read_text())["training"]["max_steps"] == MAX_STEPS
     assert finished_step(working) == MAX_STEPS + 2
     assert yaml.safe_load((working / "config.yaml").read_text())["training"]["max_steps"] == MAX_STEPS + 2

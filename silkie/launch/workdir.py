@@ -1,8 +1,9 @@
 """The run directory: is it new, a resumable run of the same recipe, finished, or something else?
 
 The launcher decides from `DIR/config.yaml` (the resolved recipe of the run there) and the `FINISHED`
-marker that `silkie.train` writes at the end; it never deletes anything: `--force` renames the files a
-new run would overwrite to `NAME.<timestamp>.bak`.
+marker that `silkie.train` writes at the end; it never deletes anything: `--force` moves the files a
+new run would overwrite into `DIR/backup-<timestamp>/` (outside the `checkpoint-*` names that checkpoint rotation
+counts and deletes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ CONFIG_NAME = "config.yaml"
 FINISHED_NAME = "FINISHED"
 # What a finished run leaves behind that a new run in the same folder would overwrite.
 FINISHED_OUTPUTS = ("config.yaml", "FINISHED", "final_metrics.json", "adapter", "training_curves.png")
+# What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
+RUN_HISTORY = ("metrics.jsonl", "runs", "reference_logps")
+BACKUP_PREFIX = "backup-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -161,14 +165,15 @@ def _only_schedule_changes(diffs: list[str]) -> bool:
 
 
 def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
-    """--force: keep the old outputs as *.bak; keep checkpoints only when they belong to a compatible recipe."""
+    """--force: move the old outputs to backup-<stamp>/; the checkpoints too unless the recipe change keeps them."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = list(FINISHED_OUTPUTS)
-    if not resumable:  # another model, data or optimisation: the old checkpoints must not be resumed
-        names += sorted(p.name for p in working.glob("checkpoint-*")) + ["reference_logps"]
-    backups = [(working / name, working / f"{name}.{stamp}.bak") for name in names if (working / name).exists()]
+    if not resumable:  # another model, data or optimisation: the old checkpoints and history must not continue
+        names += sorted(p.name for p in working.glob("checkpoint-*")) + list(RUN_HISTORY)
+    backup = working / f"{BACKUP_PREFIX}{stamp}"
+    backups = [(working / name, backup / name) for name in names if (working / name).exists()]
     ckpt = latest_checkpoint(working) if resumable else None
-    kept = f"; kept the old {', '.join(a.name for a, _ in backups)} as *.{stamp}.bak" if backups else ""
+    kept = f"; moved the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
     return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups)
 
@@ -177,6 +182,7 @@ def prepare_workdir(plan: WorkdirPlan, recipe: Recipe) -> None:
     """Create the directory, make the --force renames and write the resolved recipe to config.yaml."""
     plan.working.mkdir(parents=True, exist_ok=True)
     for original, backup in plan.backups:
+        backup.parent.mkdir(exist_ok=True)
         original.rename(backup)
     if plan.state != "resume":
         save_recipe(recipe, plan.config_path)
@@ -188,6 +194,9 @@ def undo_prepare(plan: WorkdirPlan, created: bool) -> None:
         plan.config_path.unlink(missing_ok=True)
     for original, backup in plan.backups:
         backup.rename(original)
+    for folder in {backup.parent for _, backup in plan.backups}:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
     if created:
         for folder in (plan.working / "slurm", plan.working):
             if folder.is_dir() and not any(folder.iterdir()):
