@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="use a --working that holds another recipe or other files (nothing is deleted; old outputs -> backup-<time>/)",
+        help="run in a --working that holds another recipe or other files (nothing deleted; old outputs: backup-*/)",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=5e-6")
     return parser
