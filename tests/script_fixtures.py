@@ -81,6 +81,7 @@ def build_trained_run(root: Path) -> TrainedRun:
         f"training.max_steps={TRAIN_STEPS}",
         "training.learning_rate=5.0e-3",
         "training.report_to=none",
+        "training.per_device_eval_batch_size=5",  # a partial last eval batch: metrics must weigh pairs, not batches
     ]
     # CPU only (same numbers on every machine); one thread: on a small busy CPU more threads are 20x slower
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

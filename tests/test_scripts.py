@@ -245,7 +245,8 @@ def test_evaluate_pairs_matches_hand_computed_rewards(trained, tmp_path):
     margins = [row["rewards/chosen"] - row["rewards/rejected"] for row in result["pairs"]]
     assert summary["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-9)
     assert summary["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
-    # the trainer's final evaluation (one batch of 16 pairs) saw the same numbers
+    # the trainer's final evaluation (batches of 5 pairs, the last one partial) saw the same numbers
+    assert len(margins) % 5 != 0
     final_eval = [json.loads(line) for line in (trained.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["rewards/accuracies"] == pytest.approx(final_eval["eval_rewards/accuracies"], abs=1e-6)
     assert summary["rewards/chosen"] == pytest.approx(final_eval["eval_rewards/chosen"], abs=1e-5)

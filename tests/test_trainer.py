@@ -308,3 +308,51 @@ def test_broken_images_are_left_out_with_workers_cached_reference_and_eval(asset
         table = torch.load(working / "reference_logps" / f"{split}.pt", weights_only=True)["logps"]
         unscored = int(torch.isnan(table[:, 0]).sum())
         assert 0 < unscored < len(table), (split, unscored, len(table))  # exactly the broken pairs stay NaN
+
+
+@pytest.mark.parametrize("setup", ["lora_bf16_weights", "full_ft_fp32_weights"])
+def test_bf16_autocast_without_deepspeed(assets, tmp_path, setup):
+    """accelerate's autocast wrapper returns the forward's outputs in fp32 (the chunked head must cast them back),
+    and a frozen reference copy must run under the same autocast as the policy: at step 1 policy = reference, so
+    the rewards are exactly 0 and the loss is ln 2."""
+    extra = ["model.dtype=bf16"] if setup == "lora_bf16_weights" else ["model.dtype=fp32", "lora.enabled=false"]
+    working = tmp_path / setup
+    overrides = asset_overrides(assets) + FAST + extra
+    run_in_process(working, overrides + ["training.bf16=true", "training.max_steps=2", "data.max_prompts=16"])
+    first = next(r for r in read_metrics(working) if "loss" in r)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0, first
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_group_by_length_resume_in_a_later_epoch_on_two_ranks(assets, tmp_path):
+    """On a resume the length sampler sits deeper than the Trainer's set_epoch reaches: without the trainer's own
+    set_epoch, two ranks resumed in epoch 1 replayed epoch 0's order (the losses after the resume differed)."""
+    import shutil
+
+    overrides = asset_overrides(assets) + FAST + [
+        "data.max_prompts=6",
+        "training.group_by_length=true",
+        "training.per_device_train_batch_size=4",
+        "training.max_steps=10",
+        "training.save_steps=7",
+    ]
+    command = [train_command(tmp_path, overrides)[0], "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2"]  # fmt: skip
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+
+    def train(working: Path) -> None:
+        done = subprocess.run(command + train_command(working, overrides)[1:], env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    straight = tmp_path / "straight"
+    train(straight)
+    state = json.loads((straight / "checkpoint-7" / "trainer_state.json").read_text())
+    assert state["epoch"] > 1.0, state["epoch"]  # the resume point lies in the second epoch
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("checkpoint-10", "adapter", "FINISHED"))
+    train(resumed)
+    first = {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
+    again = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}  # later lines win: the resume
+    for step in (8, 9, 10):
+        assert again[step] == pytest.approx(first[step], abs=1e-5), (step, first, again)

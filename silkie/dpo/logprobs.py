@@ -13,7 +13,8 @@ def is_partitioned(module: nn.Module) -> bool:
 
 
 def _score_chunk(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = lm_head(hidden).float()
+    # the forward's outputs may come back in fp32 (accelerate's autocast wrapper): match the head's weights
+    logits = lm_head(hidden.to(lm_head.weight.dtype)).float()
     logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     return logps, logits.mean(-1).detach()
 

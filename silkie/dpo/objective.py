@@ -51,7 +51,8 @@ def batch_dpo_loss(
     pad_token_id: int,
     reference: ReferenceFn,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and per-pair metric tensors (TRL names); `reference(batch, features)` gives reference log-probs."""
+    """Loss and per-pair metric tensors (TRL names, plus each pair's `weight`); `reference(batch, features)` gives
+    reference log-probs."""
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
@@ -67,9 +68,8 @@ def batch_dpo_loss(
         "logits/chosen": policy.chosen_logits_mean,
         "logits/rejected": policy.rejected_logits_mean,
     }
-    if weights is not None:  # pairs whose image failed are not part of the metrics
-        kept = weights.to(out.chosen_rewards.device) > 0
-        metrics = {name: values[kept] for name, values in metrics.items()}
+    # per-pair weights (0: the pair's image failed) let the trainer leave pairs out of the metrics
+    metrics["weight"] = out.chosen_rewards.new_ones(()).expand_as(out.chosen_rewards) if weights is None else weights
     return out.loss, metrics
 
 

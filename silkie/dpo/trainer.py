@@ -95,24 +95,42 @@ class SilkieDPOTrainer(Trainer):
             weights = batch.get("pair_weight")
             if weights is not None:  # a pair left out of the loss needs no reference, only a finite number
                 picked[weights.cpu() == 0] = 0.0
-            if not torch.isnan(picked).any():  # NaN: the pair's image failed during the precompute pass only
-                return picked[:, 0], picked[:, 1]
-        if self.ref_model is not None:
-            ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
-            return ref.chosen_logps.detach(), ref.rejected_logps.detach()
-        unwrapped = self.accelerator.unwrap_model(model)
-        return adapter_reference(unwrapped, self.step_options, self.pad_token_id)(batch, features)
+            # NaN: the pair's image failed during the precompute pass only. Every rank decides together: a
+            # reference forward on some ranks only would stall ZeRO-3's collective parameter gathers.
+            if not self._any_rank(torch.isnan(picked).any()):
+                return picked[:, 0].to(self.args.device), picked[:, 1].to(self.args.device)
+        with self.accelerator.autocast():  # as the policy (also for the precompute pass, outside a step)
+            if self.ref_model is not None:
+                ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
+                return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+            unwrapped = self.accelerator.unwrap_model(model)
+            return adapter_reference(unwrapped, self.step_options, self.pad_token_id)(batch, features)
+
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        flag = flag.float().to(self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
-        return EpochSeededLengthSampler(
+        self._length_sampler = EpochSeededLengthSampler(
             self.args.train_batch_size * self.args.gradient_accumulation_steps,
             dataset=dataset,
             lengths=dataset[self.args.length_column_name],
             seed=self.args.seed,
         )
+        return self._length_sampler
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # On a resume the sampler sits under SkipBatchSampler(BatchSamplerShard(BatchSampler(...))), deeper than
+        # the Trainer's set_epoch reaches: without this a resumed multi-rank run would replay epoch 0's order.
+        sampler = getattr(self, "_length_sampler", None)
+        if sampler is not None:
+            sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def _reference_table(self, mode: str) -> torch.Tensor | None:
         """The precomputed reference table for the train or eval set (computed or loaded on first use)."""
@@ -137,7 +155,10 @@ class SilkieDPOTrainer(Trainer):
         def reference(ref_batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             return self.reference_scores(model, ref_batch, features)
 
-        return batch_dpo_loss(model, batch, self.step_options, self.dpo, self.pad_token_id, reference)
+        # the whole step under the mixed-precision autocast (a no-op under DeepSpeed, which casts the model): the
+        # chunked LM head runs outside the model's forward, and policy and reference must see the same numerics
+        with self.accelerator.autocast():
+            return batch_dpo_loss(model, batch, self.step_options, self.dpo, self.pad_token_id, reference)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
@@ -164,19 +185,33 @@ class SilkieDPOTrainer(Trainer):
 
     # ----- metrics ------------------------------------------------------------------------------------------------
     def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        for name, values in metrics.items():  # sum and count per rank: ranks may hold different pair counts
-            values = values.detach().float()
-            totals = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
-            total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-            if count > 0:  # 0: every pair of the step had a failed image
-                self._metrics[mode][name].append(total / count)
+        """Train: the step's mean per name over all ranks' pairs (TRL's gather-then-mean), averaged over the
+        logging window. Eval: sums and counts over every pair of the evaluation, each pair once (the duplicates
+        that pad the last batch across ranks are dropped)."""
+        weights = metrics.pop("weight").detach().float()
+        if mode == "eval":
+            gathered = self.accelerator.gather_for_metrics({"weight": weights, **metrics})
+            weights = gathered.pop("weight")
+            metrics = gathered
+        for name, values in metrics.items():
+            totals = torch.stack([(values.detach().float() * weights).sum(), weights.sum()])
+            if mode == "train":
+                total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
+                if count > 0:  # 0: every pair of the step had a failed image
+                    self._metrics[mode][name].append(total / count)
+            else:
+                self._metrics[mode][name].append(totals.tolist())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         prefix = "eval_" if mode == "eval" else ""
         for name, values in self._metrics[mode].items():
-            if values:
+            if values and mode == "train":
                 logs[f"{prefix}{name}"] = sum(values) / len(values)
+            elif values:
+                total, count = map(sum, zip(*values))
+                if count > 0:
+                    logs[f"{prefix}{name}"] = total / count
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
