@@ -22,20 +22,37 @@ from .training_keys import TRAINING_KEYS
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false are booleans ("no" stays the string HF strategies use)."""
+    """YAML 1.2 scalars: only true/false are booleans ("no" stays the string HF strategies use), `1e-5` is a float
+    (PyYAML's YAML 1.1 rules read it as a string), `48:00:00` is a string (not 172800) and dates stay strings."""
 
 
+_YAML_1_1_ONLY = {
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:timestamp",
+}
 RecipeLoader.yaml_implicit_resolvers = {
-    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    key: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_1_1_ONLY]
     for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789")
+)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+.0123456789"),
+)
 
 
 def parse_yaml(text: str) -> Any:
-    """Parse recipe YAML (YAML 1.2 booleans)."""
+    """Parse recipe YAML (YAML 1.2 booleans and numbers)."""
     return yaml.load(text, Loader=RecipeLoader)
 
 
@@ -288,9 +305,13 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
-    """Ints become floats for float fields; '5e-6' (a string to PyYAML) becomes a float where a float is allowed."""
-    if isinstance(value, int) and not isinstance(value, bool) and _type_ok(float(value), annotation):
-        return float(value)
+    """Ints become floats for float fields and strings for string fields (`slurm.time: 60`); a numeric string
+    becomes a float where only a float is allowed."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if _type_ok(float(value), annotation):
+            return float(value)
+        if not _type_ok(value, annotation) and _type_ok(str(value), annotation):
+            return str(value)
     if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.0, annotation):
         try:
             return float(value)
@@ -370,7 +391,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path, value = parse_override(text)
         node = result
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty `section:` line in the file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{text}': '{part}' is not a section")
         node[path[-1]] = value

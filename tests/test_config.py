@@ -1,0 +1,42 @@
+"""Recipe values as users write them: YAML 1.2 numbers and booleans, in files and in key=value overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from silkie.config import RecipeError, load_recipe
+
+from .conftest import REPO_ROOT
+
+DEMO = REPO_ROOT / "dpo_config" / "demo.yaml"
+
+
+def test_slurm_times_stay_strings_and_numbers_parse_inside_lists_and_dicts():
+    recipe = load_recipe(
+        DEMO,
+        [
+            "slurm.time=48:00:00",
+            "dpo.loss_type=[sigmoid, sft]",
+            "dpo.loss_weights=[1, 1e-1]",
+            "training.lr_scheduler_type=cosine_with_min_lr",
+            "training.lr_scheduler_kwargs={min_lr: 1e-6}",
+            "training.learning_rate=5e-6",
+        ],
+    )
+    assert recipe.slurm.time == "48:00:00"
+    assert recipe.dpo.loss_weights == [1.0, 0.1]
+    assert recipe.training["lr_scheduler_kwargs"] == {"min_lr": 1e-6}
+    assert recipe.training["learning_rate"] == 5e-6
+    assert load_recipe(DEMO, ["slurm.time=30:00"]).slurm.time == "30:00"
+    assert load_recipe(DEMO, ["slurm.time=60"]).slurm.time == "60"  # minutes, as sbatch reads it
+    assert load_recipe(DEMO, ["training.eval_strategy=no"]).training["eval_strategy"] == "no"  # not False
+
+
+def test_a_recipe_file_with_an_unquoted_time_and_an_empty_section(tmp_path):
+    text = DEMO.read_text() + "slurm:\n  time: 24:00:00\ndeepspeed:\n"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path, ["deepspeed.stage=2"])
+    assert recipe.slurm.time == "24:00:00" and recipe.deepspeed.stage == 2
+    with pytest.raises(RecipeError, match=r"dpo.beta = 'high' has the wrong type"):
+        load_recipe(path, ["dpo.beta=high"])
