@@ -20,9 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from silkie.dpo.trainer import ResumeError
     from silkie.train import run_training
 
-    run_training(recipe, args.working)
+    try:
+        run_training(recipe, args.working)
+    except (RecipeError, ResumeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -79,8 +79,10 @@ MEANINGS: dict[str, str] = {
     "slurm.setup": "Shell lines run before training (e.g. `module load cuda`, `source env/bin/activate`).",
     "slurm.requeue": "After the warning signal: checkpoint and requeue the job (true), or checkpoint and stop.",
     "slurm.signal": "Warning signal to the batch shell before the time limit: `USR1` or `USR2`.",
-    "slurm.signal_seconds": "How long before the time limit the signal comes (also torchrun's shutdown grace).",
-    "slurm.rdzv_port": "Port of the c10d rendezvous on the job's first node.",
+    "slurm.signal_seconds": "How long before the time limit the signal comes (torchrun's shutdown grace is this "
+    "less up to 60 s, kept for the requeue).",
+    "slurm.rdzv_port": "Port of the c10d rendezvous on the job's first node; null = 20000 + job id % 20000 (jobs "
+    "sharing a node never meet).",
     "training.learning_rate": "Peak learning rate.",
     "training.lr_scheduler_type": "Schedule: `linear`, `cosine`, `constant`, `constant_with_warmup`, ...",
     "training.lr_scheduler_kwargs": "Extra scheduler arguments.",

@@ -236,7 +236,7 @@ class SlurmSection:
     requeue: bool = True
     signal: str = "USR1"
     signal_seconds: int = 300
-    rdzv_port: int = 29500
+    rdzv_port: int | None = None
 
     def check(self) -> None:
         _require(self.gpus_per_node >= 1, "slurm.gpus_per_node", self.gpus_per_node, "an integer >= 1")

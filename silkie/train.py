@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from silkie.callbacks import MetricsJsonlCallback, PreemptionCallback
-from silkie.config import Recipe, save_recipe
+from silkie.config import Recipe, RecipeError, save_recipe
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_RE = re.compile(r"^tmp-checkpoint-(\d+)$")
@@ -53,7 +53,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     from silkie.data.build import prepare_data
     from silkie.data.collator import PairCollator
     from silkie.dpo.reference import ReferenceCache
-    from silkie.dpo.trainer import SilkieDPOTrainer
+    from silkie.dpo.trainer import SilkieDPOTrainer, check_resume_layout
     from silkie.models.family import get_family
     from silkie.models.loading import build_frozen_reference, build_policy, load_tokenizer, resolve_dtype
     from silkie.plotting import plot_metrics
@@ -75,7 +75,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         deepspeed.init_distributed()  # deepspeed.comm over the same group (zero.Init reads its world size)
     tokenizer = load_tokenizer(recipe.model)
     if tokenizer.image_token_budget >= recipe.dpo.max_length:
-        raise ValueError(
+        raise RecipeError(
             f"model.max_pixels: one image may take {tokenizer.image_token_budget} tokens, not below dpo.max_length "
             f"= {recipe.dpo.max_length}, so every pair with an image would be dropped; lower model.max_pixels "
             "(e.g. 200704 = 448x448 -> 256 tokens) or raise dpo.max_length"
@@ -116,9 +116,10 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     if ref_model is not None:
         trainer.ref_model = _place_reference(trainer, ref_model)
     resume = latest_checkpoint(working)
-    if resume is not None:
-        _say(f"resuming from {resume.name}")
     try:
+        if resume is not None:
+            check_resume_layout(resume, args.world_size)
+            _say(f"resuming from {resume.name}")
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if preemption.requested:
             _say(f"stopped on signal {preemption.received}: checkpoint saved at step {trainer.state.global_step}")

@@ -70,7 +70,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
     elif "eval_strategy" not in values:
         values["eval_strategy"] = "steps" if "eval_steps" in values else "epoch"
     values.setdefault("bf16", bf16)
-    if not torch.cuda.is_available():
+    if recipe.launch.cpu or not torch.cuda.is_available():  # launch.cpu: even where Slurm hands the step GPUs
         values["use_cpu"] = True
     ds = deepspeed_config(recipe.deepspeed)
     return TrainingArguments(

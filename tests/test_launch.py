@@ -30,7 +30,7 @@ from .slurm_cluster import (
 
 TRAIN_SCRIPT = REPO_ROOT / "train_dpo.py"
 TORCHRUN = f"{shlex.quote(sys.executable)} -m torch.distributed.run"
-SIGNALS = "--signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+SIGNALS = "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # read by torchrun's --signals_to_handle
 MAX_STEPS = 20
 
 
@@ -117,8 +117,8 @@ def test_dry_run_local_cpu_prints_torchrun_and_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert result.stdout == (
-        f"CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS={threads} {TORCHRUN} --standalone --nproc_per_node 2 "
-        f"{SIGNALS} --shutdown_timeout 120 "
+        f"CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS={threads} {SIGNALS} PET_SHUTDOWN_TIMEOUT=120 "
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 {TORCHRUN} --standalone --nproc_per_node 2 "
         f"{TRAIN_SCRIPT} --config {working}/config.yaml --working {working}\n"
     )
     assert "new run" in result.stderr
@@ -131,7 +131,7 @@ def test_dry_run_local_gpus_one_process_per_visible_gpu(tmp_path):
         working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=null", CUDA_VISIBLE_DEVICES="0,1,2"
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{TORCHRUN} --standalone --nproc_per_node 3 ")
+    assert f"{TORCHRUN} --standalone --nproc_per_node 3 " in result.stdout
     too_many = run_launcher(
         working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=4", CUDA_VISIBLE_DEVICES="0"
     )
@@ -174,13 +174,14 @@ def test_dry_run_slurm_script(tmp_path, gpus, nodes, per_node):
         "module load cuda/12.4",
         "source /opt/env/bin/activate",
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        "MASTER_PORT=29500",
+        "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+        f"export {SIGNALS}",
+        "export PET_SHUTDOWN_TIMEOUT=90",  # 120 s of warning less 30 s for the requeue
         "trap on_preempt USR1",
         'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
         f"    {TORCHRUN} \\",
         f'    --nnodes "$SLURM_NNODES" --nproc_per_node {per_node} \\',
         '    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\',
-        f"    {SIGNALS} --shutdown_timeout 120 \\",
         f"    {TRAIN_SCRIPT} --config {working}/config.yaml --working {working} &",
         '    scontrol requeue "$SLURM_JOB_ID"',
     ):
@@ -191,6 +192,16 @@ def test_dry_run_slurm_script(tmp_path, gpus, nodes, per_node):
     syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
     assert not working.exists()
+
+
+def test_dry_run_slurm_script_with_spaces_in_paths_and_a_fixed_port(tmp_path):
+    working = tmp_path / "my runs" / "run 1"
+    result = run_launcher(working, "--dry-run", "--gpus", "2", "slurm.rdzv_port=29500", "slurm.job_name=dpo run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for expected in (f'#SBATCH --output="{working}/slurm/%j.log"', '#SBATCH --job-name="dpo run"', "MASTER_PORT=29500"):
+        assert expected in lines, f"missing line {expected!r} in:\n{result.stdout}"
+    assert f"WORKING='{working}'" in lines
 
 
 def test_dry_run_slurm_cpu_mode_and_no_requeue(tmp_path):

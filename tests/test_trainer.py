@@ -119,6 +119,7 @@ def test_kill_and_resume_continues_same_run(assets, tmp_path):
     assert f"resuming from {first.name}" in resumed.stdout
     state = json.loads((working / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12
+    assert json.loads((working / "checkpoint-12" / "silkie_run.json").read_text()) == {"world_size": 1}
     losses_straight = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r}
     losses_resumed = {r["step"]: r["loss"] for r in read_metrics(working) if "loss" in r}
     resume_step = int(first.name.split("-")[1])
@@ -356,3 +357,15 @@ def test_group_by_length_resume_in_a_later_epoch_on_two_ranks(assets, tmp_path):
     again = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}  # later lines win: the resume
     for step in (8, 9, 10):
         assert again[step] == pytest.approx(first[step], abs=1e-5), (step, first, again)
+
+
+def test_a_checkpoint_is_not_resumed_with_another_number_of_processes(tmp_path):
+    from silkie.dpo.trainer import ResumeError, check_resume_layout
+
+    checkpoint = tmp_path / "checkpoint-40"
+    checkpoint.mkdir()
+    check_resume_layout(checkpoint, 16)  # written before the layout file existed: nothing to compare
+    (checkpoint / "silkie_run.json").write_text(json.dumps({"world_size": 8}))
+    check_resume_layout(checkpoint, 8)
+    with pytest.raises(ResumeError, match=r"checkpoint-40 was saved by a run of 8 processes and this launch has 16"):
+        check_resume_layout(checkpoint, 16)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +41,27 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
 
 class NonFiniteLossError(FloatingPointError):
     """Raised before the optimizer step when the DPO loss is NaN or infinite."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that this launch cannot continue exactly (printed as one line)."""
+
+
+RUN_LAYOUT_FILE = "silkie_run.json"
+
+
+def check_resume_layout(checkpoint: Path, world_size: int) -> None:
+    """Refuse to resume `checkpoint` with another number of processes (launch settings may change otherwise)."""
+    path = checkpoint / RUN_LAYOUT_FILE
+    if not path.is_file():  # written by an older version: nothing to compare
+        return
+    saved = json.loads(path.read_text())["world_size"]
+    if saved != world_size:
+        raise ResumeError(
+            f"{checkpoint.name} was saved by a run of {saved} processes and this launch has {world_size}: the global "
+            f"batch, the data order and the optimizer shards would not match; launch {saved} processes again "
+            f"(--gpus {saved}), or train in another --working"
+        )
 
 
 class SilkieDPOTrainer(Trainer):
@@ -232,6 +255,8 @@ class SilkieDPOTrainer(Trainer):
             self.args.save_total_limit = original_limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            layout = {"world_size": self.args.world_size}
+            Path(staged, RUN_LAYOUT_FILE).write_text(json.dumps(layout))
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(staged, final)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from silkie.config import RecipeError, load_recipe
 
-from .local import format_command, plan_local, run_local
+from .local import format_command, plan_local, run_local, signal_forwarding_warning
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
 from .workdir import LaunchError, inspect_workdir, prepare_workdir, undo_prepare
 
@@ -104,6 +104,9 @@ def _launch(args: argparse.Namespace) -> int:
         _note(f"{local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es): {format_command(local)}")
         return run_local(local, working)
     script = render_script(recipe, working, layout)
+    warning = signal_forwarding_warning()
+    if warning:
+        _note(f"warning: {warning}")
     if args.dry_run:
         _note(f"dry run: {plan.message}; {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
         print(script, end="")

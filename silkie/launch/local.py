@@ -23,6 +23,34 @@ TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_dpo.py"
 # (silkie.callbacks.PreemptionCallback) answer SIGUSR1 and SIGTERM with checkpoint-and-exit-0.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 LOCAL_SHUTDOWN_TIMEOUT_S = 120
+SIGNAL_FORWARDING_TORCH = (2, 9)  # the first torchrun that forwards SIGUSR1 to its workers
+
+
+def torchrun_env(shutdown_timeout: int) -> dict[str, str]:
+    """torchrun's signal forwarding and shutdown grace as environment variables: `--signals_to_handle` and
+    `--shutdown_timeout` read them (PET_*), and a torch without those flags still starts (flags would fail it)."""
+    return {
+        "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS,
+        "PET_SHUTDOWN_TIMEOUT": str(shutdown_timeout),
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout),  # read by torch versions before the flag
+    }
+
+
+def signal_forwarding_warning() -> str | None:
+    """A warning when the installed torch's torchrun cannot forward SIGUSR1 (read without importing torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("torch")
+    except PackageNotFoundError:
+        return None
+    numbers = [int(part) for part in installed.split("+")[0].split(".")[:2] if part.isdigit()]
+    if len(numbers) == 2 and tuple(numbers) < SIGNAL_FORWARDING_TORCH:
+        return (
+            f"torch {installed}: torchrun forwards SIGUSR1 only from torch 2.9, so Slurm's pre-timeout signal "
+            "(and scancel --signal=USR1) stops the job without a fresh checkpoint; it resumes from the last saved one"
+        )
+    return None
 
 
 @dataclass
@@ -86,17 +114,8 @@ def plan_local(recipe: Recipe, working: str | Path) -> LocalPlan:
         nproc = launch.nproc_per_node or gpus
         if nproc > gpus:
             raise LaunchError(f"launch.nproc_per_node = {nproc} but only {gpus} GPU(s) are visible")
-    command = [
-        *torchrun_prefix(),
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "--signals_to_handle",
-        TORCHRUN_SIGNALS,
-        "--shutdown_timeout",
-        str(LOCAL_SHUTDOWN_TIMEOUT_S),
-        *train_command(working),
-    ]
+    env.update(torchrun_env(LOCAL_SHUTDOWN_TIMEOUT_S))
+    command = [*torchrun_prefix(), "--standalone", "--nproc_per_node", str(nproc), *train_command(working)]
     return LocalPlan(nproc, launch.cpu, env, command)
 
 

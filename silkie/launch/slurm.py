@@ -3,7 +3,8 @@
 Preemption and the time limit: Slurm sends the batch shell `slurm.signal` (`--signal=B:USR1@N`); the
 script's trap passes SIGUSR1 to the srun step, srun forwards it to torchrun on every node, torchrun
 (started with SIGUSR1 in `--signals_to_handle`) forwards it to its workers and waits up to
-`--shutdown_timeout` seconds; the workers finish the optimizer step, save `checkpoint-N` and exit 0.
+`--shutdown_timeout` seconds (the signal's lead time less a margin for the requeue); the workers finish the
+optimizer step, save `checkpoint-N` and exit 0.
 The script then requeues the job (`scontrol requeue`), and the requeued job resumes from that checkpoint.
 A run with `FINISHED` is never started or requeued again.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from silkie.config import Recipe
 
-from .local import TORCHRUN_SIGNALS, torchrun_prefix, train_command
+from .local import torchrun_env, torchrun_prefix, train_command
 from .workdir import FINISHED_NAME, LaunchError, latest_checkpoint
 
 SLURM_DIR = "slurm"
@@ -95,7 +96,7 @@ def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path)
         ("open-mode", "append"),
         ("signal", f"B:{check_signal(slurm.signal)}@{slurm.signal_seconds}"),
     ]
-    lines = [f"#SBATCH --{key}={value}" for key, value in options if value is not None]
+    lines = [f"#SBATCH --{key}={_sbatch_value(value)}" for key, value in options if value is not None]
     lines.append("#SBATCH --requeue" if slurm.requeue else "#SBATCH --no-requeue")
     for extra in slurm.extra_sbatch:
         extra = extra.strip()
@@ -103,14 +104,32 @@ def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path)
     return lines
 
 
+def _sbatch_value(value: object) -> str:
+    """An #SBATCH value; quoted when it holds spaces (sbatch splits unquoted directive values)."""
+    text = str(value)
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
+def shutdown_grace(signal_seconds: int) -> int:
+    """How long torchrun waits for the workers to checkpoint: the signal's lead time less a margin (up to 60 s),
+    so the batch script still has time to requeue before the time limit."""
+    return max(1, signal_seconds - min(60, signal_seconds // 4))
+
+
 def _torchrun_line(recipe: Recipe, working: Path, layout: SlurmLayout, python: str | None) -> str:
     return (
         f"{shlex.join(torchrun_prefix(python))} \\\n"
         f'    --nnodes "$SLURM_NNODES" --nproc_per_node {layout.gpus_per_node} \\\n'
         f'    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\\n'
-        f"    --signals_to_handle {TORCHRUN_SIGNALS} --shutdown_timeout {recipe.slurm.signal_seconds} \\\n"
         f"    {shlex.join(train_command(working))}"
     )
+
+
+def _torchrun_env_lines(signal_seconds: int) -> list[str]:
+    env = torchrun_env(shutdown_grace(signal_seconds))
+    return ["# torchrun forwards SIGUSR1 to the workers and waits for their checkpoint (srun passes these on)"] + [
+        f"export {key}={shlex.quote(value)}" for key, value in env.items()
+    ]
 
 
 def _cpu_lines(nproc: int) -> list[str]:
@@ -157,7 +176,9 @@ def render_script(
         "",
         "# c10d rendezvous on the first node of the allocation",
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        f"MASTER_PORT={slurm.rdzv_port}",
+        # a per-job port: jobs sharing a node must not meet at one rendezvous store
+        f"MASTER_PORT={slurm.rdzv_port}" if slurm.rdzv_port else "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+        *_torchrun_env_lines(slurm.signal_seconds),
         *(_cpu_lines(layout.gpus_per_node) if recipe.launch.cpu else []),
         "",
         f"# SIG{signal_name} (Slurm's warning before the time limit, or scancel --signal={signal_name} --batch):",
@@ -205,7 +226,13 @@ def active_jobs(working: str | Path) -> list[str]:
     listing = subprocess.run(
         ["squeue", "-h", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True, timeout=60
     )
-    queued = set(listing.stdout.split()) if listing.returncode == 0 else set()
+    if listing.returncode != 0:  # not knowing must not allow a second job on the same run
+        reason = " ".join(listing.stderr.split()) or f"exit code {listing.returncode}"
+        raise LaunchError(
+            f"squeue failed ({reason}): cannot tell whether job {', '.join(ids)} of {working} still runs; retry when "
+            "squeue works"
+        )
+    queued = set(listing.stdout.split())
     return sorted((i for i in ids if i in queued), key=int)
 
 
