@@ -3,7 +3,7 @@
 #   scripts/gpu_session.sh check   gpu_check.py (CUDA correctness incl. flex-attention gradients, Qwen-VL-Chat-size
 #                                  step + generation, benchmark at batch 8/16, profile) + flex-attention benchmark (~4 min)
 #   scripts/gpu_session.sh zero    ~30-step train_dpo.py runs at Qwen-VL-Chat size (random bf16 checkpoint written
-#                                  first) with DeepSpeed ZeRO-2, then ZeRO-3, on the single GPU (~5 min)
+#                                  first) with DeepSpeed ZeRO-2, then ZeRO-3, then 10 steps without DeepSpeed (~6 min)
 #   scripts/gpu_session.sh trl     TRL 1.16 DPOTrainer vs ours on a Qwen2-VL-7B-shaped model (random bf16 weights,
 #                                  LoRA r64, checkpointing, 448x448 images), batch 8 and 32, one run (~5 min)
 # Output lands in $OUT (or ./gpu_out).
@@ -44,4 +44,11 @@ else
             | tee "$OUT/zero$zero.log"
         cp "/tmp/zero$zero/metrics.jsonl" "$OUT/zero$zero-metrics.jsonl" 2>/dev/null
     done
+    stage "no_deepspeed"  # bf16 under accelerate's autocast (the path that needs the chunked head's dtype cast)
+    timeout 120 python3 -m torch.distributed.run --standalone --nproc_per_node 1 train_dpo.py \
+        --config dpo_config/silkie.yaml --working /tmp/zero0 model.path=/tmp/qwen-vl-size \
+        data.path=/tmp/data/vlfeedback_80k.jsonl data.images=/tmp/data/merged_images.zip data.eval_size=10 \
+        data.num_proc=4 deepspeed.stage=0 training.max_steps=10 training.eval_steps=10 training.save_steps=10 \
+        training.per_device_train_batch_size=4 training.gradient_accumulation_steps=1 training.logging_steps=1 \
+        launch.nproc_per_node=1 2>&1 | quiet | grep "silkie\]\|Error\|'loss'" | tee "$OUT/zero0.log"
 fi
