@@ -7,6 +7,7 @@ what is allowed; unknown keys suggest the closest known key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -36,19 +37,35 @@ RecipeLoader.yaml_implicit_resolvers = {
     key: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_1_1_ONLY]
     for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789")
-)
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+_RESOLVERS = [
+    ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789")),  # 10_000 as before
+    (
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+        list("-+.0123456789"),
     ),
-    list("-+.0123456789"),
+]
+for _tag, _regexp, _first in _RESOLVERS:
+    RecipeLoader.add_implicit_resolver(_tag, _regexp, _first)
+# decimal, also with leading zeros (PyYAML would read 010 as octal 8)
+RecipeLoader.add_constructor(
+    "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node).replace("_", ""), 10)
 )
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what RecipeLoader reads back unchanged: strings that look like numbers to it ("0815") get quotes."""
+
+
+RecipeDumper.yaml_implicit_resolvers = {key: list(value) for key, value in RecipeLoader.yaml_implicit_resolvers.items()}
+
+
+def dump_yaml(data: Any) -> str:
+    """Recipe YAML that `parse_yaml` reads back to the same values."""
+    return yaml.dump(data, Dumper=RecipeDumper, sort_keys=False)
 
 
 def parse_yaml(text: str) -> Any:
@@ -227,7 +244,7 @@ class SlurmSection:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str = "24:00:00"
+    time: str | int = "24:00:00"  # sbatch --time: "HH:MM:SS", "D-HH:MM", or minutes
     cpus_per_gpu: int | None = 8
     mem_per_gpu: str | None = None
     constraint: str | None = None
@@ -305,13 +322,9 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
-    """Ints become floats for float fields and strings for string fields (`slurm.time: 60`); a numeric string
-    becomes a float where only a float is allowed."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if _type_ok(float(value), annotation):
-            return float(value)
-        if not _type_ok(value, annotation) and _type_ok(str(value), annotation):
-            return str(value)
+    """Ints become floats for float fields; a numeric string becomes a float where only a float is allowed."""
+    if isinstance(value, int) and not isinstance(value, bool) and _type_ok(float(value), annotation):
+        return float(value)
     if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.0, annotation):
         try:
             return float(value)
@@ -386,7 +399,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` overrides to a raw recipe dict (returns a new dict)."""
-    result = parse_yaml(yaml.safe_dump(raw)) or {}
+    result = copy.deepcopy(raw) or {}
     for text in overrides:
         path, value = parse_override(text)
         node = result
@@ -417,4 +430,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe as YAML."""
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    Path(path).write_text(dump_yaml(recipe.to_dict()))

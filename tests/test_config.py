@@ -28,7 +28,8 @@ def test_slurm_times_stay_strings_and_numbers_parse_inside_lists_and_dicts():
     assert recipe.training["lr_scheduler_kwargs"] == {"min_lr": 1e-6}
     assert recipe.training["learning_rate"] == 5e-6
     assert load_recipe(DEMO, ["slurm.time=30:00"]).slurm.time == "30:00"
-    assert load_recipe(DEMO, ["slurm.time=60"]).slurm.time == "60"  # minutes, as sbatch reads it
+    assert load_recipe(DEMO, ["slurm.time=60"]).slurm.time == 60  # minutes, as sbatch reads it
+    assert load_recipe(DEMO, ["training.max_steps=10_000", "data.seed=010"]).data.seed == 10  # decimal, not octal
     assert load_recipe(DEMO, ["training.eval_strategy=no"]).training["eval_strategy"] == "no"  # not False
 
 
@@ -40,3 +41,15 @@ def test_a_recipe_file_with_an_unquoted_time_and_an_empty_section(tmp_path):
     assert recipe.slurm.time == "24:00:00" and recipe.deepspeed.stage == 2
     with pytest.raises(RecipeError, match=r"dpo.beta = 'high' has the wrong type"):
         load_recipe(path, ["dpo.beta=high"])
+
+
+def test_the_saved_recipe_reads_back_the_same(tmp_path):
+    """config.yaml is read again by train_dpo.py and the launcher: strings that look like numbers keep quotes."""
+    from silkie.config import save_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(DEMO.read_text() + 'slurm:\n  account: "0815"\n  qos: "1e5"\n  time: "2-00:00"\n')
+    recipe = load_recipe(path, ["training.lr_scheduler_kwargs={min_lr: 1e-6}"])
+    assert (recipe.slurm.account, recipe.slurm.qos) == ("0815", "1e5")
+    save_recipe(recipe, tmp_path / "config.yaml")
+    assert load_recipe(tmp_path / "config.yaml").to_dict() == recipe.to_dict()

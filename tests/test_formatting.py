@@ -13,6 +13,7 @@ from silkie.data.images import ZipImageStore
 from silkie.data.pairs import PairReport, PreferencePair, build_vlfeedback_pairs
 from silkie.data.sources import load_vlfeedback_jsonl
 from silkie.data.synthetic import write_synthetic_vlfeedback
+from silkie.models.qwen_vl.family import QwenVLCodec
 from silkie.models.qwen_vl.image_processing import QWenVLImageProcessor
 from silkie.models.qwen_vl.tokenization import IMAGE_SLOTS, QWenTokenizer
 from tests.data_fixtures import jpeg_bytes, write_tiny_vocab, write_zip
@@ -98,6 +99,13 @@ def test_image_tags_in_text_are_rejected(tok):
     assert encode_pair("what does </img> mean?", None, "a", "b", tok)[1] == "image_tag_in_text"
     assert encode_pair("Q", "merged_images/a.jpg", "an <img> tag shows a picture", "b", tok)[1] == "image_tag_in_text"
     assert encode_pair("Q", None, "use <img src=x> in HTML", "b", tok)[1] is None  # no tag: plain text
+
+    class BrokenTemplate(QwenVLCodec):
+        def answer_ids(self, text):
+            raise ValueError("the chat template renders prompt + answer without the prompt as a prefix")
+
+    with pytest.raises(ValueError, match="chat template"):  # not a pair's fault: the run stops and says why
+        encode_pair("Q", None, "a", "b", BrokenTemplate(tok))
 
 
 def test_cache_is_reused(tok, tmp_path, monkeypatch):

@@ -270,6 +270,23 @@ def test_force_moves_old_checkpoints_where_checkpoint_rotation_cannot_delete_the
     assert (working / "checkpoint-100").is_dir() and sorted(p.name for p in backup.iterdir()) == moved
 
 
+def test_a_resume_with_another_process_count_is_refused_before_launch(tmp_path):
+    working = tmp_path / "run"
+    working.mkdir()
+    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
+    (working / "checkpoint-3").mkdir()
+    (working / "checkpoint-3" / "silkie_run.json").write_text('{"world_size": 2}')
+    same = run_launcher(working, "--dry-run", "training.max_steps=6", "launch.nproc_per_node=2")
+    assert same.returncode == 0 and "resumes from checkpoint-3" in same.stderr
+    other = run_launcher(working, "--dry-run", "training.max_steps=6", "launch.nproc_per_node=1")
+    assert one_line_error(other).startswith(
+        "error: checkpoint-3 was saved by a run of 2 processes and this launch has 1: the global batch"
+    )
+    assert run_launcher(working, "--dry-run", "--gpus", "4", "training.max_steps=6").returncode == 2
+    fresh = run_launcher(working, "--dry-run", "--force", "training.max_steps=6", "lora.r=8", "launch.nproc_per_node=1")
+    assert fresh.returncode == 0 and "starts from step 0" in fresh.stderr  # its checkpoints are moved aside
+
+
 def test_recipe_reference_is_up_to_date():
     spec = importlib.util.spec_from_file_location("recipe_reference", REPO_ROOT / "scripts" / "recipe_reference.py")
     module = importlib.util.module_from_spec(spec)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import datasets
 
 from silkie.data.pairs import PairReport, PreferencePair
-from silkie.models.family import PairCodec
+from silkie.models.family import PairCodec, PairTextError
 from silkie.models.qwen_vl.family import QwenVLCodec, format_query
 
 __all__ = ["as_codec", "cache_key", "encode_pair", "format_query", "tokenize_pairs"]
@@ -75,15 +75,12 @@ def encode_pair(
     alone leaves no room for an answer).
     """
     codec = as_codec(tokenizer)
-    try:  # the Qwen-VL codec refuses image tags in text and an image key over 254 bytes
+    try:  # e.g. the Qwen-VL codec refuses image tags in text and an image key over 254 bytes
         prompt_ids = codec.prompt_ids(prompt, image)
-    except ValueError:
-        return None, "image_tag_in_text" if _refuses_text(codec, prompt) else "bad_image_key"
-    try:
         chosen_ids = codec.answer_ids(chosen)
         rejected_ids = codec.answer_ids(rejected)
-    except ValueError:
-        return None, "image_tag_in_text"
+    except PairTextError as error:
+        return None, error.reason
     image_spans = 1 if image else 0
     marker = codec.image_marker_id
     if prompt_ids.count(marker) != image_spans or marker in chosen_ids or marker in rejected_ids:
@@ -99,14 +96,6 @@ def encode_pair(
         if chosen_ids == rejected_ids:
             return None, "identical_after_truncation"
     return {"prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids, "rejected_input_ids": rejected_ids}, None
-
-
-def _refuses_text(codec: PairCodec, prompt: str) -> bool:
-    try:
-        codec.prompt_ids(prompt, None)
-    except ValueError:
-        return True
-    return False
 
 
 def _tokenize_batch(

@@ -248,15 +248,15 @@ def _jsonl_records(path: Path) -> Iterator[Any]:
 
 def _json_records(path: Path) -> Iterator[Any]:
     """A `.json` file: a JSON array of rows, or (as often in practice) JSON lines."""
-    with path.open("r", encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         head = handle.read(4096).lstrip()
-    if not head.startswith("["):
+    if not head.startswith(b"["):
         yield from _jsonl_records(path)
         return
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
     yield from data
 
 

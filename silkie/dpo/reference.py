@@ -122,7 +122,7 @@ class ReferenceCache:
             dataset, trainer.data_collator, score, trainer.args.per_device_eval_batch_size, trainer.args.device
         )
         missing = int(torch.isnan(table[:, 0]).sum())
-        if missing:  # pairs whose image failed to load: the collator drops them in training too
+        if missing:  # pairs whose image failed to load: weight 0 in training too (scored on the fly if it loads)
             trainer.log_line(f"reference log-probs ({split}): {missing} pairs unscored (their images failed to load)")
         if trainer.is_world_process_zero():
             save_table(path, key, table)

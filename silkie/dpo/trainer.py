@@ -18,6 +18,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from silkie.config import DPOSection
+from silkie.launch.workdir import RUN_LAYOUT_FILE, world_size_problem
 
 from .objective import adapter_reference, batch_dpo_loss
 from .reference import ReferenceCache
@@ -47,21 +48,11 @@ class ResumeError(RuntimeError):
     """A checkpoint that this launch cannot continue exactly (printed as one line)."""
 
 
-RUN_LAYOUT_FILE = "silkie_run.json"
-
-
 def check_resume_layout(checkpoint: Path, world_size: int) -> None:
     """Refuse to resume `checkpoint` with another number of processes (launch settings may change otherwise)."""
-    path = checkpoint / RUN_LAYOUT_FILE
-    if not path.is_file():  # written by an older version: nothing to compare
-        return
-    saved = json.loads(path.read_text())["world_size"]
-    if saved != world_size:
-        raise ResumeError(
-            f"{checkpoint.name} was saved by a run of {saved} processes and this launch has {world_size}: the global "
-            f"batch, the data order and the optimizer shards would not match; launch {saved} processes again "
-            f"(--gpus {saved}), or train in another --working"
-        )
+    problem = world_size_problem(checkpoint, world_size)
+    if problem:
+        raise ResumeError(problem)
 
 
 class SilkieDPOTrainer(Trainer):

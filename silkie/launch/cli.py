@@ -13,7 +13,7 @@ from silkie.config import RecipeError, load_recipe
 
 from .local import format_command, plan_local, run_local, signal_forwarding_warning
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
-from .workdir import LaunchError, inspect_workdir, prepare_workdir, undo_prepare
+from .workdir import LaunchError, inspect_workdir, prepare_workdir, undo_prepare, world_size_problem
 
 EXIT_USAGE = 2
 
@@ -93,6 +93,11 @@ def _launch(args: argparse.Namespace) -> int:
         raise LaunchError(
             f"Slurm job {', '.join(running)} for {working} is still queued or running; wait for it or scancel it"
         )
+    if plan.resume_from is not None:  # refused here, before a job waits in the queue only to stop at startup
+        world_size = args.gpus if layout is not None else plan_local(recipe, working).nproc
+        problem = world_size_problem(plan.resume_from, world_size)
+        if problem:
+            raise LaunchError(problem)
     if layout is None:
         local = plan_local(recipe, working)
         if args.dry_run:

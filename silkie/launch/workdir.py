@@ -8,6 +8,7 @@ counts and deletes).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from silkie.config import Recipe, RecipeError, recipe_from_dict, save_recipe
+from silkie.config import Recipe, RecipeError, parse_yaml, recipe_from_dict, save_recipe
 
 CONFIG_NAME = "config.yaml"
 FINISHED_NAME = "FINISHED"
@@ -26,6 +27,7 @@ FINISHED_OUTPUTS = ("config.yaml", "FINISHED", "final_metrics.json", "adapter", 
 RUN_HISTORY = ("metrics.jsonl", "runs", "reference_logps")
 BACKUP_PREFIX = "backup-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+RUN_LAYOUT_FILE = "silkie_run.json"  # in each checkpoint: the number of processes that saved it
 
 
 class LaunchError(Exception):
@@ -40,6 +42,7 @@ class WorkdirPlan:
     state: str  # "new", "resume", "finished" or "force"
     message: str
     backups: list[tuple[Path, Path]] = field(default_factory=list)  # (original, renamed to)
+    resume_from: Path | None = None  # the checkpoint training will continue from
 
     @property
     def config_path(self) -> Path:
@@ -50,6 +53,21 @@ def latest_checkpoint(working: Path) -> Path | None:
     """The highest complete `checkpoint-N` in `working` (the same rule as `silkie.train`)."""
     found = [(int(m.group(1)), p) for p in working.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
     return max(found)[1] if found else None
+
+
+def world_size_problem(checkpoint: Path, world_size: int) -> str | None:
+    """Why `checkpoint` cannot be resumed by `world_size` processes, or None (also for older checkpoints)."""
+    path = checkpoint / RUN_LAYOUT_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())["world_size"]
+    if saved == world_size:
+        return None
+    return (
+        f"{checkpoint.name} was saved by a run of {saved} processes and this launch has {world_size}: the global "
+        f"batch, the data order and the optimizer shards would not match; launch {saved} processes again "
+        f"(--gpus {saved}), or train in another --working"
+    )
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,7 +99,7 @@ def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _read_recipe(path: Path) -> dict[str, Any]:
     """The recipe stored in a run directory, normalised through the schema (defaults filled in)."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise RecipeError(f"not valid YAML ({str(err).splitlines()[0]})") from err
     return recipe_from_dict(raw or {}).to_dict()
@@ -113,7 +131,10 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
             where = f"resumes from {ckpt.name}" if ckpt else "starts (no checkpoint yet)"
             launch_note = f" (new launch settings: {_summary(diffs)})" if diffs else ""
             return WorkdirPlan(
-                working, "resume", f"{working} holds a run of this recipe{launch_note}; training {where}"
+                working,
+                "resume",
+                f"{working} holds a run of this recipe{launch_note}; training {where}",
+                resume_from=ckpt,
             )
         if not force:
             raise LaunchError(
@@ -175,7 +196,7 @@ def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
     ckpt = latest_checkpoint(working) if resumable else None
     kept = f"; moved the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
-    return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups)
+    return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups, resume_from=ckpt)
 
 
 def prepare_workdir(plan: WorkdirPlan, recipe: Recipe) -> None:

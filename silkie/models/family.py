@@ -27,6 +27,14 @@ FAMILY_CLASSES = {
 }
 
 
+class PairTextError(ValueError):
+    """Pair text a codec cannot encode; `reason` names the drop reason the data report counts it under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class PairCodec(Protocol):
     """Text side of a family: prompt/answer token ids for preference pairs."""
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from silkie.models.family import ModelFamily
+from silkie.models.family import ModelFamily, PairTextError
 
 from .image_processing import QWenVLImageProcessor
 from .modeling import QWenLMHeadModel
@@ -36,18 +36,33 @@ class QwenVLCodec:
         self.image_marker_id = tokenizer.img_start_id
 
     def prompt_ids(self, prompt: str, image: str | None) -> list[int]:
-        """Chat context with the system prompt; ValueError for an image key over the tokenizer's limit or an
-        image tag in the prompt's text."""
-        return self._no_stray_tags(self.tokenizer.build_chat_context(format_query(prompt, image)), 1 if image else 0)
+        """Chat context with the system prompt; `PairTextError` for an image tag in the prompt's text
+        (`image_tag_in_text`) or an image key over the tokenizer's limit (`bad_image_key`)."""
+        try:
+            ids = self.tokenizer.build_chat_context(format_query(prompt, image))
+        except ValueError as err:  # an unclosed <img> in the text, or a key over 254 bytes
+            raise PairTextError("image_tag_in_text" if self._refuses(prompt) else "bad_image_key", str(err)) from err
+        return self._no_stray_tags(ids, 1 if image else 0)
 
     def answer_ids(self, text: str) -> list[int]:
-        """Answer tokens + `<|im_end|>`; ValueError for an image tag in the text."""
-        return self._no_stray_tags(self.tokenizer.encode_answer(text), 0)
+        """Answer tokens + `<|im_end|>`; `PairTextError` for an image tag in the text."""
+        try:
+            ids = self.tokenizer.encode_answer(text)
+        except ValueError as err:  # an unclosed <img>
+            raise PairTextError("image_tag_in_text", str(err)) from err
+        return self._no_stray_tags(ids, 0)
+
+    def _refuses(self, prompt: str) -> bool:
+        try:
+            self.tokenizer.build_chat_context(prompt)
+        except ValueError:
+            return True
+        return False
 
     def _no_stray_tags(self, ids: list[int], images: int) -> list[int]:
         tok = self.tokenizer
         if ids.count(tok.img_start_id) != images or ids.count(tok.img_end_id) != images:
-            raise ValueError(f"the text holds an image tag ({IMG_START} or {IMG_END})")
+            raise PairTextError("image_tag_in_text", f"the text holds an image tag ({IMG_START} or {IMG_END})")
         return ids
 
     def fingerprint(self) -> str:
