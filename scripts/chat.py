@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--compare needs --adapter")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+    if args.sample and not args.temperature > 0:
+        parser.error("--temperature must be > 0 with --sample (greedy decoding: leave out --sample)")
+    if args.sample and not 0 < args.top_p <= 1:
+        parser.error("--top-p must be in (0, 1]")
     return args
 
 
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_dir=args.adapter,
         options=options,
         compare=args.compare,
-        system=args.system or DEFAULT_SYSTEM,
+        system=DEFAULT_SYSTEM if args.system is None else args.system,  # --system '' means none
         dtype=args.dtype,
         device=args.device,
     )

@@ -26,7 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="LoRA adapter folder (RUN/adapter)")
     parser.add_argument("--out", required=True, help="folder to write the merged checkpoint into")
     parser.add_argument(
-        "--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="load, merge and save in this dtype (bf16)"
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="dtype of the saved weights (bf16); the merge itself runs in fp32 (about 4 bytes of RAM per parameter)",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB (5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")

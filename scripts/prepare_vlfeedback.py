@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--min-margin must be >= 0")
     if args.max_pairs_per_prompt is not None and args.max_pairs_per_prompt < 1:
         parser.error("--max-pairs-per-prompt must be >= 1")
+    if args.sample_images < 0:
+        parser.error("--sample-images must be >= 0")
+    if args.convert and Path(args.convert).exists() and not Path(args.convert).is_dir():
+        parser.error(f"--convert {args.convert} is a file; give the folder to write the parquet into")
     return args
 
 

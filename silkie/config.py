@@ -278,6 +278,11 @@ class Recipe:
         for section in (self.model, self.data, self.lora, self.dpo, self.deepspeed, self.launch, self.slurm):
             section.check()
         _check_training(self.training)
+        if self.lora.load_in_4bit and self.launch.cpu:  # refused before the launcher writes anything
+            raise RecipeError(
+                "recipe: lora.load_in_4bit = True needs a CUDA GPU (bitsandbytes 4-bit), but launch.cpu = True; "
+                "set lora.load_in_4bit=false or launch.cpu=false"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for `config.yaml` in the working directory)."""

@@ -53,3 +53,9 @@ def test_the_saved_recipe_reads_back_the_same(tmp_path):
     assert (recipe.slurm.account, recipe.slurm.qos) == ("0815", "1e5")
     save_recipe(recipe, tmp_path / "config.yaml")
     assert load_recipe(tmp_path / "config.yaml").to_dict() == recipe.to_dict()
+
+
+def test_qlora_on_the_cpu_is_refused_when_the_recipe_is_read():
+    with pytest.raises(RecipeError, match="lora.load_in_4bit = True needs a CUDA GPU .* launch.cpu = True"):
+        load_recipe(DEMO, ["lora.load_in_4bit=true"])
+    assert load_recipe(DEMO, ["lora.load_in_4bit=true", "launch.cpu=false"]).lora.load_in_4bit

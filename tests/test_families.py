@@ -162,3 +162,24 @@ def test_an_image_the_processor_cannot_take_drops_its_pair(folder):
     # 4 rows still: the refused picture is replaced by a blank one and its pair weighted 0
     assert batch["prompt_input_ids"].size(0) == 4 and batch["image_grid_thw"].size(0) == 3
     assert batch["pair_weight"].tolist() == [0.0, 1.0, 1.0, 1.0] and batch["image_index"].max() == 2
+
+
+def test_a_checkpoint_with_missing_weights_is_refused(folder, tmp_path):
+    """transformers only logs weights it had to initialise at random; training or merging on them is refused."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from silkie.models.qwen_vl.checkpoint_io import CheckpointError
+
+    family, path = folder
+    partial = tmp_path / "partial"
+    shutil.copytree(path, partial)
+    (weights,) = partial.glob("*.safetensors")
+    state = load_file(weights)
+    dropped = sorted(name for name in state if "layers.0.mlp" in name)[0]
+    del state[dropped]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="1 weights missing from the checkpoint"):
+        get_family(family).load_model(model_section(partial, family), torch.float32)

@@ -223,6 +223,21 @@ def test_missing_weights_are_refused(tiny_model, tmp_path):
         QWenLMHeadModel.from_pretrained(folder)
 
 
+def test_weights_a_config_has_no_place_for_are_refused(tiny_model, tmp_path):
+    """A config.json with fewer layers than the weights would silently drop the extra layers."""
+    import json
+
+    folder = tmp_path / "fewer-layers"
+    tiny_model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (folder / "config.json").write_text(json.dumps(config))
+    last = config["num_hidden_layers"]
+    unused = rf"checkpoint weights the model has no place for .*transformer\.h\.{last}\."
+    with pytest.raises(CheckpointError, match=unused):
+        QWenLMHeadModel.from_pretrained(folder)
+
+
 def test_offline_hub_id_names_the_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(OSError, match="Qwen/Qwen-VL-Chat"):

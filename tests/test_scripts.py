@@ -48,6 +48,27 @@ def test_every_script_has_help(name):
     assert "Example:" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("chat", ["--sample", "--temperature", "0"], "--temperature must be > 0 with --sample"),
+        ("chat", ["--device", "cuda:7"], "--device cuda:7: no such CUDA device here"),
+        ("prepare_vlfeedback", ["--sample-images", "-5"], "--sample-images must be >= 0"),
+    ],
+)
+def test_bad_options_are_one_line_errors(name, args, message, tmp_path):
+    base = {"chat": ["--model", str(tmp_path), "--image", str(tmp_path / "x.png"), "--question", "q"],
+            "prepare_vlfeedback": [str(tmp_path / "x.jsonl"), str(tmp_path / "x.zip")]}  # fmt: skip
+    if name == "chat":
+        from PIL import Image
+
+        Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+        (tmp_path / "config.json").write_text('{"model_type": "qwen"}')
+    done = run_script(name, *base[name], *args, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr.strip().splitlines()[-1]
+
+
 # ----- merge_lora -------------------------------------------------------------------------------------------------
 def test_merge_lora_matches_base_plus_adapter(trained, tmp_path):
     from silkie.models.qwen_vl import QWenLMHeadModel, QWenTokenizer
@@ -91,6 +112,12 @@ def test_merge_lora_bf16_default_single_file(trained, tmp_path, capsys):
     model = QWenLMHeadModel.from_pretrained(out)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    # rounded once: the fp32 merge cast to bf16 (merging in bf16 rounded the LoRA update, then the sum)
+    from silkie.tools.common import load_model
+
+    exact = load_model(trained.model_dir, trained.adapter_dir, torch.float32).merge_and_unload().to(torch.bfloat16)
+    expected, saved = exact.state_dict(), model.state_dict()
+    assert all(torch.equal(saved[name], expected[name]) for name in saved)
     chat = ["--model", str(out), "--image", str(trained.image), "--question", QUESTION, "--max-new-tokens", "4"]
     assert load_script("chat").main(chat + ["--dtype", "bf16", "--device", "cpu"]) == 0  # images encode in bf16
     assert capsys.readouterr().out.strip()
@@ -104,6 +131,28 @@ def test_merge_lora_refuses_a_non_empty_out(trained, tmp_path, capsys):
         capsys.readouterr().err.strip()
         == f"error: output folder {tmp_path} is not empty (pass --overwrite to replace it)"
     )
+
+
+def test_merge_lora_never_deletes_its_inputs_or_an_old_output_on_failure(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained.adapter_dir, run / "adapter")
+    argv = ["--base", str(trained.model_dir), "--adapter", str(run / "adapter"), "--out", str(run), "--overwrite"]
+    assert load_script("merge_lora").main(argv) == 2  # --out holds the adapter: refused, not wiped
+    assert "would hold or sit inside the adapter folder" in capsys.readouterr().err
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+    out, broken = tmp_path / "merged", tmp_path / "broken-adapter"
+    out.mkdir()
+    (out / "old.txt").write_text("previous merge")
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{}")
+    argv = ["--base", str(trained.model_dir), "--adapter", str(broken), "--out", str(out), "--overwrite"]
+    assert load_script("merge_lora").main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot load the adapter in {broken}: KeyError")  # one line, no traceback
+    assert (out / "old.txt").read_text() == "previous merge"  # the failed merge left the old output alone
 
 
 # ----- chat -------------------------------------------------------------------------------------------------------

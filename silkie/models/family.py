@@ -142,7 +142,12 @@ class ModelFamily:
 def model_type_of(folder: str | Path) -> str | None:
     """`model_type` of a checkpoint folder's config.json (None without one)."""
     config = Path(folder) / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config}: not a JSON object ({err})") from err
 
 
 @functools.cache

@@ -13,10 +13,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` -> the first CUDA GPU when there is one, else the CPU."""
+    """`auto` -> the first CUDA GPU when there is one, else the CPU; a device that is not there is a `ToolError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ToolError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ToolError(f"--device {name}: no such CUDA device here (use --device cpu or auto)")
+    return device
 
 
 def resolve_tool_dtype(name: str) -> torch.dtype:
@@ -46,7 +52,10 @@ def family_of(model_dir: str | Path) -> str:
     from silkie.models.family import model_type_of
 
     folder = require_dir(model_dir, "model folder", "config.json")
-    model_type = model_type_of(folder)
+    try:
+        model_type = model_type_of(folder)
+    except ValueError as err:
+        raise ToolError(str(err)) from err
     if model_type not in MODEL_TYPES:
         raise ToolError(f"{folder / 'config.json'}: model_type {model_type!r} is not one of {sorted(MODEL_TYPES)}")
     return MODEL_TYPES[model_type]
@@ -74,9 +83,31 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
 def load_model(
     model_dir: str | Path, adapter_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
-    """The base checkpoint in `dtype` (eval mode), wrapped with the LoRA adapter from `adapter_dir` when given."""
+    """The base checkpoint in `dtype` (eval mode), wrapped with the LoRA adapter from `adapter_dir` when given.
+
+    A folder that cannot be loaded (bad config, missing or corrupt weights, an adapter of another model) is a
+    `ToolError` naming it.
+    """
     family = family_of(model_dir)
     model_dir = require_dir(model_dir, "model folder", "config.json")
+    try:
+        model = _load_base(family, model_dir, dtype)
+    except ToolError:
+        raise
+    except Exception as err:  # transformers/safetensors raise many types for a bad checkpoint folder
+        raise ToolError(f"cannot load the model in {model_dir}: {type(err).__name__}: {err}") from err
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        adapter_dir = require_dir(adapter_dir, "adapter folder", "adapter_config.json")
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        except Exception as err:  # peft: a bad adapter_config.json, or an adapter for other modules
+            raise ToolError(f"cannot load the adapter in {adapter_dir}: {type(err).__name__}: {err}") from err
+    return model.eval()
+
+
+def _load_base(family: str, model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
     if family == "qwen_vl":
         from silkie.models.qwen_vl import QWenLMHeadModel
 
@@ -87,9 +118,4 @@ def load_model(
         from silkie.models.family import get_family
 
         model = get_family(family).load_model(ModelSection(path=str(model_dir), family=family), dtype)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        adapter_dir = require_dir(adapter_dir, "adapter folder", "adapter_config.json")
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    return model.eval()
+    return model

@@ -48,11 +48,27 @@ def _set_dtype_flags(config, dtype: torch.dtype) -> None:
         config.fp32 = dtype == torch.float32
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ToolError(f"output folder {out_dir} is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out_dir)
+def _check_out_dir(out_dir: Path, overwrite: bool, keep: dict[str, Path]) -> None:
+    """Refuse an --out that would overwrite or delete the inputs, or a non-empty one without --overwrite."""
+    out = out_dir.resolve()
+    for what, folder in keep.items():
+        folder = folder.resolve()
+        if out == folder or folder.is_relative_to(out) or out.is_relative_to(folder):
+            raise ToolError(f"--out {out_dir} would hold or sit inside the {what} folder {folder}; choose another")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ToolError(f"--out {out_dir} is a file, not a folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ToolError(f"output folder {out_dir} is not empty (pass --overwrite to replace it)")
+
+
+def _replace_folder(staged: Path, out_dir: Path) -> None:
+    """Move the finished `staged` folder to `out_dir`; an old `out_dir` is deleted only after that."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    staged.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_adapter(
@@ -63,26 +79,33 @@ def merge_adapter(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
 ) -> MergeResult:
-    """Load base + adapter in `dtype`, `merge_and_unload()`, save safetensors shards, config, tokenizer.
+    """Load base + adapter in fp32, `merge_and_unload()`, cast to `dtype`, save safetensors shards, config,
+    tokenizer (fp32 merging rounds once: merging in bf16 rounded the LoRA update and then the sum).
 
     The folder loads like the base (`QWenLMHeadModel` + `QWenTokenizer` for Qwen-VL-Chat; the Auto classes
-    and `AutoProcessor` for Qwen2-VL / LLaVA).
-    Other files of the base folder (e.g. the official remote-code `*.py`) are copied alongside.
+    and `AutoProcessor` for Qwen2-VL / LLaVA). Other files of the base folder (e.g. the official remote-code
+    `*.py`) are copied alongside. The output is written to a staging folder next to `out_dir` and moved in
+    when complete, so a failed merge leaves an existing `out_dir` as it was.
     """
     base_dir = require_dir(base_dir, "base model folder", "config.json")
     adapter_dir = require_dir(adapter_dir, "adapter folder", "adapter_config.json")
     out_dir = Path(out_dir)
-    if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
-        raise ToolError(f"--out {out_dir} must differ from the base and adapter folders")
-    _check_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite, {"base model": base_dir, "adapter": adapter_dir})
     tokenizer = load_codec_from(base_dir, adapter_dir)
-    model = load_model(base_dir, adapter_dir, dtype=dtype)
-    merged = model.merge_and_unload()
+    model = load_model(base_dir, adapter_dir, dtype=torch.float32)
+    merged = model.merge_and_unload().to(dtype)
     _set_dtype_flags(merged.config, dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    copied = _copy_extras(base_dir, out_dir)
+    staged = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        merged.save_pretrained(staged, max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+        copied = _copy_extras(base_dir, staged)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    _replace_folder(staged, out_dir)
     return MergeResult(out_dir=out_dir, shards=shard_files(out_dir), dtype=dtype, copied=copied)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from silkie.models.family import ImageBatch, ModelFamily, model_type_of
+from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
 
 from .codec import ChatTemplateCodec, load_processor
 
@@ -58,9 +59,14 @@ class HFVisionFamily(ModelFamily):
                 f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa or eager with {self.name}"
             )
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-        model = AutoModelForImageTextToText.from_pretrained(
-            section.path, dtype=dtype, attn_implementation=section.attn_implementation, **extra
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            section.path,
+            dtype=dtype,
+            attn_implementation=section.attn_implementation,
+            output_loading_info=True,
+            **extra,
         )
+        refuse_incomplete_load(section.path, info, kinds=("missing_keys",))  # missing = left at random init
         if type(model).__name__ not in self.class_names:
             raise ValueError(
                 f"model.family: {section.path} holds a {type(model).__name__}, not a {self.name} model "

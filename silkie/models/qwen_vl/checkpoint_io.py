@@ -102,10 +102,22 @@ class CheckpointLoadingMixin:
                 f"model '{pretrained_model_name_or_path}' is not a local folder and could not be fetched from the "
                 f"model hub (offline? set HF_HUB_OFFLINE=0 and check the id): {err}"
             ) from err
-        missing = sorted(info.get("missing_keys", []))
-        if missing and not wants_info:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise CheckpointError(
-                f"{pretrained_model_name_or_path}: {len(missing)} weights missing from the checkpoint: {shown}"
-            )
+        if not wants_info:
+            refuse_incomplete_load(pretrained_model_name_or_path, info)
         return (model, info) if wants_info else model
+
+
+LOAD_PROBLEMS = (
+    ("missing_keys", "weights missing from the checkpoint"),
+    ("unexpected_keys", "checkpoint weights the model has no place for (does config.json match the weights?)"),
+    ("mismatched_keys", "weights of another shape than config.json gives"),
+)
+
+
+def refuse_incomplete_load(name: Any, info: dict, kinds: tuple[str, ...] = tuple(k for k, _ in LOAD_PROBLEMS)) -> None:
+    """`CheckpointError` naming the first few weights of each loading problem in `kinds` (from `loading_info`)."""
+    for kind, what in LOAD_PROBLEMS:
+        keys = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get(kind, []))
+        if kind in kinds and keys:
+            shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
+            raise CheckpointError(f"{name}: {len(keys)} {what}: {shown}")
