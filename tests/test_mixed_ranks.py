@@ -70,11 +70,11 @@ def train_two_ranks(assets: dict[str, Path], pairs: Path, working: Path, stage: 
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_trained_tower_with_text_only_ranks_under_ddp_and_zero3(mixed_data, tmp_path):
+def test_trained_tower_with_text_only_ranks_under_ddp_zero2_and_zero3(mixed_data, tmp_path):
     assets, pairs = mixed_data
     ddp = train_two_ranks(assets, pairs, tmp_path / "ddp", stage=0)
-    zero3 = train_two_ranks(assets, pairs, tmp_path / "zero3", stage=3)
-    assert len(ddp) == len(zero3) == 12
-    assert ddp[0] == pytest.approx(0.6931, abs=1e-3)
-    assert max(abs(a - b) for a, b in zip(ddp, zero3, strict=True)) < 1e-3, (ddp, zero3)
+    assert len(ddp) == 12 and ddp[0] == pytest.approx(0.6931, abs=1e-3)
     assert max(abs(loss - ddp[0]) for loss in ddp) > 1e-2, ddp  # the steps trained (the losses moved)
+    for stage in (2, 3):
+        zero = train_two_ranks(assets, pairs, tmp_path / f"zero{stage}", stage=stage)
+        assert max(abs(a - b) for a, b in zip(ddp, zero, strict=True)) < 1e-3, (stage, ddp, zero)
