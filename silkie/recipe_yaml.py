@@ -1,0 +1,59 @@
+"""Recipe YAML: YAML 1.2 scalars in and out (PyYAML implements YAML 1.1). Imports no torch."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans ("no" stays the string HF strategies use), `1e-5` is a float
+    (PyYAML's YAML 1.1 rules read it as a string), `48:00:00` is a string (not 172800) and dates stay strings."""
+
+
+_YAML_1_1_ONLY = {
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+    "tag:yaml.org,2002:timestamp",
+}
+RecipeLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_1_1_ONLY]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RESOLVERS = [
+    ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789")),  # 10_000 as before
+    (
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+        list("-+.0123456789"),
+    ),
+]
+for _tag, _regexp, _first in _RESOLVERS:
+    RecipeLoader.add_implicit_resolver(_tag, _regexp, _first)
+# decimal, also with leading zeros (PyYAML would read 010 as octal 8)
+RecipeLoader.add_constructor(
+    "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node).replace("_", ""), 10)
+)
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Writes what RecipeLoader reads back unchanged: strings that look like numbers to it ("0815") get quotes."""
+
+
+RecipeDumper.yaml_implicit_resolvers = {key: list(value) for key, value in RecipeLoader.yaml_implicit_resolvers.items()}
+
+
+def dump_yaml(data: Any) -> str:
+    """Recipe YAML that `parse_yaml` reads back to the same values."""
+    return yaml.dump(data, Dumper=RecipeDumper, sort_keys=False)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse recipe YAML (YAML 1.2 booleans and numbers)."""
+    return yaml.load(text, Loader=RecipeLoader)
