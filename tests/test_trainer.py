@@ -330,13 +330,17 @@ def test_group_by_length_resume_in_a_later_epoch_on_two_ranks(assets, tmp_path):
     set_epoch, two ranks resumed in epoch 1 replayed epoch 0's order (the losses after the resume differed)."""
     import shutil
 
-    overrides = asset_overrides(assets) + FAST + [
-        "data.max_prompts=6",
-        "training.group_by_length=true",
-        "training.per_device_train_batch_size=4",
-        "training.max_steps=10",
-        "training.save_steps=7",
-    ]
+    overrides = (
+        asset_overrides(assets)
+        + FAST
+        + [
+            "data.max_prompts=6",
+            "training.group_by_length=true",
+            "training.per_device_train_batch_size=4",
+            "training.max_steps=10",
+            "training.save_steps=7",
+        ]
+    )
     command = [train_command(tmp_path, overrides)[0], "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2"]  # fmt: skip
     env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
@@ -369,3 +373,29 @@ def test_a_checkpoint_is_not_resumed_with_another_number_of_processes(tmp_path):
     check_resume_layout(checkpoint, 8)
     with pytest.raises(ResumeError, match=r"checkpoint-40 was saved by a run of 8 processes and this launch has 16"):
         check_resume_layout(checkpoint, 16)
+
+
+def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
+    """Rewards average over pairs (a weight-0 pair, whose image failed, left out); the mean logits over answer
+    tokens, so a 40-token answer counts 40 times as much as a 1-token one (TRL's definition)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from silkie.dpo.trainer import SilkieDPOTrainer
+
+    fake = SimpleNamespace(
+        accelerator=Accelerator(cpu=True), _metrics={"train": defaultdict(list), "eval": defaultdict(list)}
+    )
+    metrics = {
+        "rewards/chosen": torch.tensor([1.0, 3.0, 100.0]),
+        "logits/chosen": torch.tensor([-1.0, 2.0, 100.0]),
+        "weight": torch.tensor([1.0, 1.0, 0.0]),
+        "weight:logits/chosen": torch.tensor([1.0, 40.0, 0.0]),  # pair weight x answer length
+    }
+    for mode in ("train", "eval"):
+        SilkieDPOTrainer._store_metrics(fake, dict(metrics), mode)
+    assert fake._metrics["train"]["rewards/chosen"] == [2.0]
+    assert fake._metrics["train"]["logits/chosen"] == [pytest.approx((-1.0 + 40 * 2.0) / 41)]
+    assert fake._metrics["eval"]["logits/chosen"] == [[pytest.approx(79.0), 41.0]]  # summed over the evaluation

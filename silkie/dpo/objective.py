@@ -51,8 +51,8 @@ def batch_dpo_loss(
     pad_token_id: int,
     reference: ReferenceFn,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and per-pair metric tensors (TRL names, plus each pair's `weight`); `reference(batch, features)` gives
-    reference log-probs."""
+    """Loss and per-pair metric tensors (TRL names, plus each pair's `weight` and, as `weight:NAME`, the weight of
+    a metric averaged otherwise); `reference(batch, features)` gives reference log-probs."""
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
@@ -68,8 +68,13 @@ def batch_dpo_loss(
         "logits/chosen": policy.chosen_logits_mean,
         "logits/rejected": policy.rejected_logits_mean,
     }
-    # per-pair weights (0: the pair's image failed) let the trainer leave pairs out of the metrics
-    metrics["weight"] = out.chosen_rewards.new_ones(()).expand_as(out.chosen_rewards) if weights is None else weights
+    # per-pair weights (0: the pair's image failed) let the trainer leave pairs out of the metrics; the mean
+    # logits are per answer token over the batch, as TRL's (a pair counts with its answer's length)
+    pair_weights = out.chosen_rewards.new_ones(()).expand_as(out.chosen_rewards) if weights is None else weights
+    pair_weights = pair_weights.to(out.chosen_rewards.device).float()
+    metrics["weight"] = pair_weights
+    metrics["weight:logits/chosen"] = pair_weights * policy.chosen_lengths
+    metrics["weight:logits/rejected"] = pair_weights * policy.rejected_lengths
     return out.loss, metrics
 
 

@@ -199,16 +199,17 @@ class SilkieDPOTrainer(Trainer):
 
     # ----- metrics ------------------------------------------------------------------------------------------------
     def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        """Train: the step's mean per name over all ranks' pairs (TRL's gather-then-mean), averaged over the
-        logging window. Eval: sums and counts over every pair of the evaluation, each pair once (the duplicates
+        """Train: the step's weighted mean per name over all ranks' pairs (TRL's gather-then-mean), averaged over
+        the logging window. Eval: sums and counts over every pair of the evaluation, each pair once (the duplicates
         that pad the last batch across ranks are dropped)."""
-        weights = metrics.pop("weight").detach().float()
+        metrics = {name: values.detach().float() for name, values in metrics.items()}
         if mode == "eval":
-            gathered = self.accelerator.gather_for_metrics({"weight": weights, **metrics})
-            weights = gathered.pop("weight")
-            metrics = gathered
+            metrics = self.accelerator.gather_for_metrics(metrics)
+        weights = {name.split(":", 1)[1]: metrics.pop(name) for name in list(metrics) if name.startswith("weight:")}
+        pair_weights = metrics.pop("weight")
         for name, values in metrics.items():
-            totals = torch.stack([(values.detach().float() * weights).sum(), weights.sum()])
+            weight = weights.get(name, pair_weights)
+            totals = torch.stack([(values * weight).sum(), weight.sum()])
             if mode == "train":
                 total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
                 if count > 0:  # 0: every pair of the step had a failed image
