@@ -70,14 +70,23 @@ def _adapter_has_vision(model: nn.Module) -> bool:
 
 
 def build_scorer(model_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Scorer:
-    """Policy + reference for a LoRA adapter folder or a full fine-tuned checkpoint folder."""
-    from silkie.tools.common import load_model
+    """Policy + reference for a LoRA adapter folder or a full fine-tuned checkpoint folder, set up as the trainer's
+    evaluation scores (the family's training settings: no inference-only long-context rules)."""
+    from silkie.models.family import get_family
+    from silkie.tools.common import family_of, load_model
+
+    family = get_family(family_of(model_dir))
+
+    def scoring(folder: str | Path, adapter: str | Path | None) -> torch.nn.Module:
+        model = load_model(folder, adapter, dtype).to(device)
+        family.prepare_for_training(model)
+        return model
 
     adapter_dir = require_dir(adapter_dir, "adapter folder")
     if (adapter_dir / "adapter_config.json").is_file():
-        return Scorer(load_model(model_dir, adapter_dir, dtype).to(device))
+        return Scorer(scoring(model_dir, adapter_dir))
     if (adapter_dir / "config.json").is_file():
-        return Scorer(load_model(adapter_dir, None, dtype).to(device), load_model(model_dir, None, dtype).to(device))
+        return Scorer(scoring(adapter_dir, None), scoring(model_dir, None))
     raise ToolError(f"{adapter_dir} holds neither a LoRA adapter (adapter_config.json) nor a checkpoint (config.json)")
 
 
