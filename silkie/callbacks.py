@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -22,8 +23,12 @@ class MetricsJsonlCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with self.path.open("a+b") as handle:
+            torn = False
+            if handle.seek(0, os.SEEK_END) > 0:  # a killed run may have left a half-written line: start a fresh one
+                handle.seek(-1, os.SEEK_END)
+                torn = handle.read(1) != b"\n"
+            handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
 
 
 class PreemptionCallback(TrainerCallback):
@@ -34,12 +39,17 @@ class PreemptionCallback(TrainerCallback):
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
-        self.requested = False
+        self.requested = False  # this process got a signal
+        self.stopped = False  # every rank agreed to stop after a step (the same on all ranks)
         self.received: int | None = None
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGTERM:  # a second SIGTERM: stop now, the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.requested = True
         self.received = signum
 
@@ -51,7 +61,7 @@ class PreemptionCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._agreed(args):
-            self.requested = True
+            self.requested = self.stopped = True
             control.should_save = True
             control.should_training_stop = True
         return control

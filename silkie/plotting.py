@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 PANELS = (
@@ -15,21 +16,26 @@ PANELS = (
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a metrics.jsonl file (one JSON object per line)."""
-    records = []
+    """Records of a metrics.jsonl file (one JSON object per line); a line that a killed run left half-written is
+    skipped with a warning."""
+    records, broken = [], []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON record ({err})") from err
+            except json.JSONDecodeError:
+                broken.append(number)
+    if broken:
+        lines = f"{len(broken)} line(s) that are not JSON records (first: line {broken[0]})"
+        warnings.warn(f"{path}: skipped {lines}", stacklevel=2)
     return records
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric."""
-    points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-    return [p[0] for p in points], [float(p[1]) for p in points]
+    """(steps, values) of one metric in step order; a step logged again after a resume keeps its latest value."""
+    points = {r["step"]: r[key] for r in records if key in r and r[key] is not None}
+    steps = sorted(points)
+    return steps, [float(points[step]) for step in steps]
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -43,10 +43,15 @@ RecipeLoader.add_constructor(
 
 
 class RecipeDumper(yaml.SafeDumper):
-    """Writes what RecipeLoader reads back unchanged: strings that look like numbers to it ("0815") get quotes."""
+    """Quotes every string that reads as something else under these rules or PyYAML's YAML 1.1 ones ("0815",
+    "24:00:00"), so RecipeLoader and plain `yaml.safe_load` both read config.yaml back unchanged."""
 
 
-RecipeDumper.yaml_implicit_resolvers = {key: list(value) for key, value in RecipeLoader.yaml_implicit_resolvers.items()}
+RecipeDumper.yaml_implicit_resolvers = {
+    key: list(yaml.SafeLoader.yaml_implicit_resolvers.get(key, []))
+    + list(RecipeLoader.yaml_implicit_resolvers.get(key, []))
+    for key in set(yaml.SafeLoader.yaml_implicit_resolvers) | set(RecipeLoader.yaml_implicit_resolvers)
+}
 
 
 def dump_yaml(data: Any) -> str:

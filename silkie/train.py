@@ -59,6 +59,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     from silkie.plotting import plot_metrics
     from silkie.train_args import training_arguments
 
+    preemption = PreemptionCallback()  # from the start: a signal during data or model loading stops after step 1
     working = Path(working)
     working.mkdir(parents=True, exist_ok=True)
     if _is_main():
@@ -100,7 +101,6 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         options |= {"family": recipe.model.family, "attn": recipe.model.attn_implementation}
         options["images"] = processor.fingerprint()
         reference_cache = ReferenceCache(working / "reference_logps", recipe.model.path, options)
-    preemption = PreemptionCallback()
     trainer = SilkieDPOTrainer(
         model=model,
         args=args,
@@ -121,7 +121,9 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
             check_resume_layout(resume, args.world_size)
             _say(f"resuming from {resume.name}")
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if preemption.requested:
+        # decided from state every rank shares: a signal after the last step (final evaluation or save) on one
+        # rank only must not send that rank into teardown while the others finish
+        if preemption.stopped and trainer.state.global_step < trainer.state.max_steps:
             _say(f"stopped on signal {preemption.received}: checkpoint saved at step {trainer.state.global_step}")
             result = {"preempted": True, "step": trainer.state.global_step}
         else:
@@ -152,8 +154,8 @@ def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> 
     trainer.save_model(str(adapter_dir))
     metrics: dict = {"step": trainer.state.global_step}
     if has_eval:
-        evaluation = trainer.evaluate()
-        metrics.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float))})
+        evaluation = _evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
+        metrics.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and k != "step"})
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(adapter_dir)
         (working / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -166,6 +168,12 @@ def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> 
         if accuracy is not None:
             print(f"[silkie] held-out reward accuracy: {accuracy:.3f}", flush=True)
     return metrics
+
+
+def _evaluation_at(log_history: list[dict], step: int) -> dict | None:
+    """The held-out evaluation the Trainer already ran at `step` (its last one), so the end does not repeat it."""
+    latest = next((record for record in reversed(log_history) if "eval_loss" in record), None)
+    return latest if latest is not None and latest.get("step") == step else None
 
 
 def _teardown(trainer, synchronize: bool) -> None:

@@ -48,11 +48,14 @@ def test_the_saved_recipe_reads_back_the_same(tmp_path):
     from silkie.config import save_recipe
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(DEMO.read_text() + 'slurm:\n  account: "0815"\n  qos: "1e5"\n  time: "2-00:00"\n')
+    path.write_text(DEMO.read_text() + 'slurm:\n  account: "0815"\n  qos: "1e5"\n  time: 24:00:00\n')
     recipe = load_recipe(path, ["training.lr_scheduler_kwargs={min_lr: 1e-6}"])
     assert (recipe.slurm.account, recipe.slurm.qos) == ("0815", "1e5")
     save_recipe(recipe, tmp_path / "config.yaml")
     assert load_recipe(tmp_path / "config.yaml").to_dict() == recipe.to_dict()
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == recipe.to_dict()  # plain PyYAML agrees
 
 
 def test_qlora_on_the_cpu_is_refused_when_the_recipe_is_read():

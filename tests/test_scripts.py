@@ -242,6 +242,29 @@ def test_plot_metrics_writes_png(trained, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"plot: {out}"
 
 
+def test_metrics_after_a_resume_plot_in_step_order_and_a_torn_line_is_skipped(tmp_path):
+    """A killed run may leave a half-written line and steps that the resumed run logs again."""
+    from silkie.plotting import read_metrics, series
+
+    lines = ['{"step": 1, "loss": 0.7}', '{"step": 2, "loss": 0.6}', '{"step": 3, "lo', '{"step": 2, "loss": 0.65}']
+    lines.append('{"step": 3, "loss": 0.5}')
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="skipped 1 line"):
+        records = read_metrics(tmp_path / "metrics.jsonl")
+    assert series(records, "loss") == ([1, 2, 3], [0.7, 0.65, 0.5])
+
+    from types import SimpleNamespace
+
+    from silkie.callbacks import MetricsJsonlCallback
+
+    path = tmp_path / "resumed.jsonl"
+    path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo')  # killed mid-write
+    state = SimpleNamespace(is_world_process_zero=True, global_step=2, epoch=0.5)
+    MetricsJsonlCallback(path).on_log(None, state, None, logs={"loss": 0.6})  # the resumed run's first record
+    with pytest.warns(UserWarning, match="skipped 1 line"):
+        assert series(read_metrics(path), "loss") == ([1, 2], [0.7, 0.6])  # the new record is not glued to it
+
+
 def test_plot_metrics_without_metrics_is_one_line_error(tmp_path):
     done = run_script("plot_metrics", str(tmp_path))
     assert done.returncode == 2

@@ -399,3 +399,50 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
     assert fake._metrics["train"]["rewards/chosen"] == [2.0]
     assert fake._metrics["train"]["logits/chosen"] == [pytest.approx((-1.0 + 40 * 2.0) / 41)]
     assert fake._metrics["eval"]["logits/chosen"] == [[pytest.approx(79.0), 41.0]]  # summed over the evaluation
+
+
+def test_resume_at_the_last_step_finishes_without_another_step_or_evaluation(assets, tmp_path):
+    """A crash after the last checkpoint (before FINISHED): the rerun trains no step 9 and reuses the evaluation
+    at step 8; the best checkpoint (reduce_lr_on_plateau tracks one) is recorded under its final name."""
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets) + [
+        "data.max_prompts=24",
+        "data.eval_fraction=0.25",
+        "training.max_steps=8",
+        "training.save_steps=4",
+        "training.eval_steps=4",
+        "training.save_total_limit=2",
+        "training.lr_scheduler_type=reduce_lr_on_plateau",
+        "training.logging_steps=1",
+        "training.report_to=none",
+    ]
+    first = run_in_process(working, overrides)
+    state = json.loads((working / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] in (str(working / "checkpoint-4"), str(working / "checkpoint-8"))
+    assert [r["step"] for r in read_metrics(working) if "eval_loss" in r] == [4, 8]  # not evaluated twice at 8
+    (working / "FINISHED").unlink()
+    again = run_in_process(working, overrides)
+    assert again["step"] == first["step"] == 8 and json.loads((working / "FINISHED").read_text())["step"] == 8
+    assert again["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
+    assert not (working / "checkpoint-9").exists()
+
+
+def test_a_signal_during_the_last_save_still_finishes_the_run(assets, tmp_path, monkeypatch):
+    """Slurm's warning can land after the last step: every step is done, so the run finishes (adapter, FINISHED)
+    instead of stopping as preempted (on several ranks, only the signalled one would have gone to teardown)."""
+    import signal as signals
+
+    from silkie.dpo.trainer import SilkieDPOTrainer
+
+    original = SilkieDPOTrainer._save_checkpoint
+
+    def save_then_signal(self, model, trial):
+        original(self, model, trial)
+        if self.state.global_step == self.state.max_steps:
+            signals.raise_signal(signals.SIGUSR1)
+
+    monkeypatch.setattr(SilkieDPOTrainer, "_save_checkpoint", save_then_signal)
+    working = tmp_path / "run"
+    result = run_in_process(working, asset_overrides(assets) + FAST + ["training.max_steps=3", "data.max_prompts=8"])
+    assert result["step"] == 3 and "preempted" not in result
+    assert (working / "FINISHED").is_file() and (working / "adapter" / "adapter_model.safetensors").is_file()

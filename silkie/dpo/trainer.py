@@ -139,6 +139,9 @@ class SilkieDPOTrainer(Trainer):
         return self._length_sampler
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state.global_step >= self.state.max_steps:  # resumed from the last step: the Trainer would add one
+            self.control.should_training_stop = True
+            return None
         # On a resume the sampler sits under SkipBatchSampler(BatchSamplerShard(BatchSampler(...))), deeper than
         # the Trainer's set_epoch reaches: without this a resumed multi-rank run would replay epoch 0's order.
         sampler = getattr(self, "_length_sampler", None)
@@ -246,12 +249,18 @@ class SilkieDPOTrainer(Trainer):
             hf_trainer.PREFIX_CHECKPOINT_DIR = original_prefix
             self.args.save_total_limit = original_limit
         self.accelerator.wait_for_everyone()
+        renamed_best = self.state.best_model_checkpoint == staged  # recorded under the staging name in the save
+        if renamed_best:
+            self.state.best_model_checkpoint = final
         if self.args.should_save:
             layout = {"world_size": self.args.world_size}
             Path(staged, RUN_LAYOUT_FILE).write_text(json.dumps(layout))
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(staged, final)
+            if renamed_best:
+                self.state.save_to_json(os.path.join(staged, hf_trainer.TRAINER_STATE_NAME))
+            if os.path.exists(final):  # the same step saved again (a resume at it): keep the complete one
+                shutil.rmtree(staged)
+            else:
+                os.replace(staged, final)
             hf_trainer.rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
