@@ -13,6 +13,14 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
+def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """True when `flag` is set on any rank (every rank must call it: an all-reduce)."""
+    value = torch.as_tensor(flag, dtype=torch.float32).to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 class MetricsJsonlCallback(TrainerCallback):
     """Appends every log record (train and eval) to `path` as one JSON object per line (main process only)."""
 
@@ -53,14 +61,8 @@ class PreemptionCallback(TrainerCallback):
         self.requested = True
         self.received = signum
 
-    def _agreed(self, args: TrainingArguments) -> bool:
-        flag = torch.tensor(1.0 if self.requested else 0.0, device=args.device if args.device.type != "cpu" else "cpu")
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._agreed(args):
+        if any_rank(self.requested, args.device):
             self.requested = self.stopped = True
             control.should_save = True
             control.should_training_stop = True

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import transformers.trainer as hf_trainer
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from silkie.callbacks import any_rank
 from silkie.config import DPOSection
 from silkie.launch.workdir import RUN_LAYOUT_FILE, world_size_problem
 
@@ -111,7 +111,7 @@ class SilkieDPOTrainer(Trainer):
                 picked[weights.cpu() == 0] = 0.0
             # NaN: the pair's image failed during the precompute pass only. Every rank decides together: a
             # reference forward on some ranks only would stall ZeRO-3's collective parameter gathers.
-            if not self._any_rank(torch.isnan(picked).any()):
+            if not any_rank(torch.isnan(picked).any(), self.args.device):
                 return picked[:, 0].to(self.args.device), picked[:, 1].to(self.args.device)
         with self.accelerator.autocast():  # as the policy (also for the precompute pass, outside a step)
             if self.ref_model is not None:
@@ -119,12 +119,6 @@ class SilkieDPOTrainer(Trainer):
                 return ref.chosen_logps.detach(), ref.rejected_logps.detach()
             unwrapped = self.accelerator.unwrap_model(model)
             return adapter_reference(unwrapped, self.step_options, self.pad_token_id)(batch, features)
-
-    def _any_rank(self, flag: torch.Tensor) -> bool:
-        flag = flag.float().to(self.args.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -178,10 +172,7 @@ class SilkieDPOTrainer(Trainer):
             return batch_dpo_loss(model, batch, self.step_options, self.dpo, self.pad_token_id, reference)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        if any_rank(~torch.isfinite(loss).all(), loss.device):
             raise NonFiniteLossError(
                 f"non-finite DPO loss at step {self.state.global_step + 1} (value {loss.item()}); stopping before the "
                 "optimizer step. The last complete checkpoint is untouched; lower the learning rate or check the data."
