@@ -387,3 +387,20 @@ def test_force_keeps_the_finished_run_and_continues_it(local_run, tmp_path):
     assert yaml.safe_load(old_config.read_text())["training"]["max_steps"] == MAX_STEPS
     assert finished_step(working) == MAX_STEPS + 2
     assert yaml.safe_load((working / "config.yaml").read_text())["training"]["max_steps"] == MAX_STEPS + 2
+
+
+def test_a_failing_squeue_refuses_instead_of_allowing_a_second_job(tmp_path, monkeypatch):
+    from silkie.launch.slurm import active_jobs
+    from silkie.launch.workdir import LaunchError
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    working = tmp_path / "run"
+    (working / "slurm").mkdir(parents=True)
+    (working / "slurm" / "4242.sh").write_text("#!/bin/bash\n")
+    with pytest.raises(LaunchError, match=r"squeue failed \(slurm_load_jobs error: .*\): cannot tell whether job 4242"):
+        active_jobs(working)

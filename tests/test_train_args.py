@@ -60,3 +60,12 @@ def test_length_grouped_order_depends_only_on_seed_and_epoch():
     assert list(second) != order
     batch = order[8:16]  # batches hold similar lengths: the spread inside one is far below the overall spread
     assert max(lengths[i] for i in batch) - min(lengths[i] for i in batch) < 200
+
+
+def test_launch_cpu_trains_on_the_cpu_even_where_cuda_is_visible(tmp_path, monkeypatch):
+    """Slurm hands a CPU-mode job step its GPUs anyway: launch.cpu must win over what CUDA reports."""
+    import silkie.train_args as train_args
+
+    monkeypatch.setattr(train_args.torch.cuda, "is_available", lambda: True)
+    on_cpu = training_arguments(recipe(launch={"cpu": True}, training={"report_to": "none"}), tmp_path, bf16=False)
+    assert on_cpu.use_cpu is True and on_cpu.device.type == "cpu"
