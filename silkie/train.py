@@ -16,17 +16,10 @@ import torch.distributed as dist
 
 from silkie.callbacks import MetricsJsonlCallback, PreemptionCallback
 from silkie.config import Recipe, RecipeError, save_recipe
+from silkie.launch.workdir import FINISHED_NAME, latest_checkpoint  # the launcher's names and rules
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_RE = re.compile(r"^tmp-checkpoint-(\d+)$")
-FINISHED_MARKER = "FINISHED"
 EXIT_PREEMPTED = 0
-
-
-def latest_checkpoint(working: Path) -> Path | None:
-    """The highest complete `checkpoint-N` (half-written `tmp-checkpoint-N` folders are ignored)."""
-    found = [(int(m.group(1)), p) for p in working.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    return max(found)[1] if found else None
 
 
 def remove_staging(working: Path) -> list[Path]:
@@ -160,7 +153,7 @@ def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> 
         tokenizer.save_pretrained(adapter_dir)
         (working / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         plot = plot_metrics(working)
-        (working / FINISHED_MARKER).write_text(json.dumps({"step": trainer.state.global_step}))
+        (working / FINISHED_NAME).write_text(json.dumps({"step": trainer.state.global_step}))
         accuracy = metrics.get("eval_rewards/accuracies")
         print(f"[silkie] adapter: {adapter_dir}", flush=True)
         print(f"[silkie] metrics: {working / 'metrics.jsonl'} (tensorboard: {working / 'runs'})", flush=True)
