@@ -376,8 +376,8 @@ def test_a_checkpoint_is_not_resumed_with_another_number_of_processes(tmp_path):
 
 
 def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
-    """Rewards average over pairs (a weight-0 pair, whose image failed, left out); the mean logits over answer
-    tokens, so a 40-token answer counts 40 times as much as a 1-token one (TRL's definition)."""
+    """Rewards and eval_loss average over pairs (a weight-0 pair, whose image failed, left out); the mean logits over
+    answer tokens, so a 40-token answer counts 40 times as much as a 1-token one (TRL's definition)."""
     from collections import defaultdict
     from types import SimpleNamespace
 
@@ -393,12 +393,16 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
         "logits/chosen": torch.tensor([-1.0, 2.0, 100.0]),
         "weight": torch.tensor([1.0, 1.0, 0.0]),
         "weight:logits/chosen": torch.tensor([1.0, 40.0, 0.0]),  # pair weight x answer length
+        "loss": torch.tensor([0.5, 0.7, 9.0]),
     }
     for mode in ("train", "eval"):
         SilkieDPOTrainer._store_metrics(fake, dict(metrics), mode)
     assert fake._metrics["train"]["rewards/chosen"] == [2.0]
     assert fake._metrics["train"]["logits/chosen"] == [pytest.approx((-1.0 + 40 * 2.0) / 41)]
     assert fake._metrics["eval"]["logits/chosen"] == [[pytest.approx(79.0), 41.0]]  # summed over the evaluation
+    # eval_loss is the mean over the pairs that count; the train loss stays the Trainer's (optimized) one
+    assert fake._metrics["eval"]["loss"] == [[pytest.approx(1.2), 2.0]]
+    assert "loss" not in fake._metrics["train"]
 
 
 def test_resume_at_the_last_step_finishes_without_another_step_or_evaluation(assets, tmp_path):

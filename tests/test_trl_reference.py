@@ -125,3 +125,5 @@ def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
                 msg=lambda m, key=key, options=options: f"{options} {key}: {m}",
             )
         assert (ours["chosen"] - ours["ref_chosen"]).abs().max() > 1e-2  # the adapter matters
+        # the per-pair losses behind eval_loss average to TRL's batch loss
+        torch.testing.assert_close(metrics["loss"].mean(), expected["loss"].to(loss.dtype), atol=1e-5, rtol=1e-6)

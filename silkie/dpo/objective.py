@@ -51,8 +51,8 @@ def batch_dpo_loss(
     pad_token_id: int,
     reference: ReferenceFn,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and per-pair metric tensors (TRL names, plus each pair's `weight` and, as `weight:NAME`, the weight of
-    a metric averaged otherwise); `reference(batch, features)` gives reference log-probs."""
+    """Loss and per-pair metric tensors (TRL names, each pair's `loss`, its `weight` and, as `weight:NAME`, the
+    weight of a metric averaged otherwise); `reference(batch, features)` gives reference log-probs."""
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
@@ -67,6 +67,7 @@ def batch_dpo_loss(
         "logps/rejected": policy.rejected_logps.detach(),
         "logits/chosen": policy.chosen_logits_mean,
         "logits/rejected": policy.rejected_logits_mean,
+        "loss": out.per_pair.detach(),  # eval: the per-pair mean replaces the Trainer's mean of batch losses
     }
     # per-pair weights (0: the pair's image failed) let the trainer leave pairs out of the metrics; the mean
     # logits are per answer token over the batch, as TRL's (a pair counts with its answer's length)

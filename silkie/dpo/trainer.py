@@ -195,9 +195,12 @@ class SilkieDPOTrainer(Trainer):
     def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
         """Train: the step's weighted mean per name over all ranks' pairs (TRL's gather-then-mean), averaged over
         the logging window. Eval: sums and counts over every pair of the evaluation, each pair once (the duplicates
-        that pad the last batch across ranks are dropped)."""
+        that pad the last batch across ranks are dropped); its `loss` becomes `eval_loss`, so a pair left out of a
+        batch's loss (weight 0) no longer counts in the Trainer's mean over batches."""
         metrics = {name: values.detach().float() for name, values in metrics.items()}
-        if mode == "eval":
+        if mode == "train":
+            metrics.pop("loss", None)  # the Trainer logs the optimized loss itself
+        else:
             metrics = self.accelerator.gather_for_metrics(metrics)
         weights = {name.split(":", 1)[1]: metrics.pop(name) for name in list(metrics) if name.startswith("weight:")}
         pair_weights = metrics.pop("weight")
