@@ -52,9 +52,16 @@ MEANINGS: dict[str, str] = {
     "lora.vision": "Also adapt the vision tower (it stays frozen otherwise).",
     "lora.load_in_4bit": "QLoRA: language-model linears in NF4 4 bit (needs bitsandbytes and a CUDA GPU).",
     "dpo.beta": "DPO temperature: how far the policy may move from the reference.",
-    "dpo.loss_type": "DPO loss (`sigmoid`, `ipo`, `hinge`, `robust`, `sft`) or a list of them to combine.",
+    "dpo.loss_type": "Preference loss, TRL 1.16's names (`sigmoid`, `hinge`, `ipo`, `exo_pair`, `nca_pair`, `robust`, "
+    "`bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft`, `sigmoid_norm`), "
+    "or a list of them to combine (e.g. `[sigmoid, sft]`: RPO).",
     "dpo.loss_weights": "One weight per entry of a loss_type list; null = equal weights.",
-    "dpo.label_smoothing": "Assumed label noise for the `sigmoid`/`robust` losses (conservative DPO).",
+    "dpo.label_smoothing": "Assumed label noise: cDPO for `sigmoid`, and the `robust`, `exo_pair` (needs > 0) and "
+    "`aot` losses.",
+    "dpo.f_divergence_type": "f-DPO regulariser: `reverse_kl` (DPO), `forward_kl`, `js_divergence`, "
+    "`alpha_divergence` (for `sigmoid`, `sigmoid_norm`, `hinge`, `ipo`, `exo_pair`, `robust`, `discopop`, `sft`).",
+    "dpo.f_alpha_divergence_coef": "Alpha of `alpha_divergence` (1.0 = reverse KL).",
+    "dpo.discopop_tau": "Temperature of the `discopop` loss's mixing of logistic and exponential terms.",
     "dpo.max_length": "Longest prompt + answer in tokens (image tokens included).",
     "dpo.precompute_ref_log_probs": "Compute the reference log-probs once; cached in `<working>/reference_logps`.",
     "dpo.image_once": "Encode each image once per pair (chosen and rejected share it) while vision is frozen.",

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .dpo.loss_names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
 from .recipe_yaml import dump_yaml, parse_yaml
 from .training_keys import TRAINING_KEYS
 
@@ -130,6 +131,9 @@ class DPOSection:
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    discopop_tau: float = 0.05
     max_length: int = 2048
     precompute_ref_log_probs: bool = False
     image_once: bool = True
@@ -140,7 +144,7 @@ class DPOSection:
         _require(self.beta > 0, "dpo.beta", self.beta, "a number > 0")
         types_ = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
         for name in types_:
-            _choice("dpo.loss_type", name, ("sigmoid", "ipo", "hinge", "robust", "sft"))
+            _choice("dpo.loss_type", name, LOSS_TYPES)
         if self.loss_weights is not None:
             _require(
                 len(self.loss_weights) == len(types_),
@@ -149,6 +153,13 @@ class DPOSection:
                 f"{len(types_)} weights, one per loss_type",
             )
         _require(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        if "exo_pair" in types_:
+            _require(self.label_smoothing > 0, "dpo.label_smoothing", 0.0, "> 0 for exo_pair (the EXO paper: 1e-3)")
+        _choice("dpo.f_divergence_type", self.f_divergence_type, F_DIVERGENCES)
+        plain = [name for name in types_ if name not in F_DIVERGENCE_LOSS_TYPES]
+        if self.f_divergence_type != "reverse_kl" and plain:
+            _require(False, "dpo.f_divergence_type", self.f_divergence_type, f"reverse_kl with loss types {plain}")
+        _require(self.discopop_tau > 0, "dpo.discopop_tau", self.discopop_tau, "a number > 0")
         _require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
         _require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
 

@@ -63,7 +63,7 @@ def test_bad_arguments_name_the_problem():
         dpo_loss(PC, PR, RC, RR, loss_type="kto")
     with pytest.raises(ValueError, match="loss_weights has 1 entries for 2"):
         dpo_loss(PC, PR, RC, RR, loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
-    with pytest.raises(ValueError, match="ipo loss needs"):
+    with pytest.raises(ValueError, match="ipo and sigmoid_norm losses need"):
         dpo_loss(PC, PR, RC, RR, loss_type="ipo")
 
 
@@ -84,3 +84,31 @@ def test_pair_weights_leave_pairs_out_of_the_mean():
     none = dpo_loss(policy, PR, RC, RR, beta=0.1, pair_weights=torch.zeros(2))
     none.loss.backward()
     assert none.loss.item() == 0.0 and torch.equal(policy.grad, torch.zeros(2))  # still in the graph: grads 0
+
+
+def test_aot_sorts_only_the_pairs_that_count():
+    """AOT compares sorted policy log-ratio margins with sorted reference margins; a weight-0 pair (failed image)
+    stays out of the sort, so the loss equals the loss of the batch without it."""
+    pc, pr = torch.tensor([-10.0, -20.0, -5.0]), torch.tensor([-12.0, -15.0, -50.0])
+    rc, rr = torch.tensor([-11.0, -19.0, -5.0]), torch.tensor([-11.0, -16.0, -5.0])
+    out = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="aot", pair_weights=torch.tensor([1.0, 1.0, 0.0]))
+    # policy margins (2, -5) sorted (-5, 2); reference margins (0, -3) sorted (-3, 0): deltas (-2, 2)
+    assert out.per_pair.tolist() == pytest.approx([-logsigmoid(-1.0), -logsigmoid(1.0), 0.0], rel=1e-6)
+    two = dpo_loss(pc[:2], pr[:2], rc[:2], rr[:2], beta=0.5, loss_type="aot")
+    assert out.loss.item() == pytest.approx(two.loss.item(), rel=1e-6)
+    assert two.loss.item() == pytest.approx((-logsigmoid(-1.0) - logsigmoid(1.0)) / 2, rel=1e-6)
+
+
+def test_f_divergence_scores():
+    """forward KL: 1 - exp(-t); JS: log 2 + logsigmoid(t); alpha = 1 is the reverse KL (the plain log-ratio)."""
+    out = dpo_loss(PC, PR, RC, RR, beta=1.0, f_divergence_type="forward_kl")
+    d = (1 - math.exp(-1.0)) - (1 - math.exp(1.0))  # pair 0: log-ratios chosen 1, rejected -1
+    assert out.per_pair[0].item() == pytest.approx(-logsigmoid(d), rel=1e-6)
+    same = dpo_loss(PC, PR, RC, RR, beta=1.0, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)
+    assert same.loss.item() == pytest.approx(dpo_loss(PC, PR, RC, RR, beta=1.0).loss.item())
+    with pytest.raises(ValueError, match="f_divergence_type 'forward_kl' needs loss types among"):
+        dpo_loss(PC, PR, RC, RR, loss_type="aot", f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="unknown f_divergence_type 'kl'"):
+        dpo_loss(PC, PR, RC, RR, f_divergence_type="kl")
+    with pytest.raises(ValueError, match="exo_pair loss needs label_smoothing > 0"):
+        dpo_loss(PC, PR, RC, RR, loss_type="exo_pair")

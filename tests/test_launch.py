@@ -80,6 +80,15 @@ def test_launcher_does_not_import_torch(tmp_path):
             f"error: {DEMO_RECIPE}: recipe: data.cap_strategy = 'best' is not allowed; "
             "expected one of 'margin', 'random'",
         ),
+        (
+            ["dpo.loss_type=exo_pair"],
+            f"error: {DEMO_RECIPE}: recipe: dpo.label_smoothing = 0.0 is not allowed; expected > 0 for exo_pair",
+        ),
+        (
+            ["dpo.loss_type=[sigmoid, aot]", "dpo.f_divergence_type=js_divergence"],
+            f"error: {DEMO_RECIPE}: recipe: dpo.f_divergence_type = 'js_divergence' is not allowed; "
+            "expected reverse_kl with loss types ['aot']",
+        ),
         (["--gpus", "0"], "error: --gpus must be a positive integer, got 0"),
         (["--gpus", "two"], "error: argument --gpus: invalid int value: 'two' (see --help)"),
         (

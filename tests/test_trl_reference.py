@@ -3,6 +3,8 @@ per-sequence log-probs equal those of TRL's `DPOTrainer` (the pinned version) wi
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -127,3 +129,48 @@ def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
         assert (ours["chosen"] - ours["ref_chosen"]).abs().max() > 1e-2  # the adapter matters
         # the per-pair losses behind eval_loss average to TRL's batch loss
         torch.testing.assert_close(metrics["loss"].mean(), expected["loss"].to(loss.dtype), atol=1e-5, rtol=1e-6)
+
+
+LOSS_CASES = [
+    *({"loss_type": [name]} for name in ("sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard")),
+    *({"loss_type": [name]} for name in ("apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "aot_unpaired")),
+    {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
+    {"loss_type": ["robust"], "label_smoothing": 0.1},
+    {"loss_type": ["aot"], "label_smoothing": 0.1},
+    {"loss_type": ["discopop"], "discopop_tau": 0.5},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [0.8, 0.2]},  # RPO / MPO-style mix
+    {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
+    {"loss_type": ["hinge"], "f_divergence_type": "js_divergence"},
+    {"loss_type": ["ipo"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5},
+]
+
+
+@pytest.fixture(scope="module")
+def trl_qwen2_vl(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("trl_losses")
+    folder = BUILDERS["qwen2_vl"](tmp_path / "qwen2_vl")
+    trainer, dataset = trl_trainer(folder, "qwen2_vl", tmp_path)
+    return folder, trainer, dataset
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda case: "-".join(f"{v}" for v in case.values()))
+def test_every_loss_type_equals_trl(trl_qwen2_vl, case):
+    """Each of TRL 1.16's loss types, f-divergences and a weighted mix gives TRL's loss on the same batch."""
+    folder, trainer, dataset = trl_qwen2_vl
+    section = DPOSection(beta=0.1, **case)
+    section.check()
+    trainer.loss_types, trainer.loss_weights = list(section.loss_type), section.loss_weights or [1.0]
+    trainer.label_smoothing, trainer.args.discopop_tau = section.label_smoothing, section.discopop_tau
+    trainer.f_divergence_type, trainer.f_alpha_divergence_coef = (
+        section.f_divergence_type,
+        section.f_alpha_divergence_coef,
+    )
+    model = trainer.model.eval()
+    inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
+    batch, pad = family_batch(folder, "qwen2_vl", model)
+    with torch.no_grad():
+        expected = trainer.compute_loss(model, inputs)
+        loss, metrics = batch_dpo_loss(model, batch, PLAIN, section, pad, adapter_reference(model, PLAIN, pad))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert loss.item() != pytest.approx(math.log(2), abs=1e-3)  # the adapter moved the policy: not a trivial value
+    torch.testing.assert_close(metrics["loss"].mean(), loss, atol=1e-6, rtol=1e-6)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sft")
+from .loss_names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
 
 
 @dataclass
@@ -34,47 +35,93 @@ def dpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     chosen_nll: torch.Tensor | None = None,
     pair_weights: torch.Tensor | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
+    discopop_tau: float = 0.05,
 ) -> DPOLossOutput:
-    """Weighted sum of DPO losses, averaged over pairs; log-probs are per-sequence sums over answer tokens.
+    """Weighted sum of preference losses (TRL 1.16's names and formulas), averaged over pairs; log-probs are
+    per-sequence sums over answer tokens.
 
     `pair_weights` (0 or 1 per pair) leaves pairs out of the mean (a batch of only weight-0 pairs has loss 0).
 
-    With d = (pi_c - pi_r) - (ref_c - ref_r):
+    With log-ratios c = pi_c - ref_c, r = pi_r - ref_r, scores s_c = f'(c), s_r = f'(r) (identity for the default
+    reverse KL) and d = s_c - s_r:
     - sigmoid: -(1-ls) logsigmoid(beta d) - ls logsigmoid(-beta d)   (Silkie / DPO; ls > 0 is cDPO)
     - robust:  (-(1-ls) logsigmoid(beta d) + ls logsigmoid(-beta d)) / (1 - 2 ls)
     - hinge:   relu(1 - beta d)
-    - ipo:     (d_avg - 1/(2 beta))^2 with log-ratios divided by answer lengths (as TRL)
+    - ipo:     (d_avg - 1/(2 beta))^2 with scores divided by answer lengths (as TRL); sigmoid_norm the same
+      length-normalised d in -logsigmoid(beta d_avg)
+    - exo_pair (EXO, needs ls > 0), nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop (`discopop_tau`)
+    - aot / aot_unpaired: the sorted (pi_c - pi_r) against the sorted (ref_c - ref_r), resp. sorted c against
+      sorted r, over the batch's pairs; their per-pair values are by rank, only the mean belongs to the batch
     - sft:     `chosen_nll`, the mean negative log-likelihood per chosen token of the batch
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(loss_types):
         raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types")
+    for name in loss_types:
+        if name not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type '{name}'; expected one of {', '.join(LOSS_TYPES)}")
+    if f_divergence_type != "reverse_kl" and not set(loss_types) <= set(F_DIVERGENCE_LOSS_TYPES):
+        raise ValueError(
+            f"f_divergence_type '{f_divergence_type}' needs loss types among {', '.join(F_DIVERGENCE_LOSS_TYPES)}"
+        )
+    if {"robust", "exo_pair", "aot", "aot_unpaired"} & set(loss_types) and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if "exo_pair" in loss_types and label_smoothing <= 0.0:
+        raise ValueError("exo_pair loss needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if {"ipo", "sigmoid_norm"} & set(loss_types) and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError("ipo and sigmoid_norm losses need chosen_lengths and rejected_lengths")
+    if "sft" in loss_types and chosen_nll is None:
+        raise ValueError("sft loss needs chosen_nll")
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
-    delta = chosen_ratio - rejected_ratio
+    chosen_score = f_divergence_score(chosen_ratio, f_divergence_type, f_alpha_divergence_coef)
+    rejected_score = f_divergence_score(rejected_ratio, f_divergence_type, f_alpha_divergence_coef)
+    delta = chosen_score - rejected_score
+    ls = label_smoothing
     per_pair = torch.zeros_like(delta)
     for name, weight in zip(loss_types, weights):
         if name == "sigmoid":
-            term = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+            term = -(1 - ls) * F.logsigmoid(beta * delta) - ls * F.logsigmoid(-beta * delta)
         elif name == "robust":
-            if not 0.0 <= label_smoothing < 0.5:
-                raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-            term = -(1 - label_smoothing) * F.logsigmoid(beta * delta) + label_smoothing * F.logsigmoid(-beta * delta)
-            term = term / (1 - 2 * label_smoothing)
+            term = (-(1 - ls) * F.logsigmoid(beta * delta) + ls * F.logsigmoid(-beta * delta)) / (1 - 2 * ls)
         elif name == "hinge":
             term = torch.relu(1 - beta * delta)
-        elif name == "ipo":
-            if chosen_lengths is None or rejected_lengths is None:
-                raise ValueError("ipo loss needs chosen_lengths and rejected_lengths")
-            avg = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
-            term = (avg - 1 / (2 * beta)) ** 2
-        elif name == "sft":
-            if chosen_nll is None:
-                raise ValueError("sft loss needs chosen_nll")
+        elif name in ("ipo", "sigmoid_norm"):
+            avg = chosen_score / chosen_lengths.clamp(min=1) - rejected_score / rejected_lengths.clamp(min=1)
+            term = (avg - 1 / (2 * beta)) ** 2 if name == "ipo" else -F.logsigmoid(beta * avg)
+        elif name == "exo_pair":  # KL(softmax over {chosen, rejected} || [1 - ls, ls]), EXO eq. 16
+            eps = torch.tensor(ls, dtype=delta.dtype, device=delta.device)
+            term = torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - torch.log1p(-eps))
+            term = term + torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - torch.log(eps))
+        elif name == "nca_pair":
+            term = (
+                -F.logsigmoid(beta * chosen_ratio)
+                - 0.5 * F.logsigmoid(-beta * chosen_ratio)
+                - 0.5 * F.logsigmoid(-beta * rejected_ratio)
+            )
+        elif name == "bco_pair":
+            term = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+        elif name == "sppo_hard":
+            term = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+        elif name in ("aot", "aot_unpaired"):
+            if name == "aot":
+                first, second = policy_chosen_logps - policy_rejected_logps, ref_chosen_logps - ref_rejected_logps
+            else:
+                first, second = chosen_ratio, rejected_ratio
+            term = _sorted_pair_term(first, second, pair_weights, beta, ls)
+        elif name == "apo_zero":
+            term = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+        elif name == "apo_down":
+            term = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
+        elif name == "discopop":
+            logits = beta * delta
+            mix = torch.sigmoid(logits / discopop_tau)
+            term = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+        else:  # sft
             term = chosen_nll.expand_as(delta)
-        else:
-            raise ValueError(f"unknown loss_type '{name}'; expected one of {', '.join(LOSS_TYPES)}")
         per_pair = per_pair + weight * term
     if pair_weights is None:
         loss = per_pair.mean()
@@ -87,3 +134,29 @@ def dpo_loss(
         chosen_rewards=(beta * chosen_ratio).detach(),
         rejected_rewards=(beta * rejected_ratio).detach(),
     )
+
+
+def f_divergence_score(log_ratio: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:
+    """f'(t) at t = pi/ref for the f-DPO regulariser (`reverse_kl`: the log-ratio itself)."""
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return log_ratio
+    if kind == "forward_kl":
+        return 1 - torch.exp(-log_ratio)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if kind == "alpha_divergence":  # (t^(alpha-1) - 1) / (alpha-1), clamped so exp stays finite after the cast
+        scaled = ((alpha - 1.0) * log_ratio).float()
+        limit = 11.0 if log_ratio.dtype == torch.float16 else 80.0
+        return (torch.exp(scaled.clamp(max=limit)) - 1.0).to(log_ratio.dtype) / (alpha - 1.0)
+    raise ValueError(f"unknown f_divergence_type '{kind}'; expected one of {', '.join(F_DIVERGENCES)}")
+
+
+def _sorted_pair_term(
+    first: torch.Tensor, second: torch.Tensor, pair_weights: torch.Tensor | None, beta: float, ls: float
+) -> torch.Tensor:
+    """AOT: cDPO's term on sorted(first) - sorted(second) over the pairs that count (weight > 0); the values go to
+    those pairs' slots in rank order, and weight-0 slots get 0."""
+    kept = torch.ones_like(first, dtype=torch.bool) if pair_weights is None else pair_weights > 0
+    delta = torch.sort(first[kept]).values - torch.sort(second[kept]).values
+    values = -F.logsigmoid(beta * delta) * (1 - ls) - F.logsigmoid(-beta * delta) * ls
+    return torch.zeros_like(first).masked_scatter(kept, values)

@@ -40,6 +40,9 @@ def loss_from_scores(
         rejected_lengths=policy.rejected_lengths,
         chosen_nll=policy.chosen_nll,
         pair_weights=None if pair_weights is None else pair_weights.to(device),
+        f_divergence_type=dpo.f_divergence_type,
+        f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
+        discopop_tau=dpo.discopop_tau,
     )
 
 
