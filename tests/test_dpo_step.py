@@ -67,6 +67,9 @@ def test_optimised_paths_equal_plain(lora_model, batch, options):
         assert torch.allclose(getattr(policy, name), getattr(plain_policy, name), atol=1e-5, rtol=0), name
         assert torch.allclose(getattr(ref, name), getattr(plain_ref, name), atol=1e-5, rtol=0), name
     assert not torch.allclose(policy.chosen_logps, ref.chosen_logps, atol=1e-3)  # the adapter matters
+    for name in ("entropy", "chosen_token_accuracy"):  # the policy's token statistics (metrics), not the reference's
+        assert torch.allclose(getattr(policy, name), getattr(plain_policy, name), atol=1e-5, rtol=0), name
+        assert getattr(ref, name) is None
     assert abs(loss.item() - plain_loss.item()) < 1e-5
     assert grads.keys() == plain_grads.keys() and len(grads) == 2 * 4 * 2  # A and B of 4 modules x 2 layers
     for name in grads:
@@ -177,3 +180,24 @@ def test_zero3_partitioned_tower_runs_on_text_only_batches(lora_model, batch, mo
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_token_entropy_and_top1_from_chunked_logits_under_checkpointing():
+    """Entropy -sum p log p and top-1 hits per token, from checkpointed chunks, with gradients still flowing."""
+    from silkie.dpo.logprobs import chunked_token_logps
+
+    head = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    hidden = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]], requires_grad=True)  # uniform, token 0, token 1
+    targets = torch.tensor([2, 0, 0])
+    scores = chunked_token_logps(hidden, targets, head, chunk_size=2, stats=True)
+    logits = hidden.detach() @ head.weight.T
+    probs = logits.softmax(-1)
+    assert scores.entropy.tolist() == pytest.approx((-(probs * probs.log()).sum(-1)).tolist(), abs=1e-6)
+    assert scores.entropy[0].item() == pytest.approx(torch.log(torch.tensor(3.0)).item(), abs=1e-6)
+    assert scores.top1.tolist() == [0.0, 1.0, 0.0]  # a uniform row's argmax is token 0, not the target 2
+    scores.logps.sum().backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+    plain = chunked_token_logps(hidden.detach(), targets, head, chunk_size=2)
+    assert plain.entropy is None and torch.allclose(plain.logps, scores.logps.detach())

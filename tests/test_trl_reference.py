@@ -75,6 +75,7 @@ def trl_values(trainer, dataset) -> dict[str, torch.Tensor]:
     inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
     with torch.no_grad():
         loss = trainer.compute_loss(model, inputs)
+        logged = {name: values[-1] for name, values in trainer._metrics["train" if model.training else "eval"].items()}
         ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, inputs)
         kwargs = {k: v for k, v in inputs.items() if k != "completion_mask"}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
@@ -88,6 +89,8 @@ def trl_values(trainer, dataset) -> dict[str, torch.Tensor]:
         "ref_chosen": ref_chosen,
         "ref_rejected": ref_rejected,
         "completion_tokens": inputs["completion_mask"].sum(-1),
+        "entropy": torch.tensor(logged["entropy"]),
+        "mean_token_accuracy": torch.tensor(logged["mean_token_accuracy"]),
     }
 
 
@@ -127,6 +130,11 @@ def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
                 msg=lambda m, key=key, options=options: f"{options} {key}: {m}",
             )
         assert (ours["chosen"] - ours["ref_chosen"]).abs().max() > 1e-2  # the adapter matters
+        # TRL's entropy (per answer token) and mean_token_accuracy (per chosen token), from our per-pair values
+        for name in ("entropy", "mean_token_accuracy"):
+            weight = metrics[f"weight:{name}"]
+            mean = (metrics[name] * weight).sum() / weight.sum()
+            torch.testing.assert_close(mean, expected[name].to(mean.dtype), atol=1e-5, rtol=1e-5, msg=name)
         # the per-pair losses behind eval_loss average to TRL's batch loss
         torch.testing.assert_close(metrics["loss"].mean(), expected["loss"].to(loss.dtype), atol=1e-5, rtol=1e-6)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -12,50 +14,74 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_numel") for p in module.parameters())
 
 
-def _score_chunk(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+class TokenScores(NamedTuple):
+    """Per answer token: log p(target), the mean logit, and (policy pass only) the entropy and whether the target
+    is the top-1 token (TRL's `entropy` and `mean_token_accuracy`)."""
+
+    logps: torch.Tensor
+    logit_means: torch.Tensor
+    entropy: torch.Tensor | None = None
+    top1: torch.Tensor | None = None
+
+
+def _token_stats(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    """Entropy (logsumexp - E_p[logit], finite even where a probability underflows) and top-1 hits, no autograd."""
+    with torch.no_grad():
+        logsumexp = logits[:, 0] - logps[:, 0]
+        entropy = logsumexp - (logps.exp() * logits).sum(-1)
+        return [entropy, (logits.argmax(-1) == targets).float()]
+
+
+def _score_chunk(
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, stats: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     # the forward's outputs may come back in fp32 (accelerate's autocast wrapper): match the head's weights
     logits = lm_head(hidden.to(lm_head.weight.dtype)).float()
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    return logps, logits.mean(-1).detach()
+    logps = torch.log_softmax(logits, dim=-1)
+    if stats is not None and not stats:  # filled on the first call: a checkpoint's recompute skips it
+        stats.extend(_token_stats(logits, logps, targets))
+    return logps.gather(-1, targets[:, None]).squeeze(-1), logits.mean(-1).detach()
 
 
 def chunked_token_logps(
-    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, chunk_size: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(target) and mean logit for predictor states [N, D], `chunk_size` rows at a time.
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, chunk_size: int = 1024, stats: bool = False
+) -> TokenScores:
+    """Per-token log p(target) and mean logit for predictor states [N, D], `chunk_size` rows at a time (with
+    `stats`, also the entropy and top-1 hits).
 
     Each chunk is checkpointed, so at most one chunk of [chunk, vocab] fp32 logits is alive in the
     forward and in the backward pass (under ZeRO-3 chunks are kept instead: answer positions only).
     """
-    logps, means = [], []
     if is_partitioned(lm_head):
         # ZeRO-3: lm_head.weight is gathered per call and not for a checkpoint's recompute, and every rank must
         # make the same number of calls, so score all answer tokens in one call
         recompute, chunk_size = False, max(1, hidden.size(0))
     else:
         recompute = True
+    parts = []
     for start in range(0, hidden.size(0), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        chunk_stats = [] if stats else None
         if recompute and torch.is_grad_enabled() and h.requires_grad:
-            lp, mean = checkpoint(_score_chunk, h, t, lm_head, use_reentrant=False)
+            lp, mean = checkpoint(_score_chunk, h, t, lm_head, chunk_stats, use_reentrant=False)
         else:
-            lp, mean = _score_chunk(h, t, lm_head)
-        logps.append(lp)
-        means.append(mean)
-    if not logps:
+            lp, mean = _score_chunk(h, t, lm_head, chunk_stats)
+        parts.append((lp, mean, *(chunk_stats or ())))
+    if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps), torch.cat(means)
+        return TokenScores(empty, empty, *((empty, empty) if stats else ()))
+    return TokenScores(*(torch.cat(column) for column in zip(*parts)))
 
 
 def full_logits_token_logps(
-    logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, stats: bool = False
+) -> TokenScores:
     """Reference path: log-softmax over all [R, L, V] logits in fp32, then pick answer positions."""
     logps = torch.log_softmax(logits.float(), dim=-1).reshape(-1, logits.size(-1))
     picked = logps[index].gather(-1, targets[:, None]).squeeze(-1)
-    means = logits.reshape(-1, logits.size(-1))[index].float().mean(-1).detach()
-    return picked, means
+    rows = logits.reshape(-1, logits.size(-1))[index].float()
+    extra = _token_stats(rows, logps[index], targets) if stats else ()
+    return TokenScores(picked, rows.mean(-1).detach(), *extra)
 
 
 def sum_per_pair(values: torch.Tensor, pair: torch.Tensor, num_pairs: int) -> torch.Tensor:

@@ -79,6 +79,11 @@ def batch_dpo_loss(
     metrics["weight"] = pair_weights
     metrics["weight:logits/chosen"] = pair_weights * policy.chosen_lengths
     metrics["weight:logits/rejected"] = pair_weights * policy.rejected_lengths
+    if policy.entropy is not None:  # TRL's: per answer token (chosen and rejected), resp. per chosen token
+        metrics["entropy"] = policy.entropy
+        metrics["weight:entropy"] = pair_weights * (policy.chosen_lengths + policy.rejected_lengths)
+        metrics["mean_token_accuracy"] = policy.chosen_token_accuracy
+        metrics["weight:mean_token_accuracy"] = pair_weights * policy.chosen_lengths
     return out.loss, metrics
 
 

@@ -43,6 +43,8 @@ class AnswerScores:
     chosen_nll: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+    entropy: torch.Tensor | None = None  # per pair, mean over its answer tokens (policy passes only)
+    chosen_token_accuracy: torch.Tensor | None = None  # per pair, top-1 hits over its chosen tokens
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -108,18 +110,19 @@ def score_answers(
             **family.row_kwargs(base, input_ids),
         )
         size = batch["prompt_input_ids"].size(0)
+        stats = not no_grad  # the policy's entropy and top-1 hits (metrics); a reference pass needs none
         scored = {}
         if options.chunked_logps:
             hidden = family.hidden_states(model, base, kwargs)
             flat = hidden.reshape(-1, hidden.size(-1))
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
-                scored[kind] = chunked_token_logps(flat[index], targets, base.lm_head, options.chunk_size)
+                scored[kind] = chunked_token_logps(flat[index], targets, base.lm_head, options.chunk_size, stats)
         else:
             logits = family.logits(model, kwargs)
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
-                scored[kind] = full_logits_token_logps(logits, index, targets)
+                scored[kind] = full_logits_token_logps(logits, index, targets, stats)
     return _sum_scores(rows, scored, size, device, batch.get("pair_weight"))
 
 
@@ -169,17 +172,24 @@ def _attention_mask(mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
 def _sum_scores(
     rows: ScoredRows, scored: dict, size: int, device: torch.device, weights: torch.Tensor | None
 ) -> AnswerScores:
-    sums, means, lengths = {}, {}, {}
+    sums, means, lengths, stats = {}, {}, {}, {}
     for kind in ("chosen", "rejected"):
-        logps, logit_means = scored[kind]
+        tokens = scored[kind]
         pair = getattr(rows, f"{kind}_pair").to(device)
-        sums[kind] = sum_per_pair(logps, pair, size)
-        lengths[kind] = sum_per_pair(torch.ones_like(logps), pair, size)
-        means[kind] = sum_per_pair(logit_means, pair, size) / lengths[kind].clamp(min=1)
-    chosen_logps = scored["chosen"][0]
+        sums[kind] = sum_per_pair(tokens.logps, pair, size)
+        lengths[kind] = sum_per_pair(torch.ones_like(tokens.logps), pair, size)
+        means[kind] = sum_per_pair(tokens.logit_means, pair, size) / lengths[kind].clamp(min=1)
+        if tokens.entropy is not None:
+            stats[kind] = (sum_per_pair(tokens.entropy, pair, size), sum_per_pair(tokens.top1, pair, size))
+    chosen_logps = scored["chosen"].logps
     # mean over the chosen tokens of the pairs with weight 1 (a pair whose image failed has weight 0)
     token_weights = (torch.ones(size) if weights is None else weights).to(device)[rows.chosen_pair.to(device)]
     chosen_nll = -(chosen_logps * token_weights).sum() / token_weights.sum().clamp(min=1)
+    entropy = accuracy = None
+    if stats:
+        answer_tokens = (lengths["chosen"] + lengths["rejected"]).clamp(min=1)
+        entropy = (stats["chosen"][0] + stats["rejected"][0]) / answer_tokens
+        accuracy = stats["chosen"][1] / lengths["chosen"].clamp(min=1)
     return AnswerScores(
         chosen_logps=sums["chosen"],
         rejected_logps=sums["rejected"],
@@ -188,4 +198,6 @@ def _sum_scores(
         chosen_nll=chosen_nll,
         chosen_lengths=lengths["chosen"],
         rejected_lengths=lengths["rejected"],
+        entropy=entropy,
+        chosen_token_accuracy=accuracy,
     )
