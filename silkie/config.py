@@ -143,6 +143,7 @@ class DPOSection:
     def check(self) -> None:
         _require(self.beta > 0, "dpo.beta", self.beta, "a number > 0")
         types_ = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        _require(bool(types_), "dpo.loss_type", self.loss_type, "a loss type or a non-empty list of them")
         for name in types_:
             _choice("dpo.loss_type", name, LOSS_TYPES)
         if self.loss_weights is not None:

@@ -62,3 +62,8 @@ def test_qlora_on_the_cpu_is_refused_when_the_recipe_is_read():
     with pytest.raises(RecipeError, match="lora.load_in_4bit = True needs a CUDA GPU .* launch.cpu = True"):
         load_recipe(DEMO, ["lora.load_in_4bit=true"])
     assert load_recipe(DEMO, ["lora.load_in_4bit=true", "launch.cpu=false"]).lora.load_in_4bit
+
+
+def test_an_empty_loss_type_list_is_refused():
+    with pytest.raises(RecipeError, match=r"dpo.loss_type = \[\] is not allowed; expected a loss type or a non-empty"):
+        load_recipe(DEMO, ["dpo.loss_type=[]"])

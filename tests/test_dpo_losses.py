@@ -112,3 +112,16 @@ def test_f_divergence_scores():
         dpo_loss(PC, PR, RC, RR, f_divergence_type="kl")
     with pytest.raises(ValueError, match="exo_pair loss needs label_smoothing > 0"):
         dpo_loss(PC, PR, RC, RR, loss_type="exo_pair")
+
+
+def test_a_left_out_pair_with_a_placeholder_reference_stays_finite():
+    """A pair whose image failed has weight 0 and reference 0 (cached-reference placeholder): its log-ratio of -120
+    would overflow forward KL's exp(-ratio) into inf - inf = NaN; it is masked before any non-linearity."""
+    pc = torch.tensor([-40.0, -120.0], requires_grad=True)
+    pr, rc, rr = torch.tensor([-45.0, -130.0]), torch.tensor([-41.0, 0.0]), torch.tensor([-44.0, 0.0])
+    weights = torch.tensor([1.0, 0.0])
+    out = dpo_loss(pc, pr, rc, rr, beta=0.1, f_divergence_type="forward_kl", pair_weights=weights)
+    alone = dpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], beta=0.1, f_divergence_type="forward_kl")
+    assert out.loss.item() == pytest.approx(alone.loss.item(), rel=1e-6)
+    out.loss.backward()
+    assert torch.isfinite(pc.grad).all() and pc.grad[1].item() == 0.0

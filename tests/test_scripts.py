@@ -326,6 +326,21 @@ def test_evaluate_pairs_matches_hand_computed_rewards(trained, tmp_path):
     assert summary["loss"] == pytest.approx(final_eval["eval_loss"], abs=1e-5)
 
 
+def test_evaluate_pairs_leaves_per_pair_loss_empty_for_batch_level_losses(trained, tmp_path):
+    """aot's per-pair values are ranks within a batch: the per-pair table leaves `loss` empty, the summary keeps the
+    mean over pairs (the trainer's eval_loss)."""
+    from silkie.config import load_recipe, save_recipe
+    from silkie.tools.evaluate import evaluate_run
+
+    run = tmp_path / "aot_run"
+    run.mkdir()
+    save_recipe(load_recipe(trained.run_dir / "config.yaml", ["dpo.loss_type=aot"]), run / "config.yaml")
+    result = evaluate_run(run, adapter_dir=trained.run_dir / "adapter", batch_size=4, device="cpu", max_pairs=8)
+    assert len(result["pairs"]) == 8 and all(row["loss"] is None for row in result["pairs"])
+    assert all(isinstance(row["rewards/chosen"], float) for row in result["pairs"])
+    assert 0.0 < result["summary"]["loss"] < 5.0
+
+
 # ----- prepare_vlfeedback -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def broken_release(tmp_path_factory) -> tuple[Path, dict, dict]:

@@ -20,3 +20,5 @@ LOSS_TYPES = (
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # the loss types built on the chosen - rejected score difference, which an f-divergence may replace (as TRL)
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# losses whose per-pair values belong to the batch (sorted ranks, the batch's chosen NLL): only their mean is a pair's
+BATCH_LEVEL_LOSS_TYPES = ("aot", "aot_unpaired", "sft")

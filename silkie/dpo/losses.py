@@ -77,6 +77,10 @@ def dpo_loss(
         raise ValueError("sft loss needs chosen_nll")
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    if pair_weights is not None:  # a left-out pair's placeholder reference must not reach exp() (inf - inf = NaN)
+        kept = pair_weights > 0
+        chosen_ratio = torch.where(kept, chosen_ratio, 0.0)
+        rejected_ratio = torch.where(kept, rejected_ratio, 0.0)
     chosen_score = f_divergence_score(chosen_ratio, f_divergence_type, f_alpha_divergence_coef)
     rejected_score = f_divergence_score(rejected_ratio, f_divergence_type, f_alpha_divergence_coef)
     delta = chosen_score - rejected_score

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from silkie.dpo.loss_names import BATCH_LEVEL_LOSS_TYPES
 from silkie.tools.cli import ToolError, require_dir, require_file
 
 METRIC_ROWS = (
@@ -112,7 +113,7 @@ def score_pairs(
         policy = score_answers(scorer.policy, batch, options, pad_token_id, features, no_grad=True)
         with scorer.reference_context():
             ref = score_answers(scorer.reference_model(), batch, options, pad_token_id, features, no_grad=True)
-        out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, dpo)
+        out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, dpo, batch["pair_weight"])
         kept = batch["pair_weight"] > 0  # a pair whose image failed is left out (counted as dropped)
         table.pair_index.extend(int(i) for i in batch["pair_index"][kept])
         for name, values in (
@@ -199,6 +200,10 @@ def evaluate_run(
     )
     size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
     table = score_pairs(scorer, dataset, collator, recipe.dpo, tokenizer.pad_token_id, size, options)
+    loss_types = [recipe.dpo.loss_type] if isinstance(recipe.dpo.loss_type, str) else recipe.dpo.loss_type
+    columns = dict(table.columns)
+    if set(loss_types) & set(BATCH_LEVEL_LOSS_TYPES):  # a value per rank or per batch, not the pair's own loss
+        columns["loss"] = [None] * len(table.pair_index)
     return {
         "run": str(run_dir),
         "adapter": str(adapter_dir),
@@ -210,7 +215,7 @@ def evaluate_run(
         "loss_type": recipe.dpo.loss_type,
         "summary": summarize(table),
         "pairs": [
-            {"pair_index": index, "prompt_id": prompt_id, **{k: v[row] for k, v in table.columns.items()}}
+            {"pair_index": index, "prompt_id": prompt_id, **{k: v[row] for k, v in columns.items()}}
             for row, (index, prompt_id) in enumerate(zip(table.pair_index, table.prompt_id))
         ],
     }
