@@ -108,7 +108,12 @@ def test_report_counts_and_first_offending_ids():
     assert report.offending_ids["missing_field"] == ["noprompt"]
     assert report.pairs_dropped == {"tie": 7}
     summary = report.summary()
-    assert "\n" not in summary and "fixture" in summary and "tie: 7" in summary
+    assert "\n" not in summary and "fixture" in summary and "tie: 7 (first: tie0)" in summary
+    # the first case of each reason names its row and what was wrong with it
+    assert (
+        "missing_field: 1 (first: noprompt: prompt)" in summary
+        and "wrong_type: 1 (first: row 9: row is str)" in summary
+    )
     assert report.as_dict()["rows_dropped"]["no_usable_pairs"] == 7
 
 

@@ -65,16 +65,18 @@ class PairReport:
     pairs_kept: int = 0
     pairs_dropped: Counter = field(default_factory=Counter)
     offending_ids: dict[str, list[str]] = field(default_factory=dict)
+    first_details: dict[str, str] = field(default_factory=dict)  # reason -> "id: what was wrong" of the first one
 
-    def _example(self, reason: str, row_id: str) -> None:
+    def _example(self, reason: str, row_id: str, detail: str = "") -> None:
         examples = self.offending_ids.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLE_IDS and row_id not in examples:
             examples.append(row_id)
+        self.first_details.setdefault(reason, f"{row_id}: {detail}" if detail else row_id)
 
-    def drop_row(self, reason: str, row_id: str, count: int = 1) -> None:
-        """Count `count` dropped rows under `reason`."""
+    def drop_row(self, reason: str, row_id: str, count: int = 1, detail: str = "") -> None:
+        """Count `count` dropped rows under `reason` (`detail`: what was wrong, e.g. the missing field)."""
         self.rows_dropped[reason] += count
-        self._example(reason, row_id)
+        self._example(reason, row_id, detail)
 
     def drop_pair(self, reason: str, row_id: str) -> None:
         """Count one dropped pair under `reason`."""
@@ -93,14 +95,20 @@ class PairReport:
         self.rows_seen += sum(loaded.skipped.values())
         for reason, count in loaded.skipped.items():
             self.rows_dropped[reason] += count
-            for row_id in loaded.skipped_ids.get(reason, []):
-                self._example(reason, row_id)
+            for number, row_id in enumerate(loaded.skipped_ids.get(reason, [])):
+                self._example(reason, row_id, loaded.first_details.get(reason, "") if number == 0 else "")
 
     def summary(self) -> str:
-        """One line: rows seen/kept/dropped and pairs kept/dropped, per reason."""
+        """One line: rows seen/kept/dropped and pairs kept/dropped, per reason with its first case."""
 
         def fmt(counter: Counter) -> str:
-            return "{" + ", ".join(f"{reason}: {n}" for reason, n in sorted(counter.items())) + "}"
+            parts = [
+                f"{reason}: {n} (first: {self.first_details[reason]})"
+                if reason in self.first_details
+                else f"{reason}: {n}"
+                for reason, n in sorted(counter.items())
+            ]
+            return "{" + ", ".join(parts) + "}"
 
         return (
             f"{self.source}: rows seen={self.rows_seen} kept={self.rows_kept} dropped={fmt(self.rows_dropped)}; "
@@ -212,13 +220,13 @@ def _iter_rows(rows: Iterable[Any], normalize: Any, report: PairReport):
             yield normalize(row)
         except RowError as error:
             fallback = str(row.get("id", f"row {index}")) if isinstance(row, Mapping) else f"row {index}"
-            report.drop_row(error.reason, fallback)
+            report.drop_row(error.reason, fallback, detail=error.detail)
 
 
 def _has_image(row: FeedbackRow | PreferenceRow, image_store: ImageStore | None, report: PairReport) -> bool:
     if image_store is None or row.image is None or image_store.exists(row.image):
         return True
-    report.drop_row("missing_image", row.id)
+    report.drop_row("missing_image", row.id, detail=f"{row.image} not in {image_store!r}")
     return False
 
 

@@ -76,13 +76,16 @@ class LoadedRows(Generic[RowT]):
     rows_seen: int = 0
     skipped: Counter = field(default_factory=Counter)
     skipped_ids: dict[str, list[str]] = field(default_factory=dict)
+    first_details: dict[str, str] = field(default_factory=dict)  # reason -> what was wrong with its first row
 
-    def skip(self, reason: str, row_id: str) -> None:
-        """Count one skipped row under `reason`."""
+    def skip(self, reason: str, row_id: str, detail: str = "") -> None:
+        """Count one skipped row under `reason` (`detail`: e.g. the missing field)."""
         self.skipped[reason] += 1
         examples = self.skipped_ids.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLE_IDS:
             examples.append(row_id)
+        if detail:
+            self.first_details.setdefault(reason, detail)
 
     def __iter__(self) -> Iterator[RowT]:
         return iter(self.rows)
@@ -226,7 +229,7 @@ def collect_rows(name: str, raw_rows: Iterable[Any], normalize: Any) -> LoadedRo
         try:
             loaded.rows.append(normalize(raw))
         except RowError as error:
-            loaded.skip(error.reason, _row_id(raw, f"row {index}"))
+            loaded.skip(error.reason, _row_id(raw, f"row {index}"), error.detail)
     return loaded
 
 
