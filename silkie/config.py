@@ -20,7 +20,7 @@ import yaml
 
 from .dpo.loss_names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
 from .recipe_yaml import dump_yaml, parse_yaml
-from .training_keys import TRAINING_KEYS
+from .training_keys import TRAINING_CHOICES, TRAINING_KEYS
 
 FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "llava")  # keys of silkie.models.family.FAMILY_CLASSES
 
@@ -329,6 +329,8 @@ def _check_training(training: dict[str, Any]) -> None:
             raise RecipeError(
                 f"recipe: training.{key} = {value!r} has the wrong type; expected {_describe(TRAINING_KEYS[key])}"
             )
+        if key in TRAINING_CHOICES:
+            _choice(f"training.{key}", value, TRAINING_CHOICES[key])
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:

@@ -58,3 +58,25 @@ TRAINING_KEYS: dict[str, Any] = {
     "use_cpu": bool,
     "full_determinism": bool,
 }
+
+# Values transformers accepts for these string keys (its enums; tests/test_config.py compares them to the installed
+# transformers), so a typo is a recipe error before anything starts.
+TRAINING_CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_scheduler_type": (
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "reduce_lr_on_plateau",
+        "cosine_with_min_lr",
+        "cosine_warmup_with_min_lr",
+        "warmup_stable_decay",
+        "greedy",
+    ),
+    "eval_strategy": ("no", "steps", "epoch"),
+    "save_strategy": ("no", "steps", "epoch", "best"),
+    "log_level": ("detail", "debug", "info", "warning", "error", "critical", "passive"),
+}

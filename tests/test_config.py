@@ -67,3 +67,17 @@ def test_qlora_on_the_cpu_is_refused_when_the_recipe_is_read():
 def test_an_empty_loss_type_list_is_refused():
     with pytest.raises(RecipeError, match=r"dpo.loss_type = \[\] is not allowed; expected a loss type or a non-empty"):
         load_recipe(DEMO, ["dpo.loss_type=[]"])
+
+
+def test_training_choices_are_the_installed_transformers_values():
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
+    from transformers.training_args import trainer_log_levels
+
+    from silkie.training_keys import TRAINING_CHOICES
+
+    assert TRAINING_CHOICES["lr_scheduler_type"] == tuple(s.value for s in SchedulerType)
+    assert TRAINING_CHOICES["eval_strategy"] == tuple(s.value for s in IntervalStrategy)
+    assert TRAINING_CHOICES["save_strategy"] == tuple(s.value for s in SaveStrategy)
+    assert TRAINING_CHOICES["log_level"] == tuple(trainer_log_levels)
+    with pytest.raises(RecipeError, match="training.lr_scheduler_type = 'cosinee' is not allowed; expected one of"):
+        load_recipe(DEMO, ["training.lr_scheduler_type=cosinee"])
