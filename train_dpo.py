@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from silkie.config import RecipeError, load_recipe
+from silkie.config import load_recipe
+from silkie.errors import InputError
+from silkie.launch.workdir import record_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,16 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    from silkie.dpo.trainer import ResumeError
-    from silkie.train import run_training
+        from silkie.dpo.trainer import NonFiniteLossError, ResumeError
+        from silkie.train import run_training
 
-    try:
-        run_training(recipe, args.working)
-    except (RecipeError, ResumeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        try:
+            run_training(recipe, args.working)
+        except (ResumeError, NonFiniteLossError) as err:
+            raise InputError(str(err)) from err
+    except (InputError, FileNotFoundError) as err:
+        # bad input repeats on every rank and on a rerun: one line (from the first rank), no traceback
+        record_error(args.working, str(err))
+        if os.environ.get("RANK", "0") == "0" and not os.environ.get("SILKIE_LAUNCHER_REPORTS_ERRORS"):
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -7,7 +7,6 @@ what is allowed; unknown keys suggest the closest known key.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import types
@@ -19,14 +18,11 @@ from typing import Any
 import yaml
 
 from .dpo.loss_names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
-from .recipe_yaml import dump_yaml, parse_yaml
+from .errors import RecipeError
+from .recipe_yaml import apply_overrides, dump_yaml, override_named_in, parse_yaml
 from .training_keys import TRAINING_CHOICES, TRAINING_KEYS
 
 FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "llava")  # keys of silkie.models.family.FAMILY_CLASSES
-
-
-class RecipeError(ValueError):
-    """A recipe that does not match the schema; the message names the key."""
 
 
 @dataclass
@@ -353,33 +349,6 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (path, YAML-parsed value)."""
-    if "=" not in text:
-        raise RecipeError(f"override '{text}' must look like section.key=value")
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if len(path) < 2 or not all(path):
-        raise RecipeError(f"override '{text}': the key must be section.key (e.g. training.learning_rate=5e-6)")
-    return path, parse_yaml(raw) if raw.strip() else None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides to a raw recipe dict (returns a new dict)."""
-    result = copy.deepcopy(raw) or {}
-    for text in overrides:
-        path, value = parse_override(text)
-        node = result
-        for part in path[:-1]:
-            if node.get(part) is None:  # absent, or an empty `section:` line in the file
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise RecipeError(f"override '{text}': '{part}' is not a section")
-        node[path[-1]] = value
-    return result
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply overrides, validate; errors name the file and key."""
     path = Path(path)
@@ -389,10 +358,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from err
+    overrides = overrides or []
     try:
-        return recipe_from_dict(apply_overrides(raw, overrides or []))
-    except RecipeError as err:
-        raise RecipeError(f"{path}: {err}") from None
+        return recipe_from_dict(apply_overrides(raw, overrides))
+    except RecipeError as err:  # named after the override that set the key when there is one, else the file
+        raise RecipeError(f"{override_named_in(str(err), overrides) or path}: {err}") from None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -1,11 +1,15 @@
-"""Recipe YAML: YAML 1.2 scalars in and out (PyYAML implements YAML 1.1). Imports no torch."""
+"""Recipe YAML: YAML 1.2 scalars in and out (PyYAML implements YAML 1.1), and `section.key=value` overrides.
+Imports no torch."""
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
 import yaml
+
+from .errors import RecipeError
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -62,3 +66,39 @@ def dump_yaml(data: Any) -> str:
 def parse_yaml(text: str) -> Any:
     """Parse recipe YAML (YAML 1.2 booleans and numbers)."""
     return yaml.load(text, Loader=RecipeLoader)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (path, YAML-parsed value)."""
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise RecipeError(f"override '{text}': the key must be section.key (e.g. training.learning_rate=5e-6)")
+    return path, parse_yaml(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a raw recipe dict (returns a new dict)."""
+    result = copy.deepcopy(raw) or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            if node.get(part) is None:  # absent, or an empty `section:` line in the file
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                raise RecipeError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return result
+
+
+def override_named_in(message: str, overrides: list[str]) -> str | None:
+    """`override 'TEXT'` for the (last) override whose key a validation message names, else None."""
+    for text in reversed(overrides):
+        key = text.split("=", 1)[0].strip()
+        if f"{key} =" in message or f"'{key}'" in message or f"section '{key.split('.')[0]}'" in message:
+            return f"override '{text}'"
+    return None

@@ -29,7 +29,8 @@ from .slurm_cluster import (
 )
 
 TRAIN_SCRIPT = REPO_ROOT / "train_dpo.py"
-TORCHRUN = f"{shlex.quote(sys.executable)} -m torch.distributed.run"
+TORCHRUN = f"{shlex.quote(sys.executable)} -m torch.distributed.run"  # in Slurm scripts
+LOCAL_TORCHRUN = f"{shlex.quote(sys.executable)} {REPO_ROOT / 'silkie' / 'launch' / 'torchrun_entry.py'}"
 SIGNALS = "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # read by torchrun's --signals_to_handle
 MAX_STEPS = 20
 
@@ -67,17 +68,18 @@ def test_launcher_does_not_import_torch(tmp_path):
     [
         (
             ["training.learnin_rate=1e-3"],
-            f"error: {DEMO_RECIPE}: recipe: unknown key 'training.learnin_rate' (did you mean 'learning_rate'?)",
+            "error: override 'training.learnin_rate=1e-3': recipe: unknown key 'training.learnin_rate' "
+            "(did you mean 'learning_rate'?)",
         ),
-        (["dpo.betta=0.2"], f"error: {DEMO_RECIPE}: recipe: unknown key 'dpo.betta' (did you mean 'beta'?)"),
-        (["lora.r=abc"], f"error: {DEMO_RECIPE}: recipe: lora.r = 'abc' has the wrong type; expected int"),
+        (["dpo.betta=0.2"], "error: override 'dpo.betta=0.2': recipe: unknown key 'dpo.betta' (did you mean 'beta'?)"),
+        (["lora.r=abc"], "error: override 'lora.r=abc': recipe: lora.r = 'abc' has the wrong type; expected int"),
         (
             ["dpo.beta=-1"],
-            f"error: {DEMO_RECIPE}: recipe: dpo.beta = -1.0 is not allowed; expected a number > 0",
+            "error: override 'dpo.beta=-1': recipe: dpo.beta = -1.0 is not allowed; expected a number > 0",
         ),
         (
             ["data.cap_strategy=best"],
-            f"error: {DEMO_RECIPE}: recipe: data.cap_strategy = 'best' is not allowed; "
+            "error: override 'data.cap_strategy=best': recipe: data.cap_strategy = 'best' is not allowed; "
             "expected one of 'margin', 'random'",
         ),
         (
@@ -86,7 +88,8 @@ def test_launcher_does_not_import_torch(tmp_path):
         ),
         (
             ["dpo.loss_type=[sigmoid, aot]", "dpo.f_divergence_type=js_divergence"],
-            f"error: {DEMO_RECIPE}: recipe: dpo.f_divergence_type = 'js_divergence' is not allowed; "
+            "error: override 'dpo.f_divergence_type=js_divergence': recipe: dpo.f_divergence_type = 'js_divergence' "
+            "is not allowed; "
             "expected reverse_kl with loss types ['aot']",
         ),
         (["--gpus", "0"], "error: --gpus must be a positive integer, got 0"),
@@ -127,7 +130,7 @@ def test_dry_run_local_cpu_prints_torchrun_and_writes_nothing(tmp_path):
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert result.stdout == (
         f"CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS={threads} {SIGNALS} PET_SHUTDOWN_TIMEOUT=120 "
-        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 {TORCHRUN} --standalone --nproc_per_node 2 "
+        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 {LOCAL_TORCHRUN} --standalone --nproc_per_node 2 "
         f"{TRAIN_SCRIPT} --config {working}/config.yaml --working {working}\n"
     )
     assert "new run" in result.stderr
@@ -140,7 +143,7 @@ def test_dry_run_local_gpus_one_process_per_visible_gpu(tmp_path):
         working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=null", CUDA_VISIBLE_DEVICES="0,1,2"
     )
     assert result.returncode == 0, result.stderr
-    assert f"{TORCHRUN} --standalone --nproc_per_node 3 " in result.stdout
+    assert f"{LOCAL_TORCHRUN} --standalone --nproc_per_node 3 " in result.stdout
     too_many = run_launcher(
         working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=4", CUDA_VISIBLE_DEVICES="0"
     )
@@ -232,6 +235,10 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
     assert same.returncode == 0 and "holds a run of this recipe" in same.stderr
     relaunched = run_launcher(working, "--dry-run", "training.max_steps=6", "slurm.time=02:00:00")
     assert relaunched.returncode == 0 and "new launch settings: slurm.time" in relaunched.stderr
+    # a start that wrote nothing but config.yaml (it stopped on bad input): the new recipe replaces it
+    replaced = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
+    assert replaced.returncode == 0 and "held a recipe that wrote no checkpoint or metrics" in replaced.stderr
+    (working / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
     differs = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
     assert one_line_error(differs) == (
         f"error: {working} holds a different recipe: lora.r (16 -> 8), training.max_steps (6 -> 8); "
@@ -243,7 +250,8 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
     assert "resumes from checkpoint-3" in forced.stderr  # only the run length changed: the checkpoint fits
     incompatible = run_launcher(working, "--dry-run", "--force", "lora.r=8")
     assert "checkpoint-3" in incompatible.stderr and "starts from step 0" in incompatible.stderr
-    assert sorted(p.name for p in working.iterdir()) == ["checkpoint-3", "config.yaml"]
+    assert "moves the old" in incompatible.stderr  # a dry run moves nothing
+    assert sorted(p.name for p in working.iterdir()) == ["checkpoint-3", "config.yaml", "metrics.jsonl"]
 
     other = tmp_path / "other"
     other.mkdir()

@@ -20,6 +20,7 @@ from silkie.data.images import (
 )
 from silkie.data.pairs import build_vlfeedback_pairs
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
+from silkie.errors import InputError
 from tests.data_fixtures import clean_row, feedback_row, jpeg_bytes, to_columnar, write_jsonl, write_zip
 
 
@@ -96,7 +97,7 @@ def test_hf_saved_folder_columnar_matches_jsonl(tmp_path):
     from_jsonl = build_vlfeedback_pairs(load_vlfeedback_jsonl(write_jsonl(tmp_path / "v.jsonl", rows)))[0]
     assert build_vlfeedback_pairs(load_vlfeedback_hf(tmp_path / "flat"))[0] == from_jsonl
     assert build_vlfeedback_pairs(load_vlfeedback_hf(tmp_path / "dict", split="train"))[0] == from_jsonl
-    with pytest.raises(KeyError, match="test"):
+    with pytest.raises(InputError, match="data.split: .test. is not in saved dataset"):
         load_vlfeedback_hf(tmp_path / "dict", split="test")
 
 

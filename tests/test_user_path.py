@@ -163,3 +163,30 @@ def test_data_benchmark_counts_pairs(tmp_path):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["instructions"] == 200 and report["pairs"] > 500
     assert report["cached_seconds"] < report["cold_seconds"]
+
+
+def test_bad_data_stops_with_one_error_and_the_fixed_recipe_replaces_it(demo_run, tmp_path):
+    """An input error found inside training ends the launch with the error as one line (no traceback, no advice to
+    rerun as is), and the corrected recipe takes over the folder, which holds nothing trained."""
+    from silkie.launch import torchrun_entry, workdir
+
+    assert torchrun_entry.ERROR_NAME == workdir.ERROR_NAME
+    cwd, _ = demo_run
+    rows = tmp_path / "own.jsonl"
+    rows.write_text(json.dumps({"question": "What is shown?", "chosen": "A cat.", "rejected": "A dog."}) + "\n")
+    working = tmp_path / "run"
+    launch = [sys.executable, str(REPO_ROOT / "launch_dpo.py"), "--config", str(REPO_ROOT / "dpo_config" / "demo.yaml")]
+    launch += ["--working", str(working), "data.source=preference", "data.images=null", "training.max_steps=1"]
+    done = run([*launch, f"data.path={rows}"], cwd=cwd)
+    message = (
+        f"no usable preference pairs in {rows}: rows seen=1 kept=0 "
+        "dropped={missing_field: 1 (first: row 0: prompt)}; pairs kept=0 dropped={}"
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-2:] == [
+        f"error: {message}",
+        "[launch] training stopped on this input error (no checkpoint had been written yet); fix it and launch again",
+    ]
+    assert done.stderr.count(message) == 1 and (working / "ERROR").read_text() == message + "\n"
+    again = run([*launch, f"data.path={rows}", "--dry-run", "data.max_prompts=1"], cwd=cwd)
+    assert again.returncode == 0 and "held a recipe that wrote no checkpoint or metrics" in again.stderr

@@ -11,6 +11,7 @@ from silkie.data.images import ImageStore, open_image_store
 from silkie.data.pairs import PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
 from silkie.data.split import split_by_prompt
+from silkie.errors import InputError
 
 
 @dataclass
@@ -59,7 +60,7 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
     if store is None:
         with_image = next((row for row in rows if getattr(row, "image", None)), None)
         if with_image is not None:
-            raise ValueError(
+            raise InputError(
                 f"data.images is not set, but {data.path} references images (row {with_image.id}: "
                 f"{with_image.image}); set data.images to the images zip or folder"
             )

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import datasets
 
 from silkie.data.pairs import PairReport, PreferencePair
+from silkie.errors import InputError
 from silkie.models.family import PairCodec, PairTextError
 from silkie.models.qwen_vl.family import QwenVLCodec, format_query
 
@@ -239,5 +240,5 @@ def tokenize_pairs(
             dataset = _save_to_cache(dataset, stats, target)
     _apply_stats(stats, report)
     if len(dataset) == 0:
-        raise ValueError(f"no pairs left after tokenization (max_length={max_length}, dropped={stats['dropped']})")
+        raise InputError(f"no pairs left after tokenization (max_length={max_length}, dropped={stats['dropped']})")
     return dataset

@@ -16,6 +16,8 @@ from typing import Protocol
 
 from PIL import Image
 
+from silkie.errors import InputError
+
 IMAGE_PREFIX = "merged_images/"
 IMAGE_SUFFIX = ".jpg"
 
@@ -198,4 +200,4 @@ def open_image_store(path: str | os.PathLike[str]) -> ZipImageStore | FolderImag
         return FolderImageStore(path)
     if not path.exists():
         raise FileNotFoundError(f"image source not found: {path}")
-    raise ValueError(f"image source must be a .zip file or a directory, got {path}")
+    raise InputError(f"image source must be a .zip file or a directory, got {path}")

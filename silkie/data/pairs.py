@@ -28,6 +28,7 @@ from silkie.data.sources import (
     normalize_feedback_row,
     normalize_preference_row,
 )
+from silkie.errors import InputError
 
 CapStrategy = Literal["margin", "random"]
 
@@ -232,7 +233,7 @@ def _has_image(row: FeedbackRow | PreferenceRow, image_store: ImageStore | None,
 
 def _finish(pairs: list[PreferencePair], report: PairReport) -> tuple[list[PreferencePair], PairReport]:
     if not pairs:
-        raise ValueError(f"no usable preference pairs from source {report.source!r}: {report.summary()}")
+        raise InputError(f"no usable preference pairs in {report.summary()}")  # the summary starts with the source
     return pairs, report
 
 

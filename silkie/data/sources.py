@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from silkie.data.images import image_key
+from silkie.errors import InputError
 
 ASPECTS = ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")
 MAX_EXAMPLE_IDS = 5
@@ -259,7 +260,7 @@ def _json_records(path: Path) -> Iterator[Any]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
+        raise InputError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
     yield from data
 
 
@@ -292,7 +293,7 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
         dataset = datasets.load_from_disk(source)
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
-                raise KeyError(f"split {split!r} not in saved dataset {source} (has {list(dataset)})")
+                raise InputError(f"data.split: {split!r} is not in saved dataset {source} (has {list(dataset)})")
             dataset = dataset[split]
     else:
         try:
@@ -320,5 +321,5 @@ def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceR
     elif suffix == ".json":
         records = _json_records(path)
     else:
-        raise ValueError(f"preference file must be .jsonl, .json or .parquet, got {path.name}")
+        raise InputError(f"data.path: a preference file must be .jsonl, .json or .parquet, got {path.name}")
     return collect_rows(str(path), records, normalize_preference_row)

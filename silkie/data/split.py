@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 from silkie.data.pairs import PreferencePair
+from silkie.errors import InputError
 
 
 def _rank(seed: int, prompt_id: str) -> str:
@@ -49,7 +50,7 @@ def split_by_prompt(
     if n_eval == 0:
         return list(pairs), []
     if n_eval >= len(ranks):
-        raise ValueError(f"eval split of {n_eval} prompts leaves no training prompts (only {len(ranks)})")
+        raise InputError(f"eval split of {n_eval} prompts leaves no training prompts (only {len(ranks)})")
     eval_keys = set(sorted(ranks, key=lambda key: (ranks[key], key))[:n_eval])
     train = [pair for pair in pairs if _prompt_key(pair) not in eval_keys]
     evaluation = [pair for pair in pairs if _prompt_key(pair) in eval_keys]

@@ -13,9 +13,7 @@ from silkie.config import RecipeError, load_recipe
 
 from .local import format_command, plan_local, run_local, signal_forwarding_warning
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
-from .workdir import LaunchError, inspect_workdir, prepare_workdir, undo_prepare, world_size_problem
-
-EXIT_USAGE = 2
+from .workdir import EXIT_USAGE, LaunchError, inspect_workdir, prepare_workdir, undo_prepare, world_size_problem
 
 USAGE_EXAMPLES = """
 examples:
@@ -67,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the launcher; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags may follow overrides
     try:
         return _launch(args)
     except (RecipeError, LaunchError) as err:

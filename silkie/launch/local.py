@@ -1,7 +1,7 @@
 """Local launch: `torchrun --standalone` with one process per visible GPU (or N gloo processes on CPU).
 
-Torch-free: GPUs are counted from `CUDA_VISIBLE_DEVICES` or `nvidia-smi -L`, and torchrun is started
-as `sys.executable -m torch.distributed.run` so it runs on the launcher's Python.
+Torch-free: GPUs are counted from `CUDA_VISIBLE_DEVICES` or `nvidia-smi -L`, and torchrun is started on the
+launcher's Python through `torchrun_entry.py` (torchrun itself, minus its traceback after a one-line input error).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 from silkie.config import Recipe
 
-from .workdir import CONFIG_NAME, FINISHED_NAME, LaunchError, latest_checkpoint
+from .workdir import CONFIG_NAME, ERROR_NAME, EXIT_USAGE, FINISHED_NAME, LaunchError, latest_checkpoint
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_dpo.py"
+TORCHRUN_ENTRY = Path(__file__).resolve().with_name("torchrun_entry.py")  # torchrun, quiet after an input error
 # torchrun turns these into a clean shutdown that forwards the same signal to every worker; the workers
 # (silkie.callbacks.PreemptionCallback) answer SIGUSR1 and SIGTERM with checkpoint-and-exit-0.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -115,7 +116,8 @@ def plan_local(recipe: Recipe, working: str | Path) -> LocalPlan:
         if nproc > gpus:
             raise LaunchError(f"launch.nproc_per_node = {nproc} but only {gpus} GPU(s) are visible")
     env.update(torchrun_env(LOCAL_SHUTDOWN_TIMEOUT_S))
-    command = [*torchrun_prefix(), "--standalone", "--nproc_per_node", str(nproc), *train_command(working)]
+    command = [sys.executable, str(TORCHRUN_ENTRY), "--standalone", "--nproc_per_node", str(nproc)]
+    command += train_command(working)
     return LocalPlan(nproc, launch.cpu, env, command)
 
 
@@ -160,6 +162,11 @@ def _report(working: Path, code: int, received: int | None) -> int:
     ckpt = latest_checkpoint(working)
     intact = f"the last complete checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint had been written yet"
     resume = "run the same command again to resume"
+    error = working / ERROR_NAME
+    if received is None and error.is_file():  # bad input: a rerun would stop the same way
+        print(f"error: {error.read_text().strip()}", file=sys.stderr, flush=True)
+        print(f"[launch] training stopped on this input error ({intact}); fix it and launch again", file=sys.stderr)
+        return EXIT_USAGE
     if received is not None:
         name = signal.Signals(received).name
         print(f"[launch] interrupted ({name}): {intact}; {resume}", file=sys.stderr, flush=True)

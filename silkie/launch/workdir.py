@@ -21,6 +21,7 @@ from silkie.config import Recipe, RecipeError, parse_yaml, recipe_from_dict, sav
 
 CONFIG_NAME = "config.yaml"
 FINISHED_NAME = "FINISHED"
+ERROR_NAME = "ERROR"  # the one-line input error that stopped the last start (a rerun would repeat it)
 # What a finished run leaves behind that a new run in the same folder would overwrite.
 FINISHED_OUTPUTS = ("config.yaml", "FINISHED", "final_metrics.json", "adapter", "training_curves.png")
 # What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
@@ -28,6 +29,9 @@ RUN_HISTORY = ("metrics.jsonl", "runs", "reference_logps")
 BACKUP_PREFIX = "backup-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_LAYOUT_FILE = "silkie_run.json"  # in each checkpoint: the number of processes that saved it
+
+
+EXIT_USAGE = 2  # the launcher's exit code for a refusal or bad input
 
 
 class LaunchError(Exception):
@@ -53,6 +57,15 @@ def latest_checkpoint(working: Path) -> Path | None:
     """The highest complete `checkpoint-N` in `working` (the same rule as `silkie.train`)."""
     found = [(int(m.group(1)), p) for p in working.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
     return max(found)[1] if found else None
+
+
+def record_error(working: str | Path, message: str) -> None:
+    """Write `message` to `working/ERROR` for the launcher, unless another process of the run already did."""
+    try:
+        with open(Path(working) / ERROR_NAME, "x") as handle:
+            handle.write(message + "\n")
+    except OSError:  # FileExistsError (the first rank to fail wrote it) or no run directory
+        pass
 
 
 def world_size_problem(checkpoint: Path, world_size: int) -> str | None:
@@ -136,6 +149,10 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
                 f"{working} holds a run of this recipe{launch_note}; training {where}",
                 resume_from=ckpt,
             )
+        if not _holds_training_output(working):  # a start that stopped early (e.g. on bad input): nothing to keep
+            return WorkdirPlan(
+                working, "new", f"{working} held a recipe that wrote no checkpoint or metrics: replaced by this one"
+            )
         if not force:
             raise LaunchError(
                 f"{working} holds a different recipe: {_summary(diffs)}; "
@@ -152,6 +169,12 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
                 )
             return _forced(working, "the folder held other files", resumable=False)
     return WorkdirPlan(working, "new", f"new run in {working}")
+
+
+def _holds_training_output(working: Path) -> bool:
+    """True when a run left something a new recipe must not silently replace (checkpoints, metrics, outputs)."""
+    names = [name for name in FINISHED_OUTPUTS + RUN_HISTORY if name not in (CONFIG_NAME, "runs")]
+    return any((working / name).exists() for name in names) or any(working.glob("*checkpoint-*"))
 
 
 def _finished_message(working: Path) -> str:
@@ -194,7 +217,7 @@ def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
     backup = working / f"{BACKUP_PREFIX}{stamp}"
     backups = [(working / name, backup / name) for name in names if (working / name).exists()]
     ckpt = latest_checkpoint(working) if resumable else None
-    kept = f"; moved the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
+    kept = f"; moves the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
     return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups, resume_from=ckpt)
 
@@ -202,6 +225,7 @@ def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
 def prepare_workdir(plan: WorkdirPlan, recipe: Recipe) -> None:
     """Create the directory, make the --force renames and write the resolved recipe to config.yaml."""
     plan.working.mkdir(parents=True, exist_ok=True)
+    (plan.working / ERROR_NAME).unlink(missing_ok=True)  # from an earlier start: this one gets its own
     for original, backup in plan.backups:
         backup.parent.mkdir(exist_ok=True)
         original.rename(backup)

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from silkie.errors import InputError
+
 FAMILY_CLASSES = {
     "qwen_vl": "silkie.models.qwen_vl.family:QwenVLFamily",
     "qwen2_vl": "silkie.models.hf_vlm.family:Qwen2VLFamily",
@@ -147,7 +149,7 @@ def model_type_of(folder: str | Path) -> str | None:
     try:
         return json.loads(config.read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ValueError(f"{config}: not a JSON object ({err})") from err
+        raise InputError(f"{config}: not a JSON object ({err})") from err
 
 
 @functools.cache

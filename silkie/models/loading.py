@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from silkie.config import LoraSection, ModelSection
+from silkie.errors import InputError
 from silkie.models.family import ModelFamily, PairCodec, get_family
 
 
@@ -36,11 +37,11 @@ def load_base_model(section: ModelSection, load_in_4bit: bool = False) -> nn.Mod
 def qlora_quantization(compute_dtype: torch.dtype, family: ModelFamily):
     """NF4 4-bit config for the language model's linears (vision tower and LM head stay in `compute_dtype`)."""
     if not torch.cuda.is_available():
-        raise ValueError("lora.load_in_4bit: 4-bit QLoRA needs a CUDA GPU (none is visible); set it to false")
+        raise InputError("lora.load_in_4bit: 4-bit QLoRA needs a CUDA GPU (none is visible); set it to false")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as err:
-        raise ValueError("lora.load_in_4bit: 4-bit QLoRA needs `pip install bitsandbytes`; or set it to false") from err
+        raise InputError("lora.load_in_4bit: 4-bit QLoRA needs `pip install bitsandbytes`; or set it to false") from err
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -87,7 +88,7 @@ def apply_lora(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> 
 def build_policy(model_section: ModelSection, lora: LoraSection) -> nn.Module:
     """Base model plus LoRA (vision frozen unless `lora.vision`), or the whole model for full fine-tuning."""
     if lora.load_in_4bit and not lora.enabled:
-        raise ValueError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
+        raise InputError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
     model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
     if lora.enabled:
         return apply_lora(model, lora, model_section.family)

@@ -14,6 +14,8 @@ import hashlib
 import json
 from typing import Any
 
+from silkie.errors import InputError
+
 
 @functools.lru_cache(maxsize=8)
 def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) -> Any:
@@ -27,7 +29,7 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
     if min_pixels is not None or max_pixels is not None:
         image = processor.image_processor
         if not hasattr(image, "merge_size"):
-            raise ValueError("model.min_pixels/max_pixels: only Qwen2-VL-style processors take pixel bounds")
+            raise InputError("model.min_pixels/max_pixels: only Qwen2-VL-style processors take pixel bounds")
         size = dict(image.size)
         size["shortest_edge"] = min_pixels if min_pixels is not None else size["shortest_edge"]
         size["longest_edge"] = max_pixels if max_pixels is not None else size["longest_edge"]

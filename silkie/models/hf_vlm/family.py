@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from silkie.errors import InputError
 from silkie.models.family import ImageBatch, ModelFamily, model_type_of
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
 
@@ -43,9 +44,9 @@ class HFVisionFamily(ModelFamily):
         """One-line error when `path` is not a checkpoint folder of this family (before transformers parses it)."""
         model_type = model_type_of(path)
         if model_type is None:
-            raise ValueError(f"model.path: {path} has no config.json (expected a {self.name} checkpoint folder)")
+            raise InputError(f"model.path: {path} has no config.json (expected a {self.name} checkpoint folder)")
         if model_type not in self.model_types:
-            raise ValueError(
+            raise InputError(
                 f"model.family: {path} holds a {model_type!r} checkpoint, not a {self.name} model "
                 f"(model_type {' or '.join(self.model_types)})"
             )
@@ -55,7 +56,7 @@ class HFVisionFamily(ModelFamily):
 
         self.check_folder(section.path)
         if section.attn_implementation == "flex_attention":
-            raise ValueError(
+            raise InputError(
                 f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa or eager with {self.name}"
             )
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
@@ -68,7 +69,7 @@ class HFVisionFamily(ModelFamily):
         )
         refuse_incomplete_load(section.path, info, kinds=("missing_keys",))  # missing = left at random init
         if type(model).__name__ not in self.class_names:
-            raise ValueError(
+            raise InputError(
                 f"model.family: {section.path} holds a {type(model).__name__}, not a {self.name} model "
                 f"({', '.join(self.class_names)})"
             )

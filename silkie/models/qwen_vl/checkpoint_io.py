@@ -9,11 +9,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from silkie.errors import InputError
+
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint folder or file that cannot be loaded; the message names it."""
 
 

@@ -1,0 +1,15 @@
+"""The error type for bad user input (torch-free, shared by the launcher, the trainer and the tools)."""
+
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """A recipe value, data file, row set or checkpoint that cannot be used.
+
+    The message is one line that names the key, file or row and what was expected; `train_dpo.py` prints it without
+    a traceback, and the launcher tells the user to fix the input rather than to rerun (a rerun would repeat it).
+    """
+
+
+class RecipeError(InputError):
+    """A recipe that does not match the schema; the message names the key (and the override or file it came from)."""

@@ -1,0 +1,39 @@
+"""torchrun for local launches (run by path, so it needs torch only): a worker that stopped on bad input has printed
+its one-line error and written `<working>/ERROR`; then this exits with 2 instead of printing torchrun's
+ChildFailedError traceback. Any other failure is reported by torchrun as usual."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ERROR_NAME = "ERROR"  # silkie.launch.workdir.ERROR_NAME (not imported: this file runs without the silkie package)
+EXIT_INPUT_ERROR = 2
+
+
+def _working(argv: list[str]) -> Path | None:
+    """The run directory from the training script's `--working DIR` arguments."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--working":
+            return Path(value)
+    return None
+
+
+def main() -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    working = _working(sys.argv)
+    os.environ["SILKIE_LAUNCHER_REPORTS_ERRORS"] = "1"  # the workers leave the one-line error to the launcher
+    try:
+        torchrun()
+    except ChildFailedError:
+        if working is not None and (working / ERROR_NAME).is_file():
+            return EXIT_INPUT_ERROR
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
