@@ -421,3 +421,25 @@ def test_a_failing_squeue_refuses_instead_of_allowing_a_second_job(tmp_path, mon
     (working / "slurm" / "4242.sh").write_text("#!/bin/bash\n")
     with pytest.raises(LaunchError, match=r"squeue failed \(slurm_load_jobs error: .*\): cannot tell whether job 4242"):
         active_jobs(working)
+
+
+def test_a_second_launch_into_a_folder_being_trained_is_refused(tmp_path):
+    """A local launch holds a lock on its folder (torchrun inherits it) while it trains; another launch there,
+    even a dry run, is refused instead of resuming from the checkpoints the first one is still writing."""
+    import os
+
+    from silkie.launch.local import lock_run_dir
+
+    working = tmp_path / "run"
+    working.mkdir()
+    save_recipe(load_recipe(DEMO_RECIPE), working / "config.yaml")
+    held = lock_run_dir(working)
+    try:
+        refused = run_launcher(working, "--dry-run")
+        assert one_line_error(refused) == (
+            f"error: another launch is training in {working}; wait for it to end or stop it (two runs in one folder "
+            "would write the same checkpoints)"
+        )
+    finally:
+        os.close(held)
+    assert run_launcher(working, "--dry-run").returncode == 0

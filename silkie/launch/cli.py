@@ -11,7 +11,7 @@ from pathlib import Path
 
 from silkie.config import RecipeError, load_recipe
 
-from .local import format_command, plan_local, run_local, signal_forwarding_warning
+from .local import check_not_running, format_command, plan_local, run_local, signal_forwarding_warning
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
 from .workdir import EXIT_USAGE, LaunchError, inspect_workdir, prepare_workdir, undo_prepare, world_size_problem
 
@@ -86,6 +86,7 @@ def _launch(args: argparse.Namespace) -> int:
     if plan.state == "finished":
         print(f"[launch] {plan.message}")
         return 0
+    check_not_running(working)  # a local launch training there now
     running = [] if args.dry_run else active_jobs(working)
     if running:
         raise LaunchError(

@@ -1,6 +1,7 @@
 """torchrun for local launches (run by path, so it needs torch only): a worker that stopped on bad input has printed
 its one-line error and written `<working>/ERROR`; then this exits with 2 instead of printing torchrun's
-ChildFailedError traceback. Any other failure is reported by torchrun as usual."""
+ChildFailedError traceback, and a signal that stopped the run exits 128 + its number without a traceback. Any other
+failure is reported by torchrun as usual."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def _working(argv: list[str]) -> Path | None:
 
 
 def main() -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -32,6 +34,8 @@ def main() -> int:
         if working is not None and (working / ERROR_NAME).is_file():
             return EXIT_INPUT_ERROR
         raise
+    except SignalException as stop:  # Ctrl-C / kill: the workers were stopped and the launcher says where things are
+        return 128 + int(stop.sigval)
     return 0
 
 
