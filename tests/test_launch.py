@@ -443,3 +443,38 @@ def test_a_second_launch_into_a_folder_being_trained_is_refused(tmp_path):
     finally:
         os.close(held)
     assert run_launcher(working, "--dry-run").returncode == 0
+
+
+def test_missing_input_paths_refuse_a_local_launch_before_it_starts(tmp_path):
+    """A local launch checks the recipe's paths first (a dry run and a Slurm submission warn: a job's nodes may see
+    paths this machine does not); a hub-id-like model path is left to the hub unless HF_HUB_OFFLINE is set."""
+    working = tmp_path / "run"
+    model = tmp_path / "model"
+    model.mkdir()
+    paths = [f"model.path={model}", f"data.images={model}"]
+    refused = run_launcher(working, "data.path=/no/such/vlfeedback.jsonl", *paths)
+    assert one_line_error(refused) == (
+        f"error: data.path: /no/such/vlfeedback.jsonl does not exist (expected the vlfeedback data; relative paths "
+        f"are from {REPO_ROOT})"
+    )
+    assert not working.exists()
+    dry = run_launcher(working, "--dry-run", "data.path=/no/such/vlfeedback.jsonl", *paths)
+    assert dry.returncode == 0 and "[launch] warning: data.path: /no/such/vlfeedback.jsonl does not exist" in dry.stderr
+    hub = run_launcher(
+        working,
+        "--dry-run",
+        f"data.path={model}",
+        "data.images=null",
+        "model.path=Qwen/Qwen-VL-Chat",
+        HF_HUB_OFFLINE="0",
+    )
+    assert hub.returncode == 0 and "warning" not in hub.stderr
+    offline = run_launcher(
+        working,
+        "--dry-run",
+        f"data.path={model}",
+        "model.path=Qwen/Qwen-VL-Chat",
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=str(tmp_path / "hub-cache"),
+    )
+    assert "model.path: Qwen/Qwen-VL-Chat is no local folder, and HF_HUB_OFFLINE is set" in offline.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 from silkie.config import RecipeError, load_recipe
 
 from .local import check_not_running, format_command, plan_local, run_local, signal_forwarding_warning
+from .preflight import missing_inputs
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
 from .workdir import EXIT_USAGE, LaunchError, inspect_workdir, prepare_workdir, undo_prepare, world_size_problem
 
@@ -97,8 +98,12 @@ def _launch(args: argparse.Namespace) -> int:
         problem = world_size_problem(plan.resume_from, world_size)
         if problem:
             raise LaunchError(problem)
-    if layout is None:
+    missing = missing_inputs(recipe)  # refused for a local launch; a dry run and a Slurm job (whose nodes may see
+    if layout is None:  # paths this machine does not) warn
         local = plan_local(recipe, working)
+        if missing and not args.dry_run:
+            raise LaunchError("; ".join(missing))
+        _warn(missing)
         if args.dry_run:
             _note(f"dry run: {plan.message}; {local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es)")
             print(format_command(local))
@@ -108,6 +113,7 @@ def _launch(args: argparse.Namespace) -> int:
         _note(f"{local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es): {format_command(local)}")
         return run_local(local, working)
     script = render_script(recipe, working, layout)
+    _warn(missing)
     warning = signal_forwarding_warning()
     if warning:
         _note(f"warning: {warning}")
@@ -129,6 +135,11 @@ def _launch(args: argparse.Namespace) -> int:
     if args.wait:
         return follow(job_id, log_path, working)
     return 0
+
+
+def _warn(problems: list[str]) -> None:
+    for problem in problems:
+        _note(f"warning: {problem}")
 
 
 def _note(text: str) -> None:

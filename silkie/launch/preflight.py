@@ -1,0 +1,44 @@
+"""Before a launch: do the recipe's input paths exist? (torch-free; seconds instead of a failed start)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from silkie.config import Recipe
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name"
+
+
+def _hub_id_problem(key: str, value: str) -> str | None:
+    """Why `value`, which is no local path, cannot be a hub id here (None when it can)."""
+    if not HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():  # "checkpoints/Qwen-VL-Chat": a local typo
+        return f"{key}: {value} does not exist"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import scan_cache_dir
+
+        try:
+            cached = {repo.repo_id for repo in scan_cache_dir().repos}
+        except Exception:  # no cache folder yet
+            cached = set()
+        if value not in cached:
+            return f"{key}: {value} is no local folder, and HF_HUB_OFFLINE is set with no cached copy of that hub id"
+    return None
+
+
+def missing_inputs(recipe: Recipe) -> list[str]:
+    """One line per input path of the recipe that cannot be found (model, data, images)."""
+    checks = [
+        ("model.path", recipe.model.path, True, "a checkpoint folder or a hub id"),
+        ("data.path", recipe.data.path, recipe.data.source == "hf", f"the {recipe.data.source} data"),
+        ("data.images", recipe.data.images, False, "the images zip or folder"),
+    ]
+    problems = []
+    for key, value, hub_ok, expected in checks:
+        if not value or Path(value).expanduser().exists():
+            continue
+        problem = _hub_id_problem(key, value) if hub_ok else f"{key}: {value} does not exist"
+        if problem:
+            problems.append(f"{problem} (expected {expected}; relative paths are from {Path.cwd()})")
+    return problems
