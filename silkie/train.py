@@ -5,6 +5,7 @@ Normally started by `launch_dpo.py` under torchrun; works as a single process to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -48,7 +49,13 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     from silkie.dpo.reference import ReferenceCache
     from silkie.dpo.trainer import SilkieDPOTrainer, check_resume_layout
     from silkie.models.family import get_family
-    from silkie.models.loading import build_frozen_reference, build_policy, load_tokenizer, resolve_dtype
+    from silkie.models.loading import (
+        build_frozen_reference,
+        build_policy,
+        load_tokenizer,
+        local_checkpoint,
+        resolve_dtype,
+    )
     from silkie.plotting import plot_metrics
     from silkie.train_args import training_arguments
 
@@ -67,6 +74,9 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         import deepspeed
 
         deepspeed.init_distributed()  # deepspeed.comm over the same group (zero.Init reads its world size)
+    with args.main_process_first(desc="model files"):  # a hub id: one download per node, then its local folder
+        model_dir = local_checkpoint(recipe.model.path)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=model_dir))
     tokenizer = load_tokenizer(recipe.model)
     if tokenizer.image_token_budget >= recipe.dpo.max_length:
         raise RecipeError(

@@ -183,3 +183,35 @@ def test_a_checkpoint_with_missing_weights_is_refused(folder, tmp_path):
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="1 weights missing from the checkpoint"):
         get_family(family).load_model(model_section(partial, family), torch.float32)
+
+
+def test_checkpoint_of_another_family_and_hub_ids(tmp_path, monkeypatch):
+    """qwen_vl refuses another family's checkpoint by model_type (it used to ask for qwen.tiktoken); a hub id is
+    resolved to its snapshot in the hub cache (offline here), and an uncached one is a one-line InputError."""
+    import shutil
+
+    from silkie.errors import InputError
+    from silkie.models.family import get_family
+    from silkie.models.hf_vlm.tiny import build_tiny_qwen2_vl
+    from silkie.models.loading import local_checkpoint
+    from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
+
+    qwen2 = build_tiny_qwen2_vl(tmp_path / "qwen2")
+    with pytest.raises(InputError, match=r"holds a 'qwen2_vl' checkpoint, not a qwen_vl model \(model_type qwen\)"):
+        get_family("qwen_vl").load_codec(ModelSection(path=str(qwen2)))
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-qwen-vl" / "snapshots" / "0123abcd"
+    build_tiny_checkpoint(tmp_path / "tiny")
+    shutil.copytree(tmp_path / "tiny", snapshot)
+    (cache / "models--someone--tiny-qwen-vl" / "refs").mkdir()
+    (cache / "models--someone--tiny-qwen-vl" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert local_checkpoint("someone/tiny-qwen-vl") == str(snapshot)
+    assert local_checkpoint(str(qwen2)) == str(qwen2)
+    with pytest.raises(InputError, match=r"model.path: someone/absent is no local folder and the model hub cannot"):
+        local_checkpoint("someone/absent")

@@ -155,6 +155,26 @@ def test_merge_lora_never_deletes_its_inputs_or_an_old_output_on_failure(trained
     assert (out / "old.txt").read_text() == "previous merge"  # the failed merge left the old output alone
 
 
+def test_an_adapter_of_another_family_is_refused_in_one_line(trained, tmp_path, capsys):
+    """A Qwen-VL-Chat adapter on a Qwen2-VL base (or the reverse) names both folders, in merge_lora and
+    evaluate_pairs alike (transformers' processor loader used to fail with a traceback)."""
+    from silkie.models.hf_vlm.tiny import build_tiny_qwen2_vl
+
+    other = build_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
+    capsys.readouterr()
+    argv = ["--base", str(other), "--adapter", str(trained.adapter_dir), "--out", str(tmp_path / "merged")]
+    assert load_script("merge_lora").main(argv) == 2
+    expected = (
+        f"error: {trained.adapter_dir} holds a Qwen-VL-Chat tokenizer (qwen.tiktoken): it belongs to another model "
+        f"family than {other} (qwen2_vl)"
+    )
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    argv = ["--run", str(trained.run_dir), "--model", str(other), "--device", "cpu"]
+    assert load_script("evaluate_pairs").main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert not (tmp_path / "merged").exists()
+
+
 # ----- chat -------------------------------------------------------------------------------------------------------
 def _greedy_answer(model, tokenizer, ids, pixels, max_new_tokens: int) -> tuple[str, list[int]]:
     stop = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]

@@ -72,8 +72,20 @@ class ModelFamily:
 
     name: str = ""
     default_lora_targets: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()  # config.json `model_type` of this family's checkpoints
 
     # ----- loading ------------------------------------------------------------------------------------------------
+    def check_folder(self, path: str) -> None:
+        """One-line error when `path` is not a checkpoint folder of this family (before it is parsed)."""
+        model_type = model_type_of(path)
+        if model_type is None:
+            raise InputError(f"model.path: {path} has no config.json (expected a {self.name} checkpoint folder)")
+        if model_type not in self.model_types:
+            raise InputError(
+                f"model.family: {path} holds a {model_type!r} checkpoint, not a {self.name} model "
+                f"(model_type {' or '.join(self.model_types)})"
+            )
+
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         """The checkpoint in `dtype` with the recipe's attention implementation."""
         raise NotImplementedError

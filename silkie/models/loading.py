@@ -6,12 +6,29 @@ Everything family-specific (checkpoint class, module names, tokenizer/processor)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from silkie.config import LoraSection, ModelSection
 from silkie.errors import InputError
 from silkie.models.family import ModelFamily, PairCodec, get_family
+
+
+def local_checkpoint(path: str) -> str:
+    """`path` when it is a folder; else a hub id's snapshot folder (downloaded when online, from the cache offline)."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path)
+    except Exception as err:  # an invalid id, no network, offline without a cached copy
+        raise InputError(
+            f"model.path: {path} is no local folder and the model hub cannot provide it ({type(err).__name__}; "
+            "offline, a hub id must be in the local hub cache)"
+        ) from err
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -61,6 +61,19 @@ def family_of(model_dir: str | Path) -> str:
     return MODEL_TYPES[model_type]
 
 
+def _check_same_family(family: str, model_dir: str | Path, folders: tuple) -> None:
+    """ToolError when a folder's saved tokenizer (e.g. a trained adapter's) is another family's than the model's:
+    `qwen.tiktoken` is Qwen-VL-Chat's, a `tokenizer_config.json` without it a transformers family's."""
+    from silkie.models.qwen_vl.tokenization import VOCAB_FILE
+
+    for folder in (Path(f) for f in folders if f is not None):
+        qwen_vl = (folder / VOCAB_FILE).is_file()
+        if qwen_vl == (family == "qwen_vl") or not (qwen_vl or (folder / "tokenizer_config.json").is_file()):
+            continue
+        saved = "a Qwen-VL-Chat tokenizer (qwen.tiktoken)" if qwen_vl else "a transformers tokenizer, no qwen.tiktoken"
+        raise ToolError(f"{folder} holds {saved}: it belongs to another model family than {model_dir} ({family})")
+
+
 def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section: Any = None) -> Any:
     """The family's text codec: tokenizer (and processor) files from the first of `folders` holding them.
 
@@ -71,6 +84,7 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
     from silkie.models.qwen_vl.family import QwenVLCodec
 
     family = family_of(model_dir)
+    _check_same_family(family, model_dir, folders)
     if family == "qwen_vl":
         return QwenVLCodec(load_tokenizer_from(*folders, model_dir))
     found = next((Path(f) for f in (*folders, model_dir) if f and (Path(f) / "tokenizer_config.json").is_file()), None)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from silkie.errors import InputError
-from silkie.models.family import ImageBatch, ModelFamily, model_type_of
+from silkie.models.family import ImageBatch, ModelFamily
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
 
 from .codec import ChatTemplateCodec, load_processor
@@ -37,19 +37,6 @@ class HFVisionFamily(ModelFamily):
     vision_lora_pattern = ""
     vision_parts: tuple[str, ...] = ()  # attribute names under `model.model` (tower first, projector last)
     projector_part = ""
-
-    model_types: tuple[str, ...] = ()
-
-    def check_folder(self, path: str) -> None:
-        """One-line error when `path` is not a checkpoint folder of this family (before transformers parses it)."""
-        model_type = model_type_of(path)
-        if model_type is None:
-            raise InputError(f"model.path: {path} has no config.json (expected a {self.name} checkpoint folder)")
-        if model_type not in self.model_types:
-            raise InputError(
-                f"model.family: {path} holds a {model_type!r} checkpoint, not a {self.name} model "
-                f"(model_type {' or '.join(self.model_types)})"
-            )
 
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         from transformers import AutoModelForImageTextToText

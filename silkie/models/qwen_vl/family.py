@@ -85,14 +85,18 @@ class QwenVLFamily(ModelFamily):
     """Qwen-VL-Chat: fixed 448px images, 256 resampler queries per image, 1-D rotary positions."""
 
     default_lora_targets = ("c_attn", "attn.c_proj", "w1", "w2")
+    model_types = ("qwen",)
 
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
+        self.check_folder(section.path)
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
         return QWenLMHeadModel.from_pretrained(
             section.path, dtype=dtype, attn_implementation=section.attn_implementation, **extra
         )
 
     def load_codec(self, section: Any, files: str | None = None) -> QwenVLCodec:
+        if files is None:
+            self.check_folder(section.path)
         return QwenVLCodec(QWenTokenizer.from_pretrained(files or section.path))
 
     def image_processor(self, model_config: Any, section: Any) -> QWenVLImageProcessor:
