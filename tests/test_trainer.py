@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import time
@@ -450,3 +451,21 @@ def test_a_signal_during_the_last_save_still_finishes_the_run(assets, tmp_path, 
     result = run_in_process(working, asset_overrides(assets) + FAST + ["training.max_steps=3", "data.max_prompts=8"])
     assert result["step"] == 3 and "preempted" not in result
     assert (working / "FINISHED").is_file() and (working / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_extended_run_trains_its_first_new_step_on_the_new_schedule(assets, tmp_path):
+    """Finished at step 3 of a cosine schedule (learning rate 0), then extended to 5 steps (what --force does when
+    only max_steps changed): step 4 must use the new schedule's rate; the optimizer state held the old schedule's 0,
+    which left the weights of step 4 unchanged."""
+    from safetensors.torch import load_file
+
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets) + FAST + ["data.max_prompts=16", "training.save_steps=1"]
+    run_in_process(working, overrides + ["training.max_steps=3", "training.save_total_limit=null"])
+    for name in ("FINISHED", "config.yaml", "final_metrics.json", "training_curves.png"):  # what --force moves
+        (working / name).unlink()
+    shutil.rmtree(working / "adapter")
+    run_in_process(working, overrides + ["training.max_steps=5", "training.save_total_limit=null"])
+    before, after = (load_file(working / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (3, 4))
+    changed = sum(not torch.equal(before[name], after[name]) for name in before)
+    assert changed == len(before)  # every adapter tensor moved at step 4

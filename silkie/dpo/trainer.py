@@ -132,6 +132,18 @@ class SilkieDPOTrainer(Trainer):
         )
         return self._length_sampler
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        # The optimizer state carries the learning rate the checkpoint's schedule had reached. When the run was
+        # extended (more steps, so another schedule), the next step must use the new schedule's value, not that.
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # DeepSpeed wraps it
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        step = scheduler.last_epoch
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         if self.state.global_step >= self.state.max_steps:  # resumed from the last step: the Trainer would add one
             self.control.should_training_stop = True
