@@ -182,6 +182,11 @@ def evaluate_run(
     except RecipeError as err:
         raise ToolError(str(err)) from err
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
+    if model_dir is None and not Path(recipe.model.path).exists():
+        raise ToolError(
+            f"model folder not found: {recipe.model.path} (the run's model.path; relative paths in config.yaml are "
+            "relative to where training ran; or pass --model)"
+        )
     model_dir = Path(model_dir or recipe.model.path)
     tokenizer = load_codec_from(model_dir, adapter_dir, section=recipe.model)
     dataset, store = _split_dataset(run_dir, recipe, tokenizer, split)
