@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from silkie.dpo.loss_names import BATCH_LEVEL_LOSS_TYPES
+from silkie.errors import InputError
 from silkie.tools.cli import ToolError, require_dir, require_file
 
 METRIC_ROWS = (
@@ -182,12 +183,15 @@ def evaluate_run(
     except RecipeError as err:
         raise ToolError(str(err)) from err
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
-    if model_dir is None and not Path(recipe.model.path).exists():
-        raise ToolError(
-            f"model folder not found: {recipe.model.path} (the run's model.path; relative paths in config.yaml are "
-            "relative to where training ran; or pass --model)"
-        )
-    model_dir = Path(model_dir or recipe.model.path)
+    if model_dir is None:  # the run's model.path: a folder, or a hub id in the hub cache
+        from silkie.models.loading import local_checkpoint
+
+        try:
+            model_dir = local_checkpoint(recipe.model.path)
+        except InputError as err:
+            hint = "relative paths in config.yaml are relative to where training ran (or pass --model)"
+            raise ToolError(f"{err}; {hint}") from err
+    model_dir = Path(model_dir)
     tokenizer = load_codec_from(model_dir, adapter_dir, section=recipe.model)
     dataset, store = _split_dataset(run_dir, recipe, tokenizer, split)
     if max_pairs is not None:
