@@ -13,6 +13,7 @@ from torch import nn
 
 from silkie.config import LoraSection, ModelSection
 from silkie.errors import InputError
+from silkie.launch.preflight import HUB_ID
 from silkie.models.family import ModelFamily, PairCodec, get_family
 
 
@@ -20,6 +21,8 @@ def local_checkpoint(path: str) -> str:
     """`path` when it is a folder; else a hub id's snapshot folder (downloaded when online, from the cache offline)."""
     if Path(path).is_dir():
         return path
+    if not HUB_ID.match(path):
+        raise InputError(f"model.path: {path} does not exist (expected a checkpoint folder, or a hub id org/name)")
     from huggingface_hub import snapshot_download
 
     try:
