@@ -201,3 +201,7 @@ def test_token_entropy_and_top1_from_chunked_logits_under_checkpointing():
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
     plain = chunked_token_logps(hidden.detach(), targets, head, chunk_size=2)
     assert plain.entropy is None and torch.allclose(plain.logps, scores.logps.detach())
+    from silkie.dpo.logprobs import _token_stats  # row blocks (one call for every token under ZeRO-3)
+
+    blocked = _token_stats(logits, logits.log_softmax(-1), targets, rows=2)
+    assert torch.allclose(blocked[0], scores.entropy) and blocked[1].tolist() == [0.0, 1.0, 0.0]

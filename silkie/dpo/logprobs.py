@@ -24,12 +24,20 @@ class TokenScores(NamedTuple):
     top1: torch.Tensor | None = None
 
 
-def _token_stats(logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-    """Entropy (logsumexp - E_p[logit], finite even where a probability underflows) and top-1 hits, no autograd."""
+def _token_stats(
+    logits: torch.Tensor, logps: torch.Tensor, targets: torch.Tensor, rows: int = 1024
+) -> list[torch.Tensor]:
+    """Entropy (logsumexp - E_p[logit], finite even where a probability underflows) and top-1 hits, no autograd;
+    `rows` at a time, so the temporary stays one [rows, vocab] block when a call scores every token (ZeRO-3)."""
+    entropy, top1 = [], []
     with torch.no_grad():
-        logsumexp = logits[:, 0] - logps[:, 0]
-        entropy = logsumexp - (logps.exp() * logits).sum(-1)
-        return [entropy, (logits.argmax(-1) == targets).float()]
+        for start in range(0, logits.size(0), rows):
+            z, lp = logits[start : start + rows], logps[start : start + rows]
+            entropy.append(z[:, 0] - lp[:, 0] - (lp.exp() * z).sum(-1))
+            top1.append((z.argmax(-1) == targets[start : start + rows]).float())
+    if not entropy:
+        return [logits.new_zeros(0), logits.new_zeros(0)]
+    return [torch.cat(entropy), torch.cat(top1)]
 
 
 def _score_chunk(
