@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from silkie.config import load_recipe
 from silkie.errors import InputError
-from silkie.launch.workdir import record_error
+from silkie.launch.workdir import ERROR_NAME, record_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +28,14 @@ def main(argv: list[str] | None = None) -> int:
             run_training(recipe, args.working)
         except (ResumeError, NonFiniteLossError) as err:
             raise InputError(str(err)) from err
-    except (InputError, FileNotFoundError) as err:
-        # bad input repeats on every rank and on a rerun: one line (from the first rank), no traceback
-        record_error(args.working, str(err))
-        if os.environ.get("RANK", "0") == "0" and not os.environ.get("SILKIE_LAUNCHER_REPORTS_ERRORS"):
+    except InputError as err:
+        # bad input repeats on every rank and on a rerun: one line, no traceback; under launch_dpo.py the launcher
+        # prints it from <working>/ERROR, else rank 0 and the rank that recorded it do
+        wrote = record_error(args.working, str(err))
+        launcher_prints = (
+            os.environ.get("SILKIE_LAUNCHER_REPORTS_ERRORS") and (Path(args.working) / ERROR_NAME).is_file()
+        )
+        if not launcher_prints and (wrote or os.environ.get("RANK", "0") == "0"):
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0

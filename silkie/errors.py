@@ -13,3 +13,7 @@ class InputError(ValueError):
 
 class RecipeError(InputError):
     """A recipe that does not match the schema; the message names the key (and the override or file it came from)."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """An input file or folder the recipe names that does not exist (still a FileNotFoundError for callers)."""

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from silkie.config import DeepSpeedSection, Recipe
+from silkie.errors import MissingInputError
 
 DEFAULTS: dict[str, Any] = {
     "report_to": ["tensorboard"],
@@ -29,7 +30,7 @@ def deepspeed_config(section: DeepSpeedSection) -> dict[str, Any] | str | None:
     if section.config:
         path = Path(section.config)
         if not path.is_file():
-            raise FileNotFoundError(f"deepspeed.config: file not found: {path}")
+            raise MissingInputError(f"deepspeed.config: file not found: {path}")
         return json.loads(path.read_text())
     if section.stage == 0:
         return None

@@ -478,3 +478,58 @@ def test_missing_input_paths_refuse_a_local_launch_before_it_starts(tmp_path):
         HF_HUB_CACHE=str(tmp_path / "hub-cache"),
     )
     assert "model.path: Qwen/Qwen-VL-Chat is no local folder, and HF_HUB_OFFLINE is set" in offline.stderr
+
+
+def test_a_filesystem_without_flock_launches_with_a_warning(tmp_path, monkeypatch, capsys):
+    """NFS without write access to the folder descriptor or Lustre without -o flock: no lock, a warning, no crash."""
+    import errno
+    import fcntl
+
+    from silkie.launch import cli
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    working = tmp_path / "run"
+    working.mkdir()
+    save_recipe(load_recipe(DEMO_RECIPE), working / "config.yaml")
+    argv = ["--config", str(DEMO_RECIPE), "--working", str(working), "--dry-run"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"[launch] warning: cannot lock {working} here (Function not implemented)" in err
+
+
+def test_train_dpo_reports_an_input_error_once_and_lets_bugs_through(tmp_path, monkeypatch, capsys):
+    """Bad input: one line from the rank that recorded <working>/ERROR (or rank 0), none when the launcher prints it;
+    any other exception (a FileNotFoundError from a bug, say) keeps its traceback."""
+    import silkie.train
+    from silkie.errors import InputError
+
+    spec = importlib.util.spec_from_file_location("train_dpo_entry", REPO_ROOT / "train_dpo.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    working = tmp_path / "run"
+    working.mkdir()
+    argv = ["--config", str(DEMO_RECIPE), "--working", str(working)]
+
+    def bad_input(recipe, working):
+        raise InputError("data.path: rows.jsonl has no usable pair")
+
+    monkeypatch.setattr(silkie.train, "run_training", bad_input)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("SILKIE_LAUNCHER_REPORTS_ERRORS", raising=False)
+    assert entry.main(argv) == 2  # rank 1 recorded it first: it prints (a Slurm log has only the workers' output)
+    assert capsys.readouterr().err == "error: data.path: rows.jsonl has no usable pair\n"
+    assert (working / "ERROR").read_text() == "data.path: rows.jsonl has no usable pair\n"
+    assert entry.main(argv) == 2 and capsys.readouterr().err == ""  # another non-zero rank: already said
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("SILKIE_LAUNCHER_REPORTS_ERRORS", "1")
+    assert entry.main(argv) == 2 and capsys.readouterr().err == ""  # the launcher prints it from ERROR
+
+    def bug(recipe, working):
+        raise FileNotFoundError("/internal/state.json")
+
+    monkeypatch.setattr(silkie.train, "run_training", bug)
+    with pytest.raises(FileNotFoundError):
+        entry.main(argv)

@@ -184,3 +184,11 @@ def test_split_keeps_a_prompt_together_when_each_pair_has_its_own_id():
     prompts = {(p.prompt, p.image) for p in evaluation}
     assert len(prompts) == 4 and len(evaluation) == 12  # 4 of 20 prompts, all 3 pairs of each
     assert not prompts & {(p.prompt, p.image) for p in train}
+
+
+def test_a_long_bad_value_is_cut_in_the_summary():
+    """A shifted column can put a whole answer where a score belongs: the summary line stays short."""
+    rows = [{"id": "r", "prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": "x" * 3000}]
+    pairs, report = pairs_from_preference_rows([*rows, {"id": "ok", "prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert len(pairs) == 1 and report.rows_dropped == {"wrong_type": 1}
+    assert len(report.summary()) < 300 and "(first: r: chosen_score='xxx" in report.summary()

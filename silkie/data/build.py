@@ -11,7 +11,7 @@ from silkie.data.images import ImageStore, open_image_store
 from silkie.data.pairs import PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
 from silkie.data.split import split_by_prompt
-from silkie.errors import InputError
+from silkie.errors import InputError, MissingInputError
 
 
 @dataclass
@@ -28,13 +28,13 @@ def _load_rows(data: DataSection) -> Any:
     if data.source == "vlfeedback":
         path = Path(data.path)
         if not path.is_file():
-            raise FileNotFoundError(f"data.path: VLFeedback jsonl not found: {path}")
+            raise MissingInputError(f"data.path: VLFeedback jsonl not found: {path}")
         return load_vlfeedback_jsonl(path)
     if data.source == "hf":
         return load_vlfeedback_hf(data.path, split=data.split)
     path = Path(data.path)
     if not path.is_file():
-        raise FileNotFoundError(f"data.path: preference file not found: {path}")
+        raise MissingInputError(f"data.path: preference file not found: {path}")
     return load_preference_file(path)
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from silkie.errors import InputError
+from silkie.errors import InputError, MissingInputError
 
 IMAGE_PREFIX = "merged_images/"
 IMAGE_SUFFIX = ".jpg"
@@ -99,7 +99,7 @@ class ZipImageStore:
     def __init__(self, zip_path: str | os.PathLike[str]):
         self.zip_path = Path(zip_path)
         if not self.zip_path.is_file():
-            raise FileNotFoundError(f"image zip not found: {self.zip_path}")
+            raise MissingInputError(f"image zip not found: {self.zip_path}")
         self._zip: zipfile.ZipFile | None = None
         self._names: frozenset[str] = frozenset()
         self._pid: int | None = None
@@ -160,7 +160,7 @@ class FolderImageStore:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
+            raise MissingInputError(f"image folder not found: {self.root}")
         self._resolved_root = self.root.resolve()
 
     def _path(self, key: str) -> Path | None:
@@ -199,5 +199,5 @@ def open_image_store(path: str | os.PathLike[str]) -> ZipImageStore | FolderImag
     if path.is_dir():
         return FolderImageStore(path)
     if not path.exists():
-        raise FileNotFoundError(f"image source not found: {path}")
+        raise MissingInputError(f"image source not found: {path}")
     raise InputError(f"image source must be a .zip file or a directory, got {path}")

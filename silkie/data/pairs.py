@@ -19,6 +19,7 @@ from typing import Any, Literal
 from silkie.data.images import ImageStore
 from silkie.data.sources import (
     ASPECTS,
+    MAX_DETAIL,
     MAX_EXAMPLE_IDS,
     Completion,
     FeedbackRow,
@@ -72,7 +73,8 @@ class PairReport:
         examples = self.offending_ids.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLE_IDS and row_id not in examples:
             examples.append(row_id)
-        self.first_details.setdefault(reason, f"{row_id}: {detail}" if detail else row_id)
+        case = f"{row_id}: {detail}" if detail else row_id
+        self.first_details.setdefault(reason, case if len(case) <= MAX_DETAIL else case[: MAX_DETAIL - 3] + "...")
 
     def drop_row(self, reason: str, row_id: str, count: int = 1, detail: str = "") -> None:
         """Count `count` dropped rows under `reason` (`detail`: what was wrong, e.g. the missing field)."""

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from silkie.data.images import image_key
-from silkie.errors import InputError
+from silkie.errors import InputError, MissingInputError
 
 ASPECTS = ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")
 MAX_EXAMPLE_IDS = 5
+MAX_DETAIL = 120  # characters of a drop reason's first case in the one-line summary
 MULTIPLE_IMAGES = "multiple images unsupported"
 
 
@@ -275,7 +276,7 @@ def load_vlfeedback_jsonl(path: str | os.PathLike[str]) -> LoadedRows[FeedbackRo
     """Load the release file `vlfeedback_80k.jsonl` into normalized rows (image key `merged_images/<id>.jpg`)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"VLFeedback jsonl not found: {path}")
+        raise MissingInputError(f"VLFeedback jsonl not found: {path}")
     return collect_rows(str(path), _jsonl_records(path), normalize_feedback_row)
 
 
@@ -312,7 +313,7 @@ def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceR
     """Load a generic preference file (.jsonl, .json or .parquet) with prompt/chosen/rejected[/image(s)/id]."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
+        raise MissingInputError(f"preference file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         records = _parquet_records(path)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from silkie.config import RecipeError, load_recipe
 
-from .local import check_not_running, format_command, plan_local, run_local, signal_forwarding_warning
+from .local import (
+    check_not_running,
+    format_command,
+    lock_run_dir,
+    plan_local,
+    run_local,
+    signal_forwarding_warning,
+)
 from .preflight import missing_inputs
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
 from .workdir import EXIT_USAGE, LaunchError, inspect_workdir, prepare_workdir, undo_prepare, world_size_problem
@@ -109,9 +116,17 @@ def _launch(args: argparse.Namespace) -> int:
             print(format_command(local))
             return 0
         _note(plan.message)
+        created = not working.exists()
+        working.mkdir(parents=True, exist_ok=True)
+        try:  # held from before the --force renames until training ends
+            lock = lock_run_dir(working)
+        except LaunchError:
+            if created:
+                working.rmdir()
+            raise
         prepare_workdir(plan, recipe)
         _note(f"{local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es): {format_command(local)}")
-        return run_local(local, working)
+        return run_local(local, working, lock)
     script = render_script(recipe, working, layout)
     _warn(missing)
     warning = signal_forwarding_warning()

@@ -6,6 +6,7 @@ launcher's Python through `torchrun_entry.py` (torchrun itself, minus its traceb
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shlex
@@ -128,36 +129,48 @@ def format_command(plan: LocalPlan) -> str:
     return " ".join([*assignments, shlex.join(plan.command)])
 
 
-def lock_run_dir(working: Path) -> int:
+def lock_run_dir(working: Path) -> int | None:
     """An exclusive lock on `working` for one launch (flock on the folder, released when every holder exits);
-    returns the descriptor. LaunchError when another launch holds it."""
+    returns the descriptor, or None where the filesystem has no flock (warned). LaunchError when another launch
+    holds it."""
     fd = os.open(working, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as err:
         os.close(fd)
-        raise LaunchError(
-            f"another launch is training in {working}; wait for it to end or stop it (two runs in one folder would "
-            "write the same checkpoints)"
-        ) from None
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise LaunchError(
+                f"another launch is training in {working}; wait for it to end or stop it (two runs in one folder "
+                "would write the same checkpoints)"
+            ) from None
+        print(
+            f"[launch] warning: cannot lock {working} here ({err.strerror}); make sure no other launch trains there",
+            file=sys.stderr,
+        )
+        return None
     return fd
 
 
 def check_not_running(working: Path) -> None:
     """LaunchError when a local launch is training in `working` now."""
     if working.is_dir():
-        os.close(lock_run_dir(working))
+        fd = lock_run_dir(working)
+        if fd is not None:
+            os.close(fd)
 
 
-def run_local(plan: LocalPlan, working: str | Path) -> int:
-    """Run torchrun in its own process group; Ctrl-C/SIGTERM are forwarded to it. Returns the exit code."""
+def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> int:
+    """Run torchrun in its own process group; Ctrl-C/SIGTERM are forwarded to it. Returns the exit code.
+
+    `lock` (from `lock_run_dir`) passes to torchrun: the folder stays locked while training runs, even if this
+    launcher is killed."""
     working = Path(working)
     env = {**os.environ, **plan.env}
-    lock = lock_run_dir(working)
-    try:  # torchrun inherits the lock: it holds while training runs, even if this launcher is killed
-        proc = subprocess.Popen(plan.command, env=env, start_new_session=True, pass_fds=(lock,))
+    try:
+        proc = subprocess.Popen(plan.command, env=env, start_new_session=True, pass_fds=() if lock is None else (lock,))
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
     received: list[int] = []
 
     def forward(signum: int, frame) -> None:

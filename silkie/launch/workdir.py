@@ -59,13 +59,15 @@ def latest_checkpoint(working: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def record_error(working: str | Path, message: str) -> None:
-    """Write `message` to `working/ERROR` for the launcher, unless another process of the run already did."""
+def record_error(working: str | Path, message: str) -> bool:
+    """Write `message` to `working/ERROR` for the launcher unless another process of the run already did; True
+    when this call wrote it."""
     try:
         with open(Path(working) / ERROR_NAME, "x") as handle:
             handle.write(message + "\n")
-    except OSError:  # FileExistsError (the first rank to fail wrote it) or no run directory
-        pass
+    except OSError:  # FileExistsError (the first rank to fail wrote it), no run directory, a full disk
+        return False
+    return True
 
 
 def world_size_problem(checkpoint: Path, world_size: int) -> str | None:

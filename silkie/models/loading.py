@@ -19,8 +19,8 @@ from silkie.models.family import ModelFamily, PairCodec, get_family
 
 def local_checkpoint(path: str) -> str:
     """`path` when it is a folder; else a hub id's snapshot folder (downloaded when online, from the cache offline)."""
-    if Path(path).is_dir():
-        return path
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
     if not HUB_ID.match(path):
         raise InputError(f"model.path: {path} does not exist (expected a checkpoint folder, or a hub id org/name)")
     from huggingface_hub import snapshot_download
@@ -28,9 +28,10 @@ def local_checkpoint(path: str) -> str:
     try:
         return snapshot_download(path)
     except Exception as err:  # an invalid id, no network, offline without a cached copy
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise InputError(
-            f"model.path: {path} is no local folder and the model hub cannot provide it ({type(err).__name__}; "
-            "offline, a hub id must be in the local hub cache)"
+            f"model.path: {path} is no local folder and the model hub cannot provide it ({type(err).__name__}: "
+            f"{reason}; offline, a hub id must be in the local hub cache)"
         ) from err
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import tiktoken
 
+from silkie.errors import MissingInputError
 from silkie.models.qwen_vl.bpe import PAT_STR, load_tiktoken_ranks, pad_ranks, train_bpe_ranks, write_tiktoken_ranks
 
 __all__ = [
@@ -117,7 +118,7 @@ class QWenTokenizer:
         p = Path(path)
         vocab = p if p.is_file() or p.name == VOCAB_FILE else p / VOCAB_FILE
         if not vocab.is_file():
-            raise FileNotFoundError(f"tokenizer vocabulary not found: expected {vocab}")
+            raise MissingInputError(f"tokenizer vocabulary not found: expected {vocab}")
         errors = kwargs.get("errors")
         config = vocab.parent / "tokenizer_config.json"
         if errors is None and config.is_file():
