@@ -359,8 +359,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from err
     overrides = overrides or []
+    merged = apply_overrides(raw, overrides)  # its errors name the malformed override
     try:
-        return recipe_from_dict(apply_overrides(raw, overrides))
+        return recipe_from_dict(merged)
     except RecipeError as err:  # named after the override that set the key when there is one, else the file
         raise RecipeError(f"{override_named_in(str(err), overrides) or path}: {err}") from None
 

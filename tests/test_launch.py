@@ -92,6 +92,7 @@ def test_launcher_does_not_import_torch(tmp_path):
             "is not allowed; "
             "expected reverse_kl with loss types ['aot']",
         ),
+        (["c=d"], "error: override 'c=d': the key must be section.key (e.g. training.learning_rate=5e-6)"),
         (["--gpus", "0"], "error: --gpus must be a positive integer, got 0"),
         (["--gpus", "two"], "error: argument --gpus: invalid int value: 'two' (see --help)"),
         (
