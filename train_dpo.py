@@ -21,14 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.config, args.overrides)
-        from silkie.dpo.trainer import NonFiniteLossError, ResumeError
         from silkie.train import run_training
 
-        try:
-            run_training(recipe, args.working)
-        except (ResumeError, NonFiniteLossError) as err:
-            raise InputError(str(err)) from err
-    except InputError as err:
+        run_training(recipe, args.working)
+    except InputError as err:  # also a resume the checkpoint does not allow and a non-finite loss
         # bad input repeats on every rank and on a rerun: one line, no traceback; under launch_dpo.py the launcher
         # prints it from <working>/ERROR, else rank 0 and the rank that recorded it do
         wrote = record_error(args.working, str(err))

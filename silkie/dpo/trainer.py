@@ -18,6 +18,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from silkie.callbacks import any_rank
 from silkie.config import DPOSection
+from silkie.errors import InputError
 from silkie.launch.workdir import RUN_LAYOUT_FILE, world_size_problem
 
 from .objective import adapter_reference, batch_dpo_loss
@@ -40,11 +41,11 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised before the optimizer step when the DPO loss is NaN or infinite."""
+class NonFiniteLossError(InputError, FloatingPointError):
+    """Raised before the optimizer step when the DPO loss is NaN or infinite (a rerun of the recipe repeats it)."""
 
 
-class ResumeError(RuntimeError):
+class ResumeError(InputError, RuntimeError):
     """A checkpoint that this launch cannot continue exactly (printed as one line)."""
 
 
