@@ -65,3 +65,28 @@ def image_prompt_ids(config, batch: int = 2, prefix: int = 6, suffix: int = 20, 
         post = torch.randint(0, text_hi, (suffix,), generator=gen)
         rows.append(torch.cat([pre, span, post]))
     return torch.stack(rows)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Tiny Qwen-VL checkpoint + synthetic VLFeedback release, shared by the training tests."""
+    from .train_fixtures import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One short LoRA DPO run shared by the tool tests (`tests.script_fixtures.TrainedRun`)."""
+    from .script_fixtures import build_trained_run
+
+    return build_trained_run(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread per test: the tiny models gain nothing from more, and a busy CPU loses a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

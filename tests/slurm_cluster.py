@@ -161,3 +161,12 @@ def job_field(job_id: str, name: str) -> str | None:
     shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
     fields = dict(part.split("=", 1) for part in shown.stdout.split() if "=" in part)
     return fields.get(name)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The launcher's error: exit code 2, a single `error: ...` line on stderr, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

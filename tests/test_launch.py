@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from silkie.config import load_recipe, save_recipe
+from silkie.config import load_recipe
 
 from .slurm_cluster import (
     DEMO_RECIPE,
@@ -23,6 +23,7 @@ from .slurm_cluster import (
     launcher_command,
     launcher_env,
     make_demo_assets,
+    one_line_error,
     run_launcher,
     train_steps,
     wait_for,
@@ -33,15 +34,6 @@ TORCHRUN = f"{shlex.quote(sys.executable)} -m torch.distributed.run"  # in Slurm
 LOCAL_TORCHRUN = f"{shlex.quote(sys.executable)} {REPO_ROOT / 'silkie' / 'launch' / 'torchrun_entry.py'}"
 SIGNALS = "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # read by torchrun's --signals_to_handle
 MAX_STEPS = 20
-
-
-def one_line_error(result: subprocess.CompletedProcess) -> str:
-    """The launcher's error: exit code 2, a single `error: ...` line on stderr, no traceback."""
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_launcher_does_not_import_torch(tmp_path):
@@ -228,83 +220,6 @@ def test_dry_run_slurm_cpu_mode_and_no_requeue(tmp_path):
     assert "scontrol requeue" not in result.stdout
 
 
-def test_different_recipe_or_other_files_are_refused(tmp_path):
-    working = tmp_path / "run"
-    working.mkdir()
-    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
-    same = run_launcher(working, "--dry-run", "training.max_steps=6")
-    assert same.returncode == 0 and "holds a run of this recipe" in same.stderr
-    relaunched = run_launcher(working, "--dry-run", "training.max_steps=6", "slurm.time=02:00:00")
-    assert relaunched.returncode == 0 and "new launch settings: slurm.time" in relaunched.stderr
-    # a start that wrote nothing but config.yaml (it stopped on bad input): the new recipe replaces it
-    replaced = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
-    assert replaced.returncode == 0 and "held a recipe that wrote no checkpoint or metrics" in replaced.stderr
-    (working / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
-    differs = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
-    assert one_line_error(differs) == (
-        f"error: {working} holds a different recipe: lora.r (16 -> 8), training.max_steps (6 -> 8); "
-        "use another --working, or --force to run there anyway (nothing is deleted)"
-    )
-    (working / "checkpoint-3").mkdir()
-    forced = run_launcher(working, "--dry-run", "--force", "training.max_steps=8")
-    assert forced.returncode == 0 and "--force: a different recipe was there" in forced.stderr
-    assert "resumes from checkpoint-3" in forced.stderr  # only the run length changed: the checkpoint fits
-    incompatible = run_launcher(working, "--dry-run", "--force", "lora.r=8")
-    assert "checkpoint-3" in incompatible.stderr and "starts from step 0" in incompatible.stderr
-    assert "moves the old" in incompatible.stderr  # a dry run moves nothing
-    assert sorted(p.name for p in working.iterdir()) == ["checkpoint-3", "config.yaml", "metrics.jsonl"]
-
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "notes.txt").write_text("mine")
-    refused = run_launcher(other, "--dry-run")
-    assert "is not empty and holds no config.yaml (found: notes.txt)" in one_line_error(refused)
-    assert run_launcher(other, "--dry-run", "--force").returncode == 0
-
-
-def test_force_moves_old_checkpoints_where_checkpoint_rotation_cannot_delete_them(tmp_path):
-    """Backups named checkpoint-N.*.bak were counted (and deleted) by transformers' rotation, with the new run's
-    first checkpoint; backup-<stamp>/ is outside what rotation looks at."""
-    from transformers.trainer_utils import rotate_checkpoints
-
-    from silkie.launch.workdir import inspect_workdir, prepare_workdir
-
-    working = tmp_path / "run"
-    working.mkdir()
-    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=300"]), working / "config.yaml")
-    for step in (100, 200, 300):
-        (working / f"checkpoint-{step}").mkdir()
-        (working / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    (working / "metrics.jsonl").write_text('{"loss": 0.5}\n')
-    (working / "runs").mkdir()
-    plan = inspect_workdir(working, load_recipe(DEMO_RECIPE, ["training.max_steps=300", "lora.r=8"]), force=True)
-    assert "starts from step 0" in plan.message
-    prepare_workdir(plan, load_recipe(DEMO_RECIPE, ["training.max_steps=300", "lora.r=8"]))
-    (backup,) = working.glob("backup-*")
-    moved = ["checkpoint-100", "checkpoint-200", "checkpoint-300", "config.yaml", "metrics.jsonl", "runs"]
-    assert sorted(p.name for p in backup.iterdir()) == moved
-    (working / "checkpoint-100").mkdir()  # the new run's first save, then its rotation with save_total_limit 2
-    rotate_checkpoints(str(working), save_total_limit=2, use_mtime=False)
-    assert (working / "checkpoint-100").is_dir() and sorted(p.name for p in backup.iterdir()) == moved
-
-
-def test_a_resume_with_another_process_count_is_refused_before_launch(tmp_path):
-    working = tmp_path / "run"
-    working.mkdir()
-    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
-    (working / "checkpoint-3").mkdir()
-    (working / "checkpoint-3" / "silkie_run.json").write_text('{"world_size": 2}')
-    same = run_launcher(working, "--dry-run", "training.max_steps=6", "launch.nproc_per_node=2")
-    assert same.returncode == 0 and "resumes from checkpoint-3" in same.stderr
-    other = run_launcher(working, "--dry-run", "training.max_steps=6", "launch.nproc_per_node=1")
-    assert one_line_error(other).startswith(
-        "error: checkpoint-3 was saved by a run of 2 processes and this launch has 1: the global batch"
-    )
-    assert run_launcher(working, "--dry-run", "--gpus", "4", "training.max_steps=6").returncode == 2
-    fresh = run_launcher(working, "--dry-run", "--force", "training.max_steps=6", "lora.r=8", "launch.nproc_per_node=1")
-    assert fresh.returncode == 0 and "starts from step 0" in fresh.stderr  # its checkpoints are moved aside
-
-
 def test_recipe_reference_is_up_to_date():
     spec = importlib.util.spec_from_file_location("recipe_reference", REPO_ROOT / "scripts" / "recipe_reference.py")
     module = importlib.util.module_from_spec(spec)
@@ -422,115 +337,3 @@ def test_a_failing_squeue_refuses_instead_of_allowing_a_second_job(tmp_path, mon
     (working / "slurm" / "4242.sh").write_text("#!/bin/bash\n")
     with pytest.raises(LaunchError, match=r"squeue failed \(slurm_load_jobs error: .*\): cannot tell whether job 4242"):
         active_jobs(working)
-
-
-def test_a_second_launch_into_a_folder_being_trained_is_refused(tmp_path):
-    """A local launch holds a lock on its folder (torchrun inherits it) while it trains; another launch there,
-    even a dry run, is refused instead of resuming from the checkpoints the first one is still writing."""
-    import os
-
-    from silkie.launch.local import lock_run_dir
-
-    working = tmp_path / "run"
-    working.mkdir()
-    save_recipe(load_recipe(DEMO_RECIPE), working / "config.yaml")
-    held = lock_run_dir(working)
-    try:
-        refused = run_launcher(working, "--dry-run")
-        assert one_line_error(refused) == (
-            f"error: another launch is training in {working}; wait for it to end or stop it (two runs in one folder "
-            "would write the same checkpoints)"
-        )
-    finally:
-        os.close(held)
-    assert run_launcher(working, "--dry-run").returncode == 0
-
-
-def test_missing_input_paths_refuse_a_local_launch_before_it_starts(tmp_path):
-    """A local launch checks the recipe's paths first (a dry run and a Slurm submission warn: a job's nodes may see
-    paths this machine does not); a hub-id-like model path is left to the hub unless HF_HUB_OFFLINE is set."""
-    working = tmp_path / "run"
-    model = tmp_path / "model"
-    model.mkdir()
-    paths = [f"model.path={model}", f"data.images={model}"]
-    refused = run_launcher(working, "data.path=/no/such/vlfeedback.jsonl", *paths)
-    assert one_line_error(refused) == (
-        f"error: data.path: /no/such/vlfeedback.jsonl does not exist (expected the vlfeedback data; relative paths "
-        f"are from {REPO_ROOT})"
-    )
-    assert not working.exists()
-    dry = run_launcher(working, "--dry-run", "data.path=/no/such/vlfeedback.jsonl", *paths)
-    assert dry.returncode == 0 and "[launch] warning: data.path: /no/such/vlfeedback.jsonl does not exist" in dry.stderr
-    hub = run_launcher(
-        working,
-        "--dry-run",
-        f"data.path={model}",
-        "data.images=null",
-        "model.path=Qwen/Qwen-VL-Chat",
-        HF_HUB_OFFLINE="0",
-    )
-    assert hub.returncode == 0 and "warning" not in hub.stderr
-    offline = run_launcher(
-        working,
-        "--dry-run",
-        f"data.path={model}",
-        "model.path=Qwen/Qwen-VL-Chat",
-        HF_HUB_OFFLINE="1",
-        HF_HUB_CACHE=str(tmp_path / "hub-cache"),
-    )
-    assert "model.path: Qwen/Qwen-VL-Chat is no local folder, and HF_HUB_OFFLINE is set" in offline.stderr
-
-
-def test_a_filesystem_without_flock_launches_with_a_warning(tmp_path, monkeypatch, capsys):
-    """NFS without write access to the folder descriptor or Lustre without -o flock: no lock, a warning, no crash."""
-    import errno
-    import fcntl
-
-    from silkie.launch import cli
-
-    def no_flock(fd, operation):
-        raise OSError(errno.ENOSYS, "Function not implemented")
-
-    monkeypatch.setattr(fcntl, "flock", no_flock)
-    working = tmp_path / "run"
-    working.mkdir()
-    save_recipe(load_recipe(DEMO_RECIPE), working / "config.yaml")
-    argv = ["--config", str(DEMO_RECIPE), "--working", str(working), "--dry-run"]
-    assert cli.main(argv) == 0
-    err = capsys.readouterr().err
-    assert f"[launch] warning: cannot lock {working} here (Function not implemented)" in err
-
-
-def test_train_dpo_reports_an_input_error_once_and_lets_bugs_through(tmp_path, monkeypatch, capsys):
-    """Bad input: one line from the rank that recorded <working>/ERROR (or rank 0), none when the launcher prints it;
-    any other exception (a FileNotFoundError from a bug, say) keeps its traceback."""
-    import silkie.train
-    from silkie.errors import InputError
-
-    spec = importlib.util.spec_from_file_location("train_dpo_entry", REPO_ROOT / "train_dpo.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
-    working = tmp_path / "run"
-    working.mkdir()
-    argv = ["--config", str(DEMO_RECIPE), "--working", str(working)]
-
-    def bad_input(recipe, working):
-        raise InputError("data.path: rows.jsonl has no usable pair")
-
-    monkeypatch.setattr(silkie.train, "run_training", bad_input)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.delenv("SILKIE_LAUNCHER_REPORTS_ERRORS", raising=False)
-    assert entry.main(argv) == 2  # rank 1 recorded it first: it prints (a Slurm log has only the workers' output)
-    assert capsys.readouterr().err == "error: data.path: rows.jsonl has no usable pair\n"
-    assert (working / "ERROR").read_text() == "data.path: rows.jsonl has no usable pair\n"
-    assert entry.main(argv) == 2 and capsys.readouterr().err == ""  # another non-zero rank: already said
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("SILKIE_LAUNCHER_REPORTS_ERRORS", "1")
-    assert entry.main(argv) == 2 and capsys.readouterr().err == ""  # the launcher prints it from ERROR
-
-    def bug(recipe, working):
-        raise FileNotFoundError("/internal/state.json")
-
-    monkeypatch.setattr(silkie.train, "run_training", bug)
-    with pytest.raises(FileNotFoundError):
-        entry.main(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,13 @@ from PIL import Image
 from .conftest import REPO_ROOT
 
 DEMO_RECIPE = REPO_ROOT / "dpo_config" / "demo.yaml"
+# short in-process runs: no evaluation, a log line every step
+FAST = ["training.eval_strategy=no", "data.eval_fraction=0.0", "training.logging_steps=1", "training.report_to=none"]
+
+
+def read_metrics(working: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (working / "metrics.jsonl").read_text().splitlines()]
 
 
 def make_assets(root: Path, n: int = 600) -> dict[str, Path]:
@@ -55,8 +63,15 @@ def run_in_process(working: Path, overrides: list[str]) -> dict:
 
 def train_command(working: Path, overrides: list[str]) -> list[str]:
     """Command line of a single training process."""
-    return [sys.executable, str(REPO_ROOT / "train_dpo.py"), "--config", str(DEMO_RECIPE), "--working", str(working),
-            *overrides]
+    return [
+        sys.executable,
+        str(REPO_ROOT / "train_dpo.py"),
+        "--config",
+        str(DEMO_RECIPE),
+        "--working",
+        str(working),
+        *overrides,
+    ]
 
 
 def subprocess_env() -> dict[str, str]:
@@ -69,5 +84,6 @@ def subprocess_env() -> dict[str, str]:
 
 def run_subprocess(working: Path, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run one training process to completion and return it (stdout+stderr captured)."""
-    return subprocess.run(train_command(working, overrides), env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        train_command(working, overrides), env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )

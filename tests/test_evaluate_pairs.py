@@ -1,0 +1,82 @@
+"""scripts/evaluate_pairs.py on a real (tiny) trained run: rewards and losses per pair, as the trainer saw them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.script_fixtures import load_script
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ----- evaluate_pairs ---------------------------------------------------------------------------------------------
+
+
+def test_evaluate_pairs_matches_hand_computed_rewards(trained, tmp_path):
+    from silkie.config import load_recipe
+    from silkie.data.build import build_pairs, prepare_data
+    from silkie.data.collator import PairCollator
+    from silkie.dpo.losses import dpo_loss
+    from silkie.dpo.step import StepOptions, score_answers
+    from silkie.models.qwen_vl import QWenTokenizer, QWenVLImageProcessor
+    from silkie.tools.common import load_model
+
+    out = tmp_path / "eval.json"
+    argv = ["--run", str(trained.run_dir), "--batch-size", "5", "--out", str(out), "--per-pair", "--device", "cpu"]
+    assert load_script("evaluate_pairs").main(argv) == 0
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+
+    recipe = load_recipe(trained.run_dir / "config.yaml")
+    _, eval_pairs, _, _ = build_pairs(recipe.data)
+    assert result["split_size"] == summary["n_pairs"] == len(eval_pairs) == len(result["pairs"]) > 5
+    assert 0.0 <= summary["rewards/accuracies"] <= 1.0
+    assert result["beta"] == recipe.dpo.beta
+
+    # two batches by hand, with the plain (unpacked, full-logits) scoring path
+    tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
+    data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, tmp_path / "cache")
+    collator = PairCollator(data.image_store, QWenVLImageProcessor(56), tokenizer.pad_token_id)
+    model = load_model(trained.model_dir, trained.adapter_dir)
+    plain = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
+    by_index = {row["pair_index"]: row for row in result["pairs"]}
+    for start in (0, 5):
+        batch = collator([data.eval[i] for i in range(start, start + 5)])
+        policy = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
+        with model.disable_adapter():
+            ref = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
+        loss = dpo_loss(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps, beta=0.1)
+        for k, index in enumerate(batch["pair_index"].tolist()):
+            row = by_index[index]
+            assert row["rewards/chosen"] == pytest.approx(loss.chosen_rewards[k].item(), abs=1e-5)
+            assert row["rewards/rejected"] == pytest.approx(loss.rejected_rewards[k].item(), abs=1e-5)
+            assert row["logps/chosen"] == pytest.approx(policy.chosen_logps[k].item(), abs=1e-3)
+            assert row["loss"] == pytest.approx(loss.per_pair[k].item(), abs=1e-5)
+
+    margins = [row["rewards/chosen"] - row["rewards/rejected"] for row in result["pairs"]]
+    assert summary["rewards/margins"] == pytest.approx(sum(margins) / len(margins), abs=1e-9)
+    assert summary["rewards/accuracies"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    # the trainer's final evaluation (batches of 5 pairs, the last one partial) saw the same numbers
+    assert len(margins) % 5 != 0
+    records = [json.loads(line) for line in (trained.run_dir / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [record for record in records if "eval_loss" in record][-1]
+    assert summary["rewards/accuracies"] == pytest.approx(final_eval["eval_rewards/accuracies"], abs=1e-6)
+    assert summary["rewards/chosen"] == pytest.approx(final_eval["eval_rewards/chosen"], abs=1e-5)
+    assert summary["loss"] == pytest.approx(final_eval["eval_loss"], abs=1e-5)
+
+
+def test_evaluate_pairs_leaves_per_pair_loss_empty_for_batch_level_losses(trained, tmp_path):
+    """aot's per-pair values are ranks within a batch: the per-pair table leaves `loss` empty, the summary keeps the
+    mean over pairs (the trainer's eval_loss)."""
+    from silkie.config import load_recipe, save_recipe
+    from silkie.tools.evaluate import evaluate_run
+
+    run = tmp_path / "aot_run"
+    run.mkdir()
+    save_recipe(load_recipe(trained.run_dir / "config.yaml", ["dpo.loss_type=aot"]), run / "config.yaml")
+    result = evaluate_run(run, adapter_dir=trained.run_dir / "adapter", batch_size=4, device="cpu", max_pairs=8)
+    assert len(result["pairs"]) == 8 and all(row["loss"] is None for row in result["pairs"])
+    assert all(isinstance(row["rewards/chosen"], float) for row in result["pairs"])
+    assert 0.0 < result["summary"]["loss"] < 5.0

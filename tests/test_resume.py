@@ -1,0 +1,179 @@
+"""Interrupted and resumed training: kill and resume, half-written checkpoints, epochs, last step, extended runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from silkie.train import latest_checkpoint, remove_staging
+
+from .train_fixtures import (
+    FAST,
+    asset_overrides,
+    read_metrics,
+    run_in_process,
+    run_subprocess,
+    subprocess_env,
+    train_command,
+)
+
+
+def test_kill_and_resume_continues_same_run(assets, tmp_path):
+    overrides = (
+        asset_overrides(assets) + FAST + ["training.max_steps=12", "training.save_steps=4", "data.max_prompts=80"]
+    )
+    straight = run_subprocess(tmp_path / "straight", overrides)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    working = tmp_path / "killed"
+    proc = subprocess.Popen(
+        train_command(working, overrides), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while latest_checkpoint(working) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = latest_checkpoint(working)
+    assert first is not None and not (working / "FINISHED").exists()
+    resumed = run_subprocess(working, overrides)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming from {first.name}" in resumed.stdout
+    state = json.loads((working / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["global_step"] == 12
+    assert json.loads((working / "checkpoint-12" / "silkie_run.json").read_text()) == {"world_size": 1}
+    losses_straight = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r}
+    losses_resumed = {r["step"]: r["loss"] for r in read_metrics(working) if "loss" in r}
+    resume_step = int(first.name.split("-")[1])
+    for step in range(resume_step + 1, 13):  # same data order, optimizer and scheduler state after the resume
+        assert losses_resumed[step] == pytest.approx(losses_straight[step], abs=1e-4), step
+
+
+def test_half_written_checkpoints_are_ignored_and_removed(tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "tmp-checkpoint-8").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+    assert [p.name for p in remove_staging(tmp_path)] == ["tmp-checkpoint-8"]
+    assert not (tmp_path / "tmp-checkpoint-8").exists()
+
+
+def test_group_by_length_resume_in_a_later_epoch_on_two_ranks(assets, tmp_path):
+    """On a resume the length sampler sits deeper than the Trainer's set_epoch reaches: without the trainer's own
+    set_epoch, two ranks resumed in epoch 1 replayed epoch 0's order (the losses after the resume differed)."""
+    import shutil
+
+    overrides = (
+        asset_overrides(assets)
+        + FAST
+        + [
+            "data.max_prompts=6",
+            "training.group_by_length=true",
+            "training.per_device_train_batch_size=4",
+            "training.max_steps=10",
+            "training.save_steps=7",
+        ]
+    )
+    command = [train_command(tmp_path, overrides)[0], "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2"]  # fmt: skip
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+
+    def train(working: Path) -> None:
+        done = subprocess.run(command + train_command(working, overrides)[1:], env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    straight = tmp_path / "straight"
+    train(straight)
+    state = json.loads((straight / "checkpoint-7" / "trainer_state.json").read_text())
+    assert state["epoch"] > 1.0, state["epoch"]  # the resume point lies in the second epoch
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns("checkpoint-10", "adapter", "FINISHED"))
+    train(resumed)
+    first = {r["step"]: r["loss"] for r in read_metrics(straight) if "loss" in r}
+    again = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}  # later lines win: the resume
+    for step in (8, 9, 10):
+        assert again[step] == pytest.approx(first[step], abs=1e-5), (step, first, again)
+
+
+def test_a_checkpoint_is_not_resumed_with_another_number_of_processes(tmp_path):
+    from silkie.dpo.trainer import ResumeError, check_resume_layout
+
+    checkpoint = tmp_path / "checkpoint-40"
+    checkpoint.mkdir()
+    check_resume_layout(checkpoint, 16)  # written before the layout file existed: nothing to compare
+    (checkpoint / "silkie_run.json").write_text(json.dumps({"world_size": 8}))
+    check_resume_layout(checkpoint, 8)
+    with pytest.raises(ResumeError, match=r"checkpoint-40 was saved by a run of 8 processes and this launch has 16"):
+        check_resume_layout(checkpoint, 16)
+
+
+def test_resume_at_the_last_step_finishes_without_another_step_or_evaluation(assets, tmp_path):
+    """A crash after the last checkpoint (before FINISHED): the rerun trains no step 9 and reuses the evaluation
+    at step 8; the best checkpoint (reduce_lr_on_plateau tracks one) is recorded under its final name."""
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets) + [
+        "data.max_prompts=24",
+        "data.eval_fraction=0.25",
+        "training.max_steps=8",
+        "training.save_steps=4",
+        "training.eval_steps=4",
+        "training.save_total_limit=2",
+        "training.lr_scheduler_type=reduce_lr_on_plateau",
+        "training.logging_steps=1",
+        "training.report_to=none",
+    ]
+    first = run_in_process(working, overrides)
+    state = json.loads((working / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] in (str(working / "checkpoint-4"), str(working / "checkpoint-8"))
+    assert [r["step"] for r in read_metrics(working) if "eval_loss" in r] == [4, 8]  # not evaluated twice at 8
+    (working / "FINISHED").unlink()
+    again = run_in_process(working, overrides)
+    assert again["step"] == first["step"] == 8 and json.loads((working / "FINISHED").read_text())["step"] == 8
+    assert again["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
+    assert not (working / "checkpoint-9").exists()
+
+
+def test_a_signal_during_the_last_save_still_finishes_the_run(assets, tmp_path, monkeypatch):
+    """Slurm's warning can land after the last step: every step is done, so the run finishes (adapter, FINISHED)
+    instead of stopping as preempted (on several ranks, only the signalled one would have gone to teardown)."""
+    import signal as signals
+
+    from silkie.dpo.trainer import SilkieDPOTrainer
+
+    original = SilkieDPOTrainer._save_checkpoint
+
+    def save_then_signal(self, model, trial):
+        original(self, model, trial)
+        if self.state.global_step == self.state.max_steps:
+            signals.raise_signal(signals.SIGUSR1)
+
+    monkeypatch.setattr(SilkieDPOTrainer, "_save_checkpoint", save_then_signal)
+    working = tmp_path / "run"
+    result = run_in_process(working, asset_overrides(assets) + FAST + ["training.max_steps=3", "data.max_prompts=8"])
+    assert result["step"] == 3 and "preempted" not in result
+    assert (working / "FINISHED").is_file() and (working / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_an_extended_run_trains_its_first_new_step_on_the_new_schedule(assets, tmp_path):
+    """Finished at step 3 of a cosine schedule (learning rate 0), then extended to 5 steps (what --force does when
+    only max_steps changed): step 4 must use the new schedule's rate; the optimizer state held the old schedule's 0,
+    which left the weights of step 4 unchanged."""
+    from safetensors.torch import load_file
+
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets) + FAST + ["data.max_prompts=16", "training.save_steps=1"]
+    run_in_process(working, overrides + ["training.max_steps=3", "training.save_total_limit=null"])
+    for name in ("FINISHED", "config.yaml", "final_metrics.json", "training_curves.png"):  # what --force moves
+        (working / name).unlink()
+    shutil.rmtree(working / "adapter")
+    run_in_process(working, overrides + ["training.max_steps=5", "training.save_total_limit=null"])
+    before, after = (load_file(working / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (3, 4))
+    changed = sum(not torch.equal(before[name], after[name]) for name in before)
+    assert changed == len(before)  # every adapter tensor moved at step 4
