@@ -14,7 +14,8 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 stage() { echo "=== $1 ($(date +%T))"; }
-quiet() { grep -v "Warning\|warnings.warn\|_warn_once\|it/s]"; }
+# progress bars end in \r, so split them into lines first (else a logged loss shares a line with a bar and is lost)
+quiet() { tr '\r' '\n' | grep -v "Warning\|warnings.warn\|_warn_once\|it/s]\|s/it]\|examples/s]\|^ *$"; }
 
 if [ "${1:-check}" = check ]; then
     stage gpu_check
@@ -51,4 +52,5 @@ else
         data.num_proc=4 deepspeed.stage=0 training.max_steps=10 training.eval_steps=10 training.save_steps=10 \
         training.per_device_train_batch_size=4 training.gradient_accumulation_steps=1 training.logging_steps=1 \
         launch.nproc_per_node=1 2>&1 | quiet | grep "silkie\]\|Error\|'loss'" | tee "$OUT/zero0.log"
+    cp /tmp/zero0/metrics.jsonl "$OUT/zero0-metrics.jsonl" 2>/dev/null
 fi
