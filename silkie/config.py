@@ -130,6 +130,8 @@ class DPOSection:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 1.0
     discopop_tau: float = 0.05
+    ld_alpha: float | None = None
+    use_weighting: bool = False
     max_length: int = 2048
     precompute_ref_log_probs: bool = False
     image_once: bool = True
@@ -157,6 +159,11 @@ class DPOSection:
         if self.f_divergence_type != "reverse_kl" and plain:
             _require(False, "dpo.f_divergence_type", self.f_divergence_type, f"reverse_kl with loss types {plain}")
         _require(self.discopop_tau > 0, "dpo.discopop_tau", self.discopop_tau, "a number > 0")
+        if self.ld_alpha is not None:
+            _require(0.0 <= self.ld_alpha <= 1.0, "dpo.ld_alpha", self.ld_alpha, "null or a number in [0, 1]")
+        sorted_ = [name for name in types_ if name in ("aot", "aot_unpaired")]
+        if self.use_weighting and sorted_:  # their per-pair values are by rank: no pair's own loss to weight
+            _require(False, "dpo.use_weighting", True, f"false with loss types {sorted_}")
         _require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
         _require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
 

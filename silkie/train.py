@@ -103,6 +103,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         # the pixel bounds decide how many tokens each image takes, so they decide the reference log-probs too
         options |= {"family": recipe.model.family, "attn": recipe.model.attn_implementation}
         options["images"] = processor.fingerprint()
+        if recipe.dpo.ld_alpha is not None:  # LD-DPO weights the reference's answer tokens too
+            options["ld_alpha"] = recipe.dpo.ld_alpha
         reference_cache = ReferenceCache(working / "reference_logps", recipe.model.path, options)
     trainer = SilkieDPOTrainer(
         model=model,

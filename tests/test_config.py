@@ -69,6 +69,15 @@ def test_an_empty_loss_type_list_is_refused():
         load_recipe(DEMO, ["dpo.loss_type=[]"])
 
 
+def test_ld_alpha_and_use_weighting_are_checked():
+    recipe = load_recipe(DEMO, ["dpo.ld_alpha=0.5", "dpo.use_weighting=true"])
+    assert (recipe.dpo.ld_alpha, recipe.dpo.use_weighting) == (0.5, True)
+    with pytest.raises(RecipeError, match=r"dpo.ld_alpha = 1.5 is not allowed; expected null or a number in \[0, 1\]"):
+        load_recipe(DEMO, ["dpo.ld_alpha=1.5"])
+    with pytest.raises(RecipeError, match=r"dpo.use_weighting = True is not allowed; expected false with loss types"):
+        load_recipe(DEMO, ["dpo.use_weighting=true", "dpo.loss_type=[sigmoid, aot_unpaired]"])
+
+
 def test_training_choices_are_the_installed_transformers_values():
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
     from transformers.training_args import trainer_log_levels

@@ -114,6 +114,18 @@ def test_f_divergence_scores():
         dpo_loss(PC, PR, RC, RR, loss_type="exo_pair")
 
 
+def test_wpo_sequence_weights_scale_each_pairs_loss_without_gradient():
+    weights, pc = torch.tensor([0.5, 0.25], requires_grad=True), PC.clone().requires_grad_()
+    plain = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type=["sigmoid", "hinge"])
+    out = dpo_loss(pc, PR, RC, RR, beta=0.1, loss_type=["sigmoid", "hinge"], sequence_weights=weights)
+    torch.testing.assert_close(out.per_pair, plain.per_pair * torch.tensor([0.5, 0.25]))
+    assert out.loss.item() == pytest.approx((plain.per_pair * torch.tensor([0.5, 0.25])).mean().item())
+    out.loss.backward()
+    assert weights.grad is None and pc.grad.abs().sum() > 0  # WPO's weights are constants of the step
+    with pytest.raises(ValueError, match="sequence_weights \\(WPO\\) do not apply to aot/aot_unpaired"):
+        dpo_loss(PC, PR, RC, RR, loss_type="aot", sequence_weights=weights)
+
+
 def test_a_left_out_pair_with_a_placeholder_reference_stays_finite():
     """A pair whose image failed has weight 0 and reference 0 (cached-reference placeholder): its log-ratio of -120
     would overflow forward KL's exp(-ratio) into inf - inf = NaN; it is masked before any non-linearity."""

@@ -80,3 +80,51 @@ def test_evaluate_pairs_leaves_per_pair_loss_empty_for_batch_level_losses(traine
     assert len(result["pairs"]) == 8 and all(row["loss"] is None for row in result["pairs"])
     assert all(isinstance(row["rewards/chosen"], float) for row in result["pairs"])
     assert 0.0 < result["summary"]["loss"] < 5.0
+
+
+def test_evaluate_pairs_scores_ld_dpo_and_wpo_as_the_trainer(trained, tmp_path):
+    """With `ld_alpha` and `use_weighting` the per-pair log-probs are LD-weighted (policy and reference) and the
+    loss is WPO-weighted, as in training: checked against the plain scoring path by hand."""
+
+    from silkie.config import load_recipe, save_recipe
+    from silkie.data.build import prepare_data
+    from silkie.data.collator import PairCollator
+    from silkie.dpo.objective import loss_from_scores
+    from silkie.dpo.step import StepOptions, score_answers
+    from silkie.models.qwen_vl import QWenTokenizer, QWenVLImageProcessor
+    from silkie.tools.common import load_model
+    from silkie.tools.evaluate import evaluate_run
+
+    run = tmp_path / "ld_wpo_run"
+    run.mkdir()
+    recipe = load_recipe(trained.run_dir / "config.yaml", ["dpo.ld_alpha=0.3", "dpo.use_weighting=true"])
+    save_recipe(recipe, run / "config.yaml")
+    result = evaluate_run(run, adapter_dir=trained.run_dir / "adapter", batch_size=3, device="cpu", max_pairs=6)
+    plain_result = evaluate_run(
+        trained.run_dir, adapter_dir=trained.run_dir / "adapter", batch_size=3, device="cpu", max_pairs=6
+    )
+
+    tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
+    data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, tmp_path / "cache")
+    collator = PairCollator(data.image_store, QWenVLImageProcessor(56), tokenizer.pad_token_id)
+    model = load_model(trained.model_dir, trained.adapter_dir)
+    plain = StepOptions(image_once=False, share_prompt=False, chunked_logps=False, ld_alpha=0.3, wpo_weights=True)
+    batch = collator([data.eval[i] for i in range(6)])
+    policy = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True, policy=True)
+    with model.disable_adapter():
+        ref = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
+    loss = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, recipe.dpo, batch["pair_weight"])
+    assert policy.wpo_weight is not None and (policy.wpo_weight != 1.0).all()
+    rows = {row["pair_index"]: row for row in result["pairs"]}
+    plain_rows = {row["pair_index"]: row for row in plain_result["pairs"]}
+    longer = 0
+    for k, index in enumerate(batch["pair_index"].tolist()):
+        row = rows[index]
+        assert row["logps/chosen"] == pytest.approx(policy.chosen_logps[k].item(), abs=1e-3)
+        assert row["ref_logps/rejected"] == pytest.approx(ref.rejected_logps[k].item(), abs=1e-3)
+        assert row["loss"] == pytest.approx(loss.per_pair[k].item(), abs=1e-5)
+        # only the longer answer's tail is down-weighted (its log-prob rises towards 0)
+        gains = [row[key] - plain_rows[index][key] for key in ("logps/chosen", "logps/rejected")]
+        assert min(gains) == pytest.approx(0.0, abs=1e-4)
+        longer += max(gains) > 1e-3
+    assert longer >= 2

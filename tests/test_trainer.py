@@ -170,6 +170,27 @@ def test_precomputed_reference_matches_and_is_reused_or_rebuilt(assets, tmp_path
     assert "computing" in capsys.readouterr().out  # other data: the stale cache is rebuilt, not reused
 
 
+def test_ld_dpo_and_wpo_train_with_on_the_fly_or_cached_reference(assets, tmp_path):
+    """`dpo.ld_alpha` weights the reference's tokens too (its cache differs from plain DPO's), and both variants
+    give the same losses with the reference cached as computed on the fly."""
+    base = asset_overrides(assets) + FAST + ["data.max_prompts=24", "training.max_steps=3", "training.save_steps=3"]
+    variants = ["dpo.ld_alpha=0.3", "dpo.use_weighting=true"]
+    run_in_process(tmp_path / "plain", base + ["dpo.precompute_ref_log_probs=true"])
+    run_in_process(tmp_path / "fly", base + variants)
+    run_in_process(tmp_path / "cached", base + variants + ["dpo.precompute_ref_log_probs=true"])
+    tables = [torch.load(tmp_path / run / "reference_logps" / "train.pt")["logps"] for run in ("plain", "cached")]
+    plain, weighted = tables
+    assert (weighted <= 0).all() and (weighted >= plain - 1e-4).all()  # alpha < 1 shrinks the verbose tails
+    assert ((weighted - plain).abs() < 1e-4).any(dim=1).all()  # each pair's shorter answer counts in full
+    assert (weighted > plain + 1e-3).any(dim=1).float().mean() > 0.3  # the pairs whose answers differ in length
+    runs = ("plain", "fly", "cached")
+    losses = {run: [r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in runs}
+    assert len(losses["fly"]) == 3 and losses["cached"] == pytest.approx(losses["fly"], abs=1e-5)
+    # step 1: policy = reference, so plain DPO's loss is log 2 and WPO's is log 2 times the mean pair weight
+    assert losses["plain"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(losses["fly"][0] - math.log(2)) > 1e-4
+
+
 def test_full_fine_tuning_uses_a_frozen_reference_copy(assets, tmp_path):
     working = tmp_path / "full"
     result = run_in_process(

@@ -3,6 +3,7 @@ per-sequence log-probs equal those of TRL's `DPOTrainer` (the pinned version) wi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -20,8 +21,9 @@ PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
 OPTIMIZED = StepOptions(chunk_size=8)
 
 
-def trl_trainer(folder, family, tmp_path):
-    """TRL's DPOTrainer over PAIRS (conversational, one image each) with LoRA on the same modules as ours."""
+def trl_trainer(folder, family, tmp_path, use_weighting=False):
+    """TRL's DPOTrainer over PAIRS (conversational, one image each) with LoRA on the same modules as ours
+    (`use_weighting` at construction makes its fused head return what WPO needs)."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -51,6 +53,7 @@ def trl_trainer(folder, family, tmp_path):
         save_strategy="no",
         max_length=None,
         seed=0,
+        use_weighting=use_weighting,
     )
     targets = get_family(family).lora_target_regex(LoraSection(r=8, alpha=16, dropout=0.0))
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
@@ -150,6 +153,10 @@ LOSS_CASES = [
     {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
     {"loss_type": ["hinge"], "f_divergence_type": "js_divergence"},
     {"loss_type": ["ipo"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5},
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.5},  # LD-DPO
+    {"loss_type": ["sigmoid"], "use_weighting": True},  # WPO
+    # (TRL 1.16 fails on sft with use_weighting: it scales an expanded tensor in place)
+    {"loss_type": ["ipo", "sigmoid"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.2, "use_weighting": True},
 ]
 
 
@@ -157,13 +164,14 @@ LOSS_CASES = [
 def trl_qwen2_vl(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("trl_losses")
     folder = BUILDERS["qwen2_vl"](tmp_path / "qwen2_vl")
-    trainer, dataset = trl_trainer(folder, "qwen2_vl", tmp_path)
+    trainer, dataset = trl_trainer(folder, "qwen2_vl", tmp_path, use_weighting=True)
     return folder, trainer, dataset
 
 
 @pytest.mark.parametrize("case", LOSS_CASES, ids=lambda case: "-".join(f"{v}" for v in case.values()))
 def test_every_loss_type_equals_trl(trl_qwen2_vl, case):
-    """Each of TRL 1.16's loss types, f-divergences and a weighted mix gives TRL's loss on the same batch."""
+    """Each of TRL 1.16's loss types, f-divergences, a weighted mix, LD-DPO and WPO gives TRL's loss on the same
+    batch, on the plain and the optimized path."""
     folder, trainer, dataset = trl_qwen2_vl
     section = DPOSection(beta=0.1, **case)
     section.check()
@@ -173,12 +181,15 @@ def test_every_loss_type_equals_trl(trl_qwen2_vl, case):
         section.f_divergence_type,
         section.f_alpha_divergence_coef,
     )
+    trainer.ld_alpha, trainer.use_weighting = section.ld_alpha, section.use_weighting
     model = trainer.model.eval()
     inputs = trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in range(len(dataset))]))
     batch, pad = family_batch(folder, "qwen2_vl", model)
     with torch.no_grad():
         expected = trainer.compute_loss(model, inputs)
-        loss, metrics = batch_dpo_loss(model, batch, PLAIN, section, pad, adapter_reference(model, PLAIN, pad))
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+        for path in (PLAIN, OPTIMIZED):
+            options = dataclasses.replace(path, ld_alpha=section.ld_alpha, wpo_weights=section.use_weighting)
+            loss, metrics = batch_dpo_loss(model, batch, options, section, pad, adapter_reference(model, options, pad))
+            torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
     assert loss.item() != pytest.approx(math.log(2), abs=1e-3)  # the adapter moved the policy: not a trivial value
     torch.testing.assert_close(metrics["loss"].mean(), loss, atol=1e-6, rtol=1e-6)

@@ -38,11 +38,13 @@ def dpo_loss(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 1.0,
     discopop_tau: float = 0.05,
+    sequence_weights: torch.Tensor | None = None,
 ) -> DPOLossOutput:
     """Weighted sum of preference losses (TRL 1.16's names and formulas), averaged over pairs; log-probs are
     per-sequence sums over answer tokens.
 
     `pair_weights` (0 or 1 per pair) leaves pairs out of the mean (a batch of only weight-0 pairs has loss 0).
+    `sequence_weights` (WPO, TRL's `use_weighting`; no gradient) multiply each pair's loss.
 
     With log-ratios c = pi_c - ref_c, r = pi_r - ref_r, scores s_c = f'(c), s_r = f'(r) (identity for the default
     reverse KL) and d = s_c - s_r:
@@ -75,6 +77,8 @@ def dpo_loss(
         raise ValueError("ipo and sigmoid_norm losses need chosen_lengths and rejected_lengths")
     if "sft" in loss_types and chosen_nll is None:
         raise ValueError("sft loss needs chosen_nll")
+    if sequence_weights is not None and {"aot", "aot_unpaired"} & set(loss_types):
+        raise ValueError("sequence_weights (WPO) do not apply to aot/aot_unpaired, whose values are by rank")
     chosen_ratio = policy_chosen_logps - ref_chosen_logps
     rejected_ratio = policy_rejected_logps - ref_rejected_logps
     if pair_weights is not None:  # a left-out pair's placeholder reference must not reach exp() (inf - inf = NaN)
@@ -127,6 +131,8 @@ def dpo_loss(
         else:  # sft
             term = chosen_nll.expand_as(delta)
         per_pair = per_pair + weight * term
+    if sequence_weights is not None:
+        per_pair = per_pair * sequence_weights.detach()
     if pair_weights is None:
         loss = per_pair.mean()
     else:

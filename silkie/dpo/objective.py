@@ -43,6 +43,7 @@ def loss_from_scores(
         f_divergence_type=dpo.f_divergence_type,
         f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
         discopop_tau=dpo.discopop_tau,
+        sequence_weights=policy.wpo_weight,
     )
 
 
@@ -55,7 +56,13 @@ def batch_dpo_loss(
     reference: ReferenceFn,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and per-pair metric tensors (TRL names, each pair's `loss`, its `weight` and, as `weight:NAME`, the
-    weight of a metric averaged otherwise); `reference(batch, features)` gives reference log-probs."""
+    weight of a metric averaged otherwise); `reference(batch, features)` gives reference log-probs, scored with
+    the same `options` (whose `ld_alpha` and `wpo_weights` must be the recipe's: see `recipe_step_options`)."""
+    if (options.ld_alpha, options.wpo_weights) != (dpo.ld_alpha, dpo.use_weighting):
+        raise ValueError(
+            f"step options score with ld_alpha={options.ld_alpha}, wpo_weights={options.wpo_weights} but the recipe "
+            f"says ld_alpha={dpo.ld_alpha}, use_weighting={dpo.use_weighting}"
+        )
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)

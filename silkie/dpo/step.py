@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from silkie.config import DPOSection
 from silkie.models.family import unwrap_causal_lm
 
 from .batching import ScoredRows, concat_rows, packed_rows
@@ -24,12 +25,26 @@ from .logprobs import chunked_token_logps, full_logits_token_logps, is_partition
 
 @dataclass
 class StepOptions:
-    """Which optimisations to use (all on = the efficient step)."""
+    """Which optimisations to use (all on = the efficient step), and the recipe's variants of an answer's score:
+    LD-DPO's `ld_alpha` (tokens past the shorter answer's length count alpha times) and WPO's pair weights."""
 
     image_once: bool = True
     share_prompt: bool = True
     chunked_logps: bool = True
     chunk_size: int = 1024
+    ld_alpha: float | None = None
+    wpo_weights: bool = False
+
+
+def recipe_step_options(dpo: DPOSection, image_once: bool) -> StepOptions:
+    """The efficient step with the recipe's switches (`image_once` as the caller allows it)."""
+    return StepOptions(
+        image_once=image_once,
+        share_prompt=dpo.share_prompt,
+        chunk_size=dpo.logps_chunk_size,
+        ld_alpha=dpo.ld_alpha,
+        wpo_weights=dpo.use_weighting,
+    )
 
 
 @dataclass
@@ -45,6 +60,7 @@ class AnswerScores:
     rejected_lengths: torch.Tensor
     entropy: torch.Tensor | None = None  # per pair, mean over its answer tokens (policy passes only)
     chosen_token_accuracy: torch.Tensor | None = None  # per pair, top-1 hits over its chosen tokens
+    wpo_weight: torch.Tensor | None = None  # per pair, WPO's weight of its loss (policy passes, `wpo_weights`)
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -81,8 +97,12 @@ def score_answers(
     pad_token_id: int,
     image_features: Any = None,
     no_grad: bool = False,
+    policy: bool | None = None,
 ) -> AnswerScores:
-    """Run `model` once over the batch's rows and sum answer-token log-probs per pair."""
+    """Run `model` once over the batch's rows and sum answer-token log-probs per pair.
+
+    A policy pass (default: one with gradients) also gives the token metrics and, with `wpo_weights`, WPO's weights.
+    """
     base, family = unwrap_causal_lm(model)
     device = next(base.parameters()).device
     on_device = _on(batch, device)  # once: the image tensors may still be on the CPU
@@ -110,20 +130,23 @@ def score_answers(
             **family.row_kwargs(base, input_ids),
         )
         size = batch["prompt_input_ids"].size(0)
-        stats = not no_grad  # the policy's entropy and top-1 hits (metrics); a reference pass needs none
+        stats = not no_grad if policy is None else policy  # a reference pass needs no metrics
+        sum_sq = stats and options.wpo_weights
         scored = {}
         if options.chunked_logps:
             hidden = family.hidden_states(model, base, kwargs)
             flat = hidden.reshape(-1, hidden.size(-1))
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
-                scored[kind] = chunked_token_logps(flat[index], targets, base.lm_head, options.chunk_size, stats)
+                scored[kind] = chunked_token_logps(
+                    flat[index], targets, base.lm_head, options.chunk_size, stats, sum_sq
+                )
         else:
             logits = family.logits(model, kwargs)
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
-                scored[kind] = full_logits_token_logps(logits, index, targets, stats)
-    return _sum_scores(rows, scored, size, device, batch.get("pair_weight"))
+                scored[kind] = full_logits_token_logps(logits, index, targets, stats, sum_sq)
+    return _sum_scores(rows, scored, size, device, batch.get("pair_weight"), options.ld_alpha)
 
 
 def _ranks_need_the_tower(tower: nn.Module, grads: bool) -> bool:
@@ -169,18 +192,41 @@ def _attention_mask(mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
+def _ld_token_weights(rows: ScoredRows, size: int, alpha: float, device: torch.device) -> dict[str, torch.Tensor]:
+    """LD-DPO: 1 for an answer's first min(len_chosen, len_rejected) tokens, `alpha` for the rest (its verbose tail)."""
+    pairs = {kind: getattr(rows, f"{kind}_pair").to(device) for kind in ("chosen", "rejected")}
+    lengths = {kind: torch.bincount(pair, minlength=size) for kind, pair in pairs.items()}
+    shared = torch.minimum(lengths["chosen"], lengths["rejected"])
+    weights = {}
+    for kind, pair in pairs.items():  # an answer's tokens are consecutive, in order (see batching)
+        first = torch.cumsum(lengths[kind], 0) - lengths[kind]
+        position = torch.arange(pair.numel(), device=device) - first[pair]
+        weights[kind] = torch.where(position < shared[pair], 1.0, alpha)
+    return weights
+
+
 def _sum_scores(
-    rows: ScoredRows, scored: dict, size: int, device: torch.device, weights: torch.Tensor | None
+    rows: ScoredRows,
+    scored: dict,
+    size: int,
+    device: torch.device,
+    weights: torch.Tensor | None,
+    ld_alpha: float | None = None,
 ) -> AnswerScores:
-    sums, means, lengths, stats = {}, {}, {}, {}
+    sums, means, lengths, stats, wpo = {}, {}, {}, {}, {}
+    ld = None if ld_alpha is None else _ld_token_weights(rows, size, ld_alpha, device)
     for kind in ("chosen", "rejected"):
         tokens = scored[kind]
         pair = getattr(rows, f"{kind}_pair").to(device)
-        sums[kind] = sum_per_pair(tokens.logps, pair, size)
+        values = tokens.logps if ld is None else tokens.logps * ld[kind]
+        sums[kind] = sum_per_pair(values, pair, size)
         lengths[kind] = sum_per_pair(torch.ones_like(tokens.logps), pair, size)
         means[kind] = sum_per_pair(tokens.logit_means, pair, size) / lengths[kind].clamp(min=1)
         if tokens.entropy is not None:
             stats[kind] = (sum_per_pair(tokens.entropy, pair, size), sum_per_pair(tokens.top1, pair, size))
+        if tokens.log_sum_sq is not None:  # WPO eq. 2: exp(mean over tokens of log p(target) - log sum_v p_v^2)
+            aligned = sum_per_pair(tokens.logps.detach() - tokens.log_sum_sq, pair, size)
+            wpo[kind] = torch.exp(aligned / lengths[kind].clamp(min=1))
     chosen_logps = scored["chosen"].logps
     # mean over the chosen tokens of the pairs with weight 1 (a pair whose image failed has weight 0)
     token_weights = (torch.ones(size) if weights is None else weights).to(device)[rows.chosen_pair.to(device)]
@@ -200,4 +246,5 @@ def _sum_scores(
         rejected_lengths=lengths["rejected"],
         entropy=entropy,
         chosen_token_accuracy=accuracy,
+        wpo_weight=wpo["chosen"] * wpo["rejected"] if wpo else None,
     )

@@ -23,7 +23,7 @@ from silkie.launch.workdir import RUN_LAYOUT_FILE, world_size_problem
 
 from .objective import adapter_reference, batch_dpo_loss
 from .reference import ReferenceCache
-from .step import StepOptions, score_answers, vision_is_trainable
+from .step import recipe_step_options, score_answers, vision_is_trainable
 
 STAGING_PREFIX = "tmp-checkpoint"
 
@@ -83,12 +83,7 @@ class SilkieDPOTrainer(Trainer):
         self._ref_tables: dict[str, torch.Tensor] = {}
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         trainable_vision = vision_is_trainable(self.model)
-        self.step_options = StepOptions(
-            image_once=dpo.image_once and not trainable_vision,
-            share_prompt=dpo.share_prompt,
-            chunked_logps=True,
-            chunk_size=dpo.logps_chunk_size,
-        )
+        self.step_options = recipe_step_options(dpo, image_once=dpo.image_once and not trainable_vision)
         if dpo.image_once and trainable_vision:
             self.log_line(
                 "image_once: the vision tower is trained, so images are encoded in every forward (exact path)"

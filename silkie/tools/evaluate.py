@@ -111,7 +111,7 @@ def score_pairs(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     for batch in loader:
         features = encode_images_once(scorer.policy, batch) if options.image_once else None
-        policy = score_answers(scorer.policy, batch, options, pad_token_id, features, no_grad=True)
+        policy = score_answers(scorer.policy, batch, options, pad_token_id, features, no_grad=True, policy=True)
         with scorer.reference_context():
             ref = score_answers(scorer.reference_model(), batch, options, pad_token_id, features, no_grad=True)
         out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, dpo, batch["pair_weight"])
@@ -173,7 +173,7 @@ def evaluate_run(
     """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}."""
     from silkie.config import RecipeError, load_recipe
     from silkie.data.collator import PairCollator
-    from silkie.dpo.step import StepOptions
+    from silkie.dpo.step import recipe_step_options
     from silkie.models.family import get_family
     from silkie.tools.common import family_of, load_codec_from, resolve_device, resolve_tool_dtype
 
@@ -202,11 +202,8 @@ def evaluate_run(
     section = dataclasses.replace(recipe.model, path=str(model_dir), family=family_of(model_dir))
     images = get_family(section.family).image_processor(config, section)
     collator = PairCollator(store, images, tokenizer.pad_token_id)
-    options = StepOptions(
-        image_once=recipe.dpo.image_once and scorer.reference is None and not _adapter_has_vision(scorer.policy),
-        share_prompt=recipe.dpo.share_prompt,
-        chunk_size=recipe.dpo.logps_chunk_size,
-    )
+    image_once = recipe.dpo.image_once and scorer.reference is None and not _adapter_has_vision(scorer.policy)
+    options = recipe_step_options(recipe.dpo, image_once)
     size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
     table = score_pairs(scorer, dataset, collator, recipe.dpo, tokenizer.pad_token_id, size, options)
     loss_types = [recipe.dpo.loss_type] if isinstance(recipe.dpo.loss_type, str) else recipe.dpo.loss_type
