@@ -46,6 +46,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
 
     from silkie.data.build import prepare_data
     from silkie.data.collator import PairCollator
+    from silkie.data.images import DECODE_VERSION
     from silkie.dpo.reference import ReferenceCache
     from silkie.dpo.trainer import SilkieDPOTrainer, check_resume_layout
     from silkie.models.family import get_family
@@ -103,6 +104,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         # the pixel bounds decide how many tokens each image takes, so they decide the reference log-probs too
         options |= {"family": recipe.model.family, "attn": recipe.model.attn_implementation}
         options["images"] = processor.fingerprint()
+        options["image_decode"] = DECODE_VERSION
         if recipe.dpo.ld_alpha is not None:  # LD-DPO weights the reference's answer tokens too
             options["ld_alpha"] = recipe.dpo.ld_alpha
         reference_cache = ReferenceCache(working / "reference_logps", recipe.model.path, options)

@@ -229,3 +229,26 @@ def test_images_of_every_mode_decode_to_the_right_rgb():
     for name, (image, fmt, expected, tolerance) in cases.items():
         pixel = decode_image(name, encoded(image, fmt)).getpixel((1, 1))
         assert max(abs(a - b) for a, b in zip(pixel, expected)) <= tolerance, (name, pixel)
+
+
+def test_images_are_decoded_upright_by_their_exif_orientation(tmp_path):
+    """A camera JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) comes out upright,
+    in training's decoding and in the tools' `read_image` alike."""
+    import io
+
+    from PIL import Image
+
+    from silkie.data.images import decode_image
+    from silkie.tools.cli import read_image
+
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 20))  # the stored image's left band is red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer rotates 90 degrees clockwise
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif, quality=95)
+    (tmp_path / "photo.jpg").write_bytes(buffer.getvalue())
+    for upright in (decode_image("photo.jpg", buffer.getvalue()), read_image(tmp_path / "photo.jpg")):
+        assert upright.size == (20, 40)
+        red, blue = upright.getpixel((10, 3)), upright.getpixel((10, 30))  # after the turn the red band is on top
+        assert red[0] > 200 and red[2] < 60 and blue[2] > 200 and blue[0] < 60, (red, blue)

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 from typing import Protocol
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from silkie.errors import InputError, MissingInputError
 
@@ -69,12 +69,18 @@ def key_candidates(key: str) -> list[str]:
     return [key, IMAGE_PREFIX + key]
 
 
+# how stored bytes become pixels; part of the reference cache's key (a change of it changes the log-probs)
+DECODE_VERSION = "exif-upright-8bit-rgb"
+
+
 def decode_image(key: str, data: bytes) -> Image.Image:
-    """Decode image bytes into a fully loaded RGB image, or raise `ImageLoadError`."""
+    """Decode image bytes into a fully loaded RGB image, upright as viewers show it (EXIF orientation applied, as
+    `transformers.image_utils.load_image` and `datasets` do), or raise `ImageLoadError`."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
-            return _to_8bit(opened).convert("RGB")
+            upright = ImageOps.exif_transpose(opened)
+            return _to_8bit(upright).convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageLoadError(key, f"corrupt image ({type(exc).__name__}: {exc})") from exc
 

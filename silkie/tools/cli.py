@@ -32,14 +32,16 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def read_image(path: str | Path) -> Any:
-    """The image at `path` as an RGB PIL image; `ToolError` naming the file when it is missing or unreadable."""
-    from PIL import Image
+    """The image at `path` as an upright RGB PIL image, decoded as training decodes images; `ToolError` naming the
+    file when it is missing or unreadable."""
+    from silkie.data.images import ImageLoadError, decode_image
 
     path = require_file(path, "image file")
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except Exception as exc:  # PIL raises many types for bad files
+        return decode_image(str(path), Path(path).read_bytes())
+    except ImageLoadError as exc:
+        raise ToolError(f"cannot read image {path}: {exc.reason}") from exc
+    except OSError as exc:
         raise ToolError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
 
 
