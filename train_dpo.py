@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         if not launcher_prints and (wrote or os.environ.get("RANK", "0") == "0"):
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training began, or a second one: the launcher says where things are
+        return 130
     return 0
 
 

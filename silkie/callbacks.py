@@ -40,18 +40,35 @@ class MetricsJsonlCallback(TrainerCallback):
 
 
 class PreemptionCallback(TrainerCallback):
-    """On SIGUSR1/SIGTERM (Slurm's warning before preemption or the time limit) save a checkpoint and stop.
+    """On SIGUSR1/SIGTERM (Slurm's warning before preemption or the time limit) save a checkpoint and stop; on
+    SIGINT (Ctrl-C, forwarded by torchrun) the same once training has begun, else stop at once.
 
     The handler only sets a flag; at the end of the current optimizer step every rank agrees
-    (all-reduce) and the Trainer saves `checkpoint-N` and leaves the loop cleanly.
+    (all-reduce) and the Trainer saves `checkpoint-N` and leaves the loop cleanly. A second SIGINT or SIGTERM
+    stops at once (SIGINT: `KeyboardInterrupt`).
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM), interrupt: bool = True):
         self.requested = False  # this process got a signal
         self.stopped = False  # every rank agreed to stop after a step (the same on all ranks)
         self.received: int | None = None
+        self.training = False  # inside Trainer.train's loop: there is work a checkpoint keeps
         for sig in signals:
             signal.signal(sig, self._handle)
+        if interrupt:
+            signal.signal(signal.SIGINT, self._interrupt)
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.requested or not self.training:  # before training (loading data or the model), or again
+            raise KeyboardInterrupt
+        self.requested = True
+        self.received = signum
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.training = True
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.training = False
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGTERM:  # a second SIGTERM: stop now, the default way

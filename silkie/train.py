@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -131,7 +132,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         # decided from state every rank shares: a signal after the last step (final evaluation or save) on one
         # rank only must not send that rank into teardown while the others finish
         if preemption.stopped and trainer.state.global_step < trainer.state.max_steps:
-            _say(f"stopped on signal {preemption.received}: checkpoint saved at step {trainer.state.global_step}")
+            name = signal.Signals(preemption.received).name
+            _say(f"stopped on {name}: checkpoint saved at step {trainer.state.global_step}")
             result = {"preempted": True, "step": trainer.state.global_step}
         else:
             result = _finish(trainer, tokenizer, working, data.eval is not None, plot_metrics)

@@ -177,3 +177,32 @@ def test_an_extended_run_trains_its_first_new_step_on_the_new_schedule(assets, t
     before, after = (load_file(working / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (3, 4))
     changed = sum(not torch.equal(before[name], after[name]) for name in before)
     assert changed == len(before)  # every adapter tensor moved at step 4
+
+
+def test_ctrl_c_stops_at_once_before_training_and_after_a_step_once_training_began():
+    """SIGINT (Ctrl-C, forwarded by torchrun): while data and model load there is nothing to keep, so it stops at
+    once; in the training loop the first one asks for a checkpoint after the step, a second one stops at once."""
+    import signal as signals
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from silkie.callbacks import PreemptionCallback
+
+    handlers = {sig: signals.getsignal(sig) for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGUSR1)}
+    try:
+        callback = PreemptionCallback()
+        with pytest.raises(KeyboardInterrupt):
+            signals.raise_signal(signals.SIGINT)
+        assert not callback.requested
+        args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+        state, control = TrainerState(), TrainerControl()
+        callback.on_train_begin(args, state, control)
+        signals.raise_signal(signals.SIGINT)
+        assert callback.requested and callback.received == signals.SIGINT
+        control = callback.on_step_end(args, state, control)
+        assert control.should_save and control.should_training_stop and callback.stopped
+        with pytest.raises(KeyboardInterrupt):
+            signals.raise_signal(signals.SIGINT)
+    finally:
+        for sig, handler in handlers.items():
+            signals.signal(sig, handler)

@@ -159,9 +159,24 @@ def check_not_running(working: Path) -> None:
             os.close(fd)
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc; empty where there is none)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if fields and fields[1] == str(pid):
+            children.append(int(stat.parent.name))
+    return children
+
+
 def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> int:
     """Run torchrun in its own process group; Ctrl-C/SIGTERM are forwarded to it. Returns the exit code.
 
+    torchrun passes the signal to its workers, which save a checkpoint after the current step and stop (at once
+    when training has not begun); a second Ctrl-C goes to the workers themselves, which then stop at once.
     `lock` (from `lock_run_dir`) passes to torchrun: the folder stays locked while training runs, even if this
     launcher is killed."""
     working = Path(working)
@@ -174,15 +189,29 @@ def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> 
     received: list[int] = []
 
     def forward(signum: int, frame) -> None:
-        if received:  # torchrun is already shutting its workers down; a second signal would orphan them
-            print(f"[launch] still waiting for the workers to stop (at most {LOCAL_SHUTDOWN_TIMEOUT_S} s)", flush=True)
+        if not received:
+            received.append(signum)
+            print(
+                f"[launch] {signal.Signals(signum).name}: the workers save a checkpoint after this step and stop"
+                + (" (Ctrl-C again: stop now, without it)" if signum == signal.SIGINT else ""),
+                flush=True,
+            )
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
             return
-        received.append(signum)
-        print(f"[launch] {signal.Signals(signum).name}: stopping the training processes", flush=True)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        if signum == signal.SIGINT and len(received) == 1:
+            # torchrun is already shutting its workers down (a second signal to it would orphan them): tell them
+            received.append(signum)
+            print("[launch] SIGINT again: the workers stop now", flush=True)
+            for pid in _children(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+            return
+        print(f"[launch] still waiting for the workers to stop (at most {LOCAL_SHUTDOWN_TIMEOUT_S} s)", flush=True)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
