@@ -62,6 +62,13 @@ MEANINGS: dict[str, str] = {
     "`alpha_divergence` (for `sigmoid`, `sigmoid_norm`, `hinge`, `ipo`, `exo_pair`, `robust`, `discopop`, `sft`).",
     "dpo.f_alpha_divergence_coef": "Alpha of `alpha_divergence` (1.0 = reverse KL).",
     "dpo.discopop_tau": "Temperature of the `discopop` loss's mixing of logistic and exponential terms.",
+    "dpo.ld_alpha": "LD-DPO (length desensitization): in each pair, the tokens past the shorter answer's length "
+    "count `ld_alpha` times in the policy's and the reference's log-probs (0-1; null = plain sums).",
+    "dpo.use_weighting": "WPO: each pair's loss is weighted by exp(mean over tokens of log p - log sum p^2) of chosen "
+    "times rejected under the current policy (no gradient through the weight); not with `aot`/`aot_unpaired`. "
+    "TRL 1.16 fails on `sft` with it; Silkie weights the `sft` term too.",
+    "dpo.disable_dropout": "No dropout in the policy, LoRA's included (TRL's default since 0.7; the Silkie paper's "
+    "code ran that DPOTrainer, so its `lora_dropout` 0.05 was not applied). `false` applies `lora.dropout`.",
     "dpo.max_length": "Longest prompt + answer in tokens (image tokens included).",
     "dpo.precompute_ref_log_probs": "Compute the reference log-probs once; cached in `<working>/reference_logps`.",
     "dpo.image_once": "Encode each image once per pair (chosen and rejected share it) while vision is frozen.",

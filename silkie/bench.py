@@ -66,10 +66,11 @@ def official_config() -> QWenConfig:
 
 
 def build_model(config: QWenConfig, device: str, dtype: torch.dtype, lora: LoraSection, checkpointing: bool):
-    """Random-weight model created on `device` in `dtype`, LoRA-wrapped, vision frozen."""
+    """Random-weight model created on `device` in `dtype`, LoRA-wrapped, vision frozen, dropout off (the training
+    default, `dpo.disable_dropout`)."""
     from silkie.models.qwen_vl.tiny import random_model
 
-    model = apply_lora(random_model(config, device, dtype), lora)
+    model = apply_lora(random_model(config, device, dtype), lora, disable_dropout=True)
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()

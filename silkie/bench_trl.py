@@ -159,7 +159,7 @@ def run_ours(model, codec, images, pairs: list[dict], name: str, batch_size: int
     dataset = tokenize_pairs(records, codec).add_column("pair_index", list(range(len(pairs))))
     dpo = DPOSection(beta=0.1, max_length=4096, **OURS[name])
     lora = LoraSection(r=args.lora_r, alpha=16, dropout=0.05, target_modules=None)
-    model = apply_lora(model, lora, args.family)
+    model = apply_lora(model, lora, args.family, disable_dropout=dpo.disable_dropout)  # off, as TRL's default
     if not args.no_gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     training = TrainingArguments(

@@ -132,6 +132,7 @@ class DPOSection:
     discopop_tau: float = 0.05
     ld_alpha: float | None = None
     use_weighting: bool = False
+    disable_dropout: bool = True
     max_length: int = 2048
     precompute_ref_log_probs: bool = False
     image_once: bool = True

@@ -91,7 +91,9 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     _say(f"data: {data.report.summary()}")
     _say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
-    model = build_policy(recipe.model, recipe.lora)
+    model = build_policy(recipe.model, recipe.lora, disable_dropout=recipe.dpo.disable_dropout)
+    if recipe.dpo.disable_dropout and recipe.lora.enabled and recipe.lora.dropout > 0:
+        _say(f"dropout is off (dpo.disable_dropout, TRL's default): lora.dropout {recipe.lora.dropout} is not applied")
     ref_model = None if recipe.lora.enabled else build_frozen_reference(recipe.model)
     family = get_family(recipe.model.family)
     for member in (model, ref_model):

@@ -170,13 +170,15 @@ def test_precomputed_reference_matches_and_is_reused_or_rebuilt(assets, tmp_path
     assert "computing" in capsys.readouterr().out  # other data: the stale cache is rebuilt, not reused
 
 
-def test_ld_dpo_and_wpo_train_with_on_the_fly_or_cached_reference(assets, tmp_path):
+def test_ld_dpo_and_wpo_train_with_on_the_fly_or_cached_reference(assets, tmp_path, capsys):
     """`dpo.ld_alpha` weights the reference's tokens too (its cache differs from plain DPO's), and both variants
     give the same losses with the reference cached as computed on the fly."""
     base = asset_overrides(assets) + FAST + ["data.max_prompts=24", "training.max_steps=3", "training.save_steps=3"]
-    variants = ["dpo.ld_alpha=0.3", "dpo.use_weighting=true"]
+    variants = ["dpo.ld_alpha=0.3", "dpo.use_weighting=true", "lora.dropout=0.1"]  # dropout stays off (default)
     run_in_process(tmp_path / "plain", base + ["dpo.precompute_ref_log_probs=true"])
     run_in_process(tmp_path / "fly", base + variants)
+    note = "dropout is off (dpo.disable_dropout, TRL's default): lora.dropout 0.1 is not applied"
+    assert note in capsys.readouterr().out
     run_in_process(tmp_path / "cached", base + variants + ["dpo.precompute_ref_log_probs=true"])
     tables = [torch.load(tmp_path / run / "reference_logps" / "train.pt")["logps"] for run in ("plain", "cached")]
     plain, weighted = tables
@@ -220,6 +222,25 @@ def test_qlora_without_gpu_is_refused_with_a_clear_error(assets, tmp_path):
         build_policy(ModelSection(path=str(assets["model"])), LoraSection(load_in_4bit=True))
     with pytest.raises(ValueError, match="needs lora.enabled: true"):
         build_policy(ModelSection(path=str(assets["model"])), LoraSection(enabled=False, load_in_4bit=True))
+
+
+def test_disable_dropout_makes_the_policy_deterministic_in_training_mode(assets):
+    """`dpo.disable_dropout` (TRL's default): LoRA adapters get no dropout whatever `lora.dropout` says, so two
+    training-mode forwards agree; without it `lora.dropout` applies."""
+    from silkie.config import LoraSection, ModelSection
+    from silkie.models.loading import build_policy
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    for disable, same in ((True, True), (False, False)):
+        model = build_policy(ModelSection(path=str(assets["model"])), LoraSection(r=4, dropout=0.5), disable).train()
+        dropouts = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert (max(dropouts, default=0.0) == 0.0) is disable and (0.5 in dropouts) is not disable
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.5)
+            first, second = (model(input_ids=ids).logits for _ in range(2))
+        assert torch.equal(first, second) is same
 
 
 def test_rows_with_images_but_no_image_store_are_refused(assets):

@@ -84,8 +84,11 @@ def freeze_vision(model: nn.Module, keep_resampler: bool = False, family: str = 
     get_family(family).freeze_vision(model, keep_projector=keep_resampler)
 
 
-def apply_lora(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> nn.Module:
-    """Wrap with peft LoRA adapters (frozen base); returns the PeftModel."""
+def apply_lora(
+    model: nn.Module, lora: LoraSection, family: str = "qwen_vl", disable_dropout: bool = False
+) -> nn.Module:
+    """Wrap with peft LoRA adapters (frozen base); returns the PeftModel. With `disable_dropout` the adapters get
+    no dropout (peft then skips the dropout op), whatever `lora.dropout` says."""
     from peft import LoraConfig, get_peft_model
 
     if lora.load_in_4bit:
@@ -95,7 +98,7 @@ def apply_lora(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> 
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
+        lora_dropout=0.0 if disable_dropout else lora.dropout,
         target_modules=lora_target_regex(lora, family),
         bias="none",
         task_type="CAUSAL_LM",
@@ -106,13 +109,26 @@ def apply_lora(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> 
     return peft_model
 
 
-def build_policy(model_section: ModelSection, lora: LoraSection) -> nn.Module:
-    """Base model plus LoRA (vision frozen unless `lora.vision`), or the whole model for full fine-tuning."""
+def switch_off_dropout(model: nn.Module) -> int:
+    """Set every dropout layer's probability to 0 (TRL's `disable_dropout_in_model`); returns how many were on."""
+    active = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            active += module.p > 0
+            module.p = 0.0
+    return active
+
+
+def build_policy(model_section: ModelSection, lora: LoraSection, disable_dropout: bool = False) -> nn.Module:
+    """Base model plus LoRA (vision frozen unless `lora.vision`), or the whole model for full fine-tuning; with
+    `disable_dropout` (TRL's default for DPO) no dropout anywhere in it."""
     if lora.load_in_4bit and not lora.enabled:
         raise InputError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
     model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
+    if disable_dropout:
+        switch_off_dropout(model)
     if lora.enabled:
-        return apply_lora(model, lora, model_section.family)
+        return apply_lora(model, lora, model_section.family, disable_dropout)
     if not lora.vision:  # full fine-tuning: LLM + projector, vision tower frozen (as VL-RLHF)
         freeze_vision(model, keep_resampler=True, family=model_section.family)
     return model
