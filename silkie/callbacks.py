@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +66,18 @@ class PreemptionCallback(TrainerCallback):
         self.requested = True
         self.received = signum
 
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside, Ctrl-C stops at once: a long pass within training that no checkpoint keeps (the reference
+        precompute), which would otherwise run to its end before the step could be saved."""
+        if self.requested and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        training, self.training = self.training, False
+        try:
+            yield
+        finally:
+            self.training = training
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.training = True
 
@@ -82,5 +96,6 @@ class PreemptionCallback(TrainerCallback):
         if any_rank(self.requested, args.device):
             self.requested = self.stopped = True
             control.should_save = True
+            control.should_evaluate = False  # save first (an evaluation could outlast the shutdown grace)
             control.should_training_stop = True
         return control

@@ -199,10 +199,39 @@ def test_ctrl_c_stops_at_once_before_training_and_after_a_step_once_training_beg
         callback.on_train_begin(args, state, control)
         signals.raise_signal(signals.SIGINT)
         assert callback.requested and callback.received == signals.SIGINT
+        control.should_evaluate = True  # an eval step: the checkpoint comes first, no evaluation
         control = callback.on_step_end(args, state, control)
         assert control.should_save and control.should_training_stop and callback.stopped
+        assert not control.should_evaluate
         with pytest.raises(KeyboardInterrupt):
             signals.raise_signal(signals.SIGINT)
     finally:
         for sig, handler in handlers.items():
             signals.signal(sig, handler)
+
+
+def test_ctrl_c_during_the_reference_precompute_stops_at_once(assets, tmp_path, monkeypatch):
+    """The precompute pass runs inside the first step and no checkpoint keeps it: Ctrl-C there stops at once
+    instead of finishing the pass (longer than torchrun's shutdown grace on real data)."""
+    import signal as signals
+
+    import silkie.dpo.reference as reference
+
+    original, calls = reference.compute_reference_table, []
+
+    def interrupted_pass(*args, **kwargs):
+        calls.append(1)
+        signals.raise_signal(signals.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "compute_reference_table", interrupted_pass)
+    handlers = {sig: signals.getsignal(sig) for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGUSR1)}
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets) + FAST + ["data.max_prompts=8", "training.max_steps=3"]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_in_process(working, overrides + ["dpo.precompute_ref_log_probs=true"])
+    finally:
+        for sig, handler in handlers.items():
+            signals.signal(sig, handler)
+    assert calls == [1] and latest_checkpoint(working) is None and not (working / "reference_logps").exists()

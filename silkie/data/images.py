@@ -79,7 +79,10 @@ def decode_image(key: str, data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
-            upright = ImageOps.exif_transpose(opened)
+            try:
+                upright = ImageOps.exif_transpose(opened)
+            except Exception:  # malformed EXIF (PIL has crashed on some): the pixels as stored are still usable
+                upright = opened
             return _to_8bit(upright).convert("RGB")
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageLoadError(key, f"corrupt image ({type(exc).__name__}: {exc})") from exc

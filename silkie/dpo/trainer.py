@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from silkie.callbacks import any_rank
+from silkie.callbacks import PreemptionCallback, any_rank
 from silkie.config import DPOSection
 from silkie.errors import InputError
 from silkie.launch.workdir import RUN_LAYOUT_FILE, world_size_problem
@@ -156,9 +157,11 @@ class SilkieDPOTrainer(Trainer):
         if self.reference_cache is None:
             return None
         if not self._ref_tables:  # both splits at once, so a frozen reference copy can be released afterwards
-            for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
-                if dataset is not None:
-                    self._ref_tables[split] = self.reference_cache.table(self, split, dataset)
+            stops = [c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)]
+            with stops[0].interruptible() if stops else nullcontext():
+                for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+                    if dataset is not None:
+                        self._ref_tables[split] = self.reference_cache.table(self, split, dataset)
             complete = all(not torch.isnan(table).any() for table in self._ref_tables.values())
             if self.ref_model is not None and complete:
                 self.ref_model = None  # every pair has its reference log-probs: the copy is no longer needed
