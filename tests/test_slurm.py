@@ -143,14 +143,14 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, assets, job
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, output
     text = read_log(working / "slurm" / f"{job}.log")
-    stopped = re.search(r"\[silkie\] stopped on signal 10: checkpoint saved at step (\d+)", text)
+    stopped = re.search(r"\[silkie\] stopped on SIGUSR1: checkpoint saved at step (\d+)", text)
     assert stopped, text
     step = int(stopped.group(1))
     assert 5 <= step < PREEMPT_STEPS
     order = [
         f"[silkie] job {job} (restart 0)",
         "[silkie] SIGUSR1: asking the workers to save a checkpoint and stop",
-        f"stopped on signal 10: checkpoint saved at step {step}",
+        f"stopped on SIGUSR1: checkpoint saved at step {step}",
         f"[silkie] stopped at {working / f'checkpoint-{step}'} after SIGUSR1; requeueing job {job}",
         f"[silkie] job {job} (restart 1)",
         f"[silkie] resuming from checkpoint-{step}",
