@@ -130,6 +130,10 @@ MEANINGS: dict[str, str] = {
     "training.save_steps": "Checkpoint every N steps (resumes start from the latest one).",
     "training.save_total_limit": "Keep at most N checkpoints; null = all.",
     "training.save_only_model": "Checkpoints without optimizer state (they cannot be resumed exactly).",
+    "training.metric_for_best_model": "Eval metric that `save_strategy: best` ranks checkpoints by (`loss`, "
+    "`rewards/accuracies`, `rewards/margins`, ...); `best` without it ranks by eval loss.",
+    "training.greater_is_better": "Whether a larger `metric_for_best_model` is better (HF: false for names ending "
+    "in loss, else true).",
     "training.report_to": "Loggers: `tensorboard`, `none`, `wandb`, ... (a name or a list).",
     "training.run_name": "Run name for the loggers.",
     "training.seed": "Training seed (model init, dropout, data order).",

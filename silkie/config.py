@@ -242,6 +242,12 @@ class Recipe:
         for section in (self.model, self.data, self.lora, self.dpo, self.deepspeed, self.launch, self.slurm):
             section.check()
         _check_training(self.training)
+        evaluates = (self.data.eval_size or self.data.eval_fraction) and self.training.get("eval_strategy") != "no"
+        if self.training.get("save_strategy") == "best" and not evaluates:
+            raise RecipeError(
+                "recipe: training.save_strategy = 'best' needs evaluations (held-out pairs from data.eval_size or "
+                "data.eval_fraction, and training.eval_strategy steps or epoch)"
+            )
         if self.lora.load_in_4bit and self.launch.cpu:  # refused before the launcher writes anything
             raise RecipeError(
                 "recipe: lora.load_in_4bit = True needs a CUDA GPU (bitsandbytes 4-bit), but launch.cpu = True; "
@@ -371,7 +377,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         return recipe_from_dict(merged)
     except RecipeError as err:  # named after the override that set the key when there is one, else the file
-        raise RecipeError(f"{override_named_in(str(err), overrides) or path}: {err}") from None
+        source = override_named_in(str(err), overrides)
+        if source is None and overrides and _valid(raw):  # the file is fine: the overrides made the clash
+            source = f"{path} with {' '.join(overrides)}"
+        raise RecipeError(f"{source or path}: {err}") from None
+
+
+def _valid(raw: Any) -> bool:
+    try:
+        recipe_from_dict(raw)
+    except RecipeError:
+        return False
+    return True
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -64,6 +64,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
         values["activation_checkpointing"] = values.pop("gradient_checkpointing")
     if values.pop("group_by_length", False):
         values["train_sampling_strategy"] = "group_by_length"
+    if values.get("save_strategy") == "best":  # as transformers does for reduce_lr_on_plateau
+        values.setdefault("metric_for_best_model", "loss")
     if isinstance(values.get("report_to"), str):
         values["report_to"] = [values["report_to"]]
     if not (recipe.data.eval_fraction or recipe.data.eval_size):

@@ -42,6 +42,8 @@ TRAINING_KEYS: dict[str, Any] = {
     "save_steps": float,
     "save_total_limit": int | None,
     "save_only_model": bool,
+    "metric_for_best_model": str | None,
+    "greater_is_better": bool | None,
     "report_to": str | list[str],
     "run_name": str | None,
     "seed": int,

@@ -78,6 +78,27 @@ def test_ld_alpha_and_use_weighting_are_checked():
         load_recipe(DEMO, ["dpo.use_weighting=true", "dpo.loss_type=[sigmoid, aot_unpaired]"])
 
 
+def test_a_clash_made_by_an_override_names_the_file_and_the_overrides(tmp_path):
+    recipe = tmp_path / "wpo.yaml"
+    recipe.write_text(DEMO.read_text().replace("dpo:\n", "dpo:\n  use_weighting: true\n", 1))
+    assert load_recipe(recipe).dpo.use_weighting  # the file alone is valid
+    with pytest.raises(RecipeError, match=rf"^{recipe} with dpo.loss_type=aot: recipe: dpo.use_weighting = True is"):
+        load_recipe(recipe, ["dpo.loss_type=aot"])
+
+
+def test_save_strategy_best_needs_evaluations_and_ranks_by_eval_loss(tmp_path):
+    from silkie.train_args import training_arguments
+
+    with pytest.raises(RecipeError, match="training.save_strategy = 'best' needs evaluations"):
+        load_recipe(DEMO, ["training.save_strategy=best", "training.eval_strategy=no"])
+    best = ["training.save_strategy=best", "data.eval_fraction=0.2"]
+    args = training_arguments(load_recipe(DEMO, best), tmp_path, bf16=False)
+    assert (args.metric_for_best_model, args.greater_is_better) == ("loss", False)
+    chosen = load_recipe(DEMO, [*best, "training.metric_for_best_model=rewards/accuracies"])
+    args = training_arguments(chosen, tmp_path, bf16=False)
+    assert (args.metric_for_best_model, args.greater_is_better) == ("rewards/accuracies", True)
+
+
 def test_training_choices_are_the_installed_transformers_values():
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
     from transformers.training_args import trainer_log_levels

@@ -272,7 +272,7 @@ def test_ctrl_c_stops_the_run_and_keeps_the_checkpoint(local_run):
     assert not interrupted["finished"]
     assert "checkpoint-3" in interrupted["checkpoints"]
     last = max(interrupted["checkpoints"], key=lambda name: int(name.split("-")[1]))
-    assert "[launch] SIGINT: the workers save a checkpoint after this step and stop" in interrupted["out"]
+    assert "[launch] SIGINT: the workers save a checkpoint after this step and stop (at once" in interrupted["out"]
     assert last != "checkpoint-3"  # Ctrl-C came after checkpoint-3: the step it stopped at was saved too
     assert "Traceback" not in interrupted["out"] and "KeyboardInterrupt" not in interrupted["out"]
     assert f"the last complete checkpoint, {local_run['working'] / last}, is intact" in interrupted["out"]

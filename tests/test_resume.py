@@ -235,3 +235,37 @@ def test_ctrl_c_during_the_reference_precompute_stops_at_once(assets, tmp_path, 
         for sig, handler in handlers.items():
             signals.signal(sig, handler)
     assert calls == [1] and latest_checkpoint(working) is None and not (working / "reference_logps").exists()
+
+
+def test_ctrl_c_during_a_mid_run_evaluation_saves_that_step_at_once(assets, tmp_path, monkeypatch, capsys):
+    """The evaluation at step 2 is cut short at its next batch and checkpoint-2 is saved, instead of finishing the
+    evaluation (minutes on the paper's held-out set) and training one more step before saving."""
+    import signal as signals
+
+    from silkie.dpo.trainer import SilkieDPOTrainer
+
+    original, seen = SilkieDPOTrainer.prediction_step, []
+
+    def signal_in_first_eval(self, *args, **kwargs):
+        seen.append(self.state.global_step)
+        if len(seen) == 1:
+            signals.raise_signal(signals.SIGINT)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SilkieDPOTrainer, "prediction_step", signal_in_first_eval)
+    handlers = {sig: signals.getsignal(sig) for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGUSR1)}
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets) + FAST + ["data.max_prompts=24", "training.max_steps=6"]
+    overrides += ["data.eval_fraction=0.3", "training.eval_strategy=steps", "training.eval_steps=2"]
+    try:
+        result = run_in_process(working, overrides + ["training.save_steps=100", "training.save_strategy=best"])
+    finally:
+        for sig, handler in handlers.items():
+            signals.signal(sig, handler)
+    assert result == {"preempted": True, "step": 2}
+    assert seen == [2, 2]  # the batch that saw the signal and the next one, which ended the evaluation
+    assert latest_checkpoint(working) == working / "checkpoint-2"
+    records = read_metrics(working)
+    assert not any("eval_loss" in record for record in records)
+    assert max(record["step"] for record in records) == 2
+    assert "stop signal during evaluation: saving this step's checkpoint" in capsys.readouterr().out

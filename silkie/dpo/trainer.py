@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -48,6 +49,10 @@ class NonFiniteLossError(InputError, FloatingPointError):
 
 class ResumeError(InputError, RuntimeError):
     """A checkpoint that this launch cannot continue exactly (printed as one line)."""
+
+
+class EvaluationCutShort(Exception):
+    """A stop signal arrived during a mid-run evaluation (raised on every rank at the same batch)."""
 
 
 def check_resume_layout(checkpoint: Path, world_size: int) -> None:
@@ -195,7 +200,30 @@ class SilkieDPOTrainer(Trainer):
         self._store_metrics(metrics, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
 
+    def _stop_callback(self) -> PreemptionCallback | None:
+        return next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's evaluation; a stop signal during a mid-run evaluation ends it at the next batch and saves
+        this step's checkpoint at once (no eval metrics are logged), instead of finishing it and training on."""
+        try:
+            return super().evaluate(*args, **kwargs)
+        except EvaluationCutShort:
+            self._metrics["eval"].clear()
+            stop = self._stop_callback()
+            stop.requested = stop.stopped = True
+            self.log_line("stop signal during evaluation: saving this step's checkpoint (no eval metrics)")
+            self._save_checkpoint(self.model_wrapped, trial=None)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+            self.control.should_save = False  # saved just now
+            self.control.should_training_stop = True
+            metric = self.args.metric_for_best_model  # save_strategy "best" reads it: NaN is never a new best
+            return {} if metric is None else {metric if metric.startswith("eval_") else f"eval_{metric}": math.nan}
+
     def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
+        stop = self._stop_callback()
+        if stop is not None and stop.training and any_rank(stop.requested, self.args.device):  # every rank, per batch
+            raise EvaluationCutShort
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss, metrics = self.dpo_step(model, inputs)

@@ -193,7 +193,11 @@ def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> 
             received.append(signum)
             print(
                 f"[launch] {signal.Signals(signum).name}: the workers save a checkpoint after this step and stop"
-                + (" (Ctrl-C again: stop now, without it)" if signum == signal.SIGINT else ""),
+                + (
+                    " (at once if training has not begun; Ctrl-C again: stop now, without it)"
+                    if signum == signal.SIGINT
+                    else ""
+                ),
                 flush=True,
             )
             try:

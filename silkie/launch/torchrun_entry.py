@@ -40,4 +40,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while torch imports, before torchrun handles signals: nothing started yet
+        sys.exit(130)

@@ -81,7 +81,7 @@ def world_size_problem(checkpoint: Path, world_size: int) -> str | None:
     return (
         f"{checkpoint.name} was saved by a run of {saved} processes and this launch has {world_size}: the global "
         f"batch, the data order and the optimizer shards would not match; launch {saved} processes again "
-        f"(--gpus {saved}), or train in another --working"
+        f"(launch.nproc_per_node={saved} on one machine, --gpus {saved} on Slurm), or train in another --working"
     )
 
 
