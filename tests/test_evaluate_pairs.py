@@ -128,3 +128,18 @@ def test_evaluate_pairs_scores_ld_dpo_and_wpo_as_the_trainer(trained, tmp_path):
         assert min(gains) == pytest.approx(0.0, abs=1e-4)
         longer += max(gains) > 1e-3
     assert longer >= 2
+
+
+def test_an_unfinished_run_points_to_its_last_checkpoint(trained, tmp_path):
+    import shutil
+
+    from silkie.tools.cli import ToolError
+    from silkie.tools.evaluate import evaluate_run
+
+    run = tmp_path / "interrupted"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoint-12").mkdir()
+    shutil.copy(trained.run_dir / "config.yaml", run / "config.yaml")
+    with pytest.raises(ToolError, match=rf"adapter folder not found: {run / 'adapter'}; the run has not finished: "
+                       rf"score its last checkpoint with --adapter {run / 'checkpoint-12'}$"):  # fmt: skip
+        evaluate_run(run, device="cpu")

@@ -183,6 +183,12 @@ def evaluate_run(
     except RecipeError as err:
         raise ToolError(str(err)) from err
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
+    if not adapter_dir.is_dir():  # an interrupted run has checkpoints but no final adapter yet
+        from silkie.launch.workdir import latest_checkpoint
+
+        last = latest_checkpoint(run_dir)
+        hint = f"; the run has not finished: score its last checkpoint with --adapter {last}" if last else ""
+        raise ToolError(f"adapter folder not found: {adapter_dir}{hint}")
     if model_dir is None:  # the run's model.path: a folder, or a hub id in the hub cache
         from silkie.models.loading import local_checkpoint
 
