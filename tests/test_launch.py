@@ -76,7 +76,8 @@ def test_launcher_does_not_import_torch(tmp_path):
         ),
         (
             ["dpo.loss_type=exo_pair"],
-            f"error: {DEMO_RECIPE}: recipe: dpo.label_smoothing = 0.0 is not allowed; expected > 0 for exo_pair",
+            f"error: {DEMO_RECIPE} with dpo.loss_type=exo_pair: recipe: dpo.label_smoothing = 0.0 is not allowed; "
+            "expected > 0 for exo_pair",
         ),
         (
             ["dpo.loss_type=[sigmoid, aot]", "dpo.f_divergence_type=js_divergence"],
