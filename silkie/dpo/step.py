@@ -192,15 +192,12 @@ def _attention_mask(mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def _ld_token_weights(rows: ScoredRows, size: int, alpha: float, device: torch.device) -> dict[str, torch.Tensor]:
+def _ld_token_weights(pairs: dict, counts: dict, alpha: float) -> dict[str, torch.Tensor]:
     """LD-DPO: 1 for an answer's first min(len_chosen, len_rejected) tokens, `alpha` for the rest (its verbose tail)."""
-    pairs = {kind: getattr(rows, f"{kind}_pair").to(device) for kind in ("chosen", "rejected")}
-    lengths = {kind: torch.bincount(pair, minlength=size) for kind, pair in pairs.items()}
-    shared = torch.minimum(lengths["chosen"], lengths["rejected"])
+    shared = torch.minimum(counts["chosen"], counts["rejected"])
     weights = {}
     for kind, pair in pairs.items():  # an answer's tokens are consecutive, in order (see batching)
-        first = torch.cumsum(lengths[kind], 0) - lengths[kind]
-        position = torch.arange(pair.numel(), device=device) - first[pair]
+        position = torch.arange(pair.numel(), device=pair.device) - (torch.cumsum(counts[kind], 0) - counts[kind])[pair]
         weights[kind] = torch.where(position < shared[pair], 1.0, alpha)
     return weights
 
@@ -214,13 +211,14 @@ def _sum_scores(
     ld_alpha: float | None = None,
 ) -> AnswerScores:
     sums, means, lengths, stats, wpo = {}, {}, {}, {}, {}
-    ld = None if ld_alpha is None else _ld_token_weights(rows, size, ld_alpha, device)
-    for kind in ("chosen", "rejected"):
+    pairs = {kind: getattr(rows, f"{kind}_pair").to(device) for kind in ("chosen", "rejected")}
+    counts = {kind: torch.bincount(pair, minlength=size) for kind, pair in pairs.items()}  # answer lengths
+    ld = None if ld_alpha is None else _ld_token_weights(pairs, counts, ld_alpha)
+    for kind, pair in pairs.items():
         tokens = scored[kind]
-        pair = getattr(rows, f"{kind}_pair").to(device)
         values = tokens.logps if ld is None else tokens.logps * ld[kind]
         sums[kind] = sum_per_pair(values, pair, size)
-        lengths[kind] = sum_per_pair(torch.ones_like(tokens.logps), pair, size)
+        lengths[kind] = counts[kind].to(tokens.logps.dtype)
         means[kind] = sum_per_pair(tokens.logit_means, pair, size) / lengths[kind].clamp(min=1)
         if tokens.entropy is not None:
             stats[kind] = (sum_per_pair(tokens.entropy, pair, size), sum_per_pair(tokens.top1, pair, size))
@@ -229,7 +227,7 @@ def _sum_scores(
             wpo[kind] = torch.exp(aligned / lengths[kind].clamp(min=1))
     chosen_logps = scored["chosen"].logps
     # mean over the chosen tokens of the pairs with weight 1 (a pair whose image failed has weight 0)
-    token_weights = (torch.ones(size) if weights is None else weights).to(device)[rows.chosen_pair.to(device)]
+    token_weights = (torch.ones(size) if weights is None else weights).to(device)[pairs["chosen"]]
     chosen_nll = -(chosen_logps * token_weights).sum() / token_weights.sum().clamp(min=1)
     entropy = accuracy = None
     if stats:
