@@ -162,8 +162,8 @@ class SilkieDPOTrainer(Trainer):
         if self.reference_cache is None:
             return None
         if not self._ref_tables:  # both splits at once, so a frozen reference copy can be released afterwards
-            stops = [c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)]
-            with stops[0].interruptible() if stops else nullcontext():
+            stop = self._stop_callback()
+            with stop.interruptible() if stop is not None else nullcontext():
                 for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
                     if dataset is not None:
                         self._ref_tables[split] = self.reference_cache.table(self, split, dataset)
