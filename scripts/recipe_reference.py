@@ -71,6 +71,8 @@ MEANINGS: dict[str, str] = {
     "code ran that DPOTrainer, so its `lora_dropout` 0.05 was not applied). `false` applies `lora.dropout`.",
     "dpo.max_length": "Longest prompt + answer in tokens (image tokens included).",
     "dpo.precompute_ref_log_probs": "Compute the reference log-probs once; cached in `<working>/reference_logps`.",
+    "dpo.precompute_ref_batch_size": "Pairs per batch in that pass, which needs no gradients (null: "
+    "`training.per_device_eval_batch_size`).",
     "dpo.image_once": "Encode each image once per pair (chosen and rejected share it) while vision is frozen.",
     "dpo.share_prompt": "Pack chosen and rejected answers after one copy of the prompt.",
     "dpo.logps_chunk_size": "Tokens per chunk when computing log-probs (bounds the logits memory).",

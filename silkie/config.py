@@ -135,6 +135,7 @@ class DPOSection:
     disable_dropout: bool = True
     max_length: int = 2048
     precompute_ref_log_probs: bool = False
+    precompute_ref_batch_size: int | None = None
     image_once: bool = True
     share_prompt: bool = True
     logps_chunk_size: int = 1024
@@ -167,6 +168,8 @@ class DPOSection:
             _require(False, "dpo.use_weighting", True, f"false with loss types {sorted_}")
         _require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
         _require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
+        size = self.precompute_ref_batch_size
+        _require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")
 
 
 @dataclass

@@ -179,9 +179,13 @@ def test_ld_dpo_and_wpo_train_with_on_the_fly_or_cached_reference(assets, tmp_pa
     run_in_process(tmp_path / "fly", base + variants)
     note = "dropout is off (dpo.disable_dropout, TRL's default): lora.dropout 0.1 is not applied"
     assert note in capsys.readouterr().out
-    run_in_process(tmp_path / "cached", base + variants + ["dpo.precompute_ref_log_probs=true"])
+    cached = ["dpo.precompute_ref_log_probs=true", "dpo.precompute_ref_batch_size=5"]
+    run_in_process(tmp_path / "cached", base + variants + cached)
     tables = [torch.load(tmp_path / run / "reference_logps" / "train.pt")["logps"] for run in ("plain", "cached")]
     plain, weighted = tables
+    batches = -(-len(weighted) // 5)  # the precompute's own batch size, with a progress bar
+    bar = [line for line in capsys.readouterr().err.split("\r") if line.startswith("reference log-probs (train)")]
+    assert bar and "100%" in bar[-1] and f" {batches}/{batches} " in bar[-1], bar[-1:]
     assert (weighted <= 0).all() and (weighted >= plain - 1e-4).all()  # alpha < 1 shrinks the verbose tails
     assert ((weighted - plain).abs() < 1e-4).any(dim=1).all()  # each pair's shorter answer counts in full
     assert (weighted > plain + 1e-3).any(dim=1).float().mean() > 0.3  # the pairs whose answers differ in length

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 
 def _local_folder(model_dir: str | Path) -> Path | None:
@@ -68,8 +69,10 @@ def compute_reference_table(
     score_batch: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
     batch_size: int,
     device: torch.device,
+    progress: str | None = None,
 ) -> torch.Tensor:
-    """[N, 2] reference (chosen, rejected) log-probs; each rank scores rows rank::world, then all ranks share."""
+    """[N, 2] reference (chosen, rejected) log-probs; each rank scores rows rank::world, then all ranks share.
+    `progress`: a progress bar with this label (this rank's batches)."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
@@ -78,7 +81,7 @@ def compute_reference_table(
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, collate_fn=collate)
     rows, values = [], []
     with torch.no_grad():
-        for batch in loader:
+        for batch in tqdm(loader, desc=progress, disable=progress is None, unit="batch"):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             chosen, rejected = score_batch(batch)
             kept = batch["pair_weight"].cpu() > 0  # a pair whose image failed stays NaN (scored on the fly)
@@ -134,8 +137,15 @@ class ReferenceCache:
                 features = encode_images_once(model, batch)
             return trainer.reference_scores(model, batch, features, use_table=False)
 
+        batch_size = trainer.dpo.precompute_ref_batch_size or trainer.args.per_device_eval_batch_size
+        show = trainer.is_world_process_zero() and not trainer.args.disable_tqdm
         table = compute_reference_table(
-            dataset, trainer.data_collator, score, trainer.args.per_device_eval_batch_size, trainer.args.device
+            dataset,
+            trainer.data_collator,
+            score,
+            batch_size,
+            trainer.args.device,
+            progress=f"reference log-probs ({split})" if show else None,
         )
         missing = int(torch.isnan(table[:, 0]).sum())
         if missing:  # pairs whose image failed to load: weight 0 in training too (scored on the fly if it loads)
