@@ -130,6 +130,28 @@ def test_preference_file_jsonl_and_parquet(tmp_path):
         load_preference_file(write_jsonl(tmp_path / "prefs.csv", rows))
 
 
+def test_an_id_reused_for_another_prompt_is_dropped_and_reported():
+    """Rows of one id are several pairs of one prompt (split and capped together); a row that reuses the id for
+    another prompt or image would be merged with them, so it is left out and named."""
+    from silkie.data.pairs import pairs_from_preference_rows
+
+    rows = [
+        {"id": "r0", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "x.png"},
+        {"id": "r0", "prompt": "Q", "chosen": "a", "rejected": "c", "image": "x.png"},  # a second pair of r0
+        {"id": "r0", "prompt": "Other", "chosen": "a", "rejected": "b", "image": "x.png"},
+        {"id": "r0", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "y.png"},
+        {"id": "r1", "prompt": "Other", "chosen": "a", "rejected": "b"},
+    ]
+    pairs, report = pairs_from_preference_rows(rows)
+    assert [(p.prompt_id, p.prompt, p.rejected) for p in pairs] == [
+        ("r0", "Q", "b"),
+        ("r0", "Q", "c"),
+        ("r1", "Other", "b"),
+    ]
+    assert report.rows_dropped == {"reused_id": 2} and report.pairs_kept == 3
+    assert "reused_id: 2 (first: r0: the id of an earlier row with another prompt or image)" in report.summary()
+
+
 def test_image_key_resolution():
     assert image_key(row_id="abc") == "merged_images/abc.jpg"
     assert image_key(img_path="abc.jpg") == "merged_images/abc.jpg"

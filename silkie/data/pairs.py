@@ -292,7 +292,12 @@ def pairs_from_preference_rows(
     """Pairs from a generic preference source (one pair per row; scores default to 1.0 / 0.0)."""
     report = PairReport(source=_source_name(rows, source))
     pairs: list[PreferencePair] = []
+    prompts: dict[str, tuple[str, str | None]] = {}  # id -> the prompt and image of its first row
     for row in _iter_rows(rows, normalize_preference_row, report):
+        # rows of one id are pairs of one prompt (split, capped and reported together): another prompt is an error
+        if prompts.setdefault(row.id, (row.prompt, row.image)) != (row.prompt, row.image):
+            report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or image")
+            continue
         if not _has_image(row, image_store, report):
             continue
         if not row.chosen.strip() or not row.rejected.strip():
