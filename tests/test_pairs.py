@@ -192,3 +192,36 @@ def test_a_long_bad_value_is_cut_in_the_summary():
     pairs, report = pairs_from_preference_rows([*rows, {"id": "ok", "prompt": "p", "chosen": "a", "rejected": "b"}])
     assert len(pairs) == 1 and report.rows_dropped == {"wrong_type": 1}
     assert len(report.summary()) < 300 and "(first: r: chosen_score='xxx" in report.summary()
+
+
+def test_vlfeedback_rows_reusing_an_id_are_reported_and_skipped():
+    """The image of a release row is found by its id and its pairs are capped per id: a second row with that id
+    (another prompt, or a copy) would train against the first row's image or double its pairs past the cap."""
+    reused = clean_row("a")
+    reused["prompt"] = "Another question."
+    rows = [clean_row("a"), clean_row("b"), reused, clean_row("a"), clean_row("c")]
+    pairs, report = build_vlfeedback_pairs(rows, max_pairs_per_prompt=2)
+    assert report.rows_dropped == {"reused_id": 1, "duplicate_row": 1}
+    assert (report.rows_seen, report.rows_kept, report.pairs_kept) == (5, 3, 6)
+    assert [p.prompt_id for p in pairs].count("a") == 2  # capped once, not twice
+    assert all(p.prompt == "Describe the image." for p in pairs)
+    assert "reused_id: 1 (first: a: the id of an earlier row with another prompt or answers)" in report.summary()
+    assert "duplicate_row: 1 (first: a: a copy of an earlier row)" in report.summary()
+
+
+def test_a_rating_outside_the_1_to_5_scale_drops_the_pairs_of_that_answer():
+    row = feedback_row("big", [(9999, 5, 5), (4, 4, 4), (3, 3, 3), (0, 2, 2)])
+    pairs, report = build_vlfeedback_pairs([row])
+    assert report.pairs_dropped == {"rating_out_of_range": 5}  # every pair with answer 0 or answer 3
+    assert _texts(pairs) == [("answer 1 of big", "answer 2 of big")]
+    # a pair of one out-of-range and one non-numeric answer counts as non-numeric (the first problem of the two)
+    mixed = feedback_row("mix", [(9999, 5, 5), ("N/A", 4, 4), (3, 3, 3), (2, 2, 2)])
+    _, mixed_report = build_vlfeedback_pairs([mixed])
+    assert mixed_report.pairs_dropped == {"non_numeric_rating": 3, "rating_out_of_range": 2}
+
+
+def test_an_exact_copy_of_a_preference_row_is_a_counted_drop():
+    row = {"id": "p", "prompt": "Q?", "chosen": "yes", "rejected": "no"}
+    other = {"id": "p", "prompt": "Q?", "chosen": "yes!", "rejected": "no"}  # a second pair of the same prompt
+    pairs, report = pairs_from_preference_rows([row, dict(row), other])
+    assert len(pairs) == 2 and report.rows_dropped == {"duplicate_row": 1}

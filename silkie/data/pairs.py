@@ -1,9 +1,10 @@
 """Preference pairs from rated completions (Silkie: all 2-combinations, score = mean aspect rating).
 
 Every dropped row or pair is counted under a reason in a `PairReport`:
-rows -> loader reasons (see `sources`), `missing_image`, `no_usable_pairs`;
-pairs -> `empty_answer`, `non_numeric_rating`, `missing_rating`, `tie`, `identical_answers`,
-`below_margin`, `over_cap`.
+rows -> loader reasons (see `sources`), `missing_image`, `no_usable_pairs`, `reused_id` (an id already given to
+another prompt, image or answers), `duplicate_row` (a copy of an earlier row);
+pairs -> `empty_answer`, `non_numeric_rating`, `rating_out_of_range` (outside VLFeedback's 1-5), `missing_rating`,
+`tie`, `identical_answers`, `below_margin`, `over_cap`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from silkie.data.sources import (
 from silkie.errors import InputError
 
 CapStrategy = Literal["margin", "random"]
+RATING_SCALE = (1.0, 5.0)  # VLFeedback's (and the judge rubric's) scale for every aspect
+# when both answers of a pair have a bad rating, the pair is counted under the first of these that applies
+RATING_PROBLEMS = ("non_numeric_rating", "rating_out_of_range", "missing_rating")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ def score_completion(completion: Completion, weights: Mapping[str, float]) -> tu
         value = parse_rating(raw)
         if value is None:
             return None, "non_numeric_rating"
+        if not RATING_SCALE[0] <= value <= RATING_SCALE[1]:
+            return None, "rating_out_of_range"
         total += weight * value
     return total, None
 
@@ -193,7 +199,7 @@ def _row_pairs(
         if not a.response.strip() or not b.response.strip():
             reason = "empty_answer"
         elif bad_a or bad_b:
-            reason = "non_numeric_rating" if "non_numeric_rating" in (bad_a, bad_b) else "missing_rating"
+            reason = next(problem for problem in RATING_PROBLEMS if problem in (bad_a, bad_b))
         elif math.isclose(score_a, score_b, abs_tol=1e-9):
             reason = "tie"
         elif a.response.strip() == b.response.strip():
@@ -268,7 +274,16 @@ def build_vlfeedback_pairs(
     weights = resolve_aspect_weights(aspect_weights)
     report = PairReport(source=_source_name(rows, source))
     pairs: list[PreferencePair] = []
+    first_rows: dict[str, FeedbackRow] = {}
     for row in _iter_rows(rows, normalize_feedback_row, report):
+        # one row per id: its image is found by the id, and its pairs are capped per id
+        earlier = first_rows.setdefault(row.id, row)
+        if earlier is not row:
+            if earlier == row:
+                report.drop_row("duplicate_row", row.id, detail="a copy of an earlier row")
+            else:
+                report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or answers")
+            continue
         if not _has_image(row, image_store, report):
             continue
         candidates = _row_pairs(row, weights, min_margin, report)
@@ -293,7 +308,12 @@ def pairs_from_preference_rows(
     report = PairReport(source=_source_name(rows, source))
     pairs: list[PreferencePair] = []
     prompts: dict[str, tuple[str, str | None]] = {}  # id -> the prompt and image of its first row
+    seen: set[PreferenceRow] = set()
     for row in _iter_rows(rows, normalize_preference_row, report):
+        if row in seen:  # the same pair twice would count twice in the loss and the cap
+            report.drop_row("duplicate_row", row.id, detail="a copy of an earlier row")
+            continue
+        seen.add(row)
         # rows of one id are pairs of one prompt (split, capped and reported together): another prompt is an error
         if prompts.setdefault(row.id, (row.prompt, row.image)) != (row.prompt, row.image):
             report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or image")
