@@ -18,8 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from silkie.config import Recipe  # noqa: E402
-from silkie.training_keys import TRAINING_KEYS  # noqa: E402
+from silkie.config import TRAINING_KEYS, Recipe  # noqa: E402
 
 MEANINGS: dict[str, str] = {
     "model.path": "Checkpoint folder: `config.json`, weights and tokenizer files (`qwen.tiktoken` or the processor's).",

@@ -8,8 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import shutil
 import signal
 from pathlib import Path
 
@@ -18,18 +16,12 @@ import torch.distributed as dist
 
 from silkie.callbacks import MetricsJsonlCallback, PreemptionCallback
 from silkie.config import Recipe, RecipeError, save_recipe
-from silkie.launch.workdir import FINISHED_NAME, latest_checkpoint  # the launcher's names and rules
+from silkie.dpo.guards import disk_space_guard
+from silkie.launch.workdir import FINISHED_NAME  # the launcher's names and rules
+from silkie.run_dir import latest_checkpoint, remove_staging, resumable_checkpoint
 
-STAGING_RE = re.compile(r"^tmp-checkpoint-(\d+)$")
+__all__ = ["latest_checkpoint", "remove_staging", "run_training"]
 EXIT_PREEMPTED = 0
-
-
-def remove_staging(working: Path) -> list[Path]:
-    """Delete checkpoints that a killed run left half-written; returns what was removed."""
-    removed = [p for p in working.glob("tmp-checkpoint-*") if STAGING_RE.match(p.name)]
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    return removed
 
 
 def _is_main() -> bool:
@@ -125,7 +117,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     )
     if ref_model is not None:
         trainer.ref_model = _place_reference(trainer, ref_model)
-    resume = latest_checkpoint(working)
+    with args.main_process_first(local=False, desc="checking the last checkpoint"):  # one process moves a bad one
+        resume = resumable_checkpoint(working, _say) if args.process_index == 0 else latest_checkpoint(working)
     try:
         if resume is not None:
             check_resume_layout(resume, args.world_size)
@@ -162,7 +155,8 @@ def _place_reference(trainer, ref_model):
 
 def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> dict:
     adapter_dir = working / "adapter"
-    trainer.save_model(str(adapter_dir))
+    with disk_space_guard(adapter_dir, working, "the adapter"):
+        trainer.save_model(str(adapter_dir))
     metrics: dict = {"step": trainer.state.global_step}
     if has_eval:
         evaluation = _evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()

@@ -103,7 +103,7 @@ def test_training_choices_are_the_installed_transformers_values():
     from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
     from transformers.training_args import trainer_log_levels
 
-    from silkie.training_keys import TRAINING_CHOICES
+    from silkie.config import TRAINING_CHOICES
 
     assert TRAINING_CHOICES["lr_scheduler_type"] == tuple(s.value for s in SchedulerType)
     assert TRAINING_CHOICES["eval_strategy"] == tuple(s.value for s in IntervalStrategy)
@@ -111,3 +111,52 @@ def test_training_choices_are_the_installed_transformers_values():
     assert TRAINING_CHOICES["log_level"] == tuple(trainer_log_levels)
     with pytest.raises(RecipeError, match="training.lr_scheduler_type = 'cosinee' is not allowed; expected one of"):
         load_recipe(DEMO, ["training.lr_scheduler_type=cosinee"])
+
+
+def test_optim_sampling_and_report_to_choices_are_the_installed_transformers_values():
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+    from transformers.training_args import OptimizerNames, TrainingArguments
+
+    from silkie.config import REPORT_TO_CHOICES, TRAINING_CHOICES
+
+    assert TRAINING_CHOICES["optim"] == tuple(name.value for name in OptimizerNames)
+    field = TrainingArguments.__dataclass_fields__["train_sampling_strategy"]
+    assert TRAINING_CHOICES["train_sampling_strategy"] == tuple(field.metadata["choices"])
+    assert REPORT_TO_CHOICES == ("all", "none", *INTEGRATION_TO_CALLBACK)
+    with pytest.raises(RecipeError, match=r"training.report_to = 'wandbb' is not allowed; .* \(did you mean 'wandb'"):
+        load_recipe(DEMO, ["training.report_to=[tensorboard, wandbb]"])
+    assert load_recipe(DEMO, ["training.report_to=[tensorboard, wandb]"]).training["report_to"][1] == "wandb"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.warmup_ratio=0.1", "training.warmup_steps=10"], "training.warmup_ratio and training.warmup_steps"),
+        (["training.dataloader_prefetch_factor=2"], "training.dataloader_prefetch_factor needs training.dataloader_"),
+        (["training.save_total_limit=0"], r"training.save_total_limit = 0 is not allowed; expected null \(keep all\)"),
+        (["training.adam_beta2=1.0"], r"training.adam_beta2 = 1.0 is not allowed; expected a number in \[0, 1\)"),
+        (["training.seed=-1"], r"training.seed = -1 is not allowed; expected an integer in \[0, 2\*\*32\)"),
+        (["training.num_train_epochs=0"], "training.num_train_epochs = 0.0 is not allowed; expected a number > 0"),
+        (["lora.target_modules=[c_attn, '']"], "lora.target_modules = \\['c_attn', ''\\] is not allowed; expected"),
+        (["slurm.rdzv_port=70000"], r"slurm.rdzv_port = 70000 is not allowed; expected null \(20000"),
+        (['slurm.extra_sbatch=["--exclusive\\tx"]'], r"slurm.extra_sbatch\[0\] = '--exclusive\\tx' is not allowed"),
+    ],
+)
+def test_values_out_of_range_are_refused_when_the_recipe_is_read(overrides, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(DEMO, overrides)
+
+
+def test_steps_given_as_a_ratio_or_a_whole_number_pass():
+    recipe = load_recipe(DEMO, ["training.save_steps=0.25", "training.logging_steps=3", "training.max_steps=-1"])
+    assert (recipe.training["save_steps"], recipe.training["logging_steps"]) == (0.25, 3.0)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  path: x\ntraining:\n  learning_rate: [1e-5\n  seed: 3\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    assert str(caught.value) == (
+        f"{recipe}:5:7: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow sequence)"
+    )

@@ -94,7 +94,43 @@ def test_launcher_does_not_import_torch(tmp_path):
             "use a multiple of 8, at most 8 on one node, or set slurm.gpus_per_node",
         ),
         (["--gpus", "3", "slurm.gpus_per_node=2"], "error: --gpus 3 is not a multiple of slurm.gpus_per_node = 2"),
-        (["--gpus", "8", "slurm.signal=TERM"], "error: slurm.signal = 'TERM' is not allowed; expected one of USR1"),
+        (
+            ["--gpus", "8", "slurm.signal=TERM"],
+            "error: override 'slurm.signal=TERM': recipe: slurm.signal = 'TERM' is not allowed; expected one of USR1",
+        ),
+        # every training value is range-checked when the recipe is read, in a dry run too (issue 16)
+        *(
+            (
+                ["--dry-run", f"training.{key}={value}"],
+                f"error: override 'training.{key}={value}': recipe: training.{key} = {shown} is not allowed; "
+                f"expected {allowed}",
+            )
+            for key, value, shown, allowed in [
+                ("per_device_train_batch_size", "0", "0", "an integer >= 1"),
+                ("gradient_accumulation_steps", "0", "0", "an integer >= 1"),
+                ("learning_rate", "-1e-5", "-1e-05", "a number >= 0"),
+                ("max_steps", "-5", "-5", "-1 (use num_train_epochs) or an integer >= 1"),
+                ("logging_steps", "0", "0.0", "a ratio of the run in (0, 1) or a whole number of steps >= 1"),
+                ("save_steps", "0", "0.0", "a ratio of the run in (0, 1) or a whole number of steps >= 1"),
+                ("eval_steps", "0", "0.0", "null or a ratio of the run in (0, 1) or a whole number of steps >= 1"),
+                ("warmup_ratio", "2", "2.0", "a number in [0, 1]"),
+                ("optim", "adamw_torchh", "'adamw_torchh'", "one of 'adamw_torch', 'adamw_torch_fused'"),
+            ]
+        ),
+        (
+            ["--dry-run", "lora.alpha=-5"],
+            "error: override 'lora.alpha=-5': recipe: lora.alpha = -5 is not allowed; expected an integer >= 1",
+        ),
+        (
+            ["--dry-run", "training.bf16=true", "training.fp16=true"],  # neither alone: named with the file
+            f"error: {DEMO_RECIPE} with training.bf16=true training.fp16=true: recipe: training.bf16 and "
+            "training.fp16 are both true; set one of them",
+        ),
+        (
+            ["--dry-run", "--gpus", "8", 'slurm.job_name="a\\nid > /tmp/x #"'],
+            "error: override 'slurm.job_name=\"a\\nid > /tmp/x #\"': recipe: slurm.job_name = 'a\\nid > /tmp/x #' is "
+            "not allowed; expected text without control characters (it goes into an #SBATCH line; found '\\n')",
+        ),
     ],
 )
 def test_bad_requests_are_one_line_errors(tmp_path, args, message):
@@ -340,3 +376,17 @@ def test_a_failing_squeue_refuses_instead_of_allowing_a_second_job(tmp_path, mon
     (working / "slurm" / "4242.sh").write_text("#!/bin/bash\n")
     with pytest.raises(LaunchError, match=r"squeue failed \(slurm_load_jobs error: .*\): cannot tell whether job 4242"):
         active_jobs(working)
+
+
+def test_a_working_path_with_a_newline_is_not_written_into_the_sbatch_lines(tmp_path):
+    """A newline in an #SBATCH value would start a shell line there and end the directives after it (nodes, gres,
+    signal, requeue, output): the recipe's values are refused when it is read, a path here."""
+    from silkie.launch.slurm import render_script, slurm_layout
+    from silkie.launch.workdir import LaunchError
+
+    recipe = load_recipe(DEMO_RECIPE)
+    script = render_script(recipe, tmp_path / "run", slurm_layout(8, 8), cwd=tmp_path)
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert len(directives) == 11 and script.splitlines()[len(directives) + 2] == ""
+    with pytest.raises(LaunchError, match=r"^--chdir '.*\\nid > x #' holds a control character"):
+        render_script(recipe, tmp_path / "run", slurm_layout(8, 8), cwd=tmp_path / "a\nid > x #")

@@ -269,3 +269,10 @@ def test_ctrl_c_during_a_mid_run_evaluation_saves_that_step_at_once(assets, tmp_
     assert not any("eval_loss" in record for record in records)
     assert max(record["step"] for record in records) == 2
     assert "stop signal during evaluation: saving this step's checkpoint" in capsys.readouterr().out
+    layout = json.loads((working / "checkpoint-2" / "silkie_run.json").read_text())
+    assert layout == {"world_size": 1, "evaluation_pending": True}
+    # the resume runs the cut-short evaluation of step 2 first, then trains on (its metrics are not missing)
+    resumed = run_in_process(working, overrides + ["training.save_steps=100", "training.save_strategy=best"])
+    assert resumed["step"] == 6
+    assert [r["step"] for r in read_metrics(working) if "eval_loss" in r] == [2, 4, 6]
+    assert "running step 2's evaluation, which a stop signal cut short" in capsys.readouterr().out

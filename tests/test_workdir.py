@@ -29,6 +29,7 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
         "use another --working, or --force to run there anyway (nothing is deleted)"
     )
     (working / "checkpoint-3").mkdir()
+    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')  # a checkpoint that verifies
     forced = run_launcher(working, "--dry-run", "--force", "training.max_steps=8")
     assert forced.returncode == 0 and "--force: a different recipe was there" in forced.stderr
     assert "resumes from checkpoint-3" in forced.stderr  # only the run length changed: the checkpoint fits
@@ -76,6 +77,7 @@ def test_a_resume_with_another_process_count_is_refused_before_launch(tmp_path):
     working.mkdir()
     save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
     (working / "checkpoint-3").mkdir()
+    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
     (working / "checkpoint-3" / "silkie_run.json").write_text('{"world_size": 2}')
     same = run_launcher(working, "--dry-run", "training.max_steps=6", "launch.nproc_per_node=2")
     assert same.returncode == 0 and "resumes from checkpoint-3" in same.stderr
@@ -90,8 +92,11 @@ def test_a_resume_with_another_process_count_is_refused_before_launch(tmp_path):
 
 def test_a_second_launch_into_a_folder_being_trained_is_refused(tmp_path):
     """A local launch holds a lock on its folder (torchrun inherits it) while it trains; another launch there,
-    even a dry run, is refused instead of resuming from the checkpoints the first one is still writing."""
+    even a dry run, is refused instead of resuming from the checkpoints the first one is still writing, and the
+    refusal names the process that holds the folder (here a child that inherited the lock, as torchrun does)."""
     import os
+    import subprocess
+    import sys
 
     from silkie.launch.local import lock_run_dir
 
@@ -99,14 +104,18 @@ def test_a_second_launch_into_a_folder_being_trained_is_refused(tmp_path):
     working.mkdir()
     save_recipe(load_recipe(DEMO_RECIPE), working / "config.yaml")
     held = lock_run_dir(working)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], pass_fds=(held,))
+    os.close(held)
     try:
         refused = run_launcher(working, "--dry-run")
         assert one_line_error(refused) == (
-            f"error: another launch is training in {working}; wait for it to end or stop it (two runs in one folder "
-            "would write the same checkpoints)"
+            f"error: another launch is training in {working} (held by PID {holder.pid} ({sys.executable} -c import "
+            "time; time.sleep(120))); wait for it to end or stop it (two runs in one folder would write the same "
+            "checkpoints)"
         )
     finally:
-        os.close(held)
+        holder.kill()
+        holder.wait()
     assert run_launcher(working, "--dry-run").returncode == 0
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .loss_names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
+from silkie.config.names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
 
 
 @dataclass

@@ -21,13 +21,21 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from silkie.callbacks import PreemptionCallback, any_rank
 from silkie.config import DPOSection
 from silkie.errors import InputError
-from silkie.launch.workdir import RUN_LAYOUT_FILE, world_size_problem
+from silkie.run_dir import RUN_LAYOUT_FILE, STAGING_PREFIX, rotate_checkpoints, world_size_problem, write_manifest
 
+from .guards import (
+    NonFiniteLossError,
+    check_grad_norm,
+    disk_space_guard,
+    first_nonfinite_weight,
+    nonfinite_weights_error,
+    untouched,
+)
 from .objective import adapter_reference, batch_dpo_loss
 from .reference import ReferenceCache
 from .step import recipe_step_options, score_answers, vision_is_trainable
 
-STAGING_PREFIX = "tmp-checkpoint"
+__all__ = ["NonFiniteLossError", "ResumeError", "SilkieDPOTrainer", "check_resume_layout"]
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):
@@ -41,10 +49,6 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
     def set_epoch(self, epoch: int) -> None:
         """Called by the Trainer at the start of every epoch."""
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
-
-
-class NonFiniteLossError(InputError, FloatingPointError):
-    """Raised before the optimizer step when the DPO loss is NaN or infinite (a rerun of the recipe repeats it)."""
 
 
 class ResumeError(InputError, RuntimeError):
@@ -88,6 +92,8 @@ class SilkieDPOTrainer(Trainer):
         self.reference_cache = reference_cache
         self._ref_tables: dict[str, torch.Tensor] = {}
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._evaluation_cut_short = False  # recorded in the checkpoint saved then: the resume runs it again
+        self._evaluation_pending = False
         trainable_vision = vision_is_trainable(self.model)
         self.step_options = recipe_step_options(dpo, image_once=dpo.image_once and not trainable_vision)
         if dpo.image_once and trainable_vision:
@@ -146,10 +152,23 @@ class SilkieDPOTrainer(Trainer):
             group["lr"] = base * factor(step)
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        """The Trainer's train; a checkpoint saved while a stop signal cut its evaluation short runs that
+        evaluation again first."""
+        if resume_from_checkpoint and self.args.eval_strategy != "no":
+            layout = Path(resume_from_checkpoint, RUN_LAYOUT_FILE)
+            self._evaluation_pending = layout.is_file() and json.loads(layout.read_text()).get("evaluation_pending")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         if self.state.global_step >= self.state.max_steps:  # resumed from the last step: the Trainer would add one
             self.control.should_training_stop = True
             return None
+        if self._evaluation_pending:  # as `_maybe_log_save_evaluate` would have at this step
+            self._evaluation_pending = False
+            self.log_line(f"running step {self.state.global_step}'s evaluation, which a stop signal cut short")
+            metrics = self._evaluate(kwargs["trial"], kwargs["ignore_keys_for_eval"])
+            self._determine_best_metric(metrics=metrics, trial=kwargs["trial"])
         # On a resume the sampler sits under SkipBatchSampler(BatchSamplerShard(BatchSampler(...))), deeper than
         # the Trainer's set_epoch reaches: without this a resumed multi-rank run would replay epoch 0's order.
         sampler = getattr(self, "_length_sampler", None)
@@ -191,8 +210,17 @@ class SilkieDPOTrainer(Trainer):
         if any_rank(~torch.isfinite(loss).all(), loss.device):
             raise NonFiniteLossError(
                 f"non-finite DPO loss at step {self.state.global_step + 1} (value {loss.item()}); stopping before the "
-                "optimizer step. The last complete checkpoint is untouched; lower the learning rate or check the data."
+                f"optimizer step. {untouched(Path(self.args.output_dir)).capitalize()}; lower the learning rate or "
+                "check the data."
             )
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        """The Trainer's gradient norm of the step (computed whether or not it clips), checked before the optimizer
+        applies it. Not under fp16, whose loss scaler skips the steps that overflow by design."""
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if not self.args.fp16:
+            check_grad_norm(norm, self.state.global_step + 1, Path(self.args.output_dir))
+        return norm
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self.dpo_step(model, inputs)
@@ -212,8 +240,10 @@ class SilkieDPOTrainer(Trainer):
             self._metrics["eval"].clear()
             stop = self._stop_callback()
             stop.requested = stop.stopped = True
-            self.log_line("stop signal during evaluation: saving this step's checkpoint (no eval metrics)")
+            self.log_line("stop signal during evaluation: saving this step's checkpoint (the resume evaluates it)")
+            self._evaluation_cut_short = True
             self._save_checkpoint(self.model_wrapped, trial=None)
+            self._evaluation_cut_short = False
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
             self.control.should_save = False  # saved just now
             self.control.should_training_stop = True
@@ -268,36 +298,44 @@ class SilkieDPOTrainer(Trainer):
 
     # ----- checkpoints --------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Write `tmp-checkpoint-N`, then rename to `checkpoint-N`: a kill mid-write never leaves a partial one."""
+        """Write `tmp-checkpoint-N`, its manifest last, then rename it to `checkpoint-N`: a kill mid-write never
+        leaves a partial one, and a file damaged later is found before a resume. Never with non-finite weights."""
         run_dir = self._get_output_dir(trial=trial)
         step = self.state.global_step
+        bad = first_nonfinite_weight(self.model)
+        if any_rank(bad is not None, self.args.device):
+            raise nonfinite_weights_error(bad, step, Path(run_dir))
         staged = os.path.join(run_dir, f"{STAGING_PREFIX}-{step}")
         final = os.path.join(run_dir, f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}")
         original_prefix, original_limit = hf_trainer.PREFIX_CHECKPOINT_DIR, self.args.save_total_limit
         hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
         self.args.save_total_limit = None  # rotate after the rename, over complete checkpoints only
         try:
-            super()._save_checkpoint(model, trial)
+            with disk_space_guard(Path(staged), Path(run_dir), f"checkpoint-{step}"):
+                super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()
+                renamed_best = self.state.best_model_checkpoint == staged  # recorded under the staging name
+                if renamed_best:
+                    self.state.best_model_checkpoint = final
+                if self.args.should_save:
+                    self._seal(staged, final, renamed_best)
         finally:
             hf_trainer.PREFIX_CHECKPOINT_DIR = original_prefix
             self.args.save_total_limit = original_limit
-        self.accelerator.wait_for_everyone()
-        renamed_best = self.state.best_model_checkpoint == staged  # recorded under the staging name in the save
-        if renamed_best:
-            self.state.best_model_checkpoint = final
         if self.args.should_save:
-            layout = {"world_size": self.args.world_size}
-            Path(staged, RUN_LAYOUT_FILE).write_text(json.dumps(layout))
-            if renamed_best:
-                self.state.save_to_json(os.path.join(staged, hf_trainer.TRAINER_STATE_NAME))
-            if os.path.exists(final):  # the same step saved again (a resume at it): keep the complete one
-                shutil.rmtree(staged)
-            else:
-                os.replace(staged, final)
-            hf_trainer.rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+            rotate_checkpoints(Path(run_dir), self.args.save_total_limit, keep=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def _seal(self, staged: str, final: str, renamed_best: bool) -> None:
+        """The layout file and the manifest (last) into the staged checkpoint, then the rename (main process)."""
+        layout: dict[str, Any] = {"world_size": self.args.world_size}
+        if self._evaluation_cut_short:
+            layout["evaluation_pending"] = True
+        Path(staged, RUN_LAYOUT_FILE).write_text(json.dumps(layout))
+        if renamed_best:
+            self.state.save_to_json(os.path.join(staged, hf_trainer.TRAINER_STATE_NAME))
+        write_manifest(Path(staged))
+        if os.path.exists(final):  # the same step saved again (a resume at it): keep the complete one
+            shutil.rmtree(staged)
+        else:
+            os.replace(staged, final)

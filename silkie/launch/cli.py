@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from silkie.config import RecipeError, load_recipe
+from silkie.run_dir import world_size_problem
 
 from .local import (
     check_not_running,
@@ -21,7 +22,7 @@ from .local import (
 )
 from .preflight import missing_inputs
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
-from .workdir import EXIT_USAGE, LaunchError, inspect_workdir, prepare_workdir, undo_prepare, world_size_problem
+from .workdir import EXIT_USAGE, LaunchError, inspect_workdir, prepare_workdir, undo_prepare
 
 USAGE_EXAMPLES = """
 examples:

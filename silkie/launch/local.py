@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from silkie.config import Recipe
+from silkie.run_dir import checkpoint_status
 
-from .workdir import CONFIG_NAME, ERROR_NAME, EXIT_USAGE, FINISHED_NAME, LaunchError, latest_checkpoint
+from .workdir import CONFIG_NAME, ERROR_NAME, EXIT_USAGE, FINISHED_NAME, LaunchError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_dpo.py"
 TORCHRUN_ENTRY = Path(__file__).resolve().with_name("torchrun_entry.py")  # torchrun, quiet after an input error
@@ -139,8 +140,10 @@ def lock_run_dir(working: Path) -> int | None:
     except OSError as err:
         os.close(fd)
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            holders = lock_holders(working)
+            who = f" (held by {'; '.join(holders)})" if holders else ""
             raise LaunchError(
-                f"another launch is training in {working}; wait for it to end or stop it (two runs in one folder "
+                f"another launch is training in {working}{who}; wait for it to end or stop it (two runs in one folder "
                 "would write the same checkpoints)"
             ) from None
         print(
@@ -149,6 +152,24 @@ def lock_run_dir(working: Path) -> int | None:
         )
         return None
     return fd
+
+
+def lock_holders(working: Path) -> list[str]:
+    """The live processes holding `working` open, as `pid (command)`: the launch and the torchrun that inherited
+    its lock (Linux /proc; empty elsewhere or when they cannot be read)."""
+    target = os.path.realpath(working)
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if not any(os.path.realpath(fd) == target for fd in fd_dir.iterdir()):
+                continue
+            command = (fd_dir.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # another user's process, or it just ended
+            continue
+        pid = int(fd_dir.parent.name)
+        if pid != os.getpid():
+            found.append((pid, f"PID {pid} ({command[:80]})" if command else f"PID {pid}"))
+    return [entry for _, entry in sorted(found)[:3]]
 
 
 def check_not_running(working: Path) -> None:
@@ -231,8 +252,7 @@ def _report(working: Path, code: int, received: int | None) -> int:
     if (working / FINISHED_NAME).exists():
         print(f"[launch] finished: adapter in {working / 'adapter'}", flush=True)
         return 0
-    ckpt = latest_checkpoint(working)
-    intact = f"the last complete checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint had been written yet"
+    intact = checkpoint_status(working)
     resume = "run the same command again to resume"
     error = working / ERROR_NAME
     if received is None and error.is_file():  # bad input: a rerun would stop the same way

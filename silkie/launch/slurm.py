@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from silkie.config import Recipe
+from silkie.config.sections import SLURM_SIGNALS
+from silkie.run_dir import checkpoint_status
 
 from .local import torchrun_env, torchrun_prefix, train_command
-from .workdir import FINISHED_NAME, LaunchError, latest_checkpoint
+from .workdir import FINISHED_NAME, LaunchError
 
 SLURM_DIR = "slurm"
-SIGNALS = ("USR1", "USR2")  # SIGTERM is what scancel sends: it must not mean "checkpoint and requeue"
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -69,9 +70,9 @@ def slurm_layout(gpus: int, gpus_per_node: int) -> SlurmLayout:
 def check_signal(name: str) -> str:
     """`slurm.signal` as Slurm spells it (USR1/USR2)."""
     short = name.upper().removeprefix("SIG")
-    if short not in SIGNALS:
+    if short not in SLURM_SIGNALS:
         raise LaunchError(
-            f"slurm.signal = {name!r} is not allowed; expected one of {', '.join(SIGNALS)} "
+            f"slurm.signal = {name!r} is not allowed; expected one of {', '.join(SLURM_SIGNALS)} "
             "(SIGTERM is what scancel sends, so it cannot mean 'checkpoint and requeue')"
         )
     return short
@@ -96,7 +97,7 @@ def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path)
         ("open-mode", "append"),
         ("signal", f"B:{check_signal(slurm.signal)}@{slurm.signal_seconds}"),
     ]
-    lines = [f"#SBATCH --{key}={_sbatch_value(value)}" for key, value in options if value is not None]
+    lines = [f"#SBATCH --{key}={_sbatch_value(key, value)}" for key, value in options if value is not None]
     lines.append("#SBATCH --requeue" if slurm.requeue else "#SBATCH --no-requeue")
     for extra in slurm.extra_sbatch:
         extra = extra.strip()
@@ -104,9 +105,12 @@ def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path)
     return lines
 
 
-def _sbatch_value(value: object) -> str:
-    """An #SBATCH value; quoted when it holds spaces (sbatch splits unquoted directive values)."""
+def _sbatch_value(key: str, value: object) -> str:
+    """An #SBATCH value; quoted when it holds spaces (sbatch splits unquoted directive values). The recipe's values
+    are checked at load; a path with a newline (--working, the current folder) is refused here."""
     text = str(value)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise LaunchError(f"--{key} {text!r} holds a control character, which would end the #SBATCH lines")
     return f'"{text}"' if any(c.isspace() for c in text) else text
 
 
@@ -295,10 +299,9 @@ def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0
     if (working / FINISHED_NAME).exists():
         print(f"[launch] job {job_id} {state or 'ended'}: finished, adapter in {working / 'adapter'}", flush=True)
         return 0
-    ckpt = latest_checkpoint(working)
     print(
         f"[launch] job {job_id} ended {state or 'in an unknown state'} (exit code {exit_code or '?'}) "
-        f"without finishing; last checkpoint: {ckpt or 'none'}; log: {log_path}",
+        f"without finishing; {checkpoint_status(working)}; log: {log_path}",
         file=sys.stderr,
         flush=True,
     )

@@ -8,8 +8,6 @@ counts and deletes).
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,8 @@ from typing import Any
 import yaml
 
 from silkie.config import Recipe, RecipeError, parse_yaml, recipe_from_dict, save_recipe
+from silkie.config.yaml_io import yaml_error
+from silkie.run_dir import CORRUPT_PREFIX, resume_plan
 
 CONFIG_NAME = "config.yaml"
 FINISHED_NAME = "FINISHED"
@@ -27,8 +27,6 @@ FINISHED_OUTPUTS = ("config.yaml", "FINISHED", "final_metrics.json", "adapter", 
 # What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
 RUN_HISTORY = ("metrics.jsonl", "runs", "reference_logps")
 BACKUP_PREFIX = "backup-"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-RUN_LAYOUT_FILE = "silkie_run.json"  # in each checkpoint: the number of processes that saved it
 
 
 EXIT_USAGE = 2  # the launcher's exit code for a refusal or bad input
@@ -53,12 +51,6 @@ class WorkdirPlan:
         return self.working / CONFIG_NAME
 
 
-def latest_checkpoint(working: Path) -> Path | None:
-    """The highest complete `checkpoint-N` in `working` (the same rule as `silkie.train`)."""
-    found = [(int(m.group(1)), p) for p in working.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    return max(found)[1] if found else None
-
-
 def record_error(working: str | Path, message: str) -> bool:
     """Write `message` to `working/ERROR` for the launcher unless another process of the run already did; True
     when this call wrote it."""
@@ -68,21 +60,6 @@ def record_error(working: str | Path, message: str) -> bool:
     except OSError:  # FileExistsError (the first rank to fail wrote it), no run directory, a full disk
         return False
     return True
-
-
-def world_size_problem(checkpoint: Path, world_size: int) -> str | None:
-    """Why `checkpoint` cannot be resumed by `world_size` processes, or None (also for older checkpoints)."""
-    path = checkpoint / RUN_LAYOUT_FILE
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())["world_size"]
-    if saved == world_size:
-        return None
-    return (
-        f"{checkpoint.name} was saved by a run of {saved} processes and this launch has {world_size}: the global "
-        f"batch, the data order and the optimizer shards would not match; launch {saved} processes again "
-        f"(launch.nproc_per_node={saved} on one machine, --gpus {saved} on Slurm), or train in another --working"
-    )
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,7 +93,7 @@ def _read_recipe(path: Path) -> dict[str, Any]:
     try:
         raw = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
-        raise RecipeError(f"not valid YAML ({str(err).splitlines()[0]})") from err
+        raise RecipeError(yaml_error(err, str(path))) from err
     return recipe_from_dict(raw or {}).to_dict()
 
 
@@ -142,8 +119,9 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
         if not diffs or launch_only:  # how the run is launched (nodes, time, partition) may change on a resume
             if (working / FINISHED_NAME).exists():
                 return WorkdirPlan(working, "finished", _finished_message(working))
-            ckpt = latest_checkpoint(working)
+            ckpt, damaged = resume_plan(working, checksums=False)
             where = f"resumes from {ckpt.name}" if ckpt else "starts (no checkpoint yet)"
+            where += "".join(f"; {bad.name} is damaged ({why}) and is moved aside first" for bad, why in damaged)
             launch_note = f" (new launch settings: {_summary(diffs)})" if diffs else ""
             return WorkdirPlan(
                 working,
@@ -216,9 +194,10 @@ def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
     names = list(FINISHED_OUTPUTS)
     if not resumable:  # another model, data or optimisation: the old checkpoints and history must not continue
         names += sorted(p.name for p in working.glob("checkpoint-*")) + list(RUN_HISTORY)
+        names += sorted(p.name for p in working.glob(f"{CORRUPT_PREFIX}checkpoint-*"))
     backup = working / f"{BACKUP_PREFIX}{stamp}"
     backups = [(working / name, backup / name) for name in names if (working / name).exists()]
-    ckpt = latest_checkpoint(working) if resumable else None
+    ckpt = resume_plan(working, checksums=False)[0] if resumable else None
     kept = f"; moves the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
     return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups, resume_from=ckpt)

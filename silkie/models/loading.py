@@ -95,6 +95,7 @@ def apply_lora(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    check_lora_targets(model, lora, family)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -107,6 +108,24 @@ def apply_lora(
     if not lora.vision:
         freeze_vision(peft_model.get_base_model(), family=family)
     return peft_model
+
+
+def check_lora_targets(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> None:
+    """InputError naming each `lora.target_modules` entry that matches no linear layer of the language model (peft
+    would only fail when none matches, and then with every module name)."""
+    import re
+    from dataclasses import replace
+
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for target in lora.target_modules or []:
+        pattern = re.compile(lora_target_regex(replace(lora, target_modules=[target], vision=False), family))
+        if not any(pattern.fullmatch(name) for name in linears):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+            raise InputError(
+                f"lora.target_modules: {target!r} matches no linear layer of the language model; its linear layers "
+                f"are named {', '.join(leaves[:12])}{' ...' if len(leaves) > 12 else ''} (null: the family's "
+                f"default {', '.join(get_family(family).default_lora_targets)})"
+            )
 
 
 def switch_off_dropout(model: nn.Module) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from silkie.dpo.loss_names import BATCH_LEVEL_LOSS_TYPES
+from silkie.config.names import BATCH_LEVEL_LOSS_TYPES
 from silkie.errors import InputError
 from silkie.tools.cli import ToolError, require_dir, require_file
 
@@ -184,7 +184,7 @@ def evaluate_run(
         raise ToolError(str(err)) from err
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
     if not adapter_dir.is_dir():  # an interrupted run has checkpoints but no final adapter yet
-        from silkie.launch.workdir import latest_checkpoint
+        from silkie.run_dir import latest_checkpoint
 
         last = latest_checkpoint(run_dir)
         hint = f"; the run has not finished: score its last checkpoint with --adapter {last}" if last else ""

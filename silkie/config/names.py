@@ -1,4 +1,6 @@
-"""Names of the preference losses and f-divergences (TRL 1.16's); torch-free, so the recipe schema checks them."""
+"""The one list of model families and of preference losses and f-divergences (TRL 1.16's names). Torch-free."""
+
+FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "llava")  # keys of silkie.models.family.FAMILY_CLASSES
 
 LOSS_TYPES = (
     "sigmoid",

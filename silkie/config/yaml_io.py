@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
+from silkie.errors import RecipeError
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -68,6 +68,16 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=RecipeLoader)
 
 
+def yaml_error(err: yaml.YAMLError, source: str) -> str:
+    """A YAML syntax error as one line: `source:line:column: not valid YAML: problem (context)`."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    text = f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+    return " ".join(text.split())
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (path, YAML-parsed value)."""
     if "=" not in text:
@@ -76,7 +86,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.strip().split(".")
     if len(path) < 2 or not all(path):
         raise RecipeError(f"override '{text}': the key must be section.key (e.g. training.learning_rate=5e-6)")
-    return path, parse_yaml(raw) if raw.strip() else None
+    try:
+        return path, parse_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(yaml_error(err, f"override '{text}'")) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

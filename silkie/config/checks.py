@@ -1,0 +1,73 @@
+"""Small checks the recipe schema is built from: a value in range or in a set, of a type; errors name the key."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any
+
+from silkie.errors import RecipeError
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """RecipeError naming `key`, its value and what is `allowed` unless `ok`."""
+    if not ok:
+        raise RecipeError(f"recipe: {key} = {value!r} is not allowed; expected {allowed}")
+
+
+def choice(key: str, value: Any, allowed: tuple) -> None:
+    """RecipeError unless `value` is one of `allowed` (naming the closest one first when there is one)."""
+    if value in allowed:
+        return
+    names = [str(a) for a in allowed]
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    require(False, key, value, "one of " + ", ".join(repr(a) for a in allowed) + hint)
+
+
+def suggest(name: str, known: list[str]) -> str:
+    """` (did you mean 'x'?)` for the closest known name, else empty."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def type_ok(value: Any, annotation: Any) -> bool:
+    """Whether `value` (from YAML) fits the type `annotation` (unions, lists, dicts; ints are not floats' bools)."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(type_ok(v, item) for v in value)
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        return isinstance(value, dict) and all(
+            type_ok(k, key_type) and type_ok(v, value_type) for k, v in value.items()
+        )
+    return isinstance(value, annotation)
+
+
+def coerce(value: Any, annotation: Any) -> Any:
+    """Ints become floats for float fields; a numeric string becomes a float where only a float is allowed."""
+    if isinstance(value, int) and not isinstance(value, bool) and type_ok(float(value), annotation):
+        return float(value)
+    if isinstance(value, str) and not type_ok(value, annotation) and type_ok(1.0, annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def describe(annotation: Any) -> str:
+    """A type annotation as a user reads it."""
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")

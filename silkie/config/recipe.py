@@ -1,0 +1,137 @@
+"""Typed recipe schema: YAML -> dataclasses, validated at load time. Imports no torch.
+
+Every section is a dataclass; `training` holds Hugging Face `TrainingArguments` fields
+(a documented subset, checked by name, type and range in `training`). Errors name the key, the value and
+what is allowed; unknown keys suggest the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from silkie.errors import RecipeError
+
+from .checks import coerce, describe, suggest, type_ok
+from .sections import (
+    DataSection,
+    DeepSpeedSection,
+    DPOSection,
+    LaunchSection,
+    LoraSection,
+    ModelSection,
+    SlurmSection,
+)
+from .training import check_training
+from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe (one YAML file)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    training: dict[str, Any] = field(default_factory=dict)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+
+    def check(self) -> None:
+        """Validate every section."""
+        for section in (self.model, self.data, self.lora, self.dpo, self.deepspeed, self.launch, self.slurm):
+            section.check()
+        check_training(self.training)
+        evaluates = (self.data.eval_size or self.data.eval_fraction) and self.training.get("eval_strategy") != "no"
+        if self.training.get("save_strategy") == "best" and not evaluates:
+            raise RecipeError(
+                "recipe: training.save_strategy = 'best' needs evaluations (held-out pairs from data.eval_size or "
+                "data.eval_fraction, and training.eval_strategy steps or epoch)"
+            )
+        if self.lora.load_in_4bit and self.launch.cpu:  # refused before the launcher writes anything
+            raise RecipeError(
+                "recipe: lora.load_in_4bit = True needs a CUDA GPU (bitsandbytes 4-bit), but launch.cpu = True; "
+                "set lora.load_in_4bit=false or launch.cpu=false"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for `config.yaml` in the working directory)."""
+        return dataclasses.asdict(self)
+
+
+def _build_section(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe: section '{prefix}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise RecipeError(f"recipe: unknown key '{prefix}.{key}'{suggest(key, known)}")
+        value = coerce(value, hints[key])
+        if not type_ok(value, hints[key]):
+            raise RecipeError(
+                f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    """Build and validate a Recipe from a nested dict."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe: the top level must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(Recipe)}
+    built = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise RecipeError(f"recipe: unknown section '{name}'{suggest(name, list(sections))}")
+        if name == "training":
+            if not isinstance(value, dict):
+                raise RecipeError("recipe: section 'training' must be a mapping")
+            built[name] = dict(value)
+        else:
+            built[name] = _build_section(typing.get_type_hints(Recipe)[name], value or {}, name)
+    recipe = Recipe(**built)
+    recipe.check()
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply overrides, validate; errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(yaml_error(err, str(path))) from None
+    overrides = overrides or []
+    merged = apply_overrides(raw, overrides)  # its errors name the malformed override
+    try:
+        return recipe_from_dict(merged)
+    except RecipeError as err:  # named after the override that set the key when there is one, else the file
+        source = override_named_in(str(err), overrides)
+        if source is None and overrides and _valid(raw):  # the file is fine: the overrides made the clash
+            source = f"{path} with {' '.join(overrides)}"
+        raise RecipeError(f"{source or path}: {err}") from None
+
+
+def _valid(raw: Any) -> bool:
+    try:
+        recipe_from_dict(raw)
+    except RecipeError:
+        return False
+    return True
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe as YAML."""
+    Path(path).write_text(dump_yaml(recipe.to_dict()))

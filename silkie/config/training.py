@@ -1,0 +1,229 @@
+"""The `training:` keys a recipe may set: Hugging Face `TrainingArguments` fields (transformers 5), their types,
+allowed values and ranges.
+
+Kept as a plain table so the launcher can validate recipes without importing torch.
+`warmup_ratio` and `gradient_checkpointing`/`group_by_length` are accepted as the names users know
+and translated by `silkie.train_args`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from silkie.errors import RecipeError
+
+from .checks import choice, coerce, describe, suggest, type_ok
+
+TRAINING_KEYS: dict[str, Any] = {
+    "learning_rate": float,
+    "lr_scheduler_type": str,
+    "lr_scheduler_kwargs": dict | None,
+    "warmup_steps": float,
+    "warmup_ratio": float,
+    "weight_decay": float,
+    "adam_beta1": float,
+    "adam_beta2": float,
+    "adam_epsilon": float,
+    "optim": str,
+    "max_grad_norm": float,
+    "num_train_epochs": float,
+    "max_steps": int,
+    "per_device_train_batch_size": int,
+    "per_device_eval_batch_size": int,
+    "gradient_accumulation_steps": int,
+    "bf16": bool,
+    "fp16": bool,
+    "tf32": bool | None,
+    "gradient_checkpointing": bool,
+    "activation_checkpointing": bool,
+    "group_by_length": bool,
+    "train_sampling_strategy": str,
+    "logging_steps": float,
+    "logging_first_step": bool,
+    "eval_strategy": str,
+    "eval_steps": float | None,
+    "eval_on_start": bool,
+    "save_strategy": str,
+    "save_steps": float,
+    "save_total_limit": int | None,
+    "save_only_model": bool,
+    "metric_for_best_model": str | None,
+    "greater_is_better": bool | None,
+    "report_to": str | list[str],
+    "run_name": str | None,
+    "seed": int,
+    "data_seed": int | None,
+    "dataloader_num_workers": int,
+    "dataloader_pin_memory": bool,
+    "dataloader_persistent_workers": bool,
+    "dataloader_prefetch_factor": int | None,
+    "ddp_timeout": int,
+    "ddp_find_unused_parameters": bool | None,
+    "torch_compile": bool,
+    "disable_tqdm": bool,
+    "log_level": str,
+    "use_cpu": bool,
+    "full_determinism": bool,
+}
+
+# Values transformers accepts for these string keys (its enums; tests/test_config.py compares them to the installed
+# transformers), so a typo is a recipe error before anything starts.
+TRAINING_CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_scheduler_type": (
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "reduce_lr_on_plateau",
+        "cosine_with_min_lr",
+        "cosine_warmup_with_min_lr",
+        "warmup_stable_decay",
+        "greedy",
+    ),
+    "eval_strategy": ("no", "steps", "epoch"),
+    "save_strategy": ("no", "steps", "epoch", "best"),
+    "log_level": ("detail", "debug", "info", "warning", "error", "critical", "passive"),
+    "train_sampling_strategy": ("random", "sequential", "group_by_length", "batch_rebalance"),
+    "optim": (
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adamw_torch_xla",
+        "adamw_torch_npu_fused",
+        "adafactor",
+        "adamw_anyprecision",
+        "adamw_torch_4bit",
+        "adamw_torch_8bit",
+        "ademamix",
+        "sgd",
+        "adagrad",
+        "adamw_bnb_8bit",
+        "adamw_8bit",
+        "ademamix_8bit",
+        "lion_8bit",
+        "lion_32bit",
+        "paged_adamw_32bit",
+        "paged_adamw_8bit",
+        "paged_ademamix_32bit",
+        "paged_ademamix_8bit",
+        "paged_lion_32bit",
+        "paged_lion_8bit",
+        "rmsprop",
+        "rmsprop_bnb",
+        "rmsprop_bnb_8bit",
+        "rmsprop_bnb_32bit",
+        "galore_adamw",
+        "galore_adamw_8bit",
+        "galore_adafactor",
+        "galore_adamw_layerwise",
+        "galore_adamw_8bit_layerwise",
+        "galore_adafactor_layerwise",
+        "lomo",
+        "adalomo",
+        "grokadamw",
+        "schedule_free_radam",
+        "schedule_free_adamw",
+        "schedule_free_sgd",
+        "apollo_adamw",
+        "apollo_adamw_layerwise",
+        "stable_adamw",
+    ),
+}
+# Each entry of `report_to` (a name or a list of names): transformers' integrations, "all" or "none".
+REPORT_TO_CHOICES = (
+    "all",
+    "none",
+    "azure_ml",
+    "comet_ml",
+    "mlflow",
+    "neptune",
+    "tensorboard",
+    "trackio",
+    "wandb",
+    "codecarbon",
+    "clearml",
+    "dagshub",
+    "flyte",
+    "dvclive",
+    "swanlab",
+    "kubeflow",
+)
+
+
+def _steps(value: float) -> bool:
+    """A step interval as transformers reads it: a ratio of the run in (0, 1), or a whole number of steps >= 1."""
+    return 0 < value < 1 or (value >= 1 and float(value).is_integer())
+
+
+STEPS = "a ratio of the run in (0, 1) or a whole number of steps >= 1"
+SEED = (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+Rule = tuple[Callable[[Any], bool], str]
+# The range of each numeric key (checked after its type; None passes where the type allows it).
+TRAINING_RANGES: dict[str, Rule] = {
+    "learning_rate": (lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "warmup_steps": (lambda v: v == 0 or _steps(v), f"0, {STEPS}"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a number >= 0"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "adam_epsilon": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "max_grad_norm": (lambda v: 0 <= v < math.inf, "a number >= 0 (0: no clipping)"),
+    "num_train_epochs": (lambda v: 0 < v < math.inf, "a number > 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_train_epochs) or an integer >= 1"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "logging_steps": (_steps, STEPS),
+    "eval_steps": (_steps, f"null or {STEPS}"),
+    "save_steps": (_steps, STEPS),
+    "save_total_limit": (lambda v: v >= 1, "null (keep all) or an integer >= 1"),
+    "seed": SEED,
+    "data_seed": SEED,
+    "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),
+    "dataloader_prefetch_factor": (lambda v: v >= 1, "null or an integer >= 1"),
+    "ddp_timeout": (lambda v: v >= 1, "a number of seconds >= 1"),
+}
+
+
+def training_conflict(training: dict[str, Any]) -> str | None:
+    """Why two `training:` keys cannot go together (one phrase naming both), or None."""
+    if training.get("bf16") and training.get("fp16"):
+        return "training.bf16 and training.fp16 are both true; set one of them"
+    if "warmup_ratio" in training and "warmup_steps" in training:
+        return "training.warmup_ratio and training.warmup_steps are both set; set one of them"
+    if training.get("gradient_checkpointing") is not None and training.get("activation_checkpointing") is not None:
+        return "training.gradient_checkpointing and training.activation_checkpointing are both set; set one of them"
+    if not training.get("dataloader_num_workers"):
+        for key in ("dataloader_prefetch_factor", "dataloader_persistent_workers"):
+            if training.get(key):
+                return f"training.{key} needs training.dataloader_num_workers >= 1 (worker processes)"
+    return None
+
+
+def check_training(training: dict[str, Any]) -> None:
+    """Check every `training:` key by name, type, allowed values and range (ints become floats where a float is
+    wanted, in place); RecipeError names the first bad key."""
+    for key, value in list(training.items()):
+        if key not in TRAINING_KEYS:
+            raise RecipeError(f"recipe: unknown key 'training.{key}'{suggest(key, sorted(TRAINING_KEYS))}")
+        value = training[key] = coerce(value, TRAINING_KEYS[key])
+        if not type_ok(value, TRAINING_KEYS[key]):
+            raise RecipeError(
+                f"recipe: training.{key} = {value!r} has the wrong type; expected {describe(TRAINING_KEYS[key])}"
+            )
+        if key in TRAINING_CHOICES:
+            choice(f"training.{key}", value, TRAINING_CHOICES[key])
+        if key == "report_to":
+            for name in [value] if isinstance(value, str) else value:
+                choice("training.report_to", name, REPORT_TO_CHOICES)
+        if key in TRAINING_RANGES and value is not None:
+            ok, allowed = TRAINING_RANGES[key]
+            if not ok(value):
+                raise RecipeError(f"recipe: training.{key} = {value!r} is not allowed; expected {allowed}")
+    conflict = training_conflict(training)
+    if conflict:
+        raise RecipeError(f"recipe: {conflict}")
