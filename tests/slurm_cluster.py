@@ -62,10 +62,12 @@ def launcher_command(working: Path, *args: str, config: Path = DEMO_RECIPE) -> l
     return [sys.executable, str(LAUNCHER), "--config", str(config), "--working", str(working), *args]
 
 
-def run_launcher(working: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+def run_launcher(
+    working: Path, *args: str, timeout: float = 120, config: Path = DEMO_RECIPE, **env: str
+) -> subprocess.CompletedProcess:
     """Run the launcher to completion (text output captured)."""
     return subprocess.run(
-        launcher_command(working, *args),
+        launcher_command(working, *args, config=config),
         cwd=REPO_ROOT,
         env=launcher_env(**env),
         capture_output=True,

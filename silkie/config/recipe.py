@@ -18,6 +18,7 @@ import yaml
 from silkie.errors import RecipeError
 
 from .checks import coerce, describe, suggest, type_ok
+from .flat import is_flat, translate_flat
 from .sections import (
     DataSection,
     DeepSpeedSection,
@@ -104,8 +105,9 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply overrides, validate; errors name the file and key."""
+def read_recipe_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """The recipe file as a sectioned dict, and (for a flat recipe in the Silkie repository's format) one line per
+    key saying where its translation put it; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -113,6 +115,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(yaml_error(err, str(path))) from None
+    if not is_flat(raw):
+        return raw, []
+    try:
+        return translate_flat(raw)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (sectioned, or flat as in the Silkie repository), apply overrides, validate; errors name
+    the file and key."""
+    path = Path(path)
+    raw, _ = read_recipe_file(path)
     overrides = overrides or []
     merged = apply_overrides(raw, overrides)  # its errors name the malformed override
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from typing import Any
 
 import yaml
@@ -14,7 +15,23 @@ from silkie.errors import RecipeError
 
 class RecipeLoader(yaml.SafeLoader):
     """YAML 1.2 scalars: only true/false are booleans ("no" stays the string HF strategies use), `1e-5` is a float
-    (PyYAML's YAML 1.1 rules read it as a string), `48:00:00` is a string (not 172800) and dates stay strings."""
+    (PyYAML's YAML 1.1 rules read it as a string), `48:00:00` is a string (not 172800) and dates stay strings.
+    A key written twice is accepted with the same value (the Silkie repository's recipe has `bf16: true` twice) and
+    refused with two different ones (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self.flatten_mapping(node)
+        seen: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key, value = self.construct_object(key_node, deep=True), self.construct_object(value_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                break  # the mapping constructor below refuses it with its own message
+            if key in seen and seen[key] != value:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is set twice, to {seen[key]!r} and then {value!r}", key_node.start_mark
+                )
+            seen[key] = value
+        return super().construct_mapping(node, deep=deep)
 
 
 _YAML_1_1_ONLY = {

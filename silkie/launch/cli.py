@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from silkie.config import RecipeError, load_recipe
+from silkie.config.recipe import read_recipe_file
 from silkie.run_dir import world_size_problem
 
 from .local import (
@@ -90,6 +91,14 @@ def _launch(args: argparse.Namespace) -> int:
         raise LaunchError(f"--gpus must be a positive integer, got {args.gpus}")
     recipe = load_recipe(args.config, args.overrides)
     working = Path(args.working)
+    _, translation = read_recipe_file(args.config)
+    if translation:  # a flat recipe from the Silkie repository: say where each of its keys went
+        _note(
+            f"{args.config} is a flat recipe (the Silkie repository's format); as sections, written to "
+            f"{working / 'config.yaml'}:"
+        )
+        for line in translation:
+            _note(f"  {line}")
     layout = slurm_layout(args.gpus, recipe.slurm.gpus_per_node) if args.gpus is not None else None
     plan = inspect_workdir(working, recipe, force=args.force)
     if plan.state == "finished":
