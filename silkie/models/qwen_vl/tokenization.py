@@ -25,6 +25,7 @@ __all__ = [
     "IMAGE_SLOTS",
     "IMAGE_TAG_TOKENS",
     "MAX_IMAGE_PATH_BYTES",
+    "MAX_WINDOW_SIZE",
     "PAT_STR",
     "SPECIAL_TOKENS",
     "VOCAB_FILE",
@@ -56,6 +57,7 @@ IMAGE_SLOTS = 256
 MAX_IMAGE_PATH_BYTES = 254
 DEFAULT_SYSTEM = "You are a helpful assistant."
 MODEL_MAX_LENGTH = 8192
+MAX_WINDOW_SIZE = 6144  # generation_config.json of Qwen-VL-Chat: history turns are dropped beyond it
 
 
 class TokenizerOutput(dict):
@@ -236,9 +238,13 @@ class QWenTokenizer:
 
     # ------------------------------------------------------------------ decoding
     def decode(self, ids: Any, skip_special_tokens: bool = False, errors: str | None = None, **kwargs: Any) -> str:
-        """Ids (int, list or 1-D tensor) -> text; image spans become `<img>PATH</img>`; unknown ids are skipped.
+        """Ids (int, list or 1-D tensor) -> text, as the original: an image span becomes `<img>PATH</img>`, and
+        with skip_special_tokens=True its PATH stays while the special tokens go.
 
-        With skip_special_tokens=True, special tokens and whole image spans are dropped.
+        Where the original raises, this decodes what it can (it also decodes partial model output while
+        streaming): a `<img>` without a later `</img>`, or a span that is not path bytes then `<imgpad>`s, is
+        decoded as the tag and ordinary tokens; ids outside the vocabulary (the model's 76 unused rows, -100)
+        are left out; a path that is not valid UTF-8 is decoded with the tokenizer's `errors` ("replace").
         """
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
@@ -261,24 +267,43 @@ class QWenTokenizer:
                 buf += self.decoder[t]
                 continue
             if t not in self.special_decoder:
-                continue  # unknown id (e.g. the model's unused rows, or -100)
-            if t == self.img_start_id and self.img_end_id in ids[i:]:
-                end = ids.index(self.img_end_id, i)
-                slots = ids[i:end]
-                i = end + 1
-                if skip_special_tokens:
-                    continue
-                if self.img_pad_id in slots:
-                    slots = slots[: slots.index(self.img_pad_id)]
-                path = bytes(b for b in slots if 0 <= b < 256).decode("utf-8", errors=errors)
-                flush()
-                out.append(f"{IMG_START}{path}{IMG_END}")
+                continue
+            span = self._path_span(ids, i) if t == self.img_start_id else None
+            if span is not None:
+                path, i = span
+                if skip_special_tokens:  # the original re-encodes the path as text, then drops the specials
+                    buf += path
+                else:
+                    flush()
+                    out.append(f"{IMG_START}{path.decode('utf-8', errors=errors)}{IMG_END}")
                 continue
             if not skip_special_tokens:
                 flush()
                 out.append(self.special_decoder[t])
         flush()
         return "".join(out)
+
+    def _path_span(self, ids: list[int], start: int) -> tuple[bytes, int] | None:
+        """(PATH bytes, index after `</img>`) for a well-formed span whose slots begin at `start`, else None."""
+        try:
+            end = ids.index(self.img_end_id, start)
+            pad = ids.index(self.img_pad_id, start, end)
+        except ValueError:
+            return None
+        path = ids[start:pad]
+        if not all(isinstance(b, int) and 0 <= b < 256 for b in path):
+            return None
+        return bytes(path), end + 1
+
+    def image_paths(self, ids: Sequence[int]) -> list[str]:
+        """The PATH of every well-formed image span in `ids`, in order (the images a prompt needs)."""
+        ids = list(ids)
+        paths = []
+        for index, t in enumerate(ids):
+            span = self._path_span(ids, index + 1) if t == self.img_start_id else None
+            if span is not None:
+                paths.append(span[0].decode("utf-8", errors=self.errors))
+        return paths
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
         """Decode each sequence of a batch (list of lists or 2-D tensor)."""
@@ -288,20 +313,31 @@ class QWenTokenizer:
 
     # ------------------------------------------------------------------ chat format
     def build_chat_context(
-        self, query: str, history: Sequence[tuple[str, str]] = (), system: str = DEFAULT_SYSTEM
+        self,
+        query: str,
+        history: Sequence[tuple[str, str | None]] = (),
+        system: str = DEFAULT_SYSTEM,
+        max_window_size: int = MAX_WINDOW_SIZE,
     ) -> list[int]:
-        """ChatML prompt ids exactly as the original make_context (roles/contents allow only the 9 tag tokens)."""
+        """ChatML prompt ids exactly as the original make_context (roles/contents allow only the 9 tag tokens).
+
+        `history` holds earlier (query, response) turns, oldest first; a response of None gives the user turn
+        alone. Turns are kept from the newest back while the system turn and the kept turns stay under
+        `max_window_size` tokens (the current query does not count), as the original."""
         enc = self._encode_tags_only
         nl = enc("\n")
 
         def turn(role: str, content: str) -> list[int]:
             return [self.im_start_id, *enc(role), *nl, *enc(content), self.im_end_id]
 
-        ids = turn("system", system)
-        for q, r in history:
-            ids += nl + turn("user", q) + nl + turn("assistant", r)
-        ids += nl + turn("user", query) + nl + [self.im_start_id, *enc("assistant"), *nl]
-        return ids
+        system_ids = turn("system", system)
+        context: list[int] = []
+        for q, r in reversed(history):
+            earlier = nl + turn("user", q) + nl + (turn("assistant", r) if r is not None else [])
+            if len(system_ids) + len(earlier) + len(context) >= max_window_size:
+                break
+            context = earlier + context
+        return system_ids + context + nl + turn("user", query) + nl + [self.im_start_id, *enc("assistant"), *nl]
 
     def encode_answer(self, answer: str, add_eod: bool = True) -> list[int]:
         """Training answer ids: enc(answer) + im_end + enc("\\n") (+ eod when add_eod)."""
