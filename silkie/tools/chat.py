@@ -1,10 +1,12 @@
-"""Single-turn Qwen-VL-Chat answers about an image, streamed token by token (base, adapter, or both)."""
+"""Qwen-VL-Chat answers about an image, streamed token by token (base, adapter, or both); several turns with a
+history (Qwen-VL-Chat's make_context: earlier turns kept while they fit in max_window_size)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,9 @@ from typing import Any
 import torch
 
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, MAX_IMAGE_PATH_BYTES
-from silkie.tools.cli import ToolError, read_image
+from silkie.tools.cli import ToolError, read_image, require_file
+
+Turn = tuple[str, "str | None"]  # (query as the model saw it, response; None: the user turn alone)
 
 BASE_LABEL = "=== base model (adapter disabled) ==="
 DPO_LABEL = "=== DPO model (with adapter) ==="
@@ -39,10 +43,52 @@ def image_reference(path: str | Path) -> str:
     return name if len(name.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES else "image"
 
 
-def build_prompt_ids(tokenizer: Any, image_path: str | Path, question: str, system: str = DEFAULT_SYSTEM) -> list[int]:
-    """Qwen-VL-Chat prompt ids: `Picture 1: <img>PATH</img>\\n{question}` in the ChatML context."""
-    query = tokenizer.from_list_format([{"image": image_reference(image_path)}, {"text": question}])
-    return tokenizer.build_chat_context(query, system=system)
+def image_query(tokenizer: Any, image_path: str | Path | None, question: str) -> str:
+    """The query text: `Picture 1: <img>PATH</img>\\n{question}` (the original's from_list_format), or the question."""
+    if image_path is None:
+        return question
+    return tokenizer.from_list_format([{"image": image_reference(image_path)}, {"text": question}])
+
+
+def build_prompt_ids(
+    tokenizer: Any,
+    image_path: str | Path | None,
+    question: str,
+    system: str = DEFAULT_SYSTEM,
+    history: Iterable[Turn] = (),
+) -> list[int]:
+    """Qwen-VL-Chat prompt ids: the query (with its picture) after the earlier turns, in the ChatML context."""
+    return tokenizer.build_chat_context(image_query(tokenizer, image_path, question), list(history), system=system)
+
+
+def read_history(path: str | Path) -> list[Turn]:
+    """Earlier turns from a JSON file: a list of {"user": ..., "assistant": ... or null} (what --save-history writes)
+    or of [user, assistant] pairs; ToolError naming the file and the entry otherwise."""
+    path = require_file(path, "history file")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ToolError(f"history file {path} is not valid JSON: {err}") from err
+    if not isinstance(entries, list):
+        raise ToolError(f"history file {path}: expected a list of turns, got {type(entries).__name__}")
+    turns = []
+    for index, entry in enumerate(entries):
+        pair = (entry.get("user"), entry.get("assistant")) if isinstance(entry, dict) else entry
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)) or not (
+            pair[1] is None or isinstance(pair[1], str)
+        ):
+            raise ToolError(
+                f'history file {path}: entry {index} must be {{"user": text, "assistant": text or null}} or '
+                "[user, assistant]"
+            )
+        turns.append((pair[0], pair[1]))
+    return turns
+
+
+def write_history(path: str | Path, turns: Iterable[Turn]) -> None:
+    """The conversation as JSON turns, readable by `read_history`."""
+    records = [{"user": user, "assistant": assistant} for user, assistant in turns]
+    Path(path).write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -53,12 +99,14 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 def generate_kwargs(
-    tokenizer: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict, options: GenerationOptions
+    tokenizer: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict | None, options: GenerationOptions
 ) -> dict:
     """Keyword arguments of `model.generate` for one prompt (greedy, or nucleus sampling).
 
     `pixel_values` is the image tensor, or a dict of the family's image inputs (e.g. + `image_grid_thw`).
     """
+    if pixel_values is None:
+        pixel_values = {}
     images = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
     pad = getattr(tokenizer, "eod_id", None)
     kwargs = dict(
@@ -145,9 +193,41 @@ def answer_with_labels(
     return answers
 
 
+@dataclass
+class ChatModel:
+    """A loaded model (+ adapter) for answering, with where and how it runs."""
+
+    model: torch.nn.Module
+    config: Any
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    model_dir: str | Path
+    adapter_dir: str | Path | None
+
+    def to_device(self, images: dict) -> dict:
+        """Image inputs on the model's device (floating ones in its dtype)."""
+        return {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device) for k, v in images.items()
+        }
+
+
+def load_chat_model(
+    model_dir: str | Path, adapter_dir: str | Path | None = None, dtype: str = "auto", device: str = "auto"
+) -> ChatModel:
+    """Load the base model (+ adapter) for answering; the family comes from the folder's config.json."""
+    from silkie.tools.common import family_of, load_model, resolve_device, resolve_tool_dtype
+
+    torch_dtype = resolve_tool_dtype(dtype)
+    target = resolve_device(device)
+    model = load_model(model_dir, adapter_dir, dtype=torch_dtype).to(target)
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return ChatModel(model, config, family_of(model_dir), target, torch_dtype, model_dir, adapter_dir)
+
+
 def chat_once(
     model_dir: str | Path,
-    image: str | Path,
+    image: str | Path | None,
     question: str,
     adapter_dir: str | Path | None = None,
     options: GenerationOptions | None = None,
@@ -156,42 +236,102 @@ def chat_once(
     dtype: str = "auto",
     device: str = "auto",
     write: Callable[[str], Any] | None = None,
+    history: Iterable[Turn] = (),
 ) -> dict[str, str]:
     """Load the model (+adapter), build the prompt, stream the answer(s) to `write`; returns them by name.
 
-    The family comes from the model folder's config.json; `system` applies to Qwen-VL-Chat (the
-    transformers-native families use their chat template's default system turn).
-    """
-    from silkie.tools.common import family_of, load_model, resolve_device, resolve_tool_dtype
-
+    `system` and `history` (earlier turns) apply to Qwen-VL-Chat (the transformers-native families use their chat
+    template's default system turn, and one turn)."""
     if compare and adapter_dir is None:
         raise ToolError("--compare needs --adapter (the base answer is the model with the adapter disabled)")
-    picture = read_image(image)
+    picture = read_image(image) if image is not None else None
+    history = list(history)
+    chat = load_chat_model(model_dir, adapter_dir, dtype, device)
     options = options or GenerationOptions()
-    torch_dtype = resolve_tool_dtype(dtype)
-    target = resolve_device(device)
-    model = load_model(model_dir, adapter_dir, dtype=torch_dtype).to(target)
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    prepare = _qwen_vl_inputs if family_of(model_dir) == "qwen_vl" else _family_inputs
-    tokenizer, input_ids, images = prepare(model_dir, adapter_dir, config, picture, image, question, system)
-    images = {k: v.to(target, torch_dtype) if v.is_floating_point() else v.to(target) for k, v in images.items()}
-    return answer_with_labels(model, tokenizer, input_ids.to(target), images, options, compare, write)
+    if chat.family == "qwen_vl":
+        tokenizer = qwen_vl_tokenizer(chat)
+        input_ids, images = qwen_vl_inputs(chat, tokenizer, image, question, system, history)
+    else:
+        _one_turn_only(chat.family, history)
+        if picture is None:
+            raise ToolError(f"--image is needed for {chat.family}")
+        tokenizer, input_ids, images = _family_inputs(model_dir, adapter_dir, chat.config, picture, image, question)
+    images = chat.to_device(images)
+    return answer_with_labels(chat.model, tokenizer, input_ids.to(chat.device), images, options, compare, write)
 
 
-def _qwen_vl_inputs(model_dir, adapter_dir, config, picture, image, question, system) -> tuple:
-    from silkie.models.qwen_vl import QWenVLImageProcessor
+def converse(
+    model_dir: str | Path,
+    questions: Iterable[str],
+    image: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
+    history: Iterable[Turn] = (),
+    options: GenerationOptions | None = None,
+    system: str = DEFAULT_SYSTEM,
+    dtype: str = "auto",
+    device: str = "auto",
+    write: Callable[[str], Any] | None = None,
+) -> list[Turn]:
+    """Several turns with Qwen-VL-Chat: each question is answered after the earlier turns (its picture, when
+    given, goes with the first one); returns the whole conversation (history included)."""
+    write = write or _stdout_write
+    if image is not None:
+        read_image(image)  # a bad image fails before the model loads
+    turns = list(history)
+    chat = load_chat_model(model_dir, adapter_dir, dtype, device)
+    _one_turn_only(chat.family, turns, several=chat.family != "qwen_vl")
+    options = options or GenerationOptions()
+    tokenizer = qwen_vl_tokenizer(chat)
+    sources = {image_reference(image): image} if image is not None else {}
+    for number, question in enumerate(questions):
+        picture = image if number == 0 else None
+        input_ids, images = qwen_vl_inputs(chat, tokenizer, picture, question, system, turns, sources)
+        answer = stream_answer(chat.model, tokenizer, input_ids.to(chat.device), chat.to_device(images), options, write)
+        write("\n")
+        turns.append((image_query(tokenizer, picture, question), answer))
+    return turns
+
+
+def _one_turn_only(family: str, history: list, several: bool = False) -> None:
+    if history or several:
+        raise ToolError(
+            f"several turns (--history, --interactive) are implemented for qwen_vl (Qwen-VL-Chat), not {family}"
+        )
+
+
+def qwen_vl_tokenizer(chat: ChatModel) -> Any:
+    """The run's Qwen-VL tokenizer (the adapter folder's copy when it has one)."""
     from silkie.tools.common import load_tokenizer_from
 
-    tokenizer = load_tokenizer_from(model_dir, adapter_dir)
-    pixel_values = QWenVLImageProcessor(config.visual["image_size"])([picture])
+    return load_tokenizer_from(chat.model_dir, chat.adapter_dir)
+
+
+def qwen_vl_inputs(
+    chat: ChatModel,
+    tokenizer: Any,
+    image: str | Path | None,
+    question: str,
+    system: str,
+    history: list,
+    sources: dict[str, str | Path] | None = None,
+) -> tuple:
+    """(prompt ids [1, L], image inputs): every picture the prompt's `<img>` spans name, in order, read from its
+    path as the original does (`sources`: the file behind a shortened reference, e.g. the --image file)."""
+    from silkie.models.qwen_vl import QWenVLImageProcessor
+
+    ids = build_prompt_ids(tokenizer, image, question, system, history)
+    sources = {**(sources or {}), **({image_reference(image): image} if image is not None else {})}
+    paths = tokenizer.image_paths(ids)  # history turns beyond max_window_size are gone, with their pictures
+    if not paths:
+        return torch.tensor([ids]), {}
+    pictures = [read_image(sources.get(path, path)) for path in paths]
     return (
-        tokenizer,
-        torch.tensor([build_prompt_ids(tokenizer, image, question, system)]),
-        {"pixel_values": pixel_values},
+        torch.tensor([ids]),
+        {"pixel_values": QWenVLImageProcessor(chat.config.visual["image_size"])(pictures)},
     )
 
 
-def _family_inputs(model_dir, adapter_dir, config, picture, image, question, system) -> tuple:
+def _family_inputs(model_dir, adapter_dir, config, picture, image, question) -> tuple:
     """Qwen2-VL / LLaVA: the codec's prompt, the image marker expanded to the picture's token count."""
     from silkie.config import ModelSection
     from silkie.data.collator import expand_marker
