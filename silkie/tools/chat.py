@@ -331,8 +331,9 @@ def qwen_vl_inputs(
     )
 
 
-def _family_inputs(model_dir, adapter_dir, config, picture, image, question) -> tuple:
-    """Qwen2-VL / LLaVA: the codec's prompt, the image marker expanded to the picture's token count."""
+def _family_inputs(model_dir, adapter_dir, config, picture, image, question, system: str = "") -> tuple:
+    """Qwen2-VL / LLaVA: the codec's prompt, the image marker expanded to the picture's token count (`system` is
+    not used: these families' chat templates bring their own system turn)."""
     from silkie.config import ModelSection
     from silkie.data.collator import expand_marker
     from silkie.models.family import get_family
