@@ -10,7 +10,7 @@ from pathlib import Path
 
 from silkie.config import load_recipe
 from silkie.errors import InputError
-from silkie.launch.workdir import ERROR_NAME, record_error
+from silkie.run_dir import ERROR_NAME, record_error
 
 
 def main(argv: list[str] | None = None) -> int:

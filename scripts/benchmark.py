@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> list:
         return compare_with_trl(args)
     import torch
 
-    from silkie.bench import build_model, format_table, measure, official_config, results_json, tiny_config
     from silkie.config import LoraSection
+    from silkie.dev.bench import build_model, format_table, measure, official_config, results_json, tiny_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,8 +103,8 @@ def compare_with_trl(args: argparse.Namespace) -> list:
     """TRL's DPOTrainer vs ours on a transformers-native family."""
     import torch
 
-    from silkie.bench import format_table, results_json
-    from silkie.bench_trl import run
+    from silkie.dev.bench import format_table, results_json
+    from silkie.dev.bench_trl import run
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from silkie.config import DataSection
     from silkie.data.build import prepare_data
-    from silkie.data.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
     from silkie.models.qwen_vl import QWenTokenizer
-    from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="silkie-databench-"))
     data_dir, model_dir = root / "vlfeedback", root / "tiny-qwen-vl"

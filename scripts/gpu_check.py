@@ -32,8 +32,8 @@ def stage_correctness(device: str) -> dict:
     """Tiny model: GPU logits vs CPU fp32; optimized vs plain DPO step on the device."""
     import torch
 
-    from silkie.bench import tiny_config
     from silkie.config import LoraSection
+    from silkie.dev.bench import tiny_config
     from silkie.dpo.step import StepOptions, encode_images_once, score_answers
     from silkie.models.loading import apply_lora
     from silkie.models.qwen_vl import QWenLMHeadModel
@@ -117,8 +117,8 @@ def stage_full_size(device: str, tiny: bool, dtype_name: str) -> tuple[dict, obj
     """Official-size model on the device: one DPO step per path (checkpointing) and greedy generation."""
     import torch
 
-    from silkie.bench import PATHS, build_model, official_config, synthetic_batch, tiny_config, train_step
     from silkie.config import DPOSection, LoraSection
+    from silkie.dev.bench import PATHS, build_model, official_config, synthetic_batch, tiny_config, train_step
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     config = tiny_config() if tiny else official_config()
@@ -160,8 +160,8 @@ def stage_profile(model, config, device: str) -> list[str]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from silkie.bench import PATHS, synthetic_batch, train_step
     from silkie.config import DPOSection
+    from silkie.dev.bench import PATHS, synthetic_batch, train_step
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     batch = synthetic_batch(config, 8, 40, 150, seed=5)
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"results": [r.__dict__ for r in results]}
 
     def profile_stage() -> dict:
-        from silkie.bench import build_model, official_config, tiny_config
         from silkie.config import LoraSection
+        from silkie.dev.bench import build_model, official_config, tiny_config
 
         config = tiny_config() if args.tiny else official_config()
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -27,10 +27,10 @@ FOLDERS = {
 def builder(family: str):
     """The tiny-checkpoint builder of a family."""
     if family == "qwen_vl":
-        from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
+        from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
         return build_tiny_checkpoint
-    from silkie.models.hf_vlm import tiny
+    from silkie.dev import tiny_hf_vlm as tiny
 
     return {
         "qwen2_vl": tiny.build_tiny_qwen2_vl,
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from silkie.data.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
 
     out = Path(args.out)
     data_dir = out / "vlfeedback"

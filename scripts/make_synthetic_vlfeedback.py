@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Generate the files and print a one-line JSON summary."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from silkie.data.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
 
     args = parse_args(argv)
     start = time.perf_counter()

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
 
-    from silkie.models.hf_vlm import tiny
+    from silkie.dev import tiny_hf_vlm as tiny
 
     build = {
         "qwen2_vl": tiny.build_tiny_qwen2_vl,

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where to create the weights (cuda is much faster)")
     args = parser.parse_args(argv)
 
-    from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
     out = build_tiny_checkpoint(
         args.out_dir,

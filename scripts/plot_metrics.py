@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Write the figure and print its path."""
-    from silkie.plotting import plot_metrics
+    from silkie.train.plots import plot_metrics
 
     run_dir = require_dir(args.run_dir, "run directory")
     if args.out:

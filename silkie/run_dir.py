@@ -1,5 +1,12 @@
-"""Checkpoints in a run directory: their names, which one a run resumes, and whether it is intact. Torch-free.
+"""The working directory of a run: every name in it and every rule about it. Torch-free.
 
+`<working>/` holds the resolved recipe (`config.yaml`), `checkpoint-N/` (staged as `tmp-checkpoint-N/`),
+`metrics.jsonl`, tensorboard logs in `runs/`, the reference cache in `reference_logps/`, tokenized data in
+`cache/`, and at the end `adapter/`, `final_metrics.json`, `training_curves.png` and the `FINISHED` marker; an
+input error that stopped a start is kept in `ERROR`; Slurm scripts and logs go to `slurm/`; `--force` moves old
+outputs into `backup-<time>/`.
+
+Checkpoints:
 A checkpoint is written as `tmp-checkpoint-N`, gets a manifest of its files (sizes and SHA-256) written last, and
 is renamed to `checkpoint-N`. Before a resume the newest checkpoint is checked against its manifest (a checkpoint
 from before manifests: its JSON, safetensors and torch zip files are checked for structure); one that fails is
@@ -21,6 +28,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+CONFIG_NAME = "config.yaml"
+FINISHED_NAME = "FINISHED"
+ERROR_NAME = "ERROR"  # the one-line input error that stopped the last start (a rerun would repeat it)
+METRICS_NAME = "metrics.jsonl"
+FINAL_METRICS_NAME = "final_metrics.json"
+PLOT_NAME = "training_curves.png"
+ADAPTER_DIR = "adapter"
+TENSORBOARD_DIR = "runs"
+REFERENCE_DIR = "reference_logps"
+CACHE_DIR = "cache"
+SLURM_DIR = "slurm"
+BACKUP_PREFIX = "backup-"
+# What a finished run leaves behind that a new run in the same folder would overwrite.
+FINISHED_OUTPUTS = (CONFIG_NAME, FINISHED_NAME, FINAL_METRICS_NAME, ADAPTER_DIR, PLOT_NAME)
+# What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
+RUN_HISTORY = (METRICS_NAME, TENSORBOARD_DIR, REFERENCE_DIR)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = "tmp-checkpoint"
 STAGING_RE = re.compile(r"^tmp-checkpoint-(\d+)$")
@@ -30,6 +53,17 @@ RUN_LAYOUT_FILE = "silkie_run.json"  # in each checkpoint: the number of process
 TRAINER_STATE_NAME = "trainer_state.json"
 _HASH_THREADS = 8  # hashlib releases the GIL on large reads: several files hash at once
 _BLOCK = 1 << 24
+
+
+def record_error(working: str | Path, message: str) -> bool:
+    """Write `message` to `working/ERROR` for the launcher unless another process of the run already did; True
+    when this call wrote it."""
+    try:
+        with open(Path(working) / ERROR_NAME, "x") as handle:
+            handle.write(message + "\n")
+    except OSError:  # FileExistsError (the first rank to fail wrote it), no run directory, a full disk
+        return False
+    return True
 
 
 def checkpoints(working: Path) -> list[Path]:

@@ -10,8 +10,8 @@ from PIL import Image
 
 from silkie.config import LoraSection, ModelSection
 from silkie.data.collator import PairCollator
+from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 from silkie.models.family import get_family
-from silkie.models.hf_vlm.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 from silkie.models.loading import apply_lora, load_base_model, load_tokenizer
 
 BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "llava": build_tiny_llava}

@@ -66,8 +66,8 @@ def make_text_speaking(model_dir: Path) -> None:
 
 def build_trained_run(root: Path) -> TrainedRun:
     """Tiny checkpoint + synthetic release + a 6-step LoRA DPO run of the demo recipe (about 15 s on a CPU)."""
-    from silkie.data.synthetic import write_synthetic_vlfeedback
-    from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
     model_dir, data_dir, run_dir = root / "tiny-qwen-vl", root / "vlfeedback", root / "run"
     build_tiny_checkpoint(model_dir)

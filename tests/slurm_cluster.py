@@ -25,8 +25,8 @@ SLURM_BINARIES = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "slurmctld
 
 def make_demo_assets(root: Path, n: int = 80) -> dict[str, Path]:
     """Tiny Qwen-VL checkpoint + synthetic VLFeedback (n rows) under `root`."""
-    from silkie.data.synthetic import write_synthetic_vlfeedback
-    from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
     model = build_tiny_checkpoint(root / "tiny-qwen-vl")
     write_synthetic_vlfeedback(root / "vlfeedback", n=n, seed=0)

@@ -87,7 +87,7 @@ def test_a_clash_made_by_an_override_names_the_file_and_the_overrides(tmp_path):
 
 
 def test_save_strategy_best_needs_evaluations_and_ranks_by_eval_loss(tmp_path):
-    from silkie.train_args import training_arguments
+    from silkie.train.arguments import training_arguments
 
     with pytest.raises(RecipeError, match="training.save_strategy = 'best' needs evaluations"):
         load_recipe(DEMO, ["training.save_strategy=best", "training.eval_strategy=no"])

@@ -190,11 +190,11 @@ def test_checkpoint_of_another_family_and_hub_ids(tmp_path, monkeypatch):
     resolved to its snapshot in the hub cache (offline here), and an uncached one is a one-line InputError."""
     import shutil
 
+    from silkie.dev.tiny_hf_vlm import build_tiny_qwen2_vl
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
     from silkie.errors import InputError
     from silkie.models.family import get_family
-    from silkie.models.hf_vlm.tiny import build_tiny_qwen2_vl
     from silkie.models.loading import local_checkpoint
-    from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
 
     qwen2 = build_tiny_qwen2_vl(tmp_path / "qwen2")
     with pytest.raises(InputError, match=r"holds a 'qwen2_vl' checkpoint, not a qwen_vl model \(model_type qwen\)"):

@@ -12,7 +12,7 @@ from silkie.data.formatting import encode_pair, format_query, tokenize_pairs
 from silkie.data.images import ZipImageStore
 from silkie.data.pairs import PairReport, PreferencePair, build_vlfeedback_pairs
 from silkie.data.sources import load_vlfeedback_jsonl
-from silkie.data.synthetic import write_synthetic_vlfeedback
+from silkie.dev.synthetic import write_synthetic_vlfeedback
 from silkie.models.qwen_vl.family import QwenVLCodec
 from silkie.models.qwen_vl.image_processing import QWenVLImageProcessor
 from silkie.models.qwen_vl.tokenization import IMAGE_SLOTS, QWenTokenizer

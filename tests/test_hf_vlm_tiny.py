@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import is_torchvision_available
 
-from silkie.models.hf_vlm.tiny import (
+from silkie.dev.tiny_hf_vlm import (
     LLAVA_IMAGE_SIZE,
     PATCH_SIZE,
     QWEN2_VL_SPECIAL_TOKENS,

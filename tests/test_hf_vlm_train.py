@@ -21,7 +21,7 @@ RECIPES = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo_qwen2_vl", "llava": 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from silkie.data.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
 
     root = tmp_path_factory.mktemp("vlfeedback")
     write_synthetic_vlfeedback(root, n=200, seed=0)

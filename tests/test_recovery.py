@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from silkie.dpo.guards import NonFiniteGradientError, NonFiniteWeightsError
 from silkie.run_dir import MANIFEST_NAME, checkpoint_status, latest_checkpoint, resume_plan, verify_checkpoint
+from silkie.train.guards import NonFiniteGradientError, NonFiniteWeightsError
 
 from .train_fixtures import FAST, asset_overrides, read_metrics, run_in_process
 
@@ -101,7 +101,7 @@ def test_checkpoints_without_a_manifest_are_checked_for_structure(six_steps, tmp
 def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_optimizer_step(assets, tmp_path, monkeypatch):
     """Without clipping (max_grad_norm 0) the optimizer applied a NaN gradient and the next save wrote NaN weights,
     which a relaunch then resumed."""
-    from silkie.dpo.trainer import SilkieDPOTrainer
+    from silkie.train.trainer import SilkieDPOTrainer
 
     original = SilkieDPOTrainer.training_step
 
@@ -127,7 +127,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_optimizer_ste
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(assets, tmp_path, monkeypatch):
-    from silkie.callbacks import PreemptionCallback
+    from silkie.train.preemption import PreemptionCallback
 
     original = PreemptionCallback.on_step_end
 

@@ -103,7 +103,7 @@ def test_group_by_length_resume_in_a_later_epoch_on_two_ranks(assets, tmp_path):
 
 
 def test_a_checkpoint_is_not_resumed_with_another_number_of_processes(tmp_path):
-    from silkie.dpo.trainer import ResumeError, check_resume_layout
+    from silkie.train.trainer import ResumeError, check_resume_layout
 
     checkpoint = tmp_path / "checkpoint-40"
     checkpoint.mkdir()
@@ -145,7 +145,7 @@ def test_a_signal_during_the_last_save_still_finishes_the_run(assets, tmp_path, 
     instead of stopping as preempted (on several ranks, only the signalled one would have gone to teardown)."""
     import signal as signals
 
-    from silkie.dpo.trainer import SilkieDPOTrainer
+    from silkie.train.trainer import SilkieDPOTrainer
 
     original = SilkieDPOTrainer._save_checkpoint
 
@@ -186,7 +186,7 @@ def test_ctrl_c_stops_at_once_before_training_and_after_a_step_once_training_beg
 
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from silkie.callbacks import PreemptionCallback
+    from silkie.train.preemption import PreemptionCallback
 
     handlers = {sig: signals.getsignal(sig) for sig in (signals.SIGINT, signals.SIGTERM, signals.SIGUSR1)}
     try:
@@ -215,7 +215,7 @@ def test_ctrl_c_during_the_reference_precompute_stops_at_once(assets, tmp_path, 
     instead of finishing the pass (longer than torchrun's shutdown grace on real data)."""
     import signal as signals
 
-    import silkie.dpo.reference as reference
+    import silkie.train.reference as reference
 
     original, calls = reference.compute_reference_table, []
 
@@ -242,7 +242,7 @@ def test_ctrl_c_during_a_mid_run_evaluation_saves_that_step_at_once(assets, tmp_
     evaluation (minutes on the paper's held-out set) and training one more step before saving."""
     import signal as signals
 
-    from silkie.dpo.trainer import SilkieDPOTrainer
+    from silkie.train.trainer import SilkieDPOTrainer
 
     original, seen = SilkieDPOTrainer.prediction_step, []
 

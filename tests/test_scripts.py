@@ -146,7 +146,7 @@ def test_merge_lora_never_deletes_its_inputs_or_an_old_output_on_failure(trained
 def test_an_adapter_of_another_family_is_refused_in_one_line(trained, tmp_path, capsys):
     """A Qwen-VL-Chat adapter on a Qwen2-VL base (or the reverse) names both folders, in merge_lora and
     evaluate_pairs alike (transformers' processor loader used to fail with a traceback)."""
-    from silkie.models.hf_vlm.tiny import build_tiny_qwen2_vl
+    from silkie.dev.tiny_hf_vlm import build_tiny_qwen2_vl
 
     other = build_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
     capsys.readouterr()
@@ -252,7 +252,7 @@ def test_plot_metrics_writes_png(trained, tmp_path, capsys):
 
 def test_metrics_after_a_resume_plot_in_step_order_and_a_torn_line_is_skipped(tmp_path):
     """A killed run may leave a half-written line and steps that the resumed run logs again."""
-    from silkie.plotting import read_metrics, series
+    from silkie.train.plots import read_metrics, series
 
     lines = ['{"step": 1, "loss": 0.7}', '{"step": 2, "loss": 0.6}', '{"step": 3, "lo', '{"step": 2, "loss": 0.65}']
     lines.append('{"step": 3, "loss": 0.5}')
@@ -263,7 +263,7 @@ def test_metrics_after_a_resume_plot_in_step_order_and_a_torn_line_is_skipped(tm
 
     from types import SimpleNamespace
 
-    from silkie.callbacks import MetricsJsonlCallback
+    from silkie.train.metrics import MetricsJsonlCallback
 
     path = tmp_path / "resumed.jsonl"
     path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo')  # killed mid-write
@@ -283,7 +283,7 @@ def test_plot_metrics_without_metrics_is_one_line_error(tmp_path):
 # ----- prepare_vlfeedback -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def broken_release(tmp_path_factory) -> tuple[Path, dict, dict]:
-    from silkie.data.synthetic import load_metadata, write_synthetic_vlfeedback
+    from silkie.dev.synthetic import load_metadata, write_synthetic_vlfeedback
 
     root = tmp_path_factory.mktemp("release")
     summary = write_synthetic_vlfeedback(root, n=30, seed=3, bad_rows=4)

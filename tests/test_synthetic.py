@@ -15,7 +15,7 @@ import pytest
 from silkie.data.images import ZipImageStore
 from silkie.data.pairs import build_vlfeedback_pairs
 from silkie.data.sources import load_vlfeedback_jsonl
-from silkie.data.synthetic import COLOURS, NUMBER_WORDS, load_metadata, write_synthetic_vlfeedback
+from silkie.dev.synthetic import COLOURS, NUMBER_WORDS, load_metadata, write_synthetic_vlfeedback
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_vlfeedback.py"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from silkie.config import recipe_from_dict
-from silkie.train_args import deepspeed_config, training_arguments
+from silkie.train.arguments import deepspeed_config, training_arguments
 
 
 def recipe(**sections):
@@ -45,7 +45,7 @@ def test_deepspeed_sections():
 def test_length_grouped_order_depends_only_on_seed_and_epoch():
     import torch
 
-    from silkie.dpo.trainer import EpochSeededLengthSampler
+    from silkie.train.trainer import EpochSeededLengthSampler
 
     lengths = [int(n) for n in torch.randint(10, 500, (200,), generator=torch.Generator().manual_seed(0))]
     first = EpochSeededLengthSampler(8, lengths=lengths, seed=42)
@@ -64,7 +64,7 @@ def test_length_grouped_order_depends_only_on_seed_and_epoch():
 
 def test_launch_cpu_trains_on_the_cpu_even_where_cuda_is_visible(tmp_path, monkeypatch):
     """Slurm hands a CPU-mode job step its GPUs anyway: launch.cpu must win over what CUDA reports."""
-    import silkie.train_args as train_args
+    import silkie.train.arguments as train_args
 
     monkeypatch.setattr(train_args.torch.cuda, "is_available", lambda: True)
     on_cpu = training_arguments(recipe(launch={"cpu": True}, training={"report_to": "none"}), tmp_path, bf16=False)

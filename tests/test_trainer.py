@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from silkie.dpo.trainer import NonFiniteLossError
 from silkie.train import latest_checkpoint
+from silkie.train.trainer import NonFiniteLossError
 
 from .train_fixtures import (
     FAST,
@@ -327,7 +327,7 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
 
     from accelerate import Accelerator
 
-    from silkie.dpo.trainer import SilkieDPOTrainer
+    from silkie.train.trainer import SilkieDPOTrainer
 
     fake = SimpleNamespace(
         accelerator=Accelerator(cpu=True), _metrics={"train": defaultdict(list), "eval": defaultdict(list)}

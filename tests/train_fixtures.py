@@ -26,8 +26,8 @@ def read_metrics(working: Path) -> list[dict]:
 
 def make_assets(root: Path, n: int = 600) -> dict[str, Path]:
     """Tiny checkpoint + synthetic VLFeedback under `root`; returns the paths."""
-    from silkie.data.synthetic import write_synthetic_vlfeedback
-    from silkie.models.qwen_vl.tiny import build_tiny_checkpoint
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
     model = build_tiny_checkpoint(root / "tiny-qwen-vl")
     write_synthetic_vlfeedback(root / "vlfeedback", n=n, seed=0)

@@ -1,5 +1,9 @@
-"""The one list of model families and of preference losses and f-divergences (TRL 1.16's names). Torch-free."""
+"""The one list of model families, of preference losses and f-divergences (TRL 1.16's names), and the shape of a
+hub id. Torch-free."""
 
+import re
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a model hub id, "org/name" (else model.path is a folder)
 FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "llava")  # keys of silkie.models.family.FAMILY_CLASSES
 
 LOSS_TYPES = (

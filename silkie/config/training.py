@@ -3,7 +3,7 @@ allowed values and ranges.
 
 Kept as a plain table so the launcher can validate recipes without importing torch.
 `warmup_ratio` and `gradient_checkpointing`/`group_by_length` are accepted as the names users know
-and translated by `silkie.train_args`.
+and translated by `silkie.train.arguments`.
 """
 
 from __future__ import annotations

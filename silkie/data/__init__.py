@@ -1,4 +1,4 @@
-"""Data: VLFeedback / preference-file loading, pair building, splitting, synthetic data, tokenization.
+"""Data: VLFeedback / preference-file loading, pair building, splitting, tokenization.
 
 `formatting` and `collator` (which import torch / the tokenizer) are loaded on first access.
 """

@@ -1,1 +1,1 @@
-"""DPO: losses, answer log-probabilities, reference handling and the trainer."""
+"""DPO: the preference losses and the step that scores answers (plain and efficient paths)."""

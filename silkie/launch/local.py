@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from silkie.config import Recipe
-from silkie.run_dir import checkpoint_status
+from silkie.run_dir import ADAPTER_DIR, CONFIG_NAME, ERROR_NAME, FINISHED_NAME, checkpoint_status
 
-from .workdir import CONFIG_NAME, ERROR_NAME, EXIT_USAGE, FINISHED_NAME, LaunchError
+from .workdir import EXIT_USAGE, LaunchError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_dpo.py"
 TORCHRUN_ENTRY = Path(__file__).resolve().with_name("torchrun_entry.py")  # torchrun, quiet after an input error
 # torchrun turns these into a clean shutdown that forwards the same signal to every worker; the workers
-# (silkie.callbacks.PreemptionCallback) answer SIGUSR1 and SIGTERM with checkpoint-and-exit-0.
+# (silkie.train.preemption.PreemptionCallback) answer SIGUSR1 and SIGTERM with checkpoint-and-exit-0.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 LOCAL_SHUTDOWN_TIMEOUT_S = 120
 SIGNAL_FORWARDING_TORCH = (2, 9)  # the first torchrun that forwards SIGUSR1 to its workers
@@ -250,7 +250,7 @@ def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> 
 def _report(working: Path, code: int, received: int | None) -> int:
     """Tell the user where the run stands; map the outcome to the launcher's exit code."""
     if (working / FINISHED_NAME).exists():
-        print(f"[launch] finished: adapter in {working / 'adapter'}", flush=True)
+        print(f"[launch] finished: adapter in {working / ADAPTER_DIR}", flush=True)
         return 0
     intact = checkpoint_status(working)
     resume = "run the same command again to resume"

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from silkie.config import Recipe
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name"
+from silkie.config.names import HUB_ID
 
 
 def _hub_id_problem(key: str, value: str) -> str | None:

@@ -25,12 +25,11 @@ from pathlib import Path
 
 from silkie.config import Recipe
 from silkie.config.sections import SLURM_SIGNALS
-from silkie.run_dir import checkpoint_status
+from silkie.run_dir import ADAPTER_DIR, FINISHED_NAME, SLURM_DIR, checkpoint_status
 
 from .local import torchrun_env, torchrun_prefix, train_command
-from .workdir import FINISHED_NAME, LaunchError
+from .workdir import LaunchError
 
-SLURM_DIR = "slurm"
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -297,7 +296,7 @@ def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0
         return 130
     _stream(log_path, offset, decoder)
     if (working / FINISHED_NAME).exists():
-        print(f"[launch] job {job_id} {state or 'ended'}: finished, adapter in {working / 'adapter'}", flush=True)
+        print(f"[launch] job {job_id} {state or 'ended'}: finished, adapter in {working / ADAPTER_DIR}", flush=True)
         return 0
     print(
         f"[launch] job {job_id} ended {state or 'in an unknown state'} (exit code {exit_code or '?'}) "

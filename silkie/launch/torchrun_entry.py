@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-ERROR_NAME = "ERROR"  # silkie.launch.workdir.ERROR_NAME (not imported: this file runs without the silkie package)
+ERROR_NAME = "ERROR"  # silkie.run_dir.ERROR_NAME (not imported: this file runs without the silkie package)
 EXIT_INPUT_ERROR = 2
 
 

@@ -17,17 +17,19 @@ import yaml
 
 from silkie.config import Recipe, RecipeError, parse_yaml, recipe_from_dict, save_recipe
 from silkie.config.yaml_io import yaml_error
-from silkie.run_dir import CORRUPT_PREFIX, resume_plan
-
-CONFIG_NAME = "config.yaml"
-FINISHED_NAME = "FINISHED"
-ERROR_NAME = "ERROR"  # the one-line input error that stopped the last start (a rerun would repeat it)
-# What a finished run leaves behind that a new run in the same folder would overwrite.
-FINISHED_OUTPUTS = ("config.yaml", "FINISHED", "final_metrics.json", "adapter", "training_curves.png")
-# What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
-RUN_HISTORY = ("metrics.jsonl", "runs", "reference_logps")
-BACKUP_PREFIX = "backup-"
-
+from silkie.run_dir import (
+    ADAPTER_DIR,
+    BACKUP_PREFIX,
+    CONFIG_NAME,
+    CORRUPT_PREFIX,
+    ERROR_NAME,
+    FINISHED_NAME,
+    FINISHED_OUTPUTS,
+    RUN_HISTORY,
+    SLURM_DIR,
+    TENSORBOARD_DIR,
+    resume_plan,
+)
 
 EXIT_USAGE = 2  # the launcher's exit code for a refusal or bad input
 
@@ -49,17 +51,6 @@ class WorkdirPlan:
     @property
     def config_path(self) -> Path:
         return self.working / CONFIG_NAME
-
-
-def record_error(working: str | Path, message: str) -> bool:
-    """Write `message` to `working/ERROR` for the launcher unless another process of the run already did; True
-    when this call wrote it."""
-    try:
-        with open(Path(working) / ERROR_NAME, "x") as handle:
-            handle.write(message + "\n")
-    except OSError:  # FileExistsError (the first rank to fail wrote it), no run directory, a full disk
-        return False
-    return True
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,7 +144,7 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
 
 def _holds_training_output(working: Path) -> bool:
     """True when a run left something a new recipe must not silently replace (checkpoints, metrics, outputs)."""
-    names = [name for name in FINISHED_OUTPUTS + RUN_HISTORY if name not in (CONFIG_NAME, "runs")]
+    names = [name for name in FINISHED_OUTPUTS + RUN_HISTORY if name not in (CONFIG_NAME, TENSORBOARD_DIR)]
     return any((working / name).exists() for name in names) or any(working.glob("*checkpoint-*"))
 
 
@@ -165,7 +156,7 @@ def _finished_message(working: Path) -> str:
         pass
     return (
         f"{working} holds a finished run of this recipe (FINISHED{step}); nothing to do "
-        f"(adapter: {working / 'adapter'}; use another --working to train again)"
+        f"(adapter: {working / ADAPTER_DIR}; use another --working to train again)"
     )
 
 
@@ -224,6 +215,6 @@ def undo_prepare(plan: WorkdirPlan, created: bool) -> None:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     if created:
-        for folder in (plan.working / "slurm", plan.working):
+        for folder in (plan.working / SLURM_DIR, plan.working):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

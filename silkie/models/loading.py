@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from silkie.config import LoraSection, ModelSection
+from silkie.config.names import HUB_ID
 from silkie.errors import InputError
-from silkie.launch.preflight import HUB_ID
 from silkie.models.family import ModelFamily, PairCodec, get_family
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from silkie.config.names import BATCH_LEVEL_LOSS_TYPES
 from silkie.errors import InputError
+from silkie.run_dir import ADAPTER_DIR, CACHE_DIR, CONFIG_NAME
 from silkie.tools.cli import ToolError, require_dir, require_file
 
 METRIC_ROWS = (
@@ -148,7 +149,7 @@ def summarize(table: PairTable) -> dict[str, float | int]:
 def _split_dataset(run_dir: Path, recipe: Any, tokenizer: Any, split: str) -> tuple[Any, Any]:
     from silkie.data.build import prepare_data
 
-    cache_dir = recipe.data.cache_dir or run_dir / "cache"
+    cache_dir = recipe.data.cache_dir or run_dir / CACHE_DIR
     try:
         data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, cache_dir)
     except FileNotFoundError as err:
@@ -179,10 +180,10 @@ def evaluate_run(
 
     run_dir = require_dir(run_dir, "run directory")
     try:
-        recipe = load_recipe(require_file(run_dir / "config.yaml", "run recipe"))
+        recipe = load_recipe(require_file(run_dir / CONFIG_NAME, "run recipe"))
     except RecipeError as err:
         raise ToolError(str(err)) from err
-    adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / "adapter"
+    adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / ADAPTER_DIR
     if not adapter_dir.is_dir():  # an interrupted run has checkpoints but no final adapter yet
         from silkie.run_dir import latest_checkpoint
 

@@ -22,7 +22,7 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
     """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds applied (Qwen2-VL)."""
     from transformers import AutoProcessor
 
-    from .tiny import register_qwen2_vl_processor
+    from .processors import register_qwen2_vl_processor
 
     register_qwen2_vl_processor()  # without torchvision, Qwen2-VL's processor loads image-only
     processor = AutoProcessor.from_pretrained(path)

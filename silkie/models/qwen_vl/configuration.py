@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -111,3 +113,11 @@ class QWenConfig(PreTrainedConfig):
     def image_start_id(self) -> int:
         """Token id of `<img>`; `</img>` and `<imgpad>` follow it."""
         return int(self.visual["image_start_id"])
+
+
+OFFICIAL_CONFIG = Path(__file__).resolve().with_name("qwen_vl_chat_config.json")
+
+
+def official_config() -> QWenConfig:
+    """Qwen-VL-Chat's published config (9.6B parameters), shipped beside this module."""
+    return QWenConfig(**json.loads(OFFICIAL_CONFIG.read_text()))

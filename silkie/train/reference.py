@@ -132,7 +132,7 @@ class ReferenceCache:
         def score(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             features = None
             if trainer.step_options.image_once:
-                from .step import encode_images_once
+                from silkie.dpo.step import encode_images_once
 
                 features = encode_images_once(model, batch)
             return trainer.reference_scores(model, batch, features, use_table=False)

@@ -14,11 +14,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from silkie.callbacks import MetricsJsonlCallback, PreemptionCallback
 from silkie.config import Recipe, RecipeError, save_recipe
-from silkie.dpo.guards import disk_space_guard
-from silkie.launch.workdir import FINISHED_NAME  # the launcher's names and rules
-from silkie.run_dir import latest_checkpoint, remove_staging, resumable_checkpoint
+from silkie.run_dir import (
+    ADAPTER_DIR,
+    CACHE_DIR,
+    CONFIG_NAME,
+    FINAL_METRICS_NAME,
+    FINISHED_NAME,
+    METRICS_NAME,
+    REFERENCE_DIR,
+    TENSORBOARD_DIR,
+    latest_checkpoint,
+    remove_staging,
+    resumable_checkpoint,
+)
+
+from .guards import disk_space_guard
+from .metrics import MetricsJsonlCallback
+from .preemption import PreemptionCallback
 
 __all__ = ["latest_checkpoint", "remove_staging", "run_training"]
 EXIT_PREEMPTED = 0
@@ -40,8 +53,6 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     from silkie.data.build import prepare_data
     from silkie.data.collator import PairCollator
     from silkie.data.images import DECODE_VERSION
-    from silkie.dpo.reference import ReferenceCache
-    from silkie.dpo.trainer import SilkieDPOTrainer, check_resume_layout
     from silkie.models.family import get_family
     from silkie.models.loading import (
         build_frozen_reference,
@@ -50,8 +61,10 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         local_checkpoint,
         resolve_dtype,
     )
-    from silkie.plotting import plot_metrics
-    from silkie.train_args import training_arguments
+    from silkie.train.arguments import training_arguments
+    from silkie.train.plots import plot_metrics
+    from silkie.train.reference import ReferenceCache
+    from silkie.train.trainer import SilkieDPOTrainer, check_resume_layout
 
     preemption = PreemptionCallback()  # from the start: a signal during data or model loading stops after step 1
     working = Path(working)
@@ -59,8 +72,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     if _is_main():
         for path in remove_staging(working):
             _say(f"removed half-written {path.name} from an interrupted run")
-        if not (working / "config.yaml").exists():
-            save_recipe(recipe, working / "config.yaml")
+        if not (working / CONFIG_NAME).exists():
+            save_recipe(recipe, working / CONFIG_NAME)
     dtype = resolve_dtype(recipe.model.dtype)
     args = training_arguments(recipe, working, bf16=dtype == torch.bfloat16)  # before the model: ZeRO-3 init
     _ = args.device  # starts the process group now, so ZeRO-3 partitions the weights across all ranks at load
@@ -79,7 +92,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
             "(e.g. 200704 = 448x448 -> 256 tokens) or raise dpo.max_length"
         )
     with args.main_process_first(desc="tokenizing pairs"):
-        data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, recipe.data.cache_dir or working / "cache")
+        data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, recipe.data.cache_dir or working / CACHE_DIR)
     _say(f"data: {data.report.summary()}")
     _say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
@@ -102,7 +115,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         options["image_decode"] = DECODE_VERSION
         if recipe.dpo.ld_alpha is not None:  # LD-DPO weights the reference's answer tokens too
             options["ld_alpha"] = recipe.dpo.ld_alpha
-        reference_cache = ReferenceCache(working / "reference_logps", recipe.model.path, options)
+        reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.path, options)
     trainer = SilkieDPOTrainer(
         model=model,
         args=args,
@@ -113,7 +126,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         ref_model=ref_model,
         reference_cache=reference_cache,
-        callbacks=[MetricsJsonlCallback(working / "metrics.jsonl"), preemption],
+        callbacks=[MetricsJsonlCallback(working / METRICS_NAME), preemption],
     )
     if ref_model is not None:
         trainer.ref_model = _place_reference(trainer, ref_model)
@@ -154,7 +167,7 @@ def _place_reference(trainer, ref_model):
 
 
 def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> dict:
-    adapter_dir = working / "adapter"
+    adapter_dir = working / ADAPTER_DIR
     with disk_space_guard(adapter_dir, working, "the adapter"):
         trainer.save_model(str(adapter_dir))
     metrics: dict = {"step": trainer.state.global_step}
@@ -163,12 +176,12 @@ def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> 
         metrics.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and k != "step"})
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(adapter_dir)
-        (working / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+        (working / FINAL_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         plot = plot_metrics(working)
         (working / FINISHED_NAME).write_text(json.dumps({"step": trainer.state.global_step}))
         accuracy = metrics.get("eval_rewards/accuracies")
         print(f"[silkie] adapter: {adapter_dir}", flush=True)
-        print(f"[silkie] metrics: {working / 'metrics.jsonl'} (tensorboard: {working / 'runs'})", flush=True)
+        print(f"[silkie] metrics: {working / METRICS_NAME} (tensorboard: {working / TENSORBOARD_DIR})", flush=True)
         print(f"[silkie] plot: {plot}", flush=True)
         if accuracy is not None:
             print(f"[silkie] held-out reward accuracy: {accuracy:.3f}", flush=True)

@@ -14,7 +14,6 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import psutil
 import torch
@@ -25,8 +24,8 @@ from silkie.dpo.objective import adapter_reference, batch_dpo_loss
 from silkie.dpo.step import StepOptions
 from silkie.models.loading import apply_lora
 from silkie.models.qwen_vl import QWenConfig
+from silkie.models.qwen_vl.configuration import official_config  # noqa: F401  (the scripts import it from here)
 
-OFFICIAL_CONFIG = Path(__file__).resolve().parent / "models" / "qwen_vl" / "qwen_vl_chat_config.json"
 PATHS = {
     "plain": StepOptions(image_once=False, share_prompt=False, chunked_logps=False),
     "optimized": StepOptions(image_once=True, share_prompt=True, chunked_logps=True),
@@ -55,20 +54,15 @@ class BenchResult:
 
 def tiny_config() -> QWenConfig:
     """The tiny stand-in's architecture (vocabulary as the demo checkpoint)."""
-    from silkie.models.qwen_vl.tiny import tiny_config as make
+    from silkie.dev.tiny_qwen_vl import tiny_config as make
 
     return make(num_ranks=512)
-
-
-def official_config() -> QWenConfig:
-    """Qwen-VL-Chat's published config (9.6B parameters)."""
-    return QWenConfig(**json.loads(OFFICIAL_CONFIG.read_text()))
 
 
 def build_model(config: QWenConfig, device: str, dtype: torch.dtype, lora: LoraSection, checkpointing: bool):
     """Random-weight model created on `device` in `dtype`, LoRA-wrapped, vision frozen, dropout off (the training
     default, `dpo.disable_dropout`)."""
-    from silkie.models.qwen_vl.tiny import random_model
+    from silkie.dev.tiny_qwen_vl import random_model
 
     model = apply_lora(random_model(config, device, dtype), lora, disable_dropout=True)
     if checkpointing:

@@ -1,14 +1,11 @@
-"""Trainer callbacks: metrics as JSON lines, and checkpoint-then-stop on a preemption signal."""
+"""Checkpoint-then-stop on a preemption signal or Ctrl-C, and the all-rank flag it agrees on."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,24 +18,6 @@ def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
-
-
-class MetricsJsonlCallback(TrainerCallback):
-    """Appends every log record (train and eval) to `path` as one JSON object per line (main process only)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-        with self.path.open("a+b") as handle:
-            torn = False
-            if handle.seek(0, os.SEEK_END) > 0:  # a killed run may have left a half-written line: start a fresh one
-                handle.seek(-1, os.SEEK_END)
-                torn = handle.read(1) != b"\n"
-            handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
 
 
 class PreemptionCallback(TrainerCallback):

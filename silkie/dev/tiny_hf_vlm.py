@@ -15,7 +15,6 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
-    AutoProcessor,
     CLIPVisionConfig,
     GenerationConfig,
     LlamaConfig,
@@ -27,15 +26,18 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.utils import is_torchvision_available
+
+from silkie.models.hf_vlm.processors import (
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen2VLProcessor,
+    register_qwen2_vl_processor,
+)
 
 QWEN2_VL_SPECIAL_TOKENS = (  # official order: ids follow the BPE vocabulary (151643.. in the real model)
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -86,7 +88,7 @@ VISION_HIDDEN = 32
 
 def tokenizer_corpus() -> list[str]:
     """The synthetic VLFeedback prompts/answers plus the chat scaffolding of both templates."""
-    from silkie.models.qwen_vl.tiny import demo_corpus
+    from silkie.dev.tiny_qwen_vl import demo_corpus
 
     scaffolding = [QWEN2_VL_SYSTEM, "system\n", "user\n", "assistant\n", "USER: ", " ASSISTANT: ", "Picture 1: "]
     return scaffolding + demo_corpus()
@@ -326,30 +328,3 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(out)
     return out
-
-
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2VLProcessor without the video processor, which transformers 5.x only implements with torchvision."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """Qwen2_5_VLProcessor without the video processor (see `ImageOnlyQwen2VLProcessor`)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
-
-
-def register_qwen2_vl_processor() -> bool:
-    """Without torchvision, make AutoProcessor load Qwen2-VL / Qwen2.5-VL folders as the image-only processors.
-
-    transformers 5.24 cannot build (or load) `Qwen2VLProcessor` without torchvision, because its video processor
-    needs it. Returns True when the image-only processor was registered.
-    """
-    if is_torchvision_available():
-        return False
-    AutoProcessor.register(Qwen2VLConfig, ImageOnlyQwen2VLProcessor, exist_ok=True)
-    AutoProcessor.register(Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor, exist_ok=True)
-    return True

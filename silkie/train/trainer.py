@@ -18,8 +18,9 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from silkie.callbacks import PreemptionCallback, any_rank
 from silkie.config import DPOSection
+from silkie.dpo.objective import adapter_reference, batch_dpo_loss
+from silkie.dpo.step import recipe_step_options, score_answers, vision_is_trainable
 from silkie.errors import InputError
 from silkie.run_dir import RUN_LAYOUT_FILE, STAGING_PREFIX, rotate_checkpoints, world_size_problem, write_manifest
 
@@ -31,9 +32,8 @@ from .guards import (
     nonfinite_weights_error,
     untouched,
 )
-from .objective import adapter_reference, batch_dpo_loss
+from .preemption import PreemptionCallback, any_rank
 from .reference import ReferenceCache
-from .step import recipe_step_options, score_answers, vision_is_trainable
 
 __all__ = ["NonFiniteLossError", "ResumeError", "SilkieDPOTrainer", "check_resume_layout"]
 

@@ -8,9 +8,16 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from .configuration import QWenConfig
-from .modeling import QWenLMHeadModel
-from .tokenization import DEFAULT_SYSTEM, VOCAB_FILE, QWenTokenizer, pad_ranks, train_bpe_ranks, write_tiktoken_ranks
+from silkie.models.qwen_vl.configuration import QWenConfig
+from silkie.models.qwen_vl.modeling import QWenLMHeadModel
+from silkie.models.qwen_vl.tokenization import (
+    DEFAULT_SYSTEM,
+    VOCAB_FILE,
+    QWenTokenizer,
+    pad_ranks,
+    train_bpe_ranks,
+    write_tiktoken_ranks,
+)
 
 OFFICIAL_RANKS = 151643
 
@@ -20,7 +27,7 @@ IMG_START_OFFSET = 214
 
 def demo_corpus(n_rows: int = 600, seed: int = 0) -> list[str]:
     """Texts the tiny BPE is trained on: the synthetic VLFeedback prompts/answers and the chat scaffolding."""
-    from silkie.data.synthetic import generate_rows
+    from silkie.dev.synthetic import generate_rows
 
     texts = [DEFAULT_SYSTEM, "system\n", "user\n", "assistant\n", "Picture 1: ", "\n"]
     for row, _meta in generate_rows(n_rows, seed=seed):
@@ -88,7 +95,7 @@ def build_tiny_checkpoint(
     write_tiktoken_ranks(ranks, out / VOCAB_FILE)
     tokenizer = QWenTokenizer.from_pretrained(out)
     if official_size:
-        from silkie.bench import official_config
+        from silkie.models.qwen_vl.configuration import official_config
 
         config = official_config()
     else:

@@ -6,6 +6,8 @@ import json
 import warnings
 from pathlib import Path
 
+from silkie.run_dir import METRICS_NAME, PLOT_NAME
+
 PANELS = (
     ("loss", "loss"),
     ("rewards/accuracies", "reward accuracy"),
@@ -46,7 +48,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_NAME
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: no metrics file (is {run_dir} a Silkie run directory?)")
     records = read_metrics(metrics)
@@ -62,7 +64,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    target = Path(out) if out else run_dir / "training_curves.png"
+    target = Path(out) if out else run_dir / PLOT_NAME
     fig.savefig(target, dpi=100)
     plt.close(fig)
     return target

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from silkie.bench import BenchResult, PeakMemory
+from silkie.dev.bench import BenchResult, PeakMemory
 
 OURS = {  # run name -> dpo section switches
     "silkie-plain": {"image_once": False, "share_prompt": False, "precompute_ref_log_probs": False},
@@ -51,7 +51,7 @@ class StepClock(TrainerCallback):
 
 def stand_in_folder(family: str, root: Path) -> Path:
     """The family's tiny stand-in folder (tokenizer, processor, weights) under `root`."""
-    from silkie.models.hf_vlm.tiny import build_tiny_llava, build_tiny_qwen2_vl
+    from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_vl
 
     return {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava}[family](root / f"tiny-{family}")
 
@@ -88,7 +88,7 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
 
 def synthetic_pairs(processor, n: int, question: int, answer: int, image_px: int, seed: int = 0) -> list[dict]:
     """`n` pairs with random `image_px`-square pictures, ~`question`-token questions and ~`answer`-token answers."""
-    from silkie.models.qwen_vl.tiny import demo_corpus
+    from silkie.dev.tiny_qwen_vl import demo_corpus
 
     rng = np.random.default_rng(seed)
     words = " ".join(demo_corpus(60)).split()
@@ -149,10 +149,10 @@ def run_ours(model, codec, images, pairs: list[dict], name: str, batch_size: int
     from silkie.config import DPOSection, LoraSection
     from silkie.data.collator import PairCollator
     from silkie.data.formatting import tokenize_pairs
-    from silkie.dpo.reference import ReferenceCache
-    from silkie.dpo.trainer import SilkieDPOTrainer
     from silkie.models.loading import apply_lora
-    from silkie.train_args import DEFAULTS
+    from silkie.train.arguments import DEFAULTS
+    from silkie.train.reference import ReferenceCache
+    from silkie.train.trainer import SilkieDPOTrainer
 
     store = _MemoryStore({p["prompt_id"]: p["image"] for p in pairs})
     records = [{**p, "image": p["prompt_id"], "chosen_score": 1.0, "rejected_score": 0.0} for p in pairs]

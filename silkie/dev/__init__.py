@@ -1,0 +1,1 @@
+"""Development aids: the tiny stand-in checkpoints, the synthetic VLFeedback release and the benchmarks."""
