@@ -10,7 +10,7 @@ import torch
 
 from silkie.config import LoraSection
 from silkie.dpo.batching import packed_rows
-from silkie.dpo.losses import dpo_loss
+from silkie.dpo.losses import DPOObjective
 from silkie.dpo.step import StepOptions, encode_images_once, score_answers
 from silkie.models.loading import apply_lora
 from silkie.models.qwen_vl import QWenConfig, QWenLMHeadModel
@@ -44,7 +44,7 @@ def step(model, batch, options: StepOptions):
     policy = score_answers(model, batch, options, 0, image_features=features)
     with model.disable_adapter():
         ref = score_answers(model, batch, options, 0, image_features=features, no_grad=True)
-    out = dpo_loss(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps, beta=0.1)
+    out = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
     model.zero_grad()
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

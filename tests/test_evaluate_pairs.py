@@ -18,7 +18,7 @@ def test_evaluate_pairs_matches_hand_computed_rewards(trained, tmp_path):
     from silkie.config import load_recipe
     from silkie.data.build import build_pairs, prepare_data
     from silkie.data.collator import PairCollator
-    from silkie.dpo.losses import dpo_loss
+    from silkie.dpo.losses import DPOObjective
     from silkie.dpo.step import StepOptions, score_answers
     from silkie.models.qwen_vl import QWenTokenizer, QWenVLImageProcessor
     from silkie.tools.common import load_model
@@ -47,7 +47,7 @@ def test_evaluate_pairs_matches_hand_computed_rewards(trained, tmp_path):
         policy = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
         with model.disable_adapter():
             ref = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
-        loss = dpo_loss(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps, beta=0.1)
+        loss = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
         for k, index in enumerate(batch["pair_index"].tolist()):
             row = by_index[index]
             assert row["rewards/chosen"] == pytest.approx(loss.chosen_rewards[k].item(), abs=1e-5)
@@ -89,6 +89,7 @@ def test_evaluate_pairs_scores_ld_dpo_and_wpo_as_the_trainer(trained, tmp_path):
     from silkie.config import load_recipe, save_recipe
     from silkie.data.build import prepare_data
     from silkie.data.collator import PairCollator
+    from silkie.dpo.losses import DPOObjective
     from silkie.dpo.objective import loss_from_scores
     from silkie.dpo.step import StepOptions, score_answers
     from silkie.models.qwen_vl import QWenTokenizer, QWenVLImageProcessor
@@ -113,7 +114,9 @@ def test_evaluate_pairs_scores_ld_dpo_and_wpo_as_the_trainer(trained, tmp_path):
     policy = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True, policy=True)
     with model.disable_adapter():
         ref = score_answers(model, batch, plain, tokenizer.pad_token_id, no_grad=True)
-    loss = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, recipe.dpo, batch["pair_weight"])
+    loss = loss_from_scores(
+        policy, ref.chosen_logps, ref.rejected_logps, DPOObjective.from_section(recipe.dpo), batch["pair_weight"]
+    )
     assert policy.wpo_weight is not None and (policy.wpo_weight != 1.0).all()
     rows = {row["pair_index"]: row for row in result["pairs"]}
     plain_rows = {row["pair_index"]: row for row in plain_result["pairs"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from silkie.dpo.losses import dpo_loss
+from silkie.dpo.losses import DPOObjective
 from silkie.dpo.step import StepOptions, encode_images_once, score_answers
 
 from .hf_fixtures import BUILDERS, family_batch, lora_model
@@ -33,7 +33,7 @@ def run(model, batch, options: StepOptions, pad: int):
     policy = score_answers(model, batch, options, pad, image_features=features)
     with model.disable_adapter():
         ref = score_answers(model, batch, options, pad, image_features=features, no_grad=True)
-    out = dpo_loss(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps, beta=0.1)
+    out = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
     model.zero_grad()
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from silkie.config import DPOSection
+from silkie.dpo.losses import DPOObjective
 from silkie.dpo.objective import adapter_reference, batch_dpo_loss
 from silkie.dpo.step import StepOptions
 
@@ -115,7 +116,7 @@ def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
             return chosen, rejected
 
         with torch.no_grad():
-            loss, metrics = batch_dpo_loss(model, batch, options, DPOSection(beta=0.1), pad, reference)
+            loss, metrics = batch_dpo_loss(model, batch, options, DPOObjective(beta=0.1), pad, reference)
         ours = {
             "loss": loss,
             "chosen": metrics["logps/chosen"],
@@ -189,7 +190,8 @@ def test_every_loss_type_equals_trl(trl_qwen2_vl, case):
         expected = trainer.compute_loss(model, inputs)
         for path in (PLAIN, OPTIMIZED):
             options = dataclasses.replace(path, ld_alpha=section.ld_alpha, wpo_weights=section.use_weighting)
-            loss, metrics = batch_dpo_loss(model, batch, options, section, pad, adapter_reference(model, options, pad))
+            objective, reference = DPOObjective.from_section(section), adapter_reference(model, options, pad)
+            loss, metrics = batch_dpo_loss(model, batch, options, objective, pad, reference)
             torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
     assert loss.item() != pytest.approx(math.log(2), abs=1e-3)  # the adapter moved the policy: not a trivial value
     torch.testing.assert_close(metrics["loss"].mean(), loss, atol=1e-6, rtol=1e-6)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checks import choice, require
-from .names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, FAMILIES, LOSS_TYPES
+from .names import FAMILIES
+from .objective import objective_problem
 
 
 @dataclass
@@ -128,30 +129,20 @@ class DPOSection:
 
     def check(self) -> None:
         require(self.beta > 0, "dpo.beta", self.beta, "a number > 0")
-        types_ = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
-        require(bool(types_), "dpo.loss_type", self.loss_type, "a loss type or a non-empty list of them")
-        for name in types_:
-            choice("dpo.loss_type", name, LOSS_TYPES)
-        if self.loss_weights is not None:
-            require(
-                len(self.loss_weights) == len(types_),
-                "dpo.loss_weights",
-                self.loss_weights,
-                f"{len(types_)} weights, one per loss_type",
-            )
-        require(0.0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
-        if "exo_pair" in types_:
-            require(self.label_smoothing > 0, "dpo.label_smoothing", 0.0, "> 0 for exo_pair (the EXO paper: 1e-3)")
-        choice("dpo.f_divergence_type", self.f_divergence_type, F_DIVERGENCES)
-        plain = [name for name in types_ if name not in F_DIVERGENCE_LOSS_TYPES]
-        if self.f_divergence_type != "reverse_kl" and plain:
-            require(False, "dpo.f_divergence_type", self.f_divergence_type, f"reverse_kl with loss types {plain}")
-        require(self.discopop_tau > 0, "dpo.discopop_tau", self.discopop_tau, "a number > 0")
+        problem = objective_problem(
+            self.loss_type,
+            self.loss_weights,
+            self.label_smoothing,
+            self.f_divergence_type,
+            self.discopop_tau,
+            self.use_weighting,
+        )
+        if problem is not None and problem.choices:
+            choice(f"dpo.{problem.key}", problem.value, problem.choices)
+        elif problem is not None:
+            require(False, f"dpo.{problem.key}", problem.value, problem.allowed)
         if self.ld_alpha is not None:
             require(0.0 <= self.ld_alpha <= 1.0, "dpo.ld_alpha", self.ld_alpha, "null or a number in [0, 1]")
-        sorted_ = [name for name in types_ if name in ("aot", "aot_unpaired")]
-        if self.use_weighting and sorted_:  # their per-pair values are by rank: no pair's own loss to weight
-            require(False, "dpo.use_weighting", True, f"false with loss types {sorted_}")
         require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
         require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
         size = self.precompute_ref_batch_size

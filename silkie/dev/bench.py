@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from silkie.config import DPOSection, LoraSection
+from silkie.dpo.losses import DPOObjective
 from silkie.dpo.objective import adapter_reference, batch_dpo_loss
 from silkie.dpo.step import StepOptions
 from silkie.models.loading import apply_lora
@@ -153,7 +154,8 @@ def train_step(model, optimizer, batch: dict, options: StepOptions, dpo: DPOSect
     `reference(batch, features)` overrides the on-the-fly reference (adapters disabled).
     """
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    loss, _ = batch_dpo_loss(model, batch, options, dpo, 0, reference or adapter_reference(model, options, 0))
+    objective = DPOObjective.from_section(dpo)
+    loss, _ = batch_dpo_loss(model, batch, options, objective, 0, reference or adapter_reference(model, options, 0))
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,15 +1,16 @@
-"""The DPO objective in one pure function (TRL names and formulas)."""
+"""The preference objective in one pure, tested place (TRL names and formulas): `DPOObjective`."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from silkie.config.names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
+from silkie.config.names import F_DIVERGENCES
+from silkie.config.objective import loss_types_of, objective_problem, weighting_problem
 
 
 @dataclass
@@ -22,29 +23,15 @@ class DPOLossOutput:
     rejected_rewards: torch.Tensor
 
 
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    chosen_nll: torch.Tensor | None = None,
-    pair_weights: torch.Tensor | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
-    discopop_tau: float = 0.05,
-    sequence_weights: torch.Tensor | None = None,
-) -> DPOLossOutput:
-    """Weighted sum of preference losses (TRL 1.16's names and formulas), averaged over pairs; log-probs are
-    per-sequence sums over answer tokens.
+@dataclass(frozen=True)
+class DPOObjective:
+    """A preference objective with its hyperparameters fixed once (TRL 1.16's names and formulas), checked by the
+    same rules as the recipe's `dpo:` section; call it on per-sequence answer log-probs (sums over answer tokens).
 
-    `pair_weights` (0 or 1 per pair) leaves pairs out of the mean (a batch of only weight-0 pairs has loss 0).
-    `sequence_weights` (WPO, TRL's `use_weighting`; no gradient) multiply each pair's loss.
+    The call's extras are per batch: `chosen_lengths`/`rejected_lengths` (answer tokens; ipo, sigmoid_norm),
+    `chosen_nll` (the batch's mean NLL per chosen token; sft), `pair_weights` (0 or 1 per pair: leaves pairs out
+    of the mean; a batch of only weight-0 pairs has loss 0) and `sequence_weights` (WPO, TRL's `use_weighting`;
+    no gradient: they multiply each pair's loss).
 
     With log-ratios c = pi_c - ref_c, r = pi_r - ref_r, scores s_c = f'(c), s_r = f'(r) (identity for the default
     reverse KL) and d = s_c - s_r:
@@ -57,93 +44,128 @@ def dpo_loss(
     - aot / aot_unpaired: the sorted (pi_c - pi_r) against the sorted (ref_c - ref_r), resp. sorted c against
       sorted r, over the batch's pairs; their per-pair values are by rank, only the mean belongs to the batch
     - sft:     `chosen_nll`, the mean negative log-likelihood per chosen token of the batch
+    A list of loss types is their sum weighted by `loss_weights` (default 1 each).
     """
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(loss_types):
-        raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types")
-    for name in loss_types:
-        if name not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type '{name}'; expected one of {', '.join(LOSS_TYPES)}")
-    if f_divergence_type != "reverse_kl" and not set(loss_types) <= set(F_DIVERGENCE_LOSS_TYPES):
-        raise ValueError(
-            f"f_divergence_type '{f_divergence_type}' needs loss types among {', '.join(F_DIVERGENCE_LOSS_TYPES)}"
+
+    beta: float = 0.1
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    discopop_tau: float = 0.05
+
+    def __post_init__(self) -> None:
+        problem = objective_problem(
+            self.loss_type, self.loss_weights, self.label_smoothing, self.f_divergence_type, self.discopop_tau
         )
-    if {"robust", "exo_pair", "aot", "aot_unpaired"} & set(loss_types) and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if "exo_pair" in loss_types and label_smoothing <= 0.0:
-        raise ValueError("exo_pair loss needs label_smoothing > 0 (the EXO paper uses 1e-3)")
-    if {"ipo", "sigmoid_norm"} & set(loss_types) and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError("ipo and sigmoid_norm losses need chosen_lengths and rejected_lengths")
-    if "sft" in loss_types and chosen_nll is None:
-        raise ValueError("sft loss needs chosen_nll")
-    if sequence_weights is not None and {"aot", "aot_unpaired"} & set(loss_types):
-        raise ValueError("sequence_weights (WPO) do not apply to aot/aot_unpaired, whose values are by rank")
-    chosen_ratio = policy_chosen_logps - ref_chosen_logps
-    rejected_ratio = policy_rejected_logps - ref_rejected_logps
-    if pair_weights is not None:  # a left-out pair's placeholder reference must not reach exp() (inf - inf = NaN)
-        kept = pair_weights > 0
-        chosen_ratio = torch.where(kept, chosen_ratio, 0.0)
-        rejected_ratio = torch.where(kept, rejected_ratio, 0.0)
-    chosen_score = f_divergence_score(chosen_ratio, f_divergence_type, f_alpha_divergence_coef)
-    rejected_score = f_divergence_score(rejected_ratio, f_divergence_type, f_alpha_divergence_coef)
-    delta = chosen_score - rejected_score
-    ls = label_smoothing
-    per_pair = torch.zeros_like(delta)
-    for name, weight in zip(loss_types, weights):
-        if name == "sigmoid":
-            term = -(1 - ls) * F.logsigmoid(beta * delta) - ls * F.logsigmoid(-beta * delta)
-        elif name == "robust":
-            term = (-(1 - ls) * F.logsigmoid(beta * delta) + ls * F.logsigmoid(-beta * delta)) / (1 - 2 * ls)
-        elif name == "hinge":
-            term = torch.relu(1 - beta * delta)
-        elif name in ("ipo", "sigmoid_norm"):
-            avg = chosen_score / chosen_lengths.clamp(min=1) - rejected_score / rejected_lengths.clamp(min=1)
-            term = (avg - 1 / (2 * beta)) ** 2 if name == "ipo" else -F.logsigmoid(beta * avg)
-        elif name == "exo_pair":  # KL(softmax over {chosen, rejected} || [1 - ls, ls]), EXO eq. 16
-            eps = torch.tensor(ls, dtype=delta.dtype, device=delta.device)
-            term = torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - torch.log1p(-eps))
-            term = term + torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - torch.log(eps))
-        elif name == "nca_pair":
-            term = (
-                -F.logsigmoid(beta * chosen_ratio)
-                - 0.5 * F.logsigmoid(-beta * chosen_ratio)
-                - 0.5 * F.logsigmoid(-beta * rejected_ratio)
-            )
-        elif name == "bco_pair":
-            term = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
-        elif name == "sppo_hard":
-            term = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
-        elif name in ("aot", "aot_unpaired"):
-            if name == "aot":
-                first, second = policy_chosen_logps - policy_rejected_logps, ref_chosen_logps - ref_rejected_logps
-            else:
-                first, second = chosen_ratio, rejected_ratio
-            term = _sorted_pair_term(first, second, pair_weights, beta, ls)
-        elif name == "apo_zero":
-            term = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
-        elif name == "apo_down":
-            term = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
-        elif name == "discopop":
-            logits = beta * delta
-            mix = torch.sigmoid(logits / discopop_tau)
-            term = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
-        else:  # sft
-            term = chosen_nll.expand_as(delta)
-        per_pair = per_pair + weight * term
-    if sequence_weights is not None:
-        per_pair = per_pair * sequence_weights.detach()
-    if pair_weights is None:
-        loss = per_pair.mean()
-    else:
-        weighted, total = (per_pair * pair_weights).sum(), pair_weights.sum()
-        loss = torch.where(total > 0, weighted / total.clamp(min=1e-12), weighted)
-    return DPOLossOutput(
-        loss=loss,
-        per_pair=per_pair,
-        chosen_rewards=(beta * chosen_ratio).detach(),
-        rejected_rewards=(beta * rejected_ratio).detach(),
-    )
+        if problem is not None:
+            raise ValueError(problem.message)
+
+    @classmethod
+    def from_section(cls, dpo: Any) -> DPOObjective:
+        """The objective of a recipe's (checked) `dpo:` section."""
+        return cls(
+            beta=dpo.beta,
+            loss_type=dpo.loss_type if isinstance(dpo.loss_type, str) else tuple(dpo.loss_type),
+            loss_weights=None if dpo.loss_weights is None else tuple(dpo.loss_weights),
+            label_smoothing=dpo.label_smoothing,
+            f_divergence_type=dpo.f_divergence_type,
+            f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
+            discopop_tau=dpo.discopop_tau,
+        )
+
+    @property
+    def loss_types(self) -> list[str]:
+        """The loss types as a list."""
+        return loss_types_of(self.loss_type)
+
+    def __call__(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+        chosen_lengths: torch.Tensor | None = None,
+        rejected_lengths: torch.Tensor | None = None,
+        chosen_nll: torch.Tensor | None = None,
+        pair_weights: torch.Tensor | None = None,
+        sequence_weights: torch.Tensor | None = None,
+    ) -> DPOLossOutput:
+        """The mean loss over pairs and the per-pair terms and rewards."""
+        loss_types = self.loss_types
+        weights = [1.0] * len(loss_types) if self.loss_weights is None else list(self.loss_weights)
+        beta, ls, tau = self.beta, self.label_smoothing, self.discopop_tau
+        if {"ipo", "sigmoid_norm"} & set(loss_types) and (chosen_lengths is None or rejected_lengths is None):
+            raise ValueError("ipo and sigmoid_norm losses need chosen_lengths and rejected_lengths")
+        if "sft" in loss_types and chosen_nll is None:
+            raise ValueError("sft loss needs chosen_nll")
+        if sequence_weights is not None and weighting_problem(loss_types):
+            raise ValueError(weighting_problem(loss_types).message)
+        chosen_ratio = policy_chosen_logps - ref_chosen_logps
+        rejected_ratio = policy_rejected_logps - ref_rejected_logps
+        if pair_weights is not None:  # a left-out pair's placeholder reference must not reach exp() (inf - inf = NaN)
+            kept = pair_weights > 0
+            chosen_ratio = torch.where(kept, chosen_ratio, 0.0)
+            rejected_ratio = torch.where(kept, rejected_ratio, 0.0)
+        chosen_score = f_divergence_score(chosen_ratio, self.f_divergence_type, self.f_alpha_divergence_coef)
+        rejected_score = f_divergence_score(rejected_ratio, self.f_divergence_type, self.f_alpha_divergence_coef)
+        delta = chosen_score - rejected_score
+        per_pair = torch.zeros_like(delta)
+        for name, weight in zip(loss_types, weights):
+            if name == "sigmoid":
+                term = -(1 - ls) * F.logsigmoid(beta * delta) - ls * F.logsigmoid(-beta * delta)
+            elif name == "robust":
+                term = (-(1 - ls) * F.logsigmoid(beta * delta) + ls * F.logsigmoid(-beta * delta)) / (1 - 2 * ls)
+            elif name == "hinge":
+                term = torch.relu(1 - beta * delta)
+            elif name in ("ipo", "sigmoid_norm"):
+                avg = chosen_score / chosen_lengths.clamp(min=1) - rejected_score / rejected_lengths.clamp(min=1)
+                term = (avg - 1 / (2 * beta)) ** 2 if name == "ipo" else -F.logsigmoid(beta * avg)
+            elif name == "exo_pair":  # KL(softmax over {chosen, rejected} || [1 - ls, ls]), EXO eq. 16
+                eps = torch.tensor(ls, dtype=delta.dtype, device=delta.device)
+                term = torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - torch.log1p(-eps))
+                term = term + torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - torch.log(eps))
+            elif name == "nca_pair":
+                term = (
+                    -F.logsigmoid(beta * chosen_ratio)
+                    - 0.5 * F.logsigmoid(-beta * chosen_ratio)
+                    - 0.5 * F.logsigmoid(-beta * rejected_ratio)
+                )
+            elif name == "bco_pair":
+                term = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+            elif name == "sppo_hard":
+                term = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+            elif name in ("aot", "aot_unpaired"):
+                if name == "aot":
+                    first, second = policy_chosen_logps - policy_rejected_logps, ref_chosen_logps - ref_rejected_logps
+                else:
+                    first, second = chosen_ratio, rejected_ratio
+                term = _sorted_pair_term(first, second, pair_weights, beta, ls)
+            elif name == "apo_zero":
+                term = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+            elif name == "apo_down":
+                term = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
+            elif name == "discopop":
+                logits = beta * delta
+                mix = torch.sigmoid(logits / tau)
+                term = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+            else:  # sft
+                term = chosen_nll.expand_as(delta)
+            per_pair = per_pair + weight * term
+        if sequence_weights is not None:
+            per_pair = per_pair * sequence_weights.detach()
+        if pair_weights is None:
+            loss = per_pair.mean()
+        else:
+            weighted, total = (per_pair * pair_weights).sum(), pair_weights.sum()
+            loss = torch.where(total > 0, weighted / total.clamp(min=1e-12), weighted)
+        return DPOLossOutput(
+            loss=loss,
+            per_pair=per_pair,
+            chosen_rewards=(beta * chosen_ratio).detach(),
+            rejected_rewards=(beta * rejected_ratio).detach(),
+        )
 
 
 def f_divergence_score(log_ratio: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:

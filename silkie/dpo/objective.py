@@ -10,9 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from silkie.config import DPOSection
-
-from .losses import DPOLossOutput, dpo_loss
+from .losses import DPOLossOutput, DPOObjective
 from .step import AnswerScores, StepOptions, encode_images_once, score_answers
 
 ReferenceFn = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
@@ -22,27 +20,20 @@ def loss_from_scores(
     policy: AnswerScores,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    dpo: DPOSection,
+    objective: DPOObjective,
     pair_weights: torch.Tensor | None = None,
 ) -> DPOLossOutput:
-    """The recipe's DPO loss for policy scores and reference log-probs (moved to the policy's device)."""
+    """The objective on policy scores and reference log-probs (moved to the policy's device)."""
     device = policy.chosen_logps.device
-    return dpo_loss(
+    return objective(
         policy.chosen_logps,
         policy.rejected_logps,
         ref_chosen.to(device),
         ref_rejected.to(device),
-        beta=dpo.beta,
-        loss_type=dpo.loss_type,
-        loss_weights=dpo.loss_weights,
-        label_smoothing=dpo.label_smoothing,
         chosen_lengths=policy.chosen_lengths,
         rejected_lengths=policy.rejected_lengths,
         chosen_nll=policy.chosen_nll,
         pair_weights=None if pair_weights is None else pair_weights.to(device),
-        f_divergence_type=dpo.f_divergence_type,
-        f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
-        discopop_tau=dpo.discopop_tau,
         sequence_weights=policy.wpo_weight,
     )
 
@@ -51,23 +42,19 @@ def batch_dpo_loss(
     model: nn.Module,
     batch: dict,
     options: StepOptions,
-    dpo: DPOSection,
+    objective: DPOObjective,
     pad_token_id: int,
     reference: ReferenceFn,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and per-pair metric tensors (TRL names, each pair's `loss`, its `weight` and, as `weight:NAME`, the
-    weight of a metric averaged otherwise); `reference(batch, features)` gives reference log-probs, scored with
-    the same `options` (whose `ld_alpha` and `wpo_weights` must be the recipe's: see `recipe_step_options`)."""
-    if (options.ld_alpha, options.wpo_weights) != (dpo.ld_alpha, dpo.use_weighting):
-        raise ValueError(
-            f"step options score with ld_alpha={options.ld_alpha}, wpo_weights={options.wpo_weights} but the recipe "
-            f"says ld_alpha={dpo.ld_alpha}, use_weighting={dpo.use_weighting}"
-        )
+    weight of a metric averaged otherwise). `options` say how answers are scored (the recipe's LD-DPO and WPO
+    included), `objective` what the scores cost; `reference(batch, features)` gives reference log-probs, scored
+    with the same options."""
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
     weights = batch.get("pair_weight")
-    out = loss_from_scores(policy, ref_chosen, ref_rejected, dpo, weights)
+    out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights)
     metrics = {
         "rewards/chosen": out.chosen_rewards,
         "rewards/rejected": out.rejected_rewards,

@@ -97,7 +97,7 @@ def score_pairs(
     scorer: Scorer,
     dataset: Any,
     collator: Any,
-    dpo: Any,
+    objective: Any,
     pad_token_id: int,
     batch_size: int,
     options: Any,
@@ -115,7 +115,7 @@ def score_pairs(
         policy = score_answers(scorer.policy, batch, options, pad_token_id, features, no_grad=True, policy=True)
         with scorer.reference_context():
             ref = score_answers(scorer.reference_model(), batch, options, pad_token_id, features, no_grad=True)
-        out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, dpo, batch["pair_weight"])
+        out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, objective, batch["pair_weight"])
         kept = batch["pair_weight"] > 0  # a pair whose image failed is left out (counted as dropped)
         table.pair_index.extend(int(i) for i in batch["pair_index"][kept])
         for name, values in (
@@ -174,6 +174,7 @@ def evaluate_run(
     """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}."""
     from silkie.config import RecipeError, load_recipe
     from silkie.data.collator import PairCollator
+    from silkie.dpo.losses import DPOObjective
     from silkie.dpo.step import recipe_step_options
     from silkie.models.family import get_family
     from silkie.tools.common import family_of, load_codec_from, resolve_device, resolve_tool_dtype
@@ -212,7 +213,8 @@ def evaluate_run(
     image_once = recipe.dpo.image_once and scorer.reference is None and not _adapter_has_vision(scorer.policy)
     options = recipe_step_options(recipe.dpo, image_once)
     size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
-    table = score_pairs(scorer, dataset, collator, recipe.dpo, tokenizer.pad_token_id, size, options)
+    objective = DPOObjective.from_section(recipe.dpo)
+    table = score_pairs(scorer, dataset, collator, objective, tokenizer.pad_token_id, size, options)
     loss_types = [recipe.dpo.loss_type] if isinstance(recipe.dpo.loss_type, str) else recipe.dpo.loss_type
     columns = dict(table.columns)
     if set(loss_types) & set(BATCH_LEVEL_LOSS_TYPES):  # a value per rank or per batch, not the pair's own loss

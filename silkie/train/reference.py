@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,6 +110,21 @@ def save_table(path: Path, key: str, table: torch.Tensor) -> None:
     staging.replace(path)
 
 
+@dataclass
+class ReferencePass:
+    """How to score the reference over a dataset, as the trainer does it: no-grad scoring of a collated batch,
+    the collator, the batch size and device, and the run's process facts."""
+
+    score_batch: Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
+    collate: Callable
+    batch_size: int
+    device: torch.device
+    is_main: bool
+    show_progress: bool
+    wait_for_everyone: Callable[[], None]
+    say: Callable[[str], None]
+
+
 class ReferenceCache:
     """Per-split reference tables stored as `<directory>/<split>.pt`, keyed by data + model + options."""
 
@@ -117,40 +133,28 @@ class ReferenceCache:
         self.model_dir = model_dir
         self.options = options
 
-    def table(self, trainer, split: str, dataset) -> torch.Tensor:
-        """Load the split's table if its key matches, else compute it with `trainer` (all ranks) and save it."""
+    def table(self, split: str, dataset, scoring: ReferencePass) -> torch.Tensor:
+        """Load the split's table if its key matches, else compute it with `scoring` (all ranks) and save it."""
         key = reference_cache_key(dataset._fingerprint, self.model_dir, self.options)
         path = self.directory / f"{split}.pt"
         cached = load_cached(path, key, len(dataset))
         if cached is not None:
-            trainer.log_line(f"reference log-probs ({split}): reusing {path}")
+            scoring.say(f"reference log-probs ({split}): reusing {path}")
             return cached
         reason = "another data/model/recipe" if path.exists() else "no cache yet"
-        trainer.log_line(f"reference log-probs ({split}): computing {len(dataset)} pairs ({reason})")
-        model = trainer.model
-
-        def score(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-            features = None
-            if trainer.step_options.image_once:
-                from silkie.dpo.step import encode_images_once
-
-                features = encode_images_once(model, batch)
-            return trainer.reference_scores(model, batch, features, use_table=False)
-
-        batch_size = trainer.dpo.precompute_ref_batch_size or trainer.args.per_device_eval_batch_size
-        show = trainer.is_world_process_zero() and not trainer.args.disable_tqdm
+        scoring.say(f"reference log-probs ({split}): computing {len(dataset)} pairs ({reason})")
         table = compute_reference_table(
             dataset,
-            trainer.data_collator,
-            score,
-            batch_size,
-            trainer.args.device,
-            progress=f"reference log-probs ({split})" if show else None,
+            scoring.collate,
+            scoring.score_batch,
+            scoring.batch_size,
+            scoring.device,
+            progress=f"reference log-probs ({split})" if scoring.show_progress else None,
         )
         missing = int(torch.isnan(table[:, 0]).sum())
         if missing:  # pairs whose image failed to load: weight 0 in training too (scored on the fly if it loads)
-            trainer.log_line(f"reference log-probs ({split}): {missing} pairs unscored (their images failed to load)")
-        if trainer.is_world_process_zero():
+            scoring.say(f"reference log-probs ({split}): {missing} pairs unscored (their images failed to load)")
+        if scoring.is_main:
             save_table(path, key, table)
-        trainer.accelerator.wait_for_everyone()
+        scoring.wait_for_everyone()
         return table

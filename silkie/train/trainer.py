@@ -19,8 +19,9 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from silkie.config import DPOSection
+from silkie.dpo.losses import DPOObjective
 from silkie.dpo.objective import adapter_reference, batch_dpo_loss
-from silkie.dpo.step import recipe_step_options, score_answers, vision_is_trainable
+from silkie.dpo.step import encode_images_once, recipe_step_options, score_answers, vision_is_trainable
 from silkie.errors import InputError
 from silkie.run_dir import RUN_LAYOUT_FILE, STAGING_PREFIX, rotate_checkpoints, world_size_problem, write_manifest
 
@@ -33,7 +34,7 @@ from .guards import (
     untouched,
 )
 from .preemption import PreemptionCallback, any_rank
-from .reference import ReferenceCache
+from .reference import ReferenceCache, ReferencePass
 
 __all__ = ["NonFiniteLossError", "ResumeError", "SilkieDPOTrainer", "check_resume_layout"]
 
@@ -87,6 +88,7 @@ class SilkieDPOTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         self.dpo = dpo
+        self.objective = DPOObjective.from_section(dpo)
         self.pad_token_id = pad_token_id
         self.ref_model = ref_model
         self.reference_cache = reference_cache
@@ -183,9 +185,10 @@ class SilkieDPOTrainer(Trainer):
         if not self._ref_tables:  # both splits at once, so a frozen reference copy can be released afterwards
             stop = self._stop_callback()
             with stop.interruptible() if stop is not None else nullcontext():
+                scoring = self._reference_pass()
                 for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
                     if dataset is not None:
-                        self._ref_tables[split] = self.reference_cache.table(self, split, dataset)
+                        self._ref_tables[split] = self.reference_cache.table(split, dataset, scoring)
             complete = all(not torch.isnan(table).any() for table in self._ref_tables.values())
             if self.ref_model is not None and complete:
                 self.ref_model = None  # every pair has its reference log-probs: the copy is no longer needed
@@ -194,6 +197,25 @@ class SilkieDPOTrainer(Trainer):
                     torch.cuda.empty_cache()
                 self.log_line("reference log-probs cached for every pair: released the frozen reference copy")
         return self._ref_tables.get(mode)
+
+    def _reference_pass(self) -> ReferencePass:
+        """How the reference cache scores a dataset: as this trainer's reference does, without the table."""
+        model = self.model
+
+        def score(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            features = encode_images_once(model, batch) if self.step_options.image_once else None
+            return self.reference_scores(model, batch, features, use_table=False)
+
+        return ReferencePass(
+            score_batch=score,
+            collate=self.data_collator,
+            batch_size=self.dpo.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
+            device=self.args.device,
+            is_main=self.is_world_process_zero(),
+            show_progress=self.is_world_process_zero() and not self.args.disable_tqdm,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+            say=self.log_line,
+        )
 
     def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and per-pair metric tensors for one batch."""
@@ -204,7 +226,7 @@ class SilkieDPOTrainer(Trainer):
         # the whole step under the mixed-precision autocast (a no-op under DeepSpeed, which casts the model): the
         # chunked LM head runs outside the model's forward, and policy and reference must see the same numerics
         with self.accelerator.autocast():
-            return batch_dpo_loss(model, batch, self.step_options, self.dpo, self.pad_token_id, reference)
+            return batch_dpo_loss(model, batch, self.step_options, self.objective, self.pad_token_id, reference)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if any_rank(~torch.isfinite(loss).all(), loss.device):
