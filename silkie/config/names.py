@@ -4,7 +4,15 @@ hub id. Torch-free."""
 import re
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a model hub id, "org/name" (else model.path is a folder)
-FAMILIES = ("qwen_vl", "qwen2_vl", "qwen2_5_vl", "llava")  # keys of silkie.models.family.FAMILY_CLASSES
+# The one list of model families: recipe name -> (implementation "module:Class", checkpoint config.json model_types)
+FAMILY_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "qwen_vl": ("silkie.models.qwen_vl.family:QwenVLFamily", ("qwen",)),
+    "qwen2_vl": ("silkie.models.hf_vlm.family:Qwen2VLFamily", ("qwen2_vl",)),
+    "qwen2_5_vl": ("silkie.models.hf_vlm.family:Qwen2_5_VLFamily", ("qwen2_5_vl",)),
+    "llava": ("silkie.models.hf_vlm.family:LlavaFamily", ("llava",)),
+}
+FAMILIES = tuple(FAMILY_TABLE)
+MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items() for model_type in types}
 
 LOSS_TYPES = (
     "sigmoid",

@@ -19,14 +19,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from silkie.config.names import FAMILY_TABLE
 from silkie.errors import InputError
 
-FAMILY_CLASSES = {
-    "qwen_vl": "silkie.models.qwen_vl.family:QwenVLFamily",
-    "qwen2_vl": "silkie.models.hf_vlm.family:Qwen2VLFamily",
-    "qwen2_5_vl": "silkie.models.hf_vlm.family:Qwen2_5_VLFamily",
-    "llava": "silkie.models.hf_vlm.family:LlavaFamily",
-}
+FAMILY_CLASSES = {name: implementation for name, (implementation, _) in FAMILY_TABLE.items()}
 
 
 class PairTextError(ValueError):
@@ -72,7 +68,7 @@ class ModelFamily:
 
     name: str = ""
     default_lora_targets: tuple[str, ...] = ()
-    model_types: tuple[str, ...] = ()  # config.json `model_type` of this family's checkpoints
+    model_types: tuple[str, ...] = ()  # config.json `model_type` of this family's checkpoints (from FAMILY_TABLE)
 
     # ----- loading ------------------------------------------------------------------------------------------------
     def check_folder(self, path: str) -> None:
@@ -171,7 +167,7 @@ def get_family(name: str) -> ModelFamily:
         raise ValueError(f"model.family: unknown family {name!r}; expected one of {sorted(FAMILY_CLASSES)}")
     module_name, class_name = FAMILY_CLASSES[name].split(":")
     family = getattr(importlib.import_module(module_name), class_name)()
-    family.name = name
+    family.name, family.model_types = name, FAMILY_TABLE[name][1]
     return family
 
 

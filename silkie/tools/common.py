@@ -44,11 +44,11 @@ def load_tokenizer_from(*folders: str | Path | None) -> Any:
     raise ToolError(f"no {VOCAB_FILE} tokenizer file in {named}")
 
 
-MODEL_TYPES = {"qwen": "qwen_vl", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava": "llava"}
 
 
 def family_of(model_dir: str | Path) -> str:
     """The model family of a checkpoint folder, from its `config.json` `model_type`."""
+    from silkie.config.names import MODEL_TYPES
     from silkie.models.family import model_type_of
 
     folder = require_dir(model_dir, "model folder", "config.json")

@@ -111,7 +111,6 @@ class Qwen2VLFamily(HFVisionFamily):
     """Qwen2-VL / Qwen2.5-VL: images of any size within the recipe's pixel bounds; 3-D M-RoPE positions."""
 
     class_names = ("Qwen2VLForConditionalGeneration",)
-    model_types = ("qwen2_vl",)
     vision_lora_pattern = (
         r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.(?:fc1|fc2|gate_proj|up_proj|down_proj))"
     )
@@ -169,7 +168,6 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
     """Qwen2.5-VL: Qwen2-VL's interface (window-attention ViT with a SwiGLU MLP, same M-RoPE and processor)."""
 
     class_names = ("Qwen2_5_VLForConditionalGeneration",)
-    model_types = ("qwen2_5_vl",)
 
 
 class Qwen2VLImages:
@@ -209,7 +207,6 @@ class LlavaFamily(HFVisionFamily):
     """LLaVA-1.5 style: a CLIP tower at a fixed size, a projector, and a Llama-style LLM with 1-D positions."""
 
     class_names = ("LlavaForConditionalGeneration",)
-    model_types = ("llava",)
     vision_lora_pattern = (
         r"model\.vision_tower\.(?:vision_model\.)?encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
     )

@@ -85,7 +85,6 @@ class QwenVLFamily(ModelFamily):
     """Qwen-VL-Chat: fixed 448px images, 256 resampler queries per image, 1-D rotary positions."""
 
     default_lora_targets = ("c_attn", "attn.c_proj", "w1", "w2")
-    model_types = ("qwen",)
 
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         self.check_folder(section.path)
