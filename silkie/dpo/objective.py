@@ -6,6 +6,7 @@ Shared by the trainer and `scripts/benchmark.py`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,23 +39,39 @@ def loss_from_scores(
     )
 
 
-def batch_dpo_loss(
+@dataclass
+class BatchScores:
+    """One batch through the objective: the policy's answer scores, the reference log-probs and the loss."""
+
+    policy: AnswerScores
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    out: DPOLossOutput
+    pair_weights: torch.Tensor | None
+
+
+def score_batch(
     model: nn.Module,
     batch: dict,
     options: StepOptions,
     objective: DPOObjective,
     pad_token_id: int,
     reference: ReferenceFn,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and per-pair metric tensors (TRL names, each pair's `loss`, its `weight` and, as `weight:NAME`, the
-    weight of a metric averaged otherwise). `options` say how answers are scored (the recipe's LD-DPO and WPO
-    included), `objective` what the scores cost; `reference(batch, features)` gives reference log-probs, scored
-    with the same options."""
+) -> BatchScores:
+    """Image features (once, when `options` allow), policy scores, reference log-probs (`reference(batch,
+    features)`, scored with the same options) and the objective's loss for one batch."""
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
     weights = batch.get("pair_weight")
     out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights)
+    return BatchScores(policy, ref_chosen, ref_rejected, out, weights)
+
+
+def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
+    """Per-pair metric tensors (TRL names, each pair's `loss`, its `weight` and, as `weight:NAME`, the weight of a
+    metric averaged otherwise)."""
+    out, policy = scores.out, scores.policy
     metrics = {
         "rewards/chosen": out.chosen_rewards,
         "rewards/rejected": out.rejected_rewards,
@@ -68,6 +85,7 @@ def batch_dpo_loss(
     }
     # per-pair weights (0: the pair's image failed) let the trainer leave pairs out of the metrics; the mean
     # logits are per answer token over the batch, as TRL's (a pair counts with its answer's length)
+    weights = scores.pair_weights
     pair_weights = out.chosen_rewards.new_ones(()).expand_as(out.chosen_rewards) if weights is None else weights
     pair_weights = pair_weights.to(out.chosen_rewards.device).float()
     metrics["weight"] = pair_weights
@@ -78,7 +96,21 @@ def batch_dpo_loss(
         metrics["weight:entropy"] = pair_weights * (policy.chosen_lengths + policy.rejected_lengths)
         metrics["mean_token_accuracy"] = policy.chosen_token_accuracy
         metrics["weight:mean_token_accuracy"] = pair_weights * policy.chosen_lengths
-    return out.loss, metrics
+    return metrics
+
+
+def batch_dpo_loss(
+    model: nn.Module,
+    batch: dict,
+    options: StepOptions,
+    objective: DPOObjective,
+    pad_token_id: int,
+    reference: ReferenceFn,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and per-pair metric tensors for one batch (`score_batch`, `batch_metrics`). `options` say how answers
+    are scored (the recipe's LD-DPO and WPO included), `objective` what the scores cost."""
+    scores = score_batch(model, batch, options, objective, pad_token_id, reference)
+    return scores.out.loss, batch_metrics(scores)
 
 
 def adapter_reference(model: nn.Module, options: StepOptions, pad_token_id: int) -> ReferenceFn:

@@ -68,10 +68,11 @@ def base_causal_lm(model: nn.Module) -> nn.Module:
     return unwrap_causal_lm(model)[0]
 
 
-def vision_is_trainable(model: nn.Module) -> bool:
-    """True when any parameter of the vision tower (or its projector) requires grad."""
+def vision_differs_from_reference(model: nn.Module) -> bool:
+    """True when the policy's vision tower (or its projector) is trained or carries LoRA adapters, so its image
+    features are not the reference's (each pass must encode the images itself)."""
     base, family = unwrap_causal_lm(model)
-    return any(p.requires_grad for p in family.vision_module(base).parameters())
+    return any(p.requires_grad or "lora_" in name for name, p in family.vision_module(base).named_parameters())
 
 
 def _has_images(batch: dict) -> bool:

@@ -139,17 +139,24 @@ def switch_off_dropout(model: nn.Module) -> int:
 
 
 def build_policy(model_section: ModelSection, lora: LoraSection, disable_dropout: bool = False) -> nn.Module:
-    """Base model plus LoRA (vision frozen unless `lora.vision`), or the whole model for full fine-tuning; with
-    `disable_dropout` (TRL's default for DPO) no dropout anywhere in it."""
+    """The recipe's checkpoint as the policy (`make_policy`)."""
     if lora.load_in_4bit and not lora.enabled:
         raise InputError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
     model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
+    return make_policy(model, lora, model_section.family, disable_dropout)
+
+
+def make_policy(
+    model: nn.Module, lora: LoraSection, family: str = "qwen_vl", disable_dropout: bool = False
+) -> nn.Module:
+    """A base model as the policy: plus LoRA (vision frozen unless `lora.vision`), or the whole model for full
+    fine-tuning; with `disable_dropout` (TRL's default for DPO) no dropout anywhere in it."""
     if disable_dropout:
         switch_off_dropout(model)
     if lora.enabled:
-        return apply_lora(model, lora, model_section.family, disable_dropout)
+        return apply_lora(model, lora, family, disable_dropout)
     if not lora.vision:  # full fine-tuning: LLM + projector, vision tower frozen (as VL-RLHF)
-        freeze_vision(model, keep_resampler=True, family=model_section.family)
+        freeze_vision(model, keep_resampler=True, family=family)
     return model
 
 

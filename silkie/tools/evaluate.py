@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from silkie.config.names import BATCH_LEVEL_LOSS_TYPES
 from silkie.errors import InputError
-from silkie.run_dir import ADAPTER_DIR, CACHE_DIR, CONFIG_NAME
+from silkie.run_dir import ADAPTER_DIR, CONFIG_NAME
 from silkie.tools.cli import ToolError, require_dir, require_file
 
 METRIC_ROWS = (
@@ -35,24 +33,6 @@ METRIC_ROWS = (
 
 
 @dataclass
-class Scorer:
-    """The policy, how to get the reference (a context that turns the policy into it, or a separate model)."""
-
-    policy: nn.Module
-    reference: nn.Module | None = None
-
-    def reference_context(self) -> AbstractContextManager:
-        """Inside it, `policy` computes reference log-probs (adapter disabled), unless `reference` is separate."""
-        if self.reference is None:
-            return self.policy.disable_adapter()
-        return nullcontext()
-
-    def reference_model(self) -> nn.Module:
-        """The module to score the reference with (inside `reference_context`)."""
-        return self.reference if self.reference is not None else self.policy
-
-
-@dataclass
 class PairTable:
     """Per-pair results, in dataset order of the scored pairs."""
 
@@ -65,67 +45,28 @@ class PairTable:
         self.columns.setdefault(name, []).extend(float(v) for v in values.detach().float().cpu())
 
 
-VISION_PARTS = ("visual", "vision_tower")  # Qwen-VL / Qwen2-VL towers, LLaVA's CLIP tower
-
-
-def _adapter_has_vision(model: nn.Module) -> bool:
-    return any(part in name and "lora_" in name for name, _ in model.named_parameters() for part in VISION_PARTS)
-
-
-def build_scorer(model_dir: str | Path, adapter_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Scorer:
-    """Policy + reference for a LoRA adapter folder or a full fine-tuned checkpoint folder, set up as the trainer's
-    evaluation scores (the family's training settings: no inference-only long-context rules)."""
-    from silkie.models.family import get_family
-    from silkie.tools.common import family_of, load_model
-
-    family = get_family(family_of(model_dir))
-
-    def scoring(folder: str | Path, adapter: str | Path | None) -> torch.nn.Module:
-        model = load_model(folder, adapter, dtype).to(device)
-        family.prepare_for_training(model)
-        return model
-
-    adapter_dir = require_dir(adapter_dir, "adapter folder")
-    if (adapter_dir / "adapter_config.json").is_file():
-        return Scorer(scoring(model_dir, adapter_dir))
-    if (adapter_dir / "config.json").is_file():
-        return Scorer(scoring(adapter_dir, None), scoring(model_dir, None))
-    raise ToolError(f"{adapter_dir} holds neither a LoRA adapter (adapter_config.json) nor a checkpoint (config.json)")
-
-
-def score_pairs(
-    scorer: Scorer,
-    dataset: Any,
-    collator: Any,
-    objective: Any,
-    pad_token_id: int,
-    batch_size: int,
-    options: Any,
-) -> PairTable:
-    """Per-pair policy/reference log-probs, rewards and DPO loss terms over `dataset` (no gradients)."""
+def score_pairs(trainer: Any, dataset: Any, batch_size: int) -> PairTable:
+    """Per-pair policy/reference log-probs, rewards and DPO loss terms over `dataset`, each batch scored by the
+    run's trainer as its training step scores it (no gradients)."""
     from torch.utils.data import DataLoader
 
-    from silkie.dpo.objective import loss_from_scores
-    from silkie.dpo.step import encode_images_once, score_answers
-
     table = PairTable()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trainer.data_collator)
+    model = trainer.model.eval()
     for batch in loader:
-        features = encode_images_once(scorer.policy, batch) if options.image_once else None
-        policy = score_answers(scorer.policy, batch, options, pad_token_id, features, no_grad=True, policy=True)
-        with scorer.reference_context():
-            ref = score_answers(scorer.reference_model(), batch, options, pad_token_id, features, no_grad=True)
-        out = loss_from_scores(policy, ref.chosen_logps, ref.rejected_logps, objective, batch["pair_weight"])
+        batch = trainer._prepare_inputs(batch)
+        with torch.no_grad():
+            scores = trainer.score_batch(model, batch)
         kept = batch["pair_weight"] > 0  # a pair whose image failed is left out (counted as dropped)
         table.pair_index.extend(int(i) for i in batch["pair_index"][kept])
         for name, values in (
-            ("logps/chosen", policy.chosen_logps),
-            ("logps/rejected", policy.rejected_logps),
-            ("ref_logps/chosen", ref.chosen_logps),
-            ("ref_logps/rejected", ref.rejected_logps),
-            ("rewards/chosen", out.chosen_rewards),
-            ("rewards/rejected", out.rejected_rewards),
-            ("loss", out.per_pair),
+            ("logps/chosen", scores.policy.chosen_logps),
+            ("logps/rejected", scores.policy.rejected_logps),
+            ("ref_logps/chosen", scores.ref_chosen),
+            ("ref_logps/rejected", scores.ref_rejected),
+            ("rewards/chosen", scores.out.chosen_rewards),
+            ("rewards/rejected", scores.out.rejected_rewards),
+            ("loss", scores.out.per_pair),
         ):
             table.add(name, values[kept.to(values.device)])
     table.prompt_id = [dataset[i]["prompt_id"] for i in table.pair_index]
@@ -146,20 +87,35 @@ def summarize(table: PairTable) -> dict[str, float | int]:
     return summary
 
 
-def _split_dataset(run_dir: Path, recipe: Any, tokenizer: Any, split: str) -> tuple[Any, Any]:
-    from silkie.data.build import prepare_data
+def _scoring_recipe(recipe: Any, model_dir: Path, lora: bool, batch_size: int, device: str) -> Any:
+    """The run's recipe as the scoring trainer needs it: this model folder, one process without DeepSpeed,
+    `batch_size` pairs per batch, the CPU when asked."""
+    from silkie.config import DeepSpeedSection
+    from silkie.tools.common import family_of
 
-    cache_dir = recipe.data.cache_dir or run_dir / CACHE_DIR
+    model = dataclasses.replace(recipe.model, path=str(model_dir), family=family_of(model_dir))
+    training = {**recipe.training, "per_device_eval_batch_size": batch_size, "report_to": "none"}
+    launch = dataclasses.replace(recipe.launch, cpu=recipe.launch.cpu or device == "cpu")
+    return dataclasses.replace(
+        recipe,
+        model=model,
+        lora=dataclasses.replace(recipe.lora, enabled=lora, load_in_4bit=False),
+        training=training,
+        deepspeed=DeepSpeedSection(),
+        launch=launch,
+    )
+
+
+def _run_model_dir(recipe: Any, model_dir: str | Path | None) -> Path:
+    if model_dir is not None:
+        return Path(model_dir)
+    from silkie.models.loading import local_checkpoint  # the run's model.path: a folder, or a cached hub id
+
     try:
-        data = prepare_data(recipe.data, tokenizer, recipe.dpo.max_length, cache_dir)
-    except FileNotFoundError as err:
-        raise ToolError(f"{err} (relative paths in config.yaml are relative to where training ran)") from err
-    dataset = data.eval if split == "eval" else data.train
-    if dataset is None:
-        raise ToolError(
-            f"run {run_dir} has no eval split (data.eval_fraction / data.eval_size unset); use --split train"
-        )
-    return dataset, data.image_store
+        return Path(local_checkpoint(recipe.model.path))
+    except InputError as err:
+        hint = "relative paths in config.yaml are relative to where training ran (or pass --model)"
+        raise ToolError(f"{err}; {hint}") from err
 
 
 def evaluate_run(
@@ -173,11 +129,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}."""
     from silkie.config import RecipeError, load_recipe
-    from silkie.data.collator import PairCollator
-    from silkie.dpo.losses import DPOObjective
-    from silkie.dpo.step import recipe_step_options
-    from silkie.models.family import get_family
-    from silkie.tools.common import family_of, load_codec_from, resolve_device, resolve_tool_dtype
+    from silkie.tools.common import load_codec_from, load_model, resolve_device, resolve_tool_dtype
+    from silkie.train.build import build_trainer
 
     run_dir = require_dir(run_dir, "run directory")
     try:
@@ -191,33 +144,35 @@ def evaluate_run(
         last = latest_checkpoint(run_dir)
         hint = f"; the run has not finished: score its last checkpoint with --adapter {last}" if last else ""
         raise ToolError(f"adapter folder not found: {adapter_dir}{hint}")
-    if model_dir is None:  # the run's model.path: a folder, or a hub id in the hub cache
-        from silkie.models.loading import local_checkpoint
-
-        try:
-            model_dir = local_checkpoint(recipe.model.path)
-        except InputError as err:
-            hint = "relative paths in config.yaml are relative to where training ran (or pass --model)"
-            raise ToolError(f"{err}; {hint}") from err
-    model_dir = Path(model_dir)
-    tokenizer = load_codec_from(model_dir, adapter_dir, section=recipe.model)
-    dataset, store = _split_dataset(run_dir, recipe, tokenizer, split)
+    model_dir = _run_model_dir(recipe, model_dir)
+    lora = (adapter_dir / "adapter_config.json").is_file()
+    if not lora and not (adapter_dir / "config.json").is_file():
+        raise ToolError(
+            f"{adapter_dir} holds neither a LoRA adapter (adapter_config.json) nor a checkpoint (config.json)"
+        )
+    codec = load_codec_from(model_dir, adapter_dir, section=recipe.model)
+    dtype, target = resolve_tool_dtype(recipe.model.dtype), resolve_device(device)
+    if target.type == "cuda" and target.index is not None:
+        torch.cuda.set_device(target)  # the trainer's "cuda" is the current device
+    # a LoRA run's policy is the base with its adapter (the reference: adapter off); a full fine-tuning run's is
+    # its checkpoint (the reference: the base checkpoint, loaded by the trainer as in training)
+    policy = load_model(model_dir, adapter_dir, dtype) if lora else load_model(adapter_dir, None, dtype)
+    size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
+    scoring = _scoring_recipe(recipe, model_dir, lora, size, target.type)
+    try:
+        built = build_trainer(scoring, run_dir, training=False, policy=policy, codec=codec)
+    except FileNotFoundError as err:
+        raise ToolError(f"{err} (relative paths in config.yaml are relative to where training ran)") from err
+    dataset = built.data.eval if split == "eval" else built.data.train
+    if dataset is None:
+        raise ToolError(
+            f"run {run_dir} has no eval split (data.eval_fraction / data.eval_size unset); use --split train"
+        )
     if max_pairs is not None:
         dataset = dataset.select(range(min(max_pairs, len(dataset))))
-    dtype, target = resolve_tool_dtype(recipe.model.dtype), resolve_device(device)
-    scorer = build_scorer(model_dir, adapter_dir, dtype, target)
-    config = scorer.policy.config
-    section = dataclasses.replace(recipe.model, path=str(model_dir), family=family_of(model_dir))
-    images = get_family(section.family).image_processor(config, section)
-    collator = PairCollator(store, images, tokenizer.pad_token_id)
-    image_once = recipe.dpo.image_once and scorer.reference is None and not _adapter_has_vision(scorer.policy)
-    options = recipe_step_options(recipe.dpo, image_once)
-    size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
-    objective = DPOObjective.from_section(recipe.dpo)
-    table = score_pairs(scorer, dataset, collator, objective, tokenizer.pad_token_id, size, options)
-    loss_types = [recipe.dpo.loss_type] if isinstance(recipe.dpo.loss_type, str) else recipe.dpo.loss_type
+    table = score_pairs(built.trainer, dataset, size)
     columns = dict(table.columns)
-    if set(loss_types) & set(BATCH_LEVEL_LOSS_TYPES):  # a value per rank or per batch, not the pair's own loss
+    if set(built.trainer.objective.loss_types) & set(BATCH_LEVEL_LOSS_TYPES):  # a batch's value, not the pair's
         columns["loss"] = [None] * len(table.pair_index)
     return {
         "run": str(run_dir),

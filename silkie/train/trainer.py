@@ -20,8 +20,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from silkie.config import DPOSection
 from silkie.dpo.losses import DPOObjective
-from silkie.dpo.objective import adapter_reference, batch_dpo_loss
-from silkie.dpo.step import encode_images_once, recipe_step_options, score_answers, vision_is_trainable
+from silkie.dpo.objective import BatchScores, adapter_reference, batch_metrics, score_batch
+from silkie.dpo.step import encode_images_once, recipe_step_options, score_answers, vision_differs_from_reference
 from silkie.errors import InputError
 from silkie.run_dir import RUN_LAYOUT_FILE, STAGING_PREFIX, rotate_checkpoints, world_size_problem, write_manifest
 
@@ -96,7 +96,9 @@ class SilkieDPOTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluation_cut_short = False  # recorded in the checkpoint saved then: the resume runs it again
         self._evaluation_pending = False
-        trainable_vision = vision_is_trainable(self.model)
+        # features encoded once serve policy and reference only where both see the same tower: the reference is
+        # the policy with its adapters off, and the tower carries no trained weights or adapters
+        trainable_vision = ref_model is not None or vision_differs_from_reference(self.model)
         self.step_options = recipe_step_options(dpo, image_once=dpo.image_once and not trainable_vision)
         if dpo.image_once and trainable_vision:
             self.log_line(
@@ -217,8 +219,8 @@ class SilkieDPOTrainer(Trainer):
             say=self.log_line,
         )
 
-    def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss and per-pair metric tensors for one batch."""
+    def score_batch(self, model: nn.Module, batch: dict) -> BatchScores:
+        """Policy scores, reference log-probs and loss of one batch, as the training step computes them."""
 
         def reference(ref_batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             return self.reference_scores(model, ref_batch, features)
@@ -226,7 +228,12 @@ class SilkieDPOTrainer(Trainer):
         # the whole step under the mixed-precision autocast (a no-op under DeepSpeed, which casts the model): the
         # chunked LM head runs outside the model's forward, and policy and reference must see the same numerics
         with self.accelerator.autocast():
-            return batch_dpo_loss(model, batch, self.step_options, self.objective, self.pad_token_id, reference)
+            return score_batch(model, batch, self.step_options, self.objective, self.pad_token_id, reference)
+
+    def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and per-pair metric tensors for one batch."""
+        scores = self.score_batch(model, batch)
+        return scores.out.loss, batch_metrics(scores)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if any_rank(~torch.isfinite(loss).all(), loss.device):

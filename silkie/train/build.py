@@ -1,0 +1,188 @@
+"""`build_trainer(recipe, working)`: the one place a run is wired (arguments, data, policy, reference, collator,
+reference cache, callbacks, trainer). Training, the benchmarks and `evaluate_pairs` all build their trainer here;
+what they bring themselves (a random model, synthetic pairs, a trained adapter) is passed in, the wiring is the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from silkie.config import Recipe, RecipeError, save_recipe
+from silkie.run_dir import CACHE_DIR, CONFIG_NAME, METRICS_NAME, REFERENCE_DIR, remove_staging
+
+from .metrics import MetricsJsonlCallback
+from .preemption import PreemptionCallback
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the run (also before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(text: str) -> None:
+    """One line to the console on the main process."""
+    if is_main_process():
+        print(f"[silkie] {text}", flush=True)
+
+
+@dataclass
+class BuiltRun:
+    """A wired run: its trainer and what it was built from (`recipe.model.path` resolved to a local folder)."""
+
+    recipe: Recipe
+    working: Path
+    trainer: Any
+    codec: Any
+    data: Any
+    preemption: PreemptionCallback | None
+
+
+def build_trainer(
+    recipe: Recipe,
+    working: str | Path,
+    *,
+    training: bool = True,
+    base_model: nn.Module | None = None,
+    policy: nn.Module | None = None,
+    codec: Any = None,
+    data: Any = None,
+    callbacks: tuple = (),
+) -> BuiltRun:
+    """The trainer of `recipe` in `working`, and its parts.
+
+    `training`: a run that trains (it tidies the folder, writes `config.yaml`, logs metrics and answers stop
+    signals); false for scoring only. What a caller brings replaces what the recipe would load: `base_model` (the
+    checkpoint, e.g. random weights; LoRA and the recipe's switches are applied as to a loaded one), `policy` (a
+    finished policy, e.g. base + trained adapter), `codec` (the text codec) and `data` (a `PreparedData`).
+    """
+    from transformers import set_seed
+
+    from silkie.data.build import prepare_data
+    from silkie.models.loading import load_tokenizer, local_checkpoint, resolve_dtype
+
+    from .arguments import training_arguments
+
+    preemption = PreemptionCallback() if training else None  # from the start: a signal while loading stops early
+    working = Path(working)
+    working.mkdir(parents=True, exist_ok=True)
+    if training and is_main_process():
+        for path in remove_staging(working):
+            say(f"removed half-written {path.name} from an interrupted run")
+        if not (working / CONFIG_NAME).exists():
+            save_recipe(recipe, working / CONFIG_NAME)
+    dtype = resolve_dtype(recipe.model.dtype)
+    args = training_arguments(recipe, working, bf16=dtype == torch.bfloat16)  # before the model: ZeRO-3 init
+    _ = args.device  # starts the process group now, so ZeRO-3 partitions the weights across all ranks at load
+    if args.deepspeed and dist.is_available() and dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed()  # deepspeed.comm over the same group (zero.Init reads its world size)
+    if base_model is None and policy is None:
+        with args.main_process_first(desc="model files"):  # a hub id: one download per node, then its local folder
+            model_dir = local_checkpoint(recipe.model.path)
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=model_dir))
+    codec = codec if codec is not None else load_tokenizer(recipe.model)
+    if codec.image_token_budget >= recipe.dpo.max_length:
+        raise RecipeError(
+            f"model.max_pixels: one image may take {codec.image_token_budget} tokens, not below dpo.max_length "
+            f"= {recipe.dpo.max_length}, so every pair with an image would be dropped; lower model.max_pixels "
+            "(e.g. 200704 = 448x448 -> 256 tokens) or raise dpo.max_length"
+        )
+    if data is None:
+        with args.main_process_first(desc="tokenizing pairs"):
+            cache = recipe.data.cache_dir or working / CACHE_DIR
+            data = prepare_data(recipe.data, codec, recipe.dpo.max_length, cache)
+        say(f"data: {data.report.summary()}")
+        say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
+    set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
+    model, ref_model = _policy_and_reference(recipe, base_model, policy)
+    trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, training, callbacks, preemption)
+    return BuiltRun(recipe, working, trainer, codec, data, preemption)
+
+
+def _policy_and_reference(
+    recipe: Recipe, base_model: nn.Module | None, policy: nn.Module | None
+) -> tuple[nn.Module, nn.Module | None]:
+    """The policy (LoRA on the base, or the whole model) and, for full fine-tuning, a frozen reference copy."""
+    from silkie.models.family import get_family
+    from silkie.models.loading import build_frozen_reference, build_policy, make_policy
+
+    if policy is not None:
+        model = policy
+    elif base_model is not None:
+        model = make_policy(base_model, recipe.lora, recipe.model.family, disable_dropout=recipe.dpo.disable_dropout)
+    else:
+        model = build_policy(recipe.model, recipe.lora, disable_dropout=recipe.dpo.disable_dropout)
+    if recipe.dpo.disable_dropout and recipe.lora.enabled and recipe.lora.dropout > 0 and policy is None:
+        say(f"dropout is off (dpo.disable_dropout, TRL's default): lora.dropout {recipe.lora.dropout} is not applied")
+    ref_model = None
+    if not recipe.lora.enabled:
+        if base_model is not None:
+            ref_model = copy.deepcopy(base_model).eval().requires_grad_(False)
+        else:
+            ref_model = build_frozen_reference(recipe.model)
+    family = get_family(recipe.model.family)
+    for member in (model, ref_model):
+        if member is not None:
+            family.prepare_for_training(member)
+    return model, ref_model
+
+
+def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, training, callbacks, preemption) -> Any:
+    from silkie.data.collator import PairCollator
+    from silkie.data.images import DECODE_VERSION
+    from silkie.models.family import get_family
+
+    from .reference import ReferenceCache
+    from .trainer import SilkieDPOTrainer
+
+    processor = get_family(recipe.model.family).image_processor(model.config, recipe.model)
+    reference_cache = None
+    if recipe.dpo.precompute_ref_log_probs:
+        options = {"dtype": str(dtype), "max_length": recipe.dpo.max_length, "lora": recipe.lora.enabled}
+        # the pixel bounds decide how many tokens each image takes, so they decide the reference log-probs too
+        options |= {"family": recipe.model.family, "attn": recipe.model.attn_implementation}
+        options["images"] = processor.fingerprint()
+        options["image_decode"] = DECODE_VERSION
+        if recipe.dpo.ld_alpha is not None:  # LD-DPO weights the reference's answer tokens too
+            options["ld_alpha"] = recipe.dpo.ld_alpha
+        reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.path, options)
+    run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption] if training else []
+    trainer = SilkieDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=PairCollator(data.image_store, processor, codec.pad_token_id),
+        dpo=recipe.dpo,
+        pad_token_id=codec.pad_token_id,
+        ref_model=ref_model,
+        reference_cache=reference_cache,
+        callbacks=[*run_callbacks, *callbacks],
+    )
+    if ref_model is not None:
+        trainer.ref_model = _place_reference(trainer, ref_model)
+    return trainer
+
+
+def _place_reference(trainer: Any, ref_model: nn.Module) -> nn.Module:
+    """Frozen reference for full fine-tuning: sharded by DeepSpeed under ZeRO-3, else on the device."""
+    if trainer.is_deepspeed_enabled and trainer.args.hf_deepspeed_config.is_zero3():
+        import deepspeed
+
+        config = dict(trainer.args.hf_deepspeed_config.config)
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+        engine.eval()
+        return engine
+    return ref_model.to(trainer.args.device)
