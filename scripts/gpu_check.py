@@ -33,12 +33,10 @@ def stage_correctness(device: str) -> dict:
     import torch
 
     from silkie.config import LoraSection
-    from silkie.dev.bench import tiny_config
+    from silkie.dev.probe import image_prompt_ids, random_pair_batch, tiny_config
     from silkie.dpo.step import StepOptions, encode_images_once, score_answers
     from silkie.models.loading import apply_lora
     from silkie.models.qwen_vl import QWenLMHeadModel
-    from tests.conftest import image_prompt_ids
-    from tests.dpo_fixtures import random_pair_batch
 
     torch.manual_seed(0)
     config = tiny_config()
@@ -118,7 +116,7 @@ def stage_full_size(device: str, tiny: bool, dtype_name: str) -> tuple[dict, obj
     import torch
 
     from silkie.config import DPOSection, LoraSection
-    from silkie.dev.bench import PATHS, build_model, official_config, synthetic_batch, tiny_config, train_step
+    from silkie.dev.probe import PATHS, build_model, official_config, synthetic_batch, tiny_config, train_step
 
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     config = tiny_config() if tiny else official_config()
@@ -161,7 +159,7 @@ def stage_profile(model, config, device: str) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
     from silkie.config import DPOSection
-    from silkie.dev.bench import PATHS, synthetic_batch, train_step
+    from silkie.dev.probe import PATHS, synthetic_batch, train_step
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     batch = synthetic_batch(config, 8, 40, 150, seed=5)
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def profile_stage() -> dict:
         from silkie.config import LoraSection
-        from silkie.dev.bench import build_model, official_config, tiny_config
+        from silkie.dev.probe import build_model, official_config, tiny_config
 
         config = tiny_config() if args.tiny else official_config()
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

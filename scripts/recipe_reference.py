@@ -74,6 +74,8 @@ MEANINGS: dict[str, str] = {
     "`training.per_device_eval_batch_size`).",
     "dpo.image_once": "Encode each image once per pair (chosen and rejected share it) while vision is frozen.",
     "dpo.share_prompt": "Pack chosen and rejected answers after one copy of the prompt.",
+    "dpo.chunked_logps": "Answer log-probs from hidden states in chunks, never the full-vocabulary logits; false: the "
+    "model's own logits (the plain, TRL-equivalent path, for checks and benchmarks).",
     "dpo.logps_chunk_size": "Tokens per chunk when computing log-probs (bounds the logits memory).",
     "deepspeed.stage": "ZeRO stage: 0 (DeepSpeed off), 1, 2 or 3.",
     "deepspeed.offload": "Offload optimizer state (and parameters with stage 3) to CPU memory.",

@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
+from silkie.dev.probe import image_prompt_ids  # noqa: E402, F401  (the tests import it from here)
+
 
 def tiny_config_kwargs(vocab_base: int = 1000) -> dict:
     """Tiny Qwen-VL: hidden 128, 2 layers, 56-px ViT; special ids numbered from `vocab_base`."""
@@ -51,20 +53,6 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return QWenLMHeadModel(tiny_config).eval()
-
-
-def image_prompt_ids(config, batch: int = 2, prefix: int = 6, suffix: int = 20, seed: int = 0) -> torch.Tensor:
-    """Random text ids around one `<img>` span per row (256 `<imgpad>` slots)."""
-    gen = torch.Generator().manual_seed(seed)
-    start = config.image_start_id
-    text_hi = start - 214
-    span = torch.tensor([start] + [start + 2] * 256 + [start + 1])
-    rows = []
-    for _ in range(batch):
-        pre = torch.randint(0, text_hi, (prefix,), generator=gen)
-        post = torch.randint(0, text_hi, (suffix,), generator=gen)
-        rows.append(torch.cat([pre, span, post]))
-    return torch.stack(rows)
 
 
 @pytest.fixture(scope="session")

@@ -125,6 +125,7 @@ class DPOSection:
     precompute_ref_batch_size: int | None = None
     image_once: bool = True
     share_prompt: bool = True
+    chunked_logps: bool = True
     logps_chunk_size: int = 1024
 
     def check(self) -> None:

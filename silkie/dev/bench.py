@@ -1,7 +1,8 @@
-"""Side-by-side DPO step benchmark: plain (TRL-equivalent) path vs the efficient path, same model and data.
-
-Random weights are built directly on the device; the batches are random token ids laid out like
-Silkie's prompts (system + `<img>` span + question, two answers) with random pixels.
+"""Side-by-side DPO training benchmarks: every run is full training steps through a trainer, ours built by the
+production `build_trainer` from a recipe (data loading, collation and image processing included). The time of a
+step is the wall time between consecutive step ends, the median over the timed steps; the model is rebuilt from
+the same seed for every run, so each trainer starts from identical weights and the peak memory of one run does not
+include another's. Qwen-VL-Chat runs: `silkie.dev.bench_qwen_vl`; TRL's DPOTrainer vs ours: `silkie.dev.bench_trl`.
 """
 
 from __future__ import annotations
@@ -14,27 +15,23 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import psutil
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from PIL import Image
+from transformers import TrainerCallback
 
-from silkie.config import DPOSection, LoraSection
-from silkie.dpo.losses import DPOObjective
-from silkie.dpo.objective import adapter_reference, batch_dpo_loss
-from silkie.dpo.step import StepOptions
-from silkie.models.loading import apply_lora
-from silkie.models.qwen_vl import QWenConfig
-from silkie.models.qwen_vl.configuration import official_config  # noqa: F401  (the scripts import it from here)
+from silkie.config import Recipe, recipe_from_dict
 
-PATHS = {
-    "plain": StepOptions(image_once=False, share_prompt=False, chunked_logps=False),
-    "optimized": StepOptions(image_once=True, share_prompt=True, chunked_logps=True),
-    "optimized+cached_ref": StepOptions(image_once=True, share_prompt=True, chunked_logps=True),
+OURS = {  # run name -> the recipe's dpo switches (the plain path is TRL's: full logits, no sharing)
+    "silkie-plain": {"image_once": False, "share_prompt": False, "chunked_logps": False},
+    "silkie-optimized": {"image_once": True, "share_prompt": True},
+    "silkie-optimized+cached_ref": {"image_once": True, "share_prompt": True, "precompute_ref_log_probs": True},
 }
-CACHED_REFERENCE = "optimized+cached_ref"
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
-SYSTEM_TOKENS, IMAGE_SPAN = 20, 258
 
 
 @dataclass
@@ -51,59 +48,6 @@ class BenchResult:
     tflop_per_pair: float | None
     mfu: float | None
     reference_precompute_seconds_per_pair: float | None = None
-
-
-def tiny_config() -> QWenConfig:
-    """The tiny stand-in's architecture (vocabulary as the demo checkpoint)."""
-    from silkie.dev.tiny_qwen_vl import tiny_config as make
-
-    return make(num_ranks=512)
-
-
-def build_model(config: QWenConfig, device: str, dtype: torch.dtype, lora: LoraSection, checkpointing: bool):
-    """Random-weight model created on `device` in `dtype`, LoRA-wrapped, vision frozen, dropout off (the training
-    default, `dpo.disable_dropout`)."""
-    from silkie.dev.tiny_qwen_vl import random_model
-
-    model = apply_lora(random_model(config, device, dtype), lora, disable_dropout=True)
-    if checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
-
-
-def synthetic_batch(config: QWenConfig, batch_size: int, question: int, answer: int, seed: int) -> dict:
-    """Random pair batch in the collator's layout: each prompt holds one image span."""
-    gen = torch.Generator().manual_seed(seed)
-    start = config.image_start_id
-    text_hi = min(start - 214, config.vocab_size) - 1
-    span = torch.tensor([start] + [start + 2] * 256 + [start + 1])
-
-    def text(n: int) -> torch.Tensor:
-        return torch.randint(0, text_hi, (n,), generator=gen)
-
-    def jitter(n: int) -> int:
-        return max(1, int(n * (0.8 + 0.4 * torch.rand((), generator=gen).item())))
-
-    prompts = [torch.cat([text(SYSTEM_TOKENS), span, text(jitter(question))]) for _ in range(batch_size)]
-    chosen = [text(jitter(answer)) for _ in range(batch_size)]
-    rejected = [text(jitter(answer)) for _ in range(batch_size)]
-    batch = {}
-    for name, rows in (("prompt", prompts), ("chosen", chosen), ("rejected", rejected)):
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(batch_size, width, dtype=torch.long)
-        mask = torch.zeros(batch_size, width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
-        batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = ids, mask
-    size = config.visual["image_size"]
-    batch["pixel_values"] = torch.randn(batch_size, 3, size, size, generator=gen)
-    batch["image_index"] = torch.arange(batch_size)
-    return batch
-
-
-def pair_tokens(batch: dict) -> int:
-    """Distinct tokens of the batch's pairs (prompt once + both answers)."""
-    return int(sum(batch[f"{k}_attention_mask"].sum() for k in ("prompt", "chosen", "rejected")))
 
 
 class PeakMemory:
@@ -143,39 +87,24 @@ class PeakMemory:
             self._thread.join()
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+class StepClock(TrainerCallback):
+    """Wall time between consecutive optimizer-step ends (CUDA synchronised)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
 
 
-def train_step(model, optimizer, batch: dict, options: StepOptions, dpo: DPOSection, device: str, reference=None):
-    """One full optimizer step (policy + reference, backward, AdamW); returns the loss.
-
-    `reference(batch, features)` overrides the on-the-fly reference (adapters disabled).
-    """
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    objective = DPOObjective.from_section(dpo)
-    loss, _ = batch_dpo_loss(model, batch, options, objective, 0, reference or adapter_reference(model, options, 0))
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-def precompute_reference(model, batches: list[dict], options: StepOptions, device: str) -> tuple[list, float]:
-    """Reference log-probs of each batch (as `precompute_ref_log_probs` does once before training) and its time."""
-    from silkie.dpo.step import encode_images_once
-
-    reference = adapter_reference(model, options, 0)
-    tables = []
-    _sync(device)
-    start = time.perf_counter()
-    for batch in batches:
-        moved = {k: v.to(device) for k, v in batch.items()}
-        features = encode_images_once(model, moved)
-        tables.append(reference(moved, features))
-    _sync(device)
-    return tables, time.perf_counter() - start
+def timed_train(trainer: Any, clock: StepClock, device: str, warmup: int) -> tuple[list[float], float]:
+    """Train, and return the step times after `warmup` steps and the peak memory."""
+    with PeakMemory(device) as memory:
+        trainer.train()
+    times = [b - a for a, b in zip(clock.ends[warmup:], clock.ends[warmup + 1 :])]
+    return times, memory.peak
 
 
 def peak_tflops(device: str, override: float | None) -> float | None:
@@ -188,50 +117,144 @@ def peak_tflops(device: str, override: float | None) -> float | None:
     return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
 
 
-def measure(model, config: QWenConfig, path: str, batch_size: int, args) -> BenchResult:
-    """Warm up, time `args.steps` steps (median), count FLOPs of one step, record peak memory."""
-    options = PATHS[path]
-    options = StepOptions(options.image_once, options.share_prompt, options.chunked_logps, args.chunk_size)
-    dpo = DPOSection(beta=0.1)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-6)
-    batches = [synthetic_batch(config, batch_size, args.question_tokens, args.answer_tokens, seed) for seed in range(3)]
-    references, precompute_seconds = [None] * len(batches), None
-    if path == CACHED_REFERENCE:
-        tables, seconds = precompute_reference(model, batches, options, args.device)
-        references = [lambda batch, features, table=table: table for table in tables]
-        precompute_seconds = seconds / (len(batches) * batch_size)
-    times = []
-    with PeakMemory(args.device) as memory:
-        for step in range(args.warmup + args.steps):
-            batch, reference = batches[step % len(batches)], references[step % len(batches)]
-            _sync(args.device)
-            start = time.perf_counter()
-            train_step(model, optimizer, batch, options, dpo, args.device, reference)
-            _sync(args.device)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - start)
+def synthetic_pairs(count: Any, n: int, question: int, answer: int, image_px: int, seed: int = 0) -> list[dict]:
+    """`n` pairs with random `image_px`-square pictures, ~`question`-token questions and ~`answer`-token answers
+    (`count(text)`: its tokens)."""
+    from silkie.dev.tiny_qwen_vl import demo_corpus
+
+    rng = np.random.default_rng(seed)
+    words = " ".join(demo_corpus(60)).split()
+
+    def text(tokens: int) -> str:
+        out: list[str] = []
+        while count(" ".join(out)) < tokens:
+            out.extend(rng.choice(words, size=8).tolist())
+        return " ".join(out)
+
+    pairs = []
+    for i in range(n):
+        pixels = rng.integers(0, 256, (image_px, image_px, 3), dtype=np.uint8)
+        pairs.append({"prompt_id": f"bench-{i}", "image": Image.fromarray(pixels, "RGB"), "prompt": text(question),
+                      "chosen": text(answer), "rejected": text(answer)})  # fmt: skip
+    return pairs
+
+
+class MemoryStore:
+    """An image store over pictures in memory (the synthetic pairs' images, by prompt id)."""
+
+    def __init__(self, images: dict[str, Image.Image]):
+        self.images = images
+
+    def open(self, key: str) -> Image.Image:
+        return self.images[key].copy()
+
+
+def pair_tokens(codec: Any, processor: Any, pairs: list[dict]) -> float:
+    """Mean distinct tokens per pair (prompt with its image tokens once + both answers)."""
+    sample = pairs[: min(8, len(pairs))]
+    processed = processor([p["image"] for p in sample])
+    extra = getattr(processed, "tokens_per_image", None)  # a marker the collator expands (else the span is inline)
+    total = 0
+    for index, pair in enumerate(sample):
+        total += len(codec.prompt_ids(pair["prompt"], "x")) + (extra[index] - 1 if extra is not None else 0)
+        total += len(codec.answer_ids(pair["chosen"])) + len(codec.answer_ids(pair["rejected"]))
+    return total / len(sample)
+
+
+def bench_recipe(name: str, family: str, folder: Path, batch_size: int, steps: int, args: Any) -> Recipe:
+    """The recipe of one of our runs: LoRA r`args.lora_r` (alpha 16, dropout as TRL's default: off), the run's dpo
+    switches, `steps` optimizer steps at `batch_size`, nothing saved or logged."""
+    model = {"path": str(folder), "family": family, "dtype": args.dtype, "attn_implementation": args.attn}
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        model["min_pixels"] = model["max_pixels"] = args.image_px * args.image_px
+    return recipe_from_dict(
+        {
+            "model": model,
+            "data": {"path": "synthetic benchmark pairs"},
+            "lora": {"r": args.lora_r, "alpha": 16, "dropout": 0.05},
+            "dpo": {"beta": 0.1, "max_length": 4096, "logps_chunk_size": args.chunk_size, **OURS[name]},
+            "training": {
+                "per_device_train_batch_size": batch_size,
+                "per_device_eval_batch_size": batch_size,
+                "max_steps": steps,
+                "learning_rate": 1e-6,
+                "bf16": args.dtype == "bf16",
+                "gradient_checkpointing": not args.no_gradient_checkpointing,
+                "report_to": "none",
+                "save_strategy": "no",
+                "eval_strategy": "no",
+                "logging_steps": 10**6,
+                "dataloader_num_workers": 0,
+                "seed": 0,
+                "disable_tqdm": True,
+            },
+            "launch": {"cpu": args.device == "cpu"},
+        }
+    )
+
+
+def run_ours(
+    base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out: Path, args: Any
+) -> tuple[list[float], float, float | None, float | None]:
+    """One of our runs through `build_trainer`: (step times, peak memory, reference precompute s/pair, FLOPs of
+    one step or None)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from silkie.data.build import PreparedData
+    from silkie.data.formatting import tokenize_pairs
+    from silkie.data.pairs import PairReport
+    from silkie.train.build import build_trainer
+
+    records = [{**p, "image": p["prompt_id"], "chosen_score": 1.0, "rejected_score": 0.0} for p in pairs]
+    dataset = tokenize_pairs(records, codec).add_column("pair_index", list(range(len(pairs))))
+    store = MemoryStore({p["prompt_id"]: p["image"] for p in pairs})
+    data = PreparedData(train=dataset, eval=None, image_store=store, report=PairReport(source="benchmark"))
+    clock = StepClock()
+    built = build_trainer(
+        recipe, out, bookkeeping=False, base_model=base_model, codec=codec, data=data, callbacks=(clock,)
+    )
+    trainer, precompute = built.trainer, None
+    if recipe.dpo.precompute_ref_log_probs:  # once per run, before training (timed apart, as the recipe does it)
+        start = time.perf_counter()
+        trainer._reference_table("train")
+        precompute = (time.perf_counter() - start) / len(pairs)
+    times, peak = timed_train(trainer, clock, args.device, args.warmup)
     flops = None
-    if args.count_flops:
+    if getattr(args, "count_flops", False):
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         with FlopCounterMode(display=False) as counter:
-            train_step(model, optimizer, batches[0], options, dpo, args.device, references[0])
+            trainer.training_step(trainer.model_wrapped, batch)
         flops = counter.get_total_flops()
+    return times, peak, precompute, flops
+
+
+def result_of(
+    name: str, batch_size: int, times: list[float], peak: float, tokens: float, precompute: float | None,
+    flops: float | None, peak_tflop: float | None,
+) -> BenchResult:  # fmt: skip
+    """The measurement of one run (median step time; MFU from the counted FLOPs and the device's peak)."""
     median = statistics.median(times)
-    tokens = statistics.mean(pair_tokens(b) for b in batches)
-    peak = peak_tflops(args.device, args.peak_tflops)
     per_pair = flops / batch_size if flops else None
     return BenchResult(
-        path=path,
+        path=name,
         batch_size=batch_size,
         step_seconds=median,
         step_seconds_spread=max(times) - min(times),
         pairs_per_second=batch_size / median,
-        tokens_per_second=tokens / median,
-        peak_memory_gib=memory.peak / 2**30,
+        tokens_per_second=tokens * batch_size / median,
+        peak_memory_gib=peak / 2**30,
         tflop_per_pair=per_pair / 1e12 if per_pair else None,
-        mfu=(flops / median / 1e12 / peak) if flops and peak else None,
-        reference_precompute_seconds_per_pair=precompute_seconds,
+        mfu=(flops / median / 1e12 / peak_tflop) if flops and peak_tflop else None,
+        reference_precompute_seconds_per_pair=precompute,
     )
+
+
+def release(model: Any) -> None:
+    """Free a run's model before the next one is built."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def format_table(results: list, baseline: str = "plain") -> str:

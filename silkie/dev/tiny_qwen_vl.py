@@ -71,6 +71,16 @@ def random_model(config: QWenConfig, device: str, dtype: torch.dtype) -> QWenLMH
         torch.set_default_dtype(previous)
 
 
+def write_tokenizer(out_dir: str | Path, vocab_size: int = 512, official_size: bool = False) -> QWenTokenizer:
+    """A `qwen.tiktoken` trained on the demo corpus in `out_dir` (padded to the official 151,643 ranks with
+    `official_size`, so the special ids are the official ones); returns the tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = train_bpe_ranks(demo_corpus(), vocab_size)
+    write_tiktoken_ranks(pad_ranks(ranks, OFFICIAL_RANKS) if official_size else ranks, out / VOCAB_FILE)
+    return QWenTokenizer.from_pretrained(out)
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     vocab_size: int = 1024,

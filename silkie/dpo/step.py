@@ -41,6 +41,7 @@ def recipe_step_options(dpo: DPOSection, image_once: bool) -> StepOptions:
     return StepOptions(
         image_once=image_once,
         share_prompt=dpo.share_prompt,
+        chunked_logps=dpo.chunked_logps,
         chunk_size=dpo.logps_chunk_size,
         ld_alpha=dpo.ld_alpha,
         wpo_weights=dpo.use_weighting,

@@ -160,7 +160,7 @@ def evaluate_run(
     size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
     scoring = _scoring_recipe(recipe, model_dir, lora, size, target.type)
     try:
-        built = build_trainer(scoring, run_dir, training=False, policy=policy, codec=codec)
+        built = build_trainer(scoring, run_dir, bookkeeping=False, policy=policy, codec=codec)
     except FileNotFoundError as err:
         raise ToolError(f"{err} (relative paths in config.yaml are relative to where training ran)") from err
     dataset = built.data.eval if split == "eval" else built.data.train

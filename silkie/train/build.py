@@ -50,7 +50,7 @@ def build_trainer(
     recipe: Recipe,
     working: str | Path,
     *,
-    training: bool = True,
+    bookkeeping: bool = True,
     base_model: nn.Module | None = None,
     policy: nn.Module | None = None,
     codec: Any = None,
@@ -59,10 +59,11 @@ def build_trainer(
 ) -> BuiltRun:
     """The trainer of `recipe` in `working`, and its parts.
 
-    `training`: a run that trains (it tidies the folder, writes `config.yaml`, logs metrics and answers stop
-    signals); false for scoring only. What a caller brings replaces what the recipe would load: `base_model` (the
-    checkpoint, e.g. random weights; LoRA and the recipe's switches are applied as to a loaded one), `policy` (a
-    finished policy, e.g. base + trained adapter), `codec` (the text codec) and `data` (a `PreparedData`).
+    `bookkeeping`: `working` is this run's folder (it is tidied, gets `config.yaml` and `metrics.jsonl`, and stop
+    signals save a checkpoint); false where the trainer only scores or is timed. What a caller brings replaces
+    what the recipe would load: `base_model` (the checkpoint, e.g. random weights; LoRA and the recipe's
+    switches are applied as to a loaded one), `policy` (a finished policy, e.g. base + trained adapter), `codec`
+    (the text codec) and `data` (a `PreparedData`).
     """
     from transformers import set_seed
 
@@ -71,10 +72,10 @@ def build_trainer(
 
     from .arguments import training_arguments
 
-    preemption = PreemptionCallback() if training else None  # from the start: a signal while loading stops early
+    preemption = PreemptionCallback() if bookkeeping else None  # from the start: a signal while loading stops early
     working = Path(working)
     working.mkdir(parents=True, exist_ok=True)
-    if training and is_main_process():
+    if bookkeeping and is_main_process():
         for path in remove_staging(working):
             say(f"removed half-written {path.name} from an interrupted run")
         if not (working / CONFIG_NAME).exists():
@@ -105,7 +106,7 @@ def build_trainer(
         say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model, ref_model = _policy_and_reference(recipe, base_model, policy)
-    trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, training, callbacks, preemption)
+    trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)
     return BuiltRun(recipe, working, trainer, codec, data, preemption)
 
 
@@ -137,7 +138,7 @@ def _policy_and_reference(
     return model, ref_model
 
 
-def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, training, callbacks, preemption) -> Any:
+def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption) -> Any:
     from silkie.data.collator import PairCollator
     from silkie.data.images import DECODE_VERSION
     from silkie.models.family import get_family
@@ -156,7 +157,7 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, traini
         if recipe.dpo.ld_alpha is not None:  # LD-DPO weights the reference's answer tokens too
             options["ld_alpha"] = recipe.dpo.ld_alpha
         reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.path, options)
-    run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption] if training else []
+    run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption] if bookkeeping else []
     trainer = SilkieDPOTrainer(
         model=model,
         args=args,

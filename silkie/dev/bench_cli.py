@@ -1,0 +1,106 @@
+"""`silkie bench` / `scripts/benchmark.py`: DPO training benchmarks side by side (same model, data and device, one
+run), every run through its trainer.
+
+Qwen-VL-Chat (`--family qwen_vl`, default): the plain (TRL-equivalent) step vs the optimized step.
+Qwen2-VL / LLaVA (`--family qwen2_vl|llava`): TRL's own `DPOTrainer` vs ours (plain, optimized, cached reference),
+each through its trainer. Prints pairs/s, tokens/s, peak memory (and TFLOP/pair, MFU for qwen_vl) per run and
+batch size, then the ratios against the baseline (plain, or TRL).
+CPU with the tiny model:  python scripts/benchmark.py --tiny
+GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
+TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112
+TRL vs ours, Qwen2-VL-7B shape on a GPU: python scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="qwen_vl", choices=("qwen_vl", "qwen2_vl", "llava"))
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny stand-in model (default: Qwen-VL-Chat / Qwen2-VL-7B size)"
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["trl", "silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref"],
+        choices=("trl", "silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref"),
+        help="qwen2_vl/llava: trainers to compare (the first one present of trl/silkie-plain is the baseline)",
+    )
+    parser.add_argument("--image-px", type=int, default=448, help="qwen2_vl/llava: square picture side in pixels")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["plain", "optimized", "optimized+cached_ref"],
+        choices=("plain", "optimized", "optimized+cached_ref"),
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--question-tokens", type=int, default=40)
+    parser.add_argument("--answer-tokens", type=int, default=150)
+    parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention"), help="attention kernel")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="answer tokens per log-prob chunk")
+    parser.add_argument("--count-flops", action="store_true", help="count FLOPs of one step (for TFLOP/pair, MFU)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto for H100/H200)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list:
+    """Run the benchmark; returns the results (also printed as a table, and written with --out)."""
+    args = parse_args(argv)
+    if args.family != "qwen_vl":
+        return compare_with_trl(args)
+    import torch
+
+    from silkie.dev.bench import format_table, results_json
+    from silkie.dev.bench_qwen_vl import run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    name = "tiny" if args.tiny else "Qwen-VL-Chat size"
+    print(f"model: {name}, {args.dtype}, device {device_name}", flush=True)
+    results = run(args)
+    print(format_table(results))
+    if args.out:
+        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        meta["device_name"] = device_name
+        args.out.write_text(results_json(results, meta))
+    return results
+
+
+def compare_with_trl(args: argparse.Namespace) -> list:
+    """TRL's DPOTrainer vs ours on a transformers-native family."""
+    import torch
+
+    from silkie.dev.bench import format_table, results_json
+    from silkie.dev.bench_trl import run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.family == "llava" and not args.tiny:
+        raise SystemExit("--family llava: only the --tiny stand-in is built in; the large shape is Qwen2-VL-7B")
+    args.size = "tiny" if args.tiny else "7b"
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"model: {args.family} {args.size}, {args.dtype}, device {device_name}", flush=True)
+    results = run(args)
+    baseline = "trl" if "trl" in args.runs else args.runs[0]
+    print(format_table(results, baseline))
+    if args.out:
+        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        meta["device_name"] = device_name
+        args.out.write_text(results_json(results, meta))
+    return results
+
+
