@@ -10,6 +10,7 @@ from pathlib import Path
 
 from silkie.config import load_recipe
 from silkie.errors import InputError
+from silkie.logs import LEVELS, configure
 from silkie.run_dir import ERROR_NAME, record_error
 
 
@@ -17,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML recipe (dpo_config/*.yaml)")
     parser.add_argument("--working", required=True, help="run directory: checkpoints, adapter, metrics")
+    parser.add_argument("--log-level", choices=LEVELS, default=None, help="console messages (default: info)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=5e-6")
     args = parser.parse_args(argv)
+    configure(args.log_level)
     try:
         recipe = load_recipe(args.config, args.overrides)
         from silkie.train import run_training

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 from collections import Counter
@@ -23,12 +22,13 @@ import datasets
 
 from silkie.data.pairs import PairReport, PreferencePair
 from silkie.errors import InputError
+from silkie.logs import get_logger
 from silkie.models.family import PairCodec, PairTextError
 from silkie.models.qwen_vl.family import QwenVLCodec, format_query
 
 __all__ = ["as_codec", "cache_key", "encode_pair", "format_query", "tokenize_pairs"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 Truncation = Literal["drop", "answer"]
 FORMAT_VERSION = "silkie-pairs-v1"
@@ -231,7 +231,7 @@ def tokenize_pairs(
     key = cache_key(records, tokenizer, max_length, truncation)
     target = Path(cache_dir) / key if cache_dir is not None else None
     if target is not None and (target / STATS_FILE).is_file():
-        logger.info("loading tokenized pairs from cache %s", target)
+        logger.debug("loading tokenized pairs from cache %s", target)
         dataset = datasets.load_from_disk(str(target))
         stats = json.loads((target / STATS_FILE).read_text(encoding="utf-8"))
     else:

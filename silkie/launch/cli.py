@@ -11,6 +11,7 @@ from pathlib import Path
 
 from silkie.config import RecipeError, load_recipe
 from silkie.config.recipe import read_recipe_file
+from silkie.logs import LAUNCH, LAUNCH_STDOUT, LEVELS, configure, get_logger
 from silkie.run_dir import world_size_problem
 
 from .local import (
@@ -25,6 +26,7 @@ from .preflight import missing_inputs
 from .slurm import active_jobs, follow, render_script, slurm_layout, submit
 from .workdir import EXIT_USAGE, LaunchError, inspect_workdir, prepare_workdir, undo_prepare
 
+notes, news = get_logger(LAUNCH), get_logger(LAUNCH_STDOUT)  # notes on stderr, so a dry run's stdout is its output
 USAGE_EXAMPLES = """
 examples:
   python launch_dpo.py --config dpo_config/demo.yaml --working runs/demo
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run in a --working that holds another recipe or other files (nothing deleted; old outputs: backup-*/)",
     )
+    parser.add_argument(
+        "--log-level", choices=LEVELS, default=None, help="silkie's console messages (default: info; also the workers')"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=5e-6")
     return parser
 
@@ -76,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the launcher; returns the process exit code."""
     args = build_parser().parse_intermixed_args(argv)  # flags may follow overrides
+    configure(args.log_level)
     try:
         return _launch(args)
     except (RecipeError, LaunchError) as err:
@@ -102,7 +108,7 @@ def _launch(args: argparse.Namespace) -> int:
     layout = slurm_layout(args.gpus, recipe.slurm.gpus_per_node) if args.gpus is not None else None
     plan = inspect_workdir(working, recipe, force=args.force)
     if plan.state == "finished":
-        print(f"[launch] {plan.message}")
+        news.info(plan.message)
         return 0
     check_not_running(working)  # a local launch training there now
     running = [] if args.dry_run else active_jobs(working)
@@ -141,7 +147,7 @@ def _launch(args: argparse.Namespace) -> int:
     _warn(missing)
     warning = signal_forwarding_warning()
     if warning:
-        _note(f"warning: {warning}")
+        notes.warning(warning)
     if args.dry_run:
         _note(f"dry run: {plan.message}; {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
         print(script, end="")
@@ -154,9 +160,9 @@ def _launch(args: argparse.Namespace) -> int:
     except LaunchError:
         undo_prepare(plan, created)
         raise
-    print(f"[launch] submitted job {job_id}: {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)", flush=True)
-    print(f"[launch] script: {script_path}", flush=True)
-    print(f"[launch] log: {log_path}", flush=True)
+    news.info(f"submitted job {job_id}: {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
+    news.info(f"script: {script_path}")
+    news.info(f"log: {log_path}")
     if args.wait:
         return follow(job_id, log_path, working)
     return 0
@@ -164,9 +170,9 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _warn(problems: list[str]) -> None:
     for problem in problems:
-        _note(f"warning: {problem}")
+        notes.warning(problem)
 
 
 def _note(text: str) -> None:
     """Progress for the user on stderr, so stdout is exactly the command or script in a dry run."""
-    print(f"[launch] {text}", file=sys.stderr, flush=True)
+    notes.info(text)

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from silkie.config import Recipe
+from silkie.logs import LAUNCH, LAUNCH_STDOUT, get_logger
 from silkie.run_dir import ADAPTER_DIR, CONFIG_NAME, ERROR_NAME, FINISHED_NAME, checkpoint_status
 
 from .workdir import EXIT_USAGE, LaunchError
 
+notes, news = get_logger(LAUNCH), get_logger(LAUNCH_STDOUT)  # notes on stderr, what the user follows on stdout
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "train_dpo.py"
 TORCHRUN_ENTRY = Path(__file__).resolve().with_name("torchrun_entry.py")  # torchrun, quiet after an input error
 # torchrun turns these into a clean shutdown that forwards the same signal to every worker; the workers
@@ -146,10 +148,7 @@ def lock_run_dir(working: Path) -> int | None:
                 f"another launch is training in {working}{who}; wait for it to end or stop it (two runs in one folder "
                 "would write the same checkpoints)"
             ) from None
-        print(
-            f"[launch] warning: cannot lock {working} here ({err.strerror}); make sure no other launch trains there",
-            file=sys.stderr,
-        )
+        notes.warning(f"cannot lock {working} here ({err.strerror}); make sure no other launch trains there")
         return None
     return fd
 
@@ -212,14 +211,13 @@ def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> 
     def forward(signum: int, frame) -> None:
         if not received:
             received.append(signum)
-            print(
-                f"[launch] {signal.Signals(signum).name}: the workers save a checkpoint after this step and stop"
+            news.info(
+                f"{signal.Signals(signum).name}: the workers save a checkpoint after this step and stop"
                 + (
                     " (at once if training has not begun; Ctrl-C again: stop now, without it)"
                     if signum == signal.SIGINT
                     else ""
-                ),
-                flush=True,
+                )
             )
             try:
                 os.killpg(proc.pid, signum)
@@ -229,14 +227,14 @@ def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> 
         if signum == signal.SIGINT and len(received) == 1:
             # torchrun is already shutting its workers down (a second signal to it would orphan them): tell them
             received.append(signum)
-            print("[launch] SIGINT again: the workers stop now", flush=True)
+            news.info("SIGINT again: the workers stop now")
             for pid in _children(proc.pid):
                 try:
                     os.kill(pid, signal.SIGINT)
                 except ProcessLookupError:
                     pass
             return
-        print(f"[launch] still waiting for the workers to stop (at most {LOCAL_SHUTDOWN_TIMEOUT_S} s)", flush=True)
+        news.info(f"still waiting for the workers to stop (at most {LOCAL_SHUTDOWN_TIMEOUT_S} s)")
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -250,22 +248,18 @@ def run_local(plan: LocalPlan, working: str | Path, lock: int | None = None) -> 
 def _report(working: Path, code: int, received: int | None) -> int:
     """Tell the user where the run stands; map the outcome to the launcher's exit code."""
     if (working / FINISHED_NAME).exists():
-        print(f"[launch] finished: adapter in {working / ADAPTER_DIR}", flush=True)
+        news.info(f"finished: adapter in {working / ADAPTER_DIR}")
         return 0
     intact = checkpoint_status(working)
     resume = "run the same command again to resume"
     error = working / ERROR_NAME
     if received is None and error.is_file():  # bad input: a rerun would stop the same way
         print(f"error: {error.read_text().strip()}", file=sys.stderr, flush=True)
-        print(f"[launch] training stopped on this input error ({intact}); fix it and launch again", file=sys.stderr)
+        notes.info(f"training stopped on this input error ({intact}); fix it and launch again")
         return EXIT_USAGE
     if received is not None:
         name = signal.Signals(received).name
-        print(f"[launch] interrupted ({name}): {intact}; {resume}", file=sys.stderr, flush=True)
+        notes.info(f"interrupted ({name}): {intact}; {resume}")
         return 128 + received
-    print(
-        f"[launch] training stopped with exit code {code} before finishing: {intact}; {resume}",
-        file=sys.stderr,
-        flush=True,
-    )
+    notes.info(f"training stopped with exit code {code} before finishing: {intact}; {resume}")
     return code if code > 0 else 1

@@ -25,11 +25,13 @@ from pathlib import Path
 
 from silkie.config import Recipe
 from silkie.config.sections import SLURM_SIGNALS
+from silkie.logs import LAUNCH, LAUNCH_STDOUT, get_logger
 from silkie.run_dir import ADAPTER_DIR, FINISHED_NAME, SLURM_DIR, checkpoint_status
 
 from .local import torchrun_env, torchrun_prefix, train_command
 from .workdir import LaunchError
 
+notes, news = get_logger(LAUNCH), get_logger(LAUNCH_STDOUT)
 FINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -296,13 +298,11 @@ def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0
         return 130
     _stream(log_path, offset, decoder)
     if (working / FINISHED_NAME).exists():
-        print(f"[launch] job {job_id} {state or 'ended'}: finished, adapter in {working / ADAPTER_DIR}", flush=True)
+        news.info(f"job {job_id} {state or 'ended'}: finished, adapter in {working / ADAPTER_DIR}")
         return 0
-    print(
-        f"[launch] job {job_id} ended {state or 'in an unknown state'} (exit code {exit_code or '?'}) "
-        f"without finishing; {checkpoint_status(working)}; log: {log_path}",
-        file=sys.stderr,
-        flush=True,
+    notes.info(
+        f"job {job_id} ended {state or 'in an unknown state'} (exit code {exit_code or '?'}) "
+        f"without finishing; {checkpoint_status(working)}; log: {log_path}"
     )
     return 1
 

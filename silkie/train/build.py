@@ -17,10 +17,13 @@ import torch.distributed as dist
 from torch import nn
 
 from silkie.config import Recipe, RecipeError, save_recipe
+from silkie.logs import get_logger
 from silkie.run_dir import CACHE_DIR, CONFIG_NAME, METRICS_NAME, REFERENCE_DIR, remove_staging
 
 from .metrics import MetricsJsonlCallback
 from .preemption import PreemptionCallback
+
+logger = get_logger(__name__)
 
 
 def is_main_process() -> bool:
@@ -29,9 +32,8 @@ def is_main_process() -> bool:
 
 
 def say(text: str) -> None:
-    """One line to the console on the main process."""
-    if is_main_process():
-        print(f"[silkie] {text}", flush=True)
+    """One line of the run's progress (rank 0, `[silkie] ...`)."""
+    logger.info(text)
 
 
 @dataclass

@@ -73,11 +73,11 @@ def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> 
         plot = plot_metrics(working)
         (working / FINISHED_NAME).write_text(json.dumps({"step": trainer.state.global_step}))
         accuracy = metrics.get("eval_rewards/accuracies")
-        print(f"[silkie] adapter: {adapter_dir}", flush=True)
-        print(f"[silkie] metrics: {working / METRICS_NAME} (tensorboard: {working / TENSORBOARD_DIR})", flush=True)
-        print(f"[silkie] plot: {plot}", flush=True)
+        say(f"adapter: {adapter_dir}")
+        say(f"metrics: {working / METRICS_NAME} (tensorboard: {working / TENSORBOARD_DIR})")
+        say(f"plot: {plot}")
         if accuracy is not None:
-            print(f"[silkie] held-out reward accuracy: {accuracy:.3f}", flush=True)
+            say(f"held-out reward accuracy: {accuracy:.3f}")
     return metrics
 
 

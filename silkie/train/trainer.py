@@ -23,6 +23,7 @@ from silkie.dpo.losses import DPOObjective
 from silkie.dpo.objective import BatchScores, adapter_reference, batch_metrics, score_batch
 from silkie.dpo.step import encode_images_once, recipe_step_options, score_answers, vision_differs_from_reference
 from silkie.errors import InputError
+from silkie.logs import get_logger
 from silkie.run_dir import RUN_LAYOUT_FILE, STAGING_PREFIX, rotate_checkpoints, world_size_problem, write_manifest
 
 from .guards import (
@@ -37,6 +38,7 @@ from .preemption import PreemptionCallback, any_rank
 from .reference import ReferenceCache, ReferencePass
 
 __all__ = ["NonFiniteLossError", "ResumeError", "SilkieDPOTrainer", "check_resume_layout"]
+logger = get_logger(__name__)
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):
@@ -106,9 +108,8 @@ class SilkieDPOTrainer(Trainer):
             )
 
     def log_line(self, text: str) -> None:
-        """One line to the console on the main process."""
-        if self.is_world_process_zero():
-            print(f"[silkie] {text}", flush=True)
+        """One line of the run's progress (rank 0)."""
+        logger.info(text)
 
     # ----- the DPO step -------------------------------------------------------------------------------------------
     def reference_scores(

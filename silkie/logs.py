@@ -1,0 +1,83 @@
+"""One logging setup for the package (standard `logging`), one format: `[silkie] message` for a run's progress on
+stdout, `[launch] message` for the launcher's notes on stderr (`silkie.launch.stdout`: what the user follows, on
+stdout); warnings and errors get `warning: ` / `error: `. A run's messages come from rank 0 only, unless
+`all_ranks`; warnings and errors from every rank. The level comes from `--log-level` or `SILKIE_LOG_LEVEL`
+(inherited by the processes torchrun starts). Torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LEVEL_ENV = "SILKIE_LOG_LEVEL"
+ALL_RANKS_ENV = "SILKIE_LOG_ALL_RANKS"
+LEVELS = ("debug", "info", "warning", "error")
+ROOT = "silkie"
+LAUNCH = "silkie.launch"
+LAUNCH_STDOUT = "silkie.launch.stdout"
+
+
+class _Console(logging.Handler):
+    """Writes to the stream that is `sys.stdout` / `sys.stderr` when the record is emitted (so a redirected or
+    captured stream gets it), chosen by the logger: the launcher's notes go to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        launcher = record.name.startswith(LAUNCH) and record.name != LAUNCH_STDOUT
+        stream = sys.stderr if launcher else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # a closed stream at exit must not raise out of logging
+            self.handleError(record)
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        tag = "launch" if record.name.startswith(LAUNCH) else "silkie"
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"[{tag}] {level}{record.getMessage()}"
+
+
+class _MainRank(logging.Filter):
+    """Info and debug from rank 0 only (every rank of a run logs the same progress), unless all ranks are asked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or os.environ.get(ALL_RANKS_ENV) == "1":
+            return True
+        return os.environ.get("RANK", "0") == "0"
+
+
+def configure(level: str | None = None, all_ranks: bool | None = None) -> None:
+    """Set the package's level (`debug`, `info`, `warning`, `error`; default `SILKIE_LOG_LEVEL` or info) and
+    whether every rank logs; also for the processes this one starts."""
+    if level is not None:
+        if level not in LEVELS:
+            raise ValueError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
+        os.environ[LEVEL_ENV] = level
+    if all_ranks is not None:
+        os.environ[ALL_RANKS_ENV] = "1" if all_ranks else "0"
+    name = os.environ.get(LEVEL_ENV, "info")
+    logging.getLogger(ROOT).setLevel(getattr(logging, name.upper(), logging.INFO))
+
+
+def _install() -> None:
+    root = logging.getLogger(ROOT)
+    if any(isinstance(handler, _Console) for handler in root.handlers):
+        return
+    handler = _Console()
+    handler.setFormatter(_Format())
+    handler.addFilter(_MainRank())
+    root.addHandler(handler)
+    root.propagate = False  # one line per message, whatever the application configures at the root
+    configure()
+
+
+_install()
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger of a module of the package (`silkie...`), with the package's console set up."""
+    _install()
+    return logging.getLogger(name)
