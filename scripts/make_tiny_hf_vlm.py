@@ -1,35 +1,12 @@
 #!/usr/bin/env python
-"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL or LLaVA-1.5) for tests and demos."""
+"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL or LLaVA-1.5) for tests and demos.
 
-from __future__ import annotations
+The code and --help: `silkie.dev.tiny_hf_vlm_cli`.
+"""
 
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, tokenizer, processor)")
-    parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl", help="model family to imitate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    args = parser.parse_args(argv)
-
-    from silkie.dev import tiny_hf_vlm as tiny
-
-    build = {
-        "qwen2_vl": tiny.build_tiny_qwen2_vl,
-        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
-        "llava": tiny.build_tiny_llava,
-    }[args.family]
-    out = build(args.out_dir, seed=args.seed)
-    print(f"tiny {args.family} checkpoint written to {out}")
-    return 0
-
+from silkie.dev.tiny_hf_vlm_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

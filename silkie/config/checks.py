@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import types
 import typing
@@ -71,3 +72,12 @@ def coerce(value: Any, annotation: Any) -> Any:
 def describe(annotation: Any) -> str:
     """A type annotation as a user reads it."""
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def key(default: Any = None, help: str = "", read_by: str = "", factory: Any = None) -> Any:
+    """A recipe key: its default, its one-line help (the recipe reference) and the functions that read it
+    (`module:qualname` under `silkie.`, space-separated)."""
+    metadata = {"help": help, "read_by": read_by}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)

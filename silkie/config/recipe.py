@@ -18,16 +18,9 @@ import yaml
 from silkie.errors import RecipeError
 
 from .checks import coerce, describe, suggest, type_ok
+from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .flat import is_flat, translate_flat
-from .sections import (
-    DataSection,
-    DeepSpeedSection,
-    DPOSection,
-    LaunchSection,
-    LoraSection,
-    ModelSection,
-    SlurmSection,
-)
+from .sections import DataSection, DPOSection, LoraSection, ModelSection
 from .training import check_training
 from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
 

@@ -1,10 +1,11 @@
-"""The recipe's sections as typed dataclasses, each with its own value checks. Imports no torch."""
+"""The recipe's sections about what is trained: model, data, LoRA, DPO (typed dataclasses, help text and reader on
+every key, each section with its own value checks; the run's placement is in `cluster`). Imports no torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .checks import choice, require
+from .checks import choice, key, require
 from .names import FAMILIES
 from .objective import objective_problem
 
@@ -13,12 +14,36 @@ from .objective import objective_problem
 class ModelSection:
     """Which checkpoint to train and how to load it."""
 
-    path: str = ""
-    family: str = "qwen_vl"
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    path: str = key(
+        "",
+        "Checkpoint folder: `config.json`, weights and tokenizer files (`qwen.tiktoken` or the processor's).",
+        "models.loading:local_checkpoint models.qwen_vl.family:QwenVLFamily.load_model",
+    )
+    family: str = key(
+        "qwen_vl",
+        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `llava` (transformers).",
+        "models.family:get_family",
+    )
+    dtype: str = key(
+        "auto",
+        "Weights/compute dtype: `auto` (bf16 on GPUs that support it, else fp32), `bf16`, `fp16`, `fp32`.",
+        "models.loading:load_base_model",
+    )
+    attn_implementation: str = key(
+        "sdpa",
+        "Attention kernel: `sdpa` (default), `eager` (reference), `flex_attention` (qwen_vl).",
+        "models.qwen_vl.family:QwenVLFamily.load_model",
+    )
+    min_pixels: int | None = key(
+        None,
+        "Qwen2-VL families: fewest pixels per image after resizing (null: the processor's setting).",
+        "models.hf_vlm.codec:load_processor",
+    )
+    max_pixels: int | None = key(
+        None,
+        "Qwen2-VL families: most pixels per image after resizing; bounds image tokens.",
+        "models.hf_vlm.codec:load_processor",
+    )
 
     def check(self) -> None:
         require(bool(self.path), "model.path", self.path, "a checkpoint folder (config.json, weights, tokenizer)")
@@ -48,21 +73,82 @@ class ModelSection:
 class DataSection:
     """Where the preference data comes from and how pairs are built."""
 
-    source: str = "vlfeedback"
-    path: str = ""
-    images: str | None = None
-    split: str = "train"
-    aspect_weights: dict[str, float] | None = None
-    min_margin: float = 0.0
-    max_pairs_per_prompt: int | None = None
-    cap_strategy: str = "margin"
-    max_prompts: int | None = None
-    eval_fraction: float = 0.0
-    eval_size: int | None = None
-    truncation: str = "drop"
-    num_proc: int = 1
-    cache_dir: str | None = None
-    seed: int = 0
+    source: str = key(
+        "vlfeedback",
+        "`vlfeedback` (release jsonl), `hf` (a Hub dataset id or saved dataset) or `preference` "
+        "(prompt/chosen/rejected rows).",
+        "data.build:_load_rows",
+    )
+    path: str = key(
+        "",
+        "The jsonl file, dataset id or preference file to read.",
+        "data.build:_load_rows",
+    )
+    images: str | None = key(
+        None,
+        "Images: the release's `merged_images.zip` or a folder; null when the rows carry no images.",
+        "data.build:build_pairs",
+    )
+    split: str = key(
+        "train",
+        "Dataset split for `source: hf`.",
+        "data.build:_load_rows",
+    )
+    aspect_weights: dict[str, float] | None = key(
+        None,
+        "Weights of the annotation aspects in a completion's score; null = all aspects equally.",
+        "data.build:build_pairs",
+    )
+    min_margin: float = key(
+        0.0,
+        "Smallest score difference for a (chosen, rejected) pair; ties and closer pairs are dropped.",
+        "data.build:build_pairs",
+    )
+    max_pairs_per_prompt: int | None = key(
+        None,
+        "At most this many pairs per prompt; null = all pairs.",
+        "data.build:build_pairs",
+    )
+    cap_strategy: str = key(
+        "margin",
+        "Which pairs the cap keeps: `margin` (largest margins first) or `random`.",
+        "data.build:build_pairs",
+    )
+    max_prompts: int | None = key(
+        None,
+        "Use only the first N prompts (quick runs); null = all.",
+        "data.build:build_pairs",
+    )
+    eval_fraction: float = key(
+        0.0,
+        "Fraction of prompts held out for evaluation (split by prompt, so no prompt is in both).",
+        "data.build:build_pairs",
+    )
+    eval_size: int | None = key(
+        None,
+        "Held-out prompts as a count (instead of a fraction); null = use eval_fraction.",
+        "data.build:build_pairs",
+    )
+    truncation: str = key(
+        "drop",
+        "Pairs longer than dpo.max_length: `drop` them, or cut the `answer`s to fit.",
+        "data.build:prepare_data",
+    )
+    num_proc: int = key(
+        1,
+        "Processes for tokenizing the pairs.",
+        "data.build:prepare_data",
+    )
+    cache_dir: str | None = key(
+        None,
+        "Where tokenized pairs are cached; null = `<working>/cache`.",
+        "train.build:build_trainer",
+    )
+    seed: int = key(
+        0,
+        "Seed for pair capping and the held-out split.",
+        "data.build:build_pairs",
+    )
 
     def check(self) -> None:
         choice("data.source", self.source, ("vlfeedback", "hf", "preference"))
@@ -84,13 +170,41 @@ class DataSection:
 class LoraSection:
     """LoRA adapters through peft (Silkie defaults); `enabled: false` means full fine-tuning."""
 
-    enabled: bool = True
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] | None = None  # null: the family's default (all LLM linears / Qwen-VL's four)
-    vision: bool = False
-    load_in_4bit: bool = False
+    enabled: bool = key(
+        True,
+        "Train LoRA adapters (peft); false = full fine-tuning with a frozen reference copy.",
+        "models.loading:make_policy",
+    )
+    r: int = key(
+        64,
+        "LoRA rank.",
+        "models.loading:apply_lora",
+    )
+    alpha: int = key(
+        16,
+        "LoRA scaling numerator (scale = alpha / r).",
+        "models.loading:apply_lora",
+    )
+    dropout: float = key(
+        0.05,
+        "Dropout on the LoRA branch.",
+        "models.loading:apply_lora",
+    )
+    target_modules: list[str] | None = key(
+        None,
+        "LLM module names that get adapters (null: the family's default).",
+        "models.loading:check_lora_targets",
+    )
+    vision: bool = key(
+        False,
+        "Also adapt the vision tower (it stays frozen otherwise).",
+        "models.loading:make_policy",
+    )
+    load_in_4bit: bool = key(
+        False,
+        "QLoRA: language-model linears in NF4 4 bit (needs bitsandbytes and a CUDA GPU).",
+        "models.loading:build_policy",
+    )
 
     def check(self) -> None:
         require(self.r >= 1, "lora.r", self.r, "an integer >= 1")
@@ -110,23 +224,99 @@ class LoraSection:
 class DPOSection:
     """DPO knobs with TRL's names, plus the efficient-step switches."""
 
-    beta: float = 0.1
-    loss_type: str | list[str] = "sigmoid"
-    loss_weights: list[float] | None = None
-    label_smoothing: float = 0.0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
-    discopop_tau: float = 0.05
-    ld_alpha: float | None = None
-    use_weighting: bool = False
-    disable_dropout: bool = True
-    max_length: int = 2048
-    precompute_ref_log_probs: bool = False
-    precompute_ref_batch_size: int | None = None
-    image_once: bool = True
-    share_prompt: bool = True
-    chunked_logps: bool = True
-    logps_chunk_size: int = 1024
+    beta: float = key(
+        0.1,
+        "DPO temperature: how far the policy may move from the reference.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    loss_type: str | list[str] = key(
+        "sigmoid",
+        "Preference loss, TRL 1.16's names (`sigmoid`, `hinge`, `ipo`, `exo_pair`, `nca_pair`, `robust`, "
+        "`bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft`, "
+        "`sigmoid_norm`), or a list of them to combine (e.g. `[sigmoid, sft]`: RPO).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    loss_weights: list[float] | None = key(
+        None,
+        "One weight per entry of a loss_type list; null = equal weights.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    label_smoothing: float = key(
+        0.0,
+        "Assumed label noise: cDPO for `sigmoid`, and the `robust`, `exo_pair` (needs > 0) and `aot` losses.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    f_divergence_type: str = key(
+        "reverse_kl",
+        "f-DPO regulariser: `reverse_kl` (DPO), `forward_kl`, `js_divergence`, `alpha_divergence` (for "
+        "`sigmoid`, `sigmoid_norm`, `hinge`, `ipo`, `exo_pair`, `robust`, `discopop`, `sft`).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    f_alpha_divergence_coef: float = key(
+        1.0,
+        "Alpha of `alpha_divergence` (1.0 = reverse KL).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    discopop_tau: float = key(
+        0.05,
+        "Temperature of the `discopop` loss's mixing of logistic and exponential terms.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    ld_alpha: float | None = key(
+        None,
+        "LD-DPO (length desensitization): in each pair, the tokens past the shorter answer's length count "
+        "`ld_alpha` times in the policy's and the reference's log-probs (0-1; null = plain sums).",
+        "dpo.step:recipe_step_options",
+    )
+    use_weighting: bool = key(
+        False,
+        "WPO: each pair's loss is weighted by exp(mean over tokens of log p - log sum p^2) of chosen times "
+        "rejected under the current policy (no gradient through the weight); not with `aot`/`aot_unpaired`. "
+        "TRL 1.16 fails on `sft` with it; Silkie weights the `sft` term too.",
+        "dpo.step:recipe_step_options",
+    )
+    disable_dropout: bool = key(
+        True,
+        "No dropout in the policy, LoRA's included (TRL's default since 0.7; the Silkie paper's code ran that"
+        " DPOTrainer, so its `lora_dropout` 0.05 was not applied). `false` applies `lora.dropout`.",
+        "train.build:_policy_and_reference",
+    )
+    max_length: int = key(
+        2048,
+        "Longest prompt + answer in tokens (image tokens included).",
+        "train.build:build_trainer",
+    )
+    precompute_ref_log_probs: bool = key(
+        False,
+        "Compute the reference log-probs once; cached in `<working>/reference_logps`.",
+        "train.build:_trainer",
+    )
+    precompute_ref_batch_size: int | None = key(
+        None,
+        "Pairs per batch in that pass, which needs no gradients (null: `training.per_device_eval_batch_size`).",
+        "train.trainer:SilkieDPOTrainer._reference_pass",
+    )
+    image_once: bool = key(
+        True,
+        "Encode each image once per pair (chosen and rejected share it) while vision is frozen.",
+        "train.trainer:SilkieDPOTrainer.__init__",
+    )
+    share_prompt: bool = key(
+        True,
+        "Pack chosen and rejected answers after one copy of the prompt.",
+        "dpo.step:recipe_step_options",
+    )
+    chunked_logps: bool = key(
+        True,
+        "Answer log-probs from hidden states in chunks, never the full-vocabulary logits; false: the model's "
+        "own logits (the plain, TRL-equivalent path, for checks and benchmarks).",
+        "dpo.step:recipe_step_options",
+    )
+    logps_chunk_size: int = key(
+        1024,
+        "Tokens per chunk when computing log-probs (bounds the logits memory).",
+        "dpo.step:recipe_step_options",
+    )
 
     def check(self) -> None:
         require(self.beta > 0, "dpo.beta", self.beta, "a number > 0")
@@ -149,92 +339,3 @@ class DPOSection:
         size = self.precompute_ref_batch_size
         require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")
 
-
-@dataclass
-class DeepSpeedSection:
-    """ZeRO through the Hugging Face integration: `stage` 0 (off), 2 or 3, or a JSON `config` path."""
-
-    stage: int = 0
-    offload: bool = False
-    config: str | None = None
-
-    def check(self) -> None:
-        choice("deepspeed.stage", self.stage, (0, 1, 2, 3))
-        require(not (self.offload and self.stage == 0), "deepspeed.offload", self.offload, "false when stage is 0")
-
-
-@dataclass
-class LaunchSection:
-    """Local launch: processes per node; `cpu: true` runs N gloo processes without GPUs."""
-
-    nproc_per_node: int | None = None
-    cpu: bool = False
-    master_port: int = 29500
-
-    def check(self) -> None:
-        require(1 <= self.master_port <= 65535, "launch.master_port", self.master_port, "a port in [1, 65535]")
-        require(
-            self.nproc_per_node is None or self.nproc_per_node >= 1,
-            "launch.nproc_per_node",
-            self.nproc_per_node,
-            "null (one per GPU) or an integer >= 1",
-        )
-
-
-@dataclass
-class SlurmSection:
-    """Slurm batch settings used with `--gpus N`."""
-
-    gpus_per_node: int = 8
-    job_name: str = "silkie-dpo"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time: str | int = "24:00:00"  # sbatch --time: "HH:MM:SS", "D-HH:MM", or minutes
-    cpus_per_gpu: int | None = 8
-    mem_per_gpu: str | None = None
-    constraint: str | None = None
-    extra_sbatch: list[str] = field(default_factory=list)
-    setup: list[str] = field(default_factory=list)
-    requeue: bool = True
-    signal: str = "USR1"
-    signal_seconds: int = 300
-    rdzv_port: int | None = None
-
-    def check(self) -> None:
-        require(self.gpus_per_node >= 1, "slurm.gpus_per_node", self.gpus_per_node, "an integer >= 1")
-        require(self.signal_seconds >= 1, "slurm.signal_seconds", self.signal_seconds, "an integer >= 1")
-        require(
-            self.cpus_per_gpu is None or self.cpus_per_gpu >= 1,
-            "slurm.cpus_per_gpu",
-            self.cpus_per_gpu,
-            "null or an integer >= 1",
-        )
-        require(
-            self.rdzv_port is None or 1 <= self.rdzv_port <= 65535,
-            "slurm.rdzv_port",
-            self.rdzv_port,
-            "null (20000 + job id mod 20000) or a port in [1, 65535]",
-        )
-        require(
-            self.signal.upper().removeprefix("SIG") in SLURM_SIGNALS,
-            "slurm.signal",
-            self.signal,
-            "one of USR1, USR2 (SIGTERM is what scancel sends, so it cannot mean 'checkpoint and requeue')",
-        )
-        for name in ("job_name", "partition", "account", "qos", "time", "mem_per_gpu", "constraint", "signal"):
-            _one_sbatch_line(f"slurm.{name}", getattr(self, name))
-        for index, line in enumerate(self.extra_sbatch):
-            _one_sbatch_line(f"slurm.extra_sbatch[{index}]", line)
-        require(bool(str(self.job_name).strip()), "slurm.job_name", self.job_name, "a non-empty name")
-
-
-SLURM_SIGNALS = ("USR1", "USR2")  # SIGTERM is what scancel sends: it must not mean "checkpoint and requeue"
-
-
-def _one_sbatch_line(key: str, value: object) -> None:
-    """A value written into an `#SBATCH` line must stay on it: a newline would start a shell line and end the
-    directives (sbatch reads them only up to the first command)."""
-    text = "" if value is None else str(value)
-    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
-    require(bad is None, key, value, f"text without control characters (it goes into an #SBATCH line; found {bad!r})")

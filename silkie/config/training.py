@@ -154,6 +154,69 @@ REPORT_TO_CHOICES = (
 )
 
 
+# One line of help per `training:` key (the recipe reference); every key is read by
+# `silkie.train.arguments.training_arguments`, which hands it to `TrainingArguments`.
+TRAINING_READ_BY = "train.arguments:training_arguments"
+TRAINING_HELP: dict[str, str] = {
+    "learning_rate": "Peak learning rate.",
+    "lr_scheduler_type": "Schedule: `linear`, `cosine`, `constant`, `constant_with_warmup`, ...",
+    "lr_scheduler_kwargs": "Extra scheduler arguments.",
+    "warmup_steps": "Warmup: a step count, or a fraction of the run when below 1.",
+    "warmup_ratio": "Warmup as a fraction of the run (translated to warmup_steps).",
+    "weight_decay": "AdamW weight decay.",
+    "adam_beta1": "AdamW beta1.",
+    "adam_beta2": "AdamW beta2.",
+    "adam_epsilon": "AdamW epsilon.",
+    "optim": "Optimizer name (`adamw_torch`, `adamw_torch_fused`, `paged_adamw_8bit`, ...).",
+    "max_grad_norm": "Gradient clipping norm (0 = off).",
+    "num_train_epochs": "Epochs over the training pairs.",
+    "max_steps": "Total optimizer steps; overrides num_train_epochs when > 0.",
+    "per_device_train_batch_size": "Pairs per process per micro-batch.",
+    "per_device_eval_batch_size": "Pairs per process per evaluation batch.",
+    "gradient_accumulation_steps": "Micro-batches per optimizer step.",
+    "bf16": "bf16 mixed precision (default: on when model.dtype resolves to bf16).",
+    "fp16": "fp16 mixed precision.",
+    "tf32": "Allow TF32 matmuls on Ampere+ GPUs.",
+    "gradient_checkpointing": "Recompute activations in the backward pass to save memory (alias).",
+    "activation_checkpointing": "Recompute activations in the backward pass to save memory.",
+    "group_by_length": "Batch pairs of similar length (translated to train_sampling_strategy).",
+    "train_sampling_strategy": "Training sampler: `random`, `sequential`, `group_by_length`, ...",
+    "logging_steps": "Log (metrics.jsonl, tensorboard) every N steps, or a fraction of the run.",
+    "logging_first_step": "Also log the first step.",
+    "eval_strategy": (
+        "`no`, `steps` or `epoch` (default: `steps` if eval_steps is set, else `epoch`; `no` without held-out data)."
+    ),
+    "eval_steps": "Evaluate every N steps (eval_strategy `steps`).",
+    "eval_on_start": "Evaluate once before training.",
+    "save_strategy": "When to write `checkpoint-N`: `steps`, `epoch` or `no`.",
+    "save_steps": "Checkpoint every N steps (resumes start from the latest one).",
+    "save_total_limit": "Keep at most N checkpoints; null = all.",
+    "save_only_model": "Checkpoints without optimizer state (they cannot be resumed exactly).",
+    "metric_for_best_model": (
+        "Eval metric that `save_strategy: best` ranks checkpoints by (`loss`, `rewards/accuracies`, "
+        "`rewards/margins`, ...); `best` without it ranks by eval loss."
+    ),
+    "greater_is_better": (
+        "Whether a larger `metric_for_best_model` is better (HF: false for names ending in loss, else true)."
+    ),
+    "report_to": "Loggers: `tensorboard`, `none`, `wandb`, ... (a name or a list).",
+    "run_name": "Run name for the loggers.",
+    "seed": "Training seed (model init, dropout, data order).",
+    "data_seed": "Seed of the data sampler; null = seed.",
+    "dataloader_num_workers": "DataLoader worker processes (0 = load in the training process).",
+    "dataloader_pin_memory": "Pin host memory for faster GPU copies.",
+    "dataloader_persistent_workers": "Keep DataLoader workers alive between epochs.",
+    "dataloader_prefetch_factor": "Batches prefetched per DataLoader worker.",
+    "ddp_timeout": "Seconds before a stuck collective (process group) times out.",
+    "ddp_find_unused_parameters": "DDP's find_unused_parameters.",
+    "torch_compile": "Compile the model with torch.compile.",
+    "disable_tqdm": "Hide the progress bars.",
+    "log_level": "Log level of the main process (`passive`, `info`, `warning`, ...).",
+    "use_cpu": "Train on the CPU (set automatically with launch.cpu or when no GPU is available).",
+    "full_determinism": "Deterministic algorithms everywhere (slower).",
+}
+
+
 def _steps(value: float) -> bool:
     """A step interval as transformers reads it: a ratio of the run in (0, 1), or a whole number of steps >= 1."""
     return 0 < value < 1 or (value >= 1 and float(value).is_integer())

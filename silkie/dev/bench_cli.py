@@ -102,5 +102,3 @@ def compare_with_trl(args: argparse.Namespace) -> list:
         meta["device_name"] = device_name
         args.out.write_text(results_json(results, meta))
     return results
-
-

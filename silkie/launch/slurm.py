@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from silkie.config import Recipe
-from silkie.config.sections import SLURM_SIGNALS
+from silkie.config.cluster import SLURM_SIGNALS
 from silkie.logs import LAUNCH, LAUNCH_STDOUT, get_logger
 from silkie.run_dir import ADAPTER_DIR, FINISHED_NAME, SLURM_DIR, checkpoint_status
 

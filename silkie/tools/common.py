@@ -44,8 +44,6 @@ def load_tokenizer_from(*folders: str | Path | None) -> Any:
     raise ToolError(f"no {VOCAB_FILE} tokenizer file in {named}")
 
 
-
-
 def family_of(model_dir: str | Path) -> str:
     """The model family of a checkpoint folder, from its `config.json` `model_type`."""
     from silkie.config.names import MODEL_TYPES

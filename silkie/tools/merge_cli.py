@@ -1,0 +1,48 @@
+"""Merge a trained LoRA adapter into its base Qwen-VL-Chat weights and save a standalone checkpoint.
+
+The output folder holds safetensors shards (+ model.safetensors.index.json when sharded), config.json,
+generation_config.json, qwen.tiktoken and tokenizer_config.json; it loads with
+`QWenLMHeadModel.from_pretrained(OUT)`. Use it as a recipe's `model.path` or with `scripts/chat.py --model OUT`.
+
+Example: python scripts/merge_lora.py --base runs/assets/tiny-qwen-vl --adapter runs/demo/adapter --out runs/merged
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from silkie.tools.cli import run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="base checkpoint folder (the recipe's model.path)")
+    parser.add_argument("--adapter", required=True, help="LoRA adapter folder (RUN/adapter)")
+    parser.add_argument("--out", required=True, help="folder to write the merged checkpoint into")
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="dtype of the saved weights (bf16); the merge itself runs in fp32 (about 4 bytes of RAM per parameter)",
+    )
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB (5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Merge and report the written files."""
+    from silkie.tools.common import DTYPES
+    from silkie.tools.merge import merge_adapter
+
+    result = merge_adapter(
+        args.base, args.adapter, args.out, DTYPES[args.dtype], args.max_shard_size, overwrite=args.overwrite
+    )
+    print(f"merged checkpoint: {result.out_dir} ({len(result.shards)} shard(s), {args.dtype})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit code 0, or 2 with a one-line error."""
+    return run_cli(run, parse_args(argv))
