@@ -72,8 +72,9 @@ def test_demo_trains_and_reports_where_everything_is(demo_run):
 
 
 def test_readme_model_snippet_generates(demo_run):
+    """The native model's snippet, in docs/models.md (linked from the README)."""
     cwd, _ = demo_run
-    block = next(b for b in bash_blocks(README) if "python -c" in b)
+    block = next(b for b in bash_blocks((REPO_ROOT / "docs" / "models.md").read_text()) if "python -c" in b)
     code = re.search(r'python -c "\n(.*)"\s*$', block, flags=re.S).group(1)
     done = run([sys.executable, "-c", code], cwd=cwd)
     assert done.returncode == 0, done.stderr[-2000:]
