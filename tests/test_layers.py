@@ -22,7 +22,7 @@ LAYERS = {
     "tools": 7,
     "dev": 8,
     "cli": 9,
-    "__main__": 9,
+    "__main__": 10,
 }
 TORCH_FREE = {"errors", "logs", "run_dir", "config", "launch"}  # the launcher checks recipes without torch
 LAUNCH_MAY_IMPORT = {"errors", "logs", "run_dir", "config", "launch"}
