@@ -1,5 +1,5 @@
-"""The one list of model families, of preference losses and f-divergences (TRL 1.16's names), and the shape of a
-hub id. Torch-free."""
+"""The one list of model families, of preference losses (TRL 1.16's names, plus the vision-aware mdpo and
+image_conditional) and f-divergences, of image corruptions, and the shape of a hub id. Torch-free."""
 
 import re
 
@@ -30,7 +30,12 @@ LOSS_TYPES = (
     "discopop",
     "sft",
     "sigmoid_norm",
+    "mdpo",
+    "image_conditional",
 )
+# the vision-aware losses score the chosen answer again under a corrupted copy of the image (data.image_corruption)
+VISION_LOSS_TYPES = ("mdpo", "image_conditional")
+IMAGE_CORRUPTIONS = ("crop", "mask", "noise", "blank")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # the loss types built on the chosen - rejected score difference, which an f-divergence may replace (as TRL)
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .checks import choice, key, require
-from .names import FAMILIES
+from .names import FAMILIES, IMAGE_CORRUPTIONS
 from .objective import objective_problem
 
 
@@ -146,14 +146,22 @@ class DataSection:
     )
     seed: int = key(
         0,
-        "Seed for pair capping and the held-out split.",
+        "Seed for pair capping and the held-out split (and of each image's corruption).",
         "data.build:build_pairs",
+    )
+    image_corruption: str = key(
+        "crop",
+        "How the vision-aware losses and diagnostics corrupt an image (the same corrupted copy every epoch and on "
+        "every rank): `crop` (a random crop of 0-20% of it, as mDPO), `mask` (80% of its cells blacked out), "
+        "`noise` (mostly noise), `blank` (grey).",
+        "train.build:_trainer",
     )
 
     def check(self) -> None:
         choice("data.source", self.source, ("vlfeedback", "hf", "preference"))
         require(bool(self.path), "data.path", self.path, "the data file, folder or dataset id")
         choice("data.cap_strategy", self.cap_strategy, ("margin", "random"))
+        choice("data.image_corruption", self.image_corruption, IMAGE_CORRUPTIONS)
         choice("data.truncation", self.truncation, ("drop", "answer"))
         require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a number in [0, 1)")
         require(self.min_margin >= 0, "data.min_margin", self.min_margin, "a number >= 0")
@@ -262,6 +270,28 @@ class DPOSection:
         "Temperature of the `discopop` loss's mixing of logistic and exponential terms.",
         "dpo.losses:DPOObjective.from_section",
     )
+    mdpo_conditional_weight: float = key(
+        1.0,
+        "`mdpo`: weight of the image-conditional term (the chosen answer with the image preferred over it with "
+        "the corrupted image; the paper: 1).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    mdpo_anchor_weight: float = key(
+        1.0,
+        "`mdpo`: weight of the anchor term that keeps the chosen reward above `mdpo_anchor_delta` (the paper: 1).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    mdpo_anchor_delta: float = key(
+        0.0,
+        "`mdpo`: the anchor's margin delta in -log sigmoid(beta (pi_c - ref_c) - delta) (the paper: 0).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    image_diagnostics: bool = key(
+        True,
+        "Also score the held-out pairs under the corrupted image: `rewards/imageless_accuracies` (chosen still "
+        "beats rejected without the picture: the preference is learned from text) and `logps/chosen_image_gain`.",
+        "train.trainer:SilkieDPOTrainer.__init__ train.build:_trainer",
+    )
     ld_alpha: float | None = key(
         None,
         "LD-DPO (length desensitization): in each pair, the tokens past the shorter answer's length count "
@@ -334,6 +364,8 @@ class DPOSection:
             require(False, f"dpo.{problem.key}", problem.value, problem.allowed)
         if self.ld_alpha is not None:
             require(0.0 <= self.ld_alpha <= 1.0, "dpo.ld_alpha", self.ld_alpha, "null or a number in [0, 1]")
+        for name in ("mdpo_conditional_weight", "mdpo_anchor_weight"):
+            require(getattr(self, name) >= 0, f"dpo.{name}", getattr(self, name), "a number >= 0")
         require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
         require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
         size = self.precompute_ref_batch_size

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from silkie.data.corruption import corrupt_image
 from silkie.data.images import ImageLoadError, ImageStore
 from silkie.models.family import ImageBatch
 
@@ -53,7 +54,8 @@ class PairCollator:
     single image marker is expanded to that many marker tokens. Images are opened here, i.e. in the DataLoader
     worker. A pair whose image fails to load keeps its place with a blank picture and weight 0 (a
     `DroppedPairWarning` names it): the loss, metrics and cached reference leave it out, and the batch keeps
-    its size and rows, so every rank runs the same work.
+    its size and rows, so every rank runs the same work. With `corruption` (kind, seed) the batch also holds
+    `corrupt_pixel_values`: each image's corrupted copy (`silkie.data.corruption`), processed alike.
     """
 
     def __init__(
@@ -61,10 +63,12 @@ class PairCollator:
         image_store: ImageStore | None,
         image_processor: Callable[[list[Image.Image]], torch.Tensor | ImageBatch],
         pad_token_id: int,
+        corruption: tuple[str, int] | None = None,
     ):
         self.image_store = image_store
         self.image_processor = image_processor
         self.pad_token_id = int(pad_token_id)
+        self.corruption = corruption
 
     def _load(self, row: Mapping[str, Any]) -> Image.Image | None:
         key = row.get("image")
@@ -82,6 +86,7 @@ class PairCollator:
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate `rows` (dicts with `prompt_id`, `image`, `*_input_ids`) into a batch of tensors."""
         images: list[Image.Image] = []
+        keys: list[str] = []
         image_index: list[int] = []
         weights: list[float] = []
         for row in rows:
@@ -99,6 +104,11 @@ class PairCollator:
             weights.append(weight)
             if image is not None:
                 images.append(image)
+                keys.append(str(row.get("image")))
+        corrupted = None
+        if self.corruption is not None and images:
+            kind, seed = self.corruption
+            corrupted = self.image_processor([corrupt_image(im, kind, seed, k) for im, k in zip(images, keys)])
         processed = self.image_processor(images)
         for image in images:
             image.close()
@@ -116,6 +126,9 @@ class PairCollator:
             batch[f"{name}_input_ids"] = ids
             batch[f"{name}_attention_mask"] = mask
         batch.update(processed.tensors)
+        if corrupted is not None:
+            tensors = corrupted.tensors if isinstance(corrupted, ImageBatch) else {"pixel_values": corrupted}
+            batch["corrupt_pixel_values"] = tensors["pixel_values"]
         batch["image_index"] = torch.tensor(image_index, dtype=torch.long)
         batch["pair_weight"] = torch.tensor(weights, dtype=torch.float32)
         if all("pair_index" in row for row in rows):  # lets the trainer look up cached reference log-probs

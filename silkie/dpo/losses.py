@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from silkie.config.names import F_DIVERGENCES
+from silkie.config.names import F_DIVERGENCES, VISION_LOSS_TYPES
 from silkie.config.objective import loss_types_of, objective_problem, weighting_problem
 
 
@@ -44,6 +44,10 @@ class DPOObjective:
     - aot / aot_unpaired: the sorted (pi_c - pi_r) against the sorted (ref_c - ref_r), resp. sorted c against
       sorted r, over the batch's pairs; their per-pair values are by rank, only the mean belongs to the batch
     - sft:     `chosen_nll`, the mean negative log-likelihood per chosen token of the batch
+    - image_conditional: -logsigmoid(beta (c - c')) with c' = pi(y_w|I') - ref(y_w|I') under the corrupted image
+      I' (mDPO's conditional term, CHiP's image-side term)
+    - mdpo:    sigmoid + `mdpo_conditional_weight` x image_conditional + `mdpo_anchor_weight` x
+      -logsigmoid(beta c - `mdpo_anchor_delta`) (mDPO, arXiv 2406.11839)
     A list of loss types is their sum weighted by `loss_weights` (default 1 each).
     """
 
@@ -54,6 +58,9 @@ class DPOObjective:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 1.0
     discopop_tau: float = 0.05
+    mdpo_conditional_weight: float = 1.0
+    mdpo_anchor_weight: float = 1.0
+    mdpo_anchor_delta: float = 0.0
 
     def __post_init__(self) -> None:
         problem = objective_problem(
@@ -73,12 +80,21 @@ class DPOObjective:
             f_divergence_type=dpo.f_divergence_type,
             f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
             discopop_tau=dpo.discopop_tau,
+            mdpo_conditional_weight=dpo.mdpo_conditional_weight,
+            mdpo_anchor_weight=dpo.mdpo_anchor_weight,
+            mdpo_anchor_delta=dpo.mdpo_anchor_delta,
         )
 
     @property
     def loss_types(self) -> list[str]:
         """The loss types as a list."""
         return loss_types_of(self.loss_type)
+
+    @property
+    def scores_corrupted_images(self) -> bool:
+        """Whether the loss needs the chosen answer's log-probs under the corrupted image (mdpo,
+        image_conditional)."""
+        return bool(set(self.loss_types) & set(VISION_LOSS_TYPES))
 
     def __call__(
         self,
@@ -91,8 +107,10 @@ class DPOObjective:
         chosen_nll: torch.Tensor | None = None,
         pair_weights: torch.Tensor | None = None,
         sequence_weights: torch.Tensor | None = None,
+        corrupted_chosen: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> DPOLossOutput:
-        """The mean loss over pairs and the per-pair terms and rewards."""
+        """The mean loss over pairs and the per-pair terms and rewards; `corrupted_chosen` = (policy, reference)
+        log-probs of the chosen answers under the corrupted images (the vision-aware losses)."""
         loss_types = self.loss_types
         weights = [1.0] * len(loss_types) if self.loss_weights is None else list(self.loss_weights)
         beta, ls, tau = self.beta, self.label_smoothing, self.discopop_tau
@@ -102,12 +120,17 @@ class DPOObjective:
             raise ValueError("sft loss needs chosen_nll")
         if sequence_weights is not None and weighting_problem(loss_types):
             raise ValueError(weighting_problem(loss_types).message)
+        if self.scores_corrupted_images and corrupted_chosen is None:
+            raise ValueError("mdpo and image_conditional losses need corrupted_chosen (log-probs under I')")
         chosen_ratio = policy_chosen_logps - ref_chosen_logps
         rejected_ratio = policy_rejected_logps - ref_rejected_logps
+        corrupted_ratio = None if corrupted_chosen is None else corrupted_chosen[0] - corrupted_chosen[1]
         if pair_weights is not None:  # a left-out pair's placeholder reference must not reach exp() (inf - inf = NaN)
             kept = pair_weights > 0
             chosen_ratio = torch.where(kept, chosen_ratio, 0.0)
             rejected_ratio = torch.where(kept, rejected_ratio, 0.0)
+            if corrupted_ratio is not None:
+                corrupted_ratio = torch.where(kept, corrupted_ratio, 0.0)
         chosen_score = f_divergence_score(chosen_ratio, self.f_divergence_type, self.f_alpha_divergence_coef)
         rejected_score = f_divergence_score(rejected_ratio, self.f_divergence_type, self.f_alpha_divergence_coef)
         delta = chosen_score - rejected_score
@@ -150,6 +173,14 @@ class DPOObjective:
                 logits = beta * delta
                 mix = torch.sigmoid(logits / tau)
                 term = -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
+            elif name in VISION_LOSS_TYPES:
+                # mDPO's conditional term (CHiP's image-side term): the chosen answer with the image is preferred
+                # to it with the corrupted image, each against the reference
+                term = _conditional_term(beta, chosen_ratio, corrupted_ratio)
+                if name == "mdpo":  # + DPO's term + the anchor that keeps the chosen reward above delta
+                    term = self.mdpo_conditional_weight * term - (1 - ls) * F.logsigmoid(beta * delta)
+                    term = term - ls * F.logsigmoid(-beta * delta)
+                    term = term + self.mdpo_anchor_weight * -F.logsigmoid(beta * chosen_ratio - self.mdpo_anchor_delta)
             else:  # sft
                 term = chosen_nll.expand_as(delta)
             per_pair = per_pair + weight * term
@@ -166,6 +197,11 @@ class DPOObjective:
             chosen_rewards=(beta * chosen_ratio).detach(),
             rejected_rewards=(beta * rejected_ratio).detach(),
         )
+
+
+def _conditional_term(beta: float, chosen_ratio: torch.Tensor, corrupted_ratio: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(beta [(pi(y_w|I) - pi(y_w|I')) - (ref(y_w|I) - ref(y_w|I'))])."""
+    return -F.logsigmoid(beta * (chosen_ratio - corrupted_ratio))
 
 
 def f_divergence_score(log_ratio: torch.Tensor, kind: str, alpha: float = 1.0) -> torch.Tensor:

@@ -15,6 +15,27 @@ from .losses import DPOLossOutput, DPOObjective
 from .step import AnswerScores, StepOptions, encode_images_once, score_answers
 
 ReferenceFn = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+CORRUPT_VIEW = "corrupt"  # batch["view"] of the corrupted-image view: the reference table keeps it in columns 2-3
+
+
+def corrupted_view(batch: dict) -> dict:
+    """The batch with each image replaced by its corrupted copy (the collator's `corrupt_pixel_values`); text-only
+    batches stay as they are."""
+    view = {**batch, "view": CORRUPT_VIEW}
+    if batch.get("pixel_values") is not None and batch["pixel_values"].numel():
+        if "corrupt_pixel_values" not in batch:
+            raise ValueError("the batch has no corrupt_pixel_values: its collator was not given an image corruption")
+        view["pixel_values"] = batch["corrupt_pixel_values"]
+    return view
+
+
+@dataclass
+class CorruptedScores:
+    """The pairs again under the corrupted images: the policy's answer scores and the reference log-probs."""
+
+    policy: AnswerScores
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
 
 
 def loss_from_scores(
@@ -23,9 +44,13 @@ def loss_from_scores(
     ref_rejected: torch.Tensor,
     objective: DPOObjective,
     pair_weights: torch.Tensor | None = None,
+    corrupted: CorruptedScores | None = None,
 ) -> DPOLossOutput:
     """The objective on policy scores and reference log-probs (moved to the policy's device)."""
     device = policy.chosen_logps.device
+    corrupted_chosen = None
+    if corrupted is not None:
+        corrupted_chosen = (corrupted.policy.chosen_logps, corrupted.ref_chosen.to(device))
     return objective(
         policy.chosen_logps,
         policy.rejected_logps,
@@ -36,6 +61,7 @@ def loss_from_scores(
         chosen_nll=policy.chosen_nll,
         pair_weights=None if pair_weights is None else pair_weights.to(device),
         sequence_weights=policy.wpo_weight,
+        corrupted_chosen=corrupted_chosen,
     )
 
 
@@ -48,6 +74,8 @@ class BatchScores:
     ref_rejected: torch.Tensor
     out: DPOLossOutput
     pair_weights: torch.Tensor | None
+    corrupted: CorruptedScores | None = None
+    beta: float = 0.1
 
 
 def score_batch(
@@ -57,15 +85,24 @@ def score_batch(
     objective: DPOObjective,
     pad_token_id: int,
     reference: ReferenceFn,
+    corrupted: bool = False,
 ) -> BatchScores:
     """Image features (once, when `options` allow), policy scores, reference log-probs (`reference(batch,
-    features)`, scored with the same options) and the objective's loss for one batch."""
+    features)`, scored with the same options) and the objective's loss for one batch; with `corrupted` (and
+    always for a vision-aware objective) the pairs again under their corrupted images, each image also encoded
+    once without autograd where the options allow."""
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
     weights = batch.get("pair_weight")
-    out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights)
-    return BatchScores(policy, ref_chosen, ref_rejected, out, weights)
+    again = None
+    if corrupted or objective.scores_corrupted_images:
+        view = corrupted_view(batch)
+        view_features = encode_images_once(model, view) if options.image_once else None
+        view_policy = score_answers(model, view, options, pad_token_id, view_features, policy=False)
+        again = CorruptedScores(view_policy, *reference(view, view_features))
+    out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights, again)
+    return BatchScores(policy, ref_chosen, ref_rejected, out, weights, again, objective.beta)
 
 
 def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
@@ -91,6 +128,13 @@ def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
     metrics["weight"] = pair_weights
     metrics["weight:logits/chosen"] = pair_weights * policy.chosen_lengths
     metrics["weight:logits/rejected"] = pair_weights * policy.rejected_lengths
+    if scores.corrupted is not None:  # is the preference learned from the picture, or from the text alone?
+        again, beta = scores.corrupted, scores.beta
+        chosen = beta * (again.policy.chosen_logps.detach() - again.ref_chosen.to(pair_weights.device))
+        rejected = beta * (again.policy.rejected_logps.detach() - again.ref_rejected.to(pair_weights.device))
+        metrics["rewards/imageless_accuracies"] = (chosen > rejected).float()
+        metrics["rewards/imageless_margins"] = chosen - rejected
+        metrics["logps/chosen_image_gain"] = (policy.chosen_logps - again.policy.chosen_logps).detach()
     if policy.entropy is not None:  # TRL's: per answer token (chosen and rejected), resp. per chosen token
         metrics["entropy"] = policy.entropy
         metrics["weight:entropy"] = pair_weights * (policy.chosen_lengths + policy.rejected_lengths)

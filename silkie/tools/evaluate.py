@@ -29,6 +29,8 @@ METRIC_ROWS = (
     ("DPO loss", "loss"),
     ("policy logp chosen", "logps/chosen"),
     ("policy logp rejected", "logps/rejected"),
+    ("imageless accuracy", "rewards/imageless_accuracies"),
+    ("chosen image gain", "logps/chosen_image_gain"),
 )
 
 
@@ -51,7 +53,7 @@ def score_pairs(trainer: Any, dataset: Any, batch_size: int) -> PairTable:
     from torch.utils.data import DataLoader
 
     table = PairTable()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trainer.data_collator)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trainer.eval_data_collator)
     model = trainer.model.eval()
     for batch in loader:
         batch = trainer._prepare_inputs(batch)
@@ -67,10 +69,27 @@ def score_pairs(trainer: Any, dataset: Any, batch_size: int) -> PairTable:
             ("rewards/chosen", scores.out.chosen_rewards),
             ("rewards/rejected", scores.out.rejected_rewards),
             ("loss", scores.out.per_pair),
+            *_imageless_columns(scores),
         ):
             table.add(name, values[kept.to(values.device)])
     table.prompt_id = [dataset[i]["prompt_id"] for i in table.pair_index]
     return table
+
+
+def _imageless_columns(scores: Any) -> list[tuple[str, torch.Tensor]]:
+    """The rewards under the corrupted images, and how much the picture raises the chosen answer's log-prob."""
+    again = scores.corrupted
+    if again is None:
+        return []
+    device = again.policy.chosen_logps.device
+    chosen = scores.beta * (again.policy.chosen_logps - again.ref_chosen.to(device))
+    rejected = scores.beta * (again.policy.rejected_logps - again.ref_rejected.to(device))
+    gain = scores.policy.chosen_logps - again.policy.chosen_logps
+    return [
+        ("imageless_rewards/chosen", chosen),
+        ("imageless_rewards/rejected", rejected),
+        ("logps/chosen_image_gain", gain),
+    ]
 
 
 def summarize(table: PairTable) -> dict[str, float | int]:
@@ -84,6 +103,12 @@ def summarize(table: PairTable) -> dict[str, float | int]:
     }
     for name in ("rewards/chosen", "rewards/rejected", "loss", "logps/chosen", "logps/rejected"):
         summary[name] = float(torch.tensor(table.columns[name], dtype=torch.float64).mean())
+    if "imageless_rewards/chosen" in table.columns:  # the preference without the picture
+        chosen = torch.tensor(table.columns["imageless_rewards/chosen"], dtype=torch.float64)
+        rejected = torch.tensor(table.columns["imageless_rewards/rejected"], dtype=torch.float64)
+        summary["rewards/imageless_accuracies"] = float((chosen > rejected).double().mean())
+        gain = torch.tensor(table.columns["logps/chosen_image_gain"], dtype=torch.float64)
+        summary["logps/chosen_image_gain"] = float(gain.mean())
     return summary
 
 
@@ -196,6 +221,8 @@ def format_table(result: dict[str, Any]) -> str:
     summary = result["summary"]
     lines = [f"{result['split']} split of {result['run']} (beta {result['beta']}, adapter {result['adapter']})"]
     for label, key in METRIC_ROWS:
+        if key not in summary:  # the imageless rows, when the run's recipe turned the diagnostics off
+            continue
         value = summary[key]
         lines.append(f"  {label:<22}{value:>12}" if isinstance(value, int) else f"  {label:<22}{value:>12.4f}")
     if result["dropped_pairs"]:

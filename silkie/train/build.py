@@ -142,13 +142,21 @@ def _policy_and_reference(
 
 def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption) -> Any:
     from silkie.data.collator import PairCollator
+    from silkie.data.corruption import CORRUPTION_VERSION
     from silkie.data.images import DECODE_VERSION
+    from silkie.dpo.losses import DPOObjective
     from silkie.models.family import get_family
 
     from .reference import ReferenceCache
     from .trainer import SilkieDPOTrainer
 
     processor = get_family(recipe.model.family).image_processor(model.config, recipe.model)
+    # the corrupted copies of the images, where the loss (train and eval) or the diagnostics (eval) score them
+    corruption = (recipe.data.image_corruption, recipe.data.seed)
+    vision_loss = DPOObjective.from_section(recipe.dpo).scores_corrupted_images
+    collator = PairCollator(data.image_store, processor, codec.pad_token_id, corruption if vision_loss else None)
+    eval_corruption = corruption if vision_loss or recipe.dpo.image_diagnostics else None
+    eval_collator = PairCollator(data.image_store, processor, codec.pad_token_id, eval_corruption)
     reference_cache = None
     if recipe.dpo.precompute_ref_log_probs:
         options = {"dtype": str(dtype), "max_length": recipe.dpo.max_length, "lora": recipe.lora.enabled}
@@ -158,6 +166,8 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
         options["image_decode"] = DECODE_VERSION
         if recipe.dpo.ld_alpha is not None:  # LD-DPO weights the reference's answer tokens too
             options["ld_alpha"] = recipe.dpo.ld_alpha
+        if eval_corruption is not None:  # the corrupted view's columns
+            options["image_corruption"] = f"{recipe.data.image_corruption}-{CORRUPTION_VERSION}-{recipe.data.seed}"
         reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.path, options)
     run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption] if bookkeeping else []
     trainer = SilkieDPOTrainer(
@@ -165,7 +175,8 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=PairCollator(data.image_store, processor, codec.pad_token_id),
+        data_collator=collator,
+        eval_data_collator=eval_collator,
         dpo=recipe.dpo,
         pad_token_id=codec.pad_token_id,
         ref_model=ref_model,

@@ -15,6 +15,8 @@ PANELS = (
     ("rewards/chosen", "chosen reward"),
     ("rewards/rejected", "rejected reward"),
 )
+# shown when the run logged them (the vision-aware losses, the held-out image diagnostics)
+OPTIONAL_PANELS = (("rewards/imageless_accuracies", "reward accuracy, corrupted image"),)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -52,8 +54,10 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: no metrics file (is {run_dir} a Silkie run directory?)")
     records = read_metrics(metrics)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS):
+    logged = {name for record in records for name in record}
+    panels = PANELS + tuple(p for p in OPTIONAL_PANELS if p[0] in logged or f"eval_{p[0]}" in logged)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
         for prefix, style in (("", "-"), ("eval_", "o--")):
             steps, values = series(records, prefix + key)
             if steps:

@@ -54,12 +54,12 @@ def reference_cache_key(data_fingerprint: str, model_dir: str | Path, options: d
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def load_cached(path: Path, key: str, size: int) -> torch.Tensor | None:
-    """The cached [size, 2] table if `path` holds one for `key`, else None."""
+def load_cached(path: Path, key: str, size: int, columns: int = 2) -> torch.Tensor | None:
+    """The cached [size, columns] table if `path` holds one for `key`, else None."""
     if not path.is_file():
         return None
     stored = torch.load(path, map_location="cpu", weights_only=True)
-    if stored.get("key") != key or tuple(stored["logps"].shape) != (size, 2):
+    if stored.get("key") != key or tuple(stored["logps"].shape) != (size, columns):
         return None
     return stored["logps"]
 
@@ -67,13 +67,15 @@ def load_cached(path: Path, key: str, size: int) -> torch.Tensor | None:
 def compute_reference_table(
     dataset: Dataset,
     collate: Callable,
-    score_batch: Callable[[dict], tuple[torch.Tensor, torch.Tensor]],
+    score_batch: Callable[[dict], tuple[torch.Tensor, ...]],
     batch_size: int,
     device: torch.device,
     progress: str | None = None,
+    columns: int = 2,
 ) -> torch.Tensor:
-    """[N, 2] reference (chosen, rejected) log-probs; each rank scores rows rank::world, then all ranks share.
-    `progress`: a progress bar with this label (this rank's batches)."""
+    """[N, columns] reference log-probs ((chosen, rejected), and the same under the corrupted images for 4); each
+    rank scores rows rank::world, then all ranks share. `progress`: a progress bar with this label (this rank's
+    batches)."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
@@ -84,19 +86,19 @@ def compute_reference_table(
     with torch.no_grad():
         for batch in tqdm(loader, desc=progress, disable=progress is None, unit="batch"):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            chosen, rejected = score_batch(batch)
+            logps = score_batch(batch)
             kept = batch["pair_weight"].cpu() > 0  # a pair whose image failed stays NaN (scored on the fly)
             rows.append(batch["pair_index"].cpu()[kept])
-            values.append(torch.stack([chosen, rejected], dim=1).float().cpu()[kept])
+            values.append(torch.stack(list(logps), dim=1).float().cpu()[kept])
     local = (
         torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long),
-        torch.cat(values) if values else torch.zeros(0, 2),
+        torch.cat(values) if values else torch.zeros(0, columns),
     )
     shards = [local]
     if world > 1:
         shards = [None] * world
         dist.all_gather_object(shards, local)
-    table = torch.full((len(dataset), 2), float("nan"))
+    table = torch.full((len(dataset), columns), float("nan"))
     for index, logps in shards:
         table[index] = logps
     return table
@@ -115,7 +117,7 @@ class ReferencePass:
     """How to score the reference over a dataset, as the trainer does it: no-grad scoring of a collated batch,
     the collator, the batch size and device, and the run's process facts."""
 
-    score_batch: Callable[[dict], tuple[torch.Tensor, torch.Tensor]]
+    score_batch: Callable[[dict], tuple[torch.Tensor, ...]]
     collate: Callable
     batch_size: int
     device: torch.device
@@ -123,6 +125,7 @@ class ReferencePass:
     show_progress: bool
     wait_for_everyone: Callable[[], None]
     say: Callable[[str], None]
+    columns: int = 2  # 4: also the corrupted-image view's (chosen, rejected)
 
 
 class ReferenceCache:
@@ -137,7 +140,7 @@ class ReferenceCache:
         """Load the split's table if its key matches, else compute it with `scoring` (all ranks) and save it."""
         key = reference_cache_key(dataset._fingerprint, self.model_dir, self.options)
         path = self.directory / f"{split}.pt"
-        cached = load_cached(path, key, len(dataset))
+        cached = load_cached(path, key, len(dataset), scoring.columns)
         if cached is not None:
             scoring.say(f"reference log-probs ({split}): reusing {path}")
             return cached
@@ -150,6 +153,7 @@ class ReferenceCache:
             scoring.batch_size,
             scoring.device,
             progress=f"reference log-probs ({split})" if scoring.show_progress else None,
+            columns=scoring.columns,
         )
         missing = int(torch.isnan(table[:, 0]).sum())
         if missing:  # pairs whose image failed to load: weight 0 in training too (scored on the fly if it loads)

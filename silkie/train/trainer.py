@@ -20,7 +20,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from silkie.config import DPOSection
 from silkie.dpo.losses import DPOObjective
-from silkie.dpo.objective import BatchScores, adapter_reference, batch_metrics, score_batch
+from silkie.dpo.objective import (
+    CORRUPT_VIEW,
+    BatchScores,
+    adapter_reference,
+    batch_metrics,
+    corrupted_view,
+    score_batch,
+)
 from silkie.dpo.step import encode_images_once, recipe_step_options, score_answers, vision_differs_from_reference
 from silkie.errors import InputError
 from silkie.logs import get_logger
@@ -86,9 +93,11 @@ class SilkieDPOTrainer(Trainer):
         pad_token_id: int,
         ref_model: nn.Module | None = None,
         reference_cache: ReferenceCache | None = None,
+        eval_data_collator: Any = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator or self.data_collator
         self.dpo = dpo
         self.objective = DPOObjective.from_section(dpo)
         self.pad_token_id = pad_token_id
@@ -98,6 +107,9 @@ class SilkieDPOTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluation_cut_short = False  # recorded in the checkpoint saved then: the resume runs it again
         self._evaluation_pending = False
+        # the pairs again under corrupted images: for a vision-aware loss, and (diagnostics) at evaluation
+        self.corrupted_views = {"train": self.objective.scores_corrupted_images}
+        self.corrupted_views["eval"] = self.corrupted_views["train"] or dpo.image_diagnostics
         # features encoded once serve policy and reference only where both see the same tower: the reference is
         # the policy with its adapters off, and the tower carries no trained weights or adapters
         trainable_vision = ref_model is not None or vision_differs_from_reference(self.model)
@@ -115,10 +127,12 @@ class SilkieDPOTrainer(Trainer):
     def reference_scores(
         self, model: nn.Module, batch: dict, features: torch.Tensor | None, use_table: bool = True
     ) -> tuple[torch.Tensor, ...]:
-        """Reference log-probs (chosen, rejected): precomputed table, frozen copy, or the policy with adapters off."""
+        """Reference log-probs (chosen, rejected): precomputed table, frozen copy, or the policy with adapters off
+        (the table's columns 2-3 for the corrupted-image view)."""
         table = self._reference_table("train" if model.training else "eval") if use_table else None
-        if table is not None:
-            picked = table[batch["pair_index"].cpu()]
+        columns = slice(2, 4) if batch.get("view") == CORRUPT_VIEW else slice(0, 2)
+        if table is not None and table.size(1) >= columns.stop:
+            picked = table[batch["pair_index"].cpu()][:, columns]
             weights = batch.get("pair_weight")
             if weights is not None:  # a pair left out of the loss needs no reference, only a finite number
                 picked[weights.cpu() == 0] = 0.0
@@ -188,9 +202,9 @@ class SilkieDPOTrainer(Trainer):
         if not self._ref_tables:  # both splits at once, so a frozen reference copy can be released afterwards
             stop = self._stop_callback()
             with stop.interruptible() if stop is not None else nullcontext():
-                scoring = self._reference_pass()
                 for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
                     if dataset is not None:
+                        scoring = self._reference_pass(split)
                         self._ref_tables[split] = self.reference_cache.table(split, dataset, scoring)
             complete = all(not torch.isnan(table).any() for table in self._ref_tables.values())
             if self.ref_model is not None and complete:
@@ -201,23 +215,29 @@ class SilkieDPOTrainer(Trainer):
                 self.log_line("reference log-probs cached for every pair: released the frozen reference copy")
         return self._ref_tables.get(mode)
 
-    def _reference_pass(self) -> ReferencePass:
-        """How the reference cache scores a dataset: as this trainer's reference does, without the table."""
+    def _reference_pass(self, split: str) -> ReferencePass:
+        """How the reference cache scores a split: as this trainer's reference does, without the table (and the
+        corrupted-image view too, as columns 2-3, where the split scores it)."""
         model = self.model
+        views = [lambda batch: batch] + ([corrupted_view] if self.corrupted_views[split] else [])
 
-        def score(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-            features = encode_images_once(model, batch) if self.step_options.image_once else None
-            return self.reference_scores(model, batch, features, use_table=False)
+        def score(batch: dict) -> tuple[torch.Tensor, ...]:
+            logps: tuple[torch.Tensor, ...] = ()
+            for view in (make(batch) for make in views):
+                features = encode_images_once(model, view) if self.step_options.image_once else None
+                logps += self.reference_scores(model, view, features, use_table=False)
+            return logps
 
         return ReferencePass(
             score_batch=score,
-            collate=self.data_collator,
+            collate=self.data_collator if split == "train" else self.eval_data_collator,
             batch_size=self.dpo.precompute_ref_batch_size or self.args.per_device_eval_batch_size,
             device=self.args.device,
             is_main=self.is_world_process_zero(),
             show_progress=self.is_world_process_zero() and not self.args.disable_tqdm,
             wait_for_everyone=self.accelerator.wait_for_everyone,
             say=self.log_line,
+            columns=2 * len(views),
         )
 
     def score_batch(self, model: nn.Module, batch: dict) -> BatchScores:
@@ -228,8 +248,11 @@ class SilkieDPOTrainer(Trainer):
 
         # the whole step under the mixed-precision autocast (a no-op under DeepSpeed, which casts the model): the
         # chunked LM head runs outside the model's forward, and policy and reference must see the same numerics
+        corrupted = self.corrupted_views["train" if model.training else "eval"]
         with self.accelerator.autocast():
-            return score_batch(model, batch, self.step_options, self.objective, self.pad_token_id, reference)
+            return score_batch(
+                model, batch, self.step_options, self.objective, self.pad_token_id, reference, corrupted
+            )
 
     def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and per-pair metric tensors for one batch."""
@@ -279,6 +302,15 @@ class SilkieDPOTrainer(Trainer):
             self.control.should_training_stop = True
             metric = self.args.metric_for_best_model  # save_strategy "best" reads it: NaN is never a new best
             return {} if metric is None else {metric if metric.startswith("eval_") else f"eval_{metric}": math.nan}
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """The evaluation batches through the evaluation collator (it adds the corrupted images the diagnostics
+        score)."""
+        collator, self.data_collator = self.data_collator, self.eval_data_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
 
     def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys=None):
         stop = self._stop_callback()
