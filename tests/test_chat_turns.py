@@ -69,6 +69,19 @@ def test_interactive_turns_carry_the_conversation_and_save_it(trained, reference
     assert capsys.readouterr().out == f"{first}\n{second}\n"
 
 
+def test_an_interrupted_conversation_keeps_its_answered_turns(trained, tmp_path, monkeypatch):
+    def typed(prompt: str = "") -> str:
+        raise KeyboardInterrupt  # Ctrl-C at the second question
+
+    monkeypatch.setattr(builtins, "input", typed)
+    saved = tmp_path / "talk.json"
+    argv = ["--model", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--image", str(trained.image)]
+    argv += ["--question", FIRST, "--interactive", "--save-history", str(saved), "--max-new-tokens", "3"]
+    assert load_script("chat").main(argv + ["--device", "cpu"]) == 130
+    (turn,) = json.loads(saved.read_text())
+    assert turn["user"] == f"Picture 1: <img>{trained.image}</img>\n{FIRST}" and isinstance(turn["assistant"], str)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -133,7 +133,7 @@ def test_optim_sampling_and_report_to_choices_are_the_installed_transformers_val
     [
         (["training.warmup_ratio=0.1", "training.warmup_steps=10"], "training.warmup_ratio and training.warmup_steps"),
         (["training.dataloader_prefetch_factor=2"], "training.dataloader_prefetch_factor needs training.dataloader_"),
-        (["training.save_total_limit=0"], r"training.save_total_limit = 0 is not allowed; expected null \(keep all\)"),
+        (["training.save_total_limit=-1"], r"training.save_total_limit = -1 is not allowed; expected null or 0 \(keep"),
         (["training.adam_beta2=1.0"], r"training.adam_beta2 = 1.0 is not allowed; expected a number in \[0, 1\)"),
         (["training.seed=-1"], r"training.seed = -1 is not allowed; expected an integer in \[0, 2\*\*32\)"),
         (["training.num_train_epochs=0"], "training.num_train_epochs = 0.0 is not allowed; expected a number > 0"),
@@ -160,3 +160,13 @@ def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
     assert str(caught.value) == (
         f"{recipe}:5:7: not valid YAML: expected ',' or ']', but got ':' (while parsing a flow sequence)"
     )
+
+
+def test_save_total_limit_zero_keeps_every_checkpoint_as_in_transformers(tmp_path):
+    from silkie.run_dir import rotate_checkpoints
+
+    assert load_recipe(DEMO, ["training.save_total_limit=0"]).training["save_total_limit"] == 0
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert rotate_checkpoints(tmp_path, 0) == []
+    assert [path.name for path in rotate_checkpoints(tmp_path, 1)] == ["checkpoint-2", "checkpoint-4"]

@@ -8,15 +8,13 @@ import itertools
 import pytest
 import torch
 
-from silkie.config import LoraSection
 from silkie.dpo.batching import packed_rows
 from silkie.dpo.losses import DPOObjective
 from silkie.dpo.step import StepOptions, encode_images_once, score_answers
-from silkie.models.loading import apply_lora
 from silkie.models.qwen_vl import QWenConfig, QWenLMHeadModel
 
 from .conftest import tiny_config_kwargs
-from .dpo_fixtures import random_pair_batch
+from .dpo_fixtures import random_pair_batch, tiny_lora_model
 
 PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
 SIZES = [(5, 7, 4), (9, 3, 6), (2, 5, 5)]
@@ -24,14 +22,7 @@ SIZES = [(5, 7, 4), (9, 3, 6), (2, 5, 5)]
 
 @pytest.fixture(scope="module")
 def lora_model():
-    torch.manual_seed(0)
-    base = QWenLMHeadModel(QWenConfig(**tiny_config_kwargs()))
-    model = apply_lora(base, LoraSection(r=8, alpha=16, dropout=0.0))
-    with torch.no_grad():  # non-zero B so the adapter changes the output
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
-    return model.train()
+    return tiny_lora_model()
 
 
 @pytest.fixture(scope="module")

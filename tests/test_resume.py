@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from silkie.run_dir import verify_checkpoint
 from silkie.train import latest_checkpoint, remove_staging
 
 from .train_fixtures import (
@@ -276,3 +277,6 @@ def test_ctrl_c_during_a_mid_run_evaluation_saves_that_step_at_once(assets, tmp_
     assert resumed["step"] == 6
     assert [r["step"] for r in read_metrics(working) if "eval_loss" in r] == [2, 4, 6]
     assert "running step 2's evaluation, which a stop signal cut short" in capsys.readouterr().out
+    # done: checkpoint-2 no longer asks for it, and its manifest follows the rewritten layout file
+    assert json.loads((working / "checkpoint-2" / "silkie_run.json").read_text())["evaluation_pending"] is False
+    assert verify_checkpoint(working / "checkpoint-2") is None

@@ -10,16 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from silkie.config import LoraSection
 from silkie.data.corruption import CROP_AREA, corrupt_image
 from silkie.dpo.losses import DPOObjective
 from silkie.dpo.objective import batch_metrics, score_batch
 from silkie.dpo.step import StepOptions
-from silkie.models.loading import apply_lora
-from silkie.models.qwen_vl import QWenConfig, QWenLMHeadModel
+from silkie.models.qwen_vl import QWenConfig
 
 from .conftest import tiny_config_kwargs
-from .dpo_fixtures import random_pair_batch
+from .dpo_fixtures import random_pair_batch, tiny_lora_model
 
 
 def logsigmoid(x: float) -> float:
@@ -60,7 +58,10 @@ def test_mdpo_terms_equal_the_papers_equations():
     # label smoothing is cDPO's on the DPO term only
     smoothed = DPOObjective(beta=beta, loss_type="mdpo", label_smoothing=0.1)(pc, pr, rc, rr, corrupted_chosen=bad)
     d = [beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item() for i in range(6)]
-    expected = [-0.9 * logsigmoid(d[i]) - 0.1 * logsigmoid(-d[i]) + terms[i][1] - logsigmoid(beta * (pc[i] - rc[i]).item()) for i in range(6)]  # noqa: E501
+    expected = [
+        -0.9 * logsigmoid(d[i]) - 0.1 * logsigmoid(-d[i]) + terms[i][1] - logsigmoid(beta * (pc[i] - rc[i]).item())
+        for i in range(6)
+    ]  # noqa: E501
     assert smoothed.per_pair.tolist() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="need corrupted_chosen"):
         DPOObjective(loss_type="mdpo")(pc, pr, rc, rr)
@@ -134,13 +135,7 @@ EFFICIENT = StepOptions(chunk_size=4)
 
 @pytest.fixture(scope="module")
 def lora_model():
-    torch.manual_seed(0)
-    model = apply_lora(QWenLMHeadModel(QWenConfig(**tiny_config_kwargs())), LoraSection(r=8, alpha=16, dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
-    return model.train()
+    return tiny_lora_model()
 
 
 @pytest.fixture(scope="module")

@@ -152,8 +152,8 @@ class DataSection:
     image_corruption: str = key(
         "crop",
         "How the vision-aware losses and diagnostics corrupt an image (the same corrupted copy every epoch and on "
-        "every rank): `crop` (a random crop of 0-20% of it, as mDPO), `mask` (80% of its cells blacked out), "
-        "`noise` (mostly noise), `blank` (grey).",
+        "every rank): `crop` (a random crop keeping 1-20% of its area, resized back, as mDPO), `mask` (80% of its "
+        "cells blacked out), `noise` (mostly noise), `blank` (grey).",
         "train.build:_trainer",
     )
 

@@ -190,7 +190,7 @@ TRAINING_HELP: dict[str, str] = {
     "eval_on_start": "Evaluate once before training.",
     "save_strategy": "When to write `checkpoint-N`: `steps`, `epoch` or `no`.",
     "save_steps": "Checkpoint every N steps (resumes start from the latest one).",
-    "save_total_limit": "Keep at most N checkpoints; null = all.",
+    "save_total_limit": "Keep at most N checkpoints (never the newest nor the best); null or 0 = all.",
     "save_only_model": "Checkpoints without optimizer state (they cannot be resumed exactly).",
     "metric_for_best_model": (
         "Eval metric that `save_strategy: best` ranks checkpoints by (`loss`, `rewards/accuracies`, "
@@ -243,7 +243,7 @@ TRAINING_RANGES: dict[str, Rule] = {
     "logging_steps": (_steps, STEPS),
     "eval_steps": (_steps, f"null or {STEPS}"),
     "save_steps": (_steps, STEPS),
-    "save_total_limit": (lambda v: v >= 1, "null (keep all) or an integer >= 1"),
+    "save_total_limit": (lambda v: v >= 0, "null or 0 (keep all) or an integer >= 1"),
     "seed": SEED,
     "data_seed": SEED,
     "dataloader_num_workers": (lambda v: v >= 0, "an integer >= 0"),

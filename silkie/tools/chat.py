@@ -86,9 +86,11 @@ def read_history(path: str | Path) -> list[Turn]:
 
 
 def write_history(path: str | Path, turns: Iterable[Turn]) -> None:
-    """The conversation as JSON turns, readable by `read_history`."""
+    """The conversation as JSON turns, readable by `read_history` (replaced whole: never left half-written)."""
     records = [{"user": user, "assistant": assistant} for user, assistant in turns]
-    Path(path).write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    staged = Path(f"{path}.tmp")
+    staged.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    staged.replace(path)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -271,9 +273,11 @@ def converse(
     dtype: str = "auto",
     device: str = "auto",
     write: Callable[[str], Any] | None = None,
+    on_turn: Callable[[list[Turn]], Any] | None = None,
 ) -> list[Turn]:
     """Several turns with Qwen-VL-Chat: each question is answered after the earlier turns (its picture, when
-    given, goes with the first one); returns the whole conversation (history included)."""
+    given, goes with the first one); returns the whole conversation (history included). `on_turn` gets the
+    conversation after every answer (e.g. to save it, so that an interrupted session keeps its finished turns)."""
     write = write or _stdout_write
     if image is not None:
         read_image(image)  # a bad image fails before the model loads
@@ -289,6 +293,8 @@ def converse(
         answer = stream_answer(chat.model, tokenizer, input_ids.to(chat.device), chat.to_device(images), options, write)
         write("\n")
         turns.append((image_query(tokenizer, picture, question), answer))
+        if on_turn is not None:
+            on_turn(turns)
     return turns
 
 

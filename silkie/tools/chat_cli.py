@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     system = DEFAULT_SYSTEM if args.system is None else args.system  # --system '' means none
     if args.interactive or args.save_history:
         asked = questions(args.question) if args.interactive else iter([args.question])
-        turns = converse(
+        converse(
             args.model,
             asked,
             image=args.image,
@@ -104,9 +104,8 @@ def run(args: argparse.Namespace) -> int:
             system=system,
             dtype=args.dtype,
             device=args.device,
+            on_turn=(lambda turns: write_history(args.save_history, turns)) if args.save_history else None,
         )
-        if args.save_history:
-            write_history(args.save_history, turns)
         return 0
     chat_once(
         args.model,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class ToolError(Exception):
@@ -15,12 +16,16 @@ class ToolError(Exception):
 
 
 def run_cli(command: Callable[..., int], *args: Any) -> int:
-    """Run `command(*args)`; a `ToolError` becomes `error: <message>` on stderr and exit code 2."""
+    """Run `command(*args)`; a `ToolError` becomes `error: <message>` on stderr and exit code 2, Ctrl-C
+    `interrupted` and 130 (the shell's code for SIGINT) without a traceback."""
     try:
         return command(*args)
     except ToolError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def require_file(path: str | Path, what: str) -> Path:

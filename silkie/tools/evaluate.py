@@ -113,20 +113,22 @@ def summarize(table: PairTable) -> dict[str, float | int]:
 
 
 def _scoring_recipe(recipe: Any, model_dir: Path, lora: bool, batch_size: int, device: str) -> Any:
-    """The run's recipe as the scoring trainer needs it: this model folder, one process without DeepSpeed,
-    `batch_size` pairs per batch, the CPU when asked."""
+    """The run's recipe as the scoring trainer needs it: this model folder, one process without DeepSpeed, the
+    reference scored on the fly (the run's cache is neither read, which holds only its own split's pairs, nor
+    rewritten), `batch_size` pairs per batch, on the device asked."""
     from silkie.config import DeepSpeedSection
     from silkie.tools.common import family_of
 
     model = dataclasses.replace(recipe.model, path=str(model_dir), family=family_of(model_dir))
     training = {**recipe.training, "per_device_eval_batch_size": batch_size, "report_to": "none"}
-    launch = dataclasses.replace(recipe.launch, cpu=recipe.launch.cpu or device == "cpu")
+    launch = dataclasses.replace(recipe.launch, cpu=device == "cpu")
     return dataclasses.replace(
         recipe,
         model=model,
         lora=dataclasses.replace(recipe.lora, enabled=lora, load_in_4bit=False),
         training=training,
         deepspeed=DeepSpeedSection(),
+        dpo=dataclasses.replace(recipe.dpo, precompute_ref_log_probs=False),
         launch=launch,
     )
 
@@ -177,8 +179,8 @@ def evaluate_run(
         )
     codec = load_codec_from(model_dir, adapter_dir, section=recipe.model)
     dtype, target = resolve_tool_dtype(recipe.model.dtype), resolve_device(device)
-    if target.type == "cuda" and target.index is not None:
-        torch.cuda.set_device(target)  # the trainer's "cuda" is the current device
+    if target.type == "cuda" and target.index not in (None, 0):  # the trainer scores on the first visible GPU
+        raise ToolError(f"--device {device}: run with CUDA_VISIBLE_DEVICES={target.index} and --device cuda instead")
     # a LoRA run's policy is the base with its adapter (the reference: adapter off); a full fine-tuning run's is
     # its checkpoint (the reference: the base checkpoint, loaded by the trainer as in training)
     policy = load_model(model_dir, adapter_dir, dtype) if lora else load_model(adapter_dir, None, dtype)

@@ -104,8 +104,9 @@ def build_trainer(
         with args.main_process_first(desc="tokenizing pairs"):
             cache = recipe.data.cache_dir or working / CACHE_DIR
             data = prepare_data(recipe.data, codec, recipe.dpo.max_length, cache)
-        say(f"data: {data.report.summary()}")
-        say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
+        if bookkeeping:  # a tool's stdout is its own table
+            say(f"data: {data.report.summary()}")
+            say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model, ref_model = _policy_and_reference(recipe, base_model, policy)
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)

@@ -44,15 +44,22 @@ def untouched(working: Path) -> str:
     return f"the last complete checkpoint, {last.name}, is untouched" if last else "no checkpoint had been written"
 
 
-def check_grad_norm(norm: float | torch.Tensor | None, step: int, working: Path) -> None:
-    """NonFiniteGradientError when the step's gradient norm is NaN or infinite (the optimizer must not apply it)."""
+def check_grad_norm(norm: float | torch.Tensor | None, step: int, working: Path, deepspeed: bool = False) -> None:
+    """NonFiniteGradientError when the step's gradient norm is NaN or infinite. The Trainer's optimizer has not
+    applied it yet; DeepSpeed's engine steps inside backward, so under DeepSpeed the step has already run (its
+    weights are then never saved: the run stops here)."""
     if norm is None:
         return
     value = float(norm)
     if not math.isfinite(value):
+        when = (
+            "stopping after DeepSpeed's optimizer step (it steps inside backward); nothing of it is saved"
+            if deepspeed
+            else "stopping before the optimizer step"
+        )
         raise NonFiniteGradientError(
-            f"non-finite gradient norm ({value}) at step {step} with a finite loss; stopping before the optimizer "
-            f"step. {untouched(working).capitalize()}; {LOWER_THE_RATE}."
+            f"non-finite gradient norm ({value}) at step {step} with a finite loss; {when}. "
+            f"{untouched(working).capitalize()}; {LOWER_THE_RATE}."
         )
 
 

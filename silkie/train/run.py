@@ -37,8 +37,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
 
     built = build_trainer(recipe, working)
     trainer, working, preemption, args = built.trainer, built.working, built.preemption, built.trainer.args
-    with args.main_process_first(local=False, desc="checking the last checkpoint"):  # one process moves a bad one
-        resume = resumable_checkpoint(working, say) if args.process_index == 0 else latest_checkpoint(working)
+    resume = _agreed_resume_checkpoint(working, args.process_index)
     try:
         if resume is not None:
             check_resume_layout(resume, args.world_size)
@@ -57,6 +56,17 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         raise
     _teardown(trainer, synchronize=True)
     return result
+
+
+def _agreed_resume_checkpoint(working: Path, rank: int) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0 checks it (and moves a bad one aside), the others take
+    rank 0's choice, so that no rank resumes from a step the others do not."""
+    chosen = resumable_checkpoint(working, say) if rank == 0 else None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [str(chosen) if chosen is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+        chosen = Path(shared[0]) if shared[0] is not None else None
+    return chosen
 
 
 def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> dict:

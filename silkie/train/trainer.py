@@ -1,19 +1,15 @@
-"""DPO on the Hugging Face Trainer: loss, TRL metric names, reference handling, atomic checkpoints."""
+"""DPO on the Hugging Face Trainer: loss, TRL metric names, reference handling (checkpoints: `checkpointing`)."""
 
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
-import shutil
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers.trainer as hf_trainer
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -29,16 +25,12 @@ from silkie.dpo.objective import (
     score_batch,
 )
 from silkie.dpo.step import encode_images_once, recipe_step_options, score_answers, vision_differs_from_reference
-from silkie.errors import InputError
 from silkie.logs import get_logger
-from silkie.run_dir import RUN_LAYOUT_FILE, STAGING_PREFIX, rotate_checkpoints, world_size_problem, write_manifest
 
+from .checkpointing import CheckpointingMixin, ResumeError, check_resume_layout
 from .guards import (
     NonFiniteLossError,
     check_grad_norm,
-    disk_space_guard,
-    first_nonfinite_weight,
-    nonfinite_weights_error,
     untouched,
 )
 from .preemption import PreemptionCallback, any_rank
@@ -61,22 +53,11 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
         self.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
-class ResumeError(InputError, RuntimeError):
-    """A checkpoint that this launch cannot continue exactly (printed as one line)."""
-
-
 class EvaluationCutShort(Exception):
     """A stop signal arrived during a mid-run evaluation (raised on every rank at the same batch)."""
 
 
-def check_resume_layout(checkpoint: Path, world_size: int) -> None:
-    """Refuse to resume `checkpoint` with another number of processes (launch settings may change otherwise)."""
-    problem = world_size_problem(checkpoint, world_size)
-    if problem:
-        raise ResumeError(problem)
-
-
-class SilkieDPOTrainer(Trainer):
+class SilkieDPOTrainer(CheckpointingMixin, Trainer):
     """`transformers.Trainer` whose loss is DPO over collated preference pairs.
 
     The reference is the same model with LoRA adapters disabled, a separate frozen `ref_model`
@@ -106,7 +87,7 @@ class SilkieDPOTrainer(Trainer):
         self._ref_tables: dict[str, torch.Tensor] = {}
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._evaluation_cut_short = False  # recorded in the checkpoint saved then: the resume runs it again
-        self._evaluation_pending = False
+        self._evaluation_pending: Path | None = None  # the checkpoint whose evaluation the resume runs again
         # the pairs again under corrupted images: for a vision-aware loss, and (diagnostics) at evaluation
         self.corrupted_views = {"train": self.objective.scores_corrupted_images}
         self.corrupted_views["eval"] = self.corrupted_views["train"] or dpo.image_diagnostics
@@ -159,35 +140,14 @@ class SilkieDPOTrainer(Trainer):
         )
         return self._length_sampler
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        # The optimizer state carries the learning rate the checkpoint's schedule had reached. When the run was
-        # extended (more steps, so another schedule), the next step must use the new schedule's value, not that.
-        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # DeepSpeed wraps it
-        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            return
-        step = scheduler.last_epoch
-        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(step)
-        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-
-    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
-        """The Trainer's train; a checkpoint saved while a stop signal cut its evaluation short runs that
-        evaluation again first."""
-        if resume_from_checkpoint and self.args.eval_strategy != "no":
-            layout = Path(resume_from_checkpoint, RUN_LAYOUT_FILE)
-            self._evaluation_pending = layout.is_file() and json.loads(layout.read_text()).get("evaluation_pending")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
         if self.state.global_step >= self.state.max_steps:  # resumed from the last step: the Trainer would add one
             self.control.should_training_stop = True
             return None
-        if self._evaluation_pending:  # as `_maybe_log_save_evaluate` would have at this step
-            self._evaluation_pending = False
-            self.log_line(f"running step {self.state.global_step}'s evaluation, which a stop signal cut short")
-            metrics = self._evaluate(kwargs["trial"], kwargs["ignore_keys_for_eval"])
-            self._determine_best_metric(metrics=metrics, trial=kwargs["trial"])
+        if self._evaluation_pending:
+            self._rerun_cut_short_evaluation(kwargs["trial"], kwargs["ignore_keys_for_eval"])
+            if self.control.should_training_stop:  # a stop signal during that evaluation too: stop here
+                return None
         # On a resume the sampler sits under SkipBatchSampler(BatchSamplerShard(BatchSampler(...))), deeper than
         # the Trainer's set_epoch reaches: without this a resumed multi-rank run would replay epoch 0's order.
         sampler = getattr(self, "_length_sampler", None)
@@ -250,9 +210,7 @@ class SilkieDPOTrainer(Trainer):
         # chunked LM head runs outside the model's forward, and policy and reference must see the same numerics
         corrupted = self.corrupted_views["train" if model.training else "eval"]
         with self.accelerator.autocast():
-            return score_batch(
-                model, batch, self.step_options, self.objective, self.pad_token_id, reference, corrupted
-            )
+            return score_batch(model, batch, self.step_options, self.objective, self.pad_token_id, reference, corrupted)
 
     def dpo_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and per-pair metric tensors for one batch."""
@@ -269,10 +227,12 @@ class SilkieDPOTrainer(Trainer):
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
         """The Trainer's gradient norm of the step (computed whether or not it clips), checked before the optimizer
-        applies it. Not under fp16, whose loss scaler skips the steps that overflow by design."""
+        applies it (DeepSpeed: after its engine stepped). Not under fp16, whose loss scaler skips the steps that
+        overflow by design."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         if not self.args.fp16:
-            check_grad_norm(norm, self.state.global_step + 1, Path(self.args.output_dir))
+            working = Path(self.args.output_dir)
+            check_grad_norm(norm, self.state.global_step + 1, working, deepspeed=self.is_deepspeed_enabled)
         return norm
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
@@ -357,47 +317,3 @@ class SilkieDPOTrainer(Trainer):
                     logs[f"{prefix}{name}"] = total / count
         self._metrics[mode].clear()
         super().log(logs, start_time)
-
-    # ----- checkpoints --------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Write `tmp-checkpoint-N`, its manifest last, then rename it to `checkpoint-N`: a kill mid-write never
-        leaves a partial one, and a file damaged later is found before a resume. Never with non-finite weights."""
-        run_dir = self._get_output_dir(trial=trial)
-        step = self.state.global_step
-        bad = first_nonfinite_weight(self.model)
-        if any_rank(bad is not None, self.args.device):
-            raise nonfinite_weights_error(bad, step, Path(run_dir))
-        staged = os.path.join(run_dir, f"{STAGING_PREFIX}-{step}")
-        final = os.path.join(run_dir, f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{step}")
-        original_prefix, original_limit = hf_trainer.PREFIX_CHECKPOINT_DIR, self.args.save_total_limit
-        hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
-        self.args.save_total_limit = None  # rotate after the rename, over complete checkpoints only
-        try:
-            with disk_space_guard(Path(staged), Path(run_dir), f"checkpoint-{step}"):
-                super()._save_checkpoint(model, trial)
-                self.accelerator.wait_for_everyone()
-                renamed_best = self.state.best_model_checkpoint == staged  # recorded under the staging name
-                if renamed_best:
-                    self.state.best_model_checkpoint = final
-                if self.args.should_save:
-                    self._seal(staged, final, renamed_best)
-        finally:
-            hf_trainer.PREFIX_CHECKPOINT_DIR = original_prefix
-            self.args.save_total_limit = original_limit
-        if self.args.should_save:
-            rotate_checkpoints(Path(run_dir), self.args.save_total_limit, keep=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
-
-    def _seal(self, staged: str, final: str, renamed_best: bool) -> None:
-        """The layout file and the manifest (last) into the staged checkpoint, then the rename (main process)."""
-        layout: dict[str, Any] = {"world_size": self.args.world_size}
-        if self._evaluation_cut_short:
-            layout["evaluation_pending"] = True
-        Path(staged, RUN_LAYOUT_FILE).write_text(json.dumps(layout))
-        if renamed_best:
-            self.state.save_to_json(os.path.join(staged, hf_trainer.TRAINER_STATE_NAME))
-        write_manifest(Path(staged))
-        if os.path.exists(final):  # the same step saved again (a resume at it): keep the complete one
-            shutil.rmtree(staged)
-        else:
-            os.replace(staged, final)
