@@ -71,9 +71,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
             raise RecipeError(f"recipe: unknown key '{prefix}.{key}'{suggest(key, known)}")
         value = coerce(value, hints[key])
         if not type_ok(value, hints[key]):
-            raise RecipeError(
-                f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}"
-            )
+            raise RecipeError(f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}")
         values[key] = value
     return cls(**values)
 

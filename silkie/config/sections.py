@@ -370,4 +370,3 @@ class DPOSection:
         require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
         size = self.precompute_ref_batch_size
         require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")
-
