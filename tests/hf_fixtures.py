@@ -10,7 +10,11 @@ from PIL import Image
 
 from silkie.config import LoraSection, ModelSection
 from silkie.data.collator import PairCollator
+from silkie.data.video import VideoSampling
+from silkie.dev.clips import noise_clip
 from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+from silkie.dpo.losses import DPOObjective
+from silkie.dpo.step import StepOptions, encode_images_once, score_answers
 from silkie.models.family import get_family
 from silkie.models.loading import apply_lora, load_base_model, load_tokenizer
 
@@ -42,7 +46,73 @@ class MemoryImages:
 
 
 def model_section(folder: Path, family: str) -> ModelSection:
-    return ModelSection(path=str(folder), family=family, dtype="fp32")
+    video = {"video_min_pixels": 56 * 56, "video_max_pixels": 56 * 56} if family.startswith("qwen2") else {}
+    return ModelSection(path=str(folder), family=family, dtype="fp32", **video)
+
+
+# (prompt, chosen, rejected, image sizes (w, h), video frame counts): several images of different sizes placed by
+# markers or first, a video alone, a video after an image, a long video (16 frames: Qwen2.5-VL's temporal positions
+# then run past the text that follows), and a text-only pair
+MEDIA_PAIRS = [
+    ("Compare <image> with <image>.", "The first is taller.", "They match.", [(64, 80), (112, 56)], []),
+    ("Which is brightest?", "The second.", "The third one.", [(56, 56), (90, 90), (64, 64)], []),
+    ("What happens in the clip?", "A square moves.", "Nothing.", [], [8]),
+    ("Is <image> in the clip <video>?", "Yes, at the end.", "No.", [(70, 70)], [4]),
+    ("Go?", "Yes.", "No.", [], [16]),
+    ("How many shapes are there?", "Three.", "There is one.", [], []),
+]
+MEDIA_SAMPLING = VideoSampling(fps=4, min_frames=2, max_frames=16, frame_multiple=2)  # the clips are 4 fps: all frames
+
+
+class MediaStore:
+    """Images `m{pair}-{k}` and videos `v{pair}-{k}` (lossless random clips at 4 fps) in memory."""
+
+    def __init__(self, pairs=MEDIA_PAIRS):
+        self.images, self.videos = {}, {}
+        for i, (*_, sizes, clips) in enumerate(pairs):
+            for k, size in enumerate(sizes):
+                self.images[f"m{i}-{k}"] = pair_image(10 * i + k, size)
+            for k, frames in enumerate(clips):
+                self.videos[f"v{i}-{k}"] = noise_clip(frames, (56, 56), fps=4, seed=10 * i + k)
+
+    def open(self, key: str) -> Image.Image:
+        return self.images[key].copy()
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.videos[key]
+
+
+def media_pairs(family: str) -> list:
+    """MEDIA_PAIRS a family takes (LLaVA and Qwen-VL-Chat: no video)."""
+    return [pair for pair in MEDIA_PAIRS if family.startswith("qwen2") or not pair[4]]
+
+
+def media_rows(codec, pairs) -> list[dict]:
+    """Collator rows of media pairs (keys as `MediaStore` names them, by position in MEDIA_PAIRS)."""
+    rows = []
+    for prompt, chosen, rejected, sizes, clips in pairs:
+        i = MEDIA_PAIRS.index((prompt, chosen, rejected, sizes, clips))
+        images, videos = [f"m{i}-{k}" for k in range(len(sizes))], [f"v{i}-{k}" for k in range(len(clips))]
+        rows.append(
+            {
+                "prompt_id": f"p{i}",
+                "images": images,
+                "videos": videos,
+                "prompt_input_ids": codec.prompt_ids(prompt, images, videos),
+                "chosen_input_ids": codec.answer_ids(chosen),
+                "rejected_input_ids": codec.answer_ids(rejected),
+            }
+        )
+    return rows
+
+
+def media_batch(folder: Path, family: str, model, corruption=None) -> tuple[dict, int]:
+    """The collated batch of the family's `MEDIA_PAIRS` and the pad id."""
+    section = model_section(folder, family)
+    codec = load_tokenizer(section)
+    images = get_family(family).image_processor(model.config, section)
+    collator = PairCollator(MediaStore(), images, codec.pad_token_id, corruption, video_sampling=MEDIA_SAMPLING)
+    return collator(media_rows(codec, media_pairs(family))), codec.pad_token_id
 
 
 def tokenized_rows(codec, pairs=PAIRS) -> list[dict]:
@@ -53,8 +123,8 @@ def tokenized_rows(codec, pairs=PAIRS) -> list[dict]:
         rows.append(
             {
                 "prompt_id": f"p{i}",
-                "image": image,
-                "prompt_input_ids": codec.prompt_ids(prompt, image),
+                "images": [image] if image else [],
+                "prompt_input_ids": codec.prompt_ids(prompt, [image] if image else []),
                 "chosen_input_ids": codec.answer_ids(chosen),
                 "rejected_input_ids": codec.answer_ids(rejected),
             }
@@ -80,3 +150,25 @@ def lora_model(folder: Path, family: str, std: float = 0.3, seed: int = 0):
             if "lora_B" in name:
                 param.normal_(std=std)
     return model.train()
+
+
+PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
+OPTION_SETS = {
+    "image_once": StepOptions(image_once=True, share_prompt=False, chunked_logps=False),
+    "share_prompt": StepOptions(image_once=False, share_prompt=True, chunked_logps=False),
+    "chunked": StepOptions(image_once=False, share_prompt=False, chunked_logps=True, chunk_size=5),
+    "all": StepOptions(image_once=True, share_prompt=True, chunked_logps=True, chunk_size=4),
+}
+
+
+def run_step(model, batch, options: StepOptions, pad: int):
+    """Policy and reference scores, the DPO loss and the LoRA gradients of one step on `batch`."""
+    features = encode_images_once(model, batch) if options.image_once else None
+    policy = score_answers(model, batch, options, pad, image_features=features)
+    with model.disable_adapter():
+        ref = score_answers(model, batch, options, pad, image_features=features, no_grad=True)
+    out = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
+    model.zero_grad()
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return policy, ref, out.loss.detach(), grads

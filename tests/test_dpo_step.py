@@ -137,7 +137,7 @@ def test_zero3_partitioned_tower_runs_on_text_only_batches(lora_model, batch, mo
     import silkie.dpo.step as step_module
 
     text_only = {k: v for k, v in batch.items()}
-    text_only["image_index"] = torch.full_like(batch["image_index"], -1)
+    text_only["image_counts"] = torch.zeros_like(batch["image_counts"])
     text_only["pixel_values"] = batch["pixel_values"][:0]
     text_only["prompt_input_ids"] = torch.randint(0, 200, batch["prompt_input_ids"].shape)
     transformer = lora_model.get_base_model().transformer

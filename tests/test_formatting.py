@@ -57,7 +57,7 @@ def test_answer_ids_are_exactly_the_answer_tokens(tok):
     assert tok.decode(ids["rejected_input_ids"]).startswith("There are two red circles.<|im_end|>")
     dataset = tokenize_pairs([_pair()], tok)
     row = dataset[0]
-    assert row["prompt_id"] == "p1" and row["image"] == "merged_images/p1.jpg"
+    assert row["prompt_id"] == "p1" and row["images"] == ["merged_images/p1.jpg"] and row["videos"] == []
     assert row["chosen_length"] == len(row["chosen_input_ids"]) == len(tok.encode_answer(_pair().chosen))
     assert row["length"] == row["prompt_length"] + max(row["chosen_length"], row["rejected_length"])
 
@@ -150,7 +150,7 @@ def store(tmp_path):
     )
 
 
-def test_collator_shapes_padding_and_image_index(tok, store):
+def test_collator_shapes_padding_and_image_counts(tok, store):
     rows = tokenize_pairs(
         [
             _pair("a", image="merged_images/a.jpg"),
@@ -162,7 +162,7 @@ def test_collator_shapes_padding_and_image_index(tok, store):
     collate = PairCollator(store, QWenVLImageProcessor(56), tok.pad_token_id)
     batch = collate(rows)
     assert batch["pixel_values"].shape == (2, 3, 56, 56)
-    assert batch["image_index"].tolist() == [0, -1, 1]
+    assert batch["image_counts"].tolist() == [1, 0, 1] and batch["video_counts"].tolist() == [0, 0, 0]
     for name in ("prompt", "chosen", "rejected"):
         ids, mask = batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"]
         lengths = [len(row[f"{name}_input_ids"]) for row in rows]
@@ -187,7 +187,7 @@ def test_collator_drops_pair_with_missing_image(tok, store):
     with pytest.warns(DroppedPairWarning, match="gone"):
         batch = collate(rows)
     # the batch keeps its size and rows: the broken pair keeps its place with a blank picture and weight 0
-    assert batch["prompt_input_ids"].shape[0] == 3 and batch["image_index"].tolist() == [0, 1, 2]
+    assert batch["prompt_input_ids"].shape[0] == 3 and batch["image_counts"].tolist() == [1, 1, 1]
     assert batch["pair_weight"].tolist() == [1.0, 0.0, 1.0]
     assert batch["pixel_values"].shape[0] == 3 and batch["pixel_values"][1].flatten(1).std(1).max() == 0  # blank
     assert torch.equal(
@@ -204,7 +204,7 @@ def test_synthetic_end_to_end_with_workers(tok, tmp_path):
     # no image_store here: the pairs of the row without an image reach the collator, which drops them
     pairs, report = build_vlfeedback_pairs(load_vlfeedback_jsonl(tmp_path / "vlfeedback_80k.jsonl"), min_margin=1)
     dataset = tokenize_pairs(pairs, tok, max_length=1000, truncation="answer", report=report)
-    missing = sum(1 for pair in pairs if not store.exists(pair.image))
+    missing = sum(1 for pair in pairs if not store.exists(pair.images[0]))
     assert missing == 4 and len(dataset) == report.pairs_kept == len(pairs)
     collate = PairCollator(store, QWenVLImageProcessor(56), tok.pad_token_id)
     loader = DataLoader(dataset, batch_size=8, collate_fn=collate, num_workers=2, multiprocessing_context="fork")

@@ -5,18 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from silkie.dpo.losses import DPOObjective
-from silkie.dpo.step import StepOptions, encode_images_once, score_answers
+from silkie.dpo.step import StepOptions, score_answers
 
-from .hf_fixtures import BUILDERS, family_batch, lora_model
-
-PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
-OPTION_SETS = {
-    "image_once": StepOptions(image_once=True, share_prompt=False, chunked_logps=False),
-    "share_prompt": StepOptions(image_once=False, share_prompt=True, chunked_logps=False),
-    "chunked": StepOptions(image_once=False, share_prompt=False, chunked_logps=True, chunk_size=5),
-    "all": StepOptions(image_once=True, share_prompt=True, chunked_logps=True, chunk_size=4),
-}
+from .hf_fixtures import BUILDERS, OPTION_SETS, PLAIN, family_batch, lora_model, run_step
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -28,23 +19,11 @@ def setup(request, tmp_path_factory):
     return family, model, batch, pad
 
 
-def run(model, batch, options: StepOptions, pad: int):
-    features = encode_images_once(model, batch) if options.image_once else None
-    policy = score_answers(model, batch, options, pad, image_features=features)
-    with model.disable_adapter():
-        ref = score_answers(model, batch, options, pad, image_features=features, no_grad=True)
-    out = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
-    model.zero_grad()
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return policy, ref, out.loss.detach(), grads
-
-
 @pytest.mark.parametrize("name", sorted(OPTION_SETS))
 def test_optimised_paths_equal_plain(setup, name):
     family, model, batch, pad = setup
-    plain = run(model, batch, PLAIN, pad)
-    fast = run(model, batch, OPTION_SETS[name], pad)
+    plain = run_step(model, batch, PLAIN, pad)
+    fast = run_step(model, batch, OPTION_SETS[name], pad)
     for kind in ("chosen_logps", "rejected_logps"):
         torch.testing.assert_close(getattr(fast[0], kind), getattr(plain[0], kind), atol=1e-5, rtol=0)
         torch.testing.assert_close(getattr(fast[1], kind), getattr(plain[1], kind), atol=1e-5, rtol=0)
@@ -66,8 +45,8 @@ def test_batch_expands_each_image_to_its_feature_tokens(setup):
         assert len(set(per_image)) > 1
     else:
         per_image = [16] * int(batch["pixel_values"].size(0))
-    index = batch["image_index"].tolist()
-    assert counts == [per_image[i] if i >= 0 else 0 for i in index]
+    assert batch["image_counts"].tolist() == [1, 1, 0, 1]
+    assert counts == [per_image[0], per_image[1], 0, per_image[2]]
 
 
 def test_packed_rows_need_mrope_positions(setup, monkeypatch):
@@ -91,6 +70,6 @@ def test_images_change_the_answer_scores(setup):
     with torch.no_grad():
         a = score_answers(model, batch, StepOptions(), pad, no_grad=True)
         b = score_answers(model, other, StepOptions(), pad, no_grad=True)
-    with_image = batch["image_index"] >= 0
+    with_image = batch["image_counts"] > 0
     assert (a.chosen_logps - b.chosen_logps)[with_image].abs().min() > 1e-4
     torch.testing.assert_close(a.chosen_logps[~with_image], b.chosen_logps[~with_image])

@@ -145,7 +145,8 @@ def test_qwen2_vl_adapter_merges_and_evaluates_like_the_trainer(data, tmp_path):
     # chat streams the same greedy answer as generate() on the same inputs, for the base and the DPO model
     from PIL import Image
 
-    from silkie.tools.chat import GenerationOptions, _family_inputs, chat_once
+    from silkie.tools.chat import GenerationOptions, chat_once
+    from silkie.tools.chat_inputs import family_inputs
 
     image = tmp_path / "red.png"
     Image.new("RGB", (60, 80), "red").save(image)
@@ -155,8 +156,7 @@ def test_qwen2_vl_adapter_merges_and_evaluates_like_the_trainer(data, tmp_path):
     adapter = working / "adapter"
     answers = chat_once(model_dir, image, question, adapter, options, True, device="cpu", write=pieces.append)
     assert set(answers) == {"base", "dpo"} and answers["dpo"] in "".join(pieces)
-    picture = Image.open(image).convert("RGB")
-    tokenizer, ids, images = _family_inputs(model_dir, working / "adapter", base.config, picture, image, question, "")
+    tokenizer, ids, images = family_inputs(model_dir, working / "adapter", base.config, [image], [], question)
     dpo = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), working / "adapter").eval()
     with torch.no_grad():
         out = dpo.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, max_new_tokens=6,

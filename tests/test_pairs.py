@@ -21,7 +21,7 @@ def test_clean_prompt_gives_six_pairs_chosen_higher():
     assert _texts(first)[0] == ("answer 0 of a", "answer 1 of a")
     assert {p.margin for p in first} == {1.0, 2.0, 3.0}
     assert all(p.chosen_score > p.rejected_score for p in pairs)
-    assert first[0].image == "merged_images/a.jpg" and first[0].prompt == "Describe the image."
+    assert first[0].images == ("merged_images/a.jpg",) and first[0].prompt == "Describe the image."
     assert sum(report.pairs_dropped.values()) == 0
 
 
@@ -134,7 +134,7 @@ def test_columnar_and_row_layouts_give_identical_pairs():
 def test_img_path_resolves_to_merged_images_key():
     plain = normalize_feedback_row(clean_row("p") | {"img_path": "p.jpg"})
     nested = normalize_feedback_row(clean_row("q") | {"img_path": "./data/merged_images/q.jpg"})
-    assert plain.image == "merged_images/p.jpg" and nested.image == "merged_images/q.jpg"
+    assert plain.images == ("merged_images/p.jpg",) and nested.images == ("merged_images/q.jpg",)
 
 
 def test_pairs_from_preference_rows():
@@ -146,7 +146,7 @@ def test_pairs_from_preference_rows():
     ]
     pairs, report = pairs_from_preference_rows(rows)
     assert [p.prompt_id for p in pairs][1] == "4" and pairs[0].prompt_id.startswith("pref-")
-    assert pairs[0].image == "x.jpg" and (pairs[0].chosen_score, pairs[0].rejected_score) == (1.0, 0.0)
+    assert pairs[0].images == ("x.jpg",) and (pairs[0].chosen_score, pairs[0].rejected_score) == (1.0, 0.0)
     assert pairs[1].margin == 1.5
     assert report.pairs_dropped == {"identical_answers": 1, "empty_answer": 1}
     assert report.offending_ids["empty_answer"] == ["3"]
@@ -181,9 +181,9 @@ def test_split_keeps_a_prompt_together_when_each_pair_has_its_own_id():
         for k in range(3)
     ]
     train, evaluation = split_by_prompt(pairs, eval_fraction=0.2, seed=0)
-    prompts = {(p.prompt, p.image) for p in evaluation}
+    prompts = {(p.prompt, p.images) for p in evaluation}
     assert len(prompts) == 4 and len(evaluation) == 12  # 4 of 20 prompts, all 3 pairs of each
-    assert not prompts & {(p.prompt, p.image) for p in train}
+    assert not prompts & {(p.prompt, p.images) for p in train}
 
 
 def test_a_long_bad_value_is_cut_in_the_summary():

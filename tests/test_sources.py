@@ -41,7 +41,7 @@ def test_jsonl_loader_skips_and_counts_bad_rows(tmp_path):
     assert loaded.skipped_ids["bad_json"] == ["line 2"]
     assert loaded.skipped_ids["wrong_type"] == ["badtype", "badcomp"]
     row = loaded.rows[0]
-    assert row.image == "merged_images/good1.jpg" and len(row.completions) == 4
+    assert row.images == ("merged_images/good1.jpg",) and len(row.completions) == 4
     assert row.completions[0].ratings == {"Helpfulness": "5", "Ethical Considerations": "5", "Visual Faithfulness": "5"}
     pairs, report = build_vlfeedback_pairs(loaded)
     assert len(pairs) == 12
@@ -114,18 +114,21 @@ def test_preference_file_jsonl_and_parquet(tmp_path):
     rows = [
         {"id": "1", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "img/1.png"},
         {"id": "2", "prompt": "Q", "chosen": "a", "rejected": "b", "images": ["img/2.png"]},
-        {"id": "3", "prompt": "Q", "chosen": "a", "rejected": "b", "images": ["x.png", "y.png"]},
+        {"id": "3", "prompt": "Q", "chosen": "a", "rejected": "b", "images": ["y.png", "x.png"], "video": "v.mp4"},
         {"id": "4", "prompt": "Q", "chosen": "a"},
         {"prompt": "Q5", "chosen": "a", "rejected": "b"},
+        {"id": "6", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "a.png", "images": ["b.png"]},
+        {"id": "7", "prompt": "Q", "chosen": "a", "rejected": "b", "videos": ["v.mp4", ""]},
     ]
     loaded = load_preference_file(write_jsonl(tmp_path / "prefs.jsonl", rows))
-    assert [r.image for r in loaded] == ["img/1.png", "img/2.png", None]
-    assert loaded.skipped == {"multiple images unsupported": 1, "missing_field": 1}
-    assert loaded.skipped_ids["multiple images unsupported"] == ["3"]
-    assert loaded.rows[2].id.startswith("pref-")
+    assert [r.images for r in loaded] == [("img/1.png",), ("img/2.png",), ("y.png", "x.png"), ()]  # order kept
+    assert [r.videos for r in loaded] == [(), (), ("v.mp4",), ()]
+    assert loaded.skipped == {"missing_field": 1, "wrong_type": 2}
+    assert loaded.first_details["wrong_type"] == "both image and images are set; give one of them"
+    assert loaded.rows[3].id.startswith("pref-")
     pq.write_table(pa.Table.from_pylist([rows[0], rows[4]]), tmp_path / "prefs.parquet")
     from_parquet = load_preference_file(tmp_path / "prefs.parquet")
-    assert [r.id for r in from_parquet] == ["1", loaded.rows[2].id]
+    assert [r.id for r in from_parquet] == ["1", loaded.rows[3].id]
     with pytest.raises(ValueError):
         load_preference_file(write_jsonl(tmp_path / "prefs.csv", rows))
 

@@ -19,8 +19,9 @@ from silkie.errors import RecipeError
 
 from .checks import coerce, describe, suggest, type_ok
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
+from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
-from .sections import DataSection, DPOSection, LoraSection, ModelSection
+from .sections import DataSection, LoraSection, ModelSection
 from .training import check_training
 from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
 

@@ -1,5 +1,6 @@
-"""The recipe's sections about what is trained: model, data, LoRA, DPO (typed dataclasses, help text and reader on
-every key, each section with its own value checks; the run's placement is in `cluster`). Imports no torch."""
+"""The recipe's sections about what is trained: model, data, LoRA (typed dataclasses, help text and reader on every
+key, each section with its own value checks; DPO's keys are in `dpo_section`, the run's placement in `cluster`).
+Imports no torch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from dataclasses import dataclass
 
 from .checks import choice, key, require
 from .names import FAMILIES, IMAGE_CORRUPTIONS
-from .objective import objective_problem
 
 
 @dataclass
@@ -44,6 +44,18 @@ class ModelSection:
         "Qwen2-VL families: most pixels per image after resizing; bounds image tokens.",
         "models.hf_vlm.codec:load_processor",
     )
+    video_min_pixels: int | None = key(
+        None,
+        "Qwen2-VL families: fewest pixels per video frame after resizing (null: 128 x (patch x merge)^2, "
+        "transformers' video default).",
+        "models.hf_vlm.video:Qwen2VLVideos.__init__",
+    )
+    video_max_pixels: int | None = key(
+        None,
+        "Qwen2-VL families: most pixels per video frame after resizing (null: 768 x (patch x merge)^2); with "
+        "`data.video_max_frames` it bounds a video's tokens.",
+        "models.hf_vlm.video:Qwen2VLVideos.__init__",
+    )
 
     def check(self) -> None:
         require(bool(self.path), "model.path", self.path, "a checkpoint folder (config.json, weights, tokenizer)")
@@ -56,7 +68,7 @@ class ModelSection:
             self.attn_implementation,
             f"sdpa or eager for family {self.family} (flex_attention is implemented for qwen_vl)",
         )
-        for name in ("min_pixels", "max_pixels"):
+        for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"model.{name}", value, "null or an integer >= 1")
             require(
@@ -65,8 +77,10 @@ class ModelSection:
                 value,
                 "null: only qwen2_vl/qwen2_5_vl take per-image pixel bounds",
             )
-        if self.min_pixels is not None and self.max_pixels is not None:
-            require(self.min_pixels <= self.max_pixels, "model.min_pixels", self.min_pixels, "<= model.max_pixels")
+        for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
+            bottom, top = getattr(self, low), getattr(self, high)
+            if bottom is not None and top is not None:
+                require(bottom <= top, f"model.{low}", bottom, f"<= model.{high}")
 
 
 @dataclass
@@ -86,7 +100,8 @@ class DataSection:
     )
     images: str | None = key(
         None,
-        "Images: the release's `merged_images.zip` or a folder; null when the rows carry no images.",
+        "Images (and videos): the release's `merged_images.zip`, another zip or a folder; null when the rows carry "
+        "none.",
         "data.build:build_pairs",
     )
     split: str = key(
@@ -156,6 +171,32 @@ class DataSection:
         "cells blacked out), `noise` (mostly noise), `blank` (grey).",
         "train.build:_trainer",
     )
+    max_images_per_pair: int | None = key(
+        8,
+        "Most images one pair may hold (`images: [...]` of a preference row); a row with more is dropped and "
+        "counted (`too_many_images`). null: any number.",
+        "data.build:media_limits",
+    )
+    max_videos_per_pair: int | None = key(
+        2,
+        "Most videos one pair may hold (qwen2_vl / qwen2_5_vl); a row with more is dropped (`too_many_videos`).",
+        "data.build:media_limits",
+    )
+    video_fps: float = key(
+        2.0,
+        "Frames per second sampled from a video (Qwen2-VL's default), within `video_min_frames`..`video_max_frames`.",
+        "train.build:video_sampling",
+    )
+    video_min_frames: int = key(
+        4,
+        "Fewest frames sampled from a video (fewer when it has fewer).",
+        "train.build:video_sampling",
+    )
+    video_max_frames: int = key(
+        64,
+        "Most frames sampled from a video (uniformly over the whole clip once `video_fps` would give more).",
+        "train.build:video_sampling",
+    )
 
     def check(self) -> None:
         choice("data.source", self.source, ("vlfeedback", "hf", "preference"))
@@ -172,6 +213,17 @@ class DataSection:
             ("eval_size", self.eval_size),
         ):
             require(value is None or value >= 1, f"data.{name}", value, "null or an integer >= 1")
+        for name in ("max_images_per_pair", "max_videos_per_pair"):
+            value = getattr(self, name)
+            require(value is None or value >= 0, f"data.{name}", value, "null or an integer >= 0")
+        require(0 < self.video_fps <= 240, "data.video_fps", self.video_fps, "a number in (0, 240]")
+        require(self.video_min_frames >= 1, "data.video_min_frames", self.video_min_frames, "an integer >= 1")
+        require(
+            self.video_max_frames >= self.video_min_frames,
+            "data.video_max_frames",
+            self.video_max_frames,
+            f"an integer >= data.video_min_frames ({self.video_min_frames})",
+        )
 
 
 @dataclass
@@ -226,147 +278,3 @@ class LoraSection:
         )
         for name in self.target_modules or []:
             require(bool(name.strip()), "lora.target_modules", self.target_modules, "module names, none empty")
-
-
-@dataclass
-class DPOSection:
-    """DPO knobs with TRL's names, plus the efficient-step switches."""
-
-    beta: float = key(
-        0.1,
-        "DPO temperature: how far the policy may move from the reference.",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    loss_type: str | list[str] = key(
-        "sigmoid",
-        "Preference loss, TRL 1.16's names (`sigmoid`, `hinge`, `ipo`, `exo_pair`, `nca_pair`, `robust`, "
-        "`bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft`, "
-        "`sigmoid_norm`), or a list of them to combine (e.g. `[sigmoid, sft]`: RPO).",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    loss_weights: list[float] | None = key(
-        None,
-        "One weight per entry of a loss_type list; null = equal weights.",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    label_smoothing: float = key(
-        0.0,
-        "Assumed label noise: cDPO for `sigmoid`, and the `robust`, `exo_pair` (needs > 0) and `aot` losses.",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    f_divergence_type: str = key(
-        "reverse_kl",
-        "f-DPO regulariser: `reverse_kl` (DPO), `forward_kl`, `js_divergence`, `alpha_divergence` (for "
-        "`sigmoid`, `sigmoid_norm`, `hinge`, `ipo`, `exo_pair`, `robust`, `discopop`, `sft`).",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    f_alpha_divergence_coef: float = key(
-        1.0,
-        "Alpha of `alpha_divergence` (1.0 = reverse KL).",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    discopop_tau: float = key(
-        0.05,
-        "Temperature of the `discopop` loss's mixing of logistic and exponential terms.",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    mdpo_conditional_weight: float = key(
-        1.0,
-        "`mdpo`: weight of the image-conditional term (the chosen answer with the image preferred over it with "
-        "the corrupted image; the paper: 1).",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    mdpo_anchor_weight: float = key(
-        1.0,
-        "`mdpo`: weight of the anchor term that keeps the chosen reward above `mdpo_anchor_delta` (the paper: 1).",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    mdpo_anchor_delta: float = key(
-        0.0,
-        "`mdpo`: the anchor's margin delta in -log sigmoid(beta (pi_c - ref_c) - delta) (the paper: 0).",
-        "dpo.losses:DPOObjective.from_section",
-    )
-    image_diagnostics: bool = key(
-        True,
-        "Also score the held-out pairs under the corrupted image: `rewards/imageless_accuracies` (chosen still "
-        "beats rejected without the picture: the preference is learned from text) and `logps/chosen_image_gain`.",
-        "train.trainer:SilkieDPOTrainer.__init__ train.build:_trainer",
-    )
-    ld_alpha: float | None = key(
-        None,
-        "LD-DPO (length desensitization): in each pair, the tokens past the shorter answer's length count "
-        "`ld_alpha` times in the policy's and the reference's log-probs (0-1; null = plain sums).",
-        "dpo.step:recipe_step_options",
-    )
-    use_weighting: bool = key(
-        False,
-        "WPO: each pair's loss is weighted by exp(mean over tokens of log p - log sum p^2) of chosen times "
-        "rejected under the current policy (no gradient through the weight); not with `aot`/`aot_unpaired`. "
-        "TRL 1.16 fails on `sft` with it; Silkie weights the `sft` term too.",
-        "dpo.step:recipe_step_options",
-    )
-    disable_dropout: bool = key(
-        True,
-        "No dropout in the policy, LoRA's included (TRL's default since 0.7; the Silkie paper's code ran that"
-        " DPOTrainer, so its `lora_dropout` 0.05 was not applied). `false` applies `lora.dropout`.",
-        "train.build:_policy_and_reference",
-    )
-    max_length: int = key(
-        2048,
-        "Longest prompt + answer in tokens (image tokens included).",
-        "train.build:build_trainer",
-    )
-    precompute_ref_log_probs: bool = key(
-        False,
-        "Compute the reference log-probs once; cached in `<working>/reference_logps`.",
-        "train.build:_trainer",
-    )
-    precompute_ref_batch_size: int | None = key(
-        None,
-        "Pairs per batch in that pass, which needs no gradients (null: `training.per_device_eval_batch_size`).",
-        "train.trainer:SilkieDPOTrainer._reference_pass",
-    )
-    image_once: bool = key(
-        True,
-        "Encode each image once per pair (chosen and rejected share it) while vision is frozen.",
-        "train.trainer:SilkieDPOTrainer.__init__",
-    )
-    share_prompt: bool = key(
-        True,
-        "Pack chosen and rejected answers after one copy of the prompt.",
-        "dpo.step:recipe_step_options",
-    )
-    chunked_logps: bool = key(
-        True,
-        "Answer log-probs from hidden states in chunks, never the full-vocabulary logits; false: the model's "
-        "own logits (the plain, TRL-equivalent path, for checks and benchmarks).",
-        "dpo.step:recipe_step_options",
-    )
-    logps_chunk_size: int = key(
-        1024,
-        "Tokens per chunk when computing log-probs (bounds the logits memory).",
-        "dpo.step:recipe_step_options",
-    )
-
-    def check(self) -> None:
-        require(self.beta > 0, "dpo.beta", self.beta, "a number > 0")
-        problem = objective_problem(
-            self.loss_type,
-            self.loss_weights,
-            self.label_smoothing,
-            self.f_divergence_type,
-            self.discopop_tau,
-            self.use_weighting,
-        )
-        if problem is not None and problem.choices:
-            choice(f"dpo.{problem.key}", problem.value, problem.choices)
-        elif problem is not None:
-            require(False, f"dpo.{problem.key}", problem.value, problem.allowed)
-        if self.ld_alpha is not None:
-            require(0.0 <= self.ld_alpha <= 1.0, "dpo.ld_alpha", self.ld_alpha, "null or a number in [0, 1]")
-        for name in ("mdpo_conditional_weight", "mdpo_anchor_weight"):
-            require(getattr(self, name) >= 0, f"dpo.{name}", getattr(self, name), "a number >= 0")
-        require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
-        require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
-        size = self.precompute_ref_batch_size
-        require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")

@@ -8,7 +8,7 @@ from typing import Any
 
 from silkie.config import DataSection
 from silkie.data.images import ImageStore, open_image_store
-from silkie.data.pairs import PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
+from silkie.data.pairs import MediaLimits, PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
 from silkie.data.split import split_by_prompt
 from silkie.errors import InputError, MissingInputError
@@ -38,12 +38,17 @@ def _load_rows(data: DataSection) -> Any:
     return load_preference_file(path)
 
 
+def media_limits(data: DataSection) -> MediaLimits:
+    """The recipe's most images / videos per pair."""
+    return MediaLimits(max_images=data.max_images_per_pair, max_videos=data.max_videos_per_pair)
+
+
 def first_prompts(rows: list, count: int) -> list:
-    """The rows of the first `count` prompts (question + image; a preference file may hold several pairs each)."""
-    keys: set[tuple[str, str | None]] = set()
+    """The rows of the first `count` prompts (question + media; a preference file may hold several pairs each)."""
+    keys: set[tuple] = set()
     kept = []
     for row in rows:
-        key = (row.prompt, row.image)
+        key = (row.prompt, row.images, row.videos)
         if key not in keys and len(keys) < count:
             keys.add(key)
         if key in keys:
@@ -58,14 +63,15 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
     if data.max_prompts is not None:  # in place: the loader's skip counts stay in the report
         rows.rows = first_prompts(rows.rows, data.max_prompts)
     if store is None:
-        with_image = next((row for row in rows if getattr(row, "image", None)), None)
-        if with_image is not None:
+        with_media = next((row for row in rows if row.images or row.videos), None)
+        if with_media is not None:
             raise InputError(
-                f"data.images is not set, but {data.path} references images (row {with_image.id}: "
-                f"{with_image.image}); set data.images to the images zip or folder"
+                f"data.images is not set, but {data.path} references images or videos (row {with_media.id}: "
+                f"{(with_media.images + with_media.videos)[0]}); set data.images to the zip or folder that holds them"
             )
+    limits = media_limits(data)
     if data.source == "preference":
-        pairs, report = pairs_from_preference_rows(rows, image_store=store, source=data.path)
+        pairs, report = pairs_from_preference_rows(rows, image_store=store, source=data.path, limits=limits)
     else:
         pairs, report = build_vlfeedback_pairs(
             rows,
@@ -76,6 +82,7 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             seed=data.seed,
             image_store=store,
             source=data.path,
+            limits=limits,
         )
     train, evaluation = split_by_prompt(
         pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
@@ -98,6 +105,7 @@ def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: 
             num_proc=data.num_proc,
             cache_dir=cache_dir,
             report=report,
+            video_frames=data.video_max_frames,
         )
         return dataset.add_column("pair_index", list(range(len(dataset))))
 

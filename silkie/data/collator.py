@@ -1,4 +1,4 @@
-"""Batch collation for DPO pairs: right padding, lazily opened images, pairs with broken images weighted 0."""
+"""Batch collation for DPO pairs: right padding, lazily opened images and videos, pairs with broken media weighted 0."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from PIL import Image
 
 from silkie.data.corruption import corrupt_image
 from silkie.data.images import ImageLoadError, ImageStore
-from silkie.models.family import ImageBatch
+from silkie.data.video import VideoSampling, blank_video, decode_video
+from silkie.models.family import ImageBatch, VideoClip
 
 SEQUENCE_KEYS = ("prompt", "chosen", "rejected")
 
@@ -20,7 +21,7 @@ BLANK_IMAGE_SIZE = (64, 64)  # stands in for a failed image; every family's proc
 
 
 class DroppedPairWarning(UserWarning):
-    """A pair got weight 0 in its batch because its image could not be loaded."""
+    """A pair got weight 0 in its batch because one of its images or videos could not be loaded."""
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,103 +35,168 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[t
     return ids, mask
 
 
+def expand_markers(ids: Sequence[int], marker_id: int | None, counts: Sequence[int]) -> list[int]:
+    """Replace the k-th `marker_id` in `ids` by `counts[k]` copies (that image's / video's feature tokens)."""
+    ids = list(ids)
+    if marker_id is None or not counts:
+        return ids
+    out, number = [], 0
+    for token in ids:
+        if token == marker_id and number < len(counts):
+            out.extend([marker_id] * counts[number])
+            number += 1
+        else:
+            out.append(token)
+    return out
+
+
 def expand_marker(ids: Sequence[int], marker_id: int | None, count: int) -> list[int]:
     """Replace the one image marker in `ids` by `count` copies (the image's feature tokens)."""
-    ids = list(ids)
-    if count == 0 or marker_id is None:
-        return ids
-    at = ids.index(marker_id)
-    return ids[:at] + [marker_id] * count + ids[at + 1 :]
+    return expand_markers(ids, marker_id, [count] if count else [])
+
+
+def media_keys(row: Mapping[str, Any], kind: str) -> list[str]:
+    """A tokenized row's image (`kind` "image") or video keys, in order (a row with a single `image` too)."""
+    keys = row.get(f"{kind}s")
+    if keys is None:
+        single = row.get(kind)
+        keys = [single] if single else []
+    return [str(key) for key in keys if key]
 
 
 class PairCollator:
-    """Tokenized pair rows -> padded tensors + `pixel_values` for the pairs with an image.
+    """Tokenized pair rows -> padded tensors + the image (and video) tensors of the batch.
 
-    Output: `{prompt,chosen,rejected}_input_ids` / `_attention_mask` [B, L] (right padded with
-    `pad_token_id`), the image tensors of the family's processor (`pixel_values` [N_img, 3, S, S] for
-    Qwen-VL; `pixel_values` patches + `image_grid_thw` for Qwen2-VL) for the images in batch order,
-    `image_index` [B] (image number per pair, -1 without image) and `pair_weight` [B] (1.0, or 0.0 for a pair
-    whose image failed). When the processor returns an `ImageBatch` with `tokens_per_image`, each prompt's
-    single image marker is expanded to that many marker tokens. Images are opened here, i.e. in the DataLoader
-    worker. A pair whose image fails to load keeps its place with a blank picture and weight 0 (a
-    `DroppedPairWarning` names it): the loss, metrics and cached reference leave it out, and the batch keeps
-    its size and rows, so every rank runs the same work. With `corruption` (kind, seed) the batch also holds
-    `corrupt_pixel_values`: each image's corrupted copy (`silkie.data.corruption`), processed alike.
+    Output: `{prompt,chosen,rejected}_input_ids` / `_attention_mask` [B, L] (right padded with `pad_token_id`),
+    the family processor's tensors for every image of the batch in (pair, position) order (`pixel_values`
+    [N_img, 3, S, S] for Qwen-VL; `pixel_values` patches + `image_grid_thw` for Qwen2-VL, with
+    `pixel_values_videos` + `video_grid_thw` for videos), `image_counts` / `video_counts` [B] (a pair's images /
+    videos) and `pair_weight` [B] (1.0, or 0.0 for a pair one of whose images or videos failed). When the processor
+    returns an `ImageBatch` with token counts, each prompt's k-th image (video) marker is expanded to that
+    image's (video's) count. Media are opened here, i.e. in the DataLoader worker. A pair whose media fail to load
+    keeps its place with blank stand-ins and weight 0 (a `DroppedPairWarning` names it): the loss, metrics and
+    cached reference leave it out, and the batch keeps its size and rows, so every rank runs the same work. With
+    `corruption` (kind, seed) the batch also holds `corrupt_pixel_values` (and `corrupt_pixel_values_videos`):
+    each image's (each video frame's) corrupted copy (`silkie.data.corruption`), processed alike.
     """
 
     def __init__(
         self,
         image_store: ImageStore | None,
-        image_processor: Callable[[list[Image.Image]], torch.Tensor | ImageBatch],
+        image_processor: Callable[..., torch.Tensor | ImageBatch],
         pad_token_id: int,
         corruption: tuple[str, int] | None = None,
+        video_sampling: VideoSampling | None = None,
     ):
         self.image_store = image_store
         self.image_processor = image_processor
         self.pad_token_id = int(pad_token_id)
         self.corruption = corruption
+        self.video_sampling = video_sampling or VideoSampling()
 
-    def _load(self, row: Mapping[str, Any]) -> Image.Image | None:
-        key = row.get("image")
-        if not key:
-            return None
+    def _store(self, key: str) -> ImageStore:
         if self.image_store is None:
             raise ImageLoadError(key, "the collator has no image store")
-        image = self.image_store.open(key)
+        return self.image_store
+
+    def _load(self, key: str) -> Image.Image:
+        image = self._store(key).open(key)
         problem = self.image_processor.check(image) if hasattr(self.image_processor, "check") else None
         if problem:  # the family's processor would fail on it: drop the pair like an unreadable image
             image.close()
             raise ImageLoadError(key, problem)
         return image
 
-    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Collate `rows` (dicts with `prompt_id`, `image`, `*_input_ids`) into a batch of tensors."""
+    def _load_video(self, key: str) -> VideoClip:
+        clip = decode_video(key, self._store(key).read_bytes(key), self.video_sampling)
+        problem = self.image_processor.check(clip.frames[0]) if hasattr(self.image_processor, "check") else None
+        if problem:
+            raise ImageLoadError(key, problem)
+        return clip
+
+    def _pair_media(self, row: Mapping[str, Any]) -> tuple[list[Image.Image], list[VideoClip], float]:
+        """The row's images and videos, or blank stand-ins (and weight 0) when one of them fails."""
         images: list[Image.Image] = []
-        keys: list[str] = []
-        image_index: list[int] = []
-        weights: list[float] = []
+        try:
+            images = [self._load(key) for key in media_keys(row, "image")]
+            return images, [self._load_video(key) for key in media_keys(row, "video")], 1.0
+        except ImageLoadError as error:
+            for image in images:
+                image.close()
+            warnings.warn(
+                f"dropping pair {row.get('prompt_id')!r} (kept in the batch with weight 0): {error}",
+                DroppedPairWarning,
+                stacklevel=3,
+            )
+            blank_images = [Image.new("RGB", BLANK_IMAGE_SIZE) for _ in media_keys(row, "image")]
+            frames = self.video_sampling.frame_multiple
+            return blank_images, [blank_video(frames, BLANK_IMAGE_SIZE) for _ in media_keys(row, "video")], 0.0
+
+    def _process(self, images: list[Image.Image], videos: list[VideoClip]) -> ImageBatch:
+        processed = self.image_processor(images, videos=videos) if videos else self.image_processor(images)
+        return processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
+
+    def _corrupted(self, images: list, image_keys: list, videos: list, video_keys: list) -> ImageBatch:
+        kind, seed = self.corruption
+        images = [corrupt_image(im, kind, seed, key) for im, key in zip(images, image_keys)]
+        videos = [
+            VideoClip([corrupt_image(frame, kind, seed, key) for frame in clip.frames], clip.fps)
+            for clip, key in zip(videos, video_keys)
+        ]
+        return self._process(images, videos)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Collate `rows` (dicts with `prompt_id`, `images`, `videos`, `*_input_ids`) into a batch of tensors."""
+        images, image_keys, videos, video_keys = [], [], [], []
+        image_counts, video_counts, weights = [], [], []
         for row in rows:
-            weight = 1.0
-            try:
-                image = self._load(row)
-            except ImageLoadError as error:
-                warnings.warn(
-                    f"dropping pair {row.get('prompt_id')!r} (kept in the batch with weight 0): {error}",
-                    DroppedPairWarning,
-                    stacklevel=2,
-                )
-                image, weight = Image.new("RGB", BLANK_IMAGE_SIZE), 0.0
-            image_index.append(len(images) if image is not None else -1)
+            pair_images, pair_videos, weight = self._pair_media(row)
+            images += pair_images
+            videos += pair_videos
+            image_keys += media_keys(row, "image")
+            video_keys += media_keys(row, "video")
+            image_counts.append(len(pair_images))
+            video_counts.append(len(pair_videos))
             weights.append(weight)
-            if image is not None:
-                images.append(image)
-                keys.append(str(row.get("image")))
         corrupted = None
-        if self.corruption is not None and images:
-            kind, seed = self.corruption
-            corrupted = self.image_processor([corrupt_image(im, kind, seed, k) for im, k in zip(images, keys)])
-        processed = self.image_processor(images)
+        if self.corruption is not None and (images or videos):
+            corrupted = self._corrupted(images, image_keys, videos, video_keys)
+        processed = self._process(images, videos)
         for image in images:
             image.close()
-        if not isinstance(processed, ImageBatch):
-            processed = ImageBatch({"pixel_values": processed})
         batch: dict[str, torch.Tensor] = {}
         for name in SEQUENCE_KEYS:
             sequences = [row[f"{name}_input_ids"] for row in rows]
-            if name == "prompt" and processed.tokens_per_image is not None:
-                sequences = [
-                    expand_marker(seq, processed.marker_id, processed.tokens_per_image[i] if i >= 0 else 0)
-                    for seq, i in zip(sequences, image_index)
-                ]
+            if name == "prompt":
+                sequences = self._expanded(sequences, processed, image_counts, video_counts)
             ids, mask = pad_sequences(sequences, self.pad_token_id)
             batch[f"{name}_input_ids"] = ids
             batch[f"{name}_attention_mask"] = mask
         batch.update(processed.tensors)
         if corrupted is not None:
-            tensors = corrupted.tensors if isinstance(corrupted, ImageBatch) else {"pixel_values": corrupted}
-            batch["corrupt_pixel_values"] = tensors["pixel_values"]
-        batch["image_index"] = torch.tensor(image_index, dtype=torch.long)
+            batch["corrupt_pixel_values"] = corrupted.tensors["pixel_values"]
+            if "pixel_values_videos" in corrupted.tensors:
+                batch["corrupt_pixel_values_videos"] = corrupted.tensors["pixel_values_videos"]
+        batch["image_counts"] = torch.tensor(image_counts, dtype=torch.long)
+        batch["video_counts"] = torch.tensor(video_counts, dtype=torch.long)
         batch["pair_weight"] = torch.tensor(weights, dtype=torch.float32)
         if all("pair_index" in row for row in rows):  # lets the trainer look up cached reference log-probs
             batch["pair_index"] = torch.tensor([int(row["pair_index"]) for row in rows], dtype=torch.long)
         return batch
+
+    @staticmethod
+    def _expanded(sequences: list, processed: ImageBatch, image_counts: list, video_counts: list) -> list:
+        """Each prompt with its image and video markers expanded to their feature-token counts."""
+        spans = (
+            (processed.marker_id, processed.tokens_per_image, image_counts),
+            (processed.video_marker_id, processed.tokens_per_video, video_counts),
+        )
+        for marker, tokens, counts in spans:
+            if tokens is None:
+                continue
+            starts = [sum(counts[:row]) for row in range(len(counts))]
+            sequences = [
+                expand_markers(seq, marker, tokens[start : start + count])
+                for seq, start, count in zip(sequences, starts, counts)
+            ]
+        return sequences

@@ -1,10 +1,11 @@
 """Tokenization of preference pairs into a cached `datasets.Dataset`, through the model family's codec.
 
-The codec (`silkie.models.family.PairCodec`) builds prompt ids (chat template, one image marker) and answer ids;
-for Qwen-VL-Chat the user query is `Picture 1: <img>{image_key}</img>\\n{prompt}`. In the trainer every
-answer token carries a label and the prompt none. Dropped pairs are counted under `too_long` (truncation
-"drop"), `prompt_too_long`, `identical_after_truncation` (truncation "answer"), `image_tag_in_text` or
-`bad_image_key`.
+The codec (`silkie.models.family.PairCodec`) builds prompt ids (chat template, one marker per image / video, placed
+at the prompt's `<image>` / `<video>` markers or first) and answer ids; for Qwen-VL-Chat the user query is
+`Picture 1: <img>{image_key}</img>\\n...{prompt}`. In the trainer every answer token carries a label and the prompt
+none. Dropped pairs are counted under `too_long` (truncation "drop"), `prompt_too_long`,
+`identical_after_truncation` (truncation "answer"), `image_tag_in_text`, `bad_image_key`, `image_marker_mismatch`
+or `video_unsupported` (a video for a family that takes none).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from silkie.data.pairs import PairReport, PreferencePair
 from silkie.errors import InputError
 from silkie.logs import get_logger
 from silkie.models.family import PairCodec, PairTextError
+from silkie.models.media import as_keys
 from silkie.models.qwen_vl.family import QwenVLCodec, format_query
 
 __all__ = ["as_codec", "cache_key", "encode_pair", "format_query", "tokenize_pairs"]
@@ -31,13 +33,15 @@ __all__ = ["as_codec", "cache_key", "encode_pair", "format_query", "tokenize_pai
 logger = get_logger(__name__)
 
 Truncation = Literal["drop", "answer"]
-FORMAT_VERSION = "silkie-pairs-v1"
+FORMAT_VERSION = "silkie-pairs-v2"  # v2: images / videos lists (v1: one image)
 STATS_FILE = "silkie_tokenize_stats.json"
-PAIR_FIELDS = ("prompt_id", "prompt", "image", "chosen", "rejected", "chosen_score", "rejected_score")
+PAIR_FIELDS = ("prompt_id", "prompt", "images", "videos", "chosen", "rejected", "chosen_score", "rejected_score")
+DEFAULT_VIDEO_FRAMES = 64  # data.video_max_frames' default
 FEATURES = datasets.Features(
     {
         "prompt_id": datasets.Value("string"),
-        "image": datasets.Value("string"),
+        "images": datasets.List(datasets.Value("string")),
+        "videos": datasets.List(datasets.Value("string")),
         "prompt_input_ids": datasets.List(datasets.Value("int32")),
         "chosen_input_ids": datasets.List(datasets.Value("int32")),
         "rejected_input_ids": datasets.List(datasets.Value("int32")),
@@ -52,6 +56,20 @@ FEATURES = datasets.Features(
 )
 
 
+_RECORD_FEATURES = datasets.Features(
+    {
+        "prompt_id": datasets.Value("string"),
+        "prompt": datasets.Value("string"),
+        "images": datasets.List(datasets.Value("string")),
+        "videos": datasets.List(datasets.Value("string")),
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
+        "chosen_score": datasets.Value("float64"),
+        "rejected_score": datasets.Value("float64"),
+    }
+)
+
+
 def as_codec(tokenizer: Any) -> PairCodec:
     """A family codec as is; a bare Qwen-VL tokenizer wrapped in its codec."""
     if hasattr(tokenizer, "prompt_ids"):
@@ -61,32 +79,39 @@ def as_codec(tokenizer: Any) -> PairCodec:
 
 def encode_pair(
     prompt: str,
-    image: str | None,
+    images: str | Sequence[str] | None,
     chosen: str,
     rejected: str,
     tokenizer: Any,
     max_length: int | None = None,
     truncation: Truncation = "drop",
+    videos: Sequence[str] = (),
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
 ) -> tuple[dict[str, list[int]] | None, str | None]:
     """Token ids of one pair: ({prompt,chosen,rejected}_input_ids, None), or (None, drop reason).
 
     `tokenizer` is a family codec (or a Qwen-VL tokenizer). `max_length` bounds prompt (with the most tokens
-    an image can take) + the longer answer. "drop" drops a pair over it (`too_long`); "answer"
-    cuts both answers from the right and never cuts the prompt (`prompt_too_long` when the prompt
-    alone leaves no room for an answer).
+    its images and videos of at most `video_frames` frames can take) + the longer answer. "drop" drops a pair over
+    it (`too_long`); "answer" cuts both answers from the right and never cuts the prompt (`prompt_too_long` when
+    the prompt alone leaves no room for an answer).
     """
     codec = as_codec(tokenizer)
+    images, videos = as_keys(images), as_keys(videos)
     try:  # e.g. the Qwen-VL codec refuses image tags in text and an image key over 254 bytes
-        prompt_ids = codec.prompt_ids(prompt, image)
+        prompt_ids = codec.prompt_ids(prompt, images, videos)
         chosen_ids = codec.answer_ids(chosen)
         rejected_ids = codec.answer_ids(rejected)
     except PairTextError as error:
         return None, error.reason
-    image_spans = 1 if image else 0
-    marker = codec.image_marker_id
-    if prompt_ids.count(marker) != image_spans or marker in chosen_ids or marker in rejected_ids:
-        return None, "image_tag_in_text"
-    prompt_length = len(prompt_ids) + image_spans * codec.image_token_budget
+    for marker, count in ((codec.image_marker_id, len(images)), (codec.video_marker_id, len(videos))):
+        if marker is None:
+            continue
+        if prompt_ids.count(marker) != count or marker in chosen_ids or marker in rejected_ids:
+            return None, "image_tag_in_text"
+    media_tokens = len(images) * codec.image_token_budget
+    if videos:
+        media_tokens += len(videos) * codec.video_token_budget(video_frames)
+    prompt_length = len(prompt_ids) + media_tokens
     if max_length is not None and prompt_length + max(len(chosen_ids), len(rejected_ids)) > max_length:
         if truncation == "drop":
             return None, "too_long"
@@ -100,23 +125,26 @@ def encode_pair(
 
 
 def _tokenize_batch(
-    batch: dict[str, list[Any]], tokenizer: Any, max_length: int | None, truncation: Truncation
+    batch: dict[str, list[Any]], tokenizer: Any, max_length: int | None, truncation: Truncation, video_frames: int
 ) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {name: [] for name in FEATURES}
     for index in range(len(batch["prompt_id"])):
         ids, reason = encode_pair(
             batch["prompt"][index],
-            batch["image"][index],
+            batch["images"][index],
             batch["chosen"][index],
             batch["rejected"][index],
             tokenizer,
             max_length,
             truncation,
+            videos=batch["videos"][index],
+            video_frames=video_frames,
         )
         ids = ids or {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
         lengths = {key: len(value) for key, value in ids.items()}
         out["prompt_id"].append(batch["prompt_id"][index])
-        out["image"].append(batch["image"][index])
+        out["images"].append(batch["images"][index])
+        out["videos"].append(batch["videos"][index])
         for key, value in ids.items():
             out[key].append(value)
         out["prompt_length"].append(lengths["prompt_input_ids"])
@@ -134,14 +162,24 @@ def _tokenize_batch(
 def _pair_record(pair: PreferencePair | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(pair, PreferencePair):
         return pair.to_dict()
-    return {name: pair.get(name) for name in PAIR_FIELDS}
+    record = {name: pair.get(name) for name in PAIR_FIELDS}
+    if isinstance(record["images"], list) and isinstance(record["videos"], list):
+        return record  # already a record
+    images = record["images"] if record["images"] is not None else pair.get("image")  # a one-image mapping
+    return {**record, "images": list(as_keys(images)), "videos": list(as_keys(record["videos"]))}
 
 
-def cache_key(records: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int | None, truncation: str) -> str:
+def cache_key(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_length: int | None,
+    truncation: str,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
+) -> str:
     """Hash of (pairs content, the codec's fingerprint (vocabulary, template), options, format version)."""
-    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, max_length, truncation]).encode())
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, max_length, truncation, video_frames]).encode())
     digest.update(as_codec(tokenizer).fingerprint().encode())
-    for record in records:
+    for record in map(_pair_record, records):
         digest.update(json.dumps([record[name] for name in PAIR_FIELDS], ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:32]
@@ -164,14 +202,16 @@ def _tokenize(
     truncation: Truncation,
     num_proc: int | None,
     fingerprint: str,
+    video_frames: int,
 ) -> tuple[datasets.Dataset, dict[str, Any]]:
-    source = datasets.Dataset.from_list(records)
+    source = datasets.Dataset.from_list(records, features=_RECORD_FEATURES)
+    options = {"tokenizer": tokenizer, "max_length": max_length, "truncation": truncation}
     mapped = source.map(
         _tokenize_batch,
         batched=True,
         batch_size=256,
         num_proc=num_proc if num_proc and num_proc > 1 and len(records) > 1 else None,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "truncation": truncation},
+        fn_kwargs={**options, "video_frames": video_frames},
         remove_columns=source.column_names,
         features=FEATURES,
         new_fingerprint=fingerprint,
@@ -214,8 +254,10 @@ def tokenize_pairs(
     num_proc: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     report: PairReport | None = None,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
 ) -> datasets.Dataset:
-    """Tokenize pairs into a Dataset with `prompt_id`, `image`, `{prompt,chosen,rejected}_input_ids`, lengths.
+    """Tokenize pairs into a Dataset with `prompt_id`, `images`, `videos`, `{prompt,chosen,rejected}_input_ids`,
+    lengths (`video_frames`: the most frames a video is sampled to, which bounds its tokens).
 
     With `cache_dir`, the result is saved under `cache_dir/<hash>` (hash of pairs, vocabulary bytes and options)
     and later calls load it instead of tokenizing again. Drops are logged and, with `report`, added to it.
@@ -228,14 +270,14 @@ def tokenize_pairs(
     records = [_pair_record(pair) for pair in pairs]
     if not records:
         raise ValueError("tokenize_pairs got no pairs")
-    key = cache_key(records, tokenizer, max_length, truncation)
+    key = cache_key(records, tokenizer, max_length, truncation, video_frames)
     target = Path(cache_dir) / key if cache_dir is not None else None
     if target is not None and (target / STATS_FILE).is_file():
         logger.debug("loading tokenized pairs from cache %s", target)
         dataset = datasets.load_from_disk(str(target))
         stats = json.loads((target / STATS_FILE).read_text(encoding="utf-8"))
     else:
-        dataset, stats = _tokenize(records, tokenizer, max_length, truncation, num_proc, key)
+        dataset, stats = _tokenize(records, tokenizer, max_length, truncation, num_proc, key, video_frames)
         if target is not None:
             dataset = _save_to_cache(dataset, stats, target)
     _apply_stats(stats, report)

@@ -42,6 +42,10 @@ class ImageStore(Protocol):
         """The image behind `key`, RGB and fully loaded."""
         ...
 
+    def read_bytes(self, key: str) -> bytes:
+        """The stored bytes behind `key` (a video's, decoded by `silkie.data.video`)."""
+        ...
+
 
 def image_key(row_id: str | None = None, img_path: str | None = None) -> str:
     """The canonical store key for a row: from `img_path` when given, else `merged_images/<id>.jpg`."""
@@ -141,17 +145,20 @@ class ZipImageStore:
         """Whether the zip holds `key` (with or without the `merged_images/` prefix)."""
         return self._member(key) is not None
 
-    def open(self, key: str) -> Image.Image:
-        """Read and decode one member; raises `ImageLoadError` when missing or corrupt."""
+    def read_bytes(self, key: str) -> bytes:
+        """One member's bytes; raises `ImageLoadError` when missing or unreadable."""
         member = self._member(key)
         if member is None:
             raise ImageLoadError(key, f"not in {self.zip_path.name}")
         archive, _ = self._archive()
         try:
-            data = archive.read(member)
+            return archive.read(member)
         except (zipfile.BadZipFile, OSError, KeyError) as exc:
             raise ImageLoadError(key, f"unreadable zip member ({exc})") from exc
-        return decode_image(key, data)
+
+    def open(self, key: str) -> Image.Image:
+        """Read and decode one member; raises `ImageLoadError` when missing or corrupt."""
+        return decode_image(key, self.read_bytes(key))
 
     def close(self) -> None:
         """Close this process's handle (it is reopened on the next read)."""
@@ -185,16 +192,19 @@ class FolderImageStore:
         """Whether a file for `key` exists under the root."""
         return self._path(key) is not None
 
-    def open(self, key: str) -> Image.Image:
-        """Read and decode one file; raises `ImageLoadError` when missing or corrupt."""
+    def read_bytes(self, key: str) -> bytes:
+        """One file's bytes; raises `ImageLoadError` when missing or unreadable."""
         path = self._path(key)
         if path is None:
             raise ImageLoadError(key, f"no such file under {self.root}")
         try:
-            data = path.read_bytes()
+            return path.read_bytes()
         except OSError as exc:
             raise ImageLoadError(key, f"unreadable file ({exc})") from exc
-        return decode_image(key, data)
+
+    def open(self, key: str) -> Image.Image:
+        """Read and decode one file; raises `ImageLoadError` when missing or corrupt."""
+        return decode_image(key, self.read_bytes(key))
 
     def __repr__(self) -> str:
         return f"FolderImageStore({str(self.root)!r})"

@@ -1,7 +1,8 @@
 """Preference pairs from rated completions (Silkie: all 2-combinations, score = mean aspect rating).
 
 Every dropped row or pair is counted under a reason in a `PairReport`:
-rows -> loader reasons (see `sources`), `missing_image`, `no_usable_pairs`, `reused_id` (an id already given to
+rows -> loader reasons (see `sources`), `missing_image`, `missing_video`, `too_many_images`, `too_many_videos`
+(over `data.max_images_per_pair` / `max_videos_per_pair`), `no_usable_pairs`, `reused_id` (an id already given to
 another prompt, image or answers), `duplicate_row` (a copy of an earlier row);
 pairs -> `empty_answer`, `non_numeric_rating`, `rating_out_of_range` (outside VLFeedback's 1-5), `missing_rating`,
 `tie`, `identical_answers`, `below_margin`, `over_cap`.
@@ -31,6 +32,7 @@ from silkie.data.sources import (
     normalize_preference_row,
 )
 from silkie.errors import InputError
+from silkie.models.media import as_keys
 
 CapStrategy = Literal["margin", "random"]
 RATING_SCALE = (1.0, 5.0)  # VLFeedback's (and the judge rubric's) scale for every aspect
@@ -40,15 +42,20 @@ RATING_PROBLEMS = ("non_numeric_rating", "rating_out_of_range", "missing_rating"
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One DPO example: a prompt (with optional image key), a preferred and a dispreferred answer."""
+    """One DPO example: a prompt with its image (and video) keys in order, a preferred and a dispreferred answer."""
 
     prompt_id: str
     prompt: str
-    image: str | None
+    images: tuple[str, ...]
     chosen: str
     rejected: str
     chosen_score: float
     rejected_score: float
+    videos: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # one key, a list or None as well
+        object.__setattr__(self, "images", as_keys(self.images))
+        object.__setattr__(self, "videos", as_keys(self.videos))
 
     @property
     def margin(self) -> float:
@@ -56,8 +63,8 @@ class PreferencePair:
         return self.chosen_score - self.rejected_score
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (for `datasets` / json)."""
-        return asdict(self)
+        """Plain dict of the fields (for `datasets` / json; key tuples as lists)."""
+        return {**asdict(self), "images": list(self.images), "videos": list(self.videos)}
 
 
 @dataclass
@@ -212,7 +219,9 @@ def _row_pairs(
             report.drop_pair(reason, row.id)
             continue
         (win, s_win), (lose, s_lose) = sorted(((a, score_a), (b, score_b)), key=lambda item: -item[1])
-        candidates.append(PreferencePair(row.id, row.prompt, row.image, win.response, lose.response, s_win, s_lose))
+        candidates.append(
+            PreferencePair(row.id, row.prompt, row.images, win.response, lose.response, s_win, s_lose, row.videos)
+        )
     return candidates
 
 
@@ -232,11 +241,31 @@ def _iter_rows(rows: Iterable[Any], normalize: Any, report: PairReport):
             report.drop_row(error.reason, fallback, detail=error.detail)
 
 
-def _has_image(row: FeedbackRow | PreferenceRow, image_store: ImageStore | None, report: PairReport) -> bool:
-    if image_store is None or row.image is None or image_store.exists(row.image):
+@dataclass(frozen=True)
+class MediaLimits:
+    """Most images / videos one pair may hold (None: any number); a row over one is dropped and counted."""
+
+    max_images: int | None = None
+    max_videos: int | None = None
+
+
+def _media_usable(
+    row: FeedbackRow | PreferenceRow, image_store: ImageStore | None, limits: MediaLimits, report: PairReport
+) -> bool:
+    """False (the row dropped and counted) when it holds more images/videos than allowed or one is missing."""
+    for kind, keys, most in (("image", row.images, limits.max_images), ("video", row.videos, limits.max_videos)):
+        if most is not None and len(keys) > most:
+            detail = f"{len(keys)} {kind}s, data.max_{kind}s_per_pair={most}"
+            report.drop_row(f"too_many_{kind}s", row.id, detail=detail)
+            return False
+    if image_store is None:
         return True
-    report.drop_row("missing_image", row.id, detail=f"{row.image} not in {image_store!r}")
-    return False
+    for kind, keys in (("image", row.images), ("video", row.videos)):
+        missing = next((key for key in keys if not image_store.exists(key)), None)
+        if missing is not None:
+            report.drop_row(f"missing_{kind}", row.id, detail=f"{missing} not in {image_store!r}")
+            return False
+    return True
 
 
 def _finish(pairs: list[PreferencePair], report: PairReport) -> tuple[list[PreferencePair], PairReport]:
@@ -260,6 +289,7 @@ def build_vlfeedback_pairs(
     seed: int = 0,
     image_store: ImageStore | None = None,
     source: str | None = None,
+    limits: MediaLimits = MediaLimits(),
 ) -> tuple[list[PreferencePair], PairReport]:
     """Silkie pairs: every 2-combination of a row's answers, chosen = higher (weighted) mean rating.
 
@@ -284,7 +314,7 @@ def build_vlfeedback_pairs(
             else:
                 report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or answers")
             continue
-        if not _has_image(row, image_store, report):
+        if not _media_usable(row, image_store, limits, report):
             continue
         candidates = _row_pairs(row, weights, min_margin, report)
         kept, over = _cap(candidates, max_pairs_per_prompt, cap_strategy, seed, row.id)
@@ -303,11 +333,12 @@ def pairs_from_preference_rows(
     rows: Iterable[PreferenceRow | Mapping[str, Any]],
     image_store: ImageStore | None = None,
     source: str | None = None,
+    limits: MediaLimits = MediaLimits(),
 ) -> tuple[list[PreferencePair], PairReport]:
     """Pairs from a generic preference source (one pair per row; scores default to 1.0 / 0.0)."""
     report = PairReport(source=_source_name(rows, source))
     pairs: list[PreferencePair] = []
-    prompts: dict[str, tuple[str, str | None]] = {}  # id -> the prompt and image of its first row
+    prompts: dict[str, tuple] = {}  # id -> the prompt and media of its first row
     seen: set[PreferenceRow] = set()
     for row in _iter_rows(rows, normalize_preference_row, report):
         if row in seen:  # the same pair twice would count twice in the loss and the cap
@@ -315,10 +346,11 @@ def pairs_from_preference_rows(
             continue
         seen.add(row)
         # rows of one id are pairs of one prompt (split, capped and reported together): another prompt is an error
-        if prompts.setdefault(row.id, (row.prompt, row.image)) != (row.prompt, row.image):
+        asked = (row.prompt, row.images, row.videos)
+        if prompts.setdefault(row.id, asked) != asked:
             report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or image")
             continue
-        if not _has_image(row, image_store, report):
+        if not _media_usable(row, image_store, limits, report):
             continue
         if not row.chosen.strip() or not row.rejected.strip():
             reason = "empty_answer"
@@ -333,7 +365,9 @@ def pairs_from_preference_rows(
         chosen_score = 1.0 if row.chosen_score is None else row.chosen_score
         rejected_score = 0.0 if row.rejected_score is None else row.rejected_score
         pairs.append(
-            PreferencePair(row.id, row.prompt, row.image, row.chosen, row.rejected, chosen_score, rejected_score)
+            PreferencePair(
+                row.id, row.prompt, row.images, row.chosen, row.rejected, chosen_score, rejected_score, row.videos
+            )
         )
         report.rows_kept += 1
         report.pairs_kept += 1

@@ -1,8 +1,9 @@
 """Loaders that turn VLFeedback (release jsonl or hub) and generic preference files into normalized rows.
 
 A malformed row never stops a load: it is skipped and counted under a reason
-(`missing_field`, `wrong_type`, `bad_json`, `malformed_completions`, `too_few_completions`,
-`multiple images unsupported`, `bad_encoding`), with the first few offending ids kept for the report.
+(`missing_field`, `wrong_type`, `bad_json`, `malformed_completions`, `too_few_completions`, `bad_encoding`),
+with the first few offending ids kept for the report. A generic preference row may hold any number of images
+(`image` or `images`, order kept) and videos (`video` or `videos`); a VLFeedback row has one image.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from silkie.errors import InputError, MissingInputError
 ASPECTS = ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")
 MAX_EXAMPLE_IDS = 5
 MAX_DETAIL = 120  # characters of a drop reason's first case in the one-line summary
-MULTIPLE_IMAGES = "multiple images unsupported"
 
 
 class RowError(ValueError):
@@ -45,25 +45,27 @@ class Completion:
 
 @dataclass(frozen=True)
 class FeedbackRow:
-    """A VLFeedback instruction: prompt, image key and its rated completions."""
+    """A VLFeedback instruction: prompt, image key(s) (one in the release) and its rated completions."""
 
     id: str
     prompt: str
-    image: str | None
+    images: tuple[str, ...]
     completions: tuple[Completion, ...]
+    videos: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class PreferenceRow:
-    """A row of a generic preference file (one chosen and one rejected answer)."""
+    """A row of a generic preference file (one chosen and one rejected answer, any number of images/videos)."""
 
     id: str
     prompt: str
-    image: str | None
+    images: tuple[str, ...]
     chosen: str
     rejected: str
     chosen_score: float | None = None
     rejected_score: float | None = None
+    videos: tuple[str, ...] = ()
 
 
 RowT = TypeVar("RowT")
@@ -165,7 +167,7 @@ def normalize_feedback_row(raw: Any) -> FeedbackRow:
         raise RowError("too_few_completions", f"{len(completions)} completion(s)")
     img_path = raw.get("img_path")
     image = image_key(row_id=row_id, img_path=img_path if isinstance(img_path, str) else None)
-    return FeedbackRow(id=row_id, prompt=prompt, image=image, completions=completions)
+    return FeedbackRow(id=row_id, prompt=prompt, images=(image,), completions=completions)
 
 
 def _optional_score(raw: Mapping[str, Any], key: str) -> float | None:
@@ -180,20 +182,22 @@ def _optional_score(raw: Mapping[str, Any], key: str) -> float | None:
         raise RowError("wrong_type", f"{key}={value!r} is not a number") from exc
 
 
-def _preference_image(raw: Mapping[str, Any]) -> str | None:
-    image = raw.get("image")
-    if image is not None:
-        if not isinstance(image, str):
-            raise RowError("wrong_type", f"image is {type(image).__name__}")
-        return image or None
-    images = raw.get("images")
-    if images is None:
-        return None
-    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
-        raise RowError("wrong_type", "images must be a list of strings")
-    if len(images) > 1:
-        raise RowError(MULTIPLE_IMAGES, f"{len(images)} images")
-    return images[0] if images and images[0] else None
+def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
+    """The row's `one` (a key) or `many` (a list of keys, order kept) field as a tuple; empty keys are absent."""
+    single, several = raw.get(one), raw.get(many)
+    if single is not None and several is not None:
+        raise RowError("wrong_type", f"both {one} and {many} are set; give one of them")
+    if single is not None:
+        if not isinstance(single, str):
+            raise RowError("wrong_type", f"{one} is {type(single).__name__}")
+        return (single,) if single else ()
+    if several is None:
+        return ()
+    if not isinstance(several, list) or not all(isinstance(item, str) for item in several):
+        raise RowError("wrong_type", f"{many} must be a list of strings")
+    if any(not item for item in several):
+        raise RowError("wrong_type", f"{many} holds an empty key")
+    return tuple(several)
 
 
 def normalize_preference_row(raw: Any) -> PreferenceRow:
@@ -203,16 +207,18 @@ def normalize_preference_row(raw: Any) -> PreferenceRow:
     prompt = _require(raw, "prompt", str)
     chosen = _require(raw, "chosen", str)
     rejected = _require(raw, "rejected", str)
-    image = _preference_image(raw)
+    images = _media_keys(raw, "image", "images")
+    videos = _media_keys(raw, "video", "videos")
     if raw.get("id") is not None:
         row_id = str(_require(raw, "id", (str, int)))
-    else:
-        digest = hashlib.sha1(f"{prompt}\0{image or ''}".encode()).hexdigest()[:16]
-        row_id = f"pref-{digest}"
+    else:  # (one image: the id of earlier versions)
+        media = "\0".join(images) + ("\0v\0" + "\0".join(videos) if videos else "")
+        row_id = "pref-" + hashlib.sha1(f"{prompt}\0{media}".encode()).hexdigest()[:16]
     return PreferenceRow(
         id=row_id,
         prompt=prompt,
-        image=image,
+        images=images,
+        videos=videos,
         chosen=chosen,
         rejected=rejected,
         chosen_score=_optional_score(raw, "chosen_score"),
@@ -310,7 +316,7 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
 
 
 def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceRow]:
-    """Load a generic preference file (.jsonl, .json or .parquet) with prompt/chosen/rejected[/image(s)/id]."""
+    """Load a generic preference file (.jsonl, .json or .parquet) with prompt/chosen/rejected[/image(s)/video(s)/id]."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"preference file not found: {path}")

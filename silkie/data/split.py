@@ -1,4 +1,4 @@
-"""Train / eval split by prompt (question + image), so no prompt appears on both sides."""
+"""Train / eval split by prompt (question + images/videos), so no prompt appears on both sides."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def _rank(seed: int, prompt_id: str) -> str:
     return hashlib.sha1(f"{seed}\0{prompt_id}".encode()).hexdigest()
 
 
-def _prompt_key(pair: PreferencePair) -> tuple[str, str]:
-    return pair.prompt, pair.image or ""
+def _prompt_key(pair: PreferencePair) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    return pair.prompt, pair.images, pair.videos
 
 
 def split_by_prompt(

@@ -2,8 +2,9 @@
 
 Writes OUT/tiny-qwen-vl/ (config.json, model.safetensors, qwen.tiktoken), OUT/tiny-qwen2-vl/, OUT/tiny-qwen2.5-vl/
 and OUT/tiny-llava/
-(Hugging Face folders: config, weights, tokenizer, processor, chat template) and OUT/vlfeedback/
-(vlfeedback_80k.jsonl, merged_images.zip). Existing assets are kept (use --force to rebuild).
+(Hugging Face folders: config, weights, tokenizer, processor, chat template), OUT/vlfeedback/
+(vlfeedback_80k.jsonl, merged_images.zip) and OUT/two_pictures/ (a two-images-per-pair preference set:
+two_pictures.jsonl, two_pictures.zip). Existing assets are kept (use --force to rebuild).
 """
 
 from __future__ import annotations
@@ -57,5 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.force or not (data_dir / "merged_images.zip").is_file():
         summary = write_synthetic_vlfeedback(data_dir, n=args.n, seed=args.seed)
         print(f"synthetic VLFeedback: {data_dir} ({summary.get('rows', args.n)} rows)")
+    from silkie.dev.two_pictures import ZIP_NAME, write_two_picture_pairs
+
+    if args.force or not (out / "two_pictures" / ZIP_NAME).is_file():
+        summary = write_two_picture_pairs(out / "two_pictures", seed=args.seed)
+        print(f"two-picture preference pairs: {out / 'two_pictures'} ({summary['rows']} rows)")
     print(f"demo assets ready in {out}")
     return 0

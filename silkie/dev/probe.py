@@ -63,7 +63,7 @@ def synthetic_batch(config: QWenConfig, batch_size: int, question: int, answer: 
         batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = ids, mask
     size = config.visual["image_size"]
     batch["pixel_values"] = torch.randn(batch_size, 3, size, size, generator=gen)
-    batch["image_index"] = torch.arange(batch_size)
+    batch["image_counts"] = torch.ones(batch_size, dtype=torch.long)
     return batch
 
 
@@ -91,21 +91,19 @@ def _pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def random_pair_batch(config, sizes: list[tuple[int, int, int]], with_image: list[bool], seed: int = 0) -> dict:
-    """Pairs with prompt/chosen/rejected text lengths `sizes`; an image span in the prompt where asked."""
+def random_pair_batch(config, sizes: list[tuple[int, int, int]], with_image: list[bool | int], seed: int = 0) -> dict:
+    """Pairs with prompt/chosen/rejected text lengths `sizes`; `with_image[i]` image spans (True: one) in the prompt
+    of pair i, each after a few text tokens."""
     gen = torch.Generator().manual_seed(seed)
     start = config.image_start_id
     text_hi = start - 214
-    prompts, chosen, rejected, image_index = [], [], [], []
-    n_images = 0
-    for (lp, lc, lr), has_image in zip(sizes, with_image):
+    prompts, chosen, rejected, image_counts = [], [], [], []
+    for (lp, lc, lr), images in zip(sizes, with_image):
         parts = [torch.randint(0, text_hi, (3,), generator=gen)]
-        if has_image:
+        for _ in range(int(images)):
             parts.append(torch.tensor([start] + [start + 2] * 256 + [start + 1]))
-            image_index.append(n_images)
-            n_images += 1
-        else:
-            image_index.append(-1)
+            parts.append(torch.randint(0, text_hi, (2,), generator=gen))
+        image_counts.append(int(images))
         parts.append(torch.randint(0, text_hi, (lp,), generator=gen))
         prompts.append(torch.cat(parts))
         chosen.append(torch.randint(0, text_hi, (lc,), generator=gen))
@@ -114,8 +112,8 @@ def random_pair_batch(config, sizes: list[tuple[int, int, int]], with_image: lis
     for name, rows in (("prompt", prompts), ("chosen", chosen), ("rejected", rejected)):
         batch[f"{name}_input_ids"], batch[f"{name}_attention_mask"] = _pad(rows, 0)
     size = config.visual["image_size"]
-    batch["pixel_values"] = torch.randn(n_images, 3, size, size, generator=gen)
-    batch["image_index"] = torch.tensor(image_index)
+    batch["pixel_values"] = torch.randn(sum(image_counts), 3, size, size, generator=gen)
+    batch["image_counts"] = torch.tensor(image_counts)
     return batch
 
 

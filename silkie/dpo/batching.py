@@ -20,7 +20,8 @@ class ScoredRows:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor | None
-    image_order: torch.Tensor  # index into the batch's images for each <img> span, row-major
+    image_order: torch.Tensor  # index into the batch's images for each image span, row-major
+    video_order: torch.Tensor  # the same for video spans
     chosen_index: torch.Tensor
     chosen_targets: torch.Tensor
     chosen_pair: torch.Tensor
@@ -33,10 +34,12 @@ def _lengths(mask: torch.Tensor) -> list[int]:
     return [int(n) for n in mask.sum(dim=1).tolist()]
 
 
-def _image_order(batch: dict, repeats: int) -> torch.Tensor:
-    index = batch["image_index"]
-    order = index[index >= 0]
-    return order.repeat(repeats)
+def _media_order(batch: dict, kind: str, repeats: int) -> torch.Tensor:
+    """The batch's images (videos) are in (pair, position) order, as the rows' spans are: each row block repeats
+    them once."""
+    counts = batch.get(f"{kind}_counts")
+    total = int(counts.sum()) if counts is not None else 0
+    return torch.arange(total).repeat(repeats)
 
 
 def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
@@ -64,7 +67,8 @@ def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
         input_ids=ids,
         attention_mask=mask,
         position_ids=None,
-        image_order=_image_order(batch, 2),
+        image_order=_media_order(batch, "image", 2),
+        video_order=_media_order(batch, "video", 2),
         **_pick_tensors(picks),
     )
 
@@ -73,8 +77,9 @@ def packed_rows(batch: dict, pad_token_id: int, prompt_positions: torch.Tensor |
     """B rows of prompt | chosen | rejected with a block-causal mask and restarted answer positions.
 
     `prompt_positions` [D, B, Lp] are multi-axis prompt positions (M-RoPE); each answer then continues from
-    the prompt's largest position + 1 on every axis, as it does in its own unpacked row. Without them positions
-    are 1-D: 0..Lp-1 for the prompt, Lp.. for each answer.
+    the prompt's last position + 1 (the prompt ends in text, whose axes agree), as it does in its own unpacked
+    row; not from the largest position, which a video's temporal axis can put past the text that follows it.
+    Without them positions are 1-D: 0..Lp-1 for the prompt, Lp.. for each answer.
     """
     prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
     chosen, c_len = batch["chosen_input_ids"], _lengths(batch["chosen_attention_mask"])
@@ -98,7 +103,7 @@ def packed_rows(batch: dict, pad_token_id: int, prompt_positions: torch.Tensor |
             positions[:, b, :lp], start = torch.arange(lp), lp
         else:
             positions[:, b, :lp] = prompt_positions[:, b, :lp]
-            start = int(prompt_positions[:, b, :lp].max()) + 1 if lp else 0
+            start = int(prompt_positions[:, b, lp - 1].max()) + 1 if lp else 0
         positions[:, b, lp : lp + lc] = torch.arange(start, start + lc)
         positions[:, b, lp + lc : lp + lc + lr] = torch.arange(start, start + lr)
         base = b * width
@@ -116,7 +121,8 @@ def packed_rows(batch: dict, pad_token_id: int, prompt_positions: torch.Tensor |
         input_ids=ids,
         attention_mask=mask[:, None],
         position_ids=positions[0] if prompt_positions is None else positions,
-        image_order=_image_order(batch, 1),
+        image_order=_media_order(batch, "image", 1),
+        video_order=_media_order(batch, "video", 1),
         **_pick_tensors(picks),
     )
 

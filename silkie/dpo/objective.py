@@ -19,13 +19,14 @@ CORRUPT_VIEW = "corrupt"  # batch["view"] of the corrupted-image view: the refer
 
 
 def corrupted_view(batch: dict) -> dict:
-    """The batch with each image replaced by its corrupted copy (the collator's `corrupt_pixel_values`); text-only
-    batches stay as they are."""
+    """The batch with each image (video) replaced by its corrupted copy (the collator's `corrupt_pixel_values`,
+    `corrupt_pixel_values_videos`); text-only batches stay as they are."""
     view = {**batch, "view": CORRUPT_VIEW}
-    if batch.get("pixel_values") is not None and batch["pixel_values"].numel():
-        if "corrupt_pixel_values" not in batch:
-            raise ValueError("the batch has no corrupt_pixel_values: its collator was not given an image corruption")
-        view["pixel_values"] = batch["corrupt_pixel_values"]
+    for name in ("pixel_values", "pixel_values_videos"):
+        if batch.get(name) is not None and batch[name].numel():
+            if f"corrupt_{name}" not in batch:
+                raise ValueError(f"the batch has no corrupt_{name}: its collator was not given an image corruption")
+            view[name] = batch[f"corrupt_{name}"]
     return view
 
 

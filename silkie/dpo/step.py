@@ -77,12 +77,14 @@ def vision_differs_from_reference(model: nn.Module) -> bool:
 
 
 def _has_images(batch: dict) -> bool:
-    pixel_values = batch.get("pixel_values")
-    return pixel_values is not None and pixel_values.numel() > 0
+    """Whether the batch holds an image or a video."""
+    return any(
+        batch.get(name) is not None and batch[name].numel() > 0 for name in ("pixel_values", "pixel_values_videos")
+    )
 
 
 def encode_images_once(model: nn.Module, batch: dict) -> Any:
-    """Image features for the batch's images, computed without autograd (frozen tower); None without images."""
+    """Features of the batch's images and videos, computed without autograd (frozen tower); None without any."""
     base, family = unwrap_causal_lm(model)
     with torch.no_grad():
         if not _has_images(batch):
@@ -114,8 +116,9 @@ def score_answers(
     else:
         rows = concat_rows(batch, pad_token_id)
     images = {}
-    if rows.image_order.numel():
-        images = family.row_image_kwargs(base, on_device, rows.image_order.to(device), image_features)
+    if rows.image_order.numel() or rows.video_order.numel():
+        order, video_order = rows.image_order.to(device), rows.video_order.to(device)
+        images = family.row_image_kwargs(base, on_device, order, image_features, video_order)
     blank_tower = (
         not images
         and not options.image_once

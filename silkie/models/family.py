@@ -39,9 +39,14 @@ class PairCodec(Protocol):
     pad_token_id: int
     image_marker_id: int  # the token that marks an image in a prompt (exactly one per image at tokenization)
     image_token_budget: int  # most tokens an image adds to its marker when the collator expands it
+    video_marker_id: int | None  # the token that marks a video (one per video); None: the family takes no video
 
-    def prompt_ids(self, prompt: str, image: str | None) -> list[int]:
-        """Chat-formatted user turn + assistant header; raises ValueError for an unusable image key."""
+    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = ()) -> list[int]:
+        """Chat-formatted user turn (its media placed by `silkie.models.media.media_segments`) + assistant
+        header; `PairTextError` for what it cannot encode (a media tag in the text, a video it does not take)."""
+
+    def video_token_budget(self, max_frames: int) -> int:
+        """Most tokens a video of at most `max_frames` sampled frames adds to its marker (0: no video)."""
 
     def answer_ids(self, text: str) -> list[int]:
         """The assistant's answer, ending with the family's end-of-turn token(s)."""
@@ -55,12 +60,22 @@ class PairCodec(Protocol):
 
 @dataclass
 class ImageBatch:
-    """A batch's images as model tensors, plus per image the number of placeholder tokens it fills."""
+    """A batch's images (and videos) as model tensors, plus per image / video the placeholder tokens it fills."""
 
     tensors: dict[str, torch.Tensor]
     tokens_per_image: list[int] | None = None  # None: prompts already hold every image token (qwen_vl)
     marker_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    tokens_per_video: list[int] | None = None
+    video_marker_id: int | None = None
+
+
+@dataclass
+class VideoClip:
+    """A video's sampled frames (RGB, one size) and the rate they were sampled at (frames per second)."""
+
+    frames: list[Any]
+    fps: float
 
 
 class ModelFamily:
@@ -91,9 +106,9 @@ class ModelFamily:
         raise NotImplementedError
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
-        """Callable PIL images -> `ImageBatch` (or a `pixel_values` tensor) used by the collator, with
-        `fingerprint()` (settings that decide pixels and token counts) and optionally `check(image)` (why the
-        processor would fail on an image, or None)."""
+        """Callable `(images, videos=())` -> `ImageBatch` (or a `pixel_values` tensor) used by the collator: PIL
+        images and `VideoClip`s, each kind in batch order; with `fingerprint()` (settings that decide pixels and
+        token counts) and optionally `check(image)` (why the processor would fail on an image, or None)."""
         raise NotImplementedError
 
     def lora_target_regex(self, lora: Any) -> str:
@@ -121,15 +136,18 @@ class ModelFamily:
         raise NotImplementedError
 
     def encode_images(self, base: nn.Module, batch: dict) -> Any:
-        """Image features for the batch's images in batch order (called under no_grad), or None."""
+        """Features of the batch's images (and videos) in batch order (called under no_grad), or None."""
         raise NotImplementedError
 
     def blank_image_features(self, base: nn.Module) -> torch.Tensor:
         """Run the tower on one blank image (ZeRO-3: every rank must gather the tower each step)."""
         raise NotImplementedError
 
-    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
-        """Forward kwargs carrying the images of `order` (row-major image spans), from features or pixels."""
+    def row_image_kwargs(
+        self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
+    ) -> dict:
+        """Forward kwargs carrying the images of `order` (and videos of `video_order`: index into the batch's
+        images / videos for each span of the rows, row-major), from features or pixels."""
         raise NotImplementedError
 
     def prompt_positions(self, base: nn.Module, batch: dict) -> torch.Tensor | None:

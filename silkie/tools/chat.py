@@ -1,5 +1,6 @@
-"""Qwen-VL-Chat answers about an image, streamed token by token (base, adapter, or both); several turns with a
-history (Qwen-VL-Chat's make_context: earlier turns kept while they fit in max_window_size)."""
+"""Answers about images (Qwen2-VL: and videos), streamed token by token (base, adapter, or both); several turns with
+a history for Qwen-VL-Chat (its make_context: earlier turns kept while they fit in max_window_size). The inputs
+are built in `chat_inputs`."""
 
 from __future__ import annotations
 
@@ -14,10 +15,21 @@ from typing import Any
 
 import torch
 
-from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, MAX_IMAGE_PATH_BYTES
+from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
+from silkie.tools.chat_inputs import (
+    Paths,
+    Turn,
+    as_paths,
+    build_prompt_ids,
+    family_inputs,
+    image_query,
+    image_reference,
+    qwen_vl_inputs,
+    qwen_vl_tokenizer,
+)
 from silkie.tools.cli import ToolError, read_image, require_file
 
-Turn = tuple[str, "str | None"]  # (query as the model saw it, response; None: the user turn alone)
+__all__ = ["build_prompt_ids", "chat_once", "converse", "read_history", "write_history"]
 
 BASE_LABEL = "=== base model (adapter disabled) ==="
 DPO_LABEL = "=== DPO model (with adapter) ==="
@@ -32,33 +44,6 @@ class GenerationOptions:
     top_p: float = 0.8
     temperature: float = 1.0
     seed: int = 0
-
-
-def image_reference(path: str | Path) -> str:
-    """The text inside `<img>...</img>`: the path as given, or its file name when over the 254-byte limit."""
-    text = str(path)
-    if len(text.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES:
-        return text
-    name = Path(text).name
-    return name if len(name.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES else "image"
-
-
-def image_query(tokenizer: Any, image_path: str | Path | None, question: str) -> str:
-    """The query text: `Picture 1: <img>PATH</img>\\n{question}` (the original's from_list_format), or the question."""
-    if image_path is None:
-        return question
-    return tokenizer.from_list_format([{"image": image_reference(image_path)}, {"text": question}])
-
-
-def build_prompt_ids(
-    tokenizer: Any,
-    image_path: str | Path | None,
-    question: str,
-    system: str = DEFAULT_SYSTEM,
-    history: Iterable[Turn] = (),
-) -> list[int]:
-    """Qwen-VL-Chat prompt ids: the query (with its picture) after the earlier turns, in the ChatML context."""
-    return tokenizer.build_chat_context(image_query(tokenizer, image_path, question), list(history), system=system)
 
 
 def read_history(path: str | Path) -> list[Turn]:
@@ -229,7 +214,7 @@ def load_chat_model(
 
 def chat_once(
     model_dir: str | Path,
-    image: str | Path | None,
+    image: Paths,
     question: str,
     adapter_dir: str | Path | None = None,
     options: GenerationOptions | None = None,
@@ -239,25 +224,30 @@ def chat_once(
     device: str = "auto",
     write: Callable[[str], Any] | None = None,
     history: Iterable[Turn] = (),
+    videos: Paths = None,
 ) -> dict[str, str]:
     """Load the model (+adapter), build the prompt, stream the answer(s) to `write`; returns them by name.
 
-    `system` and `history` (earlier turns) apply to Qwen-VL-Chat (the transformers-native families use their chat
-    template's default system turn, and one turn)."""
+    `image`: one picture or several (in order; placed by `<image>` markers in the question, else first); `videos`
+    (Qwen2-VL families) likewise. `system` and `history` (earlier turns) apply to Qwen-VL-Chat (the
+    transformers-native families use their chat template's default system turn, and one turn)."""
     if compare and adapter_dir is None:
         raise ToolError("--compare needs --adapter (the base answer is the model with the adapter disabled)")
-    picture = read_image(image) if image is not None else None
+    for path in as_paths(image):
+        read_image(path)  # a bad image fails before the model loads
     history = list(history)
     chat = load_chat_model(model_dir, adapter_dir, dtype, device)
     options = options or GenerationOptions()
     if chat.family == "qwen_vl":
+        if as_paths(videos):
+            raise ToolError("--video: Qwen-VL-Chat takes images, not video (qwen2_vl / qwen2_5_vl do)")
         tokenizer = qwen_vl_tokenizer(chat)
         input_ids, images = qwen_vl_inputs(chat, tokenizer, image, question, system, history)
     else:
         _one_turn_only(chat.family, history)
-        if picture is None:
-            raise ToolError(f"--image is needed for {chat.family}")
-        tokenizer, input_ids, images = _family_inputs(model_dir, adapter_dir, chat.config, picture, image, question)
+        if not as_paths(image) and not as_paths(videos):
+            raise ToolError(f"--image (or --video) is needed for {chat.family}")
+        tokenizer, input_ids, images = family_inputs(model_dir, adapter_dir, chat.config, image, videos, question)
     images = chat.to_device(images)
     return answer_with_labels(chat.model, tokenizer, input_ids.to(chat.device), images, options, compare, write)
 
@@ -265,7 +255,7 @@ def chat_once(
 def converse(
     model_dir: str | Path,
     questions: Iterable[str],
-    image: str | Path | None = None,
+    image: Paths = None,
     adapter_dir: str | Path | None = None,
     history: Iterable[Turn] = (),
     options: GenerationOptions | None = None,
@@ -275,18 +265,18 @@ def converse(
     write: Callable[[str], Any] | None = None,
     on_turn: Callable[[list[Turn]], Any] | None = None,
 ) -> list[Turn]:
-    """Several turns with Qwen-VL-Chat: each question is answered after the earlier turns (its picture, when
-    given, goes with the first one); returns the whole conversation (history included). `on_turn` gets the
+    """Several turns with Qwen-VL-Chat: each question is answered after the earlier turns (its pictures, when
+    given, go with the first one); returns the whole conversation (history included). `on_turn` gets the
     conversation after every answer (e.g. to save it, so that an interrupted session keeps its finished turns)."""
     write = write or _stdout_write
-    if image is not None:
-        read_image(image)  # a bad image fails before the model loads
+    for path in as_paths(image):
+        read_image(path)  # a bad image fails before the model loads
     turns = list(history)
     chat = load_chat_model(model_dir, adapter_dir, dtype, device)
     _one_turn_only(chat.family, turns, several=chat.family != "qwen_vl")
     options = options or GenerationOptions()
     tokenizer = qwen_vl_tokenizer(chat)
-    sources = {image_reference(image): image} if image is not None else {}
+    sources = {image_reference(path): path for path in as_paths(image)}
     for number, question in enumerate(questions):
         picture = image if number == 0 else None
         input_ids, images = qwen_vl_inputs(chat, tokenizer, picture, question, system, turns, sources)
@@ -303,53 +293,3 @@ def _one_turn_only(family: str, history: list, several: bool = False) -> None:
         raise ToolError(
             f"several turns (--history, --interactive) are implemented for qwen_vl (Qwen-VL-Chat), not {family}"
         )
-
-
-def qwen_vl_tokenizer(chat: ChatModel) -> Any:
-    """The run's Qwen-VL tokenizer (the adapter folder's copy when it has one)."""
-    from silkie.tools.common import load_tokenizer_from
-
-    return load_tokenizer_from(chat.model_dir, chat.adapter_dir)
-
-
-def qwen_vl_inputs(
-    chat: ChatModel,
-    tokenizer: Any,
-    image: str | Path | None,
-    question: str,
-    system: str,
-    history: list,
-    sources: dict[str, str | Path] | None = None,
-) -> tuple:
-    """(prompt ids [1, L], image inputs): every picture the prompt's `<img>` spans name, in order, read from its
-    path as the original does (`sources`: the file behind a shortened reference, e.g. the --image file)."""
-    from silkie.models.qwen_vl import QWenVLImageProcessor
-
-    ids = build_prompt_ids(tokenizer, image, question, system, history)
-    sources = {**(sources or {}), **({image_reference(image): image} if image is not None else {})}
-    paths = tokenizer.image_paths(ids)  # history turns beyond max_window_size are gone, with their pictures
-    if not paths:
-        return torch.tensor([ids]), {}
-    pictures = [read_image(sources.get(path, path)) for path in paths]
-    return (
-        torch.tensor([ids]),
-        {"pixel_values": QWenVLImageProcessor(chat.config.visual["image_size"])(pictures)},
-    )
-
-
-def _family_inputs(model_dir, adapter_dir, config, picture, image, question, system: str = "") -> tuple:
-    """Qwen2-VL / LLaVA: the codec's prompt, the image marker expanded to the picture's token count (`system` is
-    not used: these families' chat templates bring their own system turn)."""
-    from silkie.config import ModelSection
-    from silkie.data.collator import expand_marker
-    from silkie.models.family import get_family
-    from silkie.tools.common import family_of, load_codec_from
-
-    family = family_of(model_dir)
-    codec = load_codec_from(model_dir, adapter_dir)
-    processed = get_family(family).image_processor(config, ModelSection(path=str(model_dir), family=family))([picture])
-    ids = expand_marker(codec.prompt_ids(question, str(image)), processed.marker_id, processed.tokens_per_image[0])
-    images = dict(processed.tensors)
-    if family.startswith("qwen2"):  # M-RoPE needs the modality of each token
-        images["mm_token_type_ids"] = torch.tensor([[int(t == processed.marker_id) for t in ids]])
-    return codec.tokenizer, torch.tensor([ids]), images

@@ -1,6 +1,8 @@
-"""Ask a Qwen-VL-Chat model (optionally with a trained LoRA adapter) about an image, in one turn or several.
+"""Ask a model (optionally with a trained LoRA adapter) about images or a video, in one turn or several.
 
-The prompt is Qwen-VL-Chat's: `Picture 1: <img>IMAGE</img>\\nQUESTION` inside the ChatML context. Tokens are
+For Qwen-VL-Chat the prompt is its own: `Picture 1: <img>IMAGE</img>\\nQUESTION` inside the ChatML context (--image
+repeated: `Picture 2: ...`, in order); Qwen2-VL / LLaVA use the checkpoint's chat template, and Qwen2-VL takes
+--video too. `<image>` / `<video>` markers in the question place them; else they go first. Tokens are
 printed as they are generated; generation stops at <|im_end|>. Greedy decoding unless --sample.
 --compare (needs --adapter) prints the base answer (adapter disabled) and the DPO answer as two labelled blocks.
 Several turns (Qwen-VL-Chat): --history FILE puts earlier turns before the question; --interactive reads one
@@ -24,7 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base (or merged) checkpoint folder")
     parser.add_argument("--adapter", help="LoRA adapter folder (RUN/adapter)")
-    parser.add_argument("--image", help="image file (with the first question; needed unless --history has one)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="image file, repeatable in order (with the first question; needed unless --history or --video has one)",
+    )
+    parser.add_argument("--video", action="append", help="video file, repeatable (qwen2_vl / qwen2_5_vl)")
     parser.add_argument("--question", help="the (first) question; with --interactive, read from stdin if left out")
     parser.add_argument("--history", help='JSON file of earlier turns: [{"user": ..., "assistant": ...}, ...]')
     parser.add_argument("--interactive", action="store_true", help="keep asking: one question per line on stdin")
@@ -48,8 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--compare needs --adapter")
     if args.question is None and not args.interactive:
         parser.error("--question is required (or --interactive)")
-    if args.image is None and args.history is None:
-        parser.error("--image is required (or --history, whose turns name their pictures)")
+    if args.image is None and args.history is None and args.video is None:
+        parser.error("--image is required (or --video, or --history, whose turns name their pictures)")
+    if args.video and (args.interactive or args.history or args.save_history):
+        parser.error("--video is one turn of a Qwen2-VL model: it does not go with --history or --interactive")
     if args.compare and (args.interactive or args.save_history):
         parser.error("--compare answers one question twice: it does not go with --interactive or --save-history")
     if args.max_new_tokens < 1:
@@ -77,8 +86,8 @@ def questions(first: str | None) -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Stream the answer(s) to stdout."""
-    if args.image is not None:
-        read_image(args.image)  # a bad image fails fast, before torch and the model are loaded
+    for image in args.image or []:
+        read_image(image)  # a bad image fails fast, before torch and the model are loaded
     from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
     from silkie.tools.chat import GenerationOptions, chat_once, converse, read_history, write_history
 
@@ -111,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         args.image,
         args.question,
+        videos=args.video,
         adapter_dir=args.adapter,
         options=options,
         compare=args.compare,

@@ -59,7 +59,7 @@ def score_pairs(trainer: Any, dataset: Any, batch_size: int) -> PairTable:
         batch = trainer._prepare_inputs(batch)
         with torch.no_grad():
             scores = trainer.score_batch(model, batch)
-        kept = batch["pair_weight"] > 0  # a pair whose image failed is left out (counted as dropped)
+        kept = batch["pair_weight"] > 0  # a pair whose image or video failed is left out (counted as dropped)
         table.pair_index.extend(int(i) for i in batch["pair_index"][kept])
         for name, values in (
             ("logps/chosen", scores.policy.chosen_logps),
@@ -228,7 +228,7 @@ def format_table(result: dict[str, Any]) -> str:
         value = summary[key]
         lines.append(f"  {label:<22}{value:>12}" if isinstance(value, int) else f"  {label:<22}{value:>12.4f}")
     if result["dropped_pairs"]:
-        lines.append(f"  ({result['dropped_pairs']} pairs skipped: their images failed to load)")
+        lines.append(f"  ({result['dropped_pairs']} pairs skipped: an image or video of theirs failed to load)")
     return "\n".join(lines)
 
 

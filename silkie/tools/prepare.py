@@ -113,10 +113,10 @@ def check_images(rows: list[FeedbackRow], store: Any, verify_all: bool, sample: 
     check = ImageCheck()
     present = []
     for row in rows:
-        if row.image is None:
+        if not row.images:
             continue
         check.referenced += 1
-        if store.exists(row.image):
+        if store.exists(row.images[0]):  # a VLFeedback row has one image
             present.append(row)
         else:
             check.missing += 1
@@ -126,7 +126,7 @@ def check_images(rows: list[FeedbackRow], store: Any, verify_all: bool, sample: 
     for row in to_open:
         check.verified += 1
         try:
-            store.open(row.image).close()
+            store.open(row.images[0]).close()
         except ImageLoadError as err:
             check.unreadable += 1
             check.unreadable_ids[row.id] = err.reason
@@ -213,7 +213,7 @@ def write_preference_parquet(pairs: list, path: str | Path) -> Path:
             columns = {
                 "id": [p.prompt_id for p in chunk],
                 "prompt": [p.prompt for p in chunk],
-                "image": [p.image for p in chunk],
+                "image": [p.images[0] if p.images else None for p in chunk],  # VLFeedback: one image
                 "chosen": [p.chosen for p in chunk],
                 "rejected": [p.rejected for p in chunk],
                 "chosen_score": [p.chosen_score for p in chunk],

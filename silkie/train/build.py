@@ -100,6 +100,14 @@ def build_trainer(
             f"= {recipe.dpo.max_length}, so every pair with an image would be dropped; lower model.max_pixels "
             "(e.g. 200704 = 448x448 -> 256 tokens) or raise dpo.max_length"
         )
+    video_budget = codec.video_marker_id is not None and codec.video_token_budget(recipe.data.video_max_frames)
+    if video_budget and video_budget >= recipe.dpo.max_length:
+        logger.warning(
+            f"a video of data.video_max_frames = {recipe.data.video_max_frames} frames may take "
+            f"{video_budget} tokens, not below dpo.max_length = {recipe.dpo.max_length}: every pair with a video "
+            "will be dropped as too_long; lower model.video_max_pixels or data.video_max_frames, or raise "
+            "dpo.max_length"
+        )
     if data is None:
         with args.main_process_first(desc="tokenizing pairs"):
             cache = recipe.data.cache_dir or working / CACHE_DIR
@@ -141,6 +149,16 @@ def _policy_and_reference(
     return model, ref_model
 
 
+def video_sampling(data: Any, model_config: Any) -> Any:
+    """Which frames a video gives: the recipe's `data.video_fps`, `video_min_frames`, `video_max_frames`, in
+    multiples of the model's temporal patch."""
+    from silkie.data.video import VideoSampling
+
+    vision = getattr(model_config, "vision_config", None)
+    multiple = getattr(vision, "temporal_patch_size", 1) or 1
+    return VideoSampling(data.video_fps, data.video_min_frames, data.video_max_frames, int(multiple))
+
+
 def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption) -> Any:
     from silkie.data.collator import PairCollator
     from silkie.data.corruption import CORRUPTION_VERSION
@@ -155,9 +173,12 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
     # the corrupted copies of the images, where the loss (train and eval) or the diagnostics (eval) score them
     corruption = (recipe.data.image_corruption, recipe.data.seed)
     vision_loss = DPOObjective.from_section(recipe.dpo).scores_corrupted_images
-    collator = PairCollator(data.image_store, processor, codec.pad_token_id, corruption if vision_loss else None)
+    frames = video_sampling(recipe.data, model.config)
     eval_corruption = corruption if vision_loss or recipe.dpo.image_diagnostics else None
-    eval_collator = PairCollator(data.image_store, processor, codec.pad_token_id, eval_corruption)
+    collator, eval_collator = (
+        PairCollator(data.image_store, processor, codec.pad_token_id, view, video_sampling=frames)
+        for view in (corruption if vision_loss else None, eval_corruption)
+    )
     reference_cache = None
     if recipe.dpo.precompute_ref_log_probs:
         options = {"dtype": str(dtype), "max_length": recipe.dpo.max_length, "lora": recipe.lora.enabled}
@@ -165,6 +186,7 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
         options |= {"family": recipe.model.family, "attn": recipe.model.attn_implementation}
         options["images"] = processor.fingerprint()
         options["image_decode"] = DECODE_VERSION
+        options["videos"] = frames.fingerprint()
         if recipe.dpo.ld_alpha is not None:  # LD-DPO weights the reference's answer tokens too
             options["ld_alpha"] = recipe.dpo.ld_alpha
         if eval_corruption is not None:  # the corrupted view's columns

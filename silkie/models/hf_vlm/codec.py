@@ -3,8 +3,9 @@
 Built the way TRL's `DPOTrainer` builds them for conversational vision data: the prompt is the user turn
 (image first, then the text) rendered with the generation prompt; an answer is what rendering prompt + the
 assistant turn adds after the prompt text (e.g. `answer<|im_end|>\\n` for Qwen2-VL). Both are tokenized
-without extra special tokens. The image stays one marker token here; the collator expands it to the image's
-feature-token count once the image's size is known.
+without extra special tokens. Images and videos are content parts in the order `media_segments` gives (a template
+may still render them where it likes: llava-hf's puts images first); each stays one marker token here, which the
+collator expands to its feature-token count once its size is known.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from typing import Any
 
 from silkie.errors import InputError
+from silkie.models.family import PairTextError
+from silkie.models.media import as_keys, media_segments
 
 
 @functools.lru_cache(maxsize=8)
@@ -44,17 +48,30 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
 class ChatTemplateCodec:
     """`PairCodec` over an HF processor (tokenizer + chat template + image token)."""
 
-    def __init__(self, processor: Any, image_token_budget: int):
+    def __init__(self, processor: Any, image_token_budget: int, video_slice: tuple[int, int] | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_budget = int(image_token_budget)
         self.image_marker_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        video_token = getattr(processor, "video_token", None) if video_slice else None
+        self.video_marker_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
+        self.video_slice = video_slice  # (frames per temporal patch, most tokens per temporal patch)
+        self._tags = [tag for tag in (processor.image_token, video_token) if tag]
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
 
-    def _user(self, prompt: str, image: str | None) -> list[dict]:
-        content = [{"type": "image"}] if image else []
-        return [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+    def _user(self, prompt: str, images: Any = (), videos: Any = ()) -> list[dict]:
+        if as_keys(videos) and self.video_marker_id is None:
+            raise PairTextError("video_unsupported", f"{type(self.processor).__name__} takes images, not video")
+        content = []
+        for segment in media_segments(prompt, images, videos):
+            if segment.kind == "text":
+                content.append({"type": "text", "text": segment.value})
+            else:
+                content.append({"type": segment.kind})
+        if not content or content[-1]["type"] != "text":
+            content.append({"type": "text", "text": ""})
+        return [{"role": "user", "content": content}]
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -62,15 +79,26 @@ class ChatTemplateCodec:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_text(self, prompt: str, image: str | None) -> str:
-        """The rendered user turn + generation prompt (one image placeholder when there is an image)."""
-        return self._render(self._user(prompt, image), True)
+    def prompt_text(self, prompt: str, images: Any = (), videos: Any = ()) -> str:
+        """The rendered user turn + generation prompt (one placeholder per image / video)."""
+        return self._render(self._user(prompt, images, videos), True)
 
-    def prompt_ids(self, prompt: str, image: str | None) -> list[int]:
-        """Token ids of `prompt_text`; ValueError when the prompt text holds the image token itself."""
-        if self.processor.image_token in prompt:
-            raise ValueError(f"the prompt contains the image token {self.processor.image_token!r}")
-        return self._ids(self.prompt_text(prompt, image))
+    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = ()) -> list[int]:
+        """Token ids of `prompt_text`; `PairTextError` when the text holds an image/video token itself
+        (`image_tag_in_text`), markers do not match the media (`image_marker_mismatch`) or the family takes no
+        video (`video_unsupported`)."""
+        text = "".join(s.value for s in media_segments(prompt, images, videos) if s.kind == "text")
+        tag = next((tag for tag in self._tags if tag in text), None)
+        if tag is not None:
+            raise PairTextError("image_tag_in_text", f"the prompt contains the model's media token {tag!r}")
+        return self._ids(self.prompt_text(prompt, images, videos))
+
+    def video_token_budget(self, max_frames: int) -> int:
+        """Most tokens a video of `max_frames` sampled frames takes (its frames at the largest size)."""
+        if self.video_slice is None:
+            return 0
+        frames, tokens = self.video_slice
+        return math.ceil(max_frames / frames) * tokens
 
     def answer_ids(self, text: str) -> list[int]:
         """The assistant turn as rendered after a prompt (the template's end-of-turn tokens; EOS added if absent)."""
@@ -92,6 +120,7 @@ class ChatTemplateCodec:
         digest.update((backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab())).encode())
         digest.update(str(self.processor.chat_template or self.tokenizer.chat_template).encode())
         digest.update(f"image tokens <= {self.image_token_budget}".encode())  # decides which pairs max_length drops
+        digest.update(f"video slices {self.video_slice}".encode())
         return digest.hexdigest()
 
     def save_pretrained(self, directory: str) -> Any:

@@ -1,9 +1,10 @@
 """Transformers-native VLMs (`AutoModelForImageTextToText` + `AutoProcessor`) behind `ModelFamily`.
 
-`Qwen2VLFamily` (Qwen2-VL and Qwen2.5-VL: dynamic resolution, `pixel_values` patches + `image_grid_thw`, 3-D
-M-RoPE) and `LlavaFamily` (LLaVA-1.5: fixed-size CLIP images, 1-D positions). Images are encoded once through
-the model's own `get_image_features` and injected back through `mm_encoder_outputs`; packed (shared-prompt)
-rows get M-RoPE positions from the model's `get_rope_index` on the prompt, each answer continuing from it.
+`Qwen2VLFamily` (Qwen2-VL and Qwen2.5-VL: dynamic resolution, `pixel_values` patches + `image_grid_thw`, videos as
+`pixel_values_videos` + `video_grid_thw`, 3-D M-RoPE) and `LlavaFamily` (LLaVA-1.5: fixed-size CLIP images, 1-D
+positions). Images and videos are encoded once through the model's own `get_image_features` /
+`get_video_features` and injected back through `mm_encoder_outputs`; packed (shared-prompt) rows get M-RoPE
+positions from the model's `get_rope_index` on the prompt, each answer continuing from it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from silkie.models.family import ImageBatch, ModelFamily
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
 
 from .codec import ChatTemplateCodec, load_processor
+from .video import Qwen2VLVideos
 
 LLM_PREFIX = r"model\.language_model\.layers\.\d+\.(?:.*\.)?"
 
 
-def _image_outputs(features: list[torch.Tensor]) -> dict:
+def _image_outputs(features: list[torch.Tensor], kind: str = "image") -> dict:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+    return {"mm_encoder_outputs": {kind: BaseModelOutputWithPooling(pooler_output=features)}}
 
 
 class HFVisionFamily(ModelFamily):
@@ -67,7 +69,12 @@ class HFVisionFamily(ModelFamily):
         if files is None:
             self.check_folder(section.path)
         processor = load_processor(files or section.path, section.min_pixels, section.max_pixels)
-        return ChatTemplateCodec(processor, self.image_token_budget(processor, section.path))
+        budget = self.image_token_budget(processor, section.path)
+        return ChatTemplateCodec(processor, budget, self.video_slice(processor, section))
+
+    def video_slice(self, processor: Any, section: Any) -> tuple[int, int] | None:
+        """(frames per temporal patch, most tokens per temporal patch) of a video; None: no video."""
+        return None
 
     def image_token_budget(self, processor: Any, path: str) -> int:
         """Most tokens one image can take (bounds prompt lengths at tokenization); `path`: the model folder."""
@@ -127,14 +134,30 @@ class Qwen2VLFamily(HFVisionFamily):
         image = processor.image_processor
         return image.size["longest_edge"] // (image.patch_size * image.merge_size) ** 2
 
+    timed_video = False  # Qwen2.5-VL: video temporal positions spaced by `second_per_grid_ts`
+
     def image_processor(self, model_config: Any, section: Any) -> Any:
-        return Qwen2VLImages(load_processor(section.path, section.min_pixels, section.max_pixels), model_config)
+        processor = load_processor(section.path, section.min_pixels, section.max_pixels)
+        return Qwen2VLImages(processor, model_config, section, self.timed_video)
+
+    def video_slice(self, processor: Any, section: Any) -> tuple[int, int]:
+        from transformers import AutoConfig
+
+        videos = Qwen2VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section)
+        return videos.temporal, videos.tokens_per_slice()
 
     def quantization_skip_modules(self) -> list[str]:
         return ["lm_head", "visual"]
 
-    def encode_images(self, base: nn.Module, batch: dict) -> list[torch.Tensor]:
-        return list(base.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+    def encode_images(self, base: nn.Module, batch: dict) -> dict[str, list[torch.Tensor] | None]:
+        features: dict[str, list[torch.Tensor] | None] = {"image": None, "video": None}
+        if batch.get("pixel_values") is not None and batch["pixel_values"].numel():
+            out = base.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+            features["image"] = list(out.pooler_output)
+        if batch.get("pixel_values_videos") is not None and batch["pixel_values_videos"].numel():
+            out = base.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+            features["video"] = list(out.pooler_output)
+        return features
 
     def blank_image_features(self, base: nn.Module) -> torch.Tensor:
         vision = base.config.vision_config
@@ -144,40 +167,67 @@ class Qwen2VLFamily(HFVisionFamily):
         grid = torch.tensor([[1, merge, merge]], device=device)
         return torch.cat(list(base.model.get_image_features(pixels, grid).pooler_output))
 
-    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
-        grid = batch["image_grid_thw"].index_select(0, order)
-        if features is not None:
-            return {"image_grid_thw": grid, **_image_outputs([features[i] for i in order.tolist()])}
-        patches = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())
-        return {"pixel_values": torch.cat([patches[i] for i in order.tolist()]), "image_grid_thw": grid}
+    def row_image_kwargs(
+        self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
+    ) -> dict:
+        kwargs: dict[str, Any] = {}
+        outputs: dict[str, Any] = {}
+        for kind, picks, pixels, grid_name in (
+            ("image", order, "pixel_values", "image_grid_thw"),
+            ("video", video_order, "pixel_values_videos", "video_grid_thw"),
+        ):
+            if picks is None or not picks.numel():
+                continue
+            grids = batch[grid_name]
+            kwargs[grid_name] = grids.index_select(0, picks)
+            if features is not None:
+                outputs |= _image_outputs([features[kind][i] for i in picks.tolist()], kind)["mm_encoder_outputs"]
+            else:
+                patches = torch.split(batch[pixels], grids.prod(-1).tolist())
+                kwargs[pixels] = torch.cat([patches[i] for i in picks.tolist()])
+            if kind == "video" and "second_per_grid_ts" in batch:
+                kwargs["second_per_grid_ts"] = batch["second_per_grid_ts"].index_select(0, picks)
+        if outputs:
+            kwargs["mm_encoder_outputs"] = outputs
+        return kwargs
 
     def prompt_positions(self, base: nn.Module, batch: dict) -> torch.Tensor:
         ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        index = batch["image_index"]
-        grid = batch["image_grid_thw"].index_select(0, index[index >= 0]) if (index >= 0).any() else None
+        grids = {}
+        for name in ("image_grid_thw", "video_grid_thw"):
+            grid = batch.get(name)
+            grids[name] = grid if grid is not None and grid.numel() else None
+        if grids["video_grid_thw"] is not None and "second_per_grid_ts" in batch:
+            grids["second_per_grid_ts"] = batch["second_per_grid_ts"]
         positions, _ = base.model.get_rope_index(
-            ids, self.row_kwargs(base, ids)["mm_token_type_ids"], image_grid_thw=grid, attention_mask=mask
+            ids, self.row_kwargs(base, ids)["mm_token_type_ids"], attention_mask=mask, **grids
         )
         return positions
 
     def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
-        return {"mm_token_type_ids": (input_ids == base.config.image_token_id).int()}
+        """Token types as the processor gives them: 0 text, 1 image, 2 video."""
+        types = (input_ids == base.config.image_token_id).int() + 2 * (input_ids == base.config.video_token_id).int()
+        return {"mm_token_type_ids": types}
 
 
 class Qwen2_5_VLFamily(Qwen2VLFamily):
-    """Qwen2.5-VL: Qwen2-VL's interface (window-attention ViT with a SwiGLU MLP, same M-RoPE and processor)."""
+    """Qwen2.5-VL: Qwen2-VL's interface (window-attention ViT with a SwiGLU MLP, same processor); its M-RoPE spaces
+    video frames by their time (`second_per_grid_ts`)."""
 
     class_names = ("Qwen2_5_VLForConditionalGeneration",)
+    timed_video = True
 
 
 class Qwen2VLImages:
-    """PIL images -> `pixel_values` patches + `image_grid_thw`, and each image's token count (grid / merge^2)."""
+    """PIL images -> `pixel_values` patches + `image_grid_thw`, and each image's token count (grid / merge^2); video
+    clips -> `pixel_values_videos` + `video_grid_thw` (`Qwen2VLVideos`)."""
 
-    def __init__(self, processor: Any, model_config: Any):
+    def __init__(self, processor: Any, model_config: Any, section: Any, timed_video: bool = False):
         self.image_processor = processor.image_processor
         self.marker_id = model_config.image_token_id
         vision = model_config.vision_config
         self.empty_width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        self.videos = Qwen2VLVideos(self.image_processor, model_config, section, timed_video)
 
     def check(self, image: Any) -> str | None:
         """Why the processor cannot take `image` (Qwen2-VL refuses aspect ratios over 200), or None."""
@@ -187,20 +237,27 @@ class Qwen2VLImages:
         return None
 
     def fingerprint(self) -> str:
-        """The image processor's settings (they decide pixels and token counts)."""
-        return self.image_processor.to_json_string()
+        """The image processor's settings and the video ones (they decide pixels and token counts)."""
+        return self.image_processor.to_json_string() + self.videos.fingerprint()
 
-    def __call__(self, images: list) -> ImageBatch:
+    def __call__(self, images: list, videos: list = ()) -> ImageBatch:
         if not images:
             tensors = {
                 "pixel_values": torch.zeros(0, self.empty_width),
                 "image_grid_thw": torch.zeros(0, 3, dtype=torch.long),
             }
-            return ImageBatch(tensors, [], self.marker_id)
-        out = self.image_processor(images=images, return_tensors="pt")
-        grid = out["image_grid_thw"]
-        tokens = (grid.prod(-1) // self.image_processor.merge_size**2).tolist()
-        return ImageBatch({"pixel_values": out["pixel_values"], "image_grid_thw": grid}, tokens, self.marker_id)
+            tokens = []
+        else:
+            out = self.image_processor(images=images, return_tensors="pt")
+            grid = out["image_grid_thw"]
+            tokens = (grid.prod(-1) // self.image_processor.merge_size**2).tolist()
+            tensors = {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
+        batch = ImageBatch(tensors, tokens, self.marker_id)
+        if videos:
+            video_tensors, batch.tokens_per_video = self.videos(list(videos))
+            batch.tensors |= video_tensors
+            batch.video_marker_id = self.videos.marker_id
+        return batch
 
 
 class LlavaFamily(HFVisionFamily):
@@ -241,7 +298,9 @@ class LlavaFamily(HFVisionFamily):
         device = next(base.model.vision_tower.parameters()).device
         return torch.cat(self._features(base, torch.zeros(1, 3, size, size, device=device)))
 
-    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
+    def row_image_kwargs(
+        self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
+    ) -> dict:
         if features is not None:
             return _image_outputs([features[i] for i in order.tolist()])
         return {"pixel_values": batch["pixel_values"].index_select(0, order)}
@@ -270,7 +329,9 @@ class LlavaImages:
         """The image processor's settings (size, crop, normalisation)."""
         return self.image_processor.to_json_string()
 
-    def __call__(self, images: list) -> ImageBatch:
+    def __call__(self, images: list, videos: list = ()) -> ImageBatch:
+        if videos:
+            raise ValueError("LLaVA takes images, not video (tokenization drops such pairs as video_unsupported)")
         if not images:
             return ImageBatch({"pixel_values": torch.zeros(0, 3, self.size, self.size)}, [], self.marker_id)
         out = self.image_processor(images=images, return_tensors="pt")

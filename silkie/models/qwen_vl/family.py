@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from silkie.models.family import ModelFamily, PairTextError
+from silkie.models.media import as_keys, media_segments
 
 from .image_processing import QWenVLImageProcessor
 from .modeling import QWenLMHeadModel
@@ -20,29 +21,49 @@ VISION_LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"
 RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
 
 
-def format_query(prompt: str, image: str | None) -> str:
-    """The user turn: `Picture 1: <img>KEY</img>\\n` + prompt, or the prompt alone without an image."""
-    return f"Picture 1: <img>{image}</img>\n{prompt}" if image else prompt
+def format_query(prompt: str, images: Any = (), videos: Any = ()) -> str:
+    """The user turn as the original's `from_list_format` writes it: `Picture k: <img>KEY</img>\\n` per image (at
+    the prompt's `<image>` markers, else first) and the text; `PairTextError` for a video (`video_unsupported`)."""
+    if as_keys(videos):
+        raise PairTextError("video_unsupported", "Qwen-VL-Chat takes images, not video")
+    parts: list[str] = []
+    number = 0
+    for segment in media_segments(prompt, images):
+        if segment.kind == "image":
+            number += 1
+            parts.append(f"Picture {number}: <img>{segment.value}</img>\n")
+        elif parts and parts[-1].endswith("</img>\n") and segment.value.startswith("\n"):
+            parts.append(segment.value[1:])  # `<image>\nQ` places the picture's own newline once
+        else:
+            parts.append(segment.value)
+    return "".join(parts)
 
 
 class QwenVLCodec:
-    """Prompt = `build_chat_context(Picture 1: <img>KEY</img>\\n{prompt})`, answer = `encode_answer` (+<|im_end|>)."""
+    """Prompt = `build_chat_context(format_query(prompt, images))`, answer = `encode_answer` (+<|im_end|>)."""
 
     image_token_budget = 0  # the 256 image slots are already in the prompt ids
+    video_marker_id = None
 
     def __init__(self, tokenizer: QWenTokenizer):
         self.tokenizer = tokenizer
         self.pad_token_id = tokenizer.pad_token_id
         self.image_marker_id = tokenizer.img_start_id
 
-    def prompt_ids(self, prompt: str, image: str | None) -> list[int]:
+    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = ()) -> list[int]:
         """Chat context with the system prompt; `PairTextError` for an image tag in the prompt's text
-        (`image_tag_in_text`) or an image key over the tokenizer's limit (`bad_image_key`)."""
+        (`image_tag_in_text`), an image key over the tokenizer's limit (`bad_image_key`), markers that do not
+        match the images (`image_marker_mismatch`) or a video (`video_unsupported`)."""
+        query = format_query(prompt, images, videos)
         try:
-            ids = self.tokenizer.build_chat_context(format_query(prompt, image))
+            ids = self.tokenizer.build_chat_context(query)
         except ValueError as err:  # an unclosed <img> in the text, or a key over 254 bytes
             raise PairTextError("image_tag_in_text" if self._refuses(prompt) else "bad_image_key", str(err)) from err
-        return self._no_stray_tags(ids, 1 if image else 0)
+        return self._no_stray_tags(ids, len(as_keys(images)))
+
+    def video_token_budget(self, max_frames: int) -> int:
+        """Qwen-VL-Chat takes no video."""
+        return 0
 
     def answer_ids(self, text: str) -> list[int]:
         """Answer tokens + `<|im_end|>`; `PairTextError` for an image tag in the text."""
@@ -139,7 +160,9 @@ class QwenVLFamily(ModelFamily):
         weight = base.transformer.visual.conv1.weight
         return base.encode_images(torch.zeros(1, 3, size, size, device=weight.device, dtype=torch.float32))
 
-    def row_image_kwargs(self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any) -> dict:
+    def row_image_kwargs(
+        self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
+    ) -> dict:
         if features is not None:
             return {"image_features": features.index_select(0, order)}
         return {"pixel_values": batch["pixel_values"].to(order.device).index_select(0, order)}

@@ -1,0 +1,152 @@
+"""The recipe's `dpo:` section: TRL's DPO keys, the vision-aware terms, the efficient-step switches (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .checks import choice, key, require
+from .objective import objective_problem
+
+
+@dataclass
+class DPOSection:
+    """DPO knobs with TRL's names, plus the efficient-step switches."""
+
+    beta: float = key(
+        0.1,
+        "DPO temperature: how far the policy may move from the reference.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    loss_type: str | list[str] = key(
+        "sigmoid",
+        "Preference loss, TRL 1.16's names (`sigmoid`, `hinge`, `ipo`, `exo_pair`, `nca_pair`, `robust`, "
+        "`bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft`, "
+        "`sigmoid_norm`), or a list of them to combine (e.g. `[sigmoid, sft]`: RPO).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    loss_weights: list[float] | None = key(
+        None,
+        "One weight per entry of a loss_type list; null = equal weights.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    label_smoothing: float = key(
+        0.0,
+        "Assumed label noise: cDPO for `sigmoid`, and the `robust`, `exo_pair` (needs > 0) and `aot` losses.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    f_divergence_type: str = key(
+        "reverse_kl",
+        "f-DPO regulariser: `reverse_kl` (DPO), `forward_kl`, `js_divergence`, `alpha_divergence` (for "
+        "`sigmoid`, `sigmoid_norm`, `hinge`, `ipo`, `exo_pair`, `robust`, `discopop`, `sft`).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    f_alpha_divergence_coef: float = key(
+        1.0,
+        "Alpha of `alpha_divergence` (1.0 = reverse KL).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    discopop_tau: float = key(
+        0.05,
+        "Temperature of the `discopop` loss's mixing of logistic and exponential terms.",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    mdpo_conditional_weight: float = key(
+        1.0,
+        "`mdpo`: weight of the image-conditional term (the chosen answer with the image preferred over it with "
+        "the corrupted image; the paper: 1).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    mdpo_anchor_weight: float = key(
+        1.0,
+        "`mdpo`: weight of the anchor term that keeps the chosen reward above `mdpo_anchor_delta` (the paper: 1).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    mdpo_anchor_delta: float = key(
+        0.0,
+        "`mdpo`: the anchor's margin delta in -log sigmoid(beta (pi_c - ref_c) - delta) (the paper: 0).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    image_diagnostics: bool = key(
+        True,
+        "Also score the held-out pairs under the corrupted image: `rewards/imageless_accuracies` (chosen still "
+        "beats rejected without the picture: the preference is learned from text) and `logps/chosen_image_gain`.",
+        "train.trainer:SilkieDPOTrainer.__init__ train.build:_trainer",
+    )
+    ld_alpha: float | None = key(
+        None,
+        "LD-DPO (length desensitization): in each pair, the tokens past the shorter answer's length count "
+        "`ld_alpha` times in the policy's and the reference's log-probs (0-1; null = plain sums).",
+        "dpo.step:recipe_step_options",
+    )
+    use_weighting: bool = key(
+        False,
+        "WPO: each pair's loss is weighted by exp(mean over tokens of log p - log sum p^2) of chosen times "
+        "rejected under the current policy (no gradient through the weight); not with `aot`/`aot_unpaired`. "
+        "TRL 1.16 fails on `sft` with it; Silkie weights the `sft` term too.",
+        "dpo.step:recipe_step_options",
+    )
+    disable_dropout: bool = key(
+        True,
+        "No dropout in the policy, LoRA's included (TRL's default since 0.7; the Silkie paper's code ran that"
+        " DPOTrainer, so its `lora_dropout` 0.05 was not applied). `false` applies `lora.dropout`.",
+        "train.build:_policy_and_reference",
+    )
+    max_length: int = key(
+        2048,
+        "Longest prompt + answer in tokens (image tokens included).",
+        "train.build:build_trainer",
+    )
+    precompute_ref_log_probs: bool = key(
+        False,
+        "Compute the reference log-probs once; cached in `<working>/reference_logps`.",
+        "train.build:_trainer",
+    )
+    precompute_ref_batch_size: int | None = key(
+        None,
+        "Pairs per batch in that pass, which needs no gradients (null: `training.per_device_eval_batch_size`).",
+        "train.trainer:SilkieDPOTrainer._reference_pass",
+    )
+    image_once: bool = key(
+        True,
+        "Encode each image once per pair (chosen and rejected share it) while vision is frozen.",
+        "train.trainer:SilkieDPOTrainer.__init__",
+    )
+    share_prompt: bool = key(
+        True,
+        "Pack chosen and rejected answers after one copy of the prompt.",
+        "dpo.step:recipe_step_options",
+    )
+    chunked_logps: bool = key(
+        True,
+        "Answer log-probs from hidden states in chunks, never the full-vocabulary logits; false: the model's "
+        "own logits (the plain, TRL-equivalent path, for checks and benchmarks).",
+        "dpo.step:recipe_step_options",
+    )
+    logps_chunk_size: int = key(
+        1024,
+        "Tokens per chunk when computing log-probs (bounds the logits memory).",
+        "dpo.step:recipe_step_options",
+    )
+
+    def check(self) -> None:
+        require(self.beta > 0, "dpo.beta", self.beta, "a number > 0")
+        problem = objective_problem(
+            self.loss_type,
+            self.loss_weights,
+            self.label_smoothing,
+            self.f_divergence_type,
+            self.discopop_tau,
+            self.use_weighting,
+        )
+        if problem is not None and problem.choices:
+            choice(f"dpo.{problem.key}", problem.value, problem.choices)
+        elif problem is not None:
+            require(False, f"dpo.{problem.key}", problem.value, problem.allowed)
+        if self.ld_alpha is not None:
+            require(0.0 <= self.ld_alpha <= 1.0, "dpo.ld_alpha", self.ld_alpha, "null or a number in [0, 1]")
+        for name in ("mdpo_conditional_weight", "mdpo_anchor_weight"):
+            require(getattr(self, name) >= 0, f"dpo.{name}", getattr(self, name), "a number >= 0")
+        require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
+        require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
+        size = self.precompute_ref_batch_size
+        require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")

@@ -1,0 +1,121 @@
+"""What `silkie chat` feeds the model: the prompt ids and image/video tensors of a question with its pictures (and,
+for Qwen2-VL, videos), per family, built as training builds them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, MAX_IMAGE_PATH_BYTES
+from silkie.tools.cli import ToolError, read_image, require_file
+
+Turn = tuple[str, "str | None"]  # (query as the model saw it, response; None: the user turn alone)
+Paths = str | Path | Sequence[str | Path] | None
+
+
+def as_paths(paths: Any) -> list[str | Path]:
+    """One path, several, or none as a list."""
+    if paths is None:
+        return []
+    return [paths] if isinstance(paths, (str, Path)) else list(paths)
+
+
+def image_reference(path: str | Path) -> str:
+    """The text inside `<img>...</img>`: the path as given, or its file name when over the 254-byte limit."""
+    text = str(path)
+    if len(text.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES:
+        return text
+    name = Path(text).name
+    return name if len(name.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES else "image"
+
+
+def image_query(tokenizer: Any, images: Paths, question: str) -> str:
+    """The query text: `Picture k: <img>PATH</img>\\n` per picture, then the question (the original's
+    from_list_format), or the question alone."""
+    pictures = [{"image": image_reference(path)} for path in as_paths(images)]
+    return tokenizer.from_list_format([*pictures, {"text": question}]) if pictures else question
+
+
+def build_prompt_ids(
+    tokenizer: Any, images: Paths, question: str, system: str = DEFAULT_SYSTEM, history: Iterable[Turn] = ()
+) -> list[int]:
+    """Qwen-VL-Chat prompt ids: the query (with its pictures) after the earlier turns, in the ChatML context."""
+    return tokenizer.build_chat_context(image_query(tokenizer, images, question), list(history), system=system)
+
+
+def qwen_vl_tokenizer(chat: Any) -> Any:
+    """The run's Qwen-VL tokenizer (the adapter folder's copy when it has one)."""
+    from silkie.tools.common import load_tokenizer_from
+
+    return load_tokenizer_from(chat.model_dir, chat.adapter_dir)
+
+
+def qwen_vl_inputs(
+    chat: Any,
+    tokenizer: Any,
+    images: Paths,
+    question: str,
+    system: str,
+    history: list,
+    sources: dict[str, str | Path] | None = None,
+) -> tuple:
+    """(prompt ids [1, L], image inputs): every picture the prompt's `<img>` spans name, in order, read from its
+    path as the original does (`sources`: the file behind a shortened reference, e.g. an --image file)."""
+    from silkie.models.qwen_vl import QWenVLImageProcessor
+
+    ids = build_prompt_ids(tokenizer, images, question, system, history)
+    sources = {**(sources or {}), **{image_reference(path): path for path in as_paths(images)}}
+    paths = tokenizer.image_paths(ids)  # history turns beyond max_window_size are gone, with their pictures
+    if not paths:
+        return torch.tensor([ids]), {}
+    pictures = [read_image(sources.get(path, path)) for path in paths]
+    return (
+        torch.tensor([ids]),
+        {"pixel_values": QWenVLImageProcessor(chat.config.visual["image_size"])(pictures)},
+    )
+
+
+def read_video(path: str | Path, config: Any) -> Any:
+    """A video file's frames as training samples them (the recipe defaults: 2 fps, 4-64 frames); `ToolError`
+    naming the file when it cannot be decoded."""
+    from silkie.data.images import ImageLoadError
+    from silkie.data.video import VideoSampling, decode_video
+
+    path = require_file(path, "video file")
+    multiple = getattr(getattr(config, "vision_config", None), "temporal_patch_size", 1) or 1
+    try:
+        return decode_video(str(path), path.read_bytes(), VideoSampling(frame_multiple=int(multiple)))
+    except ImageLoadError as err:
+        raise ToolError(str(err)) from err
+
+
+def family_inputs(model_dir: Any, adapter_dir: Any, config: Any, images: Paths, videos: Paths, question: str) -> tuple:
+    """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) from the codec's prompt (pictures and
+    videos placed by `<image>` / `<video>` markers in the question, else first), each marker expanded to its
+    feature-token count as the collator does."""
+    from silkie.config import ModelSection
+    from silkie.data.collator import PairCollator
+    from silkie.models.family import ImageBatch, PairTextError, get_family
+    from silkie.tools.common import family_of, load_codec_from
+
+    family = family_of(model_dir)
+    codec = load_codec_from(model_dir, adapter_dir)
+    images, videos = as_paths(images), as_paths(videos)
+    try:
+        prompt = codec.prompt_ids(question, [str(p) for p in images], [str(v) for v in videos])
+    except PairTextError as err:
+        raise ToolError(f"{family}: {err}") from err
+    processor = get_family(family).image_processor(config, ModelSection(path=str(model_dir), family=family))
+    pictures = [read_image(path) for path in images]
+    clips = [read_video(path, config) for path in videos]
+    processed = processor(pictures, videos=clips) if clips else processor(pictures)
+    processed = processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
+    (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])
+    tensors = dict(processed.tensors)
+    if family.startswith("qwen2"):  # M-RoPE needs the modality of each token: 1 image, 2 video
+        types = [1 if t == config.image_token_id else 2 if t == config.video_token_id else 0 for t in ids]
+        tensors["mm_token_type_ids"] = torch.tensor([types])
+    return codec.tokenizer, torch.tensor([ids]), tensors

@@ -1,0 +1,136 @@
+"""Several images per pair and video on every family: the collated spans, and the efficient DPO step (images and
+videos encoded once, shared prompt, chunked log-probs) equal to the plain path within 1e-5 in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from silkie.dpo.batching import packed_rows
+from silkie.dpo.objective import corrupted_view
+from silkie.dpo.step import StepOptions, score_answers
+from silkie.models.family import unwrap_causal_lm
+
+from .conftest import tiny_config_kwargs
+from .dpo_fixtures import random_pair_batch, tiny_lora_model
+from .hf_fixtures import BUILDERS, OPTION_SETS, PLAIN, lora_model, media_batch, media_pairs, run_step
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def setup(request, tmp_path_factory):
+    family = request.param
+    folder = BUILDERS[family](tmp_path_factory.mktemp(family))
+    model = lora_model(folder, family)
+    batch, pad = media_batch(folder, family, model, corruption=("crop", 0))
+    return family, model, batch, pad
+
+
+def _assert_equal(plain, fast):
+    for scores in (0, 1):  # policy, reference
+        for kind in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(getattr(fast[scores], kind), getattr(plain[scores], kind), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[2], plain[2], atol=1e-5, rtol=0)
+    assert plain[3] and set(fast[3]) == set(plain[3])
+    for param in plain[3]:
+        torch.testing.assert_close(fast[3][param], plain[3][param], atol=1e-5, rtol=1e-4)
+    assert (plain[0].chosen_logps - plain[1].chosen_logps).abs().max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_several_images_and_videos_score_as_the_plain_path(setup, name):
+    family, model, batch, pad = setup
+    _assert_equal(run_step(model, batch, PLAIN, pad), run_step(model, batch, OPTION_SETS[name], pad))
+
+
+def test_every_image_and_video_fills_its_own_span(setup):
+    family, model, batch, pad = setup
+    pairs = media_pairs(family)
+    assert batch["image_counts"].tolist() == [len(p[3]) for p in pairs]
+    assert batch["video_counts"].tolist() == [len(p[4]) for p in pairs]
+    config = model.config
+    image_tokens = (batch["prompt_input_ids"] == config.image_token_id).sum(1)
+    if family == "llava":
+        assert image_tokens.tolist() == [16 * len(p[3]) for p in pairs]
+        return
+    per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    starts = torch.cumsum(torch.tensor([0] + [len(p[3]) for p in pairs]), 0).tolist()
+    assert image_tokens.tolist() == [sum(per_image[a:b]) for a, b in zip(starts, starts[1:])]
+    # 56x56 frames -> 4x4 patches -> 4 tokens per temporal patch of 2 frames
+    assert batch["video_grid_thw"].tolist() == [[4, 4, 4], [2, 4, 4], [8, 4, 4]]
+    video_tokens = (batch["prompt_input_ids"] == config.video_token_id).sum(1)
+    assert video_tokens.tolist() == [0, 0, 16, 8, 32, 0]
+    assert batch["corrupt_pixel_values_videos"].shape == batch["pixel_values_videos"].shape
+    assert not torch.equal(batch["corrupt_pixel_values_videos"], batch["pixel_values_videos"])
+
+
+def test_the_marker_places_the_image_in_the_prompt(setup):
+    """`Is <image> in the clip <video>?`: the image's span comes before the video's, the text between them."""
+    family, model, batch, pad = setup
+    if family == "llava":
+        pytest.skip("llava-hf's template renders images first")
+    row = [p[0] for p in media_pairs(family)].index("Is <image> in the clip <video>?")
+    ids = batch["prompt_input_ids"][row].tolist()
+    config = model.config
+    image_at, video_at = ids.index(config.image_token_id), ids.index(config.video_token_id)
+    assert image_at < video_at and video_at - (image_at + ids.count(config.image_token_id)) > 3
+
+
+def test_videos_and_their_corruption_change_the_scores(setup):
+    family, model, batch, pad = setup
+    if family == "llava":
+        pytest.skip("no video")
+    with torch.no_grad():
+        plain = score_answers(model, batch, StepOptions(), pad, no_grad=True)
+        corrupt = score_answers(model, corrupted_view(batch), StepOptions(), pad, no_grad=True)
+    with_media = (batch["image_counts"] + batch["video_counts"]) > 0
+    assert (plain.chosen_logps - corrupt.chosen_logps)[with_media].abs().min() > 1e-4
+    torch.testing.assert_close(plain.chosen_logps[~with_media], corrupt.chosen_logps[~with_media])
+
+
+def test_answers_continue_after_the_prompt_not_after_a_video_s_last_frame(setup):
+    """Qwen2.5-VL spaces a video's temporal positions by its frame times: a 16-frame clip's positions run past the
+    short text after it. The answer continues from the prompt's last position (as in its own row), not its largest."""
+    family, model, batch, pad = setup
+    if family != "qwen2_5_vl":
+        pytest.skip("temporal spacing is Qwen2.5-VL's")
+    base, fam = unwrap_causal_lm(model)
+    row = [p[0] for p in media_pairs(family)].index("Go?")
+    positions = fam.prompt_positions(base, batch)
+    length = int(batch["prompt_attention_mask"][row].sum())
+    assert positions[:, row, :length].max() > positions[:, row, length - 1].max()  # the case arises
+    rows = packed_rows(batch, pad, positions)
+    assert int(rows.position_ids[0, row, length]) == int(positions[0, row, length - 1]) + 1
+
+
+@pytest.mark.parametrize("images", [[2, 0, 3], [1, 2, 1]])
+def test_qwen_vl_several_pictures_score_as_the_plain_path(images):
+    """Qwen-VL-Chat's `<img>` spans, several per prompt, through the efficient step (rows as `random_pair_batch`)."""
+    from silkie.dpo.losses import DPOObjective
+    from silkie.dpo.step import encode_images_once
+    from silkie.models.qwen_vl import QWenConfig
+
+    model = tiny_lora_model()
+    batch = random_pair_batch(QWenConfig(**tiny_config_kwargs()), [(5, 7, 4), (9, 3, 6), (2, 5, 5)], images, seed=3)
+    assert batch["pixel_values"].size(0) == sum(images)
+
+    def run(options):
+        features = encode_images_once(model, batch) if options.image_once else None
+        policy = score_answers(model, batch, options, 0, image_features=features)
+        with model.disable_adapter():
+            ref = score_answers(model, batch, options, 0, image_features=features, no_grad=True)
+        loss = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
+        model.zero_grad()
+        loss.loss.backward()
+        return (
+            policy,
+            ref,
+            loss.loss.detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
+
+    plain = run(StepOptions(image_once=False, share_prompt=False, chunked_logps=False))
+    _assert_equal(plain, run(StepOptions(chunk_size=4)))
+    other = dict(batch, pixel_values=batch["pixel_values"].flip(0))  # the pictures swapped between spans
+    with torch.no_grad():
+        swapped = score_answers(model, other, StepOptions(), 0, no_grad=True)
+    assert (swapped.chosen_logps - plain[0].chosen_logps).abs().max() > 1e-4
