@@ -53,7 +53,7 @@ def test_decoding_samples_the_frames_and_their_rate():
 
 def test_a_corrupt_video_is_one_load_error():
     data = colour_clip(COLOURS, fps=4)
-    with pytest.raises(ImageLoadError, match="cannot load image 'bad.mkv': corrupt video"):
+    with pytest.raises(ImageLoadError, match="cannot load video 'bad.mkv': corrupt video"):
         decode_video("bad.mkv", data[:40], VideoSampling())
     with pytest.raises(ImageLoadError, match="no video stream|corrupt video"):
         decode_video("text.mkv", b"not a video at all" * 10, VideoSampling())

@@ -108,10 +108,14 @@ class PairCollator:
         return image
 
     def _load_video(self, key: str) -> VideoClip:
-        clip = decode_video(key, self._store(key).read_bytes(key), self.video_sampling)
+        try:
+            data = self._store(key).read_bytes(key)
+        except ImageLoadError as err:  # the store names every member an image
+            raise ImageLoadError(key, err.reason, "video") from err
+        clip = decode_video(key, data, self.video_sampling)
         problem = self.image_processor.check(clip.frames[0]) if hasattr(self.image_processor, "check") else None
         if problem:
-            raise ImageLoadError(key, problem)
+            raise ImageLoadError(key, problem, "video")
         return clip
 
     def _pair_media(self, row: Mapping[str, Any]) -> tuple[list[Image.Image], list[VideoClip], float]:

@@ -23,10 +23,10 @@ IMAGE_SUFFIX = ".jpg"
 
 
 class ImageLoadError(Exception):
-    """An image that is missing or cannot be decoded."""
+    """An image (or video: `what`) that is missing or cannot be decoded."""
 
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"cannot load image {key!r}: {reason}")
+    def __init__(self, key: str, reason: str, what: str = "image"):
+        super().__init__(f"cannot load {what} {key!r}: {reason}")
         self.key = key
         self.reason = reason
 

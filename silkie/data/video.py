@@ -54,16 +54,16 @@ def decode_video(key: str, data: bytes, sampling: VideoSampling) -> VideoClip:
     try:
         import av
     except ImportError as exc:  # a core requirement; a stripped environment still gets one line
-        raise ImageLoadError(key, "videos need PyAV (pip install av)") from exc
+        raise ImageLoadError(key, "videos need PyAV (pip install av)", "video") from exc
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
-                raise ImageLoadError(key, "no video stream")
+                raise ImageLoadError(key, "no video stream", "video")
             stream = container.streams.video[0]
             native = float(stream.average_rate or stream.guessed_rate or 0)
             total = stream.frames or _count_packets(data)
             if native <= 0 or total <= 0:
-                raise ImageLoadError(key, "the video has no frame rate or no frames")
+                raise ImageLoadError(key, "the video has no frame rate or no frames", "video")
             keep = sample_indices(total, native, sampling)
             wanted, frames = set(keep), {}
             for number, frame in enumerate(container.decode(stream)):
@@ -74,9 +74,9 @@ def decode_video(key: str, data: bytes, sampling: VideoSampling) -> VideoClip:
     except ImageLoadError:
         raise
     except Exception as exc:  # PyAV raises its own error types for corrupt data
-        raise ImageLoadError(key, f"corrupt video ({type(exc).__name__}: {exc})") from exc
+        raise ImageLoadError(key, f"corrupt video ({type(exc).__name__}: {exc})", "video") from exc
     if not frames:
-        raise ImageLoadError(key, "no frame could be decoded")
+        raise ImageLoadError(key, "no frame could be decoded", "video")
     # a header that promised more frames than the stream holds: the last decoded frame stands in for the rest
     ordered, held = [], frames[min(frames)]
     for index in keep:

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 COLOURS = ((220, 30, 30), (30, 160, 40), (30, 60, 220), (235, 160, 20))
-SIDE, RADIUS = 56, 9
+SIDE, RADIUS = 56, 11
 PROMPTS = (
     "Which picture has more circles, the first or the second?",
     "Compare <image> and <image>: which one shows more circles?",
@@ -50,7 +50,7 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def write_two_picture_pairs(out_dir: str | Path, n: int = 480, seed: int = 0) -> dict[str, int | str]:
+def write_two_picture_pairs(out_dir: str | Path, n: int = 960, seed: int = 0) -> dict[str, int | str]:
     """Write `two_pictures.jsonl` (n rows) and `two_pictures.zip` under `out_dir`; returns a summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
