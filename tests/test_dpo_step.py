@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from silkie.dpo.batching import packed_rows
-from silkie.dpo.losses import DPOObjective
 from silkie.dpo.step import StepOptions, encode_images_once, score_answers
 from silkie.models.qwen_vl import QWenConfig, QWenLMHeadModel
 
 from .conftest import tiny_config_kwargs
-from .dpo_fixtures import random_pair_batch, tiny_lora_model
+from .dpo_fixtures import random_pair_batch, step, tiny_lora_model
 
 PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
 SIZES = [(5, 7, 4), (9, 3, 6), (2, 5, 5)]
@@ -28,18 +27,6 @@ def lora_model():
 @pytest.fixture(scope="module")
 def batch():
     return random_pair_batch(QWenConfig(**tiny_config_kwargs()), SIZES, [True, False, True], seed=1)
-
-
-def step(model, batch, options: StepOptions):
-    features = encode_images_once(model, batch) if options.image_once else None
-    policy = score_answers(model, batch, options, 0, image_features=features)
-    with model.disable_adapter():
-        ref = score_answers(model, batch, options, 0, image_features=features, no_grad=True)
-    out = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
-    model.zero_grad()
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return policy, ref, out.loss.detach(), grads
 
 
 OPTION_SETS = [

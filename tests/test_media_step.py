@@ -12,7 +12,7 @@ from silkie.dpo.step import StepOptions, score_answers
 from silkie.models.family import unwrap_causal_lm
 
 from .conftest import tiny_config_kwargs
-from .dpo_fixtures import random_pair_batch, tiny_lora_model
+from .dpo_fixtures import random_pair_batch, step, tiny_lora_model
 from .hf_fixtures import BUILDERS, OPTION_SETS, PLAIN, lora_model, media_batch, media_pairs, run_step
 
 
@@ -105,31 +105,14 @@ def test_answers_continue_after_the_prompt_not_after_a_video_s_last_frame(setup)
 @pytest.mark.parametrize("images", [[2, 0, 3], [1, 2, 1]])
 def test_qwen_vl_several_pictures_score_as_the_plain_path(images):
     """Qwen-VL-Chat's `<img>` spans, several per prompt, through the efficient step (rows as `random_pair_batch`)."""
-    from silkie.dpo.losses import DPOObjective
-    from silkie.dpo.step import encode_images_once
     from silkie.models.qwen_vl import QWenConfig
 
     model = tiny_lora_model()
     batch = random_pair_batch(QWenConfig(**tiny_config_kwargs()), [(5, 7, 4), (9, 3, 6), (2, 5, 5)], images, seed=3)
     assert batch["pixel_values"].size(0) == sum(images)
 
-    def run(options):
-        features = encode_images_once(model, batch) if options.image_once else None
-        policy = score_answers(model, batch, options, 0, image_features=features)
-        with model.disable_adapter():
-            ref = score_answers(model, batch, options, 0, image_features=features, no_grad=True)
-        loss = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
-        model.zero_grad()
-        loss.loss.backward()
-        return (
-            policy,
-            ref,
-            loss.loss.detach(),
-            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-        )
-
-    plain = run(StepOptions(image_once=False, share_prompt=False, chunked_logps=False))
-    _assert_equal(plain, run(StepOptions(chunk_size=4)))
+    plain = step(model, batch, StepOptions(image_once=False, share_prompt=False, chunked_logps=False))
+    _assert_equal(plain, step(model, batch, StepOptions(chunk_size=4)))
     other = dict(batch, pixel_values=batch["pixel_values"].flip(0))  # the pictures swapped between spans
     with torch.no_grad():
         swapped = score_answers(model, other, StepOptions(), 0, no_grad=True)
