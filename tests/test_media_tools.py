@@ -48,7 +48,7 @@ def test_qwen_vl_chat_numbers_the_pictures_as_the_original(qwen_vl, media):
     chat = load_chat_model(qwen_vl, device="cpu")
     tokenizer = qwen_vl_tokenizer(chat)
     pictures = [media["red"], media["blue"]]
-    assert image_query(tokenizer, pictures, "Which is bluer?") == (
+    assert image_query(pictures, "Which is bluer?") == (
         f"Picture 1: <img>{media['red']}</img>\nPicture 2: <img>{media['blue']}</img>\nWhich is bluer?"
     )
     ids, images = qwen_vl_inputs(chat, tokenizer, pictures, "Which is bluer?", "You are a helpful assistant.", [])
@@ -107,3 +107,30 @@ def test_chat_refuses_what_the_media_cannot_be(qwen2_vl, media, tmp_path):
         chat_once(llava, [media["red"]], "Q", videos=[media["clip"]], device="cpu")
     argv = ["--model", str(qwen2_vl), "--image", str(media["red"]), "--image", str(media["blue"]), "--video"]
     assert main([*argv, str(media["clip"]), "--question", "Q", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+
+
+def test_qwen_vl_chat_places_pictures_at_markers_as_training_does(media):
+    question = "Compare <image>\nwith <image>: which is bluer?"
+    assert image_query([media["red"], media["blue"]], question) == (
+        f"Compare Picture 1: <img>{media['red']}</img>\nwith Picture 2: <img>{media['blue']}</img>\n: which is bluer?"
+    )
+    with pytest.raises(ToolError, match="qwen_vl: the prompt has 2 <image> marker"):
+        image_query([media["red"]], question)
+
+
+def test_chat_processes_media_as_the_adapter_s_run_did(qwen2_vl, media, tmp_path):
+    """An adapter beside its run's config.yaml: that run's video frames and pixel bounds, not the defaults."""
+    from transformers import AutoConfig
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        f"model: {{path: {qwen2_vl}, family: qwen2_vl, video_min_pixels: 784, video_max_pixels: 784}}\n"
+        "data: {source: preference, path: pairs.jsonl, video_min_frames: 2, video_max_frames: 2}\n"
+    )
+    config = AutoConfig.from_pretrained(qwen2_vl)
+    _, ids, tensors = family_inputs(qwen2_vl, run / "adapter", config, [], [media["clip"]], "Q")
+    assert tensors["video_grid_thw"].tolist() == [[1, 2, 2]]  # 2 frames, 28x28
+    assert ids[0].tolist().count(config.video_token_id) == 1
+    _, _, defaults = family_inputs(qwen2_vl, None, config, [], [media["clip"]], "Q")
+    assert defaults["video_grid_thw"].tolist() == [[2, 4, 4]]

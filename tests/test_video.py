@@ -108,3 +108,10 @@ def test_the_clip_writer_is_lossless():
     clip = decode_video("x", encode_clip(frames, fps=3), VideoSampling(fps=3, min_frames=1, max_frames=8))
     assert len(clip.frames) == 2  # 3 frames -> a multiple of the temporal patch
     assert all(np.array_equal(np.asarray(decoded), frame) for decoded, frame in zip(clip.frames, frames))
+
+
+def test_a_frame_limit_below_the_temporal_patch_still_gives_one_patch():
+    from silkie.data.video import VideoSampling, sample_indices
+
+    assert sample_indices(300, 30, VideoSampling(min_frames=1, max_frames=1, frame_multiple=2)) == [0, 150]
+    assert sample_indices(1, 30, VideoSampling(frame_multiple=2)) == [0]  # shorter than a patch: every frame

@@ -41,9 +41,10 @@ def sample_indices(total: int, native_fps: float, sampling: VideoSampling) -> li
     multiple = max(1, sampling.frame_multiple)
     most = math.floor(min(sampling.max_frames, total) / multiple) * multiple
     wanted = total / native_fps * sampling.fps
-    count = math.floor(min(max(wanted, sampling.min_frames), most, total) / multiple) * multiple
-    if count <= 0:  # shorter than one temporal patch: every frame (the processor repeats the last one)
+    if total < multiple:  # shorter than one temporal patch: every frame (the processor repeats the last one)
         return list(range(total))
+    count = math.floor(min(max(wanted, sampling.min_frames), most, total) / multiple) * multiple
+    count = max(count, multiple)  # at least one temporal patch, even with max_frames below it
     step = total / count
     return [int(i * step) for i in range(count)]
 

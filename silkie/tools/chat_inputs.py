@@ -3,6 +3,7 @@ for Qwen2-VL, videos), per family, built as training builds them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,24 @@ def image_reference(path: str | Path) -> str:
     return name if len(name.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES else "image"
 
 
-def image_query(tokenizer: Any, images: Paths, question: str) -> str:
-    """The query text: `Picture k: <img>PATH</img>\\n` per picture, then the question (the original's
-    from_list_format), or the question alone."""
-    pictures = [{"image": image_reference(path)} for path in as_paths(images)]
-    return tokenizer.from_list_format([*pictures, {"text": question}]) if pictures else question
+def image_query(images: Paths, question: str) -> str:
+    """The query text as training formats it: `Picture k: <img>PATH</img>\\n` per picture at the question's
+    `<image>` markers, else first (the original's from_list_format), then the question; `ToolError` when the
+    markers and pictures disagree."""
+    from silkie.models.family import PairTextError
+    from silkie.models.qwen_vl.family import format_query
+
+    try:
+        return format_query(question, [image_reference(path) for path in as_paths(images)])
+    except PairTextError as err:
+        raise ToolError(f"qwen_vl: {err}") from err
 
 
 def build_prompt_ids(
     tokenizer: Any, images: Paths, question: str, system: str = DEFAULT_SYSTEM, history: Iterable[Turn] = ()
 ) -> list[int]:
     """Qwen-VL-Chat prompt ids: the query (with its pictures) after the earlier turns, in the ChatML context."""
-    return tokenizer.build_chat_context(image_query(tokenizer, images, question), list(history), system=system)
+    return tokenizer.build_chat_context(image_query(images, question), list(history), system=system)
 
 
 def qwen_vl_tokenizer(chat: Any) -> Any:
@@ -78,16 +85,31 @@ def qwen_vl_inputs(
     )
 
 
-def read_video(path: str | Path, config: Any) -> Any:
-    """A video file's frames as training samples them (the recipe defaults: 2 fps, 4-64 frames); `ToolError`
-    naming the file when it cannot be decoded."""
+def run_recipe(adapter_dir: Any) -> Any:
+    """The recipe of the run an adapter belongs to (RUN/adapter or RUN/checkpoint-N beside RUN/config.yaml), or
+    None: chat then processes images and videos as that run did (pixel bounds, video frames)."""
+    from silkie.config import RecipeError, load_recipe
+    from silkie.run_dir import CONFIG_NAME
+
+    if adapter_dir is None or not (Path(adapter_dir).parent / CONFIG_NAME).is_file():
+        return None
+    try:
+        return load_recipe(Path(adapter_dir).parent / CONFIG_NAME)
+    except RecipeError as err:
+        raise ToolError(str(err)) from err
+
+
+def read_video(path: str | Path, config: Any, data: Any = None) -> Any:
+    """A video file's frames as training samples them (the run's `data.video_*` keys, else the recipe defaults:
+    2 fps, 4-64 frames); `ToolError` naming the file when it cannot be decoded."""
+    from silkie.config import DataSection
     from silkie.data.images import ImageLoadError
-    from silkie.data.video import VideoSampling, decode_video
+    from silkie.data.video import decode_video
+    from silkie.train.build import video_sampling
 
     path = require_file(path, "video file")
-    multiple = getattr(getattr(config, "vision_config", None), "temporal_patch_size", 1) or 1
     try:
-        return decode_video(str(path), path.read_bytes(), VideoSampling(frame_multiple=int(multiple)))
+        return decode_video(str(path), path.read_bytes(), video_sampling(data or DataSection(), config))
     except ImageLoadError as err:
         raise ToolError(str(err)) from err
 
@@ -95,22 +117,26 @@ def read_video(path: str | Path, config: Any) -> Any:
 def family_inputs(model_dir: Any, adapter_dir: Any, config: Any, images: Paths, videos: Paths, question: str) -> tuple:
     """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) from the codec's prompt (pictures and
     videos placed by `<image>` / `<video>` markers in the question, else first), each marker expanded to its
-    feature-token count as the collator does."""
+    feature-token count as the collator does; pixel bounds and video frames are the adapter's run's."""
     from silkie.config import ModelSection
     from silkie.data.collator import PairCollator
     from silkie.models.family import ImageBatch, PairTextError, get_family
     from silkie.tools.common import family_of, load_codec_from
 
     family = family_of(model_dir)
-    codec = load_codec_from(model_dir, adapter_dir)
+    recipe = run_recipe(adapter_dir)
+    section = ModelSection(path=str(model_dir), family=family)
+    if recipe is not None:  # the run's pixel bounds
+        section = dataclasses.replace(recipe.model, path=str(model_dir), family=family)
+    codec = load_codec_from(model_dir, adapter_dir, section=section)
     images, videos = as_paths(images), as_paths(videos)
     try:
         prompt = codec.prompt_ids(question, [str(p) for p in images], [str(v) for v in videos])
     except PairTextError as err:
         raise ToolError(f"{family}: {err}") from err
-    processor = get_family(family).image_processor(config, ModelSection(path=str(model_dir), family=family))
+    processor = get_family(family).image_processor(config, section)
     pictures = [read_image(path) for path in images]
-    clips = [read_video(path, config) for path in videos]
+    clips = [read_video(path, config, recipe.data if recipe else None) for path in videos]
     processed = processor(pictures, videos=clips) if clips else processor(pictures)
     processed = processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
     (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])

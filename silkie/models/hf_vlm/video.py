@@ -21,7 +21,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from silkie.models.family import VideoClip
 
-# transformers' Qwen2VLVideoProcessor defaults, in units of one merged token's pixels ((patch x merge)^2)
+# Qwen2VLVideoProcessor's class defaults (qwen-vl-utils' per-frame bounds), in merged tokens ((patch x merge)^2
+# pixels each); transformers' AutoProcessor uses the image bounds for a checkpoint without a video config: up to
+# 12.8 M pixels a frame, far beyond a DPO budget
 DEFAULT_VIDEO_MIN_TOKENS, DEFAULT_VIDEO_MAX_TOKENS = 128, 768
 
 
