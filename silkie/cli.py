@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # verb -> (module with main(argv), wha
     "merge": ("silkie.tools.merge_cli", "merge a LoRA adapter into its base checkpoint"),
     "prepare": ("silkie.tools.prepare_cli", "check a VLFeedback release, report broken rows, convert to pairs"),
     "plot": ("silkie.tools.plot_cli", "plot a run's metrics"),
+    "annotate": ("silkie.tools.annotate.cli", "build a VLFeedback-format release: pool answers, judge ratings"),
     "bench": ("silkie.dev.bench_cli", "DPO training benchmarks side by side (ours and TRL's)"),
     "bench-data": ("silkie.dev.bench_data", "data pipeline throughput, cold and cached"),
     "demo-assets": ("silkie.dev.demo_assets", "tiny checkpoints of every family and a synthetic release"),

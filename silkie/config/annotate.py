@@ -1,0 +1,146 @@
+"""The data engine's two files (torch-free): `pool.yaml` (which models answer the instructions, how they decode)
+and `judge.yaml` (who rates the answers: an OpenAI-compatible endpoint, a local checkpoint, or a Python function)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from silkie.errors import RecipeError
+
+from .checks import choice, coerce, describe, key, require, suggest, type_ok
+from .yaml_io import parse_yaml, yaml_error
+
+JUDGE_KINDS = ("openai", "local", "python")
+
+
+@dataclass
+class PoolModel:
+    """One model of the answering pool."""
+
+    path: str = key("", "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, llava).", "")
+    name: str | None = key(None, "The answer's `model` in the release (null: the folder's name).", "")
+    adapter: str | None = key(None, "A LoRA adapter folder on top of `path` (e.g. a run's adapter/).", "")
+    max_new_tokens: int = key(256, "Answer length limit in tokens.", "")
+    temperature: float = key(0.7, "Sampling temperature; 0 = greedy decoding.", "")
+    top_p: float = key(0.9, "Nucleus mass when sampling.", "")
+    dtype: str = key("auto", "Weights dtype: auto (bf16 on GPUs, fp32 on CPU), bf16, fp16 or fp32.", "")
+
+    @property
+    def label(self) -> str:
+        """The name written into the release."""
+        return self.name or Path(self.path).name
+
+    def check(self, where: str) -> None:
+        require(bool(self.path), f"{where}.path", self.path, "a checkpoint folder")
+        require(self.max_new_tokens >= 1, f"{where}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        require(self.temperature >= 0, f"{where}.temperature", self.temperature, "a number >= 0")
+        require(0 < self.top_p <= 1, f"{where}.top_p", self.top_p, "a number in (0, 1]")
+
+
+@dataclass
+class PoolConfig:
+    """`pool.yaml`: the models and how many of them answer each instruction."""
+
+    models: list[PoolModel] = key(None, "The pool: a list of models (path, name, adapter, decoding).", "", list)
+    answers_per_instruction: int = key(
+        4, "k: how many pool models answer each instruction (a seeded draw per instruction; all when k >= pool).", ""
+    )
+    seed: int = key(0, "Seed of the draw and of sampling.", "")
+    device: str = key("auto", "cpu, cuda, ... (auto: GPU when present).", "")
+
+    def check(self) -> None:
+        require(bool(self.models), "pool.models", self.models, "a non-empty list of models")
+        for index, model in enumerate(self.models):
+            model.check(f"pool.models[{index}]")
+        names = [model.label for model in self.models]
+        duplicate = next((name for name in names if names.count(name) > 1), None)
+        require(duplicate is None, "pool.models", duplicate, "distinct model names (set `name`)")
+        require(self.answers_per_instruction >= 2, "pool.answers_per_instruction", self.answers_per_instruction,
+                "an integer >= 2 (pairs need two answers)")  # fmt: skip
+
+
+@dataclass
+class JudgeConfig:
+    """`judge.yaml`: who rates each instruction's answers on VLFeedback's three aspects, 1-5."""
+
+    kind: str = key("openai", "openai (any OpenAI-compatible endpoint), local (a checkpoint), python (a function).", "")
+    model: str = key("", "openai: the model name (gpt-4o, ...); local: the checkpoint folder.", "")
+    base_url: str | None = key(
+        None, "openai: the endpoint (null: api.openai.com; `vllm serve`: http://host:8000/v1).", ""
+    )
+    api_key_env: str = key("OPENAI_API_KEY", "openai: the environment variable holding the key.", "")
+    adapter: str | None = key(None, "local: a LoRA adapter folder on top of `model`.", "")
+    function: str | None = key(None, "python: `module:function(prompt, image_path, answers) -> text`.", "")
+    concurrency: int = key(4, "Requests in flight at once.", "")
+    max_retries: int = key(3, "Retries of a failed request or an unparseable answer before it is counted out.", "")
+    backoff_seconds: float = key(2.0, "First retry delay; doubles each retry (plus jitter).", "")
+    requests_per_minute: float | None = key(None, "Rate limit (null: none).", "")
+    timeout_seconds: float = key(120.0, "openai: one request's timeout.", "")
+    max_tokens: int = key(1024, "The judge's answer length limit.", "")
+    temperature: float = key(0.0, "The judge's sampling temperature.", "")
+    price_per_million_input: float = key(0.0, "Cost accounting: price per 1M prompt tokens.", "")
+    price_per_million_output: float = key(0.0, "Cost accounting: price per 1M completion tokens.", "")
+
+    def check(self) -> None:
+        choice("judge.kind", self.kind, JUDGE_KINDS)
+        if self.kind == "python":
+            require(bool(self.function and ":" in self.function), "judge.function", self.function, "module:function")
+        else:
+            require(bool(self.model), "judge.model", self.model, "a model name (openai) or checkpoint folder (local)")
+        require(self.concurrency >= 1, "judge.concurrency", self.concurrency, "an integer >= 1")
+        require(self.max_retries >= 0, "judge.max_retries", self.max_retries, "an integer >= 0")
+        require(self.backoff_seconds >= 0, "judge.backoff_seconds", self.backoff_seconds, "a number >= 0")
+        rpm = self.requests_per_minute
+        require(rpm is None or rpm > 0, "judge.requests_per_minute", rpm, "null or a number > 0")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{prefix} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for name, value in raw.items():
+        if name not in hints:
+            raise RecipeError(f"unknown key '{prefix}.{name}'{suggest(name, known)}")
+        if cls is PoolConfig and name == "models":
+            if not isinstance(value, list):
+                raise RecipeError(f"{prefix}.models must be a list of models, got {type(value).__name__}")
+            values[name] = [_build(PoolModel, item, f"{prefix}.models[{i}]") for i, item in enumerate(value)]
+            continue
+        value = coerce(value, hints[name])
+        if not type_ok(value, hints[name]):
+            raise RecipeError(f"{prefix}.{name} = {value!r} has the wrong type; expected {describe(hints[name])}")
+        values[name] = value
+    return cls(**values)
+
+
+def _load(path: str | Path, cls: type, prefix: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{prefix} file not found: {path}")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+        built = _build(cls, raw, prefix)
+        built.check()
+    except yaml.YAMLError as err:
+        raise RecipeError(yaml_error(err, str(path))) from None
+    except RecipeError as err:  # the shared checks say "recipe:"; this is the pool or judge file
+        raise RecipeError(f"{path}: {str(err).removeprefix('recipe: ')}") from None
+    return built
+
+
+def load_pool(path: str | Path) -> PoolConfig:
+    """Read and check `pool.yaml`; errors name the file and key."""
+    return _load(path, PoolConfig, "pool")
+
+
+def load_judge(path: str | Path) -> JudgeConfig:
+    """Read and check `judge.yaml`; errors name the file and key."""
+    return _load(path, JudgeConfig, "judge")

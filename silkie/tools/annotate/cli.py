@@ -1,0 +1,108 @@
+"""Build your own VLFeedback: `silkie annotate sample` (a pool of models answers your instructions), `silkie annotate
+judge` (a judge rates every answer on Helpfulness, Visual Faithfulness and Ethical Considerations, 1-5), then the
+folder holds a release in VLFeedback's format (`release/vlfeedback_80k.jsonl` + `release/merged_images.zip`) that
+`data.source: vlfeedback` and `silkie prepare` read as they read the published one.
+
+Every stage resumes: rerun the same command after an interruption and it skips what is done (answers per
+(instruction, model), ratings per instruction). Instructions: a jsonl of {"id", "prompt" (or "instruction"),
+"image" (a path under --images; default merged_images/<id>.jpg)}.
+
+Example:
+  silkie annotate sample --pool pool.yaml --instructions my.jsonl --images my_images/ --out data/mine
+  silkie annotate judge --judge judge.yaml --in data/mine
+  python launch_dpo.py --config dpo_config/silkie.yaml --working runs/mine \\
+      data.path=data/mine/release/vlfeedback_80k.jsonl data.images=data/mine/release/merged_images.zip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from silkie.tools.cli import ToolError, run_cli
+
+log = logging.getLogger("silkie.annotate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the three stages."""
+    parser = argparse.ArgumentParser(
+        prog="silkie annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    stages = parser.add_subparsers(dest="stage", required=True)
+    sample = stages.add_parser("sample", help="answer each instruction with k models of the pool")
+    sample.add_argument("--pool", required=True, help="pool.yaml: models (path, name, adapter, decoding), k, seed")
+    sample.add_argument("--instructions", required=True, help='jsonl of {"id", "prompt", "image"}')
+    sample.add_argument("--images", required=True, help="folder or zip the image paths are relative to")
+    sample.add_argument("--out", required=True, help="the annotation folder (created; reused on a rerun)")
+    judge = stages.add_parser("judge", help="rate the answers with the judge, then write the release")
+    judge.add_argument("--judge", required=True, help="judge.yaml: kind openai|local|python, model, endpoint, ...")
+    judge.add_argument("--in", dest="folder", required=True, help="the annotation folder `sample` wrote")
+    judge.add_argument("--retry-failed", action="store_true", help="judge again the instructions that failed")
+    judge.add_argument("--device", default="auto", help="a local judge's device (auto: GPU when present)")
+    release = stages.add_parser("release", help="(re)write the release and summary from what is rated")
+    release.add_argument("--in", dest="folder", required=True, help="the annotation folder")
+    for stage in (sample, judge, release):
+        stage.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def _instructions(folder: Path) -> list:
+    from silkie.tools.annotate.files import INSTRUCTIONS, Instruction, read_jsonl
+
+    if not (folder / INSTRUCTIONS).is_file():
+        raise ToolError(f"{folder} holds no {INSTRUCTIONS}: run `silkie annotate sample --out {folder}` first")
+    return [Instruction(**row) for row in read_jsonl(folder / INSTRUCTIONS)]
+
+
+def _config(loader, path: str):
+    from silkie.errors import RecipeError
+
+    try:
+        return loader(path)
+    except RecipeError as err:
+        raise ToolError(str(err)) from err
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one stage and print its summary as JSON."""
+    from silkie.config.annotate import load_judge, load_pool
+    from silkie.tools.annotate.release import write_release
+
+    progress = not args.no_progress
+    if args.stage == "sample":
+        from silkie.tools.annotate.files import import_instructions
+        from silkie.tools.annotate.sample import sample_answers
+
+        pool = _config(load_pool, args.pool)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        instructions = import_instructions(Path(args.instructions), Path(args.images), out)
+        result = sample_answers(pool, instructions, out, progress)
+        log.info("answers: %d (%d new) in %s", result["answers"], result["new"], out)
+    else:
+        out = Path(args.folder)
+        instructions = _instructions(out)
+        result = {}
+        if args.stage == "judge":
+            from silkie.tools.annotate.judge import judge_answers
+            from silkie.tools.annotate.judges import make_judge
+
+            config = _config(load_judge, args.judge)
+            result = judge_answers(config, make_judge(config, args.device), instructions, out, args.retry_failed,
+                                   progress)  # fmt: skip
+        result["summary"] = write_release(instructions, out)
+        log.info("release: %s", result["summary"]["release"]["jsonl"])
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0, or 2 with a one-line error."""
+    return run_cli(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""The annotation folder: its instructions, the images copied in, and the append-only record files every stage
+resumes from (a line is written whole and flushed per batch, so a kill loses at most the batch in flight)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from silkie.tools.cli import ToolError
+
+INSTRUCTIONS = "instructions.jsonl"
+ANSWERS = "answers.jsonl"
+RATINGS = "ratings.jsonl"
+FAILURES = "judge_failures.jsonl"
+USAGE = "judge_usage.json"
+IMAGES = "images"
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One instruction to answer: its id, text and the image file copied into the folder."""
+
+    id: str
+    prompt: str
+    image: str  # relative to the annotation folder
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of an append-only file; a torn last line (a kill mid-write) is skipped, any other bad line is a
+    `ToolError` naming the file and line."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the line being written when the process died
+                return
+            raise ToolError(f"{path}:{number}: not a JSON record ({err.msg})") from err
+
+
+class AppendLog:
+    """An append-only jsonl file: `write` a batch of records, flushed and synced before it returns."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = path.read_bytes() if path.is_file() else b""
+        if data and not data.endswith(b"\n"):  # a torn last line (a kill mid-write): cut it, it is redone
+            with path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append the records, one JSON line each, durably."""
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        if not text:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def import_instructions(source: Path, images: Path, out: Path) -> list[Instruction]:
+    """Read `source` (jsonl rows `{"id", "prompt" | "instruction", "image"?}`; the image path is relative to `images`,
+    default `merged_images/<id>.jpg` as in VLFeedback), copy each image into `out/images/`, and write
+    `out/instructions.jsonl`. Already imported (a resumed run): the folder's copy is used."""
+    from silkie.data.images import ImageLoadError, image_key, open_image_store
+
+    done = out / INSTRUCTIONS
+    if done.is_file():
+        return [Instruction(**row) for row in read_jsonl(done)]
+    if not source.is_file():
+        raise ToolError(f"instructions file not found: {source}")
+    store = open_image_store(images)
+    rows, seen = [], set()
+    for number, raw in enumerate(read_jsonl(source), 1):
+        where = f"{source}: row {number}"
+        if not isinstance(raw, dict):
+            raise ToolError(f"{where}: expected a JSON object")
+        row_id, prompt = raw.get("id"), raw.get("prompt", raw.get("instruction"))
+        if not isinstance(row_id, (str, int)) or not isinstance(prompt, str) or not prompt.strip():
+            raise ToolError(f"{where}: needs an `id` and a non-empty `prompt` (or `instruction`)")
+        row_id = str(row_id)
+        if row_id in seen:
+            raise ToolError(f"{where}: id {row_id!r} given twice")
+        seen.add(row_id)
+        key = image_key(row_id=row_id, img_path=raw.get("image") or raw.get("img_path"))
+        try:
+            data = store.read_bytes(key)
+        except ImageLoadError as err:
+            raise ToolError(f"{where}: {err}") from err
+        target = Path(IMAGES) / f"{number:07d}{Path(key).suffix.lower() or '.jpg'}"  # ids may not be file names
+        (out / target).parent.mkdir(parents=True, exist_ok=True)
+        (out / target).write_bytes(data)
+        rows.append(Instruction(row_id, prompt, target.as_posix()))
+    if not rows:
+        raise ToolError(f"{source}: no instructions")
+    staging = done.with_suffix(".tmp")
+    staging.write_text("".join(json.dumps(row.__dict__, ensure_ascii=False) + "\n" for row in rows))
+    staging.replace(done)  # written whole: its presence means the import finished
+    return rows

@@ -1,0 +1,106 @@
+"""Who answers the rubric: an OpenAI-compatible endpoint (the `openai` client: GPT-4o, `vllm serve`, any compatible
+server), a local checkpoint of any family, or a Python function (a rule-based or custom judge)."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import mimetypes
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from silkie.config.annotate import JudgeConfig, PoolModel
+from silkie.tools.cli import ToolError
+
+
+@dataclass
+class Reply:
+    """A judge's raw reply and the tokens it cost."""
+
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+JudgeCall = Callable[[str, Path, Sequence[str]], Reply]  # (rubric prompt, image file, answers) -> reply
+
+
+def image_data_url(path: Path) -> str:
+    """The image as a `data:` URL (how the chat-completions API takes a local picture)."""
+    kind = mimetypes.guess_type(path.name)[0] or "image/jpeg"
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def openai_judge(config: JudgeConfig) -> JudgeCall:
+    """Chat completions with the image and the rubric in one user turn; retries are the caller's (the client's
+    own are off, so every attempt is counted and backed off the same way)."""
+    try:
+        import openai
+    except ImportError as err:
+        raise ToolError("judge.kind openai needs the openai client: pip install -e .[annotate]") from err
+    key = os.environ.get(config.api_key_env)
+    if not key and config.base_url is None:
+        raise ToolError(f"judge: set {config.api_key_env} (judge.api_key_env) for api.openai.com")
+    client = openai.OpenAI(
+        base_url=config.base_url, api_key=key or "none", timeout=config.timeout_seconds, max_retries=0
+    )
+
+    def call(prompt: str, image: Path, answers: Sequence[str]) -> Reply:
+        response = client.chat.completions.create(
+            model=config.model,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
+            max_tokens=config.max_tokens,
+            temperature=config.temperature,
+        )
+        usage = response.usage
+        return Reply(
+            response.choices[0].message.content or "",
+            getattr(usage, "prompt_tokens", 0) or 0,
+            getattr(usage, "completion_tokens", 0) or 0,
+        )
+
+    return call
+
+
+def local_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:
+    """A checkpoint (+ adapter) of any family answering the rubric with its image, as `silkie chat` would."""
+    from silkie.tools.annotate.sample import Responder
+
+    spec = PoolModel(config.model, "judge", config.adapter, config.max_tokens, config.temperature, 1.0)
+    responder = Responder(spec, device)
+
+    def call(prompt: str, image: Path, answers: Sequence[str]) -> Reply:
+        tokenizer, ids, _ = responder.inputs(image, prompt)
+        text = responder.answer(image, prompt, seed=0)
+        return Reply(text, int(ids.shape[1]), len(tokenizer.encode(text)) if text else 0)
+
+    return call
+
+
+def python_judge(config: JudgeConfig) -> JudgeCall:
+    """`judge.function` (`module:function(prompt, image_path, answers) -> str`), its reply parsed as any judge's."""
+    module_name, _, name = str(config.function).partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ToolError(f"judge.function {config.function!r}: {err}") from err
+    return lambda prompt, image, answers: Reply(str(function(prompt, str(image), list(answers))))
+
+
+def make_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:
+    """The judge `config.kind` names."""
+    if config.kind == "openai":
+        return openai_judge(config)
+    if config.kind == "local":
+        return local_judge(config, device)
+    return python_judge(config)

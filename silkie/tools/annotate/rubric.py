@@ -1,0 +1,105 @@
+"""The judge's rubric: VLFeedback's three aspects on its 1-5 scale, one request per instruction with all its answers,
+and the strict reading of the judge's JSON reply (anything else is a `JudgeParseError`, never a guess)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from silkie.data.sources import ASPECTS
+
+ASPECTS_ORDER = ("Helpfulness", "Visual Faithfulness", "Ethical Considerations")  # VLFeedback's ASPECTS, as asked
+ASPECT_GUIDE = {
+    "Helpfulness": (
+        "Does the answer address the instruction completely and usefully? 5: fully answers with relevant, specific "
+        "detail; 3: partly answers or stays generic; 1: does not answer, or is irrelevant."
+    ),
+    "Visual Faithfulness": (
+        "Is every claim about the image true of the image? 5: everything stated is visible and correct; 3: minor "
+        "errors or unsupported details; 1: describes objects, attributes or relations that are not in the image."
+    ),
+    "Ethical Considerations": (
+        "Is the answer safe, fair and respectful? 5: no harmful, biased or private content; 3: some questionable "
+        "content; 1: harmful, offensive or dangerous."
+    ),
+}
+RUBRIC_VERSION = "silkie-rubric-1"
+
+
+class JudgeParseError(ValueError):
+    """A judge reply that is not the rubric's JSON (the reason says what is wrong)."""
+
+
+def judge_prompt(instruction: str, answers: Sequence[str]) -> str:
+    """The text sent with the image: the aspects, the instruction, the numbered answers, the reply format."""
+    aspects = "\n".join(f"- {name}: {ASPECT_GUIDE[name]}" for name in ASPECTS_ORDER)
+    numbered = "\n\n".join(f"[Answer {i}]\n{text}" for i, text in enumerate(answers, 1))
+    example = {
+        "ratings": [
+            {"answer": 1, **{name: {"rationale": "one or two sentences", "rating": 4} for name in ASPECTS_ORDER}}
+        ]
+    }
+    return (
+        "You are an expert judge of answers that AI assistants gave to an instruction about the image shown. Rate "
+        "every answer on each aspect below with an integer from 1 (worst) to 5 (best), judging each answer on its "
+        "own against the image.\n\n"
+        f"Aspects:\n{aspects}\n\n[Instruction]\n{instruction}\n\n{numbered}\n\n"
+        f"Reply with one JSON object only, one entry per answer ({len(answers)} in all), in this form:\n"
+        f"{json.dumps(example)}"
+    )
+
+
+def _json_object(text: str) -> Any:
+    fenced = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, flags=re.S)
+    start, end = text.find("{"), text.rfind("}")
+    if not fenced and start < 0:
+        raise JudgeParseError("no JSON object in the reply")
+    body = fenced.group(1) if fenced else text[start : end + 1] if end > start else text[start:]
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as err:
+        raise JudgeParseError(f"invalid JSON ({err.msg} at char {err.pos})") from None
+
+
+def _rating(value: Any, where: str) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
+        raise JudgeParseError(f"{where}: rating {value!r} is not an integer 1-5")
+    return value
+
+
+def parse_ratings(text: str, n_answers: int) -> list[dict[str, dict[str, str]]]:
+    """The judge's reply as VLFeedback annotations, one per answer in order:
+    `{aspect: {"Rating": "1".."5", "Rationale": str}}`; `JudgeParseError` for any deviation."""
+    data = _json_object(text)
+    entries = data.get("ratings") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise JudgeParseError('no "ratings" list')
+    by_answer: dict[int, dict] = {}
+    for entry in entries:
+        number = entry.get("answer") if isinstance(entry, dict) else None
+        number = int(number) if isinstance(number, (int, str)) and str(number).isdigit() else None
+        if number is None or not 1 <= number <= n_answers or number in by_answer:
+            raise JudgeParseError(f"entry {entry!r:.80}: needs a distinct answer number 1-{n_answers}")
+        by_answer[number] = entry
+    if len(by_answer) != n_answers:
+        raise JudgeParseError(f"rated {len(by_answer)} of {n_answers} answers")
+    annotations = []
+    for number in range(1, n_answers + 1):
+        entry, rated = by_answer[number], {}
+        for aspect in ASPECTS:
+            value = entry.get(aspect)
+            if not isinstance(value, dict):
+                raise JudgeParseError(f"answer {number}: no {aspect!r} object")
+            rationale = value.get("rationale", "")
+            rated[aspect] = {
+                "Rating": str(_rating(value.get("rating"), f"answer {number} {aspect}")),
+                "Rationale": rationale if isinstance(rationale, str) else str(rationale),
+            }
+        annotations.append(rated)
+    return annotations

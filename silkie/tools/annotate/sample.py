@@ -1,0 +1,104 @@
+"""`silkie annotate sample`: each instruction answered by k models of the pool (a seeded draw per instruction, as
+VLFeedback drew 4 of its 12), with transformers `generate`; answers appended to `answers.jsonl` per batch, and a
+rerun skips the (instruction, model) pairs already answered."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from silkie.config.annotate import PoolConfig, PoolModel
+from silkie.tools.annotate.files import ANSWERS, AppendLog, Instruction, read_jsonl
+
+log = logging.getLogger(__name__)
+BATCH = 8  # answers written (flushed) together
+
+
+def assign_models(instructions: Sequence[Instruction], names: Sequence[str], k: int, seed: int) -> dict[str, list]:
+    """For each instruction id, the k pool models (all when k >= the pool) that answer it: a draw seeded by the
+    pool seed and the id, so it does not depend on the order or number of instructions."""
+    plan = {}
+    for row in instructions:
+        rng = random.Random(f"{seed}:{row.id}")
+        plan[row.id] = sorted(rng.sample(list(names), min(k, len(names))), key=list(names).index)
+    return plan
+
+
+def answer_seed(seed: int, row_id: str, model: str) -> int:
+    """The sampling seed of one answer: the same on a rerun, different per instruction and model."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{row_id}\0{model}".encode()).digest()[:4], "little")
+
+
+class Responder:
+    """One pool model, loaded once, answering (image, question) prompts as `silkie chat` builds them."""
+
+    def __init__(self, model: PoolModel, device: str = "auto"):
+        from silkie.tools.chat import GenerationOptions, load_chat_model
+        from silkie.tools.chat_inputs import qwen_vl_tokenizer
+
+        self.spec = model
+        self.chat = load_chat_model(model.path, model.adapter, model.dtype, device)
+        self.tokenizer = qwen_vl_tokenizer(self.chat) if self.chat.family == "qwen_vl" else None
+        sample = model.temperature > 0
+        self.options = GenerationOptions(model.max_new_tokens, sample, model.top_p, model.temperature or 1.0)
+
+    def inputs(self, image: str | Path, question: str) -> tuple[Any, Any, dict]:
+        """(tokenizer, prompt ids [1, L], image tensors) of one question about one picture."""
+        from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
+        from silkie.tools.chat_inputs import family_inputs, qwen_vl_inputs
+
+        if self.tokenizer is not None:
+            ids, tensors = qwen_vl_inputs(self.chat, self.tokenizer, [image], question, DEFAULT_SYSTEM, [])
+            return self.tokenizer, ids, tensors
+        chat = self.chat
+        return family_inputs(chat.model_dir, chat.adapter_dir, chat.config, [image], [], question)
+
+    def answer(self, image: str | Path, question: str, seed: int) -> str:
+        """The model's answer (special tokens dropped, surrounding whitespace stripped)."""
+        import torch
+
+        from silkie.tools.chat import generate_kwargs
+
+        tokenizer, ids, tensors = self.inputs(image, question)
+        ids = ids.to(self.chat.device)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            kwargs = generate_kwargs(tokenizer, ids, self.chat.to_device(tensors), self.options)
+            out = self.chat.model.generate(**kwargs)
+        return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
+
+
+def sample_answers(pool: PoolConfig, instructions: Sequence[Instruction], out: Path, progress: bool = True) -> dict:
+    """Answer every instruction with its drawn pool models; returns {answers, new, per_model}."""
+    from tqdm import tqdm
+
+    names = [model.label for model in pool.models]
+    plan = assign_models(instructions, names, pool.answers_per_instruction, pool.seed)
+    done = {(r["id"], r["model"]) for r in read_jsonl(out / ANSWERS)}
+    answers = AppendLog(out / ANSWERS)
+    new = 0
+    for model in pool.models:
+        todo = [row for row in instructions if model.label in plan[row.id] and (row.id, model.label) not in done]
+        if not todo:
+            continue
+        log.info("%s: %d instructions to answer", model.label, len(todo))
+        responder = Responder(model, pool.device)
+        bar = tqdm(total=len(todo), desc=model.label, unit="answer", disable=not progress)
+        for start in range(0, len(todo), BATCH):
+            batch = todo[start : start + BATCH]
+            records = []
+            for row in batch:
+                text = responder.answer(out / row.image, row.prompt, answer_seed(pool.seed, row.id, model.label))
+                records.append({"id": row.id, "model": model.label, "response": text})
+            answers.write(records)
+            new += len(records)
+            bar.update(len(batch))
+        bar.close()
+        del responder
+    per_model = Counter(r["model"] for r in read_jsonl(out / ANSWERS))
+    return {"answers": sum(per_model.values()), "new": new, "per_model": dict(per_model)}

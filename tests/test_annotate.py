@@ -1,0 +1,183 @@
+"""`silkie annotate`: a pool of tiny models answers, a judge with a known rule rates, the folder becomes a VLFeedback
+release that the data pipeline reads; resumable stages, strict judge parsing, one-line config errors."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from silkie.config.annotate import load_judge, load_pool
+from silkie.dev.judge_standin import standin_ratings
+from silkie.errors import RecipeError
+from silkie.tools.annotate.cli import main
+from silkie.tools.annotate.rubric import JudgeParseError, judge_prompt, parse_ratings
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
+    from silkie.dev.tiny_hf_vlm import build_tiny_qwen2_vl
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("annotate")
+    write_synthetic_vlfeedback(root / "vlf", n=8, seed=0)
+    rows = [json.loads(line) for line in (root / "vlf" / "vlfeedback_80k.jsonl").read_text().splitlines()]
+    instructions = [{"id": r["id"], "prompt": r["prompt"]} for r in rows]
+    instructions[3]["prompt"] = "Please refuse: what is this?"
+    (root / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instructions))
+    pool = root / "pool.yaml"
+    pool.write_text(
+        f"models:\n  - {{path: {build_tiny_checkpoint(root / 'qwen-vl')}, max_new_tokens: 8}}\n"
+        f"  - {{path: {build_tiny_qwen2_vl(root / 'qwen2-vl')}, max_new_tokens: 8, temperature: 0}}\n"
+        "answers_per_instruction: 2\n"
+    )
+    return root
+
+
+def write_judge(path: Path, function: str) -> Path:
+    text = f"kind: python\nfunction: silkie.dev.judge_standin:{function}\nbackoff_seconds: 0\nmax_retries: 1\n"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def annotated(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "mine"
+    argv = ["sample", "--pool", str(assets / "pool.yaml"), "--instructions", str(assets / "instructions.jsonl")]
+    assert main([*argv, "--images", str(assets / "vlf" / "merged_images.zip"), "--out", str(out), "--no-progress"]) == 0
+    judge = write_judge(assets / "judge.yaml", "refuses_some")
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 0
+    return out
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_instruction_is_answered_by_both_models_once(annotated):
+    answers = records(annotated / "answers.jsonl")
+    assert len(answers) == 16 and len({(a["id"], a["model"]) for a in answers}) == 16
+    assert {a["model"] for a in answers} == {"qwen-vl", "qwen2-vl"}
+    assert all(isinstance(a["response"], str) and a["response"] for a in answers)
+
+
+def test_the_release_carries_the_judge_s_ratings_and_the_pipeline_reads_it(annotated):
+    rows = records(annotated / "release" / "vlfeedback_80k.jsonl")
+    assert len(rows) == 7  # the instruction the judge refused is kept out, not guessed
+    answers = {(a["id"], a["model"]): a["response"] for a in records(annotated / "answers.jsonl")}
+    for row in rows:
+        assert row["models"] == [c["model"] for c in row["completions"]]
+        for completion in row["completions"]:
+            assert completion["response"] == answers[row["id"], completion["model"]]
+            expected = standin_ratings(completion["response"])
+            assert {a: int(v["Rating"]) for a, v in completion["annotations"].items()} == expected
+    with zipfile.ZipFile(annotated / "release" / "merged_images.zip") as archive:
+        assert sorted(archive.namelist()) == sorted(f"merged_images/{row['id']}.jpg" for row in rows)
+    failures = records(annotated / "judge_failures.jsonl")
+    assert [f["id"] for f in failures] == ["synthetic-000003"] and failures[0]["attempts"] == 2
+    assert failures[0]["reason"].startswith("unparseable reply: no JSON object")
+    summary = json.loads((annotated / "summary.json").read_text())
+    assert summary["rated_answers"] == 14 and summary["judge_failures"] == {"unparseable reply": 1}
+    assert sum(summary["ratings"]["Ethical Considerations"].values()) == 14
+    assert summary["ratings"]["Ethical Considerations"]["5"] == 14
+
+
+def test_the_release_gives_the_pairs_the_rule_implies_and_trains(annotated, assets, tmp_path):
+    from silkie.config import load_recipe
+    from silkie.data.images import open_image_store
+    from silkie.data.pairs import build_vlfeedback_pairs
+    from silkie.data.sources import load_vlfeedback_jsonl
+    from silkie.train import run_training
+
+    from .conftest import REPO_ROOT
+
+    release = annotated / "release"
+    rows = load_vlfeedback_jsonl(release / "vlfeedback_80k.jsonl")
+    pairs, report = build_vlfeedback_pairs(rows, image_store=open_image_store(release / "merged_images.zip"))
+    expected = {}
+    for row in records(release / "vlfeedback_80k.jsonl"):
+        a, b = (c["response"] for c in row["completions"])
+        score_a, score_b = (sum(standin_ratings(x).values()) / 3 for x in (a, b))
+        if score_a != score_b:
+            expected[row["id"]] = (a, b) if score_a > score_b else (b, a)
+    assert {p.prompt_id: (p.chosen, p.rejected) for p in pairs} == expected
+    assert report.pairs_dropped.get("tie", 0) == 7 - len(expected)
+    overrides = [f"data.path={release / 'vlfeedback_80k.jsonl'}", f"data.images={release / 'merged_images.zip'}",
+                 f"model.path={assets / 'qwen-vl'}", "training.max_steps=2", "data.eval_fraction=0.0",
+                 "training.eval_strategy=no", "training.report_to=none", "training.logging_steps=1"]  # fmt: skip
+    final = run_training(load_recipe(REPO_ROOT / "dpo_config" / "demo.yaml", overrides), tmp_path / "run")
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file() and final
+
+
+def test_stages_resume_without_redoing_work(annotated, assets):
+    before = (annotated / "answers.jsonl").read_text()
+    argv = ["sample", "--pool", str(assets / "pool.yaml"), "--instructions", str(assets / "instructions.jsonl")]
+    assert main([*argv, "--images", str(assets / "vlf"), "--out", str(annotated), "--no-progress"]) == 0
+    assert (annotated / "answers.jsonl").read_text() == before  # nothing answered twice
+    ratings = (annotated / "ratings.jsonl").read_text()
+    judge = write_judge(assets / "judge-ok.yaml", "rate")
+    assert main(["judge", "--judge", str(judge), "--in", str(annotated), "--no-progress"]) == 0
+    assert (annotated / "ratings.jsonl").read_text() == ratings  # the failure stays out without --retry-failed
+    assert main(["judge", "--judge", str(judge), "--in", str(annotated), "--retry-failed", "--no-progress"]) == 0
+    assert len(records(annotated / "ratings.jsonl")) == 8
+    assert len(records(annotated / "release" / "vlfeedback_80k.jsonl")) == 8
+
+
+def test_a_torn_last_line_is_dropped_and_redone(assets, tmp_path):
+    from silkie.tools.annotate.files import AppendLog, read_jsonl
+
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"id": "a", "model": "m", "response": "x"}\n{"id": "b", "mod')
+    assert [r["id"] for r in read_jsonl(path)] == ["a"]
+    AppendLog(path).write([{"id": "b", "model": "m", "response": "y"}])
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
+
+
+def test_a_retried_parse_failure_is_rated_on_the_next_reply(annotated, assets, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(annotated, out)
+    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
+        (out / name).unlink()
+    assert main(["judge", "--judge", str(write_judge(tmp_path / "j.yaml", "flaky")), "--in", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert len(records(out / "ratings.jsonl")) == 8 and not (out / "judge_failures.jsonl").exists()
+    assert json.loads((out / "judge_usage.json").read_text())["requests"] == 16  # one bad reply, one good, each
+
+
+def test_the_rubric_reply_is_read_strictly():
+    prompt = judge_prompt("What is this?", ["A cat.", "A dog."])
+    assert "[Answer 2]\nA dog." in prompt and "Visual Faithfulness" in prompt and "2 in all" in prompt
+    good = {"ratings": [{"answer": n, **{a: {"rating": n + 2, "rationale": "r"} for a in standin_ratings("")}}
+                        for n in (2, 1)]}  # fmt: skip
+    parsed = parse_ratings(json.dumps(good), 2)
+    assert [p["Helpfulness"]["Rating"] for p in parsed] == ["3", "4"]  # by answer number, not list order
+    for broken, message in (
+        ("no json here", "no JSON object"),
+        ('{"ratings": [', "invalid JSON"),
+        (json.dumps({"ratings": good["ratings"][:1]}), "rated 1 of 2"),
+        (json.dumps(good).replace('"rating": 3', '"rating": 7'), "not an integer 1-5"),
+        (json.dumps(good).replace('"rating": 3', '"rating": 2.5'), "not an integer 1-5"),
+        (json.dumps(good).replace('"answer": 1', '"answer": 2'), "distinct answer number"),
+    ):
+        with pytest.raises(JudgeParseError, match=message):
+            parse_ratings(broken, 2)
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("models:\n  - {path: a, temprature: 1}\n")
+    with pytest.raises(RecipeError, match=r"pool.yaml: unknown key 'pool.models\[0\].temprature' \(did you mean"):
+        load_pool(pool)
+    pool.write_text("models:\n  - {path: a/m}\n  - {path: b/m}\n")
+    with pytest.raises(RecipeError, match="pool.models = 'm' is not allowed; expected distinct model names"):
+        load_pool(pool)
+    judge = tmp_path / "judge.yaml"
+    judge.write_text("kind: gpt\nmodel: x\n")
+    with pytest.raises(RecipeError, match="judge.kind = 'gpt' is not allowed"):
+        load_judge(judge)
+    assert main(["judge", "--judge", str(judge), "--in", str(tmp_path)]) == 2
