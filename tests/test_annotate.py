@@ -181,3 +181,95 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(RecipeError, match="judge.kind = 'gpt' is not allowed"):
         load_judge(judge)
     assert main(["judge", "--judge", str(judge), "--in", str(tmp_path)]) == 2
+
+
+@pytest.fixture(scope="module")
+def served(assets):
+    """`silkie annotate serve` on the tiny Qwen2-VL, in its own process, on a free port."""
+    import subprocess
+    import sys
+
+    from .train_fixtures import subprocess_env
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "silkie", "annotate", "serve", "--model", str(assets / "qwen2-vl"), "--port", "0",
+         "--device", "cpu", "--max-new-tokens", "16"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving http://"), line
+        yield line.split()[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_the_openai_client_path_against_a_served_model(served, annotated, tmp_path):
+    """The real client and HTTP: the image goes as a data: URL, usage is counted from the server's tokens; the tiny
+    model's reply is no rubric JSON, so every instruction is retried and then counted out, none guessed."""
+    import shutil
+
+    import openai
+
+    client = openai.OpenAI(base_url=served, api_key="none")
+    assert [m.id for m in client.models.list()] == ["qwen2-vl"]
+    out = tmp_path / "copy"
+    shutil.copytree(annotated, out)
+    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
+        (out / name).unlink()
+    judge = tmp_path / "judge.yaml"
+    prices = "price_per_million_input: 2.5\nprice_per_million_output: 10\n"
+    judge.write_text(f"kind: openai\nmodel: qwen2-vl\nbase_url: {served}\nmax_retries: 1\nbackoff_seconds: 0\n"
+                     f"concurrency: 2\nmax_tokens: 8\n{prices}")  # fmt: skip
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 0
+    failures = records(out / "judge_failures.jsonl")
+    assert len(failures) == 8 and all(f["reason"].startswith("unparseable reply") for f in failures)
+    assert all(f["attempts"] == 2 for f in failures)
+    usage = json.loads((out / "judge_usage.json").read_text())
+    assert usage["requests"] == 16 and usage["input_tokens"] > 16 * 50 and 0 < usage["output_tokens"] <= 16 * 8
+    expected = (usage["input_tokens"] * 2.5 + usage["output_tokens"] * 10) / 1e6
+    assert usage["cost"] == pytest.approx(expected)
+    assert records(out / "release" / "vlfeedback_80k.jsonl") == []  # nothing rated, nothing released
+
+
+def test_an_unreachable_endpoint_is_retried_then_counted_out(annotated, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(annotated, out)
+    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
+        (out / name).unlink()
+    judge = tmp_path / "judge.yaml"
+    judge.write_text("kind: openai\nmodel: m\nbase_url: http://127.0.0.1:9/v1\nmax_retries: 1\nbackoff_seconds: 0\n"
+                     "timeout_seconds: 5\n")  # fmt: skip
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 0
+    failures = records(out / "judge_failures.jsonl")
+    assert len(failures) == 8 and all(f["reason"].startswith("request failed: APIConnectionError") for f in failures)
+
+
+def test_the_readme_annotate_demo_builds_a_release_and_trains_on_it(tmp_path):
+    """The README's command, as written, in a fresh folder (`silkie` run as `python -m silkie`)."""
+    import re
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+    from .test_user_path import bash_blocks
+    from .train_fixtures import subprocess_env
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    command = next(b for b in bash_blocks(readme) if "silkie annotate sample" in b).strip()
+    stdout = ""
+    for step in command.split(" && "):
+        words = step.split()
+        words = [sys.executable, "-m", "silkie", *words[1:]] if words[0] == "silkie" else [sys.executable, *words[1:]]
+        words = [str(REPO_ROOT / w) if w.startswith(("scripts/", "launch_dpo.py", "dpo_config/")) else w for w in words]
+        done = subprocess.run(words, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, step + done.stdout[-2000:] + done.stderr[-2000:]
+        stdout = done.stdout
+    summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
+    assert summary["instructions"] == 200 and summary["answers"] == 400 and summary["rated_instructions"] == 200
+    assert "runs/mine/release/vlfeedback_80k.jsonl: rows seen=200" in stdout + done.stderr
+    assert re.search(r"held-out reward accuracy: [0-9.]+", stdout)
+    assert (tmp_path / "runs" / "demo_mine" / "adapter" / "adapter_model.safetensors").is_file()

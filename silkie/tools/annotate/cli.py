@@ -7,6 +7,9 @@ Every stage resumes: rerun the same command after an interruption and it skips w
 (instruction, model), ratings per instruction). Instructions: a jsonl of {"id", "prompt" (or "instruction"),
 "image" (a path under --images; default merged_images/<id>.jpg)}.
 
+`silkie annotate serve --model DIR [--adapter A] --port 8000` puts a local checkpoint behind an OpenAI-compatible
+endpoint (judge.kind: openai, base_url: http://HOST:8000/v1) where vLLM is not installed.
+
 Example:
   silkie annotate sample --pool pool.yaml --instructions my.jsonl --images my_images/ --out data/mine
   silkie annotate judge --judge judge.yaml --in data/mine
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from silkie.tools.cli import ToolError, run_cli
@@ -37,11 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--instructions", required=True, help='jsonl of {"id", "prompt", "image"}')
     sample.add_argument("--images", required=True, help="folder or zip the image paths are relative to")
     sample.add_argument("--out", required=True, help="the annotation folder (created; reused on a rerun)")
+    sample.add_argument("--limit", type=int, help="only the first N instructions (fixed at the first run)")
     judge = stages.add_parser("judge", help="rate the answers with the judge, then write the release")
     judge.add_argument("--judge", required=True, help="judge.yaml: kind openai|local|python, model, endpoint, ...")
     judge.add_argument("--in", dest="folder", required=True, help="the annotation folder `sample` wrote")
     judge.add_argument("--retry-failed", action="store_true", help="judge again the instructions that failed")
     judge.add_argument("--device", default="auto", help="a local judge's device (auto: GPU when present)")
+    stages.add_parser("serve", help="a local checkpoint as an OpenAI-compatible endpoint (serve --help)")
     release = stages.add_parser("release", help="(re)write the release and summary from what is rated")
     release.add_argument("--in", dest="folder", required=True, help="the annotation folder")
     for stage in (sample, judge, release):
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         pool = _config(load_pool, args.pool)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        instructions = import_instructions(Path(args.instructions), Path(args.images), out)
+        instructions = import_instructions(Path(args.instructions), Path(args.images), out, args.limit)
         result = sample_answers(pool, instructions, out, progress)
         log.info("answers: %d (%d new) in %s", result["answers"], result["new"], out)
     else:
@@ -100,7 +106,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: 0, or 2 with a one-line error."""
+    """Entry point: 0, or 2 with a one-line error (`serve` has its own options)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from silkie.tools.annotate.serve import main as serve
+
+        return serve(argv[1:])
     return run_cli(run, parse_args(argv))
 
 

@@ -68,10 +68,11 @@ class AppendLog:
             os.fsync(handle.fileno())
 
 
-def import_instructions(source: Path, images: Path, out: Path) -> list[Instruction]:
+def import_instructions(source: Path, images: Path, out: Path, limit: int | None = None) -> list[Instruction]:
     """Read `source` (jsonl rows `{"id", "prompt" | "instruction", "image"?}`; the image path is relative to `images`,
     default `merged_images/<id>.jpg` as in VLFeedback), copy each image into `out/images/`, and write
-    `out/instructions.jsonl`. Already imported (a resumed run): the folder's copy is used."""
+    `out/instructions.jsonl` (the first `limit` rows when given). Already imported (a resumed run): the folder's
+    copy is used."""
     from silkie.data.images import ImageLoadError, image_key, open_image_store
 
     done = out / INSTRUCTIONS
@@ -82,6 +83,8 @@ def import_instructions(source: Path, images: Path, out: Path) -> list[Instructi
     store = open_image_store(images)
     rows, seen = [], set()
     for number, raw in enumerate(read_jsonl(source), 1):
+        if limit is not None and len(rows) >= limit:
+            break
         where = f"{source}: row {number}"
         if not isinstance(raw, dict):
             raise ToolError(f"{where}: expected a JSON object")
