@@ -100,6 +100,35 @@ class JudgeConfig:
         require(rpm is None or rpm > 0, "judge.requests_per_minute", rpm, "null or a number > 0")
 
 
+@dataclass
+class RoundsConfig:
+    """`rounds.yaml`: on-policy iterations: the current policy (+ the pool) answers, the judge rates, DPO trains from
+    the last round's policy, N times."""
+
+    rounds: int = key(2, "How many sample -> judge -> DPO rounds.", "")
+    recipe: str = key("", "The DPO recipe every round trains with; its model.path is the first round's policy.", "")
+    overrides: list[str] = key(None, "Recipe overrides for every round (as on the launch command line).", "", list)
+    launch_args: list[str] = key(None, "Extra launcher arguments, e.g. [--gpus, '16', --wait] for Slurm.", "", list)
+    instructions: str = key("", "Instructions jsonl (as `silkie annotate sample --instructions`).", "")
+    images: str = key("", "Folder or zip the instructions' images are under.", "")
+    limit: int | None = key(None, "Only the first N instructions.", "")
+    judge: str = key("", "judge.yaml.", "")
+    pool: str | None = key(None, "pool.yaml of models answering beside the policy (null: the policy alone).", "")
+    policy_answers: int = key(2, "Answers the current policy samples per instruction (each its own seed).", "")
+    policy_temperature: float = key(0.7, "The policy's sampling temperature.", "")
+    policy_max_new_tokens: int = key(256, "The policy's answer length limit.", "")
+
+    def check(self) -> None:
+        require(self.rounds >= 1, "rounds.rounds", self.rounds, "an integer >= 1")
+        for name in ("recipe", "instructions", "images", "judge"):
+            require(bool(getattr(self, name)), f"rounds.{name}", getattr(self, name), "a file or folder path")
+        require(self.policy_answers >= 1, "rounds.policy_answers", self.policy_answers, "an integer >= 1")
+        require(self.policy_temperature >= 0, "rounds.policy_temperature", self.policy_temperature, "a number >= 0")
+        if self.pool is None:
+            require(self.policy_answers >= 2, "rounds.policy_answers", self.policy_answers,
+                    "an integer >= 2 without a pool (pairs need two answers)")  # fmt: skip
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{prefix} must be a mapping, got {type(raw).__name__}")
@@ -139,6 +168,11 @@ def _load(path: str | Path, cls: type, prefix: str) -> Any:
 def load_pool(path: str | Path) -> PoolConfig:
     """Read and check `pool.yaml`; errors name the file and key."""
     return _load(path, PoolConfig, "pool")
+
+
+def load_rounds(path: str | Path) -> RoundsConfig:
+    """Read and check `rounds.yaml`; errors name the file and key."""
+    return _load(path, RoundsConfig, "rounds")
 
 
 def load_judge(path: str | Path) -> JudgeConfig:

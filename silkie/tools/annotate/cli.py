@@ -7,6 +7,9 @@ Every stage resumes: rerun the same command after an interruption and it skips w
 (instruction, model), ratings per instruction). Instructions: a jsonl of {"id", "prompt" (or "instruction"),
 "image" (a path under --images; default merged_images/<id>.jpg)}.
 
+`silkie annotate rounds --config rounds.yaml --working DIR` iterates on-policy: the current policy (+ the pool)
+answers, the judge rates, DPO trains from the policy, the adapter is merged into the next round's policy.
+
 `silkie annotate serve --model DIR [--adapter A] --port 8000` puts a local checkpoint behind an OpenAI-compatible
 endpoint (judge.kind: openai, base_url: http://HOST:8000/v1) where vLLM is not installed.
 
@@ -20,10 +23,12 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from silkie.tools.cli import ToolError, run_cli
 
@@ -47,10 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     judge.add_argument("--in", dest="folder", required=True, help="the annotation folder `sample` wrote")
     judge.add_argument("--retry-failed", action="store_true", help="judge again the instructions that failed")
     judge.add_argument("--device", default="auto", help="a local judge's device (auto: GPU when present)")
+    rounds = stages.add_parser("rounds", help="on-policy rounds: policy samples, judge rates, DPO; N times")
+    rounds.add_argument("--config", required=True, help="rounds.yaml: recipe, instructions, images, judge, pool, N")
+    rounds.add_argument("--working", required=True, help="the rounds' folder (round-1/, round-2/, ..., rounds.json)")
     stages.add_parser("serve", help="a local checkpoint as an OpenAI-compatible endpoint (serve --help)")
     release = stages.add_parser("release", help="(re)write the release and summary from what is rated")
     release.add_argument("--in", dest="folder", required=True, help="the annotation folder")
-    for stage in (sample, judge, release):
+    for stage in (sample, judge, release, rounds):
         stage.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -73,11 +81,23 @@ def _config(loader, path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run one stage and print its summary as JSON."""
+    """Run one stage and print its summary as JSON (the only thing on stdout: libraries' prints go to stderr)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _stage(args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _stage(args: argparse.Namespace) -> Any:
     from silkie.config.annotate import load_judge, load_pool
     from silkie.tools.annotate.release import write_release
 
     progress = not args.no_progress
+    if args.stage == "rounds":
+        from silkie.config.annotate import load_rounds
+        from silkie.tools.annotate.rounds import run_rounds
+
+        return run_rounds(_config(load_rounds, args.config), Path(args.working), progress)
     if args.stage == "sample":
         from silkie.tools.annotate.files import import_instructions
         from silkie.tools.annotate.sample import sample_answers
@@ -101,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
                                    progress)  # fmt: skip
         result["summary"] = write_release(instructions, out)
         log.info("release: %s", result["summary"]["release"]["jsonl"])
-    print(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,18 @@ log = logging.getLogger(__name__)
 BATCH = 8  # answers written (flushed) together
 
 
-def assign_models(instructions: Sequence[Instruction], names: Sequence[str], k: int, seed: int) -> dict[str, list]:
-    """For each instruction id, the k pool models (all when k >= the pool) that answer it: a draw seeded by the
-    pool seed and the id, so it does not depend on the order or number of instructions."""
+def assign_models(
+    instructions: Sequence[Instruction], names: Sequence[str], k: int, seed: int, always: Sequence[str] = ()
+) -> dict[str, list]:
+    """For each instruction id, the models that answer it: every one of `always` (e.g. the policy being trained)
+    and k drawn from the others (all when k >= their number), a draw seeded by the pool seed and the id, so it does
+    not depend on the order or number of instructions."""
+    names, others = list(names), [name for name in names if name not in always]
     plan = {}
     for row in instructions:
         rng = random.Random(f"{seed}:{row.id}")
-        plan[row.id] = sorted(rng.sample(list(names), min(k, len(names))), key=list(names).index)
+        drawn = rng.sample(others, min(k, len(others)))
+        plan[row.id] = sorted([*always, *drawn], key=names.index)
     return plan
 
 
@@ -73,12 +78,15 @@ class Responder:
         return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
 
 
-def sample_answers(pool: PoolConfig, instructions: Sequence[Instruction], out: Path, progress: bool = True) -> dict:
-    """Answer every instruction with its drawn pool models; returns {answers, new, per_model}."""
+def sample_answers(
+    pool: PoolConfig, instructions: Sequence[Instruction], out: Path, progress: bool = True, always: Sequence[str] = ()
+) -> dict:
+    """Answer every instruction with its drawn pool models (and the `always` ones); returns {answers, new,
+    per_model}."""
     from tqdm import tqdm
 
     names = [model.label for model in pool.models]
-    plan = assign_models(instructions, names, pool.answers_per_instruction, pool.seed)
+    plan = assign_models(instructions, names, pool.answers_per_instruction, pool.seed, always)
     done = {(r["id"], r["model"]) for r in read_jsonl(out / ANSWERS)}
     answers = AppendLog(out / ANSWERS)
     new = 0

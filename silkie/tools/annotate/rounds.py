@@ -1,0 +1,147 @@
+"""`silkie annotate rounds`: on-policy iterations (RLAIF-V / OPA-DPO style). Round r: the current policy samples
+`policy_answers` answers per instruction (beside k drawn from the pool), the judge rates them, pairs follow, and DPO
+trains through the launcher (local torchrun, or Slurm with `launch_args`) starting from the current policy, which
+is also the round's reference. The round's LoRA adapter is then merged into it: the next round's policy. Each
+round has its own folder (`round-r/data`, `round-r/run`, `round-r/merged`) and the whole loop resumes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from silkie.config.annotate import PoolConfig, PoolModel, RoundsConfig, load_judge, load_pool
+from silkie.run_dir import ADAPTER_DIR, FINAL_METRICS_NAME, FINISHED_NAME
+from silkie.tools.cli import ToolError
+
+log = logging.getLogger(__name__)
+SUMMARY = "rounds.json"
+
+
+def round_recipe(config: RoundsConfig, policy: Path, release: Path, target: Path) -> Path:
+    """The round's recipe: the configured one with this round's policy and release; written to `target`."""
+    from silkie.config import RecipeError, load_recipe, save_recipe
+
+    overrides = [
+        *config.overrides,
+        f"model.path={policy}",
+        "data.source=vlfeedback",
+        f"data.path={release / 'vlfeedback_80k.jsonl'}",
+        f"data.images={release / 'merged_images.zip'}",
+    ]
+    try:
+        recipe = load_recipe(config.recipe, overrides)
+    except RecipeError as err:
+        raise ToolError(str(err)) from err
+    save_recipe(recipe, target)
+    return target
+
+
+def policy_models(config: RoundsConfig, policy: Path, number: int) -> list[PoolModel]:
+    """The policy as `policy_answers` pool entries (one name and seed each)."""
+    return [
+        PoolModel(
+            str(policy), f"policy-r{number}-s{i}", None, config.policy_max_new_tokens, config.policy_temperature, 0.9
+        )  # fmt: skip
+        for i in range(1, config.policy_answers + 1)
+    ]
+
+
+def train_round(recipe: Path, working: Path, launch_args: list[str]) -> dict[str, Any]:
+    """DPO through the launcher (resumes a cut-short run); the run's final metrics."""
+    if not (working / FINISHED_NAME).is_file():
+        command = [sys.executable, "-m", "silkie", "launch", "--config", str(recipe), "--working", str(working)]
+        done = subprocess.run([*command, *launch_args], stdout=sys.stderr)  # stdout stays the summary's
+        if done.returncode != 0 or not (working / FINISHED_NAME).is_file():
+            raise ToolError(f"round training failed (exit {done.returncode}): rerun to resume; its run is {working}")
+    return json.loads((working / FINAL_METRICS_NAME).read_text())
+
+
+def next_policy(policy: Path, run: Path, merged: Path) -> Path:
+    """The policy after the round: its adapter merged into the round's policy (a full fine-tuning run's
+    checkpoint as it is)."""
+    adapter = run / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        return adapter
+    if not (merged / "config.json").is_file():
+        import torch
+
+        from silkie.tools.merge import merge_adapter
+
+        dtype = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
+        merge_adapter(policy, adapter, merged, dtype=dtype, overwrite=True)
+    return merged
+
+
+def policy_rating(data: Path, names: list[str]) -> float | None:
+    """The mean rating (over the aspects) of the policy's answers in a round's release."""
+    from silkie.tools.annotate.files import read_jsonl
+
+    scores = [
+        sum(int(a["Rating"]) for a in completion["annotations"].values()) / len(completion["annotations"])
+        for row in read_jsonl(data / "release" / "vlfeedback_80k.jsonl")
+        for completion in row["completions"]
+        if completion["model"] in names
+    ]
+    return sum(scores) / len(scores) if scores else None
+
+
+def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """All rounds (done ones skipped); returns one summary per round, also written to `working/rounds.json`."""
+    from silkie.config import load_recipe
+    from silkie.tools.annotate.files import import_instructions
+    from silkie.tools.annotate.judge import judge_answers
+    from silkie.tools.annotate.judges import make_judge
+    from silkie.tools.annotate.release import write_release
+    from silkie.tools.annotate.sample import sample_answers
+
+    judge = _checked(load_judge, config.judge)
+    pool = _checked(load_pool, config.pool) if config.pool else PoolConfig(models=[], answers_per_instruction=0)
+    call = None
+    policy = Path(load_recipe(config.recipe, list(config.overrides)).model.path)
+    summaries = []
+    for number in range(1, config.rounds + 1):
+        folder = working / f"round-{number}"
+        data, run = folder / "data", folder / "run"
+        policies = policy_models(config, policy, number)
+        names = [model.label for model in policies]
+        if not (run / FINISHED_NAME).is_file():
+            data.mkdir(parents=True, exist_ok=True)
+            instructions = import_instructions(Path(config.instructions), Path(config.images), data, config.limit)
+            round_pool = PoolConfig([*policies, *pool.models], pool.answers_per_instruction, pool.seed + number,
+                                    pool.device)  # fmt: skip
+            sample_answers(round_pool, instructions, data, progress, always=names)
+            call = call or make_judge(judge)
+            judge_answers(judge, call, instructions, data, progress=progress)
+            write_release(instructions, data)
+        recipe = round_recipe(config, policy, data / "release", folder / "recipe.yaml")
+        final = train_round(recipe, run, list(config.launch_args))
+        summary = json.loads((data / "summary.json").read_text())
+        summaries.append(
+            {
+                "round": number,
+                "policy": str(policy),
+                "policy_mean_rating": policy_rating(data, names),
+                "rated_instructions": summary["rated_instructions"],
+                "judge_failures": summary["judge_failures"],
+                "eval_rewards/accuracies": final.get("eval_rewards/accuracies"),
+                "run": str(run),
+            }
+        )
+        log.info("round %d: policy mean rating %s, held-out accuracy %s", number,
+                 summaries[-1]["policy_mean_rating"], summaries[-1]["eval_rewards/accuracies"])  # fmt: skip
+        policy = next_policy(policy, run, folder / "merged")
+        (working / SUMMARY).write_text(json.dumps(summaries, indent=2) + "\n")
+    return summaries
+
+
+def _checked(loader, path: str):
+    from silkie.errors import RecipeError
+
+    try:
+        return loader(path)
+    except RecipeError as err:
+        raise ToolError(str(err)) from err
