@@ -3,8 +3,6 @@ and `judge.yaml` (who rates the answers: an OpenAI-compatible endpoint, a local 
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,8 @@ import yaml
 
 from silkie.errors import RecipeError
 
-from .checks import choice, coerce, describe, key, require, suggest, type_ok
+from .checks import choice, key, require
+from .recipe import _build_section
 from .yaml_io import parse_yaml, yaml_error
 
 JUDGE_KINDS = ("openai", "local", "python")
@@ -130,24 +129,16 @@ class RoundsConfig:
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{prefix} must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for name, value in raw.items():
-        if name not in hints:
-            raise RecipeError(f"unknown key '{prefix}.{name}'{suggest(name, known)}")
-        if cls is PoolConfig and name == "models":
-            if not isinstance(value, list):
-                raise RecipeError(f"{prefix}.models must be a list of models, got {type(value).__name__}")
-            values[name] = [_build(PoolModel, item, f"{prefix}.models[{i}]") for i, item in enumerate(value)]
-            continue
-        value = coerce(value, hints[name])
-        if not type_ok(value, hints[name]):
-            raise RecipeError(f"{prefix}.{name} = {value!r} has the wrong type; expected {describe(hints[name])}")
-        values[name] = value
-    return cls(**values)
+    """The dataclass from its mapping, keys and types checked as the recipe's sections are; a pool's `models` list
+    item by item."""
+    if cls is not PoolConfig or not isinstance(raw, dict) or "models" not in raw:
+        return _build_section(cls, raw, prefix)
+    models = raw["models"]
+    if not isinstance(models, list):
+        raise RecipeError(f"{prefix}.models must be a list of models, got {type(models).__name__}")
+    pool = _build_section(cls, {k: v for k, v in raw.items() if k != "models"}, prefix)
+    pool.models = [_build_section(PoolModel, item, f"{prefix}.models[{i}]") for i, item in enumerate(models)]
+    return pool
 
 
 def _load(path: str | Path, cls: type, prefix: str) -> Any:
