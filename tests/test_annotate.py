@@ -273,3 +273,70 @@ def test_the_readme_annotate_demo_builds_a_release_and_trains_on_it(tmp_path):
     assert "runs/mine/release/vlfeedback_80k.jsonl: rows seen=200" in stdout + done.stderr
     assert re.search(r"held-out reward accuracy: [0-9.]+", stdout)
     assert (tmp_path / "runs" / "demo_mine" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_local_checkpoint_judge_that_writes_no_rubric_is_counted_out(annotated, assets, tmp_path):
+    """kind: local on the tiny Qwen-VL-Chat: it answers the rubric with its image, but not in JSON."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(annotated, out)
+    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
+        (out / name).unlink()
+    judge = tmp_path / "judge.yaml"
+    judge.write_text(f"kind: local\nmodel: {assets / 'qwen-vl'}\nmax_tokens: 6\nmax_retries: 0\n")
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--device", "cpu", "--no-progress"]) == 0
+    failures = records(out / "judge_failures.jsonl")
+    assert len(failures) == 8 and all(f["reason"].startswith("unparseable reply") for f in failures)
+    usage = json.loads((out / "judge_usage.json").read_text())
+    assert usage["requests"] == 8 and usage["input_tokens"] > 8 * 256  # the prompt holds 256 image slots
+
+
+def test_two_processes_give_the_answers_one_gives(annotated, assets, tmp_path):
+    """--processes 2: a shard each, merged into answers.jsonl; the same seeds, so the same answers."""
+    out = tmp_path / "sharded"
+    argv = ["sample", "--pool", str(assets / "pool.yaml"), "--instructions", str(assets / "instructions.jsonl")]
+    argv += ["--images", str(assets / "vlf" / "merged_images.zip"), "--out", str(out), "--processes", "2"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert not list(out.glob("answers.shard-*"))  # merged, then removed
+    sharded = {(a["id"], a["model"]): a["response"] for a in records(out / "answers.jsonl")}
+    single = {(a["id"], a["model"]): a["response"] for a in records(annotated / "answers.jsonl")}
+    assert len(records(out / "answers.jsonl")) == 16 and sharded == single
+
+
+def test_an_instruction_a_model_cannot_take_is_recorded_and_skipped(assets, tmp_path):
+    rows = [
+        {"id": "synthetic-000000", "prompt": "What is this?"},
+        {"id": "synthetic-000001", "prompt": "<image> or <image>?"},
+    ]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["sample", "--pool", str(assets / "pool.yaml"), "--instructions", str(tmp_path / "two.jsonl")]
+    argv += ["--images", str(assets / "vlf" / "merged_images.zip"), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0
+    assert {a["id"] for a in records(tmp_path / "out" / "answers.jsonl")} == {"synthetic-000000"}
+    failures = records(tmp_path / "out" / "answer_failures.jsonl")
+    assert {(f["id"], f["model"]) for f in failures} == {
+        ("synthetic-000001", "qwen-vl"),
+        ("synthetic-000001", "qwen2-vl"),
+    }
+    assert all("2 <image> marker(s) for 1 image" in f["reason"] for f in failures)
+    assert main(argv) == 0 and len(records(tmp_path / "out" / "answer_failures.jsonl")) == 2  # not retried
+
+
+def test_a_refusing_endpoint_stops_the_run(served, annotated, tmp_path):
+    """A 404 (an unknown route here, as an unknown model on a real server) is not retried for every instruction."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(annotated, out)
+    (out / "ratings.jsonl").unlink()
+    judge = tmp_path / "judge.yaml"
+    judge.write_text(f"kind: openai\nmodel: m\nbase_url: {served}/nowhere\nmax_retries: 3\nbackoff_seconds: 5\n")
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 2
+    assert not (out / "ratings.jsonl").exists()  # nothing rated, and no retries waited for (backoff 5 s x 3)
+
+
+def test_odd_digits_are_no_rating():
+    reply = {"ratings": [{"answer": 1, **{a: {"rating": "²", "rationale": ""} for a in standin_ratings("")}}]}
+    with pytest.raises(JudgeParseError, match="not an integer 1-5"):
+        parse_ratings(json.dumps(reply), 1)

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--images", required=True, help="folder or zip the image paths are relative to")
     sample.add_argument("--out", required=True, help="the annotation folder (created; reused on a rerun)")
     sample.add_argument("--limit", type=int, help="only the first N instructions (fixed at the first run)")
+    sample.add_argument("--processes", type=int, default=1, help="answer in N processes, one shard each (1)")
+    sample.add_argument("--devices", help="with --processes: one CUDA device per process, e.g. 0,1,2,3")
+    sample.add_argument("--shard", help=argparse.SUPPRESS)  # I/N: set by --processes for each child
     judge = stages.add_parser("judge", help="rate the answers with the judge, then write the release")
     judge.add_argument("--judge", required=True, help="judge.yaml: kind openai|local|python, model, endpoint, ...")
     judge.add_argument("--in", dest="folder", required=True, help="the annotation folder `sample` wrote")
@@ -69,6 +72,15 @@ def _instructions(folder: Path) -> list:
     if not (folder / INSTRUCTIONS).is_file():
         raise ToolError(f"{folder} holds no {INSTRUCTIONS}: run `silkie annotate sample --out {folder}` first")
     return [Instruction(**row) for row in read_jsonl(folder / INSTRUCTIONS)]
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ToolError(f"--shard {text}: expected I/N with 0 <= I < N")
+    return int(index), int(count)
 
 
 def _config(loader, path: str):
@@ -106,7 +118,12 @@ def _stage(args: argparse.Namespace) -> Any:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         instructions = import_instructions(Path(args.instructions), Path(args.images), out, args.limit)
-        result = sample_answers(pool, instructions, out, progress)
+        if args.processes > 1:
+            from silkie.tools.annotate.shards import sample_in_processes
+
+            result = sample_in_processes(args, out)
+        else:
+            result = sample_answers(pool, instructions, out, progress, shard=_shard(args.shard))
         log.info("answers: %d (%d new) in %s", result["answers"], result["new"], out)
     else:
         out = Path(args.folder)

@@ -14,6 +14,7 @@ from silkie.tools.cli import ToolError
 
 INSTRUCTIONS = "instructions.jsonl"
 ANSWERS = "answers.jsonl"
+ANSWER_FAILURES = "answer_failures.jsonl"
 RATINGS = "ratings.jsonl"
 FAILURES = "judge_failures.jsonl"
 USAGE = "judge_usage.json"
@@ -92,6 +93,8 @@ def import_instructions(source: Path, images: Path, out: Path, limit: int | None
         if not isinstance(row_id, (str, int)) or not isinstance(prompt, str) or not prompt.strip():
             raise ToolError(f"{where}: needs an `id` and a non-empty `prompt` (or `instruction`)")
         row_id = str(row_id)
+        if not row_id.strip() or any(c == "\\" or ord(c) < 32 for c in row_id):
+            raise ToolError(f"{where}: id {row_id!r} must be non-empty, without backslashes or control characters")
         if row_id in seen:
             raise ToolError(f"{where}: id {row_id!r} given twice")
         seen.add(row_id)
@@ -107,6 +110,6 @@ def import_instructions(source: Path, images: Path, out: Path, limit: int | None
     if not rows:
         raise ToolError(f"{source}: no instructions")
     staging = done.with_suffix(".tmp")
-    staging.write_text("".join(json.dumps(row.__dict__, ensure_ascii=False) + "\n" for row in rows))
+    staging.write_text("".join(json.dumps(row.__dict__, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     staging.replace(done)  # written whole: its presence means the import finished
     return rows

@@ -19,7 +19,7 @@ from typing import Any
 
 from silkie.config.annotate import JudgeConfig
 from silkie.tools.annotate.files import ANSWERS, FAILURES, RATINGS, USAGE, AppendLog, Instruction, read_jsonl
-from silkie.tools.annotate.judges import JudgeCall, Reply
+from silkie.tools.annotate.judges import JudgeCall, PermanentJudgeError, Reply
 from silkie.tools.annotate.rubric import RUBRIC_VERSION, JudgeParseError, judge_prompt, parse_ratings
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def rate_one(
         limit.wait()
         try:
             reply = call(prompt, out / row.image, texts)
+        except PermanentJudgeError:
+            raise
         except Exception as err:  # the endpoint's errors (timeouts, 429, 5xx): retried like a bad reply
             reason = f"request failed: {type(err).__name__}: {err}"
             replies.append(Reply(""))  # a request made, nothing counted
@@ -110,17 +112,19 @@ def judge_answers(
     """Rate every answered instruction not rated yet; returns {rated, failed, new, skipped_one_answer, usage}."""
     from tqdm import tqdm
 
+    ratings, failures = AppendLog(out / RATINGS), AppendLog(out / FAILURES)  # first: a torn last line is cut
     grouped = answers_by_instruction(out)
-    rated = {record["id"] for record in read_jsonl(out / RATINGS)}
-    failed = set() if retry_failed else {record["id"] for record in read_jsonl(out / FAILURES)}
+    skip = {record["id"] for record in read_jsonl(out / RATINGS)}
+    if not retry_failed:  # unparseable replies stay out; failed requests (endpoint down, 5xx) are tried again
+        skip |= {r["id"] for r in read_jsonl(out / FAILURES) if r["reason"].startswith("unparseable")}
     one_answer = [row.id for row in instructions if len(grouped.get(row.id, [])) == 1]
-    todo = [row for row in instructions if len(grouped.get(row.id, [])) >= 2 and row.id not in rated | failed]
-    ratings, failures = AppendLog(out / RATINGS), AppendLog(out / FAILURES)
+    todo = [row for row in instructions if len(grouped.get(row.id, [])) >= 2 and row.id not in skip]
     limit = RateLimit(config.requests_per_minute)
     workers = config.concurrency if config.kind == "openai" else 1  # a local model answers one request at a time
     new = new_failures = 0
     bar = tqdm(total=len(todo), desc="judge", disable=not progress)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = [pool.submit(rate_one, call, config, limit, row, grouped[row.id], out) for row in todo]
         for future in as_completed(futures):
             record, failure, replies = future.result()
@@ -134,6 +138,10 @@ def judge_answers(
                             failure["reason"])  # fmt: skip
             _add_usage(out, config, replies, len(replies))
             bar.update(1)
+    except BaseException:  # Ctrl-C, a full disk, a permanent endpoint error: stop sending (and paying for) requests
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     bar.close()
     path = out / USAGE
     usage = json.loads(path.read_text()) if path.is_file() else {"requests": 0, "cost": 0.0}

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import base64
 import importlib
-import mimetypes
+import io
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from silkie.config.annotate import JudgeConfig, PoolModel
-from silkie.tools.cli import ToolError
+from silkie.tools.cli import ToolError, read_image
 
 
 @dataclass
@@ -25,12 +26,25 @@ class Reply:
 
 
 JudgeCall = Callable[[str, Path, Sequence[str]], Reply]  # (rubric prompt, image file, answers) -> reply
+API_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+class PermanentJudgeError(ToolError):
+    """An endpoint error that retrying cannot fix (bad key, unknown model): the run stops."""
 
 
 def image_data_url(path: Path) -> str:
-    """The image as a `data:` URL (how the chat-completions API takes a local picture)."""
-    kind = mimetypes.guess_type(path.name)[0] or "image/jpeg"
-    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    """The image as a `data:` URL (how the chat-completions API takes a local picture); formats the API does not
+    take (BMP, TIFF, ...) are re-encoded as PNG, upright and RGB as training reads them."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        kind = API_FORMATS.get(image.format or "")
+    if kind is not None:
+        return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    buffer = io.BytesIO()
+    read_image(path).save(buffer, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
 def openai_judge(config: JudgeConfig) -> JudgeCall:
@@ -47,8 +61,22 @@ def openai_judge(config: JudgeConfig) -> JudgeCall:
         base_url=config.base_url, api_key=key or "none", timeout=config.timeout_seconds, max_retries=0
     )
 
+    permanent = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
     def call(prompt: str, image: Path, answers: Sequence[str]) -> Reply:
-        response = client.chat.completions.create(
+        try:
+            response = create(prompt, image)
+        except permanent as err:
+            raise PermanentJudgeError(f"judge endpoint refused the request ({type(err).__name__}): {err}") from err
+        usage = response.usage
+        return Reply(
+            response.choices[0].message.content or "",
+            getattr(usage, "prompt_tokens", 0) or 0,
+            getattr(usage, "completion_tokens", 0) or 0,
+        )
+
+    def create(prompt: str, image: Path):
+        return client.chat.completions.create(
             model=config.model,
             messages=[
                 {
@@ -62,12 +90,6 @@ def openai_judge(config: JudgeConfig) -> JudgeCall:
             max_tokens=config.max_tokens,
             temperature=config.temperature,
         )
-        usage = response.usage
-        return Reply(
-            response.choices[0].message.content or "",
-            getattr(usage, "prompt_tokens", 0) or 0,
-            getattr(usage, "completion_tokens", 0) or 0,
-        )
 
     return call
 
@@ -78,10 +100,15 @@ def local_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:
 
     spec = PoolModel(config.model, "judge", config.adapter, config.max_tokens, config.temperature, 1.0)
     responder = Responder(spec, device)
+    attempts: Counter = Counter()
 
     def call(prompt: str, image: Path, answers: Sequence[str]) -> Reply:
+        attempts[prompt] += 1
+        if attempts[prompt] > 1:  # a greedy retry would repeat the same reply: sample, with a new seed
+            responder.options.sample, responder.options.temperature = True, max(config.temperature, 0.7)
         tokenizer, ids, _ = responder.inputs(image, prompt)
-        text = responder.answer(image, prompt, seed=0)
+        text = responder.answer(image, prompt, seed=attempts[prompt] - 1)
+        responder.options.sample, responder.options.temperature = config.temperature > 0, config.temperature or 1.0
         return Reply(text, int(ids.shape[1]), len(tokenizer.encode(text)) if text else 0)
 
     return call

@@ -102,6 +102,8 @@ def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> li
     pool = _checked(load_pool, config.pool) if config.pool else PoolConfig(models=[], answers_per_instruction=0)
     call = None
     policy = Path(load_recipe(config.recipe, list(config.overrides)).model.path)
+    policy = policy.resolve() if policy.exists() else policy  # absolute: a Slurm job may start elsewhere
+    working = working.resolve()
     summaries = []
     for number in range(1, config.rounds + 1):
         folder = working / f"round-{number}"
@@ -117,6 +119,9 @@ def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> li
             call = call or make_judge(judge)
             judge_answers(judge, call, instructions, data, progress=progress)
             write_release(instructions, data)
+            if judge.kind == "local":  # its memory goes back before the round trains on the same GPUs
+                call = None
+            _release_memory()
         recipe = round_recipe(config, policy, data / "release", folder / "recipe.yaml")
         final = train_round(recipe, run, list(config.launch_args))
         summary = json.loads((data / "summary.json").read_text())
@@ -136,6 +141,16 @@ def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> li
         policy = next_policy(policy, run, folder / "merged")
         (working / SUMMARY).write_text(json.dumps(summaries, indent=2) + "\n")
     return summaries
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _checked(loader, path: str):

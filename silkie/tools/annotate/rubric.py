@@ -32,8 +32,14 @@ class JudgeParseError(ValueError):
     """A judge reply that is not the rubric's JSON (the reason says what is wrong)."""
 
 
+def _as_text(text: str) -> str:
+    """Media markers written as text, so that they place nothing in the judge's prompt (`<image>` -> `[image]`)."""
+    return re.sub(r"<(/?)(image|video|img)>", r"[\1\2]", text)
+
+
 def judge_prompt(instruction: str, answers: Sequence[str]) -> str:
     """The text sent with the image: the aspects, the instruction, the numbered answers, the reply format."""
+    instruction, answers = _as_text(instruction), [_as_text(answer) for answer in answers]
     aspects = "\n".join(f"- {name}: {ASPECT_GUIDE[name]}" for name in ASPECTS_ORDER)
     numbered = "\n\n".join(f"[Answer {i}]\n{text}" for i, text in enumerate(answers, 1))
     example = {
@@ -64,8 +70,8 @@ def _json_object(text: str) -> Any:
 
 
 def _rating(value: Any, where: str) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str) and re.fullmatch(r"\s*[1-5]\s*", value):
+        value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 5:
@@ -83,7 +89,7 @@ def parse_ratings(text: str, n_answers: int) -> list[dict[str, dict[str, str]]]:
     by_answer: dict[int, dict] = {}
     for entry in entries:
         number = entry.get("answer") if isinstance(entry, dict) else None
-        number = int(number) if isinstance(number, (int, str)) and str(number).isdigit() else None
+        number = int(number) if isinstance(number, (int, str)) and re.fullmatch(r"[0-9]+", str(number)) else None
         if number is None or not 1 <= number <= n_answers or number in by_answer:
             raise JudgeParseError(f"entry {entry!r:.80}: needs a distinct answer number 1-{n_answers}")
         by_answer[number] = entry

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from silkie.config.annotate import PoolConfig, PoolModel
-from silkie.tools.annotate.files import ANSWERS, AppendLog, Instruction, read_jsonl
+from silkie.models.family import PairTextError
+from silkie.tools.annotate.files import ANSWER_FAILURES, ANSWERS, AppendLog, Instruction, read_jsonl
+from silkie.tools.cli import ToolError
 
 log = logging.getLogger(__name__)
 BATCH = 8  # answers written (flushed) together
@@ -78,17 +80,43 @@ class Responder:
         return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
 
 
+def shard_file(index: int, count: int) -> str:
+    """The answers file of shard `index` of `count` (merged into answers.jsonl when all are done)."""
+    return f"answers.shard-{index}-of-{count}.jsonl"
+
+
+def failed_answers(out: Path) -> set[tuple[str, str]]:
+    """(instruction id, model) pairs that could not be answered (an unreadable image, markers that disagree)."""
+    files = [out / ANSWER_FAILURES, *sorted(out.glob("answer_failures.shard-*.jsonl"))]
+    return {(r["id"], r["model"]) for path in files for r in read_jsonl(path)}
+
+
+def answered(out: Path) -> set[tuple[str, str]]:
+    """(instruction id, model) pairs answered, in answers.jsonl or any shard file."""
+    files = [out / ANSWERS, *sorted(out.glob("answers.shard-*.jsonl"))]
+    return {(r["id"], r["model"]) for path in files for r in read_jsonl(path)}
+
+
 def sample_answers(
-    pool: PoolConfig, instructions: Sequence[Instruction], out: Path, progress: bool = True, always: Sequence[str] = ()
+    pool: PoolConfig,
+    instructions: Sequence[Instruction],
+    out: Path,
+    progress: bool = True,
+    always: Sequence[str] = (),
+    shard: tuple[int, int] | None = None,
 ) -> dict:
-    """Answer every instruction with its drawn pool models (and the `always` ones); returns {answers, new,
-    per_model}."""
+    """Answer every instruction with its drawn pool models (and the `always` ones); with `shard` (index, count)
+    only the instructions at index = i mod count, into the shard's own file. Returns {answers, new, per_model}."""
     from tqdm import tqdm
 
     names = [model.label for model in pool.models]
     plan = assign_models(instructions, names, pool.answers_per_instruction, pool.seed, always)
-    done = {(r["id"], r["model"]) for r in read_jsonl(out / ANSWERS)}
-    answers = AppendLog(out / ANSWERS)
+    if shard is not None:
+        instructions = [row for i, row in enumerate(instructions) if i % shard[1] == shard[0]]
+    target = out / (ANSWERS if shard is None else shard_file(*shard))
+    answers = AppendLog(target)  # first: a torn last line is cut before what is done is read
+    failures = AppendLog(out / (ANSWER_FAILURES if shard is None else f"answer_failures.shard-{shard[0]}.jsonl"))
+    done = answered(out) | failed_answers(out)
     new = 0
     for model in pool.models:
         todo = [row for row in instructions if model.label in plan[row.id] and (row.id, model.label) not in done]
@@ -101,12 +129,31 @@ def sample_answers(
             batch = todo[start : start + BATCH]
             records = []
             for row in batch:
-                text = responder.answer(out / row.image, row.prompt, answer_seed(pool.seed, row.id, model.label))
+                seed = answer_seed(pool.seed, row.id, model.label)
+                try:
+                    text = responder.answer(out / row.image, row.prompt, seed)
+                except (ToolError, ValueError, PairTextError) as err:  # this row can't be a prompt for this model
+                    log.warning("%s: %s left unanswered: %s", model.label, row.id, err)
+                    failures.write([{"id": row.id, "model": model.label, "reason": str(err)}])
+                    continue
                 records.append({"id": row.id, "model": model.label, "response": text})
             answers.write(records)
             new += len(records)
             bar.update(len(batch))
         bar.close()
         del responder
-    per_model = Counter(r["model"] for r in read_jsonl(out / ANSWERS))
+    per_model = Counter(r["model"] for r in read_jsonl(target))
     return {"answers": sum(per_model.values()), "new": new, "per_model": dict(per_model)}
+
+
+def merge_shards(out: Path) -> int:
+    """Append the shard files' answers not in answers.jsonl yet, then remove the shard files; returns how many."""
+    done = {(r["id"], r["model"]) for r in read_jsonl(out / ANSWERS)}
+    answers, added = AppendLog(out / ANSWERS), 0
+    for path in sorted(out.glob("answers.shard-*.jsonl")):
+        records = [r for r in read_jsonl(path) if (r["id"], r["model"]) not in done]
+        answers.write(records)
+        done |= {(r["id"], r["model"]) for r in records}
+        added += len(records)
+        path.unlink()  # after its records are durably in answers.jsonl
+    return added

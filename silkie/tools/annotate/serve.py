@@ -85,11 +85,23 @@ class ModelServer:
 
     def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """The chat-completions response to `body`."""
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        try:
+            max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.spec.max_new_tokens)
+            temperature = float(body.get("temperature", self.spec.temperature) or 0.0)
+        except (TypeError, ValueError) as err:
+            raise BadRequest(f"max_tokens / temperature: {err}") from None
         image, text = read_request(body, self.scratch)
         if image is None:
             raise BadRequest("an image is needed (these are vision-language models)")
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.spec.max_new_tokens)
-        temperature = float(body.get("temperature", self.spec.temperature) or 0.0)
+        try:
+            return self._answer(body, image, text, max_tokens, temperature)
+        finally:
+            if image.parent == self.scratch:  # a decoded upload, not a server-side file
+                image.unlink(missing_ok=True)
+
+    def _answer(self, body: dict, image: Path, text: str, max_tokens: int, temperature: float) -> dict[str, Any]:
         with self.lock:
             options = self.responder.options
             options.max_new_tokens, options.sample = max_tokens, temperature > 0
@@ -132,8 +144,10 @@ def make_handler(server: ModelServer) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 length = int(self.headers.get("Content-Length") or 0)
+                if length < 0:
+                    raise BadRequest("bad Content-Length")
                 self._send(200, server.complete(json.loads(self.rfile.read(length) or b"{}")))
-            except (BadRequest, json.JSONDecodeError) as err:
+            except (ValueError, ToolError) as err:  # the request's fault (bad JSON, sizes, markers, encoding)
                 self._send(400, {"error": {"message": str(err), "type": "invalid_request_error"}})
             except Exception as err:  # the model failed: the client sees a 500 and may retry
                 log.exception("request failed")
