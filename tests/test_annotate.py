@@ -53,6 +53,17 @@ def annotated(assets, tmp_path_factory):
     return out
 
 
+def unjudged_copy(annotated: Path, tmp_path: Path) -> Path:
+    """A copy of the annotated folder with its answers but no judging done."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(annotated, out)
+    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
+        (out / name).unlink()
+    return out
+
+
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -137,12 +148,7 @@ def test_a_torn_last_line_is_dropped_and_redone(assets, tmp_path):
 
 
 def test_a_retried_parse_failure_is_rated_on_the_next_reply(annotated, assets, tmp_path):
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(annotated, out)
-    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
-        (out / name).unlink()
+    out = unjudged_copy(annotated, tmp_path)
     assert main(["judge", "--judge", str(write_judge(tmp_path / "j.yaml", "flaky")), "--in", str(out),
                  "--no-progress"]) == 0  # fmt: skip
     assert len(records(out / "ratings.jsonl")) == 8 and not (out / "judge_failures.jsonl").exists()
@@ -208,16 +214,11 @@ def served(assets):
 def test_the_openai_client_path_against_a_served_model(served, annotated, tmp_path):
     """The real client and HTTP: the image goes as a data: URL, usage is counted from the server's tokens; the tiny
     model's reply is no rubric JSON, so every instruction is retried and then counted out, none guessed."""
-    import shutil
-
     import openai
 
     client = openai.OpenAI(base_url=served, api_key="none")
     assert [m.id for m in client.models.list()] == ["qwen2-vl"]
-    out = tmp_path / "copy"
-    shutil.copytree(annotated, out)
-    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
-        (out / name).unlink()
+    out = unjudged_copy(annotated, tmp_path)
     judge = tmp_path / "judge.yaml"
     prices = "price_per_million_input: 2.5\nprice_per_million_output: 10\n"
     judge.write_text(f"kind: openai\nmodel: qwen2-vl\nbase_url: {served}\nmax_retries: 1\nbackoff_seconds: 0\n"
@@ -234,12 +235,7 @@ def test_the_openai_client_path_against_a_served_model(served, annotated, tmp_pa
 
 
 def test_an_unreachable_endpoint_is_retried_then_counted_out(annotated, tmp_path):
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(annotated, out)
-    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
-        (out / name).unlink()
+    out = unjudged_copy(annotated, tmp_path)
     judge = tmp_path / "judge.yaml"
     judge.write_text("kind: openai\nmodel: m\nbase_url: http://127.0.0.1:9/v1\nmax_retries: 1\nbackoff_seconds: 0\n"
                      "timeout_seconds: 5\n")  # fmt: skip
@@ -277,12 +273,7 @@ def test_the_readme_annotate_demo_builds_a_release_and_trains_on_it(tmp_path):
 
 def test_a_local_checkpoint_judge_that_writes_no_rubric_is_counted_out(annotated, assets, tmp_path):
     """kind: local on the tiny Qwen-VL-Chat: it answers the rubric with its image, but not in JSON."""
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(annotated, out)
-    for name in ("ratings.jsonl", "judge_failures.jsonl", "judge_usage.json"):
-        (out / name).unlink()
+    out = unjudged_copy(annotated, tmp_path)
     judge = tmp_path / "judge.yaml"
     judge.write_text(f"kind: local\nmodel: {assets / 'qwen-vl'}\nmax_tokens: 6\nmax_retries: 0\n")
     assert main(["judge", "--judge", str(judge), "--in", str(out), "--device", "cpu", "--no-progress"]) == 0
@@ -325,11 +316,7 @@ def test_an_instruction_a_model_cannot_take_is_recorded_and_skipped(assets, tmp_
 
 def test_a_refusing_endpoint_stops_the_run(served, annotated, tmp_path):
     """A 404 (an unknown route here, as an unknown model on a real server) is not retried for every instruction."""
-    import shutil
-
-    out = tmp_path / "copy"
-    shutil.copytree(annotated, out)
-    (out / "ratings.jsonl").unlink()
+    out = unjudged_copy(annotated, tmp_path)
     judge = tmp_path / "judge.yaml"
     judge.write_text(f"kind: openai\nmodel: m\nbase_url: {served}/nowhere\nmax_retries: 3\nbackoff_seconds: 5\n")
     assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 2
