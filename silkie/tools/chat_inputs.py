@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, MAX_IMAGE_PATH_BYTES
-from silkie.tools.cli import ToolError, read_image, require_file
+from silkie.tools.cli import ToolError, read_config, read_image, require_file
 
 Turn = tuple[str, "str | None"]  # (query as the model saw it, response; None: the user turn alone)
 Paths = str | Path | Sequence[str | Path] | None
@@ -88,15 +88,12 @@ def qwen_vl_inputs(
 def run_recipe(adapter_dir: Any) -> Any:
     """The recipe of the run an adapter belongs to (RUN/adapter or RUN/checkpoint-N beside RUN/config.yaml), or
     None: chat then processes images and videos as that run did (pixel bounds, video frames)."""
-    from silkie.config import RecipeError, load_recipe
+    from silkie.config import load_recipe
     from silkie.run_dir import CONFIG_NAME
 
     if adapter_dir is None or not (Path(adapter_dir).parent / CONFIG_NAME).is_file():
         return None
-    try:
-        return load_recipe(Path(adapter_dir).parent / CONFIG_NAME)
-    except RecipeError as err:
-        raise ToolError(str(err)) from err
+    return read_config(load_recipe, Path(adapter_dir).parent / CONFIG_NAME)
 
 
 def read_video(path: str | Path, config: Any, data: Any = None) -> Any:
@@ -114,34 +111,47 @@ def read_video(path: str | Path, config: Any, data: Any = None) -> Any:
         raise ToolError(str(err)) from err
 
 
-def family_inputs(model_dir: Any, adapter_dir: Any, config: Any, images: Paths, videos: Paths, question: str) -> tuple:
-    """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) from the codec's prompt (pictures and
-    videos placed by `<image>` / `<video>` markers in the question, else first), each marker expanded to its
-    feature-token count as the collator does; pixel bounds and video frames are the adapter's run's."""
-    from silkie.config import ModelSection
-    from silkie.data.collator import PairCollator
-    from silkie.models.family import ImageBatch, PairTextError, get_family
-    from silkie.tools.common import family_of, load_codec_from
+class FamilyPrompter:
+    """Qwen2-VL / LLaVA prompt inputs of one model folder (+ adapter): the codec and the image/video processor,
+    with the adapter's run's pixel bounds and video frames, loaded once for any number of questions."""
 
-    family = family_of(model_dir)
-    recipe = run_recipe(adapter_dir)
-    section = ModelSection(path=str(model_dir), family=family)
-    if recipe is not None:  # the run's pixel bounds
-        section = dataclasses.replace(recipe.model, path=str(model_dir), family=family)
-    codec = load_codec_from(model_dir, adapter_dir, section=section)
-    images, videos = as_paths(images), as_paths(videos)
-    try:
-        prompt = codec.prompt_ids(question, [str(p) for p in images], [str(v) for v in videos])
-    except PairTextError as err:
-        raise ToolError(f"{family}: {err}") from err
-    processor = get_family(family).image_processor(config, section)
-    pictures = [read_image(path) for path in images]
-    clips = [read_video(path, config, recipe.data if recipe else None) for path in videos]
-    processed = processor(pictures, videos=clips) if clips else processor(pictures)
-    processed = processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
-    (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])
-    tensors = dict(processed.tensors)
-    if family.startswith("qwen2"):  # M-RoPE needs the modality of each token: 1 image, 2 video
-        types = [1 if t == config.image_token_id else 2 if t == config.video_token_id else 0 for t in ids]
-        tensors["mm_token_type_ids"] = torch.tensor([types])
-    return codec.tokenizer, torch.tensor([ids]), tensors
+    def __init__(self, model_dir: Any, adapter_dir: Any, config: Any):
+        from silkie.config import ModelSection
+        from silkie.models.family import get_family
+        from silkie.tools.common import family_of, load_codec_from
+
+        self.family, self.config = family_of(model_dir), config
+        self.recipe = run_recipe(adapter_dir)
+        section = ModelSection(path=str(model_dir), family=self.family)
+        if self.recipe is not None:  # the run's pixel bounds
+            section = dataclasses.replace(self.recipe.model, path=str(model_dir), family=self.family)
+        self.codec = load_codec_from(model_dir, adapter_dir, section=section)
+        self.processor = get_family(self.family).image_processor(config, section)
+
+    def __call__(self, images: Paths, videos: Paths, question: str) -> tuple:
+        """(tokenizer, prompt ids [1, L], image/video tensors): pictures and videos placed by `<image>` / `<video>`
+        markers in the question, else first, each marker expanded to its feature-token count as the collator
+        does."""
+        from silkie.data.collator import PairCollator
+        from silkie.models.family import ImageBatch, PairTextError
+
+        config, images, videos = self.config, as_paths(images), as_paths(videos)
+        try:
+            prompt = self.codec.prompt_ids(question, [str(p) for p in images], [str(v) for v in videos])
+        except PairTextError as err:
+            raise ToolError(f"{self.family}: {err}") from err
+        pictures = [read_image(path) for path in images]
+        clips = [read_video(path, config, self.recipe.data if self.recipe else None) for path in videos]
+        processed = self.processor(pictures, videos=clips) if clips else self.processor(pictures)
+        processed = processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
+        (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])
+        tensors = dict(processed.tensors)
+        if self.family.startswith("qwen2"):  # M-RoPE needs the modality of each token: 1 image, 2 video
+            types = [1 if t == config.image_token_id else 2 if t == config.video_token_id else 0 for t in ids]
+            tensors["mm_token_type_ids"] = torch.tensor([types])
+        return self.codec.tokenizer, torch.tensor([ids]), tensors
+
+
+def family_inputs(model_dir: Any, adapter_dir: Any, config: Any, images: Paths, videos: Paths, question: str) -> tuple:
+    """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) of one question (`FamilyPrompter`)."""
+    return FamilyPrompter(model_dir, adapter_dir, config)(images, videos, question)

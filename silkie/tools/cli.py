@@ -58,3 +58,14 @@ def require_dir(path: str | Path, what: str, marker: str | None = None) -> Path:
     if marker is not None and not (path / marker).is_file():
         raise ToolError(f"{what} {path} has no {marker}")
     return path
+
+
+def read_config(loader: Callable[..., Any], path: str | Path, *args: Any) -> Any:
+    """`loader(path, *args)` (a recipe, pool, judge or rounds file), its `RecipeError` as the one-line
+    `ToolError`."""
+    from silkie.errors import RecipeError
+
+    try:
+        return loader(path, *args)
+    except RecipeError as err:
+        raise ToolError(str(err)) from err

@@ -18,7 +18,7 @@ import torch
 from silkie.config.names import BATCH_LEVEL_LOSS_TYPES
 from silkie.errors import InputError
 from silkie.run_dir import ADAPTER_DIR, CONFIG_NAME
-from silkie.tools.cli import ToolError, require_dir, require_file
+from silkie.tools.cli import ToolError, read_config, require_dir, require_file
 
 METRIC_ROWS = (
     ("pairs", "n_pairs"),
@@ -155,15 +155,12 @@ def evaluate_run(
     max_pairs: int | None = None,
 ) -> dict[str, Any]:
     """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}."""
-    from silkie.config import RecipeError, load_recipe
+    from silkie.config import load_recipe
     from silkie.tools.common import load_codec_from, load_model, resolve_device, resolve_tool_dtype
     from silkie.train.build import build_trainer
 
     run_dir = require_dir(run_dir, "run directory")
-    try:
-        recipe = load_recipe(require_file(run_dir / CONFIG_NAME, "run recipe"))
-    except RecipeError as err:
-        raise ToolError(str(err)) from err
+    recipe = read_config(load_recipe, require_file(run_dir / CONFIG_NAME, "run recipe"))
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / ADAPTER_DIR
     if not adapter_dir.is_dir():  # an interrupted run has checkpoints but no final adapter yet
         from silkie.run_dir import latest_checkpoint

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from silkie.tools.cli import ToolError, run_cli
+from silkie.tools.cli import ToolError, read_config, run_cli
 
 log = logging.getLogger("silkie.annotate")
 
@@ -83,15 +83,6 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def _config(loader, path: str):
-    from silkie.errors import RecipeError
-
-    try:
-        return loader(path)
-    except RecipeError as err:
-        raise ToolError(str(err)) from err
-
-
 def run(args: argparse.Namespace) -> int:
     """Run one stage and print its summary as JSON (the only thing on stdout: libraries' prints go to stderr)."""
     with contextlib.redirect_stdout(sys.stderr):
@@ -109,12 +100,12 @@ def _stage(args: argparse.Namespace) -> Any:
         from silkie.config.annotate import load_rounds
         from silkie.tools.annotate.rounds import run_rounds
 
-        return run_rounds(_config(load_rounds, args.config), Path(args.working), progress)
+        return run_rounds(read_config(load_rounds, args.config), Path(args.working), progress)
     if args.stage == "sample":
         from silkie.tools.annotate.files import import_instructions
         from silkie.tools.annotate.sample import sample_answers
 
-        pool = _config(load_pool, args.pool)
+        pool = read_config(load_pool, args.pool)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         instructions = import_instructions(Path(args.instructions), Path(args.images), out, args.limit)
@@ -133,7 +124,7 @@ def _stage(args: argparse.Namespace) -> Any:
             from silkie.tools.annotate.judge import judge_answers
             from silkie.tools.annotate.judges import make_judge
 
-            config = _config(load_judge, args.judge)
+            config = read_config(load_judge, args.judge)
             result = judge_answers(config, make_judge(config, args.device), instructions, out, args.retry_failed,
                                    progress)  # fmt: skip
         result["summary"] = write_release(instructions, out)

@@ -145,10 +145,10 @@ def judge_answers(
     bar.close()
     path = out / USAGE
     usage = json.loads(path.read_text()) if path.is_file() else {"requests": 0, "cost": 0.0}
-    failed_now = {record["id"] for record in read_jsonl(out / FAILURES)} - {r["id"] for r in read_jsonl(out / RATINGS)}
+    rated_ids = {record["id"] for record in read_jsonl(out / RATINGS)}
     return {
-        "rated": len({record["id"] for record in read_jsonl(out / RATINGS)}),
-        "failed": len(failed_now),
+        "rated": len(rated_ids),
+        "failed": len({record["id"] for record in read_jsonl(out / FAILURES)} - rated_ids),
         "new": new,
         "new_failures": new_failures,
         "skipped_one_answer": len(one_answer),

@@ -106,10 +106,9 @@ def local_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:
         attempts[prompt] += 1
         if attempts[prompt] > 1:  # a greedy retry would repeat the same reply: sample, with a new seed
             responder.options.sample, responder.options.temperature = True, max(config.temperature, 0.7)
-        tokenizer, ids, _ = responder.inputs(image, prompt)
-        text = responder.answer(image, prompt, seed=attempts[prompt] - 1)
+        text, prompt_tokens, answer_tokens = responder.reply(image, prompt, seed=attempts[prompt] - 1)
         responder.options.sample, responder.options.temperature = config.temperature > 0, config.temperature or 1.0
-        return Reply(text, int(ids.shape[1]), len(tokenizer.encode(text)) if text else 0)
+        return Reply(text, prompt_tokens, answer_tokens)
 
     return call
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from silkie.config.annotate import PoolConfig, PoolModel, RoundsConfig, load_judge, load_pool
 from silkie.run_dir import ADAPTER_DIR, FINAL_METRICS_NAME, FINISHED_NAME
-from silkie.tools.cli import ToolError
+from silkie.tools.cli import ToolError, read_config
 
 log = logging.getLogger(__name__)
 SUMMARY = "rounds.json"
@@ -23,7 +23,7 @@ SUMMARY = "rounds.json"
 
 def round_recipe(config: RoundsConfig, policy: Path, release: Path, target: Path) -> Path:
     """The round's recipe: the configured one with this round's policy and release; written to `target`."""
-    from silkie.config import RecipeError, load_recipe, save_recipe
+    from silkie.config import load_recipe, save_recipe
 
     overrides = [
         *config.overrides,
@@ -32,10 +32,7 @@ def round_recipe(config: RoundsConfig, policy: Path, release: Path, target: Path
         f"data.path={release / 'vlfeedback_80k.jsonl'}",
         f"data.images={release / 'merged_images.zip'}",
     ]
-    try:
-        recipe = load_recipe(config.recipe, overrides)
-    except RecipeError as err:
-        raise ToolError(str(err)) from err
+    recipe = read_config(load_recipe, config.recipe, overrides)
     save_recipe(recipe, target)
     return target
 
@@ -98,8 +95,8 @@ def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> li
     from silkie.tools.annotate.release import write_release
     from silkie.tools.annotate.sample import sample_answers
 
-    judge = _checked(load_judge, config.judge)
-    pool = _checked(load_pool, config.pool) if config.pool else PoolConfig(models=[], answers_per_instruction=0)
+    judge = read_config(load_judge, config.judge)
+    pool = read_config(load_pool, config.pool) if config.pool else PoolConfig(models=[], answers_per_instruction=0)
     call = None
     policy = Path(load_recipe(config.recipe, list(config.overrides)).model.path)
     policy = policy.resolve() if policy.exists() else policy  # absolute: a Slurm job may start elsewhere
@@ -151,12 +148,3 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _checked(loader, path: str):
-    from silkie.errors import RecipeError
-
-    try:
-        return loader(path)
-    except RecipeError as err:
-        raise ToolError(str(err)) from err

@@ -51,22 +51,28 @@ class Responder:
         self.spec = model
         self.chat = load_chat_model(model.path, model.adapter, model.dtype, device)
         self.tokenizer = qwen_vl_tokenizer(self.chat) if self.chat.family == "qwen_vl" else None
+        self.prompter = None  # the other families' codec and processor, loaded at the first question
         sample = model.temperature > 0
         self.options = GenerationOptions(model.max_new_tokens, sample, model.top_p, model.temperature or 1.0)
 
     def inputs(self, image: str | Path, question: str) -> tuple[Any, Any, dict]:
         """(tokenizer, prompt ids [1, L], image tensors) of one question about one picture."""
         from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
-        from silkie.tools.chat_inputs import family_inputs, qwen_vl_inputs
+        from silkie.tools.chat_inputs import FamilyPrompter, qwen_vl_inputs
 
         if self.tokenizer is not None:
             ids, tensors = qwen_vl_inputs(self.chat, self.tokenizer, [image], question, DEFAULT_SYSTEM, [])
             return self.tokenizer, ids, tensors
-        chat = self.chat
-        return family_inputs(chat.model_dir, chat.adapter_dir, chat.config, [image], [], question)
+        if self.prompter is None:
+            self.prompter = FamilyPrompter(self.chat.model_dir, self.chat.adapter_dir, self.chat.config)
+        return self.prompter([image], [], question)
 
     def answer(self, image: str | Path, question: str, seed: int) -> str:
         """The model's answer (special tokens dropped, surrounding whitespace stripped)."""
+        return self.reply(image, question, seed)[0]
+
+    def reply(self, image: str | Path, question: str, seed: int) -> tuple[str, int, int]:
+        """(answer, prompt tokens, generated tokens) of one question."""
         import torch
 
         from silkie.tools.chat import generate_kwargs
@@ -77,7 +83,8 @@ class Responder:
         with torch.no_grad():
             kwargs = generate_kwargs(tokenizer, ids, self.chat.to_device(tensors), self.options)
             out = self.chat.model.generate(**kwargs)
-        return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True).strip()
+        generated = out[0, ids.shape[1] :].tolist()
+        return tokenizer.decode(generated, skip_special_tokens=True).strip(), int(ids.shape[1]), len(generated)
 
 
 def shard_file(index: int, count: int) -> str:

@@ -106,10 +106,7 @@ class ModelServer:
             options = self.responder.options
             options.max_new_tokens, options.sample = max_tokens, temperature > 0
             options.temperature = temperature or 1.0
-            tokenizer, ids, _ = self.responder.inputs(image, text)
-            answer = self.responder.answer(image, text, seed=int(body.get("seed") or 0))
-        completion = len(tokenizer.encode(answer)) if answer else 0
-        prompt = int(ids.shape[1])
+            answer, prompt, completion = self.responder.reply(image, text, seed=int(body.get("seed") or 0))
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
