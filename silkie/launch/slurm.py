@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from silkie.config import Recipe
-from silkie.config.cluster import SLURM_SIGNALS
+from silkie.config.cluster import SLURM_SIGNALS, SlurmSection
 from silkie.logs import LAUNCH, LAUNCH_STDOUT, get_logger
 from silkie.run_dir import ADAPTER_DIR, FINISHED_NAME, SLURM_DIR, checkpoint_status
 
@@ -79,13 +79,22 @@ def check_signal(name: str) -> str:
     return short
 
 
-def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path) -> list[str]:
-    slurm = recipe.slurm
+def sbatch_options(
+    slurm: SlurmSection,
+    nodes: int,
+    tasks_per_node: int,
+    gpus_per_node: int,
+    cwd: Path,
+    log_dir: Path,
+    more: tuple[tuple[str, object], ...] = (),
+) -> list[str]:
+    """The `#SBATCH` lines every silkie job shares: size, resources, the slurm section's choices, the log under
+    `log_dir` (`%j.log`, appended across requeues), the job's `more` options, requeue and the extra lines."""
     options: list[tuple[str, object]] = [
         ("job-name", slurm.job_name),
-        ("nodes", layout.nodes),
-        ("ntasks-per-node", 1),
-        ("gres", f"gpu:{layout.gpus_per_node}"),
+        ("nodes", nodes),
+        ("ntasks-per-node", tasks_per_node),
+        ("gres", f"gpu:{gpus_per_node}"),
         ("cpus-per-gpu", slurm.cpus_per_gpu),
         ("mem-per-gpu", slurm.mem_per_gpu),
         ("time", slurm.time),
@@ -94,9 +103,9 @@ def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path)
         ("qos", slurm.qos),
         ("constraint", slurm.constraint),
         ("chdir", cwd),
-        ("output", working / SLURM_DIR / "%j.log"),
+        ("output", log_dir / "%j.log"),
         ("open-mode", "append"),
-        ("signal", f"B:{check_signal(slurm.signal)}@{slurm.signal_seconds}"),
+        *more,
     ]
     lines = [f"#SBATCH --{key}={_sbatch_value(key, value)}" for key, value in options if value is not None]
     lines.append("#SBATCH --requeue" if slurm.requeue else "#SBATCH --no-requeue")
@@ -104,6 +113,12 @@ def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path)
         extra = extra.strip()
         lines.append(extra if extra.startswith("#SBATCH") else f"#SBATCH {extra}")
     return lines
+
+
+def _sbatch_lines(recipe: Recipe, working: Path, layout: SlurmLayout, cwd: Path) -> list[str]:
+    slurm = recipe.slurm
+    signal = ("signal", f"B:{check_signal(slurm.signal)}@{slurm.signal_seconds}")
+    return sbatch_options(slurm, layout.nodes, 1, layout.gpus_per_node, cwd, working / SLURM_DIR, (signal,))
 
 
 def _sbatch_value(key: str, value: object) -> str:
@@ -280,23 +295,29 @@ def job_state(job_id: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0) -> int:
-    """Stream the job's log until it ends (requeues included); 0 only when the run is FINISHED."""
-    working = Path(working)
+def stream_job(job_id: str, log_path: Path, poll_s: float = 2.0) -> tuple[str | None, str]:
+    """Print the job's log as it grows until the job ends (requeues included); its (state, exit code). Ctrl-C
+    stops following (KeyboardInterrupt), not the job."""
     offset = 0
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a read may end inside a character
-    state, exit_code = None, ""
+    while True:
+        state, exit_code = job_state(job_id)
+        offset = _stream(log_path, offset, decoder)
+        if state is None or state in FINAL_STATES:
+            break
+        time.sleep(poll_s)
+    _stream(log_path, offset, decoder)
+    return state, exit_code
+
+
+def follow(job_id: str, log_path: Path, working: str | Path, poll_s: float = 2.0) -> int:
+    """Stream the training job's log until it ends; 0 only when the run is FINISHED."""
+    working = Path(working)
     try:
-        while True:
-            state, exit_code = job_state(job_id)
-            offset = _stream(log_path, offset, decoder)
-            if state is None or state in FINAL_STATES:
-                break
-            time.sleep(poll_s)
+        state, exit_code = stream_job(job_id, log_path, poll_s)
     except KeyboardInterrupt:
         print(f"\n[launch] stopped following job {job_id}; it keeps running (scancel {job_id} stops it)", flush=True)
         return 130
-    _stream(log_path, offset, decoder)
     if (working / FINISHED_NAME).exists():
         news.info(f"job {job_id} {state or 'ended'}: finished, adapter in {working / ADAPTER_DIR}")
         return 0
