@@ -51,6 +51,15 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def synthetic_instructions(root: Path, n: int, seed: int) -> list[dict]:
+    """A synthetic release in `root/vlf` and its rows as `{id, prompt}` instructions (for `annotate sample`)."""
+    from silkie.dev.synthetic import write_synthetic_vlfeedback
+
+    write_synthetic_vlfeedback(root / "vlf", n=n, seed=seed)
+    rows = [json.loads(line) for line in (root / "vlf" / "vlfeedback_80k.jsonl").read_text().splitlines()]
+    return [{"id": r["id"], "prompt": r["prompt"]} for r in rows]
+
+
 def jpeg_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> bytes:
     """A small solid-colour JPEG."""
     buffer = io.BytesIO()

@@ -15,19 +15,18 @@ from silkie.errors import RecipeError
 from silkie.tools.annotate.cli import main
 from silkie.tools.annotate.rubric import JudgeParseError, judge_prompt, parse_ratings
 
+from .data_fixtures import synthetic_instructions, write_jsonl
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from silkie.dev.synthetic import write_synthetic_vlfeedback
     from silkie.dev.tiny_hf_vlm import build_tiny_qwen2_vl
     from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("annotate")
-    write_synthetic_vlfeedback(root / "vlf", n=8, seed=0)
-    rows = [json.loads(line) for line in (root / "vlf" / "vlfeedback_80k.jsonl").read_text().splitlines()]
-    instructions = [{"id": r["id"], "prompt": r["prompt"]} for r in rows]
+    instructions = synthetic_instructions(root, n=8, seed=0)
     instructions[3]["prompt"] = "Please refuse: what is this?"
-    (root / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instructions))
+    write_jsonl(root / "instructions.jsonl", instructions)
     pool = root / "pool.yaml"
     pool.write_text(
         f"models:\n  - {{path: {build_tiny_checkpoint(root / 'qwen-vl')}, max_new_tokens: 8}}\n"
@@ -176,12 +175,15 @@ def test_the_rubric_reply_is_read_strictly():
 
 def test_config_errors_name_the_file_and_key(tmp_path):
     pool = tmp_path / "pool.yaml"
-    pool.write_text("models:\n  - {path: a, temprature: 1}\n")
-    with pytest.raises(RecipeError, match=r"pool.yaml: unknown key 'pool.models\[0\].temprature' \(did you mean"):
-        load_pool(pool)
-    pool.write_text("models:\n  - {path: a/m}\n  - {path: b/m}\n")
-    with pytest.raises(RecipeError, match="pool.models = 'm' is not allowed; expected distinct model names"):
-        load_pool(pool)
+    for text, message in (
+        ("{path: a, temprature: 1}", r"pool.yaml: unknown key 'pool.models\[0\].temprature' \(did you mean"),
+        ("{path: a/m}\n  - {path: b/m}", "pool.models = 'm' is not allowed; expected distinct model names"),
+        ("{path: a, batch_size: 0}\n  - {path: b}", r"pool\.models\[0\]\.batch_size"),
+        ("{path: a, backend: vlm}\n  - {path: b}", r"pool\.models\[0\]\.backend.*did you mean 'vllm'"),
+    ):
+        pool.write_text(f"models:\n  - {text}\n")
+        with pytest.raises(RecipeError, match=message):
+            load_pool(pool)
     judge = tmp_path / "judge.yaml"
     judge.write_text("kind: gpt\nmodel: x\n")
     with pytest.raises(RecipeError, match="judge.kind = 'gpt' is not allowed"):

@@ -3,6 +3,8 @@ resumes from (a line is written whole and flushed per batch, so a kill loses at 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -45,6 +47,31 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             if number == len(lines):  # the line being written when the process died
                 return
             raise ToolError(f"{path}:{number}: not a JSON record ({err.msg})") from err
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path) -> Iterator[None]:
+    """Hold `path`.lock while one process appends to `path` (a shard file); `ToolError` when another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ToolError(f"{path} is being written by another process (a shard running now)") from None
+        yield
+
+
+def being_written(path: Path) -> bool:
+    """Whether a live process holds `path`'s writer lock."""
+    if not Path(f"{path}.lock").is_file():
+        return False
+    with open(f"{path}.lock") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 class AppendLog:

@@ -1,0 +1,97 @@
+"""Batched sampling for `silkie annotate sample`: prompts of different lengths generated together give, token for
+token, the answers each gives alone (greedy and sampled, each answer with its own seed), for every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from silkie.config.annotate import PoolModel
+from silkie.tools.annotate.generation import RowSampler, left_pad, merge_media
+from silkie.tools.annotate.sample import Responder
+
+QUESTIONS = [
+    "What is this?",
+    "Describe every shape in this picture, one by one, with its colour and its position.",
+    "Count them.",
+]
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pictures")
+    paths = []
+    for index, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        image = Image.new("RGB", (64 + 16 * index, 64), colour)
+        paths.append(root / f"p{index}.png")
+        image.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_vl
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("batch-models")
+    return {
+        "qwen_vl": build_tiny_checkpoint(root / "qwen-vl"),
+        "qwen2_vl": build_tiny_qwen2_vl(root / "qwen2-vl"),
+        "llava": build_tiny_llava(root / "llava"),
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl", "llava"])
+def test_a_batch_answers_as_each_prompt_alone(models, pictures, family):
+    by_temperature = {}
+    for temperature in (0.0, 1.0):
+        responder = Responder(PoolModel(path=str(models[family]), max_new_tokens=10, temperature=temperature), "cpu")
+        seeds = [11, 12, 13]
+        alone = [responder.reply(p, q, s) for p, q, s in zip(pictures, QUESTIONS, seeds)]
+        prompts = [responder.inputs(p, q) for p, q in zip(pictures, QUESTIONS)]
+        together = responder.replies(prompts, seeds)
+        assert together == alone
+        lengths = [count for _, count, _ in alone]
+        assert len(set(lengths)) == 3  # different prompt lengths: the batch is padded
+        assert all(1 <= generated <= 10 for _, _, generated in alone)
+        by_temperature[temperature] = together
+        if temperature:
+            again = responder.replies(prompts, [21, 22, 23])
+            assert [t for t, _, _ in again] != [t for t, _, _ in together]  # the seed decides the draw
+    assert [t for t, _, _ in by_temperature[0.0]] != [t for t, _, _ in by_temperature[1.0]]
+
+
+def test_row_sampler_draws_each_row_from_its_own_seed_within_the_nucleus():
+    torch.manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, -5.0, -5.0]]).repeat(3, 1)
+    ids = torch.zeros((3, 1), dtype=torch.long)
+    batch = RowSampler([5, 6, 7], temperature=1.0, top_p=0.9, device="cpu")
+    alone = [RowSampler([seed], temperature=1.0, top_p=0.9, device="cpu") for seed in (5, 6, 7)]
+    draws = []
+    for _ in range(300):
+        out = batch(ids, logits.clone())
+        picks = out.argmax(-1)
+        assert torch.isinf(out).sum() == 3 * 4  # one token left per row
+        assert picks.tolist() == [s(ids[:1], logits[:1].clone()).argmax(-1).item() for s in alone]
+        draws += picks.tolist()
+    counts = torch.bincount(torch.tensor(draws), minlength=5).tolist()
+    # softmax(3,2,1) = .665/.245/.090: top-p 0.9 keeps tokens 0 and 1 only, renormalised to .731/.269
+    assert counts[2:] == [0, 0, 0]
+    assert 0.65 < counts[0] / len(draws) < 0.81
+
+
+def test_left_pad_and_media_merge():
+    ids, mask = left_pad([torch.tensor([[1, 2, 3]]), torch.tensor([[4]])], pad=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    first = {"pixel_values": torch.ones(4, 2), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    last = {"pixel_values": torch.zeros(8, 2), "image_grid_thw": torch.tensor([[1, 2, 4]])}
+    rows = [
+        {**first, "mm_token_type_ids": torch.tensor([[0, 1, 1]])},
+        {"mm_token_type_ids": torch.tensor([[0]])},
+        {**last, "mm_token_type_ids": torch.tensor([[1, 0]])},
+    ]
+    merged = merge_media(rows, length=3)
+    assert merged["pixel_values"].shape == (12, 2) and merged["pixel_values"][:4].eq(1).all()
+    assert merged["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4]]
+    assert merged["mm_token_type_ids"].tolist() == [[0, 1, 1], [0, 0, 0], [0, 1, 0]]
