@@ -12,10 +12,13 @@ import yaml
 from silkie.errors import RecipeError
 
 from .checks import choice, key, require
+from .cluster import SlurmSection
 from .recipe import _build_section
 from .yaml_io import parse_yaml, yaml_error
 
 JUDGE_KINDS = ("openai", "local", "python")
+BACKENDS = ("auto", "transformers", "vllm")
+SAMPLE_JOB_NAME = "silkie-annotate"
 
 
 @dataclass
@@ -29,6 +32,10 @@ class PoolModel:
     temperature: float = key(0.7, "Sampling temperature; 0 = greedy decoding.", "")
     top_p: float = key(0.9, "Nucleus mass when sampling.", "")
     dtype: str = key("auto", "Weights dtype: auto (bf16 on GPUs, fp32 on CPU), bf16, fp16 or fp32.", "")
+    batch_size: int = key(8, "Prompts generated together (transformers backend; vLLM schedules its own).", "")
+    backend: str = key(
+        "auto", "transformers (`generate`), vllm, or auto: vllm when it is installed and a GPU is here.", ""
+    )
 
     @property
     def label(self) -> str:
@@ -40,6 +47,8 @@ class PoolModel:
         require(self.max_new_tokens >= 1, f"{where}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
         require(self.temperature >= 0, f"{where}.temperature", self.temperature, "a number >= 0")
         require(0 < self.top_p <= 1, f"{where}.top_p", self.top_p, "a number in (0, 1]")
+        require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "an integer >= 1")
+        choice(f"{where}.backend", self.backend, BACKENDS)
 
 
 @dataclass
@@ -52,8 +61,13 @@ class PoolConfig:
     )
     seed: int = key(0, "Seed of the draw and of sampling.", "")
     device: str = key("auto", "cpu, cuda, ... (auto: GPU when present).", "")
+    slurm: SlurmSection = key(
+        None, "`sample --gpus N`: the Slurm job's settings (the recipe's `slurm:` keys; job_name silkie-annotate).",
+        "", lambda: SlurmSection(job_name=SAMPLE_JOB_NAME),
+    )  # fmt: skip
 
     def check(self) -> None:
+        self.slurm.check()
         require(bool(self.models), "pool.models", self.models, "a non-empty list of models")
         for index, model in enumerate(self.models):
             model.check(f"pool.models[{index}]")
@@ -136,7 +150,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     models = raw["models"]
     if not isinstance(models, list):
         raise RecipeError(f"{prefix}.models must be a list of models, got {type(models).__name__}")
-    pool = _build_section(cls, {k: v for k, v in raw.items() if k != "models"}, prefix)
+    pool = _build_section(cls, {k: v for k, v in raw.items() if k not in ("models", "slurm")}, prefix)
+    if "slurm" in raw:
+        slurm = raw["slurm"]
+        slurm = {"job_name": SAMPLE_JOB_NAME, **slurm} if isinstance(slurm, dict) else slurm
+        pool.slurm = _build_section(SlurmSection, slurm, f"{prefix}.slurm")
     pool.models = [_build_section(PoolModel, item, f"{prefix}.models[{i}]") for i, item in enumerate(models)]
     return pool
 

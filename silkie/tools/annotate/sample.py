@@ -1,9 +1,10 @@
 """`silkie annotate sample`: each instruction answered by k models of the pool (a seeded draw per instruction, as
-VLFeedback drew 4 of its 12), with transformers `generate`; answers appended to `answers.jsonl` per batch, and a
-rerun skips the (instruction, model) pairs already answered."""
+VLFeedback drew 4 of its 12), in batches with transformers `generate` (or vLLM, `vllm_backend`); answers appended
+to `answers.jsonl` per batch, and a rerun skips the (instruction, model) pairs already answered."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -14,11 +15,18 @@ from typing import Any
 
 from silkie.config.annotate import PoolConfig, PoolModel
 from silkie.models.family import PairTextError
-from silkie.tools.annotate.files import ANSWER_FAILURES, ANSWERS, AppendLog, Instruction, read_jsonl
+from silkie.tools.annotate.files import (
+    ANSWER_FAILURES,
+    ANSWERS,
+    AppendLog,
+    Instruction,
+    being_written,
+    read_jsonl,
+    writer_lock,
+)
 from silkie.tools.cli import ToolError
 
 log = logging.getLogger(__name__)
-BATCH = 8  # answers written (flushed) together
 
 
 def assign_models(
@@ -73,18 +81,15 @@ class Responder:
 
     def reply(self, image: str | Path, question: str, seed: int) -> tuple[str, int, int]:
         """(answer, prompt tokens, generated tokens) of one question."""
-        import torch
+        return self.replies([self.inputs(image, question)], [seed])[0]
 
-        from silkie.tools.chat import generate_kwargs
+    def replies(self, prompts: Sequence[tuple], seeds: Sequence[int]) -> list[tuple[str, int, int]]:
+        """`reply` of several prompts (what `inputs` returns for each) generated in one batch; each answer is the
+        one it would be alone (its own seed)."""
+        from silkie.tools.annotate.generation import generate_batch
 
-        tokenizer, ids, tensors = self.inputs(image, question)
-        ids = ids.to(self.chat.device)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            kwargs = generate_kwargs(tokenizer, ids, self.chat.to_device(tensors), self.options)
-            out = self.chat.model.generate(**kwargs)
-        generated = out[0, ids.shape[1] :].tolist()
-        return tokenizer.decode(generated, skip_special_tokens=True).strip(), int(ids.shape[1]), len(generated)
+        pairs = [(ids, tensors) for _, ids, tensors in prompts]
+        return generate_batch(self.chat, prompts[0][0], pairs, self.options, seeds)
 
 
 def shard_file(index: int, count: int) -> str:
@@ -113,14 +118,38 @@ def sample_answers(
     shard: tuple[int, int] | None = None,
 ) -> dict:
     """Answer every instruction with its drawn pool models (and the `always` ones); with `shard` (index, count)
-    only the instructions at index = i mod count, into the shard's own file. Returns {answers, new, per_model}."""
-    from tqdm import tqdm
-
+    only the instructions at index = i mod count, into the shard's own file (locked while it is written). Without
+    a shard, finished shards of an earlier run are merged first. Returns {answers, new, per_model}."""
     names = [model.label for model in pool.models]
     plan = assign_models(instructions, names, pool.answers_per_instruction, pool.seed, always)
     if shard is not None:
         instructions = [row for i, row in enumerate(instructions) if i % shard[1] == shard[0]]
     target = out / (ANSWERS if shard is None else shard_file(*shard))
+    if shard is None:
+        merge_shards(out)
+    with writer_lock(target) if shard is not None else contextlib.nullcontext():
+        new = _answer_all(pool, instructions, plan, out, target, progress, shard)
+    per_model = Counter(r["model"] for r in read_jsonl(target))
+    return {"answers": sum(per_model.values()), "new": new, "per_model": dict(per_model)}
+
+
+def make_responder(model: PoolModel, device: str, out: Path) -> Any:
+    """The pool model's answerer on the backend `choose_backend` picks."""
+    from silkie.tools.annotate.vllm_backend import VllmResponder, choose_backend
+
+    if choose_backend(model, device) == "vllm":
+        log.info("%s: answering with vLLM", model.label)
+        return VllmResponder(model, out)
+    return Responder(model, device)
+
+
+def _answer_all(
+    pool: PoolConfig, instructions: Sequence[Instruction], plan: dict, out: Path, target: Path, progress: bool,
+    shard: tuple[int, int] | None,
+) -> int:  # fmt: skip
+    """Answer what is not done yet, model by model, a batch at a time; returns how many answers were written."""
+    from tqdm import tqdm
+
     answers = AppendLog(target)  # first: a torn last line is cut before what is done is read
     failures = AppendLog(out / (ANSWER_FAILURES if shard is None else f"answer_failures.shard-{shard[0]}.jsonl"))
     done = answered(out) | failed_answers(out)
@@ -130,37 +159,42 @@ def sample_answers(
         if not todo:
             continue
         log.info("%s: %d instructions to answer", model.label, len(todo))
-        responder = Responder(model, pool.device)
+        responder = make_responder(model, pool.device, out)
         bar = tqdm(total=len(todo), desc=model.label, unit="answer", disable=not progress)
-        for start in range(0, len(todo), BATCH):
-            batch = todo[start : start + BATCH]
-            records = []
+        for start in range(0, len(todo), model.batch_size):
+            batch, prompts = todo[start : start + model.batch_size], []
             for row in batch:
-                seed = answer_seed(pool.seed, row.id, model.label)
                 try:
-                    text = responder.answer(out / row.image, row.prompt, seed)
+                    prompts.append((row, responder.inputs(out / row.image, row.prompt)))
                 except (ToolError, ValueError, PairTextError) as err:  # this row can't be a prompt for this model
                     log.warning("%s: %s left unanswered: %s", model.label, row.id, err)
                     failures.write([{"id": row.id, "model": model.label, "reason": str(err)}])
-                    continue
-                records.append({"id": row.id, "model": model.label, "response": text})
-            answers.write(records)
-            new += len(records)
+            seeds = [answer_seed(pool.seed, row.id, model.label) for row, _ in prompts]
+            texts = responder.replies([inputs for _, inputs in prompts], seeds) if prompts else []
+            answers.write(
+                {"id": row.id, "model": model.label, "response": text}
+                for (row, _), (text, _, _) in zip(prompts, texts, strict=True)
+            )
+            new += len(prompts)
             bar.update(len(batch))
         bar.close()
         del responder
-    per_model = Counter(r["model"] for r in read_jsonl(target))
-    return {"answers": sum(per_model.values()), "new": new, "per_model": dict(per_model)}
+    return new
 
 
 def merge_shards(out: Path) -> int:
-    """Append the shard files' answers not in answers.jsonl yet, then remove the shard files; returns how many."""
+    """Append the finished shard files' answers not in answers.jsonl yet, then remove those files; a shard still
+    being written (its process holds the lock) is left for later. Returns how many answers were added."""
     done = {(r["id"], r["model"]) for r in read_jsonl(out / ANSWERS)}
     answers, added = AppendLog(out / ANSWERS), 0
     for path in sorted(out.glob("answers.shard-*.jsonl")):
+        if being_written(path):
+            log.warning("%s is still being written (a shard runs now): merged when it is done", path.name)
+            continue
         records = [r for r in read_jsonl(path) if (r["id"], r["model"]) not in done]
         answers.write(records)
         done |= {(r["id"], r["model"]) for r in records}
         added += len(records)
         path.unlink()  # after its records are durably in answers.jsonl
+        Path(f"{path}.lock").unlink(missing_ok=True)
     return added
