@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--limit", type=int, help="only the first N instructions (fixed at the first run)")
     sample.add_argument("--processes", type=int, default=1, help="answer in N processes, one shard each (1)")
     sample.add_argument("--devices", help="with --processes: one CUDA device per process, e.g. 0,1,2,3")
+    sample.add_argument("--gpus", type=int, help="answer on Slurm: one shard per GPU on N / slurm.gpus_per_node nodes")
+    sample.add_argument("--dry-run", action="store_true", help="with --gpus: print the batch script, submit nothing")
+    sample.add_argument("--wait", action="store_true", help="with --gpus: follow the job's log until it ends")
     sample.add_argument("--shard", help=argparse.SUPPRESS)  # I/N: set by --processes for each child
     judge = stages.add_parser("judge", help="rate the answers with the judge, then write the release")
     judge.add_argument("--judge", required=True, help="judge.yaml: kind openai|local|python, model, endpoint, ...")
@@ -85,10 +88,35 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one stage and print its summary as JSON (the only thing on stdout: libraries' prints go to stderr)."""
+    if args.stage == "sample" and args.gpus is not None:
+        return submit_sampling(args)
     with contextlib.redirect_stdout(sys.stderr):
         result = _stage(args)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def submit_sampling(args: argparse.Namespace) -> int:
+    """`sample --gpus N`: check the pool and import the instructions here, then let the launcher write and submit
+    the Slurm job (`silkie.launch.sample_job`, in its own process: the launcher is a layer of its own)."""
+    import subprocess
+
+    from silkie.config.annotate import load_pool
+    from silkie.tools.annotate.files import import_instructions
+
+    if args.processes != 1 or args.devices:
+        raise ToolError("--gpus runs one shard per GPU on Slurm: leave out --processes and --devices")
+    read_config(load_pool, args.pool)
+    if not args.dry_run:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            import_instructions(Path(args.instructions), Path(args.images), out, args.limit)
+    command = [sys.executable, "-m", "silkie.launch.sample_job", "--pool", args.pool, "--gpus", str(args.gpus)]
+    command += ["--instructions", args.instructions, "--images", args.images, "--out", args.out]
+    command += ["--limit", str(args.limit)] if args.limit is not None else []
+    command += [flag for flag, on in (("--dry-run", args.dry_run), ("--wait", args.wait)) if on]
+    return subprocess.run(command).returncode
 
 
 def _stage(args: argparse.Namespace) -> Any:
