@@ -74,47 +74,47 @@ class SlurmSection:
     job_name: str = key(
         "silkie-dpo",
         "`#SBATCH --job-name`.",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     partition: str | None = key(
         None,
         "`#SBATCH --partition`; null = the cluster default.",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     account: str | None = key(
         None,
         "`#SBATCH --account`; null = the user's default.",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     qos: str | None = key(
         None,
         "`#SBATCH --qos`; null = the default.",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     time: str | int = key(
         "24:00:00",
         "`#SBATCH --time` (wall-clock limit per job run; requeues get a fresh limit).",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     cpus_per_gpu: int | None = key(
         8,
         "`#SBATCH --cpus-per-gpu`; null = the cluster default.",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     mem_per_gpu: str | None = key(
         None,
         "`#SBATCH --mem-per-gpu` (e.g. `64G`); null = the cluster default.",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     constraint: str | None = key(
         None,
         "`#SBATCH --constraint` (node features, e.g. `a100`).",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     extra_sbatch: list[str] = key(
         None,
         "More sbatch options, one per item (`--exclusive` or `#SBATCH --exclusive`).",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
         factory=list,
     )
     setup: list[str] = key(
@@ -126,7 +126,7 @@ class SlurmSection:
     requeue: bool = key(
         True,
         "After the warning signal: checkpoint and requeue the job (true), or checkpoint and stop.",
-        "launch.slurm:_sbatch_lines",
+        "launch.slurm:sbatch_options",
     )
     signal: str = key(
         "USR1",
