@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from silkie.config.annotate import PoolModel
-from silkie.tools.annotate.generation import RowSampler, left_pad, merge_media
+from silkie.tools.generation import RowSampler, left_pad, merge_media
 from silkie.tools.annotate.sample import Responder
 
 QUESTIONS = [

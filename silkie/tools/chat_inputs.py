@@ -155,3 +155,22 @@ class FamilyPrompter:
 def family_inputs(model_dir: Any, adapter_dir: Any, config: Any, images: Paths, videos: Paths, question: str) -> tuple:
     """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) of one question (`FamilyPrompter`)."""
     return FamilyPrompter(model_dir, adapter_dir, config)(images, videos, question)
+
+
+class PromptBuilder:
+    """One loaded model's prompt inputs for any number of single-turn questions, every family: the Qwen-VL-Chat
+    tokenizer, or the other families' codec and processor (loaded at the first question)."""
+
+    def __init__(self, chat: Any):
+        self.chat = chat
+        self.tokenizer = qwen_vl_tokenizer(chat) if chat.family == "qwen_vl" else None
+        self.prompter: FamilyPrompter | None = None
+
+    def __call__(self, images: Paths, question: str, system: str = DEFAULT_SYSTEM) -> tuple:
+        """(tokenizer, prompt ids [1, L], image tensors) of one question about its pictures (one path or several)."""
+        if self.tokenizer is not None:
+            ids, tensors = qwen_vl_inputs(self.chat, self.tokenizer, images, question, system, [])
+            return self.tokenizer, ids, tensors
+        if self.prompter is None:
+            self.prompter = FamilyPrompter(self.chat.model_dir, self.chat.adapter_dir, self.chat.config)
+        return self.prompter(images, [], question)

@@ -54,26 +54,17 @@ class Responder:
 
     def __init__(self, model: PoolModel, device: str = "auto"):
         from silkie.tools.chat import GenerationOptions, load_chat_model
-        from silkie.tools.chat_inputs import qwen_vl_tokenizer
+        from silkie.tools.chat_inputs import PromptBuilder
 
         self.spec = model
         self.chat = load_chat_model(model.path, model.adapter, model.dtype, device)
-        self.tokenizer = qwen_vl_tokenizer(self.chat) if self.chat.family == "qwen_vl" else None
-        self.prompter = None  # the other families' codec and processor, loaded at the first question
+        self.prompt = PromptBuilder(self.chat)
         sample = model.temperature > 0
         self.options = GenerationOptions(model.max_new_tokens, sample, model.top_p, model.temperature or 1.0)
 
     def inputs(self, image: str | Path, question: str) -> tuple[Any, Any, dict]:
         """(tokenizer, prompt ids [1, L], image tensors) of one question about one picture."""
-        from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
-        from silkie.tools.chat_inputs import FamilyPrompter, qwen_vl_inputs
-
-        if self.tokenizer is not None:
-            ids, tensors = qwen_vl_inputs(self.chat, self.tokenizer, [image], question, DEFAULT_SYSTEM, [])
-            return self.tokenizer, ids, tensors
-        if self.prompter is None:
-            self.prompter = FamilyPrompter(self.chat.model_dir, self.chat.adapter_dir, self.chat.config)
-        return self.prompter([image], [], question)
+        return self.prompt(image, question)
 
     def answer(self, image: str | Path, question: str, seed: int) -> str:
         """The model's answer (special tokens dropped, surrounding whitespace stripped)."""
@@ -86,7 +77,7 @@ class Responder:
     def replies(self, prompts: Sequence[tuple], seeds: Sequence[int]) -> list[tuple[str, int, int]]:
         """`reply` of several prompts (what `inputs` returns for each) generated in one batch; each answer is the
         one it would be alone (its own seed)."""
-        from silkie.tools.annotate.generation import generate_batch
+        from silkie.tools.generation import generate_batch
 
         pairs = [(ids, tensors) for _, ids, tensors in prompts]
         return generate_batch(self.chat, prompts[0][0], pairs, self.options, seeds)
