@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from silkie.config.annotate import PoolModel
-from silkie.tools.generation import RowSampler, left_pad, merge_media
 from silkie.tools.annotate.sample import Responder
+from silkie.tools.generation import RowSampler, left_pad, merge_media
 
 QUESTIONS = [
     "What is this?",
