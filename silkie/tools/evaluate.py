@@ -145,21 +145,13 @@ def _run_model_dir(recipe: Any, model_dir: str | Path | None) -> Path:
         raise ToolError(f"{err}; {hint}") from err
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    adapter_dir: str | Path | None = None,
-    split: str = "eval",
-    batch_size: int | None = None,
-    model_dir: str | Path | None = None,
-    device: str = "auto",
-    max_pairs: int | None = None,
-) -> dict[str, Any]:
-    """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}."""
+def locate_run(
+    run_dir: Path, adapter_dir: str | Path | None = None, model_dir: str | Path | None = None
+) -> tuple[Any, Path, Path, bool]:
+    """(recipe, base checkpoint folder, adapter folder, whether it is a LoRA adapter) of a trained run; the
+    adapter defaults to RUN/adapter, the base to the recipe's model.path. `ToolError` naming what is missing."""
     from silkie.config import load_recipe
-    from silkie.tools.common import load_codec_from, load_model, resolve_device, resolve_tool_dtype
-    from silkie.train.build import build_trainer
 
-    run_dir = require_dir(run_dir, "run directory")
     recipe = read_config(load_recipe, require_file(run_dir / CONFIG_NAME, "run recipe"))
     adapter_dir = Path(adapter_dir) if adapter_dir else run_dir / ADAPTER_DIR
     if not adapter_dir.is_dir():  # an interrupted run has checkpoints but no final adapter yet
@@ -174,6 +166,24 @@ def evaluate_run(
         raise ToolError(
             f"{adapter_dir} holds neither a LoRA adapter (adapter_config.json) nor a checkpoint (config.json)"
         )
+    return recipe, model_dir, adapter_dir, lora
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    adapter_dir: str | Path | None = None,
+    split: str = "eval",
+    batch_size: int | None = None,
+    model_dir: str | Path | None = None,
+    device: str = "auto",
+    max_pairs: int | None = None,
+) -> dict[str, Any]:
+    """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}."""
+    from silkie.tools.common import load_codec_from, load_model, resolve_device, resolve_tool_dtype
+    from silkie.train.build import build_trainer
+
+    run_dir = require_dir(run_dir, "run directory")
+    recipe, model_dir, adapter_dir, lora = locate_run(run_dir, adapter_dir, model_dir)
     codec = load_codec_from(model_dir, adapter_dir, section=recipe.model)
     dtype, target = resolve_tool_dtype(recipe.model.dtype), resolve_device(device)
     if target.type == "cuda" and target.index not in (None, 0):  # the trainer scores on the first visible GPU

@@ -6,6 +6,11 @@ fine-tuning run), rewards = beta * (policy - reference) answer log-probs with th
 Prints a table and writes JSON (default RUN/eval_pairs_<split>.json).
 
 Example: python scripts/evaluate_pairs.py --run runs/demo --split eval
+
+With --tasks (lmms-eval benchmarks, the `.[eval]` extra): the base model and the DPO model answer each task side by
+side; RUN/benchmarks/ gets results.json, table.md (with the paper's rows where they match) and chart.png.
+
+Example: silkie evaluate --run runs/silkie --tasks mme,pope --batch-size 16
 """
 
 from __future__ import annotations
@@ -26,9 +31,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="pairs per batch (default: per_device_eval_batch_size)")
     parser.add_argument("--max-pairs", type=int, help="score only the first N pairs of the split")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: GPU when present)")
-    parser.add_argument("--out", help="JSON file to write (default RUN/eval_pairs_<split>.json)")
+    parser.add_argument(
+        "--out", help="JSON file to write (default RUN/eval_pairs_<split>.json); with --tasks a folder (RUN/benchmarks)"
+    )
     parser.add_argument("--per-pair", action="store_true", help="include every pair's log-probs in the JSON")
+    bench = parser.add_argument_group("benchmarks (lmms-eval)")
+    bench.add_argument("--tasks", help="comma-separated lmms-eval tasks (e.g. mme,pope,mmvet): benchmark instead")
+    bench.add_argument("--include-path", action="append", default=[], help="a folder of your own task YAMLs")
+    bench.add_argument("--limit", type=float, help="documents per task (a fraction when < 1), for a quick look")
+    bench.add_argument("--judge-url", help="OpenAI-compatible base URL for GPT-judged tasks (MM-Vet)")
+    bench.add_argument("--judge-model", default="gpt-4o-2024-11-20", help="the judge's model name")
+    bench.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="variable holding the judge's API key")
     args = parser.parse_args(argv)
+    if args.tasks is not None:
+        pair_only = [flag for flag, value in (("--split", args.split != "eval"), ("--max-pairs", args.max_pairs),
+                                              ("--per-pair", args.per_pair)) if value]  # fmt: skip
+        if pair_only or not [t for t in args.tasks.split(",") if t.strip()]:
+            parser.error(f"--tasks takes a list of task names and no {', '.join(pair_only) or 'empty list'}")
+    elif args.include_path or args.limit is not None or args.judge_url:
+        parser.error("--include-path, --limit and --judge-url go with --tasks")
     for name in ("batch_size", "max_pairs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -39,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table, write the JSON."""
     from silkie.tools.evaluate import evaluate_run, format_table, write_json
 
+    if args.tasks is not None:
+        return run_tasks(args)
     result = evaluate_run(
         args.run,
         adapter_dir=args.adapter,
@@ -51,6 +74,21 @@ def run(args: argparse.Namespace) -> int:
     out = write_json(result, args.out or Path(args.run) / f"eval_pairs_{args.split}.json", per_pair=args.per_pair)
     print(format_table(result))
     print(f"written: {out}")
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """The lmms-eval benchmarks of base and DPO model; prints the markdown table."""
+    from silkie.tools.benchmarks import JudgeEndpoint, format_markdown, run_benchmarks
+
+    judge = JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
+    result = run_benchmarks(
+        args.run, [t.strip() for t in args.tasks.split(",") if t.strip()], include_path=args.include_path,
+        limit=args.limit, batch_size=args.batch_size or 8, device=args.device, adapter_dir=args.adapter,
+        model_dir=args.model, judge=judge, out_dir=args.out,
+    )  # fmt: skip
+    print(format_markdown(result["rows"], f"{result['run']}: base vs DPO"))
+    print(f"written: {', '.join(result['files'].values())}")
     return 0
 
 
