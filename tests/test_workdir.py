@@ -30,6 +30,12 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
     )
     (working / "checkpoint-3").mkdir()
     (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')  # a checkpoint that verifies
+    longer = run_launcher(working, "--dry-run", "training.max_steps=8", "training.logging_steps=2")
+    assert one_line_error(longer) == (  # integers stay integers in config.yaml and in the difference
+        f"error: {working} holds a different recipe: training.logging_steps (5 -> 2), training.max_steps (6 -> 8); "
+        "use another --working, or --force to extend it from checkpoint-3 with the new schedule (nothing is deleted)"
+    )
+    assert "logging_steps: 5\n" in (working / "config.yaml").read_text()
     forced = run_launcher(working, "--dry-run", "--force", "training.max_steps=8")
     assert forced.returncode == 0 and "--force: a different recipe was there" in forced.stderr
     assert "resumes from checkpoint-3" in forced.stderr  # only the run length changed: the checkpoint fits
@@ -142,7 +148,7 @@ def test_missing_input_paths_refuse_a_local_launch_before_it_starts(tmp_path):
         "model.path=Qwen/Qwen-VL-Chat",
         HF_HUB_OFFLINE="0",
     )
-    assert hub.returncode == 0 and "warning" not in hub.stderr
+    assert hub.returncode == 0 and "Qwen/Qwen-VL-Chat is no local folder and not in the hub cache" in hub.stderr
     offline = run_launcher(
         working,
         "--dry-run",
@@ -152,6 +158,49 @@ def test_missing_input_paths_refuse_a_local_launch_before_it_starts(tmp_path):
         HF_HUB_CACHE=str(tmp_path / "hub-cache"),
     )
     assert "model.path: Qwen/Qwen-VL-Chat is no local folder, and HF_HUB_OFFLINE is set" in offline.stderr
+
+
+def test_a_local_path_that_reads_as_a_hub_id_is_missing_before_torchrun(tmp_path, monkeypatch):
+    """`checkpoints/Qwen-VL-Chat` (one slash, no such folder) is asked of the hub at once: no such model means
+    missing, offline it is missing unless cached; the message says how to write it as a local folder."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from silkie.launch.preflight import missing_inputs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    recipe = load_recipe(DEMO_RECIPE, ["model.path=checkpoints/Qwen-VL-Chat", f"data.path={data}", "data.images=null"])
+    asked = []
+
+    class NotFound(RepositoryNotFoundError):  # what the hub's 404 raises, without an HTTP response
+        def __init__(self):
+            Exception.__init__(self, "404")
+
+    def not_on_the_hub(self, repo_id, timeout=None):
+        asked.append(repo_id)
+        raise NotFound()
+
+    monkeypatch.setattr(HfApi, "model_info", not_on_the_hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert missing_inputs(recipe) == [
+        "model.path: checkpoints/Qwen-VL-Chat is neither a local folder nor a model on the hub (for a local folder "
+        f"write ./checkpoints/Qwen-VL-Chat) (expected a checkpoint folder or a hub id; relative paths are from "
+        f"{tmp_path})"
+    ]
+    assert asked == ["checkpoints/Qwen-VL-Chat"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (
+        "HF_HUB_OFFLINE is set with no cached copy of that hub id (for a local folder write ./checkpoints"
+        in (missing_inputs(recipe)[0])
+    )
+    local = load_recipe(DEMO_RECIPE, ["model.path=./checkpoints/Qwen-VL-Chat", f"data.path={data}", "data.images=null"])
+    assert missing_inputs(local)[0].startswith("model.path: ./checkpoints/Qwen-VL-Chat does not exist (expected")
+    assert asked == ["checkpoints/Qwen-VL-Chat"]  # offline and ./ paths never ask the hub
+    (tmp_path / "checkpoints" / "Qwen-VL-Chat").mkdir(parents=True)
+    assert missing_inputs(local) == []
 
 
 def test_a_filesystem_without_flock_launches_with_a_warning(tmp_path, monkeypatch, capsys):

@@ -7,21 +7,42 @@ from pathlib import Path
 
 from silkie.config import Recipe
 from silkie.config.names import HUB_ID
+from silkie.logs import LAUNCH, get_logger
+
+notes = get_logger(LAUNCH)
+
+
+def _cached_hub_ids() -> set[str]:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        return {repo.repo_id for repo in scan_cache_dir().repos}
+    except Exception:  # no cache folder yet
+        return set()
 
 
 def _hub_id_problem(key: str, value: str) -> str | None:
-    """Why `value`, which is no local path, cannot be a hub id here (None when it can)."""
+    """Why `value`, which is no local path, cannot be a hub id here (None when it can). Online, a hub id that is
+    not cached is looked up (seconds, instead of a failure after torchrun started and the data was tokenized)."""
+    local = f" (for a local folder write ./{value})" if not value.startswith(("./", "/", "~")) else ""
     if not HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():  # "checkpoints/Qwen-VL-Chat": a local typo
         return f"{key}: {value} does not exist"
+    if value in _cached_hub_ids():
+        return None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        from huggingface_hub import scan_cache_dir
+        return f"{key}: {value} is no local folder, and HF_HUB_OFFLINE is set with no cached copy of that hub id{local}"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-        try:
-            cached = {repo.repo_id for repo in scan_cache_dir().repos}
-        except Exception:  # no cache folder yet
-            cached = set()
-        if value not in cached:
-            return f"{key}: {value} is no local folder, and HF_HUB_OFFLINE is set with no cached copy of that hub id"
+    try:
+        HfApi().model_info(value, timeout=10)
+    except GatedRepoError:  # it exists; the download will say whether this token may read it
+        return None
+    except RepositoryNotFoundError:
+        return f"{key}: {value} is neither a local folder nor a model on the hub{local}"
+    except Exception as err:  # no network, a proxy, a hub outage: the run itself will try again
+        notes.warning(f"{key}: {value} is no local folder and not in the hub cache; the hub could not be asked "
+                      f"({type(err).__name__}), so training will try to download it{local}")  # fmt: skip
     return None
 
 

@@ -25,6 +25,7 @@ from silkie.run_dir import (
     ERROR_NAME,
     FINISHED_NAME,
     FINISHED_OUTPUTS,
+    OLD_TENSORBOARD_DIR,
     RUN_HISTORY,
     SLURM_DIR,
     TENSORBOARD_DIR,
@@ -124,12 +125,19 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
             return WorkdirPlan(
                 working, "new", f"{working} held a recipe that wrote no checkpoint or metrics: replaced by this one"
             )
+        resumable = _only_schedule_changes(diffs)
         if not force:
+            ckpt = resume_plan(working, checksums=False)[0] if resumable else None
+            how = (
+                f"--force to extend it from {ckpt.name} with the new schedule"
+                if ckpt
+                else "--force to run there anyway"
+            )
             raise LaunchError(
                 f"{working} holds a different recipe: {_summary(diffs)}; "
-                "use another --working, or --force to run there anyway (nothing is deleted)"
+                f"use another --working, or {how} (nothing is deleted)"
             )
-        return _forced(working, "a different recipe was there", resumable=_only_schedule_changes(diffs))
+        return _forced(working, "a different recipe was there", resumable=resumable)
     if working.is_dir():
         entries = sorted(p.name for p in working.iterdir())
         if entries:
@@ -144,7 +152,8 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
 
 def _holds_training_output(working: Path) -> bool:
     """True when a run left something a new recipe must not silently replace (checkpoints, metrics, outputs)."""
-    names = [name for name in FINISHED_OUTPUTS + RUN_HISTORY if name not in (CONFIG_NAME, TENSORBOARD_DIR)]
+    logs_only = (CONFIG_NAME, TENSORBOARD_DIR, OLD_TENSORBOARD_DIR)
+    names = [name for name in FINISHED_OUTPUTS + RUN_HISTORY if name not in logs_only]
     return any((working / name).exists() for name in names) or any(working.glob("*checkpoint-*"))
 
 
