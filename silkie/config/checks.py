@@ -58,9 +58,8 @@ def type_ok(value: Any, annotation: Any) -> bool:
 
 
 def coerce(value: Any, annotation: Any) -> Any:
-    """Ints become floats for float fields; a numeric string becomes a float where only a float is allowed."""
-    if isinstance(value, int) and not isinstance(value, bool) and type_ok(float(value), annotation):
-        return float(value)
+    """A numeric string becomes a float where only a float is allowed; ints stay ints (a float field takes them,
+    and config.yaml keeps `logging_steps: 5` as written)."""
     if isinstance(value, str) and not type_ok(value, annotation) and type_ok(1.0, annotation):
         try:
             return float(value)

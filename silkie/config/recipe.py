@@ -22,7 +22,7 @@ from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
 from .sections import DataSection, LoraSection, ModelSection
-from .training import check_training
+from .training import TRAINING_KEYS, check_training
 from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
 
 
@@ -121,6 +121,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     raw, _ = read_recipe_file(path)
     overrides = overrides or []
+    for text in overrides:
+        _refuse_bare_key(text)
     merged = apply_overrides(raw, overrides)  # its errors name the malformed override
     try:
         return recipe_from_dict(merged)
@@ -129,6 +131,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if source is None and overrides and _valid(raw):  # the file is fine: the overrides made the clash
             source = f"{path} with {' '.join(overrides)}"
         raise RecipeError(f"{source or path}: {err}") from None
+
+
+def _refuse_bare_key(text: str) -> None:
+    """`beta=0.2`: a key without its section; the error names the section(s) that have it."""
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not _ or not key or "." in key:
+        return
+    sections = [f.name for f in dataclasses.fields(Recipe) if f.name != "training"]
+    owners = [name for name in sections if key in {f.name for f in dataclasses.fields(getattr(Recipe(), name))}]
+    owners += ["training"] if key in TRAINING_KEYS else []
+    hint = " or ".join(f"{owner}.{key}={value}" for owner in owners) or "e.g. training.learning_rate=5e-6"
+    raise RecipeError(f"override '{text}': the key must be section.key ({hint})")
 
 
 def _valid(raw: Any) -> bool:

@@ -268,8 +268,8 @@ def training_conflict(training: dict[str, Any]) -> str | None:
 
 
 def check_training(training: dict[str, Any]) -> None:
-    """Check every `training:` key by name, type, allowed values and range (ints become floats where a float is
-    wanted, in place); RecipeError names the first bad key."""
+    """Check every `training:` key by name, type, allowed values and range (numeric strings become floats where a
+    float is wanted, in place); RecipeError names the first bad key."""
     for key, value in list(training.items()):
         if key not in TRAINING_KEYS:
             raise RecipeError(f"recipe: unknown key 'training.{key}'{suggest(key, sorted(TRAINING_KEYS))}")
