@@ -35,7 +35,8 @@ METRICS_NAME = "metrics.jsonl"
 FINAL_METRICS_NAME = "final_metrics.json"
 PLOT_NAME = "training_curves.png"
 ADAPTER_DIR = "adapter"
-TENSORBOARD_DIR = "runs"
+TENSORBOARD_DIR = "tb"
+OLD_TENSORBOARD_DIR = "runs"  # where runs before tb/ wrote their tensorboard logs (transformers' default)
 REFERENCE_DIR = "reference_logps"
 CACHE_DIR = "cache"
 SLURM_DIR = "slurm"
@@ -43,7 +44,7 @@ BACKUP_PREFIX = "backup-"
 # What a finished run leaves behind that a new run in the same folder would overwrite.
 FINISHED_OUTPUTS = (CONFIG_NAME, FINISHED_NAME, FINAL_METRICS_NAME, ADAPTER_DIR, PLOT_NAME)
 # What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
-RUN_HISTORY = (METRICS_NAME, TENSORBOARD_DIR, REFERENCE_DIR)
+RUN_HISTORY = (METRICS_NAME, TENSORBOARD_DIR, OLD_TENSORBOARD_DIR, REFERENCE_DIR)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = "tmp-checkpoint"
 STAGING_RE = re.compile(r"^tmp-checkpoint-(\d+)$")

@@ -217,7 +217,7 @@ def test_chat_compare_prints_base_and_dpo_blocks(trained, capsys):
 
 def test_chat_stops_at_im_end(trained):
     from silkie.models.qwen_vl import QWenLMHeadModel, QWenTokenizer
-    from silkie.tools.chat import GenerationOptions, stream_answer
+    from silkie.tools.chat import EMPTY_MARK, GenerationOptions, stream_answer
 
     tokenizer = QWenTokenizer.from_pretrained(trained.model_dir)
     model = QWenLMHeadModel.from_pretrained(trained.model_dir).eval()
@@ -227,7 +227,7 @@ def test_chat_stops_at_im_end(trained):
         model.lm_head.weight[tokenizer.im_end_id] = last * (1000.0 / last.pow(2).sum())
     pieces: list[str] = []
     assert stream_answer(model, tokenizer, ids, pixels, GenerationOptions(max_new_tokens=10), pieces.append) == ""
-    assert "".join(pieces) == ""
+    assert "".join(pieces) == EMPTY_MARK == "(empty)"  # printed so; the answer itself stays empty
     _, new_ids = _greedy_answer(model, tokenizer, ids, pixels, 10)
     assert new_ids == [tokenizer.im_end_id]
 
@@ -248,6 +248,29 @@ def test_plot_metrics_writes_png(trained, tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000
     assert capsys.readouterr().out.strip() == f"plot: {out}"
+
+
+def test_plot_panels_have_labels_the_chance_line_and_the_learning_rate():
+    from silkie.train.plots import build_figure
+
+    records = [
+        {"step": s, "loss": 0.7 - s / 100, "rewards/accuracies": 0.5 + s / 40, "learning_rate": 1e-4 * s}
+        for s in (1, 2, 3)
+    ]
+    records.append({"step": 3, "eval_loss": 0.66, "eval_rewards/accuracies": 0.7})
+    fig = build_figure(records, "run-7: DPO training")
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in shown]
+    assert titles == ["loss", "reward accuracy", "reward margin", "chosen reward", "rejected reward", "learning rate"]
+    assert all(ax.get_ylabel() and ax.get_xlabel() == "step" for ax in shown)
+    accuracy = shown[1]
+    chance = [line for line in accuracy.lines if line.get_label() == "chance"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.5, 0.5] and accuracy.get_ylim() == (0, 1)
+    assert [list(line.get_ydata()) for line in accuracy.lines if line.get_label() == "eval"] == [[0.7]]
+    assert list(shown[5].lines[0].get_ydata()) == pytest.approx([1e-4, 2e-4, 3e-4])
+    assert fig._suptitle.get_text() == "run-7: DPO training"
+    width, height = fig.get_size_inches()
+    assert width < 14 and height > 5  # a 3-column grid, not a one-row strip
 
 
 def test_metrics_after_a_resume_plot_in_step_order_and_a_torn_line_is_skipped(tmp_path):
@@ -291,7 +314,7 @@ def broken_release(tmp_path_factory) -> tuple[Path, dict, dict]:
     return root, summary, bad
 
 
-def test_prepare_vlfeedback_reports_and_converts(broken_release, tmp_path):
+def test_prepare_vlfeedback_reports_and_converts(broken_release, tmp_path, capsys):
     from silkie.config import DataSection
     from silkie.data.build import build_pairs
     from silkie.data.sources import load_preference_file
@@ -301,8 +324,18 @@ def test_prepare_vlfeedback_reports_and_converts(broken_release, tmp_path):
     argv = [str(root / "vlfeedback_80k.jsonl"), str(zip_path), "--convert", str(tmp_path / "out")]
     assert load_script("prepare_vlfeedback").main(argv + ["--min-margin", "1", "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
+    table = capsys.readouterr().out.splitlines()
+    pairs = report["pairs"]
+    candidates = pairs["pairs_kept"] + sum(pairs["pairs_dropped"].values())
+    assert table[1:4] == ["  rows in the file              34", "  rows dropped                   2",
+                          f"      missing_field: 1 (first ids: {bad['missing_field']}) (at reading)"]  # fmt: skip
+    assert f"  rows kept                     32  -> {candidates} candidate pairs" in table
+    reconciled = (
+        f"  (34 = 2 + 32 rows; {candidates} = {candidates - pairs['pairs_kept']} + {pairs['pairs_kept']} pairs)"
+    )
+    assert reconciled in table
 
-    assert summary["bad_rows"] == {"missing_image": 1, "na_rating": 1, "empty_answer": 1, "missing_field": 1}
+    assert summary["bad_rows"] == {"missing_image": 1, "non_numeric_rating": 1, "empty_answer": 1, "missing_field": 1}
     assert report["rows_seen"] == summary["rows"] == 34
     assert report["rows_loaded"] == 33
     assert report["rows_skipped"] == {"missing_field": 1}
@@ -314,7 +347,7 @@ def test_prepare_vlfeedback_reports_and_converts(broken_release, tmp_path):
     assert pairs["rows_dropped"] == {"missing_field": 1, "missing_image": 1}
     assert pairs["pairs_dropped"]["non_numeric_rating"] == 3  # one N/A answer of four: 3 of its 6 pairs
     assert pairs["pairs_dropped"]["empty_answer"] == 3
-    assert pairs["offending_ids"]["non_numeric_rating"] == [bad["na_rating"]]
+    assert pairs["offending_ids"]["non_numeric_rating"] == [bad["non_numeric_rating"]]
     assert pairs["offending_ids"]["empty_answer"] == [bad["empty_answer"]]
     assert pairs["pairs_dropped"]["below_margin"] > 0
 
@@ -338,9 +371,13 @@ def test_prepare_vlfeedback_finds_unreadable_images(broken_release, tmp_path, ca
     victim.write_bytes(b"not a jpeg")
     argv = [str(root / "vlfeedback_80k.jsonl"), str(folder), "--verify-images", "--strict"]
     assert load_script("prepare_vlfeedback").main(argv + ["--convert", str(tmp_path / "out")]) == 1
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "decoded 32 of 32 present, unreadable 1" in printed
     assert f"unreadable_image: 1 (first ids: {victim.stem})" in printed
+    assert captured.err.splitlines() == [
+        "error: --strict: 1 row(s) skipped at reading (missing_field), 1 image(s) missing, 1 image(s) unreadable"
+    ]
 
     from silkie.data.sources import load_preference_file
 

@@ -81,7 +81,7 @@ def test_pairs_parse_back_and_chosen_matches_the_image(synthetic):
 
 def test_bad_rows_counted_with_reasons(synthetic):
     out, summary = synthetic
-    assert summary["bad_rows"] == {"missing_image": 2, "na_rating": 2, "empty_answer": 2, "missing_field": 2}
+    assert summary["bad_rows"] == {"missing_image": 2, "non_numeric_rating": 2, "empty_answer": 2, "missing_field": 2}
     store = ZipImageStore(out / "merged_images.zip")
     _, report = build_vlfeedback_pairs(load_vlfeedback_jsonl(out / "vlfeedback_80k.jsonl"), image_store=store)
     assert report.rows_seen == 80

@@ -179,7 +179,8 @@ def test_ld_dpo_and_wpo_train_with_on_the_fly_or_cached_reference(assets, tmp_pa
     run_in_process(tmp_path / "fly", base + variants)
     note = "dropout is off (dpo.disable_dropout, TRL's default): lora.dropout 0.1 is not applied"
     assert note in capsys.readouterr().out
-    cached = ["dpo.precompute_ref_log_probs=true", "dpo.precompute_ref_batch_size=5"]
+    # the bar shows off a terminal too when the recipe asks for it (the default there is plain lines only)
+    cached = ["dpo.precompute_ref_log_probs=true", "dpo.precompute_ref_batch_size=5", "training.disable_tqdm=false"]
     run_in_process(tmp_path / "cached", base + variants + cached)
     tables = [torch.load(tmp_path / run / "reference_logps" / "train.pt")["logps"] for run in ("plain", "cached")]
     plain, weighted = tables

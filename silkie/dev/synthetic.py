@@ -41,7 +41,7 @@ ASPECT_ORDER = ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")
 # (Helpfulness, Ethical Considerations, Visual Faithfulness); two high and two low triples tie on the mean.
 HIGH_RATINGS = (("5", "5", "5"), ("4", "5", "5"), ("5", "4", "5"))
 LOW_RATINGS = (("2", "5", "1"), ("1", "5", "2"), ("1", "4", "1"))
-BAD_KINDS = ("missing_image", "na_rating", "empty_answer", "missing_field")
+BAD_KINDS = ("missing_image", "non_numeric_rating", "empty_answer", "missing_field")
 JSONL_NAME = "vlfeedback_80k.jsonl"
 ZIP_NAME = "merged_images.zip"
 META_NAME = "synthetic_meta.jsonl"
@@ -126,7 +126,7 @@ class _WrongBalancer:
 
 def _corrupt(row: dict[str, Any], kind: str, rng: random.Random) -> None:
     victim = rng.randrange(len(row["completions"]))
-    if kind == "na_rating":
+    if kind == "non_numeric_rating":
         row["completions"][victim]["annotations"]["Helpfulness"]["Rating"] = "N/A"
     elif kind == "empty_answer":
         row["completions"][victim]["response"] = ""

@@ -29,6 +29,7 @@ from silkie.tools.chat_inputs import (
 )
 from silkie.tools.cli import ToolError, read_image, require_file
 
+EMPTY_MARK = "(empty)"  # printed where the answer has no visible text; the returned answer stays as generated
 __all__ = ["build_prompt_ids", "chat_once", "converse", "read_history", "write_history"]
 
 BASE_LABEL = "=== base model (adapter disabled) ==="
@@ -143,7 +144,10 @@ def stream_answer(
     thread.join()
     if failure:
         raise failure[0]
-    return "".join(pieces)
+    answer = "".join(pieces)
+    if not answer.strip():  # the model stopped at once (a tiny random stand-in often does): say so, not a blank line
+        write(EMPTY_MARK)
+    return answer
 
 
 def _stdout_write(text: str) -> None:

@@ -233,14 +233,29 @@ def _counts(counter: dict[str, int], examples: dict[str, list[str]]) -> list[str
 
 
 def format_report(report: ReleaseReport) -> str:
-    """The human-readable report."""
+    """The human-readable report: one reconciled table of rows and pairs (rows in the file = dropped + kept;
+    candidate pairs of the kept rows = dropped + kept, with each reason as the data pipeline names it), then the
+    images and the pairing rules."""
     check, pairs = report.image_check, report.pairs
-    skipped = sum(report.rows_skipped.values())
-    lines = [f"rows: {report.jsonl}: seen {report.rows_seen}, loaded {report.rows_loaded}, skipped {skipped}"]
-    lines += _counts(report.rows_skipped, report.skipped_ids)
+    rows_dropped, pairs_dropped = sum(pairs["rows_dropped"].values()), sum(pairs["pairs_dropped"].values())
+    candidates = pairs["pairs_kept"] + pairs_dropped
+    examples = {**pairs["offending_ids"], **report.skipped_ids}
+    at_reading = set(report.rows_skipped)
+    lines = [f"release: {report.jsonl} (images: {report.images})", f"  {'rows in the file':<24}{report.rows_seen:>8}"]
+    lines.append(f"  {'rows dropped':<24}{rows_dropped:>8}")
+    lines += [f"  {line}" + (" (at reading)" if line.split(":")[0].strip() in at_reading else "") for line in
+              _counts(pairs["rows_dropped"], examples)]  # fmt: skip
+    lines.append(f"  {'rows kept':<24}{pairs['rows_kept']:>8}  -> {candidates} candidate pairs")
+    lines.append(f"  {'pairs dropped':<24}{pairs_dropped:>8}")
+    lines += [f"  {line}" for line in _counts(pairs["pairs_dropped"], pairs["offending_ids"])]
+    lines.append(f"  {'pairs kept':<24}{pairs['pairs_kept']:>8}")
+    lines.append(
+        f"  ({report.rows_seen} = {rows_dropped} + {pairs['rows_kept']} rows; "
+        f"{candidates} = {pairs_dropped} + {pairs['pairs_kept']} pairs)"
+    )
     if report.duplicate_ids:
-        lines.append(f"    duplicate ids: {report.duplicate_ids}")
-    lines.append(f"images: {report.images}: referenced {check.referenced}, missing {check.missing}")
+        lines.append(f"  duplicate ids: {report.duplicate_ids}")
+    lines.append(f"images: referenced {check.referenced}, missing {check.missing}")
     if check.missing_ids:
         lines.append(f"    first missing: {', '.join(check.missing_ids)}")
     lines.append(
@@ -251,15 +266,21 @@ def format_report(report: ReleaseReport) -> str:
     ]
     rules = report.rules
     lines.append(
-        f"pairs (aspect_weights={rules.aspect_weights or 'equal'}, min_margin={rules.min_margin}, "
-        f"max_pairs_per_prompt={rules.max_pairs_per_prompt}): kept {pairs['pairs_kept']} "
-        f"from {pairs['rows_kept']} rows"
+        f"rules: aspect_weights={rules.aspect_weights or 'equal'}, min_margin={rules.min_margin}, "
+        f"max_pairs_per_prompt={rules.max_pairs_per_prompt}"
     )
-    lines.append(f"  rows dropped: {sum(pairs['rows_dropped'].values())}")
-    lines += _counts(pairs["rows_dropped"], pairs["offending_ids"])
-    lines.append(f"  pairs dropped: {sum(pairs['pairs_dropped'].values())}")
-    lines += _counts(pairs["pairs_dropped"], pairs["offending_ids"])
     if report.converted:
         lines.append(f"converted: {report.converted} ({pairs['pairs_kept']} pairs); train on it with")
         lines.append(f"  data.source=preference data.path={report.converted} data.images={report.images}")
     return "\n".join(lines)
+
+
+def strict_failure(report: ReleaseReport) -> str | None:
+    """Why `--strict` fails (one line), or None when nothing was skipped, missing, unreadable or duplicated."""
+    check = report.image_check
+    parts = [f"{n} row(s) skipped at reading ({', '.join(sorted(report.rows_skipped))})"] if (
+        n := sum(report.rows_skipped.values())) else []  # fmt: skip
+    parts += [f"{check.missing} image(s) missing"] if check.missing else []
+    parts += [f"{check.unreadable} image(s) unreadable"] if check.unreadable else []
+    parts += [f"{report.duplicate_ids} duplicated id(s)"] if report.duplicate_ids else []
+    return f"--strict: {', '.join(parts)}" if parts else None

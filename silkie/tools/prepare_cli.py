@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from silkie.tools.cli import run_cli
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         check_release,
         format_report,
         parse_aspect_weights,
+        strict_failure,
         write_preference_parquet,
     )
 
@@ -81,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    return 1 if args.strict and report.problems else 0
+    failure = strict_failure(report) if args.strict else None
+    if failure:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failure else 0
 
 
 def main(argv: list[str] | None = None) -> int:

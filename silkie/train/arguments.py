@@ -12,6 +12,8 @@ from transformers import TrainingArguments
 from silkie.config import DeepSpeedSection, Recipe
 from silkie.errors import MissingInputError
 
+from .console import on_terminal
+
 DEFAULTS: dict[str, Any] = {
     "report_to": ["tensorboard"],
     "logging_steps": 10,
@@ -73,6 +75,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
     elif "eval_strategy" not in values:
         values["eval_strategy"] = "steps" if "eval_steps" in values else "epoch"
     values.setdefault("bf16", bf16)
+    values.setdefault("disable_tqdm", not on_terminal())  # a log file gets plain lines, not \r bars
     if recipe.launch.cpu or not torch.cuda.is_available():  # launch.cpu: even where Slurm hands the step GPUs
         values["use_cpu"] = True
     ds = deepspeed_config(recipe.deepspeed)

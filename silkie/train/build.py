@@ -18,7 +18,7 @@ from torch import nn
 
 from silkie.config import Recipe, RecipeError, save_recipe
 from silkie.logs import get_logger
-from silkie.run_dir import CACHE_DIR, CONFIG_NAME, METRICS_NAME, REFERENCE_DIR, remove_staging
+from silkie.run_dir import CACHE_DIR, CONFIG_NAME, METRICS_NAME, REFERENCE_DIR, TENSORBOARD_DIR, remove_staging
 
 from .metrics import MetricsJsonlCallback
 from .preemption import PreemptionCallback
@@ -73,8 +73,11 @@ def build_trainer(
     from silkie.models.loading import load_tokenizer, local_checkpoint, resolve_dtype
 
     from .arguments import training_arguments
+    from .console import on_terminal, quiet_libraries
 
     preemption = PreemptionCallback() if bookkeeping else None  # from the start: a signal while loading stops early
+    if bookkeeping:
+        quiet_libraries(cpu=recipe.launch.cpu or not torch.cuda.is_available(), terminal=on_terminal())
     working = Path(working)
     working.mkdir(parents=True, exist_ok=True)
     if bookkeeping and is_main_process():
@@ -160,12 +163,15 @@ def video_sampling(data: Any, model_config: Any) -> Any:
 
 
 def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption) -> Any:
+    from transformers.integrations import TensorBoardCallback
+
     from silkie.data.collator import PairCollator
     from silkie.data.corruption import CORRUPTION_VERSION
     from silkie.data.images import DECODE_VERSION
     from silkie.dpo.losses import DPOObjective
     from silkie.models.family import get_family
 
+    from .console import HF_CONSOLE_CALLBACKS, ConsoleCallback
     from .reference import ReferenceCache
     from .trainer import SilkieDPOTrainer
 
@@ -192,7 +198,7 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
         if eval_corruption is not None:  # the corrupted view's columns
             options["image_corruption"] = f"{recipe.data.image_corruption}-{CORRUPTION_VERSION}-{recipe.data.seed}"
         reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.path, options)
-    run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption] if bookkeeping else []
+    run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption, ConsoleCallback()] if bookkeeping else []
     trainer = SilkieDPOTrainer(
         model=model,
         args=args,
@@ -206,6 +212,11 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
         reference_cache=reference_cache,
         callbacks=[*run_callbacks, *callbacks],
     )
+    for printer in HF_CONSOLE_CALLBACKS:  # the raw log dicts and a second (evaluation) bar: ConsoleCallback's job
+        trainer.remove_callback(printer)
+    for callback in trainer.callback_handler.callbacks:
+        if bookkeeping and isinstance(callback, TensorBoardCallback):  # <working>/tb, not runs/<date>_<host>
+            callback.logging_dir = str(working / TENSORBOARD_DIR)
     if ref_model is not None:
         trainer.ref_model = _place_reference(trainer, ref_model)
     return trainer

@@ -8,15 +8,18 @@ from pathlib import Path
 
 from silkie.run_dir import METRICS_NAME, PLOT_NAME
 
+# (metric, title, y-axis label); accuracy panels get the 0.5 chance line
 PANELS = (
-    ("loss", "loss"),
-    ("rewards/accuracies", "reward accuracy"),
-    ("rewards/margins", "reward margin"),
-    ("rewards/chosen", "chosen reward"),
-    ("rewards/rejected", "rejected reward"),
+    ("loss", "loss", "DPO loss"),
+    ("rewards/accuracies", "reward accuracy", "share of pairs"),
+    ("rewards/margins", "reward margin", "chosen - rejected"),
+    ("rewards/chosen", "chosen reward", "beta x log-ratio"),
+    ("rewards/rejected", "rejected reward", "beta x log-ratio"),
+    ("learning_rate", "learning rate", "lr"),
 )
 # shown when the run logged them (the vision-aware losses, the held-out image diagnostics)
-OPTIONAL_PANELS = (("rewards/imageless_accuracies", "reward accuracy, corrupted image"),)
+OPTIONAL_PANELS = (("rewards/imageless_accuracies", "reward accuracy, corrupted image", "share of pairs"),)
+COLUMNS = 3  # a grid that stays legible at screen width
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -42,32 +45,49 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [float(points[step]) for step in steps]
 
 
-def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write `training_curves.png` (or `out`) for the run in `run_dir`; returns the path."""
+def build_figure(records: list[dict], title: str):
+    """The figure: one panel per metric on a grid of COLUMNS, train lines and eval points, y labels, the chance
+    line on accuracy panels, `title` on top."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logged = {name for record in records for name in record}
+    panels = PANELS + tuple(p for p in OPTIONAL_PANELS if p[0] in logged or f"eval_{p[0]}" in logged)
+    rows = -(-len(panels) // COLUMNS)
+    fig, axes = plt.subplots(rows, COLUMNS, figsize=(4.2 * COLUMNS, 3.2 * rows), squeeze=False)
+    for ax, (key, name, ylabel) in zip(axes.flat, panels):
+        for prefix, style in (("", "-"), ("eval_", "o--")):
+            steps, values = series(records, prefix + key)
+            if steps:
+                ax.plot(steps, values, style, label="eval" if prefix else "train")
+        if key.endswith("accuracies"):
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
+            ax.set_ylim(0, 1)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write `training_curves.png` (or `out`) for the run in `run_dir`, titled with the run's name; returns the
+    path."""
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
     metrics = run_dir / METRICS_NAME
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: no metrics file (is {run_dir} a Silkie run directory?)")
-    records = read_metrics(metrics)
-    logged = {name for record in records for name in record}
-    panels = PANELS + tuple(p for p in OPTIONAL_PANELS if p[0] in logged or f"eval_{p[0]}" in logged)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
-        for prefix, style in (("", "-"), ("eval_", "o--")):
-            steps, values = series(records, prefix + key)
-            if steps:
-                ax.plot(steps, values, style, label="eval" if prefix else "train")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = build_figure(read_metrics(metrics), f"{run_dir.resolve().name}: DPO training")
     target = Path(out) if out else run_dir / PLOT_NAME
     fig.savefig(target, dpi=100)
     plt.close(fig)

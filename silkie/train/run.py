@@ -42,7 +42,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
         if resume is not None:
             check_resume_layout(resume, args.world_size)
             say(f"resuming from {resume.name}")
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         # decided from state every rank shares: a signal after the last step (final evaluation or save) on one
         # rank only must not send that rank into teardown while the others finish
         if preemption.stopped and trainer.state.global_step < trainer.state.max_steps:
@@ -50,7 +50,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
             say(f"stopped on {name}: checkpoint saved at step {trainer.state.global_step}")
             result = {"preempted": True, "step": trainer.state.global_step}
         else:
-            result = _finish(trainer, built.codec, working, built.data.eval is not None, plot_metrics)
+            result = _finish(trainer, built, recipe.model.path, plot_metrics, output.metrics)
     except BaseException:
         _teardown(trainer, synchronize=False)  # the other ranks may be inside a collective: no barrier
         raise
@@ -69,17 +69,24 @@ def _agreed_resume_checkpoint(working: Path, rank: int) -> Path | None:
     return chosen
 
 
-def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> dict:
+def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict) -> dict:
+    """Adapter, tokenizer, model card, final metrics, plot and FINISHED; the closing lines."""
+    from .model_card import finish_adapter
+
+    tokenizer, working, recipe = built.codec, built.working, built.recipe
+    has_eval = built.data.eval is not None
+    pairs = (len(built.data.train), len(built.data.eval) if has_eval else 0)
     adapter_dir = working / ADAPTER_DIR
     with disk_space_guard(adapter_dir, working, "the adapter"):
         trainer.save_model(str(adapter_dir))
-    metrics: dict = {"step": trainer.state.global_step}
+    metrics: dict = {"step": trainer.state.global_step, **train_summary(train_metrics)}
     if has_eval:
         evaluation = _evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
         metrics.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and k != "step"})
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(adapter_dir)
         (working / FINAL_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        finish_adapter(recipe, model_path, working, metrics, pairs)
         plot = plot_metrics(working)
         (working / FINISHED_NAME).write_text(json.dumps({"step": trainer.state.global_step}))
         accuracy = metrics.get("eval_rewards/accuracies")
@@ -89,6 +96,12 @@ def _finish(trainer, tokenizer, working: Path, has_eval: bool, plot_metrics) -> 
         if accuracy is not None:
             say(f"held-out reward accuracy: {accuracy:.3f}")
     return metrics
+
+
+def train_summary(train_metrics: dict) -> dict:
+    """The Trainer's end-of-train numbers under the names final_metrics.json keeps (a pair is one sample)."""
+    names = {"train_loss": "train_loss", "train_runtime": "train_runtime_s", "train_samples_per_second": "pairs_per_s"}
+    return {ours: train_metrics[theirs] for theirs, ours in names.items() if theirs in train_metrics}
 
 
 def _evaluation_at(log_history: list[dict], step: int) -> dict | None:

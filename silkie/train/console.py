@@ -1,0 +1,146 @@
+"""The run's console: one compact line per logging step (step, loss, reward accuracy, margin, lr, pairs/s, ETA),
+one line per evaluation, one line for the train summary; a single training progress bar on a terminal and plain
+lines only when stdout is not one (a log file, Slurm); the DeepSpeed and peft warnings known to be harmless here
+filtered out."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from silkie.logs import get_logger
+
+logger = get_logger(__name__)
+HF_CONSOLE_CALLBACKS = (ProgressCallback, PrinterCallback)  # replaced by ConsoleCallback: they print the raw dict
+
+
+def on_terminal() -> bool:
+    """Whether the run's output goes to a terminal (progress bars) rather than a file or a pipe (plain lines)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def quiet_libraries(cpu: bool, terminal: bool) -> None:
+    """Filter what is known to be noise here: peft's `is_gradient_checkpointing` FutureWarning (peft asks a
+    transformers 5 model for the old name), DeepSpeed's "Setting accelerator to CPU" on a CPU run (the launcher
+    said so already); off a terminal, the `\\r` progress bars of datasets and transformers' weight loading."""
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if cpu:
+        logging.getLogger("DeepSpeed").addFilter(_NotCpuAccelerator())
+    if not terminal:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+
+
+class _NotCpuAccelerator(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _number(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
+def train_line(step: int, max_steps: int, logs: dict, pairs_per_s: float | None, eta_s: float | None) -> str:
+    """`step 5/270 | loss 0.6920 | acc 0.325 | margin 0.0023 | lr 2.86e-04 | 4.7 pairs/s | ETA 0:56`."""
+    parts = [f"step {step}/{max_steps}", f"loss {_number(logs.get('loss'), '.4f')}"]
+    parts.append(f"acc {_number(logs.get('rewards/accuracies'), '.3f')}")
+    parts.append(f"margin {_number(logs.get('rewards/margins'), '.4f')}")
+    parts.append(f"lr {_number(logs.get('learning_rate'), '.2e')}")
+    if pairs_per_s is not None:
+        parts.append(f"{pairs_per_s:.1f} pairs/s")
+    if eta_s is not None:
+        parts.append(f"ETA {_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+def eval_line(step: int, logs: dict) -> str:
+    """`eval at step 50 | loss 0.6801 | acc 0.720 | margin 0.1020 | 240 pairs in 3.1 s` (+ image gain, if scored)."""
+    parts = [f"eval at step {step}", f"loss {_number(logs.get('eval_loss'), '.4f')}"]
+    parts.append(f"acc {_number(logs.get('eval_rewards/accuracies'), '.3f')}")
+    parts.append(f"margin {_number(logs.get('eval_rewards/margins'), '.4f')}")
+    gain = next((v for k, v in logs.items() if k.startswith("eval_") and k.endswith("image_gain")), None)
+    if gain is not None:
+        parts.append(f"image gain {_number(gain, '.3f')}")
+    runtime, rate = logs.get("eval_runtime"), logs.get("eval_samples_per_second")
+    if isinstance(runtime, (int, float)) and isinstance(rate, (int, float)):
+        parts.append(f"{round(runtime * rate)} pairs in {runtime:.1f} s")
+    return " | ".join(parts)
+
+
+def summary_line(step: int, logs: dict) -> str:
+    """`trained 270 steps in 1:02 | train loss 0.6100 | 34.5 pairs/s`."""
+    return (
+        f"trained {step} steps in {_duration(logs.get('train_runtime', 0))} | train loss "
+        f"{_number(logs.get('train_loss'), '.4f')} | {_number(logs.get('train_samples_per_second'), '.1f')} pairs/s"
+    )
+
+
+class ConsoleCallback(TrainerCallback):
+    """Writes the lines above on rank 0 (`[silkie] ...` on stdout); on a terminal also one progress bar of the
+    training steps (stderr), cleared around each line."""
+
+    def __init__(self, terminal: bool | None = None):
+        self.terminal = on_terminal() if terminal is None else terminal
+        self.bar: Any = None
+        self.start = self.last_time = 0.0
+        self.start_step = self.last_step = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.start = self.last_time = time.monotonic()
+        self.start_step = self.last_step = state.global_step
+        if self.terminal:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "train_runtime" in logs:
+            self._write(summary_line(state.global_step, logs))
+        elif "eval_loss" in logs:
+            self._write(eval_line(state.global_step, logs))
+        elif "loss" in logs:
+            self._write(self._train_line(args, state, logs))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _train_line(self, args: TrainingArguments, state: TrainerState, logs: dict) -> str:
+        now, step = time.monotonic(), state.global_step
+        pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        rate = (step - self.last_step) * pairs_per_step / (now - self.last_time) if now > self.last_time else None
+        done = step - self.start_step
+        eta = (state.max_steps - step) * (now - self.start) / done if done > 0 else None
+        self.last_time, self.last_step = now, step
+        return train_line(step, state.max_steps, logs, rate if step > self.start_step else None, eta)
+
+    def _write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        logger.info(line)
+        if self.bar is not None:
+            self.bar.refresh()

@@ -1,0 +1,79 @@
+"""The run's console: the compact step, evaluation and summary lines, pairs/s and ETA, the filtered warnings."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from types import SimpleNamespace
+
+from silkie.train import console
+from silkie.train.console import ConsoleCallback, eval_line, summary_line, train_line
+
+LOGS = {
+    "loss": 0.69201,
+    "grad_norm": 0.19,
+    "learning_rate": 0.0002857,
+    "rewards/accuracies": 0.325,
+    "rewards/margins": 0.002347,
+    "rewards/chosen": -0.00085,
+    "entropy": 6.43,
+    "epoch": 0.0185,
+}
+
+
+def test_lines_carry_what_a_user_follows():
+    assert train_line(5, 270, LOGS, 4.74, 56.2) == (
+        "step 5/270 | loss 0.6920 | acc 0.325 | margin 0.0023 | lr 2.86e-04 | 4.7 pairs/s | ETA 0:56"
+    )
+    assert train_line(5, 270, {"loss": 0.5}, None, 3725) == (
+        "step 5/270 | loss 0.5000 | acc n/a | margin n/a | lr n/a | ETA 1:02:05"
+    )
+    evaluation = {"eval_loss": 0.68, "eval_rewards/accuracies": 0.72, "eval_rewards/margins": 0.102}
+    evaluation |= {"eval_rewards/image_gain": 0.25, "eval_runtime": 3.1, "eval_samples_per_second": 77.42}
+    assert eval_line(50, evaluation) == (
+        "eval at step 50 | loss 0.6800 | acc 0.720 | margin 0.1020 | image gain 0.250 | 240 pairs in 3.1 s"
+    )
+    summary = {"train_runtime": 62.4, "train_loss": 0.61, "train_samples_per_second": 34.53, "total_flos": 1.0}
+    assert summary_line(270, summary) == "trained 270 steps in 1:02 | train loss 0.6100 | 34.5 pairs/s"
+
+
+def test_callback_writes_one_line_per_record_with_measured_pairs_per_second(monkeypatch, capsys):
+    clock = iter([100.0, 110.0, 130.0])
+    monkeypatch.setattr(console.time, "monotonic", lambda: next(clock))
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=2, world_size=2)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=10, max_steps=100)
+    callback = ConsoleCallback(terminal=False)
+    callback.on_train_begin(args, state, None)  # resumed at step 10
+    state.global_step = 15
+    callback.on_log(args, state, None, logs=LOGS)  # 5 steps x 8 pairs in 10 s; 85 steps left at 2 s each
+    state.global_step = 20
+    callback.on_log(args, state, None, logs=LOGS)  # 5 steps x 8 pairs in 20 s; 80 steps at 3 s each
+    callback.on_log(args, state, None, logs={"eval_loss": 0.7, "epoch": 1.0})
+    other_rank = SimpleNamespace(is_world_process_zero=False, global_step=20, max_steps=100)
+    callback.on_log(args, other_rank, None, logs=LOGS)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "[silkie] step 15/100 | loss 0.6920 | acc 0.325 | margin 0.0023 | lr 2.86e-04 | 4.0 pairs/s | ETA 2:50",
+        "[silkie] step 20/100 | loss 0.6920 | acc 0.325 | margin 0.0023 | lr 2.86e-04 | 2.0 pairs/s | ETA 4:00",
+        "[silkie] eval at step 20 | loss 0.7000 | acc n/a | margin n/a",
+    ]
+    assert callback.bar is None  # no progress bar off a terminal
+
+
+def test_known_harmless_warnings_are_filtered(capsys):
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    before = list(deepspeed_logger.filters)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            console.quiet_libraries(cpu=True, terminal=True)
+            for message in ("`is_gradient_checkpointing` is deprecated, use ...", "another deprecation"):
+                warnings.warn(message, FutureWarning, stacklevel=1)
+        assert [str(w.message) for w in caught] == ["another deprecation"]
+        records = [
+            logging.LogRecord("DeepSpeed", logging.WARNING, __file__, 1, text, (), None)
+            for text in ("Setting accelerator to CPU. If you have GPU ...", "ZeRO stage 3 warning")
+        ]
+        assert [deepspeed_logger.filter(r) for r in records] == [False, True]
+    finally:
+        deepspeed_logger.filters[:] = before
