@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # verb -> (module with main(argv), wha
     "tiny-hf-vlm": ("silkie.dev.tiny_hf_vlm_cli", "a tiny random Qwen2-VL / Qwen2.5-VL / LLaVA folder"),
     "synthetic": ("silkie.dev.synthetic_cli", "a synthetic VLFeedback release"),
     "gpu-check": ("silkie.dev.gpu_check", "the GPU proof run"),
+    "lever-check": ("silkie.dev.lever_check", "each speed lever against the fp32 reference on one batch"),
     "reference": ("silkie.dev.recipe_reference", "print the recipe reference (dpo_config/README.md)"),
 }
 

@@ -158,6 +158,7 @@ OPTION_SETS = {
     "share_prompt": StepOptions(image_once=False, share_prompt=True, chunked_logps=False),
     "chunked": StepOptions(image_once=False, share_prompt=False, chunked_logps=True, chunk_size=5),
     "all": StepOptions(image_once=True, share_prompt=True, chunked_logps=True, chunk_size=4),
+    "three_pairs_per_row": StepOptions(chunk_size=4, pairs_per_row=3),  # rows of 3 and 1: uneven, padded tail
 }
 
 

@@ -34,10 +34,14 @@ OPTION_SETS = [
     StepOptions(image_once=False, share_prompt=True, chunked_logps=False),
     StepOptions(image_once=False, share_prompt=False, chunked_logps=True, chunk_size=5),
     StepOptions(image_once=True, share_prompt=True, chunked_logps=True, chunk_size=4),
+    StepOptions(chunk_size=4, pairs_per_row=2),
+    StepOptions(chunk_size=4, pairs_per_row=3),
 ]
 
 
-@pytest.mark.parametrize("options", OPTION_SETS, ids=["image_once", "share_prompt", "chunked", "all"])
+@pytest.mark.parametrize(
+    "options", OPTION_SETS, ids=["image_once", "share_prompt", "chunked", "all", "two_per_row", "one_row"]
+)
 def test_optimised_paths_equal_plain(lora_model, batch, options):
     plain_policy, plain_ref, plain_loss, plain_grads = step(lora_model, batch, PLAIN)
     policy, ref, loss, grads = step(lora_model, batch, options)
@@ -77,6 +81,28 @@ def test_packed_layout_positions_and_mask(batch):
     assert mask[first_rejected, first_rejected] and not mask[lp, lp + 1]
     # the first rejected token is predicted from the last prompt token, not from the chosen answer
     assert rows.rejected_index[rows.rejected_pair == 1][0].item() == 1 * rows.input_ids.size(1) + lp - 1
+
+
+def test_several_pairs_per_row_see_only_themselves(lora_model, batch):
+    rows = packed_rows(batch, pad_token_id=0, pairs_per_row=2)
+    spans = [
+        int(batch[f"{part}_attention_mask"][b].sum()) for b in range(3) for part in ("prompt", "chosen", "rejected")
+    ]
+    first, second = sum(spans[:3]), sum(spans[3:6])
+    assert rows.input_ids.shape == (2, max(first + second, sum(spans[6:])))  # 3 pairs -> rows of 2 and 1
+    mask = rows.attention_mask[0, 0]
+    assert not mask[first:, :first].any()  # the second pair never sees the first one
+    assert mask[first + spans[3] - 1, first : first + spans[3]].all()  # its prompt is causal over itself
+    assert rows.position_ids[0, first : first + spans[3]].tolist() == list(range(spans[3]))
+    assert rows.chosen_index[rows.chosen_pair == 1][0].item() == first + spans[3] - 1
+    changed = {k: v.clone() for k, v in batch.items()}
+    lc = spans[1]  # pair 0 shares row 0 with pair 1: another chosen answer for pair 0 must not move pair 1's scores
+    changed["chosen_input_ids"][0, :lc] = batch["chosen_input_ids"][0, :lc].flip(0) + 1
+    options = StepOptions(pairs_per_row=2)
+    a = score_answers(lora_model, batch, options, 0, no_grad=True)
+    b = score_answers(lora_model, changed, options, 0, no_grad=True)
+    assert torch.equal(a.chosen_logps[1:], b.chosen_logps[1:]) and torch.equal(a.rejected_logps, b.rejected_logps)
+    assert (a.chosen_logps[0] - b.chosen_logps[0]).abs() > 1e-2
 
 
 def test_image_once_encodes_without_autograd(lora_model, batch):

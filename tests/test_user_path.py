@@ -20,6 +20,7 @@ OTHER_SCRIPTS = (
     "benchmark",
     "benchmark_data",
     "gpu_check",
+    "lever_check",
     "recipe_reference",
 )
 

@@ -116,6 +116,12 @@ class DPOSection:
         "Pack chosen and rejected answers after one copy of the prompt.",
         "dpo.step:recipe_step_options",
     )
+    pairs_per_row: int = key(
+        1,
+        "With `share_prompt`: pairs packed into one row (each sees only its own tokens, positions restart), so "
+        "a micro-batch is not padded to its longest pair; 1: a row per pair.",
+        "dpo.step:recipe_step_options",
+    )
     chunked_logps: bool = key(
         True,
         "Answer log-probs from hidden states in chunks, never the full-vocabulary logits; false: the model's "
@@ -147,6 +153,13 @@ class DPOSection:
         for name in ("mdpo_conditional_weight", "mdpo_anchor_weight"):
             require(getattr(self, name) >= 0, f"dpo.{name}", getattr(self, name), "a number >= 0")
         require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
+        require(self.pairs_per_row >= 1, "dpo.pairs_per_row", self.pairs_per_row, "an integer >= 1")
+        require(
+            self.share_prompt or self.pairs_per_row == 1,
+            "dpo.pairs_per_row",
+            self.pairs_per_row,
+            "1 when dpo.share_prompt is false (pairs are packed after their shared prompt)",
+        )
         require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
         size = self.precompute_ref_batch_size
         require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")

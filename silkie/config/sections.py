@@ -34,6 +34,24 @@ class ModelSection:
         "Attention kernel: `sdpa` (default), `eager` (reference), `flex_attention` (qwen_vl).",
         "models.qwen_vl.family:QwenVLFamily.load_model",
     )
+    fp32_norm_rope: bool = key(
+        True,
+        "qwen_vl: RMSNorm and rotary embedding in fp32, as the original; false: in the model's dtype (fewer "
+        "up-cast copies; the bf16 logit difference is in docs/benchmarks.md).",
+        "models.kernels:apply_kernels",
+    )
+    liger_kernels: bool = key(
+        False,
+        "Fused Triton kernels from liger-kernel (RMSNorm, SwiGLU, rotary) in the language model; needs a CUDA GPU "
+        "and `pip install -e '.[gpu]'`.",
+        "models.kernels:apply_kernels",
+    )
+    compile_blocks: bool = key(
+        False,
+        "Regional compilation: torch.compile each decoder block (identical blocks share one graph); the first "
+        "steps pay the compile time.",
+        "models.kernels:apply_kernels",
+    )
     min_pixels: int | None = key(
         None,
         "Qwen2-VL families: fewest pixels per image after resizing (null: the processor's setting).",
@@ -68,6 +86,12 @@ class ModelSection:
             "model.attn_implementation",
             self.attn_implementation,
             f"sdpa or eager for family {self.family} (flex_attention is implemented for qwen_vl)",
+        )
+        require(
+            self.family == "qwen_vl" or self.fp32_norm_rope,
+            "model.fp32_norm_rope",
+            self.fp32_norm_rope,
+            f"true for family {self.family} (its norms follow transformers; the switch is for qwen_vl)",
         )
         for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
             value = getattr(self, name)

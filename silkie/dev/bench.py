@@ -48,6 +48,7 @@ class BenchResult:
     tflop_per_pair: float | None
     mfu: float | None
     reference_precompute_seconds_per_pair: float | None = None
+    first_step_seconds: float | None = None  # the compile time of a compiling run is this minus step_seconds
 
 
 class PeakMemory:
@@ -92,6 +93,10 @@ class StepClock(TrainerCallback):
 
     def __init__(self):
         self.ends: list[float] = []
+        self.start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -105,6 +110,11 @@ def timed_train(trainer: Any, clock: StepClock, device: str, warmup: int) -> tup
         trainer.train()
     times = [b - a for a, b in zip(clock.ends[warmup:], clock.ends[warmup + 1 :])]
     return times, memory.peak
+
+
+def first_step_seconds(clock: StepClock) -> float:
+    """Wall time of the first optimizer step (it carries compilation, when a lever compiles)."""
+    return clock.ends[0] - clock.start if clock.ends else float("nan")
 
 
 def peak_tflops(device: str, override: float | None) -> float | None:
@@ -161,18 +171,23 @@ def pair_tokens(codec: Any, processor: Any, pairs: list[dict]) -> float:
     return total / len(sample)
 
 
-def bench_recipe(name: str, family: str, folder: Path, batch_size: int, steps: int, args: Any) -> Recipe:
+def bench_recipe(
+    name: str, family: str, folder: Path, batch_size: int, steps: int, args: Any, levers: dict | None = None
+) -> Recipe:
     """The recipe of one of our runs: LoRA r`args.lora_r` (alpha 16, dropout as TRL's default: off), the run's dpo
-    switches, `steps` optimizer steps at `batch_size`, nothing saved or logged."""
+    switches plus its `levers` (section -> keys, `bench_levers`), `steps` optimizer steps at `batch_size`, nothing
+    saved or logged."""
+    levers = levers or {}
     model = {"path": str(folder), "family": family, "dtype": args.dtype, "attn_implementation": args.attn}
     if family in ("qwen2_vl", "qwen2_5_vl"):
         model["min_pixels"] = model["max_pixels"] = args.image_px * args.image_px
+    dpo = {"beta": 0.1, "max_length": 4096, "logps_chunk_size": args.chunk_size, **OURS[name]}
     return recipe_from_dict(
         {
-            "model": model,
+            "model": {**model, **levers.get("model", {})},
             "data": {"path": "synthetic benchmark pairs"},
             "lora": {"r": args.lora_r, "alpha": 16, "dropout": 0.05},
-            "dpo": {"beta": 0.1, "max_length": 4096, "logps_chunk_size": args.chunk_size, **OURS[name]},
+            "dpo": {**dpo, **levers.get("dpo", {})},
             "training": {
                 "per_device_train_batch_size": batch_size,
                 "per_device_eval_batch_size": batch_size,
@@ -195,9 +210,9 @@ def bench_recipe(name: str, family: str, folder: Path, batch_size: int, steps: i
 
 def run_ours(
     base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out: Path, args: Any
-) -> tuple[list[float], float, float | None, float | None]:
+) -> tuple[list[float], float, float | None, float | None, float]:
     """One of our runs through `build_trainer`: (step times, peak memory, reference precompute s/pair, FLOPs of
-    one step or None)."""
+    one step or None, first step s). FLOPs are not counted through compiled blocks (None then)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from silkie.data.build import PreparedData
@@ -220,17 +235,17 @@ def run_ours(
         precompute = (time.perf_counter() - start) / len(pairs)
     times, peak = timed_train(trainer, clock, args.device, args.warmup)
     flops = None
-    if getattr(args, "count_flops", False):
+    if getattr(args, "count_flops", False) and not recipe.model.compile_blocks:
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         with FlopCounterMode(display=False) as counter:
             trainer.training_step(trainer.model_wrapped, batch)
         flops = counter.get_total_flops()
-    return times, peak, precompute, flops
+    return times, peak, precompute, flops, first_step_seconds(clock)
 
 
 def result_of(
     name: str, batch_size: int, times: list[float], peak: float, tokens: float, precompute: float | None,
-    flops: float | None, peak_tflop: float | None,
+    flops: float | None, peak_tflop: float | None, first_step: float | None = None,
 ) -> BenchResult:  # fmt: skip
     """The measurement of one run (median step time; MFU from the counted FLOPs and the device's peak)."""
     median = statistics.median(times)
@@ -246,6 +261,7 @@ def result_of(
         tflop_per_pair=per_pair / 1e12 if per_pair else None,
         mfu=(flops / median / 1e12 / peak_tflop) if flops and peak_tflop else None,
         reference_precompute_seconds_per_pair=precompute,
+        first_step_seconds=first_step,
     )
 
 
@@ -283,6 +299,11 @@ def format_table(results: list, baseline: str = "plain") -> str:
                 lines.append(
                     f"| {size} | {path} | {fast.pairs_per_second / base.pairs_per_second:.2f}x | {memory:.2f}x |"
                 )
+    for r in results:
+        if "compile" in r.path and r.first_step_seconds is not None:
+            compile_s = r.first_step_seconds - r.step_seconds
+            first = f"first step {r.first_step_seconds:.1f} s, ~{compile_s:.1f} s compile"
+            lines.append(f"\n{r.path} (batch {r.batch_size}): {first}")
     cached = [r for r in results if r.reference_precompute_seconds_per_pair is not None]
     for r in cached:
         per_pair = r.reference_precompute_seconds_per_pair * 1e3

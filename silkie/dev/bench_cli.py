@@ -46,6 +46,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--question-tokens", type=int, default=40)
     parser.add_argument("--answer-tokens", type=int, default=150)
     parser.add_argument("--lora-r", type=int, default=64)
+    parser.add_argument(
+        "--levers",
+        nargs="+",
+        default=[],
+        metavar="LEVER[+LEVER...]",
+        help="extra runs on top of the last --paths (qwen_vl) or --runs entry, each with these recipe switches: "
+        "flex (qwen_vl), liger, compile, native_norm (qwen_vl), pack2, pack4, pack8 (join with + for several at once)",
+    )
     parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention"), help="attention kernel")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--chunk-size", type=int, default=1024, help="answer tokens per log-prob chunk")
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> list:
     name = "tiny" if args.tiny else "Qwen-VL-Chat size"
     print(f"model: {name}, {args.dtype}, device {device_name}", flush=True)
     results = run(args)
-    print(format_table(results))
+    print(format_table(results, "plain" if "plain" in args.paths else args.paths[0]))
     if args.out:
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         meta["device_name"] = device_name

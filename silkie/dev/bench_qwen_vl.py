@@ -19,6 +19,7 @@ from silkie.dev.bench import (
     run_ours,
     synthetic_pairs,
 )
+from silkie.dev.bench_levers import lever_id, lever_runs, without_compile
 from silkie.dev.tiny_qwen_vl import random_model, tiny_config, write_tokenizer
 
 PATHS = ("plain", "optimized", "optimized+cached_ref")  # our runs' names without the "silkie-" prefix
@@ -60,15 +61,22 @@ def run(args: Any) -> list[BenchResult]:
                 config.visual["image_size"],
             )
             tokens = pair_tokens(codec, processor, pairs)
-            for path in args.paths:
+            counted: dict[tuple[str, str], float] = {}  # (path, levers) -> FLOPs of one step
+            for name, path, levers in lever_runs(args.paths, getattr(args, "levers", None) or []):
+                recipe = bench_recipe(f"silkie-{path}", "qwen_vl", folder, size, steps, args, levers)
+                config._attn_implementation = recipe.model.attn_implementation
                 torch.manual_seed(0)
                 model = random_model(config, args.device, dtype)
-                recipe = bench_recipe(f"silkie-{path}", "qwen_vl", folder, size, steps, args)
-                times, peak, precompute, flops = run_ours(model, recipe, codec, pairs, root / f"{path}-{size}", args)
-                result = result_of(path, size, times, peak, tokens, precompute, flops, device_peak)
+                out = root / f"{len(results)}-{size}"
+                times, peak, precompute, flops, first = run_ours(model, recipe, codec, pairs, out, args)
+                if flops:
+                    counted[(path, lever_id(levers))] = flops
+                else:  # compiled blocks: the same work as the uncompiled run with these levers, when it ran
+                    flops = counted.get((path, lever_id(without_compile(levers))))
+                result = result_of(name, size, times, peak, tokens, precompute, flops, device_peak, first)
                 results.append(result)
                 print(
-                    f"{path:20s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "
+                    f"{name:20s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "
                     f"peak {result.peak_memory_gib:.2f} GiB",
                     flush=True,
                 )

@@ -22,6 +22,7 @@ from silkie.dev.bench import (
     synthetic_pairs,
     timed_train,
 )
+from silkie.dev.bench_levers import lever_runs
 
 QWEN2_VL_7B = {  # Qwen2-VL-7B-Instruct's shape (config.json of the release)
     "text": dict(
@@ -122,14 +123,17 @@ def run(args) -> list[BenchResult]:
                 size * steps, args.question_tokens, args.answer_tokens, args.image_px,
             )  # fmt: skip
             tokens = pair_tokens(codec, images, pairs)
-            for name in args.runs:
+            for name, run_name, levers in lever_runs(args.runs, getattr(args, "levers", None) or []):
                 model = random_model(config, args.device, dtype, args.attn)
                 precompute = None
                 if name == "trl":
                     times, peak = run_trl(model, codec.processor, pairs, size, steps, args, root)
                 else:
-                    recipe = bench_recipe(name, args.family, folder, size, steps, args)
-                    times, peak, precompute, _ = run_ours(model, recipe, codec, pairs, root / f"{name}-{size}", args)
+                    if run_name == "trl":
+                        raise SystemExit("--levers: they apply to the last of --runs, which must be one of ours")
+                    recipe = bench_recipe(run_name, args.family, folder, size, steps, args, levers)
+                    out = root / f"{len(results)}-{size}"
+                    times, peak, precompute, _, _ = run_ours(model, recipe, codec, pairs, out, args)
                 result = result_of(name, size, times, peak, tokens, precompute, None, None)
                 results.append(result)
                 print(f"{name:28s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "

@@ -3,7 +3,8 @@
 Two layouts give identical per-pair log-probs:
 - `concat_rows` (reference, TRL-equivalent): 2B rows, prompt+chosen and prompt+rejected.
 - `packed_rows` (shared prompt): B rows of prompt | chosen | rejected, under a block mask where each
-  answer sees the prompt and itself, never the other answer, with positions restarting after the prompt.
+  answer sees the prompt and itself, never the other answer, with positions restarting after the prompt;
+  optionally several pairs per row (no padding between them), each seeing only itself.
 """
 
 from __future__ import annotations
@@ -73,9 +74,13 @@ def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
     )
 
 
-def packed_rows(batch: dict, pad_token_id: int, prompt_positions: torch.Tensor | None = None) -> ScoredRows:
-    """B rows of prompt | chosen | rejected with a block-causal mask and restarted answer positions.
+def packed_rows(
+    batch: dict, pad_token_id: int, prompt_positions: torch.Tensor | None = None, pairs_per_row: int = 1
+) -> ScoredRows:
+    """Rows of prompt | chosen | rejected with a block-causal mask and restarted answer positions.
 
+    `pairs_per_row` > 1 puts that many consecutive pairs in one row (padding-free packing): each pair's tokens see
+    only its own prompt and answer, and its positions start from 0, so every pair scores as in a row of its own.
     `prompt_positions` [D, B, Lp] are multi-axis prompt positions (M-RoPE); each answer then continues from
     the prompt's last position + 1 (the prompt ends in text, whose axes agree), as it does in its own unpacked
     row; not from the largest position, which a video's temporal axis can put past the text that follows it.
@@ -85,37 +90,45 @@ def packed_rows(batch: dict, pad_token_id: int, prompt_positions: torch.Tensor |
     chosen, c_len = batch["chosen_input_ids"], _lengths(batch["chosen_attention_mask"])
     rejected, r_len = batch["rejected_input_ids"], _lengths(batch["rejected_attention_mask"])
     size = len(p_len)
-    width = max(p_len[b] + c_len[b] + r_len[b] for b in range(size))
-    ids = torch.full((size, width), pad_token_id, dtype=torch.long)
-    segment = torch.full((size, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 pad
+    n_rows = -(-size // pairs_per_row)
+    spans = [p_len[b] + c_len[b] + r_len[b] for b in range(size)]
+    width = max(sum(spans[r * pairs_per_row : (r + 1) * pairs_per_row]) for r in range(n_rows))
+    ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    owner = torch.full((n_rows, width), -1, dtype=torch.long)  # the pair a token belongs to, -1 pad
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 pad
     axes = 1 if prompt_positions is None else prompt_positions.size(0)
-    positions = torch.zeros((axes, size, width), dtype=torch.long)
+    positions = torch.zeros((axes, n_rows, width), dtype=torch.long)
     picks = {"chosen": ([], [], []), "rejected": ([], [], [])}
     for b in range(size):
+        row, at = b // pairs_per_row, sum(spans[b - b % pairs_per_row : b])
         lp, lc, lr = p_len[b], c_len[b], r_len[b]
-        ids[b, :lp], ids[b, lp : lp + lc], ids[b, lp + lc : lp + lc + lr] = (
+        answer_at, rejected_at = at + lp, at + lp + lc
+        ids[row, at:answer_at], ids[row, answer_at:rejected_at], ids[row, rejected_at : rejected_at + lr] = (
             prompts[b, :lp],
             chosen[b, :lc],
             rejected[b, :lr],
         )
-        segment[b, :lp], segment[b, lp : lp + lc], segment[b, lp + lc : lp + lc + lr] = 0, 1, 2
+        owner[row, at : at + spans[b]] = b
+        segment[row, at:answer_at], segment[row, answer_at:rejected_at] = 0, 1
+        segment[row, rejected_at : rejected_at + lr] = 2
         if prompt_positions is None:
-            positions[:, b, :lp], start = torch.arange(lp), lp
+            positions[:, row, at:answer_at], start = torch.arange(lp), lp
         else:
-            positions[:, b, :lp] = prompt_positions[:, b, :lp]
+            positions[:, row, at:answer_at] = prompt_positions[:, b, :lp]
             start = int(prompt_positions[:, b, lp - 1].max()) + 1 if lp else 0
-        positions[:, b, lp : lp + lc] = torch.arange(start, start + lc)
-        positions[:, b, lp + lc : lp + lc + lr] = torch.arange(start, start + lr)
-        base = b * width
-        picks["chosen"][0].extend(base + lp - 1 + k for k in range(lc))
+        positions[:, row, answer_at:rejected_at] = torch.arange(start, start + lc)
+        positions[:, row, rejected_at : rejected_at + lr] = torch.arange(start, start + lr)
+        base = row * width
+        picks["chosen"][0].extend(base + answer_at - 1 + k for k in range(lc))
         picks["chosen"][1].extend(chosen[b, :lc].tolist())
         picks["chosen"][2].extend([b] * lc)
-        picks["rejected"][0].extend(base + (lp - 1 if k == 0 else lp + lc + k - 1) for k in range(lr))
+        picks["rejected"][0].extend(base + (answer_at - 1 if k == 0 else rejected_at + k - 1) for k in range(lr))
         picks["rejected"][1].extend(rejected[b, :lr].tolist())
         picks["rejected"][2].extend([b] * lr)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     query_seg, key_seg = segment[:, :, None], segment[:, None, :]
-    visible = (key_seg == 0) | (key_seg == query_seg)
+    same_pair = owner[:, :, None] == owner[:, None, :]
+    visible = same_pair & ((key_seg == 0) | (key_seg == query_seg))
     mask = (causal[None] & visible & (key_seg >= 0)) | torch.eye(width, dtype=torch.bool)[None]
     return ScoredRows(
         input_ids=ids,

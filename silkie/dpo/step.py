@@ -32,6 +32,7 @@ class StepOptions:
     share_prompt: bool = True
     chunked_logps: bool = True
     chunk_size: int = 1024
+    pairs_per_row: int = 1
     ld_alpha: float | None = None
     wpo_weights: bool = False
 
@@ -43,6 +44,7 @@ def recipe_step_options(dpo: DPOSection, image_once: bool) -> StepOptions:
         share_prompt=dpo.share_prompt,
         chunked_logps=dpo.chunked_logps,
         chunk_size=dpo.logps_chunk_size,
+        pairs_per_row=dpo.pairs_per_row,
         ld_alpha=dpo.ld_alpha,
         wpo_weights=dpo.use_weighting,
     )
@@ -112,7 +114,8 @@ def score_answers(
     on_device = _on(batch, device)  # once: the image tensors may still be on the CPU
     if options.share_prompt:
         positions = family.prompt_positions(base, on_device)
-        rows = packed_rows(batch, pad_token_id, None if positions is None else positions.cpu())
+        prompt_positions = None if positions is None else positions.cpu()
+        rows = packed_rows(batch, pad_token_id, prompt_positions, options.pairs_per_row)
     else:
         rows = concat_rows(batch, pad_token_id)
     images = {}

@@ -135,6 +135,10 @@ class ModelFamily:
         """The vision tower (+ projector) of the unwrapped model."""
         raise NotImplementedError
 
+    def decoder_layers(self, base: nn.Module) -> nn.ModuleList:
+        """The language model's decoder blocks of the unwrapped model (what regional compilation compiles)."""
+        raise NotImplementedError
+
     def encode_images(self, base: nn.Module, batch: dict) -> Any:
         """Features of the batch's images (and videos) in batch order (called under no_grad), or None."""
         raise NotImplementedError

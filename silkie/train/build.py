@@ -129,6 +129,7 @@ def _policy_and_reference(
 ) -> tuple[nn.Module, nn.Module | None]:
     """The policy (LoRA on the base, or the whole model) and, for full fine-tuning, a frozen reference copy."""
     from silkie.models.family import get_family
+    from silkie.models.kernels import apply_kernels
     from silkie.models.loading import build_frozen_reference, build_policy, make_policy
 
     if policy is not None:
@@ -139,6 +140,11 @@ def _policy_and_reference(
         model = build_policy(recipe.model, recipe.lora, disable_dropout=recipe.dpo.disable_dropout)
     if recipe.dpo.disable_dropout and recipe.lora.enabled and recipe.lora.dropout > 0 and policy is None:
         say(f"dropout is off (dpo.disable_dropout, TRL's default): lora.dropout {recipe.lora.dropout} is not applied")
+    if recipe.dpo.pairs_per_row > 1 and recipe.model.attn_implementation != "flex_attention":
+        say(
+            f"dpo.pairs_per_row {recipe.dpo.pairs_per_row} with {recipe.model.attn_implementation} attention: its "
+            "dense mask makes attention grow with the whole packed row; flex_attention skips the other pairs' blocks"
+        )
     ref_model = None
     if not recipe.lora.enabled:
         if base_model is not None:
@@ -149,6 +155,9 @@ def _policy_and_reference(
     for member in (model, ref_model):
         if member is not None:
             family.prepare_for_training(member)
+            applied = apply_kernels(member, recipe.model)
+            if member is model and applied:
+                say(f"model: {', '.join(applied)}")
     return model, ref_model
 
 

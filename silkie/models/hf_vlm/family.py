@@ -98,6 +98,9 @@ class HFVisionFamily(ModelFamily):
     def vision_module(self, base: nn.Module) -> nn.Module:
         return nn.ModuleList([getattr(base.model, part) for part in dict.fromkeys(self.vision_parts)])
 
+    def decoder_layers(self, base: nn.Module) -> nn.ModuleList:
+        return base.model.language_model.layers
+
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
         # through the outermost module (DeepSpeed's per-step hooks, e.g. ZeRO-3 prefetch, live on the root), with
         # logits for one position only; the decoder's last hidden states are taken from its output on the way

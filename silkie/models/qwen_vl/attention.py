@@ -41,7 +41,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, L, D] in fp32 and cast back, as the original."""
+    """Rotate [B, H, L, D] in fp32 and cast back, as the original; in x's dtype when cos/sin are in it."""
+    if cos.dtype == x.dtype:
+        return x * cos + rotate_half(x) * sin
     x_float = x.float()
     return (x_float * cos + rotate_half(x_float) * sin).type_as(x)
 

@@ -149,6 +149,9 @@ class QwenVLFamily(ModelFamily):
     def vision_module(self, base: nn.Module) -> nn.Module:
         return base.transformer.visual
 
+    def decoder_layers(self, base: nn.Module) -> nn.ModuleList:
+        return base.transformer.h
+
     def encode_images(self, base: nn.Module, batch: dict) -> torch.Tensor | None:
         pixel_values = batch.get("pixel_values")
         if pixel_values is None or pixel_values.numel() == 0:

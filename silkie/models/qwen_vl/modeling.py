@@ -28,14 +28,17 @@ from .visual import Resampler, ResamplerAttention, VisionTransformer, sincos_pos
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times weight."""
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times weight (`upcast = False`: all in x's dtype)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.upcast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.upcast:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         x_float = x.float()
         normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
@@ -64,8 +67,7 @@ class QWenAttention(nn.Module):
         batch, length, _ = hidden_states.shape
         q, k, v = self.c_attn(hidden_states).split(self.config.hidden_size, dim=-1)
         q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        cos, sin = rotary
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotate(q, k, *rotary)
         if q_scale is not None:
             q = (q * q_scale).type_as(k)
         if cache is not None:
@@ -74,6 +76,12 @@ class QWenAttention(nn.Module):
         dropout = self.config.attn_dropout_prob if self.training else 0.0
         out = attend(q, k, v, mask, dropout)
         return self.c_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding of queries and keys [B, H, L, D] (cos, sin: [B, 1, L, D])."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class QWenMLP(nn.Module):
@@ -161,6 +169,7 @@ class QWenModel(QWenPreTrainedModel):
         self.h = nn.ModuleList([QWenBlock(config, i) for i in range(config.num_hidden_layers)])
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.visual = VisionTransformer(config)
+        self.rotary_fp32 = True  # False: cos/sin in the hidden dtype, so rotation needs no fp32 copies
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -237,6 +246,8 @@ class QWenModel(QWenPreTrainedModel):
             context_length = int(position_ids.max()) + 1
         ntk_alpha = self._ntk_alpha(past_length, context_length)
         rotary = self.rotary_emb(position_ids, ntk_alpha)
+        if not self.rotary_fp32:
+            rotary = tuple(t.to(inputs_embeds.dtype) for t in rotary)
         q_scale = None
         if self.config.use_logn_attn and not self.training and context_length > self.config.seq_length:
             q_scale = logn_scale(position_ids, self.config.seq_length)

@@ -1,0 +1,61 @@
+"""`scripts/benchmark.py --levers` and `scripts/lever_check.py`: every lever is a recipe switch measured side by side
+with the path it modifies, and checked against the fp32 reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from silkie.dev.bench_levers import lever_keys, lever_runs, without_compile
+from silkie.dev.lever_check import main as lever_check
+
+from .script_fixtures import load_script
+
+
+def test_lever_specs_combine_and_liger_runs_last():
+    assert lever_keys("liger+compile+pack4") == {
+        "model": {"liger_kernels": True, "compile_blocks": True},
+        "dpo": {"pairs_per_row": 4},
+    }
+    runs = lever_runs(["plain", "optimized"], ["liger", "pack2", "flex+liger", "compile"])
+    assert [name for name, _, _ in runs] == [
+        "plain", "optimized", "optimized+pack2", "optimized+compile", "optimized+liger", "optimized+flex+liger",
+    ]  # fmt: skip
+    assert without_compile(lever_keys("compile")) == {} and without_compile(lever_keys("pack2+compile")) == {
+        "dpo": {"pairs_per_row": 2}
+    }
+    with pytest.raises(SystemExit, match="unknown lever 'fused' in 'pack2\\+fused'; expected one of flex, liger"):
+        lever_keys("pack2+fused")
+
+
+def test_benchmark_runs_each_lever_beside_its_path(tmp_path, capsys):
+    benchmark = load_script("benchmark")
+    out = tmp_path / "bench.json"
+    argv = ["--tiny", "--batch-sizes", "4", "--steps", "1", "--warmup", "1", "--lora-r", "4", "--question-tokens",
+            "10", "--answer-tokens", "12", "--paths", "optimized", "--levers", "pack4", "native_norm",
+            "--count-flops", "--out", str(out)]  # fmt: skip
+    results = benchmark.main(argv)
+    assert [r.path for r in results] == ["optimized", "optimized+pack4", "optimized+native_norm"]
+    assert all(r.pairs_per_second > 0 and r.first_step_seconds > 0 for r in results)
+    by_path = {r.path: r for r in results}
+    # the same pairs: native precision does the same matmuls; the packed row has no padding to multiply
+    assert by_path["optimized+native_norm"].tflop_per_pair == pytest.approx(by_path["optimized"].tflop_per_pair)
+    assert "| 4 | optimized+pack4 | " in capsys.readouterr().out
+    assert [r["path"] for r in json.loads(out.read_text())["results"]] == [r.path for r in results]
+
+
+def test_lever_check_equals_the_reference_in_fp32_and_reports_what_cannot_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "liger_kernel" else real(name))
+    argv = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--levers", "native_norm", "pack4", "flex", "liger"]
+    assert lever_check([*argv, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "lever_check.json").read_text())
+    levers = report["levers"]
+    assert set(levers) == {"default", "native_norm", "pack4", "flex", "liger"} and report["pairs"] == 4
+    for name in ("native_norm", "pack4", "flex"):
+        assert levers[name]["max_abs_logp_diff_vs_default"] < 1e-4, name
+        assert levers[name]["max_abs_logit_diff_vs_fp32"] < 1e-4, name
+    assert levers["liger"]["error"].startswith("InputError: model.liger_kernels: liger-kernel is not installed")

@@ -1,0 +1,111 @@
+"""The recipe's speed switches (`model.fp32_norm_rope`, `model.liger_kernels`, `model.compile_blocks`): each equals
+the plain path within tolerance, and each really changes how the model computes."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from silkie.config import ModelSection
+from silkie.dpo.step import StepOptions, score_answers
+from silkie.errors import InputError
+from silkie.models import kernels
+from silkie.models.kernels import apply_kernels
+from silkie.models.qwen_vl import QWenConfig, QWenLMHeadModel
+from silkie.models.qwen_vl.modeling import RMSNorm
+
+from .conftest import tiny_config_kwargs
+from .dpo_fixtures import random_pair_batch, step, tiny_lora_model
+
+SIZES = [(5, 7, 4), (9, 3, 6), (2, 5, 5)]
+
+
+def section(**switches) -> ModelSection:
+    return ModelSection(path="unused", family="qwen_vl", **switches)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return random_pair_batch(QWenConfig(**tiny_config_kwargs()), SIZES, [True, False, True], seed=1)
+
+
+def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["chosen_input_ids"], use_cache=False).logits.float()
+
+
+def test_native_precision_norms_are_the_original_in_fp32_and_close_in_bf16(batch):
+    torch.manual_seed(0)
+    reference = QWenLMHeadModel(QWenConfig(**tiny_config_kwargs())).eval()
+    upcast = QWenLMHeadModel(QWenConfig(**tiny_config_kwargs())).eval()
+    upcast.load_state_dict(reference.state_dict())
+    native = QWenLMHeadModel(QWenConfig(**tiny_config_kwargs())).eval()
+    native.load_state_dict(reference.state_dict())
+    assert apply_kernels(native, section(fp32_norm_rope=False)) == ["native-precision norms and rotary (5 norms)"]
+    assert all(not m.upcast for m in native.modules() if isinstance(m, RMSNorm))
+    torch.testing.assert_close(_logits(native, batch), _logits(reference, batch), atol=1e-5, rtol=0)
+    upcast.to(torch.bfloat16)
+    native.to(torch.bfloat16)
+    exact = _logits(reference, batch)
+    upcast_error = (_logits(upcast, batch) - exact).abs().max().item()
+    native_error = (_logits(native, batch) - exact).abs().max().item()
+    assert not torch.equal(_logits(upcast, batch), _logits(native, batch))  # the switch changes the arithmetic
+    assert native_error < 4 * upcast_error + 0.05, (native_error, upcast_error)  # ... and stays near bf16's noise
+
+
+def test_fp32_norm_rope_is_a_qwen_vl_switch():
+    with pytest.raises(Exception, match=r"model.fp32_norm_rope = False .*true for family qwen2_vl"):
+        ModelSection(path="x", family="qwen2_vl", fp32_norm_rope=False).check()
+
+
+def test_compiled_blocks_score_and_train_as_the_eager_model(batch):
+    torch._dynamo.reset()
+    eager = tiny_lora_model()
+    compiled = tiny_lora_model()
+    applied = apply_kernels(compiled, section(compile_blocks=True))
+    assert applied == ["torch.compile per decoder block (2 blocks)"]
+    blocks = compiled.get_base_model().transformer.h
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    options = StepOptions(chunk_size=4, pairs_per_row=2)
+    plain_policy, plain_ref, plain_loss, plain_grads = step(eager, batch, options)
+    policy, ref, loss, grads = step(compiled, batch, options)
+    torch.testing.assert_close(policy.chosen_logps, plain_policy.chosen_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref.rejected_logps, plain_ref.rejected_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=0)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    torch._dynamo.reset()
+
+
+def test_liger_kernels_without_the_package_say_how_to_get_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "liger_kernel" else real(name))
+    with pytest.raises(InputError, match=r"model.liger_kernels: liger-kernel is not installed \(pip install"):
+        apply_kernels(QWenLMHeadModel(QWenConfig(**tiny_config_kwargs())), section(liger_kernels=True))
+
+
+def test_liger_kernels_need_cuda(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="need a CUDA device and this machine has none"):
+        kernels.check_liger_available()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available(),
+    reason="liger-kernel's Triton kernels need CUDA (not even Triton's interpreter runs them); gpu_session.sh perf",
+)
+def test_liger_kernels_score_as_the_plain_model(batch):
+    device = "cuda"
+    plain = tiny_lora_model().to(device)
+    fused = tiny_lora_model().to(device)
+    applied = apply_kernels(fused, section(liger_kernels=True))
+    assert applied == ["liger-kernel (9 modules)"]  # 5 norms, 2 MLPs, 2 attentions of the LLM (not the tower)
+    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    a = score_answers(plain, on_device, StepOptions(), 0, no_grad=True)
+    b = score_answers(fused, on_device, StepOptions(), 0, no_grad=True)
+    torch.testing.assert_close(b.chosen_logps, a.chosen_logps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(b.rejected_logps, a.rejected_logps, atol=1e-4, rtol=0)
