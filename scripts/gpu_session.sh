@@ -6,7 +6,7 @@
 #                                  first) with DeepSpeed ZeRO-2, then ZeRO-3, then 10 steps without DeepSpeed (~6 min)
 #   scripts/gpu_session.sh trl     TRL 1.16 DPOTrainer vs ours on a Qwen2-VL-7B-shaped model (random bf16 weights,
 #                                  LoRA r64, checkpointing, 448x448 images), batch 8 and 32, one run (~5 min)
-#   scripts/gpu_session.sh perf    the speed levers (issue 21), one run (~9 min): lever_check.py (each lever's log-prob
+#   scripts/gpu_session.sh perf    the speed levers (issue 21), one run (<= 9 min): lever_check.py (each lever's log-prob
 #                                  and logit difference vs the fp32 reference at Qwen-VL-Chat size), then benchmark.py
 #                                  at that size with every lever beside the cached-reference path (MFU), then TRL vs
 #                                  ours + levers at the Qwen2-VL-7B shape, batch 8
@@ -31,17 +31,17 @@ if [ "${1:-check}" = check ]; then
         | quiet | tee "$OUT/bench_flex.log"
 elif [ "$1" = perf ]; then
     stage lever_check
-    timeout 120 python3 scripts/lever_check.py --device cuda --dtype bf16 --out "$OUT" \
-        --levers native_norm flex compile pack4 liger 2>&1 | quiet | tee "$OUT/lever_check.log"
+    timeout 90 python3 scripts/lever_check.py --device cuda --dtype bf16 --out "$OUT" \
+        --levers native_norm flex varlen compile pack4 liger 2>&1 | quiet | tee "$OUT/lever_check.log"
     stage levers_qwen_vl
-    timeout 270 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 2 \
-        --count-flops --paths optimized+cached_ref --levers native_norm flex compile flex+pack4 \
-        flex+native_norm+pack4 flex+native_norm+pack4+compile liger+flex+native_norm+pack4+compile \
+    timeout 290 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 2 \
+        --count-flops --paths optimized+cached_ref --levers native_norm flex varlen compile varlen+native_norm \
+        flex+native_norm+pack4+compile varlen+native_norm+compile liger+varlen+native_norm+compile \
         --out "$OUT/bench_levers.json" 2>&1 \
         | quiet | tee "$OUT/bench_levers.log"
     stage levers_trl
     timeout 150 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 \
-        --steps 3 --warmup 2 --runs trl silkie-optimized+cached_ref --levers pack4+compile liger+pack4+compile \
+        --steps 3 --warmup 2 --runs trl silkie-optimized+cached_ref --levers compile liger+compile liger+pack4+compile \
         --out "$OUT/bench_levers_trl.json" 2>&1 | quiet | grep -v "^{'train_runtime" | tee "$OUT/bench_levers_trl.log"
 elif [ "$1" = trl ]; then
     stage trl_vs_silkie

@@ -25,7 +25,8 @@ def test_lever_specs_combine_and_liger_runs_last():
     assert without_compile(lever_keys("compile")) == {} and without_compile(lever_keys("pack2+compile")) == {
         "dpo": {"pairs_per_row": 2}
     }
-    with pytest.raises(SystemExit, match="unknown lever 'fused' in 'pack2\\+fused'; expected one of flex, liger"):
+    expected = "unknown lever 'fused' in 'pack2\\+fused'; expected one of flex, varlen, liger"
+    with pytest.raises(SystemExit, match=expected):
         lever_keys("pack2+fused")
 
 
@@ -50,12 +51,24 @@ def test_lever_check_equals_the_reference_in_fp32_and_reports_what_cannot_run(tm
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "liger_kernel" else real(name))
-    argv = ["--tiny", "--device", "cpu", "--dtype", "fp32", "--levers", "native_norm", "pack4", "flex", "liger"]
+    argv = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--levers",
+        "native_norm",
+        "pack4",
+        "flex",
+        "varlen",
+        "liger",
+    ]
     assert lever_check([*argv, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "lever_check.json").read_text())
     levers = report["levers"]
-    assert set(levers) == {"default", "native_norm", "pack4", "flex", "liger"} and report["pairs"] == 4
-    for name in ("native_norm", "pack4", "flex"):
+    assert set(levers) == {"default", "native_norm", "pack4", "flex", "varlen", "liger"} and report["pairs"] == 4
+    for name in ("native_norm", "pack4", "flex", "varlen"):
         assert levers[name]["max_abs_logp_diff_vs_default"] < 1e-4, name
         assert levers[name]["max_abs_logit_diff_vs_fp32"] < 1e-4, name
     assert levers["liger"]["error"].startswith("InputError: model.liger_kernels: liger-kernel is not installed")

@@ -50,6 +50,11 @@ class Recipe:
                 "recipe: training.save_strategy = 'best' needs evaluations (held-out pairs from data.eval_size or "
                 "data.eval_fraction, and training.eval_strategy steps or epoch)"
             )
+        if self.model.attn_implementation == "varlen" and not self.dpo.share_prompt:
+            raise RecipeError(
+                "recipe: model.attn_implementation = 'varlen' needs dpo.share_prompt = true (its sequences are the "
+                "packed rows' prompt+chosen and rejected); set dpo.share_prompt=true or another attention"
+            )
         if self.lora.load_in_4bit and self.launch.cpu:  # refused before the launcher writes anything
             raise RecipeError(
                 "recipe: lora.load_in_4bit = True needs a CUDA GPU (bitsandbytes 4-bit), but launch.cpu = True; "

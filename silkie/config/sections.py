@@ -31,7 +31,8 @@ class ModelSection:
     )
     attn_implementation: str = key(
         "sdpa",
-        "Attention kernel: `sdpa` (default), `eager` (reference), `flex_attention` (qwen_vl).",
+        "Attention kernel: `sdpa` (default), `eager` (reference), `flex_attention` (qwen_vl: block mask), `varlen` "
+        "(qwen_vl: padding-free flash attention over the packed rows, CUDA; SDPA per sequence on CPU).",
         "models.qwen_vl.family:QwenVLFamily.load_model",
     )
     fp32_norm_rope: bool = key(
@@ -80,12 +81,12 @@ class ModelSection:
         require(bool(self.path), "model.path", self.path, "a checkpoint folder (config.json, weights, tokenizer)")
         choice("model.family", self.family, FAMILIES)
         choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
-        choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention"))
+        choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention", "varlen"))
         require(
-            self.family == "qwen_vl" or self.attn_implementation != "flex_attention",
+            self.family == "qwen_vl" or self.attn_implementation in ("sdpa", "eager"),
             "model.attn_implementation",
             self.attn_implementation,
-            f"sdpa or eager for family {self.family} (flex_attention is implemented for qwen_vl)",
+            f"sdpa or eager for family {self.family} (flex_attention and varlen are implemented for qwen_vl)",
         )
         require(
             self.family == "qwen_vl" or self.fp32_norm_rope,

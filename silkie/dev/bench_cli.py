@@ -54,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra runs on top of the last --paths (qwen_vl) or --runs entry, each with these recipe switches: "
         "flex (qwen_vl), liger, compile, native_norm (qwen_vl), pack2, pack4, pack8 (join with + for several at once)",
     )
-    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention"), help="attention kernel")
+    parser.add_argument(
+        "--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention", "varlen"), help="attention kernel"
+    )
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--chunk-size", type=int, default=1024, help="answer tokens per log-prob chunk")
     parser.add_argument("--count-flops", action="store_true", help="count FLOPs of one step (for TFLOP/pair, MFU)")

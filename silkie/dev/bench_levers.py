@@ -7,6 +7,7 @@ import json
 
 LEVERS = {  # lever name -> recipe keys (section -> key -> value)
     "flex": {"model": {"attn_implementation": "flex_attention"}},
+    "varlen": {"model": {"attn_implementation": "varlen"}},
     "liger": {"model": {"liger_kernels": True}},
     "compile": {"model": {"compile_blocks": True}},
     "native_norm": {"model": {"fp32_norm_rope": False}},

@@ -21,6 +21,7 @@ from silkie.dev.bench import (
 )
 from silkie.dev.bench_levers import lever_id, lever_runs, without_compile
 from silkie.dev.tiny_qwen_vl import random_model, tiny_config, write_tokenizer
+from silkie.models.qwen_vl.varlen import constructible
 
 PATHS = ("plain", "optimized", "optimized+cached_ref")  # our runs' names without the "silkie-" prefix
 
@@ -47,7 +48,7 @@ def run(args: Any) -> list[BenchResult]:
         folder = root / "tokenizer"
         tokenizer = write_tokenizer(folder, official_size=not args.tiny)
         config = model_config(tokenizer, args.tiny)
-        config._attn_implementation = args.attn
+        config._attn_implementation = constructible(args.attn)
         codec = QwenVLCodec(tokenizer)
         processor = QWenVLImageProcessor(config.visual["image_size"])
         device_peak = peak_tflops(args.device, args.peak_tflops)
@@ -64,9 +65,10 @@ def run(args: Any) -> list[BenchResult]:
             counted: dict[tuple[str, str], float] = {}  # (path, levers) -> FLOPs of one step
             for name, path, levers in lever_runs(args.paths, getattr(args, "levers", None) or []):
                 recipe = bench_recipe(f"silkie-{path}", "qwen_vl", folder, size, steps, args, levers)
-                config._attn_implementation = recipe.model.attn_implementation
+                config._attn_implementation = constructible(recipe.model.attn_implementation)
                 torch.manual_seed(0)
                 model = random_model(config, args.device, dtype)
+                model.config._attn_implementation = recipe.model.attn_implementation
                 out = root / f"{len(results)}-{size}"
                 times, peak, precompute, flops, first = run_ours(model, recipe, codec, pairs, out, args)
                 if flops:

@@ -44,6 +44,7 @@ def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) ->
     from silkie.dev.tiny_qwen_vl import random_model
     from silkie.models.kernels import apply_kernels
     from silkie.models.qwen_vl.configuration import official_config
+    from silkie.models.qwen_vl.varlen import constructible
 
     config = tiny_config() if tiny else official_config()
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
@@ -58,8 +59,10 @@ def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) ->
     default = None
     for spec in ["default", *levers]:
         keys = {} if spec == "default" else lever_keys(spec)
-        config._attn_implementation = keys.get("model", {}).get("attn_implementation", "sdpa")
+        attn = keys.get("model", {}).get("attn_implementation", "sdpa")
+        config._attn_implementation = constructible(attn)
         model = random_model(config, device, dtype).eval()
+        model.config._attn_implementation = attn
         model.load_state_dict(state)
         try:
             switches = {k: v for k, v in keys.get("model", {}).items() if k != "attn_implementation"}
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (default: Qwen-VL-Chat's size)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
-    parser.add_argument("--levers", nargs="+", default=["native_norm", "flex", "compile", "pack4", "liger"])
+    parser.add_argument("--levers", nargs="+", default=["native_norm", "flex", "varlen", "compile", "pack4", "liger"])
     parser.add_argument("--out", type=Path, default=Path("lever_check_out"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[lever_check %(asctime)s] %(message)s", datefmt="%H:%M:%S")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from silkie.models.qwen_vl.varlen import VarlenLayout, layout_from_segments
+
 
 @dataclass
 class ScoredRows:
@@ -29,6 +31,7 @@ class ScoredRows:
     rejected_index: torch.Tensor
     rejected_targets: torch.Tensor
     rejected_pair: torch.Tensor
+    layout: VarlenLayout | None = None  # packed rows for `varlen` attention (instead of the block mask)
 
 
 def _lengths(mask: torch.Tensor) -> list[int]:
@@ -75,7 +78,11 @@ def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
 
 
 def packed_rows(
-    batch: dict, pad_token_id: int, prompt_positions: torch.Tensor | None = None, pairs_per_row: int = 1
+    batch: dict,
+    pad_token_id: int,
+    prompt_positions: torch.Tensor | None = None,
+    pairs_per_row: int = 1,
+    varlen: bool = False,
 ) -> ScoredRows:
     """Rows of prompt | chosen | rejected with a block-causal mask and restarted answer positions.
 
@@ -85,6 +92,7 @@ def packed_rows(
     the prompt's last position + 1 (the prompt ends in text, whose axes agree), as it does in its own unpacked
     row; not from the largest position, which a video's temporal axis can put past the text that follows it.
     Without them positions are 1-D: 0..Lp-1 for the prompt, Lp.. for each answer.
+    `varlen`: the rows also carry their `VarlenLayout` (padding-free sequences for varlen attention).
     """
     prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
     chosen, c_len = batch["chosen_input_ids"], _lengths(batch["chosen_attention_mask"])
@@ -137,6 +145,7 @@ def packed_rows(
         image_order=_media_order(batch, "image", 1),
         video_order=_media_order(batch, "video", 1),
         **_pick_tensors(picks),
+        layout=layout_from_segments(owner, segment) if varlen else None,
     )
 
 

@@ -115,7 +115,8 @@ def score_answers(
     if options.share_prompt:
         positions = family.prompt_positions(base, on_device)
         prompt_positions = None if positions is None else positions.cpu()
-        rows = packed_rows(batch, pad_token_id, prompt_positions, options.pairs_per_row)
+        varlen = getattr(base.config, "_attn_implementation", None) == "varlen"
+        rows = packed_rows(batch, pad_token_id, prompt_positions, options.pairs_per_row, varlen)
     else:
         rows = concat_rows(batch, pad_token_id)
     images = {}
@@ -131,7 +132,9 @@ def score_answers(
         input_ids = rows.input_ids.to(device)
         kwargs = dict(
             input_ids=input_ids,
-            attention_mask=_attention_mask(rows.attention_mask.to(device), base),
+            attention_mask=rows.layout
+            if rows.layout is not None
+            else _attention_mask(rows.attention_mask.to(device), base),
             position_ids=None if rows.position_ids is None else rows.position_ids.to(device),
             use_cache=False,
             **images,

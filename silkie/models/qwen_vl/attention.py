@@ -148,4 +148,20 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, drop
     return flex(q, k, v, block_mask=mask)
 
 
-ATTENTION_FUNCTIONS = {"sdpa": sdpa_attention, "eager": eager_attention, "flex_attention": flex_attention}
+def packed_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout: float = 0.0
+) -> torch.Tensor:
+    """Varlen attention when the mask is a `VarlenLayout` (packed DPO rows); SDPA for any other mask (generation)."""
+    from .varlen import VarlenLayout, varlen_attention
+
+    if isinstance(mask, VarlenLayout):
+        return varlen_attention(q, k, v, mask, dropout)
+    return sdpa_attention(q, k, v, mask, dropout)
+
+
+ATTENTION_FUNCTIONS = {
+    "sdpa": sdpa_attention,
+    "eager": eager_attention,
+    "flex_attention": flex_attention,
+    "varlen": packed_varlen_attention,
+}

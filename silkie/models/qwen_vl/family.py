@@ -16,6 +16,7 @@ from silkie.models.media import as_keys, media_segments
 from .image_processing import QWenVLImageProcessor
 from .modeling import QWenLMHeadModel
 from .tokenization import IMG_END, IMG_START, QWenTokenizer
+from .varlen import constructible
 
 VISION_LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
 RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
@@ -110,9 +111,12 @@ class QwenVLFamily(ModelFamily):
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         self.check_folder(section.path)
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-        return QWenLMHeadModel.from_pretrained(
-            section.path, dtype=dtype, attn_implementation=section.attn_implementation, **extra
+        attn = section.attn_implementation
+        model = QWenLMHeadModel.from_pretrained(
+            section.path, dtype=dtype, attn_implementation=constructible(attn), **extra
         )
+        model.config._attn_implementation = attn
+        return model
 
     def load_codec(self, section: Any, files: str | None = None) -> QwenVLCodec:
         if files is None:

@@ -24,6 +24,7 @@ from .attention import (
 )
 from .checkpoint_io import CheckpointLoadingMixin
 from .configuration import QWenConfig
+from .varlen import VarlenLayout
 from .visual import Resampler, ResamplerAttention, VisionTransformer, sincos_pos_embed_2d
 
 
@@ -251,7 +252,9 @@ class QWenModel(QWenPreTrainedModel):
         q_scale = None
         if self.config.use_logn_attn and not self.training and context_length > self.config.seq_length:
             q_scale = logn_scale(position_ids, self.config.seq_length)
-        if self.config._attn_implementation == "flex_attention":
+        if isinstance(attention_mask, VarlenLayout):  # packed DPO rows under `varlen` attention
+            mask = attention_mask.to(inputs_embeds.device)
+        elif self.config._attn_implementation == "flex_attention":
             mask = build_flex_block_mask(attention_mask, length, past_length, batch, inputs_embeds.device)
         else:
             mask = build_attention_mask(attention_mask, length, past_length, inputs_embeds.dtype, inputs_embeds.device)

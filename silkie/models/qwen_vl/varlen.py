@@ -1,0 +1,143 @@
+"""Padding-free flash attention for packed DPO rows (`model.attn_implementation: varlen`).
+
+A packed row holds, per pair, prompt | chosen | rejected. Flattened without padding, every pair gives two
+variable-length causal sequences: queries prompt+chosen over keys prompt+chosen, and queries rejected over keys
+prompt+rejected (the prompt's keys gathered a second time). Causal attention aligned to the last key (flash
+attention's rule when there are more keys than queries) lets each rejected token see the whole prompt and the
+rejected tokens up to itself, never the chosen answer: the same rule as the block mask of `packed_rows`, without a
+mask or padding. The kernel is PyTorch's `varlen_attn` (CUDA); on CPU the same layout runs through SDPA per
+sequence, which is what the tests compare.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class VarlenLayout:
+    """Where the packed rows' tokens go: `tokens` (flat indices of the R x W rows' non-padding tokens, in row
+    order) are the queries, cut into sequences at `cu_q`; `keys` (indices into `tokens`) are the keys, cut at
+    `cu_k`."""
+
+    tokens: torch.Tensor
+    keys: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    rows: int
+    width: int
+
+    def to(self, device: torch.device) -> VarlenLayout:
+        """The same layout with its index tensors on `device`."""
+        moved = {name: getattr(self, name).to(device) for name in ("tokens", "keys", "cu_q", "cu_k")}
+        return VarlenLayout(**moved, max_q=self.max_q, max_k=self.max_k, rows=self.rows, width=self.width)
+
+
+def layout_from_segments(owner: torch.Tensor, segment: torch.Tensor) -> VarlenLayout:
+    """The layout of packed rows whose token `owner` (pair, -1 pad) and `segment` (0 prompt, 1 chosen, 2 rejected)
+    are given per position [R, W]; a pair's tokens are consecutive, in prompt, chosen, rejected order."""
+    rows, width = owner.shape
+    flat_owner, flat_segment = owner.reshape(-1), segment.reshape(-1)
+    tokens = torch.nonzero(flat_owner >= 0).squeeze(1)
+    owners, segments = flat_owner[tokens].tolist(), flat_segment[tokens].tolist()
+    keys: list[int] = []
+    q_lengths: list[int] = []
+    k_lengths: list[int] = []
+    at = 0
+    while at < len(owners):
+        end = at
+        while end < len(owners) and owners[end] == owners[at]:
+            end += 1
+        parts = {kind: [i for i in range(at, end) if segments[i] == kind] for kind in (0, 1, 2)}
+        first = parts[0] + parts[1]
+        keys += first
+        q_lengths.append(len(first))
+        k_lengths.append(len(first))
+        if parts[2]:
+            keys += parts[0] + parts[2]
+            q_lengths.append(len(parts[2]))
+            k_lengths.append(len(parts[0]) + len(parts[2]))
+        at = end
+    return VarlenLayout(
+        tokens=tokens,
+        keys=torch.tensor(keys, dtype=torch.long),
+        cu_q=torch.tensor([0, *torch.tensor(q_lengths).cumsum(0).tolist()], dtype=torch.int32),
+        cu_k=torch.tensor([0, *torch.tensor(k_lengths).cumsum(0).tolist()], dtype=torch.int32),
+        max_q=max(q_lengths),
+        max_k=max(k_lengths),
+        rows=rows,
+        width=width,
+    )
+
+
+def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+    """The kernel's rule with SDPA, one sequence at a time: causal, aligned to the last key."""
+    out = []
+    bounds_q, bounds_k = layout.cu_q.tolist(), layout.cu_k.tolist()
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        lq, lk = q1 - q0, k1 - k0
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        seq = [t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, H, L, D]
+        out.append(F.scaled_dot_product_attention(*seq, attn_mask=allowed)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def constructible(attn_implementation: str) -> str:
+    """The attention name transformers accepts when a model is built: `varlen` is ours, so such a model is built
+    with `sdpa` (what it uses outside packed rows) and `config._attn_implementation` is set to `varlen` after."""
+    return "sdpa" if attn_implementation == "varlen" else attn_implementation
+
+
+_KERNEL: dict = {}
+
+
+def _cuda_kernel():
+    """PyTorch's varlen_attn with causal attention (torch 2.10 spells it is_causal, later window_size), after a
+    one-time probe that its causal rule is aligned to the last key (else this layout would be wrong)."""
+    if "fn" in _KERNEL:
+        return _KERNEL["fn"]
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as err:
+        raise RuntimeError(
+            f"model.attn_implementation varlen needs torch.nn.attention.varlen (torch >= 2.10): {err}"
+        ) from err
+    causal = (
+        {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
+    )
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **causal)
+
+    q = torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(2, 1, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.tensor([0.0, 1.0], device="cuda", dtype=torch.bfloat16).view(2, 1, 1).expand(2, 1, 64).contiguous()
+    cu_q, cu_k = (torch.tensor(c, device="cuda", dtype=torch.int32) for c in ([0, 1], [0, 2]))
+    seen = kernel(q, k, v, cu_q, cu_k, 1, 2)[0, 0, 0].item()  # 0.5: sees both keys (aligned to the last key)
+    if abs(seen - 0.5) > 1e-2:
+        raise RuntimeError("varlen_attn's causal rule is aligned to the first key here; use flex_attention or sdpa")
+    _KERNEL["fn"] = kernel
+    return kernel
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout, dropout: float = 0.0
+) -> torch.Tensor:
+    """Attention [R, H, W, D] of packed rows through their `layout` (padding positions come back as zeros)."""
+    if dropout:
+        raise ValueError("varlen attention does not support attention dropout; set attn_dropout_prob to 0")
+    rows, heads, width, dim = q.shape
+    flat = [t.transpose(1, 2).reshape(rows * width, heads, dim)[layout.tokens] for t in (q, k, v)]
+    queries, keys, values = flat[0], flat[1][layout.keys], flat[2][layout.keys]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # the flash kernel's dtypes
+        out = _cuda_kernel()(queries, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k)
+    else:
+        out = _reference_varlen(queries, keys, values, layout)
+    full = out.new_zeros(rows * width, heads, dim).index_copy(0, layout.tokens, out)
+    return full.view(rows, width, heads, dim).transpose(1, 2)

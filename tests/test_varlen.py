@@ -1,0 +1,85 @@
+"""`model.attn_implementation: varlen`: the packed rows as padding-free causal sequences (prompt+chosen, and rejected
+over prompt+rejected keys) give the plain path's log-probs, loss and gradients (SDPA per sequence on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from silkie.config import recipe_from_dict
+from silkie.dpo.batching import packed_rows
+from silkie.dpo.step import StepOptions
+from silkie.errors import RecipeError
+from silkie.models.qwen_vl import QWenConfig
+
+from .conftest import tiny_config_kwargs
+from .dpo_fixtures import random_pair_batch, step, tiny_lora_model
+
+SIZES = [(5, 7, 4), (9, 3, 6), (2, 5, 5)]
+PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return random_pair_batch(QWenConfig(**tiny_config_kwargs()), SIZES, [True, False, True], seed=1)
+
+
+def test_layout_cuts_each_pair_into_two_sequences(batch):
+    rows = packed_rows(batch, pad_token_id=0, pairs_per_row=2, varlen=True)
+    layout = rows.layout
+    prompts = batch["prompt_attention_mask"].sum(1).tolist()
+    q_lengths, k_lengths = layout.cu_q.diff().tolist(), layout.cu_k.diff().tolist()
+    expected_q, expected_k = [], []
+    for (_, lc, lr), lp in zip(SIZES, prompts):
+        expected_q += [lp + lc, lr]
+        expected_k += [lp + lc, lp + lr]
+    assert q_lengths == expected_q and k_lengths == expected_k
+    assert layout.tokens.numel() == sum(expected_q) == int(rows.layout.cu_q[-1])
+    assert (layout.rows, layout.width) == tuple(rows.input_ids.shape) and layout.max_k == max(expected_k)
+    # pair 0's rejected sequence: the keys are its prompt tokens then its rejected tokens, never the chosen ones
+    lp, lc, lr = prompts[0], SIZES[0][1], SIZES[0][2]
+    second = layout.keys[k_lengths[0] : k_lengths[0] + k_lengths[1]].tolist()
+    assert second == list(range(lp)) + list(range(lp + lc, lp + lc + lr))
+
+
+@pytest.mark.parametrize("pairs_per_row", [1, 3])
+def test_varlen_step_equals_the_plain_path(batch, pairs_per_row, monkeypatch):
+    from silkie.models.qwen_vl import varlen
+
+    calls = []
+    real = varlen.varlen_attention
+    monkeypatch.setattr(varlen, "varlen_attention", lambda *args: calls.append(args[3].rows) or real(*args))
+    plain_policy, plain_ref, plain_loss, plain_grads = step(tiny_lora_model(), batch, PLAIN)
+    model = tiny_lora_model()
+    model.get_base_model().config._attn_implementation = "varlen"
+    policy, ref, loss, grads = step(model, batch, StepOptions(chunk_size=4, pairs_per_row=pairs_per_row))
+    for name in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(policy, name), getattr(plain_policy, name), atol=1e-5, rtol=0)
+        torch.testing.assert_close(getattr(ref, name), getattr(plain_ref, name), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, plain_loss, atol=1e-5, rtol=0)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    assert (plain_policy.chosen_logps - plain_ref.chosen_logps).abs().max() > 1e-3  # the adapter matters
+    rows = -(-len(SIZES) // pairs_per_row)
+    assert calls and set(calls) == {rows}  # every layer of every pass went through the layout
+
+
+def test_varlen_outside_packed_rows_is_sdpa(batch):
+    model = tiny_lora_model()
+    ids = batch["chosen_input_ids"]
+    with torch.no_grad():
+        sdpa = model(input_ids=ids, use_cache=False).logits
+        model.get_base_model().config._attn_implementation = "varlen"
+        varlen = model(input_ids=ids, use_cache=False).logits  # generation and the plain path: no layout
+    torch.testing.assert_close(varlen, sdpa)
+
+
+def test_varlen_needs_the_shared_prompt_and_qwen_vl():
+    base = {"model": {"path": "m", "attn_implementation": "varlen"}, "data": {"path": "d"}}
+    with pytest.raises(RecipeError, match="'varlen' needs dpo.share_prompt = true"):
+        recipe_from_dict({**base, "dpo": {"share_prompt": False}})
+    with pytest.raises(RecipeError, match="flex_attention and varlen are implemented for qwen_vl"):
+        recipe_from_dict(
+            {"model": {"path": "m", "family": "llava", "attn_implementation": "varlen"}, "data": {"path": "d"}}
+        )
