@@ -9,7 +9,8 @@
 #   scripts/gpu_session.sh perf    the speed levers (issue 21), one run (<= 9 min): lever_check.py (each lever's log-prob
 #                                  and logit difference vs the fp32 reference at Qwen-VL-Chat size), then benchmark.py
 #                                  at that size with every lever beside the cached-reference path (MFU), then TRL vs
-#                                  ours + levers at the Qwen2-VL-7B shape, batch 8
+#                                  ours + levers at the Qwen2-VL-7B shape, batch 8 (a run that fails is one FAILED
+#                                  line and the others go on)
 # Output lands in $OUT (or ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,8 @@ elif [ "$1" = perf ]; then
         | quiet | tee "$OUT/bench_levers.log"
     stage levers_trl
     timeout 150 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 \
-        --steps 3 --warmup 2 --runs trl silkie-optimized+cached_ref --levers compile liger+compile liger+pack4+compile \
+        --steps 3 --warmup 2 --runs trl silkie-optimized+cached_ref --levers varlen liger+varlen+compile \
+        liger+varlen+pack4+compile \
         --out "$OUT/bench_levers_trl.json" 2>&1 | quiet | grep -v "^{'train_runtime" | tee "$OUT/bench_levers_trl.log"
 elif [ "$1" = trl ]; then
     stage trl_vs_silkie

@@ -45,9 +45,9 @@ class MemoryImages:
         return self.images[key].copy()
 
 
-def model_section(folder: Path, family: str) -> ModelSection:
+def model_section(folder: Path, family: str, attn: str = "sdpa") -> ModelSection:
     video = {"video_min_pixels": 56 * 56, "video_max_pixels": 56 * 56} if family.startswith("qwen2") else {}
-    return ModelSection(path=str(folder), family=family, dtype="fp32", **video)
+    return ModelSection(path=str(folder), family=family, dtype="fp32", attn_implementation=attn, **video)
 
 
 # (prompt, chosen, rejected, image sizes (w, h), video frame counts): several images of different sizes placed by
@@ -141,10 +141,11 @@ def family_batch(folder: Path, family: str, model) -> tuple[dict, int]:
     return collator(tokenized_rows(codec)), codec.pad_token_id
 
 
-def lora_model(folder: Path, family: str, std: float = 0.3, seed: int = 0):
+def lora_model(folder: Path, family: str, std: float = 0.3, seed: int = 0, attn: str = "sdpa"):
     """The tiny checkpoint with LoRA on every LLM linear, B initialised non-zero so the adapter matters."""
     torch.manual_seed(seed)
-    model = apply_lora(load_base_model(model_section(folder, family)), LoraSection(r=8, alpha=16, dropout=0.0), family)
+    base = load_base_model(model_section(folder, family, attn))
+    model = apply_lora(base, LoraSection(r=8, alpha=16, dropout=0.0), family)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

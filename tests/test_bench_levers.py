@@ -34,16 +34,22 @@ def test_benchmark_runs_each_lever_beside_its_path(tmp_path, capsys):
     benchmark = load_script("benchmark")
     out = tmp_path / "bench.json"
     argv = ["--tiny", "--batch-sizes", "4", "--steps", "1", "--warmup", "1", "--lora-r", "4", "--question-tokens",
-            "10", "--answer-tokens", "12", "--paths", "optimized", "--levers", "pack4", "native_norm",
-            "--count-flops", "--out", str(out)]  # fmt: skip
+            "10", "--answer-tokens", "12", "--paths", "optimized", "--levers", "pack4", "liger", "native_norm",
+            "varlen", "--count-flops", "--out", str(out)]  # fmt: skip
     results = benchmark.main(argv)
-    assert [r.path for r in results] == ["optimized", "optimized+pack4", "optimized+native_norm"]
+    # liger cannot run without CUDA: its run is reported in one line and the runs after it still go
+    assert [r.path for r in results] == ["optimized", "optimized+pack4", "optimized+native_norm", "optimized+varlen"]
     assert all(r.pairs_per_second > 0 and r.first_step_seconds > 0 for r in results)
     by_path = {r.path: r for r in results}
     # the same pairs: native precision does the same matmuls; the packed row has no padding to multiply
     assert by_path["optimized+native_norm"].tflop_per_pair == pytest.approx(by_path["optimized"].tflop_per_pair)
-    assert "| 4 | optimized+pack4 | " in capsys.readouterr().out
-    assert [r["path"] for r in json.loads(out.read_text())["results"]] == [r.path for r in results]
+    printed = capsys.readouterr().out
+    assert "| 4 | optimized+pack4 | " in printed
+    failure = "optimized+liger batch 4: InputError: model.liger_kernels: "
+    assert f"FAILED {failure}" in printed
+    report = json.loads(out.read_text())
+    assert [r["path"] for r in report["results"]] == [r.path for r in results]
+    assert len(report["meta"]["failures"]) == 1 and report["meta"]["failures"][0].startswith(failure)
 
 
 def test_lever_check_equals_the_reference_in_fp32_and_reports_what_cannot_run(tmp_path, monkeypatch):

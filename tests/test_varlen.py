@@ -14,6 +14,8 @@ from silkie.models.qwen_vl import QWenConfig
 
 from .conftest import tiny_config_kwargs
 from .dpo_fixtures import random_pair_batch, step, tiny_lora_model
+from .hf_fixtures import BUILDERS, lora_model, media_batch, run_step
+from .hf_fixtures import PLAIN as HF_PLAIN
 
 SIZES = [(5, 7, 4), (9, 3, 6), (2, 5, 5)]
 PLAIN = StepOptions(image_once=False, share_prompt=False, chunked_logps=False)
@@ -44,7 +46,7 @@ def test_layout_cuts_each_pair_into_two_sequences(batch):
 
 @pytest.mark.parametrize("pairs_per_row", [1, 3])
 def test_varlen_step_equals_the_plain_path(batch, pairs_per_row, monkeypatch):
-    from silkie.models.qwen_vl import varlen
+    from silkie.models import varlen
 
     calls = []
     real = varlen.varlen_attention
@@ -75,11 +77,52 @@ def test_varlen_outside_packed_rows_is_sdpa(batch):
     torch.testing.assert_close(varlen, sdpa)
 
 
-def test_varlen_needs_the_shared_prompt_and_qwen_vl():
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_varlen_equals_the_plain_path_for_transformers_families(family, tmp_path, monkeypatch):
+    """Qwen2-VL / Qwen2.5-VL (grouped-query attention, M-RoPE, images and videos) and LLaVA."""
+    from silkie.models import varlen
+
+    calls = []
+    real = varlen.varlen_attention
+    monkeypatch.setattr(varlen, "varlen_attention", lambda *args: calls.append(args[3].rows) or real(*args))
+    folder = BUILDERS[family](tmp_path / family)
+    model = lora_model(folder, family)
+    batch, pad = media_batch(folder, family, model)
+    plain = run_step(model, batch, HF_PLAIN, pad)
+    fast_model = lora_model(folder, family, attn="varlen")
+    assert fast_model.get_base_model().config.get_text_config()._attn_implementation == "varlen"
+    assert fast_model.get_base_model().config.vision_config._attn_implementation == "sdpa"
+    fast = run_step(fast_model, batch, StepOptions(chunk_size=4, pairs_per_row=2), pad)
+    for kind in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(fast[0], kind), getattr(plain[0], kind), atol=1e-5, rtol=0)
+        torch.testing.assert_close(getattr(fast[1], kind), getattr(plain[1], kind), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[2], plain[2], atol=1e-5, rtol=0)
+    assert plain[3] and set(fast[3]) == set(plain[3])
+    for param in plain[3]:
+        torch.testing.assert_close(fast[3][param], plain[3][param], atol=1e-5, rtol=1e-4)
+    assert (plain[0].chosen_logps - plain[1].chosen_logps).abs().max() > 1e-2  # the adapter matters
+    rows = -(-batch["prompt_input_ids"].size(0) // 2)
+    assert calls and set(calls) == {rows}  # every decoder layer of both passes went through the layout
+
+
+def test_varlen_outside_packed_rows_is_sdpa_for_transformers_families(tmp_path):
+    """Generation and the plain path have no layout: the language model then runs SDPA with SDPA's masks
+    (left padding included)."""
+    folder = BUILDERS["qwen2_vl"](tmp_path / "qwen2_vl")
+    sdpa, varlen = lora_model(folder, "qwen2_vl"), lora_model(folder, "qwen2_vl", attn="varlen")
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected = sdpa(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        got = varlen(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()])
+
+
+def test_varlen_needs_the_shared_prompt_and_flex_needs_qwen_vl():
     base = {"model": {"path": "m", "attn_implementation": "varlen"}, "data": {"path": "d"}}
     with pytest.raises(RecipeError, match="'varlen' needs dpo.share_prompt = true"):
         recipe_from_dict({**base, "dpo": {"share_prompt": False}})
-    with pytest.raises(RecipeError, match="flex_attention and varlen are implemented for qwen_vl"):
-        recipe_from_dict(
-            {"model": {"path": "m", "family": "llava", "attn_implementation": "varlen"}, "data": {"path": "d"}}
-        )
+    llava = {"path": "m", "family": "llava"}
+    assert recipe_from_dict({"model": {**llava, "attn_implementation": "varlen"}, "data": {"path": "d"}})
+    with pytest.raises(RecipeError, match="flex_attention is implemented for qwen_vl"):
+        recipe_from_dict({"model": {**llava, "attn_implementation": "flex_attention"}, "data": {"path": "d"}})

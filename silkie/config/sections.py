@@ -32,7 +32,7 @@ class ModelSection:
     attn_implementation: str = key(
         "sdpa",
         "Attention kernel: `sdpa` (default), `eager` (reference), `flex_attention` (qwen_vl: block mask), `varlen` "
-        "(qwen_vl: padding-free flash attention over the packed rows, CUDA; SDPA per sequence on CPU).",
+        "(padding-free flash attention over the packed rows, CUDA; SDPA per sequence on CPU).",
         "models.qwen_vl.family:QwenVLFamily.load_model",
     )
     fp32_norm_rope: bool = key(
@@ -83,10 +83,10 @@ class ModelSection:
         choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention", "varlen"))
         require(
-            self.family == "qwen_vl" or self.attn_implementation in ("sdpa", "eager"),
+            self.family == "qwen_vl" or self.attn_implementation != "flex_attention",
             "model.attn_implementation",
             self.attn_implementation,
-            f"sdpa or eager for family {self.family} (flex_attention and varlen are implemented for qwen_vl)",
+            f"sdpa, eager or varlen for family {self.family} (flex_attention is implemented for qwen_vl)",
         )
         require(
             self.family == "qwen_vl" or self.fp32_norm_rope,

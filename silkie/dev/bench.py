@@ -265,6 +265,15 @@ def result_of(
     )
 
 
+def record_failure(args: Any, name: str, batch_size: int, err: Exception) -> None:
+    """Keep a run that failed (a lever this card or build cannot run, out of memory) as one line in
+    `args.failures` (printed under the table, written to the JSON); the other runs go on."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    line = f"{name} batch {batch_size}: {type(err).__name__}: {message}"[:400]
+    print(f"FAILED {line}", flush=True)
+    args.failures = [*getattr(args, "failures", []), line]
+
+
 def release(model: Any) -> None:
     """Free a run's model before the next one is built."""
     del model

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="LEVER[+LEVER...]",
         help="extra runs on top of the last --paths (qwen_vl) or --runs entry, each with these recipe switches: "
-        "flex (qwen_vl), liger, compile, native_norm (qwen_vl), pack2, pack4, pack8 (join with + for several at once)",
+        "flex (qwen_vl), varlen (qwen_vl), liger, compile, native_norm (qwen_vl), pack2, pack4, pack8 "
+        "(join with + for several at once)",
     )
     parser.add_argument(
         "--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention", "varlen"), help="attention kernel"
@@ -83,11 +84,18 @@ def main(argv: list[str] | None = None) -> list:
     print(f"model: {name}, {args.dtype}, device {device_name}", flush=True)
     results = run(args)
     print(format_table(results, "plain" if "plain" in args.paths else args.paths[0]))
+    print_failures(args)
     if args.out:
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         meta["device_name"] = device_name
         args.out.write_text(results_json(results, meta))
     return results
+
+
+def print_failures(args: argparse.Namespace) -> None:
+    """The runs that failed, under the table (each also in the JSON's meta.failures)."""
+    for line in getattr(args, "failures", []):
+        print(f"\nFAILED {line}")
 
 
 def compare_with_trl(args: argparse.Namespace) -> list:
@@ -107,6 +115,7 @@ def compare_with_trl(args: argparse.Namespace) -> list:
     results = run(args)
     baseline = "trl" if "trl" in args.runs else args.runs[0]
     print(format_table(results, baseline))
+    print_failures(args)
     if args.out:
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         meta["device_name"] = device_name

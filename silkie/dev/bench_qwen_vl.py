@@ -14,6 +14,7 @@ from silkie.dev.bench import (
     bench_recipe,
     pair_tokens,
     peak_tflops,
+    record_failure,
     release,
     result_of,
     run_ours,
@@ -21,7 +22,7 @@ from silkie.dev.bench import (
 )
 from silkie.dev.bench_levers import lever_id, lever_runs, without_compile
 from silkie.dev.tiny_qwen_vl import random_model, tiny_config, write_tokenizer
-from silkie.models.qwen_vl.varlen import constructible
+from silkie.models.varlen import constructible
 
 PATHS = ("plain", "optimized", "optimized+cached_ref")  # our runs' names without the "silkie-" prefix
 
@@ -66,11 +67,16 @@ def run(args: Any) -> list[BenchResult]:
             for name, path, levers in lever_runs(args.paths, getattr(args, "levers", None) or []):
                 recipe = bench_recipe(f"silkie-{path}", "qwen_vl", folder, size, steps, args, levers)
                 config._attn_implementation = constructible(recipe.model.attn_implementation)
-                torch.manual_seed(0)
-                model = random_model(config, args.device, dtype)
-                model.config._attn_implementation = recipe.model.attn_implementation
-                out = root / f"{len(results)}-{size}"
-                times, peak, precompute, flops, first = run_ours(model, recipe, codec, pairs, out, args)
+                out, model = root / f"{len(results)}-{size}", None
+                try:
+                    torch.manual_seed(0)
+                    model = random_model(config, args.device, dtype)
+                    model.config._attn_implementation = recipe.model.attn_implementation
+                    times, peak, precompute, flops, first = run_ours(model, recipe, codec, pairs, out, args)
+                except Exception as err:  # one failed lever must not cost the card's other runs
+                    record_failure(args, name, size, err)
+                    release(model)
+                    continue
                 if flops:
                     counted[(path, lever_id(levers))] = flops
                 else:  # compiled blocks: the same work as the uncompiled run with these levers, when it ran

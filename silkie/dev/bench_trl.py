@@ -16,6 +16,7 @@ from silkie.dev.bench import (
     StepClock,
     bench_recipe,
     pair_tokens,
+    record_failure,
     release,
     result_of,
     run_ours,
@@ -57,11 +58,13 @@ def model_config(folder: Path, size: str):
 
 
 def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int = 0):
-    """Random weights created directly on `device` in `dtype`."""
+    """Random weights created directly on `device` in `dtype`, attention `attn` (`varlen`: in the language model)."""
     from transformers import AutoModelForImageTextToText
 
+    from silkie.models.hf_vlm.varlen_attention import use_varlen
+
     torch.manual_seed(seed)
-    config._attn_implementation = attn
+    config._attn_implementation = "sdpa" if attn == "varlen" else attn
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -69,6 +72,8 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
+    if attn == "varlen":
+        use_varlen(model)
     return model
 
 
@@ -124,16 +129,23 @@ def run(args) -> list[BenchResult]:
             )  # fmt: skip
             tokens = pair_tokens(codec, images, pairs)
             for name, run_name, levers in lever_runs(args.runs, getattr(args, "levers", None) or []):
-                model = random_model(config, args.device, dtype, args.attn)
-                precompute = None
-                if name == "trl":
-                    times, peak = run_trl(model, codec.processor, pairs, size, steps, args, root)
-                else:
-                    if run_name == "trl":
-                        raise SystemExit("--levers: they apply to the last of --runs, which must be one of ours")
-                    recipe = bench_recipe(run_name, args.family, folder, size, steps, args, levers)
-                    out = root / f"{len(results)}-{size}"
-                    times, peak, precompute, _, _ = run_ours(model, recipe, codec, pairs, out, args)
+                if name != "trl" and run_name == "trl":
+                    raise SystemExit("--levers: they apply to the last of --runs, which must be one of ours")
+                precompute, model = None, None
+                try:
+                    if name == "trl":
+                        trl_attn = "sdpa" if args.attn == "varlen" else args.attn  # TRL hands no layout down
+                        model = random_model(config, args.device, dtype, trl_attn)
+                        times, peak = run_trl(model, codec.processor, pairs, size, steps, args, root)
+                    else:
+                        recipe = bench_recipe(run_name, args.family, folder, size, steps, args, levers)
+                        model = random_model(config, args.device, dtype, recipe.model.attn_implementation)
+                        out = root / f"{len(results)}-{size}"
+                        times, peak, precompute, _, _ = run_ours(model, recipe, codec, pairs, out, args)
+                except Exception as err:  # one failed lever must not cost the card's other runs
+                    record_failure(args, name, size, err)
+                    release(model)
+                    continue
                 result = result_of(name, size, times, peak, tokens, precompute, None, None)
                 results.append(result)
                 print(f"{name:28s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "

@@ -44,7 +44,7 @@ def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) ->
     from silkie.dev.tiny_qwen_vl import random_model
     from silkie.models.kernels import apply_kernels
     from silkie.models.qwen_vl.configuration import official_config
-    from silkie.models.qwen_vl.varlen import constructible
+    from silkie.models.varlen import constructible
 
     config = tiny_config() if tiny else official_config()
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32

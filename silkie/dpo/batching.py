@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from silkie.models.qwen_vl.varlen import VarlenLayout, layout_from_segments
+from silkie.models.varlen import VarlenLayout, layout_from_segments
 
 
 @dataclass

@@ -115,8 +115,7 @@ def score_answers(
     if options.share_prompt:
         positions = family.prompt_positions(base, on_device)
         prompt_positions = None if positions is None else positions.cpu()
-        varlen = getattr(base.config, "_attn_implementation", None) == "varlen"
-        rows = packed_rows(batch, pad_token_id, prompt_positions, options.pairs_per_row, varlen)
+        rows = packed_rows(batch, pad_token_id, prompt_positions, options.pairs_per_row, family.uses_varlen(base))
     else:
         rows = concat_rows(batch, pad_token_id)
     images = {}
@@ -130,13 +129,16 @@ def score_answers(
     )
     with torch.no_grad() if no_grad else nullcontext(), _blank_tower_pass(base, family, blank_tower):
         input_ids = rows.input_ids.to(device)
+        masking = (
+            family.varlen_kwargs(rows.layout.to(device))
+            if rows.layout is not None
+            else {"attention_mask": _attention_mask(rows.attention_mask.to(device), base)}
+        )
         kwargs = dict(
             input_ids=input_ids,
-            attention_mask=rows.layout
-            if rows.layout is not None
-            else _attention_mask(rows.attention_mask.to(device), base),
             position_ids=None if rows.position_ids is None else rows.position_ids.to(device),
             use_cache=False,
+            **masking,
             **images,
             **family.row_kwargs(base, input_ids),
         )

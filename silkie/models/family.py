@@ -162,6 +162,14 @@ class ModelFamily:
         """Extra per-row forward kwargs (e.g. modality token types)."""
         return {}
 
+    def uses_varlen(self, base: nn.Module) -> bool:
+        """Whether the unwrapped model's language model runs `varlen` attention (packed rows as sequences)."""
+        return getattr(base.config, "_attn_implementation", None) == "varlen"
+
+    def varlen_kwargs(self, layout: Any) -> dict:
+        """Forward kwargs that hand the packed rows' `VarlenLayout` to the attention (native: as its mask)."""
+        return {"attention_mask": layout}
+
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
         """Last hidden states [R, L, D] (LoRA active as in `model`), without computing logits."""
         raise NotImplementedError

@@ -140,10 +140,10 @@ def _policy_and_reference(
         model = build_policy(recipe.model, recipe.lora, disable_dropout=recipe.dpo.disable_dropout)
     if recipe.dpo.disable_dropout and recipe.lora.enabled and recipe.lora.dropout > 0 and policy is None:
         say(f"dropout is off (dpo.disable_dropout, TRL's default): lora.dropout {recipe.lora.dropout} is not applied")
-    if recipe.dpo.pairs_per_row > 1 and recipe.model.attn_implementation != "flex_attention":
+    if recipe.dpo.pairs_per_row > 1 and recipe.model.attn_implementation in ("sdpa", "eager"):
         say(
             f"dpo.pairs_per_row {recipe.dpo.pairs_per_row} with {recipe.model.attn_implementation} attention: its "
-            "dense mask makes attention grow with the whole packed row; flex_attention skips the other pairs' blocks"
+            "dense mask makes attention grow with the whole packed row; varlen and flex_attention do not"
         )
     ref_model = None
     if not recipe.lora.enabled:

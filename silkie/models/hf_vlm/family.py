@@ -20,6 +20,7 @@ from silkie.models.family import ImageBatch, ModelFamily
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
 
 from .codec import ChatTemplateCodec, load_processor
+from .varlen_attention import LAYOUT_KEY, use_varlen, uses_varlen
 from .video import Qwen2VLVideos
 
 LLM_PREFIX = r"model\.language_model\.layers\.\d+\.(?:.*\.)?"
@@ -46,16 +47,19 @@ class HFVisionFamily(ModelFamily):
         self.check_folder(section.path)
         if section.attn_implementation == "flex_attention":
             raise InputError(
-                f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa or eager with {self.name}"
+                f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa, eager or varlen with {self.name}"
             )
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        varlen = section.attn_implementation == "varlen"
         model, info = AutoModelForImageTextToText.from_pretrained(
             section.path,
             dtype=dtype,
-            attn_implementation=section.attn_implementation,
+            attn_implementation="sdpa" if varlen else section.attn_implementation,
             output_loading_info=True,
             **extra,
         )
+        if varlen:
+            use_varlen(model)
         refuse_incomplete_load(section.path, info, kinds=("missing_keys",))  # missing = left at random init
         if type(model).__name__ not in self.class_names:
             raise InputError(
@@ -100,6 +104,13 @@ class HFVisionFamily(ModelFamily):
 
     def decoder_layers(self, base: nn.Module) -> nn.ModuleList:
         return base.model.language_model.layers
+
+    def uses_varlen(self, base: nn.Module) -> bool:
+        return uses_varlen(base)
+
+    def varlen_kwargs(self, layout: Any) -> dict:
+        """The layout goes down through the attention kwargs; the decoder then builds no mask of its own."""
+        return {"attention_mask": None, LAYOUT_KEY: layout}
 
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
         # through the outermost module (DeepSpeed's per-step hooks, e.g. ZeRO-3 prefetch, live on the root), with

@@ -152,7 +152,7 @@ def packed_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout: float = 0.0
 ) -> torch.Tensor:
     """Varlen attention when the mask is a `VarlenLayout` (packed DPO rows); SDPA for any other mask (generation)."""
-    from .varlen import VarlenLayout, varlen_attention
+    from ..varlen import VarlenLayout, varlen_attention
 
     if isinstance(mask, VarlenLayout):
         return varlen_attention(q, k, v, mask, dropout)

@@ -13,10 +13,10 @@ from torch import nn
 from silkie.models.family import ModelFamily, PairTextError
 from silkie.models.media import as_keys, media_segments
 
+from ..varlen import constructible
 from .image_processing import QWenVLImageProcessor
 from .modeling import QWenLMHeadModel
 from .tokenization import IMG_END, IMG_START, QWenTokenizer
-from .varlen import constructible
 
 VISION_LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")
 RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")

@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..varlen import VarlenLayout
 from .attention import (
     ATTENTION_FUNCTIONS,
     QWenRotaryEmbedding,
@@ -24,7 +25,6 @@ from .attention import (
 )
 from .checkpoint_io import CheckpointLoadingMixin
 from .configuration import QWenConfig
-from .varlen import VarlenLayout
 from .visual import Resampler, ResamplerAttention, VisionTransformer, sincos_pos_embed_2d
 
 

@@ -6,7 +6,8 @@ prompt+rejected (the prompt's keys gathered a second time). Causal attention ali
 attention's rule when there are more keys than queries) lets each rejected token see the whole prompt and the
 rejected tokens up to itself, never the chosen answer: the same rule as the block mask of `packed_rows`, without a
 mask or padding. The kernel is PyTorch's `varlen_attn` (CUDA); on CPU the same layout runs through SDPA per
-sequence, which is what the tests compare.
+sequence, which is what the tests compare. The native Qwen-VL takes the layout as its attention mask; the
+transformers families get it through `hf_vlm.varlen_attention`.
 """
 
 from __future__ import annotations
@@ -76,15 +77,19 @@ def layout_from_segments(owner: torch.Tensor, segment: torch.Tensor) -> VarlenLa
     )
 
 
-def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+def _reference_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout, scale: float | None
+) -> torch.Tensor:
     """The kernel's rule with SDPA, one sequence at a time: causal, aligned to the last key."""
     out = []
     bounds_q, bounds_k = layout.cu_q.tolist(), layout.cu_k.tolist()
+    grouped = q.size(1) != k.size(1)
     for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
         lq, lk = q1 - q0, k1 - k0
         allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
         seq = [t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, H, L, D]
-        out.append(F.scaled_dot_product_attention(*seq, attn_mask=allowed)[0].transpose(0, 1))
+        attended = F.scaled_dot_product_attention(*seq, attn_mask=allowed, scale=scale, enable_gqa=grouped)
+        out.append(attended[0].transpose(0, 1))
     return torch.cat(out)
 
 
@@ -108,12 +113,15 @@ def _cuda_kernel():
         raise RuntimeError(
             f"model.attn_implementation varlen needs torch.nn.attention.varlen (torch >= 2.10): {err}"
         ) from err
-    causal = (
-        {"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True}
-    )
+    accepted = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
 
-    def kernel(q, k, v, cu_q, cu_k, max_q, max_k):
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **causal)
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        if k.size(1) != q.size(1):  # grouped-query attention: the kernel's own option where it has one
+            if "enable_gqa" in accepted:
+                return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=True, **causal)
+            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
 
     q = torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(2, 1, 64, device="cuda", dtype=torch.bfloat16)
@@ -127,17 +135,24 @@ def _cuda_kernel():
 
 
 def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout, dropout: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: VarlenLayout,
+    dropout: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention [R, H, W, D] of packed rows through their `layout` (padding positions come back as zeros)."""
+    """Attention [R, H, W, D] of packed rows through their `layout` (padding positions come back as zeros); `k`
+    and `v` may have fewer heads than `q` (grouped-query attention); `scale` defaults to 1/sqrt(D)."""
     if dropout:
         raise ValueError("varlen attention does not support attention dropout; set attn_dropout_prob to 0")
     rows, heads, width, dim = q.shape
-    flat = [t.transpose(1, 2).reshape(rows * width, heads, dim)[layout.tokens] for t in (q, k, v)]
-    queries, keys, values = flat[0], flat[1][layout.keys], flat[2][layout.keys]
+    queries = q.transpose(1, 2).reshape(rows * width, heads, dim)[layout.tokens]
+    keys, values = (t.transpose(1, 2).reshape(rows * width, t.size(1), dim)[layout.tokens][layout.keys] for t in (k, v))
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # the flash kernel's dtypes
-        out = _cuda_kernel()(queries, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k)
+        kernel = _cuda_kernel()
+        out = kernel(queries, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scale)
     else:
-        out = _reference_varlen(queries, keys, values, layout)
+        out = _reference_varlen(queries, keys, values, layout, scale)
     full = out.new_zeros(rows * width, heads, dim).index_copy(0, layout.tokens, out)
     return full.view(rows, width, heads, dim).transpose(1, 2)
