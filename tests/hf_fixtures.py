@@ -174,3 +174,16 @@ def run_step(model, batch, options: StepOptions, pad: int):
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return policy, ref, out.loss.detach(), grads
+
+
+def assert_same_step(fast, plain) -> None:
+    """Two `run_step` results agree: log-probs of policy and reference, the loss and every LoRA gradient; and the
+    adapter moved the policy away from the reference, so the agreement is not trivial."""
+    for kind in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(fast[0], kind), getattr(plain[0], kind), atol=1e-5, rtol=0)
+        torch.testing.assert_close(getattr(fast[1], kind), getattr(plain[1], kind), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[2], plain[2], atol=1e-5, rtol=0)
+    assert plain[3] and set(fast[3]) == set(plain[3])
+    for param in plain[3]:
+        torch.testing.assert_close(fast[3][param], plain[3][param], atol=1e-5, rtol=1e-4)
+    assert (plain[0].chosen_logps - plain[1].chosen_logps).abs().max() > 1e-2
