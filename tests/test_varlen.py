@@ -119,3 +119,47 @@ def test_varlen_needs_the_shared_prompt_and_flex_needs_qwen_vl():
     assert recipe_from_dict({"model": {**llava, "attn_implementation": "varlen"}, "data": {"path": "d"}})
     with pytest.raises(RecipeError, match="flex_attention is implemented for qwen_vl"):
         recipe_from_dict({"model": {**llava, "attn_implementation": "flex_attention"}, "data": {"path": "d"}})
+
+
+def _flash_rule(q, k, v, cu_q, cu_k, causal: bool, scale=None):
+    """What flash attention's varlen kernel computes (causal aligned to the last key), one sequence at a time."""
+    assert causal and q.size(1) == k.size(1)
+    out = []
+    for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril(diagonal=(k1 - k0) - (q1 - q0))
+        seq = [t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]
+        out.append(
+            torch.nn.functional.scaled_dot_product_attention(*seq, attn_mask=allowed, scale=scale).transpose(0, 1)
+        )
+    return torch.cat(out)
+
+
+def torch_2_10_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    return _flash_rule(query, key, value, cu_seq_q, cu_seq_k, is_causal)
+
+
+def later_varlen_attn(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+):
+    if enable_gqa:
+        key, value = (t.repeat_interleave(query.size(1) // t.size(1), dim=1) for t in (key, value))
+    return _flash_rule(query, key, value, cu_seq_q, cu_seq_k, tuple(window_size) == (-1, 0), scale)
+
+
+@pytest.mark.parametrize("spelling", [torch_2_10_varlen_attn, later_varlen_attn])
+def test_kernel_call_fits_each_torch_spelling(batch, spelling):
+    """Causal flag, scale and grouped-query heads reach either signature of varlen_attn and give the layout's
+    attention (the CUDA kernel itself is checked on the card: lever_check, gpu_session.sh perf)."""
+    from silkie.models.varlen import _reference_varlen, kernel_for
+
+    layout = packed_rows(batch, pad_token_id=0, pairs_per_row=2, varlen=True).layout
+    tokens = int(layout.cu_q[-1])
+    torch.manual_seed(0)
+    q, k, v = torch.randn(tokens, 4, 8), torch.randn(tokens, 2, 8), torch.randn(tokens, 2, 8)
+    keys, values = k[layout.keys], v[layout.keys]
+    args = (layout.cu_q, layout.cu_k, layout.max_q, layout.max_k)
+    expected = _reference_varlen(q, keys, values, layout, 0.3)
+    torch.testing.assert_close(kernel_for(spelling)(q, keys, values, *args, 0.3), expected)
+    default = kernel_for(spelling)(q, keys, values, *args)
+    torch.testing.assert_close(default, _reference_varlen(q, keys, values, layout, None))
+    assert (default - expected).abs().max() > 1e-2  # the scale mattered

@@ -18,6 +18,7 @@ from torch import nn
 
 from silkie.config import DPOSection
 from silkie.models.family import unwrap_causal_lm
+from silkie.models.varlen import prepare_kernel
 
 from .batching import ScoredRows, concat_rows, packed_rows
 from .logprobs import chunked_token_logps, full_logits_token_logps, is_partitioned, sum_per_pair
@@ -129,11 +130,11 @@ def score_answers(
     )
     with torch.no_grad() if no_grad else nullcontext(), _blank_tower_pass(base, family, blank_tower):
         input_ids = rows.input_ids.to(device)
-        masking = (
-            family.varlen_kwargs(rows.layout.to(device))
-            if rows.layout is not None
-            else {"attention_mask": _attention_mask(rows.attention_mask.to(device), base)}
-        )
+        if rows.layout is not None:
+            prepare_kernel(device)
+            masking = family.varlen_kwargs(rows.layout.to(device))
+        else:
+            masking = {"attention_mask": _attention_mask(rows.attention_mask.to(device), base)}
         kwargs = dict(
             input_ids=input_ids,
             position_ids=None if rows.position_ids is None else rows.position_ids.to(device),

@@ -13,6 +13,7 @@ transformers families get it through `hf_vlm.varlen_attention`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,33 @@ def constructible(attn_implementation: str) -> str:
 _KERNEL: dict = {}
 
 
-def _cuda_kernel():
-    """PyTorch's varlen_attn with causal attention (torch 2.10 spells it is_causal, later window_size), after a
-    one-time probe that its causal rule is aligned to the last key (else this layout would be wrong)."""
+def kernel_for(varlen_attn: Callable) -> Callable:
+    """`varlen_attn` called causally with an optional scale and grouped-query heads, whichever of its spellings this
+    torch has: `is_causal` (2.10) or `window_size`; `scale` and `enable_gqa` where it takes them (else the scale is
+    folded into the queries and the key/value heads are repeated)."""
+    accepted = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
+        options = dict(causal)
+        if scale is not None:
+            if "scale" in accepted:
+                options["scale"] = scale
+            else:
+                q = q * (scale * q.size(-1) ** 0.5)
+        if k.size(1) != q.size(1):
+            if "enable_gqa" in accepted:
+                options["enable_gqa"] = True
+            else:
+                k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+
+    return kernel
+
+
+def _cuda_kernel() -> Callable:
+    """PyTorch's varlen_attn through `kernel_for`, after a one-time probe that its causal rule is aligned to the
+    last key (else this layout would be wrong)."""
     if "fn" in _KERNEL:
         return _KERNEL["fn"]
     try:
@@ -113,16 +138,7 @@ def _cuda_kernel():
         raise RuntimeError(
             f"model.attn_implementation varlen needs torch.nn.attention.varlen (torch >= 2.10): {err}"
         ) from err
-    accepted = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
-
-    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
-        if k.size(1) != q.size(1):  # grouped-query attention: the kernel's own option where it has one
-            if "enable_gqa" in accepted:
-                return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=True, **causal)
-            k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal)
-
+    kernel = kernel_for(varlen_attn)
     q = torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(2, 1, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.tensor([0.0, 1.0], device="cuda", dtype=torch.bfloat16).view(2, 1, 1).expand(2, 1, 64).contiguous()
@@ -132,6 +148,13 @@ def _cuda_kernel():
         raise RuntimeError("varlen_attn's causal rule is aligned to the first key here; use flex_attention or sdpa")
     _KERNEL["fn"] = kernel
     return kernel
+
+
+def prepare_kernel(device: torch.device) -> None:
+    """Probe the CUDA kernel once on `device`'s kind before the forward, so that the probe (a host sync) never runs
+    inside a compiled decoder block."""
+    if torch.device(device).type == "cuda":
+        _cuda_kernel()
 
 
 def varlen_attention(
