@@ -163,3 +163,33 @@ def test_kernel_call_fits_each_torch_spelling(batch, spelling):
     default = kernel_for(spelling)(q, keys, values, *args)
     torch.testing.assert_close(default, _reference_varlen(q, keys, values, layout, None))
     assert (default - expected).abs().max() > 1e-2  # the scale mattered
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_call_the_layout_misses_still_attends_right(family, tmp_path, monkeypatch):
+    """The dense block mask goes in beside the layout: an attention call without the layout (SDPA then) gives the
+    same answers, not a causal pass over the whole packed row (Qwen2-VL) or one cut at each position restart
+    (LLaVA)."""
+    from silkie.models.hf_vlm import varlen_attention
+
+    real = varlen_attention.hf_varlen_attention
+    monkeypatch.setattr(varlen_attention, "hf_varlen_attention", lambda *a, varlen_layout=None, **kw: real(*a, **kw))
+    varlen_attention.register()  # the registry now holds the function that drops the layout
+    try:
+        folder = BUILDERS[family](tmp_path / family)
+        model = lora_model(folder, family)
+        batch, pad = media_batch(folder, family, model)
+        plain = run_step(model, batch, HF_PLAIN, pad)
+        varlen = lora_model(folder, family, attn="varlen")
+        assert_same_step(run_step(varlen, batch, StepOptions(pairs_per_row=2), pad), plain)
+    finally:
+        monkeypatch.undo()
+        varlen_attention.register()
+
+
+def test_sliding_window_layers_are_refused():
+    from silkie.models.hf_vlm.varlen_attention import hf_varlen_attention
+
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="sliding-window attention layers are not supported"):
+        hf_varlen_attention(torch.nn.Module(), q, q, q, None, sliding_window=2, varlen_layout=object())

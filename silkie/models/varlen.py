@@ -84,12 +84,13 @@ def _reference_varlen(
     """The kernel's rule with SDPA, one sequence at a time: causal, aligned to the last key."""
     out = []
     bounds_q, bounds_k = layout.cu_q.tolist(), layout.cu_k.tolist()
-    grouped = q.size(1) != k.size(1)
+    if q.size(1) != k.size(1):  # grouped-query heads (SDPA's enable_gqa needs torch >= 2.5)
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
     for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
         lq, lk = q1 - q0, k1 - k0
         allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
         seq = [t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1])]  # [1, H, L, D]
-        attended = F.scaled_dot_product_attention(*seq, attn_mask=allowed, scale=scale, enable_gqa=grouped)
+        attended = F.scaled_dot_product_attention(*seq, attn_mask=allowed, scale=scale)
         out.append(attended[0].transpose(0, 1))
     return torch.cat(out)
 
@@ -108,17 +109,19 @@ def kernel_for(varlen_attn: Callable) -> Callable:
     torch has: `is_causal` (2.10) or `window_size`; `scale` and `enable_gqa` where it takes them (else the scale is
     folded into the queries and the key/value heads are repeated)."""
     accepted = inspect.signature(varlen_attn).parameters
+    # plain constants, decided here: the closure below is traced by torch.compile
     causal = {"window_size": (-1, 0)} if "window_size" in accepted else {"is_causal": True}
+    takes_scale, takes_gqa = "scale" in accepted, "enable_gqa" in accepted
 
     def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None):
         options = dict(causal)
         if scale is not None:
-            if "scale" in accepted:
+            if takes_scale:
                 options["scale"] = scale
             else:
                 q = q * (scale * q.size(-1) ** 0.5)
         if k.size(1) != q.size(1):
-            if "enable_gqa" in accepted:
+            if takes_gqa:
                 options["enable_gqa"] = True
             else:
                 k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
@@ -170,12 +173,32 @@ def varlen_attention(
     if dropout:
         raise ValueError("varlen attention does not support attention dropout; set attn_dropout_prob to 0")
     rows, heads, width, dim = q.shape
+    if q.is_cuda and q.dtype not in FLASH_DTYPES:
+        q, k, v, back = (*_flash_inputs(q, k, v), q.dtype)
+    else:
+        back = None
     queries = q.transpose(1, 2).reshape(rows * width, heads, dim)[layout.tokens]
-    keys, values = (t.transpose(1, 2).reshape(rows * width, t.size(1), dim)[layout.tokens][layout.keys] for t in (k, v))
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):  # the flash kernel's dtypes
+    key_tokens = layout.tokens[layout.keys]  # one gather of the keys (and one scatter in the backward)
+    keys, values = (t.transpose(1, 2).reshape(rows * width, t.size(1), dim)[key_tokens] for t in (k, v))
+    if q.is_cuda and q.dtype in FLASH_DTYPES:
         kernel = _cuda_kernel()
         out = kernel(queries, keys, values, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, scale)
     else:
         out = _reference_varlen(queries, keys, values, layout, scale)
     full = out.new_zeros(rows * width, heads, dim).index_copy(0, layout.tokens, out)
-    return full.view(rows, width, heads, dim).transpose(1, 2)
+    full = full.view(rows, width, heads, dim).transpose(1, 2)
+    return full if back is None else full.to(back)
+
+
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fp32 q/k/v on CUDA (fp32 weights under bf16 autocast: the rotary keeps fp32) in autocast's dtype, which
+    the flash kernel takes; without autocast there is no half dtype to use, so that is refused."""
+    if not torch.is_autocast_enabled("cuda"):
+        raise RuntimeError(
+            f"model.attn_implementation varlen on CUDA needs bf16 or fp16 (model.dtype); got {q.dtype} without autocast"
+        )
+    dtype = torch.get_autocast_dtype("cuda")
+    return tuple(t.to(dtype) for t in (q, k, v))

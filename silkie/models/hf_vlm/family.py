@@ -108,9 +108,10 @@ class HFVisionFamily(ModelFamily):
     def uses_varlen(self, base: nn.Module) -> bool:
         return uses_varlen(base)
 
-    def varlen_kwargs(self, layout: Any) -> dict:
-        """The layout goes down through the attention kwargs; the decoder then builds no mask of its own."""
-        return {"attention_mask": None, LAYOUT_KEY: layout}
+    def varlen_kwargs(self, layout: Any, mask: torch.Tensor) -> dict:
+        """The layout goes down through the attention kwargs; the dense mask goes in as given (4-D, so nothing is
+        built per forward) and keeps any call the layout does not reach right."""
+        return {"attention_mask": mask, LAYOUT_KEY: layout}
 
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
         # through the outermost module (DeepSpeed's per-step hooks, e.g. ZeRO-3 prefetch, live on the root), with

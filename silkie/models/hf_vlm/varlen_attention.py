@@ -3,7 +3,9 @@
 The language model's attention is registered with transformers' `AttentionInterface` under `varlen`: given a
 `varlen_layout` keyword (the packed rows' `VarlenLayout`, passed down through the model's attention kwargs) it is
 the padding-free kernel of `models.varlen`; without one (generation, the plain path) it is transformers' SDPA, with
-SDPA's masks (registered for `varlen` too). The vision tower keeps SDPA.
+SDPA's masks (registered for `varlen` too). The packed rows' dense block mask goes in as the attention mask beside
+the layout (a 4-D mask is taken as given, so nothing is built per forward), so that a call the layout does not
+reach would still attend correctly. The vision tower keeps SDPA.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def hf_varlen_attention(
     varlen_layout: varlen.VarlenLayout | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Transformers' attention-function signature ([B, H, L, D] in, [B, L, H, D] out)."""
+    """Transformers' attention-function signature ([B, H, L, D] in, [B, L, H, D] out). With a layout the mask
+    (the packed rows' dense block mask, passed too so that any call without the layout stays right) is not used."""
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError("model.attn_implementation varlen: sliding-window attention layers are not supported")
     if varlen_layout is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
