@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="LEVER[+LEVER...]",
         help="extra runs on top of the last --paths (qwen_vl) or --runs entry, each with these recipe switches: "
-        "flex (qwen_vl), varlen (qwen_vl), liger, compile, native_norm (qwen_vl), pack2, pack4, pack8 "
+        "flex (qwen_vl), varlen, liger, compile, native_norm (qwen_vl), pack2, pack4, pack8 "
         "(join with + for several at once)",
     )
     parser.add_argument(

@@ -24,6 +24,7 @@ from silkie.dev.bench import (
     timed_train,
 )
 from silkie.dev.bench_levers import lever_runs
+from silkie.models.varlen import constructible
 
 QWEN2_VL_7B = {  # Qwen2-VL-7B-Instruct's shape (config.json of the release)
     "text": dict(
@@ -64,7 +65,7 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
     from silkie.models.hf_vlm.varlen_attention import use_varlen
 
     torch.manual_seed(seed)
-    config._attn_implementation = "sdpa" if attn == "varlen" else attn
+    config._attn_implementation = constructible(attn)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -134,8 +135,8 @@ def run(args) -> list[BenchResult]:
                 precompute, model = None, None
                 try:
                     if name == "trl":
-                        trl_attn = "sdpa" if args.attn == "varlen" else args.attn  # TRL hands no layout down
-                        model = random_model(config, args.device, dtype, trl_attn)
+                        # TRL hands no layout down: its model gets the attention varlen is built with
+                        model = random_model(config, args.device, dtype, constructible(args.attn))
                         times, peak = run_trl(model, codec.processor, pairs, size, steps, args, root)
                     else:
                         recipe = bench_recipe(run_name, args.family, folder, size, steps, args, levers)

@@ -101,7 +101,8 @@ def constructible(attn_implementation: str) -> str:
     return "sdpa" if attn_implementation == "varlen" else attn_implementation
 
 
-_KERNEL: dict = {}
+_KERNEL: dict = {}  # "fn": the probed CUDA kernel (a plain dict, which torch.compile reads without a break)
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def kernel_for(varlen_attn: Callable) -> Callable:
@@ -173,10 +174,9 @@ def varlen_attention(
     if dropout:
         raise ValueError("varlen attention does not support attention dropout; set attn_dropout_prob to 0")
     rows, heads, width, dim = q.shape
-    if q.is_cuda and q.dtype not in FLASH_DTYPES:
-        q, k, v, back = (*_flash_inputs(q, k, v), q.dtype)
-    else:
-        back = None
+    back = q.dtype if q.is_cuda and q.dtype not in FLASH_DTYPES else None  # cast back to it at the end
+    if back is not None:
+        q, k, v = _flash_inputs(q, k, v)
     queries = q.transpose(1, 2).reshape(rows * width, heads, dim)[layout.tokens]
     key_tokens = layout.tokens[layout.keys]  # one gather of the keys (and one scatter in the backward)
     keys, values = (t.transpose(1, 2).reshape(rows * width, t.size(1), dim)[key_tokens] for t in (k, v))
@@ -188,9 +188,6 @@ def varlen_attention(
     full = out.new_zeros(rows * width, heads, dim).index_copy(0, layout.tokens, out)
     full = full.view(rows, width, heads, dim).transpose(1, 2)
     return full if back is None else full.to(back)
-
-
-FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -18,6 +18,7 @@ from torch import nn
 from silkie.errors import InputError
 from silkie.models.family import ImageBatch, ModelFamily
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
+from silkie.models.varlen import constructible
 
 from .codec import ChatTemplateCodec, load_processor
 from .varlen_attention import LAYOUT_KEY, use_varlen, uses_varlen
@@ -50,15 +51,14 @@ class HFVisionFamily(ModelFamily):
                 f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa, eager or varlen with {self.name}"
             )
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-        varlen = section.attn_implementation == "varlen"
         model, info = AutoModelForImageTextToText.from_pretrained(
             section.path,
             dtype=dtype,
-            attn_implementation="sdpa" if varlen else section.attn_implementation,
+            attn_implementation=constructible(section.attn_implementation),
             output_loading_info=True,
             **extra,
         )
-        if varlen:
+        if section.attn_implementation == "varlen":
             use_varlen(model)
         refuse_incomplete_load(section.path, info, kinds=("missing_keys",))  # missing = left at random init
         if type(model).__name__ not in self.class_names:

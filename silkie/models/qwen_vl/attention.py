@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import varlen
+
 
 def ntk_alpha_for_length(length: int, seq_length: int) -> float:
     """Dynamic-NTK scale of the original: 1 up to `seq_length`, then 3, 7, 15, ... per doubling."""
@@ -152,10 +154,8 @@ def packed_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout: float = 0.0
 ) -> torch.Tensor:
     """Varlen attention when the mask is a `VarlenLayout` (packed DPO rows); SDPA for any other mask (generation)."""
-    from ..varlen import VarlenLayout, varlen_attention
-
-    if isinstance(mask, VarlenLayout):
-        return varlen_attention(q, k, v, mask, dropout)
+    if isinstance(mask, varlen.VarlenLayout):
+        return varlen.varlen_attention(q, k, v, mask, dropout)
     return sdpa_attention(q, k, v, mask, dropout)
 
 
