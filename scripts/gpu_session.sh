@@ -6,11 +6,14 @@
 #                                  first) with DeepSpeed ZeRO-2, then ZeRO-3, then 10 steps without DeepSpeed (~6 min)
 #   scripts/gpu_session.sh trl     TRL 1.16 DPOTrainer vs ours on a Qwen2-VL-7B-shaped model (random bf16 weights,
 #                                  LoRA r64, checkpointing, 448x448 images), batch 8 and 32, one run (~5 min)
-#   scripts/gpu_session.sh perf    the speed levers (issue 21), one run (<= 9 min): lever_check.py (each lever's log-prob
-#                                  and logit difference vs the fp32 reference at Qwen-VL-Chat size), then benchmark.py
-#                                  at that size with every lever beside the cached-reference path (MFU), then TRL vs
-#                                  ours + levers at the Qwen2-VL-7B shape, batch 8 (a run that fails is one FAILED
-#                                  line and the others go on)
+#   scripts/gpu_session.sh perf    the speed levers (issue 21), one run (<= 9.5 min; each benchmark rewrites its JSON
+#                                  after every run, so a stage its time limit cuts keeps what it measured):
+#                                  lever_check.py (each lever's log-prob and logit difference vs the fp32 reference at
+#                                  Qwen-VL-Chat size); benchmark.py at that size, batch 8, the levers beside the
+#                                  cached-reference path (MFU); TRL vs ours + levers at the Qwen2-VL-7B shape: TRL's
+#                                  defaults at batch 32 and TRL without checkpointing at batch 8 (its best candidates),
+#                                  ours with and without the cached reference (a run that fails is one FAILED line and
+#                                  the others go on; liger runs go last)
 # Output lands in $OUT (or ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,18 +35,18 @@ if [ "${1:-check}" = check ]; then
         | quiet | tee "$OUT/bench_flex.log"
 elif [ "$1" = perf ]; then
     stage lever_check
-    timeout 90 python3 scripts/lever_check.py --device cuda --dtype bf16 --out "$OUT" \
+    timeout 70 python3 scripts/lever_check.py --device cuda --dtype bf16 --out "$OUT" \
         --levers native_norm flex varlen compile pack4 liger 2>&1 | quiet | tee "$OUT/lever_check.log"
     stage levers_qwen_vl
-    timeout 290 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 2 \
-        --count-flops --paths optimized+cached_ref --levers native_norm flex varlen compile varlen+native_norm \
-        flex+native_norm+pack4+compile varlen+native_norm+compile liger+varlen+native_norm+compile \
-        --out "$OUT/bench_levers.json" 2>&1 \
-        | quiet | tee "$OUT/bench_levers.log"
+    timeout 200 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 2 \
+        --count-flops --paths optimized+cached_ref --levers no_ckpt varlen+native_norm flex+native_norm \
+        varlen+native_norm+compile+no_ckpt varlen+native_norm+compile+no_ckpt+pack8 \
+        liger+varlen+native_norm+compile+no_ckpt \
+        --out "$OUT/bench_levers.json" 2>&1 | quiet | tee "$OUT/bench_levers.log"
     stage levers_trl
-    timeout 150 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 \
-        --steps 3 --warmup 2 --runs trl silkie-optimized+cached_ref --levers varlen liger+varlen+compile \
-        liger+varlen+pack4+compile \
+    timeout 280 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 32 \
+        --steps 3 --warmup 2 --runs trl+no_ckpt@8 trl@32 silkie-optimized@32 --levers cached_ref+varlen+no_ckpt@8 \
+        varlen+no_ckpt@8 cached_ref+varlen@32 cached_ref+varlen+compile@32 cached_ref+liger+varlen+compile@32 \
         --out "$OUT/bench_levers_trl.json" 2>&1 | quiet | grep -v "^{'train_runtime" | tee "$OUT/bench_levers_trl.log"
 elif [ "$1" = trl ]; then
     stage trl_vs_silkie

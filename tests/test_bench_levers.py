@@ -22,6 +22,11 @@ def test_lever_specs_combine_and_liger_runs_last():
     assert [name for name, _, _ in runs] == [
         "plain", "optimized", "optimized+pack2", "optimized+compile", "optimized+liger", "optimized+flex+liger",
     ]  # fmt: skip
+    at_eight = lever_runs(["plain@4", "optimized"], ["ckpt2@8", "no_ckpt@4", "liger+varlen"], size=8)
+    assert [name for name, _, _ in at_eight] == ["optimized", "optimized+ckpt2", "optimized+liger+varlen"]
+    assert at_eight[1][2] == {"training": {"gradient_checkpointing_kwargs": {"every_n_layers": 2}}}
+    with pytest.raises(SystemExit, match="'ckpt2@x': expected NAME@BATCH with BATCH a whole number >= 1"):
+        lever_runs(["optimized"], ["ckpt2@x"])
     assert without_compile(lever_keys("compile")) == {} and without_compile(lever_keys("pack2+compile")) == {
         "dpo": {"pairs_per_row": 2}
     }
@@ -35,14 +40,18 @@ def test_benchmark_runs_each_lever_beside_its_path(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["--tiny", "--batch-sizes", "4", "--steps", "1", "--warmup", "1", "--lora-r", "4", "--question-tokens",
             "10", "--answer-tokens", "12", "--paths", "optimized", "--levers", "pack4", "liger", "native_norm",
-            "varlen", "--count-flops", "--out", str(out)]  # fmt: skip
+            "varlen", "no_ckpt", "ckpt2", "--count-flops", "--out", str(out)]  # fmt: skip
     results = benchmark.main(argv)
     # liger cannot run without CUDA: its run is reported in one line and the runs after it still go
-    assert [r.path for r in results] == ["optimized", "optimized+pack4", "optimized+native_norm", "optimized+varlen"]
+    assert [r.path for r in results] == ["optimized", "optimized+pack4", "optimized+native_norm", "optimized+varlen",
+                                         "optimized+no_ckpt", "optimized+ckpt2"]  # fmt: skip
     assert all(r.pairs_per_second > 0 and r.first_step_seconds > 0 for r in results)
     by_path = {r.path: r for r in results}
     # the same pairs: native precision does the same matmuls; the packed row has no padding to multiply
     assert by_path["optimized+native_norm"].tflop_per_pair == pytest.approx(by_path["optimized"].tflop_per_pair)
+    # the tiny model's 2 decoder layers: recomputed in the backward (both), only the first (ckpt2), none
+    flops = [by_path[f"optimized{lever}"].tflop_per_pair for lever in ("", "+ckpt2", "+no_ckpt")]
+    assert flops[0] > flops[1] > flops[2]
     printed = capsys.readouterr().out
     assert "| 4 | optimized+pack4 | " in printed
     failure = "optimized+liger batch 4: InputError: model.liger_kernels: "
@@ -78,3 +87,54 @@ def test_lever_check_equals_the_reference_in_fp32_and_reports_what_cannot_run(tm
         assert levers[name]["max_abs_logp_diff_vs_default"] < 1e-4, name
         assert levers[name]["max_abs_logit_diff_vs_fp32"] < 1e-4, name
     assert levers["liger"]["error"].startswith("InputError: model.liger_kernels: liger-kernel is not installed")
+
+
+def test_a_benchmark_cut_short_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    from silkie.dev import bench_qwen_vl
+
+    benchmark = load_script("benchmark")
+    real, done = bench_qwen_vl.run_ours, []
+
+    def cut_after_one(*args, **kwargs):  # a time limit ending the process during the second run
+        if done:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_qwen_vl, "run_ours", cut_after_one)
+    out = tmp_path / "bench.json"
+    argv = ["--tiny", "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--lora-r", "4", "--question-tokens",
+            "10", "--answer-tokens", "12", "--paths", "optimized", "--levers", "no_ckpt",
+            "--out", str(out)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(argv)
+    report = json.loads(out.read_text())
+    assert [r["path"] for r in report["results"]] == ["optimized"] and report["results"][0]["pairs_per_second"] > 0
+    assert report["meta"]["levers"] == ["no_ckpt"] and report["meta"]["device_name"] == "cpu"
+
+
+def test_the_card_sessions_commands_parse_before_the_card_is_spent(tmp_path):
+    """Every benchmark and lever_check command of `scripts/gpu_session.sh` (a typo there costs a GPU session)."""
+    import shlex
+
+    from silkie.dev.bench_cli import parse_args
+    from silkie.dev.lever_check import parse_args as lever_check_args
+
+    from .conftest import REPO_ROOT
+
+    script = (REPO_ROOT / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    commands = {"benchmark": [], "lever_check": []}
+    for line in script.splitlines():
+        for name in commands:
+            if f"python3 scripts/{name}.py" in line:
+                words = shlex.split(line.split(f"scripts/{name}.py", 1)[1].split("2>&1")[0].replace("$OUT", "OUT"))
+                commands[name].append(words)
+    assert len(commands["benchmark"]) >= 4 and commands["lever_check"]
+    perf = [parse_args(words) for words in commands["benchmark"] if "--levers" in words]
+    assert len(perf) == 2 and all(args.levers for args in perf)
+    trl = next(args for args in perf if args.family == "qwen2_vl")
+    assert any(run.startswith("trl") for run in trl.runs) and "cached_ref" in " ".join(trl.levers)
+    for words in commands["benchmark"]:
+        parse_args(words)
+    for words in commands["lever_check"]:
+        lever_check_args(words)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .script_fixtures import load_script
 
 
@@ -24,3 +26,29 @@ def test_benchmark_runs_trl_and_ours_and_writes_ratios(tmp_path, capsys):
     assert "| 2 | silkie-optimized | " in printed and "pairs/s ratio (vs trl)" in printed
     report = json.loads(out.read_text())
     assert report["meta"]["family"] == "qwen2_vl" and len(report["results"]) == 3
+
+
+def test_trl_switches_and_batch_suffixes_pick_the_runs_of_each_batch_size(tmp_path, monkeypatch):
+    import trl
+
+    benchmark = load_script("benchmark")
+    configs = []
+    real = trl.DPOConfig
+    monkeypatch.setattr(trl, "DPOConfig", lambda **kw: configs.append(kw) or real(**kw))
+    argv = ["--family", "qwen2_vl", "--tiny", "--image-px", "56", "--batch-sizes", "2", "3", "--steps", "1",
+            "--warmup", "1", "--lora-r", "4", "--question-tokens", "10", "--answer-tokens", "12",
+            "--runs", "trl", "trl+no_ckpt@2", "silkie-optimized+cached_ref@3",
+            "--levers", "no_ckpt@2", "ckpt2"]  # fmt: skip
+    results = benchmark.main(argv)
+    assert [(r.path, r.batch_size) for r in results] == [
+        ("trl", 2), ("trl+no_ckpt", 2), ("silkie-optimized+cached_ref+no_ckpt", 2),
+        ("silkie-optimized+cached_ref+ckpt2", 2), ("trl", 3), ("silkie-optimized+cached_ref", 3),
+        ("silkie-optimized+cached_ref+ckpt2", 3),
+    ]  # fmt: skip
+    assert [c["gradient_checkpointing"] for c in configs] == [True, False, True]
+    with pytest.raises(SystemExit, match=r"--runs: 'trl\+no_ckpt@4' runs at batch 4, which is not one of"):
+        benchmark.main([*argv[: argv.index("--runs")], "--runs", "trl+no_ckpt@4"])
+    with pytest.raises(SystemExit, match="unknown TRL lever 'compile' in 'trl\\+compile'; expected one of no_ckpt"):
+        benchmark.main(["--family", "qwen2_vl", "--runs", "trl+compile", "silkie-optimized"])
+    with pytest.raises(SystemExit, match="--levers: they apply to the last of --runs, which must be one of ours"):
+        benchmark.main(["--family", "qwen2_vl", "--runs", "silkie-optimized", "trl", "--levers", "varlen"])

@@ -137,6 +137,19 @@ def test_optim_sampling_and_report_to_choices_are_the_installed_transformers_val
         (["training.adam_beta2=1.0"], r"training.adam_beta2 = 1.0 is not allowed; expected a number in \[0, 1\)"),
         (["training.seed=-1"], r"training.seed = -1 is not allowed; expected an integer in \[0, 2\*\*32\)"),
         (["training.num_train_epochs=0"], "training.num_train_epochs = 0 is not allowed; expected a number > 0"),
+        (
+            ["training.gradient_checkpointing_kwargs={every_n_layer: 2}"],
+            r"option training.gradient_checkpointing_kwargs"
+            r".every_n_layer \(did you mean 'every_n_layers'\?\)",
+        ),
+        (
+            ["training.activation_checkpointing_kwargs={every_n_layers: 0}"],
+            "training.activation_checkpointing_kwargs.every_n_layers = 0 is not allowed; expected an integer >= 1",
+        ),
+        (
+            ["training.gradient_checkpointing_kwargs={offload: true}", "training.activation_checkpointing_kwargs={}"],
+            "training.gradient_checkpointing_kwargs and training.activation_checkpointing_kwargs are both set",
+        ),
         (["lora.target_modules=[c_attn, '']"], "lora.target_modules = \\['c_attn', ''\\] is not allowed; expected"),
         (["slurm.rdzv_port=70000"], r"slurm.rdzv_port = 70000 is not allowed; expected null \(20000"),
         (['slurm.extra_sbatch=["--exclusive\\tx"]'], r"slurm.extra_sbatch\[0\] = '--exclusive\\tx' is not allowed"),

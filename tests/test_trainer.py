@@ -348,3 +348,31 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
     # eval_loss is the mean over the pairs that count; the train loss stays the Trainer's (optimized) one
     assert fake._metrics["eval"]["loss"] == [[pytest.approx(1.2), 2.0]]
     assert "loss" not in fake._metrics["train"]
+
+
+def test_every_n_layers_recomputes_only_those_blocks_and_trains_the_same(assets, tmp_path):
+    from silkie.config import load_recipe
+    from silkie.train.build import build_trainer
+
+    from .train_fixtures import DEMO_RECIPE
+
+    def two_steps(options: str) -> tuple[list[bool], list[int], float]:
+        overrides = [*asset_overrides(assets), *FAST, "training.max_steps=2", "training.warmup_ratio=0",
+                     "training.gradient_checkpointing=true", f"training.gradient_checkpointing_kwargs={options}",
+                     "dpo.precompute_ref_log_probs=false"]  # fmt: skip
+        built = build_trainer(load_recipe(DEMO_RECIPE, overrides), tmp_path / options, bookkeeping=False)
+        blocks = built.trainer.model.get_base_model().transformer.h
+        calls = [0] * len(blocks)
+        for index, block in enumerate(blocks):  # a block's own hooks stay outside the checkpoint; its parts' do not
+            block.mlp.register_forward_pre_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+        torch.manual_seed(0)
+        loss = built.trainer.train().training_loss
+        return [block.gradient_checkpointing for block in blocks], calls, loss
+
+    flags, calls, loss = two_steps("{every_n_layers: 2}")
+    assert flags == [True, False]
+    # the policy pass runs the checkpointed block again in its backward; the reference pass (no grad) does not
+    assert calls == [2 * 2 + 2, 2 * 1 + 2]  # 2 steps: (policy + its recompute) + reference; policy + reference
+    all_flags, all_calls, all_loss = two_steps("{}")
+    assert all_flags == [True, True] and all_calls == [6, 6]
+    assert loss == pytest.approx(all_loss, abs=1e-6) and abs(loss - math.log(2)) > 1e-4  # step 2 learned

@@ -54,7 +54,13 @@ def test_varlen_step_equals_the_plain_path(batch, pairs_per_row, monkeypatch):
     plain_policy, plain_ref, plain_loss, plain_grads = step(tiny_lora_model(), batch, PLAIN)
     model = tiny_lora_model()
     model.get_base_model().config._attn_implementation = "varlen"
+    from silkie.dpo import step as step_module
+
+    dense = []  # the native model attends through the layout only: its dense block mask never goes to the device
+    real_mask = step_module._attention_mask
+    monkeypatch.setattr(step_module, "_attention_mask", lambda *args: dense.append(1) or real_mask(*args))
     policy, ref, loss, grads = step(model, batch, StepOptions(chunk_size=4, pairs_per_row=pairs_per_row))
+    assert not dense
     for name in ("chosen_logps", "rejected_logps"):
         torch.testing.assert_close(getattr(policy, name), getattr(plain_policy, name), atol=1e-5, rtol=0)
         torch.testing.assert_close(getattr(ref, name), getattr(plain_ref, name), atol=1e-5, rtol=0)

@@ -38,6 +38,8 @@ TRAINING_KEYS: dict[str, Any] = {
     "tf32": bool | None,
     "gradient_checkpointing": bool,
     "activation_checkpointing": bool,
+    "gradient_checkpointing_kwargs": dict | None,
+    "activation_checkpointing_kwargs": dict | None,
     "group_by_length": bool,
     "train_sampling_strategy": str,
     "logging_steps": float,
@@ -179,6 +181,12 @@ TRAINING_HELP: dict[str, str] = {
     "tf32": "Allow TF32 matmuls on Ampere+ GPUs.",
     "gradient_checkpointing": "Recompute activations in the backward pass to save memory (alias).",
     "activation_checkpointing": "Recompute activations in the backward pass to save memory.",
+    "gradient_checkpointing_kwargs": "Checkpointing options (alias): see activation_checkpointing_kwargs.",
+    "activation_checkpointing_kwargs": (
+        "Checkpointing options: `every_n_layers: N` recomputes only every N-th decoder layer (memory back for "
+        "speed), `offload: true` keeps the saved activations in pinned host memory, `use_reentrant` (default "
+        "false); ignored without checkpointing."
+    ),
     "group_by_length": "Batch pairs of similar length (translated to train_sampling_strategy).",
     "train_sampling_strategy": "Training sampler: `random`, `sequential`, `group_by_length`, ...",
     "logging_steps": "Log (metrics.jsonl, tensorboard) every N steps, or a fraction of the run.",
@@ -252,6 +260,24 @@ TRAINING_RANGES: dict[str, Rule] = {
 }
 
 
+CHECKPOINTING_OPTIONS: dict[str, Rule] = {  # transformers' own options of activation_checkpointing_kwargs
+    "every_n_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "offload": (lambda v: isinstance(v, bool), "true or false"),
+    "use_reentrant": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def checkpointing_options_problem(key: str, options: dict[str, Any]) -> str | None:
+    """Why `training.<key>` (a checkpointing options dict) is not one transformers takes, or None."""
+    for name, value in options.items():
+        if name not in CHECKPOINTING_OPTIONS:
+            return f"unknown option training.{key}.{name}{suggest(str(name), sorted(CHECKPOINTING_OPTIONS))}"
+        ok, allowed = CHECKPOINTING_OPTIONS[name]
+        if not ok(value):
+            return f"training.{key}.{name} = {value!r} is not allowed; expected {allowed}"
+    return None
+
+
 def training_conflict(training: dict[str, Any]) -> str | None:
     """Why two `training:` keys cannot go together (one phrase naming both), or None."""
     if training.get("bf16") and training.get("fp16"):
@@ -260,6 +286,14 @@ def training_conflict(training: dict[str, Any]) -> str | None:
         return "training.warmup_ratio and training.warmup_steps are both set; set one of them"
     if training.get("gradient_checkpointing") is not None and training.get("activation_checkpointing") is not None:
         return "training.gradient_checkpointing and training.activation_checkpointing are both set; set one of them"
+    if (
+        training.get("gradient_checkpointing_kwargs") is not None
+        and training.get("activation_checkpointing_kwargs") is not None
+    ):
+        return (
+            "training.gradient_checkpointing_kwargs and training.activation_checkpointing_kwargs are both set; "
+            "set one of them"
+        )
     if not training.get("dataloader_num_workers"):
         for key in ("dataloader_prefetch_factor", "dataloader_persistent_workers"):
             if training.get(key):
@@ -287,6 +321,10 @@ def check_training(training: dict[str, Any]) -> None:
             ok, allowed = TRAINING_RANGES[key]
             if not ok(value):
                 raise RecipeError(f"recipe: training.{key} = {value!r} is not allowed; expected {allowed}")
+        if key.endswith("checkpointing_kwargs") and value:
+            problem = checkpointing_options_problem(key, value)
+            if problem:
+                raise RecipeError(f"recipe: {problem}")
     conflict = training_conflict(training)
     if conflict:
         raise RecipeError(f"recipe: {conflict}")

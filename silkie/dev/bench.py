@@ -202,6 +202,7 @@ def bench_recipe(
                 "dataloader_num_workers": 0,
                 "seed": 0,
                 "disable_tqdm": True,
+                **levers.get("training", {}),
             },
             "launch": {"cpu": args.device == "cpu"},
         }
@@ -323,3 +324,12 @@ def format_table(results: list, baseline: str = "plain") -> str:
 def results_json(results: list[BenchResult], meta: dict) -> str:
     """JSON report with the run's settings."""
     return json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
+
+
+def save_report(args: Any, results: list[BenchResult]) -> None:
+    """Write `args.out` (the results so far and the settings, failures included); called after every run, so a
+    run cut short by a time limit keeps what it measured."""
+    if not getattr(args, "out", None):
+        return
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.write_text(results_json(results, meta))

@@ -28,8 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--runs",
         nargs="+",
         default=["trl", "silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref"],
-        choices=("trl", "silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref"),
-        help="qwen2_vl/llava: trainers to compare (the first one present of trl/silkie-plain is the baseline)",
+        metavar="RUN[@BATCH]",
+        help="qwen2_vl/llava: trainers to compare, from trl (TRL's defaults; trl+no_ckpt, trl+liger, trl+no_ckpt+liger "
+        "add TRL's own switches), silkie-plain, silkie-optimized, silkie-optimized+cached_ref "
+        "(the first one present of trl/silkie-plain is the baseline); @BATCH: only at that batch size",
     )
     parser.add_argument("--image-px", type=int, default=448, help="qwen2_vl/llava: square picture side in pixels")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -39,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--paths",
         nargs="+",
         default=["plain", "optimized", "optimized+cached_ref"],
-        choices=("plain", "optimized", "optimized+cached_ref"),
+        metavar="PATH[@BATCH]",
+        help="qwen_vl: plain, optimized, optimized+cached_ref (@BATCH: only at that batch size)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
@@ -52,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="LEVER[+LEVER...]",
         help="extra runs on top of the last --paths (qwen_vl) or --runs entry, each with these recipe switches: "
-        "flex (qwen_vl), varlen, liger, compile, native_norm (qwen_vl), pack2, pack4, pack8 "
-        "(join with + for several at once)",
+        "flex (qwen_vl), varlen, liger, compile, native_norm (qwen_vl), pack2, pack4, pack8, cached_ref, no_ckpt (no "
+        "activation checkpointing), ckpt2, ckpt4 (only every 2nd/4th layer checkpointed) (join with + for several "
+        "at once; @BATCH: only at that batch size)",
     )
     parser.add_argument(
         "--attn", default="sdpa", choices=("sdpa", "eager", "flex_attention", "varlen"), help="attention kernel"
@@ -64,7 +68,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (auto for H100/H200)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
-    return parser.parse_args(argv)
+    return check_runs(parser.parse_args(argv))
+
+
+def check_runs(args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse, in one line, a run name that is not known or a `@B` outside `--batch-sizes`, before any model is
+    built (a card's session is short)."""
+    from silkie.dev.bench_levers import check_batch_suffixes, lever_keys, trl_keys
+
+    ours = ("silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref")
+    known = ("plain", "optimized", "optimized+cached_ref") if args.family == "qwen_vl" else ours
+    names = args.paths if args.family == "qwen_vl" else args.runs
+    option = "--paths" if args.family == "qwen_vl" else "--runs"
+    for spec in names:
+        name = spec.partition("@")[0]
+        if name.startswith("trl") and args.family != "qwen_vl":
+            trl_keys(name)
+        elif name not in known:
+            raise SystemExit(f"{option}: unknown {name!r}; expected one of {', '.join(known)}")
+    if args.levers and names[-1].partition("@")[0] not in known:
+        raise SystemExit(f"--levers: they apply to the last of {option}, which must be one of ours ({names[-1]!r})")
+    for spec in args.levers:
+        lever_keys(spec.partition("@")[0])
+    check_batch_suffixes(names, args.batch_sizes, option)
+    check_batch_suffixes(args.levers, args.batch_sizes, "--levers")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list:
@@ -74,21 +102,19 @@ def main(argv: list[str] | None = None) -> list:
         return compare_with_trl(args)
     import torch
 
-    from silkie.dev.bench import format_table, results_json
+    from silkie.dev.bench import format_table, save_report
     from silkie.dev.bench_qwen_vl import run
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    device_name = args.device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     name = "tiny" if args.tiny else "Qwen-VL-Chat size"
     print(f"model: {name}, {args.dtype}, device {device_name}", flush=True)
     results = run(args)
-    print(format_table(results, "plain" if "plain" in args.paths else args.paths[0]))
+    paths = [spec.partition("@")[0] for spec in args.paths]
+    print(format_table(results, "plain" if "plain" in paths else paths[0]))
     print_failures(args)
-    if args.out:
-        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        meta["device_name"] = device_name
-        args.out.write_text(results_json(results, meta))
+    save_report(args, results)
     return results
 
 
@@ -102,7 +128,7 @@ def compare_with_trl(args: argparse.Namespace) -> list:
     """TRL's DPOTrainer vs ours on a transformers-native family."""
     import torch
 
-    from silkie.dev.bench import format_table, results_json
+    from silkie.dev.bench import format_table, save_report
     from silkie.dev.bench_trl import run
 
     if args.threads:
@@ -110,14 +136,12 @@ def compare_with_trl(args: argparse.Namespace) -> list:
     if args.family == "llava" and not args.tiny:
         raise SystemExit("--family llava: only the --tiny stand-in is built in; the large shape is Qwen2-VL-7B")
     args.size = "tiny" if args.tiny else "7b"
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    device_name = args.device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"model: {args.family} {args.size}, {args.dtype}, device {device_name}", flush=True)
     results = run(args)
-    baseline = "trl" if "trl" in args.runs else args.runs[0]
+    runs = [spec.partition("@")[0] for spec in args.runs]
+    baseline = "trl" if "trl" in runs else runs[0]
     print(format_table(results, baseline))
     print_failures(args)
-    if args.out:
-        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        meta["device_name"] = device_name
-        args.out.write_text(results_json(results, meta))
+    save_report(args, results)
     return results

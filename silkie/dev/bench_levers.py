@@ -14,6 +14,11 @@ LEVERS = {  # lever name -> recipe keys (section -> key -> value)
     "pack2": {"dpo": {"pairs_per_row": 2}},
     "pack4": {"dpo": {"pairs_per_row": 4}},
     "pack8": {"dpo": {"pairs_per_row": 8}},
+    "cached_ref": {"dpo": {"precompute_ref_log_probs": True}},  # on a path without it (levers with and without)
+    # activation checkpointing: off, or only every N-th decoder layer (the memory it frees bought back as speed)
+    "no_ckpt": {"training": {"gradient_checkpointing": False}},
+    "ckpt2": {"training": {"gradient_checkpointing_kwargs": {"every_n_layers": 2}}},
+    "ckpt4": {"training": {"gradient_checkpointing_kwargs": {"every_n_layers": 4}}},
 }
 
 
@@ -28,21 +33,73 @@ def lever_keys(spec: str) -> dict:
     return keys
 
 
-def lever_runs(paths: list[str], levers: list[str]) -> list[tuple[str, str, dict]]:
-    """(run name, path, extra recipe keys) for every path, then each lever spec on top of the last path."""
-    runs = [(path, path, {}) for path in paths]
-    if levers:
-        last = paths[-1]
-        # liger-kernel patches transformers' classes for the whole process (models built later get its modules),
-        # so runs with it go last
-        ordered = sorted(levers, key=lambda spec: "liger" in spec.split("+"))
-        runs += [(f"{last}+{spec}", last, lever_keys(spec)) for spec in ordered]
-    return runs
+# TRL's own switches (DPOConfig fields) for its runs: `--runs trl+no_ckpt`. TRL 1.16 has no others for a VLM:
+# `precompute_ref_log_probs` is refused for vision datasets and `padding_free` falls back to padding.
+TRL_LEVERS = {
+    "no_ckpt": {"gradient_checkpointing": False},
+    "liger": {"use_liger_kernel": True},
+}
+
+
+def at_batch(spec: str) -> tuple[str, int | None]:
+    """`name@B` -> (name, B): a run only at batch size B; a spec without `@` runs at every batch size."""
+    name, _, size = spec.partition("@")
+    if not size:
+        return name, None
+    if not size.isdigit() or int(size) < 1:
+        raise SystemExit(f"{spec!r}: expected NAME@BATCH with BATCH a whole number >= 1")
+    return name, int(size)
+
+
+def trl_keys(run: str) -> dict:
+    """The DPOConfig fields of a TRL run name (`trl`, or `trl+` TRL levers joined by `+`)."""
+    head, *names = run.split("+")
+    if head != "trl":
+        raise SystemExit(f"--runs: {run!r} is not a TRL run (trl[+LEVER...])")
+    keys: dict = {}
+    for name in names:
+        if name not in TRL_LEVERS:
+            raise SystemExit(f"--runs: unknown TRL lever {name!r} in {run!r}; expected one of {', '.join(TRL_LEVERS)}")
+        keys.update(TRL_LEVERS[name])
+    return keys
+
+
+def lever_runs(paths: list[str], levers: list[str], size: int | None = None) -> list[tuple[str, str, dict]]:
+    """(run name, path, extra recipe keys) for every path, then each lever spec on top of the last path; with
+    `size`, only the runs that go at that batch size (a `@B` suffix keeps a path or lever spec to batch B)."""
+    kept = [at_batch(path) for path in paths]
+    runs = [(path, path, {}, spec_size) for path, spec_size in kept]
+    last = kept[-1][0]
+    runs += [(f"{last}+{spec}", last, lever_keys(spec), spec_size) for spec, spec_size in map(at_batch, levers)]
+    # liger-kernel patches transformers' classes for the whole process (models built later get its modules), so
+    # runs with it go last
+    runs.sort(key=lambda run: "liger" in run[0].split("+"))
+    return [run[:3] for run in runs if size is None or run[3] in (None, size)]
+
+
+def check_batch_suffixes(specs: list[str], batch_sizes: list[int], option: str) -> None:
+    """Refuse a `@B` whose B is not one of `--batch-sizes` (the run would never go) in one line."""
+    for spec in specs:
+        _, size = at_batch(spec)
+        if size is not None and size not in batch_sizes:
+            raise SystemExit(
+                f"{option}: {spec!r} runs at batch {size}, which is not one of --batch-sizes {batch_sizes}"
+            )
 
 
 def without_compile(spec_keys: dict) -> dict:
     """The same keys without regional compilation (whose FLOPs a counter cannot see through the compiled graph)."""
     kept = {section: {k: v for k, v in keys.items() if k != "compile_blocks"} for section, keys in spec_keys.items()}
+    return {section: keys for section, keys in kept.items() if keys}
+
+
+KERNEL_KEYS = ("attn_implementation", "liger_kernels", "compile_blocks", "fp32_norm_rope")  # how, not what
+
+
+def work_keys(spec_keys: dict) -> dict:
+    """The keys that change the work of a step (checkpointing, packing), without those that only change its
+    kernels: the run with these keys alone did the same work (to count a compiled run's FLOPs from)."""
+    kept = {section: {k: v for k, v in keys.items() if k not in KERNEL_KEYS} for section, keys in spec_keys.items()}
     return {section: keys for section, keys in kept.items() if keys}
 
 

@@ -18,9 +18,10 @@ from silkie.dev.bench import (
     release,
     result_of,
     run_ours,
+    save_report,
     synthetic_pairs,
 )
-from silkie.dev.bench_levers import lever_id, lever_runs, without_compile
+from silkie.dev.bench_levers import lever_id, lever_runs, without_compile, work_keys
 from silkie.dev.tiny_qwen_vl import random_model, tiny_config, write_tokenizer
 from silkie.models.varlen import constructible
 
@@ -64,7 +65,7 @@ def run(args: Any) -> list[BenchResult]:
             )
             tokens = pair_tokens(codec, processor, pairs)
             counted: dict[tuple[str, str], float] = {}  # (path, levers) -> FLOPs of one step
-            for name, path, levers in lever_runs(args.paths, getattr(args, "levers", None) or []):
+            for name, path, levers in lever_runs(args.paths, getattr(args, "levers", None) or [], size):
                 recipe = bench_recipe(f"silkie-{path}", "qwen_vl", folder, size, steps, args, levers)
                 config._attn_implementation = constructible(recipe.model.attn_implementation)
                 out, model = root / f"{len(results)}-{size}", None
@@ -75,14 +76,19 @@ def run(args: Any) -> list[BenchResult]:
                     times, peak, precompute, flops, first = run_ours(model, recipe, codec, pairs, out, args)
                 except Exception as err:  # one failed lever must not cost the card's other runs
                     record_failure(args, name, size, err)
+                    save_report(args, results)
                     release(model)
                     continue
                 if flops:
                     counted[(path, lever_id(levers))] = flops
-                else:  # compiled blocks: the same work as the uncompiled run with these levers, when it ran
-                    flops = counted.get((path, lever_id(without_compile(levers))))
+                else:  # compiled blocks: the same work as the uncompiled run with these levers, or the one with
+                    # only the levers that change the work (its attention kernel may count masked blocks, ~2%)
+                    flops = counted.get((path, lever_id(without_compile(levers)))) or counted.get(
+                        (path, lever_id(work_keys(levers)))
+                    )
                 result = result_of(name, size, times, peak, tokens, precompute, flops, device_peak, first)
                 results.append(result)
+                save_report(args, results)
                 print(
                     f"{name:20s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "
                     f"peak {result.peak_memory_gib:.2f} GiB",

@@ -20,10 +20,11 @@ from silkie.dev.bench import (
     release,
     result_of,
     run_ours,
+    save_report,
     synthetic_pairs,
     timed_train,
 )
-from silkie.dev.bench_levers import lever_runs
+from silkie.dev.bench_levers import lever_runs, trl_keys
 from silkie.models.varlen import constructible
 
 QWEN2_VL_7B = {  # Qwen2-VL-7B-Instruct's shape (config.json of the release)
@@ -78,8 +79,9 @@ def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int =
     return model
 
 
-def run_trl(model, processor, pairs: list[dict], batch_size: int, steps: int, args, out: Path):
-    """TRL 1.x `DPOTrainer` (LoRA through `peft_config`, reference = adapters disabled)."""
+def run_trl(model, processor, pairs: list[dict], batch_size: int, steps: int, args, out: Path, keys: dict):
+    """TRL 1.x `DPOTrainer` (LoRA through `peft_config`, reference = adapters disabled), plus the DPOConfig
+    fields `keys` (its own speed switches, `bench_levers.TRL_LEVERS`)."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
@@ -90,13 +92,14 @@ def run_trl(model, processor, pairs: list[dict], batch_size: int, steps: int, ar
         "chosen": [[{"role": "assistant", "content": p["chosen"]}] for p in pairs],
         "rejected": [[{"role": "assistant", "content": p["rejected"]}] for p in pairs],
     }
-    config = DPOConfig(
+    settings = dict(
         output_dir=str(out / "trl"), per_device_train_batch_size=batch_size, max_steps=steps, beta=0.1,
         learning_rate=1e-6, gradient_checkpointing=not args.no_gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=args.dtype == "bf16",
         use_cpu=args.device == "cpu", report_to="none", save_strategy="no", logging_steps=10**6,
         max_length=None, dataloader_num_workers=0, seed=0, disable_tqdm=True,
     )  # fmt: skip
+    config = DPOConfig(**{**settings, **keys})
     lora = LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.05, target_modules=args.lora_targets,
                       task_type="CAUSAL_LM")  # fmt: skip
     clock = StepClock()
@@ -129,15 +132,13 @@ def run(args) -> list[BenchResult]:
                 size * steps, args.question_tokens, args.answer_tokens, args.image_px,
             )  # fmt: skip
             tokens = pair_tokens(codec, images, pairs)
-            for name, run_name, levers in lever_runs(args.runs, getattr(args, "levers", None) or []):
-                if name != "trl" and run_name == "trl":
-                    raise SystemExit("--levers: they apply to the last of --runs, which must be one of ours")
+            for name, run_name, levers in lever_runs(args.runs, getattr(args, "levers", None) or [], size):
                 precompute, model = None, None
                 try:
-                    if name == "trl":
+                    if run_name.startswith("trl"):
                         # TRL hands no layout down: its model gets the attention varlen is built with
                         model = random_model(config, args.device, dtype, constructible(args.attn))
-                        times, peak = run_trl(model, codec.processor, pairs, size, steps, args, root)
+                        times, peak = run_trl(model, codec.processor, pairs, size, steps, args, root, trl_keys(name))
                     else:
                         recipe = bench_recipe(run_name, args.family, folder, size, steps, args, levers)
                         model = random_model(config, args.device, dtype, recipe.model.attn_implementation)
@@ -145,10 +146,12 @@ def run(args) -> list[BenchResult]:
                         times, peak, precompute, _, _ = run_ours(model, recipe, codec, pairs, out, args)
                 except Exception as err:  # one failed lever must not cost the card's other runs
                     record_failure(args, name, size, err)
+                    save_report(args, results)
                     release(model)
                     continue
                 result = result_of(name, size, times, peak, tokens, precompute, None, None)
                 results.append(result)
+                save_report(args, results)
                 print(f"{name:28s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "
                       f"peak {result.peak_memory_gib:.2f} GiB", flush=True)  # fmt: skip
                 release(model)

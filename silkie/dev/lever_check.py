@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from silkie.dev.bench_levers import lever_keys
+
 logger = logging.getLogger(__name__)
 
 SIZES = [(5, 30, 24), (9, 13, 40), (2, 25, 5), (12, 8, 16)]  # prompt / chosen / rejected text tokens per pair
@@ -39,7 +41,6 @@ def _scores(model: torch.nn.Module, batch: dict, pairs_per_row: int) -> tuple[to
 def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) -> dict:
     """Per lever: max |logp| and |logit| differences against the fp32 reference and the default path."""
     from silkie.config import ModelSection
-    from silkie.dev.bench_levers import lever_keys
     from silkie.dev.probe import random_pair_batch, tiny_config
     from silkie.dev.tiny_qwen_vl import random_model
     from silkie.models.kernels import apply_kernels
@@ -90,8 +91,8 @@ def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) ->
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the check and write `lever_check.json` to --out."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The check's command line (an unknown lever is refused here, before any model is built)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (default: Qwen-VL-Chat's size)")
@@ -99,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", nargs="+", default=["native_norm", "flex", "varlen", "compile", "pack4", "liger"])
     parser.add_argument("--out", type=Path, default=Path("lever_check_out"))
     args = parser.parse_args(argv)
+    for spec in args.levers:
+        lever_keys(spec)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check and write `lever_check.json` to --out."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[lever_check %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
     report = check_levers(args.device, args.tiny, args.dtype, args.levers)

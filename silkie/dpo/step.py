@@ -130,12 +130,15 @@ def score_answers(
     )
     with torch.no_grad() if no_grad else nullcontext(), _blank_tower_pass(base, family, blank_tower):
         input_ids = rows.input_ids.to(device)
-        mask = _attention_mask(rows.attention_mask.to(device), base)
+
+        def dense_mask() -> torch.Tensor:  # on the device only where it is used (native varlen does not)
+            return _attention_mask(rows.attention_mask.to(device), base)
+
         if rows.layout is not None:
             prepare_kernel(device)
-            masking = family.varlen_kwargs(rows.layout.to(device), mask)
+            masking = family.varlen_kwargs(rows.layout.to(device), dense_mask)
         else:
-            masking = {"attention_mask": mask}
+            masking = {"attention_mask": dense_mask()}
         kwargs = dict(
             input_ids=input_ids,
             position_ids=None if rows.position_ids is None else rows.position_ids.to(device),

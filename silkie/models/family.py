@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -166,9 +167,9 @@ class ModelFamily:
         """Whether the unwrapped model's language model runs `varlen` attention (packed rows as sequences)."""
         return getattr(base.config, "_attn_implementation", None) == "varlen"
 
-    def varlen_kwargs(self, layout: Any, mask: torch.Tensor) -> dict:
-        """Forward kwargs that hand the packed rows' `VarlenLayout` (and their dense block `mask`, where the model
-        could need it) to the attention; native: the layout is its mask."""
+    def varlen_kwargs(self, layout: Any, mask: Callable[[], torch.Tensor]) -> dict:
+        """Forward kwargs that hand the packed rows' `VarlenLayout` (and their dense block mask, `mask()` builds it
+        on the device, where the model could need it) to the attention; native: the layout is its mask."""
         return {"attention_mask": layout}
 
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:

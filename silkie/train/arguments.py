@@ -64,6 +64,8 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
         values["warmup_steps"] = values.pop("warmup_ratio")
     if "gradient_checkpointing" in values:  # the name users know; transformers 5 calls it activation checkpointing
         values["activation_checkpointing"] = values.pop("gradient_checkpointing")
+    options = values.pop("gradient_checkpointing_kwargs", None) or values.get("activation_checkpointing_kwargs")
+    values["activation_checkpointing_kwargs"] = {**DEFAULTS["activation_checkpointing_kwargs"], **(options or {})}
     if values.pop("group_by_length", False):
         values["train_sampling_strategy"] = "group_by_length"
     if values.get("save_strategy") == "best":  # as transformers does for reduce_lr_on_plateau

@@ -10,6 +10,7 @@ positions from the model's `get_rope_index` on the prompt, each answer continuin
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,10 +109,10 @@ class HFVisionFamily(ModelFamily):
     def uses_varlen(self, base: nn.Module) -> bool:
         return uses_varlen(base)
 
-    def varlen_kwargs(self, layout: Any, mask: torch.Tensor) -> dict:
+    def varlen_kwargs(self, layout: Any, mask: Callable[[], torch.Tensor]) -> dict:
         """The layout goes down through the attention kwargs; the dense mask goes in as given (4-D, so nothing is
         built per forward) and keeps any call the layout does not reach right."""
-        return {"attention_mask": mask, LAYOUT_KEY: layout}
+        return {"attention_mask": mask(), LAYOUT_KEY: layout}
 
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
         # through the outermost module (DeepSpeed's per-step hooks, e.g. ZeRO-3 prefetch, live on the root), with
