@@ -35,8 +35,8 @@ if [ "${1:-check}" = check ]; then
         | quiet | tee "$OUT/bench_flex.log"
 elif [ "$1" = perf ]; then
     stage lever_check
-    timeout 70 python3 scripts/lever_check.py --device cuda --dtype bf16 --out "$OUT" \
-        --levers native_norm flex varlen compile pack4 liger 2>&1 | quiet | tee "$OUT/lever_check.log"
+    timeout 85 python3 scripts/lever_check.py --device cuda --dtype bf16 --out "$OUT" \
+        --levers liger varlen native_norm flex pack4 compile 2>&1 | quiet | tee "$OUT/lever_check.log"
     stage levers_qwen_vl
     timeout 200 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 2 \
         --count-flops --paths optimized+cached_ref --levers no_ckpt varlen+native_norm flex+native_norm \
@@ -44,7 +44,7 @@ elif [ "$1" = perf ]; then
         liger+varlen+native_norm+compile+no_ckpt \
         --out "$OUT/bench_levers.json" 2>&1 | quiet | tee "$OUT/bench_levers.log"
     stage levers_trl
-    timeout 280 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 32 \
+    timeout 270 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 32 \
         --steps 3 --warmup 2 --runs trl+no_ckpt@8 trl@32 silkie-optimized@32 --levers cached_ref+varlen+no_ckpt@8 \
         varlen+no_ckpt@8 cached_ref+varlen@32 cached_ref+varlen+compile@32 cached_ref+liger+varlen+compile@32 \
         --out "$OUT/bench_levers_trl.json" 2>&1 | quiet | grep -v "^{'train_runtime" | tee "$OUT/bench_levers_trl.log"

@@ -38,8 +38,9 @@ def _scores(model: torch.nn.Module, batch: dict, pairs_per_row: int) -> tuple[to
     return logps, logits, time.perf_counter() - start
 
 
-def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) -> dict:
-    """Per lever: max |logp| and |logit| differences against the fp32 reference and the default path."""
+def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str], out: Path | None = None) -> dict:
+    """Per lever: max |logp| and |logit| differences against the fp32 reference and the default path (written to
+    `out/lever_check.json` after every lever, so a time limit keeps the levers checked)."""
     from silkie.config import ModelSection
     from silkie.dev.probe import random_pair_batch, tiny_config
     from silkie.dev.tiny_qwen_vl import random_model
@@ -56,7 +57,8 @@ def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) ->
     exact_logps, exact_logits, _ = _scores(reference, batch, 1)
     state = reference.state_dict()
     del reference
-    report: dict = {"pairs": len(SIZES), "dtype": dtype_name, "levers": {}}
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    report: dict = {"pairs": len(SIZES), "dtype": dtype_name, "device_name": device_name, "levers": {}}
     default = None
     for spec in ["default", *levers]:
         keys = {} if spec == "default" else lever_keys(spec)
@@ -73,6 +75,7 @@ def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) ->
         except Exception as err:  # noqa: BLE001 - a lever that cannot run here is reported, the others go on
             report["levers"][spec] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             logger.info("%s: %s", spec, report["levers"][spec]["error"])
+            _write(report, out)
             continue
         finally:
             del model
@@ -88,7 +91,13 @@ def check_levers(device: str, tiny: bool, dtype_name: str, levers: list[str]) ->
             row["max_abs_logit_diff_vs_default"] = (logits - default[1]).abs().max().item()
         report["levers"][spec] = row
         logger.info("%s: %s", spec, json.dumps({k: round(v, 6) for k, v in row.items()}))
+        _write(report, out)
     return report
+
+
+def _write(report: dict, out: Path | None) -> None:
+    if out is not None:
+        (out / "lever_check.json").write_text(json.dumps(report, indent=2))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +119,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[lever_check %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
-    report = check_levers(args.device, args.tiny, args.dtype, args.levers)
-    report["device_name"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    (args.out / "lever_check.json").write_text(json.dumps(report, indent=2))
+    check_levers(args.device, args.tiny, args.dtype, args.levers, args.out)
     return 0
