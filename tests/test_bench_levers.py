@@ -83,6 +83,7 @@ def test_lever_check_equals_the_reference_in_fp32_and_reports_what_cannot_run(tm
     report = json.loads((tmp_path / "lever_check.json").read_text())
     levers = report["levers"]
     assert set(levers) == {"default", "native_norm", "pack4", "flex", "varlen", "liger"} and report["pairs"] == 4
+    assert report["device_name"] == "cpu"
     for name in ("native_norm", "pack4", "flex", "varlen"):
         assert levers[name]["max_abs_logp_diff_vs_default"] < 1e-4, name
         assert levers[name]["max_abs_logit_diff_vs_fp32"] < 1e-4, name
