@@ -75,12 +75,38 @@ def test_packed_layout_positions_and_mask(batch):
     lc, lr = SIZES[1][1], SIZES[1][2]
     assert rows.position_ids[1, : lp + lc].tolist() == list(range(lp + lc))
     assert rows.position_ids[1, lp + lc : lp + lc + lr].tolist() == list(range(lp, lp + lr))
-    mask = rows.attention_mask[1, 0]
+    mask = rows.attention_mask_on()[1, 0]
     first_rejected = lp + lc
     assert mask[first_rejected, :lp].all() and not mask[first_rejected, lp:first_rejected].any()
     assert mask[first_rejected, first_rejected] and not mask[lp, lp + 1]
     # the first rejected token is predicted from the last prompt token, not from the chosen answer
     assert rows.rejected_index[rows.rejected_pair == 1][0].item() == 1 * rows.input_ids.size(1) + lp - 1
+
+
+def test_packed_rows_keep_the_block_mask_off_the_host(batch, monkeypatch):
+    """The [R, 1, W, W] block mask is derived from per-token owners and segments on the device that attends with
+    it; the rows themselves hold nothing quadratic in the row width (on the host it dominated the step's host time)."""
+    import dataclasses
+
+    from silkie.dpo import batching
+
+    rows = packed_rows(batch, pad_token_id=0, pairs_per_row=2, varlen=True)
+    n_rows, width = rows.input_ids.shape
+    tensors = [getattr(rows, f.name) for f in dataclasses.fields(rows) if f.name != "layout"]
+    assert max(t.numel() for t in tensors if t is not None) <= 3 * n_rows * width  # no W x W tensor
+    built_on = []
+    real = batching.block_mask
+    monkeypatch.setattr(batching, "block_mask", lambda owner, seg: built_on.append(owner.device) or real(owner, seg))
+    mask = rows.attention_mask_on(torch.device("cpu"))
+    assert built_on == [torch.device("cpu")] and mask.shape == (n_rows, 1, width, width) and mask.dtype == torch.bool
+    # each query sees exactly its own pair's prompt, its own answer up to itself; padding sees only itself
+    owner, segment = rows.owner[0], rows.segment[0]
+    for q in range(width):
+        expected = [
+            k == q or (0 <= k <= q and owner[k] == owner[q] >= 0 and segment[k] in (0, segment[q]))
+            for k in range(width)
+        ]
+        assert mask[0, 0, q].tolist() == expected, q
 
 
 def test_several_pairs_per_row_see_only_themselves(lora_model, batch):
@@ -90,7 +116,7 @@ def test_several_pairs_per_row_see_only_themselves(lora_model, batch):
     ]
     first, second = sum(spans[:3]), sum(spans[3:6])
     assert rows.input_ids.shape == (2, max(first + second, sum(spans[6:])))  # 3 pairs -> rows of 2 and 1
-    mask = rows.attention_mask[0, 0]
+    mask = rows.attention_mask_on()[0, 0]
     assert not mask[first:, :first].any()  # the second pair never sees the first one
     assert mask[first + spans[3] - 1, first : first + spans[3]].all()  # its prompt is causal over itself
     assert rows.position_ids[0, first : first + spans[3]].tolist() == list(range(spans[3]))

@@ -18,10 +18,17 @@ from silkie.models.varlen import VarlenLayout, layout_from_segments
 
 @dataclass
 class ScoredRows:
-    """Model inputs plus, per answer token, its predictor position (flat index into rows) and pair."""
+    """Model inputs plus, per answer token, its predictor position (flat index into rows) and pair.
+
+    Concatenated rows carry their 2-D padding mask; packed rows carry each token's `owner` (pair, -1 pad) and
+    `segment` (0 prompt, 1 chosen, 2 rejected, -1 pad), from which `attention_mask_on` builds the [R, 1, W, W]
+    block mask on the device that uses it (built on the host it is the step's largest host cost: O(R W^2)).
+    """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    padding_mask: torch.Tensor | None
+    owner: torch.Tensor | None
+    segment: torch.Tensor | None
     position_ids: torch.Tensor | None
     image_order: torch.Tensor  # index into the batch's images for each image span, row-major
     video_order: torch.Tensor  # the same for video spans
@@ -32,6 +39,32 @@ class ScoredRows:
     rejected_targets: torch.Tensor
     rejected_pair: torch.Tensor
     layout: VarlenLayout | None = None  # packed rows for `varlen` attention (instead of the block mask)
+
+    def attention_mask_on(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The rows' attention mask on `device` (default: the rows' own): the padding mask [R, W] of concatenated
+        rows, or the block mask [R, 1, W, W] of packed rows (True = attend)."""
+        if self.padding_mask is not None:
+            return self.padding_mask.to(device)
+        return block_mask(self.owner.to(device), self.segment.to(device))
+
+
+def block_mask(owner: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """[R, 1, W, W] mask of packed rows (True = attend): causal within a pair, an answer sees its prompt and itself
+    (never the other answer, nor another pair); a padding position sees only itself (no empty softmax row)."""
+    width = owner.size(1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=owner.device).tril()
+    query_seg, key_seg = segment[:, :, None], segment[:, None, :]
+    same_pair = owner[:, :, None] == owner[:, None, :]
+    visible = same_pair & ((key_seg == 0) | (key_seg == query_seg))
+    mask = (causal[None] & visible & (key_seg >= 0)) | torch.eye(width, dtype=torch.bool, device=owner.device)[None]
+    return mask[:, None]
+
+
+def _on_host(batch: dict) -> dict:
+    """The batch's token tensors on the CPU, moved once: rows are cut on the host, and reading a device tensor
+    pair by pair would wait for the device at every slice."""
+    keys = [f"{part}_{kind}" for part in ("prompt", "chosen", "rejected") for kind in ("input_ids", "attention_mask")]
+    return {**batch, **{key: batch[key].cpu() for key in keys}}
 
 
 def _lengths(mask: torch.Tensor) -> list[int]:
@@ -48,6 +81,7 @@ def _media_order(batch: dict, kind: str, repeats: int) -> torch.Tensor:
 
 def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
     """2B right-padded rows: [prompt, chosen] for pairs 0..B-1, then [prompt, rejected]."""
+    batch = _on_host(batch)
     prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
     answers = {"chosen": batch["chosen_input_ids"], "rejected": batch["rejected_input_ids"]}
     a_len = {k: _lengths(batch[f"{k}_attention_mask"]) for k in answers}
@@ -69,7 +103,9 @@ def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
         picks[kind] = (index, targets, pairs)
     return ScoredRows(
         input_ids=ids,
-        attention_mask=mask,
+        padding_mask=mask,
+        owner=None,
+        segment=None,
         position_ids=None,
         image_order=_media_order(batch, "image", 2),
         video_order=_media_order(batch, "video", 2),
@@ -94,6 +130,7 @@ def packed_rows(
     Without them positions are 1-D: 0..Lp-1 for the prompt, Lp.. for each answer.
     `varlen`: the rows also carry their `VarlenLayout` (padding-free sequences for varlen attention).
     """
+    batch = _on_host(batch)
     prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
     chosen, c_len = batch["chosen_input_ids"], _lengths(batch["chosen_attention_mask"])
     rejected, r_len = batch["rejected_input_ids"], _lengths(batch["rejected_attention_mask"])
@@ -133,14 +170,11 @@ def packed_rows(
         picks["rejected"][0].extend(base + (answer_at - 1 if k == 0 else rejected_at + k - 1) for k in range(lr))
         picks["rejected"][1].extend(rejected[b, :lr].tolist())
         picks["rejected"][2].extend([b] * lr)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    query_seg, key_seg = segment[:, :, None], segment[:, None, :]
-    same_pair = owner[:, :, None] == owner[:, None, :]
-    visible = same_pair & ((key_seg == 0) | (key_seg == query_seg))
-    mask = (causal[None] & visible & (key_seg >= 0)) | torch.eye(width, dtype=torch.bool)[None]
     return ScoredRows(
         input_ids=ids,
-        attention_mask=mask[:, None],
+        padding_mask=None,
+        owner=owner,
+        segment=segment,
         position_ids=positions[0] if prompt_positions is None else positions,
         image_order=_media_order(batch, "image", 1),
         video_order=_media_order(batch, "video", 1),

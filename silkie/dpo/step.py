@@ -131,8 +131,8 @@ def score_answers(
     with torch.no_grad() if no_grad else nullcontext(), _blank_tower_pass(base, family, blank_tower):
         input_ids = rows.input_ids.to(device)
 
-        def dense_mask() -> torch.Tensor:  # on the device only where it is used (native varlen does not)
-            return _attention_mask(rows.attention_mask.to(device), base)
+        def dense_mask() -> torch.Tensor:  # built on the device, only where it is used (native varlen does not)
+            return _attention_mask(rows.attention_mask_on(device), base)
 
         if rows.layout is not None:
             prepare_kernel(device)
