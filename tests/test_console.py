@@ -60,6 +60,30 @@ def test_callback_writes_one_line_per_record_with_measured_pairs_per_second(monk
     assert callback.bar is None  # no progress bar off a terminal
 
 
+def test_pairs_per_second_leave_out_evaluations_and_saves_but_the_eta_does_not(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: now[0])
+    args = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=20)
+    callback = ConsoleCallback(terminal=False)
+    callback.on_train_begin(args, state, None)
+    for step in range(1, 11):  # 1 s per step; after step 5 an evaluation (6 s) and a save (2 s)
+        now[0] += 1.0
+        state.global_step = step
+        callback.on_step_end(args, state, None)
+        if step % 5 == 0:
+            callback.on_log(args, state, None, logs=LOGS)
+        if step == 5:
+            now[0] += 6.0
+            callback.on_evaluate(args, state, None)
+            now[0] += 2.0
+            callback.on_save(args, state, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| 4.0 pairs/s | ETA 0:15")
+    # 5 steps x 4 pairs in 5 s of training (13 s of wall time); 10 steps took 18 s, so 10 more take 18 s
+    assert lines[1].endswith("| 4.0 pairs/s | ETA 0:18")
+
+
 def test_known_harmless_warnings_are_filtered(capsys):
     deepspeed_logger = logging.getLogger("DeepSpeed")
     before = list(deepspeed_logger.filters)

@@ -99,11 +99,13 @@ class ConsoleCallback(TrainerCallback):
         self.bar: Any = None
         self.start = self.last_time = 0.0
         self.start_step = self.last_step = 0
+        self.step_end = 0.0  # when the last step ended (an evaluation or a save runs after it)
+        self.paused = 0.0  # seconds of evaluation and saving since the last train line: not training throughput
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not state.is_world_process_zero:
             return
-        self.start = self.last_time = time.monotonic()
+        self.start = self.last_time = self.step_end = time.monotonic()
         self.start_step = self.last_step = state.global_step
         if self.terminal:
             from tqdm.auto import tqdm
@@ -111,8 +113,21 @@ class ConsoleCallback(TrainerCallback):
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.step_end = time.monotonic()
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._pause_ends()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._pause_ends()
+
+    def _pause_ends(self) -> None:
+        """An evaluation or a save (they run after a step's end) just ended: its time is not training time."""
+        now = time.monotonic()
+        self.paused += now - self.step_end
+        self.step_end = now
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -132,10 +147,11 @@ class ConsoleCallback(TrainerCallback):
     def _train_line(self, args: TrainingArguments, state: TrainerState, logs: dict) -> str:
         now, step = time.monotonic(), state.global_step
         pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        rate = (step - self.last_step) * pairs_per_step / (now - self.last_time) if now > self.last_time else None
+        training = now - self.last_time - self.paused  # pairs/s of training alone; the ETA includes evaluations
+        rate = (step - self.last_step) * pairs_per_step / training if training > 0 else None
         done = step - self.start_step
         eta = (state.max_steps - step) * (now - self.start) / done if done > 0 else None
-        self.last_time, self.last_step = now, step
+        self.last_time, self.last_step, self.paused = now, step, 0.0
         return train_line(step, state.max_steps, logs, rate if step > self.start_step else None, eta)
 
     def _write(self, line: str) -> None:
