@@ -13,7 +13,8 @@
 #                                  cached-reference path (MFU); TRL vs ours + levers at the Qwen2-VL-7B shape: TRL's
 #                                  defaults at batch 32 and TRL without checkpointing at batch 8 (its best candidates),
 #                                  ours with and without the cached reference (a run that fails is one FAILED line and
-#                                  the others go on; liger runs go last)
+#                                  the others go on; liger runs go last); every run, TRL's too, loads its batches
+#                                  in 4 DataLoader workers as the paper recipe does (collation off the step)
 # Output lands in $OUT (or ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,14 +40,15 @@ elif [ "$1" = perf ]; then
         --levers liger varlen native_norm flex pack4 compile 2>&1 | quiet | tee "$OUT/lever_check.log"
     stage levers_qwen_vl
     timeout 200 python3 scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 8 --steps 3 --warmup 2 \
-        --count-flops --paths optimized+cached_ref --levers no_ckpt varlen+native_norm flex+native_norm \
-        varlen+native_norm+compile+no_ckpt varlen+native_norm+compile+no_ckpt+pack8 \
-        liger+varlen+native_norm+compile+no_ckpt \
+        --dataloader-workers 4 --count-flops --paths optimized+cached_ref \
+        --levers no_ckpt varlen+native_norm flex+native_norm varlen+native_norm+compile+no_ckpt \
+        varlen+native_norm+compile+no_ckpt+pack8 liger+varlen+native_norm+compile+no_ckpt \
         --out "$OUT/bench_levers.json" 2>&1 | quiet | tee "$OUT/bench_levers.log"
     stage levers_trl
     timeout 270 python3 scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16 --batch-sizes 8 32 \
-        --steps 3 --warmup 2 --runs trl+no_ckpt@8 trl@32 silkie-optimized@32 --levers cached_ref+varlen+no_ckpt@8 \
-        varlen+no_ckpt@8 cached_ref+varlen@32 cached_ref+varlen+compile@32 cached_ref+liger+varlen+compile@32 \
+        --steps 3 --warmup 2 --dataloader-workers 4 --runs trl+no_ckpt@8 trl@32 silkie-optimized@32 \
+        --levers cached_ref+varlen+no_ckpt@8 varlen+no_ckpt@8 cached_ref+varlen@32 cached_ref+varlen+compile@32 \
+        cached_ref+liger+varlen+compile@32 \
         --out "$OUT/bench_levers_trl.json" 2>&1 | quiet | grep -v "^{'train_runtime" | tee "$OUT/bench_levers_trl.log"
 elif [ "$1" = trl ]; then
     stage trl_vs_silkie

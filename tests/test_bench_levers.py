@@ -133,6 +133,7 @@ def test_the_card_sessions_commands_parse_before_the_card_is_spent(tmp_path):
     assert len(commands["benchmark"]) >= 4 and commands["lever_check"]
     perf = [parse_args(words) for words in commands["benchmark"] if "--levers" in words]
     assert len(perf) == 2 and all(args.levers for args in perf)
+    assert all(args.dataloader_workers == 4 for args in perf)  # every run's batches, TRL's too, off the step
     trl = next(args for args in perf if args.family == "qwen2_vl")
     assert any(run.startswith("trl") for run in trl.runs) and "cached_ref" in " ".join(trl.levers)
     for words in commands["benchmark"]:

@@ -52,3 +52,29 @@ def test_trl_switches_and_batch_suffixes_pick_the_runs_of_each_batch_size(tmp_pa
         benchmark.main(["--family", "qwen2_vl", "--runs", "trl+compile", "silkie-optimized"])
     with pytest.raises(SystemExit, match="--levers: they apply to the last of --runs, which must be one of ours"):
         benchmark.main(["--family", "qwen2_vl", "--runs", "silkie-optimized", "trl", "--levers", "varlen"])
+
+
+def test_dataloader_workers_load_every_runs_batches_alike(tmp_path, monkeypatch):
+    """`--dataloader-workers N`: TRL's trainer and ours both fetch batches from N worker processes (the paper recipe
+    runs 4), so image processing overlaps the step on both sides of the comparison."""
+    from silkie.dev import bench, bench_trl
+
+    benchmark = load_script("benchmark")
+    workers = []
+    for module in (bench, bench_trl):
+        real = module.timed_train
+
+        def spy(trainer, *args, real=real, **kwargs):
+            loader = trainer.get_train_dataloader()
+            workers.append((trainer.args.dataloader_num_workers, loader.num_workers))
+            return real(trainer, *args, **kwargs)
+
+        monkeypatch.setattr(module, "timed_train", spy)
+    argv = ["--family", "qwen2_vl", "--tiny", "--image-px", "56", "--batch-sizes", "2", "--steps", "1", "--warmup",
+            "1", "--lora-r", "4", "--question-tokens", "10", "--answer-tokens", "12", "--dataloader-workers", "2",
+            "--runs", "trl", "silkie-optimized+cached_ref", "--out", str(tmp_path / "bench.json")]  # fmt: skip
+    results = benchmark.main(argv)
+    assert [r.path for r in results] == ["trl", "silkie-optimized+cached_ref"]
+    assert all(r.pairs_per_second > 0 for r in results)
+    assert workers == [(2, 2), (2, 2)]
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["dataloader_workers"] == 2

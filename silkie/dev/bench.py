@@ -199,7 +199,7 @@ def bench_recipe(
                 "save_strategy": "no",
                 "eval_strategy": "no",
                 "logging_steps": 10**6,
-                "dataloader_num_workers": 0,
+                "dataloader_num_workers": args.dataloader_workers,
                 "seed": 0,
                 "disable_tqdm": True,
                 **levers.get("training", {}),

@@ -97,7 +97,7 @@ def run_trl(model, processor, pairs: list[dict], batch_size: int, steps: int, ar
         learning_rate=1e-6, gradient_checkpointing=not args.no_gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=args.dtype == "bf16",
         use_cpu=args.device == "cpu", report_to="none", save_strategy="no", logging_steps=10**6,
-        max_length=None, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        max_length=None, dataloader_num_workers=args.dataloader_workers, seed=0, disable_tqdm=True,
     )  # fmt: skip
     config = DPOConfig(**{**settings, **keys})
     lora = LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.05, target_modules=args.lora_targets,
