@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from silkie.data.collator import SEQUENCE_KEYS
 from silkie.models.varlen import VarlenLayout, layout_from_segments
 
 
@@ -60,10 +61,16 @@ def block_mask(owner: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
-def _on_host(batch: dict) -> dict:
-    """The batch's token tensors on the CPU, moved once: rows are cut on the host, and reading a device tensor
-    pair by pair would wait for the device at every slice."""
-    keys = [f"{part}_{kind}" for part in ("prompt", "chosen", "rejected") for kind in ("input_ids", "attention_mask")]
+TOKEN_KEYS = tuple(f"{part}_{kind}" for part in SEQUENCE_KEYS for kind in ("input_ids", "attention_mask"))
+# the media's small index tensors: counts, and the grids and frame times that M-RoPE positions are computed from
+MEDIA_INDEX_KEYS = ("image_counts", "video_counts", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+
+def on_host(batch: dict) -> dict:
+    """The batch with its token and media-index tensors on the CPU, each read back once (pixels stay where they
+    are): rows and positions are cut on the host, where reading a device tensor slice by slice would wait for the
+    device at every slice."""
+    keys = [key for key in (*TOKEN_KEYS, *MEDIA_INDEX_KEYS) if isinstance(batch.get(key), torch.Tensor)]
     return {**batch, **{key: batch[key].cpu() for key in keys}}
 
 
@@ -81,7 +88,7 @@ def _media_order(batch: dict, kind: str, repeats: int) -> torch.Tensor:
 
 def concat_rows(batch: dict, pad_token_id: int) -> ScoredRows:
     """2B right-padded rows: [prompt, chosen] for pairs 0..B-1, then [prompt, rejected]."""
-    batch = _on_host(batch)
+    batch = on_host(batch)
     prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
     answers = {"chosen": batch["chosen_input_ids"], "rejected": batch["rejected_input_ids"]}
     a_len = {k: _lengths(batch[f"{k}_attention_mask"]) for k in answers}
@@ -130,7 +137,7 @@ def packed_rows(
     Without them positions are 1-D: 0..Lp-1 for the prompt, Lp.. for each answer.
     `varlen`: the rows also carry their `VarlenLayout` (padding-free sequences for varlen attention).
     """
-    batch = _on_host(batch)
+    batch = on_host(batch)
     prompts, p_len = batch["prompt_input_ids"], _lengths(batch["prompt_attention_mask"])
     chosen, c_len = batch["chosen_input_ids"], _lengths(batch["chosen_attention_mask"])
     rejected, r_len = batch["rejected_input_ids"], _lengths(batch["rejected_attention_mask"])

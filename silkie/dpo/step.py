@@ -20,7 +20,7 @@ from silkie.config import DPOSection
 from silkie.models.family import unwrap_causal_lm
 from silkie.models.varlen import prepare_kernel
 
-from .batching import ScoredRows, concat_rows, packed_rows
+from .batching import ScoredRows, concat_rows, on_host, packed_rows
 from .logprobs import chunked_token_logps, full_logits_token_logps, is_partitioned, sum_per_pair
 
 
@@ -113,12 +113,12 @@ def score_answers(
     base, family = unwrap_causal_lm(model)
     device = next(base.parameters()).device
     on_device = _on(batch, device)  # once: the image tensors may still be on the CPU
+    host = on_host(batch)  # rows and M-RoPE positions are cut on the CPU (many small ops: no device syncs)
     if options.share_prompt:
-        positions = family.prompt_positions(base, on_device)
-        prompt_positions = None if positions is None else positions.cpu()
-        rows = packed_rows(batch, pad_token_id, prompt_positions, options.pairs_per_row, family.uses_varlen(base))
+        positions = family.prompt_positions(base, host)
+        rows = packed_rows(host, pad_token_id, positions, options.pairs_per_row, family.uses_varlen(base))
     else:
-        rows = concat_rows(batch, pad_token_id)
+        rows = concat_rows(host, pad_token_id)
     images = {}
     if rows.image_order.numel() or rows.video_order.numel():
         order, video_order = rows.image_order.to(device), rows.video_order.to(device)
