@@ -47,28 +47,23 @@ def layout_from_segments(owner: torch.Tensor, segment: torch.Tensor) -> VarlenLa
     rows, width = owner.shape
     flat_owner, flat_segment = owner.reshape(-1), segment.reshape(-1)
     tokens = torch.nonzero(flat_owner >= 0).squeeze(1)
-    owners, segments = flat_owner[tokens].tolist(), flat_segment[tokens].tolist()
-    keys: list[int] = []
+    _, spans = torch.unique_consecutive(flat_owner[tokens], return_counts=True)
+    pair_of = torch.repeat_interleave(torch.arange(spans.numel()), spans)
+    parts = torch.bincount(pair_of * 3 + flat_segment[tokens], minlength=3 * spans.numel()).view(-1, 3)
+    keys: list[torch.Tensor] = []
     q_lengths: list[int] = []
     k_lengths: list[int] = []
-    at = 0
-    while at < len(owners):
-        end = at
-        while end < len(owners) and owners[end] == owners[at]:
-            end += 1
-        parts = {kind: [i for i in range(at, end) if segments[i] == kind] for kind in (0, 1, 2)}
-        first = parts[0] + parts[1]
-        keys += first
-        q_lengths.append(len(first))
-        k_lengths.append(len(first))
-        if parts[2]:
-            keys += parts[0] + parts[2]
-            q_lengths.append(len(parts[2]))
-            k_lengths.append(len(parts[0]) + len(parts[2]))
-        at = end
+    for at, (prompt, chosen, rejected) in zip((spans.cumsum(0) - spans).tolist(), parts.tolist()):
+        keys.append(torch.arange(at, at + prompt + chosen))  # prompt+chosen: its own keys
+        q_lengths.append(prompt + chosen)
+        k_lengths.append(prompt + chosen)
+        if rejected:  # rejected: the prompt's keys again, then its own
+            keys += [torch.arange(at, at + prompt), torch.arange(at + prompt + chosen, at + prompt + chosen + rejected)]
+            q_lengths.append(rejected)
+            k_lengths.append(prompt + rejected)
     return VarlenLayout(
         tokens=tokens,
-        keys=torch.tensor(keys, dtype=torch.long),
+        keys=torch.cat(keys),
         cu_q=torch.tensor([0, *torch.tensor(q_lengths).cumsum(0).tolist()], dtype=torch.int32),
         cu_k=torch.tensor([0, *torch.tensor(k_lengths).cumsum(0).tolist()], dtype=torch.int32),
         max_q=max(q_lengths),
