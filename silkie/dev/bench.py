@@ -237,7 +237,8 @@ def run_ours(
     times, peak = timed_train(trainer, clock, args.device, args.warmup)
     flops = None
     if getattr(args, "count_flops", False) and not recipe.model.compile_blocks:
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
+        batch = trainer._prepare_inputs(trainer.data_collator(rows))  # collated here: no DataLoader workers to start
         with FlopCounterMode(display=False) as counter:
             trainer.training_step(trainer.model_wrapped, batch)
         flops = counter.get_total_flops()
