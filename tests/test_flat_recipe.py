@@ -170,7 +170,10 @@ def test_the_launcher_prints_the_translation_and_writes_it_as_sections(flat_reci
     working = tmp_path / "run"
     shown = run_launcher(working, "--dry-run", "--gpus", "8", "model.path=/models/qwen", config=flat_recipe)
     assert shown.returncode == 0, shown.stderr
-    assert f"[launch] {flat_recipe} is a flat recipe (the Silkie repository's format); as sections" in shown.stderr
+    assert (
+        f"[launch] {flat_recipe} is a flat recipe (the Silkie repository's format); as sections (a launch writes them "
+        f"to {working}/config.yaml)" in shown.stderr
+    )
     assert "[launch]   lora_r: 32 -> lora.r" in shown.stderr
     assert "#SBATCH --mem-per-gpu=100GB" in shown.stdout and not working.exists()
     recipe = load_recipe(flat_recipe)

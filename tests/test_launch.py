@@ -165,6 +165,8 @@ def test_dry_run_local_cpu_prints_torchrun_and_writes_nothing(tmp_path):
         f"{TRAIN_SCRIPT} --config {working}/config.yaml --working {working}\n"
     )
     assert "new run" in result.stderr
+    # the command reads the resolved recipe that a real launch writes first: the dry run says so
+    assert f"a launch first writes the resolved recipe (file + overrides) to {working}/config.yaml" in result.stderr
     assert not working.exists()
 
 

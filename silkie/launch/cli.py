@@ -98,11 +98,10 @@ def _launch(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.overrides)
     working = Path(args.working)
     _, translation = read_recipe_file(args.config)
+    resolved = working / "config.yaml"
     if translation:  # a flat recipe from the Silkie repository: say where each of its keys went
-        _note(
-            f"{args.config} is a flat recipe (the Silkie repository's format); as sections, written to "
-            f"{working / 'config.yaml'}:"
-        )
+        where = f"a launch writes them to {resolved}" if args.dry_run else f"written to {resolved}"
+        _note(f"{args.config} is a flat recipe (the Silkie repository's format); as sections ({where}):")
         for line in translation:
             _note(f"  {line}")
     layout = slurm_layout(args.gpus, recipe.slurm.gpus_per_node) if args.gpus is not None else None
@@ -129,6 +128,7 @@ def _launch(args: argparse.Namespace) -> int:
         _warn(missing)
         if args.dry_run:
             _note(f"dry run: {plan.message}; {local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es)")
+            _note(_DRY_RUN_WRITES.format(resolved=resolved, what="command"))
             print(format_command(local))
             return 0
         _note(plan.message)
@@ -150,6 +150,7 @@ def _launch(args: argparse.Namespace) -> int:
         notes.warning(warning)
     if args.dry_run:
         _note(f"dry run: {plan.message}; {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
+        _note(_DRY_RUN_WRITES.format(resolved=resolved, what="script"))
         print(script, end="")
         return 0
     _note(plan.message)
@@ -166,6 +167,12 @@ def _launch(args: argparse.Namespace) -> int:
     if args.wait:
         return follow(job_id, log_path, working)
     return 0
+
+
+_DRY_RUN_WRITES = (
+    "nothing was written: a launch first writes the resolved recipe (file + overrides) to {resolved}, which the "
+    "{what} below reads; launch without --dry-run to run it"
+)
 
 
 def _warn(problems: list[str]) -> None:
