@@ -40,11 +40,13 @@ def test_unknown_family_and_bad_model_section_give_one_line_errors():
 def test_a_checkpoint_of_another_family_is_refused_by_name(folder, tmp_path):
     family, path = folder
     other = "llava" if family != "llava" else "qwen2_vl"
-    with pytest.raises(ValueError, match=f"model.family: {path} holds a .* not a {other} model"):
+    with pytest.raises(
+        ValueError, match=f"model.family: {path} holds a .* not a {other} one; set model.family={family}"
+    ):
         load_base_model(ModelSection(path=str(path), family=other, dtype="fp32"))
     from silkie.models.loading import load_tokenizer
 
-    with pytest.raises(ValueError, match=f"model.family: {path} holds a .* not a {other} model"):
+    with pytest.raises(ValueError, match=f"model.family: {path} holds a .* not a {other} one"):
         load_tokenizer(ModelSection(path=str(path), family=other))
     with pytest.raises(ValueError, match="model.path: .* has no config.json"):
         load_tokenizer(ModelSection(path=str(tmp_path), family=other))
@@ -197,7 +199,10 @@ def test_checkpoint_of_another_family_and_hub_ids(tmp_path, monkeypatch):
     from silkie.models.loading import local_checkpoint
 
     qwen2 = build_tiny_qwen2_vl(tmp_path / "qwen2")
-    with pytest.raises(InputError, match=r"holds a 'qwen2_vl' checkpoint, not a qwen_vl model \(model_type qwen\)"):
+    with pytest.raises(
+        InputError,
+        match=r"holds a .qwen2_vl. checkpoint \(config.json model_type\), not a qwen_vl one; set model.family=qwen2_vl",
+    ):
         get_family("qwen_vl").load_codec(ModelSection(path=str(qwen2)))
     cache = tmp_path / "hub"
     snapshot = cache / "models--someone--tiny-qwen-vl" / "snapshots" / "0123abcd"

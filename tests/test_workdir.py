@@ -125,12 +125,42 @@ def test_a_second_launch_into_a_folder_being_trained_is_refused(tmp_path):
     assert run_launcher(working, "--dry-run").returncode == 0
 
 
+def test_a_model_folder_of_the_wrong_kind_is_refused_before_torchrun(tmp_path):
+    """A folder without config.json, or another family's checkpoint, is named in one line by the launcher itself
+    (no torchrun start, no tokenized data first); a dry run warns."""
+    working, model = tmp_path / "run", tmp_path / "model"
+    model.mkdir()
+    data = [f"data.path={model}", f"data.images={model}"]
+    refused = run_launcher(working, f"model.path={model}", *data)
+    assert (
+        one_line_error(refused)
+        == f"error: model.path: {model} has no config.json (expected a qwen_vl checkpoint folder)"
+    )
+    assert "torchrun" not in refused.stderr and "exitcode" not in refused.stderr
+    (model / "config.json").write_text('{"model_type": "llava"}')
+    refused = run_launcher(working, f"model.path={model}", *data)
+    assert one_line_error(refused) == (
+        f"error: model.family: {model} holds a 'llava' checkpoint (config.json model_type), not a qwen_vl one; "
+        "set model.family=llava"
+    )
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    dry = run_launcher(working, "--dry-run", f"model.path={model}", *data)
+    assert (
+        dry.returncode == 0
+        and "'gpt2' checkpoint (config.json model_type), not a qwen_vl one; model.family "
+        "takes qwen_vl, qwen2_vl, qwen2_5_vl, llava"
+        in dry.stderr
+    )
+    assert not working.exists()
+
+
 def test_missing_input_paths_refuse_a_local_launch_before_it_starts(tmp_path):
     """A local launch checks the recipe's paths first (a dry run and a Slurm submission warn: a job's nodes may see
     paths this machine does not); a hub-id-like model path is left to the hub unless HF_HUB_OFFLINE is set."""
     working = tmp_path / "run"
     model = tmp_path / "model"
     model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen"}')
     paths = [f"model.path={model}", f"data.images={model}"]
     refused = run_launcher(working, "data.path=/no/such/vlfeedback.jsonl", *paths)
     assert one_line_error(refused) == (
@@ -200,6 +230,7 @@ def test_a_local_path_that_reads_as_a_hub_id_is_missing_before_torchrun(tmp_path
     assert missing_inputs(local)[0].startswith("model.path: ./checkpoints/Qwen-VL-Chat does not exist (expected")
     assert asked == ["checkpoints/Qwen-VL-Chat"]  # offline and ./ paths never ask the hub
     (tmp_path / "checkpoints" / "Qwen-VL-Chat").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "Qwen-VL-Chat" / "config.json").write_text('{"model_type": "qwen"}')
     assert missing_inputs(local) == []
 
 

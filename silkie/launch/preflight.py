@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 from silkie.config import Recipe
+from silkie.config.checkpoint import checkpoint_problem
 from silkie.config.names import HUB_ID
+from silkie.errors import InputError
 from silkie.logs import LAUNCH, get_logger
 
 notes = get_logger(LAUNCH)
@@ -47,13 +49,22 @@ def _hub_id_problem(key: str, value: str) -> str | None:
 
 
 def missing_inputs(recipe: Recipe) -> list[str]:
-    """One line per input path of the recipe that cannot be found (model, data, images)."""
+    """One line per input path of the recipe that cannot be found (model, data, images), and for a model folder
+    that is no checkpoint of `model.family` (no config.json, another family's model_type)."""
     checks = [
         ("model.path", recipe.model.path, True, "a checkpoint folder or a hub id"),
         ("data.path", recipe.data.path, recipe.data.source == "hf", f"the {recipe.data.source} data"),
         ("data.images", recipe.data.images, False, "the images zip or folder"),
     ]
     problems = []
+    model = Path(recipe.model.path).expanduser() if recipe.model.path else None
+    if model is not None and model.is_dir():  # a folder of the wrong kind: said now, not after torchrun started
+        try:
+            problem = checkpoint_problem(model, recipe.model.family)
+        except InputError as err:
+            problem = str(err)
+        if problem:
+            problems.append(problem)
     for key, value, hub_ok, expected in checks:
         if not value or Path(value).expanduser().exists():
             continue

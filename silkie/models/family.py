@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from silkie.config.checkpoint import checkpoint_problem
 from silkie.config.names import FAMILY_TABLE
 from silkie.errors import InputError
 
@@ -89,14 +88,9 @@ class ModelFamily:
     # ----- loading ------------------------------------------------------------------------------------------------
     def check_folder(self, path: str) -> None:
         """One-line error when `path` is not a checkpoint folder of this family (before it is parsed)."""
-        model_type = model_type_of(path)
-        if model_type is None:
-            raise InputError(f"model.path: {path} has no config.json (expected a {self.name} checkpoint folder)")
-        if model_type not in self.model_types:
-            raise InputError(
-                f"model.family: {path} holds a {model_type!r} checkpoint, not a {self.name} model "
-                f"(model_type {' or '.join(self.model_types)})"
-            )
+        problem = checkpoint_problem(path, self.name)
+        if problem:
+            raise InputError(problem)
 
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         """The checkpoint in `dtype` with the recipe's attention implementation."""
@@ -179,17 +173,6 @@ class ModelFamily:
     def logits(self, model: nn.Module, kwargs: dict) -> torch.Tensor:
         """Full logits [R, L, V] through the model's own forward (the plain, TRL-equivalent path)."""
         return model(**kwargs).logits
-
-
-def model_type_of(folder: str | Path) -> str | None:
-    """`model_type` of a checkpoint folder's config.json (None without one)."""
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise InputError(f"{config}: not a JSON object ({err})") from err
 
 
 @functools.cache

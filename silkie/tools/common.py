@@ -46,8 +46,8 @@ def load_tokenizer_from(*folders: str | Path | None) -> Any:
 
 def family_of(model_dir: str | Path) -> str:
     """The model family of a checkpoint folder, from its `config.json` `model_type`."""
+    from silkie.config.checkpoint import model_type_of
     from silkie.config.names import MODEL_TYPES
-    from silkie.models.family import model_type_of
 
     folder = require_dir(model_dir, "model folder", "config.json")
     try:

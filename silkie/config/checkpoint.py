@@ -1,0 +1,38 @@
+"""What a checkpoint folder's `config.json` says: its `model_type`, and whether that fits the recipe's
+`model.family` (torch-free: the launcher checks this before torchrun starts, the loaders again before parsing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from silkie.errors import InputError
+
+from .names import FAMILY_TABLE, MODEL_TYPES
+
+
+def model_type_of(folder: str | Path) -> str | None:
+    """`model_type` of a checkpoint folder's config.json (None without one)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise InputError(f"{config}: not a JSON object ({err})") from err
+
+
+def checkpoint_problem(folder: str | Path, family: str) -> str | None:
+    """One line saying why the local `folder` is not a `family` checkpoint (no config.json, or another family's
+    model_type, with the `model.family` that fits it), or None when it is one."""
+    model_type = model_type_of(folder)
+    if model_type is None:
+        return f"model.path: {folder} has no config.json (expected a {family} checkpoint folder)"
+    if model_type in FAMILY_TABLE[family][1]:
+        return None
+    fits = MODEL_TYPES.get(model_type)
+    hint = f"set model.family={fits}" if fits else f"model.family takes {', '.join(FAMILY_TABLE)}"
+    return (
+        f"model.family: {folder} holds a {model_type!r} checkpoint (config.json model_type), not a {family} one; "
+        f"{hint}"
+    )
