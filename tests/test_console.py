@@ -6,6 +6,8 @@ import logging
 import warnings
 from types import SimpleNamespace
 
+import pytest
+
 from silkie.train import console
 from silkie.train.console import ConsoleCallback, eval_line, summary_line, train_line
 
@@ -35,6 +37,27 @@ def test_lines_carry_what_a_user_follows():
     )
     summary = {"train_runtime": 62.4, "train_loss": 0.61, "train_samples_per_second": 34.53, "total_flos": 1.0}
     assert summary_line(270, summary) == "trained 270 steps in 1:02 | train loss 0.6100 | 34.5 pairs/s"
+    assert summary_line(270, summary, 95, 0.66, 52.04) == (
+        "trained steps 96-270 in 1:02 (resumed at step 95) | train loss 0.6600 (whole run) | 52.0 pairs/s training, "
+        "34.5 with evaluations and saves"
+    )
+
+
+def test_a_resumed_launch_reports_the_whole_runs_loss():
+    from silkie.train.metrics import run_train_loss
+
+    history = [  # restored from the checkpoint at step 6 (logged every 2 steps, then a step 5 resume's records)
+        {"step": 2, "loss": 0.7},
+        {"step": 4, "loss": 0.6},
+        {"step": 5, "loss": 0.5},
+        {"step": 6, "eval_loss": 0.1},
+        {"step": 8, "loss": 0.9},  # this launch's own record: in its mean already
+        {"step": 10, "train_runtime": 9.0, "train_loss": 0.4},
+    ]
+    # steps 1-5 from the records (2 x 0.7 + 2 x 0.6 + 1 x 0.5), step 6 unlogged, steps 7-10 at this launch's 0.4
+    assert run_train_loss(history, 6, 0.4, 10) == pytest.approx((1.4 + 1.2 + 0.5 + 4 * 0.4) / 9)
+    assert run_train_loss(history, 0, 0.4, 10) == 0.4  # a fresh run: the Trainer's own mean
+    assert run_train_loss(history, 6, None, 10) is None
 
 
 def test_callback_writes_one_line_per_record_with_measured_pairs_per_second(monkeypatch, capsys):

@@ -174,10 +174,16 @@ def test_an_extended_run_trains_its_first_new_step_on_the_new_schedule(assets, t
     for name in ("FINISHED", "config.yaml", "final_metrics.json", "training_curves.png"):  # what --force moves
         (working / name).unlink()
     shutil.rmtree(working / "adapter")
-    run_in_process(working, overrides + ["training.max_steps=5", "training.save_total_limit=null"])
+    result = run_in_process(working, overrides + ["training.max_steps=5", "training.save_total_limit=null"])
     before, after = (load_file(working / f"checkpoint-{n}" / "adapter_model.safetensors") for n in (3, 4))
     changed = sum(not torch.equal(before[name], after[name]) for name in before)
     assert changed == len(before)  # every adapter tensor moved at step 4
+    # the summary's train loss is the whole run's (steps 1-5, logged every step), not the second launch's (4-5)
+    losses = {r["step"]: r["loss"] for r in read_metrics(working) if "loss" in r and "train_runtime" not in r}
+    assert sorted(losses) == [1, 2, 3, 4, 5] and result["resumed_at_step"] == 3
+    assert result["train_loss"] == pytest.approx(sum(losses.values()) / 5, abs=1e-6)
+    assert abs(result["train_loss"] - (losses[4] + losses[5]) / 2) > 1e-4
+    assert json.loads((working / "final_metrics.json").read_text())["train_loss"] == result["train_loss"]
 
 
 def test_ctrl_c_stops_at_once_before_training_and_after_a_step_once_training_began():

@@ -94,7 +94,10 @@ def test_demo_console_is_one_compact_line_per_logging_step(demo_run):
     )
     assert evals[:2] == ["50", "100"]
     assert re.search(
-        r"^\[silkie\] trained 270 steps in \d+:\d\d \| train loss 0\.\d{4} \| [\d.]+ pairs/s$", stdout, re.M
+        r"^\[silkie\] trained 270 steps in \d+:\d\d \| train loss 0\.\d{4} \| [\d.]+ pairs/s training, [\d.]+ with "
+        r"evaluations and saves$",
+        stdout,
+        re.M,
     )
     for noise in ("\r", "{'loss'", "Setting accelerator to CPU", "is_gradient_checkpointing", "it/s]"):
         assert noise not in stdout and noise not in stderr, noise

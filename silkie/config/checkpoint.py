@@ -33,6 +33,5 @@ def checkpoint_problem(folder: str | Path, family: str) -> str | None:
     fits = MODEL_TYPES.get(model_type)
     hint = f"set model.family={fits}" if fits else f"model.family takes {', '.join(FAMILY_TABLE)}"
     return (
-        f"model.family: {folder} holds a {model_type!r} checkpoint (config.json model_type), not a {family} one; "
-        f"{hint}"
+        f"model.family: {folder} holds a {model_type!r} checkpoint (config.json model_type), not a {family} one; {hint}"
     )

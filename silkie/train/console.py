@@ -16,6 +16,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from silkie.logs import get_logger
 
+from .metrics import run_train_loss
+
 logger = get_logger(__name__)
 HF_CONSOLE_CALLBACKS = (ProgressCallback, PrinterCallback)  # replaced by ConsoleCallback: they print the raw dict
 
@@ -82,12 +84,25 @@ def eval_line(step: int, logs: dict) -> str:
     return " | ".join(parts)
 
 
-def summary_line(step: int, logs: dict) -> str:
-    """`trained 270 steps in 1:02 | train loss 0.6100 | 34.5 pairs/s`."""
-    return (
-        f"trained {step} steps in {_duration(logs.get('train_runtime', 0))} | train loss "
-        f"{_number(logs.get('train_loss'), '.4f')} | {_number(logs.get('train_samples_per_second'), '.1f')} pairs/s"
-    )
+def summary_line(
+    step: int, logs: dict, start_step: int = 0, run_loss: float | None = None, training_rate: float | None = None
+) -> str:
+    """`trained 270 steps in 1:02 | train loss 0.6100 | 52.0 pairs/s training, 34.5 with evaluations and saves`;
+    a resumed launch names its steps and gives the whole run's loss (`run_loss`; else the Trainer's, of this
+    launch)."""
+    took = _duration(logs.get("train_runtime", 0))
+    loss = logs.get("train_loss") if run_loss is None else run_loss
+    overall = _number(logs.get("train_samples_per_second"), ".1f")
+    if start_step > 0:
+        parts = [f"trained steps {start_step + 1}-{step} in {took} (resumed at step {start_step})"]
+        parts.append(f"train loss {_number(loss, '.4f')}" + (" (whole run)" if run_loss is not None else ""))
+    else:
+        parts = [f"trained {step} steps in {took}", f"train loss {_number(loss, '.4f')}"]
+    if training_rate is None:
+        parts.append(f"{overall} pairs/s")
+    else:
+        parts.append(f"{training_rate:.1f} pairs/s training, {overall} with evaluations and saves")
+    return " | ".join(parts)
 
 
 class ConsoleCallback(TrainerCallback):
@@ -101,6 +116,7 @@ class ConsoleCallback(TrainerCallback):
         self.start_step = self.last_step = 0
         self.step_end = 0.0  # when the last step ended (an evaluation or a save runs after it)
         self.paused = 0.0  # seconds of evaluation and saving since the last train line: not training throughput
+        self.paused_total = 0.0  # the same since the launch began (for the summary's training pairs/s)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if not state.is_world_process_zero:
@@ -127,13 +143,14 @@ class ConsoleCallback(TrainerCallback):
         """An evaluation or a save (they run after a step's end) just ended: its time is not training time."""
         now = time.monotonic()
         self.paused += now - self.step_end
+        self.paused_total += now - self.step_end
         self.step_end = now
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         if "train_runtime" in logs:
-            self._write(summary_line(state.global_step, logs))
+            self._write(self._summary_line(args, state, logs))
         elif "eval_loss" in logs:
             self._write(eval_line(state.global_step, logs))
         elif "loss" in logs:
@@ -153,6 +170,14 @@ class ConsoleCallback(TrainerCallback):
         eta = (state.max_steps - step) * (now - self.start) / done if done > 0 else None
         self.last_time, self.last_step, self.paused = now, step, 0.0
         return train_line(step, state.max_steps, logs, rate if step > self.start_step else None, eta)
+
+    def _summary_line(self, args: TrainingArguments, state: TrainerState, logs: dict) -> str:
+        step, start = state.global_step, self.start_step
+        training = time.monotonic() - self.start - self.paused_total
+        pairs = (step - start) * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        rate = pairs / training if training > 0 and step > start else None
+        run_loss = run_train_loss(state.log_history, start, logs.get("train_loss"), step)
+        return summary_line(step, logs, start, run_loss, rate)
 
     def _write(self, line: str) -> None:
         if self.bar is not None:

@@ -26,3 +26,22 @@ class MetricsJsonlCallback(TrainerCallback):
                 handle.seek(-1, os.SEEK_END)
                 torn = handle.read(1) != b"\n"
             handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
+
+
+def run_train_loss(log_history: list[dict], start_step: int, launch_loss: float | None, end_step: int) -> float | None:
+    """The whole run's mean training loss when this launch resumed at `start_step`: the losses logged before it
+    (each the mean of the steps since the log before) joined with this launch's mean over its `end_step -
+    start_step` steps (the Trainer's `train_loss` covers this launch only). A fresh run: `launch_loss` itself."""
+    if launch_loss is None or start_step <= 0:
+        return launch_loss
+    total, steps, previous = 0.0, 0, 0
+    for record in log_history:
+        step = record.get("step", 0)
+        if "loss" in record and "train_runtime" not in record and previous < step <= start_step:
+            total += record["loss"] * (step - previous)
+            steps += step - previous
+            previous = step
+    launch_steps = end_step - start_step
+    if steps + launch_steps <= 0:
+        return launch_loss
+    return (total + launch_loss * launch_steps) / (steps + launch_steps)

@@ -18,6 +18,7 @@ from silkie.run_dir import (
     FINISHED_NAME,
     METRICS_NAME,
     TENSORBOARD_DIR,
+    checkpoint_step,
     latest_checkpoint,
     remove_staging,
     resumable_checkpoint,
@@ -25,6 +26,7 @@ from silkie.run_dir import (
 
 from .build import build_trainer, say
 from .guards import disk_space_guard
+from .metrics import run_train_loss
 
 __all__ = ["latest_checkpoint", "remove_staging", "run_training"]
 EXIT_PREEMPTED = 0
@@ -50,7 +52,8 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
             say(f"stopped on {name}: checkpoint saved at step {trainer.state.global_step}")
             result = {"preempted": True, "step": trainer.state.global_step}
         else:
-            result = _finish(trainer, built, recipe.model.path, plot_metrics, output.metrics)
+            start = checkpoint_step(resume) if resume is not None else 0
+            result = _finish(trainer, built, recipe.model.path, plot_metrics, output.metrics, start)
     except BaseException:
         _teardown(trainer, synchronize=False)  # the other ranks may be inside a collective: no barrier
         raise
@@ -69,7 +72,7 @@ def _agreed_resume_checkpoint(working: Path, rank: int) -> Path | None:
     return chosen
 
 
-def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict) -> dict:
+def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict, start_step: int) -> dict:
     """Adapter, tokenizer, model card, final metrics, plot and FINISHED; the closing lines."""
     from .model_card import finish_adapter
 
@@ -79,7 +82,8 @@ def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict) 
     adapter_dir = working / ADAPTER_DIR
     with disk_space_guard(adapter_dir, working, "the adapter"):
         trainer.save_model(str(adapter_dir))
-    metrics: dict = {"step": trainer.state.global_step, **train_summary(train_metrics)}
+    step = trainer.state.global_step
+    metrics: dict = {"step": step, **train_summary(train_metrics, trainer.state.log_history, start_step, step)}
     if has_eval:
         evaluation = _evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
         metrics.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and k != "step"})
@@ -98,10 +102,18 @@ def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict) 
     return metrics
 
 
-def train_summary(train_metrics: dict) -> dict:
-    """The Trainer's end-of-train numbers under the names final_metrics.json keeps (a pair is one sample)."""
-    names = {"train_loss": "train_loss", "train_runtime": "train_runtime_s", "train_samples_per_second": "pairs_per_s"}
-    return {ours: train_metrics[theirs] for theirs, ours in names.items() if theirs in train_metrics}
+def train_summary(train_metrics: dict, log_history: list[dict], start_step: int, end_step: int) -> dict:
+    """The Trainer's end-of-train numbers under the names final_metrics.json keeps (a pair is one sample):
+    `train_loss` over the whole run; runtime and pairs/s of this launch, which resumed at `resumed_at_step` (when
+    it did; evaluations and saves are in its runtime)."""
+    names = {"train_runtime": "train_runtime_s", "train_samples_per_second": "pairs_per_s"}
+    summary = {ours: train_metrics[theirs] for theirs, ours in names.items() if theirs in train_metrics}
+    loss = run_train_loss(log_history, start_step, train_metrics.get("train_loss"), end_step)
+    if loss is not None:
+        summary = {"train_loss": loss, **summary}
+    if start_step > 0:
+        summary["resumed_at_step"] = start_step
+    return summary
 
 
 def _evaluation_at(log_history: list[dict], step: int) -> dict | None:
