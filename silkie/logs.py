@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 LEVEL_ENV = "SILKIE_LOG_LEVEL"
 ALL_RANKS_ENV = "SILKIE_LOG_ALL_RANKS"
@@ -81,3 +82,9 @@ def get_logger(name: str) -> logging.Logger:
     """The logger of a module of the package (`silkie...`), with the package's console set up."""
     _install()
     return logging.getLogger(name)
+
+
+def ignore_known_warnings() -> None:
+    """Filter the library warnings known to be noise here: peft asks a transformers 5 model for its deprecated
+    `is_gradient_checkpointing` (a FutureWarning on every load of an adapter)."""
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)

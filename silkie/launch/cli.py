@@ -47,7 +47,6 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's command line."""
     parser = _Parser(
-        prog="launch_dpo.py",
         description="Launch DPO training from a recipe: locally with torchrun, or on Slurm with --gpus N.",
         epilog=USAGE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from silkie.logs import ignore_known_warnings
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -18,6 +20,7 @@ class ToolError(Exception):
 def run_cli(command: Callable[..., int], *args: Any) -> int:
     """Run `command(*args)`; a `ToolError` becomes `error: <message>` on stderr and exit code 2, Ctrl-C
     `interrupted` and 130 (the shell's code for SIGINT) without a traceback."""
+    ignore_known_warnings()
     try:
         return command(*args)
     except ToolError as err:

@@ -1,10 +1,13 @@
-"""Merge a trained LoRA adapter into its base Qwen-VL-Chat weights and save a standalone checkpoint.
+"""Merge a trained LoRA adapter into its base weights and save a standalone checkpoint (every family: Qwen-VL-Chat,
+Qwen2-VL, Qwen2.5-VL, LLaVA).
 
 The output folder holds safetensors shards (+ model.safetensors.index.json when sharded), config.json,
-generation_config.json, qwen.tiktoken and tokenizer_config.json; it loads with
-`QWenLMHeadModel.from_pretrained(OUT)`. Use it as a recipe's `model.path` or with `scripts/chat.py --model OUT`.
+generation_config.json and the base's tokenizer files (qwen.tiktoken for Qwen-VL-Chat; the tokenizer and processor
+files for the transformers families); it loads like the base (`QWenLMHeadModel.from_pretrained(OUT)`, or the Auto
+classes). Use it as a recipe's `model.path` or with `silkie chat --model OUT`. The merge runs in fp32; the weights
+are saved in --dtype (bf16 by default, whatever the base's dtype: pass --dtype fp32 to keep an fp32 base's).
 
-Example: python scripts/merge_lora.py --base runs/assets/tiny-qwen-vl --adapter runs/demo/adapter --out runs/merged
+Example: silkie merge --base runs/assets/tiny-qwen-vl --adapter runs/demo/adapter --out runs/merged
 """
 
 from __future__ import annotations

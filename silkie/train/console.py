@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import warnings
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from silkie.logs import get_logger
+from silkie.logs import get_logger, ignore_known_warnings
 
 from .metrics import run_train_loss
 
@@ -31,7 +30,7 @@ def quiet_libraries(cpu: bool, terminal: bool) -> None:
     """Filter what is known to be noise here: peft's `is_gradient_checkpointing` FutureWarning (peft asks a
     transformers 5 model for the old name), DeepSpeed's "Setting accelerator to CPU" on a CPU run (the launcher
     said so already); off a terminal, the `\\r` progress bars of datasets and transformers' weight loading."""
-    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    ignore_known_warnings()
     if cpu:
         logging.getLogger("DeepSpeed").addFilter(_NotCpuAccelerator())
     if not terminal:
