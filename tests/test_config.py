@@ -183,3 +183,14 @@ def test_save_total_limit_zero_keeps_every_checkpoint_as_in_transformers(tmp_pat
         (tmp_path / f"checkpoint-{step}").mkdir()
     assert rotate_checkpoints(tmp_path, 0) == []
     assert [path.name for path in rotate_checkpoints(tmp_path, 1)] == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.parametrize(
+    ("override", "meant"),
+    [("lora.rank=8", "r"), ("lora.lora_alpha=8", "alpha"), ("lora.lora_target=x", "target_modules"),
+     ("model.model_name_or_path=x", "path"), ("dpo.pref_beta=0.2", "beta"), ("dpo.pref_loss=ipo", "loss_type")],
+)  # fmt: skip
+def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
+    key = override.split("=")[0]
+    with pytest.raises(RecipeError, match=rf"unknown key '{key}' \(did you mean '{meant}'\?\)"):
+        load_recipe(DEMO, [override])

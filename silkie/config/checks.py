@@ -27,8 +27,25 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
     require(False, key, value, "one of " + ", ".join(repr(a) for a in allowed) + hint)
 
 
+# the names users bring from peft, TRL and LLaMA-Factory for keys this schema spells otherwise
+KNOWN_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target": "target_modules",
+    "target": "target_modules",
+    "model_name_or_path": "path",
+    "pref_beta": "beta",
+    "pref_loss": "loss_type",
+}
+
+
 def suggest(name: str, known: list[str]) -> str:
-    """` (did you mean 'x'?)` for the closest known name, else empty."""
+    """` (did you mean 'x'?)` for the closest known name (or the one another library calls `name`), else empty."""
+    if KNOWN_ALIASES.get(name) in known:
+        return f" (did you mean '{KNOWN_ALIASES[name]}'?)"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
