@@ -277,3 +277,25 @@ def test_images_are_decoded_upright_by_their_exif_orientation(tmp_path):
         assert upright.size == (20, 40)
         red, blue = upright.getpixel((10, 3)), upright.getpixel((10, 30))  # after the turn the red band is on top
         assert red[0] > 200 and red[2] < 60 and blue[2] > 200 and blue[0] < 60, (red, blue)
+
+
+def test_rating_rules_set_for_a_preference_file_are_named_as_ignored(tmp_path, monkeypatch):
+    """`data.min_margin` & co. build pairs from rated completions; a preference file's pairs are taken as given, so
+    a recipe that sets them (demo.yaml's min_margin 1.0 with `data.source=preference`) is told they do nothing."""
+    from silkie.config import DataSection
+    from silkie.data import build
+
+    path = write_jsonl(tmp_path / "prefs.jsonl", [{"id": "1", "prompt": "Q", "chosen": "a", "rejected": "b"}] * 1)
+    said = []
+    monkeypatch.setattr(build.logger, "warning", said.append)
+    train, _, _, _ = build.build_pairs(
+        DataSection(source="preference", path=str(path), min_margin=1.0, cap_strategy="random")
+    )
+    assert len(train) == 1  # the pair is kept: the margin rule does not apply to it
+    assert said == [
+        "data.source preference reads its pairs as given: data.min_margin = 1.0, data.cap_strategy = 'random' (rules "
+        "that build pairs from ratings, for vlfeedback and hf) are ignored"
+    ]
+    said.clear()
+    build.build_pairs(DataSection(source="preference", path=str(path)))
+    assert said == []

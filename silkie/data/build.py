@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,10 @@ from silkie.data.pairs import MediaLimits, PairReport, build_vlfeedback_pairs, p
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
 from silkie.data.split import split_by_prompt
 from silkie.errors import InputError, MissingInputError
+from silkie.logs import get_logger
+
+logger = get_logger(__name__)
+RATING_RULES = ("aspect_weights", "min_margin", "max_pairs_per_prompt", "cap_strategy")  # pairs built from ratings
 
 
 @dataclass
@@ -71,6 +75,12 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             )
     limits = media_limits(data)
     if data.source == "preference":
+        ignored = unused_rating_rules(data)
+        if ignored:
+            logger.warning(
+                f"data.source preference reads its pairs as given: {', '.join(ignored)} (rules that build pairs "
+                "from ratings, for vlfeedback and hf) are ignored"
+            )
         pairs, report = pairs_from_preference_rows(rows, image_store=store, source=data.path, limits=limits)
     else:
         pairs, report = build_vlfeedback_pairs(
@@ -88,6 +98,13 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
         pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
     )
     return train, evaluation, store, report
+
+
+def unused_rating_rules(data: DataSection) -> list[str]:
+    """The recipe's pair-building rules set away from their defaults (`data.min_margin = 1.0`, ...): they act on
+    rated completions, so a preference file's ready pairs never meet them."""
+    defaults = {f.name: f.default for f in fields(DataSection)}
+    return [f"data.{name} = {getattr(data, name)!r}" for name in RATING_RULES if getattr(data, name) != defaults[name]]
 
 
 def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: str | Path) -> PreparedData:

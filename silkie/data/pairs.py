@@ -345,7 +345,7 @@ def pairs_from_preference_rows(
             report.drop_row("duplicate_row", row.id, detail="a copy of an earlier row")
             continue
         seen.add(row)
-        # rows of one id are pairs of one prompt (split, capped and reported together): another prompt is an error
+        # rows of one id are pairs of one prompt (split and reported together): another prompt is an error
         asked = (row.prompt, row.images, row.videos)
         if prompts.setdefault(row.id, asked) != asked:
             report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or image")
