@@ -191,6 +191,31 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     assert main(["judge", "--judge", str(judge), "--in", str(tmp_path)]) == 2
 
 
+def test_a_pool_model_folder_that_cannot_load_is_named_before_any_model_answers(assets, tmp_path):
+    """Checked up front: a typo in the pool's last model used to fail after the first models had answered."""
+    from silkie.tools.annotate.sample import check_pool_folders
+    from silkie.tools.cli import ToolError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = (
+        (f"path: {tmp_path / 'nope'}", r"models\[2\]\.path: .*/nope is not a folder \(expected a checkpoint folder\)"),
+        (f"path: {empty}", r"models\[2\]\.path: .*/empty has no config.json \(expected a checkpoint of \["),
+        (f"path: {assets / 'qwen-vl'}, adapter: {empty}", r"models\[2\]\.adapter: .*/empty has no adapter_config"),
+    )
+    pool, out = tmp_path / "pool.yaml", tmp_path / "out"
+    argv = ["sample", "--pool", str(pool), "--instructions", str(assets / "instructions.jsonl"), "--images",
+            str(assets / "vlf" / "merged_images.zip"), "--out", str(out), "--no-progress"]  # fmt: skip
+    for entry, message in cases:
+        text = (assets / "pool.yaml").read_text()
+        pool.write_text(
+            text.replace("answers_per_instruction", f"  - {{{entry}, name: third}}\nanswers_per_instruction")
+        )
+        with pytest.raises(ToolError, match=rf"^{pool}: {message}"):
+            check_pool_folders(load_pool(pool), str(pool))
+        assert main(argv) == 2 and not out.exists()  # nothing made, nothing answered
+
+
 @pytest.fixture(scope="module")
 def served(assets):
     """`silkie annotate serve` on the tiny Qwen2-VL, in its own process, on a free port."""

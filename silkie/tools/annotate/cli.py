@@ -131,9 +131,10 @@ def _stage(args: argparse.Namespace) -> Any:
         return run_rounds(read_config(load_rounds, args.config), Path(args.working), progress)
     if args.stage == "sample":
         from silkie.tools.annotate.files import import_instructions
-        from silkie.tools.annotate.sample import sample_answers
+        from silkie.tools.annotate.sample import check_pool_folders, sample_answers
 
         pool = read_config(load_pool, args.pool)
+        check_pool_folders(pool, str(args.pool))  # before a folder is made or a model answers
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         instructions = import_instructions(Path(args.instructions), Path(args.images), out, args.limit)

@@ -100,6 +100,29 @@ def answered(out: Path) -> set[tuple[str, str]]:
     return {(r["id"], r["model"]) for path in files for r in read_jsonl(path)}
 
 
+def check_pool_folders(pool: PoolConfig, where: str = "pool") -> None:
+    """ToolError naming the first pool model whose checkpoint (or adapter) folder is missing or of no family Silkie
+    loads, before any model answers (else the pool's last model would fail after the first ones had run)."""
+    from silkie.config.checkpoint import model_type_of
+    from silkie.config.names import MODEL_TYPES
+    from silkie.errors import InputError
+
+    for index, model in enumerate(pool.models):
+        entry = f"{where}: models[{index}]"
+        folder = Path(model.path).expanduser()
+        if not folder.is_dir():
+            raise ToolError(f"{entry}.path: {model.path} is not a folder (expected a checkpoint folder)")
+        try:
+            model_type = model_type_of(folder)
+        except InputError as err:
+            raise ToolError(f"{entry}.path: {err}") from err
+        if model_type not in MODEL_TYPES:
+            found = "no config.json" if model_type is None else f"model_type {model_type!r}"
+            raise ToolError(f"{entry}.path: {model.path} has {found} (expected a checkpoint of {sorted(MODEL_TYPES)})")
+        if model.adapter and not (Path(model.adapter).expanduser() / "adapter_config.json").is_file():
+            raise ToolError(f"{entry}.adapter: {model.adapter} has no adapter_config.json (expected a LoRA adapter)")
+
+
 def sample_answers(
     pool: PoolConfig,
     instructions: Sequence[Instruction],
@@ -111,6 +134,7 @@ def sample_answers(
     """Answer every instruction with its drawn pool models (and the `always` ones); with `shard` (index, count)
     only the instructions at index = i mod count, into the shard's own file (locked while it is written). Without
     a shard, finished shards of an earlier run are merged first. Returns {answers, new, per_model}."""
+    check_pool_folders(pool)
     names = [model.label for model in pool.models]
     plan = assign_models(instructions, names, pool.answers_per_instruction, pool.seed, always)
     if shard is not None:
