@@ -191,6 +191,20 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     assert main(["judge", "--judge", str(judge), "--in", str(tmp_path)]) == 2
 
 
+def test_another_limit_on_an_imported_folder_is_said_to_be_ignored(assets, tmp_path, monkeypatch):
+    from silkie.tools.annotate import files
+
+    said = []
+    monkeypatch.setattr(files.log, "warning", said.append)
+    source, images, out = assets / "instructions.jsonl", assets / "vlf" / "merged_images.zip", tmp_path / "out"
+    out.mkdir()
+    assert len(files.import_instructions(source, images, out, limit=3)) == 3
+    assert len(files.import_instructions(source, images, out, limit=3)) == 3 and said == []
+    assert len(files.import_instructions(source, images, out, limit=5)) == 3  # fixed at the first run
+    assert said == [f"{out} already holds its 3 instructions (fixed at its first run): --limit 5 is ignored; use a new "
+                    "--out folder for another set"]  # fmt: skip
+
+
 def test_a_pool_model_folder_that_cannot_load_is_named_before_any_model_answers(assets, tmp_path):
     """Checked up front: a typo in the pool's last model used to fail after the first models had answered."""
     from silkie.tools.annotate.sample import check_pool_folders

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from silkie.tools.cli import ToolError
+
+log = logging.getLogger(__name__)
 
 INSTRUCTIONS = "instructions.jsonl"
 ANSWERS = "answers.jsonl"
@@ -105,7 +108,13 @@ def import_instructions(source: Path, images: Path, out: Path, limit: int | None
 
     done = out / INSTRUCTIONS
     if done.is_file():
-        return [Instruction(**row) for row in read_jsonl(done)]
+        imported = [Instruction(**row) for row in read_jsonl(done)]
+        if limit is not None and limit != len(imported):
+            log.warning(
+                f"{out} already holds its {len(imported)} instructions (fixed at its first run): --limit {limit} is "
+                "ignored; use a new --out folder for another set"
+            )
+        return imported
     if not source.is_file():
         raise ToolError(f"instructions file not found: {source}")
     store = open_image_store(images)
