@@ -139,7 +139,12 @@ def test_merge_lora_never_deletes_its_inputs_or_an_old_output_on_failure(trained
     argv = ["--base", str(trained.model_dir), "--adapter", str(broken), "--out", str(out), "--overwrite"]
     assert load_script("merge_lora").main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"error: cannot load the adapter in {broken}: KeyError")  # one line, no traceback
+    assert last.startswith(f"error: cannot load the adapter in {broken} on {trained.model_dir}: KeyError")  # one line
+    (broken / "adapter_config.json").write_text('{"base_model_name_or_path": "/models/other"}')
+    assert load_script("merge_lora").main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot load the adapter in {broken} on {trained.model_dir} (it was trained on "
+                           "/models/other): ")  # fmt: skip
     assert (out / "old.txt").read_text() == "previous merge"  # the failed merge left the old output alone
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,20 @@ def load_model(
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         except Exception as err:  # peft: a bad adapter_config.json, or an adapter for other modules
-            raise ToolError(f"cannot load the adapter in {adapter_dir}: {type(err).__name__}: {err}") from err
+            raise ToolError(
+                f"cannot load the adapter in {adapter_dir} on {model_dir}{_trained_on(adapter_dir)}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
     return model.eval()
+
+
+def _trained_on(adapter_dir: Path) -> str:
+    """` (it was trained on BASE)`, from the adapter's config, or nothing when it does not say."""
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (it was trained on {base})" if base else ""
 
 
 def _load_base(family: str, model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
