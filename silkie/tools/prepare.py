@@ -56,6 +56,7 @@ class ReleaseReport:
     rows_loaded: int
     rows_skipped: dict[str, int]
     skipped_ids: dict[str, list[str]]
+    skipped_details: dict[str, str]  # reason -> what was wrong with its first row (the missing field, ...)
     duplicate_ids: int
     image_check: ImageCheck
     rules: PairRules
@@ -190,6 +191,7 @@ def check_release(
         rows_loaded=len(loaded.rows),
         rows_skipped=dict(loaded.skipped),
         skipped_ids={reason: list(ids) for reason, ids in loaded.skipped_ids.items()},
+        skipped_details=dict(loaded.first_details),
         duplicate_ids=sum(count - 1 for count in id_counts.values() if count > 1),
         image_check=image_check,
         rules=rules,
@@ -224,11 +226,15 @@ def write_preference_parquet(pairs: list, path: str | Path) -> Path:
     return path
 
 
-def _counts(counter: dict[str, int], examples: dict[str, list[str]]) -> list[str]:
+def _counts(
+    counter: dict[str, int], examples: dict[str, list[str]], details: dict[str, str] | None = None
+) -> list[str]:
     lines = []
     for reason, count in sorted(counter.items()):
-        ids = examples.get(reason, [])
-        lines.append(f"    {reason}: {count}" + (f" (first ids: {', '.join(ids)})" if ids else ""))
+        ids, detail = examples.get(reason, []), (details or {}).get(reason)
+        shown = [f"first ids: {', '.join(ids)}"] if ids else []
+        shown += [f"the first: {detail}"] if detail else []
+        lines.append(f"    {reason}: {count}" + (f" ({'; '.join(shown)})" if shown else ""))
     return lines
 
 
@@ -244,7 +250,7 @@ def format_report(report: ReleaseReport) -> str:
     lines = [f"release: {report.jsonl} (images: {report.images})", f"  {'rows in the file':<24}{report.rows_seen:>8}"]
     lines.append(f"  {'rows dropped':<24}{rows_dropped:>8}")
     lines += [f"  {line}" + (" (at reading)" if line.split(":")[0].strip() in at_reading else "") for line in
-              _counts(pairs["rows_dropped"], examples)]  # fmt: skip
+              _counts(pairs["rows_dropped"], examples, report.skipped_details)]  # fmt: skip
     lines.append(f"  {'rows kept':<24}{pairs['rows_kept']:>8}  -> {candidates} candidate pairs")
     lines.append(f"  {'pairs dropped':<24}{pairs_dropped:>8}")
     lines += [f"  {line}" for line in _counts(pairs["pairs_dropped"], pairs["offending_ids"])]
