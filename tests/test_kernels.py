@@ -77,6 +77,16 @@ def test_compiled_blocks_score_and_train_as_the_eager_model(batch):
     assert grads.keys() == plain_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+    # every batch has other lengths: after one recompile with dynamic shapes, new lengths compile nothing more
+    # (a recompile per batch would reach dynamo's recompile limit, after which the blocks silently run eager)
+    from torch._dynamo.utils import counters
+
+    config = QWenConfig(**tiny_config_kwargs())
+    graphs = []
+    for seed, sizes in enumerate([[(7, 4, 9), (3, 8, 2)], [(11, 6, 3), (4, 2, 7)], [(6, 9, 5), (8, 3, 4)]]):
+        step(compiled, random_pair_batch(config, sizes, [True, True], seed=seed), options)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[2] == graphs[0], graphs
     torch._dynamo.reset()
 
 
