@@ -213,9 +213,12 @@ def test_a_pool_model_folder_that_cannot_load_is_named_before_any_model_answers(
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = (
-        (f"path: {tmp_path / 'nope'}", r"models\[2\]\.path: .*/nope is not a folder \(expected a checkpoint folder\)"),
-        (f"path: {empty}", r"models\[2\]\.path: .*/empty has no config.json \(expected a checkpoint of \["),
-        (f"path: {assets / 'qwen-vl'}, adapter: {empty}", r"models\[2\]\.adapter: .*/empty has no adapter_config"),
+        (f"path: {tmp_path / 'nope'}", r"models\[2\]\.path: model folder not found: .*/nope$"),
+        (f"path: {empty}", r"models\[2\]\.path: model folder .*/empty has no config.json$"),
+        (
+            f"path: {assets / 'qwen-vl'}, adapter: {empty}",
+            r"models\[2\]\.adapter: adapter folder .*/empty has no adapter_",
+        ),
     )
     pool, out = tmp_path / "pool.yaml", tmp_path / "out"
     argv = ["sample", "--pool", str(pool), "--instructions", str(assets / "instructions.jsonl"), "--images",

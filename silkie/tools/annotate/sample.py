@@ -103,24 +103,20 @@ def answered(out: Path) -> set[tuple[str, str]]:
 def check_pool_folders(pool: PoolConfig, where: str = "pool") -> None:
     """ToolError naming the first pool model whose checkpoint (or adapter) folder is missing or of no family Silkie
     loads, before any model answers (else the pool's last model would fail after the first ones had run)."""
-    from silkie.config.checkpoint import model_type_of
-    from silkie.config.names import MODEL_TYPES
-    from silkie.errors import InputError
+    from silkie.tools.cli import require_dir
+    from silkie.tools.common import family_of
 
     for index, model in enumerate(pool.models):
         entry = f"{where}: models[{index}]"
-        folder = Path(model.path).expanduser()
-        if not folder.is_dir():
-            raise ToolError(f"{entry}.path: {model.path} is not a folder (expected a checkpoint folder)")
         try:
-            model_type = model_type_of(folder)
-        except InputError as err:
+            family_of(Path(model.path).expanduser())
+        except ToolError as err:
             raise ToolError(f"{entry}.path: {err}") from err
-        if model_type not in MODEL_TYPES:
-            found = "no config.json" if model_type is None else f"model_type {model_type!r}"
-            raise ToolError(f"{entry}.path: {model.path} has {found} (expected a checkpoint of {sorted(MODEL_TYPES)})")
-        if model.adapter and not (Path(model.adapter).expanduser() / "adapter_config.json").is_file():
-            raise ToolError(f"{entry}.adapter: {model.adapter} has no adapter_config.json (expected a LoRA adapter)")
+        if model.adapter:
+            try:
+                require_dir(Path(model.adapter).expanduser(), "adapter folder", "adapter_config.json")
+            except ToolError as err:
+                raise ToolError(f"{entry}.adapter: {err}") from err
 
 
 def sample_answers(
