@@ -104,6 +104,10 @@ def summary_line(
     return " | ".join(parts)
 
 
+def _pairs_per_step(args: TrainingArguments) -> int:
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+
 class ConsoleCallback(TrainerCallback):
     """Writes the lines above on rank 0 (`[silkie] ...` on stdout); on a terminal also one progress bar of the
     training steps (stderr), cleared around each line."""
@@ -162,7 +166,7 @@ class ConsoleCallback(TrainerCallback):
 
     def _train_line(self, args: TrainingArguments, state: TrainerState, logs: dict) -> str:
         now, step = time.monotonic(), state.global_step
-        pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        pairs_per_step = _pairs_per_step(args)
         training = now - self.last_time - self.paused  # pairs/s of training alone; the ETA includes evaluations
         rate = (step - self.last_step) * pairs_per_step / training if training > 0 else None
         done = step - self.start_step
@@ -173,7 +177,7 @@ class ConsoleCallback(TrainerCallback):
     def _summary_line(self, args: TrainingArguments, state: TrainerState, logs: dict) -> str:
         step, start = state.global_step, self.start_step
         training = time.monotonic() - self.start - self.paused_total
-        pairs = (step - start) * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        pairs = (step - start) * _pairs_per_step(args)
         rate = pairs / training if training > 0 and step > start else None
         run_loss = run_train_loss(state.log_history, start, logs.get("train_loss"), step)
         return summary_line(step, logs, start, run_loss, rate)
