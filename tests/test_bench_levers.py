@@ -140,3 +140,24 @@ def test_the_card_sessions_commands_parse_before_the_card_is_spent(tmp_path):
         parse_args(words)
     for words in commands["lever_check"]:
         lever_check_args(words)
+
+
+def test_each_compiling_run_compiles_its_own_graphs(tmp_path, capsys):
+    """One benchmark process runs many models: a compiling run must not reuse an earlier run's graphs (its compile
+    time would vanish) nor count its variants toward dynamo's recompile limit (past which blocks run eager)."""
+    benchmark = load_script("benchmark")
+    reports = []
+    for attempt in range(2):  # the second run is the first again: with a shared cache it would compile nothing
+        out = tmp_path / f"bench{attempt}.json"
+        benchmark.main(["--tiny", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--lora-r", "4",
+                        "--question-tokens", "10", "--answer-tokens", "12", "--paths", "optimized",
+                        "--levers", "compile", "--out", str(out)])  # fmt: skip
+        reports.append({r["path"]: r for r in json.loads(out.read_text())["results"]})
+    first, again = (report["optimized+compile"] for report in reports)
+    assert first["compiled_graphs"] == again["compiled_graphs"] > 0
+    assert first["eager_fallback"] is again["eager_fallback"] is False
+    assert reports[0]["optimized"]["compiled_graphs"] is None  # an eager run has no graphs to report
+    assert (
+        f"~{again['first_step_seconds'] - again['step_seconds']:.1f} s compile, {again['compiled_graphs']} graphs"
+        in (capsys.readouterr().out)
+    )

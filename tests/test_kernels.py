@@ -66,6 +66,8 @@ def test_compiled_blocks_score_and_train_as_the_eager_model(batch):
     compiled = tiny_lora_model()
     applied = apply_kernels(compiled, section(compile_blocks=True))
     assert applied == ["torch.compile per decoder block (2 blocks)"]
+    # grad on/off x train/eval x adapters on/off x static/dynamic shapes: more variants than dynamo's default 8
+    assert torch._dynamo.config.recompile_limit >= kernels.BLOCK_RECOMPILE_LIMIT == 64
     blocks = compiled.get_base_model().transformer.h
     assert all(block._compiled_call_impl is not None for block in blocks)
     options = StepOptions(chunk_size=4, pairs_per_row=2)
@@ -87,6 +89,44 @@ def test_compiled_blocks_score_and_train_as_the_eager_model(batch):
         step(compiled, random_pair_batch(config, sizes, [True, True], seed=seed), options)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[2] == graphs[0], graphs
+    torch._dynamo.reset()
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(self.linear(x))
+
+
+def test_compile_watch_sees_dynamo_give_up_and_the_run_warns_once(capsys):
+    """Past dynamo's recompile limit a compiled module runs eager without an error: the watch must see it."""
+    from silkie.train.console import CompileWatchCallback
+
+    torch._dynamo.reset()
+    toy = _Toy()
+    toy.compile()
+    callback = CompileWatchCallback()
+    state = type("State", (), {"is_world_process_zero": True})()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for grad in (True, False):  # one graph per grad mode: the limit of 2 is not reached
+            with torch.set_grad_enabled(grad):
+                toy(torch.randn(2, 4))
+        assert callback.watch.graphs() == 2 and callback.watch.gave_up() == 0
+        callback.on_step_end(None, state, None)
+        toy(torch.randn(3, 2, 4))  # a third variant (another rank): dynamo gives up, and the call runs eager
+        assert callback.watch.graphs() == 2 and callback.watch.gave_up() == 1
+        capsys.readouterr()
+        callback.on_step_end(None, state, None)
+        callback.on_evaluate(None, state, None)
+        callback.on_train_end(None, state, None)
+    assert capsys.readouterr().out.splitlines() == [
+        "[silkie] warning: the compiled decoder blocks reached torch._dynamo's recompile limit (2): they run eager "
+        "from here; TORCH_LOGS=recompiles shows each variant",
+        "[silkie] torch.compile: 2 graphs of the decoder blocks",
+    ]
     torch._dynamo.reset()
 
 

@@ -49,6 +49,8 @@ class BenchResult:
     mfu: float | None
     reference_precompute_seconds_per_pair: float | None = None
     first_step_seconds: float | None = None  # the compile time of a compiling run is this minus step_seconds
+    compiled_graphs: int | None = None  # compiled blocks: graphs compiled in the run
+    eager_fallback: bool | None = None  # compiled blocks: dynamo gave up at its recompile limit (ran eager after)
 
 
 class PeakMemory:
@@ -209,16 +211,31 @@ def bench_recipe(
     )
 
 
-def run_ours(
-    base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out: Path, args: Any
-) -> tuple[list[float], float, float | None, float | None, float]:
-    """One of our runs through `build_trainer`: (step times, peak memory, reference precompute s/pair, FLOPs of
-    one step or None, first step s). FLOPs are not counted through compiled blocks (None then)."""
+@dataclass
+class OurRun:
+    """What one of our runs measured: step times, peak memory, reference precompute s/pair, FLOPs of one step
+    (None through compiled blocks), the first step's seconds, and, with compiled blocks, the graphs compiled and
+    whether dynamo gave up on a block at its recompile limit (it then ran eager)."""
+
+    times: list[float]
+    peak: float
+    precompute: float | None
+    flops: float | None
+    first_step: float
+    compiled_graphs: int | None = None
+    eager_fallback: bool | None = None
+
+
+def run_ours(base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out: Path, args: Any) -> OurRun:
+    """One of our runs through `build_trainer`. A compiling run starts from an empty dynamo cache: it compiles its
+    own graphs (its first step carries their time) and no earlier run's variants count toward the recompile
+    limit."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from silkie.data.build import PreparedData
     from silkie.data.formatting import tokenize_pairs
     from silkie.data.pairs import PairReport
+    from silkie.models.kernels import CompileWatch
     from silkie.train.build import build_trainer
 
     records = [{**p, "image": p["prompt_id"], "chosen_score": 1.0, "rejected_score": 0.0} for p in pairs]
@@ -226,6 +243,10 @@ def run_ours(
     store = MemoryStore({p["prompt_id"]: p["image"] for p in pairs})
     data = PreparedData(train=dataset, eval=None, image_store=store, report=PairReport(source="benchmark"))
     clock = StepClock()
+    compiling = recipe.model.compile_blocks
+    if compiling:
+        torch._dynamo.reset()
+    watch = CompileWatch()
     built = build_trainer(
         recipe, out, bookkeeping=False, base_model=base_model, codec=codec, data=data, callbacks=(clock,)
     )
@@ -236,20 +257,26 @@ def run_ours(
         precompute = (time.perf_counter() - start) / len(pairs)
     times, peak = timed_train(trainer, clock, args.device, args.warmup)
     flops = None
-    if getattr(args, "count_flops", False) and not recipe.model.compile_blocks:
+    if getattr(args, "count_flops", False) and not compiling:
         rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
         batch = trainer._prepare_inputs(trainer.data_collator(rows))  # collated here: no DataLoader workers to start
         with FlopCounterMode(display=False) as counter:
             trainer.training_step(trainer.model_wrapped, batch)
         flops = counter.get_total_flops()
-    return times, peak, precompute, flops, first_step_seconds(clock)
+    run = OurRun(times, peak, precompute, flops, first_step_seconds(clock))
+    if compiling:
+        run.compiled_graphs, run.eager_fallback = watch.graphs(), watch.gave_up() > 0
+    return run
 
 
 def result_of(
-    name: str, batch_size: int, times: list[float], peak: float, tokens: float, precompute: float | None,
-    flops: float | None, peak_tflop: float | None, first_step: float | None = None,
+    name: str, batch_size: int, run: OurRun | tuple[list[float], float], tokens: float, flops: float | None = None,
+    peak_tflop: float | None = None,
 ) -> BenchResult:  # fmt: skip
-    """The measurement of one run (median step time; MFU from the counted FLOPs and the device's peak)."""
+    """The measurement of one run, ours (`OurRun`) or TRL's (step times, peak memory): median step time; MFU from
+    the counted `flops` of one step and the device's peak."""
+    ours = run if isinstance(run, OurRun) else None
+    times, peak = (ours.times, ours.peak) if ours else run
     median = statistics.median(times)
     per_pair = flops / batch_size if flops else None
     return BenchResult(
@@ -262,8 +289,10 @@ def result_of(
         peak_memory_gib=peak / 2**30,
         tflop_per_pair=per_pair / 1e12 if per_pair else None,
         mfu=(flops / median / 1e12 / peak_tflop) if flops and peak_tflop else None,
-        reference_precompute_seconds_per_pair=precompute,
-        first_step_seconds=first_step,
+        reference_precompute_seconds_per_pair=ours.precompute if ours else None,
+        first_step_seconds=ours.first_step if ours else None,
+        compiled_graphs=ours.compiled_graphs if ours else None,
+        eager_fallback=ours.eager_fallback if ours else None,
     )
 
 
@@ -311,9 +340,11 @@ def format_table(results: list, baseline: str = "plain") -> str:
                     f"| {size} | {path} | {fast.pairs_per_second / base.pairs_per_second:.2f}x | {memory:.2f}x |"
                 )
     for r in results:
-        if "compile" in r.path and r.first_step_seconds is not None:
+        if r.compiled_graphs is not None and r.first_step_seconds is not None:
             compile_s = r.first_step_seconds - r.step_seconds
-            first = f"first step {r.first_step_seconds:.1f} s, ~{compile_s:.1f} s compile"
+            first = f"first step {r.first_step_seconds:.1f} s, ~{compile_s:.1f} s compile, {r.compiled_graphs} graphs"
+            if r.eager_fallback:
+                first += "; RECOMPILE LIMIT HIT: blocks ran eager after it"
             lines.append(f"\n{r.path} (batch {r.batch_size}): {first}")
     cached = [r for r in results if r.reference_precompute_seconds_per_pair is not None]
     for r in cached:

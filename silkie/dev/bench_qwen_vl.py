@@ -73,12 +73,13 @@ def run(args: Any) -> list[BenchResult]:
                     torch.manual_seed(0)
                     model = random_model(config, args.device, dtype)
                     model.config._attn_implementation = recipe.model.attn_implementation
-                    times, peak, precompute, flops, first = run_ours(model, recipe, codec, pairs, out, args)
+                    run = run_ours(model, recipe, codec, pairs, out, args)
                 except Exception as err:  # one failed lever must not cost the card's other runs
                     record_failure(args, name, size, err)
                     save_report(args, results)
                     release(model)
                     continue
+                flops = run.flops
                 if flops:
                     counted[(path, lever_id(levers))] = flops
                 else:  # compiled blocks: the same work as the uncompiled run with these levers, or the one with
@@ -86,7 +87,7 @@ def run(args: Any) -> list[BenchResult]:
                     flops = counted.get((path, lever_id(without_compile(levers)))) or counted.get(
                         (path, lever_id(work_keys(levers)))
                     )
-                result = result_of(name, size, times, peak, tokens, precompute, flops, device_peak, first)
+                result = result_of(name, size, run, tokens, flops, device_peak)
                 results.append(result)
                 save_report(args, results)
                 print(

@@ -133,23 +133,23 @@ def run(args) -> list[BenchResult]:
             )  # fmt: skip
             tokens = pair_tokens(codec, images, pairs)
             for name, run_name, levers in lever_runs(args.runs, getattr(args, "levers", None) or [], size):
-                precompute, model = None, None
+                model = None
                 try:
                     if run_name.startswith("trl"):
                         # TRL hands no layout down: its model gets the attention varlen is built with
                         model = random_model(config, args.device, dtype, constructible(args.attn))
-                        times, peak = run_trl(model, codec.processor, pairs, size, steps, args, root, trl_keys(name))
+                        run = run_trl(model, codec.processor, pairs, size, steps, args, root, trl_keys(name))
                     else:
                         recipe = bench_recipe(run_name, args.family, folder, size, steps, args, levers)
                         model = random_model(config, args.device, dtype, recipe.model.attn_implementation)
                         out = root / f"{len(results)}-{size}"
-                        times, peak, precompute, _, _ = run_ours(model, recipe, codec, pairs, out, args)
+                        run = run_ours(model, recipe, codec, pairs, out, args)
                 except Exception as err:  # one failed lever must not cost the card's other runs
                     record_failure(args, name, size, err)
                     save_report(args, results)
                     release(model)
                     continue
-                result = result_of(name, size, times, peak, tokens, precompute, None, None)
+                result = result_of(name, size, run, tokens)
                 results.append(result)
                 save_report(args, results)
                 print(f"{name:28s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "

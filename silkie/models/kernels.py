@@ -7,13 +7,15 @@ the tests (fp32: 1e-5; bf16 numerics: see docs/benchmarks.md) and only changes h
 - `liger_kernels`: liger-kernel's fused Triton kernels (RMSNorm, SwiGLU, rotary) in the language model; the native
   Qwen-VL gets them here, the transformers families through liger-kernel's own patch functions.
 - `compile_blocks`: regional compilation, `torch.compile` of each decoder block (identical blocks reuse one graph),
-  instead of the whole model; its compile time is paid in the first steps.
+  instead of the whole model; its compile time is paid in the first steps. `CompileWatch` says how many graphs
+  were compiled and whether dynamo gave up on a block at its recompile limit (it then runs eager, silently).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -100,14 +102,45 @@ def keep_native_precision(base: nn.Module) -> int:
     return len(norms)
 
 
+BLOCK_RECOMPILE_LIMIT = 64
+_GAVE_UP = "Dynamo recompile limit exceeded"  # the graph-break counter's key when dynamo stops compiling a code
+
+
 def compile_blocks(base: nn.Module, family: str) -> int:
     """Compile each decoder block in place (regional compilation); returns the number of blocks."""
     from .family import get_family
 
+    # Every block shares one code object, compiled once per variant: grad on/off (policy, reference, evaluation),
+    # train/eval mode, adapters on/off, a static then a dynamic shape, and each model a process builds. A short
+    # run with evaluations reaches dynamo's default limit of 8, past which the blocks run eager without an error;
+    # the variants are bounded (shapes go dynamic after one recompile), so a higher limit only lets them all fit.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     layers = get_family(family).decoder_layers(base)
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def _compile_counts() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    gave_up = sum(n for reason, n in counters["unimplemented"].items() if reason.startswith(_GAVE_UP))
+    return counters["stats"]["unique_graphs"], gave_up
+
+
+@dataclass
+class CompileWatch:
+    """What torch.compile did in this process since the watch was made."""
+
+    start: tuple[int, int] = field(default_factory=_compile_counts)
+
+    def graphs(self) -> int:
+        """Graphs compiled since the start."""
+        return _compile_counts()[0] - self.start[0]
+
+    def gave_up(self) -> int:
+        """Code objects dynamo stopped compiling at its recompile limit since the start (they run eager)."""
+        return _compile_counts()[1] - self.start[1]
 
 
 def apply_kernels(model: nn.Module, section: ModelSection) -> list[str]:

@@ -180,7 +180,7 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
     from silkie.dpo.losses import DPOObjective
     from silkie.models.family import get_family
 
-    from .console import HF_CONSOLE_CALLBACKS, ConsoleCallback
+    from .console import HF_CONSOLE_CALLBACKS, CompileWatchCallback, ConsoleCallback
     from .reference import ReferenceCache
     from .trainer import SilkieDPOTrainer
 
@@ -208,6 +208,8 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
             options["image_corruption"] = f"{recipe.data.image_corruption}-{CORRUPTION_VERSION}-{recipe.data.seed}"
         reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.path, options)
     run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption, ConsoleCallback()] if bookkeeping else []
+    if bookkeeping and recipe.model.compile_blocks:
+        run_callbacks.append(CompileWatchCallback())
     trainer = SilkieDPOTrainer(
         model=model,
         args=args,

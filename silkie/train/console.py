@@ -188,3 +188,37 @@ class ConsoleCallback(TrainerCallback):
         logger.info(line)
         if self.bar is not None:
             self.bar.refresh()
+
+
+class CompileWatchCallback(TrainerCallback):
+    """With compiled decoder blocks (`model.compile_blocks`): a warning the first time dynamo gives up on them at
+    its recompile limit (from then on they run eager, which it does not report), and the number of graphs
+    compiled at the end of training."""
+
+    def __init__(self):
+        from silkie.models.kernels import CompileWatch
+
+        self.watch = CompileWatch()
+        self.warned = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._check()
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._check()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._check()
+        if state.is_world_process_zero:
+            logger.info(f"torch.compile: {self.watch.graphs()} graphs of the decoder blocks")
+
+    def _check(self) -> None:
+        if not self.warned and self.watch.gave_up():
+            import torch._dynamo
+
+            self.warned = True
+            limit = torch._dynamo.config.recompile_limit
+            logger.warning(
+                f"the compiled decoder blocks reached torch._dynamo's recompile limit ({limit}): they run eager "
+                "from here; TORCH_LOGS=recompiles shows each variant"
+            )
