@@ -24,6 +24,7 @@ def test_benchmark_runs_trl_and_ours_and_writes_ratios(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "| 2 | silkie-optimized | " in printed and "pairs/s ratio (vs trl)" in printed
+    assert "TRL's best: trl (batch 2)" in printed and "ours with the cached reference (" in printed
     report = json.loads(out.read_text())
     assert report["meta"]["family"] == "qwen2_vl" and len(report["results"]) == 3
 
@@ -78,3 +79,37 @@ def test_dataloader_workers_load_every_runs_batches_alike(tmp_path, monkeypatch)
     assert all(r.pairs_per_second > 0 for r in results)
     assert workers == [(2, 2), (2, 2)]
     assert json.loads((tmp_path / "bench.json").read_text())["meta"]["dataloader_workers"] == 2
+
+
+def test_trls_best_meets_our_best_within_its_memory_with_and_without_the_cache():
+    """Issue 21's comparison: TRL's fastest run of any switch and batch size against our fastest that fits in its
+    peak memory (a faster run of ours that needs more memory does not count)."""
+    from silkie.dev.bench import BenchResult
+    from silkie.dev.bench_trl import best_against_trl
+
+    def run(path: str, batch: int, pairs_per_second: float, peak: float) -> BenchResult:
+        return BenchResult(path, batch, batch / pairs_per_second, 0.0, pairs_per_second, 0.0, peak, None, None)
+
+    results = [
+        run("trl+no_ckpt", 8, 4.0, 60.0), run("trl", 32, 3.0, 40.0),
+        run("silkie-optimized+cached_ref+varlen+no_ckpt", 8, 20.0, 70.0),  # faster, but over TRL's memory
+        run("silkie-optimized+cached_ref+varlen+compile", 32, 12.4, 45.0),
+        run("silkie-optimized+varlen+no_ckpt", 8, 9.0, 58.0), run("silkie-optimized", 32, 7.0, 30.0),
+    ]  # fmt: skip
+    assert best_against_trl(results).splitlines() == [
+        "TRL's best: trl+no_ckpt (batch 8): 4.00 pairs/s, peak 60.00 GiB",
+        "ours with the cached reference (within its memory): silkie-optimized+cached_ref+varlen+compile (batch 32): "
+        "12.40 pairs/s = 3.10x TRL's best at 0.75x its peak memory",
+        "ours without the cache (within its memory): silkie-optimized+varlen+no_ckpt (batch 8): 9.00 pairs/s "
+        "= 2.25x TRL's best at 0.97x its peak memory",
+    ]
+    over = [results[0], results[2]]
+    assert (
+        best_against_trl(over)
+        .splitlines()[1]
+        .startswith(
+            "ours with the cached reference (none within its memory; the fastest): "
+            "silkie-optimized+cached_ref+varlen+no_ckpt (batch 8): 20.00 pairs/s = 5.00x"
+        )
+    )
+    assert best_against_trl(results[2:]) == ""  # no TRL run: nothing to compare with

@@ -138,7 +138,7 @@ def compare_with_trl(args: argparse.Namespace) -> list:
     import torch
 
     from silkie.dev.bench import format_table, save_report
-    from silkie.dev.bench_trl import run
+    from silkie.dev.bench_trl import best_against_trl, run
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,6 +151,9 @@ def compare_with_trl(args: argparse.Namespace) -> list:
     runs = [spec.partition("@")[0] for spec in args.runs]
     baseline = "trl" if "trl" in runs else runs[0]
     print(format_table(results, baseline))
+    verdict = best_against_trl(results)
+    if verdict:
+        print(f"\n{verdict}")
     print_failures(args)
     save_report(args, results)
     return results

@@ -156,3 +156,30 @@ def run(args) -> list[BenchResult]:
                       f"peak {result.peak_memory_gib:.2f} GiB", flush=True)  # fmt: skip
                 release(model)
     return results
+
+
+def best_against_trl(results: list[BenchResult]) -> str:
+    """TRL's fastest run (any of its switches and batch sizes) against our fastest that fits in its peak memory,
+    with the cached reference and without it: the comparison issue 21's targets are stated in."""
+    trl = [r for r in results if r.path.startswith("trl")]
+    ours = [r for r in results if not r.path.startswith("trl")]
+    if not trl or not ours:
+        return ""
+    best = max(trl, key=lambda r: r.pairs_per_second)
+    lines = [
+        f"TRL's best: {best.path} (batch {best.batch_size}): {best.pairs_per_second:.2f} pairs/s, "
+        f"peak {best.peak_memory_gib:.2f} GiB"
+    ]
+    for label, cached in (("with the cached reference", True), ("without the cache", False)):
+        side = [r for r in ours if ("cached_ref" in r.path) == cached]
+        fitting = [r for r in side if r.peak_memory_gib <= best.peak_memory_gib]
+        if not side:
+            continue
+        pick = max(fitting or side, key=lambda r: r.pairs_per_second)
+        where = "within its memory" if fitting else "none within its memory; the fastest"
+        memory = pick.peak_memory_gib / best.peak_memory_gib if best.peak_memory_gib > 0 else float("nan")
+        lines.append(
+            f"ours {label} ({where}): {pick.path} (batch {pick.batch_size}): {pick.pairs_per_second:.2f} pairs/s "
+            f"= {pick.pairs_per_second / best.pairs_per_second:.2f}x TRL's best at {memory:.2f}x its peak memory"
+        )
+    return "\n".join(lines)
