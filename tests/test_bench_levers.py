@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from silkie.dev.bench_levers import lever_keys, lever_runs, without_compile
+from silkie.dev.bench_levers import lever_keys, lever_runs
 from silkie.dev.lever_check import main as lever_check
 
 from .script_fixtures import load_script
@@ -27,9 +27,6 @@ def test_lever_specs_combine_and_liger_runs_last():
     assert at_eight[1][2] == {"training": {"gradient_checkpointing_kwargs": {"every_n_layers": 2}}}
     with pytest.raises(SystemExit, match="'ckpt2@x': expected NAME@BATCH with BATCH a whole number >= 1"):
         lever_runs(["optimized"], ["ckpt2@x"])
-    assert without_compile(lever_keys("compile")) == {} and without_compile(lever_keys("pack2+compile")) == {
-        "dpo": {"pairs_per_row": 2}
-    }
     expected = "unknown lever 'fused' in 'pack2\\+fused'; expected one of flex, varlen, liger"
     with pytest.raises(SystemExit, match=expected):
         lever_keys("pack2+fused")
@@ -151,12 +148,15 @@ def test_each_compiling_run_compiles_its_own_graphs(tmp_path, capsys):
         out = tmp_path / f"bench{attempt}.json"
         benchmark.main(["--tiny", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--lora-r", "4",
                         "--question-tokens", "10", "--answer-tokens", "12", "--paths", "optimized",
-                        "--levers", "compile", "--out", str(out)])  # fmt: skip
+                        "--levers", "compile", "--count-flops", "--out", str(out)])  # fmt: skip
         reports.append({r["path"]: r for r in json.loads(out.read_text())["results"]})
     first, again = (report["optimized+compile"] for report in reports)
     assert first["compiled_graphs"] == again["compiled_graphs"] > 0
     assert first["eager_fallback"] is again["eager_fallback"] is False
     assert reports[0]["optimized"]["compiled_graphs"] is None  # an eager run has no graphs to report
+    # the compiled run's FLOPs are counted with its blocks eager for one step: the same work as the eager run's
+    assert first["tflop_per_pair"] == pytest.approx(reports[0]["optimized"]["tflop_per_pair"], rel=1e-6)
+    assert first["tflop_per_pair"] > 0
     assert (
         f"~{again['first_step_seconds'] - again['step_seconds']:.1f} s compile, {again['compiled_graphs']} graphs"
         in (capsys.readouterr().out)

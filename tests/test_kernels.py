@@ -130,6 +130,25 @@ def test_compile_watch_sees_dynamo_give_up_and_the_run_warns_once(capsys):
     torch._dynamo.reset()
 
 
+def test_eager_blocks_run_compiled_modules_plain_inside_and_compiled_after():
+    from silkie.models.kernels import CompileWatch, eager_blocks
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(_Toy(), _Toy())
+    model[1].compile()
+    x = torch.randn(2, 4)
+    expected = model(x)
+    watch = CompileWatch()
+    with eager_blocks(model):
+        assert model[1]._compiled_call_impl is None
+        assert model(torch.randn(3, 5, 4)).shape == (3, 5, 4)  # a new rank: compiled, this would compile
+    assert watch.graphs() == 0 and model[1]._compiled_call_impl is not None
+    model(torch.randn(3, 5, 4))  # compiled again outside
+    assert watch.graphs() == 1
+    torch.testing.assert_close(model(x), expected)
+    torch._dynamo.reset()
+
+
 def test_liger_kernels_without_the_package_say_how_to_get_it(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "liger_kernel" else real(name))

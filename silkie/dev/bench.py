@@ -214,7 +214,7 @@ def bench_recipe(
 @dataclass
 class OurRun:
     """What one of our runs measured: step times, peak memory, reference precompute s/pair, FLOPs of one step
-    (None through compiled blocks), the first step's seconds, and, with compiled blocks, the graphs compiled and
+    (when counted), the first step's seconds, and, with compiled blocks, the graphs compiled and
     whether dynamo gave up on a block at its recompile limit (it then ran eager)."""
 
     times: list[float]
@@ -235,7 +235,7 @@ def run_ours(base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out
     from silkie.data.build import PreparedData
     from silkie.data.formatting import tokenize_pairs
     from silkie.data.pairs import PairReport
-    from silkie.models.kernels import CompileWatch
+    from silkie.models.kernels import CompileWatch, eager_blocks
     from silkie.train.build import build_trainer
 
     records = [{**p, "image": p["prompt_id"], "chosen_score": 1.0, "rejected_score": 0.0} for p in pairs]
@@ -257,10 +257,10 @@ def run_ours(base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out
         precompute = (time.perf_counter() - start) / len(pairs)
     times, peak = timed_train(trainer, clock, args.device, args.warmup)
     flops = None
-    if getattr(args, "count_flops", False) and not compiling:
+    if getattr(args, "count_flops", False):  # compiled blocks counted eager: the same work, op by op
         rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
         batch = trainer._prepare_inputs(trainer.data_collator(rows))  # collated here: no DataLoader workers to start
-        with FlopCounterMode(display=False) as counter:
+        with eager_blocks(trainer.model_wrapped), FlopCounterMode(display=False) as counter:
             trainer.training_step(trainer.model_wrapped, batch)
         flops = counter.get_total_flops()
     run = OurRun(times, peak, precompute, flops, first_step_seconds(clock))

@@ -3,8 +3,6 @@ switch: a lever run is the path's recipe plus these keys, measured side by side 
 
 from __future__ import annotations
 
-import json
-
 LEVERS = {  # lever name -> recipe keys (section -> key -> value)
     "flex": {"model": {"attn_implementation": "flex_attention"}},
     "varlen": {"model": {"attn_implementation": "varlen"}},
@@ -85,24 +83,3 @@ def check_batch_suffixes(specs: list[str], batch_sizes: list[int], option: str) 
             raise SystemExit(
                 f"{option}: {spec!r} runs at batch {size}, which is not one of --batch-sizes {batch_sizes}"
             )
-
-
-def without_compile(spec_keys: dict) -> dict:
-    """The same keys without regional compilation (whose FLOPs a counter cannot see through the compiled graph)."""
-    kept = {section: {k: v for k, v in keys.items() if k != "compile_blocks"} for section, keys in spec_keys.items()}
-    return {section: keys for section, keys in kept.items() if keys}
-
-
-KERNEL_KEYS = ("attn_implementation", "liger_kernels", "compile_blocks", "fp32_norm_rope")  # how, not what
-
-
-def work_keys(spec_keys: dict) -> dict:
-    """The keys that change the work of a step (checkpointing, packing), without those that only change its
-    kernels: the run with these keys alone did the same work (to count a compiled run's FLOPs from)."""
-    kept = {section: {k: v for k, v in keys.items() if k not in KERNEL_KEYS} for section, keys in spec_keys.items()}
-    return {section: keys for section, keys in kept.items() if keys}
-
-
-def lever_id(spec_keys: dict) -> str:
-    """A canonical name of a set of recipe keys (to find the run with the same keys)."""
-    return json.dumps(spec_keys, sort_keys=True)

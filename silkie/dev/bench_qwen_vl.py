@@ -21,7 +21,7 @@ from silkie.dev.bench import (
     save_report,
     synthetic_pairs,
 )
-from silkie.dev.bench_levers import lever_id, lever_runs, without_compile, work_keys
+from silkie.dev.bench_levers import lever_runs
 from silkie.dev.tiny_qwen_vl import random_model, tiny_config, write_tokenizer
 from silkie.models.varlen import constructible
 
@@ -64,7 +64,6 @@ def run(args: Any) -> list[BenchResult]:
                 config.visual["image_size"],
             )
             tokens = pair_tokens(codec, processor, pairs)
-            counted: dict[tuple[str, str], float] = {}  # (path, levers) -> FLOPs of one step
             for name, path, levers in lever_runs(args.paths, getattr(args, "levers", None) or [], size):
                 recipe = bench_recipe(f"silkie-{path}", "qwen_vl", folder, size, steps, args, levers)
                 config._attn_implementation = constructible(recipe.model.attn_implementation)
@@ -79,15 +78,7 @@ def run(args: Any) -> list[BenchResult]:
                     save_report(args, results)
                     release(model)
                     continue
-                flops = run.flops
-                if flops:
-                    counted[(path, lever_id(levers))] = flops
-                else:  # compiled blocks: the same work as the uncompiled run with these levers, or the one with
-                    # only the levers that change the work (its attention kernel may count masked blocks, ~2%)
-                    flops = counted.get((path, lever_id(without_compile(levers)))) or counted.get(
-                        (path, lever_id(work_keys(levers)))
-                    )
-                result = result_of(name, size, run, tokens, flops, device_peak)
+                result = result_of(name, size, run, tokens, run.flops, device_peak)
                 results.append(result)
                 save_report(args, results)
                 print(

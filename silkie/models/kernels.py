@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -119,6 +121,20 @@ def compile_blocks(base: nn.Module, family: str) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+@contextmanager
+def eager_blocks(model: nn.Module) -> Iterator[None]:
+    """Inside, the compiled modules of `model` run their plain forward: the same work, visible op by op (a FLOP
+    counter sees nothing inside a compiled graph)."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+    for module, _ in compiled:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, call in compiled:
+            module._compiled_call_impl = call
 
 
 def _compile_counts() -> tuple[int, int]:
