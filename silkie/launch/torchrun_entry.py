@@ -1,10 +1,11 @@
 """torchrun for local launches (run by path, so it needs torch only): a worker that stopped on bad input has printed
 its one-line error and written `<working>/ERROR`; then this exits with 2 instead of printing torchrun's
-ChildFailedError traceback, and a signal that stopped the run exits 128 + its number without a traceback. Any other
-failure is reported by torchrun as usual."""
+ChildFailedError traceback and its "failed (exitcode: 2)" log line, and a signal that stopped the run exits 128 +
+its number without a traceback. Any other failure is reported by torchrun as usual."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,12 +22,26 @@ def _working(argv: list[str]) -> Path | None:
     return None
 
 
+class _ReportedFailure(logging.Filter):
+    """Drops torchrun's "failed (exitcode: ...)" lines once a worker has reported its input error."""
+
+    def __init__(self, working: Path):
+        super().__init__()
+        self.working = working
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        reported = (self.working / ERROR_NAME).is_file()
+        return not (reported and str(record.msg).startswith("failed (exitcode"))
+
+
 def main() -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     working = _working(sys.argv)
+    if working is not None:
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_ReportedFailure(working))
     os.environ["SILKIE_LAUNCHER_REPORTS_ERRORS"] = "1"  # the workers leave the one-line error to the launcher
     try:
         torchrun()
