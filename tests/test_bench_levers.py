@@ -161,3 +161,39 @@ def test_each_compiling_run_compiles_its_own_graphs(tmp_path, capsys):
         f"~{again['first_step_seconds'] - again['step_seconds']:.1f} s compile, {again['compiled_graphs']} graphs"
         in (capsys.readouterr().out)
     )
+
+
+def test_a_run_past_the_recompile_limit_says_so_under_the_table():
+    from silkie.dev.bench import BenchResult, format_table
+
+    def run(path: str, graphs: int | None, fallback: bool | None) -> BenchResult:
+        return BenchResult(path, 8, 0.5, 0.0, 16.0, 0.0, 1.0, None, None, None, 10.5, graphs, fallback)
+
+    table = format_table([run("plain", None, None), run("plain+compile", 9, True), run("plain+liger", 4, False)])
+    assert "plain+compile (batch 8): first step 10.5 s, ~10.0 s compile, 9 graphs; RECOMPILE LIMIT HIT" in table
+    assert "plain+liger (batch 8): first step 10.5 s, ~10.0 s compile, 4 graphs\n" in table + "\n"
+    assert "plain (batch 8): first step" not in table  # an eager run: no compile line
+
+
+def test_a_flop_count_out_of_memory_keeps_the_timed_run(tmp_path, monkeypatch, capsys):
+    import torch.utils.flop_counter
+
+    class OutOfMemory:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.utils.flop_counter, "FlopCounterMode", OutOfMemory)
+    benchmark = load_script("benchmark")
+    out = tmp_path / "bench.json"
+    results = benchmark.main(["--tiny", "--batch-sizes", "2", "--steps", "1", "--warmup", "0", "--lora-r", "4",
+                              "--question-tokens", "10", "--answer-tokens", "12", "--paths", "optimized",
+                              "--count-flops", "--out", str(out)])  # fmt: skip
+    assert [r.path for r in results] == ["optimized"] and results[0].pairs_per_second > 0
+    assert results[0].tflop_per_pair is None and not json.loads(out.read_text())["meta"].get("failures")
+    assert "FLOP count: out of memory with the blocks eager" in capsys.readouterr().out

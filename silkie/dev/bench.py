@@ -228,8 +228,9 @@ class OurRun:
 
 def run_ours(base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out: Path, args: Any) -> OurRun:
     """One of our runs through `build_trainer`. A compiling run starts from an empty dynamo cache: it compiles its
-    own graphs (its first step carries their time) and no earlier run's variants count toward the recompile
-    limit."""
+    own graphs and no earlier run's variants count toward the recompile limit. Its first step carries the compile
+    time of the training variants (the no-grad ones are compiled in the reference precompute, when cached; graphs
+    inductor has on disk from an earlier process load faster), so `first step - step` is that run's lower bound."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from silkie.data.build import PreparedData
@@ -260,9 +261,15 @@ def run_ours(base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out
     if getattr(args, "count_flops", False):  # compiled blocks counted eager: the same work, op by op
         rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
         batch = trainer._prepare_inputs(trainer.data_collator(rows))  # collated here: no DataLoader workers to start
-        with eager_blocks(trainer.model_wrapped), FlopCounterMode(display=False) as counter:
-            trainer.training_step(trainer.model_wrapped, batch)
-        flops = counter.get_total_flops()
+        models = [m for m in (trainer.model_wrapped, getattr(trainer, "ref_model", None)) if m is not None]
+        try:
+            with eager_blocks(*models), FlopCounterMode(display=False) as counter:
+                trainer.training_step(trainer.model_wrapped, batch)
+            flops = counter.get_total_flops()
+        except torch.cuda.OutOfMemoryError:  # eager blocks can need more memory: the timed run stands, without FLOPs
+            print("FLOP count: out of memory with the blocks eager; this run's TFLOP/pair and MFU are n/a", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     run = OurRun(times, peak, precompute, flops, first_step_seconds(clock))
     if compiling:
         run.compiled_graphs, run.eager_fallback = watch.graphs(), watch.gave_up() > 0

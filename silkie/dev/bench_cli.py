@@ -3,8 +3,8 @@ run), every run through its trainer.
 
 Qwen-VL-Chat (`--family qwen_vl`, default): the plain (TRL-equivalent) step vs the optimized step.
 Qwen2-VL / LLaVA (`--family qwen2_vl|llava`): TRL's own `DPOTrainer` vs ours (plain, optimized, cached reference),
-each through its trainer. Prints pairs/s, tokens/s, peak memory (and TFLOP/pair, MFU for qwen_vl) per run and
-batch size, then the ratios against the baseline (plain, or TRL).
+each through its trainer. Prints pairs/s, tokens/s, peak memory (with `--count-flops`, TFLOP/pair and MFU of our
+runs) per run and batch size, then the ratios against the baseline (plain, or TRL; then TRL's best against ours).
 CPU with the tiny model:  python scripts/benchmark.py --tiny
 GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
 TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112

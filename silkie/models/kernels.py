@@ -116,7 +116,9 @@ def compile_blocks(base: nn.Module, family: str) -> int:
     # train/eval mode, adapters on/off, a static then a dynamic shape, and each model a process builds. A short
     # run with evaluations reaches dynamo's default limit of 8, past which the blocks run eager without an error;
     # the variants are bounded (shapes go dynamic after one recompile), so a higher limit only lets them all fit.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7: old name
+    setattr(config, limit, max(getattr(config, limit), BLOCK_RECOMPILE_LIMIT))
     layers = get_family(family).decoder_layers(base)
     for layer in layers:
         layer.compile()
@@ -124,10 +126,11 @@ def compile_blocks(base: nn.Module, family: str) -> int:
 
 
 @contextmanager
-def eager_blocks(model: nn.Module) -> Iterator[None]:
-    """Inside, the compiled modules of `model` run their plain forward: the same work, visible op by op (a FLOP
-    counter sees nothing inside a compiled graph)."""
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
+def eager_blocks(*models: nn.Module) -> Iterator[None]:
+    """Inside, the compiled modules of `models` run their plain forward: the same work, visible op by op (what a
+    FLOP counter should see, whatever the torch version does with a compiled graph under it)."""
+    modules = [m for model in models for m in model.modules()]
+    compiled = [(m, m._compiled_call_impl) for m in modules if getattr(m, "_compiled_call_impl", None)]
     for module, _ in compiled:
         module._compiled_call_impl = None
     try:
@@ -146,12 +149,12 @@ def _compile_counts() -> tuple[int, int]:
 
 @dataclass
 class CompileWatch:
-    """What torch.compile did in this process since the watch was made."""
+    """What torch.compile did in this process since the watch was made (give-ups are counted from torch 2.7 on)."""
 
     start: tuple[int, int] = field(default_factory=_compile_counts)
 
     def graphs(self) -> int:
-        """Graphs compiled since the start."""
+        """Graphs compiled since the start (every recompile, and each piece of a graph split by a break)."""
         return _compile_counts()[0] - self.start[0]
 
     def gave_up(self) -> int:

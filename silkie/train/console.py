@@ -210,7 +210,7 @@ class CompileWatchCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._check()
         if state.is_world_process_zero:
-            logger.info(f"torch.compile: {self.watch.graphs()} graphs of the decoder blocks")
+            logger.info(f"torch.compile: {self.watch.graphs()} graphs compiled")
 
     def _check(self) -> None:
         if not self.warned and self.watch.gave_up():
