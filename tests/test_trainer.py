@@ -376,3 +376,20 @@ def test_every_n_layers_recomputes_only_those_blocks_and_trains_the_same(assets,
     all_flags, all_calls, all_loss = two_steps("{}")
     assert all_flags == [True, True] and all_calls == [6, 6]
     assert loss == pytest.approx(all_loss, abs=1e-6) and abs(loss - math.log(2)) > 1e-4  # step 2 learned
+
+
+def test_a_compiling_run_watches_dynamo_and_an_eager_run_does_not(assets, tmp_path):
+    from silkie.config import load_recipe
+    from silkie.train.build import build_trainer
+    from silkie.train.console import CompileWatchCallback
+
+    from .train_fixtures import DEMO_RECIPE
+
+    def watchers(compile_blocks: bool) -> list:
+        overrides = [*asset_overrides(assets), *FAST, "training.max_steps=1", f"model.compile_blocks={compile_blocks}"]
+        built = build_trainer(load_recipe(DEMO_RECIPE, overrides), tmp_path / str(compile_blocks), bookkeeping=True)
+        callbacks = built.trainer.callback_handler.callbacks
+        return [c for c in callbacks if isinstance(c, CompileWatchCallback)]
+
+    assert len(watchers(True)) == 1 and watchers(False) == []
+    torch._dynamo.reset()
