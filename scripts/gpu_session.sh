@@ -14,7 +14,10 @@
 #                                  defaults at batch 32 and TRL without checkpointing at batch 8 (its best candidates),
 #                                  ours with and without the cached reference (a run that fails is one FAILED line and
 #                                  the others go on; liger runs go last); every run, TRL's too, loads its batches
-#                                  in 4 DataLoader workers as the paper recipe does (collation off the step)
+#                                  in 4 DataLoader workers as the paper recipe does (collation off the step);
+#                                  each compiling run starts from an empty dynamo cache and prints its graph count
+#                                  ("RECOMPILE LIMIT HIT" if its blocks fell back to eager); the TRL stage ends with
+#                                  TRL's best run against ours within its memory, with and without the cached reference
 # Output lands in $OUT (or ./gpu_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
