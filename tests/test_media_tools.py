@@ -134,3 +134,22 @@ def test_chat_processes_media_as_the_adapter_s_run_did(qwen2_vl, media, tmp_path
     assert ids[0].tolist().count(config.video_token_id) == 1
     _, _, defaults = family_inputs(qwen2_vl, None, config, [], [media["clip"]], "Q")
     assert defaults["video_grid_thw"].tolist() == [[2, 4, 4]]
+
+
+def test_a_video_alone_is_enough_to_chat(qwen2_vl, media):
+    """No picture: no (empty) image tensors reach generate(), which would encode them and fail."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(qwen2_vl).eval()
+    config = model.config
+    tokenizer, ids, tensors = family_inputs(qwen2_vl, None, config, [], [media["clip"]], "What moves?")
+    assert set(tensors) == {"pixel_values_videos", "video_grid_thw", "mm_token_type_ids"}
+    assert ids[0].tolist().count(config.video_token_id) == 8 and config.image_token_id not in ids[0].tolist()
+    answers = chat_once(
+        qwen2_vl, [], "What moves?", videos=[media["clip"]], options=GenerationOptions(max_new_tokens=3), device="cpu"
+    )
+    (answer,) = answers.values()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **tensors, max_new_tokens=3,
+                             do_sample=False, eos_token_id=[tokenizer.eos_token_id])  # fmt: skip
+    assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -145,7 +145,8 @@ class FamilyPrompter:
         processed = self.processor(pictures, videos=clips) if clips else self.processor(pictures)
         processed = processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
         (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])
-        tensors = dict(processed.tensors)
+        # a modality with no media has empty tensors, which generate() would still encode (an empty torch.cat)
+        tensors = {name: t for name, t in processed.tensors.items() if not (torch.is_tensor(t) and t.numel() == 0)}
         if self.family.startswith("qwen2"):  # M-RoPE needs the modality of each token: 1 image, 2 video
             types = [1 if t == config.image_token_id else 2 if t == config.video_token_id else 0 for t in ids]
             tensors["mm_token_type_ids"] = torch.tensor([types])
