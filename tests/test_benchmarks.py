@@ -114,6 +114,25 @@ def test_unknown_task_is_one_line(trained, shapes, capsys):
     assert "--tasks: 'silkie_shape' is not an lmms-eval task; did you mean silkie_shapes" in capsys.readouterr().err
 
 
+def test_a_limit_look_never_replaces_the_full_benchmark(trained, shapes, capsys, one_torch_thread):
+    argv = ["--run", str(trained.run_dir), "--tasks", TASK, "--include-path", str(shapes), "--device", "cpu"]
+    assert main([*argv, "--limit", "5"]) == 2  # refused before any model answers
+    assert capsys.readouterr().err.strip() == (
+        f"error: --limit 5: {TASK} score each picture's two questions together (MME's accuracy+); give an even "
+        "whole number of documents, e.g. --limit 6"
+    )
+    full = trained.run_dir / "benchmarks"
+    full.mkdir(exist_ok=True)
+    (full / "results.json").write_text('{"full": true}')
+    assert main([*argv, "--limit", "4", "--batch-size", "4"]) == 0
+    look = trained.run_dir / "benchmarks-limit4"
+    result = json.loads((look / "results.json").read_text())
+    assert result["limit"] == 4 and json.loads((full / "results.json").read_text()) == {"full": True}
+    assert len((look / f"samples_dpo_{TASK}.jsonl").read_text().splitlines()) == 4
+    title = "(--limit 4: the first documents of each task, a quick look)"
+    assert title in (look / "table.md").read_text().splitlines()[0] and title in capsys.readouterr().out
+
+
 def test_loglikelihood_is_the_answer_loss(trained):
     from lmms_eval.api.instance import Instance
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,6 +128,33 @@ def plot_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+PAIRED_TASKS = ("mme", "silkie_shapes")  # MME scoring: each picture's two questions together (accuracy+)
+
+
+def check_limit(tasks: Sequence[str], limit: float | None) -> None:
+    """`--limit` keeps the first documents of each task: MME-style tasks need an even whole number of them, else
+    lmms-eval's aggregation fails after every answer was generated."""
+    paired = [t for t in tasks if t.startswith(PAIRED_TASKS)]
+    if limit is None or not paired:
+        return
+    if limit < 1 or limit != int(limit) or int(limit) % 2:
+        raise ToolError(
+            f"--limit {limit:g}: {', '.join(paired)} score each picture's two questions together (MME's accuracy+); "
+            f"give an even whole number of documents, e.g. --limit {2 * math.ceil(limit / 2) if limit >= 1 else 10}"
+        )
+
+
+def limit_note(limit: float | None) -> str:
+    """What a table title says of a `--limit` look (nothing for a full benchmark)."""
+    return "" if limit is None else f" (--limit {limit:g}: the first documents of each task, a quick look)"
+
+
+def bench_dir(run_dir: Path, limit: float | None) -> Path:
+    """Where the results go: `benchmarks/`, or for a `--limit` look `benchmarks-limit<N>/` (never over a full
+    benchmark)."""
+    return run_dir / (BENCH_DIR if limit is None else f"{BENCH_DIR}-limit{limit:g}")
+
+
 def _check_tasks(task_manager: Any, tasks: Sequence[str]) -> None:
     known = set(task_manager.all_tasks)
     for task in tasks:
@@ -162,6 +190,7 @@ def run_benchmarks(
     from silkie.tools.evaluate import locate_run
 
     run_dir = require_dir(run_dir, "run directory")
+    check_limit(tasks, limit)
     _, model_dir, adapter_dir, lora = locate_run(run_dir, adapter_dir, model_dir)
     if judge is not None:
         os.environ.update(judge.environment())
@@ -174,13 +203,14 @@ def run_benchmarks(
         raise ToolError(f"--tasks needs lmms-eval ({err}): {INSTALL_HINT}") from err
     task_manager = TaskManager(include_path=[str(Path(p).resolve()) for p in include_path] or None, model_name="silkie")
     _check_tasks(task_manager, tasks)
-    out = Path(out_dir) if out_dir else run_dir / BENCH_DIR
+    out = Path(out_dir) if out_dir else bench_dir(run_dir, limit)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(device=device, batch_size=batch_size)
     dpo = SilkieLMM(path=str(model_dir), adapter=str(adapter_dir), **options) if lora else None
     metrics: dict[str, dict] = {}
-    title = f"{run_dir.name}: base vs DPO"
+    title = f"{run_dir.name}: base vs DPO{limit_note(limit)}"
     result = {"run": str(run_dir), "model": str(model_dir), "adapter": str(adapter_dir), "tasks": list(tasks)}
+    result["limit"] = limit
     for name in MODELS:
         if lora:
             model, dpo.use_adapter = dpo, name == "dpo"

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_tasks(args: argparse.Namespace) -> int:
     """The lmms-eval benchmarks of base and DPO model; prints the markdown table."""
-    from silkie.tools.benchmarks import JudgeEndpoint, format_markdown, run_benchmarks
+    from silkie.tools.benchmarks import JudgeEndpoint, format_markdown, limit_note, run_benchmarks
 
     judge = JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
     result = run_benchmarks(
@@ -87,7 +87,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         limit=args.limit, batch_size=args.batch_size or 8, device=args.device, adapter_dir=args.adapter,
         model_dir=args.model, judge=judge, out_dir=args.out,
     )  # fmt: skip
-    print(format_markdown(result["rows"], f"{result['run']}: base vs DPO"))
+    print(format_markdown(result["rows"], f"{result['run']}: base vs DPO{limit_note(args.limit)}"))
     print(f"written: {', '.join(result['files'].values())}")
     return 0
 
