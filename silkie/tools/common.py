@@ -84,6 +84,13 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
 
     family = family_of(model_dir)
     _check_same_family(family, model_dir, folders)
+    for folder in (Path(f) for f in folders if f is not None and (Path(f) / "adapter_config.json").is_file()):
+        trained = trained_family(folder)
+        if trained is not None and trained != family:
+            raise ToolError(
+                f"the adapter in {folder} was trained on a {trained} model{_base_named(folder)}, not on {model_dir} "
+                f"({family}); give it a {trained} base model"
+            )
     if family == "qwen_vl":
         return QwenVLCodec(load_tokenizer_from(*folders, model_dir))
     found = next((Path(f) for f in (*folders, model_dir) if f and (Path(f) / "tokenizer_config.json").is_file()), None)
@@ -123,13 +130,47 @@ def load_model(
     return model.eval()
 
 
+def trained_family(adapter_dir: Path) -> str | None:
+    """The family of the base an adapter was trained on: its run's `model.family` (RUN/config.yaml beside
+    RUN/adapter), else that of the base folder named in `adapter_config.json` where it exists here; None when
+    neither says."""
+    import yaml
+
+    from silkie.config.checkpoint import model_type_of
+    from silkie.config.names import MODEL_TYPES
+    from silkie.run_dir import CONFIG_NAME
+
+    try:
+        recipe = yaml.safe_load((adapter_dir.parent / CONFIG_NAME).read_text())
+        family = recipe["model"]["family"]
+        if isinstance(family, str):
+            return family
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        pass
+    base = _named_base(adapter_dir)
+    try:
+        return MODEL_TYPES.get(model_type_of(Path(base))) if base and (Path(base) / "config.json").is_file() else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _named_base(adapter_dir: Path) -> str | None:
+    """The base model an adapter's `adapter_config.json` names, or None."""
+    try:
+        return json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _trained_on(adapter_dir: Path) -> str:
     """` (it was trained on BASE)`, from the adapter's config, or nothing when it does not say."""
-    try:
-        base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return ""
+    base = _named_base(adapter_dir)
     return f" (it was trained on {base})" if base else ""
+
+
+def _base_named(adapter_dir: Path) -> str:
+    base = _named_base(adapter_dir)
+    return f" ({base})" if base else ""
 
 
 def _load_base(family: str, model_dir: Path, dtype: torch.dtype) -> torch.nn.Module:
