@@ -86,8 +86,12 @@ def test_drop_counts_too_long_in_report(tok):
     assert dataset["prompt_id"] == ["short"]
     assert report.pairs_dropped == {"too_long": 1} and report.pairs_kept == 1
     assert report.offending_ids["too_long"] == ["long"]
-    with pytest.raises(ValueError, match="no pairs left"):
-        tokenize_pairs([_pair(chosen=LONG)], tok, max_length=prompt_len + 5)
+    with pytest.raises(ValueError) as empty:
+        tokenize_pairs([_pair("p1", chosen=LONG)], tok, max_length=prompt_len + 5, split="held-out split")
+    assert str(empty.value) == (
+        "held-out split: no pair left after tokenization, all 1 dropped (too_long: 1 (first: p1); "
+        f"max_length = {prompt_len + 5}, truncation = drop)"
+    )
 
 
 def test_image_tags_in_text_are_rejected(tok):

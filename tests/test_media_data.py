@@ -163,3 +163,25 @@ def test_a_broken_video_weights_its_pair_0_and_keeps_its_tokens(codec):
     per_video = (batch["video_grid_thw"].prod(-1) // 4).tolist()
     assert tokens == per_video and per_video[0] == 8  # 4 frames -> 2 temporal patches x 4 tokens
     assert torch.isfinite(batch["pixel_values_videos"]).all()
+
+
+def test_video_drops_are_explained_only_when_they_happened(capsys):
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from silkie.train.build import _explain_video_drops
+
+    recipe = SimpleNamespace(data=SimpleNamespace(video_max_frames=64), dpo=SimpleNamespace(max_length=512))
+    codec = SimpleNamespace(video_marker_id=7, video_token_budget=lambda frames: 8 * frames)
+    _explain_video_drops(recipe, codec, SimpleNamespace(pairs_dropped=Counter()))  # no video pair dropped
+    assert capsys.readouterr().out == ""
+    _explain_video_drops(recipe, codec, SimpleNamespace(pairs_dropped=Counter(too_long=3)))
+    assert capsys.readouterr().out.strip() == (
+        "[silkie] warning: a video of data.video_max_frames = 64 frames may take 512 tokens, not below "
+        "dpo.max_length = 512, so pairs with a video are dropped as too_long; lower model.video_max_pixels or "
+        "data.video_max_frames, or raise dpo.max_length"
+    )
+    _explain_video_drops(
+        recipe, SimpleNamespace(video_marker_id=None), SimpleNamespace(pairs_dropped=Counter(too_long=3))
+    )
+    assert capsys.readouterr().out == ""  # a family without video

@@ -113,7 +113,7 @@ def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: 
 
     train_pairs, eval_pairs, store, report = build_pairs(data)
 
-    def tokenize(pairs: list) -> Any:
+    def tokenize(pairs: list, split: str) -> Any:
         dataset = tokenize_pairs(
             pairs,
             tokenizer,
@@ -123,9 +123,10 @@ def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: 
             cache_dir=cache_dir,
             report=report,
             video_frames=data.video_max_frames,
+            split=split,
         )
         return dataset.add_column("pair_index", list(range(len(dataset))))
 
-    train = tokenize(train_pairs)
-    evaluation = tokenize(eval_pairs) if eval_pairs else None
+    train = tokenize(train_pairs, "training split")
+    evaluation = tokenize(eval_pairs, "held-out split") if eval_pairs else None
     return PreparedData(train=train, eval=evaluation, image_store=store, report=report)

@@ -185,10 +185,21 @@ def cache_key(
     return digest.hexdigest()[:32]
 
 
-def _apply_stats(stats: dict[str, Any], report: PairReport | None) -> None:
+def _drops(stats: dict[str, Any]) -> str:
+    """`too_long: 12 (first: id-7), video_unsupported: 2 (first: id-9)`."""
+    firsts = stats.get("offending_ids", {})
+    return ", ".join(
+        f"{reason}: {n}" + (f" (first: {firsts[reason][0]})" if firsts.get(reason) else "")
+        for reason, n in sorted(stats["dropped"].items())
+    )
+
+
+def _apply_stats(stats: dict[str, Any], report: PairReport | None, split: str) -> None:
     dropped = stats["dropped"]
     if dropped:
-        logger.warning("tokenize_pairs dropped %d of %d pairs: %s", sum(dropped.values()), stats["total"], dropped)
+        logger.warning(
+            f"{split}: {sum(dropped.values())} of {stats['total']} pairs dropped at tokenization: {_drops(stats)}"
+        )
     if report is None:
         return
     for reason, count in dropped.items():
@@ -255,13 +266,14 @@ def tokenize_pairs(
     cache_dir: str | os.PathLike[str] | None = None,
     report: PairReport | None = None,
     video_frames: int = DEFAULT_VIDEO_FRAMES,
+    split: str = "pairs",
 ) -> datasets.Dataset:
     """Tokenize pairs into a Dataset with `prompt_id`, `images`, `videos`, `{prompt,chosen,rejected}_input_ids`,
     lengths (`video_frames`: the most frames a video is sampled to, which bounds its tokens).
 
     With `cache_dir`, the result is saved under `cache_dir/<hash>` (hash of pairs, vocabulary bytes and options)
-    and later calls load it instead of tokenizing again. Drops are logged and, with `report`, added to it.
-    Raises `ValueError` when no pair is left.
+    and later calls load it instead of tokenizing again. Drops are logged (under `split`, e.g. "held-out split")
+    and, with `report`, added to it. Raises `InputError` when no pair is left.
     """
     if truncation not in ("drop", "answer"):
         raise ValueError(f"truncation must be 'drop' or 'answer', got {truncation!r}")
@@ -280,7 +292,10 @@ def tokenize_pairs(
         dataset, stats = _tokenize(records, tokenizer, max_length, truncation, num_proc, key, video_frames)
         if target is not None:
             dataset = _save_to_cache(dataset, stats, target)
-    _apply_stats(stats, report)
+    _apply_stats(stats, report, split)
     if len(dataset) == 0:
-        raise InputError(f"no pairs left after tokenization (max_length={max_length}, dropped={stats['dropped']})")
+        raise InputError(
+            f"{split}: no pair left after tokenization, all {stats['total']} dropped ({_drops(stats)}; "
+            f"max_length = {max_length}, truncation = {truncation})"
+        )
     return dataset

@@ -103,14 +103,6 @@ def build_trainer(
             f"= {recipe.dpo.max_length}, so every pair with an image would be dropped; lower model.max_pixels "
             "(e.g. 200704 = 448x448 -> 256 tokens) or raise dpo.max_length"
         )
-    video_budget = codec.video_marker_id is not None and codec.video_token_budget(recipe.data.video_max_frames)
-    if video_budget and video_budget >= recipe.dpo.max_length:
-        logger.warning(
-            f"a video of data.video_max_frames = {recipe.data.video_max_frames} frames may take "
-            f"{video_budget} tokens, not below dpo.max_length = {recipe.dpo.max_length}: every pair with a video "
-            "will be dropped as too_long; lower model.video_max_pixels or data.video_max_frames, or raise "
-            "dpo.max_length"
-        )
     if data is None:
         with args.main_process_first(desc="tokenizing pairs"):
             cache = recipe.data.cache_dir or working / CACHE_DIR
@@ -118,10 +110,23 @@ def build_trainer(
         if bookkeeping:  # a tool's stdout is its own table
             say(f"data: {data.report.summary()}")
             say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
+            _explain_video_drops(recipe, codec, data.report)
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model, ref_model = _policy_and_reference(recipe, base_model, policy)
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)
     return BuiltRun(recipe, working, trainer, codec, data, preemption)
+
+
+def _explain_video_drops(recipe: Recipe, codec: Any, report: Any) -> None:
+    """Pairs dropped as too_long where one video alone may fill dpo.max_length: say which keys to change (only
+    when such drops happened: a recipe without videos hears nothing of it)."""
+    budget = codec.video_marker_id is not None and codec.video_token_budget(recipe.data.video_max_frames)
+    if budget and budget >= recipe.dpo.max_length and report.pairs_dropped.get("too_long"):
+        logger.warning(
+            f"a video of data.video_max_frames = {recipe.data.video_max_frames} frames may take {budget} tokens, "
+            f"not below dpo.max_length = {recipe.dpo.max_length}, so pairs with a video are dropped as too_long; "
+            "lower model.video_max_pixels or data.video_max_frames, or raise dpo.max_length"
+        )
 
 
 def _policy_and_reference(
