@@ -102,9 +102,21 @@ def test_refused_submission_leaves_nothing_behind(cluster, assets, tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert line == (
         "error: sbatch refused the job (sbatch: error: invalid partition specified: nope "
-        "sbatch: error: Batch job submission failed: Invalid partition name specified); --dry-run prints the script"
+        "sbatch: error: Batch job submission failed: Invalid partition name specified); the job asks for "
+        "--partition=nope (slurm.partition); --dry-run prints the script"
     )
     assert not working.exists()
+
+
+def test_a_refusal_for_resources_names_what_the_job_asked_and_its_keys():
+    from silkie.launch.slurm import _resource_hint
+
+    script = "#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --gres=gpu:2\n#SBATCH --cpus-per-gpu=8\n#SBATCH --time=24:00:00\n"
+    reason = "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+    assert _resource_hint(script, reason) == (
+        "; the job asks for --gres=gpu:2 (--gpus / slurm.gpus_per_node), --cpus-per-gpu=8 (slurm.cpus_per_gpu)"
+    )
+    assert _resource_hint(script, "sbatch: error: Batch job submission failed: Invalid account") == ""
 
 
 def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, assets, jobs, tmp_path):

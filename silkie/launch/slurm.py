@@ -256,6 +256,39 @@ def active_jobs(working: str | Path) -> list[str]:
     return sorted((i for i in ids if i in queued), key=int)
 
 
+RESOURCE_KEYS = {  # #SBATCH option -> the recipe key that writes it
+    "--gres": "--gpus / slurm.gpus_per_node",
+    "--cpus-per-gpu": "slurm.cpus_per_gpu",
+    "--mem-per-gpu": "slurm.mem_per_gpu",
+    "--partition": "slurm.partition",
+    "--constraint": "slurm.constraint",
+    "--time": "slurm.time",
+    "--qos": "slurm.qos",
+}
+_NODE_SHAPE = ("--gres", "--cpus-per-gpu", "--mem-per-gpu", "--partition", "--constraint")
+RESOURCE_REFUSALS = {  # words of sbatch's refusal -> the options that can cause it
+    "node configuration is not available": _NODE_SHAPE,
+    "more processors requested": _NODE_SHAPE,
+    "invalid generic resource": ("--gres",),
+    "memory specification": ("--mem-per-gpu",),
+    "time limit": ("--time",),
+    "invalid partition": ("--partition",),
+    "invalid qos": ("--qos",),
+    "invalid feature": ("--constraint",),
+}
+
+
+def _resource_hint(script: str, reason: str) -> str:
+    """For a refusal about resources: what the job asked for that can cause it, each with its recipe key."""
+    causes = next((options for words, options in RESOURCE_REFUSALS.items() if words in reason.lower()), ())
+    asked = []
+    for line in script.splitlines():
+        option, _, value = line.removeprefix("#SBATCH ").partition("=")
+        if line.startswith("#SBATCH ") and option in causes:
+            asked.append(f"{option}={value} ({RESOURCE_KEYS[option]})")
+    return f"; the job asks for {', '.join(asked)}" if asked else ""
+
+
 def submit(script: str, working: str | Path) -> tuple[str, Path, Path]:
     """Write the script to DIR/slurm/, `sbatch` it; returns (job id, script path, log path)."""
     if shutil.which("sbatch") is None:
@@ -269,7 +302,8 @@ def submit(script: str, working: str | Path) -> tuple[str, Path, Path]:
     if result.returncode != 0:
         pending.unlink()
         reason = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
-        raise LaunchError(f"sbatch refused the job ({reason}); --dry-run prints the script")
+        hint = _resource_hint(script, reason)
+        raise LaunchError(f"sbatch refused the job ({reason}){hint}; --dry-run prints the script")
     match = re.match(r"^(\d+)", result.stdout.strip())
     if not match:
         raise LaunchError(f"could not read a job id from sbatch's answer {result.stdout.strip()!r}")
