@@ -30,8 +30,8 @@ from .slurm_cluster import (
 )
 
 TRAIN_SCRIPT = REPO_ROOT / "train_dpo.py"
-TORCHRUN = f"{shlex.quote(sys.executable)} -m torch.distributed.run"  # in Slurm scripts
 LOCAL_TORCHRUN = f"{shlex.quote(sys.executable)} {REPO_ROOT / 'silkie' / 'launch' / 'torchrun_entry.py'}"
+TORCHRUN = LOCAL_TORCHRUN  # Slurm scripts too: no traceback after a signal or an input error
 SIGNALS = "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # read by torchrun's --signals_to_handle
 MAX_STEPS = 20
 
@@ -229,6 +229,8 @@ def test_dry_run_slurm_script(tmp_path, gpus, nodes, per_node):
         '    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\',
         f"    {TRAIN_SCRIPT} --config {working}/config.yaml --working {working} &",
         '    scontrol requeue "$SLURM_JOB_ID"',
+        'if [ -e "$WORKING/ERROR" ]; then  # bad input: a requeue would stop the same way',
+        '    echo "error: $(cat "$WORKING/ERROR")"',
     ):
         assert expected in lines, f"missing line {expected!r} in:\n{script}"
     assert "CUDA_VISIBLE_DEVICES" not in script  # GPU mode

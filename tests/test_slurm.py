@@ -95,6 +95,25 @@ def test_gpus_2_cpu_job_runs_to_the_end_with_wait(cluster, assets, jobs, tmp_pat
     assert train_steps(working) == list(range(1, JOB_STEPS + 1))
 
 
+def test_an_input_error_in_a_job_is_one_line_and_no_requeue(cluster, assets, jobs, tmp_path):
+    import json
+
+    rows = tmp_path / "own.jsonl"
+    rows.write_text(json.dumps({"question": "What is shown?", "chosen": "A cat.", "rejected": "A dog."}) + "\n")
+    working = tmp_path / "run"
+    overrides = [*asset_overrides(assets), *SLURM_OVERRIDES, "data.source=preference", "data.images=null"]
+    result = run_launcher(working, "--gpus", "2", "--wait", *overrides, f"data.path={rows}", timeout=110)
+    job = job_id_from(result.stdout + result.stderr)
+    jobs.append(job)
+    assert result.returncode == 1
+    text = read_log(working / "slurm" / f"{job}.log")
+    message = f"no usable preference pairs in {rows}: rows seen=1 kept=0"
+    assert text.count(message) == 1 and f"error: {message}" in text, text
+    assert "[silkie] training stopped on this input error; fix it and launch again" in text
+    assert "Traceback" not in text and "exitcode" not in text and "requeue" not in text
+    assert job_field(job, "JobState") == "FAILED" and job_field(job, "Restarts") == "0"
+
+
 def test_refused_submission_leaves_nothing_behind(cluster, assets, tmp_path):
     working = tmp_path / "run"
     result = run_launcher(working, "--gpus", "2", *asset_overrides(assets), *SLURM_OVERRIDES, "slurm.partition=nope")
@@ -170,6 +189,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, assets, job
     ]
     positions = [text.find(marker) for marker in order]
     assert -1 not in positions and positions == sorted(positions), list(zip(order, positions))
+    assert "Traceback" not in text and "SignalException" not in text  # a planned stop is no crash
     assert finished_step(working) == PREEMPT_STEPS
     steps = train_steps(working)
     assert steps[-1] == PREEMPT_STEPS and set(steps) == set(range(1, PREEMPT_STEPS + 1))

@@ -84,11 +84,6 @@ def visible_gpus() -> int:
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
-def torchrun_prefix(python: str | None = None) -> list[str]:
-    """`torchrun` as a module of the given (default: this) Python."""
-    return [python or sys.executable, "-m", "torch.distributed.run"]
-
-
 def train_command(working: str | Path) -> list[str]:
     """The per-process entry: always the run directory's own recipe, so a resume reads the same one."""
     if not TRAIN_SCRIPT.is_file():

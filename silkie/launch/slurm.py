@@ -26,9 +26,9 @@ from pathlib import Path
 from silkie.config import Recipe
 from silkie.config.cluster import SLURM_SIGNALS, SlurmSection
 from silkie.logs import LAUNCH, LAUNCH_STDOUT, get_logger
-from silkie.run_dir import ADAPTER_DIR, FINISHED_NAME, SLURM_DIR, checkpoint_status
+from silkie.run_dir import ADAPTER_DIR, ERROR_NAME, FINISHED_NAME, SLURM_DIR, checkpoint_status
 
-from .local import torchrun_env, torchrun_prefix, train_command
+from .local import TORCHRUN_ENTRY, torchrun_env, train_command
 from .workdir import LaunchError
 
 notes, news = get_logger(LAUNCH), get_logger(LAUNCH_STDOUT)
@@ -137,8 +137,9 @@ def shutdown_grace(signal_seconds: int) -> int:
 
 
 def _torchrun_line(recipe: Recipe, working: Path, layout: SlurmLayout, python: str | None) -> str:
+    # torchrun through torchrun_entry.py, as a local launch: no traceback after a signal or an input error
     return (
-        f"{shlex.join(torchrun_prefix(python))} \\\n"
+        f"{shlex.join([python or sys.executable, str(TORCHRUN_ENTRY)])} \\\n"
         f'    --nnodes "$SLURM_NNODES" --nproc_per_node {layout.gpus_per_node} \\\n'
         f'    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\\n'
         f"    {shlex.join(train_command(working))}"
@@ -226,6 +227,11 @@ def render_script(
         f'if [ -e "$WORKING/{FINISHED_NAME}" ]; then',
         '    echo "[silkie] finished: adapter in $WORKING/adapter"',
         "    exit 0",
+        "fi",
+        f'if [ -e "$WORKING/{ERROR_NAME}" ]; then  # bad input: a requeue would stop the same way',
+        f'    echo "error: $(cat "$WORKING/{ERROR_NAME}")"',
+        '    echo "[silkie] training stopped on this input error; fix it and launch again"',
+        "    exit 2",
         "fi",
         'last=$(ls -d "$WORKING"/checkpoint-* 2>/dev/null | sort -V | tail -n1)',
         'if [ "$PREEMPTED" = 1 ]; then',
