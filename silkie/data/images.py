@@ -169,6 +169,9 @@ class ZipImageStore:
     def __repr__(self) -> str:
         return f"ZipImageStore({str(self.zip_path)!r})"
 
+    def __str__(self) -> str:
+        return str(self.zip_path)
+
 
 class FolderImageStore:
     """Reads images from a folder: `root/merged_images/<id>.jpg` or `root/<id>.jpg`."""
@@ -208,6 +211,9 @@ class FolderImageStore:
 
     def __repr__(self) -> str:
         return f"FolderImageStore({str(self.root)!r})"
+
+    def __str__(self) -> str:
+        return f"{self.root}/"
 
 
 def open_image_store(path: str | os.PathLike[str]) -> ZipImageStore | FolderImageStore:

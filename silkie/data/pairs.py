@@ -263,7 +263,7 @@ def _media_usable(
     for kind, keys in (("image", row.images), ("video", row.videos)):
         missing = next((key for key in keys if not image_store.exists(key)), None)
         if missing is not None:
-            report.drop_row(f"missing_{kind}", row.id, detail=f"{missing} not in {image_store!r}")
+            report.drop_row(f"missing_{kind}", row.id, detail=f"{missing} not in {image_store}")
             return False
     return True
 
