@@ -86,5 +86,34 @@ def get_logger(name: str) -> logging.Logger:
 
 def ignore_known_warnings() -> None:
     """Filter the library warnings known to be noise here: peft asks a transformers 5 model for its deprecated
-    `is_gradient_checkpointing` (a FutureWarning on every load of an adapter)."""
+    `is_gradient_checkpointing` (a FutureWarning on every load of an adapter); DeepSpeed says "Setting accelerator
+    to CPU" as a warning wherever it is imported without a GPU (the tools, a CPU run)."""
     warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _NotCpuAccelerator) for f in deepspeed.filters):
+        deepspeed.addFilter(_NotCpuAccelerator())
+
+
+def on_terminal() -> bool:
+    """Whether output goes to a terminal (progress bars) rather than a file or a pipe (plain lines)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def hide_progress_bars() -> None:
+    """Turn off the `\\r` progress bars of transformers (loading weights, writing shards) and datasets: in a log
+    file or a pipe they are noise. Set before those libraries load, or on them when they already have."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
+class _NotCpuAccelerator(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")

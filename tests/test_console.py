@@ -113,7 +113,7 @@ def test_known_harmless_warnings_are_filtered(capsys):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            console.quiet_libraries(cpu=True, terminal=True)
+            console.quiet_libraries(terminal=True)
             for message in ("`is_gradient_checkpointing` is deprecated, use ...", "another deprecation"):
                 warnings.warn(message, FutureWarning, stacklevel=1)
         assert [str(w.message) for w in caught] == ["another deprecation"]
@@ -124,3 +124,26 @@ def test_known_harmless_warnings_are_filtered(capsys):
         assert [deepspeed_logger.filter(r) for r in records] == [False, True]
     finally:
         deepspeed_logger.filters[:] = before
+
+
+def test_tools_off_a_terminal_show_no_progress_bars(monkeypatch):
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    from silkie.tools import cli
+
+    monkeypatch.setattr(cli, "on_terminal", lambda: False)
+    names = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    try:
+        hf_logging.enable_progress_bar()
+        seen = []
+        assert cli.run_cli(lambda: seen.append(hf_logging.is_progress_bar_enabled()) or 0) == 0
+        assert seen == [False] and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    finally:
+        hf_logging.enable_progress_bar()
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value

@@ -223,9 +223,7 @@ def test_missing_image_rows_dropped_with_store(tmp_path):
     pairs, report = build_vlfeedback_pairs([clean_row("a"), clean_row("b")], image_store=store)
     assert {p.prompt_id for p in pairs} == {"a"}
     assert report.rows_dropped == {"missing_image": 1} and report.offending_ids["missing_image"] == ["b"]
-    assert f"missing_image: 1 (first: b: merged_images/b.jpg not in {tmp_path / 'm.zip'})" in (
-        report.summary()
-    )
+    assert f"missing_image: 1 (first: b: merged_images/b.jpg not in {tmp_path / 'm.zip'})" in (report.summary())
 
 
 def test_images_of_every_mode_decode_to_the_right_rgb():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from silkie.logs import ignore_known_warnings
+
 FOLDERS = {
     "qwen_vl": "tiny-qwen-vl",
     "qwen2_vl": "tiny-qwen2-vl",
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "--families", nargs="+", default=list(FOLDERS), choices=list(FOLDERS), help="tiny checkpoints to build"
     )
     args = parser.parse_args(argv)
+    ignore_known_warnings()
 
     from silkie.dev.synthetic import write_synthetic_vlfeedback
 

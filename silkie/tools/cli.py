@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from silkie.logs import ignore_known_warnings
+from silkie.logs import hide_progress_bars, ignore_known_warnings, on_terminal
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -19,8 +19,10 @@ class ToolError(Exception):
 
 def run_cli(command: Callable[..., int], *args: Any) -> int:
     """Run `command(*args)`; a `ToolError` becomes `error: <message>` on stderr and exit code 2, Ctrl-C
-    `interrupted` and 130 (the shell's code for SIGINT) without a traceback."""
+    `interrupted` and 130 (the shell's code for SIGINT) without a traceback. Off a terminal, no progress bars."""
     ignore_known_warnings()
+    if not on_terminal():
+        hide_progress_bars()
     try:
         return command(*args)
     except ToolError as err:

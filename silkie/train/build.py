@@ -77,7 +77,7 @@ def build_trainer(
 
     preemption = PreemptionCallback() if bookkeeping else None  # from the start: a signal while loading stops early
     if bookkeeping:
-        quiet_libraries(cpu=recipe.launch.cpu or not torch.cuda.is_available(), terminal=on_terminal())
+        quiet_libraries(terminal=on_terminal())
     working = Path(working)
     working.mkdir(parents=True, exist_ok=True)
     if bookkeeping and is_main_process():

@@ -5,15 +5,13 @@ filtered out."""
 
 from __future__ import annotations
 
-import logging
-import sys
 import time
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from silkie.logs import get_logger, ignore_known_warnings
+from silkie.logs import get_logger, hide_progress_bars, ignore_known_warnings, on_terminal
 
 from .metrics import run_train_loss
 
@@ -21,29 +19,13 @@ logger = get_logger(__name__)
 HF_CONSOLE_CALLBACKS = (ProgressCallback, PrinterCallback)  # replaced by ConsoleCallback: they print the raw dict
 
 
-def on_terminal() -> bool:
-    """Whether the run's output goes to a terminal (progress bars) rather than a file or a pipe (plain lines)."""
-    return sys.stdout.isatty() and sys.stderr.isatty()
-
-
-def quiet_libraries(cpu: bool, terminal: bool) -> None:
-    """Filter what is known to be noise here: peft's `is_gradient_checkpointing` FutureWarning (peft asks a
-    transformers 5 model for the old name), DeepSpeed's "Setting accelerator to CPU" on a CPU run (the launcher
-    said so already); off a terminal, the `\\r` progress bars of datasets and transformers' weight loading."""
+def quiet_libraries(terminal: bool) -> None:
+    """Filter what is known to be noise here (`ignore_known_warnings`: peft's `is_gradient_checkpointing`
+    FutureWarning, DeepSpeed's "Setting accelerator to CPU"); off a terminal, the `\\r` progress bars of datasets
+    and transformers' weight loading."""
     ignore_known_warnings()
-    if cpu:
-        logging.getLogger("DeepSpeed").addFilter(_NotCpuAccelerator())
     if not terminal:
-        import datasets
-        from transformers.utils import logging as hf_logging
-
-        datasets.disable_progress_bars()
-        hf_logging.disable_progress_bar()
-
-
-class _NotCpuAccelerator(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Setting accelerator to CPU")
+        hide_progress_bars()
 
 
 def _duration(seconds: float) -> str:
