@@ -45,3 +45,15 @@ def test_merge_refuses_an_adapter_of_another_family_in_one_line(bases, tmp_path)
         f"{bases['qwen2_vl']} (qwen2_vl); give it a llava base model"
     )
     assert not (tmp_path / "merged").exists()
+
+
+def test_the_merged_config_says_one_dtype_throughout(bases):
+    import torch
+    from transformers import AutoConfig
+
+    from silkie.tools.merge import _set_dtype_flags
+
+    config = AutoConfig.from_pretrained(bases["qwen2_vl"])
+    _set_dtype_flags(config, torch.bfloat16)
+    saved = config.to_dict()
+    assert saved["dtype"] == saved["text_config"]["dtype"] == saved["vision_config"]["dtype"] == "bfloat16"

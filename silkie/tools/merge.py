@@ -41,8 +41,13 @@ def _copy_extras(base_dir: Path, out_dir: Path) -> list[str]:
 
 
 def _set_dtype_flags(config, dtype: torch.dtype) -> None:
-    """Record the saved dtype; the official `bf16/fp16/fp32` flags follow it when the base set one of them."""
+    """Record the saved dtype, in the text and vision sub-configs too (else config.json says bf16 at the top and
+    fp32 inside); the official `bf16/fp16/fp32` flags follow it when the base set one of them."""
     config.dtype = dtype
+    for name in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "dtype"):
+            sub.dtype = dtype
     if any(getattr(config, flag, False) for flag in ("bf16", "fp16", "fp32")):
         config.bf16, config.fp16 = dtype == torch.bfloat16, dtype == torch.float16
         config.fp32 = dtype == torch.float32
