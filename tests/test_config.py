@@ -194,3 +194,16 @@ def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
     key = override.split("=")[0]
     with pytest.raises(RecipeError, match=rf"unknown key '{key}' \(did you mean '{meant}'\?\)"):
         load_recipe(DEMO, [override])
+
+
+def test_model_family_left_out_is_read_from_the_checkpoint(tmp_path):
+    folder = tmp_path / "tiny-qwen2-vl"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    assert load_recipe(DEMO, [f"model.path={folder}"]).model.family == "qwen2_vl"
+    assert load_recipe(DEMO, [f"model.path={folder}", "model.family=llava"]).model.family == "llava"  # as given
+    assert load_recipe(DEMO, [f"model.path={tmp_path / 'elsewhere'}"]).model.family == "qwen_vl"  # no folder here
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    assert load_recipe(DEMO, [f"model.path={folder}"]).model.family == "qwen_vl"  # unknown: the default
+    (folder / "config.json").write_text("not json")
+    assert load_recipe(DEMO, [f"model.path={folder}"]).model.family == "qwen_vl"  # the checkpoint check names it

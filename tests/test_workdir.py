@@ -137,8 +137,8 @@ def test_a_model_folder_of_the_wrong_kind_is_refused_before_torchrun(tmp_path):
         == f"error: model.path: {model} has no config.json (expected a qwen_vl checkpoint folder)"
     )
     assert "torchrun" not in refused.stderr and "exitcode" not in refused.stderr
-    (model / "config.json").write_text('{"model_type": "llava"}')
-    refused = run_launcher(working, f"model.path={model}", *data)
+    (model / "config.json").write_text('{"model_type": "llava"}')  # left out, model.family would be read from it
+    refused = run_launcher(working, f"model.path={model}", "model.family=qwen_vl", *data)
     assert one_line_error(refused) == (
         f"error: model.family: {model} holds a 'llava' checkpoint (config.json model_type), not a qwen_vl one; "
         "set model.family=llava"

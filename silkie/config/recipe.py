@@ -17,10 +17,12 @@ import yaml
 
 from silkie.errors import RecipeError
 
+from .checkpoint import model_type_of
 from .checks import coerce, describe, suggest, type_ok
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
+from .names import MODEL_TYPES
 from .sections import DataSection, LoraSection, ModelSection
 from .training import TRAINING_KEYS, check_training
 from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
@@ -88,6 +90,8 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
         raise RecipeError(f"recipe: the top level must be a mapping of sections, got {type(raw).__name__}")
     sections = {f.name: f for f in dataclasses.fields(Recipe)}
     built = {}
+    if isinstance(raw.get("model"), dict):
+        raw = {**raw, "model": with_checkpoint_family(raw["model"])}
     for name, value in raw.items():
         if name not in sections:
             raise RecipeError(f"recipe: unknown section '{name}'{suggest(name, list(sections))}")
@@ -100,6 +104,19 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
     recipe = Recipe(**built)
     recipe.check()
     return recipe
+
+
+def with_checkpoint_family(model: dict[str, Any]) -> dict[str, Any]:
+    """The `model:` section with `family` read from the checkpoint's config.json when the recipe leaves it out
+    and `path` is a local folder of a known model_type (else as given: the default, qwen_vl, applies)."""
+    path = model.get("path")
+    if "family" in model or not isinstance(path, str) or not path:
+        return model
+    try:
+        family = MODEL_TYPES.get(model_type_of(Path(path).expanduser()) or "")
+    except (OSError, ValueError):  # an unreadable config.json: the checkpoint check names it later
+        return model
+    return {**model, "family": family} if family else model
 
 
 def read_recipe_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:

@@ -21,7 +21,8 @@ class ModelSection:
     )
     family: str = key(
         "qwen_vl",
-        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `llava` (transformers).",
+        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `llava` (transformers); left "
+        "out, read from the local checkpoint's config.json (`model_type`), else qwen_vl.",
         "models.family:get_family",
     )
     dtype: str = key(
