@@ -147,3 +147,17 @@ def test_tools_off_a_terminal_show_no_progress_bars(monkeypatch):
             os.environ.pop(name, None)
             if value is not None:
                 os.environ[name] = value
+
+
+def test_the_settings_line_shows_the_defaults_the_recipe_left_out(tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, lr_scheduler_type="cosine", warmup_steps=0.1)  # fmt: skip
+    assert console.settings_line(args, 0.1, "sigmoid") == (
+        "training: lr 5.00e-05 (cosine, warmup 0.1) | 4 pairs/device x 2 accumulation x 1 process = 8 pairs/step | "
+        "3 epochs | adamw_torch_fused, weight decay 0, grad norm 1 | fp32 | dpo: sigmoid, beta 0.1"
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=270)
+    assert " | 270 steps | " in console.settings_line(args, 0.2, ["sigmoid", "sft"])
+    assert console.settings_line(args, 0.2, ["sigmoid", "sft"]).endswith("dpo: sigmoid+sft, beta 0.2")

@@ -111,6 +111,10 @@ def build_trainer(
             say(f"data: {data.report.summary()}")
             say(f"data: {len(data.train)} train pairs, {len(data.eval) if data.eval is not None else 0} eval pairs")
             _explain_video_drops(recipe, codec, data.report)
+    if bookkeeping:
+        from .console import settings_line
+
+        say(settings_line(args, recipe.dpo.beta, recipe.dpo.loss_type))
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model, ref_model = _policy_and_reference(recipe, base_model, policy)
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)

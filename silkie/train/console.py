@@ -65,6 +65,26 @@ def eval_line(step: int, logs: dict) -> str:
     return " | ".join(parts)
 
 
+def settings_line(args: TrainingArguments, beta: float, loss_type: Any) -> str:
+    """The run's effective optimisation settings, defaults included (the recipe's `training:` holds only what it
+    sets): `training: lr 5.00e-05 (cosine, warmup 0.05) | 8 pairs/device x 2 accumulation x 4 processes = 64
+    pairs/step | 3 epochs | adamw_torch_fused, weight decay 0.0, grad norm 1.0 | bf16 | dpo: sigmoid, beta 0.1`."""
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    optimizer = getattr(args.optim, "value", args.optim)
+    length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    losses = loss_type if isinstance(loss_type, str) else "+".join(loss_type)
+    return " | ".join([
+        f"training: lr {args.learning_rate:.2e} ({scheduler}, warmup {args.warmup_steps:g})",
+        f"{args.per_device_train_batch_size} pairs/device x {args.gradient_accumulation_steps} accumulation x "
+        f"{args.world_size} process{'es' if args.world_size != 1 else ''} = {_pairs_per_step(args)} pairs/step",
+        length,
+        f"{optimizer}, weight decay {args.weight_decay:g}, grad norm {args.max_grad_norm:g}",
+        precision,
+        f"dpo: {losses}, beta {beta:g}",
+    ])  # fmt: skip
+
+
 def summary_line(
     step: int, logs: dict, start_step: int = 0, run_loss: float | None = None, training_rate: float | None = None
 ) -> str:
