@@ -287,3 +287,22 @@ def test_train_dpo_reports_an_input_error_once_and_lets_bugs_through(tmp_path, m
     monkeypatch.setattr(silkie.train, "run_training", bug)
     with pytest.raises(FileNotFoundError):
         entry.main(argv)
+
+
+def test_torchrun_lines_the_launcher_says_better_are_dropped(tmp_path):
+    import logging
+
+    from silkie.launch.torchrun_entry import _SaidElsewhere
+
+    def kept(message: str, *args) -> bool:
+        record = logging.LogRecord("torch.distributed.elastic", logging.WARNING, __file__, 1, message, args, None)
+        return quiet.filter(record)
+
+    quiet = _SaidElsewhere(tmp_path)
+    assert not kept("Received %s death signal, shutting down workers", 2)
+    assert not kept("Sending process %s closing signal %s", 123, "SIGINT")
+    assert kept("Unable to shutdown process %s via %s, forcefully exiting via %s", 123, "SIGINT", "SIGKILL")
+    failed = "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s"
+    assert kept(failed, 1, 0, 123, "python")  # no input error reported: torchrun's line is the news
+    (tmp_path / "ERROR").write_text("bad row\n")
+    assert not kept(failed, 2, 0, 123, "python")

@@ -22,16 +22,23 @@ def _working(argv: list[str]) -> Path | None:
     return None
 
 
-class _ReportedFailure(logging.Filter):
-    """Drops torchrun's "failed (exitcode: ...)" lines once a worker has reported its input error."""
+class _SaidElsewhere(logging.Filter):
+    """Drops torchrun's lines about what the launcher (or the Slurm script) reports itself: "failed (exitcode: ...)"
+    once a worker has written its input error, and the shutdown steps after a signal ("Received 2 death signal",
+    "Sending process ... closing signal"), whose outcome is said in one line."""
 
-    def __init__(self, working: Path):
+    SIGNAL_STEPS = ("Received %s death signal", "Sending process %s closing signal", "Closing process %s via signal")
+
+    def __init__(self, working: Path | None):
         super().__init__()
         self.working = working
 
     def filter(self, record: logging.LogRecord) -> bool:
-        reported = (self.working / ERROR_NAME).is_file()
-        return not (reported and str(record.msg).startswith("failed (exitcode"))
+        message = str(record.msg)
+        if message.startswith(self.SIGNAL_STEPS):
+            return False
+        reported = self.working is not None and (self.working / ERROR_NAME).is_file()
+        return not (reported and message.startswith("failed (exitcode"))
 
 
 def main() -> int:
@@ -40,8 +47,8 @@ def main() -> int:
     from torch.distributed.run import main as torchrun
 
     working = _working(sys.argv)
-    if working is not None:
-        logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_ReportedFailure(working))
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api"):
+        logging.getLogger(name).addFilter(_SaidElsewhere(working))
     os.environ["SILKIE_LAUNCHER_REPORTS_ERRORS"] = "1"  # the workers leave the one-line error to the launcher
     try:
         torchrun()

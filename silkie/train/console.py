@@ -71,7 +71,8 @@ def settings_line(args: TrainingArguments, beta: float, loss_type: Any) -> str:
     pairs/step | 3 epochs | adamw_torch_fused, weight decay 0.0, grad norm 1.0 | bf16 | dpo: sigmoid, beta 0.1`."""
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     optimizer = getattr(args.optim, "value", args.optim)
-    length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+    epochs = args.num_train_epochs
+    length = f"{args.max_steps} steps" if args.max_steps > 0 else f"{epochs:g} epoch{'s' if epochs != 1 else ''}"
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     losses = loss_type if isinstance(loss_type, str) else "+".join(loss_type)
     return " | ".join([
