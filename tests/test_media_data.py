@@ -101,6 +101,14 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
         assert with_video[1] is None and with_video[0]["prompt_input_ids"].count(codec.video_marker_id) == 1
         assert codec.video_token_budget(64) == 32 * 4  # 32 temporal patches x 4 tokens at 56x56
         assert encode_pair("Q", [], "a", "b", codec, 100, videos=["v"], video_frames=64) == (None, "too_long")
+        from silkie.data.formatting import tokenize_pairs
+        from silkie.data.pairs import PairReport, PreferencePair
+
+        pairs = [PreferencePair(f"p{i}", "Q", (), "a " * n, "b", 1.0, 0.0, videos=v) for i, (n, v) in
+                 enumerate([(1, ()), (1, ("v",)), (90, ()), (90, ("v",))])]  # fmt: skip
+        report = PairReport(pairs_kept=4)
+        tokenize_pairs(pairs, codec, max_length=100, video_frames=64, report=report)
+        assert report.pairs_dropped == {"too_long": 3} and report.too_long_with_video == 2  # the long text: no video
 
 
 def test_expand_markers_gives_each_span_its_own_count():
@@ -166,22 +174,19 @@ def test_a_broken_video_weights_its_pair_0_and_keeps_its_tokens(codec):
 
 
 def test_video_drops_are_explained_only_when_they_happened(capsys):
-    from collections import Counter
     from types import SimpleNamespace
 
     from silkie.train.build import _explain_video_drops
 
     recipe = SimpleNamespace(data=SimpleNamespace(video_max_frames=64), dpo=SimpleNamespace(max_length=512))
     codec = SimpleNamespace(video_marker_id=7, video_token_budget=lambda frames: 8 * frames)
-    _explain_video_drops(recipe, codec, SimpleNamespace(pairs_dropped=Counter()))  # no video pair dropped
+    _explain_video_drops(recipe, codec, SimpleNamespace(too_long_with_video=0))  # long pairs, none with a video
     assert capsys.readouterr().out == ""
-    _explain_video_drops(recipe, codec, SimpleNamespace(pairs_dropped=Counter(too_long=3)))
+    _explain_video_drops(recipe, codec, SimpleNamespace(too_long_with_video=3))
     assert capsys.readouterr().out.strip() == (
-        "[silkie] warning: a video of data.video_max_frames = 64 frames may take 512 tokens, not below "
-        "dpo.max_length = 512, so pairs with a video are dropped as too_long; lower model.video_max_pixels or "
+        "[silkie] warning: 3 pairs with a video were dropped as too_long: a video of data.video_max_frames = 64 "
+        "frames may take 512 tokens, not below dpo.max_length = 512; lower model.video_max_pixels or "
         "data.video_max_frames, or raise dpo.max_length"
     )
-    _explain_video_drops(
-        recipe, SimpleNamespace(video_marker_id=None), SimpleNamespace(pairs_dropped=Counter(too_long=3))
-    )
+    _explain_video_drops(recipe, SimpleNamespace(video_marker_id=None), SimpleNamespace(too_long_with_video=3))
     assert capsys.readouterr().out == ""  # a family without video

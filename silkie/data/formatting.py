@@ -204,6 +204,7 @@ def _apply_stats(stats: dict[str, Any], report: PairReport | None, split: str) -
         return
     for reason, count in dropped.items():
         report.record_later_drops(reason, count, stats["offending_ids"].get(reason, []))
+    report.too_long_with_video += stats.get("too_long_with_video", 0)
 
 
 def _tokenize(
@@ -234,10 +235,12 @@ def _tokenize(
         if reason and len(offending.setdefault(reason, [])) < 5:
             offending[reason].append(prompt_id)
     dropped = Counter(reason for reason in reasons if reason)
+    with_video = sum(1 for r, videos in zip(reasons, mapped["videos"]) if r == "too_long" and videos) if dropped else 0
     if dropped:
         mapped = mapped.filter(lambda batch: [not r for r in batch], input_columns="drop_reason", batched=True)
     mapped = mapped.remove_columns("drop_reason")
-    return mapped, {"total": len(records), "dropped": dict(dropped), "offending_ids": offending}
+    stats = {"total": len(records), "dropped": dict(dropped), "offending_ids": offending}
+    return mapped, {**stats, "too_long_with_video": with_video}
 
 
 def _save_to_cache(dataset: datasets.Dataset, stats: dict[str, Any], target: Path) -> datasets.Dataset:

@@ -79,6 +79,7 @@ class PairReport:
     pairs_dropped: Counter = field(default_factory=Counter)
     offending_ids: dict[str, list[str]] = field(default_factory=dict)
     first_details: dict[str, str] = field(default_factory=dict)  # reason -> "id: what was wrong" of the first one
+    too_long_with_video: int = 0  # of the pairs dropped as too_long, those holding a video
 
     def _example(self, reason: str, row_id: str, detail: str = "") -> None:
         examples = self.offending_ids.setdefault(reason, [])

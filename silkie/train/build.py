@@ -122,14 +122,15 @@ def build_trainer(
 
 
 def _explain_video_drops(recipe: Recipe, codec: Any, report: Any) -> None:
-    """Pairs dropped as too_long where one video alone may fill dpo.max_length: say which keys to change (only
-    when such drops happened: a recipe without videos hears nothing of it)."""
+    """Pairs with a video dropped as too_long where one video alone may fill dpo.max_length: say which keys to
+    change (only when such drops happened: data without videos hears nothing of it)."""
     budget = codec.video_marker_id is not None and codec.video_token_budget(recipe.data.video_max_frames)
-    if budget and budget >= recipe.dpo.max_length and report.pairs_dropped.get("too_long"):
+    if budget and budget >= recipe.dpo.max_length and report.too_long_with_video:
         logger.warning(
-            f"a video of data.video_max_frames = {recipe.data.video_max_frames} frames may take {budget} tokens, "
-            f"not below dpo.max_length = {recipe.dpo.max_length}, so pairs with a video are dropped as too_long; "
-            "lower model.video_max_pixels or data.video_max_frames, or raise dpo.max_length"
+            f"{report.too_long_with_video} pairs with a video were dropped as too_long: a video of "
+            f"data.video_max_frames = {recipe.data.video_max_frames} frames may take {budget} tokens, not below "
+            f"dpo.max_length = {recipe.dpo.max_length}; lower model.video_max_pixels or data.video_max_frames, or "
+            "raise dpo.max_length"
         )
 
 
