@@ -100,20 +100,27 @@ def on_terminal() -> bool:
 
 
 def hide_progress_bars() -> None:
-    """Turn off the `\\r` progress bars of transformers (loading weights, writing shards) and datasets: in a log
-    file or a pipe they are noise. Set before those libraries load, or on them when they already have."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    """Turn off, in this process, the `\\r` progress bars of transformers (loading weights, writing shards) and
+    datasets: in a log file or a pipe they are noise. (Not through environment variables, which the processes this
+    one starts, e.g. a training launch on a terminal, would inherit.)"""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # transformers reads it when it loads
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if "datasets" in sys.modules:
-        import datasets
+    import datasets
 
-        datasets.disable_progress_bars()
+    datasets.disable_progress_bars()
 
 
 class _NotCpuAccelerator(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" where there is no GPU (on a GPU machine it is news)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Setting accelerator to CPU")
+        if not record.getMessage().startswith("Setting accelerator to CPU"):
+            return True
+        import torch
+
+        return torch.cuda.is_available()

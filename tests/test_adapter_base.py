@@ -16,8 +16,11 @@ from .hf_fixtures import BUILDERS
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
+
     root = tmp_path_factory.mktemp("bases")
-    return {family: BUILDERS[family](root / family) for family in ("qwen2_vl", "llava")}
+    return {**{family: BUILDERS[family](root / family) for family in ("qwen2_vl", "llava")},
+            "qwen_vl": build_tiny_checkpoint(root / "qwen_vl")}  # fmt: skip
 
 
 def adapter(folder, base, recipe_family=None):
@@ -57,3 +60,11 @@ def test_the_merged_config_says_one_dtype_throughout(bases):
     _set_dtype_flags(config, torch.bfloat16)
     saved = config.to_dict()
     assert saved["dtype"] == saved["text_config"]["dtype"] == saved["vision_config"]["dtype"] == "bfloat16"
+
+
+def test_a_qwen_vl_adapter_on_a_transformers_base_names_its_family(bases, tmp_path):
+    """Its tokenizer file (qwen.tiktoken) would also tell, but less: the family it was trained on comes first."""
+    trained = adapter(tmp_path / "run", bases["qwen_vl"])
+    (trained / "qwen.tiktoken").write_text("")
+    with pytest.raises(ToolError, match=r"was trained on a qwen_vl model .*; give it a qwen_vl base model"):
+        merge_adapter(bases["qwen2_vl"], trained, tmp_path / "merged")

@@ -129,24 +129,24 @@ def test_known_harmless_warnings_are_filtered(capsys):
 def test_tools_off_a_terminal_show_no_progress_bars(monkeypatch):
     import os
 
+    import datasets
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
     from silkie.tools import cli
 
     monkeypatch.setattr(cli, "on_terminal", lambda: False)
-    names = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
-    saved = {name: os.environ.pop(name, None) for name in names}
     try:
         hf_logging.enable_progress_bar()
         seen = []
         assert cli.run_cli(lambda: seen.append(hf_logging.is_progress_bar_enabled()) or 0) == 0
-        assert seen == [False] and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert seen == [False] and hub_utils.are_progress_bars_disabled()
+        assert not datasets.is_progress_bar_enabled()
+        assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ  # a process a tool starts keeps its own bars
     finally:
+        hub_utils.enable_progress_bars()
         hf_logging.enable_progress_bar()
-        for name, value in saved.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
+        datasets.enable_progress_bars()
 
 
 def test_the_settings_line_shows_the_defaults_the_recipe_left_out(tmp_path):

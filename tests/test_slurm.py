@@ -135,7 +135,9 @@ def test_a_refusal_for_resources_names_what_the_job_asked_and_its_keys():
     assert _resource_hint(script, reason) == (
         "; the job asks for --gres=gpu:2 (--gpus / slurm.gpus_per_node), --cpus-per-gpu=8 (slurm.cpus_per_gpu)"
     )
-    assert _resource_hint(script, "sbatch: error: Batch job submission failed: Invalid account") == ""
+    assert _resource_hint(script, "sbatch: error: Batch job submission failed: Invalid qos") == ""  # none asked
+    extra = script + "#SBATCH --requeue\n#SBATCH --cpus-per-gpu=4\n"  # slurm.extra_sbatch lines follow --requeue
+    assert _resource_hint(extra, reason).endswith("--cpus-per-gpu=4 (slurm.extra_sbatch)")
 
 
 def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, assets, jobs, tmp_path):

@@ -215,6 +215,7 @@ def render_script(
         f"trap on_preempt {signal_name}",
         "trap 'echo \"[silkie] SIGTERM (scancel or preemption): the workers save a checkpoint and stop\"' TERM",
         "",
+        f'rm -f "$WORKING/{ERROR_NAME}"  # an input error of an earlier job (the recipe may have been fixed since)',
         'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
         f"    {_torchrun_line(recipe, working, layout, python)} &",
         "STEP=$!",
@@ -228,14 +229,14 @@ def render_script(
         '    echo "[silkie] finished: adapter in $WORKING/adapter"',
         "    exit 0",
         "fi",
+        'last=$(ls -d "$WORKING"/checkpoint-* 2>/dev/null | sort -V | tail -n1)',
+        'if [ "$PREEMPTED" = 1 ]; then',
+        *_after_signal_lines(slurm.requeue, signal_name),
+        "fi",
         f'if [ -e "$WORKING/{ERROR_NAME}" ]; then  # bad input: a requeue would stop the same way',
         f'    echo "error: $(cat "$WORKING/{ERROR_NAME}")"',
         '    echo "[silkie] training stopped on this input error; fix it and launch again"',
         "    exit 2",
-        "fi",
-        'last=$(ls -d "$WORKING"/checkpoint-* 2>/dev/null | sort -V | tail -n1)',
-        'if [ "$PREEMPTED" = 1 ]; then',
-        *_after_signal_lines(slurm.requeue, signal_name),
         "fi",
         'echo "[silkie] training exited with status $status before finishing (last checkpoint: ${last:-none})"',
         "exit $(( status > 0 ? status : 1 ))",
@@ -270,6 +271,7 @@ RESOURCE_KEYS = {  # #SBATCH option -> the recipe key that writes it
     "--constraint": "slurm.constraint",
     "--time": "slurm.time",
     "--qos": "slurm.qos",
+    "--account": "slurm.account",
 }
 _NODE_SHAPE = ("--gres", "--cpus-per-gpu", "--mem-per-gpu", "--partition", "--constraint")
 RESOURCE_REFUSALS = {  # words of sbatch's refusal -> the options that can cause it
@@ -281,17 +283,19 @@ RESOURCE_REFUSALS = {  # words of sbatch's refusal -> the options that can cause
     "invalid partition": ("--partition",),
     "invalid qos": ("--qos",),
     "invalid feature": ("--constraint",),
+    "invalid account": ("--account",),
 }
 
 
 def _resource_hint(script: str, reason: str) -> str:
     """For a refusal about resources: what the job asked for that can cause it, each with its recipe key."""
     causes = next((options for words, options in RESOURCE_REFUSALS.items() if words in reason.lower()), ())
-    asked = []
+    asked, extra = [], False
     for line in script.splitlines():
         option, _, value = line.removeprefix("#SBATCH ").partition("=")
         if line.startswith("#SBATCH ") and option in causes:
-            asked.append(f"{option}={value} ({RESOURCE_KEYS[option]})")
+            asked.append(f"{option}={value} ({'slurm.extra_sbatch' if extra else RESOURCE_KEYS[option]})")
+        extra = extra or line in ("#SBATCH --requeue", "#SBATCH --no-requeue")  # slurm.extra_sbatch comes after
     return f"; the job asks for {', '.join(asked)}" if asked else ""
 
 

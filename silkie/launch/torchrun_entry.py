@@ -1,5 +1,5 @@
-"""torchrun for local launches (run by path, so it needs torch only): a worker that stopped on bad input has printed
-its one-line error and written `<working>/ERROR`; then this exits with 2 instead of printing torchrun's
+"""torchrun for local launches and Slurm jobs (run by path, so it needs torch only): a worker that stopped on bad input
+has printed its one-line error and written `<working>/ERROR`; then this exits with 2 instead of printing torchrun's
 ChildFailedError traceback and its "failed (exitcode: 2)" log line, and a signal that stopped the run exits 128 +
 its number without a traceback. Any other failure is reported by torchrun as usual."""
 

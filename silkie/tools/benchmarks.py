@@ -134,25 +134,32 @@ PAIRED_TASKS = ("mme", "silkie_shapes")  # MME scoring: each picture's two quest
 def check_limit(tasks: Sequence[str], limit: float | None) -> None:
     """`--limit` keeps the first documents of each task: MME-style tasks need an even whole number of them, else
     lmms-eval's aggregation fails after every answer was generated."""
-    paired = [t for t in tasks if t.startswith(PAIRED_TASKS)]
+    paired = [t for t in tasks if t in PAIRED_TASKS]
     if limit is None or not paired:
         return
     if limit < 1 or limit != int(limit) or int(limit) % 2:
+        example = 2 * math.ceil(limit / 2) if limit >= 1 else 10
         raise ToolError(
-            f"--limit {limit:g}: {', '.join(paired)} score each picture's two questions together (MME's accuracy+); "
-            f"give an even whole number of documents, e.g. --limit {2 * math.ceil(limit / 2) if limit >= 1 else 10}"
+            f"--limit {_number(limit)}: {', '.join(paired)} score each picture's two questions together (MME's "
+            f"accuracy+); give an even whole number of documents, e.g. --limit {example}"
         )
 
 
 def limit_note(limit: float | None) -> str:
     """What a table title says of a `--limit` look (nothing for a full benchmark)."""
-    return "" if limit is None else f" (--limit {limit:g}: the first documents of each task, a quick look)"
+    return "" if limit is None else f" (--limit {_number(limit)}: the first documents of each task, a quick look)"
 
 
 def bench_dir(run_dir: Path, limit: float | None) -> Path:
     """Where the results go: `benchmarks/`, or for a `--limit` look `benchmarks-limit<N>/` (never over a full
     benchmark)."""
-    return run_dir / (BENCH_DIR if limit is None else f"{BENCH_DIR}-limit{limit:g}")
+    if limit is None:
+        return run_dir / BENCH_DIR
+    return run_dir / f"{BENCH_DIR}-limit{_number(limit)}"
+
+
+def _number(limit: float) -> str:
+    return str(int(limit)) if limit == int(limit) else str(limit)
 
 
 def _check_tasks(task_manager: Any, tasks: Sequence[str]) -> None:

@@ -83,7 +83,6 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
     from silkie.models.qwen_vl.family import QwenVLCodec
 
     family = family_of(model_dir)
-    _check_same_family(family, model_dir, folders)
     for folder in (Path(f) for f in folders if f is not None and (Path(f) / "adapter_config.json").is_file()):
         trained = trained_family(folder)
         if trained is not None and trained != family:
@@ -91,6 +90,7 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
                 f"the adapter in {folder} was trained on a {trained} model{_base_named(folder)}, not on {model_dir} "
                 f"({family}); give it a {trained} base model"
             )
+    _check_same_family(family, model_dir, folders)  # what the adapter does not say, its tokenizer files may
     if family == "qwen_vl":
         return QwenVLCodec(load_tokenizer_from(*folders, model_dir))
     found = next((Path(f) for f in (*folders, model_dir) if f and (Path(f) / "tokenizer_config.json").is_file()), None)
@@ -141,7 +141,7 @@ def trained_family(adapter_dir: Path) -> str | None:
     from silkie.run_dir import CONFIG_NAME
 
     try:
-        recipe = yaml.safe_load((adapter_dir.parent / CONFIG_NAME).read_text())
+        recipe = yaml.safe_load((adapter_dir.resolve().parent / CONFIG_NAME).read_text())
         family = recipe["model"]["family"]
         if isinstance(family, str):
             return family

@@ -68,7 +68,7 @@ def eval_line(step: int, logs: dict) -> str:
 def settings_line(args: TrainingArguments, beta: float, loss_type: Any) -> str:
     """The run's effective optimisation settings, defaults included (the recipe's `training:` holds only what it
     sets): `training: lr 5.00e-05 (cosine, warmup 0.05) | 8 pairs/device x 2 accumulation x 4 processes = 64
-    pairs/step | 3 epochs | adamw_torch_fused, weight decay 0.0, grad norm 1.0 | bf16 | dpo: sigmoid, beta 0.1`."""
+    pairs/step | 3 epochs | adamw_torch_fused, weight decay 0, grad norm 1 | bf16 | dpo: sigmoid, beta 0.1`."""
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     optimizer = getattr(args.optim, "value", args.optim)
     epochs = args.num_train_epochs
