@@ -121,6 +121,5 @@ class _NotCpuAccelerator(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.getMessage().startswith("Setting accelerator to CPU"):
             return True
-        import torch
-
-        return torch.cuda.is_available()
+        torch = sys.modules.get("torch")  # loaded wherever DeepSpeed is (this module stays torch-free)
+        return torch is not None and torch.cuda.is_available()

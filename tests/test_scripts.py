@@ -158,8 +158,8 @@ def test_an_adapter_of_another_family_is_refused_in_one_line(trained, tmp_path, 
     argv = ["--base", str(other), "--adapter", str(trained.adapter_dir), "--out", str(tmp_path / "merged")]
     assert load_script("merge_lora").main(argv) == 2
     expected = (
-        f"error: {trained.adapter_dir} holds a Qwen-VL-Chat tokenizer (qwen.tiktoken): it belongs to another model "
-        f"family than {other} (qwen2_vl)"
+        f"error: the adapter in {trained.adapter_dir} was trained on a qwen_vl model ({trained.model_dir}), not on "
+        f"{other} (qwen2_vl); give it a qwen_vl base model"
     )
     assert capsys.readouterr().err.strip().splitlines() == [expected]
     argv = ["--run", str(trained.run_dir), "--model", str(other), "--device", "cpu"]
