@@ -22,6 +22,15 @@ def model_type_of(folder: str | Path) -> str | None:
         raise InputError(f"{config}: not a JSON object ({err})") from err
 
 
+def checkpoint_family(folder: str | Path) -> str | None:
+    """The family whose model_type a local checkpoint folder's config.json names; None without a config.json,
+    for a model_type of no family, or for a config.json that cannot be read (the checks name that one)."""
+    try:
+        return MODEL_TYPES.get(model_type_of(folder) or "")
+    except (OSError, ValueError):
+        return None
+
+
 def checkpoint_problem(folder: str | Path, family: str) -> str | None:
     """One line saying why the local `folder` is not a `family` checkpoint (no config.json, or another family's
     model_type, with the `model.family` that fits it), or None when it is one."""

@@ -17,12 +17,11 @@ import yaml
 
 from silkie.errors import RecipeError
 
-from .checkpoint import model_type_of
+from .checkpoint import checkpoint_family
 from .checks import coerce, describe, suggest, type_ok
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
-from .names import MODEL_TYPES
 from .sections import DataSection, LoraSection, ModelSection
 from .training import TRAINING_KEYS, check_training
 from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
@@ -112,10 +111,7 @@ def with_checkpoint_family(model: dict[str, Any]) -> dict[str, Any]:
     path = model.get("path")
     if "family" in model or not isinstance(path, str) or not path:
         return model
-    try:
-        family = MODEL_TYPES.get(model_type_of(Path(path).expanduser()) or "")
-    except (OSError, ValueError):  # an unreadable config.json: the checkpoint check names it later
-        return model
+    family = checkpoint_family(Path(path).expanduser())
     return {**model, "family": family} if family else model
 
 

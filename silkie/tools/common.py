@@ -136,8 +136,7 @@ def trained_family(adapter_dir: Path) -> str | None:
     neither says."""
     import yaml
 
-    from silkie.config.checkpoint import model_type_of
-    from silkie.config.names import MODEL_TYPES
+    from silkie.config.checkpoint import checkpoint_family
     from silkie.run_dir import CONFIG_NAME
 
     try:
@@ -148,10 +147,7 @@ def trained_family(adapter_dir: Path) -> str | None:
     except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
         pass
     base = _named_base(adapter_dir)
-    try:
-        return MODEL_TYPES.get(model_type_of(Path(base))) if base and (Path(base) / "config.json").is_file() else None
-    except (OSError, ValueError, TypeError):
-        return None
+    return checkpoint_family(base) if isinstance(base, str) else None
 
 
 def _named_base(adapter_dir: Path) -> str | None:
