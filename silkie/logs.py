@@ -94,6 +94,14 @@ def ignore_known_warnings() -> None:
         deepspeed.addFilter(_NotCpuAccelerator())
 
 
+def quiet_libraries(terminal: bool) -> None:
+    """Filter what is known to be noise here (`ignore_known_warnings`); off a `terminal`, also the progress bars
+    (`hide_progress_bars`). A run's console and every tool start with it."""
+    ignore_known_warnings()
+    if not terminal:
+        hide_progress_bars()
+
+
 def on_terminal() -> bool:
     """Whether output goes to a terminal (progress bars) rather than a file or a pipe (plain lines)."""
     return sys.stdout.isatty() and sys.stderr.isatty()

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from silkie.logs import quiet_libraries
 from silkie.train import console
 from silkie.train.console import ConsoleCallback, eval_line, summary_line, train_line
 
@@ -113,7 +114,7 @@ def test_known_harmless_warnings_are_filtered(capsys):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            console.quiet_libraries(terminal=True)
+            quiet_libraries(terminal=True)
             for message in ("`is_gradient_checkpointing` is deprecated, use ...", "another deprecation"):
                 warnings.warn(message, FutureWarning, stacklevel=1)
         assert [str(w.message) for w in caught] == ["another deprecation"]

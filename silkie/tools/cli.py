@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from silkie.logs import hide_progress_bars, ignore_known_warnings, on_terminal
+from silkie.logs import on_terminal, quiet_libraries
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -20,9 +20,7 @@ class ToolError(Exception):
 def run_cli(command: Callable[..., int], *args: Any) -> int:
     """Run `command(*args)`; a `ToolError` becomes `error: <message>` on stderr and exit code 2, Ctrl-C
     `interrupted` and 130 (the shell's code for SIGINT) without a traceback. Off a terminal, no progress bars."""
-    ignore_known_warnings()
-    if not on_terminal():
-        hide_progress_bars()
+    quiet_libraries(on_terminal())
     try:
         return command(*args)
     except ToolError as err:

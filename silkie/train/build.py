@@ -70,10 +70,10 @@ def build_trainer(
     from transformers import set_seed
 
     from silkie.data.build import prepare_data
+    from silkie.logs import on_terminal, quiet_libraries
     from silkie.models.loading import load_tokenizer, local_checkpoint, resolve_dtype
 
     from .arguments import training_arguments
-    from .console import on_terminal, quiet_libraries
 
     preemption = PreemptionCallback() if bookkeeping else None  # from the start: a signal while loading stops early
     if bookkeeping:

@@ -1,7 +1,7 @@
 """The run's console: one compact line per logging step (step, loss, reward accuracy, margin, lr, pairs/s, ETA),
 one line per evaluation, one line for the train summary; a single training progress bar on a terminal and plain
-lines only when stdout is not one (a log file, Slurm); the DeepSpeed and peft warnings known to be harmless here
-filtered out."""
+lines only when stdout is not one (a log file, Slurm); the library noise is filtered by `silkie.logs.quiet_libraries`,
+which `build_trainer` calls."""
 
 from __future__ import annotations
 
@@ -11,21 +11,12 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from silkie.logs import get_logger, hide_progress_bars, ignore_known_warnings, on_terminal
+from silkie.logs import get_logger, on_terminal
 
 from .metrics import run_train_loss
 
 logger = get_logger(__name__)
 HF_CONSOLE_CALLBACKS = (ProgressCallback, PrinterCallback)  # replaced by ConsoleCallback: they print the raw dict
-
-
-def quiet_libraries(terminal: bool) -> None:
-    """Filter what is known to be noise here (`ignore_known_warnings`: peft's `is_gradient_checkpointing`
-    FutureWarning, DeepSpeed's "Setting accelerator to CPU"); off a terminal, the `\\r` progress bars of datasets
-    and transformers' weight loading."""
-    ignore_known_warnings()
-    if not terminal:
-        hide_progress_bars()
 
 
 def _duration(seconds: float) -> str:
