@@ -277,13 +277,14 @@ def run_ours(base_model: Any, recipe: Recipe, codec: Any, pairs: list[dict], out
 
 
 def result_of(
-    name: str, batch_size: int, run: OurRun | tuple[list[float], float], tokens: float, flops: float | None = None,
+    name: str, batch_size: int, run: OurRun | tuple[list[float], float], tokens: float,
     peak_tflop: float | None = None,
 ) -> BenchResult:  # fmt: skip
-    """The measurement of one run, ours (`OurRun`) or TRL's (step times, peak memory): median step time; MFU from
-    the counted `flops` of one step and the device's peak."""
+    """The measurement of one run, ours (`OurRun`) or TRL's (step times, peak memory; not FLOP-counted): median
+    step time; MFU from our run's counted FLOPs of one step and the device's peak."""
     ours = run if isinstance(run, OurRun) else None
     times, peak = (ours.times, ours.peak) if ours else run
+    flops = ours.flops if ours else None
     median = statistics.median(times)
     per_pair = flops / batch_size if flops else None
     return BenchResult(

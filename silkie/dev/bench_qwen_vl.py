@@ -78,7 +78,7 @@ def run(args: Any) -> list[BenchResult]:
                     save_report(args, results)
                     release(model)
                     continue
-                result = result_of(name, size, run, tokens, run.flops, device_peak)
+                result = result_of(name, size, run, tokens, device_peak)
                 results.append(result)
                 save_report(args, results)
                 print(

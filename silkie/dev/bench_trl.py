@@ -13,7 +13,6 @@ import torch
 
 from silkie.dev.bench import (
     BenchResult,
-    OurRun,
     StepClock,
     bench_recipe,
     pair_tokens,
@@ -151,8 +150,7 @@ def run(args) -> list[BenchResult]:
                     save_report(args, results)
                     release(model)
                     continue
-                flops = run.flops if isinstance(run, OurRun) else None  # TRL's runs are not counted
-                result = result_of(name, size, run, tokens, flops, peak_tflops(args.device, args.peak_tflops))
+                result = result_of(name, size, run, tokens, peak_tflops(args.device, args.peak_tflops))
                 results.append(result)
                 save_report(args, results)
                 print(f"{name:28s} batch {size:3d}: {result.pairs_per_second:.3f} pairs/s, "
