@@ -124,10 +124,10 @@ def _stage(args: argparse.Namespace) -> Any:
     from silkie.tools.annotate.release import write_release
 
     progress = not args.no_progress
-    if not progress:  # transformers' own bars too (loading each pool model's weights)
-        from transformers.utils import logging as hf_logging
+    if not progress:  # the libraries' own bars too (loading each pool model's weights)
+        from silkie.logs import hide_progress_bars
 
-        hf_logging.disable_progress_bar()
+        hide_progress_bars()
     if args.stage == "rounds":
         from silkie.config.annotate import load_rounds
         from silkie.tools.annotate.rounds import run_rounds
