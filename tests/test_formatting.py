@@ -48,6 +48,8 @@ def test_prompt_holds_exactly_one_image_span(tok):
     plain, _ = encode_pair("Describe the image.", None, "yes", "no", tok)
     assert tok.img_start_id not in plain["prompt_input_ids"]
     assert format_query("Q", None) == "Q" and "Picture" not in tok.decode(plain["prompt_input_ids"])
+    # the Silkie repository's qwen_vl_prompt_format strips the prompt: a release prompt's trailing newline is dropped
+    assert format_query("  Describe the image.\n", "p.jpg") == "Picture 1: <img>p.jpg</img>\nDescribe the image."
 
 
 def test_answer_ids_are_exactly_the_answer_tokens(tok):

@@ -170,6 +170,33 @@ def test_dry_run_local_cpu_prints_torchrun_and_writes_nothing(tmp_path):
     assert not working.exists()
 
 
+def test_dry_run_names_the_global_batch_and_refuses_one_that_does_not_divide(tmp_path):
+    working = tmp_path / "run"
+    paper = ["training.global_batch_size=256", "training.per_device_train_batch_size=2"]
+    for gpus, accumulation in (("8", 16), ("16", 8)):
+        result = run_launcher(working, "--dry-run", "--gpus", gpus, *paper)
+        assert result.returncode == 0, result.stderr
+        assert f"256 pairs per optimizer step ({gpus} process(es) x 2 pairs x {accumulation} accumulation)" in (
+            result.stderr
+        )
+    refused = run_launcher(working, "--dry-run", "--gpus", "24", "slurm.gpus_per_node=8", *paper)
+    assert one_line_error(refused).startswith("error: recipe: training.global_batch_size = 256 is not a multiple of")
+    both = run_launcher(working, "--dry-run", *paper, "training.gradient_accumulation_steps=4")
+    assert "global_batch_size and training.gradient_accumulation_steps are both set" in one_line_error(both)
+
+
+def test_dry_run_without_a_gpu_prints_the_gpu_command_with_a_warning(tmp_path):
+    # a login node: the recipe asks for 8 GPU processes, the dry run shows them instead of refusing
+    result = run_launcher(
+        tmp_path / "run", "--dry-run", "launch.cpu=false", "launch.nproc_per_node=8", CUDA_VISIBLE_DEVICES=""
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--standalone --nproc_per_node 8 " in result.stdout
+    assert "no GPU is visible here; the command below starts 8 GPU process(es)" in result.stderr
+    refused = run_launcher(tmp_path / "run", "launch.cpu=false", "launch.nproc_per_node=8", CUDA_VISIBLE_DEVICES="")
+    assert one_line_error(refused).startswith("error: no GPU is visible")
+
+
 def test_dry_run_local_gpus_one_process_per_visible_gpu(tmp_path):
     working = tmp_path / "run"
     result = run_launcher(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import pytest
 
 from silkie.data.pairs import PreferencePair, build_vlfeedback_pairs, pairs_from_preference_rows
@@ -225,3 +227,39 @@ def test_an_exact_copy_of_a_preference_row_is_a_counted_drop():
     other = {"id": "p", "prompt": "Q?", "chosen": "yes!", "rejected": "no"}  # a second pair of the same prompt
     pairs, report = pairs_from_preference_rows([row, dict(row), other])
     assert len(pairs) == 2 and report.rows_dropped == {"duplicate_row": 1}
+
+
+def _repository_pairs(row):
+    """The Silkie repository's run_dpo.make_batch_pairs on one row, written out: mean of the aspects present,
+    a pair skipped on a non-numeric rating or a tie, nothing else checked."""
+    out = []
+    completions = row["completions"]
+    for i, j in combinations(range(len(completions)), 2):
+        scores = []
+        for completion in (completions[i], completions[j]):
+            ratings = completion["annotations"].values()
+            try:
+                scores.append(sum(float(r["Rating"]) for r in ratings) / len(ratings))
+            except ValueError:
+                break
+        if len(scores) < 2 or scores[0] == scores[1]:
+            continue
+        win, lose = (i, j) if scores[0] > scores[1] else (j, i)
+        out.append((completions[win]["response"], completions[lose]["response"]))
+    return out
+
+
+def test_original_rating_rules_give_the_repository_pairs():
+    row = feedback_row("o", [(5, 4, 4), (4, 4, 4), (3, 3, 3), (2, 2, 2), (4, 4, "N/A"), (7, 3, 2), (1, 1, 1)])
+    del row["completions"][1]["annotations"]["Helpfulness"]  # mean of the two present: 4.0
+    row["completions"][2]["response"] = ""  # an empty answer is kept
+    row["completions"][6]["response"] = row["completions"][3]["response"]  # the same text as another answer
+    pairs, report = build_vlfeedback_pairs([row], rating_rules="original")
+    assert _texts(pairs) == _repository_pairs(row)
+    # means 4.33, 4.0, 3.0, 2.0, N/A, 4.0 (a 7 kept), 1.0: the N/A answer's 6 pairs and 1 tie are skipped
+    assert report.pairs_dropped == {"non_numeric_rating": 6, "tie": 1}
+    assert len(pairs) == 21 - 7 and ("answer 3 of o", "answer 3 of o") in _texts(pairs)
+    checked, checked_report = build_vlfeedback_pairs([row])
+    assert len(checked) < len(pairs) and {"missing_rating", "empty_answer", "rating_out_of_range"} <= set(
+        checked_report.pairs_dropped
+    )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from silkie.config import recipe_from_dict
+import pytest
+
+from silkie.config import RecipeError, recipe_from_dict
+from silkie.config.training import accumulation_steps
 from silkie.train.arguments import deepspeed_config, training_arguments
 
 
@@ -31,6 +34,17 @@ def test_user_names_are_translated(tmp_path):
     assert args.learning_rate == 1e-5
     assert args.remove_unused_columns is False
     assert args.eval_strategy == "no"  # no held-out split in this recipe
+
+
+def test_global_batch_size_sets_the_accumulation_from_the_world_size(tmp_path):
+    training = {"global_batch_size": 256, "per_device_train_batch_size": 2}
+    assert [accumulation_steps(training, world) for world in (1, 8, 16)] == [128, 16, 8]
+    fits = r"global_batch_size = 256 is not a multiple of .* = 48; set it to e.g. 240 or 288"
+    with pytest.raises(RecipeError, match=fits):
+        accumulation_steps(training, 24)  # 256 / (2 x 24) is not whole: the error names the fitting sizes
+    # one process here (no WORLD_SIZE): the TrainingArguments get the whole global batch as accumulation
+    args = training_arguments(recipe(training={**training, "report_to": "none"}), tmp_path, bf16=False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 128)
 
 
 def test_deepspeed_sections():
@@ -69,3 +83,9 @@ def test_launch_cpu_trains_on_the_cpu_even_where_cuda_is_visible(tmp_path, monke
     monkeypatch.setattr(train_args.torch.cuda, "is_available", lambda: True)
     on_cpu = training_arguments(recipe(launch={"cpu": True}, training={"report_to": "none"}), tmp_path, bf16=False)
     assert on_cpu.use_cpu is True and on_cpu.device.type == "cpu"
+
+
+def test_tf32_is_dropped_with_a_warning_where_no_ampere_gpu_trains(tmp_path, capsys):
+    args = training_arguments(recipe(training={"tf32": True, "report_to": "none"}), tmp_path, bf16=False)
+    assert args.use_cpu and args.tf32 is None  # transformers would raise "--tf32 requires Ampere"
+    assert "training.tf32 is ignored" in capsys.readouterr().out

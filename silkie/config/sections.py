@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from silkie.errors import RecipeError
+
 from .checks import choice, key, require
 from .names import FAMILIES, IMAGE_CORRUPTIONS
 
@@ -141,6 +143,13 @@ class DataSection:
         "Weights of the annotation aspects in a completion's score; null = all aspects equally.",
         "data.build:build_pairs",
     )
+    rating_rules: str = key(
+        "checked",
+        "How ratings become pairs: `checked` (every weighted aspect rated 1-5; empty or identical answers dropped) "
+        "or `original` (as the Silkie repository: the mean of the aspects a completion has, out-of-range ratings and "
+        "empty or identical answers kept; equal weights).",
+        "data.build:build_pairs",
+    )
     min_margin: float = key(
         0.0,
         "Smallest score difference for a (chosen, rejected) pair; ties and closer pairs are dropped.",
@@ -168,7 +177,7 @@ class DataSection:
     )
     eval_size: int | None = key(
         None,
-        "Held-out prompts as a count (instead of a fraction); null = use eval_fraction.",
+        "Held-out prompts as a count (instead of a fraction; eval_fraction must then be 0); null = use eval_fraction.",
         "data.build:build_pairs",
     )
     truncation: str = key(
@@ -231,7 +240,18 @@ class DataSection:
         choice("data.cap_strategy", self.cap_strategy, ("margin", "random"))
         choice("data.image_corruption", self.image_corruption, IMAGE_CORRUPTIONS)
         choice("data.truncation", self.truncation, ("drop", "answer"))
+        choice("data.rating_rules", self.rating_rules, ("checked", "original"))
+        if self.rating_rules == "original" and self.aspect_weights is not None:
+            raise RecipeError(
+                "recipe: data.aspect_weights needs data.rating_rules = checked (the original rules weigh every aspect "
+                "a completion has equally)"
+            )
         require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a number in [0, 1)")
+        if self.eval_fraction and self.eval_size is not None:
+            raise RecipeError(
+                f"recipe: data.eval_fraction = {self.eval_fraction} and data.eval_size = {self.eval_size} are both "
+                "set; set one of them (data.eval_fraction=0 to hold out eval_size prompts)"
+            )
         require(self.min_margin >= 0, "data.min_margin", self.min_margin, "a number >= 0")
         require(self.num_proc >= 1, "data.num_proc", self.num_proc, "an integer >= 1")
         for name, value in (

@@ -33,6 +33,7 @@ TRAINING_KEYS: dict[str, Any] = {
     "per_device_train_batch_size": int,
     "per_device_eval_batch_size": int,
     "gradient_accumulation_steps": int,
+    "global_batch_size": int,
     "bf16": bool,
     "fp16": bool,
     "tf32": bool | None,
@@ -176,6 +177,10 @@ TRAINING_HELP: dict[str, str] = {
     "per_device_train_batch_size": "Pairs per process per micro-batch.",
     "per_device_eval_batch_size": "Pairs per process per evaluation batch.",
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
+    "global_batch_size": (
+        "Pairs per optimizer step over all processes; sets gradient_accumulation_steps to global_batch_size / "
+        "(per_device_train_batch_size x processes) at launch, so a recipe trains alike on 8 or 16 GPUs."
+    ),
     "bf16": "bf16 mixed precision (default: on when model.dtype resolves to bf16).",
     "fp16": "fp16 mixed precision.",
     "tf32": "Allow TF32 matmuls on Ampere+ GPUs.",
@@ -230,6 +235,7 @@ def _steps(value: float) -> bool:
     return 0 < value < 1 or (value >= 1 and float(value).is_integer())
 
 
+DEFAULT_PER_DEVICE_TRAIN_BATCH = 2  # silkie.train.arguments.DEFAULTS (transformers' own is 8)
 STEPS = "a ratio of the run in (0, 1) or a whole number of steps >= 1"
 SEED = (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
 Rule = tuple[Callable[[Any], bool], str]
@@ -248,6 +254,7 @@ TRAINING_RANGES: dict[str, Rule] = {
     "per_device_train_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "per_device_eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "gradient_accumulation_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "global_batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "logging_steps": (_steps, STEPS),
     "eval_steps": (_steps, f"null or {STEPS}"),
     "save_steps": (_steps, STEPS),
@@ -280,6 +287,11 @@ def checkpointing_options_problem(key: str, options: dict[str, Any]) -> str | No
 
 def training_conflict(training: dict[str, Any]) -> str | None:
     """Why two `training:` keys cannot go together (one phrase naming both), or None."""
+    if "global_batch_size" in training and "gradient_accumulation_steps" in training:
+        return (
+            "training.global_batch_size and training.gradient_accumulation_steps are both set; set one of them "
+            "(global_batch_size sets the accumulation from the number of processes)"
+        )
     if training.get("bf16") and training.get("fp16"):
         return "training.bf16 and training.fp16 are both true; set one of them"
     if "warmup_ratio" in training and "warmup_steps" in training:
@@ -299,6 +311,35 @@ def training_conflict(training: dict[str, Any]) -> str | None:
             if training.get(key):
                 return f"training.{key} needs training.dataloader_num_workers >= 1 (worker processes)"
     return None
+
+
+def accumulation_steps(training: dict[str, Any], world_size: int) -> int:
+    """Micro-batches per optimizer step for `world_size` processes: `gradient_accumulation_steps` (default 1), or
+    what `global_batch_size` asks for; RecipeError when the global batch does not divide evenly."""
+    per_device = training.get("per_device_train_batch_size", DEFAULT_PER_DEVICE_TRAIN_BATCH)
+    if "global_batch_size" not in training:
+        return training.get("gradient_accumulation_steps", 1)
+    total = training["global_batch_size"]
+    micro = per_device * world_size
+    if total % micro:
+        fits = sorted({micro * k for k in (max(1, total // micro), total // micro + 1)})
+        raise RecipeError(
+            f"recipe: training.global_batch_size = {total} is not a multiple of per_device_train_batch_size "
+            f"({per_device}) x {world_size} process(es) = {micro}; set it to e.g. {' or '.join(map(str, fits))}, "
+            "or change per_device_train_batch_size"
+        )
+    return total // micro
+
+
+def pairs_per_step(training: dict[str, Any], world_size: int) -> str:
+    """The global batch a launch trains with, e.g. `256 pairs per optimizer step (16 processes x 2 pairs x 8
+    accumulation)`; RecipeError as `accumulation_steps`."""
+    per_device = training.get("per_device_train_batch_size", DEFAULT_PER_DEVICE_TRAIN_BATCH)
+    accumulation = accumulation_steps(training, world_size)
+    return (
+        f"{per_device * world_size * accumulation} pairs per optimizer step ({world_size} process(es) x {per_device} "
+        f"pairs x {accumulation} accumulation)"
+    )
 
 
 def check_training(training: dict[str, Any]) -> None:

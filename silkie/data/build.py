@@ -15,7 +15,8 @@ from silkie.errors import InputError, MissingInputError
 from silkie.logs import get_logger
 
 logger = get_logger(__name__)
-RATING_RULES = ("aspect_weights", "min_margin", "max_pairs_per_prompt", "cap_strategy")  # pairs built from ratings
+# the keys that build pairs from ratings
+RATING_RULES = ("aspect_weights", "min_margin", "max_pairs_per_prompt", "cap_strategy", "rating_rules")
 
 
 @dataclass
@@ -93,6 +94,7 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             image_store=store,
             source=data.path,
             limits=limits,
+            rating_rules=data.rating_rules,
         )
     train, evaluation = split_by_prompt(
         pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed

@@ -35,6 +35,7 @@ from silkie.errors import InputError
 from silkie.models.media import as_keys
 
 CapStrategy = Literal["margin", "random"]
+RatingRules = Literal["checked", "original"]
 RATING_SCALE = (1.0, 5.0)  # VLFeedback's (and the judge rubric's) scale for every aspect
 # when both answers of a pair have a bad rating, the pair is counted under the first of these that applies
 RATING_PROBLEMS = ("non_numeric_rating", "rating_out_of_range", "missing_rating")
@@ -182,6 +183,17 @@ def score_completion(completion: Completion, weights: Mapping[str, float]) -> tu
     return total, None
 
 
+def score_present_aspects(completion: Completion) -> tuple[float | None, str | None]:
+    """The Silkie repository's score (`run_dpo.make_batch_pairs`): the plain mean of whichever aspects a completion
+    has, out-of-range values included; (None, reason) when it has none or one is not a number."""
+    values = [parse_rating(raw) for raw in completion.ratings.values()]
+    if not values:
+        return None, "missing_rating"
+    if None in values:
+        return None, "non_numeric_rating"
+    return math.fsum(values) / len(values), None
+
+
 def _cap(
     candidates: list[PreferencePair], k: int | None, strategy: CapStrategy, seed: int, row_id: str
 ) -> tuple[list[PreferencePair], int]:
@@ -197,20 +209,25 @@ def _cap(
 
 
 def _row_pairs(
-    row: FeedbackRow, weights: Mapping[str, float], min_margin: float, report: PairReport
+    row: FeedbackRow, weights: Mapping[str, float], min_margin: float, report: PairReport, original: bool = False
 ) -> list[PreferencePair]:
-    scored = [score_completion(completion, weights) for completion in row.completions]
+    """The row's usable 2-combinations; `original`: as the Silkie repository builds them (mean of the aspects present,
+    empty and identical answers kept)."""
+    if original:
+        scored = [score_present_aspects(completion) for completion in row.completions]
+    else:
+        scored = [score_completion(completion, weights) for completion in row.completions]
     candidates: list[PreferencePair] = []
     for i, j in combinations(range(len(row.completions)), 2):
         a, b = row.completions[i], row.completions[j]
         (score_a, bad_a), (score_b, bad_b) = scored[i], scored[j]
-        if not a.response.strip() or not b.response.strip():
+        if not original and (not a.response.strip() or not b.response.strip()):
             reason = "empty_answer"
         elif bad_a or bad_b:
             reason = next(problem for problem in RATING_PROBLEMS if problem in (bad_a, bad_b))
         elif math.isclose(score_a, score_b, abs_tol=1e-9):
             reason = "tie"
-        elif a.response.strip() == b.response.strip():
+        elif not original and a.response.strip() == b.response.strip():
             reason = "identical_answers"
         elif abs(score_a - score_b) < min_margin - 1e-9:
             reason = "below_margin"
@@ -291,13 +308,18 @@ def build_vlfeedback_pairs(
     image_store: ImageStore | None = None,
     source: str | None = None,
     limits: MediaLimits = MediaLimits(),
+    rating_rules: RatingRules = "checked",
 ) -> tuple[list[PreferencePair], PairReport]:
     """Silkie pairs: every 2-combination of a row's answers, chosen = higher (weighted) mean rating.
 
     `rows` are `FeedbackRow`s (e.g. a loader's `LoadedRows`, whose skipped rows enter the report)
     or raw VLFeedback dicts. With `image_store`, rows whose image is absent are dropped
-    (`missing_image`). Raises `ValueError` naming the source when no pair survives.
+    (`missing_image`). `rating_rules`: `checked` needs every weighted aspect rated 1-5 and drops empty or
+    identical answers; `original` scores as the Silkie repository (`score_present_aspects`, equal weights).
+    Raises `ValueError` naming the source when no pair survives.
     """
+    if rating_rules not in ("checked", "original"):
+        raise ValueError(f"rating_rules must be 'checked' or 'original', got {rating_rules!r}")
     if cap_strategy not in ("margin", "random"):
         raise ValueError(f"cap_strategy must be 'margin' or 'random', got {cap_strategy!r}")
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:
@@ -317,7 +339,7 @@ def build_vlfeedback_pairs(
             continue
         if not _media_usable(row, image_store, limits, report):
             continue
-        candidates = _row_pairs(row, weights, min_margin, report)
+        candidates = _row_pairs(row, weights, min_margin, report, original=rating_rules == "original")
         kept, over = _cap(candidates, max_pairs_per_prompt, cap_strategy, seed, row.id)
         for _ in range(over):
             report.drop_pair("over_cap", row.id)

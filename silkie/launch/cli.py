@@ -11,6 +11,7 @@ from pathlib import Path
 
 from silkie.config import RecipeError, load_recipe
 from silkie.config.recipe import read_recipe_file
+from silkie.config.training import pairs_per_step
 from silkie.logs import LAUNCH, LAUNCH_STDOUT, LEVELS, configure, get_logger
 from silkie.run_dir import world_size_problem
 
@@ -114,19 +115,23 @@ def _launch(args: argparse.Namespace) -> int:
         raise LaunchError(
             f"Slurm job {', '.join(running)} for {working} is still queued or running; wait for it or scancel it"
         )
+    local = plan_local(recipe, working, dry_run=args.dry_run) if layout is None else None
+    world_size = local.nproc if local is not None else args.gpus
     if plan.resume_from is not None:  # refused here, before a job waits in the queue only to stop at startup
-        world_size = args.gpus if layout is not None else plan_local(recipe, working).nproc
         problem = world_size_problem(plan.resume_from, world_size)
         if problem:
             raise LaunchError(problem)
+    batch = pairs_per_step(recipe.training, world_size)  # a global batch that does not divide: refused here too
     missing = missing_inputs(recipe)  # refused for a local launch; a dry run and a Slurm job (whose nodes may see
-    if layout is None:  # paths this machine does not) warn
-        local = plan_local(recipe, working)
+    if local is not None:  # paths this machine does not) warn
         if missing and not args.dry_run:
             raise LaunchError("; ".join(missing))
         _warn(missing)
+        if local.warning:
+            notes.warning(local.warning)
         if args.dry_run:
-            _note(f"dry run: {plan.message}; {local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es)")
+            kind = "CPU (gloo)" if local.cpu else "GPU"
+            _note(f"dry run: {plan.message}; {local.nproc} {kind} process(es), {batch}")
             _note(_DRY_RUN_WRITES.format(resolved=resolved, what="command"))
             print(format_command(local))
             return 0
@@ -140,7 +145,7 @@ def _launch(args: argparse.Namespace) -> int:
                 working.rmdir()
             raise
         prepare_workdir(plan, recipe)
-        _note(f"{local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es): {format_command(local)}")
+        _note(f"{local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es), {batch}: {format_command(local)}")
         return run_local(local, working, lock)
     script = render_script(recipe, working, layout)
     _warn(missing)
@@ -148,7 +153,7 @@ def _launch(args: argparse.Namespace) -> int:
     if warning:
         notes.warning(warning)
     if args.dry_run:
-        _note(f"dry run: {plan.message}; {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
+        _note(f"dry run: {plan.message}; {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s), {batch}")
         _note(_DRY_RUN_WRITES.format(resolved=resolved, what="script"))
         print(script, end="")
         return 0
@@ -160,7 +165,7 @@ def _launch(args: argparse.Namespace) -> int:
     except LaunchError:
         undo_prepare(plan, created)
         raise
-    news.info(f"submitted job {job_id}: {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s)")
+    news.info(f"submitted job {job_id}: {layout.nodes} node(s) x {layout.gpus_per_node} GPU(s), {batch}")
     news.info(f"script: {script_path}")
     news.info(f"log: {log_path}")
     if args.wait:

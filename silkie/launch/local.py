@@ -67,6 +67,7 @@ class LocalPlan:
     cpu: bool
     env: dict[str, str]
     command: list[str]
+    warning: str | None = None  # a dry run's note that this machine could not run the command as it stands
 
 
 def visible_gpus() -> int:
@@ -96,10 +97,12 @@ def cpu_threads(nproc: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // nproc)
 
 
-def plan_local(recipe: Recipe, working: str | Path) -> LocalPlan:
-    """Pick the process count and backend from the recipe's `launch:` section and the visible GPUs."""
+def plan_local(recipe: Recipe, working: str | Path, dry_run: bool = False) -> LocalPlan:
+    """Pick the process count and backend from the recipe's `launch:` section and the visible GPUs (a dry run on a
+    machine without them, e.g. a login node, plans `launch.nproc_per_node` GPUs and warns)."""
     launch = recipe.launch
     env: dict[str, str] = {}
+    warning = None
     if launch.cpu:
         nproc = launch.nproc_per_node or 1
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU mode: gloo processes even where GPUs exist
@@ -107,18 +110,20 @@ def plan_local(recipe: Recipe, working: str | Path) -> LocalPlan:
             env["OMP_NUM_THREADS"] = str(cpu_threads(nproc))
     else:
         gpus = visible_gpus()
-        if gpus == 0:
+        nproc = launch.nproc_per_node or gpus
+        if gpus == 0 and dry_run and nproc:
+            warning = f"no GPU is visible here; the command below starts {nproc} GPU process(es) on a machine with them"
+        elif gpus == 0:
             raise LaunchError(
                 "no GPU is visible (CUDA_VISIBLE_DEVICES / nvidia-smi -L); "
                 "add launch.cpu=true to train with gloo processes on the CPU"
             )
-        nproc = launch.nproc_per_node or gpus
-        if nproc > gpus:
+        elif nproc > gpus:
             raise LaunchError(f"launch.nproc_per_node = {nproc} but only {gpus} GPU(s) are visible")
     env.update(torchrun_env(LOCAL_SHUTDOWN_TIMEOUT_S))
     command = [sys.executable, str(TORCHRUN_ENTRY), "--standalone", "--nproc_per_node", str(nproc)]
     command += train_command(working)
-    return LocalPlan(nproc, launch.cpu, env, command)
+    return LocalPlan(nproc, launch.cpu, env, command, warning)
 
 
 def format_command(plan: LocalPlan) -> str:

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils import is_torch_tf32_available
 
 from silkie.config import DeepSpeedSection, Recipe
+from silkie.config.training import DEFAULT_PER_DEVICE_TRAIN_BATCH, accumulation_steps
 from silkie.errors import MissingInputError
+from silkie.logs import get_logger
 
 from .console import on_terminal
 
+logger = get_logger(__name__)
 DEFAULTS: dict[str, Any] = {
     "report_to": ["tensorboard"],
     "logging_steps": 10,
     "save_strategy": "steps",
     "save_steps": 100,
-    "per_device_train_batch_size": 2,
+    "per_device_train_batch_size": DEFAULT_PER_DEVICE_TRAIN_BATCH,
     "per_device_eval_batch_size": 4,
     "remove_unused_columns": False,
     "activation_checkpointing_kwargs": {"use_reentrant": False},
@@ -66,6 +71,9 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
         values["activation_checkpointing"] = values.pop("gradient_checkpointing")
     options = values.pop("gradient_checkpointing_kwargs", None) or values.get("activation_checkpointing_kwargs")
     values["activation_checkpointing_kwargs"] = {**DEFAULTS["activation_checkpointing_kwargs"], **(options or {})}
+    if "global_batch_size" in values:  # the same pairs per step on any number of processes
+        values["gradient_accumulation_steps"] = accumulation_steps(values, int(os.environ.get("WORLD_SIZE", "1")))
+        del values["global_batch_size"]
     if values.pop("group_by_length", False):
         values["train_sampling_strategy"] = "group_by_length"
     if values.get("save_strategy") == "best":  # as transformers does for reduce_lr_on_plateau
@@ -80,6 +88,10 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
     values.setdefault("disable_tqdm", not on_terminal())  # a log file gets plain lines, not \r bars
     if recipe.launch.cpu or not torch.cuda.is_available():  # launch.cpu: even where Slurm hands the step GPUs
         values["use_cpu"] = True
+    if values.get("tf32") and (values.get("use_cpu") or not is_torch_tf32_available()):
+        # a GPU matmul mode: the paper recipe asks for it, and a CPU smoke test or an older GPU runs without it
+        logger.warning("training.tf32 is ignored: TF32 needs an Ampere or newer GPU, which this run does not use")
+        del values["tf32"]
     ds = deepspeed_config(recipe.deepspeed)
     return TrainingArguments(
         output_dir=str(output_dir),

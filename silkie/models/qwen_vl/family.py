@@ -24,12 +24,13 @@ RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
 
 def format_query(prompt: str, images: Any = (), videos: Any = ()) -> str:
     """The user turn as the original's `from_list_format` writes it: `Picture k: <img>KEY</img>\\n` per image (at
-    the prompt's `<image>` markers, else first) and the text; `PairTextError` for a video (`video_unsupported`)."""
+    the prompt's `<image>` markers, else first) and the text, stripped as the Silkie repository's
+    `qwen_vl_prompt_format` does; `PairTextError` for a video (`video_unsupported`)."""
     if as_keys(videos):
         raise PairTextError("video_unsupported", "Qwen-VL-Chat takes images, not video")
     parts: list[str] = []
     number = 0
-    for segment in media_segments(prompt, images):
+    for segment in media_segments(prompt.strip(), images):
         if segment.kind == "image":
             number += 1
             parts.append(f"Picture {number}: <img>{segment.value}</img>\n")
