@@ -95,7 +95,7 @@ def test_merge_lora_bf16_default_single_file(trained, tmp_path, capsys):
     out = tmp_path / "merged-bf16"
     argv = ["--base", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--out", str(out)]
     assert load_script("merge_lora").main(argv) == 0
-    assert capsys.readouterr().out.strip() == f"merged checkpoint: {out} (1 shard(s), bf16)"
+    printed = capsys.readouterr().out.strip()
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
     model = QWenLMHeadModel.from_pretrained(out)
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -103,12 +103,74 @@ def test_merge_lora_bf16_default_single_file(trained, tmp_path, capsys):
     # rounded once: the fp32 merge cast to bf16 (merging in bf16 rounded the LoRA update, then the sum)
     from silkie.tools.common import load_model
 
-    exact = load_model(trained.model_dir, trained.adapter_dir, torch.float32).merge_and_unload().to(torch.bfloat16)
-    expected, saved = exact.state_dict(), model.state_dict()
-    assert all(torch.equal(saved[name], expected[name]) for name in saved)
+    peft_model = load_model(trained.model_dir, trained.adapter_dir, torch.float32)
+    base = {name: w.clone() for name, w in peft_model.get_base_model().state_dict().items()}
+    exact_fp32 = peft_model.merge_and_unload().state_dict()
+    exact = {name: w.to(torch.bfloat16) for name, w in exact_fp32.items()}
+    saved = model.state_dict()
+    assert all(torch.equal(saved[name], exact[name]) for name in saved)
+    # the printed share of the LoRA update that bf16 kept, recomputed from the saved and the fp32-merged weights
+    changed = [name.replace(".base_layer", "") for name in base if ".base_layer.weight" in name]
+    deltas = {name: exact_fp32[name] - base[name.replace(".weight", ".base_layer.weight")] for name in changed}
+    kept = sum(((saved[n].float() - (exact_fp32[n] - deltas[n])) * deltas[n]).sum() for n in changed)
+    share = (kept / sum((d * d).sum() for d in deltas.values())).item()
+    assert printed == f"merged checkpoint: {out} (1 shard(s), bf16; {share:.0%} of the adapter's update kept)"
     chat = ["--model", str(out), "--image", str(trained.image), "--question", QUESTION, "--max-new-tokens", "4"]
     assert load_script("chat").main(chat + ["--dtype", "bf16", "--device", "cpu"]) == 0  # images encode in bf16
     assert capsys.readouterr().out.strip()
+
+
+def test_merge_lora_keeps_the_official_remote_code_entries(trained, tmp_path):
+    """A folder as published has `auto_map` in config.json and tokenizer_config.json (the original remote code's
+    entry points) and `torch_dtype`; the merged folder keeps them, so the original code still loads it."""
+    base = tmp_path / "Qwen-VL-Chat"
+    shutil.copytree(trained.model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(auto_map={"AutoConfig": "configuration_qwen.QWenConfig"}, torch_dtype="bfloat16")
+    (base / "config.json").write_text(json.dumps(config))
+    official_tokenizer = {"model_max_length": 8192, "tokenizer_class": "QWenTokenizer",
+                          "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}  # fmt: skip
+    (base / "tokenizer_config.json").write_text(json.dumps(official_tokenizer))
+    (base / "tokenization_qwen.py").write_text("# the remote code\n")
+    out = tmp_path / "merged"
+    argv = ["--base", str(base), "--adapter", str(trained.adapter_dir), "--out", str(out)]
+    assert load_script("merge_lora").main(argv) == 0
+    merged_tokenizer = json.loads((out / "tokenizer_config.json").read_text())
+    assert merged_tokenizer["auto_map"] == official_tokenizer["auto_map"]
+    assert merged_tokenizer["tokenizer_class"] == "QWenTokenizer"
+    merged_config = json.loads((out / "config.json").read_text())
+    assert merged_config["auto_map"] == config["auto_map"]
+    assert merged_config["torch_dtype"] == merged_config["dtype"] == "bfloat16"
+    assert (out / "tokenization_qwen.py").read_text() == "# the remote code\n"
+
+
+def test_merge_and_chat_take_a_hub_id_from_the_local_hub_cache(trained, tmp_path, monkeypatch, capsys):
+    """Training reads `model.path: org/name` from the hub cache offline, and the adapter records that id: the tools
+    the model card names take it too."""
+    import huggingface_hub.constants as hub_constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-qwen-vl"
+    shutil.copytree(trained.model_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "merged"
+    base = ["--base", "someone/tiny-qwen-vl", "--adapter", str(trained.adapter_dir)]
+    assert load_script("merge_lora").main([*base, "--out", str(out), "--dtype", "fp32"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "qwen.tiktoken").is_file()
+    chat = ["--image", str(trained.image), "--question", QUESTION, "--max-new-tokens", "4", "--device", "cpu"]
+    capsys.readouterr()
+    assert load_script("chat").main(["--model", "someone/tiny-qwen-vl", "--adapter", str(trained.adapter_dir), *chat]) == 0
+    from_hub = capsys.readouterr().out
+    assert load_script("chat").main(["--model", str(out), *chat]) == 0
+    assert capsys.readouterr().out == from_hub  # the merged folder answers as base + adapter from the cache
+    assert load_script("merge_lora").main(["--base", "someone/absent", "--adapter", str(trained.adapter_dir),
+                                           "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "someone/absent is no folder here and no snapshot of that hub id is in the local hub cache" in (
+        capsys.readouterr().err
+    )
 
 
 def test_merge_lora_refuses_a_non_empty_out(trained, tmp_path, capsys):
@@ -414,3 +476,18 @@ def test_missing_release_file_is_one_line_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: VLFeedback jsonl not found: {tmp_path / 'absent.jsonl'}"]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("scale", "low", "high"), [(1e-5, 0.0, 0.1), (1.0, 0.99, 1.01)])
+def test_update_kept_measures_what_bf16_rounds_away(scale, low, high):
+    from peft import LoraConfig, get_peft_model
+
+    from silkie.tools.merge import update_kept
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), LoraConfig(r=4, target_modules=["0"]))
+    with torch.no_grad():
+        model.base_model.model[0].weight.fill_(1.0)  # weights of 1: bf16's step there is 2**-7
+        model.base_model.model[0].lora_B["default"].weight.normal_(std=scale)
+    assert update_kept(model, torch.float32) is None
+    assert low <= update_kept(model, torch.bfloat16) <= high

@@ -8,7 +8,23 @@ from pathlib import Path
 
 from silkie.errors import InputError
 
-from .names import FAMILY_TABLE, MODEL_TYPES
+from .names import FAMILY_TABLE, HUB_ID, MODEL_TYPES
+
+
+def cached_snapshot(path: str | Path) -> Path | None:
+    """A checkpoint folder without the network: `path` when it is a folder, else a hub id's snapshot in the local
+    hub cache (None when neither)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if not HUB_ID.match(str(path)):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # not in the cache (or not a valid id)
+        return None
 
 
 def model_type_of(folder: str | Path) -> str | None:

@@ -63,6 +63,21 @@ def require_dir(path: str | Path, what: str, marker: str | None = None) -> Path:
     return path
 
 
+def require_model_dir(path: str | Path, what: str = "model folder") -> Path:
+    """A checkpoint folder holding config.json: `path`, or a hub id's snapshot in the local hub cache (as training
+    reads `model.path`); a `ToolError` otherwise."""
+    from silkie.config.checkpoint import cached_snapshot
+    from silkie.config.names import HUB_ID
+
+    folder = cached_snapshot(path)
+    if folder is None and HUB_ID.match(str(path)):
+        raise ToolError(
+            f"{what} not found: {path} is no folder here and no snapshot of that hub id is in the local hub cache "
+            f"(download it once where online: huggingface-cli download {path})"
+        )
+    return require_dir(folder or path, what, "config.json")
+
+
 def read_config(loader: Callable[..., Any], path: str | Path, *args: Any) -> Any:
     """`loader(path, *args)` (a recipe, pool, judge or rounds file), its `RecipeError` as the one-line
     `ToolError`."""

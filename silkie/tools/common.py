@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from silkie.tools.cli import ToolError, require_dir
+from silkie.tools.cli import ToolError, require_dir, require_model_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,7 +50,7 @@ def family_of(model_dir: str | Path) -> str:
     from silkie.config.checkpoint import model_type_of
     from silkie.config.names import MODEL_TYPES
 
-    folder = require_dir(model_dir, "model folder", "config.json")
+    folder = require_model_dir(model_dir)
     try:
         model_type = model_type_of(folder)
     except ValueError as err:
@@ -83,6 +83,7 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
     from silkie.models.qwen_vl.family import QwenVLCodec
 
     family = family_of(model_dir)
+    model_dir = require_model_dir(model_dir)
     for folder in (Path(f) for f in folders if f is not None and (Path(f) / "adapter_config.json").is_file()):
         trained = trained_family(folder)
         if trained is not None and trained != family:
@@ -109,7 +110,7 @@ def load_model(
     `ToolError` naming it.
     """
     family = family_of(model_dir)
-    model_dir = require_dir(model_dir, "model folder", "config.json")
+    model_dir = require_model_dir(model_dir)
     try:
         model = _load_base(family, model_dir, dtype)
     except ToolError:

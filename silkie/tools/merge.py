@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from silkie.tools.cli import ToolError, require_dir
+from silkie.tools.cli import ToolError, require_dir, require_model_dir
 from silkie.tools.common import load_codec_from, load_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -24,6 +24,7 @@ class MergeResult:
     shards: list[Path]
     dtype: torch.dtype
     copied: list[str]
+    update_kept: float | None = None  # share of the adapter's update the saved dtype kept (None: fp32 keeps it)
 
 
 def _is_weight_file(path: Path) -> bool:
@@ -51,6 +52,46 @@ def _set_dtype_flags(config, dtype: torch.dtype) -> None:
     if any(getattr(config, flag, False) for flag in ("bf16", "fp16", "fp32")):
         config.bf16, config.fp16 = dtype == torch.bfloat16, dtype == torch.float16
         config.fp32 = dtype == torch.float32
+
+
+def _keep_base_metadata(base_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """Keep what the base's loaders read that a save rewrites: the tokenizer_config.json keys it had (`auto_map`,
+    so the official remote code still loads the tokenizer) and config.json's `torch_dtype` (transformers 5 writes
+    `dtype`; transformers 4 reads `torch_dtype`)."""
+    base_tokenizer, out_tokenizer = base_dir / "tokenizer_config.json", out_dir / "tokenizer_config.json"
+    if base_tokenizer.is_file() and out_tokenizer.is_file():
+        saved = json.loads(out_tokenizer.read_text())
+        kept = {key: value for key, value in json.loads(base_tokenizer.read_text()).items() if key not in saved}
+        if kept:
+            out_tokenizer.write_text(json.dumps({**saved, **kept}, indent=2, ensure_ascii=False) + "\n")
+    base_config = json.loads((base_dir / "config.json").read_text())
+    out_config_path = out_dir / "config.json"
+    out_config = json.loads(out_config_path.read_text())
+    if "torch_dtype" in base_config and "torch_dtype" not in out_config:
+        out_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        out_config_path.write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
+
+
+def update_kept(model: torch.nn.Module, dtype: torch.dtype) -> float | None:
+    """How much of the adapter's update ΔW survives saving W + ΔW in `dtype` (1.0 = all; None for fp32): the
+    projection of round(W + ΔW) - W on ΔW, over every LoRA layer. A small update on large weights rounds away."""
+    if dtype == torch.float32:
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    kept = total = 0.0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, LoraLayer) or not hasattr(module, "get_delta_weight"):
+                continue
+            base = module.get_base_layer().weight.float()
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    delta = module.get_delta_weight(name).float()
+                    survived = (base + delta).to(dtype).float() - base
+                    kept += (survived * delta).sum().item()
+                    total += (delta * delta).sum().item()
+    return kept / total if total > 0 else None
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool, keep: dict[str, Path]) -> None:
@@ -92,12 +133,13 @@ def merge_adapter(
     `*.py`) are copied alongside. The output is written to a staging folder next to `out_dir` and moved in
     when complete, so a failed merge leaves an existing `out_dir` as it was.
     """
-    base_dir = require_dir(base_dir, "base model folder", "config.json")
+    base_dir = require_model_dir(base_dir, "base model folder")
     adapter_dir = require_dir(adapter_dir, "adapter folder", "adapter_config.json")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite, {"base model": base_dir, "adapter": adapter_dir})
     tokenizer = load_codec_from(base_dir, adapter_dir)
     model = load_model(base_dir, adapter_dir, dtype=torch.float32)
+    kept = update_kept(model, dtype)
     merged = model.merge_and_unload().to(dtype)
     _set_dtype_flags(merged.config, dtype)
     staged = out_dir.with_name(f".{out_dir.name}.partial")
@@ -106,12 +148,13 @@ def merge_adapter(
     try:
         merged.save_pretrained(staged, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(staged)
+        _keep_base_metadata(base_dir, staged, dtype)
         copied = _copy_extras(base_dir, staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     _replace_folder(staged, out_dir)
-    return MergeResult(out_dir=out_dir, shards=shard_files(out_dir), dtype=dtype, copied=copied)
+    return MergeResult(out_dir=out_dir, shards=shard_files(out_dir), dtype=dtype, copied=copied, update_kept=kept)
 
 
 def shard_files(folder: str | Path) -> list[Path]:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 
+from silkie.logs import get_logger
 from silkie.tools.cli import run_cli
+
+UPDATE_KEPT_WARNING = 0.9  # below this share of the update, the merged weights are not the trained model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +45,14 @@ def run(args: argparse.Namespace) -> int:
     result = merge_adapter(
         args.base, args.adapter, args.out, DTYPES[args.dtype], args.max_shard_size, overwrite=args.overwrite
     )
-    print(f"merged checkpoint: {result.out_dir} ({len(result.shards)} shard(s), {args.dtype})")
+    kept = "" if result.update_kept is None else f"; {result.update_kept:.0%} of the adapter's update kept"
+    print(f"merged checkpoint: {result.out_dir} ({len(result.shards)} shard(s), {args.dtype}{kept})")
+    if result.update_kept is not None and result.update_kept < UPDATE_KEPT_WARNING:
+        get_logger(__name__).warning(
+            f"{args.dtype} rounded away {1 - result.update_kept:.0%} of the adapter's update (it is small beside the "
+            "weights it changes), so the merged model differs from base + adapter; merge with --dtype fp32, or load "
+            "the adapter on the base"
+        )
     return 0
 
 

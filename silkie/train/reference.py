@@ -17,24 +17,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-
-def _local_folder(model_dir: str | Path) -> Path | None:
-    """The checkpoint folder: as given, or a hub id's snapshot in the local cache (None when neither)."""
-    folder = Path(model_dir)
-    if folder.is_dir():
-        return folder
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(model_dir), local_files_only=True))
-    except Exception:  # not a valid id, or not in the cache
-        return None
+from silkie.config.checkpoint import cached_snapshot
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
     """Hash of config.json and, per weight file, its name, size and first/last MiB (a hub id's cached snapshot;
     the id itself when nothing is on disk)."""
-    folder = _local_folder(model_dir)
+    folder = cached_snapshot(model_dir)
     if folder is None or not (folder / "config.json").is_file():
         return hashlib.sha256(f"id:{model_dir}".encode()).hexdigest()
     digest = hashlib.sha256((folder / "config.json").read_bytes())
