@@ -162,7 +162,8 @@ def test_merge_and_chat_take_a_hub_id_from_the_local_hub_cache(trained, tmp_path
     assert (out / "model.safetensors").is_file() and (out / "qwen.tiktoken").is_file()
     chat = ["--image", str(trained.image), "--question", QUESTION, "--max-new-tokens", "4", "--device", "cpu"]
     capsys.readouterr()
-    assert load_script("chat").main(["--model", "someone/tiny-qwen-vl", "--adapter", str(trained.adapter_dir), *chat]) == 0
+    adapter = ["--adapter", str(trained.adapter_dir)]
+    assert load_script("chat").main(["--model", "someone/tiny-qwen-vl", *adapter, *chat]) == 0
     from_hub = capsys.readouterr().out
     assert load_script("chat").main(["--model", str(out), *chat]) == 0
     assert capsys.readouterr().out == from_hub  # the merged folder answers as base + adapter from the cache

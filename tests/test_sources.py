@@ -223,7 +223,23 @@ def test_missing_image_rows_dropped_with_store(tmp_path):
     pairs, report = build_vlfeedback_pairs([clean_row("a"), clean_row("b")], image_store=store)
     assert {p.prompt_id for p in pairs} == {"a"}
     assert report.rows_dropped == {"missing_image": 1} and report.offending_ids["missing_image"] == ["b"]
-    assert f"missing_image: 1 (first: b: merged_images/b.jpg not in {tmp_path / 'm.zip'})" in (report.summary())
+    assert "missing_image: 1 (first: b: merged_images/b.jpg not in m.zip, which holds e.g. merged_images/a.jpg)" in (
+        report.summary()
+    )
+
+
+def test_a_re_zipped_release_is_read_through_its_top_folder_and_another_layout_is_named(tmp_path):
+    # zipping the unpacked release folder again puts a folder above merged_images/
+    nested = ZipImageStore(write_zip(tmp_path / "n.zip", {"VLFeedback/merged_images/a.jpg": jpeg_bytes()}))
+    assert nested.exists("merged_images/a.jpg") and nested.open("a.jpg").size == (8, 8)
+    assert not nested.exists("merged_images/b.jpg")
+    other = ZipImageStore(write_zip(tmp_path / "o.zip", {"images/": b"", "images/a.jpg": jpeg_bytes()}))
+    with pytest.raises(ValueError, match=r"no usable .* not in o.zip, which holds e.g. images/a.jpg"):
+        build_vlfeedback_pairs([clean_row("a")], image_store=other)
+    folder = tmp_path / "pictures"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "z.jpg").write_bytes(jpeg_bytes())
+    assert FolderImageStore(folder).example() == "sub/z.jpg"
 
 
 def test_images_of_every_mode_decode_to_the_right_rgb():

@@ -46,6 +46,10 @@ class ImageStore(Protocol):
         """The stored bytes behind `key` (a video's, decoded by `silkie.data.video`)."""
         ...
 
+    def example(self) -> str | None:
+        """One stored file's name (for an error that has to say where the files are), None when it is empty."""
+        ...
+
 
 def image_key(row_id: str | None = None, img_path: str | None = None) -> str:
     """The canonical store key for a row: from `img_path` when given, else `merged_images/<id>.jpg`."""
@@ -115,12 +119,13 @@ class ZipImageStore:
             raise MissingInputError(f"image zip not found: {self.zip_path}")
         self._zip: zipfile.ZipFile | None = None
         self._names: frozenset[str] = frozenset()
+        self._root = ""  # a folder above merged_images/ that every such member shares (a re-zipped release)
         self._pid: int | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_zip=None, _names=frozenset(), _pid=None, _lock=None)
+        state.update(_zip=None, _names=frozenset(), _root="", _pid=None, _lock=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -134,12 +139,22 @@ class ZipImageStore:
                 if self._zip is None or self._pid != pid:
                     archive = zipfile.ZipFile(self.zip_path)
                     self._names = frozenset(archive.namelist())
+                    roots = {name[: name.index(IMAGE_PREFIX)] for name in self._names if IMAGE_PREFIX in name}
+                    self._root = roots.pop() if len(roots) == 1 else ""
                     self._zip, self._pid = archive, pid
         return self._zip, self._names
 
     def _member(self, key: str) -> str | None:
         _, names = self._archive()
-        return next((name for name in key_candidates(key) if name in names), None)
+        candidates = key_candidates(key)
+        if self._root:
+            candidates += [self._root + name for name in candidates]
+        return next((name for name in candidates if name in names), None)
+
+    def example(self) -> str | None:
+        """The first file member's name."""
+        _, names = self._archive()
+        return min((name for name in names if not name.endswith("/")), default=None)
 
     def exists(self, key: str) -> bool:
         """Whether the zip holds `key` (with or without the `merged_images/` prefix)."""
@@ -208,6 +223,14 @@ class FolderImageStore:
     def open(self, key: str) -> Image.Image:
         """Read and decode one file; raises `ImageLoadError` when missing or corrupt."""
         return decode_image(key, self.read_bytes(key))
+
+    def example(self) -> str | None:
+        """The first file's path under the root (in walk order, directories sorted)."""
+        for folder, subfolders, files in os.walk(self.root):
+            subfolders.sort()
+            if files:
+                return str((Path(folder) / min(files)).relative_to(self.root))
+        return None
 
     def __repr__(self) -> str:
         return f"FolderImageStore({str(self.root)!r})"

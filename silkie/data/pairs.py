@@ -15,6 +15,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from itertools import combinations
 from typing import Any, Literal
 
@@ -281,7 +282,11 @@ def _media_usable(
     for kind, keys in (("image", row.images), ("video", row.videos)):
         missing = next((key for key in keys if not image_store.exists(key)), None)
         if missing is not None:
-            report.drop_row(f"missing_{kind}", row.id, detail=f"{missing} not in {image_store}")
+            reason = f"missing_{kind}"
+            detail = ""
+            if reason not in report.first_details:  # the first case says what the store holds (another layout?)
+                detail = f"{missing} not in {Path(str(image_store)).name}, which holds e.g. {image_store.example()}"
+            report.drop_row(reason, row.id, detail=detail)
             return False
     return True
 
