@@ -15,8 +15,8 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from itertools import combinations
+from pathlib import Path
 from typing import Any, Literal
 
 from silkie.data.images import ImageStore
