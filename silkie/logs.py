@@ -87,11 +87,13 @@ def get_logger(name: str) -> logging.Logger:
 def ignore_known_warnings() -> None:
     """Filter the library warnings known to be noise here: peft asks a transformers 5 model for its deprecated
     `is_gradient_checkpointing` (a FutureWarning on every load of an adapter); DeepSpeed says "Setting accelerator
-    to CPU" as a warning wherever it is imported without a GPU (the tools, a CPU run)."""
+    to CPU" as a warning wherever it is imported without a GPU (the tools, a CPU run); accelerate warns of a
+    "Gradient accumulation steps mismatch" on every DeepSpeed run that accumulates (see `_NotTrainerAccumulation`)."""
     warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    deepspeed = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _NotCpuAccelerator) for f in deepspeed.filters):
-        deepspeed.addFilter(_NotCpuAccelerator())
+    for name, noise in (("DeepSpeed", _NotCpuAccelerator), ("accelerate.accelerator", _NotTrainerAccumulation)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, noise) for f in logger.filters):
+            logger.addFilter(noise())
 
 
 def quiet_libraries(terminal: bool) -> None:
@@ -131,3 +133,14 @@ class _NotCpuAccelerator(logging.Filter):
             return True
         torch = sys.modules.get("torch")  # loaded wherever DeepSpeed is (this module stays torch-free)
         return torch is not None and torch.cuda.is_available()
+
+
+ACCUMULATION_NOISE = "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1,"
+
+
+class _NotTrainerAccumulation(logging.Filter):
+    """Drops accelerate's "GradientAccumulationPlugin has 1, DeepSpeed config has N": the HF Trainer sets the plugin
+    to 1 on purpose (it accumulates itself) and DeepSpeed's N is the one in use, so on every run it is not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(ACCUMULATION_NOISE)

@@ -123,6 +123,15 @@ def test_known_harmless_warnings_are_filtered(capsys):
             for text in ("Setting accelerator to CPU. If you have GPU ...", "ZeRO stage 3 warning")
         ]
         assert [deepspeed_logger.filter(r) for r in records] == [False, True]
+        accelerate_logger = logging.getLogger("accelerate.accelerator")
+        records = [
+            logging.LogRecord("accelerate.accelerator", logging.WARNING, __file__, 1, text, (), None)
+            for text in (
+                "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1, DeepSpeed config has 16. ...",
+                "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 4, DeepSpeed config has 16. ...",
+            )
+        ]
+        assert [accelerate_logger.filter(r) for r in records] == [False, True]  # only the Trainer's deliberate 1
     finally:
         deepspeed_logger.filters[:] = before
 
