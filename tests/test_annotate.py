@@ -267,25 +267,32 @@ def test_the_openai_client_path_against_a_served_model(served, annotated, tmp_pa
     prices = "price_per_million_input: 2.5\nprice_per_million_output: 10\n"
     judge.write_text(f"kind: openai\nmodel: qwen2-vl\nbase_url: {served}\nmax_retries: 1\nbackoff_seconds: 0\n"
                      f"concurrency: 2\nmax_tokens: 8\n{prices}")  # fmt: skip
-    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 0
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 2  # none rated: an error
     failures = records(out / "judge_failures.jsonl")
-    assert len(failures) == 8 and all(f["reason"].startswith("unparseable reply") for f in failures)
-    assert all(f["attempts"] == 2 for f in failures)
+    # cut at max_tokens (finish_reason "length"): the same request would be cut again, so it is not retried
+    cut = "unparseable reply: cut at judge.max_tokens = 8; raise it"
+    assert len(failures) == 8 and all(f["reason"].startswith(cut) for f in failures)
+    assert all(f["attempts"] == 1 for f in failures)
     usage = json.loads((out / "judge_usage.json").read_text())
-    assert usage["requests"] == 16 and usage["input_tokens"] > 16 * 50 and 0 < usage["output_tokens"] <= 16 * 8
+    assert usage["requests"] == 8 and usage["input_tokens"] > 8 * 50 and 0 < usage["output_tokens"] <= 8 * 8
     expected = (usage["input_tokens"] * 2.5 + usage["output_tokens"] * 10) / 1e6
     assert usage["cost"] == pytest.approx(expected)
     assert records(out / "release" / "vlfeedback_80k.jsonl") == []  # nothing rated, nothing released
 
 
-def test_an_unreachable_endpoint_is_retried_then_counted_out(annotated, tmp_path):
+def test_an_unreachable_endpoint_is_retried_then_counted_out_and_stops_the_run(annotated, tmp_path, capsys):
     out = unjudged_copy(annotated, tmp_path)
     judge = tmp_path / "judge.yaml"
     judge.write_text("kind: openai\nmodel: m\nbase_url: http://127.0.0.1:9/v1\nmax_retries: 1\nbackoff_seconds: 0\n"
                      "timeout_seconds: 5\n")  # fmt: skip
-    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 0
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 2
     failures = records(out / "judge_failures.jsonl")
     assert len(failures) == 8 and all(f["reason"].startswith("request failed: APIConnectionError") for f in failures)
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: judge: the requests for the last 8 instructions all failed (the last: request failed: "
+        "APIConnectionError"
+    )
+    assert json.loads((out / "judge_usage.json").read_text())["requests"] == 16  # 8 instructions x 2 attempts
 
 
 def test_the_readme_annotate_demo_builds_a_release_and_trains_on_it(tmp_path):
@@ -309,18 +316,26 @@ def test_the_readme_annotate_demo_builds_a_release_and_trains_on_it(tmp_path):
         assert done.returncode == 0, step + done.stdout[-2000:] + done.stderr[-2000:]
         stdout = done.stdout
     summary = json.loads((tmp_path / "runs" / "mine" / "summary.json").read_text())
-    assert summary["instructions"] == 200 and summary["answers"] == 400 and summary["rated_instructions"] == 200
-    assert "runs/mine/release/vlfeedback_80k.jsonl: rows seen=200" in stdout + done.stderr
+    assert summary["instructions"] == 200 and summary["answers"] == 400
+    # an empty answer (the tiny pool's model stops at once) is not sent to the judge: its instruction has one left
+    answers = records(tmp_path / "runs" / "mine" / "answers.jsonl")
+    with_an_empty = {answer["id"] for answer in answers if not answer["response"].strip()}
+    assert summary["empty_answers"] == sum(not answer["response"].strip() for answer in answers) > 0
+    assert summary["rated_instructions"] == 200 - len(with_an_empty)
+    assert f"runs/mine/release/vlfeedback_80k.jsonl: rows seen={200 - len(with_an_empty)}" in stdout + done.stderr
     assert re.search(r"held-out reward accuracy: [0-9.]+", stdout)
     assert (tmp_path / "runs" / "demo_mine" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_local_checkpoint_judge_that_writes_no_rubric_is_counted_out(annotated, assets, tmp_path):
+def test_a_local_checkpoint_judge_that_writes_no_rubric_is_counted_out(annotated, assets, tmp_path, capsys):
     """kind: local on the tiny Qwen-VL-Chat: it answers the rubric with its image, but not in JSON."""
     out = unjudged_copy(annotated, tmp_path)
     judge = tmp_path / "judge.yaml"
     judge.write_text(f"kind: local\nmodel: {assets / 'qwen-vl'}\nmax_tokens: 6\nmax_retries: 0\n")
-    assert main(["judge", "--judge", str(judge), "--in", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert main(["judge", "--judge", str(judge), "--in", str(out), "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: judge: none of the 8 instructions judged now was rated (the first: synthetic-"
+    )
     failures = records(out / "judge_failures.jsonl")
     assert len(failures) == 8 and all(f["reason"].startswith("unparseable reply") for f in failures)
     usage = json.loads((out / "judge_usage.json").read_text())

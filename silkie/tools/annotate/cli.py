@@ -162,6 +162,11 @@ def _stage(args: argparse.Namespace) -> Any:
                                    progress)  # fmt: skip
         result["summary"] = write_release(instructions, out)
         log.info("release: %s", result["summary"]["release"]["jsonl"])
+        if result.get("new") == 0 and result.get("new_failures"):
+            raise ToolError(
+                f"judge: none of the {result['new_failures']} instructions judged now was rated (the first: "
+                f"{result['first_failure'][:300]}); see {out / 'judge_failures.jsonl'}"
+            )
     return result
 
 

@@ -13,7 +13,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,11 @@ from silkie.config.annotate import JudgeConfig
 from silkie.tools.annotate.files import ANSWERS, FAILURES, RATINGS, USAGE, AppendLog, Instruction, read_jsonl
 from silkie.tools.annotate.judges import JudgeCall, PermanentJudgeError, Reply
 from silkie.tools.annotate.rubric import RUBRIC_VERSION, JudgeParseError, judge_prompt, parse_ratings
+from silkie.tools.cli import ToolError
 
 log = logging.getLogger(__name__)
+REQUEST_FAILED = "request failed"
+STOP_AFTER_FAILED_REQUESTS = 8  # instructions in a row whose every request failed: the endpoint refuses them all
 
 
 class RateLimit:
@@ -53,37 +57,62 @@ def answers_by_instruction(out: Path) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
+def shown_order(row_id: str, n_answers: int) -> list[int]:
+    """The order the judge sees an instruction's answers in: shuffled with the id as seed, so a judge's position bias
+    does not line up with the pool's model order (and a rerun asks the same question)."""
+    order = list(range(n_answers))
+    random.Random(f"{RUBRIC_VERSION}:{row_id}").shuffle(order)
+    return order
+
+
 def rate_one(
-    call: JudgeCall, config: JudgeConfig, limit: RateLimit, row: Instruction, answers: list[dict], out: Path
+    call: JudgeCall,
+    config: JudgeConfig,
+    limit: RateLimit,
+    row: Instruction,
+    answers: list[dict],
+    out: Path,
+    stop: threading.Event | None = None,
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[Reply]]:
     """(ratings record or None, failure record or None, every reply) for one instruction, retrying up to
-    `max_retries` times with doubling backoff."""
-    texts = [answer["response"] for answer in answers]
+    `max_retries` times with doubling backoff; (None, None, replies) once `stop` is set (an interrupted run).
+
+    The answers are shown in `shown_order`; the record lists models and annotations in the pool's order."""
+    order = shown_order(row.id, len(answers))
+    texts = [answers[index]["response"] for index in order]
     prompt = judge_prompt(row.prompt, texts)
     replies: list[Reply] = []
     reason, last_text = "", ""
     for attempt in range(config.max_retries + 1):
         if attempt:
             time.sleep(config.backoff_seconds * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
+        if stop is not None and stop.is_set():
+            return None, None, replies
         limit.wait()
         try:
             reply = call(prompt, out / row.image, texts)
         except PermanentJudgeError:
             raise
         except Exception as err:  # the endpoint's errors (timeouts, 429, 5xx): retried like a bad reply
-            reason = f"request failed: {type(err).__name__}: {err}"
+            reason = f"{REQUEST_FAILED}: {type(err).__name__}: {err}"
             replies.append(Reply(""))  # a request made, nothing counted
             continue
         replies.append(reply)
         last_text = reply.text
         try:
-            annotations = parse_ratings(reply.text, len(texts))
+            shown = parse_ratings(reply.text, len(texts))
         except JudgeParseError as err:
+            if reply.cut_short:  # the same request would be cut at the same length again
+                reason = f"unparseable reply: cut at judge.max_tokens = {config.max_tokens}; raise it ({err})"
+                break
             reason = f"unparseable reply: {err}"
             continue
+        annotations = [shown[order.index(index)] for index in range(len(answers))]
         models = [answer["model"] for answer in answers]
-        return {"id": row.id, "models": models, "annotations": annotations, "rubric": RUBRIC_VERSION}, None, replies
-    failure = {"id": row.id, "reason": reason, "attempts": config.max_retries + 1, "last_reply": last_text[:2000]}
+        record = {"id": row.id, "models": models, "annotations": annotations, "rubric": RUBRIC_VERSION,
+                  "shown_order": order}  # fmt: skip
+        return record, None, replies
+    failure = {"id": row.id, "reason": reason, "attempts": len(replies), "last_reply": last_text[:2000]}
     return None, failure, replies
 
 
@@ -101,6 +130,61 @@ def _add_usage(out: Path, config: JudgeConfig, replies: list[Reply], requests: i
     return usage
 
 
+class _Tally:
+    """Writes each instruction's outcome as it arrives and stops a run whose requests all fail."""
+
+    def __init__(self, out: Path, config: JudgeConfig):
+        self.out, self.config = out, config
+        self.ratings, self.failures = AppendLog(out / RATINGS), AppendLog(out / FAILURES)  # a torn last line is cut
+        self.new = self.new_failures = self.failed_in_a_row = 0
+        self.first_failure = self.last_reason = ""
+
+    def record(self, outcome: tuple[dict[str, Any] | None, dict[str, Any] | None, list[Reply]]) -> None:
+        """Append the rating or the failure, and the replies' tokens and cost (they were paid for either way)."""
+        record, failure, replies = outcome
+        if record is not None:
+            self.ratings.write([record])
+            self.new += 1
+        elif failure is not None:
+            self.failures.write([failure])
+            self.new_failures += 1
+            self.first_failure = self.first_failure or f"{failure['id']}: {failure['reason']}"
+            log.warning("judge: %s kept out after %d attempts: %s", failure["id"], failure["attempts"],
+                        failure["reason"])  # fmt: skip
+        _add_usage(self.out, self.config, replies, len(replies))
+        if failure is not None and failure["reason"].startswith(REQUEST_FAILED):
+            self.failed_in_a_row += 1
+            self.last_reason = failure["reason"]
+        elif record is not None or failure is not None:
+            self.failed_in_a_row = 0  # the endpoint answers
+
+    def check_endpoint(self) -> None:
+        """A `ToolError` once the requests of `STOP_AFTER_FAILED_REQUESTS` instructions in a row all failed: an
+        endpoint that refuses everything (no quota, a bad parameter) would fail the rest the same way."""
+        if self.failed_in_a_row >= STOP_AFTER_FAILED_REQUESTS:
+            raise ToolError(
+                f"judge: the requests for the last {self.failed_in_a_row} instructions all failed (the last: "
+                f"{self.last_reason[:300]}); stopped so as not to spend more. Rated work is kept: fix the endpoint "
+                "or the judge file and run the judge again"
+            )
+
+
+def _finish_in_flight(live: set[Future], tally: _Tally, interrupted: bool) -> None:
+    """After an interruption: record what finished; on Ctrl-C also wait for the requests in flight (paid for, and
+    no more are sent), unless a second Ctrl-C says not to."""
+    running = [future for future in live if not future.done()]
+    if interrupted and running:
+        log.warning("judge: interrupted; recording the %d requests in flight (Ctrl-C again to drop them)",
+                    len(running))  # fmt: skip
+        try:
+            wait(running)
+        except KeyboardInterrupt:
+            pass
+    for future in live:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            tally.record(future.result())
+
+
 def judge_answers(
     config: JudgeConfig,
     call: JudgeCall,
@@ -109,36 +193,42 @@ def judge_answers(
     retry_failed: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Rate every answered instruction not rated yet; returns {rated, failed, new, skipped_one_answer, usage}."""
+    """Rate every answered instruction not rated yet; returns {rated, failed, new, new_failures, skipped_one_answer,
+    usage}. Empty answers are not sent (they could only be rejected); an instruction needs two that are not."""
     from tqdm import tqdm
 
-    ratings, failures = AppendLog(out / RATINGS), AppendLog(out / FAILURES)  # first: a torn last line is cut
-    grouped = answers_by_instruction(out)
+    tally = _Tally(out, config)
+    grouped = {key: [a for a in group if a["response"].strip()] for key, group in answers_by_instruction(out).items()}
     skip = {record["id"] for record in read_jsonl(out / RATINGS)}
     if not retry_failed:  # unparseable replies stay out; failed requests (endpoint down, 5xx) are tried again
         skip |= {r["id"] for r in read_jsonl(out / FAILURES) if r["reason"].startswith("unparseable")}
     one_answer = [row.id for row in instructions if len(grouped.get(row.id, [])) == 1]
     todo = [row for row in instructions if len(grouped.get(row.id, [])) >= 2 and row.id not in skip]
-    limit = RateLimit(config.requests_per_minute)
+    limit, stop = RateLimit(config.requests_per_minute), threading.Event()
     workers = config.concurrency if config.kind == "openai" else 1  # a local model answers one request at a time
-    new = new_failures = 0
     bar = tqdm(total=len(todo), desc="judge", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=workers)
+    queue, live = iter(todo), set()  # a few instructions ahead of the workers, so that a stop leaves the rest unsent
+
+    def submit(count: int) -> None:
+        for row in islice(queue, count):
+            live.add(pool.submit(rate_one, call, config, limit, row, grouped[row.id], out, stop))
+
     try:
-        futures = [pool.submit(rate_one, call, config, limit, row, grouped[row.id], out) for row in todo]
-        for future in as_completed(futures):
-            record, failure, replies = future.result()
-            if record is not None:
-                ratings.write([record])
-                new += 1
-            else:
-                failures.write([failure])
-                new_failures += 1
-                log.warning("judge: %s kept out after %d attempts: %s", failure["id"], failure["attempts"],
-                            failure["reason"])  # fmt: skip
-            _add_usage(out, config, replies, len(replies))
-            bar.update(1)
-    except BaseException:  # Ctrl-C, a full disk, a permanent endpoint error: stop sending (and paying for) requests
+        submit(2 * workers)
+        while live:
+            done, _ = wait(live, return_when=FIRST_COMPLETED)
+            for future in done:
+                live.discard(future)  # recorded (or raising)
+                tally.record(future.result())
+                tally.check_endpoint()
+                bar.update(1)
+            submit(len(done))
+    except BaseException as err:  # Ctrl-C, a permanent endpoint error, a full disk: send (and pay for) no more
+        stop.set()
+        for future in live:
+            future.cancel()
+        _finish_in_flight(live, tally, isinstance(err, KeyboardInterrupt))
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -149,8 +239,9 @@ def judge_answers(
     return {
         "rated": len(rated_ids),
         "failed": len({record["id"] for record in read_jsonl(out / FAILURES)} - rated_ids),
-        "new": new,
-        "new_failures": new_failures,
+        "new": tally.new,
+        "new_failures": tally.new_failures,
+        "first_failure": tally.first_failure,
         "skipped_one_answer": len(one_answer),
         "usage": usage,
     }

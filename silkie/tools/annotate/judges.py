@@ -23,6 +23,7 @@ class Reply:
     text: str
     input_tokens: int = 0
     output_tokens: int = 0
+    cut_short: bool = False  # stopped at the judge's max_tokens (finish_reason "length")
 
 
 JudgeCall = Callable[[str, Path, Sequence[str]], Reply]  # (rubric prompt, image file, answers) -> reply
@@ -66,13 +67,16 @@ def openai_judge(config: JudgeConfig) -> JudgeCall:
     def call(prompt: str, image: Path, answers: Sequence[str]) -> Reply:
         try:
             response = create(prompt, image)
-        except permanent as err:
-            raise PermanentJudgeError(f"judge endpoint refused the request ({type(err).__name__}): {err}") from err
-        usage = response.usage
+        except openai.APIStatusError as err:
+            if isinstance(err, permanent) or _code(err) == "insufficient_quota":  # a 429 that waiting cannot fix
+                raise PermanentJudgeError(f"judge endpoint refused the request ({type(err).__name__}): {err}") from err
+            raise
+        usage, choice = response.usage, response.choices[0]
         return Reply(
-            response.choices[0].message.content or "",
+            choice.message.content or "",
             getattr(usage, "prompt_tokens", 0) or 0,
             getattr(usage, "completion_tokens", 0) or 0,
+            cut_short=choice.finish_reason == "length",
         )
 
     def create(prompt: str, image: Path):
@@ -92,6 +96,15 @@ def openai_judge(config: JudgeConfig) -> JudgeCall:
         )
 
     return call
+
+
+def _code(err: Exception) -> str | None:
+    """The error code an OpenAI-compatible endpoint put in its error body (`insufficient_quota`, ...)."""
+    code = getattr(err, "code", None)
+    if code is None and isinstance(getattr(err, "body", None), dict):
+        body = err.body.get("error", err.body)
+        code = body.get("code") if isinstance(body, dict) else None
+    return str(code) if code is not None else None
 
 
 def local_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:

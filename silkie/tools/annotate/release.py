@@ -60,7 +60,8 @@ def write_release(instructions: Sequence[Instruction], out: Path) -> dict[str, A
 
 
 def summarize(instructions: Sequence[Instruction], rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-    """Counts of the folder: instructions, answers, rated, rating histogram per aspect, failures, usage."""
+    """Counts of the folder: instructions, answers (and empty ones, which the judge is not sent), rated, rating
+    histogram per aspect, failures, usage."""
     histogram = {aspect: Counter() for aspect in ASPECTS}
     for row in rows:
         for completion in row["completions"]:
@@ -69,9 +70,11 @@ def summarize(instructions: Sequence[Instruction], rows: list[dict[str, Any]], o
     rated = {row["id"] for row in rows}
     failures = {r["id"]: r["reason"].split(":")[0] for r in read_jsonl(out / FAILURES) if r["id"] not in rated}
     usage = json.loads((out / USAGE).read_text()) if (out / USAGE).is_file() else {}
+    grouped = answers_by_instruction(out)
     return {
         "instructions": len(instructions),
-        "answers": sum(len(v) for v in answers_by_instruction(out).values()),
+        "answers": sum(len(v) for v in grouped.values()),
+        "empty_answers": sum(not answer["response"].strip() for answers in grouped.values() for answer in answers),
         "rated_instructions": len(rows),
         "rated_answers": sum(len(row["completions"]) for row in rows),
         "ratings": {aspect: {str(k): histogram[aspect].get(str(k), 0) for k in range(1, 6)} for aspect in ASPECTS},

@@ -58,15 +58,26 @@ def judge_prompt(instruction: str, answers: Sequence[str]) -> str:
 
 
 def _json_object(text: str) -> Any:
+    """The reply's JSON object: a fenced block's, else the first `{...}` that parses as one with "ratings" (a judge
+    may write prose, or a note with braces, before or after it)."""
     fenced = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, flags=re.S)
-    start, end = text.find("{"), text.rfind("}")
-    if not fenced and start < 0:
+    if fenced:
+        text = fenced.group(1)
+    starts = [match.start() for match in re.finditer(r"\{", text)]
+    if not starts:
         raise JudgeParseError("no JSON object in the reply")
-    body = fenced.group(1) if fenced else text[start : end + 1] if end > start else text[start:]
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError as err:
-        raise JudgeParseError(f"invalid JSON ({err.msg} at char {err.pos})") from None
+    first_error = None
+    for start in starts:
+        try:
+            data, _ = json.JSONDecoder().raw_decode(text, start)
+        except json.JSONDecodeError as err:
+            first_error = first_error or err
+            continue
+        if isinstance(data, dict) and "ratings" in data:
+            return data
+    if first_error is not None:
+        raise JudgeParseError(f"invalid JSON ({first_error.msg} at char {first_error.pos})")
+    return json.JSONDecoder().raw_decode(text, starts[0])[0]  # an object, but without "ratings": said by the caller
 
 
 def _rating(value: Any, where: str) -> int:

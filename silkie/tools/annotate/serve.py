@@ -107,12 +107,13 @@ class ModelServer:
             options.max_new_tokens, options.sample = max_tokens, temperature > 0
             options.temperature = temperature or 1.0
             answer, prompt, completion = self.responder.reply(image, text, seed=int(body.get("seed") or 0))
+        finish = "length" if completion >= max_tokens else "stop"  # as the API says of a reply cut at max_tokens
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model") or self.spec.label,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
 
