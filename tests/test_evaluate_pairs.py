@@ -146,3 +146,19 @@ def test_an_unfinished_run_points_to_its_last_checkpoint(trained, tmp_path):
     with pytest.raises(ToolError, match=rf"adapter folder not found: {run / 'adapter'}; the run has not finished: "
                        rf"score its last checkpoint with --adapter {run / 'checkpoint-12'}$"):  # fmt: skip
         evaluate_run(run, device="cpu")
+
+
+def test_the_imageless_summary_leaves_text_only_pairs_out():
+    from silkie.tools.evaluate import PairTable, summarize
+
+    table = PairTable(pair_index=[0, 1, 2], prompt_id=["a", "b", "c"])
+    table.columns = {
+        "rewards/chosen": [1.0, 1.0, 1.0], "rewards/rejected": [0.0, 0.0, 0.0], "loss": [0.3] * 3,
+        "logps/chosen": [-1.0] * 3, "logps/rejected": [-2.0] * 3,
+        # pair 1 is text only: its "imageless" preference is its real one, which says nothing about the picture
+        "imageless_rewards/chosen": [0.0, 1.0, 2.0], "imageless_rewards/rejected": [1.0, 0.0, 1.0],
+        "logps/chosen_image_gain": [0.5, 0.0, 1.5], "with_media": [1.0, 0.0, 1.0],
+    }  # fmt: skip
+    summary = summarize(table)
+    assert summary["n_pairs"] == 3 and summary["n_pairs_with_media"] == 2
+    assert summary["rewards/imageless_accuracies"] == 0.5 and summary["logps/chosen_image_gain"] == 1.0

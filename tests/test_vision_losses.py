@@ -179,6 +179,9 @@ def test_the_efficient_step_scores_the_corrupted_view_as_the_plain_path(lora_mod
     metrics = batch_metrics(fast)
     torch.testing.assert_close(metrics["logps/chosen_image_gain"], gain)
     assert metrics["rewards/imageless_accuracies"].shape == (3,)
+    # the text-only pair (row 1) has no picture to take away: it is out of the imageless means
+    for name in ("rewards/imageless_accuracies", "rewards/imageless_margins", "logps/chosen_image_gain"):
+        assert metrics[f"weight:{name}"].tolist() == [1.0, 0.0, 1.0]
 
 
 def test_the_corrupted_images_are_encoded_once_without_autograd(lora_model, batch):

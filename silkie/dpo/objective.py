@@ -37,6 +37,7 @@ class CorruptedScores:
     policy: AnswerScores
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    with_media: torch.Tensor | None = None  # [B] pairs holding an image or video (a text-only pair is unchanged)
 
 
 def loss_from_scores(
@@ -79,6 +80,14 @@ class BatchScores:
     beta: float = 0.1
 
 
+def _with_media(batch: dict) -> torch.Tensor | None:
+    """[B] 1.0 where a pair holds an image or a video, else 0.0 (None when the batch does not say)."""
+    if "image_counts" not in batch:
+        return None
+    counts = batch["image_counts"] + batch.get("video_counts", torch.zeros_like(batch["image_counts"]))
+    return (counts > 0).float()
+
+
 def score_batch(
     model: nn.Module,
     batch: dict,
@@ -101,7 +110,7 @@ def score_batch(
         view = corrupted_view(batch)
         view_features = encode_images_once(model, view) if options.image_once else None
         view_policy = score_answers(model, view, options, pad_token_id, view_features, policy=False)
-        again = CorruptedScores(view_policy, *reference(view, view_features))
+        again = CorruptedScores(view_policy, *reference(view, view_features), _with_media(batch))
     out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights, again)
     return BatchScores(policy, ref_chosen, ref_rejected, out, weights, again, objective.beta)
 
@@ -136,6 +145,10 @@ def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
         metrics["rewards/imageless_accuracies"] = (chosen > rejected).float()
         metrics["rewards/imageless_margins"] = chosen - rejected
         metrics["logps/chosen_image_gain"] = (policy.chosen_logps - again.policy.chosen_logps).detach()
+        if again.with_media is not None:  # a text-only pair has no picture to take away: not in these means
+            media_weights = pair_weights * again.with_media.to(pair_weights.device)
+            for name in ("rewards/imageless_accuracies", "rewards/imageless_margins", "logps/chosen_image_gain"):
+                metrics[f"weight:{name}"] = media_weights
     if policy.entropy is not None:  # TRL's: per answer token (chosen and rejected), resp. per chosen token
         metrics["entropy"] = policy.entropy
         metrics["weight:entropy"] = pair_weights * (policy.chosen_lengths + policy.rejected_lengths)

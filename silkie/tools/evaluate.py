@@ -85,10 +85,12 @@ def _imageless_columns(scores: Any) -> list[tuple[str, torch.Tensor]]:
     chosen = scores.beta * (again.policy.chosen_logps - again.ref_chosen.to(device))
     rejected = scores.beta * (again.policy.rejected_logps - again.ref_rejected.to(device))
     gain = scores.policy.chosen_logps - again.policy.chosen_logps
+    with_media = torch.ones_like(gain) if again.with_media is None else again.with_media.to(device)
     return [
         ("imageless_rewards/chosen", chosen),
         ("imageless_rewards/rejected", rejected),
         ("logps/chosen_image_gain", gain),
+        ("with_media", with_media),
     ]
 
 
@@ -103,12 +105,15 @@ def summarize(table: PairTable) -> dict[str, float | int]:
     }
     for name in ("rewards/chosen", "rewards/rejected", "loss", "logps/chosen", "logps/rejected"):
         summary[name] = float(torch.tensor(table.columns[name], dtype=torch.float64).mean())
-    if "imageless_rewards/chosen" in table.columns:  # the preference without the picture
-        chosen = torch.tensor(table.columns["imageless_rewards/chosen"], dtype=torch.float64)
-        rejected = torch.tensor(table.columns["imageless_rewards/rejected"], dtype=torch.float64)
-        summary["rewards/imageless_accuracies"] = float((chosen > rejected).double().mean())
-        gain = torch.tensor(table.columns["logps/chosen_image_gain"], dtype=torch.float64)
-        summary["logps/chosen_image_gain"] = float(gain.mean())
+    if "imageless_rewards/chosen" in table.columns:  # the preference without the picture, over pairs that have one
+        media = torch.tensor(table.columns["with_media"]) > 0
+        summary["n_pairs_with_media"] = int(media.sum())
+        if media.any():
+            chosen = torch.tensor(table.columns["imageless_rewards/chosen"], dtype=torch.float64)[media]
+            rejected = torch.tensor(table.columns["imageless_rewards/rejected"], dtype=torch.float64)[media]
+            summary["rewards/imageless_accuracies"] = float((chosen > rejected).double().mean())
+            gain = torch.tensor(table.columns["logps/chosen_image_gain"], dtype=torch.float64)[media]
+            summary["logps/chosen_image_gain"] = float(gain.mean())
     return summary
 
 
