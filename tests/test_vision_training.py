@@ -49,3 +49,20 @@ def test_evaluate_pairs_reports_the_imageless_accuracy(trained):
     wins = sum(r["imageless_rewards/chosen"] > r["imageless_rewards/rejected"] for r in rows) / len(rows)
     assert summary["rewards/imageless_accuracies"] == pytest.approx(wins)
     assert "imageless accuracy" in format_table(result)
+
+
+def test_vision_keys_that_nothing_reads_are_named():
+    from silkie.config import load_recipe
+    from silkie.train.build import unused_vision_settings
+
+    from .conftest import REPO_ROOT
+
+    demo = REPO_ROOT / "dpo_config" / "demo.yaml"
+    keys = ["dpo.mdpo_anchor_weight=0.5", "data.image_corruption=blank"]
+    recipe = load_recipe(demo, keys)
+    assert unused_vision_settings(recipe, vision_loss=False) == ["dpo.mdpo_anchor_weight = 0.5"]  # diagnostics on
+    off = load_recipe(demo, [*keys, "dpo.image_diagnostics=false"])
+    unused = ["dpo.mdpo_anchor_weight = 0.5", "data.image_corruption = blank"]
+    assert unused_vision_settings(off, vision_loss=False) == unused
+    mdpo = load_recipe(demo, ["dpo.loss_type=mdpo", "dpo.mdpo_anchor_weight=0.5"])
+    assert unused_vision_settings(mdpo, vision_loss=True) == []

@@ -21,7 +21,8 @@ class DPOSection:
         "sigmoid",
         "Preference loss, TRL 1.16's names (`sigmoid`, `hinge`, `ipo`, `exo_pair`, `nca_pair`, `robust`, "
         "`bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft`, "
-        "`sigmoid_norm`), or a list of them to combine (e.g. `[sigmoid, sft]`: RPO).",
+        "`sigmoid_norm`), the vision-aware `mdpo` (DPO + image-conditional + anchor terms) and `image_conditional`, "
+        "or a list of them to combine (e.g. `[sigmoid, sft]`: RPO; `[sigmoid, image_conditional]`).",
         "dpo.losses:DPOObjective.from_section",
     )
     loss_weights: list[float] | None = key(

@@ -88,6 +88,9 @@ def section_table(name: str, cls: type) -> list[str]:
     return lines + [""]
 
 
+SILKIE_ONLY = ("global_batch_size",)  # training keys of Silkie's own, not TrainingArguments fields
+
+
 def training_table() -> list[str]:
     """Markdown table of the accepted `training:` keys."""
     from silkie.train.arguments import DEFAULTS
@@ -96,7 +99,7 @@ def training_table() -> list[str]:
     lines += [f"All read by {read_by(TRAINING_READ_BY)}.", ""]
     lines += ["| key | type | silkie default | meaning |", "|---|---|---|---|"]
     for key, annotation in TRAINING_KEYS.items():
-        default = show(DEFAULTS[key]) if key in DEFAULTS else "HF"
+        default = show(DEFAULTS[key]) if key in DEFAULTS else "HF" if key not in SILKIE_ONLY else "`null`"
         lines.append(f"| `{key}` | {type_name(annotation)} | {default} | {TRAINING_HELP.get(key, '(undocumented)')} |")
     return lines + [""]
 

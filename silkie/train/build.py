@@ -181,6 +181,23 @@ def video_sampling(data: Any, model_config: Any) -> Any:
     return VideoSampling(data.video_fps, data.video_min_frames, data.video_max_frames, int(multiple))
 
 
+def unused_vision_settings(recipe: Recipe, vision_loss: bool) -> list[str]:
+    """The vision-objective keys a recipe set away from their defaults where nothing reads them (`dpo.mdpo_*`
+    without the mdpo loss; `data.image_corruption` without a vision loss or the image diagnostics)."""
+    from silkie.config import DataSection, DPOSection
+    from silkie.config.objective import loss_types_of
+
+    dpo_defaults = {field.name: field.default for field in dataclasses.fields(DPOSection)}
+    unused = []
+    if "mdpo" not in loss_types_of(recipe.dpo.loss_type):
+        names = ("mdpo_conditional_weight", "mdpo_anchor_weight", "mdpo_anchor_delta")
+        unused += [f"dpo.{n} = {getattr(recipe.dpo, n)}" for n in names if getattr(recipe.dpo, n) != dpo_defaults[n]]
+    corruption_default = next(f.default for f in dataclasses.fields(DataSection) if f.name == "image_corruption")
+    if not (vision_loss or recipe.dpo.image_diagnostics) and recipe.data.image_corruption != corruption_default:
+        unused.append(f"data.image_corruption = {recipe.data.image_corruption}")
+    return unused
+
+
 def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption) -> Any:
     from transformers.integrations import TensorBoardCallback
 
@@ -200,6 +217,10 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
     vision_loss = DPOObjective.from_section(recipe.dpo).scores_corrupted_images
     frames = video_sampling(recipe.data, model.config)
     eval_corruption = corruption if vision_loss or recipe.dpo.image_diagnostics else None
+    unused = unused_vision_settings(recipe, vision_loss)
+    if unused:
+        logger.warning(f"{', '.join(unused)} set, but unused: the mdpo_* keys act on dpo.loss_type mdpo, "
+                       "data.image_corruption on the vision losses and dpo.image_diagnostics")  # fmt: skip
     collator, eval_collator = (
         PairCollator(data.image_store, processor, codec.pad_token_id, view, video_sampling=frames)
         for view in (corruption if vision_loss else None, eval_corruption)
