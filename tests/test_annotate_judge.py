@@ -179,3 +179,20 @@ def test_the_stop_after_failed_requests_spares_the_rest(tmp_path):
         judge_answers(config, refusing, instructions, out, progress=False)
     # 8 in a row, and what was already out (one worker, two queued): recorded too; the other 20 never sent
     assert 8 <= len(calls) <= 10 and len((out / "judge_failures.jsonl").read_text().splitlines()) == len(calls)
+
+
+def test_an_instruction_with_several_pictures_or_a_video_is_refused_by_name(tmp_path):
+    from PIL import Image
+
+    from silkie.tools.annotate.files import import_instructions
+
+    images = tmp_path / "pictures"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(images / name)
+    source = tmp_path / "instructions.jsonl"
+    source.write_text(json.dumps({"id": "one", "prompt": "What?", "images": ["a.png"]}) + "\n")
+    assert [row.id for row in import_instructions(source, images, tmp_path / "ok")] == ["one"]  # a list of one
+    source.write_text(json.dumps({"id": "two", "prompt": "Which?", "images": ["a.png", "b.png"]}) + "\n")
+    with pytest.raises(ToolError, match=r"row 1: an instruction to annotate has one picture \(`image`\)"):
+        import_instructions(source, images, tmp_path / "several")

@@ -115,3 +115,19 @@ def test_a_frame_limit_below_the_temporal_patch_still_gives_one_patch():
 
     assert sample_indices(300, 30, VideoSampling(min_frames=1, max_frames=1, frame_multiple=2)) == [0, 150]
     assert sample_indices(1, 30, VideoSampling(frame_multiple=2)) == [0]  # shorter than a patch: every frame
+
+
+def test_pairs_with_videos_and_no_pyav_stop_before_training(monkeypatch):
+    import importlib.util
+
+    from silkie.data.build import check_video_decoder
+    from silkie.data.pairs import PreferencePair
+    from silkie.errors import InputError
+
+    pairs = [PreferencePair("p1", "Q", (), "a", "b", 1.0, 0.0), PreferencePair("p2", "Q", (), "a", "b", 1.0, 0.0,
+                                                                                ("clip.mp4",))]  # fmt: skip
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
+    with pytest.raises(InputError, match=r"1 pairs hold videos \(the first: p2: clip.mp4\); .* pip install av"):
+        check_video_decoder(pairs)
+    check_video_decoder(pairs[:1])  # images or text only: PyAV is not needed

@@ -96,10 +96,24 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             limits=limits,
             rating_rules=data.rating_rules,
         )
+    check_video_decoder(pairs)
     train, evaluation = split_by_prompt(
         pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
     )
     return train, evaluation, store, report
+
+
+def check_video_decoder(pairs: list) -> None:
+    """`InputError` when pairs hold videos and PyAV, which decodes them, is not installed (else every such pair
+    would be left out one warning at a time while the run goes on)."""
+    import importlib.util
+
+    with_video = [pair for pair in pairs if pair.videos]
+    if with_video and importlib.util.find_spec("av") is None:
+        raise InputError(
+            f"{len(with_video)} pairs hold videos (the first: {with_video[0].prompt_id}: {with_video[0].videos[0]}); "
+            "decoding them needs PyAV: pip install av"
+        )
 
 
 def unused_rating_rules(data: DataSection) -> list[str]:

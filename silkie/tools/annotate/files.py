@@ -99,6 +99,20 @@ class AppendLog:
             os.fsync(handle.fileno())
 
 
+def _one_picture(raw: dict, where: str) -> str | None:
+    """The instruction's picture (`image`, `img_path`, or an `images` list of one); a `ToolError` for several
+    pictures or a video, which the rubric's one-image request cannot show the judge."""
+    pictures = raw.get("images")
+    if isinstance(pictures, list) and len(pictures) == 1 and not (raw.get("image") or raw.get("img_path")):
+        return pictures[0]
+    if pictures or raw.get("videos") or raw.get("video"):
+        raise ToolError(
+            f"{where}: an instruction to annotate has one picture (`image`); several `images` or a video are taken "
+            "by training (data.source: preference), not by the judge's one-image request"
+        )
+    return raw.get("image") or raw.get("img_path")
+
+
 def import_instructions(source: Path, images: Path, out: Path, limit: int | None = None) -> list[Instruction]:
     """Read `source` (jsonl rows `{"id", "prompt" | "instruction", "image"?}`; the image path is relative to `images`,
     default `merged_images/<id>.jpg` as in VLFeedback), copy each image into `out/images/`, and write
@@ -134,7 +148,7 @@ def import_instructions(source: Path, images: Path, out: Path, limit: int | None
         if row_id in seen:
             raise ToolError(f"{where}: id {row_id!r} given twice")
         seen.add(row_id)
-        key = image_key(row_id=row_id, img_path=raw.get("image") or raw.get("img_path"))
+        key = image_key(row_id=row_id, img_path=_one_picture(raw, where))
         try:
             data = store.read_bytes(key)
         except ImageLoadError as err:
