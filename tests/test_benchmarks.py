@@ -173,3 +173,21 @@ def test_lmms_eval_command_finds_the_silkie_model(trained, shapes, tmp_path):
     payload = json.loads(results.read_text())
     assert payload["config"]["model"] == "silkie" and "mme_perception_score,none" in payload["results"][TASK]
     assert payload["n-samples"][TASK]["effective"] == 4
+
+
+def test_a_benchmark_whose_dataset_is_not_cached_offline_is_one_line_before_any_model_loads(
+    trained, monkeypatch, capsys, tmp_path
+):
+    import datasets.config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    loaded = []
+    monkeypatch.setattr("silkie.tools.lmms_model.SilkieLMM.__init__", lambda *a, **k: loaded.append(1))
+    assert main(["--run", str(trained.run_dir), "--tasks", "mme,pope", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    fetch = "mme needs lmms-lab-encoder/MME: huggingface-cli download --repo-type dataset lmms-lab-encoder/MME"
+    assert error.startswith(f"error: --tasks offline, and not in the local caches: {fetch} (with HF_TOKEN set")
+    assert "pope needs lmms-lab-encoder/POPE" in error and loaded == []

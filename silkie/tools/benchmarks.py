@@ -171,6 +171,48 @@ def _check_tasks(task_manager: Any, tasks: Sequence[str]) -> None:
             raise ToolError(f"--tasks: {task!r} is not an lmms-eval task{hint}")
 
 
+def _offline() -> bool:
+    variables = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in variables)
+
+
+def _dataset_cached(dataset: str) -> bool:
+    """Whether a hub dataset is in the hub cache (a snapshot) or in the datasets cache (a prepared copy)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(dataset, repo_type="dataset", local_files_only=True)
+        return True
+    except Exception:  # not in the hub cache
+        pass
+    from datasets import config
+
+    prepared = dataset.replace("/", "___").lower()
+    cache = Path(config.HF_DATASETS_CACHE)
+    return cache.is_dir() and any(entry.name.lower() == prepared for entry in cache.iterdir())
+
+
+def check_datasets_offline(task_manager: Any, tasks: Sequence[str]) -> None:
+    """Offline (`HF_HUB_OFFLINE`/`HF_DATASETS_OFFLINE`), a `ToolError` naming each task whose hub dataset is in no
+    local cache, with the command that fetches it where there is a network: before a model is loaded, instead of
+    lmms-eval's traceback after it."""
+    import re
+
+    if not _offline():
+        return
+    missing = []
+    for task in tasks:
+        yaml_path = (task_manager.task_index.get(task) or {}).get("yaml_path")
+        text = Path(yaml_path).read_text() if isinstance(yaml_path, str) and Path(yaml_path).is_file() else ""
+        match = re.search(r"^dataset_path:\s*[\"']?([\w.-]+/[\w.-]+)[\"']?\s*$", text, flags=re.M)
+        if match and not Path(match.group(1)).exists() and not _dataset_cached(match.group(1)):
+            token = " (with HF_TOKEN set: it is gated)" if re.search(r"^\s+token:\s*true", text, re.M | re.I) else ""
+            missing.append(f"{task} needs {match.group(1)}: huggingface-cli download --repo-type dataset "
+                           f"{match.group(1)}{token}")  # fmt: skip
+    if missing:
+        raise ToolError(f"--tasks offline, and not in the local caches: {'; '.join(missing)}")
+
+
 def _write_samples(out: Path, model: str, samples: dict[str, list[dict]]) -> None:
     for task, rows in samples.items():
         with (out / f"samples_{model}_{task}.jsonl").open("w", encoding="utf-8") as handle:
@@ -210,6 +252,7 @@ def run_benchmarks(
         raise ToolError(f"--tasks needs lmms-eval ({err}): {INSTALL_HINT}") from err
     task_manager = TaskManager(include_path=[str(Path(p).resolve()) for p in include_path] or None, model_name="silkie")
     _check_tasks(task_manager, tasks)
+    check_datasets_offline(task_manager, tasks)
     out = Path(out_dir) if out_dir else bench_dir(run_dir, limit)
     out.mkdir(parents=True, exist_ok=True)
     options = dict(device=device, batch_size=batch_size)
