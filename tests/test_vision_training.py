@@ -49,6 +49,12 @@ def test_evaluate_pairs_reports_the_imageless_accuracy(trained):
     wins = sum(r["imageless_rewards/chosen"] > r["imageless_rewards/rejected"] for r in rows) / len(rows)
     assert summary["rewards/imageless_accuracies"] == pytest.approx(wins)
     assert "imageless accuracy" in format_table(result)
+    assert f"under the crop corruption, over the {len(rows)} pairs with an image" in format_table(result)
+    # another corruption than the recipe's: the same pairs and real scores, other imageless ones
+    blank = evaluate_run(trained.run_dir, batch_size=4, device="cpu", max_pairs=8, image_corruption="blank")
+    assert blank["image_corruption"] == "blank" and "under the blank corruption" in format_table(blank)
+    assert [r["logps/chosen"] for r in blank["pairs"]] == pytest.approx([r["logps/chosen"] for r in rows], abs=1e-5)
+    assert blank["summary"]["logps/chosen_image_gain"] != pytest.approx(summary["logps/chosen_image_gain"], abs=1e-3)
 
 
 def test_vision_keys_that_nothing_reads_are_named():

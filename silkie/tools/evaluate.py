@@ -117,23 +117,31 @@ def summarize(table: PairTable) -> dict[str, float | int]:
     return summary
 
 
-def _scoring_recipe(recipe: Any, model_dir: Path, lora: bool, batch_size: int, device: str) -> Any:
+def _scoring_recipe(
+    recipe: Any, model_dir: Path, lora: bool, batch_size: int, device: str, image_corruption: str | None = None
+) -> Any:
     """The run's recipe as the scoring trainer needs it: this model folder, one process without DeepSpeed, the
     reference scored on the fly (the run's cache is neither read, which holds only its own split's pairs, nor
-    rewritten), `batch_size` pairs per batch, on the device asked."""
+    rewritten), `batch_size` pairs per batch, on the device asked; with `image_corruption`, the imageless
+    diagnostics under that corruption (one a vision loss was not trained on tests it without the circle)."""
     from silkie.config import DeepSpeedSection
     from silkie.tools.common import family_of
 
     model = dataclasses.replace(recipe.model, path=str(model_dir), family=family_of(model_dir))
     training = {**recipe.training, "per_device_eval_batch_size": batch_size, "report_to": "none"}
     launch = dataclasses.replace(recipe.launch, cpu=device == "cpu")
+    data, dpo = recipe.data, dataclasses.replace(recipe.dpo, precompute_ref_log_probs=False)
+    if image_corruption is not None:
+        data = dataclasses.replace(data, image_corruption=image_corruption)
+        dpo = dataclasses.replace(dpo, image_diagnostics=True)
     return dataclasses.replace(
         recipe,
+        data=data,
         model=model,
         lora=dataclasses.replace(recipe.lora, enabled=lora, load_in_4bit=False),
         training=training,
         deepspeed=DeepSpeedSection(),
-        dpo=dataclasses.replace(recipe.dpo, precompute_ref_log_probs=False),
+        dpo=dpo,
         launch=launch,
     )
 
@@ -182,8 +190,10 @@ def evaluate_run(
     model_dir: str | Path | None = None,
     device: str = "auto",
     max_pairs: int | None = None,
+    image_corruption: str | None = None,
 ) -> dict[str, Any]:
-    """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}."""
+    """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}
+    (`image_corruption`: the imageless diagnostics under that corruption instead of the recipe's)."""
     from silkie.tools.common import load_codec_from, load_model, resolve_device, resolve_tool_dtype
     from silkie.train.build import build_trainer
 
@@ -197,7 +207,7 @@ def evaluate_run(
     # its checkpoint (the reference: the base checkpoint, loaded by the trainer as in training)
     policy = load_model(model_dir, adapter_dir, dtype) if lora else load_model(adapter_dir, None, dtype)
     size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
-    scoring = _scoring_recipe(recipe, model_dir, lora, size, target.type)
+    scoring = _scoring_recipe(recipe, model_dir, lora, size, target.type, image_corruption)
     try:
         built = build_trainer(scoring, run_dir, bookkeeping=False, policy=policy, codec=codec)
     except FileNotFoundError as err:
@@ -222,6 +232,7 @@ def evaluate_run(
         "dropped_pairs": len(dataset) - len(table.pair_index),
         "beta": recipe.dpo.beta,
         "loss_type": recipe.dpo.loss_type,
+        "image_corruption": scoring.data.image_corruption if scoring.dpo.image_diagnostics else None,
         "summary": summarize(table),
         "pairs": [
             {"pair_index": index, "prompt_id": prompt_id, **{k: v[row] for k, v in columns.items()}}
@@ -239,6 +250,9 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         value = summary[key]
         lines.append(f"  {label:<22}{value:>12}" if isinstance(value, int) else f"  {label:<22}{value:>12.4f}")
+    if "rewards/imageless_accuracies" in summary:
+        lines.append(f"  (imageless: under the {result['image_corruption']} corruption, over the "
+                     f"{summary['n_pairs_with_media']} pairs with an image or video)")  # fmt: skip
     if result["dropped_pairs"]:
         lines.append(f"  ({result['dropped_pairs']} pairs skipped: an image or video of theirs failed to load)")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from silkie.config.names import IMAGE_CORRUPTIONS
 from silkie.tools.cli import run_cli
 
 
@@ -35,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", help="JSON file to write (default RUN/eval_pairs_<split>.json); with --tasks a folder (RUN/benchmarks)"
     )
     parser.add_argument("--per-pair", action="store_true", help="include every pair's log-probs in the JSON")
+    parser.add_argument(
+        "--image-corruption",
+        choices=IMAGE_CORRUPTIONS,
+        help="the imageless diagnostics under this corruption instead of the recipe's data.image_corruption (a "
+        "vision loss trained on one corruption is tested on another); written to eval_pairs_SPLIT_CORRUPTION.json",
+    )
     bench = parser.add_argument_group("benchmarks (lmms-eval)")
     bench.add_argument("--tasks", help="comma-separated lmms-eval tasks (e.g. mme,pope,mmvet): benchmark instead")
     bench.add_argument("--include-path", action="append", default=[], help="a folder of your own task YAMLs")
@@ -45,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tasks is not None:
         pair_only = [flag for flag, value in (("--split", args.split != "eval"), ("--max-pairs", args.max_pairs),
-                                              ("--per-pair", args.per_pair)) if value]  # fmt: skip
+                                              ("--per-pair", args.per_pair),
+                                              ("--image-corruption", args.image_corruption)) if value]  # fmt: skip
         if pair_only or not [t for t in args.tasks.split(",") if t.strip()]:
             parser.error(f"--tasks takes a list of task names and no {', '.join(pair_only) or 'empty list'}")
     elif args.include_path or args.limit is not None or args.judge_url:
@@ -70,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
         model_dir=args.model,
         device=args.device,
         max_pairs=args.max_pairs,
+        image_corruption=args.image_corruption,
     )
-    out = write_json(result, args.out or Path(args.run) / f"eval_pairs_{args.split}.json", per_pair=args.per_pair)
+    name = f"eval_pairs_{args.split}" + (f"_{args.image_corruption}" if args.image_corruption else "")
+    out = write_json(result, args.out or Path(args.run) / f"{name}.json", per_pair=args.per_pair)
     print(format_table(result))
     print(f"written: {out}")
     return 0
