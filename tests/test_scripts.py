@@ -433,6 +433,22 @@ def test_prepare_vlfeedback_reports_and_converts(broken_release, tmp_path, capsy
     assert not {p.prompt_id for p in train} & {p.prompt_id for p in evaluation}
 
 
+def test_prepare_vlfeedback_with_the_original_rating_rules(broken_release, tmp_path):
+    root, _, bad = broken_release
+    reports = {}
+    for rules in ("checked", "original"):
+        path = tmp_path / f"{rules}.json"
+        argv = [str(root / "vlfeedback_80k.jsonl"), str(root / "merged_images.zip"), "--json", str(path)]
+        assert load_script("prepare_vlfeedback").main([*argv, "--rating-rules", rules]) == 0
+        reports[rules] = json.loads(path.read_text())
+    checked, original = (reports[name]["pairs"] for name in ("checked", "original"))
+    assert reports["original"]["rules"]["rating_rules"] == "original"
+    # the repository's rules keep the empty answer's pairs (3 dropped by the checked rules)
+    assert checked["pairs_dropped"]["empty_answer"] == 3 and "empty_answer" not in original["pairs_dropped"]
+    assert original["pairs_dropped"]["non_numeric_rating"] == checked["pairs_dropped"]["non_numeric_rating"] == 3
+    assert original["pairs_kept"] > checked["pairs_kept"]
+
+
 def test_prepare_vlfeedback_finds_unreadable_images(broken_release, tmp_path, capsys):
     root, _, bad = broken_release
     folder = tmp_path / "images"

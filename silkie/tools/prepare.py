@@ -32,6 +32,7 @@ class PairRules:
     max_pairs_per_prompt: int | None = None
     cap_strategy: str = "margin"
     seed: int = 0
+    rating_rules: str = "checked"
 
 
 @dataclass
@@ -155,6 +156,7 @@ def build_release_pairs(loaded: LoadedRows, store: Any, rules: PairRules, unread
             seed=rules.seed,
             image_store=store,
             source=loaded.name,
+            rating_rules=rules.rating_rules,
         )
     except ValueError as err:
         raise ToolError(str(err)) from err

@@ -3,7 +3,7 @@
 Reports rows seen / loaded / skipped per reason (with the first ids), images referenced by the rows that are
 missing from the zip or folder, images that fail to decode (a seeded sample, or all with --verify-images),
 and preference pairs kept / dropped per reason under the given pair rules (as a recipe with the same
-data.aspect_weights / data.min_margin / data.max_pairs_per_prompt would build them).
+data.aspect_weights / data.min_margin / data.max_pairs_per_prompt / data.rating_rules would build them).
 
 --convert OUT_DIR writes OUT_DIR/vlfeedback_pairs.parquet (columns id, prompt, image, chosen, rejected,
 chosen_score, rejected_score; `id` is the prompt id, so the train/eval split stays by prompt). Recipes read it
@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--min-margin", type=float, default=0.0, help="drop pairs with a smaller score gap (0)")
     parser.add_argument("--max-pairs-per-prompt", type=int, help="keep at most N pairs per prompt (highest margin)")
+    parser.add_argument(
+        "--rating-rules",
+        choices=("checked", "original"),
+        default="checked",
+        help="how ratings become pairs, as data.rating_rules: checked (default) or original (the Silkie repository's)",
+    )
     parser.add_argument("--verify-images", action="store_true", help="decode every image (default: a sample)")
     parser.add_argument("--sample-images", type=int, default=100, help="images decoded without --verify-images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample (0)")
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         min_margin=args.min_margin,
         max_pairs_per_prompt=args.max_pairs_per_prompt,
         seed=args.seed,
+        rating_rules=args.rating_rules,
     )
     report, pairs = check_release(
         args.jsonl, args.images, rules, verify_images=args.verify_images, sample_images=args.sample_images
