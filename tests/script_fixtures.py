@@ -9,8 +9,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"
@@ -95,3 +99,18 @@ def build_trained_run(root: Path) -> TrainedRun:
     image = root / "shapes.png"
     Image.new("RGB", (64, 48), (220, 30, 30)).save(image)
     return TrainedRun(model_dir=model_dir, data_dir=data_dir, run_dir=run_dir, image=image)
+
+
+QUESTION = "What is in the picture?"
+
+
+def image_inputs(trained: TrainedRun, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt ids and pixels of QUESTION about the run's picture, as `silkie chat` builds them."""
+    import torch
+
+    from silkie.models.qwen_vl import QWenVLImageProcessor
+    from silkie.tools.chat import build_prompt_ids
+    from silkie.tools.cli import read_image
+
+    ids = torch.tensor([build_prompt_ids(tokenizer, trained.image, QUESTION)])
+    return ids, QWenVLImageProcessor(56)([read_image(trained.image)])

@@ -1,10 +1,10 @@
-"""launch_dpo.py without Slurm: errors, dry runs, the run directory rules, and real local CPU runs (gloo)."""
+"""launch_dpo.py without Slurm: errors, the run directory rules, and real local CPU runs (gloo); dry runs:
+test_dry_run.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -29,10 +29,6 @@ from .slurm_cluster import (
     wait_for,
 )
 
-TRAIN_SCRIPT = REPO_ROOT / "train_dpo.py"
-LOCAL_TORCHRUN = f"{shlex.quote(sys.executable)} {REPO_ROOT / 'silkie' / 'launch' / 'torchrun_entry.py'}"
-TORCHRUN = LOCAL_TORCHRUN  # Slurm scripts too: no traceback after a signal or an input error
-SIGNALS = "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # read by torchrun's --signals_to_handle
 MAX_STEPS = 20
 
 
@@ -152,141 +148,6 @@ def test_missing_recipe_and_cpu_hint(tmp_path):
     no_gpu = run_launcher(tmp_path / "run", "launch.cpu=false", CUDA_VISIBLE_DEVICES="")
     assert "add launch.cpu=true" in one_line_error(no_gpu)
     assert not (tmp_path / "run").exists()
-
-
-def test_dry_run_local_cpu_prints_torchrun_and_writes_nothing(tmp_path):
-    working = tmp_path / "run"
-    result = run_launcher(working, "--dry-run", "launch.nproc_per_node=2", "training.max_steps=7")
-    assert result.returncode == 0, result.stderr
-    threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    assert result.stdout == (
-        f"CUDA_VISIBLE_DEVICES='' OMP_NUM_THREADS={threads} {SIGNALS} PET_SHUTDOWN_TIMEOUT=120 "
-        f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120 {LOCAL_TORCHRUN} --standalone --nproc_per_node 2 "
-        f"{TRAIN_SCRIPT} --config {working}/config.yaml --working {working}\n"
-    )
-    assert "new run" in result.stderr
-    # the command reads the resolved recipe that a real launch writes first: the dry run says so
-    assert f"a launch first writes the resolved recipe (file + overrides) to {working}/config.yaml" in result.stderr
-    assert not working.exists()
-
-
-def test_dry_run_names_the_global_batch_and_refuses_one_that_does_not_divide(tmp_path):
-    working = tmp_path / "run"
-    paper = ["training.global_batch_size=256", "training.per_device_train_batch_size=2"]
-    for gpus, accumulation in (("8", 16), ("16", 8)):
-        result = run_launcher(working, "--dry-run", "--gpus", gpus, *paper)
-        assert result.returncode == 0, result.stderr
-        assert f"256 pairs per optimizer step ({gpus} process(es) x 2 pairs x {accumulation} accumulation)" in (
-            result.stderr
-        )
-    refused = run_launcher(working, "--dry-run", "--gpus", "24", "slurm.gpus_per_node=8", *paper)
-    assert one_line_error(refused).startswith("error: recipe: training.global_batch_size = 256 is not a multiple of")
-    both = run_launcher(working, "--dry-run", *paper, "training.gradient_accumulation_steps=4")
-    assert "global_batch_size and training.gradient_accumulation_steps are both set" in one_line_error(both)
-
-
-def test_dry_run_without_a_gpu_prints_the_gpu_command_with_a_warning(tmp_path):
-    # a login node: the recipe asks for 8 GPU processes, the dry run shows them instead of refusing
-    result = run_launcher(
-        tmp_path / "run", "--dry-run", "launch.cpu=false", "launch.nproc_per_node=8", CUDA_VISIBLE_DEVICES=""
-    )
-    assert result.returncode == 0, result.stderr
-    assert "--standalone --nproc_per_node 8 " in result.stdout
-    assert "no GPU is visible here; the command below starts 8 GPU process(es)" in result.stderr
-    refused = run_launcher(tmp_path / "run", "launch.cpu=false", "launch.nproc_per_node=8", CUDA_VISIBLE_DEVICES="")
-    assert one_line_error(refused).startswith("error: no GPU is visible")
-
-
-def test_dry_run_local_gpus_one_process_per_visible_gpu(tmp_path):
-    working = tmp_path / "run"
-    result = run_launcher(
-        working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=null", CUDA_VISIBLE_DEVICES="0,1,2"
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"{LOCAL_TORCHRUN} --standalone --nproc_per_node 3 " in result.stdout
-    too_many = run_launcher(
-        working, "--dry-run", "launch.cpu=false", "launch.nproc_per_node=4", CUDA_VISIBLE_DEVICES="0"
-    )
-    assert one_line_error(too_many) == "error: launch.nproc_per_node = 4 but only 1 GPU(s) are visible"
-    assert not working.exists()
-
-
-@pytest.mark.parametrize(("gpus", "nodes", "per_node"), [(4, 1, 4), (8, 1, 8), (16, 2, 8)])
-def test_dry_run_slurm_script(tmp_path, gpus, nodes, per_node):
-    working = tmp_path / "run"
-    result = run_launcher(
-        working,
-        "--dry-run",
-        "--gpus",
-        str(gpus),
-        "launch.cpu=false",
-        "slurm.partition=gpu",
-        "slurm.time=02:00:00",
-        "slurm.signal_seconds=120",
-        'slurm.extra_sbatch=["--exclusive"]',
-        'slurm.setup=["module load cuda/12.4", "source /opt/env/bin/activate"]',
-    )
-    assert result.returncode == 0, result.stderr
-    script = result.stdout
-    lines = script.splitlines()
-    assert lines[0] == "#!/bin/bash"
-    for expected in (
-        f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gres=gpu:{per_node}",
-        "#SBATCH --cpus-per-gpu=8",
-        "#SBATCH --time=02:00:00",
-        "#SBATCH --partition=gpu",
-        f"#SBATCH --chdir={REPO_ROOT}",
-        f"#SBATCH --output={working}/slurm/%j.log",
-        "#SBATCH --open-mode=append",
-        "#SBATCH --signal=B:USR1@120",
-        "#SBATCH --requeue",
-        "#SBATCH --exclusive",
-        "module load cuda/12.4",
-        "source /opt/env/bin/activate",
-        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
-        f"export {SIGNALS}",
-        "export PET_SHUTDOWN_TIMEOUT=90",  # 120 s of warning less 30 s for the requeue
-        "trap on_preempt USR1",
-        'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
-        f"    {TORCHRUN} \\",
-        f'    --nnodes "$SLURM_NNODES" --nproc_per_node {per_node} \\',
-        '    --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" \\',
-        f"    {TRAIN_SCRIPT} --config {working}/config.yaml --working {working} &",
-        '    scontrol requeue "$SLURM_JOB_ID"',
-        'if [ -e "$WORKING/ERROR" ]; then  # bad input: a requeue would stop the same way',
-        '    echo "error: $(cat "$WORKING/ERROR")"',
-    ):
-        assert expected in lines, f"missing line {expected!r} in:\n{script}"
-    assert "CUDA_VISIBLE_DEVICES" not in script  # GPU mode
-    assert sum(line.startswith("#SBATCH") for line in lines) == 13  # the 12 above + --job-name
-    assert "#SBATCH --job-name=silkie-dpo" in lines
-    syntax = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
-    assert syntax.returncode == 0, syntax.stderr
-    assert not working.exists()
-
-
-def test_dry_run_slurm_script_with_spaces_in_paths_and_a_fixed_port(tmp_path):
-    working = tmp_path / "my runs" / "run 1"
-    result = run_launcher(working, "--dry-run", "--gpus", "2", "slurm.rdzv_port=29500", "slurm.job_name=dpo run")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    for expected in (f'#SBATCH --output="{working}/slurm/%j.log"', '#SBATCH --job-name="dpo run"', "MASTER_PORT=29500"):
-        assert expected in lines, f"missing line {expected!r} in:\n{result.stdout}"
-    assert f"WORKING='{working}'" in lines
-
-
-def test_dry_run_slurm_cpu_mode_and_no_requeue(tmp_path):
-    result = run_launcher(tmp_path / "run", "--dry-run", "--gpus", "2", "slurm.requeue=false", "slurm.signal=SIGUSR2")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert "#SBATCH --gres=gpu:2" in lines and "#SBATCH --nodes=1" in lines
-    assert "export CUDA_VISIBLE_DEVICES=" in lines
-    assert "#SBATCH --no-requeue" in lines and "#SBATCH --signal=B:USR2@300" in lines
-    assert "trap on_preempt USR2" in lines
-    assert "scontrol requeue" not in result.stdout
 
 
 def test_recipe_reference_is_up_to_date():
