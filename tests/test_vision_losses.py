@@ -50,11 +50,16 @@ def test_mdpo_terms_equal_the_papers_equations():
         beta=beta, loss_type="mdpo", mdpo_conditional_weight=0.25, mdpo_anchor_weight=2.0, mdpo_anchor_delta=0.5
     )(pc, pr, rc, rr, corrupted_chosen=bad)
     assert weighted.per_pair.tolist() == pytest.approx([t[0] + 0.25 * t[1] + 2 * t[2] for t in terms], rel=1e-6)
+    # each part is logged on its own, unweighted (loss/dpo, loss/image_conditional, loss/anchor)
+    for index, name in enumerate(("loss/dpo", "loss/image_conditional", "loss/anchor")):
+        assert weighted.terms[name].tolist() == pytest.approx([t[index] for t in terms], rel=1e-6)
+    assert conditional.terms == {}  # a loss of one part: `loss` says it all
     # CHiP's response + image terms: DPO + the conditional term, as a weighted list
     chip = DPOObjective(beta=beta, loss_type=("sigmoid", "image_conditional"), loss_weights=(1.0, 0.5))
-    assert chip(pc, pr, rc, rr, corrupted_chosen=bad).per_pair.tolist() == pytest.approx(
-        [t[0] + 0.5 * t[1] for t in terms], rel=1e-6
-    )
+    chip_out = chip(pc, pr, rc, rr, corrupted_chosen=bad)
+    assert chip_out.per_pair.tolist() == pytest.approx([t[0] + 0.5 * t[1] for t in terms], rel=1e-6)
+    assert chip_out.terms["loss/image_conditional"].tolist() == pytest.approx([t[1] for t in terms], rel=1e-6)
+    assert chip_out.terms["loss/sigmoid"].tolist() == pytest.approx([t[0] for t in terms], rel=1e-6)
     # label smoothing is cDPO's on the DPO term only
     smoothed = DPOObjective(beta=beta, loss_type="mdpo", label_smoothing=0.1)(pc, pr, rc, rr, corrupted_chosen=bad)
     d = [beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item() for i in range(6)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ class DPOLossOutput:
     per_pair: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # `loss/<part>` per pair, for a loss of several parts
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class DPOObjective:
         rejected_score = f_divergence_score(rejected_ratio, self.f_divergence_type, self.f_alpha_divergence_coef)
         delta = chosen_score - rejected_score
         per_pair = torch.zeros_like(delta)
+        parts: dict[str, torch.Tensor] = {}  # each part of a loss of several, unweighted
         for name, weight in zip(loss_types, weights):
             if name == "sigmoid":
                 term = -(1 - ls) * F.logsigmoid(beta * delta) - ls * F.logsigmoid(-beta * delta)
@@ -178,11 +180,14 @@ class DPOObjective:
                 # to it with the corrupted image, each against the reference
                 term = _conditional_term(beta, chosen_ratio, corrupted_ratio)
                 if name == "mdpo":  # + DPO's term + the anchor that keeps the chosen reward above delta
-                    term = self.mdpo_conditional_weight * term - (1 - ls) * F.logsigmoid(beta * delta)
-                    term = term - ls * F.logsigmoid(-beta * delta)
-                    term = term + self.mdpo_anchor_weight * -F.logsigmoid(beta * chosen_ratio - self.mdpo_anchor_delta)
+                    dpo = -(1 - ls) * F.logsigmoid(beta * delta) - ls * F.logsigmoid(-beta * delta)
+                    anchor = -F.logsigmoid(beta * chosen_ratio - self.mdpo_anchor_delta)
+                    parts["loss/dpo"], parts["loss/image_conditional"], parts["loss/anchor"] = dpo, term, anchor
+                    term = self.mdpo_conditional_weight * term + dpo + self.mdpo_anchor_weight * anchor
             else:  # sft
                 term = chosen_nll.expand_as(delta)
+            if len(loss_types) > 1:
+                parts[f"loss/{name}"] = term
             per_pair = per_pair + weight * term
         if sequence_weights is not None:
             per_pair = per_pair * sequence_weights.detach()
@@ -196,6 +201,7 @@ class DPOObjective:
             per_pair=per_pair,
             chosen_rewards=(beta * chosen_ratio).detach(),
             rejected_rewards=(beta * rejected_ratio).detach(),
+            terms={name: part.detach() for name, part in parts.items()},
         )
 
 

@@ -129,6 +129,7 @@ def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
         "logits/chosen": policy.chosen_logits_mean,
         "logits/rejected": policy.rejected_logits_mean,
         "loss": out.per_pair.detach(),  # eval: the per-pair mean replaces the Trainer's mean of batch losses
+        **out.terms,  # `loss/dpo`, `loss/image_conditional`, `loss/anchor` (mdpo), `loss/<type>` of a list
     }
     # per-pair weights (0: the pair's image failed) let the trainer leave pairs out of the metrics; the mean
     # logits are per answer token over the batch, as TRL's (a pair counts with its answer's length)
