@@ -3,6 +3,8 @@ others, the held-out metrics say whether the preference needs the picture, evalu
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -26,6 +28,9 @@ def test_mdpo_with_the_cached_reference_trains_as_with_the_reference_on_the_fly(
     assert table.shape[1] == 4 and not torch.isnan(table).any()  # (chosen, rejected) with and without the picture
     assert (table[:, 0] != table[:, 2]).all()  # the corrupted picture changes the reference's log-probs
     assert fly[1]["loss"] > 3 * 0.69  # three terms at the start (policy = reference): 3 log 2 plus the DPO term's
+    # each part logged on its own; at step 1 (policy = reference) every part is log 2, and they add up to the loss
+    parts = [fly[1][f"loss/{name}"] for name in ("dpo", "image_conditional", "anchor")]
+    assert parts == pytest.approx([math.log(2)] * 3, abs=1e-3) and sum(parts) == pytest.approx(fly[1]["loss"], abs=1e-3)
 
 
 def test_every_loss_type_reports_the_imageless_accuracy_on_held_out_pairs(assets, tmp_path):
