@@ -91,15 +91,20 @@ def endpoint():
     """A chat-completions server whose answer the test sets: (status, body) per request, or a delay first."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    state = {"status": 200, "body": {}, "delay": 0.0, "requests": 0}
+    state = {"status": 200, "body": {}, "delay": 0.0, "requests": 0, "first": None, "times": []}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 (http.server's name)
             self.rfile.read(int(self.headers["Content-Length"]))
             state["requests"] += 1
+            state["times"].append(time.monotonic())
             time.sleep(state["delay"])
-            data = json.dumps(state["body"]).encode()
-            self.send_response(state["status"])
+            status, body, headers = state["first"] or (state["status"], state["body"], {})
+            state["first"] = None
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -196,3 +201,18 @@ def test_an_instruction_with_several_pictures_or_a_video_is_refused_by_name(tmp_
     source.write_text(json.dumps({"id": "two", "prompt": "Which?", "images": ["a.png", "b.png"]}) + "\n")
     with pytest.raises(ToolError, match=r"row 1: an instruction to annotate has one picture \(`image`\)"):
         import_instructions(source, images, tmp_path / "several")
+
+
+def test_a_rate_limited_request_waits_as_long_as_the_endpoint_asks(endpoint, tmp_path):
+    from PIL import Image
+
+    from silkie.tools.annotate.judges import make_judge
+
+    url, state = endpoint
+    state["body"] = completion(reply([4, 2]))
+    state["first"] = (429, {"error": {"message": "slow down", "type": "rate_limit"}}, {"Retry-After": "1.5"})
+    out, instructions = folder(tmp_path, {"q0": ["a", "b"]})
+    Image.new("RGB", (8, 8)).save(out / "img.png")
+    config = openai_config(url, concurrency=1)  # backoff_seconds 0: only the endpoint's 1.5 s is waited
+    assert judge_answers(config, make_judge(config), instructions, out, progress=False)["new"] == 1
+    assert state["requests"] == 2 and state["times"][1] - state["times"][0] >= 1.5

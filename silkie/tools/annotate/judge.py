@@ -57,6 +57,17 @@ def answers_by_instruction(out: Path) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
+def retry_after(err: Exception) -> float:
+    """The seconds an endpoint asked to wait before the next request (its `Retry-After` header; 0 without one,
+    at most 10 minutes)."""
+    response = getattr(err, "response", None)
+    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+    try:
+        return min(max(float(value), 0.0), 600.0) if value is not None else 0.0
+    except ValueError:  # an HTTP date: wait the usual backoff
+        return 0.0
+
+
 def shown_order(row_id: str, n_answers: int) -> list[int]:
     """The order the judge sees an instruction's answers in: shuffled with the id as seed, so a judge's position bias
     does not line up with the pool's model order (and a rerun asks the same question)."""
@@ -82,10 +93,11 @@ def rate_one(
     texts = [answers[index]["response"] for index in order]
     prompt = judge_prompt(row.prompt, texts)
     replies: list[Reply] = []
-    reason, last_text = "", ""
+    reason, last_text, asked_wait = "", "", 0.0
     for attempt in range(config.max_retries + 1):
         if attempt:
-            time.sleep(config.backoff_seconds * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
+            backoff = config.backoff_seconds * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
+            time.sleep(max(backoff, asked_wait))
         if stop is not None and stop.is_set():
             return None, None, replies
         limit.wait()
@@ -96,6 +108,7 @@ def rate_one(
         except Exception as err:  # the endpoint's errors (timeouts, 429, 5xx): retried like a bad reply
             reason = f"{REQUEST_FAILED}: {type(err).__name__}: {err}"
             replies.append(Reply(""))  # a request made, nothing counted
+            asked_wait = retry_after(err)
             continue
         replies.append(reply)
         last_text = reply.text
