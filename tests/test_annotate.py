@@ -288,9 +288,9 @@ def test_an_unreachable_endpoint_is_retried_then_counted_out_and_stops_the_run(a
     assert main(["judge", "--judge", str(judge), "--in", str(out), "--no-progress"]) == 2
     failures = records(out / "judge_failures.jsonl")
     assert len(failures) == 8 and all(f["reason"].startswith("request failed: APIConnectionError") for f in failures)
+    # all 8 were tried (nothing was left to spare), none rated: an error naming the first failure
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        "error: judge: the requests for the last 8 instructions all failed (the last: request failed: "
-        "APIConnectionError"
+        "error: judge: none of the 8 instructions judged now was rated (the first: synthetic-"
     )
     assert json.loads((out / "judge_usage.json").read_text())["requests"] == 16  # 8 instructions x 2 attempts
 

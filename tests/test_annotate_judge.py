@@ -182,8 +182,8 @@ def test_the_stop_after_failed_requests_spares_the_rest(tmp_path):
     config = JudgeConfig(kind="python", function="x:y", max_retries=0, backoff_seconds=0)
     with pytest.raises(ToolError, match=r"the last 8 instructions all failed .*unsupported parameter max_tokens"):
         judge_answers(config, refusing, instructions, out, progress=False)
-    # 8 in a row, and what was already out (one worker, two queued): recorded too; the other 20 never sent
-    assert 8 <= len(calls) <= 10 and len((out / "judge_failures.jsonl").read_text().splitlines()) == len(calls)
+    # 8 in a row (one worker, one instruction at a time), and the other 22 never sent
+    assert len(calls) == 8 and len((out / "judge_failures.jsonl").read_text().splitlines()) == 8
 
 
 def test_an_instruction_with_several_pictures_or_a_video_is_refused_by_name(tmp_path):
@@ -216,3 +216,22 @@ def test_a_rate_limited_request_waits_as_long_as_the_endpoint_asks(endpoint, tmp
     config = openai_config(url, concurrency=1)  # backoff_seconds 0: only the endpoint's 1.5 s is waited
     assert judge_answers(config, make_judge(config), instructions, out, progress=False)["new"] == 1
     assert state["requests"] == 2 and state["times"][1] - state["times"][0] >= 1.5
+
+
+def test_ctrl_c_does_not_wait_out_a_backoff(tmp_path):
+    import signal
+
+    out, instructions = folder(tmp_path, {f"q{i}": ["a", "b"] for i in range(3)})
+    calls = []
+
+    def flaky(prompt, image, texts):
+        calls.append(1)
+        raise ConnectionError("503 Service Unavailable")
+
+    config = JudgeConfig(kind="python", function="x:y", max_retries=3, backoff_seconds=30)
+    threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        judge_answers(config, flaky, instructions, out, progress=False)
+    assert time.monotonic() - started < 5 and calls == [1]  # the 30 s backoff ended at once, no request after it
+    assert json.loads((out / "judge_usage.json").read_text())["requests"] == 1  # the failed request is counted

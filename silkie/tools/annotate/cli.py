@@ -158,8 +158,12 @@ def _stage(args: argparse.Namespace) -> Any:
             from silkie.tools.annotate.judges import make_judge
 
             config = read_config(load_judge, args.judge)
-            result = judge_answers(config, make_judge(config, args.device), instructions, out, args.retry_failed,
-                                   progress)  # fmt: skip
+            try:
+                result = judge_answers(config, make_judge(config, args.device), instructions, out, args.retry_failed,
+                                       progress)  # fmt: skip
+            except BaseException:  # a stopped run: the release still holds every rating written so far
+                write_release(instructions, out)
+                raise
         result["summary"] = write_release(instructions, out)
         log.info("release: %s", result["summary"]["release"]["jsonl"])
         if result.get("new") == 0 and result.get("new_failures"):

@@ -37,15 +37,23 @@ class RateLimit:
         self.next_at = 0.0
         self.lock = threading.Lock()
 
-    def wait(self) -> None:
-        """Block until the next call may start."""
+    def wait(self, stop: threading.Event | None = None) -> bool:
+        """Block until the next call may start; True when `stop` was set meanwhile (then no call should start)."""
         if not self.interval:
-            return
+            return stop is not None and stop.is_set()
         with self.lock:
             now = time.monotonic()
             start = max(now, self.next_at)
             self.next_at = start + self.interval
-        time.sleep(max(0.0, start - now))
+        return pause(start - now, stop)
+
+
+def pause(seconds: float, stop: threading.Event | None = None) -> bool:
+    """Sleep `seconds`, or until `stop` is set (an interrupted run does not wait out a backoff); True when it was."""
+    if stop is None:
+        time.sleep(max(0.0, seconds))
+        return False
+    return stop.wait(max(0.0, seconds))
 
 
 def answers_by_instruction(out: Path) -> dict[str, list[dict[str, Any]]]:
@@ -95,12 +103,10 @@ def rate_one(
     replies: list[Reply] = []
     reason, last_text, asked_wait = "", "", 0.0
     for attempt in range(config.max_retries + 1):
-        if attempt:
-            backoff = config.backoff_seconds * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
-            time.sleep(max(backoff, asked_wait))
-        if stop is not None and stop.is_set():
-            return None, None, replies
-        limit.wait()
+        backoff = config.backoff_seconds * 2 ** (attempt - 1) * (1 + 0.25 * random.random()) if attempt else 0.0
+        if pause(max(backoff, asked_wait), stop) or limit.wait(stop):
+            return None, None, replies  # interrupted: no more requests
+        asked_wait = 0.0
         try:
             reply = call(prompt, out / row.image, texts)
         except PermanentJudgeError:
@@ -182,16 +188,15 @@ class _Tally:
             )
 
 
-def _finish_in_flight(live: set[Future], tally: _Tally, interrupted: bool) -> None:
-    """After an interruption: record what finished; on Ctrl-C also wait for the requests in flight (paid for, and
-    no more are sent), unless a second Ctrl-C says not to."""
+def _finish_in_flight(live: set[Future], tally: _Tally) -> None:
+    """After a stop (Ctrl-C, a refusing endpoint): wait for the requests in flight (no more are sent, and waits and
+    backoffs end at once) and record what they brought, which was paid for."""
     running = [future for future in live if not future.done()]
-    if interrupted and running:
-        log.warning("judge: interrupted; recording the %d requests in flight (Ctrl-C again to drop them)",
-                    len(running))  # fmt: skip
+    if running:
+        log.warning("judge: stopping; recording what the %d instructions in flight bring", len(running))
         try:
             wait(running)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C: record what has finished, no more waiting
             pass
     for future in live:
         if future.done() and not future.cancelled() and future.exception() is None:
@@ -215,33 +220,37 @@ def judge_answers(
     skip = {record["id"] for record in read_jsonl(out / RATINGS)}
     if not retry_failed:  # unparseable replies stay out; failed requests (endpoint down, 5xx) are tried again
         skip |= {r["id"] for r in read_jsonl(out / FAILURES) if r["reason"].startswith("unparseable")}
-    one_answer = [row.id for row in instructions if len(grouped.get(row.id, [])) == 1]
+    one_answer = [row.id for row in instructions if row.id in grouped and len(grouped[row.id]) < 2]
     todo = [row for row in instructions if len(grouped.get(row.id, [])) >= 2 and row.id not in skip]
     limit, stop = RateLimit(config.requests_per_minute), threading.Event()
     workers = config.concurrency if config.kind == "openai" else 1  # a local model answers one request at a time
     bar = tqdm(total=len(todo), desc="judge", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=workers)
-    queue, live = iter(todo), set()  # a few instructions ahead of the workers, so that a stop leaves the rest unsent
+    queue, live = iter(todo), set()  # one instruction per worker at a time, so that a stop leaves the rest unsent
+    sent = 0
 
     def submit(count: int) -> None:
+        nonlocal sent
         for row in islice(queue, count):
             live.add(pool.submit(rate_one, call, config, limit, row, grouped[row.id], out, stop))
+            sent += 1
 
     try:
-        submit(2 * workers)
+        submit(workers)
         while live:
             done, _ = wait(live, return_when=FIRST_COMPLETED)
             for future in done:
                 live.discard(future)  # recorded (or raising)
                 tally.record(future.result())
-                tally.check_endpoint()
+                if live or sent < len(todo):  # a stop only spares what is still to send
+                    tally.check_endpoint()
                 bar.update(1)
             submit(len(done))
-    except BaseException as err:  # Ctrl-C, a permanent endpoint error, a full disk: send (and pay for) no more
+    except BaseException:  # Ctrl-C, a refusing endpoint, a full disk: send (and pay for) no more
         stop.set()
         for future in live:
             future.cancel()
-        _finish_in_flight(live, tally, isinstance(err, KeyboardInterrupt))
+        _finish_in_flight(live, tally)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
