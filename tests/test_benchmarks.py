@@ -191,3 +191,15 @@ def test_a_benchmark_whose_dataset_is_not_cached_offline_is_one_line_before_any_
     fetch = "mme needs lmms-lab-encoder/MME: huggingface-cli download --repo-type dataset lmms-lab-encoder/MME"
     assert error.startswith(f"error: --tasks offline, and not in the local caches: {fetch} (with HF_TOKEN set")
     assert "pope needs lmms-lab-encoder/POPE" in error and loaded == []
+
+
+def test_a_prepared_copy_in_the_datasets_cache_counts_as_cached(monkeypatch, tmp_path):
+    """`datasets` names its folder in snake case (MMVet -> mm_vet)."""
+    import datasets.config
+
+    from silkie.tools.benchmarks import _dataset_cached
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    (tmp_path / "datasets" / "lmms-lab-encoder___mm_vet").mkdir(parents=True)
+    assert _dataset_cached("lmms-lab-encoder/MMVet") and not _dataset_cached("lmms-lab-encoder/MME")

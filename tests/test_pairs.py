@@ -259,6 +259,8 @@ def test_original_rating_rules_give_the_repository_pairs():
     # means 4.33, 4.0, 3.0, 2.0, N/A, 4.0 (a 7 kept), 1.0: the N/A answer's 6 pairs and 1 tie are skipped
     assert report.pairs_dropped == {"non_numeric_rating": 6, "tie": 1}
     assert len(pairs) == 21 - 7 and ("answer 3 of o", "answer 3 of o") in _texts(pairs)
+    with pytest.raises(ValueError, match="aspect weights need rating_rules 'checked'"):
+        build_vlfeedback_pairs([row], rating_rules="original", aspect_weights={"Helpfulness": 1.0})
     checked, checked_report = build_vlfeedback_pairs([row])
     assert len(checked) < len(pairs) and {"missing_rating", "empty_answer", "rating_out_of_range"} <= set(
         checked_report.pairs_dropped

@@ -32,6 +32,8 @@ def test_every_script_has_help(name):
         ("chat", ["--sample", "--temperature", "0"], "--temperature must be > 0 with --sample"),
         ("chat", ["--device", "cuda:7"], "--device cuda:7: no such CUDA device here"),
         ("prepare_vlfeedback", ["--sample-images", "-5"], "--sample-images must be >= 0"),
+        ("prepare_vlfeedback", ["--rating-rules", "original", "--aspect-weights", "Helpfulness=1"],
+         "--aspect-weights needs --rating-rules checked"),  # fmt: skip
     ],
 )
 def test_bad_options_are_one_line_errors(name, args, message, tmp_path):

@@ -233,6 +233,8 @@ def test_a_re_zipped_release_is_read_through_its_top_folder_and_another_layout_i
     nested = ZipImageStore(write_zip(tmp_path / "n.zip", {"VLFeedback/merged_images/a.jpg": jpeg_bytes()}))
     assert nested.exists("merged_images/a.jpg") and nested.open("a.jpg").size == (8, 8)
     assert not nested.exists("merged_images/b.jpg")
+    mac = {"VLFeedback/merged_images/a.jpg": jpeg_bytes(), "__MACOSX/VLFeedback/merged_images/._a.jpg": b"\0"}
+    assert ZipImageStore(write_zip(tmp_path / "mac.zip", mac)).open("a.jpg").size == (8, 8)  # Finder's twins ignored
     other = ZipImageStore(write_zip(tmp_path / "o.zip", {"images/": b"", "images/a.jpg": jpeg_bytes()}))
     with pytest.raises(ValueError, match=r"no usable .* not in o.zip, which holds e.g. images/a.jpg"):
         build_vlfeedback_pairs([clean_row("a")], image_store=other)

@@ -36,7 +36,8 @@ def test_user_names_are_translated(tmp_path):
     assert args.eval_strategy == "no"  # no held-out split in this recipe
 
 
-def test_global_batch_size_sets_the_accumulation_from_the_world_size(tmp_path):
+def test_global_batch_size_sets_the_accumulation_from_the_world_size(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     training = {"global_batch_size": 256, "per_device_train_batch_size": 2}
     assert [accumulation_steps(training, world) for world in (1, 8, 16)] == [128, 16, 8]
     fits = r"global_batch_size = 256 is not a multiple of .* = 48; set it to e.g. 240 or 288"
@@ -85,7 +86,10 @@ def test_launch_cpu_trains_on_the_cpu_even_where_cuda_is_visible(tmp_path, monke
     assert on_cpu.use_cpu is True and on_cpu.device.type == "cpu"
 
 
-def test_tf32_is_dropped_with_a_warning_where_no_ampere_gpu_trains(tmp_path, capsys):
+def test_tf32_is_dropped_with_a_warning_where_no_ampere_gpu_trains(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU run, also on a GPU machine
     args = training_arguments(recipe(training={"tf32": True, "report_to": "none"}), tmp_path, bf16=False)
     assert args.use_cpu and args.tf32 is None  # transformers would raise "--tf32 requires Ampere"
     assert "training.tf32 is ignored" in capsys.readouterr().out

@@ -96,7 +96,6 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             limits=limits,
             rating_rules=data.rating_rules,
         )
-    check_video_decoder(pairs)
     train, evaluation = split_by_prompt(
         pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
     )
@@ -128,6 +127,8 @@ def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: 
     from silkie.data.formatting import tokenize_pairs
 
     train_pairs, eval_pairs, store, report = build_pairs(data)
+    if getattr(tokenizer, "video_marker_id", None) is not None:  # a family that takes video (else: video_unsupported)
+        check_video_decoder(train_pairs + eval_pairs)
 
     def tokenize(pairs: list, split: str) -> Any:
         dataset = tokenize_pairs(

@@ -33,7 +33,7 @@ __all__ = ["as_codec", "cache_key", "encode_pair", "format_query", "tokenize_pai
 logger = get_logger(__name__)
 
 Truncation = Literal["drop", "answer"]
-FORMAT_VERSION = "silkie-pairs-v2"  # v2: images / videos lists (v1: one image)
+FORMAT_VERSION = "silkie-pairs-v3"  # v3: Qwen-VL prompts stripped; v2: images / videos lists (v1: one image)
 STATS_FILE = "silkie_tokenize_stats.json"
 PAIR_FIELDS = ("prompt_id", "prompt", "images", "videos", "chosen", "rejected", "chosen_score", "rejected_score")
 DEFAULT_VIDEO_FRAMES = 64  # data.video_max_frames' default

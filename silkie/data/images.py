@@ -139,7 +139,11 @@ class ZipImageStore:
                 if self._zip is None or self._pid != pid:
                     archive = zipfile.ZipFile(self.zip_path)
                     self._names = frozenset(archive.namelist())
-                    roots = {name[: name.index(IMAGE_PREFIX)] for name in self._names if IMAGE_PREFIX in name}
+                    roots = {  # macOS's "Compress" adds __MACOSX/.../._name twins: not where the pictures are
+                        name[: name.index(IMAGE_PREFIX)]
+                        for name in self._names
+                        if IMAGE_PREFIX in name and not name.startswith("__MACOSX/")
+                    }
                     self._root = roots.pop() if len(roots) == 1 else ""
                     self._zip, self._pid = archive, pid
         return self._zip, self._names

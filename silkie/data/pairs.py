@@ -325,6 +325,8 @@ def build_vlfeedback_pairs(
     """
     if rating_rules not in ("checked", "original"):
         raise ValueError(f"rating_rules must be 'checked' or 'original', got {rating_rules!r}")
+    if rating_rules == "original" and aspect_weights is not None:
+        raise ValueError("aspect weights need rating_rules 'checked' (the original rules weigh every aspect equally)")
     if cap_strategy not in ("margin", "random"):
         raise ValueError(f"cap_strategy must be 'margin' or 'random', got {cap_strategy!r}")
     if max_pairs_per_prompt is not None and max_pairs_per_prompt < 1:

@@ -186,10 +186,12 @@ def _dataset_cached(dataset: str) -> bool:
     except Exception:  # not in the hub cache
         pass
     from datasets import config
+    from datasets.naming import camelcase_to_snakecase
 
-    prepared = dataset.replace("/", "___").lower()
+    owner, _, name = dataset.partition("/")
+    prepared = {f"{owner}___{spelling}".lower() for spelling in (name, camelcase_to_snakecase(name))}  # as datasets
     cache = Path(config.HF_DATASETS_CACHE)
-    return cache.is_dir() and any(entry.name.lower() == prepared for entry in cache.iterdir())
+    return cache.is_dir() and any(entry.name.lower() in prepared for entry in cache.iterdir())
 
 
 def check_datasets_offline(task_manager: Any, tasks: Sequence[str]) -> None:

@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 when rows or images have problems")
     args = parser.parse_args(argv)
+    if args.rating_rules == "original" and args.aspect_weights:
+        parser.error("--aspect-weights needs --rating-rules checked (the original rules weigh every aspect equally)")
     if args.min_margin < 0:
         parser.error("--min-margin must be >= 0")
     if args.max_pairs_per_prompt is not None and args.max_pairs_per_prompt < 1:

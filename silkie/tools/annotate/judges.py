@@ -121,7 +121,7 @@ def local_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:
             responder.options.sample, responder.options.temperature = True, max(config.temperature, 0.7)
         text, prompt_tokens, answer_tokens = responder.reply(image, prompt, seed=attempts[prompt] - 1)
         responder.options.sample, responder.options.temperature = config.temperature > 0, config.temperature or 1.0
-        return Reply(text, prompt_tokens, answer_tokens)
+        return Reply(text, prompt_tokens, answer_tokens, cut_short=answer_tokens >= config.max_tokens)
 
     return call
 
