@@ -311,3 +311,35 @@ def test_missing_release_file_is_one_line_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: VLFeedback jsonl not found: {tmp_path / 'absent.jsonl'}"]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_prepare_checks_a_preference_file_as_training_reads_it(tmp_path, capsys):
+    from silkie.dev.clips import colour_clip
+
+    from .data_fixtures import jpeg_bytes, write_jsonl
+
+    media = tmp_path / "media"
+    media.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (media / name).write_bytes(jpeg_bytes())
+    (media / "broken.jpg").write_bytes(b"not a picture")
+    (media / "clip.mkv").write_bytes(colour_clip([(255, 0, 0), (0, 0, 255)] * 2))
+
+    def pair(row_id, **extra):
+        return {"id": row_id, "prompt": "<image>\nWhich?", "chosen": "left", "rejected": "right", **extra}
+
+    video = {"id": "p5", "prompt": "<video>\nWhat moves?", "chosen": "red", "rejected": "blue", "videos": ["clip.mkv"]}
+    rows = [pair("p1", images=["a.jpg", "b.jpg"], prompt="Compare <image> and <image>."), pair("p2", image="a.jpg"),
+            pair("p3", image="gone.jpg"), pair("p4", image="broken.jpg"), video]  # fmt: skip
+    source = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert load_script("prepare_vlfeedback").main([str(source), str(media), "--json", str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"preference file: {source}") and "rules: none (ready pairs, one per row)" in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    check = report["image_check"]
+    assert (check["referenced"], check["missing"], check["missing_ids"]) == (5, 1, ["p3"])
+    assert check["verified"] == 4 and list(check["unreadable_ids"]) == ["p4"]
+    assert report["pairs"]["pairs_kept"] == 3 and report["pairs"]["rows_dropped"] == {
+        "missing_image": 1, "unreadable_image": 1}  # fmt: skip
+    refused = load_script("prepare_vlfeedback").main([str(source), str(media), "--convert", str(tmp_path / "out")])
+    assert refused == 2 and "already holds pairs; train on it with data.source=preference" in capsys.readouterr().err

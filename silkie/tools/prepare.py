@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silkie.data.sources import ASPECTS, MAX_EXAMPLE_IDS, FeedbackRow, LoadedRows
+from silkie.data.sources import ASPECTS, MAX_EXAMPLE_IDS, LoadedRows
 from silkie.tools.cli import ToolError
 
 PARQUET_NAME = "vlfeedback_pairs.parquet"
@@ -63,6 +63,7 @@ class ReleaseReport:
     rules: PairRules
     pairs: dict[str, Any]
     converted: str | None = None
+    kind: str = "vlfeedback"  # or "preference": a file of ready pairs
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
@@ -108,17 +109,20 @@ def parse_aspect_weights(text: str | None) -> dict[str, float] | None:
     return weights
 
 
-def check_images(rows: list[FeedbackRow], store: Any, verify_all: bool, sample: int, seed: int = 0) -> ImageCheck:
-    """Existence of every referenced image; decoding of all present images or a seeded sample of them."""
+def check_images(rows: list, store: Any, verify_all: bool, sample: int, seed: int = 0) -> ImageCheck:
+    """Existence of every row's images and videos (a row counts once); decoding of all rows whose media are present,
+    or a seeded sample of them (videos at the default frame sampling)."""
     from silkie.data.images import ImageLoadError
+    from silkie.data.video import VideoSampling, decode_video
 
     check = ImageCheck()
     present = []
     for row in rows:
-        if not row.images:
+        videos = getattr(row, "videos", ())
+        if not (row.images or videos):
             continue
         check.referenced += 1
-        if store.exists(row.images[0]):  # a VLFeedback row has one image
+        if all(store.exists(key) for key in (*row.images, *videos)):
             present.append(row)
         else:
             check.missing += 1
@@ -128,11 +132,31 @@ def check_images(rows: list[FeedbackRow], store: Any, verify_all: bool, sample: 
     for row in to_open:
         check.verified += 1
         try:
-            store.open(row.images[0]).close()
+            for key in row.images:
+                store.open(key).close()
+            for key in getattr(row, "videos", ()):
+                decode_video(key, store.read_bytes(key), VideoSampling())
         except ImageLoadError as err:
             check.unreadable += 1
             check.unreadable_ids[row.id] = err.reason
     return check
+
+
+def is_preference_file(path: str | Path) -> bool:
+    """Whether `path` holds ready pairs (`chosen`/`rejected` rows: a parquet, or a JSON(L) file whose first row
+    has them and no `completions`) rather than a VLFeedback release."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        return True
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        first = next((line for line in handle if line.strip()), b"").strip()
+    try:
+        row = json.loads(first.lstrip(b"[").rstrip(b",]") or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(row, dict) and {"chosen", "rejected"} <= set(row) and "completions" not in row
 
 
 def _without_rows(loaded: LoadedRows, drop: set[str]) -> LoadedRows:
@@ -166,6 +190,21 @@ def build_release_pairs(loaded: LoadedRows, store: Any, rules: PairRules, unread
     return pairs, report
 
 
+def preference_pairs(loaded: LoadedRows, store: Any, unreadable: set[str]) -> tuple[list, Any]:
+    """A preference file's pairs as training reads them; rows with unreadable media count as dropped."""
+    from silkie.data.pairs import pairs_from_preference_rows
+
+    try:
+        pairs, report = pairs_from_preference_rows(_without_rows(loaded, unreadable), image_store=store,
+                                                   source=loaded.name)  # fmt: skip
+    except ValueError as err:
+        raise ToolError(str(err)) from err
+    for row_id in sorted(unreadable):
+        report.rows_seen += 1
+        report.drop_row("unreadable_image", row_id)
+    return pairs, report
+
+
 def check_release(
     jsonl: str | Path,
     images: str | Path,
@@ -175,17 +214,22 @@ def check_release(
 ) -> tuple[ReleaseReport, list]:
     """Load the release, check its images, build pairs; returns the report and the pairs."""
     from silkie.data.images import open_image_store
-    from silkie.data.sources import load_vlfeedback_jsonl
+    from silkie.data.sources import load_preference_file, load_vlfeedback_jsonl
 
     rules = rules or PairRules()
+    preference = is_preference_file(jsonl)
     try:
-        loaded = load_vlfeedback_jsonl(jsonl)
+        loaded = load_preference_file(jsonl) if preference else load_vlfeedback_jsonl(jsonl)
         store = open_image_store(images)
     except (FileNotFoundError, ValueError) as err:
         raise ToolError(str(err)) from err
     id_counts = Counter(row.id for row in loaded.rows)
     image_check = check_images(loaded.rows, store, verify_images, sample_images, rules.seed)
-    pairs, pair_report = build_release_pairs(loaded, store, rules, set(image_check.unreadable_ids))
+    if preference:  # ready pairs (`data.source: preference`): one per row, the rating rules do not apply
+        pairs, pair_report = preference_pairs(loaded, store, set(image_check.unreadable_ids))
+        id_counts = Counter()  # rows sharing an id are pairs of one prompt there, not duplicates
+    else:
+        pairs, pair_report = build_release_pairs(loaded, store, rules, set(image_check.unreadable_ids))
     report = ReleaseReport(
         jsonl=str(jsonl),
         images=str(images),
@@ -198,6 +242,7 @@ def check_release(
         image_check=image_check,
         rules=rules,
         pairs=pair_report.as_dict(),
+        kind="preference" if preference else "vlfeedback",
     )
     return report, pairs
 
@@ -249,7 +294,8 @@ def format_report(report: ReleaseReport) -> str:
     candidates = pairs["pairs_kept"] + pairs_dropped
     examples = {**pairs["offending_ids"], **report.skipped_ids}
     at_reading = set(report.rows_skipped)
-    lines = [f"release: {report.jsonl} (images: {report.images})", f"  {'rows in the file':<24}{report.rows_seen:>8}"]
+    what = "preference file" if report.kind == "preference" else "release"
+    lines = [f"{what}: {report.jsonl} (images: {report.images})", f"  {'rows in the file':<24}{report.rows_seen:>8}"]
     lines.append(f"  {'rows dropped':<24}{rows_dropped:>8}")
     lines += [f"  {line}" + (" (at reading)" if line.split(":")[0].strip() in at_reading else "") for line in
               _counts(pairs["rows_dropped"], examples, report.skipped_details)]  # fmt: skip
@@ -263,7 +309,7 @@ def format_report(report: ReleaseReport) -> str:
     )
     if report.duplicate_ids:
         lines.append(f"  duplicate ids: {report.duplicate_ids}")
-    lines.append(f"images: referenced {check.referenced}, missing {check.missing}")
+    lines.append(f"images (and videos): rows with media {check.referenced}, missing {check.missing}")
     if check.missing_ids:
         lines.append(f"    first missing: {', '.join(check.missing_ids)}")
     lines.append(
@@ -274,9 +320,10 @@ def format_report(report: ReleaseReport) -> str:
     ]
     rules = report.rules
     lines.append(
+        "rules: none (ready pairs, one per row)" if report.kind == "preference" else
         f"rules: aspect_weights={rules.aspect_weights or 'equal'}, min_margin={rules.min_margin}, "
-        f"max_pairs_per_prompt={rules.max_pairs_per_prompt}"
-    )
+        f"max_pairs_per_prompt={rules.max_pairs_per_prompt}, rating_rules={rules.rating_rules}"
+    )  # fmt: skip
     if report.converted:
         lines.append(f"converted: {report.converted} ({pairs['pairs_kept']} pairs); train on it with")
         lines.append(f"  data.source=preference data.path={report.converted} data.images={report.images}")

@@ -1,4 +1,6 @@
-"""Check a downloaded VLFeedback release and optionally convert it to a preference parquet for training.
+"""Check a downloaded VLFeedback release and optionally convert it to a preference parquet for training; or check a
+preference file (ready `chosen`/`rejected` pairs, jsonl/json/parquet, several images or videos per row) as
+`data.source: preference` reads it.
 
 Reports rows seen / loaded / skipped per reason (with the first ids), images referenced by the rows that are
 missing from the zip or folder, images that fail to decode (a seeded sample, or all with --verify-images),
@@ -24,13 +26,13 @@ import json
 import sys
 from pathlib import Path
 
-from silkie.tools.cli import run_cli
+from silkie.tools.cli import ToolError, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("jsonl", help="the release's vlfeedback_80k.jsonl")
+    parser.add_argument("jsonl", help="the release's vlfeedback_80k.jsonl, or a preference file (jsonl/json/parquet)")
     parser.add_argument("images", help="merged_images.zip, or a folder of the extracted images")
     parser.add_argument("--convert", metavar="OUT_DIR", help="write OUT_DIR/vlfeedback_pairs.parquet")
     parser.add_argument(
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     report, pairs = check_release(
         args.jsonl, args.images, rules, verify_images=args.verify_images, sample_images=args.sample_images
     )
+    if args.convert and report.kind == "preference":
+        raise ToolError(f"--convert: {args.jsonl} already holds pairs; train on it with data.source=preference")
     if args.convert:
         report.converted = str(write_preference_parquet(pairs, Path(args.convert) / PARQUET_NAME))
     print(format_report(report))
