@@ -68,7 +68,7 @@ else
             --config dpo_config/silkie.yaml --working "/tmp/zero$zero" model.path=/tmp/qwen-vl-size \
             data.path=/tmp/data/vlfeedback_80k.jsonl data.images=/tmp/data/merged_images.zip data.eval_size=10 \
             data.num_proc=4 deepspeed.stage=$zero training.max_steps=30 training.eval_steps=30 training.save_steps=30 \
-            training.per_device_train_batch_size=4 training.gradient_accumulation_steps=1 \
+            training.per_device_train_batch_size=4 training.global_batch_size=4 \
             training.dataloader_num_workers=2 launch.nproc_per_node=1 2>&1 | quiet | grep "silkie\]\|Error\|'loss'" \
             | tee "$OUT/zero$zero.log"
         cp "/tmp/zero$zero/metrics.jsonl" "$OUT/zero$zero-metrics.jsonl" 2>/dev/null
@@ -78,7 +78,7 @@ else
         --config dpo_config/silkie.yaml --working /tmp/zero0 model.path=/tmp/qwen-vl-size \
         data.path=/tmp/data/vlfeedback_80k.jsonl data.images=/tmp/data/merged_images.zip data.eval_size=10 \
         data.num_proc=4 deepspeed.stage=0 training.max_steps=10 training.eval_steps=10 training.save_steps=10 \
-        training.per_device_train_batch_size=4 training.gradient_accumulation_steps=1 training.logging_steps=1 \
+        training.per_device_train_batch_size=4 training.global_batch_size=4 training.logging_steps=1 \
         launch.nproc_per_node=1 2>&1 | quiet | grep "silkie\]\|Error\|'loss'" | tee "$OUT/zero0.log"
     cp /tmp/zero0/metrics.jsonl "$OUT/zero0-metrics.jsonl" 2>/dev/null
 fi

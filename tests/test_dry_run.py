@@ -47,6 +47,10 @@ def test_dry_run_names_the_global_batch_and_refuses_one_that_does_not_divide(tmp
     assert one_line_error(refused).startswith("error: recipe: training.global_batch_size = 256 is not a multiple of")
     both = run_launcher(working, "--dry-run", *paper, "training.gradient_accumulation_steps=4")
     assert "global_batch_size and training.gradient_accumulation_steps are both set" in one_line_error(both)
+    # the paper recipe's global batch dropped for a fixed accumulation, from the command line
+    dropped = run_launcher(working, "--dry-run", *paper, "training.global_batch_size=null",
+                           "training.gradient_accumulation_steps=4")  # fmt: skip
+    assert "8 pairs per optimizer step (1 process(es) x 2 pairs x 4 accumulation)" in dropped.stderr
 
 
 def test_dry_run_without_a_gpu_prints_the_gpu_command_with_a_warning(tmp_path):

@@ -33,7 +33,7 @@ TRAINING_KEYS: dict[str, Any] = {
     "per_device_train_batch_size": int,
     "per_device_eval_batch_size": int,
     "gradient_accumulation_steps": int,
-    "global_batch_size": int,
+    "global_batch_size": int | None,
     "bf16": bool,
     "fp16": bool,
     "tf32": bool | None,
@@ -179,7 +179,8 @@ TRAINING_HELP: dict[str, str] = {
     "gradient_accumulation_steps": "Micro-batches per optimizer step.",
     "global_batch_size": (
         "Pairs per optimizer step over all processes; sets gradient_accumulation_steps to global_batch_size / "
-        "(per_device_train_batch_size x processes) at launch, so a recipe trains alike on 8 or 16 GPUs."
+        "(per_device_train_batch_size x processes) at launch, so a recipe trains alike on 8 or 16 GPUs "
+        "(null: gradient_accumulation_steps instead)."
     ),
     "bf16": "bf16 mixed precision (default: on when model.dtype resolves to bf16).",
     "fp16": "fp16 mixed precision.",
@@ -287,10 +288,11 @@ def checkpointing_options_problem(key: str, options: dict[str, Any]) -> str | No
 
 def training_conflict(training: dict[str, Any]) -> str | None:
     """Why two `training:` keys cannot go together (one phrase naming both), or None."""
-    if "global_batch_size" in training and "gradient_accumulation_steps" in training:
+    if training.get("global_batch_size") is not None and "gradient_accumulation_steps" in training:
         return (
             "training.global_batch_size and training.gradient_accumulation_steps are both set; set one of them "
-            "(global_batch_size sets the accumulation from the number of processes)"
+            "(global_batch_size sets the accumulation from the number of processes; training.global_batch_size=null "
+            "drops it)"
         )
     if training.get("bf16") and training.get("fp16"):
         return "training.bf16 and training.fp16 are both true; set one of them"
@@ -317,7 +319,7 @@ def accumulation_steps(training: dict[str, Any], world_size: int) -> int:
     """Micro-batches per optimizer step for `world_size` processes: `gradient_accumulation_steps` (default 1), or
     what `global_batch_size` asks for; RecipeError when the global batch does not divide evenly."""
     per_device = training.get("per_device_train_batch_size", DEFAULT_PER_DEVICE_TRAIN_BATCH)
-    if "global_batch_size" not in training:
+    if training.get("global_batch_size") is None:
         return training.get("gradient_accumulation_steps", 1)
     total = training["global_batch_size"]
     micro = per_device * world_size

@@ -71,9 +71,9 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
         values["activation_checkpointing"] = values.pop("gradient_checkpointing")
     options = values.pop("gradient_checkpointing_kwargs", None) or values.get("activation_checkpointing_kwargs")
     values["activation_checkpointing_kwargs"] = {**DEFAULTS["activation_checkpointing_kwargs"], **(options or {})}
-    if "global_batch_size" in values:  # the same pairs per step on any number of processes
+    if values.get("global_batch_size") is not None:  # the same pairs per step on any number of processes
         values["gradient_accumulation_steps"] = accumulation_steps(values, int(os.environ.get("WORLD_SIZE", "1")))
-        del values["global_batch_size"]
+    values.pop("global_batch_size", None)
     if values.pop("group_by_length", False):
         values["train_sampling_strategy"] = "group_by_length"
     if values.get("save_strategy") == "best":  # as transformers does for reduce_lr_on_plateau
