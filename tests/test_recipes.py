@@ -69,3 +69,18 @@ def test_every_key_has_help_and_a_reader_that_reads_it(section, field):
 def test_every_training_key_has_help_and_its_reader():
     assert set(TRAINING_HELP) == set(TRAINING_KEYS)
     assert "recipe.training" in inspect.getsource(_reader(TRAINING_READ_BY))
+
+
+def test_the_gpu_session_trains_with_recipes_that_load():
+    """scripts/gpu_session.sh runs the paper recipe with overrides on a lent GPU: a recipe error there would cost a
+    session's scarce device time, so each of its train_dpo.py commands is loaded here."""
+    import shlex
+
+    text = (REPO_ROOT / "scripts" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    commands = re.findall(r"train_dpo\.py (\s*--config .*?)(?:2>&1|$)", text, flags=re.M)
+    assert len(commands) == 2  # ZeRO-2/3 and the run without DeepSpeed
+    for command in commands:
+        words = shlex.split(command.replace("$zero", "2"))
+        overrides = [w for w in words if re.match(r"(model|data|lora|dpo|training|deepspeed|launch|slurm)\.\w+=", w)]
+        recipe = load_recipe(REPO_ROOT / words[words.index("--config") + 1], overrides)
+        assert recipe.model.path == "/tmp/qwen-vl-size" and len(overrides) > 10
