@@ -286,3 +286,21 @@ def test_ctrl_c_during_a_mid_run_evaluation_saves_that_step_at_once(assets, tmp_
     # done: checkpoint-2 no longer asks for it, and its manifest follows the rewritten layout file
     assert json.loads((working / "checkpoint-2" / "silkie_run.json").read_text())["evaluation_pending"] is False
     assert verify_checkpoint(working / "checkpoint-2") is None
+
+
+def test_a_checkpoint_is_not_resumed_on_other_data(assets, tmp_path):
+    """Rows removed from the data file between launches: the split and the order would shift under the run."""
+    from silkie.train.trainer import ResumeError
+
+    working = tmp_path / "run"
+    overrides = asset_overrides(assets) + FAST + ["training.save_steps=1", "training.save_total_limit=null"]
+    run_in_process(working, overrides + ["data.max_prompts=16", "training.max_steps=2"])
+    layout = json.loads((working / "checkpoint-2" / "silkie_run.json").read_text())
+    assert layout["data"]["train_pairs"] > 0 and len(layout["data"]["train"]) >= 16  # a fingerprint
+    for name in ("FINISHED", "config.yaml", "final_metrics.json", "training_curves.png"):  # what --force moves
+        (working / name).unlink()
+    shutil.rmtree(working / "adapter")
+    with pytest.raises(ResumeError, match=r"checkpoint-2 was trained on other data \(\d+ training and \d+ held-out"):
+        run_in_process(working, overrides + ["data.max_prompts=12", "training.max_steps=4"])
+    result = run_in_process(working, overrides + ["data.max_prompts=16", "training.max_steps=4"])  # the same data
+    assert result["resumed_at_step"] == 2

@@ -31,6 +31,32 @@ def check_resume_layout(checkpoint: Path, world_size: int) -> None:
         raise ResumeError(problem)
 
 
+def data_facts(train: Any, evaluation: Any) -> dict[str, Any]:
+    """What a checkpoint was trained on: the tokenized splits' fingerprints (pairs, tokenizer and options) and
+    sizes."""
+    return {
+        "train": getattr(train, "_fingerprint", None),
+        "train_pairs": len(train) if train is not None else 0,
+        "eval": getattr(evaluation, "_fingerprint", None),
+        "eval_pairs": len(evaluation) if evaluation is not None else 0,
+    }
+
+
+def check_resume_data(checkpoint: Path, facts: dict[str, Any]) -> None:
+    """Refuse to resume `checkpoint` on other data: the order it was in would not continue, and held-out pairs
+    could be ones it trained on (older checkpoints, which did not record it, pass)."""
+    path = checkpoint / RUN_LAYOUT_FILE
+    saved = json.loads(path.read_text()).get("data") if path.is_file() else None
+    if saved is None or saved == facts:
+        return
+    raise ResumeError(
+        f"{checkpoint.name} was trained on other data ({saved['train_pairs']} training and {saved['eval_pairs']} "
+        f"held-out pairs then, {facts['train_pairs']} and {facts['eval_pairs']} now: the data, the pair rules or the "
+        "tokenization changed): resuming would go on in another order and could score pairs it trained on as "
+        "held-out; restore the data, or launch with --force to start over (the old run is moved aside)"
+    )
+
+
 class CheckpointingMixin:
     """The checkpoint and resume half of `SilkieDPOTrainer` (goes before `transformers.Trainer` in its bases)."""
 
@@ -102,6 +128,7 @@ class CheckpointingMixin:
     def _seal(self, staged: str, final: str, renamed_best: bool) -> None:
         """The layout file and the manifest (last) into the staged checkpoint, then the rename (main process)."""
         layout: dict[str, Any] = {"world_size": self.args.world_size}
+        layout["data"] = data_facts(self.train_dataset, self.eval_dataset)
         if self._evaluation_cut_short:
             layout["evaluation_pending"] = True
         Path(staged, RUN_LAYOUT_FILE).write_text(json.dumps(layout))

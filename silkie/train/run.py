@@ -34,6 +34,7 @@ EXIT_PREEMPTED = 0
 
 def run_training(recipe: Recipe, working: str | Path) -> dict:
     """Train as the recipe says in `working`; resume from its latest intact checkpoint; return final facts."""
+    from .checkpointing import check_resume_data, data_facts
     from .plots import plot_metrics
     from .trainer import check_resume_layout
 
@@ -43,6 +44,7 @@ def run_training(recipe: Recipe, working: str | Path) -> dict:
     try:
         if resume is not None:
             check_resume_layout(resume, args.world_size)
+            check_resume_data(resume, data_facts(built.data.train, built.data.eval))
             say(f"resuming from {resume.name}")
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         # decided from state every rank shares: a signal after the last step (final evaluation or save) on one
