@@ -18,7 +18,7 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
     same = run_launcher(working, "--dry-run", "training.max_steps=6")
     assert same.returncode == 0 and "holds a run of this recipe" in same.stderr
     relaunched = run_launcher(working, "--dry-run", "training.max_steps=6", "slurm.time=02:00:00")
-    assert relaunched.returncode == 0 and "new launch settings: slurm.time" in relaunched.stderr
+    assert relaunched.returncode == 0 and "new settings: slurm.time" in relaunched.stderr
     # a start that wrote nothing but config.yaml (it stopped on bad input): the new recipe replaces it
     replaced = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
     assert replaced.returncode == 0 and "held a recipe that wrote no checkpoint or metrics" in replaced.stderr
@@ -26,7 +26,8 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
     differs = run_launcher(working, "--dry-run", "training.max_steps=8", "lora.r=8")
     assert one_line_error(differs) == (
         f"error: {working} holds a different recipe: lora.r (16 -> 8), training.max_steps (6 -> 8); "
-        "use another --working, or --force to run there anyway (nothing is deleted)"
+        "use another --working, or --force to start over there from step 0 (the old run is moved to a backup folder) "
+        "(nothing is deleted)"
     )
     (working / "checkpoint-3").mkdir()
     (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')  # a checkpoint that verifies
@@ -306,3 +307,25 @@ def test_torchrun_lines_the_launcher_says_better_are_dropped(tmp_path):
     assert kept(failed, 1, 0, 123, "python")  # no input error reported: torchrun's line is the news
     (tmp_path / "ERROR").write_text("bad row\n")
     assert not kept(failed, 2, 0, 123, "python")
+
+
+def test_settings_that_do_not_change_results_resume_and_take_effect(tmp_path):
+    """Tokenizing processes, DataLoader workers, the reference pass's batch: a resume takes them (no --force, which
+    would start over), and config.yaml, which training reads, gets them."""
+    from silkie.launch.workdir import inspect_workdir, prepare_workdir
+
+    working = tmp_path / "run"
+    working.mkdir()
+    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
+    (working / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    (working / "checkpoint-3").mkdir()
+    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    changed = ["data.num_proc=2", "training.dataloader_num_workers=1", "dpo.precompute_ref_batch_size=2"]
+    recipe = load_recipe(DEMO_RECIPE, ["training.max_steps=6", *changed])
+    plan = inspect_workdir(working, recipe)
+    assert plan.state == "resume" and plan.resume_from == working / "checkpoint-3"
+    assert "(new settings: data.num_proc (1 -> 2), dpo.precompute_ref_batch_size (None -> 2)" in plan.message
+    prepare_workdir(plan, recipe)
+    stored = load_recipe(working / "config.yaml")
+    assert stored.data.num_proc == 2 and stored.dpo.precompute_ref_batch_size == 2
+    assert (working / "checkpoint-3").is_dir() and (working / "metrics.jsonl").is_file()

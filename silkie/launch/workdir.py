@@ -26,6 +26,7 @@ from silkie.run_dir import (
     FINISHED_NAME,
     FINISHED_OUTPUTS,
     OLD_TENSORBOARD_DIR,
+    REFERENCE_DIR,
     RUN_HISTORY,
     SLURM_DIR,
     TENSORBOARD_DIR,
@@ -48,6 +49,7 @@ class WorkdirPlan:
     message: str
     backups: list[tuple[Path, Path]] = field(default_factory=list)  # (original, renamed to)
     resume_from: Path | None = None  # the checkpoint training will continue from
+    new_settings: bool = False  # a resume with changed settings that do not change the results (config rewritten)
 
     @property
     def config_path(self) -> Path:
@@ -107,19 +109,20 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
             diffs = recipe_differences(stored, resolved)
         except RecipeError as err:
             diffs = [f"its {CONFIG_NAME} is not a valid recipe: {err}"]
-        launch_only = [d for d in diffs if not d.startswith(("launch.", "slurm."))] == []
-        if not diffs or launch_only:  # how the run is launched (nodes, time, partition) may change on a resume
+        launch_only = [d for d in diffs if not d.startswith(FREE_CHANGES)] == []
+        if not diffs or launch_only:  # how the run is launched and fed may change on a resume; its results may not
             if (working / FINISHED_NAME).exists():
                 return WorkdirPlan(working, "finished", _finished_message(working))
             ckpt, damaged = resume_plan(working, checksums=False)
             where = f"resumes from {ckpt.name}" if ckpt else "starts (no checkpoint yet)"
             where += "".join(f"; {bad.name} is damaged ({why}) and is moved aside first" for bad, why in damaged)
-            launch_note = f" (new launch settings: {_summary(diffs)})" if diffs else ""
+            launch_note = f" (new settings: {_summary(diffs)})" if diffs else ""
             return WorkdirPlan(
                 working,
                 "resume",
                 f"{working} holds a run of this recipe{launch_note}; training {where}",
                 resume_from=ckpt,
+                new_settings=bool(diffs),
             )
         if not _holds_training_output(working):  # a start that stopped early (e.g. on bad input): nothing to keep
             return WorkdirPlan(
@@ -131,7 +134,7 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
             how = (
                 f"--force to extend it from {ckpt.name} with the new schedule"
                 if ckpt
-                else "--force to run there anyway"
+                else "--force to start over there from step 0 (the old run is moved to a backup folder)"
             )
             raise LaunchError(
                 f"{working} holds a different recipe: {_summary(diffs)}; "
@@ -169,6 +172,19 @@ def _finished_message(working: Path) -> str:
     )
 
 
+# Settings that change how a run is launched, fed and logged, never what it computes: a resume takes them as they are.
+FREE_CHANGES = (
+    "launch.",
+    "slurm.",
+    "data.num_proc",
+    "training.dataloader_",
+    "training.report_to",
+    "training.logging_steps",
+    "training.save_total_limit",
+    "training.disable_tqdm",
+    "training.log_level",
+    "dpo.precompute_ref_batch_size",
+)
 RESUMABLE_CHANGES = (
     "training.max_steps",
     "training.num_train_epochs",
@@ -193,7 +209,8 @@ def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = list(FINISHED_OUTPUTS)
     if not resumable:  # another model, data or optimisation: the old checkpoints and history must not continue
-        names += sorted(p.name for p in working.glob("checkpoint-*")) + list(RUN_HISTORY)
+        # (the reference cache stays: it is keyed by what it was computed from, and rebuilt when that changed)
+        names += sorted(p.name for p in working.glob("checkpoint-*")) + [n for n in RUN_HISTORY if n != REFERENCE_DIR]
         names += sorted(p.name for p in working.glob(f"{CORRUPT_PREFIX}checkpoint-*"))
     backup = working / f"{BACKUP_PREFIX}{stamp}"
     backups = [(working / name, backup / name) for name in names if (working / name).exists()]
@@ -210,7 +227,7 @@ def prepare_workdir(plan: WorkdirPlan, recipe: Recipe) -> None:
     for original, backup in plan.backups:
         backup.parent.mkdir(exist_ok=True)
         original.rename(backup)
-    if plan.state != "resume":
+    if plan.state != "resume" or plan.new_settings:
         save_recipe(recipe, plan.config_path)
 
 
