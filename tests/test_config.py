@@ -196,6 +196,23 @@ def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
         load_recipe(DEMO, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [("training.beta=0.2", "(did you mean 'dpo.beta'?)"), ("training.loss_type=ipo", "(did you mean 'dpo.loss_type'?)"),
+     ("lora.use_peft=true", "(did you mean 'lora.enabled'?)"), ("data.dataset_name=x", "(did you mean 'data.path'?)"),
+     ("dpo.rpo_alpha=1", "(RPO is dpo.loss_type: [sigmoid, sft] with dpo.loss_weights: [1, ALPHA])"),
+     ("dpo.max_prompt_length=512", "(there is no separate prompt limit: dpo.max_length bounds prompt + answer"),
+     ("dpo.padding_free=true", "(padding-free rows are model.attn_implementation: varlen with dpo.pairs_per_row)"),
+     ("training.resume_from_checkpoint=x", "(not needed: the same launch command again resumes"),
+     ("dpo.loss_type=simpo", "dpo.loss_type = 'simpo': SimPO (reference-free) is not supported"),
+     ("dpo.loss_type=[sigmoid,rpo]", "dpo.loss_type = 'rpo': RPO is loss_type [sigmoid, sft] with loss_weights")],
+)  # fmt: skip
+def test_trl_and_llama_factory_settings_in_another_section_or_missing_say_where_to_go(override, hint):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(DEMO, [override])
+    assert hint in str(caught.value)
+
+
 def test_model_family_left_out_is_read_from_the_checkpoint(tmp_path):
     folder = tmp_path / "tiny-qwen2-vl"
     folder.mkdir()

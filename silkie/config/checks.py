@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any
@@ -42,10 +43,55 @@ KNOWN_ALIASES = {
 }
 
 
+# TRL's, LLaMA-Factory's and ms-swift's names for settings that live in another section here (`section.key`), or
+# that Silkie does without (a sentence saying what to do instead); looked up before a close spelling is guessed.
+ELSEWHERE = {
+    "beta": "dpo.beta",
+    "dpo_beta": "dpo.beta",
+    "pref_beta": "dpo.beta",
+    "loss_type": "dpo.loss_type",
+    "pref_loss": "dpo.loss_type",
+    "label_smoothing": "dpo.label_smoothing",
+    "dpo_label_smoothing": "dpo.label_smoothing",
+    "precompute_ref_log_probs": "dpo.precompute_ref_log_probs",
+    "rpo_alpha": "RPO is dpo.loss_type: [sigmoid, sft] with dpo.loss_weights: [1, ALPHA]",
+    "pref_ftx": "an SFT term is dpo.loss_type: [sigmoid, sft] with dpo.loss_weights",
+    "max_prompt_length": "there is no separate prompt limit: dpo.max_length bounds prompt + answer (image tokens "
+    "included); longer pairs are dropped, or their answers cut with data.truncation: answer",
+    "max_completion_length": "dpo.max_length bounds prompt + answer; data.truncation: answer cuts the answers",
+    "cutoff_len": "dpo.max_length",
+    "truncation_mode": "data.truncation (drop, or answer: cut the answers; a prompt, images included, is never cut)",
+    "padding_free": "padding-free rows are model.attn_implementation: varlen with dpo.pairs_per_row",
+    "reference_free": "not supported: the loss always has a reference (the base, adapter off, or a frozen copy)",
+    "ref_model": "not supported: the reference is model.path itself (the adapter switched off under LoRA)",
+    "sync_ref_model": "not supported (TR-DPO): the reference stays the starting model",
+    "generate_during_eval": "not supported: after training, silkie chat --compare or silkie evaluate --tasks",
+    "use_peft": "lora.enabled",
+    "use_lora": "lora.enabled",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_target_modules": "lora.target_modules",
+    "freeze_vision_tower": "the vision tower stays frozen unless lora.vision: true",
+    "deepspeed": "deepspeed.stage, or deepspeed.config for a JSON file of your own",
+    "dataset": "data.path",
+    "dataset_name": "data.path",
+    "dataset_num_proc": "data.num_proc",
+    "model_name_or_path": "model.path",
+    "torch_dtype": "model.dtype",
+    "resume_from_checkpoint": "not needed: the same launch command again resumes from the latest intact checkpoint",
+    "activation_offloading": "training.gradient_checkpointing_kwargs: {offload: true}",
+}
+_KEY = re.compile(r"[a-z_]+\.[a-z_]+")
+
+
 def suggest(name: str, known: list[str]) -> str:
-    """` (did you mean 'x'?)` for the closest known name (or the one another library calls `name`), else empty."""
+    """` (did you mean 'x'?)` for the closest known name (or the one another library calls `name`, also in another
+    section, or what to do instead of a setting Silkie does without), else empty."""
     if KNOWN_ALIASES.get(name) in known:
         return f" (did you mean '{KNOWN_ALIASES[name]}'?)"
+    if name in ELSEWHERE:
+        where = ELSEWHERE[name]
+        return f" (did you mean '{where}'?)" if _KEY.fullmatch(where) else f" ({where})"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from silkie.errors import RecipeError
+
 from .checks import choice, key, require
-from .objective import objective_problem
+from .objective import OTHER_LOSSES, objective_problem
 
 
 @dataclass
@@ -145,6 +147,8 @@ class DPOSection:
             self.discopop_tau,
             self.use_weighting,
         )
+        if problem is not None and problem.value in OTHER_LOSSES:  # another library's loss: what to use instead
+            raise RecipeError(f"recipe: dpo.loss_type = {problem.value!r}: {OTHER_LOSSES[problem.value]}")
         if problem is not None and problem.choices:
             choice(f"dpo.{problem.key}", problem.value, problem.choices)
         elif problem is not None:

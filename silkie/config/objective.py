@@ -10,6 +10,14 @@ from typing import Any
 
 from .names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
 
+# Other libraries' preference losses that are no loss type here: what to use instead
+OTHER_LOSSES = {
+    "rpo": "RPO is loss_type [sigmoid, sft] with loss_weights [1, ALPHA]",
+    "simpo": "SimPO (reference-free) is not supported",
+    "orpo": "ORPO (reference-free) is not supported",
+    "kto_pair": "kto_pair (removed from TRL) is not supported; bco_pair is the closest",
+    "cpo": "CPO (reference-free) is not supported",
+}
 SORTED_LOSS_TYPES = ("aot", "aot_unpaired")  # their per-pair values are by rank: no pair's own loss to weight
 
 
@@ -58,6 +66,8 @@ def objective_problem(
     for name in types:
         if name not in LOSS_TYPES:
             expected = f"expected one of {', '.join(LOSS_TYPES)}"
+            if name in OTHER_LOSSES:
+                expected = f"{OTHER_LOSSES[name]}; {expected}"
             return Problem("loss_type", name, "", f"unknown loss_type '{name}'; {expected}", choices=LOSS_TYPES)
     if loss_weights is not None and len(loss_weights) != len(types):
         return Problem(
