@@ -65,6 +65,11 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
     """Merge defaults, the recipe's `training:` keys and what the run needs into TrainingArguments."""
     values: dict[str, Any] = dict(DEFAULTS)
     values.update(recipe.training)
+    if "learning_rate" not in values:  # the one default that surprises TRL users most
+        logger.warning(
+            "training.learning_rate is not set: transformers' default 5e-5 is used (TRL's DPOConfig default is 1e-6, "
+            "the Silkie paper's LoRA run 1e-5)"
+        )
     if "warmup_ratio" in values:  # the name users know; transformers 5 takes a ratio in warmup_steps
         values["warmup_steps"] = values.pop("warmup_ratio")
     if "gradient_checkpointing" in values:  # the name users know; transformers 5 calls it activation checkpointing
