@@ -193,6 +193,13 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
         return (single,) if single else ()
     if several is None:
         return ()
+    if isinstance(several, list) and any(isinstance(item, Mapping) and "bytes" in item or hasattr(item, "getpixel")
+                                         for item in several):  # fmt: skip
+        raise RowError(
+            "embedded_media",
+            f"{many} hold the pictures themselves (a datasets Image column); write them to files and give their "
+            "paths, relative to data.images",
+        )
     if not isinstance(several, list) or not all(isinstance(item, str) for item in several):
         raise RowError("wrong_type", f"{many} must be a list of strings")
     if any(not item for item in several):
@@ -201,9 +208,13 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
 
 
 def normalize_preference_row(raw: Any) -> PreferenceRow:
-    """One raw generic preference row -> `PreferenceRow`; raises `RowError` with a reason."""
+    """One raw generic preference row (plain, or TRL's conversational format) -> `PreferenceRow`; raises `RowError`
+    with a reason."""
+    from silkie.data.conversational import plain_row
+
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
+    raw = plain_row(raw)
     prompt = _require(raw, "prompt", str)
     chosen = _require(raw, "chosen", str)
     rejected = _require(raw, "rejected", str)
@@ -316,8 +327,18 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
 
 
 def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceRow]:
-    """Load a generic preference file (.jsonl, .json or .parquet) with prompt/chosen/rejected[/image(s)/video(s)/id]."""
+    """Load a generic preference file (.jsonl, .json, .parquet, or a `save_to_disk` folder) with prompt/chosen/rejected
+    [/image(s)/video(s)/id], plain or in TRL's conversational format."""
     path = Path(path)
+    if _is_saved_dataset(path):  # a `datasets` save_to_disk folder of pairs
+        import datasets
+
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if "train" not in dataset:
+                raise InputError(f"data.path: saved dataset {path} has no train split (has {list(dataset)})")
+            dataset = dataset["train"]
+        return collect_rows(str(path), iter(dataset), normalize_preference_row)
     if not path.is_file():
         raise MissingInputError(f"preference file not found: {path}")
     suffix = path.suffix.lower()

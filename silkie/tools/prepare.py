@@ -146,8 +146,8 @@ def is_preference_file(path: str | Path) -> bool:
     """Whether `path` holds ready pairs (`chosen`/`rejected` rows: a parquet, or a JSON(L) file whose first row
     has them and no `completions`) rather than a VLFeedback release."""
     path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        return True
+    if path.suffix.lower() == ".parquet" or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return True  # a parquet or a `datasets` folder: the VLFeedback release is a jsonl
     if not path.is_file():
         return False
     with path.open("rb") as handle:

@@ -1,0 +1,57 @@
+"""TRL's conversational preference format (and a `datasets` save_to_disk folder of it) read as plain pairs; what
+a preference row cannot hold is refused by row, with its reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from silkie.data.sources import RowError, load_preference_file, normalize_preference_row
+
+USER = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour is the circle?"}]}
+CHOSEN = [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}]
+REJECTED = [{"role": "assistant", "content": "Blue."}]
+
+
+def test_a_conversational_pair_becomes_text_with_a_marker_where_the_image_was():
+    row = normalize_preference_row({"id": "c1", "prompt": [USER], "chosen": CHOSEN, "rejected": REJECTED,
+                                    "images": ["a.jpg"]})  # fmt: skip
+    assert (row.prompt, row.chosen, row.rejected, row.images) == (
+        "<image>Which colour is the circle?", "Red.", "Blue.", ("a.jpg",))  # fmt: skip
+    two = {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
+                                       {"type": "text", "text": " and "}, {"type": "video"}]}  # fmt: skip
+    row = normalize_preference_row({"prompt": [two], "chosen": "x", "rejected": "y", "images": ["a.jpg"],
+                                    "videos": ["v.mkv"]})  # fmt: skip
+    assert row.prompt == "Compare <image> and <video>"
+
+
+def test_the_implicit_prompt_is_the_turns_both_conversations_share():
+    row = normalize_preference_row({"chosen": [USER, *CHOSEN], "rejected": [USER, *REJECTED], "image": "a.jpg"})
+    assert (row.prompt, row.chosen, row.rejected) == ("<image>Which colour is the circle?", "Red.", "Blue.")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "detail"),
+    [({"prompt": [{"role": "system", "content": "Be brief."}, USER], "chosen": CHOSEN, "rejected": REJECTED},
+      "unsupported_conversation", "prompt has the roles ['system', 'user']"),
+     ({"prompt": [USER], "chosen": [*CHOSEN, *CHOSEN], "rejected": REJECTED}, "unsupported_conversation",
+      "chosen has the roles ['assistant', 'assistant']"),
+     ({"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "a", "rejected": "b"}, "wrong_type",
+      "prompt: a part {'type': 'audio'}"),
+     ({"prompt": "Q", "chosen": "a", "rejected": "b", "images": [{"bytes": b"\xff\xd8", "path": None}]},
+      "embedded_media", "images hold the pictures themselves (a datasets Image column)")],
+)  # fmt: skip
+def test_what_a_row_cannot_hold_is_refused_with_its_reason(raw, reason, detail):
+    with pytest.raises(RowError) as caught:
+        normalize_preference_row(raw)
+    assert caught.value.reason == reason and caught.value.detail.startswith(detail)
+
+
+def test_a_saved_dataset_of_conversational_pairs_loads_as_a_preference_source(tmp_path):
+    import datasets
+
+    rows = [{"id": f"p{i}", "prompt": [USER], "chosen": CHOSEN, "rejected": REJECTED, "images": ["a.jpg"]}
+            for i in range(3)]  # fmt: skip
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "pairs"))
+    loaded = load_preference_file(tmp_path / "pairs")
+    assert [row.id for row in loaded.rows] == ["p0", "p1", "p2"] and not loaded.skipped
+    assert loaded.rows[0].prompt == "<image>Which colour is the circle?" and loaded.rows[0].chosen == "Red."
