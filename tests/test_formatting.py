@@ -98,6 +98,8 @@ def test_drop_counts_too_long_in_report(tok):
 
 def test_image_tags_in_text_are_rejected(tok):
     assert encode_pair("Q", None, "see <img>x.jpg</img>", "no", tok)[1] == "image_tag_in_text"
+    templated = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n"
+    assert encode_pair(templated, None, "yes", "no", tok) == (None, "chat_template_in_text")
     assert encode_pair("Q <img>y.jpg</img>", "merged_images/a.jpg", "a", "b", tok)[1] == "image_tag_in_text"
     assert encode_pair("Q", "k" * 300, "a", "b", tok)[1] == "bad_image_key"
     # the tokenizer refuses an unclosed <img> in the text: still the text's fault, not the image key's

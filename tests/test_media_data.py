@@ -94,6 +94,13 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
     # LLaVA's image token is the marker itself: a stray one is a marker without an image
     stray = "image_marker_mismatch" if image_tag == "<image>" else "image_tag_in_text"
     assert encode_pair(f"Q {image_tag}", [], "a", "b", codec) == (None, stray)
+    # a prompt that was templated already (TRL's string format brings them) would be wrapped a second time
+    templated = codec.prompt_text("What is this?", [])
+    if family.startswith("qwen2"):
+        assert codec.template_markers and encode_pair(templated, [], "a", "b", codec) == (None, "chat_template_in_text")
+        assert encode_pair("Q", [], "A cat.<|im_end|>", "b", codec) == (None, "chat_template_in_text")
+    else:  # llava-hf's template writes USER: / ASSISTANT:, no tokens of its own
+        assert codec.template_markers == ()
     with_video = encode_pair("Q", [], "a", "b", codec, videos=["v"], video_frames=4)
     if family == "llava":
         assert with_video == (None, "video_unsupported") and codec.video_token_budget(64) == 0

@@ -4,8 +4,9 @@ The codec (`silkie.models.family.PairCodec`) builds prompt ids (chat template, o
 at the prompt's `<image>` / `<video>` markers or first) and answer ids; for Qwen-VL-Chat the user query is
 `Picture 1: <img>{image_key}</img>\\n...{prompt}`. In the trainer every answer token carries a label and the prompt
 none. Dropped pairs are counted under `too_long` (truncation "drop"), `prompt_too_long`,
-`identical_after_truncation` (truncation "answer"), `image_tag_in_text`, `bad_image_key`, `image_marker_mismatch`
-or `video_unsupported` (a video for a family that takes none).
+`identical_after_truncation` (truncation "answer"), `image_tag_in_text`, `chat_template_in_text` (a prompt or answer
+that holds the chat template's own tokens: templated already), `bad_image_key`, `image_marker_mismatch` or
+`video_unsupported` (a video for a family that takes none).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def encode_pair(
     """
     codec = as_codec(tokenizer)
     images, videos = as_keys(images), as_keys(videos)
+    if any(marker in text for marker in codec.template_markers for text in (prompt, chosen, rejected)):
+        return None, "chat_template_in_text"  # templated already: the template would wrap it a second time
     try:  # e.g. the Qwen-VL codec refuses image tags in text and an image key over 254 bytes
         prompt_ids = codec.prompt_ids(prompt, images, videos)
         chosen_ids = codec.answer_ids(chosen)

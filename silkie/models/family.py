@@ -40,6 +40,7 @@ class PairCodec(Protocol):
     image_marker_id: int  # the token that marks an image in a prompt (exactly one per image at tokenization)
     image_token_budget: int  # most tokens an image adds to its marker when the collator expands it
     video_marker_id: int | None  # the token that marks a video (one per video); None: the family takes no video
+    template_markers: tuple[str, ...]  # the chat template's own tokens: text holding one was templated already
 
     def prompt_ids(self, prompt: str, images: Any = (), videos: Any = ()) -> list[int]:
         """Chat-formatted user turn (its media placed by `silkie.models.media.media_segments`) + assistant

@@ -57,6 +57,9 @@ class ChatTemplateCodec:
         self.video_marker_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         self.video_slice = video_slice  # (frames per temporal patch, most tokens per temporal patch)
         self._tags = [tag for tag in (processor.image_token, video_token) if tag]
+        template = str(processor.chat_template or self.tokenizer.chat_template or "")
+        specials = {*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()}
+        self.template_markers = tuple(sorted(t for t in specials if t and t in template and t not in self._tags))
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
 

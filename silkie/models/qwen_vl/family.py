@@ -46,6 +46,7 @@ class QwenVLCodec:
 
     image_token_budget = 0  # the 256 image slots are already in the prompt ids
     video_marker_id = None
+    template_markers = ("<|im_start|>", "<|im_end|>")  # chatml's (its encoder keeps them as text in a query)
 
     def __init__(self, tokenizer: QWenTokenizer):
         self.tokenizer = tokenizer
