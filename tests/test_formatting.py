@@ -90,9 +90,11 @@ def test_drop_counts_too_long_in_report(tok):
     assert report.offending_ids["too_long"] == ["long"]
     with pytest.raises(ValueError) as empty:
         tokenize_pairs([_pair("p1", chosen=LONG)], tok, max_length=prompt_len + 5, split="held-out split")
+    answer = len(tok.encode_answer(LONG))  # the longer answer, with its <|im_end|>
     assert str(empty.value) == (
         "held-out split: no pair left after tokenization, all 1 dropped (too_long: 1 (first: p1); "
-        f"max_length = {prompt_len + 5}, truncation = drop)"
+        f"max_length = {prompt_len + 5}, truncation = drop; the first pair needs {prompt_len + answer} tokens: "
+        f"prompt {prompt_len} (media included) + longer answer {answer})"
     )
 
 

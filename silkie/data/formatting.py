@@ -302,6 +302,22 @@ def tokenize_pairs(
     if len(dataset) == 0:
         raise InputError(
             f"{split}: no pair left after tokenization, all {stats['total']} dropped ({_drops(stats)}; "
-            f"max_length = {max_length}, truncation = {truncation})"
+            f"max_length = {max_length}, truncation = {truncation}{_first_length(records, tokenizer, video_frames)})"
         )
     return dataset
+
+
+def _first_length(records: Sequence[Mapping[str, Any]], tokenizer: Any, video_frames: int) -> str:
+    """`; the first pair needs P + A tokens` when the first pair fits no limit only by length (what max_length to
+    set is then a number, not a search)."""
+    first = records[0]
+    ids, reason = encode_pair(first["prompt"], first["images"], first["chosen"], first["rejected"], tokenizer,
+                              max_length=None, videos=first["videos"], video_frames=video_frames)  # fmt: skip
+    if ids is None:
+        return ""
+    codec = as_codec(tokenizer)
+    media = len(first["images"]) * codec.image_token_budget
+    media += len(first["videos"]) * codec.video_token_budget(video_frames) if first["videos"] else 0
+    answer = max(len(ids["chosen_input_ids"]), len(ids["rejected_input_ids"]))
+    prompt = len(ids["prompt_input_ids"]) + media
+    return f"; the first pair needs {prompt + answer} tokens: prompt {prompt} (media included) + longer answer {answer}"
