@@ -26,7 +26,7 @@ METRIC_ROWS = (
     ("reward margin", "rewards/margins"),
     ("chosen reward", "rewards/chosen"),
     ("rejected reward", "rewards/rejected"),
-    ("DPO loss", "loss"),
+    ("loss (objective)", "loss"),
     ("policy logp chosen", "logps/chosen"),
     ("policy logp rejected", "logps/rejected"),
     ("imageless accuracy", "rewards/imageless_accuracies"),

@@ -97,7 +97,8 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         self.step_options = recipe_step_options(dpo, image_once=dpo.image_once and not trainable_vision)
         if dpo.image_once and trainable_vision:
             self.log_line(
-                "image_once: the vision tower is trained, so images are encoded in every forward (exact path)"
+                "image_once: the policy's image features are not the reference's (a trained vision tower or "
+                "projector, or a separate reference model), so images are encoded in every forward (exact path)"
             )
 
     def log_line(self, text: str) -> None:
