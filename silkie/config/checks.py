@@ -76,6 +76,8 @@ ELSEWHERE = {
     "dataset": "data.path",
     "dataset_name": "data.path",
     "dataset_num_proc": "data.num_proc",
+    "eval_dataset": "data.eval_path",
+    "test_split": "data.eval_path (a file of held-out pairs) or data.eval_fraction",
     "model_name_or_path": "model.path",
     "torch_dtype": "model.dtype",
     "resume_from_checkpoint": "not needed: the same launch command again resumes from the latest intact checkpoint",

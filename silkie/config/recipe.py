@@ -45,11 +45,12 @@ class Recipe:
         for section in (self.model, self.data, self.lora, self.dpo, self.deepspeed, self.launch, self.slurm):
             section.check()
         check_training(self.training)
-        evaluates = (self.data.eval_size or self.data.eval_fraction) and self.training.get("eval_strategy") != "no"
+        held_out = self.data.eval_size or self.data.eval_fraction or self.data.eval_path
+        evaluates = held_out and self.training.get("eval_strategy") != "no"
         if self.training.get("save_strategy") == "best" and not evaluates:
             raise RecipeError(
-                "recipe: training.save_strategy = 'best' needs evaluations (held-out pairs from data.eval_size or "
-                "data.eval_fraction, and training.eval_strategy steps or epoch)"
+                "recipe: training.save_strategy = 'best' needs evaluations (held-out pairs from data.eval_size, "
+                "data.eval_fraction or data.eval_path, and training.eval_strategy steps or epoch)"
             )
         if self.model.attn_implementation == "varlen" and not self.dpo.share_prompt:
             raise RecipeError(

@@ -180,6 +180,12 @@ class DataSection:
         "Held-out prompts as a count (instead of a fraction; eval_fraction must then be 0); null = use eval_fraction.",
         "data.build:build_pairs",
     )
+    eval_path: str | None = key(
+        None,
+        "A file (or dataset) of held-out pairs of its own, read as `data.source` and the pair rules say, instead of "
+        "a split of data.path (eval_fraction and eval_size stay unset).",
+        "data.build:build_pairs",
+    )
     truncation: str = key(
         "drop",
         "Pairs longer than dpo.max_length: `drop` them, or cut the `answer`s to fit.",
@@ -247,6 +253,10 @@ class DataSection:
                 "a completion has equally)"
             )
         require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a number in [0, 1)")
+        if self.eval_path is not None and (self.eval_fraction or self.eval_size is not None):
+            raise RecipeError(
+                "recipe: data.eval_path holds the held-out pairs; leave data.eval_fraction and data.eval_size unset"
+            )
         if self.eval_fraction and self.eval_size is not None:
             raise RecipeError(
                 f"recipe: data.eval_fraction = {self.eval_fraction} and data.eval_size = {self.eval_size} are both "

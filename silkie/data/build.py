@@ -29,17 +29,17 @@ class PreparedData:
     report: PairReport
 
 
-def _load_rows(data: DataSection) -> Any:
+def _load_rows(data: DataSection, key: str = "path") -> Any:
+    """The rows of `data.path` (or of `data.eval_path`, with `key`), read as `data.source` says."""
+    path = Path(getattr(data, key))
     if data.source == "vlfeedback":
-        path = Path(data.path)
         if not path.is_file():
-            raise MissingInputError(f"data.path: VLFeedback jsonl not found: {path}")
+            raise MissingInputError(f"data.{key}: VLFeedback jsonl not found: {path}")
         return load_vlfeedback_jsonl(path)
     if data.source == "hf":
-        return load_vlfeedback_hf(data.path, split=data.split)
-    path = Path(data.path)
-    if not path.is_file():
-        raise MissingInputError(f"data.path: preference file not found: {path}")
+        return load_vlfeedback_hf(getattr(data, key), split=data.split)
+    if not path.exists():
+        raise MissingInputError(f"data.{key}: preference file not found: {path}")
     return load_preference_file(path)
 
 
@@ -74,32 +74,41 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
                 f"data.images is not set, but {data.path} references images or videos (row {with_media.id}: "
                 f"{(with_media.images + with_media.videos)[0]}); set data.images to the zip or folder that holds them"
             )
-    limits = media_limits(data)
-    if data.source == "preference":
-        ignored = unused_rating_rules(data)
-        if ignored:
-            logger.warning(
-                f"data.source preference reads its pairs as given: {', '.join(ignored)} (rules that build pairs "
-                "from ratings, for vlfeedback and hf) are ignored"
-            )
-        pairs, report = pairs_from_preference_rows(rows, image_store=store, source=data.path, limits=limits)
-    else:
-        pairs, report = build_vlfeedback_pairs(
-            rows,
-            aspect_weights=data.aspect_weights,
-            min_margin=data.min_margin,
-            max_pairs_per_prompt=data.max_pairs_per_prompt,
-            cap_strategy=data.cap_strategy,
-            seed=data.seed,
-            image_store=store,
-            source=data.path,
-            limits=limits,
-            rating_rules=data.rating_rules,
+    if data.source == "preference" and unused_rating_rules(data):
+        logger.warning(
+            f"data.source preference reads its pairs as given: {', '.join(unused_rating_rules(data))} (rules that "
+            "build pairs from ratings, for vlfeedback and hf) are ignored"
         )
-    train, evaluation = split_by_prompt(
-        pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
+    pairs, report = _pairs(rows, data, store, data.path)
+    if data.eval_path is None:
+        train, evaluation = split_by_prompt(
+            pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
+        )
+        return train, evaluation, store, report
+    evaluation, eval_report = _pairs(_load_rows(data, "eval_path"), data, store, data.eval_path)
+    logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
+    shared = {(p.prompt, p.images, p.videos) for p in pairs} & {(p.prompt, p.images, p.videos) for p in evaluation}
+    if shared:  # the same question and media on both sides: the held-out score is partly a training score
+        logger.warning(f"data.eval_path shares {len(shared)} prompts (question and media) with data.path")
+    return pairs, evaluation, store, report
+
+
+def _pairs(rows: Any, data: DataSection, store: ImageStore | None, source: str) -> tuple[list, PairReport]:
+    """The rows' pairs under the recipe's rules (a preference file's as given)."""
+    if data.source == "preference":
+        return pairs_from_preference_rows(rows, image_store=store, source=source, limits=media_limits(data))
+    return build_vlfeedback_pairs(
+        rows,
+        aspect_weights=data.aspect_weights,
+        min_margin=data.min_margin,
+        max_pairs_per_prompt=data.max_pairs_per_prompt,
+        cap_strategy=data.cap_strategy,
+        seed=data.seed,
+        image_store=store,
+        source=source,
+        limits=media_limits(data),
+        rating_rules=data.rating_rules,
     )
-    return train, evaluation, store, report
 
 
 def check_video_decoder(pairs: list) -> None:

@@ -54,6 +54,7 @@ def missing_inputs(recipe: Recipe) -> list[str]:
     checks = [
         ("model.path", recipe.model.path, True, "a checkpoint folder or a hub id"),
         ("data.path", recipe.data.path, recipe.data.source == "hf", f"the {recipe.data.source} data"),
+        ("data.eval_path", recipe.data.eval_path, recipe.data.source == "hf", "the held-out pairs"),
         ("data.images", recipe.data.images, False, "the images zip or folder"),
     ]
     problems = []

@@ -215,7 +215,8 @@ def evaluate_run(
     dataset = built.data.eval if split == "eval" else built.data.train
     if dataset is None:
         raise ToolError(
-            f"run {run_dir} has no eval split (data.eval_fraction / data.eval_size unset); use --split train"
+            f"run {run_dir} has no eval split (data.eval_fraction / data.eval_size / data.eval_path unset); "
+            "use --split train"
         )
     if max_pairs is not None:
         dataset = dataset.select(range(min(max_pairs, len(dataset))))

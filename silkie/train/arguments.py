@@ -85,7 +85,7 @@ def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> Tr
         values.setdefault("metric_for_best_model", "loss")
     if isinstance(values.get("report_to"), str):
         values["report_to"] = [values["report_to"]]
-    if not (recipe.data.eval_fraction or recipe.data.eval_size):
+    if not (recipe.data.eval_fraction or recipe.data.eval_size or recipe.data.eval_path):
         values["eval_strategy"] = "no"
     elif "eval_strategy" not in values:
         values["eval_strategy"] = "steps" if "eval_steps" in values else "epoch"
