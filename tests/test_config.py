@@ -205,7 +205,8 @@ def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
      ("dpo.padding_free=true", "(padding-free rows are model.attn_implementation: varlen with dpo.pairs_per_row)"),
      ("training.resume_from_checkpoint=x", "(not needed: the same launch command again resumes"),
      ("dpo.loss_type=simpo", "dpo.loss_type = 'simpo': SimPO (reference-free) is not supported"),
-     ("dpo.loss_type=[sigmoid,rpo]", "dpo.loss_type = 'rpo': RPO is loss_type [sigmoid, sft] with loss_weights")],
+     ("dpo.loss_type=[sigmoid,rpo]", "dpo.loss_type = 'rpo': RPO is loss_type [sigmoid, sft] with loss_weights"),
+     ("lora.target_modules=all-linear", "(peft's 'all-linear' would adapt the vision tower too: null takes the")],
 )  # fmt: skip
 def test_trl_and_llama_factory_settings_in_another_section_or_missing_say_where_to_go(override, hint):
     with pytest.raises(RecipeError) as caught:

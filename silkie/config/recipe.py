@@ -79,7 +79,13 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
             raise RecipeError(f"recipe: unknown key '{prefix}.{key}'{suggest(key, known)}")
         value = coerce(value, hints[key])
         if not type_ok(value, hints[key]):
-            raise RecipeError(f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}")
+            hint = ""
+            if f"{prefix}.{key}" == "lora.target_modules" and value == "all-linear":  # peft's keyword
+                hint = (" (peft's 'all-linear' would adapt the vision tower too: null takes the family's default language-model"
+                        " targets, or list the module names)")  # fmt: skip
+            raise RecipeError(
+                f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}{hint}"
+            )
         values[key] = value
     return cls(**values)
 
