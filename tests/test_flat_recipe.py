@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from silkie.config import RecipeError, load_recipe, parse_yaml
@@ -143,7 +145,10 @@ def test_keys_the_file_leaves_out_take_the_original_defaults(tmp_path):
     [
         ("learning_rate: 1e-5\nlora_bias: all\n", "flat recipe: lora_bias = 'all' is not allowed; expected 'none'"),
         ("output_dir: runs/x\n", "flat recipe: output_dir = 'runs/x' is not allowed; expected None (the run folder"),
-        ("learning_rate: 1e-5\nlearnig_rate: 2e-5\n", "flat recipe: unknown key 'learnig_rate' (did you mean 'lear"),
+        ("learning_rate: 1e-5\nlearnig_rate: 2e-5\n", "flat recipe: unknown keys 'learnig_rate' (did you mean 'lear"),
+        # TRL's DPOConfig names: all at once, each with where it goes
+        ("beta: 0.1\ndataset_name: x\nrpo_alpha: 1.0\n", "flat recipe: unknown keys 'dataset_name' (did you mean "
+         "'data.path'?), 'rpo_alpha' (RPO is dpo.loss_type: [sigmoid, sft] with dpo.loss_weights: [1, ALPHA])"),
         ("bf16: true\nbf16: false\n", "2:1: not valid YAML: key 'bf16' is set twice, to True and then False"),
         ("evaluation_strategy: steps\neval_strategy: epoch\n", "flat recipe: evaluation_strategy and eval_strategy"),
         ("remove_unused_columns: true\n", "flat recipe: remove_unused_columns = True is not allowed; expected False"),
@@ -152,7 +157,7 @@ def test_keys_the_file_leaves_out_take_the_original_defaults(tmp_path):
 def test_flat_keys_without_a_place_are_refused_by_name(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(RecipeError, match=f"^{path}:? ?" + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RecipeError, match="^" + re.escape(str(path)) + ":? ?" + re.escape(message)):
         load_recipe(path)
 
 
@@ -182,3 +187,13 @@ def test_the_launcher_prints_the_translation_and_writes_it_as_sections(flat_reci
     written = parse_yaml((working / "config.yaml").read_text())
     assert set(written) == {"model", "data", "lora", "dpo", "training", "deepspeed", "launch", "slurm"}
     assert load_recipe(working / "config.yaml") == recipe
+
+
+def test_lora_keys_without_use_lora_are_noted_as_full_fine_tuning(tmp_path):
+    path = tmp_path / "lora.yaml"
+    path.write_text("learning_rate: 1e-5\nlora_r: 8\n")
+    assert not load_recipe(path).lora.enabled  # as run_dpo.py: use_lora defaults to false
+    _, lines = read_recipe_file(path)
+    assert lines[0] == "NOTE: lora_r set without use_lora: full fine-tuning, as the original; add use_lora: true for LoRA"
+    path.write_text("learning_rate: 1e-5\nlora_r: 8\nuse_lora: true\n")
+    assert not read_recipe_file(path)[1][0].startswith("NOTE")

@@ -106,11 +106,21 @@ def translate_flat(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         raise RecipeError("flat recipe: evaluation_strategy and eval_strategy are both set (one name each); keep one")
     tree: dict[str, Any] = {}
     lines = []
+    lora_keys = [key for key in raw if key.startswith("lora_")]
+    if lora_keys and "use_lora" not in raw:  # the original ignored them then: a full fine-tuning run
+        lines.append(f"NOTE: {', '.join(lora_keys)} set without use_lora: full fine-tuning, as the original; "
+                     "add use_lora: true for LoRA")  # fmt: skip
     handlers: dict[str, Callable[[Any], str]] = {
         "bf16": lambda value: _precision(tree, "bf16", value),
         "fp16": lambda value: _precision(tree, "fp16", value),
         "fix_vit": lambda value: _fix_vit(tree, value, bool(values.get("use_lora"))),
     }
+    unknown = [key for key in values if key not in (*handlers, *FIXED, *RENAMED, *TRAINING_KEYS)]
+    if unknown:  # all of them at once: a file from another library has several
+        raise RecipeError(
+            f"flat recipe: unknown keys {', '.join(repr(k) + suggest(k, KNOWN) for k in unknown)} (a flat recipe takes "
+            "the Silkie repository's keys: TrainingArguments fields, model_name_or_path, use_lora, lora_*, beta, ...)"
+        )
     for key, value in values.items():
         origin = "" if key in raw else " (the original's default)"
         if key in handlers:
@@ -126,11 +136,6 @@ def translate_flat(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         elif key in TRAINING_KEYS:
             target = f"training.{key}"
             _put(tree, target, value)
-        else:
-            raise RecipeError(
-                f"flat recipe: unknown key '{key}'{suggest(key, KNOWN)} (a flat recipe takes the Silkie "
-                "repository's keys: TrainingArguments fields, model_name_or_path, use_lora, lora_*, beta, ...)"
-            )
         lines.append(f"{key}: {json.dumps(value)}{origin} -> {target}")
     for dotted, value in ORIGINAL_FIXED.items():
         _put(tree, dotted, value)
