@@ -194,6 +194,7 @@ def test_lora_keys_without_use_lora_are_noted_as_full_fine_tuning(tmp_path):
     path.write_text("learning_rate: 1e-5\nlora_r: 8\n")
     assert not load_recipe(path).lora.enabled  # as run_dpo.py: use_lora defaults to false
     _, lines = read_recipe_file(path)
-    assert lines[0] == "NOTE: lora_r set without use_lora: full fine-tuning, as the original; add use_lora: true for LoRA"
+    note = "NOTE: lora_r set without use_lora: full fine-tuning, as the original; add use_lora: true for LoRA"
+    assert lines[0] == note
     path.write_text("learning_rate: 1e-5\nlora_r: 8\nuse_lora: true\n")
     assert not read_recipe_file(path)[1][0].startswith("NOTE")
