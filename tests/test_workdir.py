@@ -329,3 +329,19 @@ def test_settings_that_do_not_change_results_resume_and_take_effect(tmp_path):
     stored = load_recipe(working / "config.yaml")
     assert stored.data.num_proc == 2 and stored.dpo.precompute_ref_batch_size == 2
     assert (working / "checkpoint-3").is_dir() and (working / "metrics.jsonl").is_file()
+
+
+def test_force_on_a_run_of_the_same_recipe_starts_over(tmp_path):
+    """The way out when a checkpoint no longer fits its data (same recipe, other rows): --force moves it aside."""
+    working = tmp_path / "run"
+    working.mkdir()
+    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
+    (working / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    (working / "checkpoint-3").mkdir()
+    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    resumed = run_launcher(working, "--dry-run", "training.max_steps=6")
+    assert resumed.returncode == 0 and "resumes from checkpoint-3" in resumed.stderr
+    forced = run_launcher(working, "--dry-run", "--force", "training.max_steps=6")
+    assert forced.returncode == 0 and "--force: a run of this recipe was there (it starts over)" in forced.stderr
+    assert "moves the old config.yaml, checkpoint-3, metrics.jsonl" in forced.stderr
+    assert "starts from step 0" in forced.stderr

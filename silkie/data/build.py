@@ -151,7 +151,7 @@ def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: 
             video_frames=data.video_max_frames,
             split=split,
         )
-        return dataset.add_column("pair_index", list(range(len(dataset))))
+        return dataset.add_column("pair_index", list(range(len(dataset))), new_fingerprint=f"{dataset._fingerprint}-i")
 
     train = tokenize(train_pairs, "training split")
     evaluation = tokenize(eval_pairs, "held-out split") if eval_pairs else None

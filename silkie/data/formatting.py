@@ -239,9 +239,12 @@ def _tokenize(
             offending[reason].append(prompt_id)
     dropped = Counter(reason for reason in reasons if reason)
     with_video = sum(1 for r, videos in zip(reasons, mapped["videos"]) if r == "too_long" and videos) if dropped else 0
+    # fingerprints named after the cache key, not hashed from this code: checkpoints record them (a resume on the
+    # same data must match after an update of Silkie or datasets rebuilt the cache)
     if dropped:
-        mapped = mapped.filter(lambda batch: [not r for r in batch], input_columns="drop_reason", batched=True)
-    mapped = mapped.remove_columns("drop_reason")
+        mapped = mapped.filter(lambda batch: [not r for r in batch], input_columns="drop_reason", batched=True,
+                               new_fingerprint=f"{fingerprint}-kept")  # fmt: skip
+    mapped = mapped.remove_columns("drop_reason", new_fingerprint=f"{fingerprint}-pairs")
     stats = {"total": len(records), "dropped": dict(dropped), "offending_ids": offending}
     return mapped, {**stats, "too_long_with_video": with_video}
 

@@ -113,6 +113,8 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
         if not diffs or launch_only:  # how the run is launched and fed may change on a resume; its results may not
             if (working / FINISHED_NAME).exists():
                 return WorkdirPlan(working, "finished", _finished_message(working))
+            if force and _holds_training_output(working):  # e.g. the data changed under the same recipe
+                return _forced(working, "a run of this recipe was there (it starts over)", resumable=False)
             ckpt, damaged = resume_plan(working, checksums=False)
             where = f"resumes from {ckpt.name}" if ckpt else "starts (no checkpoint yet)"
             where += "".join(f"; {bad.name} is damaged ({why}) and is moved aside first" for bad, why in damaged)
