@@ -55,3 +55,24 @@ def test_a_saved_dataset_of_conversational_pairs_loads_as_a_preference_source(tm
     loaded = load_preference_file(tmp_path / "pairs")
     assert [row.id for row in loaded.rows] == ["p0", "p1", "p2"] and not loaded.skipped
     assert loaded.rows[0].prompt == "<image>Which colour is the circle?" and loaded.rows[0].chosen == "Red."
+
+
+def test_a_single_image_column_holding_the_picture_is_refused_as_embedded():
+    from PIL import Image
+
+    with pytest.raises(RowError) as caught:
+        normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b", "image": Image.new("RGB", (4, 4))})
+    assert caught.value.reason == "embedded_media" and caught.value.detail.startswith("image holds the picture itself")
+
+
+def test_prepare_tells_a_json_array_of_pairs_from_a_release(tmp_path):
+    import json
+
+    from silkie.tools.prepare import is_preference_file
+
+    rows = [{"prompt": "Q", "chosen": "a", "rejected": "b"}]
+    (tmp_path / "pretty.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "one_line.json").write_text(json.dumps(rows))
+    (tmp_path / "release.jsonl").write_text(json.dumps({"id": "1", "prompt": "Q", "completions": []}) + "\n")
+    assert is_preference_file(tmp_path / "pretty.json") and is_preference_file(tmp_path / "one_line.json")
+    assert not is_preference_file(tmp_path / "release.jsonl")

@@ -8,6 +8,7 @@ import pytest
 
 from silkie.config import DataSection, RecipeError, load_recipe
 from silkie.data.build import build_pairs
+from silkie.errors import InputError
 
 from .data_fixtures import write_jsonl
 from .train_fixtures import DEMO_RECIPE, FAST, asset_overrides, read_metrics, run_in_process
@@ -39,3 +40,16 @@ def test_a_run_evaluates_on_the_eval_path(assets, tmp_path):
     run_in_process(tmp_path / "run", overrides)
     evaluations = [r for r in read_metrics(tmp_path / "run") if "eval_rewards/accuracies" in r]
     assert evaluations and 0.0 <= evaluations[-1]["eval_rewards/accuracies"] <= 1.0
+
+
+def test_a_held_out_file_with_media_needs_data_images_and_a_saved_dataset_gives_its_test_split(tmp_path):
+    import datasets
+
+    train = write_jsonl(tmp_path / "train.jsonl", [pair("t0", "Q?")])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{**pair("e0", "<image>What?"), "image": "a.jpg"}])
+    with pytest.raises(InputError, match=r"data.images is not set, but .*eval.jsonl references images"):
+        build_pairs(DataSection(source="preference", path=str(train), eval_path=str(held_out)))
+    splits = {name: datasets.Dataset.from_list([pair(f"{name}0", f"{name}?")]) for name in ("train", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    section = DataSection(source="preference", path=str(train), eval_path=str(tmp_path / "saved"))
+    assert [p.prompt_id for p in build_pairs(section)[1]] == ["test0"]

@@ -330,16 +330,17 @@ def test_prepare_checks_a_preference_file_as_training_reads_it(tmp_path, capsys)
 
     video = {"id": "p5", "prompt": "<video>\nWhat moves?", "chosen": "red", "rejected": "blue", "videos": ["clip.mkv"]}
     rows = [pair("p1", images=["a.jpg", "b.jpg"], prompt="Compare <image> and <image>."), pair("p2", image="a.jpg"),
-            pair("p3", image="gone.jpg"), pair("p4", image="broken.jpg"), video]  # fmt: skip
+            pair("p3", image="gone.jpg"), pair("p4", image="broken.jpg"), video,
+            pair("p6", images=["a.jpg"] * 9, prompt="Nine pictures.")]  # fmt: skip (p6: over training's 8)
     source = write_jsonl(tmp_path / "pairs.jsonl", rows)
     assert load_script("prepare_vlfeedback").main([str(source), str(media), "--json", str(tmp_path / "r.json")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"preference file: {source}") and "rules: none (ready pairs, one per row)" in printed
     report = json.loads((tmp_path / "r.json").read_text())
     check = report["image_check"]
-    assert (check["referenced"], check["missing"], check["missing_ids"]) == (5, 1, ["p3"])
-    assert check["verified"] == 4 and list(check["unreadable_ids"]) == ["p4"]
+    assert (check["referenced"], check["missing"], check["missing_ids"]) == (6, 1, ["p3"])
+    assert check["verified"] == 5 and list(check["unreadable_ids"]) == ["p4"]
     assert report["pairs"]["pairs_kept"] == 3 and report["pairs"]["rows_dropped"] == {
-        "missing_image": 1, "unreadable_image": 1}  # fmt: skip
+        "missing_image": 1, "unreadable_image": 1, "too_many_images": 1}  # fmt: skip
     refused = load_script("prepare_vlfeedback").main([str(source), str(media), "--convert", str(tmp_path / "out")])
     assert refused == 2 and "already holds pairs; train on it with data.source=preference" in capsys.readouterr().err

@@ -40,7 +40,8 @@ def _load_rows(data: DataSection, key: str = "path") -> Any:
         return load_vlfeedback_hf(getattr(data, key), split=data.split)
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
-    return load_preference_file(path)
+    splits = ("train",) if key == "path" else ("test", "validation", "eval", "train")  # held-out pairs: not train
+    return load_preference_file(path, key=f"data.{key}", splits=splits)
 
 
 def media_limits(data: DataSection) -> MediaLimits:
@@ -68,12 +69,7 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
     if data.max_prompts is not None:  # in place: the loader's skip counts stay in the report
         rows.rows = first_prompts(rows.rows, data.max_prompts)
     if store is None:
-        with_media = next((row for row in rows if row.images or row.videos), None)
-        if with_media is not None:
-            raise InputError(
-                f"data.images is not set, but {data.path} references images or videos (row {with_media.id}: "
-                f"{(with_media.images + with_media.videos)[0]}); set data.images to the zip or folder that holds them"
-            )
+        _check_no_media(rows, data.path)
     if data.source == "preference" and unused_rating_rules(data):
         logger.warning(
             f"data.source preference reads its pairs as given: {', '.join(unused_rating_rules(data))} (rules that "
@@ -85,12 +81,25 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
         )
         return train, evaluation, store, report
-    evaluation, eval_report = _pairs(_load_rows(data, "eval_path"), data, store, data.eval_path)
+    eval_rows = _load_rows(data, "eval_path")
+    if store is None:
+        _check_no_media(eval_rows, data.eval_path)
+    evaluation, eval_report = _pairs(eval_rows, data, store, data.eval_path)
     logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
     shared = {(p.prompt, p.images, p.videos) for p in pairs} & {(p.prompt, p.images, p.videos) for p in evaluation}
     if shared:  # the same question and media on both sides: the held-out score is partly a training score
         logger.warning(f"data.eval_path shares {len(shared)} prompts (question and media) with data.path")
     return pairs, evaluation, store, report
+
+
+def _check_no_media(rows: Any, path: str) -> None:
+    """`InputError` when rows reference images or videos but the recipe names no `data.images` to read them from."""
+    with_media = next((row for row in rows if row.images or row.videos), None)
+    if with_media is not None:
+        raise InputError(
+            f"data.images is not set, but {path} references images or videos (row {with_media.id}: "
+            f"{(with_media.images + with_media.videos)[0]}); set data.images to the zip or folder that holds them"
+        )
 
 
 def _pairs(rows: Any, data: DataSection, store: ImageStore | None, source: str) -> tuple[list, PairReport]:

@@ -187,6 +187,9 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
     single, several = raw.get(one), raw.get(many)
     if single is not None and several is not None:
         raise RowError("wrong_type", f"both {one} and {many} are set; give one of them")
+    if single is not None and (isinstance(single, Mapping) and "bytes" in single or hasattr(single, "getpixel")):
+        raise RowError("embedded_media", f"{one} holds the picture itself (a datasets Image column); write it to a "
+                       "file and give its path, relative to data.images")  # fmt: skip
     if single is not None:
         if not isinstance(single, str):
             raise RowError("wrong_type", f"{one} is {type(single).__name__}")
@@ -326,7 +329,9 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
     return collect_rows(source, iter(dataset), normalize_feedback_row)
 
 
-def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceRow]:
+def load_preference_file(
+    path: str | os.PathLike[str], key: str = "data.path", splits: tuple[str, ...] = ("train",)
+) -> LoadedRows[PreferenceRow]:
     """Load a generic preference file (.jsonl, .json, .parquet, or a `save_to_disk` folder) with prompt/chosen/rejected
     [/image(s)/video(s)/id], plain or in TRL's conversational format."""
     path = Path(path)
@@ -335,9 +340,10 @@ def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceR
 
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
-            if "train" not in dataset:
-                raise InputError(f"data.path: saved dataset {path} has no train split (has {list(dataset)})")
-            dataset = dataset["train"]
+            split = next((name for name in splits if name in dataset), None)
+            if split is None:
+                raise InputError(f"{key}: saved dataset {path} has none of the splits {splits} (has {list(dataset)})")
+            dataset = dataset[split]
         return collect_rows(str(path), iter(dataset), normalize_preference_row)
     if not path.is_file():
         raise MissingInputError(f"preference file not found: {path}")
@@ -349,5 +355,5 @@ def load_preference_file(path: str | os.PathLike[str]) -> LoadedRows[PreferenceR
     elif suffix == ".json":
         records = _json_records(path)
     else:
-        raise InputError(f"data.path: a preference file must be .jsonl, .json or .parquet, got {path.name}")
+        raise InputError(f"{key}: a preference file is .jsonl, .json, .parquet or a saved dataset, not {path.name}")
     return collect_rows(str(path), records, normalize_preference_row)

@@ -153,7 +153,11 @@ def is_preference_file(path: str | Path) -> bool:
     with path.open("rb") as handle:
         first = next((line for line in handle if line.strip()), b"").strip()
     try:
-        row = json.loads(first.lstrip(b"[").rstrip(b",]") or b"null")
+        if first.startswith(b"["):  # a JSON array (one line or pretty-printed): its first element
+            rows = json.loads(path.read_bytes())
+            row = rows[0] if isinstance(rows, list) and rows else None
+        else:
+            row = json.loads(first)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(row, dict) and {"chosen", "rejected"} <= set(row) and "completions" not in row
@@ -190,13 +194,22 @@ def build_release_pairs(loaded: LoadedRows, store: Any, rules: PairRules, unread
     return pairs, report
 
 
+def _training_limits() -> Any:
+    """The most images / videos per pair a recipe that leaves them unset trains with (`data.max_*_per_pair`)."""
+    from silkie.config import DataSection
+    from silkie.data.pairs import MediaLimits
+
+    defaults = DataSection(path="-")
+    return MediaLimits(max_images=defaults.max_images_per_pair, max_videos=defaults.max_videos_per_pair)
+
+
 def preference_pairs(loaded: LoadedRows, store: Any, unreadable: set[str]) -> tuple[list, Any]:
     """A preference file's pairs as training reads them; rows with unreadable media count as dropped."""
     from silkie.data.pairs import pairs_from_preference_rows
 
     try:
         pairs, report = pairs_from_preference_rows(_without_rows(loaded, unreadable), image_store=store,
-                                                   source=loaded.name)  # fmt: skip
+                                                   source=loaded.name, limits=_training_limits())  # fmt: skip
     except ValueError as err:
         raise ToolError(str(err)) from err
     for row_id in sorted(unreadable):

@@ -61,15 +61,21 @@ def deepspeed_config(section: DeepSpeedSection) -> dict[str, Any] | str | None:
     }
 
 
+def unset_learning_rate_note(recipe: Recipe) -> str | None:
+    """The warning for a recipe that leaves out `training.learning_rate`, the default that surprises TRL users
+    most (None when it is set)."""
+    if "learning_rate" in recipe.training:
+        return None
+    return (
+        "training.learning_rate is not set: transformers' default 5e-5 is used (TRL's DPOConfig default is 1e-6, the "
+        "Silkie paper's LoRA run 1e-5)"
+    )
+
+
 def training_arguments(recipe: Recipe, output_dir: str | Path, bf16: bool) -> TrainingArguments:
     """Merge defaults, the recipe's `training:` keys and what the run needs into TrainingArguments."""
     values: dict[str, Any] = dict(DEFAULTS)
     values.update(recipe.training)
-    if "learning_rate" not in values:  # the one default that surprises TRL users most
-        logger.warning(
-            "training.learning_rate is not set: transformers' default 5e-5 is used (TRL's DPOConfig default is 1e-6, "
-            "the Silkie paper's LoRA run 1e-5)"
-        )
     if "warmup_ratio" in values:  # the name users know; transformers 5 takes a ratio in warmup_steps
         values["warmup_steps"] = values.pop("warmup_ratio")
     if "gradient_checkpointing" in values:  # the name users know; transformers 5 calls it activation checkpointing

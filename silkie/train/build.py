@@ -73,7 +73,7 @@ def build_trainer(
     from silkie.logs import on_terminal, quiet_libraries
     from silkie.models.loading import load_tokenizer, local_checkpoint, resolve_dtype
 
-    from .arguments import training_arguments
+    from .arguments import training_arguments, unset_learning_rate_note
 
     preemption = PreemptionCallback() if bookkeeping else None  # from the start: a signal while loading stops early
     if bookkeeping:
@@ -81,6 +81,9 @@ def build_trainer(
     working = Path(working)
     working.mkdir(parents=True, exist_ok=True)
     if bookkeeping and is_main_process():
+        note = unset_learning_rate_note(recipe)
+        if note:
+            logger.warning(note)
         for path in remove_staging(working):
             say(f"removed half-written {path.name} from an interrupted run")
         if not (working / CONFIG_NAME).exists():

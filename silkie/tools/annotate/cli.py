@@ -162,7 +162,10 @@ def _stage(args: argparse.Namespace) -> Any:
                 result = judge_answers(config, make_judge(config, args.device), instructions, out, args.retry_failed,
                                        progress)  # fmt: skip
             except BaseException:  # a stopped run: the release still holds every rating written so far
-                write_release(instructions, out)
+                try:
+                    write_release(instructions, out)
+                except Exception as err:  # (a full disk, say): the reason the run stopped is the one to raise
+                    log.warning("release not rewritten after the stop: %s", err)
                 raise
         result["summary"] = write_release(instructions, out)
         log.info("release: %s", result["summary"]["release"]["jsonl"])
