@@ -49,7 +49,8 @@ def test_kill_and_resume_continues_same_run(assets, tmp_path):
     assert f"resuming from {first.name}" in resumed.stdout
     state = json.loads((working / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["global_step"] == 12
-    assert json.loads((working / "checkpoint-12" / "silkie_run.json").read_text()) == {"world_size": 1}
+    layout = json.loads((working / "checkpoint-12" / "silkie_run.json").read_text())
+    assert layout["world_size"] == 1 and layout["data"]["train_pairs"] > 0 and layout["data"]["eval"] is None
     losses_straight = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r}
     losses_resumed = {r["step"]: r["loss"] for r in read_metrics(working) if "loss" in r}
     resume_step = int(first.name.split("-")[1])
@@ -277,7 +278,8 @@ def test_ctrl_c_during_a_mid_run_evaluation_saves_that_step_at_once(assets, tmp_
     assert max(record["step"] for record in records) == 2
     assert "stop signal during evaluation: saving this step's checkpoint" in capsys.readouterr().out
     layout = json.loads((working / "checkpoint-2" / "silkie_run.json").read_text())
-    assert layout == {"world_size": 1, "evaluation_pending": True}
+    assert (layout["world_size"], layout["evaluation_pending"]) == (1, True) and set(layout) == {
+        "world_size", "evaluation_pending", "data"}  # fmt: skip
     # the resume runs the cut-short evaluation of step 2 first, then trains on (its metrics are not missing)
     resumed = run_in_process(working, overrides + ["training.save_steps=100", "training.save_strategy=best"])
     assert resumed["step"] == 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from silkie.train import latest_checkpoint
-from silkie.train.trainer import NonFiniteLossError
+from silkie.train.trainer import NonFiniteLossError, ResumeError
 
 from .train_fixtures import (
     FAST,
@@ -164,9 +165,12 @@ def test_precomputed_reference_matches_and_is_reused_or_rebuilt(assets, tmp_path
     assert "resuming from checkpoint-4" in out and "reference log-probs (train): reusing" in out
 
     (cached / "FINISHED").unlink()
-    run_in_process(
-        cached, [*base[:-1], "data.max_prompts=48", "training.max_steps=8", "dpo.precompute_ref_log_probs=true"]
-    )
+    other_data = [*base[:-1], "data.max_prompts=48", "training.max_steps=8", "dpo.precompute_ref_log_probs=true"]
+    with pytest.raises(ResumeError, match="checkpoint-6 was trained on other data"):
+        run_in_process(cached, other_data)  # its checkpoints no longer fit
+    for checkpoint in cached.glob("checkpoint-*"):  # as --force moves them aside (the reference cache stays)
+        shutil.rmtree(checkpoint)
+    run_in_process(cached, other_data)
     assert "computing" in capsys.readouterr().out  # other data: the stale cache is rebuilt, not reused
 
 

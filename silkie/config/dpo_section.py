@@ -147,7 +147,8 @@ class DPOSection:
             self.discopop_tau,
             self.use_weighting,
         )
-        if problem is not None and problem.value in OTHER_LOSSES:  # another library's loss: what to use instead
+        other = problem is not None and isinstance(problem.value, str) and problem.value in OTHER_LOSSES
+        if other:  # another library's loss: what to use instead
             raise RecipeError(f"recipe: dpo.loss_type = {problem.value!r}: {OTHER_LOSSES[problem.value]}")
         if problem is not None and problem.choices:
             choice(f"dpo.{problem.key}", problem.value, problem.choices)

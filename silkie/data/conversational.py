@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from silkie.data.sources import RowError
+from silkie.data.row_error import RowError
 
 MARKERS = {"image": "<image>", "video": "<video>"}
 

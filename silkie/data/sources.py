@@ -17,21 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from silkie.data.conversational import plain_row
 from silkie.data.images import image_key
+from silkie.data.row_error import RowError
 from silkie.errors import InputError, MissingInputError
 
 ASPECTS = ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")
 MAX_EXAMPLE_IDS = 5
 MAX_DETAIL = 120  # characters of a drop reason's first case in the one-line summary
-
-
-class RowError(ValueError):
-    """A row that cannot be normalized; `reason` is the counter key."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -213,8 +206,6 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
 def normalize_preference_row(raw: Any) -> PreferenceRow:
     """One raw generic preference row (plain, or TRL's conversational format) -> `PreferenceRow`; raises `RowError`
     with a reason."""
-    from silkie.data.conversational import plain_row
-
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
     raw = plain_row(raw)
