@@ -36,6 +36,17 @@ def reply(ratings: list[int]) -> str:
     return json.dumps({"ratings": entries})
 
 
+def failing_judge(message: str):
+    """(the calls made, a judge whose every request fails with `message`)."""
+    calls = []
+
+    def judge(prompt, image, texts):
+        calls.append(1)
+        raise ConnectionError(message)
+
+    return calls, judge
+
+
 def ratings_file(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, (out / "ratings.jsonl").read_text().splitlines())}
 
@@ -173,12 +184,7 @@ def test_ctrl_c_keeps_the_replies_in_flight(endpoint, tmp_path):
 
 def test_the_stop_after_failed_requests_spares_the_rest(tmp_path):
     out, instructions = folder(tmp_path, {f"q{i:02d}": ["a", "b"] for i in range(30)})
-    calls = []
-
-    def refusing(prompt, image, texts):
-        calls.append(1)
-        raise ConnectionError("400 Bad Request: unsupported parameter max_tokens")
-
+    calls, refusing = failing_judge("400 Bad Request: unsupported parameter max_tokens")
     config = JudgeConfig(kind="python", function="x:y", max_retries=0, backoff_seconds=0)
     with pytest.raises(ToolError, match=r"the last 8 instructions all failed .*unsupported parameter max_tokens"):
         judge_answers(config, refusing, instructions, out, progress=False)
@@ -222,12 +228,7 @@ def test_ctrl_c_does_not_wait_out_a_backoff(tmp_path):
     import signal
 
     out, instructions = folder(tmp_path, {f"q{i}": ["a", "b"] for i in range(3)})
-    calls = []
-
-    def flaky(prompt, image, texts):
-        calls.append(1)
-        raise ConnectionError("503 Service Unavailable")
-
+    calls, flaky = failing_judge("503 Service Unavailable")
     config = JudgeConfig(kind="python", function="x:y", max_retries=3, backoff_seconds=30)
     threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
     started = time.monotonic()

@@ -309,17 +309,23 @@ def test_torchrun_lines_the_launcher_says_better_are_dropped(tmp_path):
     assert not kept(failed, 2, 0, 123, "python")
 
 
-def test_settings_that_do_not_change_results_resume_and_take_effect(tmp_path):
-    """Tokenizing processes, DataLoader workers, the reference pass's batch: a resume takes them (no --force, which
-    would start over), and config.yaml, which training reads, gets them."""
-    from silkie.launch.workdir import inspect_workdir, prepare_workdir
-
+def run_with_a_checkpoint(tmp_path):
+    """A run folder of the demo recipe (6 steps) stopped after checkpoint-3."""
     working = tmp_path / "run"
     working.mkdir()
     save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
     (working / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
     (working / "checkpoint-3").mkdir()
     (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    return working
+
+
+def test_settings_that_do_not_change_results_resume_and_take_effect(tmp_path):
+    """Tokenizing processes, DataLoader workers, the reference pass's batch: a resume takes them (no --force, which
+    would start over), and config.yaml, which training reads, gets them."""
+    from silkie.launch.workdir import inspect_workdir, prepare_workdir
+
+    working = run_with_a_checkpoint(tmp_path)
     changed = ["data.num_proc=2", "training.dataloader_num_workers=1", "dpo.precompute_ref_batch_size=2"]
     recipe = load_recipe(DEMO_RECIPE, ["training.max_steps=6", *changed])
     plan = inspect_workdir(working, recipe)
@@ -333,12 +339,7 @@ def test_settings_that_do_not_change_results_resume_and_take_effect(tmp_path):
 
 def test_force_on_a_run_of_the_same_recipe_starts_over(tmp_path):
     """The way out when a checkpoint no longer fits its data (same recipe, other rows): --force moves it aside."""
-    working = tmp_path / "run"
-    working.mkdir()
-    save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
-    (working / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
-    (working / "checkpoint-3").mkdir()
-    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    working = run_with_a_checkpoint(tmp_path)
     resumed = run_launcher(working, "--dry-run", "training.max_steps=6")
     assert resumed.returncode == 0 and "resumes from checkpoint-3" in resumed.stderr
     forced = run_launcher(working, "--dry-run", "--force", "training.max_steps=6")

@@ -141,29 +141,29 @@ class DataSection:
     aspect_weights: dict[str, float] | None = key(
         None,
         "Weights of the annotation aspects in a completion's score; null = all aspects equally.",
-        "data.build:_pairs",
+        "data.build:pairs_for",
     )
     rating_rules: str = key(
         "checked",
         "How ratings become pairs: `checked` (every weighted aspect rated 1-5; empty or identical answers dropped) "
         "or `original` (as the Silkie repository: the mean of the aspects a completion has, out-of-range ratings and "
         "empty or identical answers kept; equal weights).",
-        "data.build:_pairs",
+        "data.build:pairs_for",
     )
     min_margin: float = key(
         0.0,
         "Smallest score difference for a (chosen, rejected) pair; ties and closer pairs are dropped.",
-        "data.build:_pairs",
+        "data.build:pairs_for",
     )
     max_pairs_per_prompt: int | None = key(
         None,
         "At most this many pairs per prompt; null = all pairs.",
-        "data.build:_pairs",
+        "data.build:pairs_for",
     )
     cap_strategy: str = key(
         "margin",
         "Which pairs the cap keeps: `margin` (largest margins first) or `random`.",
-        "data.build:_pairs",
+        "data.build:pairs_for",
     )
     max_prompts: int | None = key(
         None,

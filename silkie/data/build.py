@@ -75,7 +75,7 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             f"data.source preference reads its pairs as given: {', '.join(unused_rating_rules(data))} (rules that "
             "build pairs from ratings, for vlfeedback and hf) are ignored"
         )
-    pairs, report = _pairs(rows, data, store, data.path)
+    pairs, report = pairs_for(rows, data, store, data.path)
     if data.eval_path is None:
         train, evaluation = split_by_prompt(
             pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
@@ -84,7 +84,7 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
     eval_rows = _load_rows(data, "eval_path")
     if store is None:
         _check_no_media(eval_rows, data.eval_path)
-    evaluation, eval_report = _pairs(eval_rows, data, store, data.eval_path)
+    evaluation, eval_report = pairs_for(eval_rows, data, store, data.eval_path)
     logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
     shared = {(p.prompt, p.images, p.videos) for p in pairs} & {(p.prompt, p.images, p.videos) for p in evaluation}
     if shared:  # the same question and media on both sides: the held-out score is partly a training score
@@ -102,8 +102,8 @@ def _check_no_media(rows: Any, path: str) -> None:
         )
 
 
-def _pairs(rows: Any, data: DataSection, store: ImageStore | None, source: str) -> tuple[list, PairReport]:
-    """The rows' pairs under the recipe's rules (a preference file's as given)."""
+def pairs_for(rows: Any, data: DataSection, store: ImageStore | None, source: str) -> tuple[list, PairReport]:
+    """The rows' pairs under the recipe's rules (a preference file's as given); `silkie prepare` reports these."""
     if data.source == "preference":
         return pairs_from_preference_rows(rows, image_store=store, source=source, limits=media_limits(data))
     return build_vlfeedback_pairs(

@@ -170,46 +170,18 @@ def _without_rows(loaded: LoadedRows, drop: set[str]) -> LoadedRows:
     )
 
 
-def build_release_pairs(loaded: LoadedRows, store: Any, rules: PairRules, unreadable: set[str]) -> tuple[list, Any]:
-    """Pairs as a recipe with these rules would build them; rows with unreadable images count as dropped."""
-    from silkie.data.pairs import build_vlfeedback_pairs
-
-    try:
-        pairs, report = build_vlfeedback_pairs(
-            _without_rows(loaded, unreadable),
-            aspect_weights=rules.aspect_weights,
-            min_margin=rules.min_margin,
-            max_pairs_per_prompt=rules.max_pairs_per_prompt,
-            cap_strategy=rules.cap_strategy,
-            seed=rules.seed,
-            image_store=store,
-            source=loaded.name,
-            rating_rules=rules.rating_rules,
-        )
-    except ValueError as err:
-        raise ToolError(str(err)) from err
-    for row_id in sorted(unreadable):
-        report.rows_seen += 1
-        report.drop_row("unreadable_image", row_id)
-    return pairs, report
-
-
-def _training_limits() -> Any:
-    """The most images / videos per pair a recipe that leaves them unset trains with (`data.max_*_per_pair`)."""
+def rule_pairs(loaded: LoadedRows, store: Any, rules: PairRules, unreadable: set[str], preference: bool) -> tuple:
+    """The pairs training would build from these rows (`data.build.pairs_for`, the rules of a recipe with these
+    keys, the media limits a recipe leaves at their defaults); rows with unreadable media count as dropped."""
     from silkie.config import DataSection
-    from silkie.data.pairs import MediaLimits
+    from silkie.data.build import pairs_for
 
-    defaults = DataSection(path="-")
-    return MediaLimits(max_images=defaults.max_images_per_pair, max_videos=defaults.max_videos_per_pair)
-
-
-def preference_pairs(loaded: LoadedRows, store: Any, unreadable: set[str]) -> tuple[list, Any]:
-    """A preference file's pairs as training reads them; rows with unreadable media count as dropped."""
-    from silkie.data.pairs import pairs_from_preference_rows
-
+    section = DataSection(source="preference" if preference else "vlfeedback", path=loaded.name,
+                          aspect_weights=rules.aspect_weights, min_margin=rules.min_margin,
+                          max_pairs_per_prompt=rules.max_pairs_per_prompt, cap_strategy=rules.cap_strategy,
+                          seed=rules.seed, rating_rules=rules.rating_rules)  # fmt: skip
     try:
-        pairs, report = pairs_from_preference_rows(_without_rows(loaded, unreadable), image_store=store,
-                                                   source=loaded.name, limits=_training_limits())  # fmt: skip
+        pairs, report = pairs_for(_without_rows(loaded, unreadable), section, store, loaded.name)
     except ValueError as err:
         raise ToolError(str(err)) from err
     for row_id in sorted(unreadable):
@@ -238,11 +210,9 @@ def check_release(
         raise ToolError(str(err)) from err
     id_counts = Counter(row.id for row in loaded.rows)
     image_check = check_images(loaded.rows, store, verify_images, sample_images, rules.seed)
-    if preference:  # ready pairs (`data.source: preference`): one per row, the rating rules do not apply
-        pairs, pair_report = preference_pairs(loaded, store, set(image_check.unreadable_ids))
-        id_counts = Counter()  # rows sharing an id are pairs of one prompt there, not duplicates
-    else:
-        pairs, pair_report = build_release_pairs(loaded, store, rules, set(image_check.unreadable_ids))
+    pairs, pair_report = rule_pairs(loaded, store, rules, set(image_check.unreadable_ids), preference)
+    if preference:  # ready pairs, one per row: rows sharing an id are pairs of one prompt there, not duplicates
+        id_counts = Counter()
     report = ReleaseReport(
         jsonl=str(jsonl),
         images=str(images),
