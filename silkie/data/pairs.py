@@ -315,14 +315,11 @@ def build_vlfeedback_pairs(
     limits: MediaLimits = MediaLimits(),
     rating_rules: RatingRules = "checked",
 ) -> tuple[list[PreferencePair], PairReport]:
-    """Silkie pairs: every 2-combination of a row's answers, chosen = higher (weighted) mean rating.
-
-    `rows` are `FeedbackRow`s (e.g. a loader's `LoadedRows`, whose skipped rows enter the report)
-    or raw VLFeedback dicts. With `image_store`, rows whose image is absent are dropped
-    (`missing_image`). `rating_rules`: `checked` needs every weighted aspect rated 1-5 and drops empty or
-    identical answers; `original` scores as the Silkie repository (`score_present_aspects`, equal weights).
-    Raises `ValueError` naming the source when no pair survives.
-    """
+    """Silkie pairs: every 2-combination of a row's answers, chosen = higher (weighted) mean rating. `rows` are
+    `FeedbackRow`s (a loader's `LoadedRows`: its skipped rows enter the report) or raw VLFeedback dicts; with
+    `image_store`, rows whose image is absent are dropped (`missing_image`). `rating_rules`: `checked` needs every
+    weighted aspect rated 1-5 and drops empty or identical answers; `original` scores as the Silkie repository
+    (`score_present_aspects`). Raises `ValueError` naming the source when no pair survives."""
     if rating_rules not in ("checked", "original"):
         raise ValueError(f"rating_rules must be 'checked' or 'original', got {rating_rules!r}")
     if rating_rules == "original" and aspect_weights is not None:
