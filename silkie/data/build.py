@@ -70,10 +70,11 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
         rows.rows = first_prompts(rows.rows, data.max_prompts)
     if store is None:
         _check_no_media(rows, data.path)
-    if data.source == "preference" and unused_rating_rules(data):
+    ignored = unused_rating_rules(data) if data.source == "preference" else []
+    if ignored:
         logger.warning(
-            f"data.source preference reads its pairs as given: {', '.join(unused_rating_rules(data))} (rules that "
-            "build pairs from ratings, for vlfeedback and hf) are ignored"
+            f"data.source preference reads its pairs as given: {', '.join(ignored)} (rules that build pairs from "
+            "ratings, for vlfeedback and hf) are ignored"
         )
     pairs, report = pairs_for(rows, data, store, data.path)
     if data.eval_path is None:

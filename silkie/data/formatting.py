@@ -78,6 +78,12 @@ def as_codec(tokenizer: Any) -> PairCodec:
     return QwenVLCodec(tokenizer)
 
 
+def _media_tokens(codec: Any, images: Sequence[str], videos: Sequence[str], video_frames: int) -> int:
+    """The most tokens a pair's images and videos add to their markers when the collator expands them."""
+    tokens = len(images) * codec.image_token_budget
+    return tokens + len(videos) * codec.video_token_budget(video_frames) if videos else tokens
+
+
 def encode_pair(
     prompt: str,
     images: str | Sequence[str] | None,
@@ -111,10 +117,7 @@ def encode_pair(
             continue
         if prompt_ids.count(marker) != count or marker in chosen_ids or marker in rejected_ids:
             return None, "image_tag_in_text"
-    media_tokens = len(images) * codec.image_token_budget
-    if videos:
-        media_tokens += len(videos) * codec.video_token_budget(video_frames)
-    prompt_length = len(prompt_ids) + media_tokens
+    prompt_length = len(prompt_ids) + _media_tokens(codec, images, videos, video_frames)
     if max_length is not None and prompt_length + max(len(chosen_ids), len(rejected_ids)) > max_length:
         if truncation == "drop":
             return None, "too_long"
@@ -318,9 +321,7 @@ def _first_length(records: Sequence[Mapping[str, Any]], tokenizer: Any, video_fr
                               max_length=None, videos=first["videos"], video_frames=video_frames)  # fmt: skip
     if ids is None:
         return ""
-    codec = as_codec(tokenizer)
-    media = len(first["images"]) * codec.image_token_budget
-    media += len(first["videos"]) * codec.video_token_budget(video_frames) if first["videos"] else 0
     answer = max(len(ids["chosen_input_ids"]), len(ids["rejected_input_ids"]))
-    prompt = len(ids["prompt_input_ids"]) + media
+    prompt = len(ids["prompt_input_ids"]) + _media_tokens(as_codec(tokenizer), first["images"], first["videos"],
+                                                          video_frames)  # fmt: skip
     return f"; the first pair needs {prompt + answer} tokens: prompt {prompt} (media included) + longer answer {answer}"

@@ -175,12 +175,17 @@ def _optional_score(raw: Mapping[str, Any], key: str) -> float | None:
         raise RowError("wrong_type", f"{key}={value!r} is not a number") from exc
 
 
+def _embedded(value: Any) -> bool:
+    """Whether a media field holds the picture itself (a `datasets` Image: `{bytes, path}`, or a decoded PIL image)."""
+    return isinstance(value, Mapping) and "bytes" in value or hasattr(value, "getpixel")
+
+
 def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
     """The row's `one` (a key) or `many` (a list of keys, order kept) field as a tuple; empty keys are absent."""
     single, several = raw.get(one), raw.get(many)
     if single is not None and several is not None:
         raise RowError("wrong_type", f"both {one} and {many} are set; give one of them")
-    if single is not None and (isinstance(single, Mapping) and "bytes" in single or hasattr(single, "getpixel")):
+    if _embedded(single):
         raise RowError("embedded_media", f"{one} holds the picture itself (a datasets Image column); write it to a "
                        "file and give its path, relative to data.images")  # fmt: skip
     if single is not None:
@@ -189,8 +194,7 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
         return (single,) if single else ()
     if several is None:
         return ()
-    if isinstance(several, list) and any(isinstance(item, Mapping) and "bytes" in item or hasattr(item, "getpixel")
-                                         for item in several):  # fmt: skip
+    if isinstance(several, list) and any(_embedded(item) for item in several):
         raise RowError(
             "embedded_media",
             f"{many} hold the pictures themselves (a datasets Image column); write them to files and give their "
@@ -291,7 +295,8 @@ def load_vlfeedback_jsonl(path: str | os.PathLike[str]) -> LoadedRows[FeedbackRo
     return collect_rows(str(path), _jsonl_records(path), normalize_feedback_row)
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder `datasets.Dataset(Dict).save_to_disk` wrote."""
     return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
 
 
@@ -301,7 +306,7 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
 
     source = str(name_or_dir)
     path = Path(source)
-    if _is_saved_dataset(path):
+    if is_saved_dataset(path):
         dataset = datasets.load_from_disk(source)
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
@@ -326,7 +331,7 @@ def load_preference_file(
     """Load a generic preference file (.jsonl, .json, .parquet, or a `save_to_disk` folder) with prompt/chosen/rejected
     [/image(s)/video(s)/id], plain or in TRL's conversational format."""
     path = Path(path)
-    if _is_saved_dataset(path):  # a `datasets` save_to_disk folder of pairs
+    if is_saved_dataset(path):  # a `datasets` save_to_disk folder of pairs
         import datasets
 
         dataset = datasets.load_from_disk(str(path))

@@ -82,8 +82,8 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
     from silkie.models.family import get_family
     from silkie.models.qwen_vl.family import QwenVLCodec
 
+    model_dir = require_model_dir(model_dir)  # once: a hub id's snapshot is looked up here, not again below
     family = family_of(model_dir)
-    model_dir = require_model_dir(model_dir)
     for folder in (Path(f) for f in folders if f is not None and (Path(f) / "adapter_config.json").is_file()):
         trained = trained_family(folder)
         if trained is not None and trained != family:
@@ -109,8 +109,8 @@ def load_model(
     A folder that cannot be loaded (bad config, missing or corrupt weights, an adapter of another model) is a
     `ToolError` naming it.
     """
+    model_dir = require_model_dir(model_dir)  # once: a hub id's snapshot is looked up here, not again below
     family = family_of(model_dir)
-    model_dir = require_model_dir(model_dir)
     try:
         model = _load_base(family, model_dir, dtype)
     except ToolError:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silkie.data.sources import ASPECTS, MAX_EXAMPLE_IDS, LoadedRows
+from silkie.data.sources import ASPECTS, MAX_EXAMPLE_IDS, LoadedRows, is_saved_dataset
 from silkie.tools.cli import ToolError
 
 PARQUET_NAME = "vlfeedback_pairs.parquet"
@@ -118,11 +118,10 @@ def check_images(rows: list, store: Any, verify_all: bool, sample: int, seed: in
     check = ImageCheck()
     present = []
     for row in rows:
-        videos = getattr(row, "videos", ())
-        if not (row.images or videos):
+        if not (row.images or row.videos):
             continue
         check.referenced += 1
-        if all(store.exists(key) for key in (*row.images, *videos)):
+        if all(store.exists(key) for key in (*row.images, *row.videos)):
             present.append(row)
         else:
             check.missing += 1
@@ -134,7 +133,7 @@ def check_images(rows: list, store: Any, verify_all: bool, sample: int, seed: in
         try:
             for key in row.images:
                 store.open(key).close()
-            for key in getattr(row, "videos", ()):
+            for key in row.videos:
                 decode_video(key, store.read_bytes(key), VideoSampling())
         except ImageLoadError as err:
             check.unreadable += 1
@@ -146,7 +145,7 @@ def is_preference_file(path: str | Path) -> bool:
     """Whether `path` holds ready pairs (`chosen`/`rejected` rows: a parquet, or a JSON(L) file whose first row
     has them and no `completions`) rather than a VLFeedback release."""
     path = Path(path)
-    if path.suffix.lower() == ".parquet" or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+    if path.suffix.lower() == ".parquet" or is_saved_dataset(path):
         return True  # a parquet or a `datasets` folder: the VLFeedback release is a jsonl
     if not path.is_file():
         return False

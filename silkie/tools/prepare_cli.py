@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         PairRules,
         check_release,
         format_report,
+        is_preference_file,
         parse_aspect_weights,
         strict_failure,
         write_preference_parquet,
@@ -85,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         rating_rules=args.rating_rules,
     )
+    if args.convert and is_preference_file(args.jsonl):  # before its media are checked: a mistake, said at once
+        raise ToolError(f"--convert: {args.jsonl} already holds pairs; train on it with data.source=preference")
     report, pairs = check_release(
         args.jsonl, args.images, rules, verify_images=args.verify_images, sample_images=args.sample_images
     )
-    if args.convert and report.kind == "preference":
-        raise ToolError(f"--convert: {args.jsonl} already holds pairs; train on it with data.source=preference")
     if args.convert:
         report.converted = str(write_preference_parquet(pairs, Path(args.convert) / PARQUET_NAME))
     print(format_report(report))
