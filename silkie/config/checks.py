@@ -138,6 +138,12 @@ def describe(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def changed_from_default(section: Any, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that a recipe section sets away from the schema's default (to say they go unused)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(section)}
+    return [name for name in names if getattr(section, name) != defaults[name]]
+
+
 def key(default: Any = None, help: str = "", read_by: str = "", factory: Any = None) -> Any:
     """A recipe key: its default, its one-line help (the recipe reference) and the functions that read it
     (`module:qualname` under `silkie.`, space-separated)."""

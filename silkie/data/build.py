@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from silkie.config import DataSection
+from silkie.config.checks import changed_from_default
 from silkie.data.images import ImageStore, open_image_store
 from silkie.data.pairs import MediaLimits, PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
@@ -137,8 +138,7 @@ def check_video_decoder(pairs: list) -> None:
 def unused_rating_rules(data: DataSection) -> list[str]:
     """The recipe's pair-building rules set away from their defaults (`data.min_margin = 1.0`, ...): they act on
     rated completions, so a preference file's ready pairs never meet them."""
-    defaults = {f.name: f.default for f in fields(DataSection)}
-    return [f"data.{name} = {getattr(data, name)!r}" for name in RATING_RULES if getattr(data, name) != defaults[name]]
+    return [f"data.{name} = {getattr(data, name)!r}" for name in changed_from_default(data, RATING_RULES)]
 
 
 def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: str | Path) -> PreparedData:

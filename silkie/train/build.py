@@ -187,18 +187,16 @@ def video_sampling(data: Any, model_config: Any) -> Any:
 def unused_vision_settings(recipe: Recipe, vision_loss: bool) -> list[str]:
     """The vision-objective keys a recipe set away from their defaults where nothing reads them (`dpo.mdpo_*`
     without the mdpo loss; `data.image_corruption` without a vision loss or the image diagnostics)."""
-    from silkie.config import DataSection, DPOSection
+    from silkie.config.checks import changed_from_default
     from silkie.config.objective import loss_types_of
 
-    dpo_defaults = {field.name: field.default for field in dataclasses.fields(DPOSection)}
     unused = []
     if "mdpo" not in loss_types_of(recipe.dpo.loss_type):
         names = ("mdpo_conditional_weight", "mdpo_anchor_weight", "mdpo_anchor_delta")
-        unused += [f"dpo.{n} = {getattr(recipe.dpo, n)}" for n in names if getattr(recipe.dpo, n) != dpo_defaults[n]]
-    corruption_default = next(f.default for f in dataclasses.fields(DataSection) if f.name == "image_corruption")
-    if not (vision_loss or recipe.dpo.image_diagnostics) and recipe.data.image_corruption != corruption_default:
-        unused.append(f"data.image_corruption = {recipe.data.image_corruption}")
-    return unused
+        unused += [("dpo", name) for name in changed_from_default(recipe.dpo, names)]
+    if not (vision_loss or recipe.dpo.image_diagnostics):
+        unused += [("data", name) for name in changed_from_default(recipe.data, ("image_corruption",))]
+    return [f"{section}.{name} = {getattr(getattr(recipe, section), name)}" for section, name in unused]
 
 
 def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption) -> Any:
