@@ -38,7 +38,7 @@ def test_the_implicit_prompt_is_the_turns_both_conversations_share():
      ({"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "a", "rejected": "b"}, "wrong_type",
       "prompt: a part {'type': 'audio'}"),
      ({"prompt": "Q", "chosen": "a", "rejected": "b", "images": [{"bytes": b"\xff\xd8", "path": None}]},
-      "embedded_media", "images hold the pictures themselves (a datasets Image column)")],
+      "embedded_media", "images[0] holds the picture itself (a datasets Image column), and this reader has no folder")],
 )  # fmt: skip
 def test_what_a_row_cannot_hold_is_refused_with_its_reason(raw, reason, detail):
     with pytest.raises(RowError) as caught:
@@ -57,7 +57,7 @@ def test_a_saved_dataset_of_conversational_pairs_loads_as_a_preference_source(tm
     assert loaded.rows[0].prompt == "<image>Which colour is the circle?" and loaded.rows[0].chosen == "Red."
 
 
-def test_a_single_image_column_holding_the_picture_is_refused_as_embedded():
+def test_a_picture_held_in_the_row_is_refused_where_no_folder_takes_it():
     from PIL import Image
 
     with pytest.raises(RowError) as caught:

@@ -1,5 +1,6 @@
-"""Training on a preference file with videos and several images (Qwen2-VL families): the loss goes down, the cached
-reference holds every pair (its corrupted videos too), and `silkie evaluate` scores the run as the trainer did."""
+"""Training on a preference file with videos and several images (Qwen2-VL families; files under data.images, or held
+in the rows): the loss goes down, the cached reference holds every pair (its corrupted videos too), and `silkie
+evaluate` scores the run as the trainer did."""
 
 from __future__ import annotations
 
@@ -46,22 +47,39 @@ def write_video_pairs(root: Path, n: int = 48) -> Path:
     return path
 
 
+def held_in_rows(jsonl: Path, media: Path) -> Path:
+    """The same pairs as a parquet whose rows hold their pictures and clips (`{bytes, path}`, as a `datasets` Image
+    column stores them), the layout of TRL's hub datasets."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    for row in rows:
+        for name in ("images", "videos"):  # every row has both keys: pyarrow takes the columns from the first row
+            row[name] = [{"bytes": (media / key).read_bytes(), "path": None} for key in row.get(name, [])]
+    path = jsonl.with_suffix(".parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     return write_video_pairs(tmp_path_factory.mktemp("video-pairs"))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_video_pairs_train_with_the_cached_reference_and_evaluate_as_trained(family, pairs, tmp_path):
+@pytest.mark.parametrize(("family", "media"), [("qwen2_vl", "files"), ("qwen2_5_vl", "held in rows")])
+def test_video_pairs_train_with_the_cached_reference_and_evaluate_as_trained(family, media, pairs, tmp_path):
     from silkie.tools.evaluate import evaluate_run
 
     model_dir = BUILDERS[family](tmp_path / family)
+    where = [f"data.path={pairs}", f"data.images={pairs.parent / 'media'}"]
+    if media == "held in rows":  # no data.images: the run writes them into its data cache
+        where = [f"data.path={held_in_rows(pairs, pairs.parent / 'media')}"]
     overrides = [
         f"model.path={model_dir}",
         f"model.family={family}",
         "data.source=preference",
-        f"data.path={pairs}",
-        f"data.images={pairs.parent / 'media'}",
+        *where,
         "data.eval_fraction=0.25",
         "data.video_fps=2",
         "data.video_max_frames=4",
@@ -93,3 +111,7 @@ def test_video_pairs_train_with_the_cached_reference_and_evaluate_as_trained(fam
     assert result["split_size"] == result["summary"]["n_pairs"] == 12 and result["dropped_pairs"] == 0
     assert result["summary"]["rewards/accuracies"] == pytest.approx(final["eval_rewards/accuracies"], abs=1e-6)
     assert result["summary"]["logps/chosen"] == pytest.approx(final["eval_logps/chosen"], rel=1e-4)
+    if media == "held in rows":  # one file per distinct picture and clip, read from the run's cache
+        distinct = {path.read_bytes() for path in (pairs.parent / "media").rglob("*.*")}
+        written = list((working / "cache" / "media" / "embedded").rglob("*.*"))
+        assert {path.read_bytes() for path in written} == distinct and len(written) == len(distinct) < 48 + 24

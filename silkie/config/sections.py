@@ -130,7 +130,7 @@ class DataSection:
     images: str | None = key(
         None,
         "Images (and videos): the release's `merged_images.zip`, another zip or a folder; null when the rows carry "
-        "none.",
+        "none, or hold the pictures themselves (a `datasets` Image column: written to `<cache_dir>/media/`).",
         "data.build:build_pairs",
     )
     split: str = key(
@@ -198,7 +198,7 @@ class DataSection:
     )
     cache_dir: str | None = key(
         None,
-        "Where tokenized pairs are cached; null = `<working>/cache`.",
+        "Where tokenized pairs (and the pictures rows hold, in `media/`) are cached; null = `<working>/cache`.",
         "train.build:build_trainer",
     )
     seed: int = key(

@@ -8,6 +8,7 @@ from typing import Any
 
 from silkie.config import DataSection
 from silkie.config.checks import changed_from_default
+from silkie.data.embedded import MEDIA_DIR, EmbeddedMedia, WithEmbedded, is_embedded_key
 from silkie.data.images import ImageStore, open_image_store
 from silkie.data.pairs import MediaLimits, PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
@@ -30,8 +31,9 @@ class PreparedData:
     report: PairReport
 
 
-def _load_rows(data: DataSection, key: str = "path") -> Any:
-    """The rows of `data.path` (or of `data.eval_path`, with `key`), read as `data.source` says."""
+def _load_rows(data: DataSection, key: str = "path", media: EmbeddedMedia | None = None) -> Any:
+    """The rows of `data.path` (or of `data.eval_path`, with `key`), read as `data.source` says (`media`: where
+    pictures held in a preference file's rows are written)."""
     path = Path(getattr(data, key))
     if data.source == "vlfeedback":
         if not path.is_file():
@@ -42,7 +44,7 @@ def _load_rows(data: DataSection, key: str = "path") -> Any:
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
     splits = ("train",) if key == "path" else ("test", "validation", "eval", "train")  # held-out pairs: not train
-    return load_preference_file(path, key=f"data.{key}", splits=splits)
+    return load_preference_file(path, key=f"data.{key}", splits=splits, media=media)
 
 
 def media_limits(data: DataSection) -> MediaLimits:
@@ -63,14 +65,20 @@ def first_prompts(rows: list, count: int) -> list:
     return kept
 
 
-def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairReport]:
-    """Load the source, build preference pairs as the recipe says and split them by prompt."""
+def build_pairs(
+    data: DataSection, media_dir: str | Path | None = None
+) -> tuple[list, list, ImageStore | None, PairReport]:
+    """Load the source, build preference pairs as the recipe says and split them by prompt; pictures held in the
+    rows are written to `media_dir` (without one such rows are dropped as `embedded_media`)."""
     store = open_image_store(data.images) if data.images else None
-    rows = _load_rows(data)
+    media = EmbeddedMedia(media_dir) if media_dir is not None else None
+    rows = _load_rows(data, media=media)
     if data.max_prompts is not None:  # in place: the loader's skip counts stay in the report
         rows.rows = first_prompts(rows.rows, data.max_prompts)
     if store is None:
         _check_no_media(rows, data.path)
+    if media is not None and media.keys_given:
+        store = WithEmbedded(media.folder, store)
     ignored = unused_rating_rules(data) if data.source == "preference" else []
     if ignored:
         logger.warning(
@@ -83,9 +91,11 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
             pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
         )
         return train, evaluation, store, report
-    eval_rows = _load_rows(data, "eval_path")
-    if store is None:
+    eval_rows = _load_rows(data, "eval_path", media)
+    if data.images is None:
         _check_no_media(eval_rows, data.eval_path)
+    if media is not None and media.keys_given and not isinstance(store, WithEmbedded):
+        store = WithEmbedded(media.folder, store)
     evaluation, eval_report = pairs_for(eval_rows, data, store, data.eval_path)
     logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
     shared = {(p.prompt, p.images, p.videos) for p in pairs} & {(p.prompt, p.images, p.videos) for p in evaluation}
@@ -95,13 +105,15 @@ def build_pairs(data: DataSection) -> tuple[list, list, ImageStore | None, PairR
 
 
 def _check_no_media(rows: Any, path: str) -> None:
-    """`InputError` when rows reference images or videos but the recipe names no `data.images` to read them from."""
-    with_media = next((row for row in rows if row.images or row.videos), None)
-    if with_media is not None:
-        raise InputError(
-            f"data.images is not set, but {path} references images or videos (row {with_media.id}: "
-            f"{(with_media.images + with_media.videos)[0]}); set data.images to the zip or folder that holds them"
-        )
+    """`InputError` when rows reference image or video files but the recipe names no `data.images` to read them
+    from (pictures the rows hold need none)."""
+    for row in rows:
+        files = [key for key in row.images + row.videos if not is_embedded_key(key)]
+        if files:
+            raise InputError(
+                f"data.images is not set, but {path} references images or videos (row {row.id}: {files[0]}); set "
+                "data.images to the zip or folder that holds them"
+            )
 
 
 def pairs_for(rows: Any, data: DataSection, store: ImageStore | None, source: str) -> tuple[list, PairReport]:
@@ -145,7 +157,7 @@ def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: 
     """Pairs -> tokenized `datasets.Dataset`s (cached on disk), each row with its `pair_index`."""
     from silkie.data.formatting import tokenize_pairs
 
-    train_pairs, eval_pairs, store, report = build_pairs(data)
+    train_pairs, eval_pairs, store, report = build_pairs(data, Path(cache_dir) / MEDIA_DIR)
     if getattr(tokenizer, "video_marker_id", None) is not None:  # a family that takes video (else: video_unsupported)
         check_video_decoder(train_pairs + eval_pairs)
 

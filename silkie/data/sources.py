@@ -8,6 +8,7 @@ with the first few offending ids kept for the report. A generic preference row m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from silkie.data.conversational import plain_row
+from silkie.data.embedded import EmbeddedMedia, is_embedded
 from silkie.data.images import image_key
 from silkie.data.row_error import RowError
 from silkie.errors import InputError, MissingInputError
@@ -175,31 +177,31 @@ def _optional_score(raw: Mapping[str, Any], key: str) -> float | None:
         raise RowError("wrong_type", f"{key}={value!r} is not a number") from exc
 
 
-def _embedded(value: Any) -> bool:
-    """Whether a media field holds the picture itself (a `datasets` Image: `{bytes, path}`, or a decoded PIL image)."""
-    return isinstance(value, Mapping) and "bytes" in value or hasattr(value, "getpixel")
+def _media_key(value: Any, where: str, media: EmbeddedMedia | None) -> str:
+    """One media field value as a store key: a path as given, or the key of the picture the row holds."""
+    if not is_embedded(value):
+        return value
+    if media is None:
+        raise RowError("embedded_media", f"{where} holds the picture itself (a datasets Image column), and this "
+                       "reader has no folder to write it to")  # fmt: skip
+    return media.key(value, where)
 
 
-def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
-    """The row's `one` (a key) or `many` (a list of keys, order kept) field as a tuple; empty keys are absent."""
+def _media_keys(raw: Mapping[str, Any], one: str, many: str, media: EmbeddedMedia | None) -> tuple[str, ...]:
+    """The row's `one` (a key) or `many` (a list of keys, order kept) field as a tuple; empty keys are absent;
+    pictures held in the row are written out by `media` and named by their keys."""
     single, several = raw.get(one), raw.get(many)
     if single is not None and several is not None:
         raise RowError("wrong_type", f"both {one} and {many} are set; give one of them")
-    if _embedded(single):
-        raise RowError("embedded_media", f"{one} holds the picture itself (a datasets Image column); write it to a "
-                       "file and give its path, relative to data.images")  # fmt: skip
     if single is not None:
+        single = _media_key(single, one, media)
         if not isinstance(single, str):
             raise RowError("wrong_type", f"{one} is {type(single).__name__}")
         return (single,) if single else ()
     if several is None:
         return ()
-    if isinstance(several, list) and any(_embedded(item) for item in several):
-        raise RowError(
-            "embedded_media",
-            f"{many} hold the pictures themselves (a datasets Image column); write them to files and give their "
-            "paths, relative to data.images",
-        )
+    if isinstance(several, list):
+        several = [_media_key(item, f"{many}[{index}]", media) for index, item in enumerate(several)]
     if not isinstance(several, list) or not all(isinstance(item, str) for item in several):
         raise RowError("wrong_type", f"{many} must be a list of strings")
     if any(not item for item in several):
@@ -207,17 +209,17 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str) -> tuple[str, ...]:
     return tuple(several)
 
 
-def normalize_preference_row(raw: Any) -> PreferenceRow:
+def normalize_preference_row(raw: Any, media: EmbeddedMedia | None = None) -> PreferenceRow:
     """One raw generic preference row (plain, or TRL's conversational format) -> `PreferenceRow`; raises `RowError`
-    with a reason."""
+    with a reason. Pictures and videos held in the row are written out by `media` (without it: `embedded_media`)."""
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
     raw = plain_row(raw)
     prompt = _require(raw, "prompt", str)
     chosen = _require(raw, "chosen", str)
     rejected = _require(raw, "rejected", str)
-    images = _media_keys(raw, "image", "images")
-    videos = _media_keys(raw, "video", "videos")
+    images = _media_keys(raw, "image", "images", media)
+    videos = _media_keys(raw, "video", "videos", media)
     if raw.get("id") is not None:
         row_id = str(_require(raw, "id", (str, int)))
     else:  # (one image: the id of earlier versions)
@@ -325,12 +327,22 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
     return collect_rows(source, iter(dataset), normalize_feedback_row)
 
 
+def _dataset_records(dataset: Any) -> Iterator[Any]:
+    """A `datasets.Dataset`'s rows as stored: an Image / Video column as its `{bytes, path}`, not decoded."""
+    for batch in dataset.with_format("arrow").iter(batch_size=256):
+        yield from batch.to_pylist()
+
+
 def load_preference_file(
-    path: str | os.PathLike[str], key: str = "data.path", splits: tuple[str, ...] = ("train",)
+    path: str | os.PathLike[str],
+    key: str = "data.path",
+    splits: tuple[str, ...] = ("train",),
+    media: EmbeddedMedia | None = None,
 ) -> LoadedRows[PreferenceRow]:
     """Load a generic preference file (.jsonl, .json, .parquet, or a `save_to_disk` folder) with prompt/chosen/rejected
-    [/image(s)/video(s)/id], plain or in TRL's conversational format."""
+    [/image(s)/video(s)/id], plain or in TRL's conversational format; `media` writes out pictures held in rows."""
     path = Path(path)
+    normalize = functools.partial(normalize_preference_row, media=media)
     if is_saved_dataset(path):  # a `datasets` save_to_disk folder of pairs
         import datasets
 
@@ -340,7 +352,7 @@ def load_preference_file(
             if split is None:
                 raise InputError(f"{key}: saved dataset {path} has none of the splits {splits} (has {list(dataset)})")
             dataset = dataset[split]
-        return collect_rows(str(path), iter(dataset), normalize_preference_row)
+        return collect_rows(str(path), _dataset_records(dataset), normalize)
     if not path.is_file():
         raise MissingInputError(f"preference file not found: {path}")
     suffix = path.suffix.lower()
@@ -352,4 +364,4 @@ def load_preference_file(
         records = _json_records(path)
     else:
         raise InputError(f"{key}: a preference file is .jsonl, .json, .parquet or a saved dataset, not {path.name}")
-    return collect_rows(str(path), records, normalize_preference_row)
+    return collect_rows(str(path), records, normalize)

@@ -64,6 +64,7 @@ class ReleaseReport:
     pairs: dict[str, Any]
     converted: str | None = None
     kind: str = "vlfeedback"  # or "preference": a file of ready pairs
+    embedded: int = 0  # pictures / videos the rows held, written into the images folder
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
@@ -197,13 +198,17 @@ def check_release(
     sample_images: int = 100,
 ) -> tuple[ReleaseReport, list]:
     """Load the release, check its images, build pairs; returns the report and the pairs."""
+    from silkie.data.embedded import EmbeddedMedia
     from silkie.data.images import open_image_store
     from silkie.data.sources import load_preference_file, load_vlfeedback_jsonl
 
     rules = rules or PairRules()
     preference = is_preference_file(jsonl)
+    # pictures a preference file's rows hold are written into the images folder, where data.images finds them
+    folder = Path(images).is_dir() or not Path(images).exists() and Path(images).suffix.lower() != ".zip"
+    media = EmbeddedMedia(images) if preference and folder else None
     try:
-        loaded = load_preference_file(jsonl) if preference else load_vlfeedback_jsonl(jsonl)
+        loaded = load_preference_file(jsonl, media=media) if preference else load_vlfeedback_jsonl(jsonl)
         store = open_image_store(images)
     except (FileNotFoundError, ValueError) as err:
         raise ToolError(str(err)) from err
@@ -225,6 +230,7 @@ def check_release(
         rules=rules,
         pairs=pair_report.as_dict(),
         kind="preference" if preference else "vlfeedback",
+        embedded=media.keys_given if media is not None else 0,
     )
     return report, pairs
 
@@ -292,6 +298,8 @@ def format_report(report: ReleaseReport) -> str:
     if report.duplicate_ids:
         lines.append(f"  duplicate ids: {report.duplicate_ids}")
     lines.append(f"images (and videos): rows with media {check.referenced}, missing {check.missing}")
+    if report.embedded:
+        lines.append(f"    {report.embedded} held in the rows, written to {Path(report.images) / 'embedded'}/")
     if check.missing_ids:
         lines.append(f"    first missing: {', '.join(check.missing_ids)}")
     lines.append(

@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("jsonl", help="the release's vlfeedback_80k.jsonl, or a preference file (jsonl/json/parquet)")
-    parser.add_argument("images", help="merged_images.zip, or a folder of the extracted images")
+    parser.add_argument(
+        "images",
+        help="merged_images.zip, or a folder of the extracted images (a preference file whose rows hold their "
+        "pictures, a datasets Image column: the folder they are written to, as embedded/<hash>, for data.images)",
+    )
     parser.add_argument("--convert", metavar="OUT_DIR", help="write OUT_DIR/vlfeedback_pairs.parquet")
     parser.add_argument(
         "--aspect-weights",

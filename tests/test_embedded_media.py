@@ -1,0 +1,120 @@
+"""Pictures held in the rows (a `datasets` Image column, parquet `{bytes, path}` structs, as TRL's hub datasets ship
+them) are written once, content-addressed, into the data cache and read back byte for byte."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from silkie.config import DataSection
+from silkie.data.build import build_pairs
+from silkie.data.embedded import EmbeddedMedia
+from silkie.data.sources import load_preference_file, normalize_preference_row
+from silkie.errors import InputError
+
+from .data_fixtures import jpeg_bytes
+
+USER = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour is it?"}]}
+
+
+def png_bytes(colour: tuple[int, int, int], size: int = 6) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_trl_parquet(path: Path, pictures: list[bytes]) -> Path:
+    """rlaif-v_formatted's layout: conversational prompt / chosen / rejected and an `images` list of structs."""
+    rows = [
+        {
+            "prompt": [USER],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": f"Colour {index}."}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "No colour."}]}],
+            "images": [{"bytes": picture, "path": None}],
+        }
+        for index, picture in enumerate(pictures)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_a_parquet_of_pictures_in_rows_is_written_out_once_per_picture(tmp_path):
+    red, blue = jpeg_bytes((200, 30, 30)), png_bytes((30, 30, 200))
+    parquet = write_trl_parquet(tmp_path / "pairs.parquet", [red, blue, red])
+    media = EmbeddedMedia(tmp_path / "media")
+    loaded = load_preference_file(parquet, media=media)
+    assert not loaded.skipped and [row.prompt for row in loaded.rows] == ["<image>Which colour is it?"] * 3
+    keys = [row.images[0] for row in loaded.rows]
+    assert keys[0] == keys[2] != keys[1] and keys[0].endswith(".jpg") and keys[1].endswith(".png")
+    assert keys[0].startswith("embedded/") and media.keys_given == 3
+    assert [(tmp_path / "media" / key).read_bytes() for key in keys] == [red, blue, red]
+    assert len(list((tmp_path / "media").rglob("*.*"))) == 2  # the shared picture once, no staging file left
+    assert load_preference_file(parquet, media=EmbeddedMedia(tmp_path / "media")).rows == loaded.rows  # a rerun
+
+
+def test_a_saved_image_column_is_read_as_stored_not_decoded(tmp_path):
+    import datasets
+
+    pictures = [Image.new("RGB", (5, 4), (10 * i, 100, 50)) for i in range(3)]
+    dataset = datasets.Dataset.from_dict({"prompt": [f"<image>Q{i}?" for i in range(3)], "chosen": ["a"] * 3,
+                                          "rejected": ["b"] * 3, "image": pictures})  # fmt: skip
+    dataset = dataset.cast_column("image", datasets.Image())
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    stored = [row["image"]["bytes"] for row in dataset.cast_column("image", datasets.Image(decode=False))]
+    loaded = load_preference_file(tmp_path / "saved", media=EmbeddedMedia(tmp_path / "media"))
+    assert [(tmp_path / "media" / row.images[0]).read_bytes() for row in loaded.rows] == stored
+    assert [Image.open(tmp_path / "media" / row.images[0]).getpixel((0, 0)) for row in loaded.rows] == [
+        (0, 100, 50), (10, 100, 50), (20, 100, 50)]  # fmt: skip
+
+
+def test_a_path_only_image_and_a_pil_image_become_keys(tmp_path):
+    media = EmbeddedMedia(tmp_path)
+    row = normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
+                                    "images": [{"bytes": None, "path": "pictures/1.jpg"}]}, media)  # fmt: skip
+    assert row.images == ("pictures/1.jpg",)
+    row = normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
+                                    "image": Image.new("RGB", (3, 3), (1, 2, 3))}, media)  # fmt: skip
+    assert Image.open(tmp_path / row.images[0]).getpixel((2, 2)) == (1, 2, 3)  # lossless (PNG)
+    with pytest.raises(ValueError, match=r"images\[0\] holds neither bytes nor a path"):
+        normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
+                                  "images": [{"bytes": None, "path": None}]}, media)  # fmt: skip
+
+
+def test_a_run_reads_pictures_in_rows_and_files_of_data_images_side_by_side(tmp_path):
+    red = jpeg_bytes((200, 30, 30))
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "blue.png").write_bytes(png_bytes((30, 30, 200)))
+    rows = [{"id": "in-row", "prompt": "<image>Q?", "chosen": "a", "rejected": "b",
+             "images": [{"bytes": red, "path": "red.jpg"}]},
+            {"id": "file", "prompt": "<image>Q?", "chosen": "a", "rejected": "b",
+             "images": [{"bytes": None, "path": "blue.png"}]}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    section = DataSection(source="preference", path=str(tmp_path / "pairs.parquet"), images=str(tmp_path / "files"),
+                          eval_fraction=0.0)  # fmt: skip
+    pairs, _, store, _ = build_pairs(section, tmp_path / "cache" / "media")
+    by_id = {pair.prompt_id: pair for pair in pairs}
+    assert store.read_bytes(by_id["in-row"].images[0]) == red and by_id["in-row"].images[0].endswith(".jpg")
+    assert store.open(by_id["file"].images[0]).getpixel((0, 0)) == (30, 30, 200)
+    alone = DataSection(source="preference", path=str(tmp_path / "pairs.parquet"), eval_fraction=0.0)
+    with pytest.raises(InputError, match=r"data.images is not set, but .* \(row file: blue.png\)"):
+        build_pairs(alone, tmp_path / "cache" / "media")  # the row held no picture: its file needs data.images
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "pairs.parquet")
+    pairs, _, store, _ = build_pairs(alone, tmp_path / "cache" / "media")  # pictures held in rows need none
+    assert store.read_bytes(pairs[0].images[0]) == red
+
+
+def test_prepare_writes_the_pictures_in_rows_into_its_images_folder(tmp_path, capsys):
+    from silkie.tools.prepare_cli import main
+
+    red, blue = jpeg_bytes((200, 30, 30)), png_bytes((30, 30, 200))
+    parquet = write_trl_parquet(tmp_path / "pairs.parquet", [red, blue, red])
+    assert main([str(parquet), str(tmp_path / "pictures"), "--verify-images", "--strict"]) == 0
+    out = capsys.readouterr().out
+    assert f"3 held in the rows, written to {tmp_path / 'pictures' / 'embedded'}/" in out
+    assert "rows with media 3, missing 0" in out and "decoded 3 of 3 present, unreadable 0" in out
+    assert sorted(path.read_bytes() for path in (tmp_path / "pictures").rglob("*.*")) == sorted([red, blue])
