@@ -118,3 +118,55 @@ def test_prepare_writes_the_pictures_in_rows_into_its_images_folder(tmp_path, ca
     assert f"3 held in the rows, written to {tmp_path / 'pictures' / 'embedded'}/" in out
     assert "rows with media 3, missing 0" in out and "decoded 3 of 3 present, unreadable 0" in out
     assert sorted(path.read_bytes() for path in (tmp_path / "pictures").rglob("*.*")) == sorted([red, blue])
+
+
+def rlaif_v_rows(pictures: list[bytes]) -> list[dict]:
+    """openbmb/RLAIF-V-Dataset's layout: `question` (no `<image>` marker), an embedded `image`, `idx`."""
+    return [{"ds_name": "vqa", "image": {"bytes": picture, "path": None}, "question": f"What colour is {index}?",
+             "chosen": "Red.", "rejected": "Blue.", "idx": str(100 + index), "image_path": f"{index}.jpg"}
+            for index, picture in enumerate(pictures)]  # fmt: skip
+
+
+def test_data_columns_reads_a_file_with_its_own_column_names(tmp_path):
+    red = jpeg_bytes((200, 30, 30))
+    rows = rlaif_v_rows([red, png_bytes((30, 30, 200))])
+    rows.append({**rows[0], "question": None, "idx": "bad"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rlaif.parquet")
+    section = DataSection(source="preference", path=str(tmp_path / "rlaif.parquet"), eval_fraction=0.0,
+                          columns={"prompt": "question", "id": "idx"})  # fmt: skip
+    section.check()
+    pairs, _, store, report = build_pairs(section, tmp_path / "media")
+    assert [(p.prompt_id, p.prompt) for p in pairs] == [("100", "What colour is 0?"), ("101", "What colour is 1?")]
+    assert store.read_bytes(pairs[0].images[0]) == red
+    assert report.rows_dropped == {"missing_field": 1} and "question (data.columns.prompt)" in report.summary()
+    by_path = DataSection(source="preference", path=str(tmp_path / "rlaif.parquet"), images=str(tmp_path),
+                          eval_fraction=0.0, columns={"prompt": "question", "image": "image_path"})  # fmt: skip
+    (tmp_path / "0.jpg").write_bytes(red)
+    (tmp_path / "1.jpg").write_bytes(red)
+    assert [p.images for p in build_pairs(by_path, tmp_path / "media")[0]] == [("0.jpg",), ("1.jpg",)]
+
+
+@pytest.mark.parametrize(
+    ("columns", "source", "message"),
+    [({"promt": "question"}, "preference", "data.columns = 'promt' is not allowed; .* \\(did you mean 'prompt'\\?\\)"),
+     ({"prompt": "q", "chosen": "q"}, "preference", "expected one field per column"),
+     ({"prompt": "question"}, "vlfeedback", "data.source is 'vlfeedback', whose schema is fixed")],
+)  # fmt: skip
+def test_data_columns_names_fields_a_row_has(columns, source, message):
+    from silkie.config import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        DataSection(source=source, path="x", columns=columns).check()
+
+
+def test_prepare_checks_a_file_with_its_own_column_names(tmp_path, capsys):
+    from silkie.tools.prepare_cli import main
+
+    pq.write_table(pa.Table.from_pylist(rlaif_v_rows([jpeg_bytes()] * 2)), tmp_path / "rlaif.parquet")
+    args = [str(tmp_path / "rlaif.parquet"), str(tmp_path / "pictures"), "--strict"]
+    assert main([*args, "--columns", "prompt=question,id=idx"]) == 0
+    assert "pairs kept                     2" in capsys.readouterr().out
+    assert main(args) == 2  # without the mapping no row has a prompt: no pairs, said in one line
+    assert "dropped={missing_field: 2 (first: row 0: prompt)}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--columns", "question"])

@@ -36,6 +36,9 @@ LOSS_TYPES = (
 # the vision-aware losses score the chosen answer again under a corrupted copy of the image (data.image_corruption)
 VISION_LOSS_TYPES = ("mdpo", "image_conditional")
 IMAGE_CORRUPTIONS = ("crop", "mask", "noise", "blank")
+# the fields a preference file's row is read from (data.columns renames a file's own columns to them)
+PREFERENCE_FIELDS = ("id", "prompt", "chosen", "rejected", "image", "images", "video", "videos", "chosen_score",
+                     "rejected_score")  # fmt: skip
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # the loss types built on the chosen - rejected score difference, which an f-divergence may replace (as TRL)
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from silkie.errors import RecipeError
 
 from .checks import choice, key, require
-from .names import FAMILIES, IMAGE_CORRUPTIONS
+from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS
 
 
 @dataclass
@@ -133,6 +133,13 @@ class DataSection:
         "none, or hold the pictures themselves (a `datasets` Image column: written to `<cache_dir>/media/`).",
         "data.build:build_pairs",
     )
+    columns: dict[str, str] | None = key(
+        None,
+        "source preference: the file's own column names for the fields a row is read from, e.g. "
+        "`{prompt: question, id: idx}` (openbmb/RLAIF-V-Dataset); fields: " + ", ".join(PREFERENCE_FIELDS) + ". "
+        "null: the names as they are.",
+        "data.build:_load_rows",
+    )
     split: str = key(
         "train",
         "Dataset split for `source: hf`.",
@@ -252,6 +259,7 @@ class DataSection:
                 "recipe: data.aspect_weights needs data.rating_rules = checked (the original rules weigh every aspect "
                 "a completion has equally)"
             )
+        self._check_columns()
         require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a number in [0, 1)")
         if self.eval_path is not None and (self.eval_fraction or self.eval_size is not None):
             raise RecipeError(
@@ -281,6 +289,18 @@ class DataSection:
             self.video_max_frames,
             f"an integer >= data.video_min_frames ({self.video_min_frames})",
         )
+
+    def _check_columns(self) -> None:
+        if self.columns is None:
+            return
+        if self.source != "preference":
+            raise RecipeError(f"recipe: data.columns renames a preference file's columns; data.source is "
+                              f"{self.source!r}, whose schema is fixed")  # fmt: skip
+        for field, column in self.columns.items():
+            choice("data.columns", field, PREFERENCE_FIELDS)
+            require(isinstance(column, str) and bool(column), f"data.columns.{field}", column, "a column name")
+        taken = [column for column in self.columns.values() if list(self.columns.values()).count(column) > 1]
+        require(not taken, "data.columns", self.columns, "one field per column")
 
 
 @dataclass

@@ -44,7 +44,7 @@ def _load_rows(data: DataSection, key: str = "path", media: EmbeddedMedia | None
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
     splits = ("train",) if key == "path" else ("test", "validation", "eval", "train")  # held-out pairs: not train
-    return load_preference_file(path, key=f"data.{key}", splits=splits, media=media)
+    return load_preference_file(path, key=f"data.{key}", splits=splits, media=media, columns=data.columns)
 
 
 def media_limits(data: DataSection) -> MediaLimits:

@@ -209,12 +209,29 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str, media: EmbeddedMedi
     return tuple(several)
 
 
-def normalize_preference_row(raw: Any, media: EmbeddedMedia | None = None) -> PreferenceRow:
-    """One raw generic preference row (plain, or TRL's conversational format) -> `PreferenceRow`; raises `RowError`
-    with a reason. Pictures and videos held in the row are written out by `media` (without it: `embedded_media`)."""
+def renamed_columns(raw: Mapping[str, Any], columns: Mapping[str, str] | None) -> Mapping[str, Any]:
+    """`raw` with the file's own columns under the fields `columns` (`data.columns`: field -> column) maps them to;
+    a file column named like a mapped field is not read."""
+    if not columns:
+        return raw
+    row = {name: value for name, value in raw.items() if name not in columns}
+    for field_name, column in columns.items():
+        if raw.get(column) is not None:
+            row[field_name] = raw[column]
+        elif field_name in ("prompt", "chosen", "rejected"):
+            raise RowError("missing_field", f"{column} (data.columns.{field_name})")
+    return row
+
+
+def normalize_preference_row(
+    raw: Any, media: EmbeddedMedia | None = None, columns: Mapping[str, str] | None = None
+) -> PreferenceRow:
+    """One raw generic preference row (plain, or TRL's conversational format; `columns`: its own column names, as
+    `data.columns`) -> `PreferenceRow`; raises `RowError` with a reason. Pictures and videos held in the row are
+    written out by `media` (without it: `embedded_media`)."""
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
-    raw = plain_row(raw)
+    raw = plain_row(renamed_columns(raw, columns))
     prompt = _require(raw, "prompt", str)
     chosen = _require(raw, "chosen", str)
     rejected = _require(raw, "rejected", str)
@@ -338,11 +355,13 @@ def load_preference_file(
     key: str = "data.path",
     splits: tuple[str, ...] = ("train",),
     media: EmbeddedMedia | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> LoadedRows[PreferenceRow]:
     """Load a generic preference file (.jsonl, .json, .parquet, or a `save_to_disk` folder) with prompt/chosen/rejected
-    [/image(s)/video(s)/id], plain or in TRL's conversational format; `media` writes out pictures held in rows."""
+    [/image(s)/video(s)/id] (or the `columns` that hold them), plain or in TRL's conversational format; `media` writes
+    out pictures held in rows."""
     path = Path(path)
-    normalize = functools.partial(normalize_preference_row, media=media)
+    normalize = functools.partial(normalize_preference_row, media=media, columns=columns)
     if is_saved_dataset(path):  # a `datasets` save_to_disk folder of pairs
         import datasets
 

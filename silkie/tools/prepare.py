@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +165,7 @@ def is_preference_file(path: str | Path) -> bool:
 
 def _without_rows(loaded: LoadedRows, drop: set[str]) -> LoadedRows:
     kept = [row for row in loaded.rows if row.id not in drop]
-    return LoadedRows(
-        loaded.name, kept, loaded.rows_seen - (len(loaded.rows) - len(kept)), loaded.skipped, loaded.skipped_ids
-    )
+    return replace(loaded, rows=kept, rows_seen=loaded.rows_seen - (len(loaded.rows) - len(kept)))
 
 
 def rule_pairs(loaded: LoadedRows, store: Any, rules: PairRules, unreadable: set[str], preference: bool) -> tuple:
@@ -196,8 +194,10 @@ def check_release(
     rules: PairRules | None = None,
     verify_images: bool = False,
     sample_images: int = 100,
+    columns: dict[str, str] | None = None,
 ) -> tuple[ReleaseReport, list]:
-    """Load the release, check its images, build pairs; returns the report and the pairs."""
+    """Load the release (or preference file, its own column names in `columns` as `data.columns`), check its
+    images, build pairs; returns the report and the pairs."""
     from silkie.data.embedded import EmbeddedMedia
     from silkie.data.images import open_image_store
     from silkie.data.sources import load_preference_file, load_vlfeedback_jsonl
@@ -208,7 +208,11 @@ def check_release(
     folder = Path(images).is_dir() or not Path(images).exists() and Path(images).suffix.lower() != ".zip"
     media = EmbeddedMedia(images) if preference and folder else None
     try:
-        loaded = load_preference_file(jsonl, media=media) if preference else load_vlfeedback_jsonl(jsonl)
+        if columns and not preference:
+            raise ToolError(f"--columns: {jsonl} is a VLFeedback release, whose columns are fixed")
+        loaded = (
+            load_preference_file(jsonl, media=media, columns=columns) if preference else load_vlfeedback_jsonl(jsonl)
+        )
         store = open_image_store(images)
     except (FileNotFoundError, ValueError) as err:
         raise ToolError(str(err)) from err

@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify-images", action="store_true", help="decode every image (default: a sample)")
     parser.add_argument("--sample-images", type=int, default=100, help="images decoded without --verify-images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample (0)")
+    parser.add_argument(
+        "--columns",
+        metavar="FIELD=COLUMN,...",
+        help="a preference file's own column names, as data.columns: e.g. prompt=question,id=idx",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 when rows or images have problems")
     args = parser.parse_args(argv)
@@ -63,6 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--min-margin must be >= 0")
     if args.max_pairs_per_prompt is not None and args.max_pairs_per_prompt < 1:
         parser.error("--max-pairs-per-prompt must be >= 1")
+    if args.columns:
+        from silkie.config import DataSection
+        from silkie.errors import RecipeError
+
+        pairs = [part.partition("=") for part in args.columns.split(",")]
+        if any(not sep for _, sep, _ in pairs):
+            parser.error(f"--columns {args.columns}: expected FIELD=COLUMN pairs separated by commas")
+        args.columns = {field.strip(): column.strip() for field, _, column in pairs}
+        try:
+            DataSection(source="preference", path=args.jsonl, columns=args.columns).check()
+        except RecipeError as err:
+            parser.error(f"--columns: {str(err).removeprefix('recipe: ')}")
     if args.sample_images < 0:
         parser.error("--sample-images must be >= 0")
     if args.convert and Path(args.convert).exists() and not Path(args.convert).is_dir():
@@ -93,7 +110,12 @@ def run(args: argparse.Namespace) -> int:
     if args.convert and is_preference_file(args.jsonl):  # before its media are checked: a mistake, said at once
         raise ToolError(f"--convert: {args.jsonl} already holds pairs; train on it with data.source=preference")
     report, pairs = check_release(
-        args.jsonl, args.images, rules, verify_images=args.verify_images, sample_images=args.sample_images
+        args.jsonl,
+        args.images,
+        rules,
+        verify_images=args.verify_images,
+        sample_images=args.sample_images,
+        columns=args.columns,
     )
     if args.convert:
         report.converted = str(write_preference_parquet(pairs, Path(args.convert) / PARQUET_NAME))
