@@ -31,8 +31,8 @@ def test_the_implicit_prompt_is_the_turns_both_conversations_share():
 
 @pytest.mark.parametrize(
     ("raw", "reason", "detail"),
-    [({"prompt": [{"role": "system", "content": "Be brief."}, USER], "chosen": CHOSEN, "rejected": REJECTED},
-      "unsupported_conversation", "prompt has the roles ['system', 'user']"),
+    [({"prompt": [USER, *CHOSEN, USER], "chosen": CHOSEN, "rejected": REJECTED},
+      "unsupported_conversation", "prompt has the roles ['user', 'assistant', 'user']"),
      ({"prompt": [USER], "chosen": [*CHOSEN, *CHOSEN], "rejected": REJECTED}, "unsupported_conversation",
       "chosen has the roles ['assistant', 'assistant']"),
      ({"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "a", "rejected": "b"}, "wrong_type",

@@ -93,6 +93,10 @@ def test_qwen2_vl_chat_takes_two_pictures_and_a_video_in_marker_order(qwen2_vl, 
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **tensors, max_new_tokens=6,
                              do_sample=False, eos_token_id=[tokenizer.eos_token_id])  # fmt: skip
     assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert "You are a helpful assistant." in tokenizer.decode(ids[0])  # the template's default system turn
+    _, told, _ = family_inputs(qwen2_vl, None, config, [media["red"]], [], "Which colour?", "Answer in one word.")
+    text = tokenizer.decode(told[0])  # a system message as training rendered it (chat --system)
+    assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "helpful assistant" not in text
 
 
 def test_chat_refuses_what_the_media_cannot_be(qwen2_vl, media, tmp_path):

@@ -4,8 +4,11 @@ TRL (and exports of LLaMA-Factory / ms-swift data) write a pair as chat messages
 `{"role", "content"}` whose content is a string or a list of parts (`{"type": "text", "text": ...}`,
 `{"type": "image"}`, `{"type": "video"}`), and `chosen` / `rejected` are the assistant's message. Without a
 `prompt` (TRL's implicit-prompt form) `chosen` and `rejected` are whole conversations sharing their first turns.
-A one-turn user prompt becomes its text with `<image>` / `<video>` markers where its parts were; a system message
-or earlier turns are refused by row (a preference row has no field for them).
+LLaMA-Factory's ShareGPT preference rows (`conversations` of `{"from": "human" | "gpt" | "system", "value"}`, `chosen`
+/ `rejected` one message each, an optional `system` column) and ms-swift's RLHF rows (`messages` whose last is the
+chosen answer, `rejected_response`) are read as the same.
+A one-turn user prompt becomes its text with `<image>` / `<video>` markers where its parts were, and a system message
+before it the row's `system`; earlier turns are refused by row (a preference row has no field for them).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from silkie.data.row_error import RowError
 
 MARKERS = {"image": "<image>", "video": "<video>"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 def message_text(content: Any, where: str) -> str:
@@ -46,13 +50,56 @@ def _message(messages: Any, role: str, where: str) -> str:
     if roles != [role]:
         raise RowError(
             "unsupported_conversation",
-            f"{where} has the roles {roles}; one {role} message is taken (no system message or earlier turns)",
+            f"{where} has the roles {roles}; one {role} message is taken (earlier turns are not)",
         )
     return message_text(messages[0].get("content"), where)
 
 
+def _system_text(content: Any) -> str:
+    """A system message's text (it holds no picture or video)."""
+    text = message_text(content, "the system message")
+    if any(marker in text for marker in MARKERS.values()) and not isinstance(content, str):
+        raise RowError("wrong_type", "the system message holds an image or video part")
+    return text
+
+
+def _chat_message(message: Any, where: str) -> dict[str, Any]:
+    """A ShareGPT (`from` / `value`) or OpenAI (`role` / `content`) message as `{role, content}`."""
+    if not isinstance(message, Mapping):
+        raise RowError("wrong_type", f"{where} is {type(message).__name__}")
+    if "from" not in message:
+        return {"role": message.get("role"), "content": message.get("content")}
+    role = SHAREGPT_ROLES.get(message["from"])
+    if role is None:
+        expected = "expected human, gpt or system"
+        raise RowError("unsupported_conversation", f"{where} is from {message['from']!r} ({expected})")
+    return {"role": role, "content": message.get("value")}
+
+
+def _chat_layout(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """LLaMA-Factory's ShareGPT preference row (`conversations` + `chosen` / `rejected` messages) or ms-swift's RLHF
+    row (`messages` ending with the chosen answer + `rejected_response`) in TRL's conversational form."""
+    messages = raw.get("messages")
+    if isinstance(messages, list) and isinstance(raw.get("rejected_response"), str):  # ms-swift
+        turns = [_chat_message(message, f"messages[{index}]") for index, message in enumerate(messages)]
+        if not turns or turns[-1]["role"] != "assistant":
+            raise RowError("unsupported_conversation", "messages end without the assistant's (chosen) answer")
+        row = {name: value for name, value in raw.items() if name not in ("messages", "rejected_response")}
+        return {**row, "prompt": turns[:-1], "chosen": turns[-1:], "rejected": raw["rejected_response"]}
+    conversation = raw.get("conversations", messages)
+    if isinstance(conversation, list) and all(isinstance(raw.get(name), Mapping) for name in ("chosen", "rejected")):
+        row = {name: value for name, value in raw.items() if name not in ("conversations", "messages")}
+        row["prompt"] = [_chat_message(turn, f"conversations[{index}]") for index, turn in enumerate(conversation)]
+        for name in ("chosen", "rejected"):
+            row[name] = [_chat_message(raw[name], name)]
+        return row
+    return raw
+
+
 def plain_row(raw: Mapping[str, Any]) -> Mapping[str, Any]:
-    """`raw` with a conversational `prompt`, `chosen` and `rejected` turned into text (a plain row as it is)."""
+    """`raw` with a conversational `prompt`, `chosen` and `rejected` (TRL's, LLaMA-Factory's ShareGPT or ms-swift's
+    layout) turned into text (a plain row as it is)."""
+    raw = _chat_layout(raw)
     fields = ("prompt", "chosen", "rejected")
     if not any(isinstance(raw.get(name), list) for name in fields):
         return raw
@@ -65,7 +112,13 @@ def plain_row(raw: Mapping[str, Any]) -> Mapping[str, Any]:
             shared += 1
         row["prompt"] = row["chosen"][:shared]
         row["chosen"], row["rejected"] = row["chosen"][shared:], row["rejected"][shared:]
-    row["prompt"] = _message(row.get("prompt"), "user", "prompt") if row.get("prompt") is not None else None
+    prompt = row.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], Mapping) and prompt[0].get("role") == "system":
+        if row.get("system"):
+            raise RowError("wrong_type", "both a system column and a system message in the prompt; give one")
+        row["system"] = _system_text(prompt[0].get("content"))
+        prompt = prompt[1:]
+    row["prompt"] = _message(prompt, "user", "prompt") if prompt is not None else None
     for name in ("chosen", "rejected"):
         if row.get(name) is not None:
             row[name] = _message(row[name], "assistant", name)

@@ -5,8 +5,9 @@ at the prompt's `<image>` / `<video>` markers or first) and answer ids; for Qwen
 `Picture 1: <img>{image_key}</img>\\n...{prompt}`. In the trainer every answer token carries a label and the prompt
 none. Dropped pairs are counted under `too_long` (truncation "drop"), `prompt_too_long`,
 `identical_after_truncation` (truncation "answer"), `image_tag_in_text`, `chat_template_in_text` (a prompt or answer
-that holds the chat template's own tokens: templated already), `bad_image_key`, `image_marker_mismatch` or
-`video_unsupported` (a video for a family that takes none).
+that holds the chat template's own tokens: templated already), `bad_image_key`, `image_marker_mismatch`,
+`video_unsupported` (a video for a family that takes none) or `system_unsupported` (a system message the template
+leaves out).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _RECORD_FEATURES = datasets.Features(
         "rejected": datasets.Value("string"),
         "chosen_score": datasets.Value("float64"),
         "rejected_score": datasets.Value("float64"),
+        "system": datasets.Value("string"),
     }
 )
 
@@ -94,20 +96,22 @@ def encode_pair(
     truncation: Truncation = "drop",
     videos: Sequence[str] = (),
     video_frames: int = DEFAULT_VIDEO_FRAMES,
+    system: str | None = None,
 ) -> tuple[dict[str, list[int]] | None, str | None]:
     """Token ids of one pair: ({prompt,chosen,rejected}_input_ids, None), or (None, drop reason).
 
-    `tokenizer` is a family codec (or a Qwen-VL tokenizer). `max_length` bounds prompt (with the most tokens
+    `tokenizer` is a family codec (or a Qwen-VL tokenizer); `system` the pair's system message (None: the
+    template's default). `max_length` bounds prompt (with the most tokens
     its images and videos of at most `video_frames` frames can take) + the longer answer. "drop" drops a pair over
     it (`too_long`); "answer" cuts both answers from the right and never cuts the prompt (`prompt_too_long` when
     the prompt alone leaves no room for an answer).
     """
     codec = as_codec(tokenizer)
     images, videos = as_keys(images), as_keys(videos)
-    if any(marker in text for marker in codec.template_markers for text in (prompt, chosen, rejected)):
+    if any(marker in text for marker in codec.template_markers for text in (prompt, chosen, rejected, system or "")):
         return None, "chat_template_in_text"  # templated already: the template would wrap it a second time
     try:  # e.g. the Qwen-VL codec refuses image tags in text and an image key over 254 bytes
-        prompt_ids = codec.prompt_ids(prompt, images, videos)
+        prompt_ids = codec.prompt_ids(prompt, images, videos, system=system)
         chosen_ids = codec.answer_ids(chosen)
         rejected_ids = codec.answer_ids(rejected)
     except PairTextError as error:
@@ -145,6 +149,7 @@ def _tokenize_batch(
             truncation,
             videos=batch["videos"][index],
             video_frames=video_frames,
+            system=batch["system"][index],
         )
         ids = ids or {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
         lengths = {key: len(value) for key, value in ids.items()}
@@ -168,7 +173,7 @@ def _tokenize_batch(
 def _pair_record(pair: PreferencePair | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(pair, PreferencePair):
         return pair.to_dict()
-    record = {name: pair.get(name) for name in PAIR_FIELDS}
+    record = {name: pair.get(name) for name in (*PAIR_FIELDS, "system")}
     if isinstance(record["images"], list) and isinstance(record["videos"], list):
         return record  # already a record
     images = record["images"] if record["images"] is not None else pair.get("image")  # a one-image mapping
@@ -186,7 +191,10 @@ def cache_key(
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, max_length, truncation, video_frames]).encode())
     digest.update(as_codec(tokenizer).fingerprint().encode())
     for record in map(_pair_record, records):
-        digest.update(json.dumps([record[name] for name in PAIR_FIELDS], ensure_ascii=False).encode())
+        values = [record[name] for name in PAIR_FIELDS]
+        if record.get("system") is not None:  # only then: a cache (and a checkpoint's data fingerprint) of pairs
+            values.append(record["system"])  # without one keeps its key
+        digest.update(json.dumps(values, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:32]
 
@@ -318,7 +326,8 @@ def _first_length(records: Sequence[Mapping[str, Any]], tokenizer: Any, video_fr
     set is then a number, not a search)."""
     first = records[0]
     ids, reason = encode_pair(first["prompt"], first["images"], first["chosen"], first["rejected"], tokenizer,
-                              max_length=None, videos=first["videos"], video_frames=video_frames)  # fmt: skip
+                              max_length=None, videos=first["videos"], video_frames=video_frames,
+                              system=first.get("system"))  # fmt: skip
     if ids is None:
         return ""
     answer = max(len(ids["chosen_input_ids"]), len(ids["rejected_input_ids"]))

@@ -54,6 +54,7 @@ class PreferencePair:
     chosen_score: float
     rejected_score: float
     videos: tuple[str, ...] = ()
+    system: str | None = None  # the system message (None: the chat template's default)
 
     def __post_init__(self) -> None:  # one key, a list or None as well
         object.__setattr__(self, "images", as_keys(self.images))
@@ -391,11 +392,8 @@ def pairs_from_preference_rows(
             continue
         chosen_score = 1.0 if row.chosen_score is None else row.chosen_score
         rejected_score = 0.0 if row.rejected_score is None else row.rejected_score
-        pairs.append(
-            PreferencePair(
-                row.id, row.prompt, row.images, row.chosen, row.rejected, chosen_score, rejected_score, row.videos
-            )
-        )
+        pair = (row.id, row.prompt, row.images, row.chosen, row.rejected, chosen_score, rejected_score)
+        pairs.append(PreferencePair(*pair, videos=row.videos, system=row.system))
         report.rows_kept += 1
         report.pairs_kept += 1
     return _finish(pairs, report)

@@ -61,6 +61,7 @@ class PreferenceRow:
     chosen_score: float | None = None
     rejected_score: float | None = None
     videos: tuple[str, ...] = ()
+    system: str | None = None  # the system message (None: the chat template's default)
 
 
 RowT = TypeVar("RowT")
@@ -235,6 +236,9 @@ def normalize_preference_row(
     prompt = _require(raw, "prompt", str)
     chosen = _require(raw, "chosen", str)
     rejected = _require(raw, "rejected", str)
+    system = raw.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RowError("wrong_type", f"system is {type(system).__name__}")
     images = _media_keys(raw, "image", "images", media)
     videos = _media_keys(raw, "video", "videos", media)
     if raw.get("id") is not None:
@@ -251,6 +255,7 @@ def normalize_preference_row(
         rejected=rejected,
         chosen_score=_optional_score(raw, "chosen_score"),
         rejected_score=_optional_score(raw, "rejected_score"),
+        system=system or None,  # "" as data files write an unset one
     )
 
 

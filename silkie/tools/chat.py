@@ -223,7 +223,7 @@ def chat_once(
     adapter_dir: str | Path | None = None,
     options: GenerationOptions | None = None,
     compare: bool = False,
-    system: str = DEFAULT_SYSTEM,
+    system: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
     write: Callable[[str], Any] | None = None,
@@ -233,8 +233,8 @@ def chat_once(
     """Load the model (+adapter), build the prompt, stream the answer(s) to `write`; returns them by name.
 
     `image`: one picture or several (in order; placed by `<image>` markers in the question, else first); `videos`
-    (Qwen2-VL families) likewise. `system` and `history` (earlier turns) apply to Qwen-VL-Chat (the
-    transformers-native families use their chat template's default system turn, and one turn)."""
+    (Qwen2-VL families) likewise. `system`: the system message (None: the family's default, as in training);
+    `history` (earlier turns) applies to Qwen-VL-Chat (the transformers-native families take one turn)."""
     if compare and adapter_dir is None:
         raise ToolError("--compare needs --adapter (the base answer is the model with the adapter disabled)")
     for path in as_paths(image):
@@ -246,12 +246,16 @@ def chat_once(
         if as_paths(videos):
             raise ToolError("--video: Qwen-VL-Chat takes images, not video (qwen2_vl / qwen2_5_vl do)")
         tokenizer = qwen_vl_tokenizer(chat)
-        input_ids, images = qwen_vl_inputs(chat, tokenizer, image, question, system, history)
+        input_ids, images = qwen_vl_inputs(
+            chat, tokenizer, image, question, DEFAULT_SYSTEM if system is None else system, history
+        )
     else:
         _one_turn_only(chat.family, history)
         if not as_paths(image) and not as_paths(videos):
             raise ToolError(f"--image (or --video) is needed for {chat.family}")
-        tokenizer, input_ids, images = family_inputs(model_dir, adapter_dir, chat.config, image, videos, question)
+        tokenizer, input_ids, images = family_inputs(
+            model_dir, adapter_dir, chat.config, image, videos, question, system
+        )
     images = chat.to_device(images)
     return answer_with_labels(chat.model, tokenizer, input_ids.to(chat.device), images, options, compare, write)
 

@@ -38,7 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-history", help="write the conversation (history included) to this JSON file")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (256)")
     parser.add_argument("--compare", action="store_true", help="print base and DPO answers (needs --adapter)")
-    parser.add_argument("--system", help="system message (default: Qwen-VL-Chat's 'You are a helpful assistant.')")
+    parser.add_argument(
+        "--system",
+        help="system message (default: the family's, e.g. Qwen-VL-Chat's 'You are a helpful assistant.'; '' for none)",
+    )
     parser.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.8, help="nucleus mass with --sample (0.8)")
     parser.add_argument("--temperature", type=float, default=1.0, help="temperature with --sample (1.0)")
@@ -100,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
     )
-    system = DEFAULT_SYSTEM if args.system is None else args.system  # --system '' means none
     if args.interactive or args.save_history:
         asked = questions(args.question) if args.interactive else iter([args.question])
         converse(
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             adapter_dir=args.adapter,
             history=history,
             options=options,
-            system=system,
+            system=DEFAULT_SYSTEM if args.system is None else args.system,  # --system '' means none
             dtype=args.dtype,
             device=args.device,
             on_turn=(lambda turns: write_history(args.save_history, turns)) if args.save_history else None,
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_dir=args.adapter,
         options=options,
         compare=args.compare,
-        system=system,
+        system=args.system,  # None: the family's default (--system '' means none)
         dtype=args.dtype,
         device=args.device,
         history=history,

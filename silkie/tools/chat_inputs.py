@@ -128,16 +128,16 @@ class FamilyPrompter:
         self.codec = load_codec_from(model_dir, adapter_dir, section=section)
         self.processor = get_family(self.family).image_processor(config, section)
 
-    def __call__(self, images: Paths, videos: Paths, question: str) -> tuple:
+    def __call__(self, images: Paths, videos: Paths, question: str, system: str | None = None) -> tuple:
         """(tokenizer, prompt ids [1, L], image/video tensors): pictures and videos placed by `<image>` / `<video>`
         markers in the question, else first, each marker expanded to its feature-token count as the collator
-        does."""
+        does; `system`: the system message (None: the template's default)."""
         from silkie.data.collator import PairCollator
         from silkie.models.family import ImageBatch, PairTextError
 
         config, images, videos = self.config, as_paths(images), as_paths(videos)
         try:
-            prompt = self.codec.prompt_ids(question, [str(p) for p in images], [str(v) for v in videos])
+            prompt = self.codec.prompt_ids(question, [str(p) for p in images], [str(v) for v in videos], system)
         except PairTextError as err:
             raise ToolError(f"{self.family}: {err}") from err
         pictures = [read_image(path) for path in images]
@@ -153,9 +153,17 @@ class FamilyPrompter:
         return self.codec.tokenizer, torch.tensor([ids]), tensors
 
 
-def family_inputs(model_dir: Any, adapter_dir: Any, config: Any, images: Paths, videos: Paths, question: str) -> tuple:
+def family_inputs(
+    model_dir: Any,
+    adapter_dir: Any,
+    config: Any,
+    images: Paths,
+    videos: Paths,
+    question: str,
+    system: str | None = None,
+) -> tuple:
     """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) of one question (`FamilyPrompter`)."""
-    return FamilyPrompter(model_dir, adapter_dir, config)(images, videos, question)
+    return FamilyPrompter(model_dir, adapter_dir, config)(images, videos, question, system)
 
 
 class PromptBuilder:

@@ -82,19 +82,28 @@ class ChatTemplateCodec:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_text(self, prompt: str, images: Any = (), videos: Any = ()) -> str:
-        """The rendered user turn + generation prompt (one placeholder per image / video)."""
-        return self._render(self._user(prompt, images, videos), True)
+    def prompt_text(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> str:
+        """The rendered system turn (`system`, else the template's default) + user turn + generation prompt (one
+        placeholder per image / video); `PairTextError("system_unsupported")` when the template leaves a system
+        message out (llava-hf's renders none)."""
+        user = self._user(prompt, images, videos)
+        if system is None:
+            return self._render(user, True)
+        text = self._render([{"role": "system", "content": [{"type": "text", "text": system}]}, *user], True)
+        if system.strip() and system.strip() not in text:
+            raise PairTextError("system_unsupported", f"{type(self.processor).__name__}'s chat template leaves the "
+                                "system message out")  # fmt: skip
+        return text
 
-    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = ()) -> list[int]:
+    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> list[int]:
         """Token ids of `prompt_text`; `PairTextError` when the text holds an image/video token itself
-        (`image_tag_in_text`), markers do not match the media (`image_marker_mismatch`) or the family takes no
-        video (`video_unsupported`)."""
-        text = "".join(s.value for s in media_segments(prompt, images, videos) if s.kind == "text")
+        (`image_tag_in_text`), markers do not match the media (`image_marker_mismatch`), the family takes no
+        video (`video_unsupported`) or the template no system message (`system_unsupported`)."""
+        text = "".join(s.value for s in media_segments(prompt, images, videos) if s.kind == "text") + (system or "")
         tag = next((tag for tag in self._tags if tag in text), None)
         if tag is not None:
             raise PairTextError("image_tag_in_text", f"the prompt contains the model's media token {tag!r}")
-        return self._ids(self.prompt_text(prompt, images, videos))
+        return self._ids(self.prompt_text(prompt, images, videos, system))
 
     def video_token_budget(self, max_frames: int) -> int:
         """Most tokens a video of `max_frames` sampled frames takes (its frames at the largest size)."""

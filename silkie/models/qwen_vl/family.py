@@ -53,13 +53,14 @@ class QwenVLCodec:
         self.pad_token_id = tokenizer.pad_token_id
         self.image_marker_id = tokenizer.img_start_id
 
-    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = ()) -> list[int]:
-        """Chat context with the system prompt; `PairTextError` for an image tag in the prompt's text
-        (`image_tag_in_text`), an image key over the tokenizer's limit (`bad_image_key`), markers that do not
-        match the images (`image_marker_mismatch`) or a video (`video_unsupported`)."""
+    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> list[int]:
+        """Chat context with the system prompt (`system`, else Qwen-VL-Chat's "You are a helpful assistant.");
+        `PairTextError` for an image tag in the prompt's text (`image_tag_in_text`), an image key over the
+        tokenizer's limit (`bad_image_key`), markers that do not match the images (`image_marker_mismatch`) or a
+        video (`video_unsupported`)."""
         query = format_query(prompt, images, videos)
         try:
-            ids = self.tokenizer.build_chat_context(query)
+            ids = self.tokenizer.build_chat_context(query, **({"system": system} if system is not None else {}))
         except ValueError as err:  # an unclosed <img> in the text, or a key over 254 bytes
             raise PairTextError("image_tag_in_text" if self._refuses(prompt) else "bad_image_key", str(err)) from err
         return self._no_stray_tags(ids, len(as_keys(images)))

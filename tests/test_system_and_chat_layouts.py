@@ -1,0 +1,121 @@
+"""A pair's system message (a `system` column, or the system turn of a conversation) reaches the prompt ids of every
+family, and LLaMA-Factory's ShareGPT and ms-swift's RLHF rows read as the same pairs as TRL's conversational ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from silkie.data.formatting import cache_key, encode_pair, tokenize_pairs
+from silkie.data.pairs import PreferencePair, pairs_from_preference_rows
+from silkie.data.sources import RowError, normalize_preference_row
+from silkie.models.qwen_vl.tokenization import QWenTokenizer
+
+from .data_fixtures import write_tiny_vocab
+from .hf_fixtures import BUILDERS, model_section
+
+USER = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}
+SYSTEM = {"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]}
+ANSWERS = {"chosen": [{"role": "assistant", "content": "Red."}],
+           "rejected": [{"role": "assistant", "content": "Blue."}]}  # fmt: skip
+EXPECTED = ("<image>Which colour?", "Red.", "Blue.", ("a.jpg",), "Answer in one word.")
+
+
+def fields(row) -> tuple:
+    return row.prompt, row.chosen, row.rejected, row.images, row.system
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [{"prompt": [SYSTEM, USER], **ANSWERS, "images": ["a.jpg"]},  # TRL, explicit prompt
+     {"chosen": [SYSTEM, USER, *ANSWERS["chosen"]], "rejected": [SYSTEM, USER, *ANSWERS["rejected"]],
+      "images": ["a.jpg"]},  # TRL, implicit prompt
+     {"prompt": "<image>Which colour?", "chosen": "Red.", "rejected": "Blue.", "image": "a.jpg",
+      "system": "Answer in one word."},  # a plain row with a system column
+     {"conversations": [{"from": "human", "value": "<image>Which colour?"}], "chosen": {"from": "gpt", "value": "Red."},
+      "rejected": {"from": "gpt", "value": "Blue."}, "system": "Answer in one word.", "images": ["a.jpg"]},  # LLaMA-F.
+     {"conversations": [{"from": "system", "value": "Answer in one word."},
+                        {"from": "human", "value": "<image>Which colour?"}],
+      "chosen": {"from": "gpt", "value": "Red."}, "rejected": {"from": "gpt", "value": "Blue."}, "system": "",
+      "images": ["a.jpg"]},  # LLaMA-Factory, a system turn (its empty system column: none)
+     {"messages": [{"role": "system", "content": "Answer in one word."},
+                   {"role": "user", "content": "<image>Which colour?"}, {"role": "assistant", "content": "Red."}],
+      "rejected_response": "Blue.", "images": ["a.jpg"]}],  # ms-swift
+    ids=["trl", "trl-implicit", "plain", "sharegpt", "sharegpt-system-turn", "ms-swift"],
+)  # fmt: skip
+def test_every_layout_gives_the_same_pair_with_its_system_message(raw):
+    assert fields(normalize_preference_row(raw)) == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "detail"),
+    [({"prompt": [SYSTEM, USER], **ANSWERS, "system": "Be brief."}, "wrong_type",
+      "both a system column and a system message"),
+     ({"prompt": [USER, *ANSWERS["chosen"], USER], **ANSWERS}, "unsupported_conversation",
+      "prompt has the roles ['user', 'assistant', 'user']"),
+     ({"conversations": [{"from": "observation", "value": "x"}], "chosen": {"from": "gpt", "value": "a"},
+       "rejected": {"from": "gpt", "value": "b"}}, "unsupported_conversation",
+      "conversations[0] is from 'observation'"),
+     ({"messages": [{"role": "user", "content": "Q"}], "rejected_response": "b"}, "unsupported_conversation",
+      "messages end without the assistant's (chosen) answer"),
+     ({"prompt": "Q", "chosen": "a", "rejected": "b", "system": 3}, "wrong_type", "system is int")],
+)  # fmt: skip
+def test_what_a_chat_row_cannot_hold_is_refused_by_row(raw, reason, detail):
+    with pytest.raises(RowError) as caught:
+        normalize_preference_row(raw)
+    assert caught.value.reason == reason and caught.value.detail.startswith(detail), caught.value.detail
+
+
+def test_qwen_vl_puts_the_system_message_where_the_default_was(tmp_path):
+    tokenizer = QWenTokenizer.from_pretrained(write_tiny_vocab(tmp_path))
+    plain, _ = encode_pair("Describe the image.", "merged_images/p1.jpg", "yes", "no", tokenizer)
+    told, _ = encode_pair("Describe the image.", "merged_images/p1.jpg", "yes", "no", tokenizer, system="Be a picture.")
+    query = tokenizer.build_chat_context  # the original make_context with that system text
+    assert plain["prompt_input_ids"] == query("Picture 1: <img>merged_images/p1.jpg</img>\nDescribe the image.")
+    assert told["prompt_input_ids"] == query("Picture 1: <img>merged_images/p1.jpg</img>\nDescribe the image.",
+                                             system="Be a picture.")  # fmt: skip
+    assert told["prompt_input_ids"] != plain["prompt_input_ids"]
+    assert told["chosen_input_ids"] == plain["chosen_input_ids"]
+    assert "<|im_start|>system\nBe a picture.<|im_end|>" in tokenizer.decode(told["prompt_input_ids"])
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_hf_families_render_the_system_message_or_drop_the_pair(family, tmp_path):
+    from silkie.models.loading import load_tokenizer
+
+    codec = load_tokenizer(model_section(BUILDERS[family](tmp_path), family))
+    pairs = [PreferencePair("p0", "<image>Which colour?", ("a.png",), "Red.", "Blue.", 1.0, 0.0),
+             PreferencePair("p1", "<image>Which colour?", ("a.png",), "Red.", "Blue.", 1.0, 0.0,
+                            system="Answer in one word.")]  # fmt: skip
+    plain, told = (encode_pair(p.prompt, p.images, p.chosen, p.rejected, codec, system=p.system) for p in pairs)
+    text = codec.tokenizer.decode(told[0]["prompt_input_ids"])
+    if family == "llava":  # llava-hf's template writes a system message as plain text before USER:
+        assert text.startswith("Answer in one word. USER:") and not codec.tokenizer.decode(
+            plain[0]["prompt_input_ids"]).startswith("Answer")  # fmt: skip
+    else:  # chatml: the system turn in place of the template's default one
+        assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "helpful assistant" not in text
+        assert "helpful assistant" in codec.tokenizer.decode(plain[0]["prompt_input_ids"])
+    dataset = tokenize_pairs(pairs, codec, max_length=4096)
+    assert [list(ids) for ids in dataset["prompt_input_ids"]] == [plain[0]["prompt_input_ids"],
+                                                                 told[0]["prompt_input_ids"]]  # fmt: skip
+    template = codec.processor.chat_template
+    codec.processor.chat_template = (  # a template that renders user and assistant turns only
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'][-1]['text'] }} "
+        "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'][-1]['text'] }} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    try:
+        told = encode_pair(pairs[1].prompt, pairs[1].images, "Red.", "Blue.", codec, system=pairs[1].system)
+    finally:
+        codec.processor.chat_template = template  # the processor is cached per folder: leave it as found
+    assert told == (None, "system_unsupported")
+
+
+def test_a_system_message_keys_the_cache_and_pairs_without_one_keep_their_key(tmp_path):
+    tokenizer = QWenTokenizer.from_pretrained(write_tiny_vocab(tmp_path))
+    record = {"prompt_id": "p", "prompt": "Q", "images": [], "videos": [], "chosen": "a", "rejected": "b",
+              "chosen_score": 1.0, "rejected_score": 0.0}  # fmt: skip
+    key = cache_key([record], tokenizer, 64, "drop")
+    assert key == cache_key([{**record, "system": None}], tokenizer, 64, "drop")
+    assert key != cache_key([{**record, "system": "Be brief."}], tokenizer, 64, "drop")
+    pairs, _ = pairs_from_preference_rows([{"prompt": "Q", "chosen": "a", "rejected": "b", "system": "Be brief."}])
+    assert pairs[0].system == "Be brief." and pairs[0].to_dict()["system"] == "Be brief."
