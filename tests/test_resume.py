@@ -185,6 +185,8 @@ def test_an_extended_run_trains_its_first_new_step_on_the_new_schedule(assets, t
     assert result["train_loss"] == pytest.approx(sum(losses.values()) / 5, abs=1e-6)
     assert abs(result["train_loss"] - (losses[4] + losses[5]) / 2) > 1e-4
     assert json.loads((working / "final_metrics.json").read_text())["train_loss"] == result["train_loss"]
+    tokens = {r["step"]: r["num_tokens"] for r in read_metrics(working) if "loss" in r and "train_runtime" not in r}
+    assert 0 < tokens[1] < tokens[2] < tokens[3] < tokens[4] < tokens[5]  # the resume counts on from step 3
 
 
 def test_ctrl_c_stops_at_once_before_training_and_after_a_step_once_training_began():

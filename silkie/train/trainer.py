@@ -240,7 +240,15 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         loss, metrics = self.dpo_step(model, inputs)
         self._check_finite(loss)
         self._store_metrics(metrics, "train" if model.training else "eval")
+        if model.training:
+            self._count_tokens(inputs)
         return (loss, metrics) if return_outputs else loss
+
+    def _count_tokens(self, batch: dict) -> None:
+        """TRL's `num_tokens`: the tokens trained on, counted as TRL does (prompt + chosen and prompt + rejected,
+        media tokens included), over all ranks; kept in the Trainer state, so a resumed run counts on."""
+        masks = [batch[f"{name}_attention_mask"].sum() for name in ("prompt", "prompt", "chosen", "rejected")]
+        self.state.num_input_tokens_seen += int(self.accelerator.reduce(torch.stack(masks).sum(), "sum").item())
 
     def _stop_callback(self) -> PreemptionCallback | None:
         return next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
@@ -317,4 +325,6 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
                 if count > 0:
                     logs[f"{prefix}{name}"] = total / count
         self._metrics[mode].clear()
+        if mode == "train":
+            logs["num_tokens"] = float(self.state.num_input_tokens_seen)
         super().log(logs, start_time)
