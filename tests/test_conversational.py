@@ -38,7 +38,7 @@ def test_the_implicit_prompt_is_the_turns_both_conversations_share():
      ({"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "a", "rejected": "b"}, "wrong_type",
       "prompt: a part {'type': 'audio'}"),
      ({"prompt": "Q", "chosen": "a", "rejected": "b", "images": [{"bytes": b"\xff\xd8", "path": None}]},
-      "embedded_media", "images[0] holds the picture itself (a datasets Image column), and this reader has no folder")],
+      "embedded_media", "images[0] holds the picture itself (a datasets Image column): checking it needs a folder")],
 )  # fmt: skip
 def test_what_a_row_cannot_hold_is_refused_with_its_reason(raw, reason, detail):
     with pytest.raises(RowError) as caught:

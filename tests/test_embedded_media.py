@@ -72,14 +72,24 @@ def test_a_saved_image_column_is_read_as_stored_not_decoded(tmp_path):
         (0, 100, 50), (10, 100, 50), (20, 100, 50)]  # fmt: skip
 
 
-def test_a_path_only_image_and_a_pil_image_become_keys(tmp_path):
-    media = EmbeddedMedia(tmp_path)
+def test_path_only_and_pil_pictures_become_keys(tmp_path):
+    media = EmbeddedMedia(tmp_path / "media")
     row = normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
                                     "images": [{"bytes": None, "path": "pictures/1.jpg"}]}, media)  # fmt: skip
-    assert row.images == ("pictures/1.jpg",)
+    assert row.images == ("pictures/1.jpg",)  # a file under data.images
+    red = jpeg_bytes((200, 30, 30))
+    (tmp_path / "red.jpg").write_bytes(red)  # an absolute path (Dataset.to_parquet of a cast Image column)
     row = normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
-                                    "image": Image.new("RGB", (3, 3), (1, 2, 3))}, media)  # fmt: skip
-    assert Image.open(tmp_path / row.images[0]).getpixel((2, 2)) == (1, 2, 3)  # lossless (PNG)
+                                    "images": [{"bytes": None, "path": str(tmp_path / "red.jpg")}]}, media)  # fmt: skip
+    media.commit()
+    assert (tmp_path / "media" / row.images[0]).read_bytes() == red
+    row = normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
+                                    "image": Image.new("CMYK", (3, 3), (1, 2, 3, 0))}, media)  # fmt: skip
+    media.commit()
+    assert Image.open(tmp_path / "media" / row.images[0]).mode == "RGB"  # PNG holds no CMYK
+    with pytest.raises(ValueError, match=r"images\[0\]: cannot read /no/such.jpg"):
+        normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
+                                  "images": [{"bytes": None, "path": "/no/such.jpg"}]}, media)  # fmt: skip
     with pytest.raises(ValueError, match=r"images\[0\] holds neither bytes nor a path"):
         normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b",
                                   "images": [{"bytes": None, "path": None}]}, media)  # fmt: skip
@@ -170,3 +180,79 @@ def test_prepare_checks_a_file_with_its_own_column_names(tmp_path, capsys):
     assert "dropped={missing_field: 2 (first: row 0: prompt)}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--columns", "question"])
+
+
+def test_a_short_file_left_at_a_key_is_written_again(tmp_path):
+    red = jpeg_bytes((200, 30, 30))
+    parquet = write_trl_parquet(tmp_path / "pairs.parquet", [red])
+    key = load_preference_file(parquet, media=EmbeddedMedia(tmp_path / "media")).rows[0].images[0]
+    (tmp_path / "media" / key).write_bytes(red[:10])  # a crash, or a partial copy of the cache
+    load_preference_file(parquet, media=EmbeddedMedia(tmp_path / "media"))
+    assert (tmp_path / "media" / key).read_bytes() == red
+    assert [p.name for p in (tmp_path / "media").rglob(".*")] == []  # no staging file left
+
+
+def test_max_prompts_writes_only_the_pictures_of_the_prompts_it_keeps(tmp_path):
+    pictures = [png_bytes((10 * index, 0, 0)) for index in range(6)]
+    parquet = write_trl_parquet(tmp_path / "pairs.parquet", pictures)  # one prompt per picture
+    section = DataSection(source="preference", path=str(parquet), eval_fraction=0.0, max_prompts=2)
+    pairs, _, _, _ = build_pairs(section, tmp_path / "media")
+    written = sorted(path.read_bytes() for path in (tmp_path / "media").rglob("*.*"))
+    assert len(pairs) == 2 and written == sorted(pictures[:2])
+
+
+def test_pictures_prepare_wrote_into_data_images_are_not_written_again(tmp_path):
+    from silkie.tools.prepare_cli import main
+
+    red = jpeg_bytes((200, 30, 30))
+    parquet = write_trl_parquet(tmp_path / "pairs.parquet", [red, red])
+    assert main([str(parquet), str(tmp_path / "pictures")]) == 0
+    section = DataSection(source="preference", path=str(parquet), images=str(tmp_path / "pictures"),
+                          eval_fraction=0.0)  # fmt: skip
+    pairs, _, store, _ = build_pairs(section, tmp_path / "cache" / "media")
+    assert store.read_bytes(pairs[0].images[0]) == red and not list((tmp_path / "cache").rglob("*.*"))
+
+
+def test_a_file_named_embedded_under_data_images_is_read_from_there(tmp_path):
+    (tmp_path / "files" / "embedded").mkdir(parents=True)
+    (tmp_path / "files" / "embedded" / "a.png").write_bytes(png_bytes((1, 2, 3)))
+    rows = [{"id": "file", "prompt": "Q", "chosen": "a", "rejected": "b", "images": [{"bytes": None,
+                                                                                       "path": "embedded/a.png"}]},
+            {"id": "held", "prompt": "Q2", "chosen": "a", "rejected": "b",
+             "images": [{"bytes": png_bytes((4, 5, 6)), "path": None}]}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    section = DataSection(source="preference", path=str(tmp_path / "pairs.parquet"), images=str(tmp_path / "files"),
+                          eval_fraction=0.0)  # fmt: skip
+    pairs, _, store, report = build_pairs(section, tmp_path / "media")
+    assert report.pairs_kept == 2 and store.open("embedded/a.png").getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_a_folder_of_hub_parquet_shards_reads_its_train_and_test_splits(tmp_path):
+    shards = tmp_path / "rlaif-v_formatted" / "data"
+    shards.mkdir(parents=True)
+    for split, count in (("train", 3), ("test", 1)):
+        for shard in range(2):
+            write_trl_parquet(shards / f"{split}-0000{shard}-of-00002.parquet", [png_bytes((shard, count, 0))] * count)
+    section = DataSection(source="preference", path=str(tmp_path / "rlaif-v_formatted"),
+                          eval_path=str(tmp_path / "rlaif-v_formatted"))  # fmt: skip
+    pairs, held_out, _, report = build_pairs(section, tmp_path / "media")
+    assert report.rows_seen == 6 and len(held_out) == 2  # train's 2 x 3 rows; test's 2 x 1 held out
+    with pytest.raises(InputError, match=r"are of the splits \['test', 'train'\], none of \['validation'\]"):
+        load_preference_file(tmp_path / "rlaif-v_formatted", splits=("validation",))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="is a folder with neither a saved dataset nor parquet files"):
+        load_preference_file(tmp_path / "empty")
+
+
+def test_data_columns_naming_no_column_of_the_file_is_refused_and_a_field_named_column_moves(tmp_path):
+    rows = rlaif_v_rows([jpeg_bytes()])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rlaif.parquet")
+    with pytest.raises(InputError, match=r"data.columns.image = 'imgg' names no column of .*rlaif.parquet \(its "
+                                         r"columns: chosen, ds_name, idx, image, image_path, question"):  # fmt: skip
+        load_preference_file(tmp_path / "rlaif.parquet", media=EmbeddedMedia(tmp_path / "media"),
+                             columns={"prompt": "question", "image": "imgg"})  # fmt: skip
+    listed = [{**row, "image": [row["image"]] * 2} for row in rows]  # a list of pictures in a column `image`
+    pq.write_table(pa.Table.from_pylist(listed), tmp_path / "listed.parquet")
+    loaded = load_preference_file(tmp_path / "listed.parquet", media=EmbeddedMedia(tmp_path / "media"),
+                                  columns={"prompt": "question", "images": "image"})  # fmt: skip
+    assert not loaded.skipped and len(loaded.rows[0].images) == 2  # not "both image and images are set"

@@ -124,7 +124,8 @@ class DataSection:
     )
     path: str = key(
         "",
-        "The jsonl file, dataset id or preference file to read.",
+        "What to read: the release jsonl (vlfeedback), a dataset id or folder (hf), or a preference file, folder of "
+        "parquet shards or save_to_disk folder (preference).",
         "data.build:_load_rows",
     )
     images: str | None = key(

@@ -44,7 +44,10 @@ def _load_rows(data: DataSection, key: str = "path", media: EmbeddedMedia | None
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
     splits = ("train",) if key == "path" else ("test", "validation", "eval", "train")  # held-out pairs: not train
-    return load_preference_file(path, key=f"data.{key}", splits=splits, media=media, columns=data.columns)
+    keep = FirstPrompts(data.max_prompts) if data.max_prompts is not None and key == "path" else None
+    return load_preference_file(
+        path, key=f"data.{key}", splits=splits, media=media, columns=data.columns, keep=keep
+    )
 
 
 def media_limits(data: DataSection) -> MediaLimits:
@@ -52,17 +55,25 @@ def media_limits(data: DataSection) -> MediaLimits:
     return MediaLimits(max_images=data.max_images_per_pair, max_videos=data.max_videos_per_pair)
 
 
+class FirstPrompts:
+    """Whether a row is one of the first `count` prompts' (question + media; a preference file may hold several
+    pairs each), asked row by row in file order."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.keys: set[tuple] = set()
+
+    def __call__(self, row: Any) -> bool:
+        key = (row.prompt, row.images, row.videos)
+        if key not in self.keys and len(self.keys) < self.count:
+            self.keys.add(key)
+        return key in self.keys
+
+
 def first_prompts(rows: list, count: int) -> list:
     """The rows of the first `count` prompts (question + media; a preference file may hold several pairs each)."""
-    keys: set[tuple] = set()
-    kept = []
-    for row in rows:
-        key = (row.prompt, row.images, row.videos)
-        if key not in keys and len(keys) < count:
-            keys.add(key)
-        if key in keys:
-            kept.append(row)
-    return kept
+    keep = FirstPrompts(count)
+    return [row for row in rows if keep(row)]
 
 
 def build_pairs(
@@ -71,14 +82,16 @@ def build_pairs(
     """Load the source, build preference pairs as the recipe says and split them by prompt; pictures held in the
     rows are written to `media_dir` (without one such rows are dropped as `embedded_media`)."""
     store = open_image_store(data.images) if data.images else None
-    media = EmbeddedMedia(media_dir) if media_dir is not None else None
+    # pictures the rows hold that `silkie prepare` wrote into a data.images folder are read from there
+    elsewhere = [data.images] if data.images and Path(data.images).is_dir() else []
+    media = EmbeddedMedia(media_dir, elsewhere) if media_dir is not None else None
     rows = _load_rows(data, media=media)
     if data.max_prompts is not None:  # in place: the loader's skip counts stay in the report
         rows.rows = first_prompts(rows.rows, data.max_prompts)
     if store is None:
         _check_no_media(rows, data.path)
     if media is not None and media.keys_given:
-        store = WithEmbedded(media.folder, store)
+        store = WithEmbedded(media.folder, store, elsewhere)
     ignored = unused_rating_rules(data) if data.source == "preference" else []
     if ignored:
         logger.warning(
@@ -95,7 +108,7 @@ def build_pairs(
     if data.images is None:
         _check_no_media(eval_rows, data.eval_path)
     if media is not None and media.keys_given and not isinstance(store, WithEmbedded):
-        store = WithEmbedded(media.folder, store)
+        store = WithEmbedded(media.folder, store, elsewhere)
     evaluation, eval_report = pairs_for(eval_rows, data, store, data.eval_path)
     logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
     shared = {(p.prompt, p.images, p.videos) for p in pairs} & {(p.prompt, p.images, p.videos) for p in evaluation}

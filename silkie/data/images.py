@@ -232,6 +232,7 @@ class FolderImageStore:
         """The first file's path under the root (in walk order, directories sorted)."""
         for folder, subfolders, files in os.walk(self.root):
             subfolders.sort()
+            files = [name for name in files if not name.startswith(".")]  # e.g. a staging file left by a crash
             if files:
                 return str((Path(folder) / min(files)).relative_to(self.root))
         return None

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -21,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from silkie.data.conversational import plain_row
 from silkie.data.embedded import EmbeddedMedia, is_embedded
 from silkie.data.images import image_key
+from silkie.data.records import is_saved_dataset, jsonl_records, preference_records
 from silkie.data.row_error import RowError
 from silkie.errors import InputError, MissingInputError
 
@@ -183,8 +183,8 @@ def _media_key(value: Any, where: str, media: EmbeddedMedia | None) -> str:
     if not is_embedded(value):
         return value
     if media is None:
-        raise RowError("embedded_media", f"{where} holds the picture itself (a datasets Image column), and this "
-                       "reader has no folder to write it to")  # fmt: skip
+        raise RowError("embedded_media", f"{where} holds the picture itself (a datasets Image column): checking it "
+                       "needs a folder to write it into, not a zip")  # fmt: skip
     return media.key(value, where)
 
 
@@ -212,10 +212,11 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str, media: EmbeddedMedi
 
 def renamed_columns(raw: Mapping[str, Any], columns: Mapping[str, str] | None) -> Mapping[str, Any]:
     """`raw` with the file's own columns under the fields `columns` (`data.columns`: field -> column) maps them to;
-    a file column named like a mapped field is not read."""
+    a file column named like a mapped field is not read, nor is a mapped column under its own name."""
     if not columns:
         return raw
-    row = {name: value for name, value in raw.items() if name not in columns}
+    sources = set(columns.values())  # `{images: image}`: the file's `image` is read as images only
+    row = {name: value for name, value in raw.items() if name not in columns and name not in sources}
     for field_name, column in columns.items():
         if raw.get(column) is not None:
             row[field_name] = raw[column]
@@ -259,8 +260,15 @@ def normalize_preference_row(
     )
 
 
-def collect_rows(name: str, raw_rows: Iterable[Any], normalize: Any) -> LoadedRows:
-    """Normalize `raw_rows` with `normalize`, skipping and counting rows that raise `RowError`."""
+def collect_rows(
+    name: str,
+    raw_rows: Iterable[Any],
+    normalize: Any,
+    media: EmbeddedMedia | None = None,
+    keep: Callable[[Any], bool] | None = None,
+) -> LoadedRows:
+    """Normalize `raw_rows` with `normalize`, skipping and counting rows that raise `RowError`; `keep` leaves rows
+    out uncounted (e.g. past `data.max_prompts`), and `media` writes the pictures of the rows kept."""
     loaded: LoadedRows = LoadedRows(name=name)
     for index, raw in enumerate(raw_rows):
         loaded.rows_seen += 1
@@ -268,47 +276,18 @@ def collect_rows(name: str, raw_rows: Iterable[Any], normalize: Any) -> LoadedRo
             loaded.skip(raw.reason, raw.detail or f"row {index}")
             continue
         try:
-            loaded.rows.append(normalize(raw))
+            row = normalize(raw)
         except RowError as error:
             loaded.skip(error.reason, _row_id(raw, f"row {index}"), error.detail)
+            row = None
+        if row is None or (keep is not None and not keep(row)):
+            if media is not None:
+                media.discard()
+            continue
+        if media is not None:
+            media.commit()
+        loaded.rows.append(row)
     return loaded
-
-
-def _jsonl_records(path: Path) -> Iterator[Any]:
-    with path.open("rb") as handle:  # bytes: one line with invalid UTF-8 is skipped, not fatal
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield RowError("bad_encoding", f"line {line_number}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield RowError("bad_json", f"line {line_number}")
-
-
-def _json_records(path: Path) -> Iterator[Any]:
-    """A `.json` file: a JSON array of rows, or (as often in practice) JSON lines."""
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
-    if not head.startswith(b"["):
-        yield from _jsonl_records(path)
-        return
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
-    yield from data
-
-
-def _parquet_records(path: Path) -> Iterator[Any]:
-    import pyarrow.parquet as pq
-
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
 
 
 def load_vlfeedback_jsonl(path: str | os.PathLike[str]) -> LoadedRows[FeedbackRow]:
@@ -316,12 +295,7 @@ def load_vlfeedback_jsonl(path: str | os.PathLike[str]) -> LoadedRows[FeedbackRo
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"VLFeedback jsonl not found: {path}")
-    return collect_rows(str(path), _jsonl_records(path), normalize_feedback_row)
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """Whether `path` is a folder `datasets.Dataset(Dict).save_to_disk` wrote."""
-    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json"))
+    return collect_rows(str(path), jsonl_records(path), normalize_feedback_row)
 
 
 def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train") -> LoadedRows[FeedbackRow]:
@@ -349,43 +323,32 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
     return collect_rows(source, iter(dataset), normalize_feedback_row)
 
 
-def _dataset_records(dataset: Any) -> Iterator[Any]:
-    """A `datasets.Dataset`'s rows as stored: an Image / Video column as its `{bytes, path}`, not decoded."""
-    for batch in dataset.with_format("arrow").iter(batch_size=256):
-        yield from batch.to_pylist()
-
-
 def load_preference_file(
     path: str | os.PathLike[str],
     key: str = "data.path",
     splits: tuple[str, ...] = ("train",),
     media: EmbeddedMedia | None = None,
     columns: Mapping[str, str] | None = None,
+    keep: Callable[[Any], bool] | None = None,
 ) -> LoadedRows[PreferenceRow]:
-    """Load a generic preference file (.jsonl, .json, .parquet, or a `save_to_disk` folder) with prompt/chosen/rejected
-    [/image(s)/video(s)/id] (or the `columns` that hold them), plain or in TRL's conversational format; `media` writes
-    out pictures held in rows."""
+    """Load a generic preference source (.jsonl, .json, .parquet, a folder of parquet shards or a `save_to_disk`
+    folder) with prompt/chosen/rejected[/system/image(s)/video(s)/id] (or the `columns` that hold them), plain or in
+    a chat layout; `media` writes out the pictures rows hold, `keep` (e.g. the first N prompts) selects rows."""
     path = Path(path)
-    normalize = functools.partial(normalize_preference_row, media=media, columns=columns)
-    if is_saved_dataset(path):  # a `datasets` save_to_disk folder of pairs
-        import datasets
+    seen: set[str] = set()
 
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            split = next((name for name in splits if name in dataset), None)
-            if split is None:
-                raise InputError(f"{key}: saved dataset {path} has none of the splits {splits} (has {list(dataset)})")
-            dataset = dataset[split]
-        return collect_rows(str(path), _dataset_records(dataset), normalize)
-    if not path.is_file():
-        raise MissingInputError(f"preference file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        records = _parquet_records(path)
-    elif suffix == ".jsonl":
-        records = _jsonl_records(path)
-    elif suffix == ".json":
-        records = _json_records(path)
-    else:
-        raise InputError(f"{key}: a preference file is .jsonl, .json, .parquet or a saved dataset, not {path.name}")
-    return collect_rows(str(path), records, normalize)
+    def noting_columns(records: Iterable[Any]) -> Iterator[Any]:
+        for record in records:
+            if columns and isinstance(record, Mapping):
+                seen.update(record)
+            yield record
+
+    normalize = functools.partial(normalize_preference_row, media=media, columns=columns)
+    records = noting_columns(preference_records(path, key, splits))
+    loaded = collect_rows(str(path), records, normalize, media=media, keep=keep)
+    missing = {name: column for name, column in (columns or {}).items() if column not in seen}
+    if missing and loaded.rows_seen:
+        name, column = next(iter(missing.items()))
+        raise InputError(f"data.columns.{name} = {column!r} names no column of {path} (its columns: "
+                         f"{', '.join(sorted(seen)[:20])})")  # fmt: skip
+    return loaded

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from silkie.data.sources import ASPECTS, MAX_EXAMPLE_IDS, LoadedRows, is_saved_dataset
+from silkie.data.sources import ASPECTS, MAX_EXAMPLE_IDS, LoadedRows
 from silkie.tools.cli import ToolError
 
 PARQUET_NAME = "vlfeedback_pairs.parquet"
@@ -146,8 +146,8 @@ def is_preference_file(path: str | Path) -> bool:
     """Whether `path` holds ready pairs (`chosen`/`rejected` rows: a parquet, or a JSON(L) file whose first row
     has them and no `completions`) rather than a VLFeedback release."""
     path = Path(path)
-    if path.suffix.lower() == ".parquet" or is_saved_dataset(path):
-        return True  # a parquet or a `datasets` folder: the VLFeedback release is a jsonl
+    if path.suffix.lower() == ".parquet" or path.is_dir():
+        return True  # a parquet, a folder of them or a `datasets` folder: the VLFeedback release is a jsonl
     if not path.is_file():
         return False
     with path.open("rb") as handle:

@@ -32,7 +32,11 @@ from silkie.tools.cli import ToolError, run_cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("jsonl", help="the release's vlfeedback_80k.jsonl, or a preference file (jsonl/json/parquet)")
+    parser.add_argument(
+        "jsonl",
+        help="the release's vlfeedback_80k.jsonl, or a preference file (jsonl/json/parquet, a folder of parquet "
+        "shards or a saved dataset)",
+    )
     parser.add_argument(
         "images",
         help="merged_images.zip, or a folder of the extracted images (a preference file whose rows hold their "
