@@ -204,7 +204,9 @@ def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
      ("dpo.max_prompt_length=512", "(there is no separate prompt limit: dpo.max_length bounds prompt + answer"),
      ("dpo.padding_free=true", "(padding-free rows are model.attn_implementation: varlen with dpo.pairs_per_row)"),
      ("training.resume_from_checkpoint=x", "(not needed: the same launch command again resumes"),
-     ("dpo.loss_type=simpo", "dpo.loss_type = 'simpo': SimPO (reference-free) is not supported"),
+     ("dpo.loss_type=kto_pair", "dpo.loss_type = 'kto_pair': kto_pair (removed from TRL) is not supported"),
+     ("dpo.cpo_alpha=1", "(CPO's NLL term is dpo.loss_type: [cpo, sft] with dpo.loss_weights: [1, ALPHA])"),
+     ("training.simpo_gamma=1", "(did you mean 'dpo.simpo_gamma'?)"),
      ("dpo.loss_type=[sigmoid,rpo]", "dpo.loss_type = 'rpo': RPO is loss_type [sigmoid, sft] with loss_weights"),
      ("lora.target_modules=all-linear", "(peft's 'all-linear' would adapt the vision tower too: null takes the")],
 )  # fmt: skip

@@ -63,7 +63,7 @@ def test_bad_arguments_name_the_problem():
         DPOObjective(loss_type="kto")(PC, PR, RC, RR)
     with pytest.raises(ValueError, match="loss_weights has 1 entries for 2"):
         DPOObjective(loss_type=["sigmoid", "hinge"], loss_weights=[1.0])(PC, PR, RC, RR)
-    with pytest.raises(ValueError, match="ipo and sigmoid_norm losses need"):
+    with pytest.raises(ValueError, match="ipo losses need chosen_lengths and rejected_lengths"):
         DPOObjective(loss_type="ipo")(PC, PR, RC, RR)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from silkie.errors import RecipeError
 
 from .checks import choice, key, require
-from .objective import OTHER_LOSSES, objective_problem
+from .objective import OTHER_LOSSES, objective_problem, uses_reference
 
 
 @dataclass
@@ -23,8 +23,10 @@ class DPOSection:
         "sigmoid",
         "Preference loss, TRL 1.16's names (`sigmoid`, `hinge`, `ipo`, `exo_pair`, `nca_pair`, `robust`, "
         "`bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft`, "
-        "`sigmoid_norm`), the vision-aware `mdpo` (DPO + image-conditional + anchor terms) and `image_conditional`, "
-        "or a list of them to combine (e.g. `[sigmoid, sft]`: RPO; `[sigmoid, image_conditional]`).",
+        "`sigmoid_norm`), the reference-free `cpo`, `simpo` and `orpo` (TRL's CPOTrainer and ORPOTrainer: no "
+        "reference pass, and no frozen copy under full fine-tuning), the vision-aware `mdpo` (DPO + "
+        "image-conditional + anchor terms) and `image_conditional`, or a list of them to combine (e.g. `[sigmoid, "
+        "sft]`: RPO; `[cpo, sft]`: TRL's CPO with `cpo_alpha`; `[sigmoid, image_conditional]`).",
         "dpo.losses:DPOObjective.from_section",
     )
     loss_weights: list[float] | None = key(
@@ -46,6 +48,12 @@ class DPOSection:
     f_alpha_divergence_coef: float = key(
         1.0,
         "Alpha of `alpha_divergence` (1.0 = reverse KL).",
+        "dpo.losses:DPOObjective.from_section",
+    )
+    simpo_gamma: float = key(
+        0.5,
+        "`simpo`: the target reward margin gamma in -log sigmoid(beta (avg log p_c - avg log p_r) - gamma) (TRL's "
+        "`simpo_gamma`; the SimPO paper pairs beta 2-2.5 with gamma/beta 0.3-0.5).",
         "dpo.losses:DPOObjective.from_section",
     )
     discopop_tau: float = key(
@@ -169,3 +177,9 @@ class DPOSection:
         require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
         size = self.precompute_ref_batch_size
         require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")
+        require(self.simpo_gamma >= 0, "dpo.simpo_gamma", self.simpo_gamma, "a number >= 0")
+        if self.precompute_ref_log_probs and not uses_reference(self.loss_type):
+            raise RecipeError(
+                f"recipe: dpo.precompute_ref_log_probs: the loss {self.loss_type!r} reads no reference model, so there "
+                "is nothing to precompute; leave it false"
+            )

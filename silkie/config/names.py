@@ -30,9 +30,15 @@ LOSS_TYPES = (
     "discopop",
     "sft",
     "sigmoid_norm",
+    "cpo",
+    "simpo",
+    "orpo",
     "mdpo",
     "image_conditional",
 )
+# the losses that read no reference model (TRL's CPOTrainer and ORPOTrainer): an objective of these (and sft)
+# computes no reference log-probs, and full fine-tuning keeps no frozen copy for it
+REFERENCE_FREE_LOSS_TYPES = ("cpo", "simpo", "orpo")
 # the vision-aware losses score the chosen answer again under a corrupted copy of the image (data.image_corruption)
 VISION_LOSS_TYPES = ("mdpo", "image_conditional")
 IMAGE_CORRUPTIONS = ("crop", "mask", "noise", "blank")
@@ -43,4 +49,4 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # the loss types built on the chosen - rejected score difference, which an f-divergence may replace (as TRL)
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 # losses whose per-pair values belong to the batch (sorted ranks, the batch's chosen NLL): only their mean is a pair's
-BATCH_LEVEL_LOSS_TYPES = ("aot", "aot_unpaired", "sft")
+BATCH_LEVEL_LOSS_TYPES = ("aot", "aot_unpaired", "sft", "orpo")

@@ -8,15 +8,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES
+from .names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
 # Other libraries' preference losses that are no loss type here: what to use instead
 OTHER_LOSSES = {
     "rpo": "RPO is loss_type [sigmoid, sft] with loss_weights [1, ALPHA]",
-    "simpo": "SimPO (reference-free) is not supported",
-    "orpo": "ORPO (reference-free) is not supported",
     "kto_pair": "kto_pair (removed from TRL) is not supported; bco_pair is the closest",
-    "cpo": "CPO (reference-free) is not supported",
 }
 SORTED_LOSS_TYPES = ("aot", "aot_unpaired")  # their per-pair values are by rank: no pair's own loss to weight
 
@@ -36,6 +33,14 @@ class Problem:
 def loss_types_of(loss_type: str | Sequence[str]) -> list[str]:
     """The loss types as a list (a single name, or a list to combine)."""
     return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def uses_reference(loss_type: str | Sequence[str]) -> bool:
+    """Whether the objective reads reference log-probs: False for cpo, simpo and orpo, alone or with sft (sft alone
+    keeps DPO's reference rewards)."""
+    types = loss_types_of(loss_type)
+    free = set(types) & set(REFERENCE_FREE_LOSS_TYPES)
+    return not free or any(name not in (*REFERENCE_FREE_LOSS_TYPES, "sft") for name in types)
 
 
 def weighting_problem(loss_types: Sequence[str]) -> Problem | None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from silkie.config.names import F_DIVERGENCES, VISION_LOSS_TYPES
-from silkie.config.objective import loss_types_of, objective_problem, weighting_problem
+from silkie.config.objective import loss_types_of, objective_problem, uses_reference, weighting_problem
 
 
 @dataclass
@@ -29,10 +29,10 @@ class DPOObjective:
     """A preference objective with its hyperparameters fixed once (TRL 1.16's names and formulas), checked by the
     same rules as the recipe's `dpo:` section; call it on per-sequence answer log-probs (sums over answer tokens).
 
-    The call's extras are per batch: `chosen_lengths`/`rejected_lengths` (answer tokens; ipo, sigmoid_norm),
-    `chosen_nll` (the batch's mean NLL per chosen token; sft), `pair_weights` (0 or 1 per pair: leaves pairs out
-    of the mean; a batch of only weight-0 pairs has loss 0) and `sequence_weights` (WPO, TRL's `use_weighting`;
-    no gradient: they multiply each pair's loss).
+    The call's extras are per batch: `chosen_lengths`/`rejected_lengths` (answer tokens; ipo, sigmoid_norm,
+    simpo, orpo), `chosen_nll` (the batch's mean NLL per chosen token; sft, orpo), `pair_weights` (0 or 1 per pair:
+    leaves pairs out of the mean; a batch of only weight-0 pairs has loss 0) and `sequence_weights` (WPO, TRL's
+    `use_weighting`; no gradient: they multiply each pair's loss).
 
     With log-ratios c = pi_c - ref_c, r = pi_r - ref_r, scores s_c = f'(c), s_r = f'(r) (identity for the default
     reverse KL) and d = s_c - s_r:
@@ -45,6 +45,10 @@ class DPOObjective:
     - aot / aot_unpaired: the sorted (pi_c - pi_r) against the sorted (ref_c - ref_r), resp. sorted c against
       sorted r, over the batch's pairs; their per-pair values are by rank, only the mean belongs to the batch
     - sft:     `chosen_nll`, the mean negative log-likelihood per chosen token of the batch
+    - reference-free (TRL's CPOTrainer / ORPOTrainer; the reference log-probs are not read, and rewards are beta x
+      the policy's log-probs, per-token averages with simpo or orpo): cpo: sigmoid on pi_c - pi_r; simpo: sigmoid on
+      a_c - a_r - `simpo_gamma`/beta with a = the per-token average log-prob; orpo: `chosen_nll` - beta
+      logsigmoid(log odds(a_c) - log odds(a_r)), log odds(a) = a - log(1 - exp(a)) (ORPO, arXiv 2403.07691)
     - image_conditional: -logsigmoid(beta (c - c')) with c' = pi(y_w|I') - ref(y_w|I') under the corrupted image
       I' (mDPO's conditional term, CHiP's image-side term)
     - mdpo:    sigmoid + `mdpo_conditional_weight` x image_conditional + `mdpo_anchor_weight` x
@@ -59,6 +63,7 @@ class DPOObjective:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 1.0
     discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
     mdpo_conditional_weight: float = 1.0
     mdpo_anchor_weight: float = 1.0
     mdpo_anchor_delta: float = 0.0
@@ -81,6 +86,7 @@ class DPOObjective:
             f_divergence_type=dpo.f_divergence_type,
             f_alpha_divergence_coef=dpo.f_alpha_divergence_coef,
             discopop_tau=dpo.discopop_tau,
+            simpo_gamma=dpo.simpo_gamma,
             mdpo_conditional_weight=dpo.mdpo_conditional_weight,
             mdpo_anchor_weight=dpo.mdpo_anchor_weight,
             mdpo_anchor_delta=dpo.mdpo_anchor_delta,
@@ -90,6 +96,11 @@ class DPOObjective:
     def loss_types(self) -> list[str]:
         """The loss types as a list."""
         return loss_types_of(self.loss_type)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss reads the reference log-probs (not for cpo, simpo and orpo, alone or with sft)."""
+        return uses_reference(self.loss_types)
 
     @property
     def scores_corrupted_images(self) -> bool:
@@ -115,10 +126,11 @@ class DPOObjective:
         loss_types = self.loss_types
         weights = [1.0] * len(loss_types) if self.loss_weights is None else list(self.loss_weights)
         beta, ls, tau = self.beta, self.label_smoothing, self.discopop_tau
-        if {"ipo", "sigmoid_norm"} & set(loss_types) and (chosen_lengths is None or rejected_lengths is None):
-            raise ValueError("ipo and sigmoid_norm losses need chosen_lengths and rejected_lengths")
-        if "sft" in loss_types and chosen_nll is None:
-            raise ValueError("sft loss needs chosen_nll")
+        averaged = {"ipo", "sigmoid_norm", "simpo", "orpo"} & set(loss_types)
+        if averaged and (chosen_lengths is None or rejected_lengths is None):
+            raise ValueError(f"{', '.join(sorted(averaged))} losses need chosen_lengths and rejected_lengths")
+        if {"sft", "orpo"} & set(loss_types) and chosen_nll is None:
+            raise ValueError("sft and orpo losses need chosen_nll")
         if sequence_weights is not None and weighting_problem(loss_types):
             raise ValueError(weighting_problem(loss_types).message)
         if self.scores_corrupted_images and corrupted_chosen is None:
@@ -171,6 +183,19 @@ class DPOObjective:
                 term = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
             elif name == "apo_down":
                 term = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
+            elif name in ("cpo", "simpo"):
+                logits = policy_chosen_logps - policy_rejected_logps
+                if name == "simpo":
+                    logits = _average(policy_chosen_logps, chosen_lengths) - _average(
+                        policy_rejected_logps, rejected_lengths
+                    )
+                    logits = logits - self.simpo_gamma / beta
+                term = -(1 - ls) * F.logsigmoid(beta * logits) - ls * F.logsigmoid(-beta * logits)
+            elif name == "orpo":
+                chosen_avg = _average(policy_chosen_logps, chosen_lengths).float()
+                rejected_avg = _average(policy_rejected_logps, rejected_lengths).float()
+                log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
+                term = (chosen_nll - beta * F.logsigmoid(log_odds)).to(delta.dtype)
             elif name == "discopop":
                 logits = beta * delta
                 mix = torch.sigmoid(logits / tau)
@@ -196,13 +221,33 @@ class DPOObjective:
         else:
             weighted, total = (per_pair * pair_weights).sum(), pair_weights.sum()
             loss = torch.where(total > 0, weighted / total.clamp(min=1e-12), weighted)
+        chosen_reward, rejected_reward = chosen_ratio, rejected_ratio
+        if not self.uses_reference:  # TRL's CPO / ORPO rewards: beta x the policy's log-probs (averages: simpo, orpo)
+            chosen_reward, rejected_reward = policy_chosen_logps, policy_rejected_logps
+            if {"simpo", "orpo"} & set(loss_types):
+                chosen_reward = _average(chosen_reward, chosen_lengths)
+                rejected_reward = _average(rejected_reward, rejected_lengths)
         return DPOLossOutput(
             loss=loss,
             per_pair=per_pair,
-            chosen_rewards=(beta * chosen_ratio).detach(),
-            rejected_rewards=(beta * rejected_ratio).detach(),
+            chosen_rewards=(beta * chosen_reward).detach(),
+            rejected_rewards=(beta * rejected_reward).detach(),
             terms={name: part.detach() for name, part in parts.items()},
         )
+
+
+def _average(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-token average log-probs (TRL's `average_log_prob`)."""
+    return logps / lengths.clamp(min=1)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (each branch clamped to its side, so the branch
+    torch.where leaves out has no infinite value whose gradient would be NaN)."""
+    t = -math.log(2.0)
+    return torch.where(
+        x < t, torch.log1p(-torch.exp(torch.clamp(x, max=t))), torch.log(-torch.expm1(torch.clamp(x, min=t)))
+    )
 
 
 def _conditional_term(beta: float, chosen_ratio: torch.Tensor, corrupted_ratio: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,7 @@ class BatchScores:
     pair_weights: torch.Tensor | None
     corrupted: CorruptedScores | None = None
     beta: float = 0.1
+    average_rewards: bool = False  # rewards of per-token average log-probs (reference-free simpo, orpo)
 
 
 def _with_media(batch: dict) -> torch.Tensor | None:
@@ -86,6 +87,12 @@ def _with_media(batch: dict) -> torch.Tensor | None:
         return None
     counts = batch["image_counts"] + batch.get("video_counts", torch.zeros_like(batch["image_counts"]))
     return (counts > 0).float()
+
+
+def _no_reference(batch: dict, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero reference log-probs for a reference-free objective (one per pair)."""
+    zeros = torch.zeros(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
+    return zeros, zeros
 
 
 def score_batch(
@@ -101,6 +108,8 @@ def score_batch(
     features)`, scored with the same options) and the objective's loss for one batch; with `corrupted` (and
     always for a vision-aware objective) the pairs again under their corrupted images, each image also encoded
     once without autograd where the options allow."""
+    if not objective.uses_reference:  # cpo, simpo, orpo: no reference pass (zeros stand in; the loss reads none)
+        reference = _no_reference
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad_token_id, features)
     ref_chosen, ref_rejected = reference(batch, features)
@@ -112,7 +121,20 @@ def score_batch(
         view_policy = score_answers(model, view, options, pad_token_id, view_features, policy=False)
         again = CorruptedScores(view_policy, *reference(view, view_features), _with_media(batch))
     out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights, again)
-    return BatchScores(policy, ref_chosen, ref_rejected, out, weights, again, objective.beta)
+    average = not objective.uses_reference and bool({"simpo", "orpo"} & set(objective.loss_types))
+    return BatchScores(policy, ref_chosen, ref_rejected, out, weights, again, objective.beta, average)
+
+
+def imageless_rewards(scores: BatchScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards (chosen, rejected) under the corrupted images, as the rewards themselves are computed."""
+    again = scores.corrupted
+    device = again.policy.chosen_logps.device
+    chosen = scores.beta * (again.policy.chosen_logps.detach() - again.ref_chosen.to(device))
+    rejected = scores.beta * (again.policy.rejected_logps.detach() - again.ref_rejected.to(device))
+    if scores.average_rewards:  # reference-free simpo, orpo: of per-token averages
+        chosen = chosen / again.policy.chosen_lengths.clamp(min=1)
+        rejected = rejected / again.policy.rejected_lengths.clamp(min=1)
+    return chosen, rejected
 
 
 def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
@@ -140,9 +162,8 @@ def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
     metrics["weight:logits/chosen"] = pair_weights * policy.chosen_lengths
     metrics["weight:logits/rejected"] = pair_weights * policy.rejected_lengths
     if scores.corrupted is not None:  # is the preference learned from the picture, or from the text alone?
-        again, beta = scores.corrupted, scores.beta
-        chosen = beta * (again.policy.chosen_logps.detach() - again.ref_chosen.to(pair_weights.device))
-        rejected = beta * (again.policy.rejected_logps.detach() - again.ref_rejected.to(pair_weights.device))
+        again = scores.corrupted
+        chosen, rejected = imageless_rewards(scores)
         metrics["rewards/imageless_accuracies"] = (chosen > rejected).float()
         metrics["rewards/imageless_margins"] = chosen - rejected
         metrics["logps/chosen_image_gain"] = (policy.chosen_logps - again.policy.chosen_logps).detach()

@@ -1,6 +1,7 @@
 """Held-out DPO reward metrics of a trained run: rebuild its split, score policy vs reference, summarize.
 
-Rewards are beta * (policy - reference) answer log-probs, as in training. For a LoRA run the reference is
+Rewards are beta * (policy - reference) answer log-probs, as in training (beta * the policy's log-probs, per-token
+averages for simpo and orpo, for the reference-free losses). For a LoRA run the reference is
 the same model with the adapter disabled; for a full fine-tuning run (the run's `adapter/` holds a whole
 checkpoint) it is the base checkpoint of the recipe.
 """
@@ -81,9 +82,10 @@ def _imageless_columns(scores: Any) -> list[tuple[str, torch.Tensor]]:
     again = scores.corrupted
     if again is None:
         return []
+    from silkie.dpo.objective import imageless_rewards
+
     device = again.policy.chosen_logps.device
-    chosen = scores.beta * (again.policy.chosen_logps - again.ref_chosen.to(device))
-    rejected = scores.beta * (again.policy.rejected_logps - again.ref_rejected.to(device))
+    chosen, rejected = imageless_rewards(scores)
     gain = scores.policy.chosen_logps - again.policy.chosen_logps
     with_media = torch.ones_like(gain) if again.with_media is None else again.with_media.to(device)
     return [

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from silkie.config import Recipe, RecipeError, save_recipe
+from silkie.config.objective import uses_reference
 from silkie.logs import get_logger
 from silkie.run_dir import CACHE_DIR, CONFIG_NAME, METRICS_NAME, REFERENCE_DIR, TENSORBOARD_DIR, remove_staging
 
@@ -159,7 +160,7 @@ def _policy_and_reference(
             "dense mask makes attention grow with the whole packed row; varlen and flex_attention do not"
         )
     ref_model = None
-    if not recipe.lora.enabled:
+    if not recipe.lora.enabled and uses_reference(recipe.dpo.loss_type):  # cpo / simpo / orpo read none
         if base_model is not None:
             ref_model = copy.deepcopy(base_model).eval().requires_grad_(False)
         else:

@@ -1,0 +1,108 @@
+"""The reference-free losses (cpo, simpo, orpo) equal TRL 1.16's CPOTrainer and ORPOTrainer on the same log-probs,
+read no reference, and train without a reference pass or a frozen copy."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from silkie.config import DPOSection, RecipeError
+from silkie.config.objective import uses_reference
+from silkie.dpo.losses import DPOObjective
+
+from .train_fixtures import FAST, asset_overrides, read_metrics, run_in_process
+
+PC, PR = torch.tensor([-10.0, -20.0, -3.0]), torch.tensor([-12.0, -15.0, -9.0])
+RC, RR = torch.tensor([-11.0, -19.0, -4.0]), torch.tensor([-11.0, -16.0, -2.0])
+LC, LR = torch.tensor([4.0, 10.0, 2.0]), torch.tensor([6.0, 5.0, 3.0])
+NLL = torch.tensor(1.25)
+pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
+
+
+def trl_trainer(loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5):
+    """The attributes TRL's `cpo_loss` / `odds_ratio_loss` read, without building a trainer."""
+    return SimpleNamespace(alpha=0.0, loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                           simpo_gamma=gamma, accelerator=SimpleNamespace(device="cpu"))  # fmt: skip
+
+
+def objective(loss_type, **kwargs):
+    return DPOObjective(loss_type=loss_type, **kwargs)(PC, PR, RC, RR, chosen_lengths=LC, rejected_lengths=LR,
+                                                      chosen_nll=NLL)  # fmt: skip
+
+
+def test_cpo_and_simpo_are_trls_cpo_trainer_losses():
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    ours = objective("cpo", beta=0.2, label_smoothing=0.1)
+    losses, chosen, rejected = CPOTrainer.cpo_loss(trl_trainer("sigmoid", 0.2, 0.1), PC, PR)
+    assert ours.per_pair.tolist() == pytest.approx(losses.tolist(), rel=1e-6)
+    assert ours.chosen_rewards.tolist() == pytest.approx(chosen.tolist())
+    assert chosen.tolist() == pytest.approx((0.2 * PC).tolist())
+    assert ours.rejected_rewards.tolist() == pytest.approx(rejected.tolist())
+    ours = objective("simpo", beta=2.0, simpo_gamma=1.0)
+    losses, chosen, rejected = CPOTrainer.cpo_loss(trl_trainer("simpo", 2.0, 0.0, 1.0), PC / LC, PR / LR)
+    assert ours.per_pair.tolist() == pytest.approx(losses.tolist(), rel=1e-6)  # TRL averages log-probs for simpo
+    assert ours.chosen_rewards.tolist() == pytest.approx(chosen.tolist())
+    assert ours.rejected_rewards.tolist() == pytest.approx(rejected.tolist())
+
+
+def test_orpo_is_trls_orpo_trainer_loss_with_its_nll():
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    ours = objective("orpo", beta=0.1)
+    ratio_losses, chosen, rejected, _, _ = ORPOTrainer.odds_ratio_loss(trl_trainer(beta=0.1), PC / LC, PR / LR)
+    # TRL: loss = policy_nll_loss - losses.mean(), with losses = beta * logsigmoid(log odds ratio)
+    assert ours.per_pair.tolist() == pytest.approx((NLL - ratio_losses).tolist(), rel=1e-6)
+    assert ours.loss.item() == pytest.approx((NLL - ratio_losses.mean()).item(), rel=1e-6)
+    assert ours.chosen_rewards.tolist() == pytest.approx(chosen.tolist())
+    assert ours.rejected_rewards.tolist() == pytest.approx(rejected.tolist())
+    chosen = torch.tensor([-1e-9], requires_grad=True)  # a chosen answer of probability ~1
+    near_one = DPOObjective(loss_type="orpo")(chosen, torch.tensor([-5.0]), RC[:1], RR[:1], chosen_lengths=LC[:1],
+                                              rejected_lengths=LR[:1], chosen_nll=NLL)  # fmt: skip
+    near_one.loss.backward()
+    assert torch.isfinite(near_one.loss) and torch.isfinite(chosen.grad).all()
+
+
+def test_the_reference_is_not_read_and_only_they_go_without_one():
+    for loss_type in ("cpo", "simpo", "orpo", ["cpo", "sft"]):
+        first = DPOObjective(loss_type=loss_type)(PC, PR, RC, RR, chosen_lengths=LC, rejected_lengths=LR,
+                                                  chosen_nll=NLL)  # fmt: skip
+        other = DPOObjective(loss_type=loss_type)(PC, PR, RC * 3, RR - 7, chosen_lengths=LC, rejected_lengths=LR,
+                                                  chosen_nll=NLL)  # fmt: skip
+        assert torch.equal(first.per_pair, other.per_pair) and torch.equal(first.chosen_rewards, other.chosen_rewards)
+        assert not uses_reference(loss_type)
+    assert uses_reference("sft") and uses_reference(["sigmoid", "simpo"]) and uses_reference("sigmoid")
+
+
+def test_the_recipe_refuses_a_reference_pass_for_them():
+    with pytest.raises(RecipeError, match="reads no reference model, so there is nothing to precompute"):
+        DPOSection(loss_type="simpo", precompute_ref_log_probs=True).check()
+    with pytest.raises(RecipeError, match="dpo.simpo_gamma = -1.0"):
+        DPOSection(loss_type="simpo", simpo_gamma=-1.0).check()
+    DPOSection(loss_type=["orpo"], precompute_ref_log_probs=False).check()
+
+
+def test_simpo_trains_without_a_reference_pass_and_orpo_full_fine_tuning_without_a_copy(assets, tmp_path, monkeypatch):
+    import silkie.models.loading
+    from silkie.train.trainer import SilkieDPOTrainer
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss asked for the reference")
+
+    monkeypatch.setattr(SilkieDPOTrainer, "reference_scores", no_reference)
+    monkeypatch.setattr(silkie.models.loading, "build_frozen_reference", no_reference)
+    common = asset_overrides(assets) + FAST + ["training.max_steps=12", "data.max_prompts=4",  # 2 batches, overfit
+                                               "training.lr_scheduler_type=constant", "training.warmup_ratio=0.0"]
+    for name, extra in (("simpo", ["dpo.loss_type=simpo", "dpo.beta=2.0", "training.learning_rate=5e-3"]),
+                        ("orpo", ["dpo.loss_type=orpo", "lora.enabled=false", "training.learning_rate=2e-4"]),
+                        ("cpo", ["dpo.loss_type=cpo", "dpo.beta=0.1", "training.learning_rate=2e-3",
+                                 "training.max_steps=2"])):  # fmt: skip
+        result = run_in_process(tmp_path / name, common + extra)
+        records = [r for r in read_metrics(tmp_path / name) if "loss" in r and "train_runtime" not in r]
+        assert result["step"] == len(records) and all(r["loss"] == r["loss"] for r in records)  # finite
+        if name != "cpo":
+            assert sum(r["loss"] for r in records[-3:]) / 3 < records[0]["loss"] - 0.02, (name, records)
+        else:  # rewards are beta x the policy's summed log-probs (TRL's CPO)
+            assert records[0]["rewards/chosen"] == pytest.approx(0.1 * records[0]["logps/chosen"], rel=1e-5)
