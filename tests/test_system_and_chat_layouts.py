@@ -46,10 +46,27 @@ def test_every_layout_gives_the_same_pair_with_its_system_message(raw):
     assert fields(normalize_preference_row(raw)) == EXPECTED
 
 
+def test_tags_and_system_columns_as_llama_factory_and_ms_swift_write_them():
+    sharegpt = {"conversations": [{"from": "user", "value": "<image>Which colour?"}],
+                "chosen": {"from": "assistant", "value": "Red."}, "rejected": {"from": "assistant", "value": "Blue."},
+                "system": "Answer in one word.", "images": ["a.jpg"]}  # fmt: skip
+    assert fields(normalize_preference_row(sharegpt)) == EXPECTED  # user / assistant tags under `from`
+    same = {"prompt": [SYSTEM, USER], **ANSWERS, "images": ["a.jpg"], "system": " Answer in one word. "}
+    assert fields(normalize_preference_row(same)) == EXPECTED  # a system column that repeats the turn
+    swift = {"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "a"}],
+             "rejected_response": "b", "images": ["x.jpg"], "rejected_images": ["x.jpg"], "system": "  "}
+    assert normalize_preference_row(swift).system is None  # the same pictures; a blank system is unset
+
+
 @pytest.mark.parametrize(
     ("raw", "reason", "detail"),
     [({"prompt": [SYSTEM, USER], **ANSWERS, "system": "Be brief."}, "wrong_type",
-      "both a system column and a system message"),
+      "a system column and a system message in the prompt that differ"),
+     ({"messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "a"}],
+       "rejected_response": "b", "images": ["x.jpg"], "rejected_images": ["y.jpg"]}, "unsupported_conversation",
+      "rejected_images: a rejected answer with pictures of its own"),
+     ({"prompt": "Q", "chosen": "a", "rejected": "b", "tools": '[{"name": "search"}]'}, "unsupported_conversation",
+      "tools: tool definitions"),
      ({"prompt": [USER, *ANSWERS["chosen"], USER], **ANSWERS}, "unsupported_conversation",
       "prompt has the roles ['user', 'assistant', 'user']"),
      ({"conversations": [{"from": "observation", "value": "x"}], "chosen": {"from": "gpt", "value": "a"},
@@ -76,6 +93,7 @@ def test_qwen_vl_puts_the_system_message_where_the_default_was(tmp_path):
     assert told["prompt_input_ids"] != plain["prompt_input_ids"]
     assert told["chosen_input_ids"] == plain["chosen_input_ids"]
     assert "<|im_start|>system\nBe a picture.<|im_end|>" in tokenizer.decode(told["prompt_input_ids"])
+    assert encode_pair("Q", None, "a", "b", tokenizer, system="Look at <img>x") == (None, "image_tag_in_text")
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -98,16 +116,20 @@ def test_hf_families_render_the_system_message_or_drop_the_pair(family, tmp_path
     assert [list(ids) for ids in dataset["prompt_input_ids"]] == [plain[0]["prompt_input_ids"],
                                                                  told[0]["prompt_input_ids"]]  # fmt: skip
     template = codec.processor.chat_template
-    codec.processor.chat_template = (  # a template that renders user and assistant turns only
+    user_and_assistant = (  # a template that renders user and assistant turns only
         "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'][-1]['text'] }} "
         "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'][-1]['text'] }} {% endif %}{% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     )
+    refusing = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
     try:
-        told = encode_pair(pairs[1].prompt, pairs[1].images, "Red.", "Blue.", codec, system=pairs[1].system)
+        for codec.processor.chat_template in (user_and_assistant, refusing + user_and_assistant):
+            # the system text also in the question: the template still drops it
+            told = encode_pair("<image>Which colour? Answer in one word.", pairs[1].images, "Red.", "Blue.", codec,
+                               system=pairs[1].system)  # fmt: skip
+            assert told == (None, "system_unsupported")
     finally:
         codec.processor.chat_template = template  # the processor is cached per folder: leave it as found
-    assert told == (None, "system_unsupported")
 
 
 def test_a_system_message_keys_the_cache_and_pairs_without_one_keep_their_key(tmp_path):

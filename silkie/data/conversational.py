@@ -19,7 +19,14 @@ from typing import Any
 from silkie.data.row_error import RowError
 
 MARKERS = {"image": "<image>", "video": "<video>"}
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+# what a pair has no place for: the answers' own media (ms-swift's rejected_*), tool schemas
+UNSUPPORTED_COLUMNS = {
+    "rejected_images": "a rejected answer with pictures of its own",
+    "rejected_videos": "a rejected answer with videos of its own",
+    "rejected_messages": "a rejected conversation of its own (give rejected_response)",
+    "tools": "tool definitions",
+}
 
 
 def message_text(content: Any, where: str) -> str:
@@ -76,9 +83,20 @@ def _chat_message(message: Any, where: str) -> dict[str, Any]:
     return {"role": role, "content": message.get("value")}
 
 
+def _refuse_unsupported(raw: Mapping[str, Any]) -> None:
+    """`unsupported_conversation` for a row that holds what a pair cannot (unless it repeats the chosen side's)."""
+    for name, what in UNSUPPORTED_COLUMNS.items():
+        value = raw.get(name)
+        if value and not (name == "rejected_images" and value == raw.get("images")) and not (
+            name == "rejected_videos" and value == raw.get("videos")
+        ):
+            raise RowError("unsupported_conversation", f"{name}: {what} has no place in a preference pair")
+
+
 def _chat_layout(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     """LLaMA-Factory's ShareGPT preference row (`conversations` + `chosen` / `rejected` messages) or ms-swift's RLHF
     row (`messages` ending with the chosen answer + `rejected_response`) in TRL's conversational form."""
+    _refuse_unsupported(raw)
     messages = raw.get("messages")
     if isinstance(messages, list) and isinstance(raw.get("rejected_response"), str):  # ms-swift
         turns = [_chat_message(message, f"messages[{index}]") for index, message in enumerate(messages)]
@@ -112,11 +130,15 @@ def plain_row(raw: Mapping[str, Any]) -> Mapping[str, Any]:
             shared += 1
         row["prompt"] = row["chosen"][:shared]
         row["chosen"], row["rejected"] = row["chosen"][shared:], row["rejected"][shared:]
+    for name in fields:  # ShareGPT tags (`from` / `value`) in TRL's layout too
+        if isinstance(row.get(name), list):
+            row[name] = [_chat_message(message, f"{name}[{index}]") for index, message in enumerate(row[name])]
     prompt = row.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], Mapping) and prompt[0].get("role") == "system":
-        if row.get("system"):
-            raise RowError("wrong_type", "both a system column and a system message in the prompt; give one")
-        row["system"] = _system_text(prompt[0].get("content"))
+    if isinstance(prompt, list) and prompt and prompt[0].get("role") == "system":
+        text, column = _system_text(prompt[0].get("content")), row.get("system")
+        if isinstance(column, str) and column.strip() and column.strip() != text.strip():
+            raise RowError("wrong_type", "a system column and a system message in the prompt that differ; give one")
+        row["system"] = text
         prompt = prompt[1:]
     row["prompt"] = _message(prompt, "user", "prompt") if prompt is not None else None
     for name in ("chosen", "rejected"):

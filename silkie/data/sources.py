@@ -256,7 +256,7 @@ def normalize_preference_row(
         rejected=rejected,
         chosen_score=_optional_score(raw, "chosen_score"),
         rejected_score=_optional_score(raw, "rejected_score"),
-        system=system or None,  # "" as data files write an unset one
+        system=system if system and system.strip() else None,  # "" (or blanks): unset, as LLaMA-Factory writes it
     )
 
 

@@ -45,6 +45,13 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
     return processor
 
 
+SYSTEM_PROBE = "silkie-system-probe-7f3a"  # a system text that no template or prompt writes by itself
+
+
+def _system_message(text: str) -> dict:
+    return {"role": "system", "content": [{"type": "text", "text": text}]}
+
+
 class ChatTemplateCodec:
     """`PairCodec` over an HF processor (tokenizer + chat template + image token)."""
 
@@ -62,6 +69,7 @@ class ChatTemplateCodec:
         self.template_markers = tuple(sorted(t for t in specials if t and t in template and t not in self._tags))
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self._system_probe: tuple[str | None, bool] = (None, False)  # (template, renders a system message)
 
     def _user(self, prompt: str, images: Any = (), videos: Any = ()) -> list[dict]:
         if as_keys(videos) and self.video_marker_id is None:
@@ -85,15 +93,26 @@ class ChatTemplateCodec:
     def prompt_text(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> str:
         """The rendered system turn (`system`, else the template's default) + user turn + generation prompt (one
         placeholder per image / video); `PairTextError("system_unsupported")` when the template leaves a system
-        message out (llava-hf's renders none)."""
+        message out or refuses one (llava-hf's writes it as text before `USER:`)."""
         user = self._user(prompt, images, videos)
         if system is None:
             return self._render(user, True)
-        text = self._render([{"role": "system", "content": [{"type": "text", "text": system}]}, *user], True)
-        if system.strip() and system.strip() not in text:
+        if not self._renders_system():
             raise PairTextError("system_unsupported", f"{type(self.processor).__name__}'s chat template leaves the "
-                                "system message out")  # fmt: skip
-        return text
+                                "system message out (or refuses one)")  # fmt: skip
+        return self._render([_system_message(system), *user], True)
+
+    def _renders_system(self) -> bool:
+        """Whether the chat template renders a system message (probed once per template with a text no prompt holds;
+        a template that raises on one, as Gemma's, does not)."""
+        template = str(self.processor.chat_template or self.tokenizer.chat_template or "")
+        if self._system_probe[0] != template:
+            try:
+                text = self._render([_system_message(SYSTEM_PROBE), *self._user("x")], True)
+            except Exception:  # jinja2's TemplateError from the template's raise_exception
+                text = ""
+            self._system_probe = (template, SYSTEM_PROBE in text)
+        return self._system_probe[1]
 
     def prompt_ids(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> list[int]:
         """Token ids of `prompt_text`; `PairTextError` when the text holds an image/video token itself

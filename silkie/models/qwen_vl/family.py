@@ -62,7 +62,8 @@ class QwenVLCodec:
         try:
             ids = self.tokenizer.build_chat_context(query, **({"system": system} if system is not None else {}))
         except ValueError as err:  # an unclosed <img> in the text, or a key over 254 bytes
-            raise PairTextError("image_tag_in_text" if self._refuses(prompt) else "bad_image_key", str(err)) from err
+            refused = self._refuses(prompt) or (system is not None and self._refuses(system))
+            raise PairTextError("image_tag_in_text" if refused else "bad_image_key", str(err)) from err
         return self._no_stray_tags(ids, len(as_keys(images)))
 
     def video_token_budget(self, max_frames: int) -> int:
