@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from silkie.errors import RecipeError
 
-from .checks import choice, key, require
-from .objective import OTHER_LOSSES, objective_problem, uses_reference
+from .checks import changed_from_default, choice, key, require
+from .objective import OTHER_LOSSES, loss_types_of, objective_problem, uses_reference
 
 
 @dataclass
@@ -16,17 +17,20 @@ class DPOSection:
 
     beta: float = key(
         0.1,
-        "DPO temperature: how far the policy may move from the reference.",
+        "DPO temperature: how far the policy may move from the reference (cpo, simpo: the scale of the policy's "
+        "log-prob margin; orpo: the weight lambda of its odds-ratio term).",
         "dpo.losses:DPOObjective.from_section",
     )
     loss_type: str | list[str] = key(
         "sigmoid",
         "Preference loss, TRL 1.16's names (`sigmoid`, `hinge`, `ipo`, `exo_pair`, `nca_pair`, `robust`, "
         "`bco_pair`, `sppo_hard`, `aot`, `aot_unpaired`, `apo_zero`, `apo_down`, `discopop`, `sft`, "
-        "`sigmoid_norm`), the reference-free `cpo`, `simpo` and `orpo` (TRL's CPOTrainer and ORPOTrainer: no "
-        "reference pass, and no frozen copy under full fine-tuning), the vision-aware `mdpo` (DPO + "
-        "image-conditional + anchor terms) and `image_conditional`, or a list of them to combine (e.g. `[sigmoid, "
-        "sft]`: RPO; `[cpo, sft]`: TRL's CPO with `cpo_alpha`; `[sigmoid, image_conditional]`).",
+        "`sigmoid_norm`), the reference-free `cpo`, `simpo` and `orpo` (no reference pass, and no frozen copy "
+        "under full fine-tuning: `cpo` and `simpo` are TRL's CPOTrainer with `cpo_alpha: 0`, whose default 1.0 "
+        "is `[cpo, sft]` / `[simpo, sft]`; `orpo` is ORPOTrainer's loss with its NLL over the answer tokens, where "
+        "TRL's also counts the prompt's), the vision-aware `mdpo` (DPO + image-conditional + anchor terms) and "
+        "`image_conditional`, or a list of them to combine (e.g. `[sigmoid, sft]`: RPO; `[sigmoid, "
+        "image_conditional]`).",
         "dpo.losses:DPOObjective.from_section",
     )
     loss_weights: list[float] | None = key(
@@ -36,7 +40,8 @@ class DPOSection:
     )
     label_smoothing: float = key(
         0.0,
-        "Assumed label noise: cDPO for `sigmoid`, and the `robust`, `exo_pair` (needs > 0) and `aot` losses.",
+        "Assumed label noise: cDPO for `sigmoid`, and the `robust`, `exo_pair` (needs > 0), `aot`, `cpo` and "
+        "`simpo` losses (refused where no loss type reads it).",
         "dpo.losses:DPOObjective.from_section",
     )
     f_divergence_type: str = key(
@@ -53,7 +58,7 @@ class DPOSection:
     simpo_gamma: float = key(
         0.5,
         "`simpo`: the target reward margin gamma in -log sigmoid(beta (avg log p_c - avg log p_r) - gamma) (TRL's "
-        "`simpo_gamma`; the SimPO paper pairs beta 2-2.5 with gamma/beta 0.3-0.5).",
+        "`simpo_gamma`, default 0.5; SimPO's beta is far above DPO's, 2 and more in the paper).",
         "dpo.losses:DPOObjective.from_section",
     )
     discopop_tau: float = key(
@@ -109,7 +114,8 @@ class DPOSection:
     )
     precompute_ref_log_probs: bool = key(
         False,
-        "Compute the reference log-probs once; cached in `<working>/reference_logps`.",
+        "Compute the reference log-probs once; cached in `<working>/reference_logps` (refused for the "
+        "reference-free cpo, simpo and orpo).",
         "train.build:_trainer",
     )
     precompute_ref_batch_size: int | None = key(
@@ -145,6 +151,19 @@ class DPOSection:
         "dpo.step:recipe_step_options",
     )
 
+    def notes(self) -> list[str]:
+        """Warnings for settings the recipe may take but that are likely a mistake (said once at the start)."""
+        types = loss_types_of(self.loss_type)
+        notes = []
+        if "simpo" not in types and changed_from_default(self, ("simpo_gamma",)):
+            notes.append(f"dpo.simpo_gamma = {self.simpo_gamma} is set, but only dpo.loss_type simpo reads it")
+        if "simpo" in types and self.beta < 1.0:
+            notes.append(
+                f"dpo.loss_type simpo with dpo.beta = {self.beta}: its margin gamma/beta is "
+                f"{self.simpo_gamma / self.beta:g} nats per answer token; SimPO's beta is 2 and more (the paper)"
+            )
+        return notes
+
     def check(self) -> None:
         require(self.beta > 0, "dpo.beta", self.beta, "a number > 0")
         problem = objective_problem(
@@ -177,7 +196,13 @@ class DPOSection:
         require(self.logps_chunk_size >= 1, "dpo.logps_chunk_size", self.logps_chunk_size, "an integer >= 1")
         size = self.precompute_ref_batch_size
         require(size is None or size >= 1, "dpo.precompute_ref_batch_size", size, "null or an integer >= 1")
-        require(self.simpo_gamma >= 0, "dpo.simpo_gamma", self.simpo_gamma, "a number >= 0")
+        require(0 <= self.simpo_gamma < math.inf, "dpo.simpo_gamma", self.simpo_gamma, "a finite number >= 0")
+        types = set(loss_types_of(self.loss_type))
+        if self.ld_alpha is not None and types & {"simpo", "orpo"}:
+            raise RecipeError("recipe: dpo.ld_alpha weights summed log-probs; simpo and orpo average them per token, "
+                              "so leave dpo.ld_alpha null")  # fmt: skip
+        if self.use_weighting and "orpo" in types:
+            raise RecipeError("recipe: dpo.use_weighting (WPO) would also scale orpo's batch-level NLL; leave it false")
         if self.precompute_ref_log_probs and not uses_reference(self.loss_type):
             raise RecipeError(
                 f"recipe: dpo.precompute_ref_log_probs: the loss {self.loss_type!r} reads no reference model, so there "

@@ -39,6 +39,8 @@ LOSS_TYPES = (
 # the losses that read no reference model (TRL's CPOTrainer and ORPOTrainer): an objective of these (and sft)
 # computes no reference log-probs, and full fine-tuning keeps no frozen copy for it
 REFERENCE_FREE_LOSS_TYPES = ("cpo", "simpo", "orpo")
+# the losses that read label_smoothing (as TRL; mdpo in its DPO term)
+LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "cpo", "simpo", "mdpo")
 # the vision-aware losses score the chosen answer again under a corrupted copy of the image (data.image_corruption)
 VISION_LOSS_TYPES = ("mdpo", "image_conditional")
 IMAGE_CORRUPTIONS = ("crop", "mask", "noise", "blank")

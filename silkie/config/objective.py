@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .names import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+from .names import (
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
+    LABEL_SMOOTHING_LOSS_TYPES,
+    LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
+)
 
 # Other libraries' preference losses that are no loss type here: what to use instead
 OTHER_LOSSES = {
@@ -87,6 +93,13 @@ def objective_problem(
             label_smoothing,
             "a number in [0, 0.5)",
             f"label_smoothing must be in [0, 0.5), got {label_smoothing}",
+        )
+    if label_smoothing > 0.0 and not set(types) & set(LABEL_SMOOTHING_LOSS_TYPES):
+        return Problem(
+            "label_smoothing",
+            label_smoothing,
+            f"0 with loss types {types} (it acts on {', '.join(LABEL_SMOOTHING_LOSS_TYPES)})",
+            f"label_smoothing is read by none of the loss types {types}",
         )
     if "exo_pair" in types and label_smoothing <= 0.0:
         return Problem(

@@ -310,7 +310,8 @@ class LoraSection:
 
     enabled: bool = key(
         True,
-        "Train LoRA adapters (peft); false = full fine-tuning with a frozen reference copy.",
+        "Train LoRA adapters (peft); false = full fine-tuning with a frozen reference copy (none for the "
+        "reference-free cpo, simpo and orpo).",
         "models.loading:make_policy",
     )
     r: int = key(

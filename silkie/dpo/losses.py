@@ -192,10 +192,12 @@ class DPOObjective:
                     logits = logits - self.simpo_gamma / beta
                 term = -(1 - ls) * F.logsigmoid(beta * logits) - ls * F.logsigmoid(-beta * logits)
             elif name == "orpo":
-                chosen_avg = _average(policy_chosen_logps, chosen_lengths).float()
-                rejected_avg = _average(policy_rejected_logps, rejected_lengths).float()
+                # an answer whose every token has probability 1 in fp32 (average log-prob 0) has no finite odds
+                chosen_avg = _average(policy_chosen_logps, chosen_lengths).float().clamp(max=-1e-6)
+                rejected_avg = _average(policy_rejected_logps, rejected_lengths).float().clamp(max=-1e-6)
                 log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
                 term = (chosen_nll - beta * F.logsigmoid(log_odds)).to(delta.dtype)
+                parts["log_odds_chosen"], parts["log_odds_ratio"] = log_odds, F.logsigmoid(log_odds)  # TRL's names
             elif name == "discopop":
                 logits = beta * delta
                 mix = torch.sigmoid(logits / tau)
@@ -211,6 +213,8 @@ class DPOObjective:
                     term = self.mdpo_conditional_weight * term + dpo + self.mdpo_anchor_weight * anchor
             else:  # sft
                 term = chosen_nll.expand_as(delta)
+            if name in ("orpo", "sft") and not self.uses_reference:
+                parts["nll_loss"] = chosen_nll.expand_as(delta)  # TRL's CPO / ORPO metric
             if len(loss_types) > 1:
                 parts[f"loss/{name}"] = term
             per_pair = per_pair + weight * term

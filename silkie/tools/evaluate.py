@@ -1,4 +1,4 @@
-"""Held-out DPO reward metrics of a trained run: rebuild its split, score policy vs reference, summarize.
+"""Held-out DPO reward metrics of a trained run: rebuild its split, score policy (vs reference), summarize.
 
 Rewards are beta * (policy - reference) answer log-probs, as in training (beta * the policy's log-probs, per-token
 averages for simpo and orpo, for the reference-free losses). For a LoRA run the reference is
@@ -62,11 +62,12 @@ def score_pairs(trainer: Any, dataset: Any, batch_size: int) -> PairTable:
             scores = trainer.score_batch(model, batch)
         kept = batch["pair_weight"] > 0  # a pair whose image or video failed is left out (counted as dropped)
         table.pair_index.extend(int(i) for i in batch["pair_index"][kept])
+        # a reference-free loss (cpo, simpo, orpo) has no reference log-probs to report
+        reference = [("ref_logps/chosen", scores.ref_chosen), ("ref_logps/rejected", scores.ref_rejected)]
         for name, values in (
             ("logps/chosen", scores.policy.chosen_logps),
             ("logps/rejected", scores.policy.rejected_logps),
-            ("ref_logps/chosen", scores.ref_chosen),
-            ("ref_logps/rejected", scores.ref_rejected),
+            *(reference if trainer.objective.uses_reference else []),
             ("rewards/chosen", scores.out.chosen_rewards),
             ("rewards/rejected", scores.out.rejected_rewards),
             ("loss", scores.out.per_pair),

@@ -82,9 +82,9 @@ def build_trainer(
     working = Path(working)
     working.mkdir(parents=True, exist_ok=True)
     if bookkeeping and is_main_process():
-        note = unset_learning_rate_note(recipe)
-        if note:
-            logger.warning(note)
+        for note in [unset_learning_rate_note(recipe), *recipe.dpo.notes()]:
+            if note:
+                logger.warning(note)
         for path in remove_staging(working):
             say(f"removed half-written {path.name} from an interrupted run")
         if not (working / CONFIG_NAME).exists():
