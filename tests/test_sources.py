@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import re
 
 import datasets
 import pyarrow as pa
@@ -223,9 +224,8 @@ def test_missing_image_rows_dropped_with_store(tmp_path):
     pairs, report = build_vlfeedback_pairs([clean_row("a"), clean_row("b")], image_store=store)
     assert {p.prompt_id for p in pairs} == {"a"}
     assert report.rows_dropped == {"missing_image": 1} and report.offending_ids["missing_image"] == ["b"]
-    assert "missing_image: 1 (first: b: merged_images/b.jpg not in m.zip, which holds e.g. merged_images/a.jpg)" in (
-        report.summary()
-    )
+    assert re.search(r"missing_image: 1 \(first: b: merged_images/b.jpg not in \S*/m.zip, which holds e.g. "
+                     r"merged_images/a.jpg\)", report.summary())  # fmt: skip
 
 
 def test_a_re_zipped_release_is_read_through_its_top_folder_and_another_layout_is_named(tmp_path):
@@ -236,7 +236,7 @@ def test_a_re_zipped_release_is_read_through_its_top_folder_and_another_layout_i
     mac = {"VLFeedback/merged_images/a.jpg": jpeg_bytes(), "__MACOSX/VLFeedback/merged_images/._a.jpg": b"\0"}
     assert ZipImageStore(write_zip(tmp_path / "mac.zip", mac)).open("a.jpg").size == (8, 8)  # Finder's twins ignored
     other = ZipImageStore(write_zip(tmp_path / "o.zip", {"images/": b"", "images/a.jpg": jpeg_bytes()}))
-    with pytest.raises(ValueError, match=r"no usable .* not in o.zip, which holds e.g. images/a.jpg"):
+    with pytest.raises(ValueError, match=r"no usable .* not in \S*/o.zip, which holds e.g. images/a.jpg"):
         build_vlfeedback_pairs([clean_row("a")], image_store=other)
     folder = tmp_path / "pictures"
     (folder / "sub").mkdir(parents=True)

@@ -238,7 +238,8 @@ def test_bad_data_stops_with_one_error_and_the_fixed_recipe_replaces_it(demo_run
     done = run([*launch, f"data.path={rows}"], cwd=cwd)
     message = (
         f"no usable preference pairs in {rows}: rows seen=1 kept=0 "
-        "dropped={missing_field: 1 (first: row 0: prompt)}; pairs kept=0 dropped={}"
+        "dropped={missing_field: 1 (first: row 0: prompt (the row has chosen, question, rejected; data.columns maps "
+        "other names))}; pairs kept=0 dropped={}"
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "exitcode" not in done.stderr  # torchrun's own failure line: the error below says it all

@@ -85,7 +85,22 @@ ELSEWHERE = {
     "torch_dtype": "model.dtype",
     "resume_from_checkpoint": "not needed: the same launch command again resumes from the latest intact checkpoint",
     "activation_offloading": "training.gradient_checkpointing_kwargs: {offload: true}",
+    # LLaMA-Factory's and ms-swift's run keys
+    "stage": "not needed: Silkie trains preference objectives (dpo.loss_type)",
+    "do_train": "not needed: train_dpo.py trains",
+    "finetuning_type": "lora.enabled (true: LoRA, false: full fine-tuning)",
+    "train_type": "lora.enabled (true: LoRA, false: full fine-tuning)",
+    "lora_rank": "lora.r",
+    "template": "not needed: the chat template is the checkpoint's own (model.path)",
+    "dataset_dir": "data.path (the data file or folder itself)",
+    "media_dir": "data.images",
+    "image_dir": "data.images",
+    "output_dir": "the run folder is --working",
+    "overwrite_output_dir": "--force (moves the old outputs aside)",
 }
+# keys only a LLaMA-Factory or ms-swift recipe has: a flat file holding one is said to be such a recipe
+OTHER_RECIPE_KEYS = ("stage", "finetuning_type", "template", "dataset_dir", "pref_beta", "pref_loss", "train_type",
+                     "rlhf_type", "media_dir")  # fmt: skip
 _KEY = re.compile(r"[a-z_]+\.[a-z_]+")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from silkie.errors import RecipeError
 
-from .checks import suggest
+from .checks import OTHER_RECIPE_KEYS, suggest
 from .training import TRAINING_KEYS
 
 SECTIONS = ("model", "data", "lora", "dpo", "training", "deepspeed", "launch", "slurm")
@@ -117,9 +117,17 @@ def translate_flat(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     }
     unknown = [key for key in values if key not in (*handlers, *FIXED, *RENAMED, *TRAINING_KEYS)]
     if unknown:  # all of them at once: a file from another library has several
+        keys = ", ".join(repr(k) + suggest(k, KNOWN) for k in unknown)
+        if set(unknown) & set(OTHER_RECIPE_KEYS):  # where each key lives in the sectioned schema
+            sectioned = ", ".join(repr(k) + suggest(k, []) for k in unknown)
+            raise RecipeError(
+                f"recipe: this looks like a LLaMA-Factory or ms-swift recipe; Silkie's recipes have sections (model:, "
+                f"data:, lora:, dpo:, training:): start from dpo_config/demo.yaml, keys in dpo_config/README.md. "
+                f"Its keys: {sectioned}"
+            )
         raise RecipeError(
-            f"flat recipe: unknown keys {', '.join(repr(k) + suggest(k, KNOWN) for k in unknown)} (a flat recipe takes "
-            "the Silkie repository's keys: TrainingArguments fields, model_name_or_path, use_lora, lora_*, beta, ...)"
+            f"flat recipe: unknown keys {keys} (a flat recipe takes the Silkie repository's keys: TrainingArguments "
+            "fields, model_name_or_path, use_lora, lora_*, beta, ...)"
         )
     for key, value in values.items():
         origin = "" if key in raw else " (the original's default)"

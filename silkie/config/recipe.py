@@ -73,10 +73,11 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
         raise RecipeError(f"recipe: section '{prefix}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [f"'{prefix}.{key}'{suggest(key, known)}" for key in raw if key not in hints]
+    if unknown:  # all of them at once: a section written for another library has several
+        raise RecipeError(f"recipe: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
     values = {}
     for key, value in raw.items():
-        if key not in hints:
-            raise RecipeError(f"recipe: unknown key '{prefix}.{key}'{suggest(key, known)}")
         value = coerce(value, hints[key])
         if not type_ok(value, hints[key]):
             hint = ""

@@ -143,7 +143,8 @@ class DataSection:
     )
     split: str = key(
         "train",
-        "Dataset split for `source: hf`.",
+        "Dataset split for `source: hf`, and of a `save_to_disk` folder or hub parquet shards for `source: "
+        "preference` (data.path; data.eval_path takes test, validation or eval).",
         "data.build:_load_rows",
     )
     aspect_weights: dict[str, float] | None = key(
@@ -298,6 +299,9 @@ class DataSection:
             raise RecipeError(f"recipe: data.columns renames a preference file's columns; data.source is "
                               f"{self.source!r}, whose schema is fixed")  # fmt: skip
         for field, column in self.columns.items():
+            if field not in PREFERENCE_FIELDS and column in PREFERENCE_FIELDS:
+                raise RecipeError(f"recipe: data.columns = {self.columns!r}: the keys are the fields, the values the "
+                                  f"file's columns; write {{{column}: {field}}}")  # fmt: skip
             choice("data.columns", field, PREFERENCE_FIELDS)
             require(isinstance(column, str) and bool(column), f"data.columns.{field}", column, "a column name")
         taken = [column for column in self.columns.values() if list(self.columns.values()).count(column) > 1]

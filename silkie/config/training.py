@@ -347,9 +347,10 @@ def pairs_per_step(training: dict[str, Any], world_size: int) -> str:
 def check_training(training: dict[str, Any]) -> None:
     """Check every `training:` key by name, type, allowed values and range (numeric strings become floats where a
     float is wanted, in place); RecipeError names the first bad key."""
+    unknown = [f"'training.{key}'{suggest(key, sorted(TRAINING_KEYS))}" for key in training if key not in TRAINING_KEYS]
+    if unknown:  # all of them at once
+        raise RecipeError(f"recipe: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
     for key, value in list(training.items()):
-        if key not in TRAINING_KEYS:
-            raise RecipeError(f"recipe: unknown key 'training.{key}'{suggest(key, sorted(TRAINING_KEYS))}")
         value = training[key] = coerce(value, TRAINING_KEYS[key])
         if not type_ok(value, TRAINING_KEYS[key]):
             raise RecipeError(

@@ -43,7 +43,7 @@ def _load_rows(data: DataSection, key: str = "path", media: EmbeddedMedia | None
         return load_vlfeedback_hf(getattr(data, key), split=data.split)
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
-    splits = ("train",) if key == "path" else ("test", "validation", "eval", "train")  # held-out pairs: not train
+    splits = (data.split,) if key == "path" else ("test", "validation", "eval", "train")  # held-out: not train
     keep = FirstPrompts(data.max_prompts) if data.max_prompts is not None and key == "path" else None
     return load_preference_file(
         path, key=f"data.{key}", splits=splits, media=media, columns=data.columns, keep=keep

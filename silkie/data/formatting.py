@@ -314,10 +314,12 @@ def tokenize_pairs(
             dataset = _save_to_cache(dataset, stats, target)
     _apply_stats(stats, report, split)
     if len(dataset) == 0:
-        raise InputError(
-            f"{split}: no pair left after tokenization, all {stats['total']} dropped ({_drops(stats)}; "
-            f"max_length = {max_length}, truncation = {truncation}{_first_length(records, tokenizer, video_frames)})"
-        )
+        lengths = ""
+        if {"too_long", "prompt_too_long", "identical_after_truncation"} & set(stats["dropped"]):
+            lengths = f"; max_length = {max_length}, truncation = {truncation}"
+            lengths += _first_length(records, tokenizer, video_frames)
+        raise InputError(f"{split}: no pair left after tokenization, all {stats['total']} dropped ({_drops(stats)}"
+                         f"{lengths})")  # fmt: skip
     return dataset
 
 

@@ -33,7 +33,7 @@ from silkie.data.sources import (
     normalize_preference_row,
 )
 from silkie.errors import InputError
-from silkie.models.media import as_keys
+from silkie.models.media import as_keys, marker_mismatch
 
 CapStrategy = Literal["margin", "random"]
 RatingRules = Literal["checked", "original"]
@@ -143,6 +143,7 @@ class PairReport:
             "pairs_kept": self.pairs_kept,
             "pairs_dropped": dict(self.pairs_dropped),
             "offending_ids": {reason: list(ids) for reason, ids in self.offending_ids.items()},
+            "first_details": dict(self.first_details),
         }
 
 
@@ -272,12 +273,17 @@ class MediaLimits:
 def _media_usable(
     row: FeedbackRow | PreferenceRow, image_store: ImageStore | None, limits: MediaLimits, report: PairReport
 ) -> bool:
-    """False (the row dropped and counted) when it holds more images/videos than allowed or one is missing."""
+    """False (the row dropped and counted) when it holds more images/videos than allowed, its markers do not match
+    them (found here, not only at tokenization: `silkie prepare` reports it) or one is missing."""
     for kind, keys, most in (("image", row.images, limits.max_images), ("video", row.videos, limits.max_videos)):
         if most is not None and len(keys) > most:
             detail = f"{len(keys)} {kind}s, data.max_{kind}s_per_pair={most}"
             report.drop_row(f"too_many_{kind}s", row.id, detail=detail)
             return False
+    mismatch = marker_mismatch(row.prompt, row.images, row.videos)
+    if mismatch is not None:
+        report.drop_row("image_marker_mismatch", row.id, detail=mismatch)
+        return False
     if image_store is None:
         return True
     for kind, keys in (("image", row.images), ("video", row.videos)):
@@ -286,7 +292,10 @@ def _media_usable(
             reason = f"missing_{kind}"
             detail = ""
             if reason not in report.first_details:  # the first case says what the store holds (another layout?)
-                detail = f"{missing} not in {Path(str(image_store)).name}, which holds e.g. {image_store.example()}"
+                example, where = image_store.example(), str(image_store)
+                where = where if len(where) <= 50 else ".../" + "/".join(Path(where).parts[-2:])
+                holds = f"which holds e.g. {example}" if example else "which is empty"
+                detail = f"{missing} not in {where}, {holds}"
             report.drop_row(reason, row.id, detail=detail)
             return False
     return True

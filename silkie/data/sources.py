@@ -234,6 +234,10 @@ def normalize_preference_row(
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
     raw = plain_row(renamed_columns(raw, columns))
+    absent = next((name for name in ("prompt", "chosen", "rejected") if raw.get(name) is None), None)
+    if absent is not None:  # a file of other column names: say which it has
+        has = ", ".join(sorted(map(str, raw))[:6])
+        raise RowError("missing_field", f"{absent} (the row has {has}; data.columns maps other names)")
     prompt = _require(raw, "prompt", str)
     chosen = _require(raw, "chosen", str)
     rejected = _require(raw, "rejected", str)
@@ -318,6 +322,13 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
                 f"could not load VLFeedback dataset {source!r} (split {split!r}): {type(exc).__name__}: {exc}. "
                 "Without network access, download it beforehand or pass a local folder / the release jsonl."
             ) from exc
+    absent = [name for name in ("prompt", "completions") if name not in dataset.column_names]
+    if absent:
+        columns = ", ".join(dataset.column_names)
+        raise InputError(
+            f"data.path: {source} has no {' or '.join(absent)} column (its columns: {columns}); data.source hf reads "
+            "VLFeedback's schema, a file of ready pairs is data.source: preference"
+        )
     wanted = [name for name in ("id", "prompt", "models", "completions", "img_path") if name in dataset.column_names]
     dataset = dataset.select_columns(wanted)
     return collect_rows(source, iter(dataset), normalize_feedback_row)

@@ -35,18 +35,25 @@ def as_keys(keys: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def marker_mismatch(prompt: str, images: Sequence[str], videos: Sequence[str]) -> str | None:
+    """What is wrong when the prompt has `<image>` (`<video>`) markers but not one per image (video), else None
+    (no markers of a kind: its media go first)."""
+    for marker, keys, kind in ((IMAGE_MARKER, images, "image"), (VIDEO_MARKER, videos, "video")):
+        found = prompt.count(marker)
+        if found and found != len(keys):
+            return f"the prompt has {found} {marker} marker(s) for {len(keys)} {kind}(s)"
+    return None
+
+
 def media_segments(
     prompt: str, images: str | Sequence[str] | None = (), videos: str | Sequence[str] | None = ()
 ) -> list[Segment]:
     """The prompt as text and media segments in order; `PairTextError("image_marker_mismatch")` when it has
     markers of a kind but not one per key of that kind."""
     images, videos = as_keys(images), as_keys(videos)
-    for marker, keys, kind in ((IMAGE_MARKER, images, "image"), (VIDEO_MARKER, videos, "video")):
-        found = prompt.count(marker)
-        if found and found != len(keys):
-            raise PairTextError(
-                "image_marker_mismatch", f"the prompt has {found} {marker} marker(s) for {len(keys)} {kind}(s)"
-            )
+    mismatch = marker_mismatch(prompt, images, videos)
+    if mismatch is not None:
+        raise PairTextError("image_marker_mismatch", mismatch)
     markers = {"image": IMAGE_MARKER, "video": VIDEO_MARKER}
     queues = {"image": list(images), "video": list(videos)}
     segments = []  # a kind without markers goes first, in order

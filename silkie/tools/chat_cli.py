@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true", help="print base and DPO answers (needs --adapter)")
     parser.add_argument(
         "--system",
-        help="system message (default: the family's, e.g. Qwen-VL-Chat's 'You are a helpful assistant.'; '' for none)",
+        help="system message (default: the family's, e.g. Qwen-VL-Chat's 'You are a helpful assistant.'; '' for an "
+        "empty one)",
     )
     parser.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy decoding")
     parser.add_argument("--top-p", type=float, default=0.8, help="nucleus mass with --sample (0.8)")

@@ -2,7 +2,8 @@
 
 Rebuilds the run's train/eval split from RUN/config.yaml (same data, pair rules and seed), scores each pair
 with the policy (base + adapter) and the reference (adapter disabled; the base checkpoint for a full
-fine-tuning run), rewards = beta * (policy - reference) answer log-probs with the recipe's beta.
+fine-tuning run), rewards = beta * (policy - reference) answer log-probs with the recipe's beta (the reference-free
+cpo, simpo and orpo: beta * the policy's log-probs, per-token averages for simpo and orpo, as in training).
 Prints a table and writes JSON (default RUN/eval_pairs_<split>.json).
 
 Example: python scripts/evaluate_pairs.py --run runs/demo --split eval

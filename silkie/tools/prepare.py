@@ -143,8 +143,9 @@ def check_images(rows: list, store: Any, verify_all: bool, sample: int, seed: in
 
 
 def is_preference_file(path: str | Path) -> bool:
-    """Whether `path` holds ready pairs (`chosen`/`rejected` rows: a parquet, or a JSON(L) file whose first row
-    has them and no `completions`) rather than a VLFeedback release."""
+    """Whether `path` holds ready pairs (a parquet or a folder, or a JSON(L) file whose first row has no
+    `completions`: plain, TRL, ShareGPT or ms-swift rows, or columns of other names) rather than a VLFeedback
+    release."""
     path = Path(path)
     if path.suffix.lower() == ".parquet" or path.is_dir():
         return True  # a parquet, a folder of them or a `datasets` folder: the VLFeedback release is a jsonl
@@ -160,7 +161,7 @@ def is_preference_file(path: str | Path) -> bool:
             row = json.loads(first)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(row, dict) and {"chosen", "rejected"} <= set(row) and "completions" not in row
+    return isinstance(row, dict) and "completions" not in row
 
 
 def _without_rows(loaded: LoadedRows, drop: set[str]) -> LoadedRows:
@@ -213,6 +214,8 @@ def check_release(
         loaded = (
             load_preference_file(jsonl, media=media, columns=columns) if preference else load_vlfeedback_jsonl(jsonl)
         )
+        if media is not None and not loaded.rows:  # every row dropped: the report says why, not the empty folder
+            Path(images).mkdir(parents=True, exist_ok=True)
         store = open_image_store(images)
     except (FileNotFoundError, ValueError) as err:
         raise ToolError(str(err)) from err
@@ -277,6 +280,16 @@ def _counts(
     return lines
 
 
+def _pair_details(pairs: dict[str, Any], examples: dict[str, list[str]]) -> dict[str, str]:
+    """What was wrong with the first row of each pair-building drop (`first_details` less its id, shown beside)."""
+    details = {}
+    for reason, case in pairs.get("first_details", {}).items():
+        first = (examples.get(reason) or [""])[0]
+        if case.startswith(f"{first}: "):
+            details[reason] = case[len(first) + 2 :]
+    return details
+
+
 def format_report(report: ReleaseReport) -> str:
     """The human-readable report: one reconciled table of rows and pairs (rows in the file = dropped + kept;
     candidate pairs of the kept rows = dropped + kept, with each reason as the data pipeline names it), then the
@@ -289,8 +302,9 @@ def format_report(report: ReleaseReport) -> str:
     what = "preference file" if report.kind == "preference" else "release"
     lines = [f"{what}: {report.jsonl} (images: {report.images})", f"  {'rows in the file':<24}{report.rows_seen:>8}"]
     lines.append(f"  {'rows dropped':<24}{rows_dropped:>8}")
+    details = {**_pair_details(pairs, examples), **report.skipped_details}
     lines += [f"  {line}" + (" (at reading)" if line.split(":")[0].strip() in at_reading else "") for line in
-              _counts(pairs["rows_dropped"], examples, report.skipped_details)]  # fmt: skip
+              _counts(pairs["rows_dropped"], examples, details)]  # fmt: skip
     lines.append(f"  {'rows kept':<24}{pairs['rows_kept']:>8}  -> {candidates} candidate pairs")
     lines.append(f"  {'pairs dropped':<24}{pairs_dropped:>8}")
     lines += [f"  {line}" for line in _counts(pairs["pairs_dropped"], pairs["offending_ids"])]
