@@ -178,7 +178,7 @@ def test_prepare_checks_a_file_with_its_own_column_names(tmp_path, capsys):
     assert "pairs kept                     2" in capsys.readouterr().out
     assert main(args) == 2  # without the mapping no row has a prompt: no pairs, said in one line
     assert "dropped={missing_field: 2 (first: row 0: prompt (the row has chosen, ds_name, idx, image, image_path, " \
-        "question; data.columns maps other names))}" in capsys.readouterr().err
+        "question, rejected; data.columns maps other names))}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--columns", "question"])
 

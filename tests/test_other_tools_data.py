@@ -97,3 +97,58 @@ def test_a_llama_factory_recipe_is_named_and_each_key_says_where_it_lives(tmp_pa
     with pytest.raises(RecipeError, match=r"unknown keys 'dpo.pref_beta' \(did you mean 'beta'\?\), "
                                           r"'dpo.simpo_gama' \(did you mean 'simpo_gamma'\?\)"):  # fmt: skip
         load_recipe(DEMO_RECIPE, ["dpo.pref_beta=0.1", "dpo.simpo_gama=1"])
+
+
+def test_a_release_with_a_broken_first_row_stays_a_release(tmp_path):
+    from silkie.tools.prepare import is_preference_file
+
+    (tmp_path / "release.jsonl").write_text(json.dumps({"id": "1", "prompt": "Q", "models": ["a", "b"]}) + "\n")
+    (tmp_path / "swift.jsonl").write_text(json.dumps(swift_row(0)) + "\n")
+    assert not is_preference_file(tmp_path / "release.jsonl") and is_preference_file(tmp_path / "swift.jsonl")
+
+
+def test_flat_files_with_a_key_named_like_a_section(tmp_path):
+    (tmp_path / "silkie.yaml").write_text("model_name_or_path: m\nuse_lora: true\ndeepspeed: ds.json\n")
+    assert load_recipe(tmp_path / "silkie.yaml").deepspeed.config == "ds.json"  # the original's flat key
+    swift = "model: Qwen/Qwen2-VL-2B\nrlhf_type: dpo\ntrain_type: lora\nlearning_rate: 1e-5\n"
+    (tmp_path / "swift.yaml").write_text(swift)
+    with pytest.raises(RecipeError, match=r"this looks like a LLaMA-Factory or ms-swift recipe.*'model' \(did you "
+                                          r"mean 'model.path'\?\), 'rlhf_type' \(dpo.loss_type"):  # fmt: skip
+        load_recipe(tmp_path / "swift.yaml")
+
+
+def test_hub_shards_of_other_split_names_and_one_unnamed_group(tmp_path):
+    from .test_embedded_media import png_bytes, write_trl_parquet
+
+    shards = tmp_path / "ultra"
+    shards.mkdir()
+    for split, count in (("train_prefs", 2), ("train_sft", 1)):
+        write_trl_parquet(shards / f"{split}-00000-of-00001.parquet", [png_bytes((count, 0, 0))] * count)
+    section = DataSection(source="preference", path=str(shards), split="train_prefs", eval_fraction=0.0)
+    assert build_pairs(section, tmp_path / "media")[3].rows_seen == 2
+    with pytest.raises(InputError, match=r"are of the splits \['train_prefs', 'train_sft'\], none of \['train'\]"):
+        build_pairs(DataSection(source="preference", path=str(shards)), tmp_path / "media")
+    one = tmp_path / "one"
+    one.mkdir()
+    for shard in range(2):  # `data-0000N-of-00002`: one group that names no split, read whole
+        write_trl_parquet(one / f"data-0000{shard}-of-00002.parquet", [png_bytes((shard, 9, 0))])
+    assert build_pairs(DataSection(source="preference", path=str(one)), tmp_path / "media")[3].rows_seen == 2
+
+
+def test_what_a_row_lacks_is_said_as_it_is(tmp_path):
+    with pytest.raises(RowError, match="rejected is null"):
+        normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": None})
+    with pytest.raises(RowError, match=r"chosen / rejected messages beside the conversation"):
+        normalize_preference_row({"conversations": [{"from": "human", "value": "Q"}]})
+    wide = {name: "x" for name in ("question", "good", "bad", "a", "b", "c", "d", "e", "f")}
+    with pytest.raises(RowError, match=r"the row has a, b, bad, c, d, e, f, good \(\+1 more\)"):
+        normalize_preference_row(wide)
+    with pytest.raises(RecipeError, match=r"data.columns = 'imagess' is not allowed; .*did you mean 'images'"):
+        DataSection(source="preference", path="x", columns={"imagess": "image"}).check()
+
+
+def test_an_error_in_the_file_and_one_in_an_override_name_both(tmp_path):
+    recipe = DEMO_RECIPE.read_text().replace("  seed: 0\nlora:", "  seed: 0\n  colums: {}\nlora:")
+    (tmp_path / "r.yaml").write_text(recipe)
+    with pytest.raises(RecipeError, match=r"r.yaml and override 'data.splt=x': recipe: unknown keys 'data.colums'"):
+        load_recipe(tmp_path / "r.yaml", ["data.splt=x"])

@@ -97,6 +97,11 @@ ELSEWHERE = {
     "image_dir": "data.images",
     "output_dir": "the run folder is --working",
     "overwrite_output_dir": "--force (moves the old outputs aside)",
+    "lora_target": "lora.target_modules",
+    "val_size": "data.eval_fraction",
+    "max_samples": "data.max_prompts",
+    "preprocessing_num_workers": "data.num_proc",
+    "model": "model.path",
 }
 # keys only a LLaMA-Factory or ms-swift recipe has: a flat file holding one is said to be such a recipe
 OTHER_RECIPE_KEYS = ("stage", "finetuning_type", "template", "dataset_dir", "pref_beta", "pref_loss", "train_type",

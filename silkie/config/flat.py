@@ -68,8 +68,10 @@ KNOWN = sorted({*RENAMED, *FIXED, *ORIGINAL_DEFAULTS, *TRAINING_KEYS, "bf16", "f
 
 def is_flat(raw: Any) -> bool:
     """True for a mapping with no section name among its keys and at least one flat key (the original format)."""
-    if not isinstance(raw, dict) or not raw or any(key in SECTIONS for key in raw):
+    if not isinstance(raw, dict) or not raw:
         return False
+    if any(key in SECTIONS and isinstance(value, (dict, type(None))) for key, value in raw.items()):
+        return False  # a section (`deepspeed: ds.json` or ms-swift's `model: NAME` are flat keys)
     return any(key in KNOWN for key in raw)
 
 

@@ -154,6 +154,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         return recipe_from_dict(merged)
     except RecipeError as err:  # named after the override that set the key when there is one, else the file
         source = override_named_in(str(err), overrides)
+        if source is not None and not _valid(raw):  # the file has faults of its own (all unknown keys are listed)
+            source = f"{path} and {source}"
         if source is None and overrides and _valid(raw):  # the file is fine: the overrides made the clash
             source = f"{path} with {' '.join(overrides)}"
         raise RecipeError(f"{source or path}: {err}") from None

@@ -4,6 +4,7 @@ Imports no torch."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from silkie.errors import RecipeError
@@ -144,7 +145,7 @@ class DataSection:
     split: str = key(
         "train",
         "Dataset split for `source: hf`, and of a `save_to_disk` folder or hub parquet shards for `source: "
-        "preference` (data.path; data.eval_path takes test, validation or eval).",
+        "preference` (data.path; data.eval_path takes test, validation or eval, else train).",
         "data.build:_load_rows",
     )
     aspect_weights: dict[str, float] | None = key(
@@ -299,7 +300,8 @@ class DataSection:
             raise RecipeError(f"recipe: data.columns renames a preference file's columns; data.source is "
                               f"{self.source!r}, whose schema is fixed")  # fmt: skip
         for field, column in self.columns.items():
-            if field not in PREFERENCE_FIELDS and column in PREFERENCE_FIELDS:
+            close = difflib.get_close_matches(str(field), PREFERENCE_FIELDS, n=1, cutoff=0.6)
+            if field not in PREFERENCE_FIELDS and column in PREFERENCE_FIELDS and not close:
                 raise RecipeError(f"recipe: data.columns = {self.columns!r}: the keys are the fields, the values the "
                                   f"file's columns; write {{{column}: {field}}}")  # fmt: skip
             choice("data.columns", field, PREFERENCE_FIELDS)

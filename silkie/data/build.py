@@ -40,7 +40,7 @@ def _load_rows(data: DataSection, key: str = "path", media: EmbeddedMedia | None
             raise MissingInputError(f"data.{key}: VLFeedback jsonl not found: {path}")
         return load_vlfeedback_jsonl(path)
     if data.source == "hf":
-        return load_vlfeedback_hf(getattr(data, key), split=data.split)
+        return load_vlfeedback_hf(getattr(data, key), split=data.split, key=f"data.{key}")
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
     splits = (data.split,) if key == "path" else ("test", "validation", "eval", "train")  # held-out: not train

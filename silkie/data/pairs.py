@@ -1,11 +1,7 @@
 """Preference pairs from rated completions (Silkie: all 2-combinations, score = mean aspect rating).
 
-Every dropped row or pair is counted under a reason in a `PairReport`:
-rows -> loader reasons (see `sources`), `missing_image`, `missing_video`, `too_many_images`, `too_many_videos`
-(over `data.max_images_per_pair` / `max_videos_per_pair`), `no_usable_pairs`, `reused_id` (an id already given to
-another prompt, image or answers), `duplicate_row` (a copy of an earlier row);
-pairs -> `empty_answer`, `non_numeric_rating`, `rating_out_of_range` (outside VLFeedback's 1-5), `missing_rating`,
-`tie`, `identical_answers`, `below_margin`, `over_cap`.
+Every dropped row or pair is counted under a reason in a `PairReport`, with its first case (the reasons, row and
+pair: docs/data.md, "What is dropped").
 """
 
 from __future__ import annotations

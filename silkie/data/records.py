@@ -13,8 +13,16 @@ from typing import Any
 from silkie.data.row_error import RowError
 from silkie.errors import InputError, MissingInputError
 
-# a hub shard's split: `data/train-00000-of-00014.parquet`, `test-...`
-SPLIT_FILE = re.compile(r"^(train|test|validation|valid|eval|dev)[-_.]")
+# a hub shard's split: `data/train-00000-of-00014.parquet`, `train_prefs-00000-of-00001.parquet`; else a file name
+# that starts with a common split name
+HUB_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}\.parquet$")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
+SPLIT_FILE = re.compile(rf"^({'|'.join(SPLIT_NAMES)})[-_.]")
+
+
+def _split_of(name: str) -> str | None:
+    match = HUB_SHARD.match(name) or SPLIT_FILE.match(name)
+    return match.group(1) if match else None
 
 
 def jsonl_records(path: Path) -> Iterator[Any]:
@@ -65,9 +73,9 @@ def parquet_shards(folder: Path, splits: tuple[str, ...], key: str) -> list[Path
         raise MissingInputError(f"{key}: {folder} is a folder with neither a saved dataset nor parquet files")
     by_split: dict[str | None, list[Path]] = {}
     for path in files:
-        match = SPLIT_FILE.match(path.name)
-        by_split.setdefault(match.group(1) if match else None, []).append(path)
-    if set(by_split) == {None}:
+        by_split.setdefault(_split_of(path.name), []).append(path)
+    names = set(by_split) - {None}
+    if not names or (len(by_split) == 1 and not names & set(SPLIT_NAMES)):  # one group, no split words: all of it
         return files
     split = next((name for name in splits if name in by_split), None)
     if split is None:

@@ -225,6 +225,18 @@ def renamed_columns(raw: Mapping[str, Any], columns: Mapping[str, str] | None) -
     return row
 
 
+def _absent(name: str, row: Mapping[str, Any], original: Mapping[str, Any]) -> str:
+    """What a row lacking `name` lacks: a null value, the answers beside a conversation, or a column of this name
+    (then the file's own columns, for `data.columns`)."""
+    if name in row:
+        return f"{name} is null"
+    if any(isinstance(original.get(key), list) for key in ("conversations", "messages")):
+        return "chosen / rejected messages beside the conversation (or ms-swift's rejected_response)"
+    names = sorted(map(str, original))
+    shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+    return f"{name} (the row has {shown}; data.columns maps other names)"
+
+
 def normalize_preference_row(
     raw: Any, media: EmbeddedMedia | None = None, columns: Mapping[str, str] | None = None
 ) -> PreferenceRow:
@@ -233,11 +245,10 @@ def normalize_preference_row(
     written out by `media` (without it: `embedded_media`)."""
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
-    raw = plain_row(renamed_columns(raw, columns))
+    original, raw = raw, plain_row(renamed_columns(raw, columns))
     absent = next((name for name in ("prompt", "chosen", "rejected") if raw.get(name) is None), None)
-    if absent is not None:  # a file of other column names: say which it has
-        has = ", ".join(sorted(map(str, raw))[:6])
-        raise RowError("missing_field", f"{absent} (the row has {has}; data.columns maps other names)")
+    if absent is not None:
+        raise RowError("missing_field", _absent(absent, raw, original))
     prompt = _require(raw, "prompt", str)
     chosen = _require(raw, "chosen", str)
     rejected = _require(raw, "rejected", str)
@@ -302,7 +313,9 @@ def load_vlfeedback_jsonl(path: str | os.PathLike[str]) -> LoadedRows[FeedbackRo
     return collect_rows(str(path), jsonl_records(path), normalize_feedback_row)
 
 
-def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train") -> LoadedRows[FeedbackRow]:
+def load_vlfeedback_hf(
+    name_or_dir: str | os.PathLike[str], split: str = "train", key: str = "data.path"
+) -> LoadedRows[FeedbackRow]:
     """Load VLFeedback through `datasets`: a `save_to_disk` folder, or a hub id / local dataset folder."""
     import datasets
 
@@ -326,7 +339,7 @@ def load_vlfeedback_hf(name_or_dir: str | os.PathLike[str], split: str = "train"
     if absent:
         columns = ", ".join(dataset.column_names)
         raise InputError(
-            f"data.path: {source} has no {' or '.join(absent)} column (its columns: {columns}); data.source hf reads "
+            f"{key}: {source} has no {' or '.join(absent)} column (its columns: {columns}); data.source hf reads "
             "VLFeedback's schema, a file of ready pairs is data.source: preference"
         )
     wanted = [name for name in ("id", "prompt", "models", "completions", "img_path") if name in dataset.column_names]

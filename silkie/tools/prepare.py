@@ -161,7 +161,7 @@ def is_preference_file(path: str | Path) -> bool:
             row = json.loads(first)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
-    return isinstance(row, dict) and "completions" not in row
+    return isinstance(row, dict) and not {"completions", "models", "img_path"} & set(row)  # a release's keys
 
 
 def _without_rows(loaded: LoadedRows, drop: set[str]) -> LoadedRows:
@@ -214,9 +214,7 @@ def check_release(
         loaded = (
             load_preference_file(jsonl, media=media, columns=columns) if preference else load_vlfeedback_jsonl(jsonl)
         )
-        if media is not None and not loaded.rows:  # every row dropped: the report says why, not the empty folder
-            Path(images).mkdir(parents=True, exist_ok=True)
-        store = open_image_store(images)
+        store = open_image_store(images) if loaded.rows or Path(images).exists() else None
     except (FileNotFoundError, ValueError) as err:
         raise ToolError(str(err)) from err
     id_counts = Counter(row.id for row in loaded.rows)
