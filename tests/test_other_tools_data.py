@@ -62,6 +62,10 @@ def test_data_split_picks_the_split_of_a_saved_dataset(tmp_path):
     assert [pair.prompt_id for pair in build_pairs(section)[0]] == ["test0", "test1", "test2"]
     with pytest.raises(InputError, match=r"has none of the splits \('tran',\) \(has \['train', 'test'\]\)"):
         build_pairs(DataSection(source="preference", path=str(tmp_path / "saved"), split="tran"))
+    from silkie.tools.prepare_cli import main
+
+    assert main([str(tmp_path / "saved"), str(tmp_path), "--split", "test", "--strict"]) == 0  # as trained
+    assert main([str(tmp_path / "saved"), str(tmp_path), "--split", "tran"]) == 2  # the typo, said
 
 
 def test_a_renamed_conversation_column_maps_and_a_missing_prompt_names_the_columns(tmp_path):

@@ -196,6 +196,7 @@ def check_release(
     verify_images: bool = False,
     sample_images: int = 100,
     columns: dict[str, str] | None = None,
+    split: str = "train",
 ) -> tuple[ReleaseReport, list]:
     """Load the release (or preference file, its own column names in `columns` as `data.columns`), check its
     images, build pairs; returns the report and the pairs."""
@@ -212,7 +213,9 @@ def check_release(
         if columns and not preference:
             raise ToolError(f"--columns: {jsonl} is a VLFeedback release, whose columns are fixed")
         loaded = (
-            load_preference_file(jsonl, media=media, columns=columns) if preference else load_vlfeedback_jsonl(jsonl)
+            load_preference_file(jsonl, media=media, columns=columns, splits=(split,))
+            if preference
+            else load_vlfeedback_jsonl(jsonl)
         )
         store = open_image_store(images) if loaded.rows or Path(images).exists() else None
     except (FileNotFoundError, ValueError) as err:

@@ -63,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FIELD=COLUMN,...",
         help="a preference file's own column names, as data.columns: e.g. prompt=question,id=idx",
     )
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="the split of a saved dataset or a folder of hub parquet shards, as data.split (train)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     parser.add_argument("--strict", action="store_true", help="exit 1 when rows or images have problems")
     args = parser.parse_args(argv)
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         verify_images=args.verify_images,
         sample_images=args.sample_images,
         columns=args.columns,
+        split=args.split,
     )
     if args.convert:
         report.converted = str(write_preference_parquet(pairs, Path(args.convert) / PARQUET_NAME))
