@@ -32,19 +32,19 @@ class PreparedData:
 
 
 def _load_rows(data: DataSection, key: str = "path", media: EmbeddedMedia | None = None) -> Any:
-    """The rows of `data.path` (or of `data.eval_path`, with `key`), read as `data.source` says (`media`: where
-    pictures held in a preference file's rows are written)."""
+    """The rows of `data.path` (or of `data.eval_path`, with `key`), read as `data.source` says, those of its first
+    `data.max_prompts` prompts (`media`: where pictures held in a preference file's rows are written)."""
     path = Path(getattr(data, key))
+    keep = FirstPrompts(data.max_prompts) if data.max_prompts is not None and key == "path" else None
     if data.source == "vlfeedback":
         if not path.is_file():
             raise MissingInputError(f"data.{key}: VLFeedback jsonl not found: {path}")
-        return load_vlfeedback_jsonl(path)
+        return load_vlfeedback_jsonl(path, keep=keep)
     if data.source == "hf":
-        return load_vlfeedback_hf(getattr(data, key), split=data.split, key=f"data.{key}")
+        return load_vlfeedback_hf(getattr(data, key), split=data.split, key=f"data.{key}", keep=keep)
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
     splits = (data.split,) if key == "path" else ("test", "validation", "eval", "train")  # held-out: not train
-    keep = FirstPrompts(data.max_prompts) if data.max_prompts is not None and key == "path" else None
     return load_preference_file(
         path, key=f"data.{key}", splits=splits, media=media, columns=data.columns, keep=keep
     )
@@ -70,12 +70,6 @@ class FirstPrompts:
         return key in self.keys
 
 
-def first_prompts(rows: list, count: int) -> list:
-    """The rows of the first `count` prompts (question + media; a preference file may hold several pairs each)."""
-    keep = FirstPrompts(count)
-    return [row for row in rows if keep(row)]
-
-
 def build_pairs(
     data: DataSection, media_dir: str | Path | None = None
 ) -> tuple[list, list, ImageStore | None, PairReport]:
@@ -86,10 +80,11 @@ def build_pairs(
     elsewhere = [data.images] if data.images and Path(data.images).is_dir() else []
     media = EmbeddedMedia(media_dir, elsewhere) if media_dir is not None else None
     rows = _load_rows(data, media=media)
-    if data.max_prompts is not None:  # in place: the loader's skip counts stay in the report
-        rows.rows = first_prompts(rows.rows, data.max_prompts)
+    eval_rows = _load_rows(data, "eval_path", media) if data.eval_path is not None else None
     if store is None:
         _check_no_media(rows, data.path)
+        if eval_rows is not None:
+            _check_no_media(eval_rows, data.eval_path)
     if media is not None and media.keys_given:
         store = WithEmbedded(media.folder, store, elsewhere)
     ignored = unused_rating_rules(data) if data.source == "preference" else []
@@ -99,16 +94,11 @@ def build_pairs(
             "ratings, for vlfeedback and hf) are ignored"
         )
     pairs, report = pairs_for(rows, data, store, data.path)
-    if data.eval_path is None:
+    if eval_rows is None:
         train, evaluation = split_by_prompt(
             pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
         )
         return train, evaluation, store, report
-    eval_rows = _load_rows(data, "eval_path", media)
-    if data.images is None:
-        _check_no_media(eval_rows, data.eval_path)
-    if media is not None and media.keys_given and not isinstance(store, WithEmbedded):
-        store = WithEmbedded(media.folder, store, elsewhere)
     evaluation, eval_report = pairs_for(eval_rows, data, store, data.eval_path)
     logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
     shared = {(p.prompt, p.images, p.videos) for p in pairs} & {(p.prompt, p.images, p.videos) for p in evaluation}

@@ -305,18 +305,25 @@ def collect_rows(
     return loaded
 
 
-def load_vlfeedback_jsonl(path: str | os.PathLike[str]) -> LoadedRows[FeedbackRow]:
-    """Load the release file `vlfeedback_80k.jsonl` into normalized rows (image key `merged_images/<id>.jpg`)."""
+def load_vlfeedback_jsonl(
+    path: str | os.PathLike[str], keep: Callable[[Any], bool] | None = None
+) -> LoadedRows[FeedbackRow]:
+    """Load the release file `vlfeedback_80k.jsonl` into normalized rows (image key `merged_images/<id>.jpg`);
+    `keep` (e.g. the first N prompts) selects rows."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"VLFeedback jsonl not found: {path}")
-    return collect_rows(str(path), jsonl_records(path), normalize_feedback_row)
+    return collect_rows(str(path), jsonl_records(path), normalize_feedback_row, keep=keep)
 
 
 def load_vlfeedback_hf(
-    name_or_dir: str | os.PathLike[str], split: str = "train", key: str = "data.path"
+    name_or_dir: str | os.PathLike[str],
+    split: str = "train",
+    key: str = "data.path",
+    keep: Callable[[Any], bool] | None = None,
 ) -> LoadedRows[FeedbackRow]:
-    """Load VLFeedback through `datasets`: a `save_to_disk` folder, or a hub id / local dataset folder."""
+    """Load VLFeedback through `datasets`: a `save_to_disk` folder, or a hub id / local dataset folder; `keep`
+    selects rows."""
     import datasets
 
     source = str(name_or_dir)
@@ -344,7 +351,7 @@ def load_vlfeedback_hf(
         )
     wanted = [name for name in ("id", "prompt", "models", "completions", "img_path") if name in dataset.column_names]
     dataset = dataset.select_columns(wanted)
-    return collect_rows(source, iter(dataset), normalize_feedback_row)
+    return collect_rows(source, iter(dataset), normalize_feedback_row, keep=keep)
 
 
 def load_preference_file(
