@@ -103,6 +103,11 @@ class DPOObjective:
         return uses_reference(self.loss_types)
 
     @property
+    def averages_rewards(self) -> bool:
+        """Whether the rewards are of per-token average log-probs (reference-free simpo and orpo, as TRL)."""
+        return not self.uses_reference and bool({"simpo", "orpo"} & set(self.loss_types))
+
+    @property
     def scores_corrupted_images(self) -> bool:
         """Whether the loss needs the chosen answer's log-probs under the corrupted image (mdpo,
         image_conditional)."""
@@ -228,7 +233,7 @@ class DPOObjective:
         chosen_reward, rejected_reward = chosen_ratio, rejected_ratio
         if not self.uses_reference:  # TRL's CPO / ORPO rewards: beta x the policy's log-probs (averages: simpo, orpo)
             chosen_reward, rejected_reward = policy_chosen_logps, policy_rejected_logps
-            if {"simpo", "orpo"} & set(loss_types):
+            if self.averages_rewards:
                 chosen_reward = _average(chosen_reward, chosen_lengths)
                 rejected_reward = _average(rejected_reward, rejected_lengths)
         return DPOLossOutput(

@@ -121,7 +121,7 @@ def score_batch(
         view_policy = score_answers(model, view, options, pad_token_id, view_features, policy=False)
         again = CorruptedScores(view_policy, *reference(view, view_features), _with_media(batch))
     out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights, again)
-    average = not objective.uses_reference and bool({"simpo", "orpo"} & set(objective.loss_types))
+    average = objective.averages_rewards
     return BatchScores(policy, ref_chosen, ref_rejected, out, weights, again, objective.beta, average)
 
 
