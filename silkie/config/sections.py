@@ -178,7 +178,7 @@ class DataSection:
     max_prompts: int | None = key(
         None,
         "Use only the first N prompts (quick runs); null = all.",
-        "data.build:build_pairs",
+        "data.build:_load_rows",
     )
     eval_fraction: float = key(
         0.0,
