@@ -121,6 +121,14 @@ def suggest(name: str, known: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def refuse_unknown(prefix: str, names: Any, known: list[str]) -> None:
+    """RecipeError listing every one of `names` (keys of section `prefix`) that is not in `known`, each with its
+    suggestion: all at once, as a section written for another library has several."""
+    unknown = [f"'{prefix}.{name}'{suggest(name, known)}" for name in names if name not in known]
+    if unknown:
+        raise RecipeError(f"recipe: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+
+
 def type_ok(value: Any, annotation: Any) -> bool:
     """Whether `value` (from YAML) fits the type `annotation` (unions, lists, dicts; ints are not floats' bools)."""
     origin = typing.get_origin(annotation)

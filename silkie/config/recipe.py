@@ -18,7 +18,7 @@ import yaml
 from silkie.errors import RecipeError
 
 from .checkpoint import checkpoint_family
-from .checks import coerce, describe, suggest, type_ok
+from .checks import coerce, describe, refuse_unknown, suggest, type_ok
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
@@ -73,9 +73,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
         raise RecipeError(f"recipe: section '{prefix}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
-    unknown = [f"'{prefix}.{key}'{suggest(key, known)}" for key in raw if key not in hints]
-    if unknown:  # all of them at once: a section written for another library has several
-        raise RecipeError(f"recipe: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    refuse_unknown(prefix, raw, known)
     values = {}
     for key, value in raw.items():
         value = coerce(value, hints[key])

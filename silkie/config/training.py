@@ -14,7 +14,7 @@ from typing import Any
 
 from silkie.errors import RecipeError
 
-from .checks import choice, coerce, describe, suggest, type_ok
+from .checks import choice, coerce, describe, refuse_unknown, suggest, type_ok
 
 TRAINING_KEYS: dict[str, Any] = {
     "learning_rate": float,
@@ -347,9 +347,7 @@ def pairs_per_step(training: dict[str, Any], world_size: int) -> str:
 def check_training(training: dict[str, Any]) -> None:
     """Check every `training:` key by name, type, allowed values and range (numeric strings become floats where a
     float is wanted, in place); RecipeError names the first bad key."""
-    unknown = [f"'training.{key}'{suggest(key, sorted(TRAINING_KEYS))}" for key in training if key not in TRAINING_KEYS]
-    if unknown:  # all of them at once
-        raise RecipeError(f"recipe: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    refuse_unknown("training", training, sorted(TRAINING_KEYS))
     for key, value in list(training.items()):
         value = training[key] = coerce(value, TRAINING_KEYS[key])
         if not type_ok(value, TRAINING_KEYS[key]):

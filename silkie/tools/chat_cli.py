@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             adapter_dir=args.adapter,
             history=history,
             options=options,
-            system=DEFAULT_SYSTEM if args.system is None else args.system,  # --system '' means none
+            system=DEFAULT_SYSTEM if args.system is None else args.system,  # --system '': an empty one
             dtype=args.dtype,
             device=args.device,
             on_turn=(lambda turns: write_history(args.save_history, turns)) if args.save_history else None,
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_dir=args.adapter,
         options=options,
         compare=args.compare,
-        system=args.system,  # None: the family's default (--system '' means none)
+        system=args.system,  # None: the family's default (--system '': an empty one)
         dtype=args.dtype,
         device=args.device,
         history=history,
