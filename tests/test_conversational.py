@@ -31,12 +31,14 @@ def test_the_implicit_prompt_is_the_turns_both_conversations_share():
 
 @pytest.mark.parametrize(
     ("raw", "reason", "detail"),
-    [({"prompt": [USER, *CHOSEN, USER], "chosen": CHOSEN, "rejected": REJECTED},
-      "unsupported_conversation", "prompt has the roles ['user', 'assistant', 'user']"),
+    [({"prompt": [USER, USER], "chosen": CHOSEN, "rejected": REJECTED},
+      "unsupported_conversation", "prompt has the roles ['user', 'user']; user and assistant messages alternate"),
+     ({"prompt": [USER, *CHOSEN], "chosen": CHOSEN, "rejected": REJECTED},
+      "unsupported_conversation", "prompt has the roles ['user', 'assistant']"),
      ({"prompt": [USER], "chosen": [*CHOSEN, *CHOSEN], "rejected": REJECTED}, "unsupported_conversation",
       "chosen has the roles ['assistant', 'assistant']"),
      ({"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "a", "rejected": "b"}, "wrong_type",
-      "prompt: a part {'type': 'audio'}"),
+      "prompt[0]: a part {'type': 'audio'}"),
      ({"prompt": "Q", "chosen": "a", "rejected": "b", "images": [{"bytes": b"\xff\xd8", "path": None}]},
       "embedded_media", "images[0] holds the picture itself (a datasets Image column): checking it needs a folder")],
 )  # fmt: skip

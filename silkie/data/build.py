@@ -11,7 +11,7 @@ from silkie.config.checks import changed_from_default
 from silkie.data.embedded import MEDIA_DIR, EmbeddedMedia, WithEmbedded, is_embedded_key
 from silkie.data.images import ImageStore, open_image_store
 from silkie.data.pairs import MediaLimits, PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
-from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl
+from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl, prompt_key
 from silkie.data.split import split_by_prompt
 from silkie.errors import InputError, MissingInputError
 from silkie.logs import get_logger
@@ -45,9 +45,7 @@ def _load_rows(data: DataSection, key: str = "path", media: EmbeddedMedia | None
     if not path.exists():
         raise MissingInputError(f"data.{key}: preference file not found: {path}")
     splits = (data.split,) if key == "path" else ("test", "validation", "eval", "train")  # held-out: not train
-    return load_preference_file(
-        path, key=f"data.{key}", splits=splits, media=media, columns=data.columns, keep=keep
-    )
+    return load_preference_file(path, key=f"data.{key}", splits=splits, media=media, columns=data.columns, keep=keep)
 
 
 def media_limits(data: DataSection) -> MediaLimits:
@@ -64,7 +62,7 @@ class FirstPrompts:
         self.keys: set[tuple] = set()
 
     def __call__(self, row: Any) -> bool:
-        key = (row.prompt, row.images, row.videos)
+        key = prompt_key(row)
         if key not in self.keys and len(self.keys) < self.count:
             self.keys.add(key)
         return key in self.keys
@@ -101,7 +99,7 @@ def build_pairs(
         return train, evaluation, store, report
     evaluation, eval_report = pairs_for(eval_rows, data, store, data.eval_path)
     logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
-    shared = {(p.prompt, p.images, p.videos) for p in pairs} & {(p.prompt, p.images, p.videos) for p in evaluation}
+    shared = set(map(prompt_key, pairs)) & set(map(prompt_key, evaluation))
     if shared:  # the same question and media on both sides: the held-out score is partly a training score
         logger.warning(f"data.eval_path shares {len(shared)} prompts (question and media) with data.path")
     return pairs, evaluation, store, report

@@ -7,8 +7,9 @@ TRL (and exports of LLaMA-Factory / ms-swift data) write a pair as chat messages
 LLaMA-Factory's ShareGPT preference rows (`conversations` of `{"from": "human" | "gpt" | "system", "value"}`, `chosen`
 / `rejected` one message each, an optional `system` column) and ms-swift's RLHF rows (`messages` whose last is the
 chosen answer, `rejected_response`) are read as the same.
-A one-turn user prompt becomes its text with `<image>` / `<video>` markers where its parts were, and a system message
-before it the row's `system`; earlier turns are refused by row (a preference row has no field for them).
+The last user message becomes the prompt's text with `<image>` / `<video>` markers where its parts were, a system
+message before it the row's `system`, and earlier user / assistant turns the row's `history` (LLaMA-Factory's
+`history` column: [[user, assistant], ...]).
 """
 
 from __future__ import annotations
@@ -51,15 +52,30 @@ def _message(messages: Any, role: str, where: str) -> str:
     """The text of `messages` when it is one message of `role` (or already a string)."""
     if isinstance(messages, str):
         return messages
-    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-        raise RowError("wrong_type", f"{where} is {type(messages).__name__}")
+    _check_messages(messages, where)
     roles = [message.get("role") for message in messages]
     if roles != [role]:
-        raise RowError(
-            "unsupported_conversation",
-            f"{where} has the roles {roles}; one {role} message is taken (earlier turns are not)",
-        )
+        raise RowError("unsupported_conversation", f"{where} has the roles {roles}; one {role} message is taken")
     return message_text(messages[0].get("content"), where)
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
+        raise RowError("wrong_type", f"{where} is {type(messages).__name__}")
+
+
+def _prompt_turns(messages: Any) -> tuple[list[list[str]], str]:
+    """(earlier [user, assistant] turns, the last user message's text) of a prompt's messages, which alternate from a
+    user message to the last user message (a string: one turn)."""
+    if isinstance(messages, str):
+        return [], messages
+    _check_messages(messages, "prompt")
+    roles = [message.get("role") for message in messages]
+    if not roles or roles != [("user", "assistant")[index % 2] for index in range(len(roles))] or len(roles) % 2 == 0:
+        raise RowError("unsupported_conversation", f"prompt has the roles {roles}; user and assistant messages "
+                       "alternate, from a user message to the last one")  # fmt: skip
+    texts = [message_text(message.get("content"), f"prompt[{index}]") for index, message in enumerate(messages)]
+    return [texts[index : index + 2] for index in range(0, len(texts) - 1, 2)], texts[-1]
 
 
 def _system_text(content: Any) -> str:
@@ -87,8 +103,10 @@ def _refuse_unsupported(raw: Mapping[str, Any]) -> None:
     """`unsupported_conversation` for a row that holds what a pair cannot (unless it repeats the chosen side's)."""
     for name, what in UNSUPPORTED_COLUMNS.items():
         value = raw.get(name)
-        if value and not (name == "rejected_images" and value == raw.get("images")) and not (
-            name == "rejected_videos" and value == raw.get("videos")
+        if (
+            value
+            and not (name == "rejected_images" and value == raw.get("images"))
+            and not (name == "rejected_videos" and value == raw.get("videos"))
         ):
             raise RowError("unsupported_conversation", f"{name}: {what} has no place in a preference pair")
 
@@ -140,7 +158,11 @@ def plain_row(raw: Mapping[str, Any]) -> Mapping[str, Any]:
             raise RowError("wrong_type", "a system column and a system message in the prompt that differ; give one")
         row["system"] = text
         prompt = prompt[1:]
-    row["prompt"] = _message(prompt, "user", "prompt") if prompt is not None else None
+    if prompt is not None:
+        history, row["prompt"] = _prompt_turns(prompt)
+        if history and row.get("history"):
+            raise RowError("unsupported_conversation", "a history column beside a prompt with earlier turns; give one")
+        row["history"] = history or row.get("history")
     for name in ("chosen", "rejected"):
         if row.get(name) is not None:
             row[name] = _message(row[name], "assistant", name)

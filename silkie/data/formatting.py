@@ -27,7 +27,7 @@ from silkie.data.pairs import PairReport, PreferencePair
 from silkie.errors import InputError
 from silkie.logs import get_logger
 from silkie.models.family import PairCodec, PairTextError
-from silkie.models.media import as_keys
+from silkie.models.media import as_keys, as_turns
 from silkie.models.qwen_vl.family import QwenVLCodec, format_query
 
 __all__ = ["as_codec", "cache_key", "encode_pair", "format_query", "tokenize_pairs"]
@@ -69,6 +69,7 @@ _RECORD_FEATURES = datasets.Features(
         "chosen_score": datasets.Value("float64"),
         "rejected_score": datasets.Value("float64"),
         "system": datasets.Value("string"),
+        "history": datasets.List(datasets.List(datasets.Value("string"))),
     }
 )
 
@@ -97,21 +98,23 @@ def encode_pair(
     videos: Sequence[str] = (),
     video_frames: int = DEFAULT_VIDEO_FRAMES,
     system: str | None = None,
+    history: Sequence[Sequence[str]] = (),
 ) -> tuple[dict[str, list[int]] | None, str | None]:
     """Token ids of one pair: ({prompt,chosen,rejected}_input_ids, None), or (None, drop reason).
 
     `tokenizer` is a family codec (or a Qwen-VL tokenizer); `system` the pair's system message (None: the
-    template's default). `max_length` bounds prompt (with the most tokens
+    template's default); `history` its earlier (user, assistant) turns. `max_length` bounds prompt (with the most tokens
     its images and videos of at most `video_frames` frames can take) + the longer answer. "drop" drops a pair over
     it (`too_long`); "answer" cuts both answers from the right and never cuts the prompt (`prompt_too_long` when
     the prompt alone leaves no room for an answer).
     """
     codec = as_codec(tokenizer)
-    images, videos = as_keys(images), as_keys(videos)
-    if any(marker in text for marker in codec.template_markers for text in (prompt, chosen, rejected, system or "")):
+    images, videos, history = as_keys(images), as_keys(videos), as_turns(history)
+    texts = (prompt, chosen, rejected, system or "", *(text for turn in history for text in turn))
+    if any(marker in text for marker in codec.template_markers for text in texts):
         return None, "chat_template_in_text"  # templated already: the template would wrap it a second time
     try:  # e.g. the Qwen-VL codec refuses image tags in text and an image key over 254 bytes
-        prompt_ids = codec.prompt_ids(prompt, images, videos, system=system)
+        prompt_ids = codec.prompt_ids(prompt, images, videos, system=system, history=history)
         chosen_ids = codec.answer_ids(chosen)
         rejected_ids = codec.answer_ids(rejected)
     except PairTextError as error:
@@ -150,6 +153,7 @@ def _tokenize_batch(
             videos=batch["videos"][index],
             video_frames=video_frames,
             system=batch["system"][index],
+            history=batch["history"][index],
         )
         ids = ids or {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
         lengths = {key: len(value) for key, value in ids.items()}
@@ -174,6 +178,7 @@ def _pair_record(pair: PreferencePair | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(pair, PreferencePair):
         return pair.to_dict()
     record = {name: pair.get(name) for name in (*PAIR_FIELDS, "system")}
+    record["history"] = [list(turn) for turn in pair.get("history") or ()]
     if isinstance(record["images"], list) and isinstance(record["videos"], list):
         return record  # already a record
     images = record["images"] if record["images"] is not None else pair.get("image")  # a one-image mapping
@@ -194,6 +199,8 @@ def cache_key(
         values = [record[name] for name in PAIR_FIELDS]
         if record.get("system") is not None:  # only then: a cache (and a checkpoint's data fingerprint) of pairs
             values.append(record["system"])  # without one keeps its key
+        if record.get("history"):  # the same: pairs without earlier turns keep their key
+            values.append({"history": record["history"]})
         digest.update(json.dumps(values, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:32]
@@ -329,7 +336,7 @@ def _first_length(records: Sequence[Mapping[str, Any]], tokenizer: Any, video_fr
     first = records[0]
     ids, reason = encode_pair(first["prompt"], first["images"], first["chosen"], first["rejected"], tokenizer,
                               max_length=None, videos=first["videos"], video_frames=video_frames,
-                              system=first.get("system"))  # fmt: skip
+                              system=first.get("system"), history=first.get("history") or ())  # fmt: skip
     if ids is None:
         return ""
     answer = max(len(ids["chosen_input_ids"]), len(ids["rejected_input_ids"]))

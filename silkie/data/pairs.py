@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
 from silkie.data.images import ImageStore
+from silkie.data.pair_report import PairReport
 from silkie.data.sources import (
     ASPECTS,
-    MAX_DETAIL,
-    MAX_EXAMPLE_IDS,
     Completion,
     FeedbackRow,
     LoadedRows,
@@ -27,9 +25,10 @@ from silkie.data.sources import (
     RowError,
     normalize_feedback_row,
     normalize_preference_row,
+    prompt_key,
 )
 from silkie.errors import InputError
-from silkie.models.media import as_keys, marker_mismatch
+from silkie.models.media import Turns, as_keys, as_turns, marker_mismatch, user_texts
 
 CapStrategy = Literal["margin", "random"]
 RatingRules = Literal["checked", "original"]
@@ -51,10 +50,12 @@ class PreferencePair:
     rejected_score: float
     videos: tuple[str, ...] = ()
     system: str | None = None  # the system message (None: the chat template's default)
+    history: Turns = ()  # earlier (user, assistant) turns before the prompt, oldest first
 
-    def __post_init__(self) -> None:  # one key, a list or None as well
+    def __post_init__(self) -> None:  # one key, a list or None as well; turns as lists too
         object.__setattr__(self, "images", as_keys(self.images))
         object.__setattr__(self, "videos", as_keys(self.videos))
+        object.__setattr__(self, "history", as_turns(self.history))
 
     @property
     def margin(self) -> float:
@@ -63,84 +64,8 @@ class PreferencePair:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (for `datasets` / json; key tuples as lists)."""
-        return {**asdict(self), "images": list(self.images), "videos": list(self.videos)}
-
-
-@dataclass
-class PairReport:
-    """Counts of rows and pairs kept / dropped per reason, with the first offending ids per reason."""
-
-    source: str = "rows"
-    rows_seen: int = 0
-    rows_kept: int = 0
-    rows_dropped: Counter = field(default_factory=Counter)
-    pairs_kept: int = 0
-    pairs_dropped: Counter = field(default_factory=Counter)
-    offending_ids: dict[str, list[str]] = field(default_factory=dict)
-    first_details: dict[str, str] = field(default_factory=dict)  # reason -> "id: what was wrong" of the first one
-    too_long_with_video: int = 0  # of the pairs dropped as too_long, those holding a video
-
-    def _example(self, reason: str, row_id: str, detail: str = "") -> None:
-        examples = self.offending_ids.setdefault(reason, [])
-        if len(examples) < MAX_EXAMPLE_IDS and row_id not in examples:
-            examples.append(row_id)
-        case = f"{row_id}: {detail}" if detail else row_id
-        self.first_details.setdefault(reason, case if len(case) <= MAX_DETAIL else case[: MAX_DETAIL - 3] + "...")
-
-    def drop_row(self, reason: str, row_id: str, count: int = 1, detail: str = "") -> None:
-        """Count `count` dropped rows under `reason` (`detail`: what was wrong, e.g. the missing field)."""
-        self.rows_dropped[reason] += count
-        self._example(reason, row_id, detail)
-
-    def drop_pair(self, reason: str, row_id: str) -> None:
-        """Count one dropped pair under `reason`."""
-        self.pairs_dropped[reason] += 1
-        self._example(reason, row_id)
-
-    def record_later_drops(self, reason: str, count: int, example_ids: Iterable[str] = ()) -> None:
-        """Move `count` already-kept pairs to `pairs_dropped[reason]` (e.g. dropped at tokenization)."""
-        self.pairs_dropped[reason] += count
-        self.pairs_kept -= count
-        for row_id in example_ids:
-            self._example(reason, row_id)
-
-    def merge_loader(self, loaded: LoadedRows) -> None:
-        """Fold a loader's skipped rows into this report."""
-        self.rows_seen += sum(loaded.skipped.values())
-        for reason, count in loaded.skipped.items():
-            self.rows_dropped[reason] += count
-            for number, row_id in enumerate(loaded.skipped_ids.get(reason, [])):
-                self._example(reason, row_id, loaded.first_details.get(reason, "") if number == 0 else "")
-
-    def summary(self) -> str:
-        """One line: rows seen/kept/dropped and pairs kept/dropped, per reason with its first case."""
-
-        def fmt(counter: Counter) -> str:
-            parts = [
-                f"{reason}: {n} (first: {self.first_details[reason]})"
-                if reason in self.first_details
-                else f"{reason}: {n}"
-                for reason, n in sorted(counter.items())
-            ]
-            return "{" + ", ".join(parts) + "}"
-
-        return (
-            f"{self.source}: rows seen={self.rows_seen} kept={self.rows_kept} dropped={fmt(self.rows_dropped)}; "
-            f"pairs kept={self.pairs_kept} dropped={fmt(self.pairs_dropped)}"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict of all counters."""
-        return {
-            "source": self.source,
-            "rows_seen": self.rows_seen,
-            "rows_kept": self.rows_kept,
-            "rows_dropped": dict(self.rows_dropped),
-            "pairs_kept": self.pairs_kept,
-            "pairs_dropped": dict(self.pairs_dropped),
-            "offending_ids": {reason: list(ids) for reason, ids in self.offending_ids.items()},
-            "first_details": dict(self.first_details),
-        }
+        turns = [list(turn) for turn in self.history]
+        return {**asdict(self), "images": list(self.images), "videos": list(self.videos), "history": turns}
 
 
 def resolve_aspect_weights(aspect_weights: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -276,7 +201,7 @@ def _media_usable(
             detail = f"{len(keys)} {kind}s, data.max_{kind}s_per_pair={most}"
             report.drop_row(f"too_many_{kind}s", row.id, detail=detail)
             return False
-    mismatch = marker_mismatch(row.prompt, row.images, row.videos)
+    mismatch = marker_mismatch(user_texts(row.prompt, getattr(row, "history", ())), row.images, row.videos)
     if mismatch is not None:
         report.drop_row("image_marker_mismatch", row.id, detail=mismatch)
         return False
@@ -379,7 +304,7 @@ def pairs_from_preference_rows(
             continue
         seen.add(row)
         # rows of one id are pairs of one prompt (split and reported together): another prompt is an error
-        asked = (row.prompt, row.images, row.videos)
+        asked = prompt_key(row)
         if prompts.setdefault(row.id, asked) != asked:
             report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or image")
             continue
@@ -398,7 +323,7 @@ def pairs_from_preference_rows(
         chosen_score = 1.0 if row.chosen_score is None else row.chosen_score
         rejected_score = 0.0 if row.rejected_score is None else row.rejected_score
         pair = (row.id, row.prompt, row.images, row.chosen, row.rejected, chosen_score, rejected_score)
-        pairs.append(PreferencePair(*pair, videos=row.videos, system=row.system))
+        pairs.append(PreferencePair(*pair, videos=row.videos, system=row.system, history=row.history))
         report.rows_kept += 1
         report.pairs_kept += 1
     return _finish(pairs, report)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class RowError(ValueError):
     """A row that cannot be normalized; `reason` is the counter key."""
@@ -10,3 +13,13 @@ class RowError(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def require_field(raw: Mapping[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
+    """`raw[key]` when it is set and of `types` (a bool is no number); `RowError` (`missing_field`, `wrong_type`)."""
+    if key not in raw or raw[key] is None:
+        raise RowError("missing_field", key)
+    value = raw[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise RowError("wrong_type", f"{key} is {type(value).__name__}")
+    return value

@@ -9,7 +9,6 @@ with the first few offending ids kept for the report. A generic preference row m
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from silkie.data.conversational import plain_row
-from silkie.data.embedded import EmbeddedMedia, is_embedded
+from silkie.data.embedded import EmbeddedMedia
 from silkie.data.images import image_key
+from silkie.data.preference_rows import PreferenceRow, normalize_preference_row
 from silkie.data.records import is_saved_dataset, jsonl_records, preference_records
-from silkie.data.row_error import RowError
+from silkie.data.row_error import RowError, require_field
 from silkie.errors import InputError, MissingInputError
 
 ASPECTS = ("Helpfulness", "Ethical Considerations", "Visual Faithfulness")
@@ -49,19 +48,10 @@ class FeedbackRow:
     videos: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class PreferenceRow:
-    """A row of a generic preference file (one chosen and one rejected answer, any number of images/videos)."""
-
-    id: str
-    prompt: str
-    images: tuple[str, ...]
-    chosen: str
-    rejected: str
-    chosen_score: float | None = None
-    rejected_score: float | None = None
-    videos: tuple[str, ...] = ()
-    system: str | None = None  # the system message (None: the chat template's default)
+def prompt_key(item: Any) -> tuple:
+    """What makes a row's or pair's prompt the same prompt: question, media and earlier turns (the split, the
+    prompt caps and the id checks go by it)."""
+    return item.prompt, item.images, item.videos, getattr(item, "history", ())
 
 
 RowT = TypeVar("RowT")
@@ -92,15 +82,6 @@ class LoadedRows(Generic[RowT]):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-def _require(raw: Mapping[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
-    if key not in raw or raw[key] is None:
-        raise RowError("missing_field", key)
-    value = raw[key]
-    if not isinstance(value, types) or isinstance(value, bool):
-        raise RowError("wrong_type", f"{key} is {type(value).__name__}")
-    return value
 
 
 def _row_id(raw: Any, fallback: str) -> str:
@@ -136,7 +117,7 @@ def _completion_dicts(raw: Any) -> list[Mapping[str, Any]]:
 
 
 def _completion(raw: Mapping[str, Any], index: int, models: Any) -> Completion:
-    response = _require(raw, "response", str)
+    response = require_field(raw, "response", str)
     model = raw.get("model")
     if not isinstance(model, str) and isinstance(models, list) and index < len(models):
         model = models[index]
@@ -151,8 +132,8 @@ def normalize_feedback_row(raw: Any) -> FeedbackRow:
     """One raw VLFeedback row (release or hub layout) -> `FeedbackRow`; raises `RowError` with a reason."""
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
-    row_id = str(_require(raw, "id", (str, int)))
-    prompt = _require(raw, "prompt", str)
+    row_id = str(require_field(raw, "id", (str, int)))
+    prompt = require_field(raw, "prompt", str)
     if "completions" not in raw or raw["completions"] is None:
         raise RowError("missing_field", "completions")
     models = raw.get("models")
@@ -164,115 +145,6 @@ def normalize_feedback_row(raw: Any) -> FeedbackRow:
     img_path = raw.get("img_path")
     image = image_key(row_id=row_id, img_path=img_path if isinstance(img_path, str) else None)
     return FeedbackRow(id=row_id, prompt=prompt, images=(image,), completions=completions)
-
-
-def _optional_score(raw: Mapping[str, Any], key: str) -> float | None:
-    value = raw.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise RowError("wrong_type", f"{key} is {type(value).__name__}")
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise RowError("wrong_type", f"{key}={value!r} is not a number") from exc
-
-
-def _media_key(value: Any, where: str, media: EmbeddedMedia | None) -> str:
-    """One media field value as a store key: a path as given, or the key of the picture the row holds."""
-    if not is_embedded(value):
-        return value
-    if media is None:
-        raise RowError("embedded_media", f"{where} holds the picture itself (a datasets Image column): checking it "
-                       "needs a folder to write it into, not a zip")  # fmt: skip
-    return media.key(value, where)
-
-
-def _media_keys(raw: Mapping[str, Any], one: str, many: str, media: EmbeddedMedia | None) -> tuple[str, ...]:
-    """The row's `one` (a key) or `many` (a list of keys, order kept) field as a tuple; empty keys are absent;
-    pictures held in the row are written out by `media` and named by their keys."""
-    single, several = raw.get(one), raw.get(many)
-    if single is not None and several is not None:
-        raise RowError("wrong_type", f"both {one} and {many} are set; give one of them")
-    if single is not None:
-        single = _media_key(single, one, media)
-        if not isinstance(single, str):
-            raise RowError("wrong_type", f"{one} is {type(single).__name__}")
-        return (single,) if single else ()
-    if several is None:
-        return ()
-    if isinstance(several, list):
-        several = [_media_key(item, f"{many}[{index}]", media) for index, item in enumerate(several)]
-    if not isinstance(several, list) or not all(isinstance(item, str) for item in several):
-        raise RowError("wrong_type", f"{many} must be a list of strings")
-    if any(not item for item in several):
-        raise RowError("wrong_type", f"{many} holds an empty key")
-    return tuple(several)
-
-
-def renamed_columns(raw: Mapping[str, Any], columns: Mapping[str, str] | None) -> Mapping[str, Any]:
-    """`raw` with the file's own columns under the fields `columns` (`data.columns`: field -> column) maps them to;
-    a file column named like a mapped field is not read, nor is a mapped column under its own name."""
-    if not columns:
-        return raw
-    sources = set(columns.values())  # `{images: image}`: the file's `image` is read as images only
-    row = {name: value for name, value in raw.items() if name not in columns and name not in sources}
-    for field_name, column in columns.items():
-        if raw.get(column) is not None:
-            row[field_name] = raw[column]
-        elif field_name in ("prompt", "chosen", "rejected"):
-            raise RowError("missing_field", f"{column} (data.columns.{field_name})")
-    return row
-
-
-def _absent(name: str, row: Mapping[str, Any], original: Mapping[str, Any]) -> str:
-    """What a row lacking `name` lacks: a null value, the answers beside a conversation, or a column of this name
-    (then the file's own columns, for `data.columns`)."""
-    if name in row:
-        return f"{name} is null"
-    if any(isinstance(original.get(key), list) for key in ("conversations", "messages")):
-        return "chosen / rejected messages beside the conversation (or ms-swift's rejected_response)"
-    names = sorted(map(str, original))
-    shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
-    return f"{name} (the row has {shown}; data.columns maps other names)"
-
-
-def normalize_preference_row(
-    raw: Any, media: EmbeddedMedia | None = None, columns: Mapping[str, str] | None = None
-) -> PreferenceRow:
-    """One raw generic preference row (plain, or TRL's conversational format; `columns`: its own column names, as
-    `data.columns`) -> `PreferenceRow`; raises `RowError` with a reason. Pictures and videos held in the row are
-    written out by `media` (without it: `embedded_media`)."""
-    if not isinstance(raw, Mapping):
-        raise RowError("wrong_type", f"row is {type(raw).__name__}")
-    original, raw = raw, plain_row(renamed_columns(raw, columns))
-    absent = next((name for name in ("prompt", "chosen", "rejected") if raw.get(name) is None), None)
-    if absent is not None:
-        raise RowError("missing_field", _absent(absent, raw, original))
-    prompt = _require(raw, "prompt", str)
-    chosen = _require(raw, "chosen", str)
-    rejected = _require(raw, "rejected", str)
-    system = raw.get("system")
-    if system is not None and not isinstance(system, str):
-        raise RowError("wrong_type", f"system is {type(system).__name__}")
-    images = _media_keys(raw, "image", "images", media)
-    videos = _media_keys(raw, "video", "videos", media)
-    if raw.get("id") is not None:
-        row_id = str(_require(raw, "id", (str, int)))
-    else:  # (one image: the id of earlier versions)
-        media = "\0".join(images) + ("\0v\0" + "\0".join(videos) if videos else "")
-        row_id = "pref-" + hashlib.sha1(f"{prompt}\0{media}".encode()).hexdigest()[:16]
-    return PreferenceRow(
-        id=row_id,
-        prompt=prompt,
-        images=images,
-        videos=videos,
-        chosen=chosen,
-        rejected=rejected,
-        chosen_score=_optional_score(raw, "chosen_score"),
-        rejected_score=_optional_score(raw, "rejected_score"),
-        system=system if system and system.strip() else None,  # "" (or blanks): unset, as LLaMA-Factory writes it
-    )
 
 
 def collect_rows(

@@ -1,4 +1,4 @@
-"""Train / eval split by prompt (question + images/videos), so no prompt appears on both sides."""
+"""Train / eval split by prompt (question + images/videos + earlier turns), so no prompt appears on both sides."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ import math
 from collections.abc import Sequence
 
 from silkie.data.pairs import PreferencePair
+from silkie.data.sources import prompt_key
 from silkie.errors import InputError
 
 
 def _rank(seed: int, prompt_id: str) -> str:
     return hashlib.sha1(f"{seed}\0{prompt_id}".encode()).hexdigest()
-
-
-def _prompt_key(pair: PreferencePair) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
-    return pair.prompt, pair.images, pair.videos
 
 
 def split_by_prompt(
@@ -24,7 +21,7 @@ def split_by_prompt(
     eval_size: int | None = None,
     seed: int = 0,
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Split pairs into (train, eval) by prompt: pairs with the same question text and image stay together.
+    """Split pairs into (train, eval) by prompt: pairs with the same question, media and earlier turns stay together.
 
     `eval_size` is a number of prompts, `eval_fraction` a fraction of prompts (at least one prompt
     when > 0); give one of them. Prompts are ordered by a seeded hash of their id (the smallest over a prompt's
@@ -37,9 +34,9 @@ def split_by_prompt(
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if eval_size is not None and eval_size < 0:
         raise ValueError(f"eval_size must be >= 0, got {eval_size}")
-    ranks: dict[tuple[str, str], str] = {}
+    ranks: dict[tuple, str] = {}
     for pair in pairs:
-        key, rank = _prompt_key(pair), _rank(seed, pair.prompt_id)
+        key, rank = prompt_key(pair), _rank(seed, pair.prompt_id)
         ranks[key] = min(rank, ranks.get(key, rank))
     if eval_size is not None:
         n_eval = eval_size
@@ -52,6 +49,6 @@ def split_by_prompt(
     if n_eval >= len(ranks):
         raise InputError(f"eval split of {n_eval} prompts leaves no training prompts (only {len(ranks)})")
     eval_keys = set(sorted(ranks, key=lambda key: (ranks[key], key))[:n_eval])
-    train = [pair for pair in pairs if _prompt_key(pair) not in eval_keys]
-    evaluation = [pair for pair in pairs if _prompt_key(pair) in eval_keys]
+    train = [pair for pair in pairs if prompt_key(pair) not in eval_keys]
+    evaluation = [pair for pair in pairs if prompt_key(pair) in eval_keys]
     return train, evaluation

@@ -42,10 +42,13 @@ class PairCodec(Protocol):
     video_marker_id: int | None  # the token that marks a video (one per video); None: the family takes no video
     template_markers: tuple[str, ...]  # the chat template's own tokens: text holding one was templated already
 
-    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> list[int]:
-        """Chat-formatted system turn (`system`, else the template's default) + user turn (its media placed by
-        `silkie.models.media.media_segments`) + assistant header; `PairTextError` for what it cannot encode (a
-        media tag in the text, a video it does not take, a system message its template leaves out)."""
+    def prompt_ids(
+        self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None, history: Any = ()
+    ) -> list[int]:
+        """Chat-formatted system turn (`system`, else the template's default) + earlier turns (`history`: (user,
+        assistant) texts, oldest first) + user turn (media placed by `silkie.models.media.turn_media`) + assistant
+        header; `PairTextError` for what it cannot encode (a media tag in a text, a video it does not take, a
+        system message its template leaves out)."""
 
     def video_token_budget(self, max_frames: int) -> int:
         """Most tokens a video of at most `max_frames` sampled frames adds to its marker (0: no video)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from silkie.errors import InputError
 from silkie.models.family import PairTextError
-from silkie.models.media import as_keys, media_segments
+from silkie.models.media import MARKERS, Turns, as_keys, as_turns, media_segments, turn_media, user_texts
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,6 +48,11 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
 SYSTEM_PROBE = "silkie-system-probe-7f3a"  # a system text that no template or prompt writes by itself
 
 
+def _without_markers(text: str) -> str:
+    """The text less its `<image>` / `<video>` markers (llava-hf's image token is `<image>` itself)."""
+    return MARKERS.sub("", text)
+
+
 def _system_message(text: str) -> dict:
     return {"role": "system", "content": [{"type": "text", "text": text}]}
 
@@ -71,18 +76,26 @@ class ChatTemplateCodec:
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self._system_probe: tuple[str | None, bool] = (None, False)  # (template, renders a system message)
 
-    def _user(self, prompt: str, images: Any = (), videos: Any = ()) -> list[dict]:
+    def _messages(self, prompt: str, images: Any = (), videos: Any = (), history: Turns = ()) -> list[dict]:
+        """The earlier turns and the user turn as chat messages, each user turn's media as content parts."""
         if as_keys(videos) and self.video_marker_id is None:
             raise PairTextError("video_unsupported", f"{type(self.processor).__name__} takes images, not video")
-        content = []
-        for segment in media_segments(prompt, images, videos):
-            if segment.kind == "text":
-                content.append({"type": "text", "text": segment.value})
-            else:
-                content.append({"type": segment.kind})
-        if not content or content[-1]["type"] != "text":
-            content.append({"type": "text", "text": ""})
-        return [{"role": "user", "content": content}]
+        texts = user_texts(prompt, history)
+        answers = [answer for _, answer in history]
+        messages: list[dict] = []
+        for index, (text, (keys, clips)) in enumerate(zip(texts, turn_media(texts, images, videos))):
+            content = []
+            for segment in media_segments(text, keys, clips):
+                if segment.kind == "text":
+                    content.append({"type": "text", "text": segment.value})
+                else:
+                    content.append({"type": segment.kind})
+            if not content or content[-1]["type"] != "text":
+                content.append({"type": "text", "text": ""})
+            messages.append({"role": "user", "content": content})
+            if index < len(answers):
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[index]}]})
+        return messages
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -90,11 +103,13 @@ class ChatTemplateCodec:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def prompt_text(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> str:
-        """The rendered system turn (`system`, else the template's default) + user turn + generation prompt (one
-        placeholder per image / video); `PairTextError("system_unsupported")` when the template leaves a system
-        message out or refuses one (llava-hf's writes it as text before `USER:`)."""
-        user = self._user(prompt, images, videos)
+    def prompt_text(
+        self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None, history: Turns = ()
+    ) -> str:
+        """The rendered system turn (`system`, else the template's default) + earlier turns (`history`) + user turn
+        + generation prompt (one placeholder per image / video); `PairTextError("system_unsupported")` when the
+        template leaves a system message out or refuses one (llava-hf's writes it as text before `USER:`)."""
+        user = self._messages(prompt, images, videos, as_turns(history))
         if system is None:
             return self._render(user, True)
         if not self._renders_system():
@@ -108,21 +123,24 @@ class ChatTemplateCodec:
         template = str(self.processor.chat_template or self.tokenizer.chat_template or "")
         if self._system_probe[0] != template:
             try:
-                text = self._render([_system_message(SYSTEM_PROBE), *self._user("x")], True)
+                text = self._render([_system_message(SYSTEM_PROBE), *self._messages("x")], True)
             except Exception:  # jinja2's TemplateError from the template's raise_exception
                 text = ""
             self._system_probe = (template, SYSTEM_PROBE in text)
         return self._system_probe[1]
 
-    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> list[int]:
-        """Token ids of `prompt_text`; `PairTextError` when the text holds an image/video token itself
+    def prompt_ids(
+        self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None, history: Turns = ()
+    ) -> list[int]:
+        """Token ids of `prompt_text`; `PairTextError` when a text holds an image/video token itself
         (`image_tag_in_text`), markers do not match the media (`image_marker_mismatch`), the family takes no
         video (`video_unsupported`) or the template no system message (`system_unsupported`)."""
-        text = "".join(s.value for s in media_segments(prompt, images, videos) if s.kind == "text") + (system or "")
-        tag = next((tag for tag in self._tags if tag in text), None)
+        history = as_turns(history)
+        texts = [*map(_without_markers, user_texts(prompt, history)), *(answer for _, answer in history), system or ""]
+        tag = next((tag for tag in self._tags for text in texts if tag in text), None)
         if tag is not None:
             raise PairTextError("image_tag_in_text", f"the prompt contains the model's media token {tag!r}")
-        return self._ids(self.prompt_text(prompt, images, videos, system))
+        return self._ids(self.prompt_text(prompt, images, videos, system, history))
 
     def video_token_budget(self, max_frames: int) -> int:
         """Most tokens a video of `max_frames` sampled frames takes (its frames at the largest size)."""
@@ -133,7 +151,7 @@ class ChatTemplateCodec:
 
     def answer_ids(self, text: str) -> list[int]:
         """The assistant turn as rendered after a prompt (the template's end-of-turn tokens; EOS added if absent)."""
-        user = self._user("", None)
+        user = self._messages("", None)
         prefix = self._render(user, True)
         full = self._render([*user, {"role": "assistant", "content": [{"type": "text", "text": text}]}], False)
         if not full.startswith(prefix):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from silkie.models.family import ModelFamily, PairTextError
-from silkie.models.media import as_keys, media_segments
+from silkie.models.media import Turns, as_keys, as_turns, media_segments, turn_media, user_texts
 
 from ..varlen import constructible
 from .image_processing import QWenVLImageProcessor
@@ -22,14 +23,14 @@ VISION_LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"
 RESAMPLER_PARTS = ("attn_pool", "ln_post", "proj")
 
 
-def format_query(prompt: str, images: Any = (), videos: Any = ()) -> str:
+def format_query(prompt: str, images: Any = (), videos: Any = (), first: int = 1) -> str:
     """The user turn as the original's `from_list_format` writes it: `Picture k: <img>KEY</img>\\n` per image (at
-    the prompt's `<image>` markers, else first) and the text, stripped as the Silkie repository's
-    `qwen_vl_prompt_format` does; `PairTextError` for a video (`video_unsupported`)."""
+    the prompt's `<image>` markers, else first; k counts from `first`) and the text, stripped as the Silkie
+    repository's `qwen_vl_prompt_format` does; `PairTextError` for a video (`video_unsupported`)."""
     if as_keys(videos):
         raise PairTextError("video_unsupported", "Qwen-VL-Chat takes images, not video")
     parts: list[str] = []
-    number = 0
+    number = first - 1
     for segment in media_segments(prompt.strip(), images):
         if segment.kind == "image":
             number += 1
@@ -39,6 +40,16 @@ def format_query(prompt: str, images: Any = (), videos: Any = ()) -> str:
         else:
             parts.append(segment.value)
     return "".join(parts)
+
+
+def format_turns(texts: list[str], images: Any = (), videos: Any = ()) -> list[str]:
+    """Each user turn of a conversation as `format_query` writes it, its pictures placed by `turn_media` and numbered
+    on from the earlier turns' (as Qwen-VL-Chat's chat data and web demo number them)."""
+    queries, first = [], 1
+    for text, (keys, clips) in zip(texts, turn_media(texts, images, videos)):
+        queries.append(format_query(text, keys, clips, first=first))
+        first += len(keys)
+    return queries
 
 
 class QwenVLCodec:
@@ -53,16 +64,23 @@ class QwenVLCodec:
         self.pad_token_id = tokenizer.pad_token_id
         self.image_marker_id = tokenizer.img_start_id
 
-    def prompt_ids(self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None) -> list[int]:
-        """Chat context with the system prompt (`system`, else Qwen-VL-Chat's "You are a helpful assistant.");
-        `PairTextError` for an image tag in the prompt's text (`image_tag_in_text`), an image key over the
-        tokenizer's limit (`bad_image_key`), markers that do not match the images (`image_marker_mismatch`) or a
-        video (`video_unsupported`)."""
-        query = format_query(prompt, images, videos)
+    def prompt_ids(
+        self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None, history: Turns = ()
+    ) -> list[int]:
+        """Chat context with the system prompt (`system`, else Qwen-VL-Chat's "You are a helpful assistant.") and
+        the earlier turns (`history`, all kept: `max_length` bounds a training prompt, not the original's window);
+        `PairTextError` for an image tag in a text (`image_tag_in_text`), an image key over the tokenizer's limit
+        (`bad_image_key`), markers that do not match the images (`image_marker_mismatch`) or a video
+        (`video_unsupported`)."""
+        history = as_turns(history)
+        *earlier, query = format_turns(user_texts(prompt, history), images, videos)
+        turns = list(zip(earlier, (answer for _, answer in history)))
+        options = {"system": system} if system is not None else {}
         try:
-            ids = self.tokenizer.build_chat_context(query, **({"system": system} if system is not None else {}))
+            ids = self.tokenizer.build_chat_context(query, turns, max_window_size=sys.maxsize, **options)
         except ValueError as err:  # an unclosed <img> in the text, or a key over 254 bytes
-            refused = self._refuses(prompt) or (system is not None and self._refuses(system))
+            texts = [*user_texts(prompt, history), *(answer for _, answer in history), system or ""]
+            refused = any(self._refuses(text) for text in texts)
             raise PairTextError("image_tag_in_text" if refused else "bad_image_key", str(err)) from err
         return self._no_stray_tags(ids, len(as_keys(images)))
 
