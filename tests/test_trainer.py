@@ -326,17 +326,26 @@ def test_bf16_autocast_without_deepspeed(assets, tmp_path, setup):
 
 def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
     """Rewards and eval_loss average over pairs (a weight-0 pair, whose image failed, left out); the mean logits over
-    answer tokens, so a 40-token answer counts 40 times as much as a 1-token one (TRL's definition)."""
+    answer tokens, so a 40-token answer counts 40 times as much as a 1-token one (TRL's definition). A training
+    micro-batch reduces its finite check, token count and metric sums in one all-reduce."""
     from collections import defaultdict
     from types import SimpleNamespace
 
     from accelerate import Accelerator
 
-    from silkie.train.trainer import SilkieDPOTrainer
+    from silkie.train.trainer import NonFiniteLossError, SilkieDPOTrainer
 
-    fake = SimpleNamespace(
-        accelerator=Accelerator(cpu=True), _metrics={"train": defaultdict(list), "eval": defaultdict(list)}
-    )
+    trainer = SilkieDPOTrainer.__new__(SilkieDPOTrainer)  # the metric methods alone, without a model
+    accelerator, reduces = Accelerator(cpu=True), []
+
+    def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        reduces.append(tensor)
+        return accelerator.reduce(tensor, reduction)
+
+    trainer.accelerator = SimpleNamespace(gather_for_metrics=accelerator.gather_for_metrics, reduce=reduce)
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer.state = SimpleNamespace(num_input_tokens_seen=5, global_step=0)
+    trainer.args = SimpleNamespace(output_dir="run")
     metrics = {
         "rewards/chosen": torch.tensor([1.0, 3.0, 100.0]),
         "logits/chosen": torch.tensor([-1.0, 2.0, 100.0]),
@@ -344,14 +353,20 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
         "weight:logits/chosen": torch.tensor([1.0, 40.0, 0.0]),  # pair weight x answer length
         "loss": torch.tensor([0.5, 0.7, 9.0]),
     }
-    for mode in ("train", "eval"):
-        SilkieDPOTrainer._store_metrics(fake, dict(metrics), mode)
-    assert fake._metrics["train"]["rewards/chosen"] == [2.0]
-    assert fake._metrics["train"]["logits/chosen"] == [pytest.approx((-1.0 + 40 * 2.0) / 41)]
-    assert fake._metrics["eval"]["logits/chosen"] == [[pytest.approx(79.0), 41.0]]  # summed over the evaluation
+    masks = {f"{name}_attention_mask": torch.ones(3, length) for name, length in
+             (("prompt", 4), ("chosen", 2), ("rejected", 3))}  # fmt: skip
+    trainer._reduce_train_step(torch.tensor(0.6), dict(metrics), masks)
+    trainer._store_eval_metrics(dict(metrics))
+    assert len(reduces) == 1 and trainer.state.num_input_tokens_seen == 5 + 3 * (2 * 4 + 2 + 3)
+    assert trainer._metrics["train"]["rewards/chosen"] == [2.0]
+    assert trainer._metrics["train"]["logits/chosen"] == [pytest.approx((-1.0 + 40 * 2.0) / 41)]
+    assert trainer._metrics["eval"]["logits/chosen"] == [[pytest.approx(79.0), 41.0]]  # summed over the evaluation
     # eval_loss is the mean over the pairs that count; the train loss stays the Trainer's (optimized) one
-    assert fake._metrics["eval"]["loss"] == [[pytest.approx(1.2), 2.0]]
-    assert "loss" not in fake._metrics["train"]
+    assert trainer._metrics["eval"]["loss"] == [[pytest.approx(1.2), 2.0]]
+    assert "loss" not in trainer._metrics["train"]
+    with pytest.raises(NonFiniteLossError, match="non-finite DPO loss at step 1 .value nan"):
+        trainer._reduce_train_step(torch.tensor(float("nan")), dict(metrics), masks)
+    assert len(reduces) == 2 and trainer._metrics["train"]["rewards/chosen"] == [2.0]  # nothing stored
 
 
 def test_every_n_layers_recomputes_only_those_blocks_and_trains_the_same(assets, tmp_path):

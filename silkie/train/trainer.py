@@ -220,11 +220,14 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         if any_rank(~torch.isfinite(loss).all(), loss.device):
-            raise NonFiniteLossError(
-                f"non-finite DPO loss at step {self.state.global_step + 1} (value {loss.item()}); stopping before the "
-                f"optimizer step. {untouched(Path(self.args.output_dir)).capitalize()}; lower the learning rate or "
-                "check the data."
-            )
+            self._raise_non_finite(loss)
+
+    def _raise_non_finite(self, loss: torch.Tensor) -> None:
+        raise NonFiniteLossError(
+            f"non-finite DPO loss at step {self.state.global_step + 1} (value {loss.item()}); stopping before the "
+            f"optimizer step. {untouched(Path(self.args.output_dir)).capitalize()}; lower the learning rate or "
+            "check the data."
+        )
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
         """The Trainer's gradient norm of the step (computed whether or not it clips), checked before the optimizer
@@ -238,17 +241,30 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         loss, metrics = self.dpo_step(model, inputs)
-        self._check_finite(loss)
-        self._store_metrics(metrics, "train" if model.training else "eval")
         if model.training:
-            self._count_tokens(inputs)
+            self._reduce_train_step(loss, metrics, inputs)
+        else:
+            self._check_finite(loss)
+            self._store_eval_metrics(metrics)
         return (loss, metrics) if return_outputs else loss
 
-    def _count_tokens(self, batch: dict) -> None:
-        """TRL's `num_tokens`: the tokens trained on, counted as TRL does (prompt + chosen and prompt + rejected,
-        media tokens included), over all ranks; kept in the Trainer state, so a resumed run counts on."""
+    def _reduce_train_step(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch: dict) -> None:
+        """One all-reduce (and one wait for the device) per micro-batch for what every rank must agree on: whether
+        any rank's loss is non-finite (raised before the optimizer step), TRL's `num_tokens` (prompt + chosen and
+        prompt + rejected, media tokens included; kept in the Trainer state, so a resumed run counts on) and the
+        metric sums: per name, the step's weighted mean over all ranks' pairs (TRL's gather-then-mean), averaged
+        over the logging window by `log`."""
         masks = [batch[f"{name}_attention_mask"].sum() for name in ("prompt", "prompt", "chosen", "rejected")]
-        self.state.num_input_tokens_seen += int(self.accelerator.reduce(torch.stack(masks).sum(), "sum").item())
+        sums = self._metric_sums(metrics, "train")
+        parts = [(~torch.isfinite(loss.detach()).all()).view(1), torch.stack(masks).sum().view(1), *sums.values()]
+        reduced = self.accelerator.reduce(torch.cat([part.double() for part in parts]), "sum").tolist()
+        if reduced[0] > 0:
+            self._raise_non_finite(loss)
+        self.state.num_input_tokens_seen += int(reduced[1])
+        for index, name in enumerate(sums):
+            total, count = reduced[2 + 2 * index : 4 + 2 * index]
+            if count > 0:  # 0: every pair of the step had a failed image
+                self._metrics["train"][name].append(total / count)
 
     def _stop_callback(self) -> PreemptionCallback | None:
         return next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)), None)
@@ -288,31 +304,31 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss, metrics = self.dpo_step(model, inputs)
-        self._store_metrics(metrics, "eval")
+        self._store_eval_metrics(metrics)
         return loss.detach(), None, None
 
     # ----- metrics ------------------------------------------------------------------------------------------------
-    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        """Train: the step's weighted mean per name over all ranks' pairs (TRL's gather-then-mean), averaged over
-        the logging window. Eval: sums and counts over every pair of the evaluation, each pair once (the duplicates
-        that pad the last batch across ranks are dropped); its `loss` becomes `eval_loss`, so a pair left out of a
-        batch's loss (weight 0) no longer counts in the Trainer's mean over batches."""
+    def _metric_sums(self, metrics: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+        """Per metric name, this rank's (weighted sum, weight) of its pairs (train: the optimized `loss` left out,
+        the Trainer logs it; eval: over every rank's pairs, each pair once)."""
         metrics = {name: values.detach().float() for name, values in metrics.items()}
         if mode == "train":
-            metrics.pop("loss", None)  # the Trainer logs the optimized loss itself
-        else:
+            metrics.pop("loss", None)
+        else:  # the duplicates that pad the last batch across ranks are dropped
             metrics = self.accelerator.gather_for_metrics(metrics)
         weights = {name.split(":", 1)[1]: metrics.pop(name) for name in list(metrics) if name.startswith("weight:")}
         pair_weights = metrics.pop("weight")
+        sums = {}
         for name, values in metrics.items():
             weight = weights.get(name, pair_weights)
-            totals = torch.stack([(values * weight).sum(), weight.sum()])
-            if mode == "train":
-                total, count = self.accelerator.reduce(totals, reduction="sum").tolist()
-                if count > 0:  # 0: every pair of the step had a failed image
-                    self._metrics[mode][name].append(total / count)
-            else:
-                self._metrics[mode][name].append(totals.tolist())
+            sums[name] = torch.stack([(values * weight).sum(), weight.sum()])
+        return sums
+
+    def _store_eval_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Sums and counts over every pair of the evaluation; its `loss` becomes `eval_loss`, so a pair left out of
+        a batch's loss (weight 0) no longer counts in the Trainer's mean over batches."""
+        for name, totals in self._metric_sums(metrics, "eval").items():
+            self._metrics["eval"][name].append(totals.tolist())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
