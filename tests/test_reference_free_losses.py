@@ -111,8 +111,8 @@ def test_simpo_settings_that_look_wrong_are_said():
                                                    "reads it"]  # fmt: skip
 
 
-def test_imageless_rewards_are_averaged_as_the_rewards():
-    from silkie.dpo.objective import BatchScores, CorruptedScores, imageless_rewards
+def test_imageless_rewards_and_logged_log_probs_are_averaged_as_the_rewards():
+    from silkie.dpo.objective import BatchScores, CorruptedScores, batch_metrics, imageless_rewards
     from silkie.dpo.step import AnswerScores
 
     zeros = torch.zeros(3)
@@ -122,6 +122,13 @@ def test_imageless_rewards_are_averaged_as_the_rewards():
     chosen, rejected = imageless_rewards(BatchScores(policy, zeros, zeros, out, None, again, 2.0, True))
     assert chosen.tolist() == pytest.approx((2.0 * (PC - 1) / LC).tolist())
     assert rejected.tolist() == pytest.approx((2.0 * (PR - 2) / LR).tolist())
+    # TRL's CPOTrainer (simpo) and ORPOTrainer log the averaged log-probs their rewards are beta x of
+    metrics = batch_metrics(BatchScores(policy, zeros, zeros, out, None, again, 2.0, True))
+    assert metrics["logps/chosen"].tolist() == pytest.approx((PC / LC).tolist())
+    assert metrics["rewards/chosen"].tolist() == pytest.approx((2.0 * metrics["logps/chosen"]).tolist())
+    assert metrics["logps/chosen_image_gain"].tolist() == pytest.approx([1.0] * 3)  # the gain stays a sum
+    cpo = batch_metrics(BatchScores(policy, zeros, zeros, objective("cpo", beta=2.0), None, again, 2.0, False))
+    assert cpo["logps/rejected"].tolist() == PR.tolist()  # cpo's (and DPO's) are sums, as TRL's
 
 
 def test_simpo_trains_without_a_reference_pass_and_orpo_full_fine_tuning_without_a_copy(assets, tmp_path, monkeypatch):
@@ -145,12 +152,14 @@ def test_simpo_trains_without_a_reference_pass_and_orpo_full_fine_tuning_without
         assert result["step"] == len(records) and all(r["loss"] == r["loss"] for r in records)  # finite
         if name != "cpo":
             assert sum(r["loss"] for r in records[-3:]) / 3 < records[0]["loss"] - 0.02, (name, records)
-        else:  # rewards are beta x the policy's summed log-probs (TRL's CPO)
-            assert records[0]["rewards/chosen"] == pytest.approx(0.1 * records[0]["logps/chosen"], rel=1e-5)
+        # rewards are beta x the policy's log-probs: summed (TRL's CPO), averaged per token (its SimPO, ORPO)
+        beta = {"simpo": 2.0, "orpo": 0.1, "cpo": 0.1}[name]
+        assert records[0]["rewards/chosen"] == pytest.approx(beta * records[0]["logps/chosen"], rel=1e-5)
     from silkie.tools.evaluate import evaluate_run
 
     result = evaluate_run(tmp_path / "simpo", device="cpu")  # scored as the trainer did, with no reference columns
     final = [r for r in read_metrics(tmp_path / "simpo") if "eval_loss" in r][-1]
     assert result["summary"]["rewards/accuracies"] == pytest.approx(final["eval_rewards/accuracies"], abs=1e-6)
     assert result["summary"]["rewards/chosen"] == pytest.approx(final["eval_rewards/chosen"], rel=1e-4)
+    assert result["summary"]["logps/chosen"] == pytest.approx(final["eval_logps/chosen"], rel=1e-4)
     assert "ref_logps/chosen" not in result["pairs"][0] and "rewards/chosen" in result["pairs"][0]

@@ -137,17 +137,28 @@ def imageless_rewards(scores: BatchScores) -> tuple[torch.Tensor, torch.Tensor]:
     return chosen, rejected
 
 
+def logged_logps(scores: BatchScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's log-probs (chosen, rejected) as `logps/*` report them: sums, or for simpo and orpo per-token
+    averages, as TRL's CPO / ORPO trainers log them (their rewards are beta x those)."""
+    policy = scores.policy
+    chosen, rejected = policy.chosen_logps.detach(), policy.rejected_logps.detach()
+    if scores.average_rewards:
+        return chosen / policy.chosen_lengths.clamp(min=1), rejected / policy.rejected_lengths.clamp(min=1)
+    return chosen, rejected
+
+
 def batch_metrics(scores: BatchScores) -> dict[str, torch.Tensor]:
     """Per-pair metric tensors (TRL names, each pair's `loss`, its `weight` and, as `weight:NAME`, the weight of a
     metric averaged otherwise)."""
     out, policy = scores.out, scores.policy
+    chosen_logps, rejected_logps = logged_logps(scores)
     metrics = {
         "rewards/chosen": out.chosen_rewards,
         "rewards/rejected": out.rejected_rewards,
         "rewards/margins": out.chosen_rewards - out.rejected_rewards,
         "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-        "logps/chosen": policy.chosen_logps.detach(),
-        "logps/rejected": policy.rejected_logps.detach(),
+        "logps/chosen": chosen_logps,
+        "logps/rejected": rejected_logps,
         "logits/chosen": policy.chosen_logits_mean,
         "logits/rejected": policy.rejected_logits_mean,
         "loss": out.per_pair.detach(),  # eval: the per-pair mean replaces the Trainer's mean of batch losses

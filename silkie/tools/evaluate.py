@@ -53,6 +53,8 @@ def score_pairs(trainer: Any, dataset: Any, batch_size: int) -> PairTable:
     run's trainer as its training step scores it (no gradients)."""
     from torch.utils.data import DataLoader
 
+    from silkie.dpo.objective import logged_logps
+
     table = PairTable()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=trainer.eval_data_collator)
     model = trainer.model.eval()
@@ -64,9 +66,10 @@ def score_pairs(trainer: Any, dataset: Any, batch_size: int) -> PairTable:
         table.pair_index.extend(int(i) for i in batch["pair_index"][kept])
         # a reference-free loss (cpo, simpo, orpo) has no reference log-probs to report
         reference = [("ref_logps/chosen", scores.ref_chosen), ("ref_logps/rejected", scores.ref_rejected)]
+        chosen_logps, rejected_logps = logged_logps(scores)  # simpo, orpo: per-token averages, as the trainer's
         for name, values in (
-            ("logps/chosen", scores.policy.chosen_logps),
-            ("logps/rejected", scores.policy.rejected_logps),
+            ("logps/chosen", chosen_logps),
+            ("logps/rejected", rejected_logps),
             *(reference if trainer.objective.uses_reference else []),
             ("rewards/chosen", scores.out.chosen_rewards),
             ("rewards/rejected", scores.out.rejected_rewards),
