@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from silkie.config import DataSection, RecipeError
 from silkie.data.formatting import cache_key, encode_pair, tokenize_pairs
 from silkie.data.pairs import PreferencePair, pairs_from_preference_rows
 from silkie.data.sources import RowError, normalize_preference_row, prompt_key
@@ -65,7 +66,7 @@ def test_every_layout_gives_the_last_question_with_its_earlier_turns(raw):
      ({"prompt": [user("x"), {"role": "assistant", "content": [{"type": "image"}]}, user("y")], "chosen": "a",
        "rejected": "b"}, "unsupported_conversation", "history[0]: an earlier answer holds a picture"),
      ({"prompt": LAST, "history": [FIRST, ANSWER], "chosen": "a", "rejected": "b"}, "wrong_type",
-      "history must be a list of [user, assistant] texts"),
+      "history[0] is str (expected [user, assistant])"),
      ({"prompt": [user("x"), assistant("y"), user("z")], "history": [["p", "q"]], "chosen": "a", "rejected": "b"},
       "unsupported_conversation", "a history column beside a prompt with earlier turns")],
 )  # fmt: skip
@@ -134,7 +135,7 @@ def test_hf_families_render_the_conversation_with_their_chat_template(family, tm
     assert list(dataset[0]["prompt_input_ids"]) == ids["prompt_input_ids"]
 
 
-def test_earlier_turns_tell_prompts_apart_and_pairs_without_them_keep_their_keys(tmp_path):
+def test_a_conversation_is_one_prompt_for_the_split_and_pairs_without_turns_keep_their_keys(tmp_path):
     tokenizer = QWenTokenizer.from_pretrained(write_tiny_vocab(tmp_path))
     record = {"prompt_id": "p", "prompt": "Q", "images": [], "videos": [], "chosen": "a", "rejected": "b",
               "chosen_score": 1.0, "rejected_score": 0.0}  # fmt: skip
@@ -142,13 +143,62 @@ def test_earlier_turns_tell_prompts_apart_and_pairs_without_them_keep_their_keys
     assert key == cache_key([{**record, "history": []}], tokenizer, 64, "drop")
     assert key != cache_key([{**record, "history": [["hi", "hello"]]}], tokenizer, 64, "drop")
     plain = normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b"})
-    told = normalize_preference_row({"prompt": "Q", "chosen": "a", "rejected": "b", "history": [["hi", "hello"]]})
-    assert plain.id != told.id and prompt_key(plain) != prompt_key(told)
-    # two conversations ending with the same question are two prompts: the split may put them on either side
-    pairs = [PreferencePair(f"p{i}", "Q", (), "a", "b", 1.0, 0.0, history=((f"turn {i}", "ok"),)) for i in range(4)]
+    later = normalize_preference_row({"prompt": "Q2", "chosen": "a", "rejected": "b", "history": [["Q", "A"]]})
+    assert plain.id != later.id and prompt_key(plain) == prompt_key(later) == ("Q", (), ())
+    # the pairs of a conversation at each of its turns are one prompt: on one side of the split, never both
+    pairs = [PreferencePair(f"c{c}-{turn}", f"Q{turn}", (), "a", "b", 1.0, 0.0,
+                            history=tuple((f"open {c}" if t == 0 else f"Q{t}", "ok") for t in range(turn)))
+             for c in range(6) for turn in range(1, 4)]  # fmt: skip
     train, evaluation = split_by_prompt(pairs, eval_size=2, seed=0)
-    assert len(train) == 2 and len(evaluation) == 2
-    assert pairs[0].to_dict()["history"] == [["turn 0", "ok"]]
+    assert len(train) == 12 and len(evaluation) == 6
+    assert {p.history[0][0] for p in train}.isdisjoint({p.history[0][0] for p in evaluation})
+    assert pairs[0].to_dict()["history"] == [["open 0", "ok"]]
+    # one id for a conversation's pairs at its turns; another first turn under that id is refused, saying so
+    rows = [{"id": "c", "prompt": "Q1", "chosen": "a", "rejected": "b"},
+            {"id": "c", "prompt": "Q2", "history": [["Q1", "ok"]], "chosen": "a", "rejected": "b"},
+            {"id": "c", "prompt": "Q2", "history": [["Other", "ok"]], "chosen": "a", "rejected": "b"}]  # fmt: skip
+    kept, report = pairs_from_preference_rows(rows)
+    assert [p.history for p in kept] == [(), (("Q1", "ok"),)] and report.rows_dropped["reused_id"] == 1
+    assert "another prompt (question, or first turn) or media" in report.first_details["reused_id"]
+
+
+def test_history_as_messages_and_what_is_wrong_with_a_row_is_said_where_it_is():
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": "A red circle."}]  # fmt: skip
+    row = normalize_preference_row({"prompt": LAST, "history": messages, "chosen": "a", "rejected": "b"})
+    assert row.history == (("<image>What is this?", "A red circle."),)
+    other = {"prompt": "Q", "history": "job-7 log", "chosen": "a", "rejected": "b"}  # a column of another meaning
+    assert normalize_preference_row(other, columns={"history": None}).history == ()
+    assert DataSection(source="preference", path="x.jsonl", columns={"history": None}).check() is None
+    with pytest.raises(RecipeError, match="data.columns.prompt = None is not allowed"):
+        DataSection(source="preference", path="x.jsonl", columns={"prompt": None}).check()
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "x"},
+                                  {"from": "gpt", "value": 3}, {"from": "human", "value": "y"}],
+                "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}}  # fmt: skip
+    cases = [
+        ({"prompt": "Q", "history": [["x", None]], "chosen": "a", "rejected": "b"},
+         "history[0]'s assistant text is NoneType"),
+        ({"prompt": "Q", "history": [["x"]], "chosen": "a", "rejected": "b"}, "history[0] is 1 items"),
+        ({"prompt": "Q", "history": "x", "chosen": "a", "rejected": "b"}, "history is str"),
+        ({"prompt": "Q", "history": messages[:1], "chosen": "a", "rejected": "b"}, "history has the roles ['user']"),
+        (sharegpt, "conversations[2] content is int"),  # counted in the file, the system message included
+        ({"chosen": [user("x"), assistant("a"), assistant("c")], "rejected": [user("x"), assistant("b")]},
+         "after the messages both start with (the prompt), chosen and rejected must be one assistant message each"),
+    ]  # fmt: skip
+    for raw, detail in cases:
+        with pytest.raises(RowError) as caught:
+            normalize_preference_row(raw)
+        assert caught.value.detail.startswith(detail), caught.value.detail
+
+
+def test_silkie_chat_numbers_pictures_on_from_the_earlier_turns_as_training():
+    from silkie.models.qwen_vl.family import format_turns
+    from silkie.tools.chat_inputs import image_query
+
+    history = [("Picture 1: <img>a.jpg</img>\nWhat is this?", "A circle.")]
+    assert image_query(["b.jpg"], "And this?", history) == "Picture 2: <img>b.jpg</img>\nAnd this?"
+    assert format_turns(["<image>What is this?", "<image>And this?"], ["a.jpg", "b.jpg"]) == [
+        history[0][0], "Picture 2: <img>b.jpg</img>\nAnd this?"]  # fmt: skip
 
 
 def write_conversations(root, n: int = 48):

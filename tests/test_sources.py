@@ -153,7 +153,8 @@ def test_an_id_reused_for_another_prompt_is_dropped_and_reported():
         ("r1", "Other", "b"),
     ]
     assert report.rows_dropped == {"reused_id": 2} and report.pairs_kept == 3
-    assert "reused_id: 2 (first: r0: the id of an earlier row with another prompt or image)" in report.summary()
+    reused = "reused_id: 2 (first: r0: the id of an earlier row with another prompt (question, or first turn) or media)"
+    assert reused in report.summary()
 
 
 def test_image_key_resolution():

@@ -135,11 +135,11 @@ class DataSection:
         "none, or hold the pictures themselves (a `datasets` Image column: written to `<cache_dir>/media/`).",
         "data.build:build_pairs",
     )
-    columns: dict[str, str] | None = key(
+    columns: dict[str, str | None] | None = key(
         None,
         "source preference: the file's own column names for the fields a row is read from, e.g. "
-        "`{prompt: question, id: idx}` (openbmb/RLAIF-V-Dataset); fields: " + ", ".join(PREFERENCE_FIELDS) + ". "
-        "null: the names as they are.",
+        "`{prompt: question, id: idx}` (openbmb/RLAIF-V-Dataset); fields: " + ", ".join(PREFERENCE_FIELDS) + "; "
+        "a field mapped to null is not read (`{history: null}`). null: the names as they are.",
         "data.build:_load_rows",
     )
     split: str = key(
@@ -305,8 +305,11 @@ class DataSection:
                 raise RecipeError(f"recipe: data.columns = {self.columns!r}: the keys are the fields, the values the "
                                   f"file's columns; write {{{column}: {field}}}")  # fmt: skip
             choice("data.columns", field, PREFERENCE_FIELDS)
+            if column is None and field not in ("prompt", "chosen", "rejected"):
+                continue  # the file's column of that name is not read
             require(isinstance(column, str) and bool(column), f"data.columns.{field}", column, "a column name")
-        taken = [column for column in self.columns.values() if list(self.columns.values()).count(column) > 1]
+        named = [column for column in self.columns.values() if column is not None]
+        taken = [column for column in named if named.count(column) > 1]
         require(not taken, "data.columns", self.columns, "one field per column")
 
 

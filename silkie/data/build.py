@@ -54,8 +54,8 @@ def media_limits(data: DataSection) -> MediaLimits:
 
 
 class FirstPrompts:
-    """Whether a row is one of the first `count` prompts' (question + media; a preference file may hold several
-    pairs each), asked row by row in file order."""
+    """Whether a row is one of the first `count` prompts' (`prompt_key`: question or first turn + media; a file may
+    hold several pairs each), asked row by row in file order."""
 
     def __init__(self, count: int):
         self.count = count
@@ -101,7 +101,8 @@ def build_pairs(
     logger.info(f"held-out pairs from data.eval_path: {eval_report.summary()}")
     shared = set(map(prompt_key, pairs)) & set(map(prompt_key, evaluation))
     if shared:  # the same question and media on both sides: the held-out score is partly a training score
-        logger.warning(f"data.eval_path shares {len(shared)} prompts (question and media) with data.path")
+        logger.warning(f"data.eval_path shares {len(shared)} prompts (question or first turn, and media) with "
+                       "data.path")  # fmt: skip
     return pairs, evaluation, store, report
 
 

@@ -64,18 +64,33 @@ def _check_messages(messages: Any, where: str) -> None:
         raise RowError("wrong_type", f"{where} is {type(messages).__name__}")
 
 
-def _prompt_turns(messages: Any) -> tuple[list[list[str]], str]:
+def _prompt_turns(messages: Any, where: str = "prompt", offset: int = 0) -> tuple[list[list[str]], str]:
     """(earlier [user, assistant] turns, the last user message's text) of a prompt's messages, which alternate from a
-    user message to the last user message (a string: one turn)."""
+    user message to the last user message (a string: one turn); errors name them as `where[offset + i]`."""
     if isinstance(messages, str):
         return [], messages
-    _check_messages(messages, "prompt")
+    _check_messages(messages, where)
     roles = [message.get("role") for message in messages]
     if not roles or roles != [("user", "assistant")[index % 2] for index in range(len(roles))] or len(roles) % 2 == 0:
-        raise RowError("unsupported_conversation", f"prompt has the roles {roles}; user and assistant messages "
-                       "alternate, from a user message to the last one")  # fmt: skip
-    texts = [message_text(message.get("content"), f"prompt[{index}]") for index, message in enumerate(messages)]
+        after = " after the system message" if offset else ""
+        raise RowError("unsupported_conversation", f"{where} has the roles {roles}{after}; user and assistant "
+                       "messages alternate, from a user message to the last one")  # fmt: skip
+    texts = [
+        message_text(message.get("content"), f"{where}[{offset + index}]") for index, message in enumerate(messages)
+    ]
     return [texts[index : index + 2] for index in range(0, len(texts) - 1, 2)], texts[-1]
+
+
+def history_turns(messages: list) -> list[list[str]]:
+    """[user, assistant] turns of a `history` given as messages (`role` / `content` or `from` / `value`), which
+    alternate from a user message to an answer."""
+    normalized = [_chat_message(message, f"history[{index}]") for index, message in enumerate(messages)]
+    roles = [message["role"] for message in normalized]
+    if roles != [("user", "assistant")[index % 2] for index in range(len(roles))] or len(roles) % 2:
+        raise RowError("unsupported_conversation", f"history has the roles {roles}; user and assistant messages "
+                       "alternate, from a user message to an answer")  # fmt: skip
+    texts = [message_text(message["content"], f"history[{index}]") for index, message in enumerate(normalized)]
+    return [texts[index : index + 2] for index in range(0, len(texts), 2)]
 
 
 def _system_text(content: Any) -> str:
@@ -111,9 +126,10 @@ def _refuse_unsupported(raw: Mapping[str, Any]) -> None:
             raise RowError("unsupported_conversation", f"{name}: {what} has no place in a preference pair")
 
 
-def _chat_layout(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+def _chat_layout(raw: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     """LLaMA-Factory's ShareGPT preference row (`conversations` + `chosen` / `rejected` messages) or ms-swift's RLHF
-    row (`messages` ending with the chosen answer + `rejected_response`) in TRL's conversational form."""
+    row (`messages` ending with the chosen answer + `rejected_response`) in TRL's conversational form, with the
+    column its prompt's messages come from."""
     _refuse_unsupported(raw)
     messages = raw.get("messages")
     if isinstance(messages, list) and isinstance(raw.get("rejected_response"), str):  # ms-swift
@@ -121,21 +137,22 @@ def _chat_layout(raw: Mapping[str, Any]) -> Mapping[str, Any]:
         if not turns or turns[-1]["role"] != "assistant":
             raise RowError("unsupported_conversation", "messages end without the assistant's (chosen) answer")
         row = {name: value for name, value in raw.items() if name not in ("messages", "rejected_response")}
-        return {**row, "prompt": turns[:-1], "chosen": turns[-1:], "rejected": raw["rejected_response"]}
-    conversation = raw.get("conversations", messages)
+        return {**row, "prompt": turns[:-1], "chosen": turns[-1:], "rejected": raw["rejected_response"]}, "messages"
+    column = "conversations" if "conversations" in raw else "messages"
+    conversation = raw.get(column)
     if isinstance(conversation, list) and all(isinstance(raw.get(name), Mapping) for name in ("chosen", "rejected")):
         row = {name: value for name, value in raw.items() if name not in ("conversations", "messages")}
-        row["prompt"] = [_chat_message(turn, f"conversations[{index}]") for index, turn in enumerate(conversation)]
+        row["prompt"] = [_chat_message(turn, f"{column}[{index}]") for index, turn in enumerate(conversation)]
         for name in ("chosen", "rejected"):
             row[name] = [_chat_message(raw[name], name)]
-        return row
-    return raw
+        return row, column
+    return raw, "prompt"
 
 
 def plain_row(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     """`raw` with a conversational `prompt`, `chosen` and `rejected` (TRL's, LLaMA-Factory's ShareGPT or ms-swift's
     layout) turned into text (a plain row as it is)."""
-    raw = _chat_layout(raw)
+    raw, where = _chat_layout(raw)
     fields = ("prompt", "chosen", "rejected")
     if not any(isinstance(raw.get(name), list) for name in fields):
         return raw
@@ -146,20 +163,24 @@ def plain_row(raw: Mapping[str, Any]) -> Mapping[str, Any]:
             row["chosen"][shared] == row["rejected"][shared]
         ):
             shared += 1
-        row["prompt"] = row["chosen"][:shared]
+        row["prompt"], where = row["chosen"][:shared], "chosen"
         row["chosen"], row["rejected"] = row["chosen"][shared:], row["rejected"][shared:]
+        if len(row["chosen"]) > 1 or len(row["rejected"]) > 1:
+            counts = f"{len(row['chosen'])} and {len(row['rejected'])}"
+            raise RowError("unsupported_conversation", "after the messages both start with (the prompt), chosen and "
+                           f"rejected must be one assistant message each (they have {counts})")  # fmt: skip
     for name in fields:  # ShareGPT tags (`from` / `value`) in TRL's layout too
         if isinstance(row.get(name), list):
             row[name] = [_chat_message(message, f"{name}[{index}]") for index, message in enumerate(row[name])]
-    prompt = row.get("prompt")
+    prompt, offset = row.get("prompt"), 0
     if isinstance(prompt, list) and prompt and prompt[0].get("role") == "system":
         text, column = _system_text(prompt[0].get("content")), row.get("system")
         if isinstance(column, str) and column.strip() and column.strip() != text.strip():
             raise RowError("wrong_type", "a system column and a system message in the prompt that differ; give one")
         row["system"] = text
-        prompt = prompt[1:]
+        prompt, offset = prompt[1:], 1
     if prompt is not None:
-        history, row["prompt"] = _prompt_turns(prompt)
+        history, row["prompt"] = _prompt_turns(prompt, where, offset)
         if history and row.get("history"):
             raise RowError("unsupported_conversation", "a history column beside a prompt with earlier turns; give one")
         row["history"] = history or row.get("history")

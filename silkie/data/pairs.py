@@ -306,7 +306,8 @@ def pairs_from_preference_rows(
         # rows of one id are pairs of one prompt (split and reported together): another prompt is an error
         asked = prompt_key(row)
         if prompts.setdefault(row.id, asked) != asked:
-            report.drop_row("reused_id", row.id, detail="the id of an earlier row with another prompt or image")
+            detail = "the id of an earlier row with another prompt (question, or first turn) or media"
+            report.drop_row("reused_id", row.id, detail=detail)
             continue
         if not _media_usable(row, image_store, limits, report):
             continue

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from silkie.data.conversational import plain_row
+from silkie.data.conversational import history_turns, plain_row
 from silkie.data.embedded import EmbeddedMedia, is_embedded
 from silkie.data.row_error import RowError, require_field
 from silkie.models.media import IMAGE_MARKER, VIDEO_MARKER, Turns, as_turns
@@ -30,6 +30,9 @@ class PreferenceRow:
     videos: tuple[str, ...] = ()
     system: str | None = None  # the system message (None: the chat template's default)
     history: Turns = ()  # earlier (user, assistant) turns before the prompt, oldest first
+
+    def __post_init__(self) -> None:  # turns given as lists too (a row stays hashable: duplicates are found by it)
+        object.__setattr__(self, "history", as_turns(self.history))
 
 
 def _optional_score(raw: Mapping[str, Any], key: str) -> float | None:
@@ -78,30 +81,37 @@ def _media_keys(raw: Mapping[str, Any], one: str, many: str, media: EmbeddedMedi
 
 def _history(value: Any) -> Turns:
     """A row's earlier turns: [[user, assistant], ...] (LLaMA-Factory's `history` column; a conversation's turns
-    arrive so); an answer may not hold a picture or video marker (pictures go in user turns)."""
+    arrive so) or their messages (`role` / `content` or `from` / `value`, alternating from a user message to an
+    answer); an answer may not hold a picture or video marker (pictures go in user turns)."""
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(
-        isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(text, str) for text in turn)
-        for turn in value
-    ):
-        raise RowError("wrong_type", "history must be a list of [user, assistant] texts")
-    for index, (_, answer) in enumerate(value):
-        if IMAGE_MARKER in answer or VIDEO_MARKER in answer:
+    if not isinstance(value, (list, tuple)):
+        raise RowError("wrong_type", f"history is {type(value).__name__} (expected a list of [user, assistant])")
+    if value and all(isinstance(message, Mapping) for message in value):
+        value = history_turns(value)
+    for index, turn in enumerate(value):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+            shape = f"{len(turn)} items" if isinstance(turn, (list, tuple)) else type(turn).__name__
+            raise RowError("wrong_type", f"history[{index}] is {shape} (expected [user, assistant])")
+        for part, text in zip(("user", "assistant"), turn):
+            if not isinstance(text, str):
+                raise RowError("wrong_type", f"history[{index}]'s {part} text is {type(text).__name__}")
+        if IMAGE_MARKER in turn[1] or VIDEO_MARKER in turn[1]:
             raise RowError("unsupported_conversation", f"history[{index}]: an earlier answer holds a picture or "
                            "video (they go in user turns)")  # fmt: skip
     return as_turns(value)
 
 
-def renamed_columns(raw: Mapping[str, Any], columns: Mapping[str, str] | None) -> Mapping[str, Any]:
+def renamed_columns(raw: Mapping[str, Any], columns: Mapping[str, str | None] | None) -> Mapping[str, Any]:
     """`raw` with the file's own columns under the fields `columns` (`data.columns`: field -> column) maps them to;
-    a file column named like a mapped field is not read, nor is a mapped column under its own name."""
+    a file column named like a mapped field is not read, nor is a mapped column under its own name, nor a field
+    mapped to None (`{history: null}`: the file's `history` is something else)."""
     if not columns:
         return raw
     sources = set(columns.values())  # `{images: image}`: the file's `image` is read as images only
     row = {name: value for name, value in raw.items() if name not in columns and name not in sources}
     for field_name, column in columns.items():
-        if raw.get(column) is not None:
+        if column is not None and raw.get(column) is not None:
             row[field_name] = raw[column]
         elif field_name in ("prompt", "chosen", "rejected"):
             raise RowError("missing_field", f"{column} (data.columns.{field_name})")

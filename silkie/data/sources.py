@@ -49,9 +49,11 @@ class FeedbackRow:
 
 
 def prompt_key(item: Any) -> tuple:
-    """What makes a row's or pair's prompt the same prompt: question, media and earlier turns (the split, the
-    prompt caps and the id checks go by it)."""
-    return item.prompt, item.images, item.videos, getattr(item, "history", ())
+    """The prompt a row or pair belongs to: its question and media, where a conversation's question is its first
+    user turn, so that its pairs at later turns (which repeat the earlier ones) are one prompt with it. The split,
+    `data.max_prompts` and the id checks go by it."""
+    history = getattr(item, "history", ())
+    return history[0][0] if history else item.prompt, item.images, item.videos
 
 
 RowT = TypeVar("RowT")
@@ -249,7 +251,7 @@ def load_preference_file(
     normalize = functools.partial(normalize_preference_row, media=media, columns=columns)
     records = noting_columns(preference_records(path, key, splits))
     loaded = collect_rows(str(path), records, normalize, media=media, keep=keep)
-    missing = {name: column for name, column in (columns or {}).items() if column not in seen}
+    missing = {name: column for name, column in (columns or {}).items() if column is not None and column not in seen}
     if missing and loaded.rows_seen:
         name, column = next(iter(missing.items()))
         raise InputError(f"data.columns.{name} = {column!r} names no column of {path} (its columns: "

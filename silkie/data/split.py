@@ -1,4 +1,5 @@
-"""Train / eval split by prompt (question + images/videos + earlier turns), so no prompt appears on both sides."""
+"""Train / eval split by prompt (question or a conversation's first turn, + images/videos), so no prompt appears on
+both sides."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def split_by_prompt(
     eval_size: int | None = None,
     seed: int = 0,
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Split pairs into (train, eval) by prompt: pairs with the same question, media and earlier turns stay together.
+    """Split pairs into (train, eval) by prompt (`prompt_key`): pairs with the same question (a conversation's
+    first turn) and media stay together.
 
     `eval_size` is a number of prompts, `eval_fraction` a fraction of prompts (at least one prompt
     when > 0); give one of them. Prompts are ordered by a seeded hash of their id (the smallest over a prompt's

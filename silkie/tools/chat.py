@@ -290,7 +290,7 @@ def converse(
         input_ids, images = qwen_vl_inputs(chat, tokenizer, picture, question, system, turns, sources)
         answer = stream_answer(chat.model, tokenizer, input_ids.to(chat.device), chat.to_device(images), options, write)
         write("\n")
-        turns.append((image_query(picture, question), answer))
+        turns.append((image_query(picture, question, turns), answer))
         if on_turn is not None:
             on_turn(turns)
     return turns

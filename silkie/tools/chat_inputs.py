@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, MAX_IMAGE_PATH_BYTES
+from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, IMG_START, MAX_IMAGE_PATH_BYTES
 from silkie.tools.cli import ToolError, read_config, read_image, require_file
 
 Turn = tuple[str, "str | None"]  # (query as the model saw it, response; None: the user turn alone)
@@ -33,15 +33,16 @@ def image_reference(path: str | Path) -> str:
     return name if len(name.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES else "image"
 
 
-def image_query(images: Paths, question: str) -> str:
+def image_query(images: Paths, question: str, history: Iterable[Turn] = ()) -> str:
     """The query text as training formats it: `Picture k: <img>PATH</img>\\n` per picture at the question's
-    `<image>` markers, else first (the original's from_list_format), then the question; `ToolError` when the
-    markers and pictures disagree."""
+    `<image>` markers, else first (the original's from_list_format), then the question, k counting on from the
+    pictures of the earlier turns (`history`); `ToolError` when the markers and pictures disagree."""
     from silkie.models.family import PairTextError
     from silkie.models.qwen_vl.family import format_query
 
+    first = 1 + sum(query.count(IMG_START) for query, _ in history)
     try:
-        return format_query(question, [image_reference(path) for path in as_paths(images)])
+        return format_query(question, [image_reference(path) for path in as_paths(images)], first=first)
     except PairTextError as err:
         raise ToolError(f"qwen_vl: {err}") from err
 
@@ -50,7 +51,8 @@ def build_prompt_ids(
     tokenizer: Any, images: Paths, question: str, system: str = DEFAULT_SYSTEM, history: Iterable[Turn] = ()
 ) -> list[int]:
     """Qwen-VL-Chat prompt ids: the query (with its pictures) after the earlier turns, in the ChatML context."""
-    return tokenizer.build_chat_context(image_query(images, question), list(history), system=system)
+    history = list(history)
+    return tokenizer.build_chat_context(image_query(images, question, history), history, system=system)
 
 
 def qwen_vl_tokenizer(chat: Any) -> Any:

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--columns",
         metavar="FIELD=COLUMN,...",
-        help="a preference file's own column names, as data.columns: e.g. prompt=question,id=idx",
+        help="a preference file's own column names, as data.columns: e.g. prompt=question,id=idx (history=: not read)",
     )
     parser.add_argument(
         "--split",
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         pairs = [part.partition("=") for part in args.columns.split(",")]
         if any(not sep for _, sep, _ in pairs):
             parser.error(f"--columns {args.columns}: expected FIELD=COLUMN pairs separated by commas")
-        args.columns = {field.strip(): column.strip() for field, _, column in pairs}
+        args.columns = {field.strip(): column.strip() or None for field, _, column in pairs}  # `history=`: not read
         try:
             DataSection(source="preference", path=args.jsonl, columns=args.columns).check()
         except RecipeError as err:

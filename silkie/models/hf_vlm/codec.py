@@ -136,6 +136,7 @@ class ChatTemplateCodec:
         (`image_tag_in_text`), markers do not match the media (`image_marker_mismatch`), the family takes no
         video (`video_unsupported`) or the template no system message (`system_unsupported`)."""
         history = as_turns(history)
+        turn_media(user_texts(prompt, history), images, videos)  # markers that do not match the media: said first
         texts = [*map(_without_markers, user_texts(prompt, history)), *(answer for _, answer in history), system or ""]
         tag = next((tag for tag in self._tags for text in texts if tag in text), None)
         if tag is not None:
