@@ -17,6 +17,7 @@ import torch
 
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
 from silkie.tools.chat_inputs import (
+    FamilyPrompter,
     Paths,
     Turn,
     as_paths,
@@ -24,6 +25,7 @@ from silkie.tools.chat_inputs import (
     family_inputs,
     image_query,
     image_reference,
+    marked_question,
     qwen_vl_inputs,
     qwen_vl_tokenizer,
 )
@@ -48,8 +50,9 @@ class GenerationOptions:
 
 
 def read_history(path: str | Path) -> list[Turn]:
-    """Earlier turns from a JSON file: a list of {"user": ..., "assistant": ... or null} (what --save-history writes)
-    or of [user, assistant] pairs; ToolError naming the file and the entry otherwise."""
+    """Earlier turns from a JSON file: a list of {"user": ..., "assistant": ... or null} (what --save-history writes;
+    for Qwen2-VL / LLaVA also "images" / "videos": the turn's files, placed by its markers) or of [user, assistant]
+    pairs; ToolError naming the file and the entry otherwise."""
     path = require_file(path, "history file")
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
@@ -67,13 +70,19 @@ def read_history(path: str | Path) -> list[Turn]:
                 f'history file {path}: entry {index} must be {{"user": text, "assistant": text or null}} or '
                 "[user, assistant]"
             )
-        turns.append((pair[0], pair[1]))
+        media = tuple(entry.get(kind) or [] for kind in ("images", "videos")) if isinstance(entry, dict) else ((), ())
+        if not all(isinstance(items, list | tuple) and all(isinstance(i, str) for i in items) for items in media):
+            raise ToolError(f"history file {path}: entry {index}'s images / videos must be lists of file paths")
+        turns.append((pair[0], pair[1], *map(tuple, media)) if any(media) else (pair[0], pair[1]))
     return turns
 
 
 def write_history(path: str | Path, turns: Iterable[Turn]) -> None:
     """The conversation as JSON turns, readable by `read_history` (replaced whole: never left half-written)."""
-    records = [{"user": user, "assistant": assistant} for user, assistant in turns]
+    records = []
+    for user, assistant, *media in turns:
+        media_lists = {kind: list(items) for kind, items in zip(("images", "videos"), media) if items}
+        records.append({"user": user, "assistant": assistant, **media_lists})
     staged = Path(f"{path}.tmp")
     staged.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     staged.replace(path)
@@ -234,7 +243,7 @@ def chat_once(
 
     `image`: one picture or several (in order; placed by `<image>` markers in the question, else first); `videos`
     (Qwen2-VL families) likewise. `system`: the system message (None: the family's default, as in training);
-    `history` (earlier turns) applies to Qwen-VL-Chat (the transformers-native families take one turn)."""
+    `history`: earlier turns (`read_history`), rendered as training renders a pair's."""
     if compare and adapter_dir is None:
         raise ToolError("--compare needs --adapter (the base answer is the model with the adapter disabled)")
     for path in as_paths(image):
@@ -250,11 +259,8 @@ def chat_once(
             chat, tokenizer, image, question, DEFAULT_SYSTEM if system is None else system, history
         )
     else:
-        _one_turn_only(chat.family, history)
-        if not as_paths(image) and not as_paths(videos):
-            raise ToolError(f"--image (or --video) is needed for {chat.family}")
         tokenizer, input_ids, images = family_inputs(
-            model_dir, adapter_dir, chat.config, image, videos, question, system
+            model_dir, adapter_dir, chat.config, image, videos, question, system, history
         )
     images = chat.to_device(images)
     return answer_with_labels(chat.model, tokenizer, input_ids.to(chat.device), images, options, compare, write)
@@ -267,37 +273,43 @@ def converse(
     adapter_dir: str | Path | None = None,
     history: Iterable[Turn] = (),
     options: GenerationOptions | None = None,
-    system: str = DEFAULT_SYSTEM,
+    system: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
     write: Callable[[str], Any] | None = None,
     on_turn: Callable[[list[Turn]], Any] | None = None,
+    videos: Paths = None,
 ) -> list[Turn]:
-    """Several turns with Qwen-VL-Chat: each question is answered after the earlier turns (its pictures, when
-    given, go with the first one); returns the whole conversation (history included). `on_turn` gets the
-    conversation after every answer (e.g. to save it, so that an interrupted session keeps its finished turns)."""
+    """Several turns: each question is answered after the earlier turns (its pictures and videos, when given, go
+    with the first one); returns the whole conversation (history included). `system`: None is the family's
+    default. `on_turn` gets the conversation after every answer (e.g. to save it, so that an interrupted session
+    keeps its finished turns)."""
     write = write or _stdout_write
     for path in as_paths(image):
         read_image(path)  # a bad image fails before the model loads
     turns = list(history)
     chat = load_chat_model(model_dir, adapter_dir, dtype, device)
-    _one_turn_only(chat.family, turns, several=chat.family != "qwen_vl")
     options = options or GenerationOptions()
-    tokenizer = qwen_vl_tokenizer(chat)
-    sources = {image_reference(path): path for path in as_paths(image)}
+    if chat.family == "qwen_vl":
+        if as_paths(videos):
+            raise ToolError("--video: Qwen-VL-Chat takes images, not video (qwen2_vl / qwen2_5_vl do)")
+        tokenizer = qwen_vl_tokenizer(chat)
+        sources = {image_reference(path): path for path in as_paths(image)}
+    else:
+        prompter = FamilyPrompter(model_dir, adapter_dir, chat.config)
     for number, question in enumerate(questions):
-        picture = image if number == 0 else None
-        input_ids, images = qwen_vl_inputs(chat, tokenizer, picture, question, system, turns, sources)
+        pictures, clips = (image, videos) if number == 0 else (None, None)
+        files = (tuple(map(str, as_paths(pictures))), tuple(map(str, as_paths(clips))))
+        if chat.family == "qwen_vl":  # the query names its pictures
+            told = DEFAULT_SYSTEM if system is None else system
+            input_ids, images = qwen_vl_inputs(chat, tokenizer, pictures, question, told, turns, sources)
+            asked, files = image_query(pictures, question, turns), ((), ())
+        else:  # the question marks its pictures and videos, which the turn lists
+            tokenizer, input_ids, images = prompter(pictures, clips, question, system, turns)
+            asked = marked_question(question, pictures, clips)
         answer = stream_answer(chat.model, tokenizer, input_ids.to(chat.device), chat.to_device(images), options, write)
         write("\n")
-        turns.append((image_query(picture, question, turns), answer))
+        turns.append((asked, answer, *files) if any(files) else (asked, answer))
         if on_turn is not None:
             on_turn(turns)
     return turns
-
-
-def _one_turn_only(family: str, history: list, several: bool = False) -> None:
-    if history or several:
-        raise ToolError(
-            f"several turns (--history, --interactive) are implemented for qwen_vl (Qwen-VL-Chat), not {family}"
-        )

@@ -5,9 +5,11 @@ repeated: `Picture 2: ...`, in order); Qwen2-VL / LLaVA use the checkpoint's cha
 --video too. `<image>` / `<video>` markers in the question place them; else they go first. Tokens are
 printed as they are generated; generation stops at <|im_end|>. Greedy decoding unless --sample.
 --compare (needs --adapter) prints the base answer (adapter disabled) and the DPO answer as two labelled blocks.
-Several turns (Qwen-VL-Chat): --history FILE puts earlier turns before the question; --interactive reads one
-question per line after the first answer (an empty line or end of input stops); --save-history FILE keeps the
-conversation for a later --history. Earlier turns are dropped oldest first beyond 6144 tokens, as the original.
+Several turns (every family): --history FILE puts earlier turns before the question, as training renders a pair's
+earlier turns; --interactive reads one question per line after the first answer (an empty line or end of input
+stops); --save-history FILE keeps the conversation for a later --history (Qwen2-VL / LLaVA turns list their
+"images" / "videos", placed by the markers the saved question holds). Qwen-VL-Chat drops earlier turns oldest
+first beyond 6144 tokens, as the original.
 
 Example: python scripts/chat.py --model runs/assets/tiny-qwen-vl --adapter runs/demo/adapter \\
     --image photo.jpg --question "What is in the picture?" --compare
@@ -61,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--question is required (or --interactive)")
     if args.image is None and args.history is None and args.video is None:
         parser.error("--image is required (or --video, or --history, whose turns name their pictures)")
-    if args.video and (args.interactive or args.history or args.save_history):
-        parser.error("--video is one turn of a Qwen2-VL model: it does not go with --history or --interactive")
     if args.compare and (args.interactive or args.save_history):
         parser.error("--compare answers one question twice: it does not go with --interactive or --save-history")
     if args.max_new_tokens < 1:
@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
     """Stream the answer(s) to stdout."""
     for image in args.image or []:
         read_image(image)  # a bad image fails fast, before torch and the model are loaded
-    from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
     from silkie.tools.chat import GenerationOptions, chat_once, converse, read_history, write_history
 
     history = read_history(args.history) if args.history else []
@@ -113,10 +112,11 @@ def run(args: argparse.Namespace) -> int:
             adapter_dir=args.adapter,
             history=history,
             options=options,
-            system=DEFAULT_SYSTEM if args.system is None else args.system,  # --system '': an empty one
+            system=args.system,  # None: the family's default (--system '': an empty one)
             dtype=args.dtype,
             device=args.device,
             on_turn=(lambda turns: write_history(args.save_history, turns)) if args.save_history else None,
+            videos=args.video,
         )
         return 0
     chat_once(

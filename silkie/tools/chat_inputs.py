@@ -10,10 +10,13 @@ from typing import Any
 
 import torch
 
+from silkie.models.media import IMAGE_MARKER, VIDEO_MARKER
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, IMG_START, MAX_IMAGE_PATH_BYTES
 from silkie.tools.cli import ToolError, read_config, read_image, require_file
 
-Turn = tuple[str, "str | None"]  # (query as the model saw it, response; None: the user turn alone)
+# Qwen-VL-Chat: (query as the model saw it, its pictures named in it; response, None: the user turn alone). The other
+# families: (question with an `<image>` / `<video>` marker per item, answer, image paths, video paths).
+Turn = tuple
 Paths = str | Path | Sequence[str | Path] | None
 
 
@@ -31,6 +34,37 @@ def image_reference(path: str | Path) -> str:
         return text
     name = Path(text).name
     return name if len(name.encode("utf-8")) <= MAX_IMAGE_PATH_BYTES else "image"
+
+
+def marked_question(question: str, images: Paths = None, videos: Paths = None) -> str:
+    """The question with a marker for each picture (video) of a kind it places none of, first, where training puts
+    them: the same prompt, and one that stays right as an earlier turn."""
+    images_first = "" if IMAGE_MARKER in question else IMAGE_MARKER * len(as_paths(images))
+    return images_first + ("" if VIDEO_MARKER in question else VIDEO_MARKER * len(as_paths(videos))) + question
+
+
+def family_turns(history: Iterable[Turn]) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
+    """Earlier turns of a Qwen2-VL / LLaVA conversation as (question, answer, images, videos); `ToolError` for a turn
+    without its answer."""
+    turns = []
+    for index, turn in enumerate(history):
+        user, answer, images, videos = (*turn, (), ())[:4]
+        if answer is None:
+            raise ToolError(f"history turn {index} has no answer (only Qwen-VL-Chat's history takes a user turn alone)")
+        turns.append((marked_question(user, images, videos), answer, tuple(map(str, images)), tuple(map(str, videos))))
+    return turns
+
+
+def qwen_vl_turns(history: Iterable[Turn]) -> list[tuple[str, str | None]]:
+    """Earlier turns of a Qwen-VL-Chat conversation as (query, response); `ToolError` for one with pictures beside
+    its text (Qwen-VL-Chat's queries name their pictures: `Picture 1: <img>PATH</img>`)."""
+    turns = []
+    for index, turn in enumerate(history):
+        if any(turn[2:]):
+            raise ToolError(f"history turn {index} has images or videos beside its text: Qwen-VL-Chat's turns name "
+                            "their pictures in it (Picture 1: <img>PATH</img>)")  # fmt: skip
+        turns.append((turn[0], turn[1]))
+    return turns
 
 
 def image_query(images: Paths, question: str, history: Iterable[Turn] = ()) -> str:
@@ -51,7 +85,7 @@ def build_prompt_ids(
     tokenizer: Any, images: Paths, question: str, system: str = DEFAULT_SYSTEM, history: Iterable[Turn] = ()
 ) -> list[int]:
     """Qwen-VL-Chat prompt ids: the query (with its pictures) after the earlier turns, in the ChatML context."""
-    history = list(history)
+    history = qwen_vl_turns(history)
     return tokenizer.build_chat_context(image_query(images, question, history), history, system=system)
 
 
@@ -130,16 +164,23 @@ class FamilyPrompter:
         self.codec = load_codec_from(model_dir, adapter_dir, section=section)
         self.processor = get_family(self.family).image_processor(config, section)
 
-    def __call__(self, images: Paths, videos: Paths, question: str, system: str | None = None) -> tuple:
-        """(tokenizer, prompt ids [1, L], image/video tensors): pictures and videos placed by `<image>` / `<video>`
-        markers in the question, else first, each marker expanded to its feature-token count as the collator
-        does; `system`: the system message (None: the template's default)."""
+    def __call__(
+        self, images: Paths, videos: Paths, question: str, system: str | None = None, history: Iterable[Turn] = ()
+    ) -> tuple:
+        """(tokenizer, prompt ids [1, L], image/video tensors): the earlier turns (`history`, with their pictures and
+        videos) and the question, pictures and videos placed by `<image>` / `<video>` markers, else first, each
+        marker expanded to its feature-token count as the collator does; `system`: the system message (None: the
+        template's default)."""
         from silkie.data.collator import PairCollator
         from silkie.models.family import ImageBatch, PairTextError
 
-        config, images, videos = self.config, as_paths(images), as_paths(videos)
+        turns = family_turns(history)
+        question = marked_question(question, images, videos) if turns else question
+        images = [*(path for turn in turns for path in turn[2]), *map(str, as_paths(images))]
+        videos = [*(path for turn in turns for path in turn[3]), *map(str, as_paths(videos))]
+        config, earlier = self.config, [(user, answer) for user, answer, _, _ in turns]
         try:
-            prompt = self.codec.prompt_ids(question, [str(p) for p in images], [str(v) for v in videos], system)
+            prompt = self.codec.prompt_ids(question, images, videos, system, history=earlier)
         except PairTextError as err:
             raise ToolError(f"{self.family}: {err}") from err
         pictures = [read_image(path) for path in images]
@@ -163,9 +204,11 @@ def family_inputs(
     videos: Paths,
     question: str,
     system: str | None = None,
+    history: Iterable[Turn] = (),
 ) -> tuple:
-    """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) of one question (`FamilyPrompter`)."""
-    return FamilyPrompter(model_dir, adapter_dir, config)(images, videos, question, system)
+    """Qwen2-VL / LLaVA: (tokenizer, prompt ids [1, L], image/video tensors) of a question after its earlier turns
+    (`FamilyPrompter`)."""
+    return FamilyPrompter(model_dir, adapter_dir, config)(images, videos, question, system, history)
 
 
 class PromptBuilder:
