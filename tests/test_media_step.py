@@ -26,9 +26,9 @@ def setup(request, tmp_path_factory):
 
 
 def _assert_equal(plain, fast):
-    for scores in (0, 1):  # policy, reference
-        for kind in ("chosen_logps", "rejected_logps"):
-            torch.testing.assert_close(getattr(fast[scores], kind), getattr(plain[scores], kind), atol=1e-5, rtol=0)
+    for scores in (0, 1):  # policy, reference; summed fp32 log-probs reach ~-95 here, where one float step is 7.6e-6
+        for kind in ("chosen_logps", "rejected_logps"):  # (rtol: a few steps of summation order, no more)
+            torch.testing.assert_close(getattr(fast[scores], kind), getattr(plain[scores], kind), atol=1e-5, rtol=5e-7)
     torch.testing.assert_close(fast[2], plain[2], atol=1e-5, rtol=0)
     assert plain[3] and set(fast[3]) == set(plain[3])
     for param in plain[3]:
