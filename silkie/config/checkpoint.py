@@ -47,14 +47,17 @@ def checkpoint_family(folder: str | Path) -> str | None:
         return None
 
 
-def checkpoint_problem(folder: str | Path, family: str) -> str | None:
-    """One line saying why the local `folder` is not a `family` checkpoint (no config.json, or another family's
-    model_type, with the `model.family` that fits it), or None when it is one."""
+def checkpoint_problem(folder: str | Path, family: str, key: str = "model.path") -> str | None:
+    """One line saying why the local `folder` (the recipe's `key`) is not a `family` checkpoint (no config.json, or
+    another family's model_type, with the `model.family` that fits it), or None when it is one."""
     model_type = model_type_of(folder)
     if model_type is None:
-        return f"model.path: {folder} has no config.json (expected a {family} checkpoint folder)"
+        return f"{key}: {folder} has no config.json (expected a {family} checkpoint folder)"
     if model_type in FAMILY_TABLE[family][1]:
         return None
+    if key != "model.path":  # the policy's family is settled: this folder must be of it
+        kind = f"{model_type!r} checkpoint (config.json model_type), not a {family} one as model.path"
+        return f"{key}: {folder} holds a {kind}"
     fits = MODEL_TYPES.get(model_type)
     hint = f"set model.family={fits}" if fits else f"model.family takes {', '.join(FAMILY_TABLE)}"
     return (

@@ -22,6 +22,7 @@ from .checks import coerce, describe, refuse_unknown, suggest, type_ok
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
+from .objective import uses_reference
 from .sections import DataSection, LoraSection, ModelSection
 from .training import TRAINING_KEYS, check_training
 from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
@@ -56,6 +57,11 @@ class Recipe:
             raise RecipeError(
                 "recipe: model.attn_implementation = 'varlen' needs dpo.share_prompt = true (its sequences are the "
                 "packed rows' prompt+chosen and rejected); set dpo.share_prompt=true or another attention"
+            )
+        if self.model.ref_model and not uses_reference(self.dpo.loss_type):
+            raise RecipeError(
+                f"recipe: model.ref_model = {self.model.ref_model!r} is set, but dpo.loss_type {self.dpo.loss_type} "
+                "reads no reference (cpo, simpo and orpo are reference-free); leave model.ref_model out"
             )
         if self.lora.load_in_4bit and self.launch.cpu:  # refused before the launcher writes anything
             raise RecipeError(

@@ -28,6 +28,14 @@ class ModelSection:
         "out, read from the local checkpoint's config.json (`model_type`), else qwen_vl.",
         "models.family:get_family",
     )
+    ref_model: str | None = key(
+        None,
+        "Another checkpoint (folder or hub id) as the frozen reference, TRL's, LLaMA-Factory's and ms-swift's "
+        "`ref_model`: e.g. the SFT model when model.path is a later checkpoint. Same family and tokenizer as "
+        "model.path; it is kept beside the policy (its memory), also under LoRA. null: model.path itself (under "
+        "LoRA its adapters switched off; a frozen copy for full fine-tuning).",
+        "train.build:_policy_and_reference",
+    )
     dtype: str = key(
         "auto",
         "Weights/compute dtype: `auto` (bf16 on GPUs that support it, else fp32), `bf16`, `fp16`, `fp32`.",
@@ -83,6 +91,12 @@ class ModelSection:
 
     def check(self) -> None:
         require(bool(self.path), "model.path", self.path, "a checkpoint folder (config.json, weights, tokenizer)")
+        require(
+            self.ref_model is None or (isinstance(self.ref_model, str) and bool(self.ref_model.strip())),
+            "model.ref_model",
+            self.ref_model,
+            "a checkpoint folder or hub id, or null (the reference is model.path)",
+        )
         choice("model.family", self.family, FAMILIES)
         choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention", "varlen"))

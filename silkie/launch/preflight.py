@@ -53,19 +53,21 @@ def missing_inputs(recipe: Recipe) -> list[str]:
     that is no checkpoint of `model.family` (no config.json, another family's model_type)."""
     checks = [
         ("model.path", recipe.model.path, True, "a checkpoint folder or a hub id"),
+        ("model.ref_model", recipe.model.ref_model, True, "the reference's checkpoint folder or a hub id"),
         ("data.path", recipe.data.path, recipe.data.source == "hf", f"the {recipe.data.source} data"),
         ("data.eval_path", recipe.data.eval_path, recipe.data.source == "hf", "the held-out pairs"),
         ("data.images", recipe.data.images, False, "the images zip or folder"),
     ]
     problems = []
-    model = Path(recipe.model.path).expanduser() if recipe.model.path else None
-    if model is not None and model.is_dir():  # a folder of the wrong kind: said now, not after torchrun started
-        try:
-            problem = checkpoint_problem(model, recipe.model.family)
-        except InputError as err:
-            problem = str(err)
-        if problem:
-            problems.append(problem)
+    for key, value in (("model.path", recipe.model.path), ("model.ref_model", recipe.model.ref_model)):
+        model = Path(value).expanduser() if value else None
+        if model is not None and model.is_dir():  # a folder of the wrong kind: said now, not after torchrun started
+            try:
+                problem = checkpoint_problem(model, recipe.model.family, key)
+            except InputError as err:
+                problem = str(err)
+            if problem:
+                problems.append(problem)
     for key, value, hub_ok, expected in checks:
         if not value or Path(value).expanduser().exists():
             continue

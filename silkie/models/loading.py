@@ -6,23 +6,29 @@ Everything family-specific (checkpoint class, module names, tokenizer/processor)
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from silkie.config import LoraSection, ModelSection
+from silkie.config.checkpoint import checkpoint_problem
 from silkie.config.names import HUB_ID
 from silkie.errors import InputError
 from silkie.models.family import ModelFamily, PairCodec, get_family
+from silkie.models.qwen_vl.tokenization import VOCAB_FILE
 
 
-def local_checkpoint(path: str) -> str:
-    """`path` when it is a folder; else a hub id's snapshot folder (downloaded when online, from the cache offline)."""
+def local_checkpoint(path: str, key: str = "model.path") -> str:
+    """`path` when it is a folder; else a hub id's snapshot folder (downloaded when online, from the cache offline);
+    errors name the recipe's `key`."""
     if Path(path).expanduser().is_dir():
         return str(Path(path).expanduser())
     if not HUB_ID.match(path):
-        raise InputError(f"model.path: {path} does not exist (expected a checkpoint folder, or a hub id org/name)")
+        raise InputError(f"{key}: {path} does not exist (expected a checkpoint folder, or a hub id org/name)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -30,7 +36,7 @@ def local_checkpoint(path: str) -> str:
     except Exception as err:  # an invalid id, no network, offline without a cached copy
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise InputError(
-            f"model.path: {path} is no local folder and the model hub cannot provide it ({type(err).__name__}: "
+            f"{key}: {path} is no local folder and the model hub cannot provide it ({type(err).__name__}: "
             f"{reason}; offline, a hub id must be in the local hub cache)"
         ) from err
 
@@ -160,8 +166,41 @@ def make_policy(
     return model
 
 
-def build_frozen_reference(model_section: ModelSection) -> nn.Module:
-    """A separate frozen copy of the base model (reference for full fine-tuning)."""
-    model = load_base_model(model_section).eval()
+def build_frozen_reference(model_section: ModelSection, load_in_4bit: bool = False) -> nn.Module:
+    """A separate frozen model as the reference: `model.ref_model` (a local folder) when the recipe names one, else
+    a copy of `model.path` (full fine-tuning)."""
+    section = model_section
+    if model_section.ref_model:
+        problem = checkpoint_problem(model_section.ref_model, model_section.family, "model.ref_model")
+        if problem:
+            raise InputError(problem)
+        section = dataclasses.replace(model_section, path=model_section.ref_model, ref_model=None)
+    model = load_base_model(section, load_in_4bit=load_in_4bit).eval()
     model.requires_grad_(False)
     return model
+
+
+def check_reference(policy: nn.Module, reference: nn.Module, section: ModelSection) -> None:
+    """`InputError` when `model.ref_model` cannot score the policy's token ids: another number of token
+    embeddings, or tokenizer files whose vocabulary differs from model.path's."""
+    rows, ref_rows = (m.get_input_embeddings().num_embeddings for m in (policy, reference))
+    if rows != ref_rows:
+        raise InputError(f"model.ref_model: {section.ref_model} has {ref_rows} token embeddings, model.path "
+                         f"{rows}: the reference must share the policy's tokenizer")  # fmt: skip
+    vocabularies = [_vocabulary(folder, section.family) for folder in (section.path, section.ref_model)]
+    if None not in vocabularies and vocabularies[0] != vocabularies[1]:
+        raise InputError(f"model.ref_model: {section.ref_model}'s tokenizer has another vocabulary than model.path's "
+                         f"({section.path}): the reference must score the same token ids")  # fmt: skip
+
+
+def _vocabulary(folder: str | None, family: str) -> Any:
+    """A folder's tokenizer vocabulary, comparable between folders (None: the folder holds no tokenizer files)."""
+    folder = Path(folder or "")
+    if family == "qwen_vl":
+        ranks = folder / VOCAB_FILE
+        return hashlib.sha256(ranks.read_bytes()).hexdigest() if ranks.is_file() else None
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder)).get_vocab()

@@ -100,6 +100,10 @@ def build_trainer(
         with args.main_process_first(desc="model files"):  # a hub id: one download per node, then its local folder
             model_dir = local_checkpoint(recipe.model.path)
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=model_dir))
+    if recipe.model.ref_model:
+        with args.main_process_first(desc="reference model files"):
+            ref_dir = local_checkpoint(recipe.model.ref_model, "model.ref_model")
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, ref_model=ref_dir))
     codec = codec if codec is not None else load_tokenizer(recipe.model)
     if codec.image_token_budget >= recipe.dpo.max_length:
         raise RecipeError(
@@ -141,10 +145,11 @@ def _explain_video_drops(recipe: Recipe, codec: Any, report: Any) -> None:
 def _policy_and_reference(
     recipe: Recipe, base_model: nn.Module | None, policy: nn.Module | None
 ) -> tuple[nn.Module, nn.Module | None]:
-    """The policy (LoRA on the base, or the whole model) and, for full fine-tuning, a frozen reference copy."""
+    """The policy (LoRA on the base, or the whole model) and a frozen reference: `model.ref_model`, or for full
+    fine-tuning a copy of the base (none for the reference-free losses; under LoRA the adapters switched off)."""
     from silkie.models.family import get_family
     from silkie.models.kernels import apply_kernels
-    from silkie.models.loading import build_frozen_reference, build_policy, make_policy
+    from silkie.models.loading import build_frozen_reference, build_policy, check_reference, make_policy
 
     if policy is not None:
         model = policy
@@ -160,7 +165,11 @@ def _policy_and_reference(
             "dense mask makes attention grow with the whole packed row; varlen and flex_attention do not"
         )
     ref_model = None
-    if not recipe.lora.enabled and uses_reference(recipe.dpo.loss_type):  # cpo / simpo / orpo read none
+    if recipe.model.ref_model:  # another checkpoint (the recipe refuses it with a reference-free loss)
+        ref_model = build_frozen_reference(recipe.model, load_in_4bit=recipe.lora.load_in_4bit)
+        check_reference(model, ref_model, recipe.model)
+        say(f"reference: {recipe.model.ref_model} (model.ref_model), frozen beside the policy")
+    elif not recipe.lora.enabled and uses_reference(recipe.dpo.loss_type):  # cpo / simpo / orpo read none
         if base_model is not None:
             ref_model = copy.deepcopy(base_model).eval().requires_grad_(False)
         else:
@@ -239,7 +248,7 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
             options["ld_alpha"] = recipe.dpo.ld_alpha
         if eval_corruption is not None:  # the corrupted view's columns
             options["image_corruption"] = f"{recipe.data.image_corruption}-{CORRUPTION_VERSION}-{recipe.data.seed}"
-        reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.path, options)
+        reference_cache = ReferenceCache(working / REFERENCE_DIR, recipe.model.ref_model or recipe.model.path, options)
     run_callbacks = [MetricsJsonlCallback(working / METRICS_NAME), preemption, ConsoleCallback()] if bookkeeping else []
     if bookkeeping and recipe.model.compile_blocks:
         run_callbacks.append(CompileWatchCallback())
