@@ -70,3 +70,14 @@ def test_a_rerun_redoes_nothing(rounds):
     done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == summaries and [path.read_bytes() for path in files] == before
+
+
+def test_a_reference_of_its_own_is_refused_before_any_round(rounds, tmp_path):
+    root, model, command, _ = rounds
+    config = root / "rounds.yaml"
+    told = tmp_path / "rounds.yaml"
+    told.write_text(config.read_text().replace('"training.max_steps=3"', f'"model.ref_model={model}"'))
+    args = [*command[:command.index("--config") + 1], str(told), "--working", str(tmp_path / "work"), "--no-progress"]
+    done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and not (tmp_path / "work" / "round-1").exists()
+    assert "each round's reference is the policy it starts from" in done.stderr.strip().splitlines()[-1]

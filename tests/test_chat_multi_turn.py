@@ -70,11 +70,22 @@ def test_a_conversation_keeps_its_first_turn_s_picture_and_video_and_saves_them(
 
 
 def test_what_a_history_cannot_be_is_said_naming_the_entry(setup, tmp_path):
+    from silkie.tools.chat_inputs import check_history
+
     model_dir, picture, _ = setup
     path = tmp_path / "history.json"
     path.write_text(json.dumps([{"user": "Q", "assistant": "A", "images": "red.png"}]))
     with pytest.raises(ToolError, match="entry 0's images / videos must be lists of file paths"):
         read_history(path)
+    path.write_text(json.dumps([{"user": "Q", "assistant": "A", "image": ["red.png"]}]))
+    with pytest.raises(ToolError, match="entry 0 has image .expected user, assistant, images, videos"):
+        read_history(path)
+    # each turn places its own pictures: one marker for two is not made up by a later turn's extra marker
+    turns = [("<image> compare these", "ok", (str(picture), str(picture)), ())]
+    with pytest.raises(ToolError, match="history turn 0: the prompt has 1 <image> marker.s. for 2 image"):
+        chat_once(model_dir, [picture], "and this <image><image>?", history=turns, device="cpu")
+    with pytest.raises(ToolError, match="history turn 0's file not found: .*gone.png"):
+        check_history([("<image>Q", "A", (str(tmp_path / "gone.png"),), ())], model_dir)
     with pytest.raises(ToolError, match="history turn 0 has no answer"):
         chat_once(model_dir, [picture], "Q", history=[("Hi", None)], device="cpu")
     from silkie.tools.chat_inputs import qwen_vl_turns

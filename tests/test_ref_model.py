@@ -42,6 +42,15 @@ def test_the_reference_is_the_named_checkpoint(lora, assets, other_checkpoint, t
 
     table = torch.load(tmp_path / "other" / "reference_logps" / "train.pt", weights_only=True)
     assert torch.isfinite(table["logps"]).all() and table["logps"].shape[1] == 2
+    if lora == "true":  # silkie evaluate scores against the run's reference, or says where it went
+        from silkie.tools.cli import ToolError
+        from silkie.tools.evaluate import evaluate_run
+
+        moved = same.rename(tmp_path / "moved")
+        with pytest.raises(ToolError, match=r"model.ref_model: .*same-weights does not exist.*pass --ref-model"):
+            evaluate_run(tmp_path / "same", split="train", max_pairs=4, device="cpu")
+        result = evaluate_run(tmp_path / "same", split="train", max_pairs=4, device="cpu", ref_model_dir=moved)
+        assert result["summary"]["n_pairs"] == 4 and "ref_logps/chosen" in result["pairs"][0]
 
 
 def test_a_reference_that_cannot_score_the_policy_s_ids_is_refused(assets, tmp_path):

@@ -66,7 +66,7 @@ ELSEWHERE = {
     "simpo_gamma": "dpo.simpo_gamma",
     "cpo_alpha": "CPO's NLL term is dpo.loss_type: [cpo, sft] with dpo.loss_weights: [1, ALPHA]",
     "rlhf_type": "dpo.loss_type (sigmoid for dpo; cpo, simpo and orpo reference-free)",
-    "ref_model": "model.ref_model (null: the reference is model.path itself, its adapters switched off under LoRA)",
+    "ref_model": "model.ref_model",
     "sync_ref_model": "not supported (TR-DPO): the reference stays the starting model",
     "generate_during_eval": "not supported: after training, silkie chat --compare or silkie evaluate --tasks",
     "use_peft": "lora.enabled",

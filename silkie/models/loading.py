@@ -176,6 +176,10 @@ def build_frozen_reference(model_section: ModelSection, load_in_4bit: bool = Fal
             raise InputError(problem)
         section = dataclasses.replace(model_section, path=model_section.ref_model, ref_model=None)
     model = load_base_model(section, load_in_4bit=load_in_4bit).eval()
+    if load_in_4bit:  # the weights QLoRA's policy keeps in fp32 (norms, embeddings, head) in fp32 here too
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False).eval()
     model.requires_grad_(False)
     return model
 

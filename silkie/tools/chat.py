@@ -70,6 +70,10 @@ def read_history(path: str | Path) -> list[Turn]:
                 f'history file {path}: entry {index} must be {{"user": text, "assistant": text or null}} or '
                 "[user, assistant]"
             )
+        unknown = sorted(set(entry) - {"user", "assistant", "images", "videos"}) if isinstance(entry, dict) else []
+        if unknown:
+            raise ToolError(f"history file {path}: entry {index} has {', '.join(unknown)} (expected user, assistant, "
+                            "images, videos)")  # fmt: skip
         media = tuple(entry.get(kind) or [] for kind in ("images", "videos")) if isinstance(entry, dict) else ((), ())
         if not all(isinstance(items, list | tuple) and all(isinstance(i, str) for i in items) for items in media):
             raise ToolError(f"history file {path}: entry {index}'s images / videos must be lists of file paths")
@@ -299,7 +303,7 @@ def converse(
         prompter = FamilyPrompter(model_dir, adapter_dir, chat.config)
     for number, question in enumerate(questions):
         pictures, clips = (image, videos) if number == 0 else (None, None)
-        files = (tuple(map(str, as_paths(pictures))), tuple(map(str, as_paths(clips))))
+        files = tuple(tuple(str(Path(p).resolve()) for p in as_paths(items)) for items in (pictures, clips))
         if chat.family == "qwen_vl":  # the query names its pictures
             told = DEFAULT_SYSTEM if system is None else system
             input_ids, images = qwen_vl_inputs(chat, tokenizer, pictures, question, told, turns, sources)

@@ -93,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
     for image in args.image or []:
         read_image(image)  # a bad image fails fast, before torch and the model are loaded
     from silkie.tools.chat import GenerationOptions, chat_once, converse, read_history, write_history
+    from silkie.tools.chat_inputs import check_history
 
     history = read_history(args.history) if args.history else []
+    if history:  # said before the model loads
+        check_history(history, args.model)
 
     options = GenerationOptions(
         max_new_tokens=args.max_new_tokens,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from silkie.models.media import IMAGE_MARKER, VIDEO_MARKER
+from silkie.models.media import IMAGE_MARKER, VIDEO_MARKER, marker_mismatch
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, IMG_START, MAX_IMAGE_PATH_BYTES
 from silkie.tools.cli import ToolError, read_config, read_image, require_file
 
@@ -44,15 +44,31 @@ def marked_question(question: str, images: Paths = None, videos: Paths = None) -
 
 
 def family_turns(history: Iterable[Turn]) -> list[tuple[str, str, tuple[str, ...], tuple[str, ...]]]:
-    """Earlier turns of a Qwen2-VL / LLaVA conversation as (question, answer, images, videos); `ToolError` for a turn
-    without its answer."""
+    """Earlier turns of a Qwen2-VL / LLaVA conversation as (question, answer, images, videos), each question with a
+    marker per item; `ToolError` naming the turn for one without its answer or whose markers miscount its items."""
     turns = []
     for index, turn in enumerate(history):
         user, answer, images, videos = (*turn, (), ())[:4]
         if answer is None:
             raise ToolError(f"history turn {index} has no answer (only Qwen-VL-Chat's history takes a user turn alone)")
-        turns.append((marked_question(user, images, videos), answer, tuple(map(str, images)), tuple(map(str, videos))))
+        turns.append(
+            (_marked_turn(user, images, videos, f"history turn {index}"), answer, *map(_paths, (images, videos)))
+        )
     return turns
+
+
+def _marked_turn(question: str, images: Paths, videos: Paths, where: str) -> str:
+    """`marked_question`, with a `ToolError` naming `where` when the question's markers of a kind miscount its
+    items (each turn places its own: a miscount must not move a picture into another turn)."""
+    marked = marked_question(question, images, videos)
+    mismatch = marker_mismatch(marked, as_paths(images), as_paths(videos))
+    if mismatch is not None:
+        raise ToolError(f"{where}: {mismatch}")
+    return marked
+
+
+def _paths(paths: Paths) -> tuple[str, ...]:
+    return tuple(str(path) for path in as_paths(paths))
 
 
 def qwen_vl_turns(history: Iterable[Turn]) -> list[tuple[str, str | None]]:
@@ -65,6 +81,19 @@ def qwen_vl_turns(history: Iterable[Turn]) -> list[tuple[str, str | None]]:
                             "their pictures in it (Picture 1: <img>PATH</img>)")  # fmt: skip
         turns.append((turn[0], turn[1]))
     return turns
+
+
+def check_history(history: list[Turn], model_dir: str | Path) -> None:
+    """`ToolError` naming the turn of an earlier-turns list the model folder's family cannot take (see
+    `family_turns`, `qwen_vl_turns`) or whose image or video file is missing."""
+    from silkie.tools.common import family_of
+
+    if family_of(model_dir) == "qwen_vl":
+        qwen_vl_turns(history)
+        return
+    for index, (_, _, images, videos) in enumerate(family_turns(history)):
+        for path in (*images, *videos):
+            require_file(path, f"history turn {index}'s file")
 
 
 def image_query(images: Paths, question: str, history: Iterable[Turn] = ()) -> str:
@@ -175,7 +204,7 @@ class FamilyPrompter:
         from silkie.models.family import ImageBatch, PairTextError
 
         turns = family_turns(history)
-        question = marked_question(question, images, videos) if turns else question
+        question = _marked_turn(question, images, videos, "the question") if turns else question
         images = [*(path for turn in turns for path in turn[2]), *map(str, as_paths(images))]
         videos = [*(path for turn in turns for path in turn[3]), *map(str, as_paths(videos))]
         config, earlier = self.config, [(user, answer) for user, answer, _, _ in turns]

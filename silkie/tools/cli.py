@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from silkie.errors import InputError
 from silkie.logs import on_terminal, quiet_libraries
 
 EXIT_USAGE = 2
@@ -18,12 +19,13 @@ class ToolError(Exception):
 
 
 def run_cli(command: Callable[..., int], *args: Any) -> int:
-    """Run `command(*args)`; a `ToolError` becomes `error: <message>` on stderr and exit code 2, Ctrl-C
-    `interrupted` and 130 (the shell's code for SIGINT) without a traceback. Off a terminal, no progress bars."""
+    """Run `command(*args)`; a `ToolError` (or `InputError`) becomes `error: <message>` on stderr and exit code 2,
+    Ctrl-C `interrupted` and 130 (the shell's code for SIGINT) without a traceback. Off a terminal, no progress
+    bars."""
     quiet_libraries(on_terminal())
     try:
         return command(*args)
-    except ToolError as err:
+    except (ToolError, InputError) as err:  # bad input (a recipe, data, checkpoint) is said in one line too
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -152,23 +152,28 @@ def _scoring_recipe(
     )
 
 
-def _run_model_dir(recipe: Any, model_dir: str | Path | None) -> Path:
-    if model_dir is not None:
-        return Path(model_dir)
-    from silkie.models.loading import local_checkpoint  # the run's model.path: a folder, or a cached hub id
+def _run_folder(value: str, override: str | Path | None, key: str, flag: str) -> Path:
+    """The run's checkpoint folder for `key` (a folder, or a cached hub id), or `override` (the tool's `flag`)."""
+    if override is not None:
+        return Path(override)
+    from silkie.models.loading import local_checkpoint
 
     try:
-        return Path(local_checkpoint(recipe.model.path))
+        return Path(local_checkpoint(value, key))
     except InputError as err:
-        hint = "relative paths in config.yaml are relative to where training ran (or pass --model)"
+        hint = f"relative paths in config.yaml are relative to where training ran (or pass {flag})"
         raise ToolError(f"{err}; {hint}") from err
 
 
 def locate_run(
-    run_dir: Path, adapter_dir: str | Path | None = None, model_dir: str | Path | None = None
+    run_dir: Path,
+    adapter_dir: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    ref_model_dir: str | Path | None = None,
 ) -> tuple[Any, Path, Path, bool]:
     """(recipe, base checkpoint folder, adapter folder, whether it is a LoRA adapter) of a trained run; the
-    adapter defaults to RUN/adapter, the base to the recipe's model.path. `ToolError` naming what is missing."""
+    adapter defaults to RUN/adapter, the base to the recipe's model.path, its `model.ref_model` (when it has one)
+    to the recipe's, resolved here. `ToolError` naming what is missing."""
     from silkie.config import load_recipe
 
     recipe = read_config(load_recipe, require_file(run_dir / CONFIG_NAME, "run recipe"))
@@ -179,7 +184,10 @@ def locate_run(
         last = latest_checkpoint(run_dir)
         hint = f"; the run has not finished: score its last checkpoint with --adapter {last}" if last else ""
         raise ToolError(f"adapter folder not found: {adapter_dir}{hint}")
-    model_dir = _run_model_dir(recipe, model_dir)
+    model_dir = _run_folder(recipe.model.path, model_dir, "model.path", "--model")
+    if recipe.model.ref_model:
+        ref_dir = _run_folder(recipe.model.ref_model, ref_model_dir, "model.ref_model", "--ref-model")
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, ref_model=str(ref_dir)))
     lora = (adapter_dir / "adapter_config.json").is_file()
     if not lora and not (adapter_dir / "config.json").is_file():
         raise ToolError(
@@ -197,20 +205,22 @@ def evaluate_run(
     device: str = "auto",
     max_pairs: int | None = None,
     image_corruption: str | None = None,
+    ref_model_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score `split` of the run's recipe with its adapter; returns {summary, run facts, per-pair table}
-    (`image_corruption`: the imageless diagnostics under that corruption instead of the recipe's)."""
+    (`image_corruption`: the imageless diagnostics under that corruption instead of the recipe's;
+    `ref_model_dir`: the run's model.ref_model elsewhere)."""
     from silkie.tools.common import load_codec_from, load_model, resolve_device, resolve_tool_dtype
     from silkie.train.build import build_trainer
 
     run_dir = require_dir(run_dir, "run directory")
-    recipe, model_dir, adapter_dir, lora = locate_run(run_dir, adapter_dir, model_dir)
+    recipe, model_dir, adapter_dir, lora = locate_run(run_dir, adapter_dir, model_dir, ref_model_dir)
     codec = load_codec_from(model_dir, adapter_dir, section=recipe.model)
     dtype, target = resolve_tool_dtype(recipe.model.dtype), resolve_device(device)
     if target.type == "cuda" and target.index not in (None, 0):  # the trainer scores on the first visible GPU
         raise ToolError(f"--device {device}: run with CUDA_VISIBLE_DEVICES={target.index} and --device cuda instead")
     # a LoRA run's policy is the base with its adapter (the reference: adapter off); a full fine-tuning run's is
-    # its checkpoint (the reference: the base checkpoint, loaded by the trainer as in training)
+    # its checkpoint (the reference: the base checkpoint); model.ref_model's is loaded by the trainer as in training
     policy = load_model(model_dir, adapter_dir, dtype) if lora else load_model(adapter_dir, None, dtype)
     size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
     scoring = _scoring_recipe(recipe, model_dir, lora, size, target.type, image_corruption)

@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run", required=True, help="run directory (holds config.yaml and adapter/)")
     parser.add_argument("--adapter", help="adapter folder to score (default RUN/adapter)")
     parser.add_argument("--model", help="base checkpoint folder (default: the recipe's model.path)")
+    parser.add_argument("--ref-model", help="the run's reference checkpoint folder (default: its model.ref_model)")
     parser.add_argument("--split", choices=("eval", "train"), default="eval", help="which side of the split (eval)")
     parser.add_argument("--batch-size", type=int, help="pairs per batch (default: per_device_eval_batch_size)")
     parser.add_argument("--max-pairs", type=int, help="score only the first N pairs of the split")
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         batch_size=args.batch_size,
         model_dir=args.model,
+        ref_model_dir=args.ref_model,
         device=args.device,
         max_pairs=args.max_pairs,
         image_corruption=args.image_corruption,

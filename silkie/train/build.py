@@ -276,7 +276,8 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
 
 
 def _place_reference(trainer: Any, ref_model: nn.Module) -> nn.Module:
-    """Frozen reference for full fine-tuning: sharded by DeepSpeed under ZeRO-3, else on the device."""
+    """The frozen reference model (full fine-tuning, `model.ref_model`): sharded by DeepSpeed under ZeRO-3, else on
+    the device."""
     if trainer.is_deepspeed_enabled and trainer.args.hf_deepspeed_config.is_zero3():
         import deepspeed
 

@@ -60,8 +60,8 @@ class EvaluationCutShort(Exception):
 class SilkieDPOTrainer(CheckpointingMixin, Trainer):
     """`transformers.Trainer` whose loss is DPO over collated preference pairs.
 
-    The reference is the same model with LoRA adapters disabled, a separate frozen `ref_model`
-    (full fine-tuning), or reference log-probs precomputed into the batch (`ref_chosen_logps`,
+    The reference is the same model with LoRA adapters disabled, a separate frozen `ref_model` (full
+    fine-tuning, or `model.ref_model`), or reference log-probs precomputed into the batch (`ref_chosen_logps`,
     `ref_rejected_logps`).
     """
 
@@ -83,6 +83,7 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         self.objective = DPOObjective.from_section(dpo)
         self.pad_token_id = pad_token_id
         self.ref_model = ref_model
+        self._reference_released = False
         self.reference_cache = reference_cache
         self._ref_tables: dict[str, torch.Tensor] = {}
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -126,6 +127,8 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
             if self.ref_model is not None:
                 ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
                 return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+            if self._reference_released:  # the adapters-off policy is not that reference
+                raise RuntimeError("the frozen reference was released after caching, yet a batch needs it again")
             unwrapped = self.accelerator.unwrap_model(model)
             return adapter_reference(unwrapped, self.step_options, self.pad_token_id)(batch, features)
 
@@ -170,6 +173,7 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
             complete = all(not torch.isnan(table).any() for table in self._ref_tables.values())
             if self.ref_model is not None and complete:
                 self.ref_model = None  # every pair has its reference log-probs: the copy is no longer needed
+                self._reference_released = True
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

@@ -98,7 +98,11 @@ def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> li
     judge = read_config(load_judge, config.judge)
     pool = read_config(load_pool, config.pool) if config.pool else PoolConfig(models=[], answers_per_instruction=0)
     call = None
-    policy = Path(load_recipe(config.recipe, list(config.overrides)).model.path)
+    first = load_recipe(config.recipe, list(config.overrides)).model
+    if first.ref_model:
+        raise ToolError(f"annotate rounds: the recipe sets model.ref_model = {first.ref_model}, but each round's "
+                        "reference is the policy it starts from; leave model.ref_model out")  # fmt: skip
+    policy = Path(first.path)
     policy = policy.resolve() if policy.exists() else policy  # absolute: a Slurm job may start elsewhere
     working = working.resolve()
     summaries = []
