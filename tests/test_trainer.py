@@ -367,6 +367,8 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
     with pytest.raises(NonFiniteLossError, match="non-finite DPO loss at step 1 .value nan"):
         trainer._reduce_train_step(torch.tensor(float("nan")), dict(metrics), masks)
     assert len(reduces) == 2 and trainer._metrics["train"]["rewards/chosen"] == [2.0]  # nothing stored
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 \(on another rank; this rank's is 0.6\)"):
+        trainer._raise_non_finite(torch.tensor(0.6))  # what a rank whose own loss is finite says
 
 
 def test_every_n_layers_recomputes_only_those_blocks_and_trains_the_same(assets, tmp_path):

@@ -227,8 +227,10 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
             self._raise_non_finite(loss)
 
     def _raise_non_finite(self, loss: torch.Tensor) -> None:
+        value = loss.item()  # every rank stops; one whose own loss is finite says the bad one is elsewhere
+        where = f"value {value}" if not math.isfinite(value) else f"on another rank; this rank's is {value:.4g}"
         raise NonFiniteLossError(
-            f"non-finite DPO loss at step {self.state.global_step + 1} (value {loss.item()}); stopping before the "
+            f"non-finite DPO loss at step {self.state.global_step + 1} ({where}); stopping before the "
             f"optimizer step. {untouched(Path(self.args.output_dir)).capitalize()}; lower the learning rate or "
             "check the data."
         )
