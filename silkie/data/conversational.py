@@ -64,20 +64,28 @@ def _check_messages(messages: Any, where: str) -> None:
         raise RowError("wrong_type", f"{where} is {type(messages).__name__}")
 
 
+def _alternating_texts(messages: list, where: str, last: str, offset: int = 0) -> list[str]:
+    """The texts of user and assistant messages that alternate from a user message to a `last` one; errors name
+    them as `where[offset + i]`."""
+    roles = [message.get("role") for message in messages]
+    expected = [("user", "assistant")[index % 2] for index in range(len(roles))]
+    if not roles or roles != expected or roles[-1] != last:
+        after = " after the system message" if offset else ""
+        end = "the last one" if last == "user" else "an answer"
+        raise RowError("unsupported_conversation", f"{where} has the roles {roles}{after}; user and assistant "
+                       f"messages alternate, from a user message to {end}")  # fmt: skip
+    return [
+        message_text(message.get("content"), f"{where}[{offset + index}]") for index, message in enumerate(messages)
+    ]
+
+
 def _prompt_turns(messages: Any, where: str = "prompt", offset: int = 0) -> tuple[list[list[str]], str]:
     """(earlier [user, assistant] turns, the last user message's text) of a prompt's messages, which alternate from a
     user message to the last user message (a string: one turn); errors name them as `where[offset + i]`."""
     if isinstance(messages, str):
         return [], messages
     _check_messages(messages, where)
-    roles = [message.get("role") for message in messages]
-    if not roles or roles != [("user", "assistant")[index % 2] for index in range(len(roles))] or len(roles) % 2 == 0:
-        after = " after the system message" if offset else ""
-        raise RowError("unsupported_conversation", f"{where} has the roles {roles}{after}; user and assistant "
-                       "messages alternate, from a user message to the last one")  # fmt: skip
-    texts = [
-        message_text(message.get("content"), f"{where}[{offset + index}]") for index, message in enumerate(messages)
-    ]
+    texts = _alternating_texts(messages, where, "user", offset)
     return [texts[index : index + 2] for index in range(0, len(texts) - 1, 2)], texts[-1]
 
 
@@ -85,11 +93,7 @@ def history_turns(messages: list) -> list[list[str]]:
     """[user, assistant] turns of a `history` given as messages (`role` / `content` or `from` / `value`), which
     alternate from a user message to an answer."""
     normalized = [_chat_message(message, f"history[{index}]") for index, message in enumerate(messages)]
-    roles = [message["role"] for message in normalized]
-    if roles != [("user", "assistant")[index % 2] for index in range(len(roles))] or len(roles) % 2:
-        raise RowError("unsupported_conversation", f"history has the roles {roles}; user and assistant messages "
-                       "alternate, from a user message to an answer")  # fmt: skip
-    texts = [message_text(message["content"], f"history[{index}]") for index, message in enumerate(normalized)]
+    texts = _alternating_texts(normalized, "history", "assistant")
     return [texts[index : index + 2] for index in range(0, len(texts), 2)]
 
 
