@@ -162,7 +162,9 @@ class DPOObjective:
             elif name == "hinge":
                 term = torch.relu(1 - beta * delta)
             elif name in ("ipo", "sigmoid_norm"):
-                avg = chosen_score / chosen_lengths.clamp(min=1) - rejected_score / rejected_lengths.clamp(min=1)
+                avg = per_token_average(chosen_score, chosen_lengths) - per_token_average(
+                    rejected_score, rejected_lengths
+                )
                 term = (avg - 1 / (2 * beta)) ** 2 if name == "ipo" else -F.logsigmoid(beta * avg)
             elif name == "exo_pair":  # KL(softmax over {chosen, rejected} || [1 - ls, ls]), EXO eq. 16
                 eps = torch.tensor(ls, dtype=delta.dtype, device=delta.device)
@@ -191,15 +193,15 @@ class DPOObjective:
             elif name in ("cpo", "simpo"):
                 logits = policy_chosen_logps - policy_rejected_logps
                 if name == "simpo":
-                    logits = _average(policy_chosen_logps, chosen_lengths) - _average(
+                    logits = per_token_average(policy_chosen_logps, chosen_lengths) - per_token_average(
                         policy_rejected_logps, rejected_lengths
                     )
                     logits = logits - self.simpo_gamma / beta
                 term = -(1 - ls) * F.logsigmoid(beta * logits) - ls * F.logsigmoid(-beta * logits)
             elif name == "orpo":
                 # an answer whose every token has probability 1 in fp32 (average log-prob 0) has no finite odds
-                chosen_avg = _average(policy_chosen_logps, chosen_lengths).float().clamp(max=-1e-6)
-                rejected_avg = _average(policy_rejected_logps, rejected_lengths).float().clamp(max=-1e-6)
+                chosen_avg = per_token_average(policy_chosen_logps, chosen_lengths).float().clamp(max=-1e-6)
+                rejected_avg = per_token_average(policy_rejected_logps, rejected_lengths).float().clamp(max=-1e-6)
                 log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
                 term = (chosen_nll - beta * F.logsigmoid(log_odds)).to(delta.dtype)
                 parts["log_odds_chosen"], parts["log_odds_ratio"] = log_odds, F.logsigmoid(log_odds)  # TRL's names
@@ -234,8 +236,8 @@ class DPOObjective:
         if not self.uses_reference:  # TRL's CPO / ORPO rewards: beta x the policy's log-probs (averages: simpo, orpo)
             chosen_reward, rejected_reward = policy_chosen_logps, policy_rejected_logps
             if self.averages_rewards:
-                chosen_reward = _average(chosen_reward, chosen_lengths)
-                rejected_reward = _average(rejected_reward, rejected_lengths)
+                chosen_reward = per_token_average(chosen_reward, chosen_lengths)
+                rejected_reward = per_token_average(rejected_reward, rejected_lengths)
         return DPOLossOutput(
             loss=loss,
             per_pair=per_pair,
@@ -245,8 +247,8 @@ class DPOObjective:
         )
 
 
-def _average(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-token average log-probs (TRL's `average_log_prob`)."""
+def per_token_average(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-token average log-probs (TRL's `average_log_prob`; an empty answer counts one token)."""
     return logps / lengths.clamp(min=1)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .losses import DPOLossOutput, DPOObjective
+from .losses import DPOLossOutput, DPOObjective, per_token_average
 from .step import AnswerScores, StepOptions, encode_images_once, score_answers
 
 ReferenceFn = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
@@ -132,8 +132,8 @@ def imageless_rewards(scores: BatchScores) -> tuple[torch.Tensor, torch.Tensor]:
     chosen = scores.beta * (again.policy.chosen_logps.detach() - again.ref_chosen.to(device))
     rejected = scores.beta * (again.policy.rejected_logps.detach() - again.ref_rejected.to(device))
     if scores.average_rewards:  # reference-free simpo, orpo: of per-token averages
-        chosen = chosen / again.policy.chosen_lengths.clamp(min=1)
-        rejected = rejected / again.policy.rejected_lengths.clamp(min=1)
+        chosen = per_token_average(chosen, again.policy.chosen_lengths)
+        rejected = per_token_average(rejected, again.policy.rejected_lengths)
     return chosen, rejected
 
 
@@ -143,7 +143,7 @@ def logged_logps(scores: BatchScores) -> tuple[torch.Tensor, torch.Tensor]:
     policy = scores.policy
     chosen, rejected = policy.chosen_logps.detach(), policy.rejected_logps.detach()
     if scores.average_rewards:
-        return chosen / policy.chosen_lengths.clamp(min=1), rejected / policy.rejected_lengths.clamp(min=1)
+        return per_token_average(chosen, policy.chosen_lengths), per_token_average(rejected, policy.rejected_lengths)
     return chosen, rejected
 
 
