@@ -76,14 +76,22 @@ class ChatTemplateCodec:
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self._system_probe: tuple[str | None, bool] = (None, False)  # (template, renders a system message)
 
-    def _messages(self, prompt: str, images: Any = (), videos: Any = (), history: Turns = ()) -> list[dict]:
-        """The earlier turns and the user turn as chat messages, each user turn's media as content parts."""
+    def _refuse_video(self, videos: Any) -> None:
         if as_keys(videos) and self.video_marker_id is None:
             raise PairTextError("video_unsupported", f"{type(self.processor).__name__} takes images, not video")
+
+    def _messages(self, prompt: str, images: Any = (), videos: Any = (), history: Turns = ()) -> list[dict]:
+        """The earlier turns and the user turn as chat messages, each user turn's media as content parts."""
+        self._refuse_video(videos)
         texts = user_texts(prompt, history)
+        return self._turn_messages(texts, turn_media(texts, images, videos), history)
+
+    @staticmethod
+    def _turn_messages(texts: list[str], media: list, history: Turns) -> list[dict]:
+        """Chat messages of the user turns `texts` (their media placed: `turn_media`) and the answers between them."""
         answers = [answer for _, answer in history]
         messages: list[dict] = []
-        for index, (text, (keys, clips)) in enumerate(zip(texts, turn_media(texts, images, videos))):
+        for index, (text, (keys, clips)) in enumerate(zip(texts, media)):
             content = []
             for segment in media_segments(text, keys, clips):
                 if segment.kind == "text":
@@ -109,13 +117,17 @@ class ChatTemplateCodec:
         """The rendered system turn (`system`, else the template's default) + earlier turns (`history`) + user turn
         + generation prompt (one placeholder per image / video); `PairTextError("system_unsupported")` when the
         template leaves a system message out or refuses one (llava-hf's writes it as text before `USER:`)."""
-        user = self._messages(prompt, images, videos, as_turns(history))
+        return self._prompt_from(self._messages(prompt, images, videos, as_turns(history)), system)
+
+    def _prompt_from(self, messages: list[dict], system: str | None) -> str:
+        """`messages` rendered after the system turn (`system`, else the template's default), with the generation
+        prompt."""
         if system is None:
-            return self._render(user, True)
+            return self._render(messages, True)
         if not self._renders_system():
             raise PairTextError("system_unsupported", f"{type(self.processor).__name__}'s chat template leaves the "
                                 "system message out (or refuses one)")  # fmt: skip
-        return self._render([_system_message(system), *user], True)
+        return self._render([_system_message(system), *messages], True)
 
     def _renders_system(self) -> bool:
         """Whether the chat template renders a system message (probed once per template with a text no prompt holds;
@@ -136,12 +148,14 @@ class ChatTemplateCodec:
         (`image_tag_in_text`), markers do not match the media (`image_marker_mismatch`), the family takes no
         video (`video_unsupported`) or the template no system message (`system_unsupported`)."""
         history = as_turns(history)
-        turn_media(user_texts(prompt, history), images, videos)  # markers that do not match the media: said first
-        texts = [*map(_without_markers, user_texts(prompt, history)), *(answer for _, answer in history), system or ""]
+        users = user_texts(prompt, history)
+        media = turn_media(users, images, videos)  # markers that do not match the media: said first
+        texts = [*map(_without_markers, users), *(answer for _, answer in history), system or ""]
         tag = next((tag for tag in self._tags for text in texts if tag in text), None)
         if tag is not None:
             raise PairTextError("image_tag_in_text", f"the prompt contains the model's media token {tag!r}")
-        return self._ids(self.prompt_text(prompt, images, videos, system, history))
+        self._refuse_video(videos)
+        return self._ids(self._prompt_from(self._turn_messages(users, media, history), system))
 
     def video_token_budget(self, max_frames: int) -> int:
         """Most tokens a video of `max_frames` sampled frames takes (its frames at the largest size)."""
