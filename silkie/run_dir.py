@@ -52,6 +52,7 @@ CORRUPT_PREFIX = "corrupt-"
 MANIFEST_NAME = "silkie_manifest.json"  # written last into each checkpoint: every other file's size and SHA-256
 RUN_LAYOUT_FILE = "silkie_run.json"  # in each checkpoint: the number of processes that saved it (and more)
 TRAINER_STATE_NAME = "trainer_state.json"
+REFERENCE_SYNC_NAME = "reference_sync.safetensors"  # in each checkpoint of a TR-DPO run: the moving reference
 _HASH_THREADS = 8  # hashlib releases the GIL on large reads: several files hash at once
 _BLOCK = 1 << 24
 

@@ -118,6 +118,26 @@ class DPOSection:
         "reference-free cpo, simpo and orpo).",
         "train.build:_trainer",
     )
+    sync_ref_model: bool = key(
+        False,
+        "TR-DPO (TRL's `sync_ref_model`): every `ref_model_sync_steps` optimizer steps the reference moves toward "
+        "the policy, ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter. Under LoRA (where TRL "
+        "refuses it) the reference is a snapshot of the trained tensors, so the adapters' factors are mixed; under "
+        "full fine-tuning the frozen copy (or `model.ref_model`) is. Saved in each checkpoint; not with "
+        "`precompute_ref_log_probs`, the reference-free losses or ZeRO-3.",
+        "train.build:_reference_sync train.reference_sync:ReferenceSyncCallback.on_step_end",
+    )
+    ref_model_mixup_alpha: float = key(
+        0.6,
+        "TR-DPO's alpha: the policy's share in each reference update (1: the reference becomes the policy, the "
+        "paper's hard update).",
+        "train.build:_reference_sync",
+    )
+    ref_model_sync_steps: int = key(
+        512,
+        "TR-DPO's tau: optimizer steps between reference updates.",
+        "train.build:_reference_sync",
+    )
     precompute_ref_batch_size: int | None = key(
         None,
         "Pairs per batch in that pass, which needs no gradients (null: `training.per_device_eval_batch_size`).",
@@ -157,6 +177,9 @@ class DPOSection:
         notes = []
         if "simpo" not in types and changed_from_default(self, ("simpo_gamma",)):
             notes.append(f"dpo.simpo_gamma = {self.simpo_gamma} is set, but only dpo.loss_type simpo reads it")
+        sync_keys = changed_from_default(self, ("ref_model_mixup_alpha", "ref_model_sync_steps"))
+        if sync_keys and not self.sync_ref_model:
+            notes.append(f"dpo.{sync_keys[0]} is set, but only dpo.sync_ref_model: true (TR-DPO) reads it")
         if "simpo" in types and self.beta < 1.0:
             notes.append(
                 f"dpo.loss_type simpo with dpo.beta = {self.beta}: its margin gamma/beta is "
@@ -203,6 +226,16 @@ class DPOSection:
                               "so leave dpo.ld_alpha null")  # fmt: skip
         if self.use_weighting and "orpo" in types:
             raise RecipeError("recipe: dpo.use_weighting (WPO) would also scale orpo's batch-level NLL; leave it false")
+        alpha = self.ref_model_mixup_alpha
+        require(0 < alpha <= 1, "dpo.ref_model_mixup_alpha", alpha, "a number in (0, 1]")
+        steps = self.ref_model_sync_steps
+        require(steps >= 1, "dpo.ref_model_sync_steps", steps, "an integer >= 1")
+        if self.sync_ref_model and not uses_reference(self.loss_type):
+            raise RecipeError(f"recipe: dpo.sync_ref_model: the loss {self.loss_type!r} reads no reference model, so "
+                              "there is none to move; leave it false")  # fmt: skip
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise RecipeError("recipe: dpo.sync_ref_model moves the reference during training, so its log-probs "
+                              "cannot be computed once; set dpo.precompute_ref_log_probs=false")  # fmt: skip
         if self.precompute_ref_log_probs and not uses_reference(self.loss_type):
             raise RecipeError(
                 f"recipe: dpo.precompute_ref_log_probs: the loss {self.loss_type!r} reads no reference model, so there "

@@ -91,6 +91,9 @@ def build_trainer(
             save_recipe(recipe, working / CONFIG_NAME)
     dtype = resolve_dtype(recipe.model.dtype)
     args = training_arguments(recipe, working, bf16=dtype == torch.bfloat16)  # before the model: ZeRO-3 init
+    if recipe.dpo.sync_ref_model and args.deepspeed and args.hf_deepspeed_config.is_zero3():
+        raise RecipeError("recipe: dpo.sync_ref_model is not supported with ZeRO-3 (deepspeed.config asks for stage 3: "
+                          "the reference is mixed from whole parameters); use stage 2")  # fmt: skip
     _ = args.device  # starts the process group now, so ZeRO-3 partitions the weights across all ranks at load
     if args.deepspeed and dist.is_available() and dist.is_initialized():
         import deepspeed
@@ -126,6 +129,8 @@ def build_trainer(
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model, ref_model = _policy_and_reference(recipe, base_model, policy)
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)
+    if recipe.dpo.sync_ref_model and policy is None:  # a finished policy is scored against its starting model
+        _reference_sync(recipe, trainer, bookkeeping)
     return BuiltRun(recipe, working, trainer, codec, data, preemption)
 
 
@@ -182,6 +187,26 @@ def _policy_and_reference(
             if member is model and applied:
                 say(f"model: {', '.join(applied)}")
     return model, ref_model
+
+
+def _reference_sync(recipe: Recipe, trainer: Any, bookkeeping: bool) -> None:
+    """TR-DPO's moving reference (`dpo.sync_ref_model`): the frozen copy where there is one, else (LoRA) a
+    snapshot of the policy's trained tensors; moved by a callback every `dpo.ref_model_sync_steps` steps."""
+    from .reference_sync import AdapterSnapshotReference, FrozenCopyReference, ReferenceSync, ReferenceSyncCallback
+
+    if trainer.ref_model is not None:
+        reference = FrozenCopyReference(trainer.model, trainer.ref_model)
+    else:
+        reference = AdapterSnapshotReference(trainer.model)
+    dpo = recipe.dpo
+    trainer.reference_sync = ReferenceSync(reference, dpo.ref_model_mixup_alpha, dpo.ref_model_sync_steps)
+    trainer.add_callback(
+        ReferenceSyncCallback(trainer.reference_sync, lambda: trainer.accelerator.unwrap_model(trainer.model))
+    )
+    if bookkeeping:
+        kind = "the frozen reference copy" if trainer.ref_model is not None else "a snapshot of the LoRA adapters"
+        say(f"TR-DPO: every {dpo.ref_model_sync_steps} steps {kind} moves toward the policy "
+            f"(alpha {dpo.ref_model_mixup_alpha})")  # fmt: skip
 
 
 def video_sampling(data: Any, model_config: Any) -> Any:

@@ -75,7 +75,9 @@ class CheckpointingMixin:
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
         """The Trainer's train; a checkpoint saved while a stop signal cut its evaluation short runs that
-        evaluation again first."""
+        evaluation again first, and a TR-DPO run goes on from the reference its checkpoint saved."""
+        if resume_from_checkpoint and self.reference_sync is not None:  # TR-DPO: the reference it had reached
+            self.reference_sync.load(Path(resume_from_checkpoint))
         if resume_from_checkpoint and self.args.eval_strategy != "no":
             layout = Path(resume_from_checkpoint, RUN_LAYOUT_FILE)
             if layout.is_file() and json.loads(layout.read_text()).get("evaluation_pending"):
@@ -118,6 +120,8 @@ class CheckpointingMixin:
                 if renamed_best:
                     self.state.best_model_checkpoint = final
                 if self.args.should_save:
+                    if self.reference_sync is not None:  # TR-DPO: the moving reference, before the manifest
+                        self.reference_sync.save(Path(staged))
                     self._seal(staged, final, renamed_best)
         finally:
             hf_trainer.PREFIX_CHECKPOINT_DIR = original_prefix

@@ -55,6 +55,8 @@ def render_card(recipe: Recipe, working: Path, base: str, metrics: dict, pairs: 
     dpo, data = recipe.dpo, recipe.data
     accuracy = metrics.get("eval_rewards/accuracies")
     kind = f"LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha}" if lora else "full fine-tuning"
+    if dpo.sync_ref_model:
+        kind += f"; TR-DPO (reference moved every {dpo.ref_model_sync_steps} steps, alpha {dpo.ref_model_mixup_alpha})"
     facts = [
         _row("base model", f"`{base}` ({recipe.model.family})"),
         _row("method", f"DPO, loss_type {dpo.loss_type}, beta {dpo.beta}; {kind}"),

@@ -35,6 +35,7 @@ from .guards import (
 )
 from .preemption import PreemptionCallback, any_rank
 from .reference import ReferenceCache, ReferencePass
+from .reference_sync import ReferenceSync
 
 __all__ = ["NonFiniteLossError", "ResumeError", "SilkieDPOTrainer", "check_resume_layout"]
 logger = get_logger(__name__)
@@ -62,7 +63,8 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
 
     The reference is the same model with LoRA adapters disabled, a separate frozen `ref_model` (full
     fine-tuning, or `model.ref_model`), or reference log-probs precomputed into the batch (`ref_chosen_logps`,
-    `ref_rejected_logps`).
+    `ref_rejected_logps`). Under TR-DPO (`reference_sync`) the frozen copy moves, or under LoRA the policy scores
+    with a snapshot of its trained tensors swapped in.
     """
 
     loss_is_scaled_for_ga = False
@@ -83,6 +85,7 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         self.objective = DPOObjective.from_section(dpo)
         self.pad_token_id = pad_token_id
         self.ref_model = ref_model
+        self.reference_sync: ReferenceSync | None = None  # TR-DPO's moving reference (`build._reference_sync`)
         self._reference_released = False
         self.reference_cache = reference_cache
         self._ref_tables: dict[str, torch.Tensor] = {}
@@ -130,6 +133,10 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
             if self._reference_released:  # the adapters-off policy is not that reference
                 raise RuntimeError("the frozen reference was released after caching, yet a batch needs it again")
             unwrapped = self.accelerator.unwrap_model(model)
+            if self.reference_sync is not None and self.reference_sync.swaps_into_policy:
+                with self.reference_sync.reference.swapped_in(unwrapped):
+                    ref = score_answers(unwrapped, batch, self.step_options, self.pad_token_id, features, no_grad=True)
+                return ref.chosen_logps.detach(), ref.rejected_logps.detach()
             return adapter_reference(unwrapped, self.step_options, self.pad_token_id)(batch, features)
 
     def _get_train_sampler(self, train_dataset=None):
