@@ -130,7 +130,6 @@ def test_what_tr_dpo_cannot_serve_is_refused_naming_the_keys(assets, tmp_path):
         "dpo.precompute_ref_log_probs=true": "set dpo.precompute_ref_log_probs=false",
         "dpo.loss_type=simpo": "dpo.sync_ref_model: the loss 'simpo' reads no reference model",
         f"model.ref_model={assets['model']}": "cannot start from model.ref_model",
-        "deepspeed.stage=3": "not supported with deepspeed.stage 3",
         "dpo.ref_model_mixup_alpha=0": r"dpo.ref_model_mixup_alpha = 0 is not allowed; expected a number in \(0, 1\]",
         "dpo.ref_model_sync_steps=0": "dpo.ref_model_sync_steps = 0 is not allowed",
     }
@@ -152,3 +151,34 @@ def test_what_tr_dpo_cannot_serve_is_refused_naming_the_keys(assets, tmp_path):
     policy = build_policy(recipe.model, recipe.lora)
     assert build_trainer(recipe, tmp_path / "scored", bookkeeping=False, policy=policy).trainer.reference_sync is None
     assert build_trainer(recipe, tmp_path / "trained", bookkeeping=False).trainer.reference_sync is not None
+
+
+def test_under_zero3_on_two_processes_the_adapter_snapshot_is_gathered_and_spread_back(assets, tmp_path):
+    """ZeRO-3 partitions the adapters: the swap writes the snapshot through a gather on rank 0 (spread back to both
+    ranks' partitions) and restores it after the reference pass; a hard update every 2 steps gives steps 3 and 5
+    rewards 0, and the saved snapshot's B is the policy's after step 2."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+    from .train_fixtures import subprocess_env
+
+    working = tmp_path / "zero3"
+    overrides = asset_overrides(assets) + STEPS + [
+        "deepspeed.stage=3", "training.max_steps=5", "training.per_device_train_batch_size=4", "data.max_prompts=32",
+        "dpo.sync_ref_model=true", "dpo.ref_model_sync_steps=2", "dpo.ref_model_mixup_alpha=1.0",
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO_ROOT / "train_dpo.py"), "--config", str(DEMO_RECIPE), "--working", str(working),
+               *overrides]  # fmt: skip
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rewards = step_rewards(working)
+    assert [abs(rewards[step]) > 1e-4 for step in (2, 4)] == [True, True]
+    assert [rewards[step] for step in (1, 3, 5)] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    snapshot = load_file(working / "checkpoint-3" / REFERENCE_SYNC_NAME)
+    policy = load_file(working / "checkpoint-2" / "adapter_model.safetensors")
+    assert len(snapshot) == len(policy) > 0
+    for name, tensor in policy.items():
+        assert torch.equal(snapshot[name.replace(".weight", ".default.weight")], tensor), name

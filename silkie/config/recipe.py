@@ -69,9 +69,6 @@ class Recipe:
                 f"start from model.ref_model = {self.model.ref_model!r}; leave model.ref_model out, or set "
                 "lora.enabled=false to mix the policy into that checkpoint"
             )
-        if self.dpo.sync_ref_model and self.deepspeed.stage == 3:
-            raise RecipeError("recipe: dpo.sync_ref_model is not supported with deepspeed.stage 3 (the reference is "
-                              "mixed from whole parameters); use stage 2")  # fmt: skip
         if self.lora.load_in_4bit and self.launch.cpu:  # refused before the launcher writes anything
             raise RecipeError(
                 "recipe: lora.load_in_4bit = True needs a CUDA GPU (bitsandbytes 4-bit), but launch.cpu = True; "

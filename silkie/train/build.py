@@ -91,9 +91,6 @@ def build_trainer(
             save_recipe(recipe, working / CONFIG_NAME)
     dtype = resolve_dtype(recipe.model.dtype)
     args = training_arguments(recipe, working, bf16=dtype == torch.bfloat16)  # before the model: ZeRO-3 init
-    if recipe.dpo.sync_ref_model and args.deepspeed and args.hf_deepspeed_config.is_zero3():
-        raise RecipeError("recipe: dpo.sync_ref_model is not supported with ZeRO-3 (deepspeed.config asks for stage 3: "
-                          "the reference is mixed from whole parameters); use stage 2")  # fmt: skip
     _ = args.device  # starts the process group now, so ZeRO-3 partitions the weights across all ranks at load
     if args.deepspeed and dist.is_available() and dist.is_initialized():
         import deepspeed
@@ -194,8 +191,8 @@ def _reference_sync(recipe: Recipe, trainer: Any, bookkeeping: bool) -> None:
     snapshot of the policy's trained tensors; moved by a callback every `dpo.ref_model_sync_steps` steps."""
     from .reference_sync import AdapterSnapshotReference, FrozenCopyReference, ReferenceSync, ReferenceSyncCallback
 
-    if trainer.ref_model is not None:
-        reference = FrozenCopyReference(trainer.model, trainer.ref_model)
+    if trainer.ref_model is not None:  # ZeRO-3's DeepSpeed engine unwrapped: the policy's parameter names
+        reference = FrozenCopyReference(trainer.model, trainer.accelerator.unwrap_model(trainer.ref_model))
     else:
         reference = AdapterSnapshotReference(trainer.model)
     dpo = recipe.dpo

@@ -119,9 +119,9 @@ class CheckpointingMixin:
                 renamed_best = self.state.best_model_checkpoint == staged  # recorded under the staging name
                 if renamed_best:
                     self.state.best_model_checkpoint = final
+                if self.reference_sync is not None:  # TR-DPO: the moving reference, before the manifest
+                    self.reference_sync.save(Path(staged))  # every rank (ZeRO-3 gathers), the main one writes
                 if self.args.should_save:
-                    if self.reference_sync is not None:  # TR-DPO: the moving reference, before the manifest
-                        self.reference_sync.save(Path(staged))
                     self._seal(staged, final, renamed_best)
         finally:
             hf_trainer.PREFIX_CHECKPOINT_DIR = original_prefix

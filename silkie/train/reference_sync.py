@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
 
@@ -25,8 +28,22 @@ def mix_toward(target: torch.Tensor, source: torch.Tensor, alpha: float) -> None
     target.lerp_(source.to(device=target.device, dtype=target.dtype), alpha)
 
 
-def _contiguous_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+@contextmanager
+def whole(params: list[nn.Parameter], modify: bool = False) -> Iterator[bool]:
+    """The parameters whole inside: ZeRO-3 gathers its partitioned ones (a collective: every rank enters), others
+    are whole already. Yields whether this rank writes: under ZeRO-3 rank 0, whose values are spread back to every
+    rank's partition on exit; otherwise every rank writes its own replica."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield True
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield not modify or dist.get_rank() == 0
+
+
+def _main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class AdapterSnapshotReference:
@@ -37,7 +54,8 @@ class AdapterSnapshotReference:
         trainable = {name: p for name, p in policy.named_parameters() if p.requires_grad}
         if not trainable:
             raise InputError("dpo.sync_ref_model: the policy has no trainable parameters to move the reference by")
-        self.snapshot = {name: p.detach().float().clone() for name, p in trainable.items()}
+        with whole(list(trainable.values())):
+            self.snapshot = {name: p.detach().float().clone() for name, p in trainable.items()}
 
     def _parameters(self, policy: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(policy.named_parameters())
@@ -47,9 +65,11 @@ class AdapterSnapshotReference:
         return {name: params[name] for name in self.snapshot}
 
     def update(self, policy: nn.Module, alpha: float) -> None:
-        """Mix the policy's trainable tensors into the snapshot."""
-        for name, param in self._parameters(policy).items():
-            mix_toward(self.snapshot[name], param.detach(), alpha)
+        """Mix the policy's trainable tensors into the snapshot (every rank keeps the whole snapshot)."""
+        params = self._parameters(policy)
+        with whole(list(params.values())):
+            for name, param in params.items():
+                mix_toward(self.snapshot[name], param.detach(), alpha)
 
     @contextmanager
     def swapped_in(self, policy: nn.Module) -> Iterator[None]:
@@ -57,24 +77,24 @@ class AdapterSnapshotReference:
         storage, not as new tensors, so DeepSpeed's flat buffers and anything holding the parameters see it), and
         get their exact values back afterwards."""
         params = self._parameters(policy)
-        kept = {name: param.data.clone() for name, param in params.items()}
+        kept: dict[str, torch.Tensor] = {}
+        with whole(list(params.values()), modify=True) as writer, torch.no_grad():
+            for name, param in params.items() if writer else ():  # .data: no version bump for saved tensors
+                kept[name] = param.data.clone()
+                param.data.copy_(self.snapshot[name])
         try:
-            with torch.no_grad():
-                for name, param in params.items():  # .data: no version bump for tensors autograd saved
-                    param.data.copy_(self.snapshot[name])
             yield
         finally:
-            with torch.no_grad():
-                for name, param in params.items():
+            with whole(list(params.values()), modify=True) as writer, torch.no_grad():
+                for name, param in params.items() if writer else ():
                     param.data.copy_(kept[name])
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return _contiguous_state(self.snapshot)
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        return {name: tensor.contiguous().cpu() for name, tensor in self.snapshot.items()} if _main_process() else None
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: Path) -> None:
-        _check_same_tensors(self.snapshot, state, source)
-        for name, tensor in state.items():
-            self.snapshot[name].copy_(tensor)
+    def load(self, reader: Any, source: Path) -> None:
+        for name, tensor in self.snapshot.items():
+            tensor.copy_(_saved_tensor(reader, name, tensor.shape, source))
 
 
 class FrozenCopyReference:
@@ -82,8 +102,8 @@ class FrozenCopyReference:
 
     def __init__(self, policy: nn.Module, reference: nn.Module):
         self.reference = reference
-        ours = {name: p.shape for name, p in policy.named_parameters()}
-        theirs = {name: p.shape for name, p in reference.named_parameters()}
+        ours = {name: getattr(p, "ds_shape", p.shape) for name, p in policy.named_parameters()}  # ZeRO-3: whole
+        theirs = {name: getattr(p, "ds_shape", p.shape) for name, p in reference.named_parameters()}
         for name, shape in ours.items():
             if theirs.get(name) != shape:
                 found = "no such parameter" if name not in theirs else f"shape {tuple(theirs[name])}"
@@ -94,28 +114,40 @@ class FrozenCopyReference:
                 )
 
     def update(self, policy: nn.Module, alpha: float) -> None:
-        """Mix every policy parameter into the reference's of the same name."""
+        """Mix every policy parameter into the reference's of the same name (under ZeRO-3 one pair gathered at a
+        time)."""
         reference = dict(self.reference.named_parameters())
         for name, param in policy.named_parameters():
-            mix_toward(reference[name].data, param.detach(), alpha)
+            with whole([param, reference[name]], modify=True) as writer:
+                if writer:
+                    mix_toward(reference[name].data, param.detach(), alpha)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return _contiguous_state(dict(self.reference.named_parameters()))
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The reference's parameters on the main process (None elsewhere; every rank takes part in ZeRO-3's
+        gathers)."""
+        main = _main_process()
+        state = {}
+        for name, param in self.reference.named_parameters():
+            with whole([param]):
+                if main:
+                    state[name] = param.detach().contiguous().cpu().clone()
+        return state if main else None
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], source: Path) -> None:
-        params = dict(self.reference.named_parameters())
-        _check_same_tensors(params, state, source)
-        with torch.no_grad():
-            for name, tensor in state.items():
-                params[name].data.copy_(tensor)
+    def load(self, reader: Any, source: Path) -> None:
+        for name, param in self.reference.named_parameters():
+            with whole([param], modify=True) as writer, torch.no_grad():
+                if writer:
+                    param.data.copy_(_saved_tensor(reader, name, param.shape, source))
 
 
-def _check_same_tensors(ours: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], source: Path) -> None:
-    for name, tensor in ours.items():
-        if name not in saved or saved[name].shape != tensor.shape:
-            found = "misses it" if name not in saved else f"has shape {tuple(saved[name].shape)}"
-            raise InputError(f"{source}: the saved TR-DPO reference {found} for {name} (expected shape "
-                             f"{tuple(tensor.shape)}); it was written by another model or recipe")  # fmt: skip
+def _saved_tensor(reader: Any, name: str, shape: torch.Size, source: Path) -> torch.Tensor:
+    """One tensor of a saved reference, checked against the shape it must have."""
+    tensor = reader.get_tensor(name) if name in reader.keys() else None
+    if tensor is None or tensor.shape != shape:
+        found = "misses it" if tensor is None else f"has shape {tuple(tensor.shape)}"
+        raise InputError(f"{source}: the saved TR-DPO reference {found} for {name} (expected shape "
+                         f"{tuple(shape)}); it was written by another model or recipe")  # fmt: skip
+    return tensor
 
 
 class ReferenceSync:
@@ -140,16 +172,21 @@ class ReferenceSync:
         self.reference.update(policy, self.alpha)
 
     def save(self, checkpoint: Path) -> None:
-        """Write the reference's state into a checkpoint folder (main process)."""
-        save_file(self.reference.state_dict(), str(checkpoint / REFERENCE_SYNC_NAME))
+        """Write the reference's state into a checkpoint folder (called on every rank: ZeRO-3 gathers; the main
+        process writes)."""
+        state = self.reference.state_dict()
+        if state is not None:
+            save_file(state, str(checkpoint / REFERENCE_SYNC_NAME))
 
     def load(self, checkpoint: Path) -> None:
-        """The reference as a checkpoint saved it; `InputError` naming the file when it is missing or foreign."""
+        """The reference as a checkpoint saved it, read a tensor at a time; `InputError` naming the file when it is
+        missing or foreign."""
         path = checkpoint / REFERENCE_SYNC_NAME
         if not path.is_file():
             raise InputError(f"{checkpoint.name} holds no {REFERENCE_SYNC_NAME}: no dpo.sync_ref_model run saved it, "
                              "so the moving reference to resume from is missing; train anew (--force)")  # fmt: skip
-        self.reference.load_state_dict(load_file(str(path)), path)
+        with safe_open(str(path), framework="pt") as reader:
+            self.reference.load(reader, path)
 
 
 class ReferenceSyncCallback(TrainerCallback):
