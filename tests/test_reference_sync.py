@@ -4,6 +4,7 @@ resumed run goes on from it; the combinations it cannot serve are refused naming
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -34,8 +35,8 @@ def test_mix_toward_is_the_tr_dpo_update():
     assert torch.equal(target, torch.tensor([5.0, 6.0, 7.0]))
 
 
-def test_the_snapshot_is_swapped_in_and_the_policy_gets_its_exact_values_back():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+def test_the_snapshot_is_swapped_in_and_the_policy_gets_its_exact_values_back(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     model[1].requires_grad_(False)  # frozen: not part of the snapshot
     reference = AdapterSnapshotReference(model)
     assert sorted(reference.snapshot) == ["0.bias", "0.weight"]
@@ -47,21 +48,31 @@ def test_the_snapshot_is_swapped_in_and_the_policy_gets_its_exact_values_back():
     sync.update(model)
     assert torch.allclose(reference.snapshot["0.weight"], start + 0.5)
     policy_weight = model[0].weight.detach().clone()
-    loss = (model(torch.ones(1, 3)) ** 2).sum()  # the policy's forward: autograd saves its tensors
-    with reference.swapped_in(model):  # then the reference pass
+    loss = (model[1](model[0](torch.ones(1, 3))) ** 2).sum()  # the policy's forward: autograd saves its tensors
+    with reference.swapped_in(model):  # then the reference pass, without dropout
         assert torch.allclose(model[0].weight, start + 0.5) and not torch.allclose(model[0].weight, policy_weight)
-    assert torch.equal(model[0].weight, policy_weight)
+        assert not model.training and not model[2].training
+    assert torch.equal(model[0].weight, policy_weight) and model.training and model[2].training
     loss.backward()  # the swap left the saved tensors' versions, and values, as the forward saw them
     hidden = model[0](torch.ones(1, 3)).detach()
     expected = 2 * (model[1](hidden) @ model[1].weight) * 1.0  # d/dW0 of sum((W1 (W0 x + b0) + b1)^2)
     assert torch.allclose(model[0].weight.grad, expected.T @ torch.ones(1, 3))
+    sync.save(tmp_path)  # a saved reference goes back only into a model of the same shapes
+    other = ReferenceSync(AdapterSnapshotReference(torch.nn.Sequential(torch.nn.Linear(4, 2))), 0.5, 3)
+    with pytest.raises(InputError, match=r"the saved TR-DPO reference has shape \(2, 3\) for 0.weight \(expected "
+                                         r"shape \(2, 4\)\)"):  # fmt: skip
+        other.load(tmp_path)
+    reference.snapshot["0.weight"].zero_()
+    sync.load(tmp_path)
+    assert torch.allclose(reference.snapshot["0.weight"], start + 0.5)
 
 
-@pytest.mark.parametrize("lora", ["true", "false"])
-def test_a_hard_update_makes_the_next_step_s_rewards_zero(lora, assets, tmp_path):
+@pytest.mark.parametrize("lora, dtype", [("true", "fp32"), ("false", "fp32"), ("true", "bf16")])
+def test_a_hard_update_makes_the_next_step_s_rewards_zero(lora, dtype, assets, tmp_path):
     # rewards are beta x (policy - reference) before the step's update: 0 at step 1 (both start alike); with
-    # alpha 1 every 2 steps the reference becomes the policy after steps 2 and 4, so steps 3 and 5 score 0 too
-    common = asset_overrides(assets) + STEPS + [f"lora.enabled={lora}", "training.max_steps=5"]
+    # alpha 1 every 2 steps the reference becomes the policy after steps 2 and 4, so steps 3 and 5 score 0 too.
+    # bf16: the step runs under autocast, whose cached bf16 copies of the adapters must not leak between passes
+    common = asset_overrides(assets) + STEPS + [f"lora.enabled={lora}", "training.max_steps=5", f"model.dtype={dtype}"]
     if lora == "false":
         common.append("training.learning_rate=1e-4")
     run_in_process(tmp_path / "plain", common)
@@ -76,6 +87,8 @@ def test_a_hard_update_makes_the_next_step_s_rewards_zero(lora, assets, tmp_path
     saved = load_file(tmp_path / "tr" / "checkpoint-4" / REFERENCE_SYNC_NAME)
     assert saved and all(torch.isfinite(tensor).all() for tensor in saved.values())
     assert not (tmp_path / "plain" / "checkpoint-4" / REFERENCE_SYNC_NAME).exists()
+    if dtype == "bf16":
+        return
     card = (tmp_path / "tr" / "adapter" / "README.md").read_text()
     assert "; TR-DPO (reference moved every 2 steps, alpha 1.0) |" in card
 
@@ -120,7 +133,7 @@ def test_a_soft_update_mixes_the_adapters_and_a_resume_goes_on_from_the_saved_re
     from silkie.train.build import build_trainer
 
     built = build_trainer(load_recipe(DEMO_RECIPE, overrides), tmp_path / "scratch", bookkeeping=False)
-    with pytest.raises(InputError, match=rf"checkpoint-4 holds no {REFERENCE_SYNC_NAME}"):
+    with pytest.raises(InputError, match=rf"resumed/checkpoint-4/{REFERENCE_SYNC_NAME} is missing: the checkpoint"):
         built.trainer.reference_sync.load(resumed / "checkpoint-4")
 
 
@@ -160,12 +173,19 @@ def test_under_zero3_on_two_processes_the_adapter_snapshot_is_gathered_and_sprea
     import subprocess
     import sys
 
+    from silkie.config.cluster import DeepSpeedSection
+    from silkie.train.arguments import deepspeed_config
+
     from .conftest import REPO_ROOT
     from .train_fixtures import subprocess_env
 
+    config = deepspeed_config(DeepSpeedSection(stage=3))
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny adapters partitioned too
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
     working = tmp_path / "zero3"
     overrides = asset_overrides(assets) + STEPS + [
-        "deepspeed.stage=3", "training.max_steps=5", "training.per_device_train_batch_size=4", "data.max_prompts=32",
+        f"deepspeed.config={tmp_path / 'zero3.json'}", "training.max_steps=5",
+        "training.per_device_train_batch_size=4", "data.max_prompts=32",
         "dpo.sync_ref_model=true", "dpo.ref_model_sync_steps=2", "dpo.ref_model_mixup_alpha=1.0",
     ]  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -122,9 +122,10 @@ class DPOSection:
         False,
         "TR-DPO (TRL's `sync_ref_model`): every `ref_model_sync_steps` optimizer steps the reference moves toward "
         "the policy, ref <- alpha * policy + (1 - alpha) * ref, parameter by parameter. Under LoRA (where TRL "
-        "refuses it) the reference is a snapshot of the trained tensors, so the adapters' factors are mixed; under "
-        "full fine-tuning the frozen copy (or `model.ref_model`) is. Saved in each checkpoint (ZeRO-3: gathered a "
-        "parameter at a time); not with `precompute_ref_log_probs` or the reference-free losses.",
+        "refuses it) the reference is a snapshot of the trained tensors, swapped in for the reference pass: the "
+        "factors A and B are mixed one by one (exact for alpha 1, close for less); under full fine-tuning the "
+        "frozen copy (or `model.ref_model`) is mixed. Saved in each checkpoint; not with "
+        "`precompute_ref_log_probs` or the reference-free losses.",
         "train.build:_reference_sync train.reference_sync:ReferenceSyncCallback.on_step_end",
     )
     ref_model_mixup_alpha: float = key(

@@ -198,7 +198,9 @@ def _reference_sync(recipe: Recipe, trainer: Any, bookkeeping: bool) -> None:
     dpo = recipe.dpo
     trainer.reference_sync = ReferenceSync(reference, dpo.ref_model_mixup_alpha, dpo.ref_model_sync_steps)
     trainer.add_callback(
-        ReferenceSyncCallback(trainer.reference_sync, lambda: trainer.accelerator.unwrap_model(trainer.model))
+        ReferenceSyncCallback(
+            trainer.reference_sync, lambda: trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+        )
     )
     if bookkeeping:
         kind = "the frozen reference copy" if trainer.ref_model is not None else "a snapshot of the LoRA adapters"

@@ -48,7 +48,9 @@ def _main_process() -> bool:
 
 class AdapterSnapshotReference:
     """LoRA's moving reference: the policy with its trainable tensors replaced by an fp32 snapshot of them. At
-    the start the snapshot is the policy's own (zero adapters: the model the run starts from)."""
+    the start the snapshot is the policy's own (zero adapters: the model the run starts from). Mixing the factors
+    A and B one by one is TR-DPO's parameter rule on the trained parameters; for alpha < 1 the reference's weight
+    change B_ref A_ref is not exactly alpha B A + (1 - alpha) B_ref A_ref (alpha 1, the hard update, is exact)."""
 
     def __init__(self, policy: nn.Module):
         trainable = {name: p for name, p in policy.named_parameters() if p.requires_grad}
@@ -56,45 +58,64 @@ class AdapterSnapshotReference:
             raise InputError("dpo.sync_ref_model: the policy has no trainable parameters to move the reference by")
         with whole(list(trainable.values())):
             self.snapshot = {name: p.detach().float().clone() for name, p in trainable.items()}
+        self._kept: dict[str, torch.Tensor] = {}  # the policy's values during a swap (buffers reused)
 
     def _parameters(self, policy: nn.Module) -> dict[str, nn.Parameter]:
         params = dict(policy.named_parameters())
         missing = [name for name in self.snapshot if name not in params]
         if missing:
-            raise RuntimeError(f"dpo.sync_ref_model: the policy lost the trainable parameter {missing[0]}")
+            raise RuntimeError(f"dpo.sync_ref_model: the policy has no parameter {missing[0]} (its trained tensors "
+                               "were renamed after the trainer was built)")  # fmt: skip
         return {name: params[name] for name in self.snapshot}
+
+    def _on_device(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """The snapshot of `name` on its parameter's device (moved once: the trainer places the model late)."""
+        if self.snapshot[name].device != param.device:
+            self.snapshot[name] = self.snapshot[name].to(param.device)
+        return self.snapshot[name]
 
     def update(self, policy: nn.Module, alpha: float) -> None:
         """Mix the policy's trainable tensors into the snapshot (every rank keeps the whole snapshot)."""
         params = self._parameters(policy)
         with whole(list(params.values())):
             for name, param in params.items():
-                mix_toward(self.snapshot[name], param.detach(), alpha)
+                mix_toward(self._on_device(name, param), param.detach(), alpha)
 
     @contextmanager
     def swapped_in(self, policy: nn.Module) -> Iterator[None]:
-        """The policy scores as the reference inside: its trainable tensors hold the snapshot (written into their
-        storage, not as new tensors, so DeepSpeed's flat buffers and anything holding the parameters see it), and
-        get their exact values back afterwards."""
+        """The policy scores as the reference inside, in eval mode (no dropout, as TRL's reference model): its
+        trainable tensors hold the snapshot (written into their storage, not as new tensors, so DeepSpeed's flat
+        buffers and anything holding the parameters see it) and get their exact values back afterwards. Autocast's
+        cache of low-precision weight copies is cleared on both sides, else a pass would reuse the other's."""
         params = self._parameters(policy)
-        kept: dict[str, torch.Tensor] = {}
         with whole(list(params.values()), modify=True) as writer, torch.no_grad():
             for name, param in params.items() if writer else ():  # .data: no version bump for saved tensors
-                kept[name] = param.data.clone()
-                param.data.copy_(self.snapshot[name])
+                kept = self._kept.get(name)
+                if kept is None or kept.shape != param.shape or kept.device != param.device:
+                    kept = self._kept[name] = torch.empty_like(param.data)
+                kept.copy_(param.data)
+                param.data.copy_(self._on_device(name, param))
+        torch.clear_autocast_cache()
+        training = policy.training
+        policy.eval()
         try:
             yield
         finally:
+            policy.train(training)
             with whole(list(params.values()), modify=True) as writer, torch.no_grad():
                 for name, param in params.items() if writer else ():
-                    param.data.copy_(kept[name])
+                    param.data.copy_(self._kept[name])
+            torch.clear_autocast_cache()
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: tensor.shape for name, tensor in self.snapshot.items()}
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         return {name: tensor.contiguous().cpu() for name, tensor in self.snapshot.items()} if _main_process() else None
 
-    def load(self, reader: Any, source: Path) -> None:
+    def load(self, reader: Any) -> None:
         for name, tensor in self.snapshot.items():
-            tensor.copy_(_saved_tensor(reader, name, tensor.shape, source))
+            tensor.copy_(reader.get_tensor(name))
 
 
 class FrozenCopyReference:
@@ -133,21 +154,26 @@ class FrozenCopyReference:
                     state[name] = param.detach().contiguous().cpu().clone()
         return state if main else None
 
-    def load(self, reader: Any, source: Path) -> None:
+    def shapes(self) -> dict[str, torch.Size]:
+        return {name: getattr(p, "ds_shape", p.shape) for name, p in self.reference.named_parameters()}
+
+    def load(self, reader: Any) -> None:
         for name, param in self.reference.named_parameters():
             with whole([param], modify=True) as writer, torch.no_grad():
                 if writer:
-                    param.data.copy_(_saved_tensor(reader, name, param.shape, source))
+                    param.data.copy_(reader.get_tensor(name))
 
 
-def _saved_tensor(reader: Any, name: str, shape: torch.Size, source: Path) -> torch.Tensor:
-    """One tensor of a saved reference, checked against the shape it must have."""
-    tensor = reader.get_tensor(name) if name in reader.keys() else None
-    if tensor is None or tensor.shape != shape:
-        found = "misses it" if tensor is None else f"has shape {tuple(tensor.shape)}"
-        raise InputError(f"{source}: the saved TR-DPO reference {found} for {name} (expected shape "
-                         f"{tuple(shape)}); it was written by another model or recipe")  # fmt: skip
-    return tensor
+def _check_saved(reader: Any, shapes: dict[str, torch.Size], source: Path) -> None:
+    """`InputError` naming the first tensor a saved reference lacks or holds in another shape (checked on every
+    rank before any ZeRO-3 gather, so all ranks stop together)."""
+    saved = set(reader.keys())
+    for name, shape in shapes.items():
+        found = tuple(reader.get_slice(name).get_shape()) if name in saved else None
+        if found != tuple(shape):
+            what = "misses it" if found is None else f"has shape {found}"
+            raise InputError(f"{source}: the saved TR-DPO reference {what} for {name} (expected shape "
+                             f"{tuple(shape)}); it was written by another model or recipe")  # fmt: skip
 
 
 class ReferenceSync:
@@ -183,10 +209,11 @@ class ReferenceSync:
         missing or foreign."""
         path = checkpoint / REFERENCE_SYNC_NAME
         if not path.is_file():
-            raise InputError(f"{checkpoint.name} holds no {REFERENCE_SYNC_NAME}: no dpo.sync_ref_model run saved it, "
-                             "so the moving reference to resume from is missing; train anew (--force)")  # fmt: skip
+            raise InputError(f"{path} is missing: the checkpoint holds no TR-DPO reference (dpo.sync_ref_model) to go "
+                             "on from; train anew in another --working, or with --force")  # fmt: skip
         with safe_open(str(path), framework="pt") as reader:
-            self.reference.load(reader, path)
+            _check_saved(reader, self.reference.shapes(), path)
+            self.reference.load(reader)
 
 
 class ReferenceSyncCallback(TrainerCallback):

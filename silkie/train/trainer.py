@@ -134,6 +134,7 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
                 raise RuntimeError("the frozen reference was released after caching, yet a batch needs it again")
             unwrapped = self.accelerator.unwrap_model(model)
             if self.reference_sync is not None and self.reference_sync.swaps_into_policy:
+                unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # the parameters' names
                 with self.reference_sync.reference.swapped_in(unwrapped):
                     ref = score_answers(unwrapped, batch, self.step_options, self.pad_token_id, features, no_grad=True)
                 return ref.chosen_logps.detach(), ref.rejected_logps.detach()
