@@ -1,17 +1,17 @@
 """The working directory of a run: every name in it and every rule about it. Torch-free.
 
 `<working>/` holds the resolved recipe (`config.yaml`), `checkpoint-N/` (staged as `tmp-checkpoint-N/`),
-`metrics.jsonl`, tensorboard logs in `runs/`, the reference cache in `reference_logps/`, tokenized data in
-`cache/`, and at the end `adapter/`, `final_metrics.json`, `training_curves.png` and the `FINISHED` marker; an
-input error that stopped a start is kept in `ERROR`; Slurm scripts and logs go to `slurm/`; `--force` moves old
-outputs into `backup-<time>/`.
+`metrics.jsonl` (and `eval_samples.jsonl` with `dpo.generate_during_eval`), tensorboard logs in `tb/`, the reference
+cache in `reference_logps/`, tokenized data in `cache/`, and at the end `adapter/`, `final_metrics.json`,
+`training_curves.png` and the `FINISHED` marker; an input error that stopped a start is kept in `ERROR`; Slurm
+scripts and logs go to `slurm/`; `--force` moves old outputs into `backup-<time>/`.
 
 Checkpoints:
-A checkpoint is written as `tmp-checkpoint-N`, gets a manifest of its files (sizes and SHA-256) written last, and
-is renamed to `checkpoint-N`. Before a resume the newest checkpoint is checked against its manifest (a checkpoint
-from before manifests: its JSON, safetensors and torch zip files are checked for structure); one that fails is
-moved aside as `corrupt-checkpoint-N-<time>/` (never deleted: the Trainer's rotation globs `checkpoint-*`, so the
-name must not start with it) and the next older one is tried.
+A checkpoint is written as `tmp-checkpoint-N`, gets a manifest of its files (sizes and SHA-256) written last, and is
+renamed to `checkpoint-N`. Before a resume the newest checkpoint is checked against its manifest (a checkpoint from
+before manifests: its JSON, safetensors and torch zip files are checked for structure); one that fails is moved
+aside as `corrupt-checkpoint-N-<time>/` (never deleted: the Trainer's rotation globs `checkpoint-*`, so the name
+must not start with it) and the next older one is tried.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ CONFIG_NAME = "config.yaml"
 FINISHED_NAME = "FINISHED"
 ERROR_NAME = "ERROR"  # the one-line input error that stopped the last start (a rerun would repeat it)
 METRICS_NAME = "metrics.jsonl"
+EVAL_SAMPLES_NAME = "eval_samples.jsonl"  # dpo.generate_during_eval: policy and reference answers per evaluation
 FINAL_METRICS_NAME = "final_metrics.json"
 PLOT_NAME = "training_curves.png"
 ADAPTER_DIR = "adapter"
@@ -44,7 +45,7 @@ BACKUP_PREFIX = "backup-"
 # What a finished run leaves behind that a new run in the same folder would overwrite.
 FINISHED_OUTPUTS = (CONFIG_NAME, FINISHED_NAME, FINAL_METRICS_NAME, ADAPTER_DIR, PLOT_NAME)
 # What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
-RUN_HISTORY = (METRICS_NAME, TENSORBOARD_DIR, OLD_TENSORBOARD_DIR, REFERENCE_DIR)
+RUN_HISTORY = (METRICS_NAME, EVAL_SAMPLES_NAME, TENSORBOARD_DIR, OLD_TENSORBOARD_DIR, REFERENCE_DIR)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = "tmp-checkpoint"
 STAGING_RE = re.compile(r"^tmp-checkpoint-(\d+)$")

@@ -321,19 +321,21 @@ def run_with_a_checkpoint(tmp_path):
 
 
 def test_settings_that_do_not_change_results_resume_and_take_effect(tmp_path):
-    """Tokenizing processes, DataLoader workers, the reference pass's batch: a resume takes them (no --force, which
-    would start over), and config.yaml, which training reads, gets them."""
+    """Tokenizing processes, DataLoader workers, the reference pass's batch, answers shown at evaluations: a resume
+    takes them (no --force, which would start over), and config.yaml, which training reads, gets them."""
     from silkie.launch.workdir import inspect_workdir, prepare_workdir
 
     working = run_with_a_checkpoint(tmp_path)
-    changed = ["data.num_proc=2", "training.dataloader_num_workers=1", "dpo.precompute_ref_batch_size=2"]
+    changed = ["data.num_proc=2", "training.dataloader_num_workers=1", "dpo.precompute_ref_batch_size=2",
+               "dpo.generate_during_eval=true"]  # fmt: skip
     recipe = load_recipe(DEMO_RECIPE, ["training.max_steps=6", *changed])
     plan = inspect_workdir(working, recipe)
     assert plan.state == "resume" and plan.resume_from == working / "checkpoint-3"
-    assert "(new settings: data.num_proc (1 -> 2), dpo.precompute_ref_batch_size (None -> 2)" in plan.message
+    assert ("(new settings: data.num_proc (1 -> 2), dpo.generate_during_eval (False -> True), "
+            "dpo.precompute_ref_batch_size (None -> 2) and 1 more)") in plan.message  # fmt: skip
     prepare_workdir(plan, recipe)
     stored = load_recipe(working / "config.yaml")
-    assert stored.data.num_proc == 2 and stored.dpo.precompute_ref_batch_size == 2
+    assert stored.data.num_proc == 2 and stored.dpo.precompute_ref_batch_size == 2 and stored.dpo.generate_during_eval
     assert (working / "checkpoint-3").is_dir() and (working / "metrics.jsonl").is_file()
 
 

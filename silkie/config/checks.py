@@ -70,7 +70,7 @@ ELSEWHERE = {
     "sync_ref_model": "dpo.sync_ref_model",
     "ref_model_mixup_alpha": "dpo.ref_model_mixup_alpha",
     "ref_model_sync_steps": "dpo.ref_model_sync_steps",
-    "generate_during_eval": "not supported: after training, silkie chat --compare or silkie evaluate --tasks",
+    "generate_during_eval": "dpo.generate_during_eval",
     "use_peft": "lora.enabled",
     "use_lora": "lora.enabled",
     "lora_r": "lora.r",

@@ -126,7 +126,7 @@ class DPOSection:
         "factors A and B are mixed one by one (exact for alpha 1, close for less); under full fine-tuning the "
         "frozen copy (or `model.ref_model`) is mixed. Saved in each checkpoint; not with "
         "`precompute_ref_log_probs` or the reference-free losses.",
-        "train.build:_reference_sync train.reference_sync:ReferenceSyncCallback.on_step_end",
+        "train.build:build_trainer",
     )
     ref_model_mixup_alpha: float = key(
         0.6,
@@ -138,6 +138,23 @@ class DPOSection:
         512,
         "TR-DPO's tau: optimizer steps between reference updates.",
         "train.build:_reference_sync",
+    )
+    generate_during_eval: bool = key(
+        False,
+        "TRL's `generate_during_eval`: after each evaluation, greedy answers of the policy and of the reference to "
+        "the first `generate_num_prompts` held-out prompts (their pictures included), appended to "
+        "`<working>/eval_samples.jsonl` and shown in TensorBoard's text tab.",
+        "train.build:build_trainer",
+    )
+    generate_num_prompts: int = key(
+        4,
+        "Held-out prompts answered at each evaluation with `generate_during_eval`.",
+        "train.build:build_trainer",
+    )
+    generate_max_new_tokens: int = key(
+        128,
+        "Longest answer (tokens) generated with `generate_during_eval`.",
+        "train.build:build_trainer",
     )
     precompute_ref_batch_size: int | None = key(
         None,
@@ -178,6 +195,9 @@ class DPOSection:
         notes = []
         if "simpo" not in types and changed_from_default(self, ("simpo_gamma",)):
             notes.append(f"dpo.simpo_gamma = {self.simpo_gamma} is set, but only dpo.loss_type simpo reads it")
+        generation = changed_from_default(self, ("generate_num_prompts", "generate_max_new_tokens"))
+        if generation and not self.generate_during_eval:
+            notes.append(f"dpo.{generation[0]} is set, but only dpo.generate_during_eval: true reads it")
         sync_keys = changed_from_default(self, ("ref_model_mixup_alpha", "ref_model_sync_steps"))
         if sync_keys and not self.sync_ref_model:
             notes.append(f"dpo.{sync_keys[0]} is set, but only dpo.sync_ref_model: true (TR-DPO) reads it")
@@ -231,6 +251,8 @@ class DPOSection:
         require(0 < alpha <= 1, "dpo.ref_model_mixup_alpha", alpha, "a number in (0, 1]")
         steps = self.ref_model_sync_steps
         require(steps >= 1, "dpo.ref_model_sync_steps", steps, "an integer >= 1")
+        for name in ("generate_num_prompts", "generate_max_new_tokens"):
+            require(getattr(self, name) >= 1, f"dpo.{name}", getattr(self, name), "an integer >= 1")
         if self.sync_ref_model and not uses_reference(self.loss_type):
             raise RecipeError(f"recipe: dpo.sync_ref_model: the loss {self.loss_type!r} reads no reference model, so "
                               "there is none to move; leave it false")  # fmt: skip

@@ -28,6 +28,7 @@ RENAMED: dict[str, str] = {  # flat key -> sectioned key
     "lora_target_modules": "lora.target_modules",
     "evaluation_strategy": "training.eval_strategy",  # the name before transformers 4.46
     "deepspeed": "deepspeed.config",
+    "generate_during_eval": "dpo.generate_during_eval",
 }
 # Keys accepted at the value the original effectively used (silkie behaves so), refused otherwise.
 FIXED: dict[str, tuple[Any, str]] = {
@@ -36,7 +37,6 @@ FIXED: dict[str, tuple[Any, str]] = {
     "lora_bias": ("none", "LoRA adapters are trained without biases"),
     "lora_weight_path": ("", "starting from an earlier adapter is not supported; merge it into the checkpoint"),
     "cache_dir": (None, "set HF_HOME for the hub cache"),
-    "generate_during_eval": (False, "generation during evaluation is not supported"),
 }
 # What the original's code fixed, and its dataclasses' defaults where silkie's differ (flat key -> value).
 ORIGINAL_DEFAULTS: dict[str, Any] = {

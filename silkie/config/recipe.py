@@ -48,6 +48,12 @@ class Recipe:
         check_training(self.training)
         held_out = self.data.eval_size or self.data.eval_fraction or self.data.eval_path
         evaluates = held_out and self.training.get("eval_strategy") != "no"
+        if self.dpo.generate_during_eval and not evaluates:
+            raise RecipeError(
+                "recipe: dpo.generate_during_eval answers held-out prompts at each evaluation, but this recipe never "
+                "evaluates; give held-out pairs (data.eval_size, data.eval_fraction or data.eval_path) and "
+                "training.eval_strategy steps or epoch, or set dpo.generate_during_eval=false"
+            )
         if self.training.get("save_strategy") == "best" and not evaluates:
             raise RecipeError(
                 "recipe: training.save_strategy = 'best' needs evaluations (held-out pairs from data.eval_size, "

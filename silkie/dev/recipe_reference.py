@@ -36,9 +36,9 @@ longer pairs are dropped (TRL: 1024, cut with `truncation_mode: keep_start`), `d
 1.0 (TRL: 0.5), and `dpo.label_smoothing` also smooths the `sigmoid` loss (cDPO; TRL 1.16 reads it only in
 `robust`, `exo_pair`, `aot` and `aot_unpaired`). TRL's TR-DPO keys (`sync_ref_model`, `ref_model_mixup_alpha`,
 `ref_model_sync_steps`) are `dpo.` keys here, also under LoRA, which TRL refuses; its `ref_model` is
-`model.ref_model`. Not here: generation during evaluation (`silkie chat --compare` and `silkie evaluate --tasks`
-after training). The reference-free losses of TRL's CPO and ORPO trainers are loss types here (`cpo`, `simpo`,
-`orpo`; CPO's `cpo_alpha` NLL term is `[cpo, sft]`).
+`model.ref_model`. Its `generate_during_eval` is `dpo.generate_during_eval` (answers written to
+`<working>/eval_samples.jsonl` and TensorBoard, not wandb). The reference-free losses of TRL's CPO and ORPO
+trainers are loss types here (`cpo`, `simpo`, `orpo`; CPO's `cpo_alpha` NLL term is `[cpo, sft]`).
 TRL's conversational data format (a system message and earlier turns included), LLaMA-Factory's ShareGPT and
 ms-swift's RLHF rows are read (docs/data.md).
 

@@ -186,6 +186,7 @@ FREE_CHANGES = (
     "training.disable_tqdm",
     "training.log_level",
     "dpo.precompute_ref_batch_size",
+    "dpo.generate_",  # answers shown at evaluations (greedy: no random draws)
 )
 RESUMABLE_CHANGES = (
     "training.max_steps",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from silkie.models.generation import pad_token_id, stop_token_ids
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM
 from silkie.tools.chat_inputs import (
     FamilyPrompter,
@@ -92,13 +93,6 @@ def write_history(path: str | Path, turns: Iterable[Turn]) -> None:
     staged.replace(path)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    if not hasattr(tokenizer, "im_end_id"):  # a transformers tokenizer (Qwen2-VL, LLaVA): its EOS ends the turn
-        return [tokenizer.eos_token_id]
-    """Generation stops at `<|im_end|>`, `<|im_start|>` or `<|endoftext|>`."""
-    return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
-
-
 def generate_kwargs(
     tokenizer: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict | None, options: GenerationOptions
 ) -> dict:
@@ -109,14 +103,13 @@ def generate_kwargs(
     if pixel_values is None:
         pixel_values = {}
     images = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
-    pad = getattr(tokenizer, "eod_id", None)
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         **images,
         max_new_tokens=options.max_new_tokens,
         eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=pad if pad is not None else (tokenizer.pad_token_id or tokenizer.eos_token_id),
+        pad_token_id=pad_token_id(tokenizer),
         do_sample=options.sample,
     )
     if options.sample:

@@ -19,7 +19,15 @@ from torch import nn
 from silkie.config import Recipe, RecipeError, save_recipe
 from silkie.config.objective import uses_reference
 from silkie.logs import get_logger
-from silkie.run_dir import CACHE_DIR, CONFIG_NAME, METRICS_NAME, REFERENCE_DIR, TENSORBOARD_DIR, remove_staging
+from silkie.run_dir import (
+    CACHE_DIR,
+    CONFIG_NAME,
+    EVAL_SAMPLES_NAME,
+    METRICS_NAME,
+    REFERENCE_DIR,
+    TENSORBOARD_DIR,
+    remove_staging,
+)
 
 from .metrics import MetricsJsonlCallback
 from .preemption import PreemptionCallback
@@ -128,6 +136,13 @@ def build_trainer(
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)
     if recipe.dpo.sync_ref_model and policy is None:  # a finished policy is scored against its starting model
         _reference_sync(recipe, trainer, bookkeeping)
+    if recipe.dpo.generate_during_eval and bookkeeping and data.eval is not None:
+        from .eval_samples import EvalSamplesCallback
+
+        dpo = recipe.dpo
+        path = working / EVAL_SAMPLES_NAME
+        trainer.add_callback(EvalSamplesCallback(trainer, codec, path, dpo.generate_num_prompts,
+                                                 dpo.generate_max_new_tokens))  # fmt: skip
     return BuiltRun(recipe, working, trainer, codec, data, preemption)
 
 

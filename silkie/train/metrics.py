@@ -10,6 +10,16 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append `record` as one JSON line (after a line break first where a killed run left a half-written line)."""
+    with path.open("a+b") as handle:
+        torn = False
+        if handle.seek(0, os.SEEK_END) > 0:
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+        handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
+
+
 class MetricsJsonlCallback(TrainerCallback):
     """Appends every log record (train and eval) to `path` as one JSON object per line (main process only)."""
 
@@ -19,13 +29,7 @@ class MetricsJsonlCallback(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-        with self.path.open("a+b") as handle:
-            torn = False
-            if handle.seek(0, os.SEEK_END) > 0:  # a killed run may have left a half-written line: start a fresh one
-                handle.seek(-1, os.SEEK_END)
-                torn = handle.read(1) != b"\n"
-            handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
+        append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs})
 
 
 def run_train_loss(log_history: list[dict], start_step: int, launch_loss: float | None, end_step: int) -> float | None:

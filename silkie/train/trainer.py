@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import math
 from collections import defaultdict
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from silkie.dpo.losses import DPOObjective
 from silkie.dpo.objective import (
     CORRUPT_VIEW,
     BatchScores,
-    adapter_reference,
     batch_metrics,
     corrupted_view,
     score_batch,
@@ -126,19 +126,30 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
             # reference forward on some ranks only would stall ZeRO-3's collective parameter gathers.
             if not any_rank(torch.isnan(picked).any(), self.args.device):
                 return picked[:, 0].to(self.args.device), picked[:, 1].to(self.args.device)
-        with self.accelerator.autocast():  # as the policy (also for the precompute pass, outside a step)
-            if self.ref_model is not None:
-                ref = score_answers(self.ref_model, batch, self.step_options, self.pad_token_id, features, no_grad=True)
-                return ref.chosen_logps.detach(), ref.rejected_logps.detach()
-            if self._reference_released:  # the adapters-off policy is not that reference
-                raise RuntimeError("the frozen reference was released after caching, yet a batch needs it again")
+        if self._reference_released:  # the adapters-off policy is not that reference
+            raise RuntimeError("the frozen reference was released after caching, yet a batch needs it again")
+        # as the policy (also for the precompute pass, outside a step)
+        with self.accelerator.autocast(), self.as_reference(model) as reference:
+            ref = score_answers(reference, batch, self.step_options, self.pad_token_id, features, no_grad=True)
+        return ref.chosen_logps.detach(), ref.rejected_logps.detach()
+
+    @contextmanager
+    def as_reference(self, model: nn.Module) -> Iterator[nn.Module | None]:
+        """The reference model inside: the frozen copy, or the policy with its adapters off or (TR-DPO under LoRA)
+        the snapshot swapped in; None where there is none (a reference-free loss, a released copy)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        elif self.reference_sync is not None and self.reference_sync.swaps_into_policy:
+            unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # the parameters' names
+            with self.reference_sync.reference.swapped_in(unwrapped):
+                yield unwrapped
+        else:
             unwrapped = self.accelerator.unwrap_model(model)
-            if self.reference_sync is not None and self.reference_sync.swaps_into_policy:
-                unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # the parameters' names
-                with self.reference_sync.reference.swapped_in(unwrapped):
-                    ref = score_answers(unwrapped, batch, self.step_options, self.pad_token_id, features, no_grad=True)
-                return ref.chosen_logps.detach(), ref.rejected_logps.detach()
-            return adapter_reference(unwrapped, self.step_options, self.pad_token_id)(batch, features)
+            if self._reference_released or not hasattr(unwrapped, "disable_adapter"):
+                yield None
+            else:
+                with unwrapped.disable_adapter():
+                    yield unwrapped
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
