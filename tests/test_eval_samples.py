@@ -53,9 +53,9 @@ def answers_of_the_saved_run(recipe, working, records) -> list[tuple[str, str]]:
     return pairs
 
 
-@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl"])
-def test_each_evaluation_writes_the_policy_s_and_the_reference_s_answers(family, assets, tmp_path):
-    overrides = asset_overrides(assets) + SAMPLED + ["training.report_to=tensorboard"]
+@pytest.mark.parametrize("family, loss", [("qwen_vl", "sigmoid"), ("qwen2_vl", "sigmoid"), ("qwen_vl", "simpo")])
+def test_each_evaluation_writes_the_policy_s_and_the_reference_s_answers(family, loss, assets, tmp_path):
+    overrides = asset_overrides(assets) + SAMPLED + ["training.report_to=tensorboard", f"dpo.loss_type={loss}"]
     recipe_file = DEMO_RECIPE
     if family == "qwen2_vl":
         from silkie.dev.tiny_hf_vlm import build_tiny_qwen2_vl
@@ -71,10 +71,17 @@ def test_each_evaluation_writes_the_policy_s_and_the_reference_s_answers(family,
     assert [r["prompt_id"] for r in records[:2]] == [r["prompt_id"] for r in records[2:]]
     for record in records:
         assert record["images"] and record["chosen"] and record["chosen"] != record["rejected"]
-        assert "?" in record["prompt"] and 0 < record["policy_tokens"] <= 12 and 0 < record["reference_tokens"] <= 12
+        assert "?" in record["prompt"] and 0 < record["policy_tokens"] <= 12
+        if loss == "simpo":  # reference-free: no reference answers
+            assert record["reference"] is None and record["reference_tokens"] == 0
+        else:
+            assert 0 < record["reference_tokens"] <= 12
     final = records[2:]
-    assert any(r["policy"] != r["reference"] for r in final)  # 4 steps at lr 1e-3 moved the tiny model's answers
-    assert [(r["policy"], r["reference"]) for r in final] == answers_of_the_saved_run(recipe, working, final)
+    expected = answers_of_the_saved_run(recipe, working, final)
+    assert [r["policy"] for r in final] == [policy for policy, _ in expected]
+    if loss != "simpo":
+        assert any(r["policy"] != r["reference"] for r in final)  # 4 steps at lr 1e-3 moved the answers
+        assert [r["reference"] for r in final] == [reference for _, reference in expected]
     assert any(b"eval_samples/1" in path.read_bytes() for path in (working / "tb").rglob("*") if path.is_file())
 
 
@@ -91,3 +98,14 @@ def test_generation_needs_evaluations_and_its_keys_need_it(assets):
     assert recipe.dpo.notes() == [note]
     with pytest.raises(RecipeError, match=r"'training.generate_during_eval' \(did you mean 'dpo.generate_during_eval'"):
         load_recipe(DEMO_RECIPE, [*asset_overrides(assets), "training.generate_during_eval=true"])
+
+
+def test_a_stop_signal_ends_the_generation_at_the_next_prompt(assets, tmp_path):
+    from silkie.train.build import build_trainer
+    from silkie.train.eval_samples import EvalSamplesCallback
+
+    built = build_trainer(load_recipe(DEMO_RECIPE, asset_overrides(assets) + SAMPLED), tmp_path / "run")
+    samples = next(c for c in built.trainer.callback_handler.callbacks if isinstance(c, EvalSamplesCallback))
+    assert [record["step"] for record in samples.answers(7)] == [7, 7]
+    built.preemption.requested = True  # as the signal handler sets it
+    assert samples.answers(8) == []

@@ -143,7 +143,8 @@ class DPOSection:
         False,
         "TRL's `generate_during_eval`: after each evaluation, greedy answers of the policy and of the reference to "
         "the first `generate_num_prompts` held-out prompts (their pictures included), appended to "
-        "`<working>/eval_samples.jsonl` and shown in TensorBoard's text tab.",
+        "`<working>/eval_samples.jsonl` and shown in TensorBoard's text tab (no reference answer for cpo, simpo "
+        "and orpo, or once a full fine-tuning run has released its cached reference copy).",
         "train.build:build_trainer",
     )
     generate_num_prompts: int = key(

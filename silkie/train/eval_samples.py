@@ -12,10 +12,13 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
+from silkie.config.objective import uses_reference
 from silkie.logs import get_logger
 from silkie.models.generation import pad_token_id, prompt_generation_inputs, stop_token_ids, text_tokenizer
+from silkie.models.kernels import eager_blocks
 
 from .metrics import append_jsonl
+from .preemption import any_rank
 
 logger = get_logger(__name__)
 
@@ -73,35 +76,46 @@ class EvalSamplesCallback(TrainerCallback):
         return control
 
     def answers(self, step: int) -> list[dict]:
-        """One record per sample prompt: its texts and both models' answers (reference None where there is none)."""
-        trainer, tokenizer = self.trainer, self.tokenizer
+        """One record per sample prompt: its texts and both models' answers. The reference's is None where the
+        objective has none (cpo, simpo, orpo) or its frozen copy was released after the reference cache was built.
+        Compiled decoder blocks run eager here (a cache per layer would compile a variant per layer); a stop signal
+        ends the generation at the next prompt, on every rank together."""
+        trainer = self.trainer
         policy = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
         dataset = trainer.eval_dataset
+        stop = trainer._stop_callback()
         training = policy.training
         policy.eval()
         records = []
+        models = [model for model in (policy, trainer.ref_model) if model is not None]
         try:
-            for index in self.rows:
-                row = dataset[index]
-                batch = trainer.eval_data_collator([row])
-                record = {"step": step, "prompt_id": row["prompt_id"], "images": row["images"],
-                          "videos": row["videos"], "prompt": _text(tokenizer, row["prompt_input_ids"])}  # fmt: skip
-                for name in ("chosen", "rejected"):
-                    record[name] = _text(tokenizer, row[f"{name}_input_ids"])
-                with trainer.accelerator.autocast():
-                    inputs = prompt_generation_inputs(policy, batch)
-                    record["policy"], record["policy_tokens"] = greedy_answer(policy, inputs, tokenizer,
-                                                                              self.max_new_tokens)  # fmt: skip
-                    with trainer.as_reference(trainer.model) as reference:
-                        answer = (None, 0)
-                        if reference is not None:
-                            reference = trainer.accelerator.unwrap_model(reference)
-                            answer = greedy_answer(reference, inputs, tokenizer, self.max_new_tokens)
-                    record["reference"], record["reference_tokens"] = answer
-                records.append(record)
+            with eager_blocks(*models):
+                for index in self.rows:
+                    if stop is not None and any_rank(stop.requested, trainer.args.device):
+                        break
+                    records.append(self._answer(policy, dataset[index], step))
         finally:
             policy.train(training)
         return records
+
+    def _answer(self, policy: nn.Module, row: dict, step: int) -> dict:
+        trainer, tokenizer = self.trainer, self.tokenizer
+        batch = trainer.eval_data_collator([row])
+        record = {"step": step, "prompt_id": row["prompt_id"], "images": row["images"], "videos": row["videos"],
+                  "prompt": _text(tokenizer, row["prompt_input_ids"])}  # fmt: skip
+        for name in ("chosen", "rejected"):
+            record[name] = _text(tokenizer, row[f"{name}_input_ids"])
+        with trainer.accelerator.autocast():
+            inputs = prompt_generation_inputs(policy, batch)
+            record["policy"], record["policy_tokens"] = greedy_answer(policy, inputs, tokenizer, self.max_new_tokens)
+            answer = (None, 0)
+            if uses_reference(trainer.dpo.loss_type):
+                with trainer.as_reference(trainer.model) as reference:
+                    if reference is not None:
+                        reference = trainer.accelerator.unwrap_model(reference)
+                        answer = greedy_answer(reference, inputs, tokenizer, self.max_new_tokens)
+            record["reference"], record["reference_tokens"] = answer
+        return record
 
     def _show(self, records: list[dict], step: int) -> None:
         """The answers as TensorBoard text (where the run reports to TensorBoard)."""
@@ -110,7 +124,8 @@ class EvalSamplesCallback(TrainerCallback):
         if writer is None:
             return
         for number, record in enumerate(records):
-            text = (f"**prompt** {record['prompt']}\n\n**chosen** {record['chosen']}\n\n**policy** {record['policy']}"
-                    f"\n\n**reference** {record['reference']}")  # fmt: skip
+            text = f"**prompt** {record['prompt']}\n\n**chosen** {record['chosen']}\n\n**policy** {record['policy']}"
+            if record["reference"] is not None:
+                text += f"\n\n**reference** {record['reference']}"
             writer.add_text(f"eval_samples/{number}", text, step)
         writer.flush()

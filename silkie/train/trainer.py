@@ -136,7 +136,8 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
     @contextmanager
     def as_reference(self, model: nn.Module) -> Iterator[nn.Module | None]:
         """The reference model inside: the frozen copy, or the policy with its adapters off or (TR-DPO under LoRA)
-        the snapshot swapped in; None where there is none (a reference-free loss, a released copy)."""
+        the snapshot swapped in; None where there is none (a released frozen copy; full fine-tuning with a
+        reference-free loss, which keeps no copy)."""
         if self.ref_model is not None:
             yield self.ref_model
         elif self.reference_sync is not None and self.reference_sync.swaps_into_policy:
