@@ -52,6 +52,7 @@ def test_each_round_samples_from_the_policy_the_last_one_trained(rounds):
         assert len(answers) == 48 and summaries[number - 1]["rated_instructions"] == 24 - len(with_an_empty)
         recipe = (work / f"round-{number}" / "recipe.yaml").read_text()
         assert f"path: {summaries[number - 1]['policy']}" in recipe and "source: vlfeedback" in recipe
+        assert "eval_split: hashed" in recipe  # a prompt held out in round 1 is held out in round 2
         assert 0 <= summaries[number - 1]["eval_rewards/accuracies"] <= 1
         assert 1 <= summaries[number - 1]["policy_mean_rating"] <= 5
     # round 2's policy is round 1's base with round 1's adapter folded in

@@ -227,3 +227,12 @@ def test_model_family_left_out_is_read_from_the_checkpoint(tmp_path):
     assert load_recipe(DEMO, [f"model.path={folder}"]).model.family == "qwen_vl"  # unknown: the default
     (folder / "config.json").write_text("not json")
     assert load_recipe(DEMO, [f"model.path={folder}"]).model.family == "qwen_vl"  # the checkpoint check names it
+
+
+def test_a_hashed_split_needs_a_fraction():
+    recipe = REPO_ROOT / "dpo_config" / "demo.yaml"
+    assert load_recipe(recipe, ["data.eval_split=hashed"]).data.eval_split == "hashed"
+    with pytest.raises(RecipeError, match="data.eval_split = 'hashed' holds out the prompts whose hash falls below"):
+        load_recipe(recipe, ["data.eval_split=hashed", "data.eval_fraction=0", "data.eval_size=3"])
+    with pytest.raises(RecipeError, match=r"data.eval_split = 'hash' is not allowed.*did you mean 'hashed'"):
+        load_recipe(recipe, ["data.eval_split=hash"])

@@ -175,6 +175,23 @@ def test_split_by_prompt_no_shared_ids_and_deterministic():
         split_by_prompt(pairs, eval_fraction=0.1, eval_size=3)
 
 
+def test_a_hashed_split_keeps_each_prompt_s_side_whatever_else_the_data_holds():
+    # annotate rounds: a round whose usable prompts differ must not hold out a prompt an earlier round trained on
+    pairs = _pairs_for([f"id{i}" for i in range(200)])
+    held = {p.prompt_id for p in split_by_prompt(pairs, eval_fraction=0.2, seed=3, rule="hashed")[1]}
+    assert 20 < len(held) < 60  # about 40 of 200: the count is not exact
+    ranked = {p.prompt_id for p in split_by_prompt(pairs, eval_fraction=0.2, seed=3)[1]}
+    gone = set(sorted(ranked)[:20]) | set(sorted(held)[:5])  # held-out prompts leave the data
+    fewer = [p for p in pairs if p.prompt_id not in gone]
+    train, evaluation = split_by_prompt(fewer, eval_fraction=0.2, seed=3, rule="hashed")
+    assert {p.prompt_id for p in evaluation} == held & {p.prompt_id for p in fewer}
+    assert not {p.prompt_id for p in train} & held
+    moved = {p.prompt_id for p in split_by_prompt(fewer, eval_fraction=0.2, seed=3)[1]} - ranked
+    assert moved  # the ranked rule refills the count from prompts that were on the training side
+    with pytest.raises(ValueError, match="data.eval_split hashed held out no prompt of 2 at data.eval_fraction 0.01"):
+        split_by_prompt(_pairs_for(["a", "b"]), eval_fraction=0.01, seed=0, rule="hashed")
+
+
 def test_split_keeps_a_prompt_together_when_each_pair_has_its_own_id():
     """Preference files often give every pair its own id: the split still goes by question + image."""
     pairs = [

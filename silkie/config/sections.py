@@ -204,6 +204,13 @@ class DataSection:
         "Held-out prompts as a count (instead of a fraction; eval_fraction must then be 0); null = use eval_fraction.",
         "data.build:build_pairs",
     )
+    eval_split: str = key(
+        "ranked",
+        "How eval_fraction / eval_size pick prompts by a seeded hash: `ranked`, the exact count of lowest hashes among "
+        "the prompts present; `hashed`, each prompt whose hash falls below eval_fraction, whatever else the data "
+        "holds, so a prompt keeps its side when the data grows or changes (annotate rounds use it).",
+        "data.build:build_pairs",
+    )
     eval_path: str | None = key(
         None,
         "A file (or dataset) of held-out pairs of its own, read as `data.source` and the pair rules say, instead of "
@@ -287,6 +294,10 @@ class DataSection:
                 f"recipe: data.eval_fraction = {self.eval_fraction} and data.eval_size = {self.eval_size} are both "
                 "set; set one of them (data.eval_fraction=0 to hold out eval_size prompts)"
             )
+        choice("data.eval_split", self.eval_split, ("ranked", "hashed"))
+        if self.eval_split == "hashed" and not self.eval_fraction:
+            raise RecipeError("recipe: data.eval_split = 'hashed' holds out the prompts whose hash falls below "
+                              "data.eval_fraction, 0 here; set data.eval_fraction (not eval_size)")  # fmt: skip
         require(self.min_margin >= 0, "data.min_margin", self.min_margin, "a number >= 0")
         require(self.num_proc >= 1, "data.num_proc", self.num_proc, "an integer >= 1")
         for name, value in (

@@ -94,7 +94,7 @@ def build_pairs(
     pairs, report = pairs_for(rows, data, store, data.path)
     if eval_rows is None:
         train, evaluation = split_by_prompt(
-            pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed
+            pairs, eval_fraction=data.eval_fraction, eval_size=data.eval_size, seed=data.seed, rule=data.eval_split
         )
         return train, evaluation, store, report
     evaluation, eval_report = pairs_for(eval_rows, data, store, data.eval_path)

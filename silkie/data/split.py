@@ -21,6 +21,7 @@ def split_by_prompt(
     eval_fraction: float = 0.0,
     eval_size: int | None = None,
     seed: int = 0,
+    rule: str = "ranked",
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Split pairs into (train, eval) by prompt (`prompt_key`): pairs with the same question (a conversation's
     first turn) and media stay together.
@@ -29,6 +30,10 @@ def split_by_prompt(
     when > 0); give one of them. Prompts are ordered by a seeded hash of their id (the smallest over a prompt's
     pairs, for files that give each pair its own id), so the split depends only on the seed and the pairs, not
     on input order. Each side keeps input order.
+
+    `rule` "hashed" holds out each prompt whose hash, read as a number in [0, 1), is below `eval_fraction`: its side
+    depends on the prompt and the seed alone, so a prompt stays held out when other prompts come or go (data that
+    grows, annotate rounds whose usable prompts differ), at the cost of an inexact count.
     """
     if eval_size is not None and eval_fraction:
         raise ValueError("give eval_fraction or eval_size, not both")
@@ -40,6 +45,13 @@ def split_by_prompt(
     for pair in pairs:
         key, rank = prompt_key(pair), _rank(seed, pair.prompt_id)
         ranks[key] = min(rank, ranks.get(key, rank))
+    if rule == "hashed":
+        eval_keys = {key for key, rank in ranks.items() if int(rank[:15], 16) / 16**15 < eval_fraction}
+        if not eval_keys or len(eval_keys) == len(ranks):
+            side = "no prompt" if not eval_keys else "every prompt"
+            raise InputError(f"data.eval_split hashed held out {side} of {len(ranks)} at data.eval_fraction "
+                             f"{eval_fraction}; change the fraction, or use data.eval_split ranked")  # fmt: skip
+        return _sides(pairs, eval_keys)
     if eval_size is not None:
         n_eval = eval_size
     elif eval_fraction > 0:
@@ -50,7 +62,10 @@ def split_by_prompt(
         return list(pairs), []
     if n_eval >= len(ranks):
         raise InputError(f"eval split of {n_eval} prompts leaves no training prompts (only {len(ranks)})")
-    eval_keys = set(sorted(ranks, key=lambda key: (ranks[key], key))[:n_eval])
+    return _sides(pairs, set(sorted(ranks, key=lambda key: (ranks[key], key))[:n_eval]))
+
+
+def _sides(pairs: Sequence[PreferencePair], eval_keys: set) -> tuple[list[PreferencePair], list[PreferencePair]]:
     train = [pair for pair in pairs if prompt_key(pair) not in eval_keys]
     evaluation = [pair for pair in pairs if prompt_key(pair) in eval_keys]
     return train, evaluation

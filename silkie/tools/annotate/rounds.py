@@ -6,6 +6,7 @@ round has its own folder (`round-r/data`, `round-r/run`, `round-r/merged`) and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -22,7 +23,8 @@ SUMMARY = "rounds.json"
 
 
 def round_recipe(config: RoundsConfig, policy: Path, release: Path, target: Path) -> Path:
-    """The round's recipe: the configured one with this round's policy and release; written to `target`."""
+    """The round's recipe: the configured one with this round's policy and release, its held-out prompts split by
+    `data.eval_split: hashed` (a prompt's side is the same in every round); written to `target`."""
     from silkie.config import load_recipe, save_recipe
 
     overrides = [
@@ -33,6 +35,8 @@ def round_recipe(config: RoundsConfig, policy: Path, release: Path, target: Path
         f"data.images={release / 'merged_images.zip'}",
     ]
     recipe = read_config(load_recipe, config.recipe, overrides)
+    if recipe.data.eval_fraction:  # a prompt held out in one round is held out in every round
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, eval_split="hashed"))
     save_recipe(recipe, target)
     return target
 
