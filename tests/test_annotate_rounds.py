@@ -55,6 +55,9 @@ def test_each_round_samples_from_the_policy_the_last_one_trained(rounds):
         assert "eval_split: hashed" in recipe  # a prompt held out in round 1 is held out in round 2
         assert 0 <= summaries[number - 1]["eval_rewards/accuracies"] <= 1
         assert 1 <= summaries[number - 1]["policy_mean_rating"] <= 5
+        usage = summaries[number - 1]["judge_usage"]  # the round's judge requests: one per rated instruction here
+        assert usage == json.loads((work / f"round-{number}" / "data" / "judge_usage.json").read_text())
+        assert usage["requests"] >= summaries[number - 1]["rated_instructions"] > 0
     # round 2's policy is round 1's base with round 1's adapter folded in
     merged = load_file(next((work / "round-1" / "merged").glob("*.safetensors")))
     base = load_file(next(model.glob("*.safetensors")))

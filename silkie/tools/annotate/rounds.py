@@ -16,6 +16,7 @@ from typing import Any
 
 from silkie.config.annotate import PoolConfig, PoolModel, RoundsConfig, load_judge, load_pool
 from silkie.run_dir import ADAPTER_DIR, FINAL_METRICS_NAME, FINISHED_NAME
+from silkie.tools.annotate.files import USAGE
 from silkie.tools.cli import ToolError, read_config
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ def policy_models(config: RoundsConfig, policy: Path, number: int) -> list[PoolM
         )  # fmt: skip
         for i in range(1, config.policy_answers + 1)
     ]
+
+
+def judge_usage(data: Path) -> dict[str, float] | None:
+    """The round's judge requests, tokens and cost (priced by the judge file), as `judge` recorded them."""
+    path = data / USAGE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def train_round(recipe: Path, working: Path, launch_args: list[str]) -> dict[str, Any]:
@@ -137,6 +144,7 @@ def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> li
                 "policy_mean_rating": policy_rating(data, names),
                 "rated_instructions": summary["rated_instructions"],
                 "judge_failures": summary["judge_failures"],
+                "judge_usage": judge_usage(data),
                 "eval_rewards/accuracies": final.get("eval_rewards/accuracies"),
                 "run": str(run),
             }
