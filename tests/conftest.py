@@ -9,7 +9,7 @@ import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n N`: the workers share the cores (their subprocesses inherit it)
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _workers))  # this process's cores
 import torch  # noqa: E402  (after the thread count: torch reads it at import)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -52,14 +52,38 @@ def test_a_batch_answers_as_each_prompt_alone(models, pictures, family):
         prompts = [responder.inputs(p, q) for p, q in zip(pictures, QUESTIONS)]
         together = responder.replies(prompts, seeds)
         assert together == alone
-        lengths = [count for _, count, _ in alone]
+        lengths = [answer.prompt_tokens for answer in alone]
         assert len(set(lengths)) == 3  # different prompt lengths: the batch is padded
-        assert all(1 <= generated <= 10 for _, _, generated in alone)
+        assert all(1 <= answer.answer_tokens <= 10 for answer in alone)
         by_temperature[temperature] = together
         if temperature:
             again = responder.replies(prompts, [21, 22, 23])
-            assert [t for t, _, _ in again] != [t for t, _, _ in together]  # the seed decides the draw
-    assert [t for t, _, _ in by_temperature[0.0]] != [t for t, _, _ in by_temperature[1.0]]
+            assert [a.text for a in again] != [a.text for a in together]  # the seed decides the draw
+    assert [a.text for a in by_temperature[0.0]] != [a.text for a in by_temperature[1.0]]
+
+
+@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl"])
+def test_a_stop_token_as_the_last_allowed_token_is_a_stop_not_a_cut(models, pictures, family, monkeypatch):
+    # finish_reason "stop" vs "length" (annotate serve), a judge reply cut short: decided by the stop token, not
+    # by the count. The tiny models rarely stop, so a token they do generate is made the stop token.
+    import silkie.tools.chat
+
+    responder = Responder(PoolModel(path=str(models[family]), max_new_tokens=12, temperature=0.0), "cpu")
+    free = responder.reply(pictures[0], QUESTIONS[0], 0)
+    assert not free.stopped and free.answer_tokens == 12
+    tokenizer, ids, tensors = responder.inputs(pictures[0], QUESTIONS[0])
+    out = responder.chat.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                        do_sample=False, **responder.chat.to_device(tensors))[0, ids.shape[1]:]
+    stop = int(out[2])
+    limit = out.tolist().index(stop) + 1  # where it first comes
+    monkeypatch.setattr(silkie.tools.chat, "stop_token_ids", lambda tokenizer: [stop])
+    responder.options.max_new_tokens = limit
+    exact = responder.reply(pictures[0], QUESTIONS[0], 0)
+    assert exact.stopped and exact.answer_tokens == limit
+    if limit > 1:
+        responder.options.max_new_tokens = limit - 1
+        cut = responder.reply(pictures[0], QUESTIONS[0], 0)
+        assert not cut.stopped and cut.answer_tokens == limit - 1
 
 
 def test_row_sampler_draws_each_row_from_its_own_seed_within_the_nucleus():

@@ -85,3 +85,22 @@ def test_a_reference_of_its_own_is_refused_before_any_round(rounds, tmp_path):
     done = subprocess.run(args, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and not (tmp_path / "work" / "round-1").exists()
     assert "each round's reference is the policy it starts from" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_round_splits_by_hash_unless_the_recipe_chose_or_the_round_began_otherwise(tmp_path):
+    from silkie.config import load_recipe, save_recipe
+    from silkie.config.annotate import RoundsConfig
+    from silkie.tools.annotate.rounds import round_recipe
+
+    demo = REPO_ROOT / "dpo_config" / "demo.yaml"  # eval_fraction 0.1
+    release = tmp_path / "release"
+
+    def split(overrides: list[str], target) -> str:
+        config = RoundsConfig(recipe=str(demo), overrides=overrides, instructions="i", images="m", judge="j")
+        return load_recipe(round_recipe(config, tmp_path / "policy", release, target)).data.eval_split
+
+    assert split([], tmp_path / "new.yaml") == "hashed"
+    assert split(["data.eval_split=ranked"], tmp_path / "chosen.yaml") == "ranked"
+    assert split(["data.eval_fraction=0", "data.eval_size=3"], tmp_path / "by-count.yaml") == "ranked"
+    save_recipe(load_recipe(demo), tmp_path / "begun.yaml")  # a round cut short under the earlier rule
+    assert split([], tmp_path / "begun.yaml") == "ranked"

@@ -40,6 +40,7 @@ STANDIN = textwrap.dedent(
     class CompletionOutput:
         text: str
         token_ids: list
+        finish_reason: str = "stop"
 
     @dataclass
     class RequestOutput:

@@ -234,5 +234,7 @@ def test_a_hashed_split_needs_a_fraction():
     assert load_recipe(recipe, ["data.eval_split=hashed"]).data.eval_split == "hashed"
     with pytest.raises(RecipeError, match="data.eval_split = 'hashed' holds out the prompts whose hash falls below"):
         load_recipe(recipe, ["data.eval_split=hashed", "data.eval_fraction=0", "data.eval_size=3"])
+    with pytest.raises(RecipeError, match="'hashed' splits data.path, but data.eval_path gives the held-out pairs"):
+        load_recipe(recipe, ["data.eval_split=hashed", "data.eval_fraction=0", f"data.eval_path={recipe}"])
     with pytest.raises(RecipeError, match=r"data.eval_split = 'hash' is not allowed.*did you mean 'hashed'"):
         load_recipe(recipe, ["data.eval_split=hash"])

@@ -188,8 +188,14 @@ def test_a_hashed_split_keeps_each_prompt_s_side_whatever_else_the_data_holds():
     assert not {p.prompt_id for p in train} & held
     moved = {p.prompt_id for p in split_by_prompt(fewer, eval_fraction=0.2, seed=3)[1]} - ranked
     assert moved  # the ranked rule refills the count from prompts that were on the training side
-    with pytest.raises(ValueError, match="data.eval_split hashed held out no prompt of 2 at data.eval_fraction 0.01"):
-        split_by_prompt(_pairs_for(["a", "b"]), eval_fraction=0.01, seed=0, rule="hashed")
+    # a prompt is drawn once whatever ids its pairs carry (a file giving each pair its own id, a release adding pairs)
+    own_ids = [PreferencePair(f"{p.prompt_id}-{k}", p.prompt, None, p.chosen, p.rejected, 1.0, 0.0)
+               for k, p in enumerate(pairs)]  # fmt: skip
+    assert {p.prompt for p in split_by_prompt(own_ids, eval_fraction=0.2, seed=3, rule="hashed")[1]} == {
+        p.prompt for p in pairs if p.prompt_id in held
+    }
+    with pytest.raises(ValueError, match="data.eval_split hashed held out no prompt of 2 at data.eval_fraction 1e-09"):
+        split_by_prompt(_pairs_for(["a", "b"]), eval_fraction=1e-9, seed=0, rule="hashed")
 
 
 def test_split_keeps_a_prompt_together_when_each_pair_has_its_own_id():

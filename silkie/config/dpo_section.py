@@ -144,7 +144,7 @@ class DPOSection:
         "TRL's `generate_during_eval`: after each evaluation, greedy answers of the policy and of the reference to "
         "the first `generate_num_prompts` held-out prompts (their pictures included), appended to "
         "`<working>/eval_samples.jsonl` and shown in TensorBoard's text tab (no reference answer for cpo, simpo "
-        "and orpo, or once a full fine-tuning run has released its cached reference copy).",
+        "and orpo, or once a frozen reference copy was released after `precompute_ref_log_probs`).",
         "train.build:build_trainer",
     )
     generate_num_prompts: int = key(

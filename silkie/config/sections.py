@@ -295,6 +295,9 @@ class DataSection:
                 "set; set one of them (data.eval_fraction=0 to hold out eval_size prompts)"
             )
         choice("data.eval_split", self.eval_split, ("ranked", "hashed"))
+        if self.eval_split == "hashed" and self.eval_path is not None:
+            raise RecipeError("recipe: data.eval_split = 'hashed' splits data.path, but data.eval_path gives the "
+                              "held-out pairs; leave data.eval_split unset")  # fmt: skip
         if self.eval_split == "hashed" and not self.eval_fraction:
             raise RecipeError("recipe: data.eval_split = 'hashed' holds out the prompts whose hash falls below "
                               "data.eval_fraction, 0 here; set data.eval_fraction (not eval_size)")  # fmt: skip

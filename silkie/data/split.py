@@ -4,6 +4,7 @@ both sides."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 
@@ -14,6 +15,12 @@ from silkie.errors import InputError
 
 def _rank(seed: int, prompt_id: str) -> str:
     return hashlib.sha1(f"{seed}\0{prompt_id}".encode()).hexdigest()
+
+
+def _share(seed: int, key: tuple) -> float:
+    """A prompt's own draw in [0, 1): from the prompt (question or first turn, and media), not its pairs' ids, so
+    a prompt whose pairs carry several ids (or more ids in a larger release) still gets one draw."""
+    return int(_rank(seed, json.dumps(key))[:15], 16) / 16**15
 
 
 def split_by_prompt(
@@ -31,9 +38,10 @@ def split_by_prompt(
     pairs, for files that give each pair its own id), so the split depends only on the seed and the pairs, not
     on input order. Each side keeps input order.
 
-    `rule` "hashed" holds out each prompt whose hash, read as a number in [0, 1), is below `eval_fraction`: its side
-    depends on the prompt and the seed alone, so a prompt stays held out when other prompts come or go (data that
-    grows, annotate rounds whose usable prompts differ), at the cost of an inexact count.
+    `rule` "hashed" holds out each prompt whose own hash (of its question or first turn and media), read as a number
+    in [0, 1), is below `eval_fraction`: its side depends on the prompt and the seed alone, so a prompt stays on its
+    side when other prompts or pairs come or go (data that grows, annotate rounds whose usable prompts differ), at
+    the cost of an inexact count.
     """
     if eval_size is not None and eval_fraction:
         raise ValueError("give eval_fraction or eval_size, not both")
@@ -46,11 +54,12 @@ def split_by_prompt(
         key, rank = prompt_key(pair), _rank(seed, pair.prompt_id)
         ranks[key] = min(rank, ranks.get(key, rank))
     if rule == "hashed":
-        eval_keys = {key for key, rank in ranks.items() if int(rank[:15], 16) / 16**15 < eval_fraction}
+        eval_keys = {key for key in ranks if _share(seed, key) < eval_fraction}
         if not eval_keys or len(eval_keys) == len(ranks):
             side = "no prompt" if not eval_keys else "every prompt"
             raise InputError(f"data.eval_split hashed held out {side} of {len(ranks)} at data.eval_fraction "
-                             f"{eval_fraction}; change the fraction, or use data.eval_split ranked")  # fmt: skip
+                             f"{eval_fraction}; change the fraction, or set data.eval_split ranked (an exact "
+                             "count)")  # fmt: skip
         return _sides(pairs, eval_keys)
     if eval_size is not None:
         n_eval = eval_size

@@ -5,7 +5,7 @@ is generated alone, in a batch of 8, or in another process's shard."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -59,10 +59,20 @@ def merge_media(rows: Sequence[dict], length: int) -> dict:
     return merged
 
 
+class Answer(NamedTuple):
+    """A generated answer: its text, the prompt's and the answer's token counts (the stop token included), and
+    whether it ended at a stop token (false: cut at the token limit; a stop as the last allowed token is a stop)."""
+
+    text: str
+    prompt_tokens: int
+    answer_tokens: int
+    stopped: bool
+
+
 def generate_batch(
     chat: Any, tokenizer: Any, prompts: Sequence[tuple[torch.Tensor, dict]], options: Any, seeds: Sequence[int]
-) -> list[tuple[str, int, int]]:
-    """(answer, prompt tokens, generated tokens) of each (ids [1, L], media) prompt, generated in one batch."""
+) -> list[Answer]:
+    """The answer of each (ids [1, L], media) prompt, generated in one batch."""
     from silkie.tools.chat import generate_kwargs
 
     kwargs = generate_kwargs(tokenizer, prompts[0][0], None, options)
@@ -81,7 +91,9 @@ def generate_batch(
     for index, (prompt, _) in enumerate(prompts):
         generated = out[index, ids.shape[1] :].tolist()
         stops = set(kwargs["eos_token_id"])
-        end = next((i + 1 for i, token in enumerate(generated) if token in stops), len(generated))
+        end = next((i + 1 for i, token in enumerate(generated) if token in stops), None)
+        stopped = end is not None
+        end = end or len(generated)
         text = tokenizer.decode(generated[:end], skip_special_tokens=True).strip()
-        replies.append((text, int(prompt.shape[1]), end))
+        replies.append(Answer(text, int(prompt.shape[1]), end, stopped))
     return replies

@@ -148,7 +148,7 @@ class SilkieLMM(lmms):
             seeds = [request_seed(task, doc_id) for task, doc_id in zip(tasks, doc_ids)]
             with self.adapter_context():
                 replies = generate_batch(self.chat, prompts[0][0], [p[1:] for p in prompts], options, seeds)
-            for (text, _, _), context in zip(replies, contexts):
+            for (text, *_), context in zip(replies, contexts):
                 text = cut_at(text, stops)
                 answers.append(text)
                 self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)

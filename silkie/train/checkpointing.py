@@ -51,10 +51,10 @@ def check_resume_data(checkpoint: Path, facts: dict[str, Any]) -> None:
         return
     raise ResumeError(
         f"{checkpoint.name} was trained on other data ({saved['train_pairs']} training and {saved['eval_pairs']} "
-        f"held-out pairs then, {facts['train_pairs']} and {facts['eval_pairs']} now: the data, the pair rules or the "
-        "tokenization changed): resuming would go on in another order and could score pairs it trained on as "
-        "held-out; restore the data, or train anew: another --working, or --force here (the old run is moved "
-        "aside)"
+        f"held-out pairs then, {facts['train_pairs']} and {facts['eval_pairs']} now: the data, the pair rules, the "
+        "held-out split or the tokenization changed): resuming would go on in another order and could score pairs "
+        "it trained on as held-out; restore the data, or train anew: another --working, or --force here (the old "
+        "run is moved aside)"
     )
 
 

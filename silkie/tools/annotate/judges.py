@@ -119,9 +119,9 @@ def local_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:
         attempts[prompt] += 1
         if attempts[prompt] > 1:  # a greedy retry would repeat the same reply: sample, with a new seed
             responder.options.sample, responder.options.temperature = True, max(config.temperature, 0.7)
-        text, prompt_tokens, answer_tokens = responder.reply(image, prompt, seed=attempts[prompt] - 1)
+        answer = responder.reply(image, prompt, seed=attempts[prompt] - 1)
         responder.options.sample, responder.options.temperature = config.temperature > 0, config.temperature or 1.0
-        return Reply(text, prompt_tokens, answer_tokens, cut_short=answer_tokens >= config.max_tokens)
+        return Reply(answer.text, answer.prompt_tokens, answer.answer_tokens, cut_short=not answer.stopped)
 
     return call
 

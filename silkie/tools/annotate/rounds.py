@@ -25,7 +25,8 @@ SUMMARY = "rounds.json"
 
 def round_recipe(config: RoundsConfig, policy: Path, release: Path, target: Path) -> Path:
     """The round's recipe: the configured one with this round's policy and release, its held-out prompts split by
-    `data.eval_split: hashed` (a prompt's side is the same in every round); written to `target`."""
+    `data.eval_split: hashed` (a prompt's side is the same in every round) unless the recipe chooses; written to
+    `target`."""
     from silkie.config import load_recipe, save_recipe
 
     overrides = [
@@ -36,10 +37,22 @@ def round_recipe(config: RoundsConfig, policy: Path, release: Path, target: Path
         f"data.images={release / 'merged_images.zip'}",
     ]
     recipe = read_config(load_recipe, config.recipe, overrides)
-    if recipe.data.eval_fraction:  # a prompt held out in one round is held out in every round
+    if recipe.data.eval_fraction and _hashed_split(config, target):  # a prompt is held out in every round or none
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, eval_split="hashed"))
     save_recipe(recipe, target)
     return target
+
+
+def _hashed_split(config: RoundsConfig, target: Path) -> bool:
+    """Whether a round splits with `data.eval_split: hashed`: unless the recipe or the overrides choose the split,
+    or the round was started with another one (its resume must see the same data)."""
+    from silkie.config import load_recipe
+    from silkie.config.recipe import read_recipe_file
+
+    raw, _ = read_config(read_recipe_file, config.recipe)
+    chosen = "eval_split" in (raw.get("data") or {}) or any(o.startswith("data.eval_split=") for o in config.overrides)
+    started = target.is_file() and load_recipe(target).data.eval_split != "hashed"
+    return not chosen and not started
 
 
 def policy_models(config: RoundsConfig, policy: Path, number: int) -> list[PoolModel]:

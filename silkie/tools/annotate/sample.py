@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from silkie.config.annotate import PoolConfig, PoolModel
 from silkie.models.family import PairTextError
@@ -25,6 +25,9 @@ from silkie.tools.annotate.files import (
     writer_lock,
 )
 from silkie.tools.cli import ToolError
+
+if TYPE_CHECKING:
+    from silkie.tools.generation import Answer
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +73,11 @@ class Responder:
         """The model's answer (special tokens dropped, surrounding whitespace stripped)."""
         return self.reply(image, question, seed)[0]
 
-    def reply(self, image: str | Path, question: str, seed: int) -> tuple[str, int, int]:
-        """(answer, prompt tokens, generated tokens) of one question."""
+    def reply(self, image: str | Path, question: str, seed: int) -> Answer:
+        """The answer to one question (its text, token counts and whether it ended at a stop token)."""
         return self.replies([self.inputs(image, question)], [seed])[0]
 
-    def replies(self, prompts: Sequence[tuple], seeds: Sequence[int]) -> list[tuple[str, int, int]]:
+    def replies(self, prompts: Sequence[tuple], seeds: Sequence[int]) -> list[Answer]:
         """`reply` of several prompts (what `inputs` returns for each) generated in one batch; each answer is the
         one it would be alone (its own seed)."""
         from silkie.tools.generation import generate_batch
@@ -184,7 +187,7 @@ def _answer_all(
             texts = responder.replies([inputs for _, inputs in prompts], seeds) if prompts else []
             answers.write(
                 {"id": row.id, "model": model.label, "response": text}
-                for (row, _), (text, _, _) in zip(prompts, texts, strict=True)
+                for (row, _), (text, *_) in zip(prompts, texts, strict=True)
             )
             new += len(prompts)
             bar.update(len(batch))

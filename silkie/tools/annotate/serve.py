@@ -106,8 +106,8 @@ class ModelServer:
             options = self.responder.options
             options.max_new_tokens, options.sample = max_tokens, temperature > 0
             options.temperature = temperature or 1.0
-            answer, prompt, completion = self.responder.reply(image, text, seed=int(body.get("seed") or 0))
-        finish = "length" if completion >= max_tokens else "stop"  # as the API says of a reply cut at max_tokens
+            answer, prompt, completion, stopped = self.responder.reply(image, text, seed=int(body.get("seed") or 0))
+        finish = "stop" if stopped else "length"  # as the API says of a reply cut at max_tokens
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion",

@@ -13,9 +13,13 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from silkie.config.annotate import PoolModel
 from silkie.tools.cli import ToolError, read_image
+
+if TYPE_CHECKING:
+    from silkie.tools.generation import Answer
 
 log = logging.getLogger(__name__)
 MERGED = "merged"  # <annotation folder>/merged/<model>: adapters merged for vLLM
@@ -100,14 +104,15 @@ class VllmResponder:
 
     def stop_token_ids(self) -> list[int] | None:
         """Qwen-VL-Chat's end-of-turn tokens (the other families stop at their EOS, vLLM's default)."""
-        if self.family != "qwen_vl":
-            return None
-        tokenizer = self.codec.tokenizer
-        return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+        from silkie.models.generation import stop_token_ids
 
-    def replies(self, prompts: Sequence[tuple], seeds: Sequence[int]) -> list[tuple[str, int, int]]:
-        """(answer, prompt tokens, generated tokens) per request, in order, each sampled with its own seed."""
+        return stop_token_ids(self.codec.tokenizer) if self.family == "qwen_vl" else None
+
+    def replies(self, prompts: Sequence[tuple], seeds: Sequence[int]) -> list[Answer]:
+        """The answer of each request, in order, each sampled with its own seed (stopped: vLLM's finish reason)."""
         from vllm import SamplingParams
+
+        from silkie.tools.generation import Answer
 
         spec = self.spec
         params = [
@@ -122,4 +127,8 @@ class VllmResponder:
             for seed in seeds
         ]
         outputs = self.llm.generate([request for _, request, _ in prompts], sampling_params=params, use_tqdm=False)
-        return [(o.outputs[0].text.strip(), len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outputs]
+        return [
+            Answer(o.outputs[0].text.strip(), len(o.prompt_token_ids), len(o.outputs[0].token_ids),
+                   o.outputs[0].finish_reason == "stop")  # fmt: skip
+            for o in outputs
+        ]
