@@ -386,3 +386,54 @@ def test_odd_digits_are_no_rating():
     reply = {"ratings": [{"answer": 1, **{a: {"rating": "²", "rationale": ""} for a in standin_ratings("")}}]}
     with pytest.raises(JudgeParseError, match="not an integer 1-5"):
         parse_ratings(json.dumps(reply), 1)
+
+
+def test_a_model_that_cannot_take_an_instruction_is_replaced_by_another_of_the_pool(assets, tmp_path, monkeypatch):
+    """Three pool models, two answers per instruction: where a drawn model fails an instruction, the third answers
+    it instead (a seeded draw); a rerun keeps the same answers and redoes nothing."""
+    import silkie.tools.annotate.sample as sample
+    from silkie.tools.annotate.sample import assign_models, replaced_plan
+
+    pool = tmp_path / "pool.yaml"
+    pool.write_text((assets / "pool.yaml").read_text().replace(
+        "answers_per_instruction: 2\n",
+        f"  - {{path: {assets / 'qwen-vl'}, name: second-qwen-vl, max_new_tokens: 8}}\nanswers_per_instruction: 2\n",
+    ))  # fmt: skip
+    instructions = [json.loads(line) for line in (assets / "instructions.jsonl").read_text().splitlines()]
+    names = ["qwen-vl", "qwen2-vl", "second-qwen-vl"]
+    from types import SimpleNamespace
+
+    rows = [SimpleNamespace(id=row["id"], prompt=row["prompt"]) for row in instructions]
+    plan = assign_models(rows, names, 2, 0)
+    victim = next(row_id for row_id, models in plan.items() if "qwen-vl" in models)
+    real = sample.make_responder
+
+    def failing_for_one(model, device, out):
+        responder = real(model, device, out)
+        inputs = responder.inputs
+
+        def checked(image, question):
+            if model.label == "qwen-vl" and question == next(r.prompt for r in rows if r.id == victim):
+                raise ValueError("too long for this model")
+            return inputs(image, question)
+
+        responder.inputs = checked
+        return responder
+
+    monkeypatch.setattr(sample, "make_responder", failing_for_one)
+    argv = ["sample", "--pool", str(pool), "--instructions", str(assets / "instructions.jsonl"), "--images",
+            str(assets / "vlf" / "merged_images.zip"), "--out", str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    answers = records(tmp_path / "out" / "answers.jsonl")
+    by_id = {row.id: sorted(a["model"] for a in answers if a["id"] == row.id) for row in rows}
+    assert all(len(models) == 2 for models in by_id.values())  # every instruction still has two answers
+    replacement = (set(names) - set(plan[victim])).pop()
+    assert by_id[victim] == sorted([*(set(plan[victim]) - {"qwen-vl"}), replacement])
+    assert records(tmp_path / "out" / "answer_failures.jsonl") == [
+        {"id": victim, "model": "qwen-vl", "reason": "too long for this model"}
+    ]
+    assert replaced_plan(plan, names, {(victim, "qwen-vl")}, 0)[victim] == sorted(
+        [*plan[victim], replacement], key=names.index
+    )
+    before = (tmp_path / "out" / "answers.jsonl").read_text()
+    assert main(argv) == 0 and (tmp_path / "out" / "answers.jsonl").read_text() == before  # nothing redone

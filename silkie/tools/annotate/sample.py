@@ -47,6 +47,27 @@ def assign_models(
     return plan
 
 
+def replaced_plan(plan: dict, names: Sequence[str], failed: set[tuple[str, str]], seed: int,
+                  always: Sequence[str] = ()) -> dict[str, list]:  # fmt: skip
+    """`plan` with a replacement for each drawn model that could not take an instruction (`failed`: (id, model)):
+    the next of the pool's other models in an order seeded by the pool seed and the id, until the instruction has
+    as many answering drawn models as it was given, or the pool runs out (the `always` ones are not replaced). The
+    same failures give the same plan, on a rerun too."""
+    replaced = {}
+    for row_id, models in plan.items():
+        drawn = [name for name in models if name not in always]
+        spare = [name for name in names if name not in always and name not in drawn]
+        random.Random(f"{seed}:{row_id}:replace").shuffle(spare)
+        tried, working = [], 0
+        for name in [*drawn, *spare]:
+            if working == len(drawn):
+                break
+            tried.append(name)
+            working += (row_id, name) not in failed
+        replaced[row_id] = sorted([*[name for name in models if name in always], *tried], key=list(names).index)
+    return replaced
+
+
 def answer_seed(seed: int, row_id: str, model: str) -> int:
     """The sampling seed of one answer: the same on a rerun, different per instruction and model."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{row_id}\0{model}".encode()).digest()[:4], "little")
@@ -143,6 +164,13 @@ def sample_answers(
         merge_shards(out)
     with writer_lock(target) if shard is not None else contextlib.nullcontext():
         new = _answer_all(pool, instructions, plan, out, target, progress, shard)
+        drawn = plan
+        for _ in names:  # a replacement may fail too: at most a pass per pool model
+            replaced = replaced_plan(drawn, names, failed_answers(out), pool.seed, always)
+            if replaced == plan:
+                break
+            plan = replaced
+            new += _answer_all(pool, instructions, plan, out, target, progress, shard)
     per_model = Counter(r["model"] for r in read_jsonl(target))
     return {"answers": sum(per_model.values()), "new": new, "per_model": dict(per_model)}
 
