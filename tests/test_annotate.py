@@ -437,3 +437,26 @@ def test_a_model_that_cannot_take_an_instruction_is_replaced_by_another_of_the_p
     )
     before = (tmp_path / "out" / "answers.jsonl").read_text()
     assert main(argv) == 0 and (tmp_path / "out" / "answers.jsonl").read_text() == before  # nothing redone
+
+
+def test_replacements_walk_a_seeded_order_skip_the_always_models_and_spare_a_faulty_instruction():
+    from silkie.tools.annotate.sample import replaced_plan
+
+    names = ["policy", "a", "b", "c", "d", "e"]
+    plan = {"x": ["policy", "a", "b"], "y": ["policy", "c", "d"]}
+    assert replaced_plan(plan, names, set(), 0, always=["policy"]) == plan  # no failure, no change
+    one = replaced_plan(plan, names, {("x", "a")}, 0, always=["policy"])
+    assert one["y"] == plan["y"] and len(one["x"]) == 4 and one["x"][:3] == ["policy", "a", "b"]
+    first = one["x"][3]
+    assert first in {"c", "d", "e"}
+    chain = replaced_plan(plan, names, {("x", "a"), ("x", first)}, 0, always=["policy"])["x"]
+    assert len(chain) == 5 and first in chain  # the replacement failed too: the next one in the same order
+    assert set(chain) - {"policy", "a", "b", first} <= {"c", "d", "e"}
+    assert replaced_plan(plan, names, {("x", "a")}, 0, always=["policy"]) == one  # the same failures, the same plan
+    others = [replaced_plan(plan, names, {("x", "a")}, seed, always=["policy"])["x"][3] for seed in range(12)]
+    assert len(set(others)) > 1  # the order is seeded
+    exhausted = {("x", n) for n in ("a", "c", "d", "e")}
+    assert sorted(replaced_plan(plan, names, exhausted, 0, always=["policy"])["x"]) == sorted(names)
+    faulty = {("y", "c"), ("y", "d"), ("y", "policy")}  # every model failed: the instruction, not the models
+    assert replaced_plan(plan, names, faulty, 0, always=["policy"])["y"] == plan["y"]
+

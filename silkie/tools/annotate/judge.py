@@ -96,7 +96,8 @@ def rate_one(
     """(ratings record or None, failure record or None, every reply) for one instruction, retrying up to
     `max_retries` times with doubling backoff; (None, None, replies) once `stop` is set (an interrupted run).
 
-    The answers are shown in `shown_order`; the record lists models and annotations in the pool's order."""
+    The answers are shown in `shown_order`; the record lists models and annotations in the order the answers were
+    written (the pool's order, replacements for a model that could not take the instruction after it)."""
     order = shown_order(row.id, len(answers))
     texts = [answers[index]["response"] for index in order]
     prompt = judge_prompt(row.prompt, texts)

@@ -52,10 +52,14 @@ def replaced_plan(plan: dict, names: Sequence[str], failed: set[tuple[str, str]]
     """`plan` with a replacement for each drawn model that could not take an instruction (`failed`: (id, model)):
     the next of the pool's other models in an order seeded by the pool seed and the id, until the instruction has
     as many answering drawn models as it was given, or the pool runs out (the `always` ones are not replaced). The
-    same failures give the same plan, on a rerun too."""
+    same failures give the same plan, on a rerun too. Where every drawn model failed, the instruction is at fault
+    (an unreadable image, markers that disagree), not a model: no replacement is loaded for it."""
     replaced = {}
     for row_id, models in plan.items():
         drawn = [name for name in models if name not in always]
+        if all((row_id, name) in failed for name in drawn):
+            replaced[row_id] = models
+            continue
         spare = [name for name in names if name not in always and name not in drawn]
         random.Random(f"{seed}:{row_id}:replace").shuffle(spare)
         tried, working = [], 0
