@@ -30,6 +30,15 @@ def pad_token_id(tokenizer: Any) -> int:
     return pad if pad is not None else (tokenizer.pad_token_id or tokenizer.eos_token_id)
 
 
+def decode_answer(tokenizer: Any, generated: list[int], stops: Any) -> tuple[str, int, bool]:
+    """(text, tokens up to and with the first stop token, whether there was one) of `generate`'s new tokens (a
+    finished row of a batch is padded after its stop)."""
+    end = next((i + 1 for i, token in enumerate(generated) if token in stops), None)
+    stopped = end is not None
+    end = end if stopped else len(generated)
+    return tokenizer.decode(generated[:end], skip_special_tokens=True).strip(), end, stopped
+
+
 def prompt_generation_inputs(model: nn.Module, batch: dict, index: int = 0) -> dict[str, torch.Tensor]:
     """`generate` inputs for the prompt of pair `index` of a collated batch: its ids without padding, and the
     family's forward kwargs for that pair's images and videos (in prompt order)."""

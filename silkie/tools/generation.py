@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from silkie.models.generation import decode_answer
+
 PADDED_PER_TOKEN = ("mm_token_type_ids",)  # [1, L] inputs padded as the ids are; the rest are per image / video
 
 
@@ -87,13 +89,9 @@ def generate_batch(
         )
     with torch.no_grad():
         out = chat.model.generate(**kwargs)
+    stops = set(kwargs["eos_token_id"])
     replies = []
     for index, (prompt, _) in enumerate(prompts):
-        generated = out[index, ids.shape[1] :].tolist()
-        stops = set(kwargs["eos_token_id"])
-        end = next((i + 1 for i, token in enumerate(generated) if token in stops), None)
-        stopped = end is not None
-        end = end or len(generated)
-        text = tokenizer.decode(generated[:end], skip_special_tokens=True).strip()
+        text, end, stopped = decode_answer(tokenizer, out[index, ids.shape[1] :].tolist(), stops)
         replies.append(Answer(text, int(prompt.shape[1]), end, stopped))
     return replies

@@ -14,7 +14,13 @@ from transformers.integrations import TensorBoardCallback
 
 from silkie.config.objective import uses_reference
 from silkie.logs import get_logger
-from silkie.models.generation import pad_token_id, prompt_generation_inputs, stop_token_ids, text_tokenizer
+from silkie.models.generation import (
+    decode_answer,
+    pad_token_id,
+    prompt_generation_inputs,
+    stop_token_ids,
+    text_tokenizer,
+)
 from silkie.models.kernels import eager_blocks
 
 from .metrics import append_jsonl
@@ -41,9 +47,8 @@ def greedy_answer(model: nn.Module, inputs: dict, tokenizer: Any, max_new_tokens
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                              pad_token_id=pad_token_id(tokenizer))  # fmt: skip
-    generated = out[0, inputs["input_ids"].shape[1] :].tolist()
-    end = next((i + 1 for i, token in enumerate(generated) if token in stops), len(generated))
-    return tokenizer.decode(generated[:end], skip_special_tokens=True).strip(), end
+    text, tokens, _ = decode_answer(tokenizer, out[0, inputs["input_ids"].shape[1] :].tolist(), stops)
+    return text, tokens
 
 
 def _text(tokenizer: Any, ids: list[int]) -> str:
