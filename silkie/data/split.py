@@ -49,18 +49,19 @@ def split_by_prompt(
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     if eval_size is not None and eval_size < 0:
         raise ValueError(f"eval_size must be >= 0, got {eval_size}")
+    if rule == "hashed":  # a draw per prompt: the pairs' ids play no part
+        keys = {prompt_key(pair) for pair in pairs}
+        eval_keys = {key for key in keys if _share(seed, key) < eval_fraction}
+        if not eval_keys or len(eval_keys) == len(keys):
+            side = "no prompt" if not eval_keys else "every prompt"
+            raise InputError(f"data.eval_split hashed held out {side} of {len(keys)} at data.eval_fraction "
+                             f"{eval_fraction}; change the fraction, or set data.eval_split ranked (an exact "
+                             "count)")  # fmt: skip
+        return _sides(pairs, eval_keys)
     ranks: dict[tuple, str] = {}
     for pair in pairs:
         key, rank = prompt_key(pair), _rank(seed, pair.prompt_id)
         ranks[key] = min(rank, ranks.get(key, rank))
-    if rule == "hashed":
-        eval_keys = {key for key in ranks if _share(seed, key) < eval_fraction}
-        if not eval_keys or len(eval_keys) == len(ranks):
-            side = "no prompt" if not eval_keys else "every prompt"
-            raise InputError(f"data.eval_split hashed held out {side} of {len(ranks)} at data.eval_fraction "
-                             f"{eval_fraction}; change the fraction, or set data.eval_split ranked (an exact "
-                             "count)")  # fmt: skip
-        return _sides(pairs, eval_keys)
     if eval_size is not None:
         n_eval = eval_size
     elif eval_fraction > 0:
