@@ -3,13 +3,15 @@
 `<working>/` holds the resolved recipe (`config.yaml`), `checkpoint-N/` (staged as `tmp-checkpoint-N/`),
 `metrics.jsonl` (and `eval_samples.jsonl` with `dpo.generate_during_eval`), tensorboard logs in `tb/`, the reference
 cache in `reference_logps/`, tokenized data in `cache/`, and at the end `adapter/`, `final_metrics.json`,
-`training_curves.png` and the `FINISHED` marker; an input error that stopped a start is kept in `ERROR`; Slurm
+`training_curves.png` and the `FINISHED` marker (`silkie evaluate` adds `eval_pairs_*.json` and `benchmarks/`);
+an input error that stopped a start is kept in `ERROR`; Slurm
 scripts and logs go to `slurm/`; `--force` moves old outputs into `backup-<time>/`.
 
 Checkpoints:
 A checkpoint is written as `tmp-checkpoint-N`, gets a manifest of its files (sizes and SHA-256) written last, and is
 renamed to `checkpoint-N`. Before a resume the newest checkpoint is checked against its manifest (a checkpoint from
-before manifests: its JSON, safetensors and torch zip files are checked for structure); one that fails is moved
+before manifests: its weights, optimizer and scheduler files must be there, and its JSON, safetensors and torch zip
+files are checked for structure); one that fails is moved
 aside as `corrupt-checkpoint-N-<time>/` (never deleted: the Trainer's rotation globs `checkpoint-*`, so the name
 must not start with it) and the next older one is tried.
 """
@@ -44,6 +46,10 @@ SLURM_DIR = "slurm"
 BACKUP_PREFIX = "backup-"
 # What a finished run leaves behind that a new run in the same folder would overwrite.
 FINISHED_OUTPUTS = (CONFIG_NAME, FINISHED_NAME, FINAL_METRICS_NAME, ADAPTER_DIR, PLOT_NAME)
+EVAL_PAIRS_PREFIX = "eval_pairs_"  # `silkie evaluate`'s held-out scores: eval_pairs_<split>[_<corruption>].json
+BENCH_DIR = "benchmarks"  # `silkie evaluate --tasks`: benchmarks/ (or benchmarks-limit<N>/ for a quick look)
+# What `silkie evaluate` writes about the finished adapter (globs): it goes wherever the adapter goes.
+EVALUATION_OUTPUTS = (f"{EVAL_PAIRS_PREFIX}*.json", BENCH_DIR, f"{BENCH_DIR}-limit*")
 # What belongs to one recipe's history: moved aside too when the new run does not continue the old one.
 RUN_HISTORY = (METRICS_NAME, EVAL_SAMPLES_NAME, TENSORBOARD_DIR, OLD_TENSORBOARD_DIR, REFERENCE_DIR)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -100,9 +106,12 @@ def remove_staging(working: Path) -> list[Path]:
 def world_size_problem(checkpoint: Path, world_size: int) -> str | None:
     """Why `checkpoint` cannot be resumed by `world_size` processes, or None (also for older checkpoints)."""
     path = checkpoint / RUN_LAYOUT_FILE
-    if not path.is_file():
+    try:
+        saved = json.loads(path.read_text())["world_size"]
+    except FileNotFoundError:  # an older checkpoint
         return None
-    saved = json.loads(path.read_text())["world_size"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # damaged: the resume's checksum moves it aside
+        return None
     if saved == world_size:
         return None
     return (
@@ -180,6 +189,13 @@ def _structure_problem(checkpoint: Path) -> str | None:
     state = checkpoint / TRAINER_STATE_NAME
     if not state.is_file():
         return f"{TRAINER_STATE_NAME} is missing"
+    deepspeed = any(checkpoint.glob("global_step*/*optim_states.pt"))  # its shards hold weights and optimizer
+    if not deepspeed and not any((checkpoint / name).is_file() for name in _WEIGHT_FILES):
+        return "no weights (adapter_model.safetensors, model.safetensors or their .bin) are in it"
+    if not deepspeed and not (checkpoint / "optimizer.pt").is_file():
+        return "optimizer.pt is missing (a resume would start a fresh optimizer)"
+    if not (checkpoint / "scheduler.pt").is_file():
+        return "scheduler.pt is missing (a resume would restart the learning-rate schedule)"
     for path in sorted(checkpoint.rglob("*")):
         if not path.is_file():
             continue
@@ -194,6 +210,27 @@ def _structure_problem(checkpoint: Path) -> str | None:
         if problem:
             return f"{name} {problem}"
     return None
+
+
+# The weight files a Trainer checkpoint holds: a LoRA adapter, or the whole model (one file or sharded).
+_WEIGHT_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def holds_run(folder: Path) -> bool:
+    """True when `folder` holds a training run's outputs (its recipe with checkpoints, metrics or the FINISHED
+    marker), which only the launcher's --force may move aside."""
+    folder = Path(folder)
+    marks = (FINISHED_NAME, METRICS_NAME, ADAPTER_DIR)
+    return (folder / CONFIG_NAME).is_file() and (
+        any((folder / name).exists() for name in marks) or bool(checkpoints(folder))
+    )
 
 
 def _json_problem(path: Path) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -91,6 +92,17 @@ def train_steps(working: Path) -> list[int]:
     """Steps of the per-step training records in metrics.jsonl (the end-of-training summary excluded)."""
     rows = [json.loads(line) for line in (working / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [row["step"] for row in rows if "loss" in row]
+
+
+def fake_checkpoint(working: Path, step: int) -> Path:
+    """`working/checkpoint-<step>` with the files a resume needs, as stand-ins that pass the structure check."""
+    checkpoint = working / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (checkpoint / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (checkpoint / name).write_bytes(pickle.dumps({}))  # torch's legacy (pickle) format
+    return checkpoint
 
 
 def read_log(path: Path) -> str:

@@ -162,3 +162,31 @@ def test_the_imageless_summary_leaves_text_only_pairs_out():
     summary = summarize(table)
     assert summary["n_pairs"] == 3 and summary["n_pairs_with_media"] == 2
     assert summary["rewards/imageless_accuracies"] == 0.5 and summary["logps/chosen_image_gain"] == 1.0
+
+
+def test_an_unwritable_out_is_refused_before_the_scoring_and_a_failed_write_keeps_the_table(
+    trained, tmp_path, capsys, monkeypatch
+):
+    import silkie.tools.evaluate as evaluate
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before --out was checked")
+
+    cli = load_script("evaluate_pairs")
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "evaluate_run", no_scoring)
+        assert cli.main(["--run", str(trained.run_dir), "--out", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --out {tmp_path} is a folder; expected a file"
+        (tmp_path / "file").write_text("")
+        assert cli.main(["--run", str(trained.run_dir), "--tasks", "mme", "--out", str(tmp_path / "file")]) == 2
+        assert capsys.readouterr().err.strip() == f"error: --out {tmp_path / 'file'} is a file; expected a folder"
+
+    def full_disk(result, path, per_pair=False):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate, "write_json", full_disk)
+    out = tmp_path / "scores.json"
+    assert cli.main(["--run", str(trained.run_dir), "--out", str(out), "--max-pairs", "2", "--device", "cpu"]) == 2
+    printed = capsys.readouterr()
+    assert "reward accuracy" in printed.out.lower()  # the scores were shown before the write failed
+    assert printed.err.strip() == f"error: {out}: No space left on device"

@@ -199,3 +199,25 @@ def test_video_drops_are_explained_only_when_they_happened(capsys):
     )
     _explain_video_drops(recipe, SimpleNamespace(video_marker_id=None), SimpleNamespace(too_long_with_video=3))
     assert capsys.readouterr().out == ""  # a family without video
+
+
+def test_a_run_whose_pictures_all_fail_to_decode_is_stopped_before_training(tmp_path):
+    """Each pair got weight 0 and the run finished with loss 0 and FINISHED, having learned nothing."""
+    from silkie.data.build import MEDIA_PROBE, check_images_decode
+    from silkie.errors import InputError
+
+    broken = {f"{i}.jpg": jpeg_bytes()[:40] for i in range(MEDIA_PROBE + 2)}
+    store = ZipImageStore(write_zip(tmp_path / "m.zip", {**broken, "good.jpg": jpeg_bytes()}))
+    pairs, _ = pairs_from_preference_rows([row(i, [f"{i}.jpg", "0.jpg"]) for i in range(MEDIA_PROBE + 2)], store)
+    with pytest.raises(InputError) as refused:
+        check_images_decode(pairs, store)
+    assert str(refused.value).startswith(
+        f"each of the first {MEDIA_PROBE} pictures of the training pairs fails to load from data.images "
+        f"({tmp_path / 'm.zip'}); the first: cannot load image '0.jpg': corrupt image ("
+    )
+    assert str(refused.value).endswith("; a run would learn nothing")
+    good = pairs_from_preference_rows([row(99, ["good.jpg"])], store)[0]
+    with pytest.raises(InputError):  # a good picture past the first 16 is not tried
+        check_images_decode(pairs + good, store)
+    check_images_decode([pairs[-1], *good], store)  # one picture that loads is enough
+    check_images_decode(pairs_from_preference_rows([row(7)], store)[0], store)  # text only: nothing to try

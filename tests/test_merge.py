@@ -140,6 +140,25 @@ def test_merge_lora_refuses_a_non_empty_out(trained, tmp_path, capsys):
     )
 
 
+def test_merge_lora_overwrites_only_an_earlier_merge(trained, tmp_path, capsys):
+    """--overwrite never replaces a training run's folder, nor one that holds no checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(trained.run_dir, run)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    base = ["--base", str(trained.model_dir), "--adapter", str(trained.adapter_dir), "--overwrite"]
+    for out, said in (
+        (run, f"error: --out {run} holds a training run (its config.yaml and outputs); choose another --out"),
+        (other, f"error: --out {other} holds no model checkpoint (no config.json): --overwrite replaces only an "
+                "earlier merged folder; choose another --out"),
+    ):  # fmt: skip
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        assert load_script("merge_lora").main(base + ["--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == said
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_merge_lora_never_deletes_its_inputs_or_an_old_output_on_failure(trained, tmp_path, capsys):
     import shutil
 
@@ -152,6 +171,7 @@ def test_merge_lora_never_deletes_its_inputs_or_an_old_output_on_failure(trained
 
     out, broken = tmp_path / "merged", tmp_path / "broken-adapter"
     out.mkdir()
+    (out / "config.json").write_text("{}")
     (out / "old.txt").write_text("previous merge")
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{}")

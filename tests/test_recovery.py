@@ -96,6 +96,64 @@ def test_checkpoints_without_a_manifest_are_checked_for_structure(six_steps, tmp
         assert verify_checkpoint(checkpoint) is None
         damage(checkpoint)
         assert verify_checkpoint(checkpoint).startswith(damaged), damaged
+    missing = {  # a resume without them silently starts a fresh optimizer or schedule, or fails in the Trainer
+        "optimizer.pt": "optimizer.pt is missing (a resume would start a fresh optimizer)",
+        "scheduler.pt": "scheduler.pt is missing (a resume would restart the learning-rate schedule)",
+        "adapter_model.safetensors": "no weights (adapter_model.safetensors, model.safetensors or their .bin) are in "
+        "it",
+    }
+    for name, said in missing.items():
+        checkpoint = tmp_path / f"without-{name}" / "checkpoint-6"
+        shutil.copytree(six_steps / "checkpoint-6", checkpoint)
+        (checkpoint / MANIFEST_NAME).unlink()
+        (checkpoint / name).unlink()
+        assert verify_checkpoint(checkpoint) == said
+
+
+def test_a_scrambled_run_layout_file_is_left_to_the_checksum_not_a_launcher_crash(six_steps, tmp_path):
+    from silkie.run_dir import RUN_LAYOUT_FILE, world_size_problem
+
+    checkpoint = tmp_path / "checkpoint-6"
+    shutil.copytree(six_steps / "checkpoint-6", checkpoint)
+    layout = checkpoint / RUN_LAYOUT_FILE
+    layout.write_bytes(b"\xff" * layout.stat().st_size)  # same size: the launcher's quick check passes it
+    assert world_size_problem(checkpoint, 1) is None and verify_checkpoint(checkpoint, checksums=False) is None
+    assert verify_checkpoint(checkpoint) == f"{RUN_LAYOUT_FILE} does not match its SHA-256 in the manifest"
+
+
+def test_force_with_a_shorter_run_goes_back_to_the_checkpoint_at_its_new_end(assets, six_steps, tmp_path):
+    """Shortening max_steps resumed from the newest checkpoint, past the new end: FINISHED and the adapter were the
+    longer run's, under a config.yaml that said otherwise."""
+    from silkie.config import load_recipe
+    from silkie.launch.workdir import LaunchError, inspect_workdir, prepare_workdir
+
+    from .slurm_cluster import DEMO_RECIPE
+
+    working = tmp_path / "run"
+    shutil.copytree(six_steps, working)
+    (working / "eval_pairs_eval.json").write_text("{}")  # `silkie evaluate`'s scores of the old adapter
+    overrides = asset_overrides(assets) + SHORT + ["training.max_steps=4"]
+    recipe = load_recipe(DEMO_RECIPE, overrides)
+    with pytest.raises(LaunchError, match=r"--force to go on from checkpoint-4 \(the later checkpoint-6 moved aside\)"):
+        inspect_workdir(working, recipe)
+    plan = inspect_workdir(working, recipe, force=True)
+    assert plan.resume_from == working / "checkpoint-4"
+    moved = {original.name for original, _ in plan.backups}
+    assert {"checkpoint-6", "adapter", "FINISHED", "eval_pairs_eval.json"} <= moved and "checkpoint-4" not in moved
+    prepare_workdir(plan, recipe)
+    result = run_in_process(working, overrides)
+    assert result["step"] == 4 and json.loads((working / "FINISHED").read_text())["step"] == 4
+    adapter = load_file(working / "adapter" / "adapter_model.safetensors")
+    at_step_4 = load_file(working / "checkpoint-4" / "adapter_model.safetensors")
+    assert adapter.keys() == at_step_4.keys() and all(torch.equal(adapter[k], at_step_4[k]) for k in adapter)
+    assert not (working / "checkpoint-6").exists() and not (working / "eval_pairs_eval.json").exists()
+    (backup,) = working.glob("backup-*")
+    assert (backup / "checkpoint-6" / "adapter_model.safetensors").is_file()
+    assert (backup / "eval_pairs_eval.json").is_file()
+    shorter = load_recipe(DEMO_RECIPE, asset_overrides(assets) + SHORT + ["training.max_steps=1"])
+    plan = inspect_workdir(working, shorter, force=True)  # below every checkpoint: a start from step 0
+    assert plan.resume_from is None and "training starts from step 0" in plan.message
+    assert {"checkpoint-2", "checkpoint-4", "metrics.jsonl"} <= {original.name for original, _ in plan.backups}
 
 
 def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_optimizer_step(assets, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 
 from silkie.config import load_recipe, save_recipe
 
-from .slurm_cluster import DEMO_RECIPE, REPO_ROOT, one_line_error, run_launcher
+from .slurm_cluster import DEMO_RECIPE, REPO_ROOT, fake_checkpoint, one_line_error, run_launcher
 
 
 def test_different_recipe_or_other_files_are_refused(tmp_path):
@@ -29,8 +29,7 @@ def test_different_recipe_or_other_files_are_refused(tmp_path):
         "use another --working, or --force to start over there from step 0 (the old run is moved to a backup folder) "
         "(nothing is deleted)"
     )
-    (working / "checkpoint-3").mkdir()
-    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')  # a checkpoint that verifies
+    fake_checkpoint(working, 3)  # a checkpoint that verifies
     longer = run_launcher(working, "--dry-run", "training.max_steps=8", "training.logging_steps=2")
     assert one_line_error(longer) == (  # integers stay integers in config.yaml and in the difference
         f"error: {working} holds a different recipe: training.logging_steps (5 -> 2), training.max_steps (6 -> 8); "
@@ -64,8 +63,7 @@ def test_force_moves_old_checkpoints_where_checkpoint_rotation_cannot_delete_the
     working.mkdir()
     save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=300"]), working / "config.yaml")
     for step in (100, 200, 300):
-        (working / f"checkpoint-{step}").mkdir()
-        (working / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        fake_checkpoint(working, step)
     (working / "metrics.jsonl").write_text('{"loss": 0.5}\n')
     (working / "runs").mkdir()
     plan = inspect_workdir(working, load_recipe(DEMO_RECIPE, ["training.max_steps=300", "lora.r=8"]), force=True)
@@ -83,8 +81,7 @@ def test_a_resume_with_another_process_count_is_refused_before_launch(tmp_path):
     working = tmp_path / "run"
     working.mkdir()
     save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
-    (working / "checkpoint-3").mkdir()
-    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    fake_checkpoint(working, 3)
     (working / "checkpoint-3" / "silkie_run.json").write_text('{"world_size": 2}')
     same = run_launcher(working, "--dry-run", "training.max_steps=6", "launch.nproc_per_node=2")
     assert same.returncode == 0 and "resumes from checkpoint-3" in same.stderr
@@ -315,8 +312,7 @@ def run_with_a_checkpoint(tmp_path):
     working.mkdir()
     save_recipe(load_recipe(DEMO_RECIPE, ["training.max_steps=6"]), working / "config.yaml")
     (working / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
-    (working / "checkpoint-3").mkdir()
-    (working / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": 3}')
+    fake_checkpoint(working, 3)
     return working
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from silkie.config import DataSection
 from silkie.config.checks import changed_from_default
 from silkie.data.embedded import MEDIA_DIR, EmbeddedMedia, WithEmbedded, is_embedded_key
-from silkie.data.images import ImageStore, open_image_store
+from silkie.data.images import ImageLoadError, ImageStore, open_image_store
 from silkie.data.pairs import MediaLimits, PairReport, build_vlfeedback_pairs, pairs_from_preference_rows
 from silkie.data.sources import load_preference_file, load_vlfeedback_hf, load_vlfeedback_jsonl, prompt_key
 from silkie.data.split import split_by_prompt
@@ -149,6 +149,31 @@ def check_video_decoder(pairs: list) -> None:
         )
 
 
+MEDIA_PROBE = 16  # pictures decoded before training: if none of them loads, the run would train on nothing
+
+
+def check_images_decode(pairs: list, store: Any, images_key: str = "data.images") -> None:
+    """`InputError` when none of the first `MEDIA_PROBE` distinct pictures of `pairs` decodes (a wrong archive, a
+    folder of broken files): else each pair would get weight 0 and the run would finish having learned nothing.
+    Some broken pictures are fine: their pairs are left out as the collator meets them."""
+    keys = list(dict.fromkeys(key for pair in pairs for key in pair.images))[:MEDIA_PROBE]
+    if not keys or store is None:
+        return
+    failures = []
+    for key in keys:
+        try:
+            store.open(key)
+        except ImageLoadError as err:
+            failures.append(err)
+        else:
+            return
+    tried = "the one picture" if len(keys) == 1 else f"each of the first {len(keys)} pictures"
+    raise InputError(
+        f"{tried} of the training pairs fails to load from {images_key} ({store}); the first: {failures[0]}; "
+        "a run would learn nothing"
+    )
+
+
 def unused_rating_rules(data: DataSection) -> list[str]:
     """The recipe's pair-building rules set away from their defaults (`data.min_margin = 1.0`, ...): they act on
     rated completions, so a preference file's ready pairs never meet them."""
@@ -162,6 +187,7 @@ def prepare_data(data: DataSection, tokenizer: Any, max_length: int, cache_dir: 
     train_pairs, eval_pairs, store, report = build_pairs(data, Path(cache_dir) / MEDIA_DIR)
     if getattr(tokenizer, "video_marker_id", None) is not None:  # a family that takes video (else: video_unsupported)
         check_video_decoder(train_pairs + eval_pairs)
+    check_images_decode(train_pairs, store)
 
     def tokenize(pairs: list, split: str) -> Any:
         dataset = tokenize_pairs(

@@ -23,6 +23,7 @@ from silkie.run_dir import (
     CONFIG_NAME,
     CORRUPT_PREFIX,
     ERROR_NAME,
+    EVALUATION_OUTPUTS,
     FINISHED_NAME,
     FINISHED_OUTPUTS,
     OLD_TENSORBOARD_DIR,
@@ -30,7 +31,10 @@ from silkie.run_dir import (
     RUN_HISTORY,
     SLURM_DIR,
     TENSORBOARD_DIR,
+    checkpoint_step,
+    checkpoints,
     resume_plan,
+    verify_checkpoint,
 )
 
 EXIT_USAGE = 2  # the launcher's exit code for a refusal or bad input
@@ -131,18 +135,20 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
                 working, "new", f"{working} held a recipe that wrote no checkpoint or metrics: replaced by this one"
             )
         resumable = _only_schedule_changes(diffs)
+        max_steps = recipe.training.get("max_steps") or -1
         if not force:
-            ckpt = resume_plan(working, checksums=False)[0] if resumable else None
-            how = (
-                f"--force to extend it from {ckpt.name} with the new schedule"
-                if ckpt
-                else "--force to start over there from step 0 (the old run is moved to a backup folder)"
-            )
+            ckpt, later = _resume_within(working, max_steps) if resumable else (None, [])
+            if ckpt and later:
+                how = f"--force to go on from {ckpt.name} (the later {_summary([p.name for p in later])} moved aside)"
+            elif ckpt:
+                how = f"--force to extend it from {ckpt.name} with the new schedule"
+            else:
+                how = "--force to start over there from step 0 (the old run is moved to a backup folder)"
             raise LaunchError(
                 f"{working} holds a different recipe: {_summary(diffs)}; "
                 f"use another --working, or {how} (nothing is deleted)"
             )
-        return _forced(working, "a different recipe was there", resumable=resumable)
+        return _forced(working, "a different recipe was there", resumable=resumable, max_steps=max_steps)
     if working.is_dir():
         entries = sorted(p.name for p in working.iterdir())
         if entries:
@@ -207,17 +213,32 @@ def _only_schedule_changes(diffs: list[str]) -> bool:
     return all(diff.split(" (")[0].startswith(RESUMABLE_CHANGES) for diff in diffs)
 
 
-def _forced(working: Path, why: str, resumable: bool) -> WorkdirPlan:
-    """--force: move the old outputs to backup-<stamp>/; the checkpoints too unless the recipe change keeps them."""
+def _resume_within(working: Path, max_steps: int) -> tuple[Path | None, list[Path]]:
+    """(the checkpoint a resume with `max_steps` goes on from, [the later checkpoints it must move aside]): a run
+    shortened below its newest checkpoints goes back to the newest intact one at or before its new end."""
+    later = [c for c in checkpoints(working) if 0 < max_steps < checkpoint_step(c)]
+    if not later:
+        return resume_plan(working, checksums=False)[0], []
+    within = [c for c in checkpoints(working) if checkpoint_step(c) <= max_steps]
+    intact = next((c for c in reversed(within) if verify_checkpoint(c, checksums=False) is None), None)
+    return intact, later
+
+
+def _forced(working: Path, why: str, resumable: bool, max_steps: int = -1) -> WorkdirPlan:
+    """--force: move the old outputs (and what `silkie evaluate` wrote of them) to backup-<stamp>/; the checkpoints
+    too unless the recipe change keeps them, and those past a shortened run's new end."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    names = list(FINISHED_OUTPUTS)
-    if not resumable:  # another model, data or optimisation: the old checkpoints and history must not continue
-        # (the reference cache stays: it is keyed by what it was computed from, and rebuilt when that changed)
+    names = list(FINISHED_OUTPUTS) + sorted({p.name for glob in EVALUATION_OUTPUTS for p in working.glob(glob)})
+    ckpt, later = _resume_within(working, max_steps) if resumable else (None, [])
+    if resumable and (ckpt is not None or not later):
+        names += [c.name for c in later]
+    else:  # another model, data or optimisation (or a run shortened below every checkpoint): the old checkpoints and
+        # history must not continue (the reference cache stays: it is keyed by what it was computed from)
+        ckpt = None
         names += sorted(p.name for p in working.glob("checkpoint-*")) + [n for n in RUN_HISTORY if n != REFERENCE_DIR]
         names += sorted(p.name for p in working.glob(f"{CORRUPT_PREFIX}checkpoint-*"))
     backup = working / f"{BACKUP_PREFIX}{stamp}"
     backups = [(working / name, backup / name) for name in names if (working / name).exists()]
-    ckpt = resume_plan(working, checksums=False)[0] if resumable else None
     kept = f"; moves the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
     return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups, resume_from=ckpt)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from silkie.run_dir import BENCH_DIR
 from silkie.tools.cli import ToolError, require_dir
 
-BENCH_DIR = "benchmarks"
 MODELS = ("base", "dpo")
 # arXiv 2312.10665 (Qwen-VL-Chat, Silkie); MME perception/cognition are the +6.9% / +9.5% of its abstract, MM-Vet's
 # Silkie score is the paper's 49.9. MMHal-Bench (Silkie 3.02) is not a task of lmms-eval 0.7.3.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,28 @@ def run_cli(command: Callable[..., int], *args: Any) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as err:  # a read-only or full disk, a folder where a file goes: the file and the reason
+        if err.filename is None:
+            raise
+        print(f"error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def require_writable(path: str | Path, what: str, folder: bool = False) -> Path:
+    """`path` as a Path, or a `ToolError` when it cannot be written: a folder where a file goes (or the reverse),
+    or no write permission there. Checked before long work whose result goes there."""
+    path = Path(path)
+    kind, other = ("a folder", "a file") if folder else ("a file", "a folder")
+    if path.exists() and path.is_dir() != folder:
+        raise ToolError(f"{what} {path} is {other}; expected {kind}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() and existing != path:
+        raise ToolError(f"{what} {path} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise ToolError(f"{what} {path} cannot be written: {existing} is not writable")
+    return path
 
 
 def require_file(path: str | Path, what: str) -> Path:

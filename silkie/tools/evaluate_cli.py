@@ -20,7 +20,8 @@ import argparse
 from pathlib import Path
 
 from silkie.config.names import IMAGE_CORRUPTIONS
-from silkie.tools.cli import run_cli
+from silkie.run_dir import EVAL_PAIRS_PREFIX
+from silkie.tools.cli import require_writable, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tasks is not None:
         return run_tasks(args)
+    name = f"{EVAL_PAIRS_PREFIX}{args.split}" + (f"_{args.image_corruption}" if args.image_corruption else "")
+    out = require_writable(args.out or Path(args.run) / f"{name}.json", "--out")  # checked before the scoring
     result = evaluate_run(
         args.run,
         adapter_dir=args.adapter,
@@ -83,17 +86,16 @@ def run(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs,
         image_corruption=args.image_corruption,
     )
-    name = f"eval_pairs_{args.split}" + (f"_{args.image_corruption}" if args.image_corruption else "")
-    out = write_json(result, args.out or Path(args.run) / f"{name}.json", per_pair=args.per_pair)
-    print(format_table(result))
-    print(f"written: {out}")
+    print(format_table(result))  # before the write: a failed write still shows the scores
+    print(f"written: {write_json(result, out, per_pair=args.per_pair)}")
     return 0
 
 
 def run_tasks(args: argparse.Namespace) -> int:
     """The lmms-eval benchmarks of base and DPO model; prints the markdown table."""
-    from silkie.tools.benchmarks import JudgeEndpoint, format_markdown, limit_note, run_benchmarks
+    from silkie.tools.benchmarks import JudgeEndpoint, bench_dir, format_markdown, limit_note, run_benchmarks
 
+    require_writable(args.out or bench_dir(Path(args.run), args.limit), "--out", folder=True)  # before the answers
     judge = JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
     result = run_benchmarks(
         args.run, [t.strip() for t in args.tasks.split(",") if t.strip()], include_path=args.include_path,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from silkie.run_dir import CONFIG_NAME, holds_run
 from silkie.tools.cli import ToolError, require_dir, require_model_dir
 from silkie.tools.common import load_codec_from, load_model
 
@@ -95,7 +96,8 @@ def update_kept(model: torch.nn.Module, dtype: torch.dtype) -> float | None:
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool, keep: dict[str, Path]) -> None:
-    """Refuse an --out that would overwrite or delete the inputs, or a non-empty one without --overwrite."""
+    """Refuse an --out that would overwrite or delete the inputs or a training run, a non-empty one without
+    --overwrite, and with it one that holds no checkpoint (only an earlier merge is replaced)."""
     out = out_dir.resolve()
     for what, folder in keep.items():
         folder = folder.resolve()
@@ -103,8 +105,17 @@ def _check_out_dir(out_dir: Path, overwrite: bool, keep: dict[str, Path]) -> Non
             raise ToolError(f"--out {out_dir} would hold or sit inside the {what} folder {folder}; choose another")
     if out_dir.exists() and not out_dir.is_dir():
         raise ToolError(f"--out {out_dir} is a file, not a folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if holds_run(out_dir):
+        raise ToolError(f"--out {out_dir} holds a training run (its {CONFIG_NAME} and outputs); choose another --out")
+    if not overwrite:
         raise ToolError(f"output folder {out_dir} is not empty (pass --overwrite to replace it)")
+    if not (out_dir / "config.json").is_file():
+        raise ToolError(
+            f"--out {out_dir} holds no model checkpoint (no config.json): --overwrite replaces only an earlier merged "
+            "folder; choose another --out"
+        )
 
 
 def _replace_folder(staged: Path, out_dir: Path) -> None:
