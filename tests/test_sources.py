@@ -316,3 +316,21 @@ def test_rating_rules_set_for_a_preference_file_are_named_as_ignored(tmp_path, m
     said.clear()
     build.build_pairs(DataSection(source="preference", path=str(path)))
     assert said == []
+
+
+def test_a_byte_order_mark_and_an_empty_id_are_read_as_rows_not_lost(tmp_path):
+    """A BOM cost line 1 (bad_json) of a jsonl and the whole of a JSON array; an id of "" stopped the whole load
+    with a ValueError naming no row."""
+    import json
+
+    rows = [clean_row("a"), {**clean_row("x"), "id": " "}, clean_row("b")]
+    path = write_jsonl(tmp_path / "vlfeedback_80k.jsonl", rows)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    loaded = load_vlfeedback_jsonl(path)
+    assert [row.id for row in loaded] == ["a", "b"]
+    assert loaded.skipped == {"missing_field": 1} and loaded.skipped_ids["missing_field"] == ["row 1"]
+    rows = [{"id": f"p{i}", "prompt": "Q", "chosen": "good", "rejected": "bad", "images": []} for i in range(2)]
+    for suffix, text in ((".json", json.dumps(rows)), (".jsonl", "\n".join(json.dumps(r) for r in rows))):
+        pairs_file = tmp_path / f"pairs{suffix}"
+        pairs_file.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert [row.id for row in load_preference_file(pairs_file)] == ["p0", "p1"], suffix

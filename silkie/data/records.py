@@ -25,12 +25,16 @@ def _split_of(name: str) -> str | None:
     return match.group(1) if match else None
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
+
+
 def jsonl_records(path: Path) -> Iterator[Any]:
-    """A JSON-lines file's rows; a line that is not UTF-8 or not JSON is a `RowError` (skipped, not fatal)."""
+    """A JSON-lines file's rows; a line that is not UTF-8 or not JSON is a `RowError` (skipped, not fatal). A
+    UTF-8 byte-order mark (as Windows editors write) is read past."""
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError:
                 yield RowError("bad_encoding", f"line {line_number}")
                 continue
@@ -45,12 +49,12 @@ def jsonl_records(path: Path) -> Iterator[Any]:
 def json_records(path: Path) -> Iterator[Any]:
     """A `.json` file: a JSON array of rows, or (as often in practice) JSON lines."""
     with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
+        head = handle.read(4096).removeprefix(BOM).lstrip()
     if not head.startswith(b"["):
         yield from jsonl_records(path)
         return
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
     yield from data

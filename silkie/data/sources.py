@@ -88,7 +88,7 @@ class LoadedRows(Generic[RowT]):
 
 def _row_id(raw: Any, fallback: str) -> str:
     if isinstance(raw, Mapping) and isinstance(raw.get("id"), (str, int)) and not isinstance(raw.get("id"), bool):
-        return str(raw["id"])
+        return str(raw["id"]) if str(raw["id"]).strip() else fallback
     return fallback
 
 
@@ -135,6 +135,8 @@ def normalize_feedback_row(raw: Any) -> FeedbackRow:
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
     row_id = str(require_field(raw, "id", (str, int)))
+    if not row_id.strip():  # it names the row's picture (merged_images/<id>.jpg) and its pairs
+        raise RowError("missing_field", "id is empty")
     prompt = require_field(raw, "prompt", str)
     if "completions" not in raw or raw["completions"] is None:
         raise RowError("missing_field", "completions")
