@@ -220,3 +220,23 @@ def test_update_kept_measures_what_bf16_rounds_away(scale, low, high):
         model.base_model.model[0].lora_B["default"].weight.normal_(std=scale)
     assert update_kept(model, torch.float32) is None
     assert low <= update_kept(model, torch.bfloat16) <= high
+
+
+def test_an_adapter_of_a_base_with_other_layers_or_sizes_is_refused_in_one_line(trained, tmp_path, capsys):
+    """On a base with a third layer peft only warned and the merge said "100% kept" (layer 2 got no update); on a
+    wider base the error listed every mismatched weight on its own line."""
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
+
+    for name, size in (("deeper", {"layers": 3}), ("wider", {"hidden_size": 256})):
+        base = build_tiny_checkpoint(tmp_path / name, **size)
+        capsys.readouterr()
+        argv = ["--base", str(base), "--adapter", str(trained.adapter_dir), "--out", str(tmp_path / f"merged-{name}")]
+        assert load_script("merge_lora").main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: cannot load the adapter in {trained.adapter_dir}")
+        assert not (tmp_path / f"merged-{name}").exists()
+        if name == "deeper":
+            assert err.endswith("it was trained on another base")
+            assert "it has no weights for 8 of the model's (base_model.model.transformer.h.2." in err
+        else:
+            assert "weights differ in shape from the model's, e.g. size mismatch for base_model.model." in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +123,40 @@ def load_model(
 
         adapter_dir = require_dir(adapter_dir, "adapter folder", "adapter_config.json")
         try:
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            with warnings.catch_warnings():  # the missing keys it warns of are refused below, in one line
+                warnings.filterwarnings("ignore", "Found missing adapter keys", UserWarning)
+                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            problem = _adapter_fit_problem(model, adapter_dir)
         except Exception as err:  # peft: a bad adapter_config.json, or an adapter for other modules
-            raise ToolError(
-                f"cannot load the adapter in {adapter_dir} on {model_dir}{_trained_on(adapter_dir)}: "
-                f"{type(err).__name__}: {err}"
-            ) from err
+            problem = f"{type(err).__name__}: {_one_line(str(err))}"
+        if problem:
+            on = f"{model_dir}{_trained_on(adapter_dir)}"
+            raise ToolError(f"cannot load the adapter in {adapter_dir} on {on}: {problem}")
     return model.eval()
+
+
+def _adapter_fit_problem(model: torch.nn.Module, adapter_dir: Path) -> str | None:
+    """Why the adapter's saved weights are not exactly those the wrapped model's LoRA modules hold (an adapter of a
+    base with more or fewer layers: peft only warns, and the modules without weights stay at their no-op init)."""
+    from peft import get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    saved, expected = set(load_peft_weights(str(adapter_dir), device="cpu")), set(get_peft_model_state_dict(model))
+    missing, extra = sorted(expected - saved), sorted(saved - expected)
+    if not missing and not extra:
+        return None
+    said = [f"it has no weights for {len(missing)} of the model's ({missing[0]}, ...)" if missing else "",
+            f"{len(extra)} of its weights fit no module of the model ({extra[0]}, ...)" if extra else ""]  # fmt: skip
+    return "; ".join(part for part in said if part) + ": it was trained on another base"
+
+
+def _one_line(message: str) -> str:
+    """torch's load errors list every mismatched weight on its own line: the count and the first."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    mismatched = [line for line in lines if line.startswith("size mismatch for")]
+    if mismatched:
+        return f"{len(mismatched)} weights differ in shape from the model's, e.g. {mismatched[0]}"
+    return "; ".join(lines)
 
 
 def trained_family(adapter_dir: Path) -> str | None:
