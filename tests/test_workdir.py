@@ -8,7 +8,7 @@ import pytest
 
 from silkie.config import load_recipe, save_recipe
 
-from .slurm_cluster import DEMO_RECIPE, REPO_ROOT, fake_checkpoint, one_line_error, run_launcher
+from .slurm_cluster import DEMO_RECIPE, REPO_ROOT, asset_overrides, fake_checkpoint, one_line_error, run_launcher
 
 
 def test_different_recipe_or_other_files_are_refused(tmp_path):
@@ -344,3 +344,22 @@ def test_force_on_a_run_of_the_same_recipe_starts_over(tmp_path):
     assert forced.returncode == 0 and "--force: a run of this recipe was there (it starts over)" in forced.stderr
     assert "moves the old config.yaml, checkpoint-3, metrics.jsonl" in forced.stderr
     assert "starts from step 0" in forced.stderr
+
+
+def test_a_run_folder_that_cannot_be_made_or_read_is_one_line(assets, tmp_path):
+    """A working folder under a file (as under a read-only disk) and a stored config.yaml that is not UTF-8 were
+    tracebacks, the second even in a dry run."""
+    (tmp_path / "file").write_text("")
+    working = tmp_path / "file" / "run"
+    refused = run_launcher(working, *asset_overrides(assets))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == f"error: {working}: Not a directory"
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "config.yaml").write_bytes(b"model:\n  path: \xff\xfe\n")
+    (garbled / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    dry = run_launcher(garbled, "--dry-run")
+    assert one_line_error(dry).startswith(
+        f"error: {garbled} holds a different recipe: its config.yaml is not a valid recipe: {garbled / 'config.yaml'} "
+        "is not UTF-8 text (byte 15)"
+    )

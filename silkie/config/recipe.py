@@ -149,6 +149,8 @@ def read_recipe_file(path: str | Path) -> tuple[dict[str, Any], list[str]]:
         raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(yaml_error(err, str(path))) from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path} is not UTF-8 text (byte {err.start})") from None
     if not is_flat(raw):
         return raw, []
     try:

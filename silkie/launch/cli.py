@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\n[launch] interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a read-only or full disk where the run folder goes: the file and the reason
+        if err.filename is None:
+            raise
+        print(f"error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _launch(args: argparse.Namespace) -> int:

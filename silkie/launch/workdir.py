@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from silkie.config import Recipe, RecipeError, parse_yaml, recipe_from_dict, save_recipe
-from silkie.config.yaml_io import yaml_error
+from silkie.config import Recipe, RecipeError, recipe_from_dict, save_recipe
+from silkie.config.recipe import read_recipe_file
 from silkie.run_dir import (
     ADAPTER_DIR,
     BACKUP_PREFIX,
@@ -88,11 +88,7 @@ def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _read_recipe(path: Path) -> dict[str, Any]:
     """The recipe stored in a run directory, normalised through the schema (defaults filled in)."""
-    try:
-        raw = parse_yaml(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(yaml_error(err, str(path))) from err
-    return recipe_from_dict(raw or {}).to_dict()
+    return recipe_from_dict(read_recipe_file(path)[0]).to_dict()
 
 
 def _summary(items: list[str], limit: int = 3) -> str:
