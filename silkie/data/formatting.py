@@ -284,6 +284,24 @@ def _save_to_cache(dataset: datasets.Dataset, stats: dict[str, Any], target: Pat
     return datasets.load_from_disk(str(target))
 
 
+def _load_from_cache(target: Path) -> tuple[datasets.Dataset, dict[str, Any]] | None:
+    """The cached dataset and its stats, or None when the entry is damaged (a truncated arrow file, a cut stats
+    file): it is then moved out of the way, once across processes, so the pairs are tokenized again."""
+    logger.debug("loading tokenized pairs from cache %s", target)
+    try:
+        return datasets.load_from_disk(str(target)), json.loads((target / STATS_FILE).read_text(encoding="utf-8"))
+    except Exception as err:  # pyarrow, datasets and json raise many types for a damaged folder
+        logger.warning("the tokenized-pairs cache %s is damaged (%s: %s): tokenizing again", target,
+                       type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
+        damaged = target.with_name(f"{target.name}.damaged-{os.getpid()}")
+        try:
+            os.rename(target, damaged)  # atomic: another process of the run may be doing the same
+        except OSError:
+            return None
+        shutil.rmtree(damaged, ignore_errors=True)
+        return None
+
+
 def tokenize_pairs(
     pairs: Sequence[PreferencePair | Mapping[str, Any]],
     tokenizer: Any,
@@ -311,10 +329,9 @@ def tokenize_pairs(
         raise ValueError("tokenize_pairs got no pairs")
     key = cache_key(records, tokenizer, max_length, truncation, video_frames)
     target = Path(cache_dir) / key if cache_dir is not None else None
-    if target is not None and (target / STATS_FILE).is_file():
-        logger.debug("loading tokenized pairs from cache %s", target)
-        dataset = datasets.load_from_disk(str(target))
-        stats = json.loads((target / STATS_FILE).read_text(encoding="utf-8"))
+    cached = _load_from_cache(target) if target is not None and (target / STATS_FILE).is_file() else None
+    if cached is not None:
+        dataset, stats = cached
     else:
         dataset, stats = _tokenize(records, tokenizer, max_length, truncation, num_proc, key, video_frames)
         if target is not None:
