@@ -63,6 +63,16 @@ def test_dry_run_without_a_gpu_prints_the_gpu_command_with_a_warning(tmp_path):
     assert "no GPU is visible here; the command below starts 8 GPU process(es)" in result.stderr
     refused = run_launcher(tmp_path / "run", "launch.cpu=false", "launch.nproc_per_node=8", CUDA_VISIBLE_DEVICES="")
     assert one_line_error(refused).startswith("error: no GPU is visible")
+    # no process count in the recipe (as in the Silkie repository's flat recipes): one per GPU, torchrun's `gpu`
+    unset = run_launcher(
+        tmp_path / "run", "--dry-run", "launch.cpu=false", "launch.nproc_per_node=null", CUDA_VISIBLE_DEVICES=""
+    )
+    assert unset.returncode == 0, unset.stderr
+    assert "--standalone --nproc_per_node gpu " in unset.stdout
+    assert "no GPU is visible here; the command below starts one process per GPU on a machine with them" in (
+        unset.stderr
+    )
+    assert "; one process per GPU, the GPU count sets the global batch" in unset.stderr
 
 
 def test_dry_run_local_gpus_one_process_per_visible_gpu(tmp_path):

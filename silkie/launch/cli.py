@@ -122,11 +122,12 @@ def _launch(args: argparse.Namespace) -> int:
         )
     local = plan_local(recipe, working, dry_run=args.dry_run) if layout is None else None
     world_size = local.nproc if local is not None else args.gpus
-    if plan.resume_from is not None:  # refused here, before a job waits in the queue only to stop at startup
+    if plan.resume_from is not None and world_size:  # refused here, before a job waits in the queue only to stop
         problem = world_size_problem(plan.resume_from, world_size)
         if problem:
             raise LaunchError(problem)
-    batch = pairs_per_step(recipe.training, world_size)  # a global batch that does not divide: refused here too
+    # a global batch that does not divide: refused here too
+    batch = pairs_per_step(recipe.training, world_size) if world_size else "the GPU count sets the global batch"
     missing = missing_inputs(recipe)  # refused for a local launch; a dry run and a Slurm job (whose nodes may see
     if local is not None:  # paths this machine does not) warn
         if missing and not args.dry_run:
@@ -136,7 +137,8 @@ def _launch(args: argparse.Namespace) -> int:
             notes.warning(local.warning)
         if args.dry_run:
             kind = "CPU (gloo)" if local.cpu else "GPU"
-            _note(f"dry run: {plan.message}; {local.nproc} {kind} process(es), {batch}")
+            processes = f"{local.nproc} {kind} process(es)" if local.nproc else "one process per GPU"
+            _note(f"dry run: {plan.message}; {processes}, {batch}")
             _note(_DRY_RUN_WRITES.format(resolved=resolved, what="command"))
             print(format_command(local))
             return 0

@@ -63,7 +63,7 @@ def signal_forwarding_warning() -> str | None:
 class LocalPlan:
     """A resolved local launch: the environment changes and the torchrun command line."""
 
-    nproc: int
+    nproc: int  # 0: one per GPU of the machine the command runs on (a dry run where none is visible)
     cpu: bool
     env: dict[str, str]
     command: list[str]
@@ -111,8 +111,9 @@ def plan_local(recipe: Recipe, working: str | Path, dry_run: bool = False) -> Lo
     else:
         gpus = visible_gpus()
         nproc = launch.nproc_per_node or gpus
-        if gpus == 0 and dry_run and nproc:
-            warning = f"no GPU is visible here; the command below starts {nproc} GPU process(es) on a machine with them"
+        if gpus == 0 and dry_run:  # nproc 0: torchrun's `gpu`, one process per GPU of the machine it runs on
+            many = f"{nproc} GPU process(es)" if nproc else "one process per GPU"
+            warning = f"no GPU is visible here; the command below starts {many} on a machine with them"
         elif gpus == 0:
             raise LaunchError(
                 "no GPU is visible (CUDA_VISIBLE_DEVICES / nvidia-smi -L); "
@@ -121,7 +122,7 @@ def plan_local(recipe: Recipe, working: str | Path, dry_run: bool = False) -> Lo
         elif nproc > gpus:
             raise LaunchError(f"launch.nproc_per_node = {nproc} but only {gpus} GPU(s) are visible")
     env.update(torchrun_env(LOCAL_SHUTDOWN_TIMEOUT_S))
-    command = [sys.executable, str(TORCHRUN_ENTRY), "--standalone", "--nproc_per_node", str(nproc)]
+    command = [sys.executable, str(TORCHRUN_ENTRY), "--standalone", "--nproc_per_node", str(nproc or "gpu")]
     command += train_command(working)
     return LocalPlan(nproc, launch.cpu, env, command, warning)
 
