@@ -165,3 +165,15 @@ def test_dry_run_slurm_cpu_mode_and_no_requeue(tmp_path):
     assert "#SBATCH --no-requeue" in lines and "#SBATCH --signal=B:USR2@300" in lines
     assert "trap on_preempt USR2" in lines
     assert "scontrol requeue" not in result.stdout
+
+
+def test_a_tracker_that_is_not_installed_is_said_before_the_launch(tmp_path):
+    """report_to=wandb without wandb was a torchrun traceback after the data loaded, and advice to rerun."""
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None  # the test's premise: CI installs no wandb
+    said = "training.report_to = 'wandb': wandb is not installed (pip install wandb, or drop it)"
+    dry = run_launcher(tmp_path / "run", "--dry-run", "training.report_to=wandb")
+    assert dry.returncode == 0 and f"[launch] warning: {said}" in dry.stderr
+    refused = run_launcher(tmp_path / "run", "training.report_to=wandb")
+    assert said in one_line_error(refused) and not (tmp_path / "run").exists()

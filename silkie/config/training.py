@@ -156,7 +156,6 @@ REPORT_TO_CHOICES = (
     "kubeflow",
 )
 
-
 # One line of help per `training:` key (the recipe reference); every key is read by
 # `silkie.train.arguments.training_arguments`, which hands it to `TrainingArguments`.
 TRAINING_READ_BY = "train.arguments:training_arguments"

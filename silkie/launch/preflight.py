@@ -8,6 +8,7 @@ from pathlib import Path
 from silkie.config import Recipe
 from silkie.config.checkpoint import checkpoint_problem
 from silkie.config.names import HUB_ID
+from silkie.config.trackers import missing_trackers
 from silkie.errors import InputError
 from silkie.logs import LAUNCH, get_logger
 
@@ -49,8 +50,9 @@ def _hub_id_problem(key: str, value: str) -> str | None:
 
 
 def missing_inputs(recipe: Recipe) -> list[str]:
-    """One line per input path of the recipe that cannot be found (model, data, images), and for a model folder
-    that is no checkpoint of `model.family` (no config.json, another family's model_type)."""
+    """One line per input path of the recipe that cannot be found (model, data, images), for a model folder that
+    is no checkpoint of `model.family` (no config.json, another family's model_type), and for a `report_to`
+    tracker that is not installed."""
     checks = [
         ("model.path", recipe.model.path, True, "a checkpoint folder or a hub id"),
         ("model.ref_model", recipe.model.ref_model, True, "the reference's checkpoint folder or a hub id"),
@@ -68,6 +70,9 @@ def missing_inputs(recipe: Recipe) -> list[str]:
                 problem = str(err)
             if problem:
                 problems.append(problem)
+    tracker = missing_trackers(recipe.training)
+    if tracker:
+        problems.append(tracker)
     for key, value, hub_ok, expected in checks:
         if not value or Path(value).expanduser().exists():
             continue

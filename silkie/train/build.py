@@ -18,6 +18,8 @@ from torch import nn
 
 from silkie.config import Recipe, RecipeError, save_recipe
 from silkie.config.objective import uses_reference
+from silkie.config.trackers import missing_trackers
+from silkie.errors import InputError
 from silkie.logs import get_logger
 from silkie.run_dir import (
     CACHE_DIR,
@@ -97,6 +99,9 @@ def build_trainer(
             say(f"removed half-written {path.name} from an interrupted run")
         if not (working / CONFIG_NAME).exists():
             save_recipe(recipe, working / CONFIG_NAME)
+    tracker = missing_trackers(recipe.training)
+    if tracker:  # transformers would stop with a traceback once the data is loaded
+        raise InputError(tracker)
     dtype = resolve_dtype(recipe.model.dtype)
     args = training_arguments(recipe, working, bf16=dtype == torch.bfloat16)  # before the model: ZeRO-3 init
     _ = args.device  # starts the process group now, so ZeRO-3 partitions the weights across all ranks at load
