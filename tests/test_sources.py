@@ -334,3 +334,23 @@ def test_a_byte_order_mark_and_an_empty_id_are_read_as_rows_not_lost(tmp_path):
         pairs_file = tmp_path / f"pairs{suffix}"
         pairs_file.write_bytes(b"\xef\xbb\xbf" + text.encode())
         assert [row.id for row in load_preference_file(pairs_file)] == ["p0", "p1"], suffix
+
+
+def test_a_media_column_no_field_reads_is_refused_not_trained_as_text(tmp_path):
+    """Rows with `image_path` trained as text only: no warning, held-out accuracy 1.0 on the answers alone."""
+    import json
+
+    rows = [{"idx": i, "question": "Q", "chosen": "a", "rejected": "b", "image_path": f"{i}.jpg"} for i in range(3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InputError) as refused:
+        load_preference_file(path, columns={"prompt": "question", "id": "idx"})
+    assert str(refused.value) == (
+        f"no row of {path} has a picture or video, yet its column 'image_path' looks like one (they are read from "
+        "image/images/video/videos): map it with data.columns: {images: image_path} (or {image: image_path} for "
+        "one path per row), or leave it unread with data.columns: {image_path: null}"
+    )
+    read = load_preference_file(path, columns={"prompt": "question", "id": "idx", "image": "image_path"})
+    assert [row.images for row in read] == [("0.jpg",), ("1.jpg",), ("2.jpg",)]
+    unread = load_preference_file(path, columns={"prompt": "question", "id": "idx", "image_path": None})
+    assert [row.images for row in unread] == [(), (), ()]

@@ -246,8 +246,8 @@ def load_preference_file(
 
     def noting_columns(records: Iterable[Any]) -> Iterator[Any]:
         for record in records:
-            if columns and isinstance(record, Mapping):
-                seen.update(record)
+            if isinstance(record, Mapping):
+                seen.update(map(str, record))
             yield record
 
     normalize = functools.partial(normalize_preference_row, media=media, columns=columns)
@@ -258,4 +258,25 @@ def load_preference_file(
         name, column = next(iter(missing.items()))
         raise InputError(f"data.columns.{name} = {column!r} names no column of {path} (its columns: "
                          f"{', '.join(sorted(seen)[:20])})")  # fmt: skip
+    unread = _unread_media_columns(seen, columns) if not any(r.images or r.videos for r in loaded.rows) else []
+    if unread and loaded.rows:
+        raise InputError(
+            f"no row of {path} has a picture or video, yet its column {unread[0]!r} looks like one (they are read "
+            f"from image/images/video/videos): map it with data.columns: {{images: {unread[0]}}} (or {{image: "
+            f"{unread[0]}}} for one path per row), or leave it unread with data.columns: {{{unread[0]}: null}}"
+        )
     return loaded
+
+
+MEDIA_WORDS = ("image", "img", "picture", "photo", "video")
+READ_MEDIA = ("image", "images", "video", "videos")
+
+
+def _unread_media_columns(seen: set[str], columns: Mapping[str, str | None] | None) -> list[str]:
+    """Columns of a file whose names say media (`image_path`, `img`, `video_file`) that no field reads: a text-only
+    run would train on them silently. A column `data.columns` maps, or leaves unread with null, is not one."""
+    mapped = {column for column in (columns or {}).values() if column} | set(columns or {})
+    return sorted(
+        name for name in seen
+        if any(word in name.lower() for word in MEDIA_WORDS) and name not in READ_MEDIA and name not in mapped
+    )  # fmt: skip
