@@ -9,7 +9,7 @@ from .checks import choice, key, require
 
 @dataclass
 class DeepSpeedSection:
-    """ZeRO through the Hugging Face integration: `stage` 0 (off), 2 or 3, or a JSON `config` path."""
+    """ZeRO through the Hugging Face integration: `stage` 0 (off), 1, 2 or 3, or a JSON `config` path."""
 
     stage: int = key(
         0,
