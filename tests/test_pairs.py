@@ -9,6 +9,7 @@ import pytest
 from silkie.data.pairs import PreferencePair, build_vlfeedback_pairs, pairs_from_preference_rows
 from silkie.data.sources import normalize_feedback_row
 from silkie.data.split import split_by_prompt
+from silkie.errors import InputError
 from tests.data_fixtures import clean_row, feedback_row, to_columnar
 
 
@@ -76,6 +77,12 @@ def test_aspect_weights_change_survivors_and_scores():
     assert mean[("answer 0 of w", "answer 1 of w")] == pytest.approx(11 / 3)
     with pytest.raises(ValueError):
         build_vlfeedback_pairs([row], aspect_weights={"Helpfulness": 0.0})
+    with pytest.raises(InputError) as typo:  # it named neither the aspect nor the rated ones (missing_rating: 6)
+        build_vlfeedback_pairs([row], aspect_weights={"Helpfullness": 2.0, "Visual Faithfulness": 1.0})
+    assert str(typo.value) == (
+        "data.aspect_weights names 'Helpfullness', which no row of rows rates (they rate 'Ethical Considerations', "
+        "'Helpfulness', 'Visual Faithfulness'): every pair lacked that rating"
+    )
 
 
 def test_cap_by_margin_is_highest_first_and_stable():

@@ -354,3 +354,17 @@ def test_a_media_column_no_field_reads_is_refused_not_trained_as_text(tmp_path):
     assert [row.images for row in read] == [("0.jpg",), ("1.jpg",), ("2.jpg",)]
     unread = load_preference_file(path, columns={"prompt": "question", "id": "idx", "image_path": None})
     assert [row.images for row in unread] == [(), (), ()]
+
+
+def test_a_file_of_the_other_kind_names_the_data_source_that_reads_it(tmp_path):
+    import json
+
+    from silkie.data.pairs import pairs_from_preference_rows
+
+    release = write_jsonl(tmp_path / "vlfeedback_80k.jsonl", [clean_row("a"), clean_row("b")])
+    with pytest.raises(InputError, match=r"; its rows look like a VLFeedback release: data.source: vlfeedback$"):
+        pairs_from_preference_rows(load_preference_file(release))
+    ready = tmp_path / "pairs.jsonl"
+    ready.write_text(json.dumps({"id": "p", "prompt": "Q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(InputError, match=r"; its rows look like a file of ready pairs: data.source: preference$"):
+        build_vlfeedback_pairs(load_vlfeedback_jsonl(ready))

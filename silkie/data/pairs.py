@@ -222,9 +222,21 @@ def _media_usable(
     return True
 
 
-def _finish(pairs: list[PreferencePair], report: PairReport) -> tuple[list[PreferencePair], PairReport]:
-    if not pairs:
-        raise InputError(f"no usable preference pairs in {report.summary()}")  # the summary starts with the source
+# Columns that tell a file's kind, and the data.source that reads it.
+KIND_COLUMNS = {
+    "vlfeedback": ({"completions"}, "a VLFeedback release"),
+    "preference": ({"chosen", "rejected"}, "a file of ready pairs"),
+}
+
+
+def _finish(
+    pairs: list[PreferencePair], report: PairReport, rows: Any = None, source: str = ""
+) -> tuple[list[PreferencePair], PairReport]:
+    if not pairs:  # the summary starts with the source; a file of the other kind gets the data.source that reads it
+        columns = rows.first_columns if isinstance(rows, LoadedRows) else frozenset()
+        hint = next((f"; its rows look like {what}: data.source: {kind}" for kind, (needs, what) in KIND_COLUMNS.items()
+                     if kind != source and needs <= columns), "")  # fmt: skip
+        raise InputError(f"no usable preference pairs in {report.summary()}{hint}")
     return pairs, report
 
 
@@ -263,7 +275,9 @@ def build_vlfeedback_pairs(
     report = PairReport(source=_source_name(rows, source))
     pairs: list[PreferencePair] = []
     first_rows: dict[str, FeedbackRow] = {}
+    rated: set[str] = set()  # every aspect a completion rates (a weighted aspect no row rates is a typo)
     for row in _iter_rows(rows, normalize_feedback_row, report):
+        rated.update(aspect for completion in row.completions for aspect in completion.ratings)
         # one row per id: its image is found by the id, and its pairs are capped per id
         earlier = first_rows.setdefault(row.id, row)
         if earlier is not row:
@@ -284,7 +298,13 @@ def build_vlfeedback_pairs(
         report.rows_kept += 1
         report.pairs_kept += len(kept)
         pairs.extend(kept)
-    return _finish(pairs, report)
+    unrated = sorted(set(weights) - rated)
+    if not pairs and unrated and rated and rating_rules == "checked":
+        raise InputError(
+            f"data.aspect_weights names {', '.join(map(repr, unrated))}, which no row of {report.source} rates (they "
+            f"rate {', '.join(map(repr, sorted(rated)))}): every pair lacked that rating"
+        )
+    return _finish(pairs, report, rows, "vlfeedback")
 
 
 def pairs_from_preference_rows(
@@ -327,4 +347,4 @@ def pairs_from_preference_rows(
         pairs.append(PreferencePair(*pair, videos=row.videos, system=row.system, history=row.history))
         report.rows_kept += 1
         report.pairs_kept += 1
-    return _finish(pairs, report)
+    return _finish(pairs, report, rows, "preference")

@@ -69,6 +69,7 @@ class LoadedRows(Generic[RowT]):
     skipped: Counter = field(default_factory=Counter)
     skipped_ids: dict[str, list[str]] = field(default_factory=dict)
     first_details: dict[str, str] = field(default_factory=dict)  # reason -> what was wrong with its first row
+    first_columns: frozenset[str] = frozenset()  # the first row's columns (what kind of file it is)
 
     def skip(self, reason: str, row_id: str, detail: str = "") -> None:
         """Count one skipped row under `reason` (`detail`: e.g. the missing field)."""
@@ -163,6 +164,8 @@ def collect_rows(
     loaded: LoadedRows = LoadedRows(name=name)
     for index, raw in enumerate(raw_rows):
         loaded.rows_seen += 1
+        if index == 0 and isinstance(raw, Mapping):
+            loaded.first_columns = frozenset(map(str, raw))
         if isinstance(raw, RowError):
             loaded.skip(raw.reason, raw.detail or f"row {index}")
             continue
