@@ -87,6 +87,15 @@ ELSEWHERE = {
     "torch_dtype": "model.dtype",
     "resume_from_checkpoint": "not needed: the same launch command again resumes from the latest intact checkpoint",
     "activation_offloading": "training.gradient_checkpointing_kwargs: {offload: true}",
+    "use_dora": "lora.use_dora",
+    "use_rslora": "lora.use_rslora",
+    "use_liger_kernel": "model.liger_kernels",
+    "modules_to_save": "not supported: LoRA adapts lora.target_modules (with lora.vision the vision tower too); "
+    "full fine-tuning is lora.enabled: false",
+    "bias": "not supported: LoRA trains no biases (peft's bias: none)",
+    "neftune_noise_alpha": "not supported: NEFTune is an SFT method (TRL and transformers apply it to SFT)",
+    "load_best_model_at_end": "not needed: the run keeps the last adapter; every checkpoint-N holds its own "
+    "(evaluate one with silkie evaluate --adapter)",
     # LLaMA-Factory's and ms-swift's run keys
     "stage": "not needed: Silkie trains preference objectives (dpo.loss_type)",
     "do_train": "not needed: train_dpo.py trains",
@@ -157,12 +166,14 @@ def type_ok(value: Any, annotation: Any) -> bool:
 
 def coerce(value: Any, annotation: Any) -> Any:
     """A numeric string becomes a float where only a float is allowed; ints stay ints (a float field takes them,
-    and config.yaml keeps `logging_steps: 5` as written)."""
+    and config.yaml keeps `logging_steps: 5` as written); a string where only a list is allowed becomes a list."""
     if isinstance(value, str) and not type_ok(value, annotation) and type_ok(1.0, annotation):
         try:
             return float(value)
         except ValueError:
             return value
+    if isinstance(value, str) and not type_ok(value, annotation) and type_ok([value], annotation):
+        return [value]  # one name where a list of names goes (`target_modules: c_attn`, as peft takes it)
     return value
 
 

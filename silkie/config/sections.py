@@ -1,6 +1,6 @@
-"""The recipe's sections about what is trained: model, data, LoRA (typed dataclasses, help text and reader on every
-key, each section with its own value checks; DPO's keys are in `dpo_section`, the run's placement in `cluster`).
-Imports no torch."""
+"""The recipe's sections about what is trained: model, data (typed dataclasses, help text and reader on every key,
+each section with its own value checks; LoRA's keys are in `lora_section`, DPO's in `dpo_section`, the run's
+placement in `cluster`). Imports no torch."""
 
 from __future__ import annotations
 
@@ -339,58 +339,3 @@ class DataSection:
         named = [column for column in self.columns.values() if column is not None]
         taken = [column for column in named if named.count(column) > 1]
         require(not taken, "data.columns", self.columns, "one field per column")
-
-
-@dataclass
-class LoraSection:
-    """LoRA adapters through peft (Silkie defaults); `enabled: false` means full fine-tuning."""
-
-    enabled: bool = key(
-        True,
-        "Train LoRA adapters (peft); false = full fine-tuning with a frozen reference copy (none for the "
-        "reference-free cpo, simpo and orpo).",
-        "models.loading:make_policy",
-    )
-    r: int = key(
-        64,
-        "LoRA rank.",
-        "models.loading:apply_lora",
-    )
-    alpha: int = key(
-        16,
-        "LoRA scaling numerator (scale = alpha / r).",
-        "models.loading:apply_lora",
-    )
-    dropout: float = key(
-        0.05,
-        "Dropout on the LoRA branch.",
-        "models.loading:apply_lora",
-    )
-    target_modules: list[str] | None = key(
-        None,
-        "LLM module names that get adapters (null: the family's default).",
-        "models.loading:check_lora_targets",
-    )
-    vision: bool = key(
-        False,
-        "Also adapt the vision tower (it stays frozen otherwise).",
-        "models.loading:make_policy",
-    )
-    load_in_4bit: bool = key(
-        False,
-        "QLoRA: language-model linears in NF4 4 bit (needs bitsandbytes and a CUDA GPU).",
-        "models.loading:build_policy",
-    )
-
-    def check(self) -> None:
-        require(self.r >= 1, "lora.r", self.r, "an integer >= 1")
-        require(self.alpha >= 1, "lora.alpha", self.alpha, "an integer >= 1 (the scale is alpha / r)")
-        require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a number in [0, 1)")
-        require(
-            self.target_modules is None or bool(self.target_modules),
-            "lora.target_modules",
-            self.target_modules,
-            "null (the family's default) or a non-empty list",
-        )
-        for name in self.target_modules or []:
-            require(bool(name.strip()), "lora.target_modules", self.target_modules, "module names, none empty")

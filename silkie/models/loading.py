@@ -16,6 +16,7 @@ from torch import nn
 
 from silkie.config import LoraSection, ModelSection
 from silkie.config.checkpoint import checkpoint_problem
+from silkie.config.lora_section import ALL_LINEAR
 from silkie.config.names import HUB_ID
 from silkie.errors import InputError
 from silkie.models.family import ModelFamily, PairCodec, get_family
@@ -101,6 +102,7 @@ def apply_lora(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = with_all_linear_targets(model, lora, family)
     check_lora_targets(model, lora, family)
     config = LoraConfig(
         r=lora.r,
@@ -109,11 +111,31 @@ def apply_lora(
         target_modules=lora_target_regex(lora, family),
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
     )
     peft_model = get_peft_model(model, config)
     if not lora.vision:
         freeze_vision(peft_model.get_base_model(), family=family)
     return peft_model
+
+
+def with_all_linear_targets(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> LoraSection:
+    """`lora` with `target_modules: [all-linear]` spelled out: the names of every linear layer of the language model
+    (the family's scope, as for any name) but the output head, as peft's `all-linear`."""
+    import re
+    from dataclasses import replace
+
+    if lora.target_modules != [ALL_LINEAR]:
+        return lora
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+    names = []
+    for leaf in sorted({name.rsplit(".", 1)[-1] for name in linears}):
+        pattern = re.compile(lora_target_regex(replace(lora, target_modules=[leaf], vision=False), family))
+        if any(pattern.fullmatch(name) for name in linears):
+            names.append(leaf)
+    return replace(lora, target_modules=names)
 
 
 def check_lora_targets(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> None:
