@@ -92,3 +92,21 @@ def test_what_a_history_cannot_be_is_said_naming_the_entry(setup, tmp_path):
 
     with pytest.raises(ToolError, match="Qwen-VL-Chat's turns name their pictures in it"):
         qwen_vl_turns([("<image>Q", "A", (str(picture),), ())])
+
+
+def test_a_text_only_question_is_asked_as_training_renders_a_text_only_pair(setup, capsys):
+    """`--image` was required, though training takes text-only pairs."""
+    from silkie.models.loading import load_tokenizer
+    from silkie.tools.chat_cli import main
+    from silkie.tools.common import load_model
+
+    from .hf_fixtures import model_section
+
+    model_dir, _, _ = setup
+    assert main(["--model", str(model_dir), "--question", "Say hi.", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    config = load_model(model_dir, None).config
+    tokenizer, ids, tensors = family_inputs(model_dir, None, config, None, None, "Say hi.")
+    assert not tensors.get("pixel_values") and ids[0].tolist() == load_tokenizer(
+        model_section(model_dir, "qwen2_vl")).prompt_ids("Say hi.", [], [])  # fmt: skip
+    assert greedy(model_dir, ids, tensors, tokenizer, 4) in printed

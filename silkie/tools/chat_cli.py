@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--image",
         action="append",
-        help="image file, repeatable in order (with the first question; needed unless --history or --video has one)",
+        help="image file, repeatable in order (with the first question; none: a text-only question, as training's "
+        "text-only pairs)",
     )
     parser.add_argument("--video", action="append", help="video file, repeatable (qwen2_vl / qwen2_5_vl)")
     parser.add_argument("--question", help="the (first) question; with --interactive, read from stdin if left out")
@@ -61,8 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--compare needs --adapter")
     if args.question is None and not args.interactive:
         parser.error("--question is required (or --interactive)")
-    if args.image is None and args.history is None and args.video is None:
-        parser.error("--image is required (or --video, or --history, whose turns name their pictures)")
     if args.compare and (args.interactive or args.save_history):
         parser.error("--compare answers one question twice: it does not go with --interactive or --save-history")
     if args.max_new_tokens < 1:
