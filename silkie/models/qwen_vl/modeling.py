@@ -5,6 +5,8 @@ State-dict names and shapes equal the official checkpoint's; see `../shared/refe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -332,6 +334,12 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    def chat(self, tokenizer: Any, query: str, history: list | None = None, **kwargs: Any) -> tuple[str, list]:
+        """(reply, history), as the original remote code's `model.chat` (see `silkie.models.qwen_vl.chat`)."""
+        from .chat import chat
+
+        return chat(self, tokenizer, query, history, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
         """Standard preparation; image inputs only on the first (prefill) step."""

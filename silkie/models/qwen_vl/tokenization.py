@@ -61,7 +61,14 @@ MAX_WINDOW_SIZE = 6144  # generation_config.json of Qwen-VL-Chat: history turns 
 
 
 class TokenizerOutput(dict):
-    """dict of `input_ids` / `attention_mask` with a `.to(device)` helper for tensor values."""
+    """dict of `input_ids` / `attention_mask`, also as attributes (`.input_ids`, as transformers' BatchEncoding),
+    with a `.to(device)` helper for tensor values."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def to(self, device: Any) -> TokenizerOutput:
         """Move tensor values to `device` (in place); returns self."""
