@@ -97,11 +97,30 @@ def ignore_known_warnings() -> None:
 
 
 def quiet_libraries(terminal: bool) -> None:
-    """Filter what is known to be noise here (`ignore_known_warnings`); off a `terminal`, also the progress bars
-    (`hide_progress_bars`). A run's console and every tool start with it."""
+    """Filter what is known to be noise here (`ignore_known_warnings`), say the package's own warnings as its
+    console lines (`say_own_warnings`); off a `terminal`, also hide the progress bars (`hide_progress_bars`). A
+    run's console and every tool start with it."""
     ignore_known_warnings()
+    say_own_warnings()
     if not terminal:
         hide_progress_bars()
+
+
+def say_own_warnings() -> None:
+    """Warnings of the package's own categories (e.g. a pair dropped for a broken picture, raised in a DataLoader
+    worker) as `[silkie] warning: ...` lines, not Python's two-line form pointing into torch's code."""
+    shown = warnings.showwarning
+    if getattr(shown, "_silkie", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
+        if category.__module__.startswith(f"{ROOT}."):
+            get_logger(category.__module__).warning(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._silkie = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def on_terminal() -> bool:

@@ -171,3 +171,20 @@ def test_the_settings_line_shows_the_defaults_the_recipe_left_out(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=270)
     assert " | 270 steps | " in console.settings_line(args, 0.2, ["sigmoid", "sft"])
     assert console.settings_line(args, 0.2, ["sigmoid", "sft"]).endswith("dpo: sigmoid+sft, beta 0.2")
+
+
+def test_the_package_s_own_warnings_are_console_lines(capsys):
+    """A pair dropped for a broken picture printed Python's two lines, pointing into torch's DataLoader code."""
+    from silkie.data.collator import DroppedPairWarning
+    from silkie.logs import say_own_warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        say_own_warnings()
+        say_own_warnings()  # installed once
+        dropped = "dropping pair 'n22' (kept in the batch with weight 0): corrupt"
+        warnings.warn(dropped, DroppedPairWarning, stacklevel=1)
+        warnings.warn("a library's own", UserWarning, stacklevel=1)
+    captured = capsys.readouterr()
+    assert captured.out == "[silkie] warning: dropping pair 'n22' (kept in the batch with weight 0): corrupt\n"
+    assert "a library's own" not in captured.out  # other warnings keep Python's way
