@@ -363,3 +363,19 @@ def test_a_run_folder_that_cannot_be_made_or_read_is_one_line(assets, tmp_path):
         f"error: {garbled} holds a different recipe: its config.yaml is not a valid recipe: {garbled / 'config.yaml'} "
         "is not UTF-8 text (byte 15)"
     )
+
+
+def test_a_stop_before_the_first_checkpoint_says_a_rerun_starts_over(tmp_path, capsys):
+    import signal
+
+    from silkie.launch.local import _report
+
+    working = tmp_path / "run"
+    working.mkdir()
+    assert _report(working, 130, signal.SIGINT) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip().endswith(
+        "interrupted (SIGINT): no checkpoint had been written yet; run the same command again to start over"
+    )
+    fake_checkpoint(working, 3)
+    assert _report(working, 1, None) == 1
+    assert capsys.readouterr().err.strip().endswith("is intact; run the same command again to resume")
