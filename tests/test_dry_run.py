@@ -177,3 +177,12 @@ def test_a_tracker_that_is_not_installed_is_said_before_the_launch(tmp_path):
     assert dry.returncode == 0 and f"[launch] warning: {said}" in dry.stderr
     refused = run_launcher(tmp_path / "run", "training.report_to=wandb")
     assert said in one_line_error(refused) and not (tmp_path / "run").exists()
+
+
+def test_a_cpu_recipe_sent_to_slurm_warns_that_its_gpus_go_unused(tmp_path):
+    result = run_launcher(tmp_path / "run", "--dry-run", "--gpus", "2")  # the demo recipe: launch.cpu true
+    assert result.returncode == 0, result.stderr
+    assert ("[launch] warning: launch.cpu is true: the job books 2 GPU(s) and hides them from training "
+            "(CUDA_VISIBLE_DEVICES=); set launch.cpu=false to train on them") in result.stderr  # fmt: skip
+    assert "launch.cpu is true" not in run_launcher(tmp_path / "run", "--dry-run", "--gpus", "2",
+                                                    "launch.cpu=false").stderr  # fmt: skip

@@ -155,6 +155,9 @@ def _launch(args: argparse.Namespace) -> int:
         _note(f"{local.nproc} {'CPU (gloo)' if local.cpu else 'GPU'} process(es), {batch}: {format_command(local)}")
         return run_local(local, working, lock)
     script = render_script(recipe, working, layout)
+    if recipe.launch.cpu:  # e.g. the demo recipe sent to a cluster
+        notes.warning(f"launch.cpu is true: the job books {args.gpus} GPU(s) and hides them from training "
+                      "(CUDA_VISIBLE_DEVICES=); set launch.cpu=false to train on them")  # fmt: skip
     _warn(missing)
     warning = signal_forwarding_warning()
     if warning:

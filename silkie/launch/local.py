@@ -168,7 +168,8 @@ def lock_holders(working: Path) -> list[str]:
             continue
         pid = int(fd_dir.parent.name)
         if pid != os.getpid():
-            found.append((pid, f"PID {pid} ({command[:80]})" if command else f"PID {pid}"))
+            shown = command if len(command) <= 200 else command[:200] + " ..."  # a long command is cut, and marked so
+            found.append((pid, f"PID {pid} ({shown})" if command else f"PID {pid}"))
     return [entry for _, entry in sorted(found)[:3]]
 
 
