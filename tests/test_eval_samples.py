@@ -72,6 +72,8 @@ def test_each_evaluation_writes_the_policy_s_and_the_reference_s_answers(family,
     for record in records:
         assert record["images"] and record["chosen"] and record["chosen"] != record["rejected"]
         assert "?" in record["prompt"] and 0 < record["policy_tokens"] <= 12
+        picture = f"<img>{record['images'][0]}</img>" if family == "qwen_vl" else "<|vision_start|><|image_pad|>"
+        assert picture in record["prompt"] and record["prompt"].startswith("<|im_start|>system")  # the chat layout
         if loss == "simpo":  # reference-free: no reference answers
             assert record["reference"] is None and record["reference_tokens"] == 0
         else:

@@ -107,7 +107,7 @@ class EvalSamplesCallback(TrainerCallback):
         trainer, tokenizer = self.trainer, self.tokenizer
         batch = trainer.eval_data_collator([row])
         record = {"step": step, "prompt_id": row["prompt_id"], "images": row["images"], "videos": row["videos"],
-                  "prompt": _text(tokenizer, row["prompt_input_ids"])}  # fmt: skip
+                  "prompt": tokenizer.decode(row["prompt_input_ids"])}  # fmt: skip  (the chat layout kept)
         for name in ("chosen", "rejected"):
             record[name] = _text(tokenizer, row[f"{name}_input_ids"])
         with trainer.accelerator.autocast():
