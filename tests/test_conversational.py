@@ -39,6 +39,8 @@ def test_the_implicit_prompt_is_the_turns_both_conversations_share():
       "chosen has the roles ['assistant', 'assistant']"),
      ({"prompt": [{"role": "user", "content": [{"type": "audio"}]}], "chosen": "a", "rejected": "b"}, "wrong_type",
       "prompt[0]: a part {'type': 'audio'}"),
+     ({"prompt": "Q", "chosen": ["a", "b"], "rejected": "b"}, "wrong_type",
+      "chosen[0] is str (expected a {role, content} or {from, value} message)"),
      ({"prompt": "Q", "chosen": "a", "rejected": "b", "images": [{"bytes": b"\xff\xd8", "path": None}]},
       "embedded_media", "images[0] holds the picture itself (a datasets Image column): checking it needs a folder")],
 )  # fmt: skip

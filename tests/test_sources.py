@@ -40,6 +40,7 @@ def test_jsonl_loader_skips_and_counts_bad_rows(tmp_path):
     assert loaded.rows_seen == 7
     assert loaded.skipped == {"bad_json": 1, "missing_field": 1, "wrong_type": 2, "too_few_completions": 1}
     assert loaded.skipped_ids["bad_json"] == ["line 2"]
+    assert loaded.first_details["bad_json"] == "Expecting property name enclosed in double quotes at character 2"
     assert loaded.skipped_ids["wrong_type"] == ["badtype", "badcomp"]
     row = loaded.rows[0]
     assert row.images == ("merged_images/good1.jpg",) and len(row.completions) == 4

@@ -61,7 +61,9 @@ def _message(messages: Any, role: str, where: str) -> str:
 
 def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-        raise RowError("wrong_type", f"{where} is {type(messages).__name__}")
+        what = f"a list holding {type(next(m for m in messages if not isinstance(m, Mapping))).__name__}" if (
+            isinstance(messages, list)) else type(messages).__name__  # fmt: skip
+        raise RowError("wrong_type", f"{where} is {what} (expected a string, or a list of {{role, content}} messages)")
 
 
 def _alternating_texts(messages: list, where: str, last: str, offset: int = 0) -> list[str]:
@@ -108,7 +110,8 @@ def _system_text(content: Any) -> str:
 def _chat_message(message: Any, where: str) -> dict[str, Any]:
     """A ShareGPT (`from` / `value`) or OpenAI (`role` / `content`) message as `{role, content}`."""
     if not isinstance(message, Mapping):
-        raise RowError("wrong_type", f"{where} is {type(message).__name__}")
+        raise RowError("wrong_type", f"{where} is {type(message).__name__} (expected a {{role, content}} or {{from, "
+                       "value} message)")  # fmt: skip
     if "from" not in message:
         return {"role": message.get("role"), "content": message.get("content")}
     role = SHAREGPT_ROLES.get(message["from"])

@@ -42,8 +42,8 @@ def jsonl_records(path: Path) -> Iterator[Any]:
                 continue
             try:
                 yield json.loads(line)
-            except json.JSONDecodeError:
-                yield RowError("bad_json", f"line {line_number}")
+            except json.JSONDecodeError as err:
+                yield RowError("bad_json", f"line {line_number}", f"{err.msg} at character {err.pos + 1}")
 
 
 def json_records(path: Path) -> Iterator[Any]:

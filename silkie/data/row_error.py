@@ -9,10 +9,11 @@ from typing import Any
 class RowError(ValueError):
     """A row that cannot be normalized; `reason` is the counter key."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", problem: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-        self.detail = detail
+        self.detail = detail  # where (a file's line) or what (a field), as the loaders count it
+        self.problem = problem  # what was wrong there, when `detail` names a place (e.g. the JSON parser's words)
 
 
 def require_field(raw: Mapping[str, Any], key: str, types: type | tuple[type, ...]) -> Any:

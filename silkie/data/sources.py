@@ -167,7 +167,7 @@ def collect_rows(
         if index == 0 and isinstance(raw, Mapping):
             loaded.first_columns = frozenset(map(str, raw))
         if isinstance(raw, RowError):
-            loaded.skip(raw.reason, raw.detail or f"row {index}")
+            loaded.skip(raw.reason, raw.detail or f"row {index}", raw.problem)
             continue
         try:
             row = normalize(raw)
