@@ -208,7 +208,7 @@ def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
      ("dpo.cpo_alpha=1", "(CPO's NLL term is dpo.loss_type: [cpo, sft] with dpo.loss_weights: [1, ALPHA])"),
      ("training.simpo_gamma=1", "(did you mean 'dpo.simpo_gamma'?)"),
      ("dpo.loss_type=[sigmoid,rpo]", "dpo.loss_type = 'rpo': RPO is loss_type [sigmoid, sft] with loss_weights"),
-     ("lora.target_modules=all-linear", "(peft's 'all-linear' would adapt the vision tower too: null takes the")],
+     ("lora.use_liger_kernel=true", "(did you mean 'model.liger_kernels'?)")],
 )  # fmt: skip
 def test_trl_and_llama_factory_settings_in_another_section_or_missing_say_where_to_go(override, hint):
     with pytest.raises(RecipeError) as caught:

@@ -25,6 +25,7 @@ def test_all_linear_is_every_language_model_linear_but_the_head_and_one_name_is_
                                                               "up_proj", "down_proj"}  # fmt: skip
     assert len(adapted) == 2 * 7 and not any("lm_head" in n or "visual" in n for n in adapted)
     assert load_recipe(DEMO_RECIPE, ["lora.target_modules=c_attn"]).lora.target_modules == ["c_attn"]
+    assert load_recipe(DEMO_RECIPE, ["lora.target_modules=all-linear"]).lora.target_modules == ["all-linear"]
     with pytest.raises(RecipeError, match="lora.target_modules"):
         load_recipe(DEMO_RECIPE, ["lora.target_modules=[all-linear, c_attn]"])
 

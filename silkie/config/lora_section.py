@@ -37,7 +37,7 @@ class LoraSection:
     target_modules: list[str] | None = key(
         None,
         "LLM module names that get adapters (null: the family's default; `all-linear`: every linear layer of the "
-        "language model but its output head, as peft's).",
+        "language model but its output head; peft's would take the vision tower's too: lora.vision adds those).",
         "models.loading:check_lora_targets",
     )
     vision: bool = key(

@@ -97,13 +97,7 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     for key, value in raw.items():
         value = coerce(value, hints[key])
         if not type_ok(value, hints[key]):
-            hint = ""
-            if f"{prefix}.{key}" == "lora.target_modules" and value == "all-linear":  # peft's keyword
-                hint = (" (peft's 'all-linear' would adapt the vision tower too: null takes the family's default "
-                        "language-model targets, or list the module names)")  # fmt: skip
-            raise RecipeError(
-                f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}{hint}"
-            )
+            raise RecipeError(f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}")
         values[key] = value
     return cls(**values)
 
