@@ -17,3 +17,13 @@ class RecipeError(InputError):
 
 class MissingInputError(InputError, FileNotFoundError):
     """An input file or folder the recipe names that does not exist (still a FileNotFoundError for callers)."""
+
+
+def weight_mismatch_line(message: str) -> str:
+    """A torch load error's message in one line: its `size mismatch for ...` lines (one per weight) as their count
+    and the first; any other message with its lines joined."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    mismatched = [line for line in lines if line.startswith("size mismatch for")]
+    if mismatched:
+        return f"{len(mismatched)} weights differ in shape from the model's, e.g. {mismatched[0]}"
+    return "; ".join(lines)

@@ -262,3 +262,25 @@ def test_lora_targets_that_match_no_layer_are_refused_when_the_model_loads(asset
         assert str(caught.value).endswith("(null: the family's default c_attn, attn.c_proj, w1, w2)")
     built = build_policy(model, LoraSection(r=4, target_modules=["c_attn", "w2"]))
     assert {name.split(".")[-4] for name, _ in built.named_parameters() if "lora_A" in name} == {"c_attn", "w2"}
+
+
+def test_a_resume_onto_a_swapped_model_folder_is_one_line(assets, six_steps, tmp_path):
+    """The folder behind model.path replaced by a model of another size: a 17-line size-mismatch traceback, and the
+    launcher's advice to rerun, which failed the same way."""
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
+    from silkie.errors import InputError
+
+    working = tmp_path / "run"
+    shutil.copytree(six_steps, working)
+    for name in ("FINISHED", "adapter", "final_metrics.json"):
+        shutil.rmtree(working / name) if (working / name).is_dir() else (working / name).unlink()
+    wider = build_tiny_checkpoint(tmp_path / "wider", hidden_size=256)
+    overrides = asset_overrides(assets) + SHORT + ["training.max_steps=6", f"model.path={wider}"]
+    with pytest.raises(InputError) as refused:
+        run_in_process(working, overrides)
+    said = str(refused.value)
+    assert said.startswith("checkpoint-6 does not fit the model in model.path (") and "\n" not in said
+    assert "weights differ in shape from the model's, e.g. size mismatch for " in said
+    assert said.endswith("the model folder changed since the run began; point model.path at the model it was "
+                         "trained from, or train in another --working")  # fmt: skip
+    assert verify_checkpoint(working / "checkpoint-6") is None  # the checkpoint is kept as it was

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from silkie.errors import weight_mismatch_line
 from silkie.tools.cli import ToolError, require_dir, require_model_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -128,7 +129,7 @@ def load_model(
                 model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
             problem = _adapter_fit_problem(model, adapter_dir)
         except Exception as err:  # peft: a bad adapter_config.json, or an adapter for other modules
-            problem = f"{type(err).__name__}: {_one_line(str(err))}"
+            problem = f"{type(err).__name__}: {weight_mismatch_line(str(err))}"
         if problem:
             on = f"{model_dir}{_trained_on(adapter_dir)}"
             raise ToolError(f"cannot load the adapter in {adapter_dir} on {on}: {problem}")
@@ -148,15 +149,6 @@ def _adapter_fit_problem(model: torch.nn.Module, adapter_dir: Path) -> str | Non
     said = [f"it has no weights for {len(missing)} of the model's ({missing[0]}, ...)" if missing else "",
             f"{len(extra)} of its weights fit no module of the model ({extra[0]}, ...)" if extra else ""]  # fmt: skip
     return "; ".join(part for part in said if part) + ": it was trained on another base"
-
-
-def _one_line(message: str) -> str:
-    """torch's load errors list every mismatched weight on its own line: the count and the first."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    mismatched = [line for line in lines if line.startswith("size mismatch for")]
-    if mismatched:
-        return f"{len(mismatched)} weights differ in shape from the model's, e.g. {mismatched[0]}"
-    return "; ".join(lines)
 
 
 def trained_family(adapter_dir: Path) -> str | None:

@@ -13,7 +13,7 @@ import torch
 import transformers.trainer as hf_trainer
 from torch import nn
 
-from silkie.errors import InputError
+from silkie.errors import InputError, weight_mismatch_line
 from silkie.run_dir import RUN_LAYOUT_FILE, STAGING_PREFIX, rotate_checkpoints, world_size_problem, write_manifest
 
 from .guards import disk_space_guard, first_nonfinite_weight, nonfinite_weights_error
@@ -72,6 +72,18 @@ class CheckpointingMixin:
         for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(step)
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except RuntimeError as err:  # the folder behind model.path was swapped for another model since the start
+            if "size mismatch" not in str(err):
+                raise
+            raise InputError(
+                f"{Path(resume_from_checkpoint).name} does not fit the model in model.path "
+                f"({weight_mismatch_line(str(err))}): the model folder changed since the run began; point model.path "
+                "at the model it was trained from, or train in another --working"
+            ) from None
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
         """The Trainer's train; a checkpoint saved while a stop signal cut its evaluation short runs that
