@@ -369,3 +369,14 @@ def test_a_file_of_the_other_kind_names_the_data_source_that_reads_it(tmp_path):
     ready.write_text(json.dumps({"id": "p", "prompt": "Q", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(InputError, match=r"; its rows look like a file of ready pairs: data.source: preference$"):
         build_vlfeedback_pairs(load_vlfeedback_jsonl(ready))
+
+
+def test_a_media_path_that_is_a_folder_is_said_so(tmp_path):
+    from silkie.data.pairs import pairs_from_preference_rows
+
+    (tmp_path / "img" / "adir").mkdir(parents=True)
+    (tmp_path / "img" / "a.jpg").write_bytes(jpeg_bytes())
+    rows = [{"id": "p0", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "adir"},
+            {"id": "p1", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "a.jpg"}]  # fmt: skip
+    _, report = pairs_from_preference_rows(rows, FolderImageStore(tmp_path / "img"))
+    assert report.first_details["missing_image"] == f"p0: adir is a folder in .../{tmp_path.name}/img, not a file"

@@ -230,6 +230,11 @@ def test_a_local_path_that_reads_as_a_hub_id_is_missing_before_torchrun(tmp_path
     (tmp_path / "checkpoints" / "Qwen-VL-Chat").mkdir(parents=True)
     (tmp_path / "checkpoints" / "Qwen-VL-Chat" / "config.json").write_text('{"model_type": "qwen"}')
     assert missing_inputs(local) == []
+    files = load_recipe(DEMO_RECIPE, [f"model.path={data}", f"data.path={data}", f"data.images={data}"])
+    assert missing_inputs(files) == [  # files where folders go ("does not exist" once the worker looked)
+        f"model.path: {data} is a file (expected a checkpoint folder or a hub id)",
+        f"data.images: {data} is a file (expected the images zip or folder)",
+    ]
 
 
 def test_a_filesystem_without_flock_launches_with_a_warning(tmp_path, monkeypatch, capsys):

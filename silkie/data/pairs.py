@@ -217,6 +217,9 @@ def _media_usable(
                 where = where if len(where) <= 50 else ".../" + "/".join(Path(where).parts[-2:])
                 holds = f"which holds e.g. {example}" if example else "which is empty"
                 detail = f"{missing} not in {where}, {holds}"
+                root = getattr(image_store, "root", None)  # a folder store: a key may name a folder
+                if root is not None and (Path(root) / missing).is_dir():
+                    detail = f"{missing} is a folder in {where}, not a file"
             report.drop_row(reason, row.id, detail=detail)
             return False
     return True

@@ -74,7 +74,12 @@ def missing_inputs(recipe: Recipe) -> list[str]:
     if tracker:
         problems.append(tracker)
     for key, value, hub_ok, expected in checks:
-        if not value or Path(value).expanduser().exists():
+        path = Path(value).expanduser() if value else None
+        wrong_kind = path is not None and path.is_file() and (
+            key.startswith("model.") or (key == "data.images" and path.suffix.lower() != ".zip"))  # fmt: skip
+        if wrong_kind:
+            problems.append(f"{key}: {value} is a file (expected {expected})")
+        if path is None or path.exists():
             continue
         problem = _hub_id_problem(key, value) if hub_ok else f"{key}: {value} does not exist"
         if problem:
