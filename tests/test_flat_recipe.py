@@ -152,6 +152,9 @@ def test_keys_the_file_leaves_out_take_the_original_defaults(tmp_path):
         ("bf16: true\nbf16: false\n", "2:1: not valid YAML: key 'bf16' is set twice, to True and then False"),
         ("evaluation_strategy: steps\neval_strategy: epoch\n", "flat recipe: evaluation_strategy and eval_strategy"),
         ("remove_unused_columns: true\n", "flat recipe: remove_unused_columns = True is not allowed; expected False"),
+        ("beta: high\n", "recipe: dpo.beta = 'high' has the wrong type; expected float (the flat recipe's beta)"),
+        ("model_max_length: 0\n", "recipe: dpo.max_length = 0 is not allowed; expected an integer >= 16 (the flat "
+         "recipe's model_max_length)"),
     ],
 )
 def test_flat_keys_without_a_place_are_refused_by_name(tmp_path, text, message):

@@ -8,6 +8,7 @@ what is allowed; unknown keys suggest the closest known key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (sectioned, or flat as in the Silkie repository), apply overrides, validate; errors name
     the file and key."""
     path = Path(path)
-    raw, _ = read_recipe_file(path)
+    raw, translation = read_recipe_file(path)
     overrides = overrides or []
     for text in overrides:
         _refuse_bare_key(text)
@@ -171,7 +172,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             source = f"{path} and {source}"
         if source is None and overrides and _valid(raw):  # the file is fine: the overrides made the clash
             source = f"{path} with {' '.join(overrides)}"
-        raise RecipeError(f"{source or path}: {err}") from None
+        flat = _flat_key_of(str(err), translation) if source is None else None
+        written = f" (the flat recipe's {flat})" if flat else ""
+        raise RecipeError(f"{source or path}: {err}{written}") from None
+
+
+def _flat_key_of(message: str, translation: list[str]) -> str | None:
+    """The flat recipe's key that became the sectioned key an error names (`beta` for `dpo.beta`), from the lines
+    `translate_flat` wrote (`beta: "high" -> dpo.beta`)."""
+    for line in translation:
+        written, arrow, target = line.rpartition(" -> ")
+        key = written.split(":", 1)[0]
+        if arrow and not key.startswith("(") and re.search(rf"(?<![\w.]){re.escape(target)}\b", message):
+            return key
+    return None
 
 
 def _refuse_bare_key(text: str) -> None:
