@@ -176,6 +176,11 @@ def test_merge_lora_never_deletes_its_inputs_or_an_old_output_on_failure(trained
     broken.mkdir()
     (broken / "adapter_config.json").write_text("{}")
     argv = ["--base", str(trained.model_dir), "--adapter", str(broken), "--out", str(out), "--overwrite"]
+    assert load_script("merge_lora").main(argv) == 2  # it was peft's HFValidationError about a repo id
+    assert capsys.readouterr().err.strip() == (
+        f"error: adapter folder {broken} has no weights (adapter_model.safetensors or adapter_model.bin)"
+    )
+    shutil.copy(trained.adapter_dir / "adapter_model.safetensors", broken)
     assert load_script("merge_lora").main(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot load the adapter in {broken} on {trained.model_dir}: KeyError")  # one line

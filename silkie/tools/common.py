@@ -12,6 +12,7 @@ import torch
 from silkie.errors import weight_mismatch_line
 from silkie.tools.cli import ToolError, require_dir, require_model_dir
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -123,6 +124,8 @@ def load_model(
         from peft import PeftModel
 
         adapter_dir = require_dir(adapter_dir, "adapter folder", "adapter_config.json")
+        if not any((adapter_dir / name).is_file() for name in ADAPTER_WEIGHTS):
+            raise ToolError(f"adapter folder {adapter_dir} has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
         try:
             with warnings.catch_warnings():  # the missing keys it warns of are refused below, in one line
                 warnings.filterwarnings("ignore", "Found missing adapter keys", UserWarning)
