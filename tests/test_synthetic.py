@@ -122,3 +122,14 @@ def test_deterministic_and_fast(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     write_synthetic_vlfeedback(tmp_path / "c", n=50, seed=4, image_size=32)
     assert ZipImageStore(tmp_path / "c" / "merged_images.zip").open("synthetic-000000.jpg").size == (32, 32)
+
+
+def test_a_tiny_checkpoint_of_sizes_the_config_refuses_writes_nothing(tmp_path, capsys):
+    """--hidden-size 64 left a folder holding only qwen.tiktoken, and a traceback."""
+    from silkie.dev.tiny_qwen_vl_cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "tiny"), "--hidden-size", "64"])
+    assert stopped.value.code == 2 and not (tmp_path / "tiny").exists()
+    assert capsys.readouterr().err.strip().endswith("error: config: visual.output_dim must be a multiple of 128 "
+                                                    "(resampler heads), got 64")  # fmt: skip

@@ -98,18 +98,17 @@ def build_tiny_checkpoint(
     the demo vocabulary padded to the official 151,643 ranks so every special id is the official one).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ranks = train_bpe_ranks(corpus if corpus is not None else demo_corpus(), vocab_size)
-    if official_size:
-        ranks = pad_ranks(ranks, OFFICIAL_RANKS)
-    write_tiktoken_ranks(ranks, out / VOCAB_FILE)
-    tokenizer = QWenTokenizer.from_pretrained(out)
     if official_size:
         from silkie.models.qwen_vl.configuration import official_config
 
+        ranks = pad_ranks(ranks, OFFICIAL_RANKS)
         config = official_config()
-    else:
+    else:  # before anything is written: sizes the config refuses leave no half-made folder
         config = tiny_config(len(ranks), hidden_size=hidden_size, layers=layers, image_size=image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tiktoken_ranks(ranks, out / VOCAB_FILE)
+    tokenizer = QWenTokenizer.from_pretrained(out)
     if config.image_start_id != tokenizer.img_start_id:
         raise AssertionError("tiny checkpoint: config image_start_id disagrees with the tokenizer")
     config.eos_token_id = tokenizer.eod_id

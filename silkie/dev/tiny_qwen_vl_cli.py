@@ -21,15 +21,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
-    out = build_tiny_checkpoint(
-        args.out_dir,
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        layers=args.layers,
-        image_size=args.image_size,
-        seed=args.seed,
-        official_size=args.official_size,
-        device=args.device,
-    )
+    try:
+        out = build_tiny_checkpoint(
+            args.out_dir,
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            layers=args.layers,
+            image_size=args.image_size,
+            seed=args.seed,
+            official_size=args.official_size,
+            device=args.device,
+        )
+    except ValueError as err:  # sizes the config refuses, said by the config check (nothing was written)
+        parser.error(str(err))
     print(f"tiny Qwen-VL checkpoint written to {out}")
     return 0
