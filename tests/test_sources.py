@@ -380,3 +380,15 @@ def test_a_media_path_that_is_a_folder_is_said_so(tmp_path):
             {"id": "p1", "prompt": "Q", "chosen": "a", "rejected": "b", "image": "a.jpg"}]  # fmt: skip
     _, report = pairs_from_preference_rows(rows, FolderImageStore(tmp_path / "img"))
     assert report.first_details["missing_image"] == f"p0: adir is a folder in .../{tmp_path.name}/img, not a file"
+
+
+def test_a_picture_over_pil_s_pixel_limit_is_said_too_large_not_corrupt(monkeypatch):
+    import io
+
+    from silkie.data.images import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit, PIL's bomb error
+    with pytest.raises(ImageLoadError, match=r"'big.png': too large to decode \(Image size \(4096 pixels\) exceeds"):
+        decode_image("big.png", buffer.getvalue())

@@ -92,6 +92,8 @@ def decode_image(key: str, data: bytes) -> Image.Image:
             except Exception:  # malformed EXIF (PIL has crashed on some): the pixels as stored are still usable
                 upright = opened
             return _to_8bit(upright).convert("RGB")
+    except Image.DecompressionBombError as exc:  # PIL's limit (Image.MAX_IMAGE_PIXELS) against memory blow-ups
+        raise ImageLoadError(key, f"too large to decode ({exc})") from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageLoadError(key, f"corrupt image ({type(exc).__name__}: {exc})") from exc
 
