@@ -80,3 +80,13 @@ def test_prepare_tells_a_json_array_of_pairs_from_a_release(tmp_path):
     (tmp_path / "release.jsonl").write_text(json.dumps({"id": "1", "prompt": "Q", "completions": []}) + "\n")
     assert is_preference_file(tmp_path / "pretty.json") and is_preference_file(tmp_path / "one_line.json")
     assert not is_preference_file(tmp_path / "release.jsonl")
+
+
+def test_llama_factory_s_alpaca_rows_read_their_instruction_and_input_as_the_prompt():
+    """`instruction` / `input` (its alpaca layout) were refused as missing the prompt, and `input` was lost."""
+    row = normalize_preference_row({"instruction": "Describe <image>.", "input": "Be brief.", "chosen": "A cat.",
+                                    "rejected": "A dog.", "images": ["a.jpg"], "system": "You see."})  # fmt: skip
+    assert (row.prompt, row.images, row.system) == ("Describe <image>.\nBe brief.", ("a.jpg",), "You see.")
+    assert normalize_preference_row({"instruction": "Q", "input": "", "chosen": "a", "rejected": "b"}).prompt == "Q"
+    with pytest.raises(RowError, match="input is int"):
+        normalize_preference_row({"instruction": "Q", "input": 3, "chosen": "a", "rejected": "b"})

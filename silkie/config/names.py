@@ -47,7 +47,7 @@ IMAGE_CORRUPTIONS = ("crop", "mask", "noise", "blank")
 # the fields a preference file's row is read from (data.columns renames a file's own columns to them)
 PREFERENCE_FIELDS = ("id", "prompt", "chosen", "rejected", "system", "image", "images", "video", "videos",
                      "chosen_score", "rejected_score", "conversations", "messages", "rejected_response",
-                     "history")  # fmt: skip
+                     "history", "instruction", "input")  # fmt: skip
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # the loss types built on the chosen - rejected score difference, which an f-divergence may replace (as TRL)
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")

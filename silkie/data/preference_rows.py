@@ -118,6 +118,18 @@ def renamed_columns(raw: Mapping[str, Any], columns: Mapping[str, str | None] | 
     return row
 
 
+def alpaca_prompt(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """LLaMA-Factory's alpaca layout (`instruction`, optional `input`) with its prompt as `prompt`: the two texts
+    joined by a newline, as its converter joins them; a row with a `prompt` is as it is."""
+    if row.get("prompt") is not None or row.get("instruction") is None:
+        return row
+    parts = [row.get("instruction"), row.get("input")]
+    for name, text in zip(("instruction", "input"), parts):
+        if text is not None and not isinstance(text, str):
+            raise RowError("wrong_type", f"{name} is {type(text).__name__}")
+    return {**row, "prompt": "\n".join(text for text in parts if text)}
+
+
 def _absent(name: str, row: Mapping[str, Any], original: Mapping[str, Any]) -> str:
     """What a row lacking `name` lacks: a null value, the answers beside a conversation, or a column of this name
     (then the file's own columns, for `data.columns`)."""
@@ -138,7 +150,7 @@ def normalize_preference_row(
     written out by `media` (without it: `embedded_media`)."""
     if not isinstance(raw, Mapping):
         raise RowError("wrong_type", f"row is {type(raw).__name__}")
-    original, raw = raw, plain_row(renamed_columns(raw, columns))
+    original, raw = raw, plain_row(alpaca_prompt(renamed_columns(raw, columns)))
     absent = next((name for name in ("prompt", "chosen", "rejected") if raw.get(name) is None), None)
     if absent is not None:
         raise RowError("missing_field", _absent(absent, raw, original))
