@@ -80,6 +80,10 @@ def test_prepare_tells_a_json_array_of_pairs_from_a_release(tmp_path):
     (tmp_path / "release.jsonl").write_text(json.dumps({"id": "1", "prompt": "Q", "completions": []}) + "\n")
     assert is_preference_file(tmp_path / "pretty.json") and is_preference_file(tmp_path / "one_line.json")
     assert not is_preference_file(tmp_path / "release.jsonl")
+    for name in ("pretty.json", "release.jsonl"):  # a byte-order mark (Windows editors) changes nothing
+        marked = tmp_path / f"bom-{name}"
+        marked.write_bytes(b"\xef\xbb\xbf" + (tmp_path / name).read_bytes())
+        assert is_preference_file(marked) == is_preference_file(tmp_path / name)
 
 
 def test_llama_factory_s_alpaca_rows_read_their_instruction_and_input_as_the_prompt():

@@ -151,11 +151,13 @@ def is_preference_file(path: str | Path) -> bool:
         return True  # a parquet, a folder of them or a `datasets` folder: the VLFeedback release is a jsonl
     if not path.is_file():
         return False
+    from silkie.data.records import BOM
+
     with path.open("rb") as handle:
-        first = next((line for line in handle if line.strip()), b"").strip()
+        first = next((line for line in handle if line.strip()), b"").strip().removeprefix(BOM)
     try:
         if first.startswith(b"["):  # a JSON array (one line or pretty-printed): its first element
-            rows = json.loads(path.read_bytes())
+            rows = json.loads(path.read_bytes().removeprefix(BOM))
             row = rows[0] if isinstance(rows, list) and rows else None
         else:
             row = json.loads(first)
