@@ -114,8 +114,13 @@ def say_own_warnings() -> None:
         return
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
-        if category.__module__.startswith(f"{ROOT}."):
+        # catch_warnings(record=True) (pytest.warns too) swaps warnings' printer for a list's append
+        printer = getattr(warnings, "_showwarnmsg_impl", None)
+        recording = printer is not None and getattr(printer, "__name__", "") != "_showwarnmsg_impl"
+        if category.__module__.startswith(f"{ROOT}.") and not recording:
             get_logger(category.__module__).warning(str(message))
+        elif recording:
+            warnings._showwarnmsg_impl(warnings.WarningMessage(message, category, filename, lineno, file, line))
         else:
             shown(message, category, filename, lineno, file, line)
 

@@ -189,12 +189,13 @@ def _structure_problem(checkpoint: Path) -> str | None:
     state = checkpoint / TRAINER_STATE_NAME
     if not state.is_file():
         return f"{TRAINER_STATE_NAME} is missing"
-    deepspeed = any(checkpoint.glob("global_step*/*optim_states.pt"))  # its shards hold weights and optimizer
+    deepspeed = any(checkpoint.glob("global_step*/*optim_states.pt"))  # its shards hold weights, optimizer (and
+    # the schedule, where accelerate wraps it)
     if not deepspeed and not any((checkpoint / name).is_file() for name in _WEIGHT_FILES):
         return "no weights (adapter_model.safetensors, model.safetensors or their .bin) are in it"
     if not deepspeed and not (checkpoint / "optimizer.pt").is_file():
         return "optimizer.pt is missing (a resume would start a fresh optimizer)"
-    if not (checkpoint / "scheduler.pt").is_file():
+    if not deepspeed and not (checkpoint / "scheduler.pt").is_file():  # DeepSpeed may keep it in its shards
         return "scheduler.pt is missing (a resume would restart the learning-rate schedule)"
     for path in sorted(checkpoint.rglob("*")):
         if not path.is_file():

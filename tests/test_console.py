@@ -173,18 +173,27 @@ def test_the_settings_line_shows_the_defaults_the_recipe_left_out(tmp_path):
     assert console.settings_line(args, 0.2, ["sigmoid", "sft"]).endswith("dpo: sigmoid+sft, beta 0.2")
 
 
-def test_the_package_s_own_warnings_are_console_lines(capsys):
+def test_the_package_s_own_warnings_are_console_lines():
     """A pair dropped for a broken picture printed Python's two lines, pointing into torch's DataLoader code."""
+    import subprocess
+    import sys
+
     from silkie.data.collator import DroppedPairWarning
     from silkie.logs import say_own_warnings
 
-    with warnings.catch_warnings():
+    dropped = "dropping pair 'n22' (kept in the batch with weight 0): corrupt"
+    code = (  # outside pytest, whose recorder is on during a test
+        "import warnings\nfrom silkie.data.collator import DroppedPairWarning\nfrom silkie.logs import "
+        "say_own_warnings\nsay_own_warnings()\nsay_own_warnings()\n"
+        f"warnings.warn({dropped!r}, DroppedPairWarning)\nwarnings.warn(\"a library's own\", UserWarning)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout == f"[silkie] warning: {dropped}\n"  # once, though installed twice
+    assert "UserWarning: a library's own" in shown.stderr and dropped not in shown.stderr
+    with warnings.catch_warnings(record=True) as recorded:  # as pytest.warns records: the hook stands aside
         warnings.simplefilter("always")
         say_own_warnings()
-        say_own_warnings()  # installed once
-        dropped = "dropping pair 'n22' (kept in the batch with weight 0): corrupt"
         warnings.warn(dropped, DroppedPairWarning, stacklevel=1)
         warnings.warn("a library's own", UserWarning, stacklevel=1)
-    captured = capsys.readouterr()
-    assert captured.out == "[silkie] warning: dropping pair 'n22' (kept in the batch with weight 0): corrupt\n"
-    assert "a library's own" not in captured.out  # other warnings keep Python's way
+    assert [(w.category, str(w.message)) for w in recorded] == [(DroppedPairWarning, dropped),
+                                                                 (UserWarning, "a library's own")]  # fmt: skip

@@ -94,3 +94,6 @@ def test_llama_factory_s_alpaca_rows_read_their_instruction_and_input_as_the_pro
     assert normalize_preference_row({"instruction": "Q", "input": "", "chosen": "a", "rejected": "b"}).prompt == "Q"
     with pytest.raises(RowError, match="input is int"):
         normalize_preference_row({"instruction": "Q", "input": 3, "chosen": "a", "rejected": "b"})
+    implicit = normalize_preference_row({"instruction": "a task label", "chosen": [USER, *CHOSEN],
+                                         "rejected": [USER, *REJECTED], "image": "a.jpg"})  # fmt: skip
+    assert implicit.prompt == "<image>Which colour is the circle?"  # a conversation keeps its own prompt

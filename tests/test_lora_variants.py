@@ -26,6 +26,8 @@ def test_all_linear_is_every_language_model_linear_but_the_head_and_one_name_is_
     assert len(adapted) == 2 * 7 and not any("lm_head" in n or "visual" in n for n in adapted)
     assert load_recipe(DEMO_RECIPE, ["lora.target_modules=c_attn"]).lora.target_modules == ["c_attn"]
     assert load_recipe(DEMO_RECIPE, ["lora.target_modules=all-linear"]).lora.target_modules == ["all-linear"]
+    assert load_recipe(DEMO_RECIPE, ["lora.target_modules=all"]).lora.target_modules == ["all-linear"]  # LLaMA-F.
+    assert load_recipe(DEMO_RECIPE, ["lora.target_modules='c_attn, w1'"]).lora.target_modules == ["c_attn", "w1"]
     with pytest.raises(RecipeError, match="lora.target_modules"):
         load_recipe(DEMO_RECIPE, ["lora.target_modules=[all-linear, c_attn]"])
 
@@ -58,3 +60,19 @@ def test_dora_trains_with_the_adapter_off_as_its_reference(assets, tmp_path):
     norm = base.transformer.h[0].attn.c_attn.weight.detach().float().norm(dim=1)
     trained = saved[next(k for k in magnitudes if ".h.0.attn.c_attn." in k)].float()
     assert trained.shape == norm.shape and not torch.allclose(trained, norm)  # trained away from its init
+
+
+def test_the_share_of_the_update_a_dtype_keeps_is_not_claimed_for_dora(tmp_path):
+    """The measure projects round(W + BA) - W on BA; DoRA also rescales rows by its magnitude, which it misses."""
+    from silkie.tools.merge import update_kept
+
+    path = BUILDERS["qwen2_vl"](tmp_path / "qwen2_vl")
+    for dora in (False, True):
+        model = apply_lora(load_base_model(model_section(path, "qwen2_vl")), LoraSection(r=4, use_dora=dora),
+                           "qwen2_vl")  # fmt: skip
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1)
+        kept = update_kept(model, torch.bfloat16)
+        assert kept is None if dora else 0.9 < kept <= 1.0

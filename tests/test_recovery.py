@@ -141,8 +141,10 @@ def test_force_with_a_shorter_run_goes_back_to_the_checkpoint_at_its_new_end(ass
     moved = {original.name for original, _ in plan.backups}
     assert {"checkpoint-6", "adapter", "FINISHED", "eval_pairs_eval.json"} <= moved and "checkpoint-4" not in moved
     prepare_workdir(plan, recipe)
+    assert {json.loads(line)["step"] for line in (working / "metrics.jsonl").read_text().splitlines()} <= {1, 2, 3, 4}
     result = run_in_process(working, overrides)
     assert result["step"] == 4 and json.loads((working / "FINISHED").read_text())["step"] == 4
+    assert [r["step"] for r in read_metrics(working) if "loss" in r] == [1, 2, 3, 4]  # not the dropped 5 and 6
     adapter = load_file(working / "adapter" / "adapter_model.safetensors")
     at_step_4 = load_file(working / "checkpoint-4" / "adapter_model.safetensors")
     assert adapter.keys() == at_step_4.keys() and all(torch.equal(adapter[k], at_step_4[k]) for k in adapter)
@@ -150,6 +152,8 @@ def test_force_with_a_shorter_run_goes_back_to_the_checkpoint_at_its_new_end(ass
     (backup,) = working.glob("backup-*")
     assert (backup / "checkpoint-6" / "adapter_model.safetensors").is_file()
     assert (backup / "eval_pairs_eval.json").is_file()
+    assert [r["step"] for r in map(json.loads, (backup / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+            ] == [1, 2, 3, 4, 5, 6]  # the whole history, kept aside  # fmt: skip
     shorter = load_recipe(DEMO_RECIPE, asset_overrides(assets) + SHORT + ["training.max_steps=1"])
     plan = inspect_workdir(working, shorter, force=True)  # below every checkpoint: a start from step 0
     assert plan.resume_from is None and "training starts from step 0" in plan.message
@@ -284,3 +288,19 @@ def test_a_resume_onto_a_swapped_model_folder_is_one_line(assets, six_steps, tmp
     assert said.endswith("the model folder changed since the run began; point model.path at the model it was "
                          "trained from, or train in another --working")  # fmt: skip
     assert verify_checkpoint(working / "checkpoint-6") is None  # the checkpoint is kept as it was
+
+
+def test_a_run_shortened_by_epochs_below_its_checkpoint_is_refused_not_finished_at_the_old_step(assets, six_steps,
+                                                                                                 tmp_path):
+    """Fewer epochs resumed from checkpoint-6 and wrote FINISHED at step 6 under a config of fewer steps."""
+    from silkie.errors import InputError
+
+    working = tmp_path / "run"
+    shutil.copytree(six_steps, working)
+    for name in ("FINISHED", "adapter", "final_metrics.json"):
+        shutil.rmtree(working / name) if (working / name).is_dir() else (working / name).unlink()
+    overrides = asset_overrides(assets) + SHORT + ["training.max_steps=-1", "training.num_train_epochs=0.1"]
+    said = r"^the checkpoint resumed is at step 6, past this recipe's end \(step (\d)\): the run was shortened; set "
+    with pytest.raises(InputError, match=said + r"training.max_steps=\1 and launch with --force"):
+        run_in_process(working, overrides)
+    assert not (working / "FINISHED").exists() and verify_checkpoint(working / "checkpoint-6") is None

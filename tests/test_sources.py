@@ -341,20 +341,21 @@ def test_a_media_column_no_field_reads_is_refused_not_trained_as_text(tmp_path):
     """Rows with `image_path` trained as text only: no warning, held-out accuracy 1.0 on the answers alone."""
     import json
 
-    rows = [{"idx": i, "question": "Q", "chosen": "a", "rejected": "b", "image_path": f"{i}.jpg"} for i in range(3)]
+    rows = [{"idx": i, "question": "Q", "chosen": "a", "rejected": "b", "image_path": f"{i}.jpg", "has_image": True,
+             "image_caption": "a red circle"} for i in range(3)]  # fmt: skip
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(InputError) as refused:
         load_preference_file(path, columns={"prompt": "question", "id": "idx"})
     assert str(refused.value) == (
-        f"no row of {path} has a picture or video, yet its column 'image_path' looks like one (they are read from "
-        "image/images/video/videos): map it with data.columns: {images: image_path} (or {image: image_path} for "
-        "one path per row), or leave it unread with data.columns: {image_path: null}"
+        f"no row of {path} has a picture or video, yet its column 'image_path' holds their paths (Silkie reads "
+        "image/images/video/videos): map it with data.columns: {images: image_path}"
     )
     read = load_preference_file(path, columns={"prompt": "question", "id": "idx", "image": "image_path"})
     assert [row.images for row in read] == [("0.jpg",), ("1.jpg",), ("2.jpg",)]
-    unread = load_preference_file(path, columns={"prompt": "question", "id": "idx", "image_path": None})
-    assert [row.images for row in unread] == [(), (), ()]
+    text_only = [{**row, "image_path": None} for row in rows]  # a caption, a flag, an empty path: text only
+    path.write_text("\n".join(json.dumps(r) for r in text_only))
+    assert [row.images for row in load_preference_file(path, columns={"prompt": "question"})] == [(), (), ()]
 
 
 def test_a_file_of_the_other_kind_names_the_data_source_that_reads_it(tmp_path):

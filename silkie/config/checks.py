@@ -166,14 +166,12 @@ def type_ok(value: Any, annotation: Any) -> bool:
 
 def coerce(value: Any, annotation: Any) -> Any:
     """A numeric string becomes a float where only a float is allowed; ints stay ints (a float field takes them,
-    and config.yaml keeps `logging_steps: 5` as written); a string where only a list is allowed becomes a list."""
+    and config.yaml keeps `logging_steps: 5` as written)."""
     if isinstance(value, str) and not type_ok(value, annotation) and type_ok(1.0, annotation):
         try:
             return float(value)
         except ValueError:
             return value
-    if isinstance(value, str) and not type_ok(value, annotation) and type_ok([value], annotation):
-        return [value]  # one name where a list of names goes (`target_modules: c_attn`, as peft takes it)
     return value
 
 

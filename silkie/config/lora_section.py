@@ -9,6 +9,13 @@ from .checks import key, require
 
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
 
+
+def module_names(text: str) -> list[str]:
+    """`lora.target_modules` written as one string: a name (peft's form), comma-separated names (LLaMA-Factory's
+    `lora_target: q_proj,v_proj`) or its `all` (every linear layer: `all-linear`)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    return [ALL_LINEAR if name == "all" else name for name in names] or [text]
+
 @dataclass
 class LoraSection:
     """LoRA adapters through peft (Silkie defaults); `enabled: false` means full fine-tuning."""

@@ -23,7 +23,7 @@ from .checks import coerce, describe, refuse_unknown, suggest, type_ok
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
-from .lora_section import LoraSection
+from .lora_section import LoraSection, module_names
 from .objective import uses_reference
 from .sections import DataSection, ModelSection
 from .training import TRAINING_KEYS, check_training
@@ -97,6 +97,8 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
     values = {}
     for key, value in raw.items():
         value = coerce(value, hints[key])
+        if f"{prefix}.{key}" == "lora.target_modules" and isinstance(value, str):
+            value = module_names(value)
         if not type_ok(value, hints[key]):
             raise RecipeError(f"recipe: {prefix}.{key} = {value!r} has the wrong type; expected {describe(hints[key])}")
         values[key] = value

@@ -12,6 +12,7 @@ leaves out).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -290,7 +291,10 @@ def _load_from_cache(target: Path) -> tuple[datasets.Dataset, dict[str, Any]] | 
     logger.debug("loading tokenized pairs from cache %s", target)
     try:
         return datasets.load_from_disk(str(target)), json.loads((target / STATS_FILE).read_text(encoding="utf-8"))
-    except Exception as err:  # pyarrow, datasets and json raise many types for a damaged folder
+    except (ValueError, KeyError, OSError) as err:  # a cut arrow file (pyarrow's errors carry no errno), a cut
+        # stats file (json), a missing one; other OSErrors (e.g. a stale NFS handle) are not the entry's fault
+        if isinstance(err, OSError) and err.errno not in (None, errno.ENOENT):
+            raise
         logger.warning("the tokenized-pairs cache %s is damaged (%s: %s): tokenizing again", target,
                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")  # fmt: skip
         damaged = target.with_name(f"{target.name}.damaged-{os.getpid()}")

@@ -123,6 +123,8 @@ def alpaca_prompt(row: Mapping[str, Any]) -> Mapping[str, Any]:
     joined by a newline, as its converter joins them; a row with a `prompt` is as it is."""
     if row.get("prompt") is not None or row.get("instruction") is None:
         return row
+    if not (isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)):
+        return row  # a conversation (TRL's implicit prompt, ShareGPT) beside a column of that name
     parts = [row.get("instruction"), row.get("input")]
     for name, text in zip(("instruction", "input"), parts):
         if text is not None and not isinstance(text, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -247,10 +248,13 @@ def load_preference_file(
     path = Path(path)
     seen: set[str] = set()
 
+    media_like: set[str] = set()  # columns named like media whose values are paths or pictures
+
     def noting_columns(records: Iterable[Any]) -> Iterator[Any]:
         for record in records:
             if isinstance(record, Mapping):
                 seen.update(map(str, record))
+                media_like.update(name for name, value in record.items() if _names_media(str(name), value))
             yield record
 
     normalize = functools.partial(normalize_preference_row, media=media, columns=columns)
@@ -261,25 +265,31 @@ def load_preference_file(
         name, column = next(iter(missing.items()))
         raise InputError(f"data.columns.{name} = {column!r} names no column of {path} (its columns: "
                          f"{', '.join(sorted(seen)[:20])})")  # fmt: skip
-    unread = _unread_media_columns(seen, columns) if not any(r.images or r.videos for r in loaded.rows) else []
-    if unread and loaded.rows:
+    mapped = {column for column in (columns or {}).values() if column}
+    unread = sorted(media_like - set(READ_MEDIA) - mapped)
+    if unread and loaded.rows and not any(row.images or row.videos for row in loaded.rows):
+        kind = "videos" if "video" in unread[0].lower() else "images"
         raise InputError(
-            f"no row of {path} has a picture or video, yet its column {unread[0]!r} looks like one (they are read "
-            f"from image/images/video/videos): map it with data.columns: {{images: {unread[0]}}} (or {{image: "
-            f"{unread[0]}}} for one path per row), or leave it unread with data.columns: {{{unread[0]}: null}}"
+            f"no row of {path} has a picture or video, yet its column {unread[0]!r} holds their paths (Silkie reads "
+            f"image/images/video/videos): map it with data.columns: {{{kind}: {unread[0]}}}"
         )
     return loaded
 
 
 MEDIA_WORDS = ("image", "img", "picture", "photo", "video")
 READ_MEDIA = ("image", "images", "video", "videos")
+MEDIA_FILE = re.compile(r"\.(jpe?g|png|webp|gif|bmp|tiff?|mp4|mkv|avi|mov|webm)$", re.IGNORECASE)
 
 
-def _unread_media_columns(seen: set[str], columns: Mapping[str, str | None] | None) -> list[str]:
-    """Columns of a file whose names say media (`image_path`, `img`, `video_file`) that no field reads: a text-only
-    run would train on them silently. A column `data.columns` maps, or leaves unread with null, is not one."""
-    mapped = {column for column in (columns or {}).values() if column} | set(columns or {})
-    return sorted(
-        name for name in seen
-        if any(word in name.lower() for word in MEDIA_WORDS) and name not in READ_MEDIA and name not in mapped
+def _names_media(name: str, value: Any) -> bool:
+    """A column whose name says media (`image_path`, `img`, `video_file`) and whose value is a media file's path or
+    a picture (bytes, a datasets Image dict), or a list of them: a text-only run would silently leave it unread
+    (a caption or a flag under such a name is not one)."""
+    if not any(word in name.lower() for word in MEDIA_WORDS):
+        return False
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(
+        (isinstance(item, str) and MEDIA_FILE.search(item.strip()) is not None)
+        or isinstance(item, bytes) or (isinstance(item, Mapping) and {"bytes", "path"} & set(item))
+        for item in values
     )  # fmt: skip

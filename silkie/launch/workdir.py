@@ -8,6 +8,8 @@ counts and deletes).
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +25,11 @@ from silkie.run_dir import (
     CONFIG_NAME,
     CORRUPT_PREFIX,
     ERROR_NAME,
+    EVAL_SAMPLES_NAME,
     EVALUATION_OUTPUTS,
     FINISHED_NAME,
     FINISHED_OUTPUTS,
+    METRICS_NAME,
     OLD_TENSORBOARD_DIR,
     REFERENCE_DIR,
     RUN_HISTORY,
@@ -54,6 +58,7 @@ class WorkdirPlan:
     backups: list[tuple[Path, Path]] = field(default_factory=list)  # (original, renamed to)
     resume_from: Path | None = None  # the checkpoint training will continue from
     new_settings: bool = False  # a resume with changed settings that do not change the results (config rewritten)
+    history_until: int | None = None  # a shortened run: its step logs are kept up to the step it goes on from
 
     @property
     def config_path(self) -> Path:
@@ -226,8 +231,11 @@ def _forced(working: Path, why: str, resumable: bool, max_steps: int = -1) -> Wo
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = list(FINISHED_OUTPUTS) + sorted({p.name for glob in EVALUATION_OUTPUTS for p in working.glob(glob)})
     ckpt, later = _resume_within(working, max_steps) if resumable else (None, [])
+    until = checkpoint_step(ckpt) if ckpt is not None and later else None
     if resumable and (ckpt is not None or not later):
         names += [c.name for c in later]
+        if until is not None:  # the abandoned steps' logs go too; the kept steps' lines are written back
+            names += [name for name in RUN_HISTORY if name != REFERENCE_DIR]
     else:  # another model, data or optimisation (or a run shortened below every checkpoint): the old checkpoints and
         # history must not continue (the reference cache stays: it is keyed by what it was computed from)
         ckpt = None
@@ -237,18 +245,32 @@ def _forced(working: Path, why: str, resumable: bool, max_steps: int = -1) -> Wo
     backups = [(working / name, backup / name) for name in names if (working / name).exists()]
     kept = f"; moves the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
-    return WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups, resume_from=ckpt)
+    plan = WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups, resume_from=ckpt)
+    plan.history_until = until
+    return plan
 
 
 def prepare_workdir(plan: WorkdirPlan, recipe: Recipe) -> None:
-    """Create the directory, make the --force renames and write the resolved recipe to config.yaml."""
+    """Create the directory, make the --force renames (a shortened run gets back its step logs up to the step it
+    goes on from) and write the resolved recipe to config.yaml."""
     plan.working.mkdir(parents=True, exist_ok=True)
     (plan.working / ERROR_NAME).unlink(missing_ok=True)  # from an earlier start: this one gets its own
     for original, backup in plan.backups:
         backup.parent.mkdir(exist_ok=True)
         original.rename(backup)
+        if plan.history_until is not None and original.name in (METRICS_NAME, EVAL_SAMPLES_NAME):
+            kept = [line for line in backup.read_text().splitlines(keepends=True) if _step(line) <= plan.history_until]
+            original.write_text("".join(kept))
     if plan.state != "resume" or plan.new_settings:
         save_recipe(recipe, plan.config_path)
+
+
+def _step(line: str) -> float:
+    """The `step` of a metrics.jsonl / eval_samples.jsonl line (a line without one sorts last)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def undo_prepare(plan: WorkdirPlan, created: bool) -> None:

@@ -75,10 +75,14 @@ def _keep_base_metadata(base_dir: Path, out_dir: Path, dtype: torch.dtype) -> No
 
 def update_kept(model: torch.nn.Module, dtype: torch.dtype) -> float | None:
     """How much of the adapter's update ΔW survives saving W + ΔW in `dtype` (1.0 = all; None for fp32): the
-    projection of round(W + ΔW) - W on ΔW, over every LoRA layer. A small update on large weights rounds away."""
+    projection of round(W + ΔW) - W on ΔW, over every LoRA layer. A small update on large weights rounds away. None
+    for DoRA adapters (not measured)."""
     if dtype == torch.float32:
         return None
     from peft.tuners.lora import LoraLayer
+
+    if any(any(getattr(m, "use_dora", {}).values()) for m in model.modules() if isinstance(m, LoraLayer)):
+        return None  # DoRA's update also rescales each row by its magnitude: ΔW alone is not what is saved
 
     kept = total = 0.0
     with torch.no_grad():

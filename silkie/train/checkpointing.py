@@ -85,6 +85,16 @@ class CheckpointingMixin:
                 "at the model it was trained from, or train in another --working"
             ) from None
 
+    def _init_training_state(self, max_steps: int, *args: Any, **kwargs: Any) -> Any:
+        trained = super()._init_training_state(max_steps, *args, **kwargs)
+        if self.state.global_step > max_steps:  # e.g. fewer epochs: the checkpoint is past the new end
+            raise InputError(
+                f"the checkpoint resumed is at step {self.state.global_step}, past this recipe's end (step "
+                f"{max_steps}): the run was shortened; set training.max_steps={max_steps} and launch with --force "
+                "(it goes on from the newest checkpoint at or before it), or train in another --working"
+            )
+        return trained
+
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
         """The Trainer's train; a checkpoint saved while a stop signal cut its evaluation short runs that
         evaluation again first, and a TR-DPO run goes on from the reference its checkpoint saved."""
