@@ -274,7 +274,7 @@ def test_full_fine_tuning_with_cached_reference_releases_the_copy(assets, tmp_pa
     assert with_cache == pytest.approx(with_copy, abs=1e-5)  # frozen copy and cache give the same loss
 
 
-def test_broken_images_are_left_out_with_workers_cached_reference_and_eval(assets, tmp_path):
+def test_broken_images_are_left_out_with_workers_cached_reference_and_eval(assets, tmp_path, capsys):
     """A third of the pictures are corrupt: their pairs get weight 0 (blank picture) in every batch, even a batch
     of only broken pairs in a fresh DataLoader worker; the cached reference leaves them NaN; the run finishes."""
     import zipfile
@@ -304,6 +304,8 @@ def test_broken_images_are_left_out_with_workers_cached_reference_and_eval(asset
     losses = [r["loss"] for r in read_metrics(working) if "loss" in r]
     assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)
     assert 0.0 in losses  # a step whose one pair was broken contributes nothing
+    assert result["pairs_left_out"] == losses.count(0.0)  # counted over the run, and said at its end
+    assert f"| {losses.count(0.0)} pairs left out (a picture or video failed to load)" in capsys.readouterr().out
     for split in ("train", "eval"):
         table = torch.load(working / "reference_logps" / f"{split}.pt", weights_only=True)["logps"]
         unscored = int(torch.isnan(table[:, 0]).sum())

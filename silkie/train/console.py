@@ -95,6 +95,8 @@ def summary_line(
         parts.append(f"{overall} pairs/s")
     else:
         parts.append(f"{training_rate:.1f} pairs/s training, {overall} with evaluations and saves")
+    if logs.get("pairs_left_out"):
+        parts.append(f"{logs['pairs_left_out']} pairs left out (a picture or video failed to load)")
     return " | ".join(parts)
 
 

@@ -106,9 +106,10 @@ def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict, 
 
 def train_summary(train_metrics: dict, log_history: list[dict], start_step: int, end_step: int) -> dict:
     """The Trainer's end-of-train numbers under the names final_metrics.json keeps (a pair is one sample):
-    `train_loss` over the whole run; runtime and pairs/s of this launch, which resumed at `resumed_at_step` (when
-    it did; evaluations and saves are in its runtime)."""
-    names = {"train_runtime": "train_runtime_s", "train_samples_per_second": "pairs_per_s"}
+    `train_loss` over the whole run; runtime, pairs/s and `pairs_left_out` (pairs whose media failed to load) of
+    this launch, which resumed at `resumed_at_step` (when it did; evaluations and saves are in its runtime)."""
+    names = {"train_runtime": "train_runtime_s", "train_samples_per_second": "pairs_per_s",
+             "pairs_left_out": "pairs_left_out"}  # fmt: skip
     summary = {ours: train_metrics[theirs] for theirs, ours in names.items() if theirs in train_metrics}
     loss = run_train_loss(log_history, start_step, train_metrics.get("train_loss"), end_step)
     if loss is not None:

@@ -90,6 +90,7 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         self.reference_cache = reference_cache
         self._ref_tables: dict[str, torch.Tensor] = {}
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._pairs_left_out = 0  # this launch's training pairs whose media failed to load (weight 0), all ranks
         self._evaluation_cut_short = False  # recorded in the checkpoint saved then: the resume runs it again
         self._evaluation_pending: Path | None = None  # the checkpoint whose evaluation the resume runs again
         # the pairs again under corrupted images: for a vision-aware loss, and (diagnostics) at evaluation
@@ -281,14 +282,18 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         metric sums: per name, the step's weighted mean over all ranks' pairs (TRL's gather-then-mean), averaged
         over the logging window by `log`."""
         masks = [batch[f"{name}_attention_mask"].sum() for name in ("prompt", "prompt", "chosen", "rejected")]
+        weights = batch.get("pair_weight")
+        left_out = (weights == 0).sum() if weights is not None else loss.new_zeros(())
         sums = self._metric_sums(metrics, "train")
-        parts = [(~torch.isfinite(loss.detach()).all()).view(1), torch.stack(masks).sum().view(1), *sums.values()]
+        parts = [(~torch.isfinite(loss.detach()).all()).view(1), torch.stack(masks).sum().view(1),
+                 left_out.to(loss.device).view(1), *sums.values()]  # fmt: skip
         reduced = self.accelerator.reduce(torch.cat([part.double() for part in parts]), "sum").tolist()
         if reduced[0] > 0:
             self._raise_non_finite(loss)
         self.state.num_input_tokens_seen += int(reduced[1])
+        self._pairs_left_out += int(reduced[2])
         for index, name in enumerate(sums):
-            total, count = reduced[2 + 2 * index : 4 + 2 * index]
+            total, count = reduced[3 + 2 * index : 5 + 2 * index]
             if count > 0:  # 0: every pair of the step had a failed image
                 self._metrics["train"][name].append(total / count)
 
@@ -369,4 +374,6 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         self._metrics[mode].clear()
         if mode == "train":
             logs["num_tokens"] = float(self.state.num_input_tokens_seen)
+        if "train_runtime" in logs and self._pairs_left_out:  # the end of train(): said in the summary line
+            logs["pairs_left_out"] = self._pairs_left_out
         super().log(logs, start_time)
