@@ -346,6 +346,7 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
 
     trainer.accelerator = SimpleNamespace(gather_for_metrics=accelerator.gather_for_metrics, reduce=reduce)
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._pairs_left_out = 0
     trainer.state = SimpleNamespace(num_input_tokens_seen=5, global_step=0)
     trainer.args = SimpleNamespace(output_dir="run")
     metrics = {
@@ -357,9 +358,11 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
     }
     masks = {f"{name}_attention_mask": torch.ones(3, length) for name, length in
              (("prompt", 4), ("chosen", 2), ("rejected", 3))}  # fmt: skip
-    trainer._reduce_train_step(torch.tensor(0.6), dict(metrics), masks)
+    batch = {**masks, "pair_weight": metrics["weight"]}
+    trainer._reduce_train_step(torch.tensor(0.6), dict(metrics), batch)
     trainer._store_eval_metrics(dict(metrics))
     assert len(reduces) == 1 and trainer.state.num_input_tokens_seen == 5 + 3 * (2 * 4 + 2 + 3)
+    assert trainer._pairs_left_out == 1  # the weight-0 pair, counted in the same reduce
     assert trainer._metrics["train"]["rewards/chosen"] == [2.0]
     assert trainer._metrics["train"]["logits/chosen"] == [pytest.approx((-1.0 + 40 * 2.0) / 41)]
     assert trainer._metrics["eval"]["logits/chosen"] == [[pytest.approx(79.0), 41.0]]  # summed over the evaluation
@@ -367,7 +370,7 @@ def test_metric_means_weigh_pairs_and_answer_tokens_as_trl():
     assert trainer._metrics["eval"]["loss"] == [[pytest.approx(1.2), 2.0]]
     assert "loss" not in trainer._metrics["train"]
     with pytest.raises(NonFiniteLossError, match="non-finite DPO loss at step 1 .value nan"):
-        trainer._reduce_train_step(torch.tensor(float("nan")), dict(metrics), masks)
+        trainer._reduce_train_step(torch.tensor(float("nan")), dict(metrics), batch)
     assert len(reduces) == 2 and trainer._metrics["train"]["rewards/chosen"] == [2.0]  # nothing stored
     with pytest.raises(NonFiniteLossError, match=r"at step 1 \(on another rank; this rank's is 0.6\)"):
         trainer._raise_non_finite(torch.tensor(0.6))  # what a rank whose own loss is finite says
