@@ -27,3 +27,11 @@ def weight_mismatch_line(message: str) -> str:
     if mismatched:
         return f"{len(mismatched)} weights differ in shape from the model's, e.g. {mismatched[0]}"
     return "; ".join(lines)
+
+
+def os_error_line(err: OSError) -> str | None:
+    """`error: FILE: REASON` for a failed read or write that names its file (a read-only or full disk, a folder where
+    a file goes); None for one that names none (then it is a bug's traceback, not the user's input)."""
+    if err.filename is None:
+        return None
+    return f"error: {err.filename}: {err.strerror or type(err).__name__}"

@@ -108,10 +108,8 @@ def world_size_problem(checkpoint: Path, world_size: int) -> str | None:
     path = checkpoint / RUN_LAYOUT_FILE
     try:
         saved = json.loads(path.read_text())["world_size"]
-    except FileNotFoundError:  # an older checkpoint
-        return None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):  # damaged: the resume's checksum moves it aside
-        return None
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # an older checkpoint has none; a damaged one
+        return None  # is moved aside by the resume's checksum
     if saved == world_size:
         return None
     return (
@@ -191,12 +189,13 @@ def _structure_problem(checkpoint: Path) -> str | None:
         return f"{TRAINER_STATE_NAME} is missing"
     deepspeed = any(checkpoint.glob("global_step*/*optim_states.pt"))  # its shards hold weights, optimizer (and
     # the schedule, where accelerate wraps it)
-    if not deepspeed and not any((checkpoint / name).is_file() for name in _WEIGHT_FILES):
-        return "no weights (adapter_model.safetensors, model.safetensors or their .bin) are in it"
-    if not deepspeed and not (checkpoint / "optimizer.pt").is_file():
-        return "optimizer.pt is missing (a resume would start a fresh optimizer)"
-    if not deepspeed and not (checkpoint / "scheduler.pt").is_file():  # DeepSpeed may keep it in its shards
-        return "scheduler.pt is missing (a resume would restart the learning-rate schedule)"
+    if not deepspeed:
+        if not any((checkpoint / name).is_file() for name in _WEIGHT_FILES):
+            return "no weights (adapter_model.safetensors, model.safetensors or their .bin) are in it"
+        if not (checkpoint / "optimizer.pt").is_file():
+            return "optimizer.pt is missing (a resume would start a fresh optimizer)"
+        if not (checkpoint / "scheduler.pt").is_file():
+            return "scheduler.pt is missing (a resume would restart the learning-rate schedule)"
     for path in sorted(checkpoint.rglob("*")):
         if not path.is_file():
             continue
@@ -224,14 +223,17 @@ _WEIGHT_FILES = (
 )
 
 
+def holds_training_output(folder: Path) -> bool:
+    """True when a run left something a new recipe must not silently replace (checkpoints, metrics, outputs)."""
+    logs_only = (CONFIG_NAME, TENSORBOARD_DIR, OLD_TENSORBOARD_DIR)
+    names = [name for name in FINISHED_OUTPUTS + RUN_HISTORY if name not in logs_only]
+    return any((folder / name).exists() for name in names) or any(Path(folder).glob("*checkpoint-*"))
+
+
 def holds_run(folder: Path) -> bool:
-    """True when `folder` holds a training run's outputs (its recipe with checkpoints, metrics or the FINISHED
-    marker), which only the launcher's --force may move aside."""
-    folder = Path(folder)
-    marks = (FINISHED_NAME, METRICS_NAME, ADAPTER_DIR)
-    return (folder / CONFIG_NAME).is_file() and (
-        any((folder / name).exists() for name in marks) or bool(checkpoints(folder))
-    )
+    """True when `folder` holds a training run: its recipe and what the run left (`holds_training_output`), which
+    only the launcher's --force may move aside."""
+    return (Path(folder) / CONFIG_NAME).is_file() and holds_training_output(Path(folder))
 
 
 def _json_problem(path: Path) -> str | None:
@@ -312,7 +314,11 @@ def resumable_checkpoint(working: Path, say: Callable[[str], None]) -> Path | No
 
 def checkpoint_status(working: Path) -> str:
     """Where a stopped run stands, for the launcher's last line (sizes checked, not checksums: it is quick)."""
-    intact, damaged = resume_plan(working, checksums=False)
+    return describe_resume(*resume_plan(working, checksums=False))
+
+
+def describe_resume(intact: Path | None, damaged: list[tuple[Path, str]]) -> str:
+    """`resume_plan`'s answer as the launcher says it: the checkpoint a relaunch goes on from, or why none."""
     if not damaged:
         return f"the last complete checkpoint, {intact}, is intact" if intact else "no checkpoint had been written yet"
     newest, problem = damaged[0]

@@ -16,6 +16,7 @@ def module_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     return [ALL_LINEAR if name == "all" else name for name in names] or [text]
 
+
 @dataclass
 class LoraSection:
     """LoRA adapters through peft (Silkie defaults); `enabled: false` means full fine-tuning."""

@@ -247,7 +247,6 @@ def load_preference_file(
     a chat layout; `media` writes out the pictures rows hold, `keep` (e.g. the first N prompts) selects rows."""
     path = Path(path)
     seen: set[str] = set()
-
     media_like: set[str] = set()  # columns named like media whose values are paths or pictures
 
     def noting_columns(records: Iterable[Any]) -> Iterator[Any]:

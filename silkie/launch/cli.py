@@ -12,6 +12,7 @@ from pathlib import Path
 from silkie.config import RecipeError, load_recipe
 from silkie.config.recipe import read_recipe_file
 from silkie.config.training import pairs_per_step
+from silkie.errors import os_error_line
 from silkie.logs import LAUNCH, LAUNCH_STDOUT, LEVELS, configure, get_logger
 from silkie.run_dir import world_size_problem
 
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\n[launch] interrupted", file=sys.stderr)
         return 130
-    except OSError as err:  # a read-only or full disk where the run folder goes: the file and the reason
-        if err.filename is None:
+    except OSError as err:
+        line = os_error_line(err)
+        if line is None:
             raise
-        print(f"error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from silkie.config import Recipe
 from silkie.logs import LAUNCH, LAUNCH_STDOUT, get_logger
-from silkie.run_dir import ADAPTER_DIR, CONFIG_NAME, ERROR_NAME, FINISHED_NAME, checkpoint_status, resume_plan
+from silkie.run_dir import ADAPTER_DIR, CONFIG_NAME, ERROR_NAME, FINISHED_NAME, describe_resume, resume_plan
 
 from .workdir import EXIT_USAGE, LaunchError
 
@@ -252,9 +252,9 @@ def _report(working: Path, code: int, received: int | None) -> int:
     if (working / FINISHED_NAME).exists():
         news.info(f"finished: adapter in {working / ADAPTER_DIR}")
         return 0
-    intact = checkpoint_status(working)
-    has_checkpoint = resume_plan(working, checksums=False)[0] is not None
-    resume = "run the same command again to resume" if has_checkpoint else "run the same command again to start over"
+    checkpoint, damaged = resume_plan(working, checksums=False)
+    intact = describe_resume(checkpoint, damaged)
+    resume = "run the same command again to " + ("resume" if checkpoint is not None else "start over")
     error = working / ERROR_NAME
     if received is None and error.is_file():  # bad input: a rerun would stop the same way
         print(f"error: {error.read_text().strip()}", file=sys.stderr, flush=True)

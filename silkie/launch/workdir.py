@@ -30,13 +30,12 @@ from silkie.run_dir import (
     FINISHED_NAME,
     FINISHED_OUTPUTS,
     METRICS_NAME,
-    OLD_TENSORBOARD_DIR,
     REFERENCE_DIR,
     RUN_HISTORY,
     SLURM_DIR,
-    TENSORBOARD_DIR,
     checkpoint_step,
     checkpoints,
+    holds_training_output,
     resume_plan,
     verify_checkpoint,
 )
@@ -118,7 +117,7 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
         if not diffs or launch_only:  # how the run is launched and fed may change on a resume; its results may not
             if (working / FINISHED_NAME).exists():
                 return WorkdirPlan(working, "finished", _finished_message(working))
-            if force and _holds_training_output(working):  # e.g. the data changed under the same recipe
+            if force and holds_training_output(working):  # e.g. the data changed under the same recipe
                 return _forced(working, "a run of this recipe was there (it starts over)", resumable=False)
             ckpt, damaged = resume_plan(working, checksums=False)
             where = f"resumes from {ckpt.name}" if ckpt else "starts (no checkpoint yet)"
@@ -131,7 +130,7 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
                 resume_from=ckpt,
                 new_settings=bool(diffs),
             )
-        if not _holds_training_output(working):  # a start that stopped early (e.g. on bad input): nothing to keep
+        if not holds_training_output(working):  # a start that stopped early (e.g. on bad input): nothing to keep
             return WorkdirPlan(
                 working, "new", f"{working} held a recipe that wrote no checkpoint or metrics: replaced by this one"
             )
@@ -160,13 +159,6 @@ def inspect_workdir(working: str | Path, recipe: Recipe, force: bool = False) ->
                 )
             return _forced(working, "the folder held other files", resumable=False)
     return WorkdirPlan(working, "new", f"new run in {working}")
-
-
-def _holds_training_output(working: Path) -> bool:
-    """True when a run left something a new recipe must not silently replace (checkpoints, metrics, outputs)."""
-    logs_only = (CONFIG_NAME, TENSORBOARD_DIR, OLD_TENSORBOARD_DIR)
-    names = [name for name in FINISHED_OUTPUTS + RUN_HISTORY if name not in logs_only]
-    return any((working / name).exists() for name in names) or any(working.glob("*checkpoint-*"))
 
 
 def _finished_message(working: Path) -> str:
@@ -245,9 +237,8 @@ def _forced(working: Path, why: str, resumable: bool, max_steps: int = -1) -> Wo
     backups = [(working / name, backup / name) for name in names if (working / name).exists()]
     kept = f"; moves the old {_summary([a.name for a, _ in backups], 6)} to {backup.name}/" if backups else ""
     where = f"resumes from {ckpt.name}" if ckpt else "starts from step 0"
-    plan = WorkdirPlan(working, "force", f"--force: {why}{kept}; training {where}", backups, resume_from=ckpt)
-    plan.history_until = until
-    return plan
+    message = f"--force: {why}{kept}; training {where}"
+    return WorkdirPlan(working, "force", message, backups, resume_from=ckpt, history_until=until)
 
 
 def prepare_workdir(plan: WorkdirPlan, recipe: Recipe) -> None:

@@ -123,31 +123,31 @@ def apply_lora(
 def with_all_linear_targets(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> LoraSection:
     """`lora` with `target_modules: [all-linear]` spelled out: the names of every linear layer of the language model
     (the family's scope, as for any name) but the output head, as peft's `all-linear`."""
-    import re
     from dataclasses import replace
 
     if lora.target_modules != [ALL_LINEAR]:
         return lora
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
-    names = []
-    for leaf in sorted({name.rsplit(".", 1)[-1] for name in linears}):
-        pattern = re.compile(lora_target_regex(replace(lora, target_modules=[leaf], vision=False), family))
-        if any(pattern.fullmatch(name) for name in linears):
-            names.append(leaf)
-    return replace(lora, target_modules=names)
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    return replace(lora, target_modules=[leaf for leaf in leaves if _matches_in_llm(lora, leaf, family, linears)])
+
+
+def _matches_in_llm(lora: LoraSection, target: str, family: str, linears: list[str]) -> bool:
+    """Whether `target` names one of the `linears` inside the language model (the family's LoRA scope)."""
+    import re
+    from dataclasses import replace
+
+    pattern = re.compile(lora_target_regex(replace(lora, target_modules=[target], vision=False), family))
+    return any(pattern.fullmatch(name) for name in linears)
 
 
 def check_lora_targets(model: nn.Module, lora: LoraSection, family: str = "qwen_vl") -> None:
     """InputError naming each `lora.target_modules` entry that matches no linear layer of the language model (peft
     would only fail when none matches, and then with every module name)."""
-    import re
-    from dataclasses import replace
-
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for target in lora.target_modules or []:
-        pattern = re.compile(lora_target_regex(replace(lora, target_modules=[target], vision=False), family))
-        if not any(pattern.fullmatch(name) for name in linears):
+        if not _matches_in_llm(lora, target, family, linears):
             leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
             raise InputError(
                 f"lora.target_modules: {target!r} matches no linear layer of the language model; its linear layers "

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from silkie.errors import InputError
+from silkie.errors import InputError, os_error_line
 from silkie.logs import on_terminal, quiet_libraries
 
 EXIT_USAGE = 2
@@ -32,10 +32,11 @@ def run_cli(command: Callable[..., int], *args: Any) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as err:  # a read-only or full disk, a folder where a file goes: the file and the reason
-        if err.filename is None:
+    except OSError as err:
+        line = os_error_line(err)
+        if line is None:
             raise
-        print(f"error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..generation import pad_token_id, stop_token_ids
 from .image_processing import QWenVLImageProcessor
 from .tokenization import DEFAULT_SYSTEM, MAX_WINDOW_SIZE
 
@@ -39,8 +40,8 @@ def chat(
     if paths:
         pixels = QWenVLImageProcessor(model.config.visual["image_size"])(paths)
         inputs["pixel_values"] = pixels.to(device=device, dtype=next(model.transformer.visual.parameters()).dtype)
-    stops = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
-    options = {"eos_token_id": stops, "pad_token_id": tokenizer.eod_id, **generate_kwargs}
+    stops = stop_token_ids(tokenizer)
+    options = {"eos_token_id": stops, "pad_token_id": pad_token_id(tokenizer), **generate_kwargs}
     with torch.no_grad():
         out = model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), **options)
     generated = out[0, len(ids) :].tolist()
