@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class InputError(ValueError):
     """A recipe value, data file, row set or checkpoint that cannot be used.
@@ -29,9 +31,11 @@ def weight_mismatch_line(message: str) -> str:
     return "; ".join(lines)
 
 
-def os_error_line(err: OSError) -> str | None:
-    """`error: FILE: REASON` for a failed read or write that names its file (a read-only or full disk, a folder where
-    a file goes); None for one that names none (then it is a bug's traceback, not the user's input)."""
+def os_error_exit(err: OSError, code: int) -> int:
+    """For a command's top level: a failed read or write that names its file (a read-only or full disk, a folder
+    where a file goes) as `error: FILE: REASON` on stderr, returning `code`; one that names none is re-raised (a
+    bug's traceback, not the user's input)."""
     if err.filename is None:
-        return None
-    return f"error: {err.filename}: {err.strerror or type(err).__name__}"
+        raise err
+    print(f"error: {err.filename}: {err.strerror or type(err).__name__}", file=sys.stderr)
+    return code

@@ -12,7 +12,7 @@ from pathlib import Path
 from silkie.config import RecipeError, load_recipe
 from silkie.config.recipe import read_recipe_file
 from silkie.config.training import pairs_per_step
-from silkie.errors import os_error_line
+from silkie.errors import os_error_exit
 from silkie.logs import LAUNCH, LAUNCH_STDOUT, LEVELS, configure, get_logger
 from silkie.run_dir import world_size_problem
 
@@ -92,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n[launch] interrupted", file=sys.stderr)
         return 130
     except OSError as err:
-        line = os_error_line(err)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return EXIT_USAGE
+        return os_error_exit(err, EXIT_USAGE)
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from silkie.errors import InputError, os_error_line
+from silkie.errors import InputError, os_error_exit
 from silkie.logs import on_terminal, quiet_libraries
 
 EXIT_USAGE = 2
@@ -33,11 +33,7 @@ def run_cli(command: Callable[..., int], *args: Any) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as err:
-        line = os_error_line(err)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return EXIT_USAGE
+        return os_error_exit(err, EXIT_USAGE)
 
 
 def require_writable(path: str | Path, what: str, folder: bool = False) -> Path:
