@@ -1,4 +1,4 @@
-"""Tiny Qwen2-VL / LLaVA stand-ins and pair batches for the transformers-native family tests."""
+"""Tiny Qwen2-VL / Qwen3-VL / LLaVA stand-ins and pair batches for the transformers-native family tests."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import torch
 from PIL import Image
 
 from silkie.config import LoraSection, ModelSection
+from silkie.config.names import VIDEO_FAMILIES
 from silkie.data.collator import PairCollator
 from silkie.data.video import VideoSampling
 from silkie.dev.clips import noise_clip
-from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+from silkie.dev.tiny_builders import tiny_builder
 from silkie.dpo.losses import DPOObjective
 from silkie.dpo.step import StepOptions, encode_images_once, score_answers
 from silkie.models.family import get_family
 from silkie.models.loading import apply_lora, load_base_model, load_tokenizer
 
-BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl, "llava": build_tiny_llava}
+BUILDERS = {family: tiny_builder(family) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")}
 # (prompt, chosen, rejected, image size (w, h) or None): sizes differ so Qwen2-VL grids (and M-RoPE) differ;
 # answers stay short so summed fp32 log-probs stay under 64 in magnitude, where 1e-5 is above fp32 rounding
 PAIRS = [
@@ -46,7 +47,7 @@ class MemoryImages:
 
 
 def model_section(folder: Path, family: str, attn: str = "sdpa") -> ModelSection:
-    video = {"video_min_pixels": 56 * 56, "video_max_pixels": 56 * 56} if family.startswith("qwen2") else {}
+    video = {"video_min_pixels": 56 * 56, "video_max_pixels": 56 * 56} if family in VIDEO_FAMILIES else {}
     return ModelSection(path=str(folder), family=family, dtype="fp32", attn_implementation=attn, **video)
 
 
@@ -83,8 +84,8 @@ class MediaStore:
 
 
 def media_pairs(family: str) -> list:
-    """MEDIA_PAIRS a family takes (LLaVA and Qwen-VL-Chat: no video)."""
-    return [pair for pair in MEDIA_PAIRS if family.startswith("qwen2") or not pair[4]]
+    """MEDIA_PAIRS a family takes (LLaVA, Qwen3-VL and Qwen-VL-Chat: no video)."""
+    return [pair for pair in MEDIA_PAIRS if family in VIDEO_FAMILIES or not pair[4]]
 
 
 def media_rows(codec, pairs) -> list[dict]:

@@ -10,11 +10,17 @@ from silkie.models.loading import apply_lora, freeze_vision, load_base_model
 
 from .hf_fixtures import BUILDERS, model_section
 
-VISION_NAMES = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "llava": "model.vision_tower."}
+VISION_NAMES = {
+    "qwen2_vl": "model.visual.",
+    "qwen2_5_vl": "model.visual.",
+    "qwen3_vl": "model.visual.",
+    "llava": "model.vision_tower.",
+}
 PROJECTORS = {
-    "qwen2_vl": "model.visual.merger.",
-    "qwen2_5_vl": "model.visual.merger.",
-    "llava": "model.multi_modal_projector.",
+    "qwen2_vl": ("model.visual.merger.",),
+    "qwen2_5_vl": ("model.visual.merger.",),
+    "qwen3_vl": ("model.visual.merger.", "model.visual.deepstack_merger_list."),  # DeepStack mergers project too
+    "llava": ("model.multi_modal_projector.",),
 }
 
 
@@ -71,7 +77,8 @@ def test_lora_targets_every_llm_linear_and_the_vision_tower_only_when_asked(fold
     assert trainable and all("lora_" in n for n in trainable)
     with_vision = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4, vision=True), family)
     vision = [n for n, _ in with_vision.named_parameters() if "lora_A" in n and VISION_NAMES[family] in n]
-    per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6}[family]  # qkv proj fc1 fc2 | +gate up down | q k v out
+    # qkv proj fc1 fc2 | + gate up down | q k v out | qkv proj linear_fc1 linear_fc2
+    per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6, "qwen3_vl": 4}[family]
     assert len(vision) == 2 * per_block
 
 
@@ -79,6 +86,8 @@ def test_full_fine_tuning_trains_the_projector_not_the_tower(folder):
     family, path = folder
     model = load_base_model(model_section(path, family))
     freeze_vision(model, keep_resampler=True, family=family)
+    names = [name for name, _ in model.named_parameters()]
+    assert all(any(name.startswith(prefix) for name in names) for prefix in PROJECTORS[family])
     for name, param in model.named_parameters():
         if name.startswith(PROJECTORS[family]):
             assert param.requires_grad, name
@@ -104,7 +113,8 @@ def test_tokenization_cache_key_follows_the_codec(folder):
     finally:
         codec.processor.chat_template = template  # the processor is cached per folder: leave it as found
     if family != "llava":  # the image token bound decides which pairs max_length drops
-        bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_pixels=56 * 56))
+        side = 2 * 2 * codec.processor.image_processor.patch_size  # 2x2 merged tokens (merge size 2)
+        bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_pixels=side * side))
         assert bounded.image_token_budget == 4 and cache_key([record], bounded, 64, "drop") != key
 
 
@@ -220,3 +230,13 @@ def test_checkpoint_of_another_family_and_hub_ids(tmp_path, monkeypatch):
     assert local_checkpoint(str(qwen2)) == str(qwen2)
     with pytest.raises(InputError, match=r"model.path: someone/absent is no local folder and the model hub cannot"):
         local_checkpoint("someone/absent")
+
+
+def test_the_blank_tower_pass_reaches_every_projector(folder):
+    """Ranks without images run the tower on a blank one (ZeRO-3 gathers, gradient reductions in step): every
+    projector must take part, Qwen3-VL's DeepStack mergers included, or the ranks would disagree."""
+    family, path = folder
+    model = load_base_model(model_section(path, family))
+    get_family(family).blank_image_features(model).sum().backward()
+    projectors = [(n, p) for n, p in model.named_parameters() if n.startswith(PROJECTORS[family])]
+    assert projectors and all(p.grad is not None for _, p in projectors)  # in the graph (a blank image: some are 0)

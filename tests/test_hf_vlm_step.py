@@ -31,9 +31,10 @@ def test_batch_expands_each_image_to_its_feature_tokens(setup):
     family, model, batch, pad = setup
     marker = model.config.image_token_id
     counts = (batch["prompt_input_ids"] == marker).sum(dim=1).tolist()
-    if family.startswith("qwen2"):  # 64x80 -> 56x84 px -> grid 4x6 -> 6 tokens; sizes differ, so do the counts
+    if family.startswith("qwen"):  # 64x80 -> 56x84 px -> grid 4x6 -> 6 tokens; sizes differ, so do the counts
         per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
-        assert batch["image_grid_thw"].tolist()[0] == [1, 6, 4]
+        # Qwen3-VL: 16 px patches, 32 px per token: 64x80 -> 64x64 px -> grid 4x4 -> 4 tokens
+        assert batch["image_grid_thw"].tolist()[0] == ([1, 4, 4] if family == "qwen3_vl" else [1, 6, 4])
         assert len(set(per_image)) > 1
     else:
         per_image = [16] * int(batch["pixel_values"].size(0))
@@ -44,7 +45,7 @@ def test_batch_expands_each_image_to_its_feature_tokens(setup):
 def test_packed_rows_need_mrope_positions(setup, monkeypatch):
     """Under prompt sharing, 1-D positions would give Qwen2-VL different (wrong) answers: the test can fail."""
     family, model, batch, pad = setup
-    if not family.startswith("qwen2"):
+    if not family.startswith("qwen"):
         pytest.skip("1-D positions are right for LLaVA")
     from silkie.models.hf_vlm.family import Qwen2VLFamily
 
@@ -65,3 +66,24 @@ def test_images_change_the_answer_scores(setup):
     with_image = batch["image_counts"] > 0
     assert (a.chosen_logps - b.chosen_logps)[with_image].abs().min() > 1e-4
     torch.testing.assert_close(a.chosen_logps[~with_image], b.chosen_logps[~with_image])
+
+
+def test_features_computed_once_carry_the_deepstack_features(setup, monkeypatch):
+    """Qwen3-VL adds features of inner tower blocks in its first decoder layers: features computed once per step
+    must carry them back (the plain path computes them from the pixels); without them the scores differ."""
+    family, model, batch, pad = setup
+    if family != "qwen3_vl":
+        pytest.skip("DeepStack is Qwen3-VL's")
+    from silkie.dpo.step import encode_images_once
+
+    once = StepOptions(image_once=True, share_prompt=False, chunked_logps=False)
+    with torch.no_grad():
+        plain = score_answers(model, batch, PLAIN, pad, no_grad=True)
+        features = encode_images_once(model, batch)
+        assert len(features["image"]) == 3 and len(features["image"][0][1]) == 2  # 3 images, 2 DeepStack layers
+        right = score_answers(model, batch, once, pad, image_features=features, no_grad=True)
+        flat = [(merged, tuple(torch.zeros_like(part) for part in deep)) for merged, deep in features["image"]]
+        wrong = score_answers(model, batch, once, pad, image_features={"image": flat, "video": None}, no_grad=True)
+    torch.testing.assert_close(right.chosen_logps, plain.chosen_logps, atol=1e-5, rtol=0)
+    with_image = batch["image_counts"] > 0
+    assert (wrong.chosen_logps - plain.chosen_logps)[with_image].abs().min() > 1e-3

@@ -1,4 +1,5 @@
-"""Tiny random Qwen2-VL / LLaVA-1.5 folders: they load with the Auto classes offline and run a forward pass."""
+"""Tiny random Qwen2-VL / Qwen3-VL / LLaVA-1.5 folders: they load with the Auto classes offline and run a forward
+pass."""
 
 from __future__ import annotations
 
@@ -18,13 +19,18 @@ from silkie.dev.tiny_hf_vlm import (
     QWEN2_VL_SPECIAL_TOKENS,
     build_tiny_llava,
     build_tiny_qwen2_vl,
-    register_qwen2_vl_processor,
+    register_image_only_processors,
 )
+from silkie.dev.tiny_qwen3_vl import QWEN3_ADDED_TOKENS, build_tiny_qwen3_vl
 from tests.script_fixtures import load_script
 
-FAMILIES = ("qwen2_vl", "llava")
-BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava}
-MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
+FAMILIES = ("qwen2_vl", "qwen3_vl", "llava")
+BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen3_vl": build_tiny_qwen3_vl, "llava": build_tiny_llava}
+MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
 PROMPT = "Describe the image."
 ANSWER = "There are two red circles in the picture."
 
@@ -43,7 +49,7 @@ def folder(family, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(folder):
     """(processor, model) as the Auto classes load them from the folder."""
-    register_qwen2_vl_processor()  # without torchvision, transformers cannot load Qwen2VLProcessor itself
+    register_image_only_processors()  # without torchvision, transformers cannot load Qwen2VLProcessor itself
     return AutoProcessor.from_pretrained(folder), AutoModelForImageTextToText.from_pretrained(folder)
 
 
@@ -79,6 +85,8 @@ def test_chat_template_is_the_official_layout(family, loaded):
     expected = {
         "qwen2_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n{ANSWER}<|im_end|>\n",
+        "qwen3_vl": "<|im_start|>user\n"  # Qwen3-VL-Instruct writes no default system turn
+        f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n{ANSWER}<|im_end|>\n",
         "llava": f"USER: <image>\n{PROMPT} ASSISTANT: {ANSWER}</s>",
     }[family]
     assert text == expected
@@ -95,6 +103,9 @@ def test_image_tokens_and_forward(family, loaded):
     if family == "qwen2_vl":
         assert inputs["image_grid_thw"].tolist() == [[1, 4, 6]]  # 64x80 -> 56x84 pixels -> 4x6 patches
         assert placeholders == int(inputs["image_grid_thw"].prod()) // 4
+    elif family == "qwen3_vl":
+        assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]  # 64x80 -> 64x64 pixels -> 4x4 patches of 16 px
+        assert placeholders == 4 and inputs["pixel_values"].shape[-1] == 3 * 2 * 16 * 16
     else:
         assert tuple(inputs["pixel_values"].shape) == (1, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE)
         assert placeholders == (LLAVA_IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -118,14 +129,16 @@ def test_special_token_ids_match_the_config(family, loaded):
     assert config.text_config.eos_token_id == tokenizer.eos_token_id
     assert config.text_config.pad_token_id == tokenizer.pad_token_id
     assert len(tokenizer) <= config.text_config.vocab_size
-    if family == "qwen2_vl":
-        assert [ids(token) for token in QWEN2_VL_SPECIAL_TOKENS] == list(range(ids("<|endoftext|>"), len(tokenizer)))
+    if family != "llava":
+        order = QWEN2_VL_SPECIAL_TOKENS + (QWEN3_ADDED_TOKENS if family == "qwen3_vl" else ())
+        assert [ids(token) for token in order] == list(range(ids("<|endoftext|>"), len(tokenizer)))
         assert config.image_token_id == ids("<|image_pad|>")
         assert config.video_token_id == ids("<|video_pad|>")
         assert config.vision_start_token_id == ids("<|vision_start|>")
         assert config.vision_end_token_id == ids("<|vision_end|>")
         assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
         assert config.text_config.bos_token_id == ids("<|endoftext|>")
+        assert "<think>" not in tokenizer.all_special_tokens  # Qwen3's added tokens are ordinary text
     else:
         assert config.image_token_id == ids("<image>")
         assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token) == (1, 2, "<pad>")

@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from silkie.config import load_recipe
+from silkie.dev.tiny_builders import TINY_FOLDERS
 from silkie.dpo.step import StepOptions, score_answers
 from silkie.train import run_training
 
 from .conftest import REPO_ROOT
 from .hf_fixtures import BUILDERS, family_batch
 
-FOLDERS = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "llava": "tiny-llava"}
-RECIPES = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo_qwen2_vl", "llava": "demo_llava"}
+FOLDERS = {family: TINY_FOLDERS[family] for family in BUILDERS}
+RECIPES = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo_qwen2_vl", "qwen3_vl": "demo_qwen3_vl"}
+RECIPES["llava"] = "demo_llava"
 
 
 @pytest.fixture(scope="module")

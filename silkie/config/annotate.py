@@ -25,7 +25,9 @@ SAMPLE_JOB_NAME = "silkie-annotate"
 class PoolModel:
     """One model of the answering pool."""
 
-    path: str = key("", "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, llava).", "")
+    path: str = key(
+        "", "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, llava).", ""
+    )
     name: str | None = key(None, "The answer's `model` in the release (null: the folder's name).", "")
     adapter: str | None = key(None, "A LoRA adapter folder on top of `path` (e.g. a run's adapter/).", "")
     max_new_tokens: int = key(256, "Answer length limit in tokens.", "")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from silkie.errors import RecipeError
 
 from .checks import choice, key, require
-from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS
+from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS, QWEN_HF_FAMILIES, VIDEO_FAMILIES
 
 
 @dataclass
@@ -24,8 +24,8 @@ class ModelSection:
     )
     family: str = key(
         "qwen_vl",
-        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `llava` (transformers); left "
-        "out, read from the local checkpoint's config.json (`model_type`), else qwen_vl.",
+        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava` "
+        "(transformers); left out, read from the local checkpoint's config.json (`model_type`), else qwen_vl.",
         "models.family:get_family",
     )
     ref_model: str | None = key(
@@ -115,11 +115,12 @@ class ModelSection:
         for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"model.{name}", value, "null or an integer >= 1")
+            takes = VIDEO_FAMILIES if name.startswith("video") else QWEN_HF_FAMILIES
             require(
-                value is None or self.family in ("qwen2_vl", "qwen2_5_vl"),
+                value is None or self.family in takes,
                 f"model.{name}",
                 value,
-                "null: only qwen2_vl/qwen2_5_vl take per-image pixel bounds",
+                f"null: only {'/'.join(takes)} take {'video' if takes is VIDEO_FAMILIES else 'per-image'} pixel bounds",
             )
         for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
             bottom, top = getattr(self, low), getattr(self, high)
@@ -252,7 +253,8 @@ class DataSection:
     )
     max_videos_per_pair: int | None = key(
         2,
-        "Most videos one pair may hold (qwen2_vl / qwen2_5_vl); a row with more is dropped (`too_many_videos`).",
+        "Most videos one pair may hold (qwen2_vl / qwen2_5_vl; the other families take none); a row with more is "
+        "dropped (`too_many_videos`).",
         "data.build:media_limits",
     )
     video_fps: float = key(

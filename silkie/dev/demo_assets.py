@@ -1,7 +1,7 @@
 """Create the demos' stand-ins: tiny checkpoints of each model family and a synthetic VLFeedback release.
 
-Writes OUT/tiny-qwen-vl/ (config.json, model.safetensors, qwen.tiktoken), OUT/tiny-qwen2-vl/, OUT/tiny-qwen2.5-vl/
-and OUT/tiny-llava/
+Writes OUT/tiny-qwen-vl/ (config.json, model.safetensors, qwen.tiktoken), OUT/tiny-qwen2-vl/, OUT/tiny-qwen2.5-vl/,
+OUT/tiny-qwen3-vl/ and OUT/tiny-llava/
 (Hugging Face folders: config, weights, tokenizer, processor, chat template), OUT/vlfeedback/
 (vlfeedback_80k.jsonl, merged_images.zip) and OUT/two_pictures/ (a two-images-per-pair preference set:
 two_pictures.jsonl, two_pictures.zip). Existing assets are kept (use --force to rebuild).
@@ -12,29 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from silkie.dev.tiny_builders import TINY_FOLDERS, tiny_builder
 from silkie.logs import ignore_known_warnings
-
-FOLDERS = {
-    "qwen_vl": "tiny-qwen-vl",
-    "qwen2_vl": "tiny-qwen2-vl",
-    "qwen2_5_vl": "tiny-qwen2.5-vl",
-    "llava": "tiny-llava",
-}
-
-
-def builder(family: str):
-    """The tiny-checkpoint builder of a family."""
-    if family == "qwen_vl":
-        from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
-
-        return build_tiny_checkpoint
-    from silkie.dev import tiny_hf_vlm as tiny
-
-    return {
-        "qwen2_vl": tiny.build_tiny_qwen2_vl,
-        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
-        "llava": tiny.build_tiny_llava,
-    }[family]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if the assets exist")
     parser.add_argument(
-        "--families", nargs="+", default=list(FOLDERS), choices=list(FOLDERS), help="tiny checkpoints to build"
+        "--families",
+        nargs="+",
+        default=list(TINY_FOLDERS),
+        choices=list(TINY_FOLDERS),
+        help="tiny checkpoints to build",
     )
     args = parser.parse_args(argv)
     ignore_known_warnings()
@@ -54,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     data_dir = out / "vlfeedback"
     for family in args.families:
-        model_dir = out / FOLDERS[family]
+        model_dir = out / TINY_FOLDERS[family]
         if args.force or not (model_dir / "model.safetensors").is_file():
-            builder(family)(model_dir, seed=args.seed)
+            tiny_builder(family)(model_dir, seed=args.seed)
             print(f"tiny {family} checkpoint: {model_dir}")
     if args.force or not (data_dir / "merged_images.zip").is_file():
         summary = write_synthetic_vlfeedback(data_dir, n=args.n, seed=args.seed)

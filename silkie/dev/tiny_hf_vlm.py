@@ -36,7 +36,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from silkie.models.hf_vlm.processors import (
     ImageOnlyQwen2_5_VLProcessor,
     ImageOnlyQwen2VLProcessor,
-    register_qwen2_vl_processor,
+    register_image_only_processors,
 )
 
 QWEN2_VL_SPECIAL_TOKENS = (  # official order: ids follow the BPE vocabulary (151643.. in the real model)
@@ -157,7 +157,7 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerFast, multiple: int = 64) ->
 INIT_STD = 0.1
 
 
-def _qwen2_text_and_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[dict, dict]:
+def qwen2_text_and_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[dict, dict]:
     """The tiny Qwen2 text config and the special-token ids of a Qwen2-VL-style config."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
     text = dict(
@@ -185,7 +185,7 @@ def _qwen2_text_and_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[dict, dict]
 
 def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
     """Qwen2-VL with a 2-layer, 64-wide text model and a 2-block, 32-wide ViT; token ids from `tokenizer`."""
-    text, special = _qwen2_text_and_ids(tokenizer)
+    text, special = qwen2_text_and_ids(tokenizer)
     vision = dict(
         depth=2,
         embed_dim=VISION_HIDDEN,
@@ -202,7 +202,7 @@ def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2VLConfig:
 
 def tiny_qwen2_5_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
     """Qwen2.5-VL: the same text model; a 2-block ViT with a SwiGLU MLP, window attention in block 0, full in 1."""
-    text, special = _qwen2_text_and_ids(tokenizer)
+    text, special = qwen2_text_and_ids(tokenizer)
     vision = dict(
         depth=2,
         hidden_size=VISION_HIDDEN,
@@ -254,7 +254,7 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     )
 
 
-def _save_model(model_class: type[PreTrainedModel], config, out: Path, seed: int, eos: int | list[int]) -> None:
+def save_tiny_model(model_class: type[PreTrainedModel], config, out: Path, seed: int, eos: int | list[int]) -> None:
     """Initialise `model_class(config)` from `seed`; save it (fp32 safetensors) with a greedy generation config."""
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
@@ -265,13 +265,16 @@ def _save_model(model_class: type[PreTrainedModel], config, out: Path, seed: int
     model.save_pretrained(out)
 
 
-def _finish_qwen2_vl_processor(out: Path, image_processor: Qwen2VLImageProcessorPil) -> None:
-    """Let the saved `ImageOnlyQwen2VLProcessor` load as the official `Qwen2VLProcessor` where torchvision is.
+def finish_image_only_processor(
+    out: Path, image_processor: Qwen2VLImageProcessorPil, video_type: str = "Qwen2VLVideoProcessor"
+) -> None:
+    """Let a saved image-only processor (`ImageOnlyQwen2VLProcessor`, ...) load as the official one where
+    torchvision is.
 
     Drops the class name (AutoProcessor then goes by config.json's model type) and records the video processor
-    settings that the official processor needs.
+    settings (of `video_type`) that the official processor needs.
     """
-    video = {"video_processor_type": "Qwen2VLVideoProcessor", "size": dict(image_processor.size)}
+    video = {"video_processor_type": video_type, "size": dict(image_processor.size)}
     video |= {key: getattr(image_processor, key) for key in ("patch_size", "temporal_patch_size", "merge_size")}
     for name, extra in (("processor_config.json", {"video_processor": video}), ("tokenizer_config.json", {})):
         data = json.loads((out / name).read_text(encoding="utf-8"))
@@ -292,14 +295,14 @@ def build_tiny_qwen2_vl(out_dir: str | Path, seed: int = 0, version: str = "2") 
         config, model_class = tiny_qwen2_vl_config(tokenizer), Qwen2VLForConditionalGeneration
         processor_class = ImageOnlyQwen2VLProcessor
     eos = [config.text_config.eos_token_id, config.text_config.bos_token_id]  # <|im_end|>, <|endoftext|>
-    _save_model(model_class, config, out, seed, eos)
+    save_tiny_model(model_class, config, out, seed, eos)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=QWEN2_VL_MIN_PIXELS, max_pixels=QWEN2_VL_MAX_PIXELS, patch_size=PATCH_SIZE, merge_size=2
     )
     processor = processor_class(image_processor, tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE)
     processor.save_pretrained(out)
-    _finish_qwen2_vl_processor(out, image_processor)
-    register_qwen2_vl_processor()
+    finish_image_only_processor(out, image_processor)
+    register_image_only_processors()
     return out
 
 
@@ -314,7 +317,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer(special_tokens=LLAVA_SPECIAL_TOKENS, style="llama")
     config = tiny_llava_config(tokenizer)
-    _save_model(LlavaForConditionalGeneration, config, out, seed, tokenizer.eos_token_id)
+    save_tiny_model(LlavaForConditionalGeneration, config, out, seed, tokenizer.eos_token_id)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": LLAVA_IMAGE_SIZE}, crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE}
     )

@@ -1,10 +1,11 @@
-"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL or LLaVA-1.5) for tests and demos."""
+"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or LLaVA-1.5) for tests and
+demos."""
 
 from __future__ import annotations
 
 import argparse
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,13 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
 
-    from silkie.dev import tiny_hf_vlm as tiny
+    from silkie.dev.tiny_builders import tiny_builder
 
-    build = {
-        "qwen2_vl": tiny.build_tiny_qwen2_vl,
-        "qwen2_5_vl": tiny.build_tiny_qwen2_5_vl,
-        "llava": tiny.build_tiny_llava,
-    }[args.family]
+    build = tiny_builder(args.family)
     out = build(args.out_dir, seed=args.seed)
     print(f"tiny {args.family} checkpoint written to {out}")
     return 0

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 LIGER_PATCHES = {  # family -> liger-kernel's patch function for a loaded model of it
     "qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
     "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
+    "qwen3_vl": "apply_liger_kernel_to_qwen3_vl",
     "llava": "apply_liger_kernel_to_llava",
 }
 

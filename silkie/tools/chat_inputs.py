@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from silkie.config.names import QWEN_HF_FAMILIES
 from silkie.models.media import IMAGE_MARKER, VIDEO_MARKER, marker_mismatch
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, IMG_START, MAX_IMAGE_PATH_BYTES
 from silkie.tools.cli import ToolError, read_config, read_image, require_file
@@ -219,7 +220,7 @@ class FamilyPrompter:
         (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])
         # a modality with no media has empty tensors, which generate() would still encode (an empty torch.cat)
         tensors = {name: t for name, t in processed.tensors.items() if not (torch.is_tensor(t) and t.numel() == 0)}
-        if self.family.startswith("qwen2"):  # M-RoPE needs the modality of each token: 1 image, 2 video
+        if self.family in QWEN_HF_FAMILIES:  # M-RoPE needs the modality of each token: 1 image, 2 video
             types = [1 if t == config.image_token_id else 2 if t == config.video_token_id else 0 for t in ids]
             tensors["mm_token_type_ids"] = torch.tensor([types])
         return self.codec.tokenizer, torch.tensor([ids]), tensors

@@ -16,6 +16,7 @@ import json
 import math
 from typing import Any
 
+from silkie.config.names import VIDEO_FAMILIES
 from silkie.errors import InputError
 from silkie.models.family import PairTextError
 from silkie.models.media import MARKERS, Turns, as_keys, as_turns, media_segments, turn_media, user_texts
@@ -26,9 +27,9 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
     """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds applied (Qwen2-VL)."""
     from transformers import AutoProcessor
 
-    from .processors import register_qwen2_vl_processor
+    from .processors import register_image_only_processors
 
-    register_qwen2_vl_processor()  # without torchvision, Qwen2-VL's processor loads image-only
+    register_image_only_processors()  # without torchvision, Qwen2-VL's processor loads image-only
     processor = AutoProcessor.from_pretrained(path)
     if min_pixels is not None or max_pixels is not None:
         image = processor.image_processor
@@ -78,7 +79,9 @@ class ChatTemplateCodec:
 
     def _refuse_video(self, videos: Any) -> None:
         if as_keys(videos) and self.video_marker_id is None:
-            raise PairTextError("video_unsupported", f"{type(self.processor).__name__} takes images, not video")
+            raise PairTextError(
+                "video_unsupported", f"images only, not video (Silkie reads video for {' / '.join(VIDEO_FAMILIES)})"
+            )
 
     def _messages(self, prompt: str, images: Any = (), videos: Any = (), history: Turns = ()) -> list[dict]:
         """The earlier turns and the user turn as chat messages, each user turn's media as content parts."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from silkie.config.names import VIDEO_FAMILIES
 from silkie.errors import InputError
 from silkie.models.family import ImageBatch, ModelFamily
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
@@ -154,10 +155,13 @@ class Qwen2VLFamily(HFVisionFamily):
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
         processor = load_processor(section.path, section.min_pixels, section.max_pixels)
-        return Qwen2VLImages(processor, model_config, section, self.timed_video)
+        return Qwen2VLImages(processor, model_config, section, self.timed_video, self.name in VIDEO_FAMILIES)
 
-    def video_slice(self, processor: Any, section: Any) -> tuple[int, int]:
+    def video_slice(self, processor: Any, section: Any) -> tuple[int, int] | None:
         from transformers import AutoConfig
+
+        if self.name not in VIDEO_FAMILIES:
+            return None
 
         videos = Qwen2VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section)
         return videos.temporal, videos.tokens_per_slice()
@@ -165,23 +169,35 @@ class Qwen2VLFamily(HFVisionFamily):
     def quantization_skip_modules(self) -> list[str]:
         return ["lm_head", "visual"]
 
-    def encode_images(self, base: nn.Module, batch: dict) -> dict[str, list[torch.Tensor] | None]:
-        features: dict[str, list[torch.Tensor] | None] = {"image": None, "video": None}
+    def encode_images(self, base: nn.Module, batch: dict) -> dict[str, list | None]:
+        features: dict[str, list | None] = {"image": None, "video": None}
         if batch.get("pixel_values") is not None and batch["pixel_values"].numel():
             out = base.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-            features["image"] = list(out.pooler_output)
+            features["image"] = self.split_features(out)
         if batch.get("pixel_values_videos") is not None and batch["pixel_values_videos"].numel():
             out = base.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
-            features["video"] = list(out.pooler_output)
+            features["video"] = self.split_features(out)
         return features
 
-    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
+    def split_features(self, out: Any) -> list:
+        """One entry per image / video of the tower's output: its merged features."""
+        return list(out.pooler_output)
+
+    def encoder_outputs(self, picked: list, kind: str) -> dict:
+        """`mm_encoder_outputs` holding the `split_features` entries `picked` (row-major) for `kind`."""
+        return _image_outputs(picked, kind)["mm_encoder_outputs"]
+
+    def blank_tower_output(self, base: nn.Module) -> Any:
+        """The tower's output for one blank image of the smallest grid."""
         vision = base.config.vision_config
         merge, patch, temporal = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
         device = next(base.model.visual.parameters()).device
         pixels = torch.zeros(merge * merge, vision.in_channels * temporal * patch * patch, device=device)
         grid = torch.tensor([[1, merge, merge]], device=device)
-        return torch.cat(list(base.model.get_image_features(pixels, grid).pooler_output))
+        return base.model.get_image_features(pixels, grid)
+
+    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
+        return torch.cat(list(self.blank_tower_output(base).pooler_output))
 
     def row_image_kwargs(
         self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
@@ -197,7 +213,7 @@ class Qwen2VLFamily(HFVisionFamily):
             grids = batch[grid_name]
             kwargs[grid_name] = grids.index_select(0, picks)
             if features is not None:
-                outputs |= _image_outputs([features[kind][i] for i in picks.tolist()], kind)["mm_encoder_outputs"]
+                outputs |= self.encoder_outputs([features[kind][i] for i in picks.tolist()], kind)
             else:
                 patches = torch.split(batch[pixels], grids.prod(-1).tolist())
                 kwargs[pixels] = torch.cat([patches[i] for i in picks.tolist()])
@@ -238,12 +254,14 @@ class Qwen2VLImages:
     """PIL images -> `pixel_values` patches + `image_grid_thw`, and each image's token count (grid / merge^2); video
     clips -> `pixel_values_videos` + `video_grid_thw` (`Qwen2VLVideos`)."""
 
-    def __init__(self, processor: Any, model_config: Any, section: Any, timed_video: bool = False):
+    def __init__(
+        self, processor: Any, model_config: Any, section: Any, timed_video: bool = False, video: bool = True
+    ):
         self.image_processor = processor.image_processor
         self.marker_id = model_config.image_token_id
         vision = model_config.vision_config
         self.empty_width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        self.videos = Qwen2VLVideos(self.image_processor, model_config, section, timed_video)
+        self.videos = Qwen2VLVideos(self.image_processor, model_config, section, timed_video) if video else None
 
     def check(self, image: Any) -> str | None:
         """Why the processor cannot take `image` (Qwen2-VL refuses aspect ratios over 200), or None."""
@@ -254,7 +272,7 @@ class Qwen2VLImages:
 
     def fingerprint(self) -> str:
         """The image processor's settings and the video ones (they decide pixels and token counts)."""
-        return self.image_processor.to_json_string() + self.videos.fingerprint()
+        return self.image_processor.to_json_string() + (self.videos.fingerprint() if self.videos else "")
 
     def __call__(self, images: list, videos: list = ()) -> ImageBatch:
         if not images:
@@ -269,6 +287,8 @@ class Qwen2VLImages:
             tokens = (grid.prod(-1) // self.image_processor.merge_size**2).tolist()
             tensors = {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
         batch = ImageBatch(tensors, tokens, self.marker_id)
+        if videos and self.videos is None:
+            raise ValueError("this family takes images, not video (tokenization drops such pairs as video_unsupported)")
         if videos:
             video_tensors, batch.tokens_per_video = self.videos(list(videos))
             batch.tensors |= video_tensors

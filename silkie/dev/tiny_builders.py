@@ -1,0 +1,28 @@
+"""The one table of tiny-checkpoint builders, by model family (imported only when a family's builder is asked for)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+TINY_BUILDERS = {
+    "qwen_vl": "silkie.dev.tiny_qwen_vl:build_tiny_checkpoint",
+    "qwen2_vl": "silkie.dev.tiny_hf_vlm:build_tiny_qwen2_vl",
+    "qwen2_5_vl": "silkie.dev.tiny_hf_vlm:build_tiny_qwen2_5_vl",
+    "qwen3_vl": "silkie.dev.tiny_qwen3_vl:build_tiny_qwen3_vl",
+    "llava": "silkie.dev.tiny_hf_vlm:build_tiny_llava",
+}
+TINY_FOLDERS = {  # the folder names the demo assets use
+    "qwen_vl": "tiny-qwen-vl",
+    "qwen2_vl": "tiny-qwen2-vl",
+    "qwen2_5_vl": "tiny-qwen2.5-vl",
+    "qwen3_vl": "tiny-qwen3-vl",
+    "llava": "tiny-llava",
+}
+
+
+def tiny_builder(family: str) -> Callable[..., Path]:
+    """`build(out_dir, seed=0) -> Path` writing a tiny random checkpoint of `family`."""
+    module, name = TINY_BUILDERS[family].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,105 @@
+"""A tiny random Qwen3-VL folder in the official Hugging Face format (a stand-in for tests and the demo).
+
+The same construction as the tiny Qwen2-VL (`tiny_hf_vlm`): a BPE tokenizer trained offline with Qwen3's added
+tokens after the vision ones, Qwen3-VL's layout (a 2-layer, 64-wide Qwen3 text model with q/k norms and
+interleaved M-RoPE; a 2-block ViT with 16 px patches, learned position embeddings and a DeepStack merger per
+block), the PIL image processor at Qwen3-VL's settings (32 px per merged token, mean/std 0.5) and a chat template
+with the layout of Qwen3-VL-Instruct's (no default system turn).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from silkie.dev.tiny_hf_vlm import (
+    INIT_STD,
+    QWEN2_VL_SPECIAL_TOKENS,
+    TEXT_HIDDEN,
+    VISION_HIDDEN,
+    finish_image_only_processor,
+    qwen2_text_and_ids,
+    save_tiny_model,
+    train_tiny_tokenizer,
+)
+from silkie.models.hf_vlm.processors import ImageOnlyQwen3VLProcessor, register_image_only_processors
+
+# Qwen3's added tokens after the vision ones, in the official order (151657..151668); ordinary, not special
+QWEN3_ADDED_TOKENS = (
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+)  # fmt: skip
+
+# Qwen3-VL-Instruct's layout for system / user / assistant turns: a system turn only when one is given, media
+# parts as vision spans (numbered with add_vision_id), text parts as they are; tool turns are left out here.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}<|im_start|>system\n{% if messages[0].content is string %}"
+    "{{ messages[0].content }}{% else %}{% for part in messages[0].content %}{% if 'text' in part %}{{ part.text }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endif %}"
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' or message.role == 'assistant' %}"
+    "<|im_start|>{{ message.role }}\n{% if message.content is string %}{{ message.content }}{% else %}"
+    "{% for part in message.content %}{% if part.type == 'image' or 'image' in part or 'image_url' in part %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif part.type == 'video' or 'video' in part %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in part %}{{ part.text }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN3_VL_PATCH = 16  # 32 px per merged image token
+QWEN3_VL_MIN_PIXELS = 64 * 64  # 4 merged tokens at least
+QWEN3_VL_MAX_PIXELS = 128 * 128  # 16 merged tokens at most
+
+
+def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
+    """Qwen3-VL with a 2-layer, 64-wide text model (head 16, interleaved M-RoPE) and a 2-block, 32-wide ViT whose
+    blocks both feed DeepStack features to the decoder's first two layers; token ids from `tokenizer`."""
+    text, special = qwen2_text_and_ids(tokenizer)
+    text |= dict(
+        head_dim=16,
+        rope_parameters={
+            "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True
+        },
+    )  # fmt: skip
+    vision = dict(
+        depth=2,
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=2 * VISION_HIDDEN,
+        num_heads=2,
+        out_hidden_size=TEXT_HIDDEN,
+        patch_size=QWEN3_VL_PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
+        deepstack_visual_indexes=[0, 1],
+        initializer_range=INIT_STD,
+    )
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **special)
+
+
+def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen3-VL folder: model, tokenizer, PIL image processor, chat template."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tiny_tokenizer(style="qwen2", special_tokens=QWEN2_VL_SPECIAL_TOKENS)
+    tokenizer.add_tokens(list(QWEN3_ADDED_TOKENS))
+    config = tiny_qwen3_vl_config(tokenizer)
+    eos = [config.text_config.eos_token_id, config.text_config.bos_token_id]  # <|im_end|>, <|endoftext|>
+    save_tiny_model(Qwen3VLForConditionalGeneration, config, out, seed, eos)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=QWEN3_VL_MIN_PIXELS,
+        max_pixels=QWEN3_VL_MAX_PIXELS,
+        patch_size=QWEN3_VL_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=QWEN3_VL_CHAT_TEMPLATE).save_pretrained(out)
+    finish_image_only_processor(out, image_processor, video_type="Qwen3VLVideoProcessor")
+    register_image_only_processors()
+    return out
