@@ -9,10 +9,11 @@ import pytest
 from .script_fixtures import load_script
 
 
-def test_benchmark_runs_trl_and_ours_and_writes_ratios(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_benchmark_runs_trl_and_ours_and_writes_ratios(family, tmp_path, capsys):
     benchmark = load_script("benchmark")
     out = tmp_path / "bench.json"
-    argv = ["--family", "qwen2_vl", "--tiny", "--image-px", "56", "--batch-sizes", "2", "--steps", "2", "--warmup", "1",
+    argv = ["--family", family, "--tiny", "--image-px", "56", "--batch-sizes", "2", "--steps", "2", "--warmup", "1",
             "--lora-r", "4", "--question-tokens", "10", "--answer-tokens", "12",
             "--runs", "trl", "silkie-optimized", "silkie-optimized+cached_ref", "--count-flops",
             "--out", str(out)]  # fmt: skip
@@ -28,7 +29,25 @@ def test_benchmark_runs_trl_and_ours_and_writes_ratios(tmp_path, capsys):
     assert "| 2 | silkie-optimized | " in printed and "pairs/s ratio (vs trl)" in printed
     assert "TRL's best: trl (batch 2)" in printed and "ours with the cached reference (" in printed
     report = json.loads(out.read_text())
-    assert report["meta"]["family"] == "qwen2_vl" and len(report["results"]) == 3
+    assert report["meta"]["family"] == family and len(report["results"]) == 3
+
+
+def test_the_large_shapes_are_the_released_models(tmp_path):
+    """`--family qwen2_vl|qwen3_vl` without --tiny: Qwen2-VL-7B's and Qwen3-VL-8B's shapes (built on the meta
+    device here: parameter counts only); other families have only the stand-in."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from silkie.dev.bench_cli import compare_with_trl, parse_args
+    from silkie.dev.bench_trl import model_config, stand_in_folder
+
+    for family, size, billions in (("qwen2_vl", "7b", 8.29), ("qwen3_vl", "8b", 8.77)):
+        config = model_config(stand_in_folder(family, tmp_path), size)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+    with pytest.raises(SystemExit, match="--family llava: only the --tiny stand-in is built in"):
+        compare_with_trl(parse_args(["--family", "llava"]))
 
 
 def test_trl_switches_and_batch_suffixes_pick_the_runs_of_each_batch_size(tmp_path, monkeypatch):

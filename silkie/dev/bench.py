@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from silkie.config import Recipe, recipe_from_dict
+from silkie.config.names import QWEN_HF_FAMILIES
 
 OURS = {  # run name -> the recipe's dpo switches (the plain path is TRL's: full logits, no sharing)
     "silkie-plain": {"image_once": False, "share_prompt": False, "chunked_logps": False},
@@ -181,7 +182,7 @@ def bench_recipe(
     saved or logged."""
     levers = levers or {}
     model = {"path": str(folder), "family": family, "dtype": args.dtype, "attn_implementation": args.attn}
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in QWEN_HF_FAMILIES:
         model["min_pixels"] = model["max_pixels"] = args.image_px * args.image_px
     dpo = {"beta": 0.1, "max_length": 4096, "logps_chunk_size": args.chunk_size, **OURS[name]}
     return recipe_from_dict(

@@ -2,13 +2,15 @@
 run), every run through its trainer.
 
 Qwen-VL-Chat (`--family qwen_vl`, default): the plain (TRL-equivalent) step vs the optimized step.
-Qwen2-VL / LLaVA (`--family qwen2_vl|llava`): TRL's own `DPOTrainer` vs ours (plain, optimized, cached reference),
-each through its trainer. Prints pairs/s, tokens/s, peak memory (with `--count-flops`, TFLOP/pair and MFU of our
-runs) per run and batch size, then the ratios against the baseline (plain, or TRL; then TRL's best against ours).
+Qwen2-VL / Qwen3-VL / LLaVA (`--family qwen2_vl|qwen3_vl|llava`): TRL's own `DPOTrainer` vs ours (plain,
+optimized, cached reference), each through its trainer. Prints pairs/s, tokens/s, peak memory (with
+`--count-flops`, TFLOP/pair and MFU of our runs) per run and batch size, then the ratios against the baseline
+(plain, or TRL; then TRL's best against ours).
 CPU with the tiny model:  python scripts/benchmark.py --tiny
 GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
 TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112
 TRL vs ours, Qwen2-VL-7B shape on a GPU: python scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16
+(`--family qwen3_vl`: Qwen3-VL-8B's shape)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="qwen_vl", choices=("qwen_vl", "qwen2_vl", "llava"))
+    parser.add_argument("--family", default="qwen_vl", choices=("qwen_vl", "qwen2_vl", "qwen3_vl", "llava"))
     parser.add_argument(
         "--tiny", action="store_true", help="tiny stand-in model (default: Qwen-VL-Chat / Qwen2-VL-7B size)"
     )
@@ -138,13 +140,14 @@ def compare_with_trl(args: argparse.Namespace) -> list:
     import torch
 
     from silkie.dev.bench import format_table, save_report
-    from silkie.dev.bench_trl import best_against_trl, run
+    from silkie.dev.bench_trl import LARGE_SHAPES, best_against_trl, run
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.family == "llava" and not args.tiny:
-        raise SystemExit("--family llava: only the --tiny stand-in is built in; the large shape is Qwen2-VL-7B")
-    args.size = "tiny" if args.tiny else "7b"
+    if args.family not in LARGE_SHAPES and not args.tiny:
+        raise SystemExit(f"--family {args.family}: only the --tiny stand-in is built in; the large shapes are "
+                         "Qwen2-VL-7B (qwen2_vl) and Qwen3-VL-8B (qwen3_vl)")  # fmt: skip
+    args.size = "tiny" if args.tiny else LARGE_SHAPES[args.family][0]
     device_name = args.device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"model: {args.family} {args.size}, {args.dtype}, device {device_name}", flush=True)
     results = run(args)

@@ -1,7 +1,7 @@
 """TRL's `DPOTrainer` and ours side by side on a transformers-native VLM: same model, data, batch sizes, device.
 
 Both run full training steps through their trainers (ours built by `build_trainer`; see `silkie.dev.bench`).
-`tiny` uses the tiny stand-in; `7b` a Qwen2-VL-7B-shaped model with random weights (GPU).
+`tiny` uses the tiny stand-in; `7b` / `8b` a Qwen2-VL-7B- / Qwen3-VL-8B-shaped model with random weights (GPU).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from silkie.config.names import QWEN_HF_FAMILIES
 from silkie.dev.bench import (
     BenchResult,
     StepClock,
@@ -37,27 +38,41 @@ QWEN2_VL_7B = {  # Qwen2-VL-7B-Instruct's shape (config.json of the release)
     "vision": dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=3584, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2),
 }  # fmt: skip
+QWEN3_VL_8B = {  # Qwen3-VL-8B-Instruct's shape (config.json of the release)
+    "text": dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                         "mrope_interleaved": True},
+    ),
+    "vision": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                   deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"),
+}  # fmt: skip
+LARGE_SHAPES = {"qwen2_vl": ("7b", QWEN2_VL_7B), "qwen3_vl": ("8b", QWEN3_VL_8B)}  # family -> (size, shape)
 
 
 def stand_in_folder(family: str, root: Path) -> Path:
     """The family's tiny stand-in folder (tokenizer, processor, weights) under `root`."""
-    from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_vl
+    from silkie.dev.tiny_builders import tiny_builder
 
-    return {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava}[family](root / f"tiny-{family}")
+    return tiny_builder(family)(root / f"tiny-{family}")
 
 
 def model_config(folder: Path, size: str):
-    """The tiny folder's config, or (size `7b`) Qwen2-VL-7B's shape with the tiny tokenizer's special ids."""
-    from transformers import AutoConfig, Qwen2VLConfig
+    """The tiny folder's config, or (size `7b` / `8b`) the family's released shape (`LARGE_SHAPES`) with the tiny
+    tokenizer's special ids."""
+    from transformers import AutoConfig
 
     tiny = AutoConfig.from_pretrained(folder)
     if size == "tiny":
         return tiny
-    text = {**QWEN2_VL_7B["text"], "eos_token_id": tiny.text_config.eos_token_id}
+    (shape,) = [shape for name, shape in LARGE_SHAPES.values() if name == size]
+    text = {**shape["text"], "eos_token_id": tiny.text_config.eos_token_id}
     text["pad_token_id"] = tiny.text_config.pad_token_id
     ids = {k: getattr(tiny, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
     ids["vision_end_token_id"] = tiny.vision_end_token_id
-    return Qwen2VLConfig(text_config=text, vision_config=QWEN2_VL_7B["vision"], **ids)
+    return type(tiny)(text_config=text, vision_config=shape["vision"], **ids)
 
 
 def random_model(config, device: str, dtype: torch.dtype, attn: str, seed: int = 0):
@@ -120,7 +135,7 @@ def run(args) -> list[BenchResult]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = args.folder = stand_in_folder(args.family, root)
-        pixels = args.image_px * args.image_px if args.family == "qwen2_vl" else None
+        pixels = args.image_px * args.image_px if args.family in QWEN_HF_FAMILIES else None
         section = ModelSection(path=str(folder), family=args.family, min_pixels=pixels, max_pixels=pixels)
         codec = family.load_codec(section)
         config = model_config(folder, args.size)
