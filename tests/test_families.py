@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from transformers.utils import is_torchvision_available
 
 from silkie.config import LoraSection, ModelSection, RecipeError
 from silkie.models.family import FAMILY_CLASSES, get_family, unwrap_causal_lm
@@ -240,3 +241,40 @@ def test_the_blank_tower_pass_reaches_every_projector(folder):
     get_family(family).blank_image_features(model).sum().backward()
     projectors = [(n, p) for n, p in model.named_parameters() if n.startswith(PROJECTORS[family])]
     assert projectors and all(p.grad is not None for _, p in projectors)  # in the graph (a blank image: some are 0)
+
+
+def released_layout(folder, target, processor_class: str):
+    """`folder` rewritten as the hub releases lay it out: preprocessor_config.json and video_preprocessor_config.json
+    (instead of one processor_config.json), and the official processor class named in them and the tokenizer's."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, target)
+    combined = json.loads((target / "processor_config.json").read_text())
+    (target / "processor_config.json").unlink()
+    parts = {"preprocessor_config.json": "image_processor", "video_preprocessor_config.json": "video_processor"}
+    for name, part in parts.items():
+        (target / name).write_text(json.dumps({**combined[part], "processor_class": processor_class}))
+    tokenizer = json.loads((target / "tokenizer_config.json").read_text())
+    (target / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "processor_class": processor_class}))
+    return target
+
+
+@pytest.mark.skipif(is_torchvision_available(), reason="the image-only processors stand in where torchvision is not")
+@pytest.mark.parametrize(
+    ("family", "processor_class"), [("qwen2_vl", "Qwen2VLProcessor"), ("qwen3_vl", "Qwen3VLProcessor")]
+)
+def test_a_released_folder_loads_without_torchvision(family, processor_class, tmp_path):
+    """A released folder names its official processor, whose video half needs torchvision: Silkie loads the image-only
+    one by the folder's model type instead (AutoProcessor alone fails here)."""
+    from transformers import AutoProcessor
+
+    from silkie.models.loading import load_tokenizer
+
+    folder = released_layout(BUILDERS[family](tmp_path / "tiny"), tmp_path / "released", processor_class)
+    with pytest.raises((ImportError, ValueError), match="orchvision"):
+        AutoProcessor.from_pretrained(folder)
+    codec = load_tokenizer(ModelSection(path=str(folder), family=family, max_pixels=200704))
+    assert type(codec.processor).__name__ == f"ImageOnly{processor_class}"
+    assert codec.image_token_budget == (196 if family == "qwen3_vl" else 256)  # 448x448 px: 32 / 28 px per token
+    assert codec.prompt_ids("Q", ["a"]).count(codec.image_marker_id) == 1

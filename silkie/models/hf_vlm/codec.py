@@ -27,10 +27,9 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
     """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds applied (Qwen2-VL)."""
     from transformers import AutoProcessor
 
-    from .processors import register_image_only_processors
+    from .processors import load_image_only_processor
 
-    register_image_only_processors()  # without torchvision, Qwen2-VL's processor loads image-only
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_image_only_processor(path) or AutoProcessor.from_pretrained(path)
     if min_pixels is not None or max_pixels is not None:
         image = processor.image_processor
         if not hasattr(image, "merge_size"):

@@ -3,6 +3,8 @@ with it, so a folder would not load at all; the image-only processors below serv
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import (
     AutoProcessor,
     Qwen2_5_VLConfig,
@@ -55,3 +57,21 @@ def register_image_only_processors() -> bool:
     for config, processor in IMAGE_ONLY:
         AutoProcessor.register(config, processor, exist_ok=True)
     return True
+
+
+def load_image_only_processor(path: str) -> Any | None:
+    """Without torchvision, the image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder, chosen by its
+    config.json; None with torchvision or for another model.
+
+    Loaded by class, not through AutoProcessor: a released folder names its official processor class (its
+    `processor_class`), which AutoProcessor would build, video processor included, and fail without torchvision.
+    """
+    if is_torchvision_available():
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    for config_class, processor in IMAGE_ONLY:
+        if type(config) is config_class:
+            return processor.from_pretrained(path)
+    return None
