@@ -3,6 +3,8 @@ with it, so a folder would not load at all; the image-only processors below serv
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from transformers import (
@@ -38,11 +40,12 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
-IMAGE_ONLY = (
-    (Qwen2VLConfig, ImageOnlyQwen2VLProcessor),
-    (Qwen2_5_VLConfig, ImageOnlyQwen2_5_VLProcessor),
-    (Qwen3VLConfig, ImageOnlyQwen3VLProcessor),
+IMAGE_ONLY = (  # (config class, the official processor, its image-only stand-in)
+    (Qwen2VLConfig, Qwen2VLProcessor, ImageOnlyQwen2VLProcessor),
+    (Qwen2_5_VLConfig, Qwen2_5_VLProcessor, ImageOnlyQwen2_5_VLProcessor),
+    (Qwen3VLConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),
 )
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
 def register_image_only_processors() -> bool:
@@ -54,24 +57,34 @@ def register_image_only_processors() -> bool:
     """
     if is_torchvision_available():
         return False
-    for config, processor in IMAGE_ONLY:
+    for config, _, processor in IMAGE_ONLY:
         AutoProcessor.register(config, processor, exist_ok=True)
     return True
 
 
 def load_image_only_processor(path: str) -> Any | None:
-    """Without torchvision, the image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder, chosen by its
-    config.json; None with torchvision or for another model.
+    """Without torchvision, the image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder (a checkpoint, or
+    an adapter folder with the processor files saved beside it); None with torchvision or for another model.
 
-    Loaded by class, not through AutoProcessor: a released folder names its official processor class (its
-    `processor_class`), which AutoProcessor would build, video processor included, and fail without torchvision.
+    Chosen by the processor class the folder names, else by its config.json model type, and loaded by class, not
+    through AutoProcessor: a released folder names its official processor class, which AutoProcessor would build
+    with its video processor and fail without torchvision.
     """
-    if is_torchvision_available():
+    folder = Path(path)
+    if is_torchvision_available() or not folder.is_dir():
         return None
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    for config_class, processor in IMAGE_ONLY:
-        if type(config) is config_class:
-            return processor.from_pretrained(path)
+    named = {_json_key(folder / name, "processor_class") for name in PROCESSOR_FILES} - {None}
+    model_type = _json_key(folder / "config.json", "model_type")
+    for config, official, image_only in IMAGE_ONLY:
+        if named & {official.__name__, image_only.__name__} or (not named and model_type == config.model_type):
+            return image_only.from_pretrained(path)
     return None
+
+
+def _json_key(path: Path, key: str) -> Any:
+    """`key` of the JSON object in `path`; None when the file is missing, not a JSON object or lacks the key."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
