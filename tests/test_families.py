@@ -278,3 +278,16 @@ def test_a_released_folder_loads_without_torchvision(family, processor_class, tm
     assert type(codec.processor).__name__ == f"ImageOnly{processor_class}"
     assert codec.image_token_budget == (196 if family == "qwen3_vl" else 256)  # 448x448 px: 32 / 28 px per token
     assert codec.prompt_ids("Q", ["a"]).count(codec.image_marker_id) == 1
+
+
+def test_the_processor_saved_beside_an_adapter_loads_again(folder, tmp_path):
+    """Tools read the tokenizer and processor from a run's adapter folder, which has no config.json."""
+    from silkie.models.loading import load_tokenizer
+
+    family, path = folder
+    codec = load_tokenizer(model_section(path, family))
+    codec.save_pretrained(str(tmp_path / "adapter"))
+    again = get_family(family).load_codec(model_section(path, family), files=str(tmp_path / "adapter"))
+    assert type(again.processor) is type(codec.processor)
+    assert again.prompt_ids("Q", ["a"]) == codec.prompt_ids("Q", ["a"])
+    assert again.answer_ids("A.") == codec.answer_ids("A.")
