@@ -77,13 +77,13 @@ class ModelSection:
     )
     video_min_pixels: int | None = key(
         None,
-        "Qwen2-VL families: fewest pixels per video frame after resizing (null: the checkpoint's "
+        "qwen2_vl / qwen2_5_vl: fewest pixels per video frame after resizing (null: the checkpoint's "
         "video_preprocessor_config.json, else 128 x (patch x merge)^2 as qwen-vl-utils).",
         "models.hf_vlm.video:Qwen2VLVideos.__init__",
     )
     video_max_pixels: int | None = key(
         None,
-        "Qwen2-VL families: most pixels per video frame after resizing (null: the checkpoint's video config, else "
+        "qwen2_vl / qwen2_5_vl: most pixels per video frame after resizing (null: the checkpoint's video config, else "
         "768 x (patch x merge)^2); with "
         "`data.video_max_frames` it bounds a video's tokens.",
         "models.hf_vlm.video:Qwen2VLVideos.__init__",

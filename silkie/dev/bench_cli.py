@@ -31,11 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["trl", "silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref"],
         metavar="RUN[@BATCH]",
-        help="qwen2_vl/llava: trainers to compare, from trl (TRL's defaults; trl+no_ckpt, trl+liger, trl+no_ckpt+liger "
-        "add TRL's own switches), silkie-plain, silkie-optimized, silkie-optimized+cached_ref "
+        help="qwen2_vl/qwen3_vl/llava: trainers to compare, from trl (TRL's defaults; trl+no_ckpt, trl+liger, "
+        "trl+no_ckpt+liger add TRL's own switches), silkie-plain, silkie-optimized, silkie-optimized+cached_ref "
         "(the first one present of trl/silkie-plain is the baseline); @BATCH: only at that batch size",
     )
-    parser.add_argument("--image-px", type=int, default=448, help="qwen2_vl/llava: square picture side in pixels")
+    parser.add_argument("--image-px", type=int, default=448, help="qwen2_vl/qwen3_vl/llava: square picture side")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])

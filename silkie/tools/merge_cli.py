@@ -1,5 +1,5 @@
 """Merge a trained LoRA adapter into its base weights and save a standalone checkpoint (every family: Qwen-VL-Chat,
-Qwen2-VL, Qwen2.5-VL, LLaVA).
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA).
 
 The output folder holds safetensors shards (+ model.safetensors.index.json when sharded), config.json,
 generation_config.json and the base's tokenizer files (qwen.tiktoken for Qwen-VL-Chat; the tokenizer and processor
