@@ -261,7 +261,7 @@ def test_lora_targets_that_match_no_layer_are_refused_when_the_model_loads(asset
             build_policy(model, LoraSection(r=4, target_modules=targets))
         assert str(caught.value).startswith(
             f"lora.target_modules: {targets[-1]!r} matches no linear layer of the language model; its linear layers "
-            "are named c_attn, c_fc, c_proj, "
+            "are named c_attn, c_proj, w1, w2 "  # the vision tower's (c_fc, ...) are not the language model's
         )
         assert str(caught.value).endswith("(null: the family's default c_attn, attn.c_proj, w1, w2)")
     built = build_policy(model, LoraSection(r=4, target_modules=["c_attn", "w2"]))

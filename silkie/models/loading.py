@@ -148,7 +148,8 @@ def check_lora_targets(model: nn.Module, lora: LoraSection, family: str = "qwen_
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for target in lora.target_modules or []:
         if not _matches_in_llm(lora, target, family, linears):
-            leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+            leaves = sorted({leaf for name in linears if _matches_in_llm(lora, leaf := name.rsplit(".", 1)[-1],
+                                                                        family, [name])})  # fmt: skip
             raise InputError(
                 f"lora.target_modules: {target!r} matches no linear layer of the language model; its linear layers "
                 f"are named {', '.join(leaves[:12])}{' ...' if len(leaves) > 12 else ''} (null: the family's "
