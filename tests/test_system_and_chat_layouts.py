@@ -143,3 +143,33 @@ def test_a_system_message_keys_the_cache_and_pairs_without_one_keep_their_key(tm
     assert key != cache_key([{**record, "system": "Be brief."}], tokenizer, 64, "drop")
     pairs, _ = pairs_from_preference_rows([{"prompt": "Q", "chosen": "a", "rejected": "b", "system": "Be brief."}])
     assert pairs[0].system == "Be brief." and pairs[0].to_dict()["system"] == "Be brief."
+
+
+def test_a_generation_prompt_that_opens_a_think_block_ends_the_prompt_where_trl_does(tmp_path):
+    """A reasoning template's generation prompt writes `<think>` that its rendered assistant turn does not (and a
+    template may write another header there): TRL ends the prompt where the two renderings part (their common
+    prefix), so the pair's tokens are the rendered conversation. It used to be a traceback."""
+    from trl.data_utils import apply_chat_template
+
+    from silkie.models.loading import load_tokenizer
+
+    codec = load_tokenizer(model_section(BUILDERS["qwen3_vl"](tmp_path), "qwen3_vl"))
+    template = codec.processor.chat_template
+    generation = "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    assert generation in template
+    example = {"prompt": [USER], "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
+               "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}  # fmt: skip
+    decode = codec.tokenizer.decode
+    try:
+        for opened, prompt_end in (("<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n"),
+                                   ("BOT:", "<|im_end|>\n")):  # fmt: skip
+            codec.processor.chat_template = template.replace(generation, generation.replace(
+                "<|im_start|>assistant\n", opened))  # fmt: skip
+            ids, reason = encode_pair("<image>Which colour?", ["a.jpg"], "Red.", "Blue.", codec)
+            trl = apply_chat_template(example, codec.processor)
+            assert reason is None and trl["prompt"].endswith(prompt_end) and not trl["prompt"].endswith(opened)
+            assert decode(ids["prompt_input_ids"]) == trl["prompt"]
+            answers = [decode(ids[f"{kind}_input_ids"]) for kind in ("chosen", "rejected")]
+            assert answers == [trl["chosen"], trl["rejected"]]
+    finally:
+        codec.processor.chat_template = template  # the processor is cached per folder: leave it as found

@@ -1,11 +1,12 @@
 """Prompt/answer token ids for transformers-native VLMs, through the checkpoint's own chat template.
 
 Built the way TRL's `DPOTrainer` builds them for conversational vision data: the prompt is the user turn
-(image first, then the text) rendered with the generation prompt; an answer is what rendering prompt + the
-assistant turn adds after the prompt text (e.g. `answer<|im_end|>\\n` for Qwen2-VL). Both are tokenized
-without extra special tokens. Images and videos are content parts in the order `media_segments` gives (a template
-may still render them where it likes: llava-hf's puts images first); each stays one marker token here, which the
-collator expands to its feature-token count once its size is known.
+(image first, then the text) rendered with the generation prompt, up to where a rendered assistant turn parts from
+it (TRL's common prefix: a reasoning template's generation prompt may open a `<think>` the turn renders otherwise);
+an answer is what rendering prompt + the assistant turn adds after the prompt text (e.g. `answer<|im_end|>\\n` for
+Qwen2-VL). Both are tokenized without extra special tokens. Images and videos are content parts in the order
+`media_segments` gives (a template may still render them where it likes: llava-hf's puts images first); each stays
+one marker token here, which the collator expands to its feature-token count once its size is known.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from typing import Any
 
 from silkie.config.names import VIDEO_FAMILIES
@@ -46,6 +48,7 @@ def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) ->
 
 
 SYSTEM_PROBE = "silkie-system-probe-7f3a"  # a system text that no template or prompt writes by itself
+ANSWER_PROBE = "Silkie answer probe."  # an answer text to see where a template's assistant turn starts
 
 
 def _without_markers(text: str) -> str:
@@ -55,6 +58,10 @@ def _without_markers(text: str) -> str:
 
 def _system_message(text: str) -> dict:
     return {"role": "system", "content": [{"type": "text", "text": text}]}
+
+
+def _assistant_message(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 class ChatTemplateCodec:
@@ -75,6 +82,7 @@ class ChatTemplateCodec:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self._system_probe: tuple[str | None, bool] = (None, False)  # (template, renders a system message)
+        self._prompt_tail: tuple[str | None, str] = (None, "")  # (template, generation prompt text past the answer)
 
     def _refuse_video(self, videos: Any) -> None:
         if as_keys(videos) and self.video_marker_id is None:
@@ -104,7 +112,7 @@ class ChatTemplateCodec:
                 content.append({"type": "text", "text": ""})
             messages.append({"role": "user", "content": content})
             if index < len(answers):
-                messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[index]}]})
+                messages.append(_assistant_message(answers[index]))
         return messages
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
@@ -123,13 +131,26 @@ class ChatTemplateCodec:
 
     def _prompt_from(self, messages: list[dict], system: str | None) -> str:
         """`messages` rendered after the system turn (`system`, else the template's default), with the generation
-        prompt."""
-        if system is None:
-            return self._render(messages, True)
-        if not self._renders_system():
+        prompt up to where the assistant turn's answer starts (`_generation_tail`)."""
+        if system is not None and not self._renders_system():
             raise PairTextError("system_unsupported", f"{type(self.processor).__name__}'s chat template leaves the "
                                 "system message out (or refuses one)")  # fmt: skip
-        return self._render([_system_message(system), *messages], True)
+        text = self._render(messages if system is None else [_system_message(system), *messages], True)
+        tail = self._generation_tail()
+        return text[: -len(tail)] if tail and text.endswith(tail) else text
+
+    def _generation_tail(self) -> str:
+        """What the generation prompt writes that a rendered assistant turn does not (e.g. a `<think>` that a
+        reasoning template opens only when asked to generate): TRL's `DPOTrainer` ends the prompt where the two
+        renderings part, so the prompt leaves it out and an answer is the rest of its assistant turn. Usually ""."""
+        template = str(self.processor.chat_template or self.tokenizer.chat_template or "")
+        if self._prompt_tail[0] != template:
+            user = self._messages("x")
+            prompt = self._render(user, True)
+            full = self._render([*user, _assistant_message(ANSWER_PROBE)], False)
+            common = os.path.commonprefix([prompt, full])
+            self._prompt_tail = (template, prompt[len(common) :])
+        return self._prompt_tail[1]
 
     def _renders_system(self) -> bool:
         """Whether the chat template renders a system message (probed once per template with a text no prompt holds;
@@ -169,10 +190,13 @@ class ChatTemplateCodec:
     def answer_ids(self, text: str) -> list[int]:
         """The assistant turn as rendered after a prompt (the template's end-of-turn tokens; EOS added if absent)."""
         user = self._messages("", None)
-        prefix = self._render(user, True)
-        full = self._render([*user, {"role": "assistant", "content": [{"type": "text", "text": text}]}], False)
+        prefix = self._prompt_from(user, None)
+        full = self._render([*user, _assistant_message(text)], False)
         if not full.startswith(prefix):
-            raise ValueError("the chat template renders prompt + answer without the prompt as a prefix")
+            raise InputError(
+                f"the chat template of {type(self.processor).__name__} renders an assistant turn that does not follow "
+                "its own prompt (rendered with the generation prompt); TRL and Silkie need the prompt as a prefix"
+            )
         ids = self._ids(full[len(prefix) :])
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos not in ids:  # e.g. llava-hf's template ends a turn with a space, not </s>:
