@@ -46,8 +46,14 @@ class MemoryImages:
         return self.images[key].copy()
 
 
+def video_side(family: str) -> int:
+    """The frame side of 2x2 merged tokens: 56 px (14 px patches), Qwen3-VL's 64 px (16 px patches)."""
+    return 64 if family == "qwen3_vl" else 56
+
+
 def model_section(folder: Path, family: str, attn: str = "sdpa") -> ModelSection:
-    video = {"video_min_pixels": 56 * 56, "video_max_pixels": 56 * 56} if family in VIDEO_FAMILIES else {}
+    side = video_side(family)  # 2x2 merged tokens per frame
+    video = {"video_min_pixels": side * side, "video_max_pixels": side * side} if family in VIDEO_FAMILIES else {}
     return ModelSection(path=str(folder), family=family, dtype="fp32", attn_implementation=attn, **video)
 
 

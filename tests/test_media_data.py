@@ -21,7 +21,7 @@ from silkie.models.qwen_vl.image_processing import QWenVLImageProcessor
 from silkie.models.qwen_vl.tokenization import QWenTokenizer
 from tests.data_fixtures import jpeg_bytes, write_tiny_vocab, write_zip
 
-from .hf_fixtures import BUILDERS
+from .hf_fixtures import BUILDERS, video_side
 
 DEMO = "dpo_config/demo.yaml"
 
@@ -34,7 +34,8 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def codec(request, tmp_path_factory):
     folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
-    video = {"video_max_pixels": 56 * 56} if request.param in VIDEO_FAMILIES else {}
+    side = video_side(request.param)
+    video = {"video_max_pixels": side * side} if request.param in VIDEO_FAMILIES else {}
     return request.param, folder, load_tokenizer(ModelSection(path=str(folder), family=request.param, **video))
 
 
@@ -109,7 +110,9 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
         assert with_video == (None, "video_unsupported") and codec.video_token_budget(64) == 0
     else:
         assert with_video[1] is None and with_video[0]["prompt_input_ids"].count(codec.video_marker_id) == 1
-        assert codec.video_token_budget(64) == 32 * 4  # 32 temporal patches x 4 tokens at 56x56
+        # 32 temporal patches x 4 tokens at 56x56 (Qwen3-VL: 64x64, + its span's 2 and the longest `<t seconds>`)
+        stamp = len(codec.tokenizer("<99999.9 seconds>", add_special_tokens=False)["input_ids"])
+        assert codec.video_token_budget(64) == 32 * (4 + (2 + stamp if family == "qwen3_vl" else 0))
         assert encode_pair("Q", [], "a", "b", codec, 100, videos=["v"], video_frames=64) == (None, "too_long")
         from silkie.data.formatting import tokenize_pairs
         from silkie.data.pairs import PairReport, PreferencePair
@@ -165,19 +168,20 @@ def test_a_broken_video_weights_its_pair_0_and_keeps_its_tokens(codec):
     from silkie.models.family import get_family
     from silkie.models.loading import load_base_model
 
-    videos = {"good": colour_clip([(255, 0, 0)] * 4, size=(56, 56)), "bad": b"not a video"}
+    side = video_side(family)  # 2x2 merged tokens a frame
+    videos = {"good": colour_clip([(255, 0, 0)] * 4, size=(side, side)), "bad": b"not a video"}
     rows = []
     for prompt_id, key in (("good", "good"), ("bad", "bad")):
         ids, _ = encode_pair("Q", [], "a", "b", codec, videos=[key], video_frames=4)
         rows.append({"prompt_id": prompt_id, "images": [], "videos": [key], **ids})
-    model_section = ModelSection(path=str(folder), family=family, video_max_pixels=56 * 56, video_min_pixels=56 * 56)
+    model_section = ModelSection(path=str(folder), family=family, video_max_pixels=side**2, video_min_pixels=side**2)
     processor = get_family(family).image_processor(load_base_model(model_section).config, model_section)
     sampling = VideoSampling(fps=4, min_frames=2, max_frames=4)
     collate = PairCollator(Store({}, videos), processor, codec.pad_token_id, video_sampling=sampling)
     with pytest.warns(DroppedPairWarning, match="bad.*corrupt video"):
         batch = collate(rows)
     assert batch["pair_weight"].tolist() == [1.0, 0.0] and batch["video_counts"].tolist() == [1, 1]
-    tokens = (batch["prompt_input_ids"] == codec.video_marker_id).sum(1).tolist()
+    tokens = (batch["prompt_input_ids"] == codec.video_marker_id).sum(1).tolist()  # Qwen3-VL: + timestamps
     per_video = (batch["video_grid_thw"].prod(-1) // 4).tolist()
     assert tokens == per_video and per_video[0] == 8  # 4 frames -> 2 temporal patches x 4 tokens
     assert torch.isfinite(batch["pixel_values_videos"]).all()

@@ -121,3 +121,39 @@ def test_qwen_vl_several_pictures_score_as_the_plain_path(images):
     with torch.no_grad():
         swapped = score_answers(model, other, StepOptions(), 0, no_grad=True)
     assert (swapped.chosen_logps - plain[0].chosen_logps).abs().max() > 1e-4
+
+
+def test_qwen3_vl_videos_are_laid_out_as_its_processor_lays_them_out(tmp_path):
+    """Qwen3-VL: per temporal patch `<t seconds>` and a vision span of its own, where the template wrote one span;
+    the prompt's ids equal the whole text tokenized as `Qwen3VLProcessor.replace_video_token` writes it."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    from silkie.models.loading import load_base_model, load_tokenizer
+
+    from .hf_fixtures import MEDIA_PAIRS, model_section
+
+    folder = BUILDERS["qwen3_vl"](tmp_path / "qwen3")
+    model = load_base_model(model_section(folder, "qwen3_vl"))
+    batch, pad = media_batch(folder, "qwen3_vl", model)
+    codec = load_tokenizer(model_section(folder, "qwen3_vl"))
+    pairs = media_pairs("qwen3_vl")
+    row = [p[0] for p in pairs].index("What happens in the clip?")  # one 8-frame clip at 4 fps
+    i = MEDIA_PAIRS.index(pairs[row])
+    template = codec.prompt_text(pairs[row][0], [], [f"v{i}-0"])
+    assert template.count("<|video_pad|>") == 1 and "<|vision_start|><|video_pad|>" not in template  # collapsed
+    grid = batch["video_grid_thw"][0]
+    assert grid.tolist() == [4, 4, 4]
+    fake = SimpleNamespace(
+        video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2), video_token="<|video_pad|>",
+        vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
+        _calculate_timestamps=lambda *args: Qwen3VLProcessor._calculate_timestamps(None, *args),
+    )  # fmt: skip
+    metadata = SimpleNamespace(fps=4.0, frames_indices=list(range(8)))
+    frames = Qwen3VLProcessor.replace_video_token(fake, {"video_grid_thw": batch["video_grid_thw"],
+                                                         "video_metadata": [metadata]}, 0)  # fmt: skip
+    assert frames.startswith("<0.1 seconds><|vision_start|><|video_pad|>") and "<1.6 seconds>" in frames
+    expected = codec.tokenizer(template.replace("<|video_pad|>", frames), add_special_tokens=False)["input_ids"]
+    ids = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
+    assert ids.tolist() == expected

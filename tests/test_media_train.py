@@ -67,7 +67,9 @@ def pairs(tmp_path_factory) -> Path:
     return write_video_pairs(tmp_path_factory.mktemp("video-pairs"))
 
 
-@pytest.mark.parametrize(("family", "media"), [("qwen2_vl", "files"), ("qwen2_5_vl", "held in rows")])
+@pytest.mark.parametrize(
+    ("family", "media"), [("qwen2_vl", "files"), ("qwen2_5_vl", "held in rows"), ("qwen3_vl", "files")]
+)
 def test_video_pairs_train_with_the_cached_reference_and_evaluate_as_trained(family, media, pairs, tmp_path):
     from silkie.tools.evaluate import evaluate_run
 

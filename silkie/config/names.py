@@ -16,7 +16,7 @@ FAMILIES = tuple(FAMILY_TABLE)
 MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items() for model_type in types}
 # the transformers Qwen VLMs: images of any size within model.min_pixels..max_pixels, M-RoPE positions
 QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # the families Silkie feeds video to
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the families Silkie feeds video to
 
 LOSS_TYPES = (
     "sigmoid",

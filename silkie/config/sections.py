@@ -77,15 +77,15 @@ class ModelSection:
     )
     video_min_pixels: int | None = key(
         None,
-        "qwen2_vl / qwen2_5_vl: fewest pixels per video frame after resizing (null: the checkpoint's "
+        "qwen2_vl / qwen2_5_vl / qwen3_vl: fewest pixels per video frame after resizing (null: the checkpoint's "
         "video_preprocessor_config.json, else 128 x (patch x merge)^2 as qwen-vl-utils).",
         "models.hf_vlm.video:Qwen2VLVideos.__init__",
     )
     video_max_pixels: int | None = key(
         None,
-        "qwen2_vl / qwen2_5_vl: most pixels per video frame after resizing (null: the checkpoint's video config, else "
-        "768 x (patch x merge)^2); with "
-        "`data.video_max_frames` it bounds a video's tokens.",
+        "qwen2_vl / qwen2_5_vl / qwen3_vl: most pixels per video frame after resizing (null: the checkpoint's video "
+        "config, else 768 x (patch x merge)^2; Qwen3-VL's records a clip's budget, each frame at most 768 tokens of "
+        "it); with `data.video_max_frames` it bounds a video's tokens.",
         "models.hf_vlm.video:Qwen2VLVideos.__init__",
     )
 
@@ -253,7 +253,7 @@ class DataSection:
     )
     max_videos_per_pair: int | None = key(
         2,
-        "Most videos one pair may hold (qwen2_vl / qwen2_5_vl; the other families take none); a row with more is "
+        "Most videos one pair may hold (qwen2_vl / qwen2_5_vl / qwen3_vl; the others take none); a row with more is "
         "dropped (`too_many_videos`).",
         "data.build:media_limits",
     )

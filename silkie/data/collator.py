@@ -35,15 +35,17 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[t
     return ids, mask
 
 
-def expand_markers(ids: Sequence[int], marker_id: int | None, counts: Sequence[int]) -> list[int]:
-    """Replace the k-th `marker_id` in `ids` by `counts[k]` copies (that image's / video's feature tokens)."""
+def expand_markers(ids: Sequence[int], marker_id: int | None, counts: Sequence[int | Sequence[int]]) -> list[int]:
+    """Replace the k-th `marker_id` in `ids` by `counts[k]` copies (that image's / video's feature tokens), or by the
+    token ids `counts[k]` lists (a layout with text between the feature tokens, e.g. Qwen3-VL's frame timestamps)."""
     ids = list(ids)
     if marker_id is None or not counts:
         return ids
     out, number = [], 0
     for token in ids:
         if token == marker_id and number < len(counts):
-            out.extend([marker_id] * counts[number])
+            count = counts[number]
+            out.extend([marker_id] * count if isinstance(count, int) else count)
             number += 1
         else:
             out.append(token)
@@ -144,7 +146,7 @@ class PairCollator:
         kind, seed = self.corruption
         images = [corrupt_image(im, kind, seed, key) for im, key in zip(images, image_keys)]
         videos = [
-            VideoClip([corrupt_image(frame, kind, seed, key) for frame in clip.frames], clip.fps)
+            VideoClip([corrupt_image(frame, kind, seed, key) for frame in clip.frames], clip.fps, clip.times)
             for clip, key in zip(videos, video_keys)
         ]
         return self._process(images, videos)

@@ -83,7 +83,8 @@ def decode_video(key: str, data: bytes, sampling: VideoSampling) -> VideoClip:
     for index in keep:
         held = frames.get(index, held)
         ordered.append(held)
-    return VideoClip(frames=ordered, fps=len(keep) / total * native)  # qwen-vl-utils' sample_fps
+    times = tuple(index / native for index in keep)  # as transformers' Qwen3-VL processor: frame index / native fps
+    return VideoClip(frames=ordered, fps=len(keep) / total * native, times=times)  # fps: qwen-vl-utils' sample_fps
 
 
 def _count_packets(data: bytes) -> int:

@@ -71,16 +71,22 @@ class ImageBatch:
     tokens_per_image: list[int] | None = None  # None: prompts already hold every image token (qwen_vl)
     marker_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    tokens_per_video: list[int] | None = None
+    tokens_per_video: list[int | list[int]] | None = None  # a count, or the ids that replace the marker (Qwen3-VL)
     video_marker_id: int | None = None
 
 
 @dataclass
 class VideoClip:
-    """A video's sampled frames (RGB, one size) and the rate they were sampled at (frames per second)."""
+    """A video's sampled frames (RGB, one size), the rate they were sampled at (frames per second) and, when known,
+    each frame's time in the source video (seconds; Qwen3-VL writes them into the prompt)."""
 
     frames: list[Any]
     fps: float
+    times: tuple[float, ...] = ()
+
+    def frame_times(self) -> list[float]:
+        """Each frame's time in seconds (from the sampling rate when the source times are not known)."""
+        return list(self.times) if self.times else [index / self.fps for index in range(len(self.frames))]
 
 
 class ModelFamily:

@@ -67,7 +67,13 @@ def _assistant_message(text: str) -> dict:
 class ChatTemplateCodec:
     """`PairCodec` over an HF processor (tokenizer + chat template + image token)."""
 
-    def __init__(self, processor: Any, image_token_budget: int, video_slice: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        processor: Any,
+        image_token_budget: int,
+        video_slice: tuple[int, int] | None = None,
+        video_span_collapsed: bool = False,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_budget = int(image_token_budget)
@@ -75,6 +81,11 @@ class ChatTemplateCodec:
         video_token = getattr(processor, "video_token", None) if video_slice else None
         self.video_marker_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         self.video_slice = video_slice  # (frames per temporal patch, most tokens per temporal patch)
+        # Qwen3-VL: the template's span around a video collapses to the bare marker, which the collator replaces by
+        # per-frame spans with timestamps (as Qwen3VLProcessor replaces the text)
+        self._video_span = (
+            f"{processor.vision_start_token}{video_token}{processor.vision_end_token}" if video_span_collapsed else None
+        )
         self._tags = [tag for tag in (processor.image_token, video_token) if tag]
         template = str(processor.chat_template or self.tokenizer.chat_template or "")
         specials = {*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()}
@@ -137,7 +148,8 @@ class ChatTemplateCodec:
                                 "system message out (or refuses one)")  # fmt: skip
         text = self._render(messages if system is None else [_system_message(system), *messages], True)
         tail = self._generation_tail()
-        return text[: -len(tail)] if tail and text.endswith(tail) else text
+        text = text[: -len(tail)] if tail and text.endswith(tail) else text
+        return text.replace(self._video_span, self.processor.video_token) if self._video_span else text
 
     def _generation_tail(self) -> str:
         """What the generation prompt writes that a rendered assistant turn does not (e.g. a `<think>` that a

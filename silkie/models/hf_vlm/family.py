@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from silkie.config.names import VIDEO_FAMILIES
 from silkie.errors import InputError
 from silkie.models.family import ImageBatch, ModelFamily
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
@@ -43,6 +42,7 @@ class HFVisionFamily(ModelFamily):
     vision_lora_pattern = ""
     vision_parts: tuple[str, ...] = ()  # attribute names under `model.model` (tower first, projector last)
     projector_part = ""
+    video_span_collapsed = False  # the template's vision span around a video becomes the bare marker (Qwen3-VL)
 
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         from transformers import AutoModelForImageTextToText
@@ -76,7 +76,7 @@ class HFVisionFamily(ModelFamily):
             self.check_folder(section.path)
         processor = load_processor(files or section.path, section.min_pixels, section.max_pixels)
         budget = self.image_token_budget(processor, section.path)
-        return ChatTemplateCodec(processor, budget, self.video_slice(processor, section))
+        return ChatTemplateCodec(processor, budget, self.video_slice(processor, section), self.video_span_collapsed)
 
     def video_slice(self, processor: Any, section: Any) -> tuple[int, int] | None:
         """(frames per temporal patch, most tokens per temporal patch) of a video; None: no video."""
@@ -155,13 +155,11 @@ class Qwen2VLFamily(HFVisionFamily):
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
         processor = load_processor(section.path, section.min_pixels, section.max_pixels)
-        return Qwen2VLImages(processor, model_config, section, self.timed_video, self.name in VIDEO_FAMILIES)
+        videos = Qwen2VLVideos(processor.image_processor, model_config, section, self.timed_video)
+        return Qwen2VLImages(processor, model_config, videos)
 
     def video_slice(self, processor: Any, section: Any) -> tuple[int, int] | None:
         from transformers import AutoConfig
-
-        if self.name not in VIDEO_FAMILIES:
-            return None
 
         videos = Qwen2VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section)
         return videos.temporal, videos.tokens_per_slice()
@@ -254,14 +252,12 @@ class Qwen2VLImages:
     """PIL images -> `pixel_values` patches + `image_grid_thw`, and each image's token count (grid / merge^2); video
     clips -> `pixel_values_videos` + `video_grid_thw` (`Qwen2VLVideos`)."""
 
-    def __init__(
-        self, processor: Any, model_config: Any, section: Any, timed_video: bool = False, video: bool = True
-    ):
+    def __init__(self, processor: Any, model_config: Any, videos: Qwen2VLVideos):
         self.image_processor = processor.image_processor
         self.marker_id = model_config.image_token_id
         vision = model_config.vision_config
         self.empty_width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        self.videos = Qwen2VLVideos(self.image_processor, model_config, section, timed_video) if video else None
+        self.videos = videos
 
     def check(self, image: Any) -> str | None:
         """Why the processor cannot take `image` (Qwen2-VL refuses aspect ratios over 200), or None."""
@@ -272,7 +268,7 @@ class Qwen2VLImages:
 
     def fingerprint(self) -> str:
         """The image processor's settings and the video ones (they decide pixels and token counts)."""
-        return self.image_processor.to_json_string() + (self.videos.fingerprint() if self.videos else "")
+        return self.image_processor.to_json_string() + self.videos.fingerprint()
 
     def __call__(self, images: list, videos: list = ()) -> ImageBatch:
         if not images:
@@ -287,8 +283,6 @@ class Qwen2VLImages:
             tokens = (grid.prod(-1) // self.image_processor.merge_size**2).tolist()
             tensors = {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
         batch = ImageBatch(tensors, tokens, self.marker_id)
-        if videos and self.videos is None:
-            raise ValueError("this family takes images, not video (tokenization drops such pairs as video_unsupported)")
         if videos:
             video_tensors, batch.tokens_per_video = self.videos(list(videos))
             batch.tensors |= video_tensors

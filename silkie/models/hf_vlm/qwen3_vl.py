@@ -5,8 +5,10 @@ patches + `image_grid_thw`; 3-D M-RoPE positions from the model's `get_rope_inde
 - DeepStack: the tower also hands features of some of its inner blocks (`deepstack_visual_indexes`) to the first
   decoder layers, which add them at the image tokens. A feature computed once per step therefore carries the
   merged output and those per-layer features; the shared-prompt rows and the cached reference put both back.
-- Video: Qwen3-VL writes a timestamp text before each frame group, so a video is not one run of placeholder
-  tokens; Silkie does not feed it video (such pairs are dropped as `video_unsupported`).
+- Video (`Qwen3VLVideos`): the frames of a clip are sized together against its pixel budget (transformers'
+  Qwen3-VL `smart_resize`), and each temporal patch is a `<t seconds>` text and a vision span of its own, as
+  `Qwen3VLProcessor` lays it out: the template's one `<|vision_start|><|video_pad|><|vision_end|>` per video
+  becomes the bare marker at tokenization, which the collator replaces by those ids.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .family import Qwen2VLFamily
+from silkie.models.family import VideoClip
+
+from .family import Qwen2VLFamily, Qwen2VLImages
+from .video import DEFAULT_VIDEO_MAX_TOKENS, DEFAULT_VIDEO_MIN_TOKENS, Qwen2VLVideos, folder_video_bounds
 
 
 class Qwen3VLFamily(Qwen2VLFamily):
@@ -24,6 +29,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
 
     class_names = ("Qwen3VLForConditionalGeneration",)
     vision_lora_pattern = r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.linear_fc[12])"
+    video_span_collapsed = True
 
     def freeze_vision(self, model: nn.Module, keep_projector: bool = False) -> None:
         visual = model.model.visual
@@ -47,7 +53,101 @@ class Qwen3VLFamily(Qwen2VLFamily):
         )
         return {kind: output}
 
+    def image_processor(self, model_config: Any, section: Any) -> Qwen2VLImages:
+        from .codec import load_processor
+
+        processor = load_processor(section.path, section.min_pixels, section.max_pixels)
+        videos = Qwen3VLVideos(processor.image_processor, model_config, section, processor.tokenizer)
+        return Qwen2VLImages(processor, model_config, videos)
+
+    def video_slice(self, processor: Any, section: Any) -> tuple[int, int]:
+        from transformers import AutoConfig
+
+        videos = Qwen3VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section,
+                               processor.tokenizer)  # fmt: skip
+        return videos.temporal, videos.tokens_per_slice()
+
     def blank_image_features(self, base: nn.Module) -> torch.Tensor:
         # the DeepStack mergers too: a rank's blank pass must gather (ZeRO-3) and reduce the same parameters
         out = self.blank_tower_output(base)
         return torch.cat([*out.pooler_output, *(part for layer in out.deepstack_features for part in layer)])
+
+
+class Qwen3VLVideos(Qwen2VLVideos):
+    """`VideoClip`s -> `pixel_values_videos` + `video_grid_thw`, and for each video the ids that replace its marker:
+    per temporal patch `<t seconds>` (the mean time of its frames, one decimal) + `<|vision_start|>` + its feature
+    tokens + `<|vision_end|>`, as `Qwen3VLProcessor.replace_video_token` writes it.
+
+    Frame sizes follow transformers' Qwen3-VL video processor with qwen-vl-utils' per-frame cap: all frames of a
+    clip get one size within the clip's budget. The recipe's `model.video_min_pixels` / `video_max_pixels` bound a
+    frame (the budget is then that many pixels per frame); left out, the folder's video config gives the clip's
+    budget (`size`: shortest / longest edge, in pixels over all frames), each frame at most `max_video_tokens`
+    tokens of it (768), else 128..768 tokens per frame.
+    """
+
+    def __init__(self, image_processor: Any, model_config: Any, section: Any, tokenizer: Any):
+        super().__init__(image_processor, model_config, section)
+        self.start_id, self.end_id = model_config.vision_start_token_id, model_config.vision_end_token_id
+        self.tokenizer = tokenizer
+
+    def frame_bounds(self, section: Any) -> tuple[int, int]:
+        """(fewest, most) pixels of a frame: the recipe's, else 128..768 tokens; also sets the clip's budget (pixels
+        over all its frames) from the folder's video config when the recipe bounds no frame."""
+        unit = (self.patch * self.merge) ** 2
+        recipe = section.video_min_pixels is not None or section.video_max_pixels is not None
+        self.clip_floor, self.clip_budget = (None, None) if recipe else folder_video_bounds(section.path)
+        most = section.video_max_pixels or DEFAULT_VIDEO_MAX_TOKENS * unit  # the frame cap
+        return section.video_min_pixels or min(DEFAULT_VIDEO_MIN_TOKENS * unit, most), most
+
+    def fingerprint(self) -> str:
+        return f"{super().fingerprint()}, clip {self.clip_floor}-{self.clip_budget} px, timestamps"
+
+    def tokens_per_slice(self) -> int:
+        """Most ids one temporal patch takes: its feature tokens (the largest frames, those of the shortest clip),
+        the vision span's two and the longest timestamp (under 28 hours)."""
+        features = self._frame_pixels(self.temporal) // (self.patch * self.merge) ** 2
+        return features + 2 + len(self._ids(_timestamp(99999.9)))
+
+    def _frame_pixels(self, frames: int) -> int:
+        """Most pixels a frame of a `frames`-frame clip takes: the frame cap, or with the folder's clip budget
+        qwen-vl-utils' share of it (at most the cap, at least 1.05 x the clip floor)."""
+        if self.clip_budget is None:
+            return self.max_pixels
+        return max(min(self.max_pixels, self.clip_budget // frames), int((self.clip_floor or 0) * 1.05))
+
+    def frame_size(self, clip: VideoClip) -> tuple[int, int]:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        frames = max(len(clip.frames), self.temporal)  # a clip under one temporal patch is padded to one
+        per_frame = self._frame_pixels(frames)
+        floor = self.clip_floor if self.clip_floor is not None else self.min_pixels * frames
+        width, height = clip.frames[0].size
+        return smart_resize(
+            frames, height, width, temporal_factor=self.temporal, factor=self.patch * self.merge,
+            min_pixels=floor, max_pixels=per_frame * frames,
+        )  # fmt: skip
+
+    def __call__(self, clips: list[VideoClip]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        tensors, counts = super().__call__(clips)
+        layouts = []
+        for clip, grid, count in zip(clips, tensors["video_grid_thw"].tolist(), counts):
+            per_patch = count // grid[0]
+            ids: list[int] = []
+            for seconds in self._patch_times(clip, grid[0]):
+                ids += [*self._ids(_timestamp(seconds)), self.start_id, *[self.marker_id] * per_patch, self.end_id]
+            layouts.append(ids)
+        return tensors, layouts
+
+    def _patch_times(self, clip: VideoClip, patches: int) -> list[float]:
+        """The time of each temporal patch: the mean of its first and last frame's (the last frame repeated to fill
+        the final patch), as `Qwen3VLProcessor._calculate_timestamps`."""
+        times = clip.frame_times()
+        times += [times[-1]] * (patches * self.temporal - len(times))
+        return [(times[i] + times[i + self.temporal - 1]) / 2 for i in range(0, patches * self.temporal, self.temporal)]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _timestamp(seconds: float) -> str:
+    return f"<{seconds:.1f} seconds>"

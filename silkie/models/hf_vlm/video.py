@@ -57,13 +57,17 @@ class Qwen2VLVideos:
         self.std = np.asarray(image_processor.image_std, dtype=np.float32)[:, None, None]
         self.marker_id = model_config.video_token_id
         self.timed = timed  # Qwen2.5-VL: temporal positions spaced by the seconds each grid step spans
-        unit = (self.patch * self.merge) ** 2
-        low, high = folder_video_bounds(section.path)
-        self.min_pixels = section.video_min_pixels or low or DEFAULT_VIDEO_MIN_TOKENS * unit
-        self.max_pixels = section.video_max_pixels or high or DEFAULT_VIDEO_MAX_TOKENS * unit
+        self.min_pixels, self.max_pixels = self.frame_bounds(section)
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"model.video_min_pixels ({self.min_pixels}) is above the most ({self.max_pixels})")
         self.empty_width = vision.in_channels * self.temporal * self.patch**2
+
+    def frame_bounds(self, section: Any) -> tuple[int, int]:
+        """(fewest, most) pixels of a frame: the recipe's, else the folder's video config, else qwen-vl-utils'."""
+        unit = (self.patch * self.merge) ** 2
+        low, high = folder_video_bounds(section.path)
+        low = section.video_min_pixels or low or DEFAULT_VIDEO_MIN_TOKENS * unit
+        return low, section.video_max_pixels or high or DEFAULT_VIDEO_MAX_TOKENS * unit
 
     def tokens_per_slice(self) -> int:
         """Most tokens one temporal patch of frames takes (frames at the largest size)."""
@@ -73,11 +77,15 @@ class Qwen2VLVideos:
         """The settings that decide a video's pixels and token count."""
         return f"video {self.min_pixels}-{self.max_pixels} px, patch {self.patch}x{self.merge}, t {self.temporal}"
 
-    def _frames(self, clip: VideoClip) -> np.ndarray:
+    def frame_size(self, clip: VideoClip) -> tuple[int, int]:
+        """(height, width) every frame of `clip` is resized to."""
         width, height = clip.frames[0].size
-        resized_height, resized_width = smart_resize(
+        return smart_resize(
             height, width, factor=self.patch * self.merge, min_pixels=self.min_pixels, max_pixels=self.max_pixels
         )
+
+    def _frames(self, clip: VideoClip) -> np.ndarray:
+        resized_height, resized_width = self.frame_size(clip)
         frames = []
         for frame in clip.frames:
             frame = frame.convert("RGB")
