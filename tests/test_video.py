@@ -131,3 +131,30 @@ def test_pairs_with_videos_and_no_pyav_stop_before_training(monkeypatch):
     with pytest.raises(InputError, match=r"1 pairs hold videos \(the first: p2: clip.mp4\); .* pip install av"):
         check_video_decoder(pairs)
     check_video_decoder(pairs[:1])  # images or text only: PyAV is not needed
+
+
+def test_qwen3_vl_sizes_a_clip_s_frames_against_its_budget(tmp_path):
+    """Qwen3-VL's release records a clip's pixel budget (4096..25165824 over all frames): a 64-frame 720p clip gets
+    qwen-vl-utils' share per frame (393216 px, under the 768-token cap) and transformers' joint `smart_resize`:
+    448x832 (364 tokens a frame); an 8-frame clip is held under the 768-token cap; recipe bounds are per frame."""
+    import json
+
+    from silkie.models.hf_vlm.qwen3_vl import Qwen3VLVideos
+
+    (tmp_path / "video_preprocessor_config.json").write_text(
+        json.dumps({"size": {"shortest_edge": 4096, "longest_edge": 25165824}})
+    )
+    processor = SimpleNamespace(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    config = SimpleNamespace(vision_config=SimpleNamespace(temporal_patch_size=2, in_channels=3), video_token_id=9,
+                             vision_start_token_id=7, vision_end_token_id=8)  # fmt: skip
+    section = SimpleNamespace(path=str(tmp_path), video_min_pixels=None, video_max_pixels=None)
+    tokenizer = lambda text, add_special_tokens: {"input_ids": [ord(c) for c in text]}  # noqa: E731
+    videos = Qwen3VLVideos(processor, config, section, tokenizer)
+    frame = Image.new("RGB", (1280, 720))
+    assert videos.frame_size(VideoClip([frame] * 64, fps=2.0)) == (448, 832)
+    assert videos.frame_size(VideoClip([frame] * 8, fps=2.0)) == (640, 1152)  # 720 tokens: under the cap of 768
+    bounded = SimpleNamespace(path=str(tmp_path), video_min_pixels=None, video_max_pixels=64 * 64)
+    assert Qwen3VLVideos(processor, config, bounded, tokenizer).frame_size(VideoClip([frame] * 64, 2.0)) == (32, 64)
+    _, (layout,) = videos([VideoClip([Image.new("RGB", (64, 64))] * 3, fps=2.0, times=(0.0, 0.5, 3.0))])
+    stamps = "".join(chr(i) if i > 9 else "|" for i in layout).split("|")  # frames at 0 0.5 | 3 (3 repeated)
+    assert [s for s in stamps if s] == ["<0.2 seconds>", "<3.0 seconds>"]
