@@ -90,7 +90,7 @@ class MediaStore:
 
 
 def media_pairs(family: str) -> list:
-    """MEDIA_PAIRS a family takes (LLaVA, Qwen3-VL and Qwen-VL-Chat: no video)."""
+    """MEDIA_PAIRS a family takes (LLaVA and Qwen-VL-Chat: no video)."""
     return [pair for pair in MEDIA_PAIRS if family in VIDEO_FAMILIES or not pair[4]]
 
 

@@ -280,8 +280,10 @@ def test_a_released_folder_loads_without_torchvision(family, processor_class, tm
     assert codec.prompt_ids("Q", ["a"]).count(codec.image_marker_id) == 1
 
 
-def test_the_processor_saved_beside_an_adapter_loads_again(folder, tmp_path):
-    """Tools read the tokenizer and processor from a run's adapter folder, which has no config.json."""
+def test_the_processor_saved_beside_an_adapter_loads_again(folder, tmp_path, monkeypatch):
+    """Tools read the tokenizer and processor from a run's adapter folder, which has no config.json; the image-only
+    processor it names loads by class where torchvision is installed too (AutoProcessor would give the tokenizer)."""
+    from silkie.models.hf_vlm import processors
     from silkie.models.loading import load_tokenizer
 
     family, path = folder
@@ -291,3 +293,9 @@ def test_the_processor_saved_beside_an_adapter_loads_again(folder, tmp_path):
     assert type(again.processor) is type(codec.processor)
     assert again.prompt_ids("Q", ["a"]) == codec.prompt_ids("Q", ["a"])
     assert again.answer_ids("A.") == codec.answer_ids("A.")
+    monkeypatch.setattr(processors, "is_torchvision_available", lambda: True)
+    loaded = processors.load_image_only_processor(str(tmp_path / "adapter"))
+    if type(codec.processor).__name__.startswith("ImageOnly"):  # the Qwen families without torchvision
+        assert type(loaded) is type(codec.processor)
+    else:
+        assert loaded is None

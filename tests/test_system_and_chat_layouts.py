@@ -171,5 +171,8 @@ def test_a_generation_prompt_that_opens_a_think_block_ends_the_prompt_where_trl_
             assert decode(ids["prompt_input_ids"]) == trl["prompt"]
             answers = [decode(ids[f"{kind}_input_ids"]) for kind in ("chosen", "rejected")]
             assert answers == [trl["chosen"], trl["rejected"]]
+            # a prompt to generate from (chat, annotate) keeps the whole generation prompt
+            whole = decode(codec.prompt_ids("<image>Which colour?", ["a.jpg"], generation=True))
+            assert whole.startswith(trl["prompt"]) and whole.endswith(opened)
     finally:
         codec.processor.chat_template = template  # the processor is cached per folder: leave it as found

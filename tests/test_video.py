@@ -158,3 +158,18 @@ def test_qwen3_vl_sizes_a_clip_s_frames_against_its_budget(tmp_path):
     _, (layout,) = videos([VideoClip([Image.new("RGB", (64, 64))] * 3, fps=2.0, times=(0.0, 0.5, 3.0))])
     stamps = "".join(chr(i) if i > 9 else "|" for i in layout).split("|")  # frames at 0 0.5 | 3 (3 repeated)
     assert [s for s in stamps if s] == ["<0.2 seconds>", "<3.0 seconds>"]
+
+
+def test_qwen3_vl_samples_first_to_last_and_keeps_each_frame_s_time():
+    """Qwen3-VL's sampler: int(total / native x fps) frames spread first to last (transformers'
+    `Qwen3VLVideoProcessor.sample_frames`: linspace(0, total - 1, n).round()); each frame keeps its source time, which
+    the `<t seconds>` text is made of."""
+    data = colour_clip(COLOURS * 2, size=(32, 24), fps=4)  # 12 frames = 3 s
+    sampling = VideoSampling(fps=2, min_frames=4, max_frames=64, frame_multiple=2, spread="linspace")
+    expected = np.linspace(0, 11, 6).round().astype(int).tolist()
+    assert sample_indices(12, 4.0, sampling) == expected == [0, 2, 4, 7, 9, 11]
+    clip = decode_video("v.mkv", data, sampling)
+    assert [frame.getpixel((5, 5)) for frame in clip.frames] == [COLOURS[i % 6] for i in expected]
+    assert clip.times == tuple(index / 4 for index in expected) and clip.frame_times()[3] == 1.75
+    assert sampling.fingerprint() != VideoSampling(fps=2, min_frames=4, max_frames=64).fingerprint()
+    assert sample_indices(12, 4.0, VideoSampling(fps=0.5, min_frames=4, spread="linspace")) == [0, 4, 7, 11]

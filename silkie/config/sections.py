@@ -78,15 +78,16 @@ class ModelSection:
     video_min_pixels: int | None = key(
         None,
         "qwen2_vl / qwen2_5_vl / qwen3_vl: fewest pixels per video frame after resizing (null: the checkpoint's "
-        "video_preprocessor_config.json, else 128 x (patch x merge)^2 as qwen-vl-utils).",
-        "models.hf_vlm.video:Qwen2VLVideos.__init__",
+        "video_preprocessor_config.json, else 128 x (patch x merge)^2 as qwen-vl-utils; Qwen3-VL's config records a "
+        "floor over the whole clip).",
+        "models.hf_vlm.video:Qwen2VLVideos.frame_bounds",
     )
     video_max_pixels: int | None = key(
         None,
         "qwen2_vl / qwen2_5_vl / qwen3_vl: most pixels per video frame after resizing (null: the checkpoint's video "
         "config, else 768 x (patch x merge)^2; Qwen3-VL's records a clip's budget, each frame at most 768 tokens of "
         "it); with `data.video_max_frames` it bounds a video's tokens.",
-        "models.hf_vlm.video:Qwen2VLVideos.__init__",
+        "models.hf_vlm.video:Qwen2VLVideos.frame_bounds",
     )
 
     def check(self) -> None:

@@ -2,8 +2,9 @@
 
 `sample_indices` follows transformers' `Qwen2VLVideoProcessor.sample_frames` with `fps`: `total / native fps x fps`
 frames, within `min_frames`..`max_frames` (and the clip's own count), a multiple of the temporal patch, spread
-uniformly (`arange(0, total, total / n)`). The rate the frames were sampled at goes with them (Qwen2.5-VL's
-temporal positions use it, as qwen-vl-utils computes it).
+uniformly (`arange(0, total, total / n)`); Qwen3-VL's (`spread="linspace"`): `int(total / native fps x fps)` frames
+within the same bounds, first to last (`linspace(0, total - 1, n).round()`). The rate the frames were sampled at
+goes with them (Qwen2.5-VL's temporal positions use it, as qwen-vl-utils computes it), and each frame's time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from silkie.data.images import ImageLoadError
@@ -28,16 +30,21 @@ class VideoSampling:
     min_frames: int = 4
     max_frames: int = 64
     frame_multiple: int = 2  # the family's temporal patch: a sample count is a multiple of it
+    spread: str = "arange"  # how the frames are spread: Qwen2-VL's "arange", Qwen3-VL's "linspace"
 
     def fingerprint(self) -> str:
         """The settings that decide which frames a video gives."""
-        return f"{VIDEO_DECODE_VERSION}:{self.fps}:{self.min_frames}:{self.max_frames}:{self.frame_multiple}"
+        key = f"{VIDEO_DECODE_VERSION}:{self.fps}:{self.min_frames}:{self.max_frames}:{self.frame_multiple}"
+        return key if self.spread == "arange" else f"{key}:{self.spread}"
 
 
 def sample_indices(total: int, native_fps: float, sampling: VideoSampling) -> list[int]:
     """Indices of the frames to keep out of `total` frames recorded at `native_fps`."""
     if total <= 0:
         return []
+    if sampling.spread == "linspace":  # transformers' Qwen3VLVideoProcessor.sample_frames with fps
+        count = min(max(int(total / native_fps * sampling.fps), sampling.min_frames), sampling.max_frames, total)
+        return [int(index) for index in np.linspace(0, total - 1, count).round()]
     multiple = max(1, sampling.frame_multiple)
     most = math.floor(min(sampling.max_frames, total) / multiple) * multiple
     wanted = total / native_fps * sampling.fps

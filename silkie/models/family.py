@@ -94,6 +94,7 @@ class ModelFamily:
 
     name: str = ""
     default_lora_targets: tuple[str, ...] = ()
+    video_frame_spread = "arange"  # how its video processor spreads sampled frames (`VideoSampling.spread`)
     model_types: tuple[str, ...] = ()  # config.json `model_type` of this family's checkpoints (from FAMILY_TABLE)
 
     # ----- loading ------------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def run_recipe(adapter_dir: Any) -> Any:
     return read_config(load_recipe, Path(adapter_dir).parent / CONFIG_NAME)
 
 
-def read_video(path: str | Path, config: Any, data: Any = None) -> Any:
+def read_video(path: str | Path, config: Any, family: str, data: Any = None) -> Any:
     """A video file's frames as training samples them (the run's `data.video_*` keys, else the recipe defaults:
     2 fps, 4-64 frames); `ToolError` naming the file when it cannot be decoded."""
     from silkie.config import DataSection
@@ -172,7 +172,7 @@ def read_video(path: str | Path, config: Any, data: Any = None) -> Any:
 
     path = require_file(path, "video file")
     try:
-        return decode_video(str(path), path.read_bytes(), video_sampling(data or DataSection(), config))
+        return decode_video(str(path), path.read_bytes(), video_sampling(data or DataSection(), config, family))
     except ImageLoadError as err:
         raise ToolError(str(err)) from err
 
@@ -210,11 +210,11 @@ class FamilyPrompter:
         videos = [*(path for turn in turns for path in turn[3]), *map(str, as_paths(videos))]
         config, earlier = self.config, [(user, answer) for user, answer, _, _ in turns]
         try:
-            prompt = self.codec.prompt_ids(question, images, videos, system, history=earlier)
+            prompt = self.codec.prompt_ids(question, images, videos, system, history=earlier, generation=True)
         except PairTextError as err:
             raise ToolError(f"{self.family}: {err}") from err
         pictures = [read_image(path) for path in images]
-        clips = [read_video(path, config, self.recipe.data if self.recipe else None) for path in videos]
+        clips = [read_video(path, config, self.family, self.recipe.data if self.recipe else None) for path in videos]
         processed = self.processor(pictures, videos=clips) if clips else self.processor(pictures)
         processed = processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
         (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])

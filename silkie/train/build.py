@@ -228,14 +228,16 @@ def _reference_sync(recipe: Recipe, trainer: Any, bookkeeping: bool) -> None:
             f"(alpha {dpo.ref_model_mixup_alpha})")  # fmt: skip
 
 
-def video_sampling(data: Any, model_config: Any) -> Any:
+def video_sampling(data: Any, model_config: Any, family: str) -> Any:
     """Which frames a video gives: the recipe's `data.video_fps`, `video_min_frames`, `video_max_frames`, in
-    multiples of the model's temporal patch."""
+    multiples of the model's temporal patch, spread as the family's video processor spreads them."""
     from silkie.data.video import VideoSampling
+    from silkie.models.family import get_family
 
     vision = getattr(model_config, "vision_config", None)
     multiple = getattr(vision, "temporal_patch_size", 1) or 1
-    return VideoSampling(data.video_fps, data.video_min_frames, data.video_max_frames, int(multiple))
+    spread = get_family(family).video_frame_spread
+    return VideoSampling(data.video_fps, data.video_min_frames, data.video_max_frames, int(multiple), spread)
 
 
 def unused_vision_settings(recipe: Recipe, vision_loss: bool) -> list[str]:
@@ -270,7 +272,7 @@ def _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookke
     # the corrupted copies of the images, where the loss (train and eval) or the diagnostics (eval) score them
     corruption = (recipe.data.image_corruption, recipe.data.seed)
     vision_loss = DPOObjective.from_section(recipe.dpo).scores_corrupted_images
-    frames = video_sampling(recipe.data, model.config)
+    frames = video_sampling(recipe.data, model.config, recipe.model.family)
     eval_corruption = corruption if vision_loss or recipe.dpo.image_diagnostics else None
     unused = unused_vision_settings(recipe, vision_loss)
     if unused:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 from typing import Any
 
@@ -71,16 +70,16 @@ class ChatTemplateCodec:
         self,
         processor: Any,
         image_token_budget: int,
-        video_slice: tuple[int, int] | None = None,
+        videos: Any = None,
         video_span_collapsed: bool = False,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_budget = int(image_token_budget)
         self.image_marker_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        video_token = getattr(processor, "video_token", None) if video_slice else None
+        video_token = getattr(processor, "video_token", None) if videos is not None else None
         self.video_marker_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
-        self.video_slice = video_slice  # (frames per temporal patch, most tokens per temporal patch)
+        self.videos = videos  # the family's video processor (`most_tokens`, `slice_key`); None: no video
         # Qwen3-VL: the template's span around a video collapses to the bare marker, which the collator replaces by
         # per-frame spans with timestamps (as Qwen3VLProcessor replaces the text)
         self._video_span = (
@@ -133,21 +132,28 @@ class ChatTemplateCodec:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_text(
-        self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None, history: Turns = ()
+        self,
+        prompt: str,
+        images: Any = (),
+        videos: Any = (),
+        system: str | None = None,
+        history: Turns = (),
+        generation: bool = False,
     ) -> str:
         """The rendered system turn (`system`, else the template's default) + earlier turns (`history`) + user turn
-        + generation prompt (one placeholder per image / video); `PairTextError("system_unsupported")` when the
+        + generation prompt (one placeholder per image / video; a pair's prompt ends where its answer starts, a
+        prompt to `generation` from keeps the whole generation prompt); `PairTextError("system_unsupported")` when the
         template leaves a system message out or refuses one (llava-hf's writes it as text before `USER:`)."""
-        return self._prompt_from(self._messages(prompt, images, videos, as_turns(history)), system)
+        return self._prompt_from(self._messages(prompt, images, videos, as_turns(history)), system, generation)
 
-    def _prompt_from(self, messages: list[dict], system: str | None) -> str:
+    def _prompt_from(self, messages: list[dict], system: str | None, generation: bool = False) -> str:
         """`messages` rendered after the system turn (`system`, else the template's default), with the generation
-        prompt up to where the assistant turn's answer starts (`_generation_tail`)."""
+        prompt: whole for `generation`, else up to where the assistant turn's answer starts (`_generation_tail`)."""
         if system is not None and not self._renders_system():
             raise PairTextError("system_unsupported", f"{type(self.processor).__name__}'s chat template leaves the "
                                 "system message out (or refuses one)")  # fmt: skip
         text = self._render(messages if system is None else [_system_message(system), *messages], True)
-        tail = self._generation_tail()
+        tail = "" if generation else self._generation_tail()
         text = text[: -len(tail)] if tail and text.endswith(tail) else text
         return text.replace(self._video_span, self.processor.video_token) if self._video_span else text
 
@@ -177,11 +183,18 @@ class ChatTemplateCodec:
         return self._system_probe[1]
 
     def prompt_ids(
-        self, prompt: str, images: Any = (), videos: Any = (), system: str | None = None, history: Turns = ()
+        self,
+        prompt: str,
+        images: Any = (),
+        videos: Any = (),
+        system: str | None = None,
+        history: Turns = (),
+        generation: bool = False,
     ) -> list[int]:
-        """Token ids of `prompt_text`; `PairTextError` when a text holds an image/video token itself
-        (`image_tag_in_text`), markers do not match the media (`image_marker_mismatch`), the family takes no
-        video (`video_unsupported`) or the template no system message (`system_unsupported`)."""
+        """Token ids of `prompt_text` (`generation`: the whole generation prompt); `PairTextError` when a text
+        holds an image/video token itself (`image_tag_in_text`), markers do not match the media
+        (`image_marker_mismatch`), the family takes no video (`video_unsupported`) or the template no system message
+        (`system_unsupported`)."""
         history = as_turns(history)
         users = user_texts(prompt, history)
         media = turn_media(users, images, videos)  # markers that do not match the media: said first
@@ -190,14 +203,11 @@ class ChatTemplateCodec:
         if tag is not None:
             raise PairTextError("image_tag_in_text", f"the prompt contains the model's media token {tag!r}")
         self._refuse_video(videos)
-        return self._ids(self._prompt_from(self._turn_messages(users, media, history), system))
+        return self._ids(self._prompt_from(self._turn_messages(users, media, history), system, generation))
 
     def video_token_budget(self, max_frames: int) -> int:
         """Most tokens a video of `max_frames` sampled frames takes (its frames at the largest size)."""
-        if self.video_slice is None:
-            return 0
-        frames, tokens = self.video_slice
-        return math.ceil(max_frames / frames) * tokens
+        return self.videos.most_tokens(max_frames) if self.videos is not None else 0
 
     def answer_ids(self, text: str) -> list[int]:
         """The assistant turn as rendered after a prompt (the template's end-of-turn tokens; EOS added if absent)."""
@@ -222,7 +232,7 @@ class ChatTemplateCodec:
         digest.update((backend.to_str() if backend is not None else json.dumps(self.tokenizer.get_vocab())).encode())
         digest.update(str(self.processor.chat_template or self.tokenizer.chat_template).encode())
         digest.update(f"image tokens <= {self.image_token_budget}".encode())  # decides which pairs max_length drops
-        digest.update(f"video slices {self.video_slice}".encode())
+        digest.update(f"video slices {self.videos.slice_key() if self.videos is not None else None}".encode())
         return digest.hexdigest()
 
     def save_pretrained(self, directory: str) -> Any:

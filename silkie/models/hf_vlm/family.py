@@ -76,10 +76,10 @@ class HFVisionFamily(ModelFamily):
             self.check_folder(section.path)
         processor = load_processor(files or section.path, section.min_pixels, section.max_pixels)
         budget = self.image_token_budget(processor, section.path)
-        return ChatTemplateCodec(processor, budget, self.video_slice(processor, section), self.video_span_collapsed)
+        return ChatTemplateCodec(processor, budget, self.video_processor(processor, section), self.video_span_collapsed)
 
-    def video_slice(self, processor: Any, section: Any) -> tuple[int, int] | None:
-        """(frames per temporal patch, most tokens per temporal patch) of a video; None: no video."""
+    def video_processor(self, processor: Any, section: Any) -> Any:
+        """The codec's view of the family's videos (`most_tokens`, `slice_key`); None: no video."""
         return None
 
     def image_token_budget(self, processor: Any, path: str) -> int:
@@ -158,11 +158,10 @@ class Qwen2VLFamily(HFVisionFamily):
         videos = Qwen2VLVideos(processor.image_processor, model_config, section, self.timed_video)
         return Qwen2VLImages(processor, model_config, videos)
 
-    def video_slice(self, processor: Any, section: Any) -> tuple[int, int] | None:
+    def video_processor(self, processor: Any, section: Any) -> Qwen2VLVideos:
         from transformers import AutoConfig
 
-        videos = Qwen2VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section)
-        return videos.temporal, videos.tokens_per_slice()
+        return Qwen2VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section)
 
     def quantization_skip_modules(self) -> list[str]:
         return ["lm_head", "visual"]

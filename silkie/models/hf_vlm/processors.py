@@ -63,20 +63,25 @@ def register_image_only_processors() -> bool:
 
 
 def load_image_only_processor(path: str) -> Any | None:
-    """Without torchvision, the image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder (a checkpoint, or
-    an adapter folder with the processor files saved beside it); None with torchvision or for another model.
+    """The image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder (a checkpoint, or an adapter folder with
+    the processor files saved beside it) where it is needed; None for another model, or where AutoProcessor loads it.
 
     Chosen by the processor class the folder names, else by its config.json model type, and loaded by class, not
-    through AutoProcessor: a released folder names its official processor class, which AutoProcessor would build
-    with its video processor and fail without torchvision.
+    through AutoProcessor: without torchvision a released folder's official class would be built with its video
+    processor and fail; a folder saved here names the image-only class, which AutoProcessor does not know (it would
+    return the bare tokenizer), with or without torchvision.
     """
     folder = Path(path)
-    if is_torchvision_available() or not folder.is_dir():
+    if not folder.is_dir():
         return None
     named = {_json_key(folder / name, "processor_class") for name in PROCESSOR_FILES} - {None}
     model_type = _json_key(folder / "config.json", "model_type")
     for config, official, image_only in IMAGE_ONLY:
-        if named & {official.__name__, image_only.__name__} or (not named and model_type == config.model_type):
+        if image_only.__name__ in named:
+            return image_only.from_pretrained(path)
+        if is_torchvision_available():
+            continue
+        if official.__name__ in named or (not named and model_type == config.model_type):
             return image_only.from_pretrained(path)
     return None
 

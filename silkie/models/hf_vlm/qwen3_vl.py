@@ -13,6 +13,7 @@ patches + `image_grid_thw`; 3-D M-RoPE positions from the model's `get_rope_inde
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     class_names = ("Qwen3VLForConditionalGeneration",)
     vision_lora_pattern = r"model\.visual\.blocks\.\d+\.(?:attn\.qkv|attn\.proj|mlp\.linear_fc[12])"
     video_span_collapsed = True
+    video_frame_spread = "linspace"  # first to last frame, as Qwen3VLVideoProcessor.sample_frames
 
     def freeze_vision(self, model: nn.Module, keep_projector: bool = False) -> None:
         visual = model.model.visual
@@ -60,12 +62,11 @@ class Qwen3VLFamily(Qwen2VLFamily):
         videos = Qwen3VLVideos(processor.image_processor, model_config, section, processor.tokenizer)
         return Qwen2VLImages(processor, model_config, videos)
 
-    def video_slice(self, processor: Any, section: Any) -> tuple[int, int]:
+    def video_processor(self, processor: Any, section: Any) -> Qwen3VLVideos:
         from transformers import AutoConfig
 
-        videos = Qwen3VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section,
-                               processor.tokenizer)  # fmt: skip
-        return videos.temporal, videos.tokens_per_slice()
+        config = AutoConfig.from_pretrained(section.path)
+        return Qwen3VLVideos(processor.image_processor, config, section, processor.tokenizer)
 
     def blank_image_features(self, base: nn.Module) -> torch.Tensor:
         # the DeepStack mergers too: a rank's blank pass must gather (ZeRO-3) and reduce the same parameters
@@ -102,11 +103,19 @@ class Qwen3VLVideos(Qwen2VLVideos):
     def fingerprint(self) -> str:
         return f"{super().fingerprint()}, clip {self.clip_floor}-{self.clip_budget} px, timestamps"
 
-    def tokens_per_slice(self) -> int:
-        """Most ids one temporal patch takes: its feature tokens (the largest frames, those of the shortest clip),
-        the vision span's two and the longest timestamp (under 28 hours)."""
-        features = self._frame_pixels(self.temporal) // (self.patch * self.merge) ** 2
-        return features + 2 + len(self._ids(_timestamp(99999.9)))
+    def most_tokens(self, max_frames: int) -> int:
+        """Most ids a video of at most `max_frames` sampled frames takes: per temporal patch its feature tokens, the
+        vision span's two and the longest timestamp (under 28 hours); the largest over the frame counts, as the
+        clip budget shrinks the frames of a longer clip."""
+        unit, overhead = (self.patch * self.merge) ** 2, 2 + len(self._ids(_timestamp(99999.9)))
+        most = 0
+        for frames in range(self.temporal, max(max_frames, self.temporal) + 1):
+            patches = math.ceil(frames / self.temporal)
+            most = max(most, patches * (self._frame_pixels(frames) // unit + overhead))
+        return most
+
+    def slice_key(self) -> str:
+        return f"{self.fingerprint()}; stamp {len(self._ids(_timestamp(99999.9)))}"
 
     def _frame_pixels(self, frames: int) -> int:
         """Most pixels a frame of a `frames`-frame clip takes: the frame cap, or with the folder's clip budget

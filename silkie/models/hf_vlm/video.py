@@ -11,6 +11,7 @@ rounding; the layout, grid and token counts are the same.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,14 @@ class Qwen2VLVideos:
     def tokens_per_slice(self) -> int:
         """Most tokens one temporal patch of frames takes (frames at the largest size)."""
         return self.max_pixels // (self.patch * self.merge) ** 2
+
+    def most_tokens(self, max_frames: int) -> int:
+        """Most tokens a video of at most `max_frames` sampled frames takes."""
+        return math.ceil(max_frames / self.temporal) * self.tokens_per_slice()
+
+    def slice_key(self) -> str:
+        """What decides `most_tokens` (part of the tokenization cache's key)."""
+        return str((self.temporal, self.tokens_per_slice()))
 
     def fingerprint(self) -> str:
         """The settings that decide a video's pixels and token count."""

@@ -86,7 +86,7 @@ class VllmResponder:
         """The rendered prompt of one question about one picture, its image placeholder unexpanded."""
         if self.family != "qwen_vl":
             self.codec.prompt_ids(question, ["image"])  # the codec's checks: markers, media tokens in the text
-            return self.codec.prompt_text(question, ["image"])
+            return self.codec.prompt_text(question, ["image"], generation=True)
         from silkie.models.family import PairTextError
         from silkie.models.qwen_vl.family import format_query
 
