@@ -154,8 +154,7 @@ class ChatTemplateCodec:
                                 "system message out (or refuses one)")  # fmt: skip
         text = self._render(messages if system is None else [_system_message(system), *messages], True)
         tail = "" if generation else self._generation_tail()
-        text = text[: -len(tail)] if tail and text.endswith(tail) else text
-        return text.replace(self._video_span, self.processor.video_token) if self._video_span else text
+        return text[: -len(tail)] if tail and text.endswith(tail) else text
 
     def _generation_tail(self) -> str:
         """What the generation prompt writes that a rendered assistant turn does not (e.g. a `<think>` that a
@@ -203,7 +202,10 @@ class ChatTemplateCodec:
         if tag is not None:
             raise PairTextError("image_tag_in_text", f"the prompt contains the model's media token {tag!r}")
         self._refuse_video(videos)
-        return self._ids(self._prompt_from(self._turn_messages(users, media, history), system, generation))
+        text = self._prompt_from(self._turn_messages(users, media, history), system, generation)
+        if self._video_span:  # the ids' one marker per video, as Qwen3VLProcessor collapses the text
+            text = text.replace(self._video_span, self.processor.video_token)
+        return self._ids(text)
 
     def video_token_budget(self, max_frames: int) -> int:
         """Most tokens a video of `max_frames` sampled frames takes (its frames at the largest size)."""
