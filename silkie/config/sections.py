@@ -116,12 +116,13 @@ class ModelSection:
         for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"model.{name}", value, "null or an integer >= 1")
-            takes = VIDEO_FAMILIES if name.startswith("video") else QWEN_HF_FAMILIES
+            video = name.startswith("video")
+            takes = VIDEO_FAMILIES if video else QWEN_HF_FAMILIES
             require(
                 value is None or self.family in takes,
                 f"model.{name}",
                 value,
-                f"null: only {'/'.join(takes)} take {'video' if takes is VIDEO_FAMILIES else 'per-image'} pixel bounds",
+                f"null: only {'/'.join(takes)} take {'video' if video else 'per-image'} pixel bounds",
             )
         for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
             bottom, top = getattr(self, low), getattr(self, high)

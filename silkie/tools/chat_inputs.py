@@ -220,10 +220,12 @@ class FamilyPrompter:
         (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])
         # a modality with no media has empty tensors, which generate() would still encode (an empty torch.cat)
         tensors = {name: t for name, t in processed.tensors.items() if not (torch.is_tensor(t) and t.numel() == 0)}
-        if self.family in QWEN_HF_FAMILIES:  # M-RoPE needs the modality of each token: 1 image, 2 video
-            types = [1 if t == config.image_token_id else 2 if t == config.video_token_id else 0 for t in ids]
-            tensors["mm_token_type_ids"] = torch.tensor([types])
-        return self.codec.tokenizer, torch.tensor([ids]), tensors
+        input_ids = torch.tensor([ids])
+        if self.family in QWEN_HF_FAMILIES:  # M-RoPE needs the modality of each token
+            from silkie.models.hf_vlm.family import mm_token_types
+
+            tensors["mm_token_type_ids"] = mm_token_types(config, input_ids)
+        return self.codec.tokenizer, input_ids, tensors
 
 
 def family_inputs(

@@ -155,13 +155,16 @@ class Qwen2VLFamily(HFVisionFamily):
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
         processor = load_processor(section.path, section.min_pixels, section.max_pixels)
-        videos = Qwen2VLVideos(processor.image_processor, model_config, section, self.timed_video)
-        return Qwen2VLImages(processor, model_config, videos)
+        return Qwen2VLImages(processor, model_config, self.make_videos(processor, model_config, section))
 
     def video_processor(self, processor: Any, section: Any) -> Qwen2VLVideos:
         from transformers import AutoConfig
 
-        return Qwen2VLVideos(processor.image_processor, AutoConfig.from_pretrained(section.path), section)
+        return self.make_videos(processor, AutoConfig.from_pretrained(section.path), section)
+
+    def make_videos(self, processor: Any, model_config: Any, section: Any) -> Qwen2VLVideos:
+        """The family's video processor (frames -> tensors and the ids each video fills)."""
+        return Qwen2VLVideos(processor.image_processor, model_config, section, self.timed_video)
 
     def quantization_skip_modules(self) -> list[str]:
         return ["lm_head", "visual"]
@@ -234,9 +237,12 @@ class Qwen2VLFamily(HFVisionFamily):
         return positions
 
     def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
-        """Token types as the processor gives them: 0 text, 1 image, 2 video."""
-        types = (input_ids == base.config.image_token_id).int() + 2 * (input_ids == base.config.video_token_id).int()
-        return {"mm_token_type_ids": types}
+        return {"mm_token_type_ids": mm_token_types(base.config, input_ids)}
+
+
+def mm_token_types(config: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token types as the Qwen processors give them for M-RoPE: 0 text, 1 image, 2 video."""
+    return (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
 
 
 class Qwen2_5_VLFamily(Qwen2VLFamily):

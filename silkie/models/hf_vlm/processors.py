@@ -18,6 +18,8 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
+from silkie.config.checkpoint import model_type_of
+
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """Qwen2VLProcessor without the video processor, which transformers 5.x only implements with torchvision."""
@@ -75,7 +77,7 @@ def load_image_only_processor(path: str) -> Any | None:
     if not folder.is_dir():
         return None
     named = {_json_key(folder / name, "processor_class") for name in PROCESSOR_FILES} - {None}
-    model_type = _json_key(folder / "config.json", "model_type")
+    model_type = model_type_of(folder)
     for config, official, image_only in IMAGE_ONLY:
         if image_only.__name__ in named:
             return image_only.from_pretrained(path)

@@ -21,7 +21,7 @@ from torch import nn
 
 from silkie.models.family import VideoClip
 
-from .family import Qwen2VLFamily, Qwen2VLImages
+from .family import Qwen2VLFamily
 from .video import DEFAULT_VIDEO_MAX_TOKENS, DEFAULT_VIDEO_MIN_TOKENS, Qwen2VLVideos, folder_video_bounds
 
 
@@ -55,18 +55,8 @@ class Qwen3VLFamily(Qwen2VLFamily):
         )
         return {kind: output}
 
-    def image_processor(self, model_config: Any, section: Any) -> Qwen2VLImages:
-        from .codec import load_processor
-
-        processor = load_processor(section.path, section.min_pixels, section.max_pixels)
-        videos = Qwen3VLVideos(processor.image_processor, model_config, section, processor.tokenizer)
-        return Qwen2VLImages(processor, model_config, videos)
-
-    def video_processor(self, processor: Any, section: Any) -> Qwen3VLVideos:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(section.path)
-        return Qwen3VLVideos(processor.image_processor, config, section, processor.tokenizer)
+    def make_videos(self, processor: Any, model_config: Any, section: Any) -> Qwen3VLVideos:
+        return Qwen3VLVideos(processor.image_processor, model_config, section, processor.tokenizer)
 
     def blank_image_features(self, base: nn.Module) -> torch.Tensor:
         # the DeepStack mergers too: a rank's blank pass must gather (ZeRO-3) and reduce the same parameters
@@ -90,6 +80,8 @@ class Qwen3VLVideos(Qwen2VLVideos):
         super().__init__(image_processor, model_config, section)
         self.start_id, self.end_id = model_config.vision_start_token_id, model_config.vision_end_token_id
         self.tokenizer = tokenizer
+        # ids a temporal patch adds beside its features: the vision span's two and the longest timestamp (< 28 h)
+        self.patch_overhead = 2 + len(self._ids(_timestamp(99999.9)))
 
     def frame_bounds(self, section: Any) -> tuple[int, int]:
         """(fewest, most) pixels of a frame: the recipe's, else 128..768 tokens; also sets the clip's budget (pixels
@@ -105,17 +97,16 @@ class Qwen3VLVideos(Qwen2VLVideos):
 
     def most_tokens(self, max_frames: int) -> int:
         """Most ids a video of at most `max_frames` sampled frames takes: per temporal patch its feature tokens, the
-        vision span's two and the longest timestamp (under 28 hours); the largest over the frame counts, as the
+        vision span's two and the longest timestamp (`patch_overhead`); the largest over the frame counts, as the
         clip budget shrinks the frames of a longer clip."""
-        unit, overhead = (self.patch * self.merge) ** 2, 2 + len(self._ids(_timestamp(99999.9)))
-        most = 0
+        unit, most = (self.patch * self.merge) ** 2, 0
         for frames in range(self.temporal, max(max_frames, self.temporal) + 1):
             patches = math.ceil(frames / self.temporal)
-            most = max(most, patches * (self._frame_pixels(frames) // unit + overhead))
+            most = max(most, patches * (self._frame_pixels(frames) // unit + self.patch_overhead))
         return most
 
     def slice_key(self) -> str:
-        return f"{self.fingerprint()}; stamp {len(self._ids(_timestamp(99999.9)))}"
+        return f"{self.fingerprint()}; overhead {self.patch_overhead}"
 
     def _frame_pixels(self, frames: int) -> int:
         """Most pixels a frame of a `frames`-frame clip takes: the frame cap, or with the folder's clip budget
