@@ -1,7 +1,8 @@
-"""Tiny Qwen2-VL / Qwen3-VL / LLaVA stand-ins and pair batches for the transformers-native family tests."""
+"""Tiny Qwen2-VL / Qwen3-VL (dense, MoE) / LLaVA stand-ins and pair batches for the transformers-native family tests."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ from silkie.data.video import VideoSampling
 from silkie.dev.clips import noise_clip
 from silkie.dev.tiny_builders import tiny_builder
 from silkie.dpo.losses import DPOObjective
+from silkie.dpo.objective import with_router_balance
 from silkie.dpo.step import StepOptions, encode_images_once, score_answers
-from silkie.models.family import get_family
+from silkie.models.family import get_family, unwrap_causal_lm
 from silkie.models.loading import apply_lora, load_base_model, load_tokenizer
 
-BUILDERS = {family: tiny_builder(family) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")}
+BUILDERS = {family: tiny_builder(family) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")}
 # (prompt, chosen, rejected, image size (w, h) or None): sizes differ so Qwen2-VL grids (and M-RoPE) differ;
 # answers stay short so summed fp32 log-probs stay under 64 in magnitude, where 1e-5 is above fp32 rounding
 PAIRS = [
@@ -48,7 +50,7 @@ class MemoryImages:
 
 def video_side(family: str) -> int:
     """The frame side of 2x2 merged tokens: 56 px (14 px patches), Qwen3-VL's 64 px (16 px patches)."""
-    return 64 if family == "qwen3_vl" else 56
+    return 64 if family.startswith("qwen3_vl") else 56
 
 
 def model_section(folder: Path, family: str, attn: str = "sdpa") -> ModelSection:
@@ -171,12 +173,18 @@ OPTION_SETS = {
 
 
 def run_step(model, batch, options: StepOptions, pad: int):
-    """Policy and reference scores, the DPO loss and the LoRA gradients of one step on `batch`."""
+    """Policy and reference scores, the DPO loss and the LoRA gradients of one step on `batch`; a MoE model's loss
+    adds its routers' load-balancing loss at weight 1 (its gradients then weigh as much as the DPO term's)."""
+    base, family = unwrap_causal_lm(model)
+    if family.routers(base):
+        options = dataclasses.replace(options, router_aux_loss_coef=1.0)
     features = encode_images_once(model, batch) if options.image_once else None
     policy = score_answers(model, batch, options, pad, image_features=features)
     with model.disable_adapter():
         ref = score_answers(model, batch, options, pad, image_features=features, no_grad=True)
     out = DPOObjective(beta=0.1)(policy.chosen_logps, policy.rejected_logps, ref.chosen_logps, ref.rejected_logps)
+    if policy.aux_loss is not None:
+        out = with_router_balance(out, policy.aux_loss, options.router_aux_loss_coef)
     model.zero_grad()
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -190,6 +198,9 @@ def assert_same_step(fast, plain) -> None:
         torch.testing.assert_close(getattr(fast[0], kind), getattr(plain[0], kind), atol=1e-5, rtol=0)
         torch.testing.assert_close(getattr(fast[1], kind), getattr(plain[1], kind), atol=1e-5, rtol=0)
     torch.testing.assert_close(fast[2], plain[2], atol=1e-5, rtol=0)
+    assert (fast[0].aux_loss is None) == (plain[0].aux_loss is None)
+    if plain[0].aux_loss is not None:  # MoE: the routers' loss over the same tokens (a shared prompt's count twice)
+        torch.testing.assert_close(fast[0].aux_loss, plain[0].aux_loss, atol=1e-6, rtol=0)
     assert plain[3] and set(fast[3]) == set(plain[3])
     for param in plain[3]:
         torch.testing.assert_close(fast[3][param], plain[3][param], atol=1e-5, rtol=1e-4)

@@ -134,7 +134,7 @@ def test_the_card_sessions_commands_parse_before_the_card_is_spent(tmp_path):
     trl = next(args for args in perf if args.family == "qwen2_vl")
     assert any(run.startswith("trl") for run in trl.runs) and "cached_ref" in " ".join(trl.levers)
     for words in commands["benchmark"]:  # the trl / trl3 stage names its family in $family
-        for family in ("qwen2_vl", "qwen3_vl") if "$family" in words else (None,):
+        for family in ("qwen2_vl", "qwen3_vl", "qwen3_vl_moe") if "$family" in words else (None,):
             assert parse_args([family if word == "$family" else word for word in words]).family != "$family"
     for words in commands["lever_check"]:
         lever_check_args(words)

@@ -33,15 +33,17 @@ def test_benchmark_runs_trl_and_ours_and_writes_ratios(family, tmp_path, capsys)
 
 
 def test_the_large_shapes_are_the_released_models(tmp_path):
-    """`--family qwen2_vl|qwen3_vl` without --tiny: Qwen2-VL-7B's and Qwen3-VL-8B's shapes (built on the meta
-    device here: parameter counts only); other families have only the stand-in."""
+    """`--family qwen2_vl|qwen3_vl|qwen3_vl_moe` without --tiny: Qwen2-VL-7B's, Qwen3-VL-8B's and Qwen3-VL-30B-A3B's
+    shapes (built on the meta device here: parameter counts only; 31.07B is the release's); other families have only
+    the stand-in."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from silkie.dev.bench_cli import compare_with_trl, parse_args
     from silkie.dev.bench_trl import model_config, stand_in_folder
 
-    for family, size, billions in (("qwen2_vl", "7b", 8.29), ("qwen3_vl", "8b", 8.77)):
+    shapes = (("qwen2_vl", "7b", 8.29), ("qwen3_vl", "8b", 8.77), ("qwen3_vl_moe", "30b-a3b", 31.07))
+    for family, size, billions in shapes:
         config = model_config(stand_in_folder(family, tmp_path), size)
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)

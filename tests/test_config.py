@@ -151,6 +151,8 @@ def test_optim_sampling_and_report_to_choices_are_the_installed_transformers_val
             "training.gradient_checkpointing_kwargs and training.activation_checkpointing_kwargs are both set",
         ),
         (["lora.target_modules=[c_attn, '']"], "lora.target_modules = \\['c_attn', ''\\] is not allowed; expected"),
+        (["lora.target_parameters=[]"], r"lora.target_parameters = \[\] is not allowed; expected null \(none\) or"),
+        (["dpo.router_aux_loss_coef=-0.1"], "dpo.router_aux_loss_coef = -0.1 is not allowed; expected null or"),
         (["slurm.rdzv_port=70000"], r"slurm.rdzv_port = 70000 is not allowed; expected null \(20000"),
         (['slurm.extra_sbatch=["--exclusive\\tx"]'], r"slurm.extra_sbatch\[0\] = '--exclusive\\tx' is not allowed"),
     ],

@@ -6,6 +6,7 @@ import pytest
 from transformers.utils import is_torchvision_available
 
 from silkie.config import LoraSection, ModelSection, RecipeError
+from silkie.config.names import MOE_FAMILIES
 from silkie.models.family import FAMILY_CLASSES, get_family, unwrap_causal_lm
 from silkie.models.loading import apply_lora, freeze_vision, load_base_model
 
@@ -15,12 +16,14 @@ VISION_NAMES = {
     "qwen2_vl": "model.visual.",
     "qwen2_5_vl": "model.visual.",
     "qwen3_vl": "model.visual.",
+    "qwen3_vl_moe": "model.visual.",
     "llava": "model.vision_tower.",
 }
 PROJECTORS = {
     "qwen2_vl": ("model.visual.merger.",),
     "qwen2_5_vl": ("model.visual.merger.",),
     "qwen3_vl": ("model.visual.merger.", "model.visual.deepstack_merger_list."),  # DeepStack mergers project too
+    "qwen3_vl_moe": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
     "llava": ("model.multi_modal_projector.",),
 }
 
@@ -72,14 +75,16 @@ def test_lora_targets_every_llm_linear_and_the_vision_tower_only_when_asked(fold
     plain = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4), family)
     names = [n for n, _ in plain.named_parameters() if "lora_A" in n]
     kinds = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
-    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert len(names) == 2 * 7 and all("language_model" in n for n in names)  # 2 layers x 7 linears
+    linears = {"q_proj", "k_proj", "v_proj", "o_proj"} | (set() if family in MOE_FAMILIES else {"gate_proj", "up_proj",
+                                                                                              "down_proj"})  # fmt: skip
+    assert kinds == linears  # a MoE layer's experts are 3-D weights, not linear layers: lora.target_parameters
+    assert len(names) == 2 * len(linears) and all("language_model" in n for n in names)  # 2 layers x its linears
     trainable = [n for n, p in plain.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with_vision = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4, vision=True), family)
     vision = [n for n, _ in with_vision.named_parameters() if "lora_A" in n and VISION_NAMES[family] in n]
     # qkv proj fc1 fc2 | + gate up down | q k v out | qkv proj linear_fc1 linear_fc2
-    per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6, "qwen3_vl": 4}[family]
+    per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6, "qwen3_vl": 4, "qwen3_vl_moe": 4}[family]
     assert len(vision) == 2 * per_block
 
 

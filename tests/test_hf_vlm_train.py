@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from silkie.config import load_recipe
+from silkie.config.names import MOE_FAMILIES
 from silkie.dev.tiny_builders import TINY_FOLDERS
 from silkie.dpo.step import StepOptions, score_answers
 from silkie.train import run_training
@@ -18,6 +19,7 @@ from .hf_fixtures import BUILDERS, family_batch
 
 FOLDERS = {family: TINY_FOLDERS[family] for family in BUILDERS}
 RECIPES = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo_qwen2_vl", "qwen3_vl": "demo_qwen3_vl"}
+RECIPES["qwen3_vl_moe"] = "demo_qwen3_vl_moe"  # LoRA on the experts too; the routers' load-balancing loss
 RECIPES["llava"] = "demo_llava"
 
 
@@ -57,15 +59,20 @@ def test_training_lowers_the_loss_and_the_adapter_reloads(family, data, tmp_path
     working = tmp_path / "run"
     result = train(family, model_dir, data, working, ["training.max_steps=40", "data.max_prompts=6"])
     assert result["step"] == 40
-    losses = [r["loss"] for r in map(json.loads, (working / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    records = [r for r in map(json.loads, (working / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [r["loss"] for r in records]
     assert len(losses) == 40
-    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # LoRA B starts at zero: policy = reference, loss = ln 2
+    balance = 0.001 * records[0]["aux_loss"] if family in MOE_FAMILIES else 0.0  # the checkpoint's weight, as TRL
+    assert (family in MOE_FAMILIES) == ("aux_loss" in records[0]) and balance < 0.01
+    assert losses[0] == pytest.approx(0.6931 + balance, abs=1e-4)  # LoRA B starts at 0: policy = reference, ln 2
     assert sum(losses[-8:]) / 8 < 0.4, losses  # a few prompts seen again and again get fitted
 
     adapter = working / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "tokenizer.json").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 16 and "language_model" in json.dumps(config["target_modules"])
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if family in MOE_FAMILIES else None
+    assert config.get("target_parameters") == experts
     base = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     batch, pad = family_batch(model_dir, family, base)
     with torch.no_grad():

@@ -112,8 +112,8 @@ def test_hf_families_render_the_system_message_or_drop_the_pair(family, tmp_path
     else:  # chatml: the system turn in place of the template's default one (Qwen3-VL's has none)
         assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "helpful assistant" not in text
         default = codec.tokenizer.decode(plain[0]["prompt_input_ids"])
-        assert ("helpful assistant" in default) == (family != "qwen3_vl")
-        assert default.startswith("<|im_start|>user\n") == (family == "qwen3_vl")
+        assert ("helpful assistant" in default) == (not family.startswith("qwen3_vl"))
+        assert default.startswith("<|im_start|>user\n") == family.startswith("qwen3_vl")
     dataset = tokenize_pairs(pairs, codec, max_length=4096)
     assert [list(ids) for ids in dataset["prompt_input_ids"]] == [plain[0]["prompt_input_ids"],
                                                                  told[0]["prompt_input_ids"]]  # fmt: skip

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from silkie.config import DPOSection
+from silkie.config.names import MOE_FAMILIES
 from silkie.dpo.losses import DPOObjective
 from silkie.dpo.objective import adapter_reference, batch_dpo_loss
-from silkie.dpo.step import StepOptions
+from silkie.dpo.step import StepOptions, router_aux_loss_coef
 
 from .hf_fixtures import BUILDERS, PAIRS, MemoryImages, family_batch, model_section
 
@@ -95,6 +96,7 @@ def trl_values(trainer, dataset) -> dict[str, torch.Tensor]:
         "completion_tokens": inputs["completion_mask"].sum(-1),
         "entropy": torch.tensor(logged["entropy"]),
         "mean_token_accuracy": torch.tensor(logged["mean_token_accuracy"]),
+        **({"aux_loss": torch.tensor(logged["aux_loss"])} if "aux_loss" in logged else {}),
     }
 
 
@@ -107,7 +109,11 @@ def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
     batch, pad = family_batch(folder, family, model)
     answer_tokens = torch.cat([batch["chosen_attention_mask"].sum(-1), batch["rejected_attention_mask"].sum(-1)])
     assert answer_tokens.tolist() == expected["completion_tokens"].tolist()  # same tokens scored
-    for options in (PLAIN, OPTIMIZED):
+    # a MoE model: TRL adds the routers' load-balancing loss at the checkpoint's weight (0.001), as we do
+    balance = router_aux_loss_coef(model, None)
+    assert ("aux_loss" in expected) == (balance > 0) == (family in MOE_FAMILIES)
+    for options in (dataclasses.replace(PLAIN, router_aux_loss_coef=balance),
+                    dataclasses.replace(OPTIMIZED, router_aux_loss_coef=balance)):  # fmt: skip
         captured = {}
 
         def reference(ref_batch, features, options=options, captured=captured):
@@ -139,6 +145,9 @@ def test_loss_and_logps_equal_trl_dpo_trainer(family, tmp_path):
             weight = metrics[f"weight:{name}"]
             mean = (metrics[name] * weight).sum() / weight.sum()
             torch.testing.assert_close(mean, expected[name].to(mean.dtype), atol=1e-5, rtol=1e-5, msg=name)
+        if balance:  # the shared prompt's tokens count once per answer, as in TRL's rows: the same loss
+            torch.testing.assert_close(metrics["aux_loss"][0], expected["aux_loss"], atol=1e-6, rtol=1e-6)
+            assert abs(expected["aux_loss"].item() - 1.0) > 1e-3  # not the value of perfectly even routing
         # the per-pair losses behind eval_loss average to TRL's batch loss
         torch.testing.assert_close(metrics["loss"].mean(), expected["loss"].to(loss.dtype), atol=1e-5, rtol=1e-6)
 

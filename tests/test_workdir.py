@@ -146,7 +146,7 @@ def test_a_model_folder_of_the_wrong_kind_is_refused_before_torchrun(tmp_path):
     assert (
         dry.returncode == 0
         and "'gpt2' checkpoint (config.json model_type), not a qwen_vl one; model.family "
-        "takes qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, llava"
+        "takes qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava"
         in dry.stderr
     )
     assert not working.exists()

@@ -26,7 +26,9 @@ class PoolModel:
     """One model of the answering pool."""
 
     path: str = key(
-        "", "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, llava).", ""
+        "",
+        "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava).",
+        "",
     )
     name: str | None = key(None, "The answer's `model` in the release (null: the folder's name).", "")
     adapter: str | None = key(None, "A LoRA adapter folder on top of `path` (e.g. a run's adapter/).", "")

@@ -101,6 +101,14 @@ class DPOSection:
         "TRL 1.16 fails on `sft` with it; Silkie weights the `sft` term too.",
         "dpo.step:recipe_step_options",
     )
+    router_aux_loss_coef: float | None = key(
+        None,
+        "Mixture-of-experts models (qwen3_vl_moe): weight of the routers' load-balancing loss added to the "
+        "objective, TRL's `router_aux_loss_coef` (null: the checkpoint's own, 0.001 for Qwen3-VL MoE; 0: none). "
+        "Its tokens are TRL's, a shared prompt counted once per answer; logged as `aux_loss`. Refused for a "
+        "dense model.",
+        "dpo.step:router_aux_loss_coef",
+    )
     disable_dropout: bool = key(
         True,
         "No dropout in the policy, LoRA's included (TRL's default since 0.7; the Silkie paper's code ran that"
@@ -230,6 +238,8 @@ class DPOSection:
             require(0.0 <= self.ld_alpha <= 1.0, "dpo.ld_alpha", self.ld_alpha, "null or a number in [0, 1]")
         for name in ("mdpo_conditional_weight", "mdpo_anchor_weight"):
             require(getattr(self, name) >= 0, f"dpo.{name}", getattr(self, name), "a number >= 0")
+        coef = self.router_aux_loss_coef
+        require(coef is None or 0 <= coef < math.inf, "dpo.router_aux_loss_coef", coef, "null or a finite number >= 0")
         require(self.max_length >= 16, "dpo.max_length", self.max_length, "an integer >= 16")
         require(self.pairs_per_row >= 1, "dpo.pairs_per_row", self.pairs_per_row, "an integer >= 1")
         require(

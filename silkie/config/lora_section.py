@@ -48,6 +48,13 @@ class LoraSection:
         "language model but its output head; peft's would take the vision tower's too: lora.vision adds those).",
         "models.loading:check_lora_targets",
     )
+    target_parameters: list[str] | None = key(
+        None,
+        "Mixture-of-experts models: language-model parameters that get adapters (peft's `target_parameters`, a "
+        "name or its ending), e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] for Qwen3-VL MoE, whose "
+        "experts are 3-D weights that target_modules cannot reach (null: none). peft takes them without dropout.",
+        "models.loading:check_lora_parameters",
+    )
     vision: bool = key(
         False,
         "Also adapt the vision tower (it stays frozen otherwise).",
@@ -81,6 +88,14 @@ class LoraSection:
         )
         for name in self.target_modules or []:
             require(bool(name.strip()), "lora.target_modules", self.target_modules, "module names, none empty")
+        require(
+            self.target_parameters is None or bool(self.target_parameters),
+            "lora.target_parameters",
+            self.target_parameters,
+            "null (none) or a non-empty list of parameter names",
+        )
+        for name in self.target_parameters or []:
+            require(bool(name.strip()), "lora.target_parameters", self.target_parameters, "parameter names, none empty")
         require(
             ALL_LINEAR not in (self.target_modules or []) or len(self.target_modules) == 1,
             "lora.target_modules",

@@ -24,7 +24,7 @@ class ModelSection:
     )
     family: str = key(
         "qwen_vl",
-        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava` "
+        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava` "
         "(transformers); left out, read from the local checkpoint's config.json (`model_type`), else qwen_vl.",
         "models.family:get_family",
     )
@@ -77,16 +77,16 @@ class ModelSection:
     )
     video_min_pixels: int | None = key(
         None,
-        "qwen2_vl / qwen2_5_vl / qwen3_vl: fewest pixels per video frame after resizing (null: the checkpoint's "
+        "The Qwen2-VL / 2.5-VL / 3-VL families: fewest pixels per video frame after resizing (null: the checkpoint's "
         "video_preprocessor_config.json, else 128 x (patch x merge)^2 as qwen-vl-utils; Qwen3-VL's config records a "
         "floor over the whole clip).",
         "models.hf_vlm.video:Qwen2VLVideos.frame_bounds",
     )
     video_max_pixels: int | None = key(
         None,
-        "qwen2_vl / qwen2_5_vl / qwen3_vl: most pixels per video frame after resizing (null: the checkpoint's video "
-        "config, else 768 x (patch x merge)^2; Qwen3-VL's records a clip's budget, each frame at most 768 tokens of "
-        "it); with `data.video_max_frames` it bounds a video's tokens.",
+        "The Qwen2-VL / 2.5-VL / 3-VL families: most pixels per video frame after resizing (null: the checkpoint's "
+        "video config, else 768 x (patch x merge)^2; Qwen3-VL's records a clip's budget, each frame at most 768 tokens "
+        "of it); with `data.video_max_frames` it bounds a video's tokens.",
         "models.hf_vlm.video:Qwen2VLVideos.frame_bounds",
     )
 
@@ -255,8 +255,8 @@ class DataSection:
     )
     max_videos_per_pair: int | None = key(
         2,
-        "Most videos one pair may hold (qwen2_vl / qwen2_5_vl / qwen3_vl; the others take none); a row with more is "
-        "dropped (`too_many_videos`).",
+        "Most videos one pair may hold (the Qwen2-VL / 2.5-VL / 3-VL families; the others take none); a row with more "
+        "is dropped (`too_many_videos`).",
         "data.build:media_limits",
     )
     video_fps: float = key(

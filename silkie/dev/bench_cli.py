@@ -2,7 +2,7 @@
 run), every run through its trainer.
 
 Qwen-VL-Chat (`--family qwen_vl`, default): the plain (TRL-equivalent) step vs the optimized step.
-Qwen2-VL / Qwen3-VL / LLaVA (`--family qwen2_vl|qwen3_vl|llava`): TRL's own `DPOTrainer` vs ours (plain,
+Qwen2-VL / Qwen3-VL / LLaVA (`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|llava`): TRL's own `DPOTrainer` vs ours (plain,
 optimized, cached reference), each through its trainer. Prints pairs/s, tokens/s, peak memory (with
 `--count-flops`, TFLOP/pair and MFU of our runs) per run and batch size, then the ratios against the baseline
 (plain, or TRL; then TRL's best against ours).
@@ -10,7 +10,7 @@ CPU with the tiny model:  python scripts/benchmark.py --tiny
 GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
 TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112
 TRL vs ours, Qwen2-VL-7B shape on a GPU: python scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16
-(`--family qwen3_vl`: Qwen3-VL-8B's shape)
+(`--family qwen3_vl`: Qwen3-VL-8B's shape; `qwen3_vl_moe`: Qwen3-VL-30B-A3B's, an H200's memory)
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from silkie.config.names import FAMILIES
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="qwen_vl", choices=("qwen_vl", "qwen2_vl", "qwen3_vl", "llava"))
+    parser.add_argument("--family", default="qwen_vl", choices=FAMILIES)
     parser.add_argument(
         "--tiny", action="store_true", help="tiny stand-in model (default: Qwen-VL-Chat / Qwen2-VL-7B size)"
     )
@@ -31,11 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["trl", "silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref"],
         metavar="RUN[@BATCH]",
-        help="qwen2_vl/qwen3_vl/llava: trainers to compare, from trl (TRL's defaults; trl+no_ckpt, trl+liger, "
+        help="qwen2_vl/qwen3_vl(_moe)/llava: trainers to compare, from trl (TRL's defaults; trl+no_ckpt, trl+liger, "
         "trl+no_ckpt+liger add TRL's own switches), silkie-plain, silkie-optimized, silkie-optimized+cached_ref "
         "(the first one present of trl/silkie-plain is the baseline); @BATCH: only at that batch size",
     )
-    parser.add_argument("--image-px", type=int, default=448, help="qwen2_vl/qwen3_vl/llava: square picture side")
+    parser.add_argument("--image-px", type=int, default=448, help="the transformers families: square picture side")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 4])
@@ -146,7 +148,7 @@ def compare_with_trl(args: argparse.Namespace) -> list:
         torch.set_num_threads(args.threads)
     if args.family not in LARGE_SHAPES and not args.tiny:
         raise SystemExit(f"--family {args.family}: only the --tiny stand-in is built in; the large shapes are "
-                         "Qwen2-VL-7B (qwen2_vl) and Qwen3-VL-8B (qwen3_vl)")  # fmt: skip
+                         "Qwen2-VL-7B, Qwen3-VL-8B and Qwen3-VL-30B-A3B")  # fmt: skip
     args.size = "tiny" if args.tiny else LARGE_SHAPES[args.family][0]
     device_name = args.device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"model: {args.family} {args.size}, {args.dtype}, device {device_name}", flush=True)

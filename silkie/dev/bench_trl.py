@@ -49,7 +49,20 @@ QWEN3_VL_8B = {  # Qwen3-VL-8B-Instruct's shape (config.json of the release)
                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
                    deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh"),
 }  # fmt: skip
-LARGE_SHAPES = {"qwen2_vl": ("7b", QWEN2_VL_7B), "qwen3_vl": ("8b", QWEN3_VL_8B)}  # family -> (size, shape)
+QWEN3_VL_30B_A3B = {  # Qwen3-VL-30B-A3B-Instruct's shape: 48 sparse layers of 128 experts, 8 per token
+    "text": dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936, max_position_embeddings=262144,
+        rms_norm_eps=1e-6, rope_parameters={**QWEN3_VL_8B["text"]["rope_parameters"]},
+    ),
+    "vision": {**QWEN3_VL_8B["vision"], "out_hidden_size": 2048},
+}  # fmt: skip
+LARGE_SHAPES = {  # family -> (size, shape)
+    "qwen2_vl": ("7b", QWEN2_VL_7B),
+    "qwen3_vl": ("8b", QWEN3_VL_8B),
+    "qwen3_vl_moe": ("30b-a3b", QWEN3_VL_30B_A3B),
+}
 
 
 def stand_in_folder(family: str, root: Path) -> Path:

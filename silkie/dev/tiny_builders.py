@@ -11,6 +11,7 @@ TINY_BUILDERS = {
     "qwen2_vl": "silkie.dev.tiny_hf_vlm:build_tiny_qwen2_vl",
     "qwen2_5_vl": "silkie.dev.tiny_hf_vlm:build_tiny_qwen2_5_vl",
     "qwen3_vl": "silkie.dev.tiny_qwen3_vl:build_tiny_qwen3_vl",
+    "qwen3_vl_moe": "silkie.dev.tiny_qwen3_vl:build_tiny_qwen3_vl_moe",
     "llava": "silkie.dev.tiny_hf_vlm:build_tiny_llava",
 }
 TINY_FOLDERS = {  # the folder names the demo assets use
@@ -18,6 +19,7 @@ TINY_FOLDERS = {  # the folder names the demo assets use
     "qwen2_vl": "tiny-qwen2-vl",
     "qwen2_5_vl": "tiny-qwen2.5-vl",
     "qwen3_vl": "tiny-qwen3-vl",
+    "qwen3_vl_moe": "tiny-qwen3-vl-moe",
     "llava": "tiny-llava",
 }
 

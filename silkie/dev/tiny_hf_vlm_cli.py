@@ -1,11 +1,13 @@
-"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or LLaVA-1.5) for tests and
-demos."""
+"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL MoE or LLaVA-1.5) for
+tests and demos."""
 
 from __future__ import annotations
 
 import argparse
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava")
+from silkie.config.names import FAMILIES as ALL_FAMILIES
+
+FAMILIES = tuple(family for family in ALL_FAMILIES if family != "qwen_vl")  # qwen_vl: `silkie tiny-qwen-vl`
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""A tiny random Qwen3-VL folder in the official Hugging Face format (a stand-in for tests and the demo).
+"""Tiny random Qwen3-VL folders in the official Hugging Face format (stand-ins for tests and the demo): dense, and
+the mixture-of-experts variant (`build_tiny_qwen3_vl_moe`: the same model with 4 experts per layer, 2 per token).
 
 The same construction as the tiny Qwen2-VL (`tiny_hf_vlm`): a BPE tokenizer trained offline with Qwen3's added
 tokens after the vision ones, Qwen3-VL's layout (a 2-layer, 64-wide Qwen3 text model with q/k norms and
@@ -11,7 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from silkie.dev.tiny_hf_vlm import (
@@ -24,6 +31,7 @@ from silkie.dev.tiny_hf_vlm import (
     save_tiny_model,
     train_tiny_tokenizer,
 )
+from silkie.models.hf_vlm.expert_layout import write_release_layout
 from silkie.models.hf_vlm.processors import ImageOnlyQwen3VLProcessor, register_image_only_processors
 
 # Qwen3's added tokens after the vision ones, in the official order (151657..151668); ordinary, not special
@@ -53,11 +61,16 @@ QWEN3_VL_CHAT_TEMPLATE = (
 QWEN3_VL_PATCH = 16  # 32 px per merged image token
 QWEN3_VL_MIN_PIXELS = 64 * 64  # 4 merged tokens at least
 QWEN3_VL_MAX_PIXELS = 128 * 128  # 16 merged tokens at most
+# Qwen3-VL-30B-A3B's layout at a tiny size: every decoder layer a sparse MoE block (128 experts, 8 per token there)
+QWEN3_VL_MOE_TEXT = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[]
+)  # 2 x 16 != 64 wide: on load transformers tells the release's expert layout from its own by shape
 
 
-def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
-    """Qwen3-VL with a 2-layer, 64-wide text model (head 16, interleaved M-RoPE) and a 2-block, 32-wide ViT whose
-    blocks both feed DeepStack features to the decoder's first two layers; token ids from `tokenizer`."""
+def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerFast, moe: bool = False) -> Qwen3VLConfig | Qwen3VLMoeConfig:
+    """Qwen3-VL with a 2-layer, 64-wide text model (head 16, interleaved M-RoPE; with `moe` each layer's MLP is 4
+    experts, 2 per token) and a 2-block, 32-wide ViT whose blocks both feed DeepStack features to the decoder's
+    first two layers; token ids from `tokenizer`."""
     text, special = qwen2_text_and_ids(tokenizer)
     text |= dict(
         head_dim=16,
@@ -65,6 +78,8 @@ def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
             "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True
         },
     )  # fmt: skip
+    if moe:
+        text |= QWEN3_VL_MOE_TEXT
     vision = dict(
         depth=2,
         hidden_size=VISION_HIDDEN,
@@ -78,18 +93,23 @@ def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
         deepstack_visual_indexes=[0, 1],
         initializer_range=INIT_STD,
     )
-    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **special)
+    config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **special)
 
 
-def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random Qwen3-VL folder: model, tokenizer, PIL image processor, chat template."""
+def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, moe: bool = False) -> Path:
+    """Write a tiny random Qwen3-VL folder (`moe`: Qwen3-VL MoE): model, tokenizer, PIL image processor, chat
+    template."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tiny_tokenizer(style="qwen2", special_tokens=QWEN2_VL_SPECIAL_TOKENS)
     tokenizer.add_tokens(list(QWEN3_ADDED_TOKENS))
-    config = tiny_qwen3_vl_config(tokenizer)
+    config = tiny_qwen3_vl_config(tokenizer, moe)
     eos = [config.text_config.eos_token_id, config.text_config.bos_token_id]  # <|im_end|>, <|endoftext|>
-    save_tiny_model(Qwen3VLForConditionalGeneration, config, out, seed, eos)
+    model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+    save_tiny_model(model_class, config, out, seed, eos)
+    if moe:  # the experts as the releases store them
+        write_release_layout(out)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=QWEN3_VL_MIN_PIXELS,
         max_pixels=QWEN3_VL_MAX_PIXELS,
@@ -103,3 +123,8 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0) -> Path:
     finish_image_only_processor(out, image_processor, video_type="Qwen3VLVideoProcessor")
     register_image_only_processors()
     return out
+
+
+def build_tiny_qwen3_vl_moe(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random Qwen3-VL MoE folder (`build_tiny_qwen3_vl` with `moe`)."""
+    return build_tiny_qwen3_vl(out_dir, seed, moe=True)

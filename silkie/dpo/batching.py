@@ -48,6 +48,13 @@ class ScoredRows:
             return self.padding_mask.to(device)
         return block_mask(self.owner.to(device), self.segment.to(device))
 
+    def sequence_counts(self) -> torch.Tensor:
+        """[R, W] how many of the 2B sequences prompt+chosen, prompt+rejected each row token stands for: 1 per
+        token of concatenated rows; in packed rows 2 per shared prompt token, 1 per answer token; 0 for padding."""
+        if self.padding_mask is not None:
+            return self.padding_mask.long()
+        return torch.where(self.segment == 0, 2, (self.segment > 0).long())
+
 
 def block_mask(owner: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
     """[R, 1, W, W] mask of packed rows (True = attend): causal within a pair, an answer sees its prompt and itself

@@ -6,7 +6,7 @@ Shared by the trainer and `scripts/benchmark.py`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -121,8 +121,18 @@ def score_batch(
         view_policy = score_answers(model, view, options, pad_token_id, view_features, policy=False)
         again = CorruptedScores(view_policy, *reference(view, view_features), _with_media(batch))
     out = loss_from_scores(policy, ref_chosen, ref_rejected, objective, weights, again)
+    if policy.aux_loss is not None:
+        out = with_router_balance(out, policy.aux_loss, options.router_aux_loss_coef)
     average = objective.averages_rewards
     return BatchScores(policy, ref_chosen, ref_rejected, out, weights, again, objective.beta, average)
+
+
+def with_router_balance(out: DPOLossOutput, aux_loss: torch.Tensor, coef: float) -> DPOLossOutput:
+    """The objective plus `coef` x the routers' load-balancing loss (TRL's `loss + router_aux_loss_coef * aux_loss`),
+    also in each pair's loss (their mean is the eval loss); `aux_loss`, as TRL logs it, among the terms."""
+    added = coef * aux_loss.to(out.loss.device)
+    terms = {**out.terms, "aux_loss": aux_loss.detach().expand_as(out.per_pair)}
+    return replace(out, loss=out.loss + added, per_pair=out.per_pair + added, terms=terms)
 
 
 def imageless_rewards(scores: BatchScores) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,17 +17,20 @@ import torch.distributed as dist
 from torch import nn
 
 from silkie.config import DPOSection
+from silkie.errors import InputError
 from silkie.models.family import unwrap_causal_lm
 from silkie.models.varlen import prepare_kernel
 
 from .batching import ScoredRows, concat_rows, on_host, packed_rows
 from .logprobs import chunked_token_logps, full_logits_token_logps, is_partitioned, sum_per_pair
+from .router_balance import router_balance_loss
 
 
 @dataclass
 class StepOptions:
     """Which optimisations to use (all on = the efficient step), and the recipe's variants of an answer's score:
-    LD-DPO's `ld_alpha` (tokens past the shorter answer's length count alpha times) and WPO's pair weights."""
+    LD-DPO's `ld_alpha` (tokens past the shorter answer's length count alpha times) and WPO's pair weights; and a
+    mixture-of-experts model's `router_aux_loss_coef` (0: its policy passes do not compute the balancing loss)."""
 
     image_once: bool = True
     share_prompt: bool = True
@@ -36,10 +39,12 @@ class StepOptions:
     pairs_per_row: int = 1
     ld_alpha: float | None = None
     wpo_weights: bool = False
+    router_aux_loss_coef: float = 0.0
 
 
-def recipe_step_options(dpo: DPOSection, image_once: bool) -> StepOptions:
-    """The efficient step with the recipe's switches (`image_once` as the caller allows it)."""
+def recipe_step_options(dpo: DPOSection, image_once: bool, router_aux_loss_coef: float = 0.0) -> StepOptions:
+    """The efficient step with the recipe's switches (`image_once` as the caller allows it; the balancing loss's
+    weight as `router_aux_loss_coef` resolves it for the model)."""
     return StepOptions(
         image_once=image_once,
         share_prompt=dpo.share_prompt,
@@ -48,7 +53,24 @@ def recipe_step_options(dpo: DPOSection, image_once: bool) -> StepOptions:
         pairs_per_row=dpo.pairs_per_row,
         ld_alpha=dpo.ld_alpha,
         wpo_weights=dpo.use_weighting,
+        router_aux_loss_coef=router_aux_loss_coef,
     )
+
+
+def router_aux_loss_coef(model: nn.Module, recipe_value: float | None) -> float:
+    """The weight of the load-balancing loss, as TRL's `DPOTrainer` resolves it: the recipe's
+    `dpo.router_aux_loss_coef`, else the checkpoint's own for a mixture-of-experts model (0.0 for a dense one);
+    a weight set for a dense model is an InputError (it has no routers)."""
+    base, family = unwrap_causal_lm(model)
+    own = family.router_aux_loss_coef(base)
+    if own is None and recipe_value:
+        raise InputError(
+            f"dpo.router_aux_loss_coef: {recipe_value} is set, but {type(base).__name__} is not a mixture-of-experts "
+            "model (it has no routers to balance); leave it null"
+        )
+    if recipe_value is not None:
+        return float(recipe_value)
+    return own or 0.0
 
 
 @dataclass
@@ -65,6 +87,7 @@ class AnswerScores:
     entropy: torch.Tensor | None = None  # per pair, mean over its answer tokens (policy passes only)
     chosen_token_accuracy: torch.Tensor | None = None  # per pair, top-1 hits over its chosen tokens
     wpo_weight: torch.Tensor | None = None  # per pair, WPO's weight of its loss (policy passes, `wpo_weights`)
+    aux_loss: torch.Tensor | None = None  # the routers' load-balancing loss (MoE policy passes, unweighted)
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
@@ -108,7 +131,8 @@ def score_answers(
 ) -> AnswerScores:
     """Run `model` once over the batch's rows and sum answer-token log-probs per pair.
 
-    A policy pass (default: one with gradients) also gives the token metrics and, with `wpo_weights`, WPO's weights.
+    A policy pass (default: one with gradients) also gives the token metrics, with `wpo_weights` WPO's weights, and
+    for a mixture-of-experts model with `router_aux_loss_coef` its routers' load-balancing loss.
     """
     base, family = unwrap_causal_lm(model)
     device = next(base.parameters()).device
@@ -128,7 +152,13 @@ def score_answers(
         and not options.image_once
         and _ranks_need_the_tower(family.vision_module(base), grads=not no_grad and torch.is_grad_enabled())
     )
-    with torch.no_grad() if no_grad else nullcontext(), _blank_tower_pass(base, family, blank_tower):
+    stats = not no_grad if policy is None else policy  # a reference pass needs no metrics
+    balance = stats and options.router_aux_loss_coef != 0
+    with (
+        torch.no_grad() if no_grad else nullcontext(),
+        _blank_tower_pass(base, family, blank_tower),
+        _router_logits(family.routers(base) if balance else []) as router_logits,
+    ):
         input_ids = rows.input_ids.to(device)
 
         def dense_mask() -> torch.Tensor:  # built on the device, only where it is used (native varlen does not)
@@ -148,7 +178,6 @@ def score_answers(
             **family.row_kwargs(base, input_ids),
         )
         size = batch["prompt_input_ids"].size(0)
-        stats = not no_grad if policy is None else policy  # a reference pass needs no metrics
         sum_sq = stats and options.wpo_weights
         scored = {}
         if options.chunked_logps:
@@ -164,7 +193,27 @@ def score_answers(
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
                 scored[kind] = full_logits_token_logps(logits, index, targets, stats, sum_sq)
-    return _sum_scores(rows, scored, size, device, batch.get("pair_weight"), options.ld_alpha)
+    scores = _sum_scores(rows, scored, size, device, batch.get("pair_weight"), options.ld_alpha)
+    if router_logits:
+        scores.aux_loss = router_balance_loss(router_logits, rows.sequence_counts(), family.router_top_k(base))
+    return scores
+
+
+@contextmanager
+def _router_logits(routers: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """The router logits of one forward, in layer order (its routers' first outputs); hooks are gone before a
+    gradient-checkpointing recompute runs them again in the backward."""
+    captured: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(output[0])
+
+    handles = [router.register_forward_hook(keep) for router in routers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _ranks_need_the_tower(tower: nn.Module, grads: bool) -> bool:

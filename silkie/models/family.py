@@ -4,7 +4,7 @@ A family knows how to load its checkpoint and text codec, which modules LoRA tar
 tensors (and how many placeholder tokens each one takes), how image features are computed and injected,
 and which position ids its rows need. The data pipeline, the DPO step and the trainer only call this
 interface; they never branch on model names. Families: `qwen_vl` (native Qwen-VL-Chat), `qwen2_vl` /
-`qwen2_5_vl`, `qwen3_vl` and `llava` (transformers-native, `AutoModelForImageTextToText`).
+`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe` and `llava` (transformers-native, `AutoModelForImageTextToText`).
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ class ModelFamily:
     def prepare_for_training(self, model: nn.Module) -> None:
         """Switch off inference-only behaviour that training and its evaluation must not use."""
 
+    def finish_saved_folder(self, folder: str) -> None:
+        """Rewrite a checkpoint folder just written by transformers' `save_pretrained` where its layout differs from
+        the released checkpoints' (Qwen3-VL MoE's experts); most families need nothing."""
+
     def quantization_skip_modules(self) -> list[str]:
         """Modules kept out of 4-bit quantization (QLoRA)."""
         raise NotImplementedError
@@ -168,6 +172,20 @@ class ModelFamily:
     def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
         """Extra per-row forward kwargs (e.g. modality token types)."""
         return {}
+
+    # ----- mixture of experts (none: a dense language model) ------------------------------------------------------
+    def routers(self, base: nn.Module) -> list[nn.Module]:
+        """The language model's expert routers, in layer order; each one's forward returns its router logits
+        [tokens, experts] first (for the load-balancing loss). Empty for a dense model."""
+        return []
+
+    def router_aux_loss_coef(self, base: nn.Module) -> float | None:
+        """The checkpoint's own weight of the load-balancing loss (config `router_aux_loss_coef`); None: dense."""
+        return None
+
+    def router_top_k(self, base: nn.Module) -> int:
+        """How many experts each token is routed to."""
+        raise NotImplementedError
 
     def uses_varlen(self, base: nn.Module) -> bool:
         """Whether the unwrapped model's language model runs `varlen` attention (packed rows as sequences)."""

@@ -34,6 +34,7 @@ LIGER_PATCHES = {  # family -> liger-kernel's patch function for a loaded model 
     "qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
     "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
     "qwen3_vl": "apply_liger_kernel_to_qwen3_vl",
+    "qwen3_vl_moe": "apply_liger_kernel_to_qwen3_vl_moe",
     "llava": "apply_liger_kernel_to_llava",
 }
 

@@ -104,11 +104,14 @@ def apply_lora(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = with_all_linear_targets(model, lora, family)
     check_lora_targets(model, lora, family)
+    dropout = 0.0 if disable_dropout else lora.dropout
+    check_lora_parameters(model, lora, family, dropout)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
-        lora_dropout=0.0 if disable_dropout else lora.dropout,
+        lora_dropout=dropout,
         target_modules=lora_target_regex(lora, family),
+        target_parameters=lora.target_parameters,
         bias="none",
         task_type="CAUSAL_LM",
         use_dora=lora.use_dora,
@@ -154,6 +157,32 @@ def check_lora_targets(model: nn.Module, lora: LoraSection, family: str = "qwen_
                 f"lora.target_modules: {target!r} matches no linear layer of the language model; its linear layers "
                 f"are named {', '.join(leaves[:12])}{' ...' if len(leaves) > 12 else ''} (null: the family's "
                 f"default {', '.join(get_family(family).default_lora_targets)})"
+            )
+
+
+def check_lora_parameters(model: nn.Module, lora: LoraSection, family: str, dropout: float) -> None:
+    """InputError naming a `lora.target_parameters` entry that ends no parameter name of the language model's
+    decoder layers or also one outside them (peft matches a name or its ending), or any entry with LoRA dropout on
+    (peft's parameter adapters take none)."""
+    if not lora.target_parameters:
+        return
+    if dropout:
+        raise InputError(
+            f"lora.target_parameters: peft's parameter adapters take no dropout, and lora.dropout is {dropout} with "
+            "dpo.disable_dropout: false; set lora.dropout: 0 or dpo.disable_dropout: true"
+        )
+    named = dict(get_family(family).decoder_layers(model).named_parameters())  # "0.mlp.experts.down_proj": ...
+    inside = {id(param) for param in named.values()}
+    experts = sorted({name.split(".", 1)[1] for name, param in named.items() if param.dim() == 3})
+    for target in lora.target_parameters:
+        hits = {name: p for name, p in model.named_parameters() if name == target or name.endswith(f".{target}")}
+        outside = [name for name, param in hits.items() if id(param) not in inside]
+        if not hits or outside:
+            where = f"also matches {outside[0]}, outside the language model's layers" if outside else (
+                "ends no parameter name of the language model's layers")  # fmt: skip
+            raise InputError(
+                f"lora.target_parameters: {target!r} {where}; their 3-D (expert) parameters are "
+                f"{', '.join(experts) or 'none (a dense model: use lora.target_modules)'}"
             )
 
 

@@ -250,7 +250,7 @@ def chat_once(
     options = options or GenerationOptions()
     if chat.family == "qwen_vl":
         if as_paths(videos):
-            raise ToolError("--video: Qwen-VL-Chat takes images, not video (qwen2_vl / qwen2_5_vl / qwen3_vl do)")
+            raise ToolError("--video: Qwen-VL-Chat takes images, not video (the Qwen2-VL / 2.5-VL / 3-VL families do)")
         tokenizer = qwen_vl_tokenizer(chat)
         input_ids, images = qwen_vl_inputs(
             chat, tokenizer, image, question, DEFAULT_SYSTEM if system is None else system, history
@@ -289,7 +289,7 @@ def converse(
     options = options or GenerationOptions()
     if chat.family == "qwen_vl":
         if as_paths(videos):
-            raise ToolError("--video: Qwen-VL-Chat takes images, not video (qwen2_vl / qwen2_5_vl / qwen3_vl do)")
+            raise ToolError("--video: Qwen-VL-Chat takes images, not video (the Qwen2-VL / 2.5-VL / 3-VL families do)")
         tokenizer = qwen_vl_tokenizer(chat)
         sources = {image_reference(path): path for path in as_paths(image)}
     else:

@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="image file, repeatable in order (with the first question; none: a text-only question, as training's "
         "text-only pairs)",
     )
-    parser.add_argument("--video", action="append", help="video file, repeatable (qwen2_vl / qwen2_5_vl / qwen3_vl)")
+    parser.add_argument("--video", action="append", help="video file, repeatable (Qwen2-VL / 2.5-VL / 3-VL)")
     parser.add_argument("--question", help="the (first) question; with --interactive, read from stdin if left out")
     parser.add_argument("--history", help='JSON file of earlier turns: [{"user": ..., "assistant": ...}, ...]')
     parser.add_argument("--interactive", action="store_true", help="keep asking: one question per line on stdin")

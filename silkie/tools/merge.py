@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from silkie.models.family import get_family
 from silkie.run_dir import CONFIG_NAME, holds_run
 from silkie.tools.cli import ToolError, require_dir, require_model_dir
-from silkie.tools.common import load_codec_from, load_model
+from silkie.tools.common import family_of, load_codec_from, load_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -162,6 +163,7 @@ def merge_adapter(
     staged.mkdir(parents=True)
     try:
         merged.save_pretrained(staged, max_shard_size=max_shard_size, safe_serialization=True)
+        get_family(family_of(base_dir)).finish_saved_folder(str(staged))  # the release's weight layout
         tokenizer.save_pretrained(staged)
         _keep_base_metadata(base_dir, staged, dtype)
         copied = _copy_extras(base_dir, staged)

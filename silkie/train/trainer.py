@@ -24,7 +24,13 @@ from silkie.dpo.objective import (
     corrupted_view,
     score_batch,
 )
-from silkie.dpo.step import encode_images_once, recipe_step_options, score_answers, vision_differs_from_reference
+from silkie.dpo.step import (
+    encode_images_once,
+    recipe_step_options,
+    router_aux_loss_coef,
+    score_answers,
+    vision_differs_from_reference,
+)
 from silkie.logs import get_logger
 
 from .checkpointing import CheckpointingMixin, ResumeError, check_resume_layout
@@ -99,7 +105,8 @@ class SilkieDPOTrainer(CheckpointingMixin, Trainer):
         # features encoded once serve policy and reference only where both see the same tower: the reference is
         # the policy with its adapters off, and the tower carries no trained weights or adapters
         trainable_vision = ref_model is not None or vision_differs_from_reference(self.model)
-        self.step_options = recipe_step_options(dpo, image_once=dpo.image_once and not trainable_vision)
+        balance = router_aux_loss_coef(self.model, dpo.router_aux_loss_coef)
+        self.step_options = recipe_step_options(dpo, dpo.image_once and not trainable_vision, balance)
         if dpo.image_once and trainable_vision:
             self.log_line(
                 "image_once: the policy's image features are not the reference's (a trained vision tower or "

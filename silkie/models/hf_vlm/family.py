@@ -22,6 +22,7 @@ from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
 from silkie.models.varlen import constructible
 
 from .codec import ChatTemplateCodec, load_processor
+from .expert_layout import expert_shapes_seen_under_zero3
 from .varlen_attention import LAYOUT_KEY, use_varlen, uses_varlen
 from .video import Qwen2VLVideos
 
@@ -53,13 +54,14 @@ class HFVisionFamily(ModelFamily):
                 f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa, eager or varlen with {self.name}"
             )
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-        model, info = AutoModelForImageTextToText.from_pretrained(
-            section.path,
-            dtype=dtype,
-            attn_implementation=constructible(section.attn_implementation),
-            output_loading_info=True,
-            **extra,
-        )
+        with expert_shapes_seen_under_zero3():
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                section.path,
+                dtype=dtype,
+                attn_implementation=constructible(section.attn_implementation),
+                output_loading_info=True,
+                **extra,
+            )
         if section.attn_implementation == "varlen":
             use_varlen(model)
         refuse_incomplete_load(section.path, info, kinds=("missing_keys",))  # missing = left at random init

@@ -1,5 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL processors without torchvision: transformers 5 builds their video processors
-with it, so a folder would not load at all; the image-only processors below serve every image recipe."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense, MoE) processors without torchvision: transformers 5 builds their video
+processors with it, so a folder would not load at all; the image-only processors below serve every image recipe."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLProcessor,
     Qwen3VLConfig,
+    Qwen3VLMoeConfig,
     Qwen3VLProcessor,
 )
 from transformers.utils import is_torchvision_available
@@ -46,6 +47,7 @@ IMAGE_ONLY = (  # (config class, the official processor, its image-only stand-in
     (Qwen2VLConfig, Qwen2VLProcessor, ImageOnlyQwen2VLProcessor),
     (Qwen2_5_VLConfig, Qwen2_5_VLProcessor, ImageOnlyQwen2_5_VLProcessor),
     (Qwen3VLConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),
+    (Qwen3VLMoeConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),  # the MoE variant: the dense one's processor
 )
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 

@@ -1,4 +1,5 @@
-"""Qwen3-VL (dense: `Qwen3VLForConditionalGeneration`) behind `ModelFamily`.
+"""Qwen3-VL (dense: `Qwen3VLForConditionalGeneration`; mixture of experts: `Qwen3VLMoeForConditionalGeneration`)
+behind `ModelFamily`.
 
 Qwen2-VL's interface (the same image processor: pictures of any size within the pixel bounds, `pixel_values`
 patches + `image_grid_thw`; 3-D M-RoPE positions from the model's `get_rope_index`) with two differences:
@@ -9,6 +10,9 @@ patches + `image_grid_thw`; 3-D M-RoPE positions from the model's `get_rope_inde
   Qwen3-VL `smart_resize`), and each temporal patch is a `<t seconds>` text and a vision span of its own, as
   `Qwen3VLProcessor` lays it out: the template's one `<|vision_start|><|video_pad|><|vision_end|>` per video
   becomes the bare marker at tokenization, which the collator replaces by those ids.
+The MoE variant (Qwen3-VL-30B-A3B, 235B-A22B) has the same tower, template and positions; its decoder layers route
+each token to `num_experts_per_tok` of `num_experts` experts, whose weights are 3-D parameters (no linear layers:
+LoRA reaches them through `lora.target_parameters`), and its routers get TRL's load-balancing loss.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 
 from silkie.models.family import VideoClip
 
+from .expert_layout import write_release_layout
 from .family import Qwen2VLFamily
 from .video import DEFAULT_VIDEO_MAX_TOKENS, DEFAULT_VIDEO_MIN_TOKENS, Qwen2VLVideos, folder_video_bounds
 
@@ -62,6 +67,25 @@ class Qwen3VLFamily(Qwen2VLFamily):
         # the DeepStack mergers too: a rank's blank pass must gather (ZeRO-3) and reduce the same parameters
         out = self.blank_tower_output(base)
         return torch.cat([*out.pooler_output, *(part for layer in out.deepstack_features for part in layer)])
+
+
+class Qwen3VLMoeFamily(Qwen3VLFamily):
+    """Qwen3-VL MoE: Qwen3-VL's interface; each decoder layer's `mlp.gate` routes tokens to its experts."""
+
+    class_names = ("Qwen3VLMoeForConditionalGeneration",)
+    default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # the experts: lora.target_parameters
+
+    def routers(self, base: nn.Module) -> list[nn.Module]:
+        return [layer.mlp.gate for layer in self.decoder_layers(base) if hasattr(layer.mlp, "experts")]
+
+    def router_aux_loss_coef(self, base: nn.Module) -> float:
+        return float(base.config.text_config.router_aux_loss_coef)
+
+    def router_top_k(self, base: nn.Module) -> int:
+        return int(base.config.text_config.num_experts_per_tok)
+
+    def finish_saved_folder(self, folder: str) -> None:
+        write_release_layout(folder)
 
 
 class Qwen3VLVideos(Qwen2VLVideos):

@@ -1,0 +1,70 @@
+"""Qwen3-VL MoE's expert weights on disk and in memory.
+
+The released checkpoints store each layer's experts as `mlp.experts.gate_up_proj` [E, H, 2I] and
+`mlp.experts.down_proj` [E, I, H]; transformers 5 holds them transposed ([E, 2I, H], [E, H, I]) and transposes a
+checkpoint tensor on load unless it already has the parameter's shape (`Transpose(check_dims=True)`). Its
+`save_pretrained` writes its own layout. Two consequences handled here:
+- under ZeRO-3 the parameter is a partitioned placeholder whose shape is never the tensor's, so every tensor was
+  transposed and a folder in transformers' layout (saved by transformers 5: a merged model, another tool's output)
+  failed to load (`expert_shapes_seen_under_zero3` compares with the full shape instead);
+- Silkie writes its folders (merged models, the tiny stand-in) in the release's layout (`write_release_layout`),
+  which every loader of the released model reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+@contextmanager
+def expert_shapes_seen_under_zero3() -> Iterator[None]:
+    """While loading: transformers' shape-checked transposes compare a checkpoint tensor with a ZeRO-3 partitioned
+    parameter's full shape (`ds_shape`), so both layouts load as they do without ZeRO-3. Other loads are unchanged."""
+    from transformers.core_model_loading import Transpose
+
+    original = Transpose.convert
+
+    def convert(self: Any, input_dict: dict, source_patterns: list, target_patterns: list, **kwargs: Any) -> dict:
+        model, name = kwargs.get("model"), kwargs.get("full_layer_name")
+        full = getattr(model.get_parameter(name), "ds_shape", None) if self.check_dims and model and name else None
+        if full is not None:
+            tensor = next(iter(input_dict.values()))
+            tensor = tensor[0] if isinstance(tensor, list) else tensor
+            if tuple(tensor.shape) == tuple(full):  # already the model's layout: kept as it is
+                return {self.get_target_pattern(input_dict, source_patterns, target_patterns): tensor}
+        return original(self, input_dict, source_patterns, target_patterns, **kwargs)
+
+    Transpose.convert = convert
+    try:
+        yield
+    finally:
+        Transpose.convert = original
+
+
+def write_release_layout(folder: str | Path) -> int:
+    """Rewrite the expert weights of a folder just saved by transformers 5 (its layout) in the release's layout,
+    shard by shard; returns how many tensors were transposed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
+    changed = 0
+    for shard in [folder / name for name in names] if names else sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        experts = [key for key in tensors if key.endswith(EXPERT_WEIGHTS)]
+        for key in experts:
+            tensors[key] = tensors[key].transpose(1, 2).contiguous()
+        if experts:
+            save_file(tensors, shard, metadata=metadata)
+            changed += len(experts)
+    return changed
