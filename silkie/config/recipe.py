@@ -24,6 +24,7 @@ from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
 from .lora_section import LoraSection, module_names
+from .names import MOE_FAMILIES
 from .objective import uses_reference
 from .sections import DataSection, ModelSection
 from .training import TRAINING_KEYS, check_training
@@ -76,6 +77,19 @@ class Recipe:
                 "recipe: dpo.sync_ref_model under LoRA moves a snapshot of the adapters on model.path, so it cannot "
                 f"start from model.ref_model = {self.model.ref_model!r}; leave model.ref_model out, or set "
                 "lora.enabled=false to mix the policy into that checkpoint"
+            )
+        moe = self.model.family in MOE_FAMILIES
+        if moe and self.lora.load_in_4bit:
+            raise RecipeError(
+                f"recipe: lora.load_in_4bit with model.family {self.model.family}: bitsandbytes quantizes linear "
+                "layers only, so the experts (most of the weights) would stay unquantized and peft's k-bit preparation "
+                "would cast them to fp32; train it in bf16 (deepspeed.stage=3 spreads it over the GPUs)"
+            )
+        if moe and self.model.compile_blocks and self.dpo.router_aux_loss_coef != 0:
+            raise RecipeError(
+                "recipe: model.compile_blocks: a compiled decoder block does not run the hooks that read the routers' "
+                f"logits, so {self.model.family}'s load-balancing loss (dpo.router_aux_loss_coef; null: the "
+                "checkpoint's) would be lost; set dpo.router_aux_loss_coef=0 or model.compile_blocks=false"
             )
         if self.lora.load_in_4bit and self.launch.cpu:  # refused before the launcher writes anything
             raise RecipeError(

@@ -48,12 +48,20 @@ class ScoredRows:
             return self.padding_mask.to(device)
         return block_mask(self.owner.to(device), self.segment.to(device))
 
-    def sequence_counts(self) -> torch.Tensor:
+    def sequence_counts(self, pair_weight: torch.Tensor | None = None) -> torch.Tensor:
         """[R, W] how many of the 2B sequences prompt+chosen, prompt+rejected each row token stands for: 1 per
-        token of concatenated rows; in packed rows 2 per shared prompt token, 1 per answer token; 0 for padding."""
+        token of concatenated rows; in packed rows 2 per shared prompt token, 1 per answer token; 0 for padding;
+        times its pair's `pair_weight` [B] when given (0: a pair left out of the loss)."""
         if self.padding_mask is not None:
-            return self.padding_mask.long()
-        return torch.where(self.segment == 0, 2, (self.segment > 0).long())
+            counts = self.padding_mask.long()
+            pairs = torch.arange(counts.size(0)) % (counts.size(0) // 2)  # rows: B chosen, then B rejected
+        else:
+            counts = torch.where(self.segment == 0, 2, (self.segment > 0).long())
+            pairs = self.owner.clamp(min=0)
+        if pair_weight is None:
+            return counts
+        weights = pair_weight.cpu().to(torch.float32)
+        return counts * (weights[pairs] if pairs.dim() == 2 else weights[pairs][:, None])
 
 
 def block_mask(owner: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:

@@ -153,11 +153,11 @@ def score_answers(
         and _ranks_need_the_tower(family.vision_module(base), grads=not no_grad and torch.is_grad_enabled())
     )
     stats = not no_grad if policy is None else policy  # a reference pass needs no metrics
-    balance = stats and options.router_aux_loss_coef != 0
+    routers = family.routers(base) if stats and options.router_aux_loss_coef != 0 else []
     with (
         torch.no_grad() if no_grad else nullcontext(),
         _blank_tower_pass(base, family, blank_tower),
-        _router_logits(family.routers(base) if balance else []) as router_logits,
+        _router_logits(routers) as router_logits,
     ):
         input_ids = rows.input_ids.to(device)
 
@@ -194,8 +194,11 @@ def score_answers(
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
                 scored[kind] = full_logits_token_logps(logits, index, targets, stats, sum_sq)
     scores = _sum_scores(rows, scored, size, device, batch.get("pair_weight"), options.ld_alpha)
-    if router_logits:
-        scores.aux_loss = router_balance_loss(router_logits, rows.sequence_counts(), family.router_top_k(base))
+    if routers:
+        if len(router_logits) != len(routers):  # e.g. a compiled block that does not run the hooks
+            raise RuntimeError(f"the load-balancing loss saw {len(router_logits)} of {len(routers)} routers' logits")
+        counts = rows.sequence_counts(batch.get("pair_weight"))
+        scores.aux_loss = router_balance_loss(router_logits, counts, family.router_top_k(base))
     return scores
 
 

@@ -81,12 +81,18 @@ def check_liger_available() -> None:
 
 
 def use_liger(base: nn.Module, family: str) -> int:
-    """Swap the language model's norms, MLPs and rotary for liger's kernels; returns how many modules changed."""
+    """Swap the language model's norms, MLPs and rotary for liger's kernels; returns how many modules changed.
+    MoE experts that carry peft's parameter adapters (`lora.target_parameters`) keep their own forward: liger's
+    expert kernel would read the weights past the adapters."""
     if family != "qwen_vl":
         import liger_kernel.transformers as liger
 
         patch = getattr(liger, LIGER_PATCHES[family])
-        patch(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+        swiglu = not any(type(module).__name__ == "ParamWrapper" for module in base.modules())
+        if not swiglu:
+            logger.info("liger-kernel: the experts carry LoRA (lora.target_parameters) and keep their own forward")
+        fused = {"cross_entropy": False, "fused_linear_cross_entropy": False}  # our log-probs are computed outside
+        patch(model=base, rope=True, rms_norm=True, swiglu=swiglu, **fused)
         return len(base.model.language_model.layers)
     changed = 0
     for name, module in base.named_modules():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from silkie.config import Recipe
+from silkie.models.family import get_family
 from silkie.run_dir import (
     ADAPTER_DIR,
     FINAL_METRICS_NAME,
@@ -84,6 +85,8 @@ def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict, 
     adapter_dir = working / ADAPTER_DIR
     with disk_space_guard(adapter_dir, working, "the adapter"):
         trainer.save_model(str(adapter_dir))
+        if not recipe.lora.enabled and trainer.is_world_process_zero():  # a whole model: in the release's layout
+            get_family(recipe.model.family).finish_saved_folder(str(adapter_dir))
     step = trainer.state.global_step
     metrics: dict = {"step": step, **train_summary(train_metrics, trainer.state.log_history, start_step, step)}
     if has_eval:

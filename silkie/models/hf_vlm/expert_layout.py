@@ -48,12 +48,17 @@ def expert_shapes_seen_under_zero3() -> Iterator[None]:
 
 
 def write_release_layout(folder: str | Path) -> int:
-    """Rewrite the expert weights of a folder just saved by transformers 5 (its layout) in the release's layout,
-    shard by shard; returns how many tensors were transposed."""
+    """Rewrite the expert weights of a checkpoint folder that are in transformers 5's layout in the release's,
+    shard by shard (config.json gives the widths; a weight already in the release's layout stays; where the two
+    layouts have one shape, H = 2I or H = I, the folder is taken as just saved by transformers); returns how many
+    tensors were transposed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    text = json.loads((folder / "config.json").read_text()).get("text_config", {})
+    hidden, inner = text["hidden_size"], text["moe_intermediate_size"]
+    internal = {EXPERT_WEIGHTS[0]: (2 * inner, hidden), EXPERT_WEIGHTS[1]: (hidden, inner)}  # transformers' [E, ...]
     index = folder / "model.safetensors.index.json"
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
     changed = 0
@@ -61,7 +66,8 @@ def write_release_layout(folder: str | Path) -> int:
         with safe_open(shard, "pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-        experts = [key for key in tensors if key.endswith(EXPERT_WEIGHTS)]
+        experts = [key for key in tensors for name, shape in internal.items()
+                   if key.endswith(name) and tuple(tensors[key].shape[1:]) == shape]  # fmt: skip
         for key in experts:
             tensors[key] = tensors[key].transpose(1, 2).contiguous()
         if experts:

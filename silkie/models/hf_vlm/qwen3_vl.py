@@ -87,6 +87,12 @@ class Qwen3VLMoeFamily(Qwen3VLFamily):
     def finish_saved_folder(self, folder: str) -> None:
         write_release_layout(folder)
 
+    def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
+        # a checkpoint saved with `output_router_logits: true` would have transformers compute its own balancing
+        # loss from the attention mask, which packed rows give as a 4-D block mask (it fails there); ours is
+        # computed from the routers' logits over TRL's tokens (`dpo.router_aux_loss_coef`)
+        return {**super().row_kwargs(base, input_ids), "output_router_logits": False}
+
 
 class Qwen3VLVideos(Qwen2VLVideos):
     """`VideoClip`s -> `pixel_values_videos` + `video_grid_thw`, and for each video the ids that replace its marker:
