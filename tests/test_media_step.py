@@ -123,9 +123,30 @@ def test_qwen_vl_several_pictures_score_as_the_plain_path(images):
     assert (swapped.chosen_logps - plain[0].chosen_logps).abs().max() > 1e-4
 
 
-def test_qwen3_vl_videos_are_laid_out_as_its_processor_lays_them_out(tmp_path):
+def join_space_and_angle(folder) -> None:
+    """Teach the tiny BPE Qwen's merge of a space and `<` into one token (`Ġ<`), as its real vocabulary has."""
+    import json
+
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab |= {token["content"]: token["id"] for token in data["added_tokens"]}  # else their ids would move up
+    vocab["\u0120<"] = len(vocab)
+    data["model"]["merges"].insert(0, ["\u0120", "<"])
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "merged"),
+    [("What happens in the clip?", False), ("Is <image> in the clip <video>?", False),
+     ("Is <image> in the clip <video>?", True)],
+    ids=["video-first", "marker-after-a-space", "marker-after-a-space-joined"],
+)  # fmt: skip
+def test_qwen3_vl_videos_are_laid_out_as_its_processor_lays_them_out(prompt, merged, tmp_path):
     """Qwen3-VL: per temporal patch `<t seconds>` and a vision span of its own, where the template wrote one span;
-    the prompt's ids equal the whole text tokenized as `Qwen3VLProcessor.replace_video_token` writes it."""
+    the prompt's ids equal the whole text tokenized as `Qwen3VLProcessor` writes it (images expanded, each video
+    by `replace_video_token`), also where the tokenizer joins the space before a mid-sentence marker with the
+    first timestamp's `<`."""
     from types import SimpleNamespace
 
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
@@ -135,27 +156,36 @@ def test_qwen3_vl_videos_are_laid_out_as_its_processor_lays_them_out(tmp_path):
     from .hf_fixtures import MEDIA_PAIRS, model_section
 
     folder = BUILDERS["qwen3_vl"](tmp_path / "qwen3")
+    if merged:
+        join_space_and_angle(folder)
     model = load_base_model(model_section(folder, "qwen3_vl"))
     batch, pad = media_batch(folder, "qwen3_vl", model)
     codec = load_tokenizer(model_section(folder, "qwen3_vl"))
+    assert (codec.tokenizer(" <", add_special_tokens=False)["input_ids"].__len__() == 1) == merged
     pairs = media_pairs("qwen3_vl")
-    row = [p[0] for p in pairs].index("What happens in the clip?")  # one 8-frame clip at 4 fps
+    row = [p[0] for p in pairs].index(prompt)
     i = MEDIA_PAIRS.index(pairs[row])
-    template = codec.prompt_text(pairs[row][0], [], [f"v{i}-0"])
+    sizes, clips = pairs[row][3], pairs[row][4]
+    template = codec.prompt_text(prompt, [f"m{i}-{k}" for k in range(len(sizes))], [f"v{i}-0"])
+    image = int(batch["image_counts"][:row].sum())  # this pair's first image and video among the batch's
+    video = int(batch["video_counts"][:row].sum())
+    for k in range(len(sizes)):
+        tokens = int(batch["image_grid_thw"][image + k].prod()) // 4
+        template = template.replace("<|image_pad|>", "<|placeholder|>" * tokens, 1)
+    template = template.replace("<|placeholder|>", "<|image_pad|>")
     wrapper = "<|vision_start|><|video_pad|><|vision_end|>"
     assert template.count(wrapper) == 1
     template = template.replace(wrapper, "<|video_pad|>")  # as Qwen3VLProcessor.get_text_with_replacements
-    grid = batch["video_grid_thw"][0]
-    assert grid.tolist() == [4, 4, 4]
     fake = SimpleNamespace(
         video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2), video_token="<|video_pad|>",
         vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
         _calculate_timestamps=lambda *args: Qwen3VLProcessor._calculate_timestamps(None, *args),
     )  # fmt: skip
-    metadata = SimpleNamespace(fps=4.0, frames_indices=list(range(8)))
-    frames = Qwen3VLProcessor.replace_video_token(fake, {"video_grid_thw": batch["video_grid_thw"],
-                                                         "video_metadata": [metadata]}, 0)  # fmt: skip
-    assert frames.startswith("<0.1 seconds><|vision_start|><|video_pad|>") and "<1.6 seconds>" in frames
+    metadata = SimpleNamespace(fps=4.0, frames_indices=list(range(clips[0])))  # every frame of the 4 fps clip
+    grids = batch["video_grid_thw"][video : video + 1]
+    frames = Qwen3VLProcessor.replace_video_token(fake, {"video_grid_thw": grids, "video_metadata": [metadata]}, 0)
+    assert frames.startswith("<0.1 seconds><|vision_start|><|video_pad|>")
     expected = codec.tokenizer(template.replace("<|video_pad|>", frames), add_special_tokens=False)["input_ids"]
     ids = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
     assert ids.tolist() == expected
+    assert (codec.tokenizer.convert_tokens_to_ids("\u0120<") in expected) == merged  # the case joined

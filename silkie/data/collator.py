@@ -37,7 +37,9 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_value: int) -> tuple[t
 
 def expand_markers(ids: Sequence[int], marker_id: int | None, counts: Sequence[int | Sequence[int]]) -> list[int]:
     """Replace the k-th `marker_id` in `ids` by `counts[k]` copies (that image's / video's feature tokens), or by the
-    token ids `counts[k]` lists (a layout with text between the feature tokens, e.g. Qwen3-VL's frame timestamps)."""
+    token ids `counts[k]` lists (a layout with text between the feature tokens, e.g. Qwen3-VL's frame timestamps);
+    a layout that opens with text and has `joined(before)` also retokenizes the text before the marker with it
+    (it returns how many ids before the marker it replaces, and the ids that replace them and the marker)."""
     ids = list(ids)
     if marker_id is None or not counts:
         return ids
@@ -45,7 +47,14 @@ def expand_markers(ids: Sequence[int], marker_id: int | None, counts: Sequence[i
     for token in ids:
         if token == marker_id and number < len(counts):
             count = counts[number]
-            out.extend([marker_id] * count if isinstance(count, int) else count)
+            if isinstance(count, int):
+                out.extend([marker_id] * count)
+            elif hasattr(count, "joined"):
+                replaced, joined = count.joined(out)
+                del out[len(out) - replaced :]
+                out.extend(joined)
+            else:
+                out.extend(count)
             number += 1
         else:
             out.append(token)
