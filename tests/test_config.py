@@ -190,7 +190,8 @@ def test_save_total_limit_zero_keeps_every_checkpoint_as_in_transformers(tmp_pat
 @pytest.mark.parametrize(
     ("override", "meant"),
     [("lora.rank=8", "r"), ("lora.lora_alpha=8", "alpha"), ("lora.lora_target=x", "target_modules"),
-     ("model.model_name_or_path=x", "path"), ("dpo.pref_beta=0.2", "beta"), ("dpo.pref_loss=ipo", "loss_type")],
+     ("model.model_name_or_path=x", "path"), ("dpo.pref_beta=0.2", "beta"), ("dpo.pref_loss=ipo", "loss_type"),
+     ("dpo.moe_aux_loss_coef=0.01", "router_aux_loss_coef")],
 )  # fmt: skip
 def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
     key = override.split("=")[0]
@@ -210,7 +211,9 @@ def test_names_from_peft_trl_and_llama_factory_point_to_ours(override, meant):
      ("dpo.cpo_alpha=1", "(CPO's NLL term is dpo.loss_type: [cpo, sft] with dpo.loss_weights: [1, ALPHA])"),
      ("training.simpo_gamma=1", "(did you mean 'dpo.simpo_gamma'?)"),
      ("dpo.loss_type=[sigmoid,rpo]", "dpo.loss_type = 'rpo': RPO is loss_type [sigmoid, sft] with loss_weights"),
-     ("lora.use_liger_kernel=true", "(did you mean 'model.liger_kernels'?)")],
+     ("lora.use_liger_kernel=true", "(did you mean 'model.liger_kernels'?)"),
+     ("training.router_aux_loss_coef=0.01", "(did you mean 'dpo.router_aux_loss_coef'?)"),
+     ("model.target_parameters=[x]", "(did you mean 'lora.target_parameters'?)")],
 )  # fmt: skip
 def test_trl_and_llama_factory_settings_in_another_section_or_missing_say_where_to_go(override, hint):
     with pytest.raises(RecipeError) as caught:

@@ -40,6 +40,7 @@ KNOWN_ALIASES = {
     "model_name_or_path": "path",
     "pref_beta": "beta",
     "pref_loss": "loss_type",
+    "moe_aux_loss_coef": "router_aux_loss_coef",  # LLaMA-Factory's
 }
 
 
@@ -54,6 +55,9 @@ ELSEWHERE = {
     "label_smoothing": "dpo.label_smoothing",
     "dpo_label_smoothing": "dpo.label_smoothing",
     "precompute_ref_log_probs": "dpo.precompute_ref_log_probs",
+    "router_aux_loss_coef": "dpo.router_aux_loss_coef",
+    "moe_aux_loss_coef": "dpo.router_aux_loss_coef",
+    "target_parameters": "lora.target_parameters",
     "rpo_alpha": "RPO is dpo.loss_type: [sigmoid, sft] with dpo.loss_weights: [1, ALPHA]",
     "pref_ftx": "an SFT term is dpo.loss_type: [sigmoid, sft] with dpo.loss_weights",
     "max_prompt_length": "there is no separate prompt limit: dpo.max_length bounds prompt + answer (image tokens "
