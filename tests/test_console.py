@@ -31,6 +31,9 @@ def test_lines_carry_what_a_user_follows():
     assert train_line(5, 270, {"loss": 0.5}, None, 3725) == (
         "step 5/270 | loss 0.5000 | acc n/a | margin n/a | lr n/a | ETA 1:02:05"
     )
+    assert train_line(5, 270, LOGS | {"aux_loss": 2.0312}, None, None) == (  # a MoE model's balancing loss
+        "step 5/270 | loss 0.6920 | acc 0.325 | margin 0.0023 | aux 2.031 | lr 2.86e-04"
+    )
     evaluation = {"eval_loss": 0.68, "eval_rewards/accuracies": 0.72, "eval_rewards/margins": 0.102}
     evaluation |= {"eval_rewards/image_gain": 0.25, "eval_runtime": 3.1, "eval_samples_per_second": 77.42}
     assert eval_line(50, evaluation) == (

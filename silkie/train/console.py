@@ -30,10 +30,13 @@ def _number(value: Any, spec: str) -> str:
 
 
 def train_line(step: int, max_steps: int, logs: dict, pairs_per_s: float | None, eta_s: float | None) -> str:
-    """`step 5/270 | loss 0.6920 | acc 0.325 | margin 0.0023 | lr 2.86e-04 | 4.7 pairs/s | ETA 0:56`."""
+    """`step 5/270 | loss 0.6920 | acc 0.325 | margin 0.0023 | lr 2.86e-04 | 4.7 pairs/s | ETA 0:56` (+ a MoE
+    model's `aux 2.031`, its routers' load-balancing loss, after the margin)."""
     parts = [f"step {step}/{max_steps}", f"loss {_number(logs.get('loss'), '.4f')}"]
     parts.append(f"acc {_number(logs.get('rewards/accuracies'), '.3f')}")
     parts.append(f"margin {_number(logs.get('rewards/margins'), '.4f')}")
+    if "aux_loss" in logs:
+        parts.append(f"aux {_number(logs['aux_loss'], '.3f')}")
     parts.append(f"lr {_number(logs.get('learning_rate'), '.2e')}")
     if pairs_per_s is not None:
         parts.append(f"{pairs_per_s:.1f} pairs/s")
