@@ -275,14 +275,26 @@ def test_recipes_that_would_lose_the_experts_or_the_balancing_loss_are_refused()
     assert load_recipe(demo, ["model.compile_blocks=true", "dpo.router_aux_loss_coef=0"]).model.compile_blocks
 
 
-def test_the_release_layout_is_written_once(folder, tmp_path):
+def test_the_release_layout_is_written_once(folder, tmp_path, caplog):
     """A folder already in the release's layout is left as it is (the shapes tell the layouts apart)."""
+    import json
+    import logging
     import shutil
 
     from silkie.models.hf_vlm.expert_layout import write_release_layout
 
     copy = shutil.copytree(folder, tmp_path / "copy")
     assert write_release_layout(copy) == 0 and _disk_shapes(copy) == _disk_shapes(folder)
+    config = json.loads((copy / "config.json").read_text())
+    config["text_config"]["moe_intermediate_size"] = 32  # 2I = H: gate_up has one shape in both layouts
+    (copy / "config.json").write_text(json.dumps(config))
+    silkie_logger = logging.getLogger("silkie")  # its own handler, not propagated once a run configured it
+    silkie_logger.addHandler(caplog.handler)
+    try:
+        assert write_release_layout(copy) == 0
+    finally:
+        silkie_logger.removeHandler(caplog.handler)
+    assert "mlp.experts.gate_up_proj square in both layouts; left as saved" in caplog.text
 
 
 def test_full_fine_tuning_saves_the_model_in_the_release_layout(folder, tmp_path):

@@ -85,14 +85,15 @@ def _finish(trainer, built, model_path: str, plot_metrics, train_metrics: dict, 
     adapter_dir = working / ADAPTER_DIR
     with disk_space_guard(adapter_dir, working, "the adapter"):
         trainer.save_model(str(adapter_dir))
-        if not recipe.lora.enabled and trainer.is_world_process_zero():  # a whole model: in the release's layout
-            get_family(recipe.model.family).finish_saved_folder(str(adapter_dir))
     step = trainer.state.global_step
     metrics: dict = {"step": step, **train_summary(train_metrics, trainer.state.log_history, start_step, step)}
     if has_eval:
         evaluation = _evaluation_at(trainer.state.log_history, trainer.state.global_step) or trainer.evaluate()
         metrics.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float)) and k != "step"})
     if trainer.is_world_process_zero():
+        if not recipe.lora.enabled:  # a whole model: written in the release's layout
+            with disk_space_guard(adapter_dir, working, "the model"):
+                get_family(recipe.model.family).finish_saved_folder(str(adapter_dir))
         tokenizer.save_pretrained(adapter_dir)
         (working / FINAL_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         finish_adapter(recipe, model_path, working, metrics, pairs)

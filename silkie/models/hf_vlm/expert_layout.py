@@ -3,23 +3,27 @@
 The released checkpoints store each layer's experts as `mlp.experts.gate_up_proj` [E, H, 2I] and
 `mlp.experts.down_proj` [E, I, H]; transformers 5 holds them transposed ([E, 2I, H], [E, H, I]) and transposes a
 checkpoint tensor on load unless it already has the parameter's shape (`Transpose(check_dims=True)`). Its
-`save_pretrained` writes its own layout. Two consequences handled here:
+`save_pretrained` writes its own layout (under ZeRO-3, the release's: the same check meets a partitioned
+placeholder). Two consequences handled here:
 - under ZeRO-3 the parameter is a partitioned placeholder whose shape is never the tensor's, so every tensor was
   transposed and a folder in transformers' layout (saved by transformers 5: a merged model, another tool's output)
   failed to load (`expert_shapes_seen_under_zero3` compares with the full shape instead);
-- Silkie writes its folders (merged models, the tiny stand-in) in the release's layout (`write_release_layout`),
-  which every loader of the released model reads.
+- Silkie writes its finished folders (merged models, a full fine-tuning run's model, the tiny stand-in) in the
+  release's layout (`write_release_layout`), which every loader of the released model reads. Where the two layouts
+  share a shape (H = 2I or H = I: no release) a folder cannot tell them apart and is left as it is.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -49,9 +53,9 @@ def expert_shapes_seen_under_zero3() -> Iterator[None]:
 
 def write_release_layout(folder: str | Path) -> int:
     """Rewrite the expert weights of a checkpoint folder that are in transformers 5's layout in the release's,
-    shard by shard (config.json gives the widths; a weight already in the release's layout stays; where the two
-    layouts have one shape, H = 2I or H = I, the folder is taken as just saved by transformers); returns how many
-    tensors were transposed."""
+    shard by shard (config.json gives the widths; a weight already in the release's layout stays; a weight whose
+    two layouts share a shape, H = 2I or H = I, stays too, with a warning); returns how many tensors were
+    transposed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -59,6 +63,10 @@ def write_release_layout(folder: str | Path) -> int:
     text = json.loads((folder / "config.json").read_text()).get("text_config", {})
     hidden, inner = text["hidden_size"], text["moe_intermediate_size"]
     internal = {EXPERT_WEIGHTS[0]: (2 * inner, hidden), EXPERT_WEIGHTS[1]: (hidden, inner)}  # transformers' [E, ...]
+    ambiguous = [name for name, shape in internal.items() if shape[0] == shape[1]]
+    if ambiguous:
+        logger.warning("%s: %s square in both layouts; left as saved", folder, ", ".join(ambiguous))
+        internal = {name: shape for name, shape in internal.items() if name not in ambiguous}
     index = folder / "model.safetensors.index.json"
     names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
     changed = 0

@@ -124,7 +124,8 @@ class Qwen3VLVideos(Qwen2VLVideos):
         return section.video_min_pixels or min(DEFAULT_VIDEO_MIN_TOKENS * unit, most), most
 
     def fingerprint(self) -> str:
-        return f"{super().fingerprint()}, clip {self.clip_floor}-{self.clip_budget} px, timestamps"
+        clip = f"clip {self.clip_floor}-{self.clip_budget} px"
+        return f"{super().fingerprint()}, {clip}, timestamps joined to the text before"
 
     def most_tokens(self, max_frames: int) -> int:
         """Most ids a video of at most `max_frames` sampled frames takes: per temporal patch its feature tokens, the
