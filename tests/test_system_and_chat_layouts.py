@@ -176,3 +176,40 @@ def test_a_generation_prompt_that_opens_a_think_block_ends_the_prompt_where_trl_
             assert whole.startswith(trl["prompt"]) and whole.endswith(opened)
     finally:
         codec.processor.chat_template = template  # the processor is cached per folder: leave it as found
+
+
+def test_answers_that_open_as_the_generation_prompt_does_are_split_as_trl_splits_them(tmp_path):
+    """TRL's `DPOTrainer` tokenizes the whole generation prompt and prompt+answer, and the prompt ends where they
+    part for either answer: when both answers open with the `<think>` the generation prompt writes, that text is
+    the prompt's; when one does not, the split is the template's. The ids equal TRL's rule, pair by pair."""
+    from trl.data_utils import common_prefix_length
+
+    from silkie.models.loading import load_tokenizer
+
+    codec = load_tokenizer(model_section(BUILDERS["qwen3_vl"](tmp_path), "qwen3_vl"))
+    template = codec.processor.chat_template
+    generation = "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    codec.processor.chat_template = template.replace(generation, generation.replace(
+        "<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n"))  # fmt: skip
+
+    def ids(messages: list, generation_prompt: bool) -> list[int]:
+        text = codec.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return codec.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def turn(text: str) -> dict:
+        return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+    try:
+        cases = [("<think>\nred</think>Red.", "<think>\nblue</think>Blue.", True),
+                 ("<think>\nred</think>Red.", "Blue.", False), ("Red.", "Blue.", False)]  # fmt: skip
+        for chosen, rejected, opens in cases:
+            pair, reason = encode_pair("<image>Which colour?", ["a.jpg"], chosen, rejected, codec)
+            whole, with_chosen, with_rejected = ids([USER], True), ids([USER, turn(chosen)], False), ids(
+                [USER, turn(rejected)], False)  # fmt: skip
+            split = min(common_prefix_length(whole, with_chosen), common_prefix_length(whole, with_rejected))
+            assert reason is None and pair["prompt_input_ids"] == whole[:split]
+            assert pair["chosen_input_ids"] == with_chosen[split:]
+            assert pair["rejected_input_ids"] == with_rejected[split:]
+            assert (split == len(whole)) == opens  # the whole generation prompt is the prompt when both open with it
+    finally:
+        codec.processor.chat_template = template  # the processor is cached per folder: leave it as found

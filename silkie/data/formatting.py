@@ -88,6 +88,27 @@ def _media_tokens(codec: Any, images: Sequence[str], videos: Sequence[str], vide
     return tokens + len(videos) * codec.video_token_budget(video_frames) if videos else tokens
 
 
+def trl_prompt_split(
+    prompt_ids: list[int], whole: list[int], chosen_ids: list[int], rejected_ids: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """TRL's `DPOTrainer` split where the whole generation prompt (`whole`) writes more than the template's rendered
+    assistant turn starts with (e.g. a reasoning template's `<think>`): its prompt is the whole prompt up to where it
+    parts from prompt+chosen or from prompt+rejected, so when both answers open with (part of) that extra text, that
+    part is the prompt's, not the answers'. `prompt_ids` ends where the rendered turn starts."""
+    if whole[: len(prompt_ids)] != prompt_ids:
+        return prompt_ids, chosen_ids, rejected_ids
+    tail = whole[len(prompt_ids) :]
+    shared = min(_common_length(tail, chosen_ids), _common_length(tail, rejected_ids))
+    shared = min(shared, len(chosen_ids) - 1, len(rejected_ids) - 1)  # each answer keeps a token to score
+    if shared <= 0:
+        return prompt_ids, chosen_ids, rejected_ids
+    return prompt_ids + tail[:shared], chosen_ids[shared:], rejected_ids[shared:]
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def encode_pair(
     prompt: str,
     images: str | Sequence[str] | None,
@@ -118,6 +139,9 @@ def encode_pair(
         prompt_ids = codec.prompt_ids(prompt, images, videos, system=system, history=history)
         chosen_ids = codec.answer_ids(chosen)
         rejected_ids = codec.answer_ids(rejected)
+        if getattr(codec, "generation_tail", ""):  # TRL's split, pair by pair
+            whole = codec.prompt_ids(prompt, images, videos, system=system, history=history, generation=True)
+            prompt_ids, chosen_ids, rejected_ids = trl_prompt_split(prompt_ids, whole, chosen_ids, rejected_ids)
     except PairTextError as error:
         return None, error.reason
     for marker, count in ((codec.image_marker_id, len(images)), (codec.video_marker_id, len(videos))):

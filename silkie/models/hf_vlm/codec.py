@@ -156,6 +156,11 @@ class ChatTemplateCodec:
         tail = "" if generation else self._generation_tail()
         return text[: -len(tail)] if tail and text.endswith(tail) else text
 
+    @property
+    def generation_tail(self) -> str:
+        """What the whole generation prompt writes past a pair's prompt (usually "": see `_generation_tail`)."""
+        return self._generation_tail()
+
     def _generation_tail(self) -> str:
         """What the generation prompt writes that a rendered assistant turn does not (e.g. a `<think>` that a
         reasoning template opens only when asked to generate): TRL's `DPOTrainer` ends the prompt where the two
@@ -235,6 +240,8 @@ class ChatTemplateCodec:
         digest.update(str(self.processor.chat_template or self.tokenizer.chat_template).encode())
         digest.update(f"image tokens <= {self.image_token_budget}".encode())  # decides which pairs max_length drops
         digest.update(f"video slices {self.videos.slice_key() if self.videos is not None else None}".encode())
+        if self.generation_tail:  # pairs whose answers open as the tail does are split as TRL splits them
+            digest.update(b"answers that open with the generation prompt's tail: that part in the prompt")
         return digest.hexdigest()
 
     def save_pretrained(self, directory: str) -> Any:
