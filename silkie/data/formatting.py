@@ -98,15 +98,11 @@ def trl_prompt_split(
     if whole[: len(prompt_ids)] != prompt_ids:
         return prompt_ids, chosen_ids, rejected_ids
     tail = whole[len(prompt_ids) :]
-    shared = min(_common_length(tail, chosen_ids), _common_length(tail, rejected_ids))
+    shared = min(len(os.path.commonprefix([tail, chosen_ids])), len(os.path.commonprefix([tail, rejected_ids])))
     shared = min(shared, len(chosen_ids) - 1, len(rejected_ids) - 1)  # each answer keeps a token to score
     if shared <= 0:
         return prompt_ids, chosen_ids, rejected_ids
     return prompt_ids + tail[:shared], chosen_ids[shared:], rejected_ids[shared:]
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def encode_pair(

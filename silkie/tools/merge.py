@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from silkie.models.family import get_family
+from silkie.models.qwen_vl.checkpoint_io import weight_files
 from silkie.run_dir import CONFIG_NAME, holds_run
 from silkie.tools.cli import ToolError, require_dir, require_model_dir
 from silkie.tools.common import family_of, load_codec_from, load_model
@@ -171,14 +172,5 @@ def merge_adapter(
         shutil.rmtree(staged, ignore_errors=True)
         raise
     _replace_folder(staged, out_dir)
-    return MergeResult(out_dir=out_dir, shards=shard_files(out_dir), dtype=dtype, copied=copied, update_kept=kept)
+    return MergeResult(out_dir=out_dir, shards=weight_files(out_dir), dtype=dtype, copied=copied, update_kept=kept)
 
-
-def shard_files(folder: str | Path) -> list[Path]:
-    """The safetensors weight files of a checkpoint folder (from its index when sharded)."""
-    folder = Path(folder)
-    index = folder / WEIGHT_INDEXES[0]
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in names]
-    return sorted(folder.glob("*.safetensors"))

@@ -148,20 +148,16 @@ class ChatTemplateCodec:
 
     def _prompt_from(self, messages: list[dict], system: str | None, generation: bool = False) -> str:
         """`messages` rendered after the system turn (`system`, else the template's default), with the generation
-        prompt: whole for `generation`, else up to where the assistant turn's answer starts (`_generation_tail`)."""
+        prompt: whole for `generation`, else up to where the assistant turn's answer starts (`generation_tail`)."""
         if system is not None and not self._renders_system():
             raise PairTextError("system_unsupported", f"{type(self.processor).__name__}'s chat template leaves the "
                                 "system message out (or refuses one)")  # fmt: skip
         text = self._render(messages if system is None else [_system_message(system), *messages], True)
-        tail = "" if generation else self._generation_tail()
+        tail = "" if generation else self.generation_tail
         return text[: -len(tail)] if tail and text.endswith(tail) else text
 
     @property
     def generation_tail(self) -> str:
-        """What the whole generation prompt writes past a pair's prompt (usually "": see `_generation_tail`)."""
-        return self._generation_tail()
-
-    def _generation_tail(self) -> str:
         """What the generation prompt writes that a rendered assistant turn does not (e.g. a `<think>` that a
         reasoning template opens only when asked to generate): TRL's `DPOTrainer` ends the prompt where the two
         renderings part, so the prompt leaves it out and an answer is the rest of its assistant turn. Usually ""."""

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from silkie.models.qwen_vl.checkpoint_io import weight_files
+
 EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,8 @@ def write_release_layout(folder: str | Path) -> int:
     if ambiguous:
         logger.warning("%s: %s square in both layouts; left as saved", folder, ", ".join(ambiguous))
         internal = {name: shape for name, shape in internal.items() if name not in ambiguous}
-    index = folder / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else None
     changed = 0
-    for shard in [folder / name for name in names] if names else sorted(folder.glob("*.safetensors")):
+    for shard in weight_files(folder):
         with safe_open(shard, "pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)

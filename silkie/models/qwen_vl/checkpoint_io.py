@@ -19,7 +19,9 @@ class CheckpointError(InputError):
     """A checkpoint folder or file that cannot be loaded; the message names it."""
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder (safetensors first; from its index when sharded); CheckpointError
+    naming the folder or index when there are none or the index lists missing shards."""
     for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
         if (folder / index).is_file():
             try:
@@ -76,7 +78,7 @@ def check_checkpoint_dir(folder: str | Path) -> None:
         json.loads(config.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config}: not valid JSON ({err})") from err
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         check_weight_file(path)
 
 
