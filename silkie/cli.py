@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # verb -> (module with main(argv), wha
     "bench-data": ("silkie.dev.bench_data", "data pipeline throughput, cold and cached"),
     "demo-assets": ("silkie.dev.demo_assets", "tiny checkpoints of every family and a synthetic release"),
     "tiny-qwen-vl": ("silkie.dev.tiny_qwen_vl_cli", "a tiny random Qwen-VL-Chat checkpoint"),
-    "tiny-hf-vlm": ("silkie.dev.tiny_hf_vlm_cli", "a tiny random Qwen2-VL / Qwen2.5-VL / LLaVA folder"),
+    "tiny-hf-vlm": ("silkie.dev.tiny_hf_vlm_cli", "a tiny random Qwen2-VL / Qwen3-VL / LLaVA / InternVL folder"),
     "synthetic": ("silkie.dev.synthetic_cli", "a synthetic VLFeedback release"),
     "gpu-check": ("silkie.dev.gpu_check", "the GPU proof run"),
     "lever-check": ("silkie.dev.lever_check", "each speed lever against the fp32 reference on one batch"),

@@ -18,6 +18,7 @@ VISION_NAMES = {
     "qwen3_vl": "model.visual.",
     "qwen3_vl_moe": "model.visual.",
     "llava": "model.vision_tower.",
+    "internvl": "model.vision_tower.",
 }
 PROJECTORS = {
     "qwen2_vl": ("model.visual.merger.",),
@@ -25,6 +26,7 @@ PROJECTORS = {
     "qwen3_vl": ("model.visual.merger.", "model.visual.deepstack_merger_list."),  # DeepStack mergers project too
     "qwen3_vl_moe": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
     "llava": ("model.multi_modal_projector.",),
+    "internvl": ("model.multi_modal_projector.",),
 }
 
 
@@ -83,8 +85,8 @@ def test_lora_targets_every_llm_linear_and_the_vision_tower_only_when_asked(fold
     assert trainable and all("lora_" in n for n in trainable)
     with_vision = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4, vision=True), family)
     vision = [n for n, _ in with_vision.named_parameters() if "lora_A" in n and VISION_NAMES[family] in n]
-    # qkv proj fc1 fc2 | + gate up down | q k v out | qkv proj linear_fc1 linear_fc2
-    per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6, "qwen3_vl": 4, "qwen3_vl_moe": 4}[family]
+    # qkv proj fc1 fc2 | + gate up down | q k v out fc1 fc2 | qkv proj linear_fc1 linear_fc2 | q k v projection fc1 fc2
+    per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6, "qwen3_vl": 4, "qwen3_vl_moe": 4, "internvl": 6}[family]
     assert len(vision) == 2 * per_block
 
 
@@ -118,7 +120,12 @@ def test_tokenization_cache_key_follows_the_codec(folder):
         assert cache_key([record], codec, 64, "drop") != key
     finally:
         codec.processor.chat_template = template  # the processor is cached per folder: leave it as found
-    if family != "llava":  # the image token bound decides which pairs max_length drops
+    # the image token bound decides which pairs max_length drops
+    if family == "internvl":  # one tile: its 16 context tokens between <img> and </img>
+        bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_tiles=1))
+        assert codec.image_token_budget == 5 * 16 + 2  # at most 4 tiles + the thumbnail
+        assert bounded.image_token_budget == 18 and cache_key([record], bounded, 64, "drop") != key
+    elif family != "llava":
         side = 2 * 2 * codec.processor.image_processor.patch_size  # 2x2 merged tokens (merge size 2)
         bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_pixels=side * side))
         assert bounded.image_token_budget == 4 and cache_key([record], bounded, 64, "drop") != key
@@ -168,8 +175,8 @@ def test_an_image_the_processor_cannot_take_drops_its_pair(folder):
     from .hf_fixtures import MemoryImages, tokenized_rows
 
     family, path = folder
-    if family == "llava":
-        pytest.skip("CLIP resizes any aspect ratio")
+    if family in ("llava", "internvl"):
+        pytest.skip("CLIP resizes any aspect ratio; InternVL tiles it")
     section = model_section(path, family)
     codec = load_tokenizer(section)
     store = MemoryImages()

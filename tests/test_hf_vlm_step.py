@@ -36,6 +36,11 @@ def test_batch_expands_each_image_to_its_feature_tokens(setup):
         # Qwen3-VL: 16 px patches, 32 px per token: 64x80 -> 64x64 px -> grid 4x4 -> 4 tokens
         assert batch["image_grid_thw"].tolist()[0] == ([1, 4, 4] if family.startswith("qwen3_vl") else [1, 6, 4])
         assert len(set(per_image)) > 1
+    elif family == "internvl":  # 112 px tiles of 16 tokens: 64x80 -> 1 tile; 112x56 -> 2 + a thumbnail; 90x90 -> 1
+        assert batch["image_tiles"].tolist() == [1, 3, 1] and batch["pixel_values"].size(0) == 5
+        per_image = [16, 48, 16]
+        starts = batch["prompt_input_ids"] == model.config.image_token_id - 2  # <img>, </img> around each image
+        assert starts.sum(dim=1).tolist() == [1, 1, 0, 1]
     else:
         per_image = [16] * int(batch["pixel_values"].size(0))
     assert batch["image_counts"].tolist() == [1, 1, 0, 1]

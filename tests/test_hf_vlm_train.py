@@ -21,6 +21,7 @@ FOLDERS = {family: TINY_FOLDERS[family] for family in BUILDERS}
 RECIPES = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo_qwen2_vl", "qwen3_vl": "demo_qwen3_vl"}
 RECIPES["qwen3_vl_moe"] = "demo_qwen3_vl_moe"  # LoRA on the experts too; the routers' load-balancing loss
 RECIPES["llava"] = "demo_llava"
+RECIPES["internvl"] = "demo_internvl"
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,11 @@ def test_every_image_and_video_fills_its_own_span(setup):
     if family == "llava":
         assert image_tokens.tolist() == [16 * len(p[3]) for p in pairs]
         return
-    per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    if family == "internvl":  # 16 tokens per 112 px tile; a thumbnail where an image takes several tiles
+        assert batch["image_tiles"].tolist() == [1, 3, 1, 1, 1] and batch["pixel_values"].size(0) == 7
+        per_image = (batch["image_tiles"] * 16).tolist()
+    else:
+        per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
     starts = torch.cumsum(torch.tensor([0] + [len(p[3]) for p in pairs]), 0).tolist()
     assert image_tokens.tolist() == [sum(per_image[a:b]) for a, b in zip(starts, starts[1:])]
     if family not in VIDEO_FAMILIES:

@@ -109,11 +109,12 @@ def test_hf_families_render_the_system_message_or_drop_the_pair(family, tmp_path
     if family == "llava":  # llava-hf's template writes a system message as plain text before USER:
         assert text.startswith("Answer in one word. USER:") and not codec.tokenizer.decode(
             plain[0]["prompt_input_ids"]).startswith("Answer")  # fmt: skip
-    else:  # chatml: the system turn in place of the template's default one (Qwen3-VL's has none)
+    else:  # chatml: the system turn in place of the template's default one (Qwen3-VL's and InternVL's have none)
         assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "helpful assistant" not in text
         default = codec.tokenizer.decode(plain[0]["prompt_input_ids"])
-        assert ("helpful assistant" in default) == (not family.startswith("qwen3_vl"))
-        assert default.startswith("<|im_start|>user\n") == family.startswith("qwen3_vl")
+        no_default = family.startswith("qwen3_vl") or family == "internvl"
+        assert ("helpful assistant" in default) == (not no_default)
+        assert default.startswith("<|im_start|>user\n") == no_default
     dataset = tokenize_pairs(pairs, codec, max_length=4096)
     assert [list(ids) for ids in dataset["prompt_input_ids"]] == [plain[0]["prompt_input_ids"],
                                                                  told[0]["prompt_input_ids"]]  # fmt: skip

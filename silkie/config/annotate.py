@@ -27,7 +27,8 @@ class PoolModel:
 
     path: str = key(
         "",
-        "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava).",
+        "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava, "
+        "internvl).",
         "",
     )
     name: str | None = key(None, "The answer's `model` in the release (null: the folder's name).", "")

@@ -12,12 +12,14 @@ FAMILY_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "qwen3_vl": ("silkie.models.hf_vlm.qwen3_vl:Qwen3VLFamily", ("qwen3_vl",)),
     "qwen3_vl_moe": ("silkie.models.hf_vlm.qwen3_vl:Qwen3VLMoeFamily", ("qwen3_vl_moe",)),
     "llava": ("silkie.models.hf_vlm.family:LlavaFamily", ("llava",)),
+    "internvl": ("silkie.models.hf_vlm.internvl:InternVLFamily", ("internvl",)),
 }
 FAMILIES = tuple(FAMILY_TABLE)
 MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items() for model_type in types}
 # the transformers Qwen VLMs: images of any size within model.min_pixels..max_pixels, M-RoPE positions
 QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 VIDEO_FAMILIES = QWEN_HF_FAMILIES  # the families Silkie feeds video to
+TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
 MOE_FAMILIES = ("qwen3_vl_moe",)  # mixture-of-experts language models: a router load-balancing loss, expert LoRA
 
 LOSS_TYPES = (

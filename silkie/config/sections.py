@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from silkie.errors import RecipeError
 
 from .checks import choice, key, require
-from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS, QWEN_HF_FAMILIES, VIDEO_FAMILIES
+from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS, QWEN_HF_FAMILIES, TILED_FAMILIES, VIDEO_FAMILIES
 
 
 @dataclass
@@ -24,8 +24,9 @@ class ModelSection:
     )
     family: str = key(
         "qwen_vl",
-        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava` "
-        "(transformers); left out, read from the local checkpoint's config.json (`model_type`), else qwen_vl.",
+        "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, "
+        "`llava`, `internvl` (transformers); left out, read from the local checkpoint's config.json (`model_type`), "
+        "else qwen_vl.",
         "models.family:get_family",
     )
     ref_model: str | None = key(
@@ -73,6 +74,13 @@ class ModelSection:
     max_pixels: int | None = key(
         None,
         "Qwen2-VL families: most pixels per image after resizing; bounds image tokens.",
+        "models.hf_vlm.codec:load_processor",
+    )
+    max_tiles: int | None = key(
+        None,
+        "internvl: most tiles an image is cut into at the processor's tile size (448 px; its `max_patches`, a "
+        "thumbnail tile added when an image takes several); bounds image tokens (256 per tile). null: the "
+        "checkpoint's (12).",
         "models.hf_vlm.codec:load_processor",
     )
     video_min_pixels: int | None = key(
@@ -124,6 +132,13 @@ class ModelSection:
                 value,
                 f"null: only {'/'.join(takes)} take {'video' if video else 'per-image'} pixel bounds",
             )
+        require(self.max_tiles is None or self.max_tiles >= 1, "model.max_tiles", self.max_tiles, "null or >= 1")
+        require(
+            self.max_tiles is None or self.family in TILED_FAMILIES,
+            "model.max_tiles",
+            self.max_tiles,
+            f"null: only {'/'.join(TILED_FAMILIES)} cut images into tiles",
+        )
         for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels")):
             bottom, top = getattr(self, low), getattr(self, high)
             if bottom is not None and top is not None:

@@ -169,7 +169,8 @@ def pair_tokens(codec: Any, processor: Any, pairs: list[dict]) -> float:
     extra = getattr(processed, "tokens_per_image", None)  # a marker the collator expands (else the span is inline)
     total = 0
     for index, pair in enumerate(sample):
-        total += len(codec.prompt_ids(pair["prompt"], "x")) + (extra[index] - 1 if extra is not None else 0)
+        span = 0 if extra is None else extra[index] if isinstance(extra[index], int) else len(extra[index])
+        total += len(codec.prompt_ids(pair["prompt"], "x")) + max(span - 1, 0)
         total += len(codec.answer_ids(pair["chosen"])) + len(codec.answer_ids(pair["rejected"]))
     return total / len(sample)
 

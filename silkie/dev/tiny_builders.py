@@ -13,6 +13,7 @@ TINY_BUILDERS = {
     "qwen3_vl": "silkie.dev.tiny_qwen3_vl:build_tiny_qwen3_vl",
     "qwen3_vl_moe": "silkie.dev.tiny_qwen3_vl:build_tiny_qwen3_vl_moe",
     "llava": "silkie.dev.tiny_hf_vlm:build_tiny_llava",
+    "internvl": "silkie.dev.tiny_internvl:build_tiny_internvl",
 }
 TINY_FOLDERS = {  # the folder names the demo assets use
     "qwen_vl": "tiny-qwen-vl",
@@ -21,6 +22,7 @@ TINY_FOLDERS = {  # the folder names the demo assets use
     "qwen3_vl": "tiny-qwen3-vl",
     "qwen3_vl_moe": "tiny-qwen3-vl-moe",
     "llava": "tiny-llava",
+    "internvl": "tiny-internvl",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -82,6 +82,7 @@ QWEN2_VL_MIN_PIXELS = 56 * 56  # 4 merged tokens at least
 QWEN2_VL_MAX_PIXELS = 112 * 112  # 16 merged tokens at most
 LLAVA_IMAGE_SIZE = 56  # (56 / 14)^2 = 16 image tokens
 PATCH_SIZE = 14
+QWEN_VIDEO_KEYS = ("patch_size", "temporal_patch_size", "merge_size")  # the video processor's own settings
 TEXT_HIDDEN = 64
 VISION_HIDDEN = 32
 
@@ -266,16 +267,16 @@ def save_tiny_model(model_class: type[PreTrainedModel], config, out: Path, seed:
 
 
 def finish_image_only_processor(
-    out: Path, image_processor: Qwen2VLImageProcessorPil, video_type: str = "Qwen2VLVideoProcessor"
+    out: Path, image_processor: Any, video_type: str = "Qwen2VLVideoProcessor", keys: Sequence[str] = QWEN_VIDEO_KEYS
 ) -> None:
     """Let a saved image-only processor (`ImageOnlyQwen2VLProcessor`, ...) load as the official one where
     torchvision is.
 
     Drops the class name (AutoProcessor then goes by config.json's model type) and records the video processor
-    settings (of `video_type`) that the official processor needs.
+    settings (of `video_type`: the image processor's size and `keys`) that the official processor needs.
     """
     video = {"video_processor_type": video_type, "size": dict(image_processor.size)}
-    video |= {key: getattr(image_processor, key) for key in ("patch_size", "temporal_patch_size", "merge_size")}
+    video |= {key: getattr(image_processor, key) for key in keys}
     for name, extra in (("processor_config.json", {"video_processor": video}), ("tokenizer_config.json", {})):
         data = json.loads((out / name).read_text(encoding="utf-8"))
         data.pop("processor_class", None)

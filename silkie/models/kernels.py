@@ -36,6 +36,7 @@ LIGER_PATCHES = {  # family -> liger-kernel's patch function for a loaded model 
     "qwen3_vl": "apply_liger_kernel_to_qwen3_vl",
     "qwen3_vl_moe": "apply_liger_kernel_to_qwen3_vl_moe",
     "llava": "apply_liger_kernel_to_llava",
+    "internvl": "apply_liger_kernel_to_internvl",  # its language model's patch (+ the tower's norms)
 }
 
 

@@ -100,7 +100,9 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
     found = next((Path(f) for f in (*folders, model_dir) if f and (Path(f) / "tokenizer_config.json").is_file()), None)
     if found is None:
         raise ToolError(f"no tokenizer_config.json in {', '.join(str(f) for f in (*folders, model_dir) if f)}")
-    bounds = {"min_pixels": section.min_pixels, "max_pixels": section.max_pixels} if section is not None else {}
+    bounds = {}
+    if section is not None:
+        bounds = {name: getattr(section, name) for name in ("min_pixels", "max_pixels", "max_tiles")}
     return get_family(family).load_codec(ModelSection(path=str(model_dir), family=family, **bounds), files=str(found))
 
 

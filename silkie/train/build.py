@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from silkie.config import Recipe, RecipeError, save_recipe
+from silkie.config.names import TILED_FAMILIES
 from silkie.config.objective import uses_reference
 from silkie.config.trackers import missing_trackers
 from silkie.errors import InputError
@@ -119,10 +120,12 @@ def build_trainer(
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, ref_model=ref_dir))
     codec = codec if codec is not None else load_tokenizer(recipe.model)
     if codec.image_token_budget >= recipe.dpo.max_length:
+        tiles = recipe.model.family in TILED_FAMILIES
+        bound, example = ("model.max_tiles", "6") if tiles else ("model.max_pixels", "200704 = 448x448 -> 256 tokens")
         raise RecipeError(
-            f"model.max_pixels: one image may take {codec.image_token_budget} tokens, not below dpo.max_length "
-            f"= {recipe.dpo.max_length}, so every pair with an image would be dropped; lower model.max_pixels "
-            "(e.g. 200704 = 448x448 -> 256 tokens) or raise dpo.max_length"
+            f"{bound}: one image may take {codec.image_token_budget} tokens, not below dpo.max_length "
+            f"= {recipe.dpo.max_length}, so every pair with an image would be dropped; lower {bound} "
+            f"(e.g. {example}) or raise dpo.max_length"
         )
     if data is None:
         with args.main_process_first(desc="tokenizing pairs"):

@@ -24,13 +24,18 @@ from silkie.models.media import MARKERS, Turns, as_keys, as_turns, media_segment
 
 
 @functools.lru_cache(maxsize=8)
-def load_processor(path: str, min_pixels: int | None, max_pixels: int | None) -> Any:
-    """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds applied (Qwen2-VL)."""
+def load_processor(path: str, min_pixels: int | None, max_pixels: int | None, max_tiles: int | None = None) -> Any:
+    """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds (Qwen2-VL) or tile bound
+    (InternVL) applied."""
     from transformers import AutoProcessor
 
     from .processors import load_image_only_processor
 
     processor = load_image_only_processor(path) or AutoProcessor.from_pretrained(path)
+    if max_tiles is not None:
+        if not hasattr(processor.image_processor, "max_patches"):
+            raise InputError("model.max_tiles: only tiling processors (InternVL's) take a tile bound")
+        processor.image_processor.max_patches = max_tiles
     if min_pixels is not None or max_pixels is not None:
         image = processor.image_processor
         if not hasattr(image, "merge_size"):
@@ -88,7 +93,8 @@ class ChatTemplateCodec:
         self._tags = [tag for tag in (processor.image_token, video_token) if tag]
         template = str(processor.chat_template or self.tokenizer.chat_template or "")
         specials = {*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()}
-        self.template_markers = tuple(sorted(t for t in specials if t and t in template and t not in self._tags))
+        media = {processor.image_token, getattr(processor, "video_token", None)}  # markers, also of media it refuses
+        self.template_markers = tuple(sorted(t for t in specials if t and t in template and t not in media))
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self._system_probe: tuple[str | None, bool] = (None, False)  # (template, renders a system message)

@@ -44,6 +44,7 @@ class HFVisionFamily(ModelFamily):
     vision_parts: tuple[str, ...] = ()  # attribute names under `model.model` (tower first, projector last)
     projector_part = ""
     video_span_collapsed = False  # the template's vision span around a video becomes the bare marker (Qwen3-VL)
+    generation_skip_keys: tuple[str, ...] = ()  # image-batch tensors for the DPO step only, not for generate()
 
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         from transformers import AutoModelForImageTextToText
@@ -76,7 +77,7 @@ class HFVisionFamily(ModelFamily):
         """The codec of the checkpoint; tokenizer/processor files from `files` (e.g. an adapter folder) if given."""
         if files is None:
             self.check_folder(section.path)
-        processor = load_processor(files or section.path, section.min_pixels, section.max_pixels)
+        processor = load_processor(files or section.path, section.min_pixels, section.max_pixels, section.max_tiles)
         budget = self.image_token_budget(processor, section.path)
         return ChatTemplateCodec(processor, budget, self.video_processor(processor, section), self.video_span_collapsed)
 

@@ -1,5 +1,6 @@
-"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense, MoE) processors without torchvision: transformers 5 builds their video
-processors with it, so a folder would not load at all; the image-only processors below serve every image recipe."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense, MoE) and InternVL processors without torchvision: transformers 5 builds
+their video processors with it, so a folder would not load at all; the image-only processors below serve every image
+recipe."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from transformers import (
     AutoProcessor,
+    InternVLConfig,
+    InternVLProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
     Qwen2VLConfig,
@@ -43,18 +46,32 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
         super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVLProcessor without the video processor (see `ImageOnlyQwen2VLProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            image_seq_length=image_seq_length,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
 IMAGE_ONLY = (  # (config class, the official processor, its image-only stand-in)
     (Qwen2VLConfig, Qwen2VLProcessor, ImageOnlyQwen2VLProcessor),
     (Qwen2_5_VLConfig, Qwen2_5_VLProcessor, ImageOnlyQwen2_5_VLProcessor),
     (Qwen3VLConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),
     (Qwen3VLMoeConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),  # the MoE variant: the dense one's processor
+    (InternVLConfig, InternVLProcessor, ImageOnlyInternVLProcessor),
 )
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
 def register_image_only_processors() -> bool:
-    """Without torchvision, make AutoProcessor load Qwen2-VL / Qwen2.5-VL / Qwen3-VL folders as the image-only
-    processors.
+    """Without torchvision, make AutoProcessor load Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL folders as the
+    image-only processors.
 
     transformers 5.24 cannot build (or load) their processors without torchvision, because their video processors
     need it. Returns True when the image-only processors were registered.
@@ -67,8 +84,9 @@ def register_image_only_processors() -> bool:
 
 
 def load_image_only_processor(path: str) -> Any | None:
-    """The image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder (a checkpoint, or an adapter folder with
-    the processor files saved beside it) where it is needed; None for another model, or where AutoProcessor loads it.
+    """The image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL folder (a checkpoint, or an adapter
+    folder with the processor files saved beside it) where it is needed; None for another model, or where
+    AutoProcessor loads it.
 
     Chosen by the processor class the folder names, else by its config.json model type, and loaded by class, not
     through AutoProcessor: without torchvision a released folder's official class would be built with its video

@@ -1,0 +1,100 @@
+"""InternVL: prompts and pixels exactly as `InternVLProcessor` makes them, the recipe's tile bound, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from silkie.config import ModelSection
+from silkie.data.collator import PairCollator
+from silkie.errors import RecipeError
+from silkie.models.family import get_family
+from silkie.models.loading import load_tokenizer
+
+from .hf_fixtures import BUILDERS, pair_image
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return BUILDERS["internvl"](tmp_path_factory.mktemp("internvl") / "tiny-internvl")
+
+
+def test_prompt_ids_and_tiles_equal_the_processor_s(folder):
+    """Two images of different shapes at their markers, a system message: the collator's expanded ids and the
+    batch's tiles are what `InternVLProcessor` gives for the chat template's text (TRL's path)."""
+    section = ModelSection(path=str(folder), family="internvl", dtype="fp32")
+    codec = load_tokenizer(section)
+    images = get_family("internvl").image_processor(AutoConfig.from_pretrained(folder), section)
+    pictures = [pair_image(1, (112, 56)), pair_image(2, (300, 300))]
+    ids = codec.prompt_ids("Compare <image> with <image>.", ["a", "b"], system="Be brief.")
+    processed = images(pictures)
+    (expanded,) = PairCollator._expanded([ids], processed, [2], [0])
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image"},
+                                     {"type": "text", "text": " with "}, {"type": "image"},
+                                     {"type": "text", "text": "."}]},
+    ]  # fmt: skip
+    text = codec.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    reference = codec.processor(images=pictures, text=[text], return_tensors="pt")
+    assert expanded == reference["input_ids"][0].tolist()
+    assert torch.equal(processed.tensors["pixel_values"], reference["pixel_values"])
+    assert processed.tensors["image_tiles"].tolist() == [3, 5]  # 2x1 + thumbnail, 2x2 + thumbnail
+    context = codec.image_marker_id
+    assert expanded.count(context) == (3 + 5) * 16 and expanded.count(context - 2) == 2  # 16 per tile; two <img>
+
+
+def test_max_tiles_bounds_each_image_and_the_token_budget(folder):
+    section = ModelSection(path=str(folder), family="internvl", dtype="fp32", max_tiles=1)
+    codec = load_tokenizer(section)
+    assert codec.image_token_budget == 1 * 16 + 2
+    images = get_family("internvl").image_processor(AutoConfig.from_pretrained(folder), section)
+    processed = images([pair_image(1, (112, 56)), pair_image(2, (300, 300))])
+    assert processed.tensors["image_tiles"].tolist() == [1, 1]  # one tile, no thumbnail
+    assert [len(span) for span in processed.tokens_per_image] == [18, 18]
+    default = get_family("internvl").image_processor(
+        AutoConfig.from_pretrained(folder), ModelSection(path=str(folder), family="internvl", dtype="fp32")
+    )
+    assert default([pair_image(2, (300, 300))]).tensors["image_tiles"].tolist() == [5]  # the checkpoint's 4 + 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"family": "qwen2_vl", "max_tiles": 2}, "model.max_tiles.*only internvl"),
+        ({"family": "internvl", "max_tiles": 0}, "model.max_tiles.*null or >= 1"),
+        ({"family": "internvl", "max_pixels": 50176}, "model.max_pixels.*only qwen2_vl"),
+    ],
+)
+def test_image_bounds_of_another_family_are_refused(fields, message):
+    with pytest.raises(RecipeError, match=message):
+        ModelSection(path="m", **fields).check()
+
+
+def test_an_image_budget_over_max_length_names_the_tile_bound(folder, tmp_path):
+    from silkie.config import load_recipe
+    from silkie.train import run_training
+
+    from .conftest import REPO_ROOT
+
+    overrides = [f"model.path={folder}", "model.max_tiles=200", "data.path=none.jsonl", "training.report_to=none"]
+    recipe = load_recipe(REPO_ROOT / "dpo_config" / "demo_internvl.yaml", overrides)
+    with pytest.raises(ValueError, match=r"model.max_tiles: one image may take 3218 tokens.*dpo.max_length = 512"):
+        run_training(recipe, tmp_path / "run")
+
+
+def test_chat_inputs_hand_generate_only_the_model_s_tensors(folder, tmp_path):
+    """The tile counts are the DPO step's; `generate()` gets the pixels, and the prompt its `<img>` span."""
+    from silkie.tools.chat import GenerationOptions, chat_once
+    from silkie.tools.chat_inputs import family_inputs
+
+    picture = tmp_path / "wide.png"
+    pair_image(3, (112, 56)).save(picture)
+    config = AutoConfig.from_pretrained(folder)
+    _, ids, tensors = family_inputs(folder, None, config, [picture], [], "What is it?")
+    assert set(tensors) == {"pixel_values"} and tensors["pixel_values"].shape == (3, 3, 112, 112)
+    assert ids[0].tolist().count(config.image_token_id) == 48
+    options = GenerationOptions(max_new_tokens=3)
+    answers = chat_once(folder, [picture], "What is it?", options=options, device="cpu", write=lambda _: None)
+    assert list(answers) == ["answer"] and answers["answer"]
