@@ -255,7 +255,7 @@ def test_the_blank_tower_pass_reaches_every_projector(folder):
     assert projectors and all(p.grad is not None for _, p in projectors)  # in the graph (a blank image: some are 0)
 
 
-def released_layout(folder, target, processor_class: str):
+def released_layout(folder, target, processor_class: str, image_processor_type: str | None = None):
     """`folder` rewritten as the hub releases lay it out: preprocessor_config.json and video_preprocessor_config.json
     (instead of one processor_config.json), and the official processor class named in them and the tokenizer's."""
     import json
@@ -267,6 +267,10 @@ def released_layout(folder, target, processor_class: str):
     parts = {"preprocessor_config.json": "image_processor", "video_preprocessor_config.json": "video_processor"}
     for name, part in parts.items():
         (target / name).write_text(json.dumps({**combined[part], "processor_class": processor_class}))
+    if image_processor_type:  # the releases name the torchvision ("Fast") class
+        image = json.loads((target / "preprocessor_config.json").read_text())
+        image["image_processor_type"] = image_processor_type
+        (target / "preprocessor_config.json").write_text(json.dumps(image))
     tokenizer = json.loads((target / "tokenizer_config.json").read_text())
     (target / "tokenizer_config.json").write_text(json.dumps({**tokenizer, "processor_class": processor_class}))
     return target
@@ -274,21 +278,26 @@ def released_layout(folder, target, processor_class: str):
 
 @pytest.mark.skipif(is_torchvision_available(), reason="the image-only processors stand in where torchvision is not")
 @pytest.mark.parametrize(
-    ("family", "processor_class"), [("qwen2_vl", "Qwen2VLProcessor"), ("qwen3_vl", "Qwen3VLProcessor")]
+    ("family", "processor_class", "image_type", "bound", "budget"),
+    [
+        ("qwen2_vl", "Qwen2VLProcessor", None, {"max_pixels": 200704}, 256),  # 448x448 px: 28 px per token
+        ("qwen3_vl", "Qwen3VLProcessor", None, {"max_pixels": 200704}, 196),  # 32 px per token
+        ("internvl", "InternVLProcessor", "GotOcr2ImageProcessorFast", {"max_tiles": 6}, 7 * 16 + 2),  # + thumbnail
+    ],
 )
-def test_a_released_folder_loads_without_torchvision(family, processor_class, tmp_path):
+def test_a_released_folder_loads_without_torchvision(family, processor_class, image_type, bound, budget, tmp_path):
     """A released folder names its official processor, whose video half needs torchvision: Silkie loads the image-only
     one by the folder's model type instead (AutoProcessor alone fails here)."""
     from transformers import AutoProcessor
 
     from silkie.models.loading import load_tokenizer
 
-    folder = released_layout(BUILDERS[family](tmp_path / "tiny"), tmp_path / "released", processor_class)
+    folder = released_layout(BUILDERS[family](tmp_path / "tiny"), tmp_path / "released", processor_class, image_type)
     with pytest.raises((ImportError, ValueError), match="orchvision"):
         AutoProcessor.from_pretrained(folder)
-    codec = load_tokenizer(ModelSection(path=str(folder), family=family, max_pixels=200704))
+    codec = load_tokenizer(ModelSection(path=str(folder), family=family, **bound))
     assert type(codec.processor).__name__ == f"ImageOnly{processor_class}"
-    assert codec.image_token_budget == (196 if family == "qwen3_vl" else 256)  # 448x448 px: 32 / 28 px per token
+    assert codec.image_token_budget == budget
     assert codec.prompt_ids("Q", ["a"]).count(codec.image_marker_id) == 1
 
 

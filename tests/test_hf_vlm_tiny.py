@@ -1,5 +1,5 @@
-"""Tiny random Qwen2-VL / Qwen3-VL / LLaVA-1.5 folders: they load with the Auto classes offline and run a forward
-pass."""
+"""Tiny random Qwen2-VL / Qwen3-VL / LLaVA-1.5 / InternVL folders: they load with the Auto classes offline and run a
+forward pass."""
 
 from __future__ import annotations
 
@@ -21,15 +21,22 @@ from silkie.dev.tiny_hf_vlm import (
     build_tiny_qwen2_vl,
     register_image_only_processors,
 )
+from silkie.dev.tiny_internvl import INTERNVL_ADDED_TOKENS, INTERNVL_TILE, build_tiny_internvl
 from silkie.dev.tiny_qwen3_vl import QWEN3_ADDED_TOKENS, build_tiny_qwen3_vl
 from tests.script_fixtures import load_script
 
-FAMILIES = ("qwen2_vl", "qwen3_vl", "llava")
-BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen3_vl": build_tiny_qwen3_vl, "llava": build_tiny_llava}
+FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "internvl")
+BUILDERS = {
+    "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen3_vl": build_tiny_qwen3_vl,
+    "llava": build_tiny_llava,
+    "internvl": build_tiny_internvl,
+}
 MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
 }
 PROMPT = "Describe the image."
 ANSWER = "There are two red circles in the picture."
@@ -88,6 +95,7 @@ def test_chat_template_is_the_official_layout(family, loaded):
         "qwen3_vl": "<|im_start|>user\n"  # Qwen3-VL-Instruct writes no default system turn
         f"<|vision_start|><|image_pad|><|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n{ANSWER}<|im_end|>\n",
         "llava": f"USER: <image>\n{PROMPT} ASSISTANT: {ANSWER}</s>",
+        "internvl": f"<|im_start|>user\n<IMG_CONTEXT>\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n{ANSWER}<|im_end|>\n",
     }[family]
     assert text == expected
     prompt = processor.apply_chat_template(conversation()[:1], tokenize=False, add_generation_prompt=True)
@@ -106,6 +114,9 @@ def test_image_tokens_and_forward(family, loaded):
     elif family == "qwen3_vl":
         assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]  # 64x80 -> 64x64 pixels -> 4x4 patches of 16 px
         assert placeholders == 4 and inputs["pixel_values"].shape[-1] == 3 * 2 * 16 * 16
+    elif family == "internvl":  # 80x64 -> one 112 px tile (the closest aspect ratio, 1:1): 8x8 patches -> 16 tokens
+        assert tuple(inputs["pixel_values"].shape) == (1, 3, INTERNVL_TILE, INTERNVL_TILE)
+        assert placeholders == 16 and int((input_ids == processor.start_image_token_id).sum()) == 1
     else:
         assert tuple(inputs["pixel_values"].shape) == (1, 3, LLAVA_IMAGE_SIZE, LLAVA_IMAGE_SIZE)
         assert placeholders == (LLAVA_IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -129,7 +140,13 @@ def test_special_token_ids_match_the_config(family, loaded):
     assert config.text_config.eos_token_id == tokenizer.eos_token_id
     assert config.text_config.pad_token_id == tokenizer.pad_token_id
     assert len(tokenizer) <= config.text_config.vocab_size
-    if family != "llava":
+    if family == "internvl":  # Qwen2.5-VL's vocabulary, then InternVL's tokens, then the named <video>
+        order = QWEN2_VL_SPECIAL_TOKENS + QWEN3_ADDED_TOKENS[:8] + INTERNVL_ADDED_TOKENS + ("<video>",)
+        assert [ids(token) for token in order] == list(range(ids("<|endoftext|>"), len(tokenizer)))
+        assert config.image_token_id == ids("<IMG_CONTEXT>") == ids("<img>") + 2
+        assert (processor.start_image_token_id, processor.end_image_token_id) == (ids("<img>"), ids("</img>"))
+        assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    elif family != "llava":
         order = QWEN2_VL_SPECIAL_TOKENS + (QWEN3_ADDED_TOKENS if family == "qwen3_vl" else ())
         assert [ids(token) for token in order] == list(range(ids("<|endoftext|>"), len(tokenizer)))
         assert config.image_token_id == ids("<|image_pad|>")

@@ -9,6 +9,7 @@ InternVL's normalisation (at most 4 tiles + a thumbnail per image) and the check
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import (
@@ -78,6 +79,16 @@ def tiny_internvl_config(tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
     )
 
 
+def named_media_tokens_as_released(path: Path) -> None:
+    """Write the tokenizer's named media tokens as the releases do (one `extra_special_tokens` mapping), without the
+    copies and load-time keys transformers 5 saves after loading a folder."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for name in ("model_specific_special_tokens", "is_local", "local_files_only", *INTERNVL_MEDIA_TOKENS):
+        config.pop(name, None)
+    config["extra_special_tokens"] = dict(INTERNVL_MEDIA_TOKENS)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def build_tiny_internvl(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random InternVL folder: model, tokenizer (with its media tokens), PIL tiling image processor,
     processor and chat template."""
@@ -101,6 +112,7 @@ def build_tiny_internvl(out_dir: str | Path, seed: int = 0) -> Path:
         image_processor, tokenizer, image_seq_length=config.image_seq_length, chat_template=INTERNVL_CHAT_TEMPLATE
     )
     processor.save_pretrained(out)
+    named_media_tokens_as_released(out / "tokenizer_config.json")
     video_keys = ("image_mean", "image_std")
     finish_image_only_processor(out, image_processor, video_type="InternVLVideoProcessor", keys=video_keys)
     register_image_only_processors()
