@@ -4,7 +4,8 @@ A family knows how to load its checkpoint and text codec, which modules LoRA tar
 tensors (and how many placeholder tokens each one takes), how image features are computed and injected,
 and which position ids its rows need. The data pipeline, the DPO step and the trainer only call this
 interface; they never branch on model names. Families: `qwen_vl` (native Qwen-VL-Chat), `qwen2_vl` /
-`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe` and `llava` (transformers-native, `AutoModelForImageTextToText`).
+`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava` and `internvl` (transformers-native,
+`AutoModelForImageTextToText`).
 """
 
 from __future__ import annotations

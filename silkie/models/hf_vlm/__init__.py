@@ -1,1 +1,2 @@
-"""Hugging Face-format vision-language models (Qwen2-VL, LLaVA-1.5) driven through transformers' Auto classes."""
+"""Hugging Face-format vision-language models (Qwen2/3-VL, LLaVA-1.5, InternVL) driven through transformers' Auto
+classes."""
