@@ -2,15 +2,16 @@
 run), every run through its trainer.
 
 Qwen-VL-Chat (`--family qwen_vl`, default): the plain (TRL-equivalent) step vs the optimized step.
-Qwen2-VL / Qwen3-VL / LLaVA (`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|llava`): TRL's own `DPOTrainer` vs ours (plain,
-optimized, cached reference), each through its trainer. Prints pairs/s, tokens/s, peak memory (with
-`--count-flops`, TFLOP/pair and MFU of our runs) per run and batch size, then the ratios against the baseline
-(plain, or TRL; then TRL's best against ours).
+Qwen2-VL / Qwen3-VL / LLaVA / InternVL (`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|llava|internvl`): TRL's own
+`DPOTrainer` vs ours (plain, optimized, cached reference), each through its trainer. Prints pairs/s, tokens/s, peak
+memory (with `--count-flops`, TFLOP/pair and MFU of our runs) per run and batch size, then the ratios against the
+baseline (plain, or TRL; then TRL's best against ours).
 CPU with the tiny model:  python scripts/benchmark.py --tiny
 GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
 TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112
 TRL vs ours, Qwen2-VL-7B shape on a GPU: python scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16
-(`--family qwen3_vl`: Qwen3-VL-8B's shape; `qwen3_vl_moe`: Qwen3-VL-30B-A3B's, an H200's memory)
+(`--family qwen3_vl`: Qwen3-VL-8B's shape; `qwen3_vl_moe`: Qwen3-VL-30B-A3B's, an H200's memory; llava and internvl:
+the tiny stand-in only)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["trl", "silkie-plain", "silkie-optimized", "silkie-optimized+cached_ref"],
         metavar="RUN[@BATCH]",
-        help="qwen2_vl/qwen3_vl(_moe)/llava: trainers to compare, from trl (TRL's defaults; trl+no_ckpt, trl+liger, "
+        help="the transformers families: trainers to compare, from trl (TRL's defaults; trl+no_ckpt, trl+liger, "
         "trl+no_ckpt+liger add TRL's own switches), silkie-plain, silkie-optimized, silkie-optimized+cached_ref "
         "(the first one present of trl/silkie-plain is the baseline); @BATCH: only at that batch size",
     )
