@@ -156,6 +156,14 @@ def padded_vocab_size(tokenizer: PreTrainedTokenizerFast, multiple: int = 64) ->
 # wider than the 0.02 of real checkpoints: at 64 wide that would leave the outputs near uniform and the tiny
 # demo's LoRA gradients near zero
 INIT_STD = 0.1
+TINY_VIT = dict(  # the 2-layer, 32-wide ViT of the CLIP-style towers (LLaVA's CLIP, InternVL's InternViT)
+    hidden_size=VISION_HIDDEN,
+    intermediate_size=4 * VISION_HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    patch_size=PATCH_SIZE,
+    initializer_range=INIT_STD,
+)
 
 
 def qwen2_text_and_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[dict, dict]:
@@ -222,16 +230,7 @@ def tiny_qwen2_5_vl_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConf
 
 def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     """LLaVA-1.5 with a 2-layer, 32-wide CLIP ViT (56 px, patch 14) and a 2-layer, 64-wide Llama."""
-    vision = CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=4 * VISION_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=LLAVA_IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=VISION_HIDDEN,
-        initializer_range=INIT_STD,
-    )
+    vision = CLIPVisionConfig(**TINY_VIT, image_size=LLAVA_IMAGE_SIZE, projection_dim=VISION_HIDDEN)
     text = LlamaConfig(
         vocab_size=padded_vocab_size(tokenizer),
         hidden_size=TEXT_HIDDEN,

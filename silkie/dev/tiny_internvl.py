@@ -23,10 +23,9 @@ from transformers import (
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from silkie.dev.tiny_hf_vlm import (
-    INIT_STD,
     PATCH_SIZE,
     QWEN2_VL_SPECIAL_TOKENS,
-    VISION_HIDDEN,
+    TINY_VIT,
     finish_image_only_processor,
     qwen2_text_and_ids,
     save_tiny_model,
@@ -60,15 +59,7 @@ def tiny_internvl_config(tokenizer: PreTrainedTokenizerFast) -> InternVLConfig:
     """InternVL with a 2-layer, 32-wide InternViT (112 px tiles) and a 2-layer, 64-wide Qwen2; ids from `tokenizer`."""
     text, _ = qwen2_text_and_ids(tokenizer)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}  # 1-D rotary, as Qwen2.5
-    vision = InternVLVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=4 * VISION_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=INTERNVL_TILE,
-        patch_size=PATCH_SIZE,
-        initializer_range=INIT_STD,
-    )
+    vision = InternVLVisionConfig(**TINY_VIT, image_size=INTERNVL_TILE)
     return InternVLConfig(
         vision_config=vision,
         text_config=Qwen2Config(**text, tie_word_embeddings=False),
