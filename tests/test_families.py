@@ -152,6 +152,21 @@ def test_an_answer_template_without_a_stop_token_gets_eos(folder):
     assert ids[-1] == eos and ids.count(eos) == 1
 
 
+def test_a_turn_closed_by_the_template_s_own_token_gets_no_eos(folder, monkeypatch):
+    """InternVL2.5's Llama-variant tokenizers say eos </s> while the template closes turns with <|im_end|>: the
+    answer ends at the template's token (where generation stops too), with no </s> after it."""
+    from silkie.models.loading import load_tokenizer
+
+    family, path = folder
+    codec = load_tokenizer(model_section(path, family))
+    if family == "llava":
+        pytest.skip("llava-hf's template closes the assistant turn with eos itself")
+    closing = codec.answer_ids("Red.")
+    other = next(i for i in codec.tokenizer.all_special_ids if i not in closing)
+    monkeypatch.setattr(codec.tokenizer, "eos_token", codec.tokenizer.convert_ids_to_tokens(other))  # undone after
+    assert codec.tokenizer.eos_token_id == other and codec.answer_ids("Red.") == closing
+
+
 def test_an_image_budget_over_max_length_is_refused_before_training(tmp_path):
     from silkie.config import load_recipe
     from silkie.train import run_training

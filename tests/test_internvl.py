@@ -45,6 +45,26 @@ def test_prompt_ids_and_tiles_equal_the_processor_s(folder):
     assert expanded.count(context) == (3 + 5) * 16 and expanded.count(context - 2) == 2  # 16 per tile; two <img>
 
 
+def test_image_delimiters_written_in_a_prompt_drop_the_pair(folder):
+    """`<img>` / `</img>` are the processor's special ids around an image's features: as text they would open a span
+    with no features, so such a pair is dropped like one writing the image token itself."""
+    from silkie.data.formatting import encode_pair
+
+    codec = load_tokenizer(ModelSection(path=str(folder), family="internvl", dtype="fp32"))
+    assert encode_pair("Look <img>here</img>", ["a"], "A.", "B.", codec) == (None, "image_tag_in_text")
+    assert encode_pair("Look here", ["a"], "A.", "B.", codec)[1] is None
+
+
+def test_an_original_internvl_folder_is_refused_with_the_conversion_to_run(tmp_path):
+    import json
+
+    from silkie.config.checkpoint import checkpoint_problem
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    problem = checkpoint_problem(tmp_path, "internvl")
+    assert "'internvl_chat'" in problem and "convert_internvl_weights_to_hf.py" in problem
+
+
 def test_max_tiles_bounds_each_image_and_the_token_budget(folder):
     section = ModelSection(path=str(folder), family="internvl", dtype="fp32", max_tiles=1)
     codec = load_tokenizer(section)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from silkie.errors import InputError
 
-from .names import FAMILY_TABLE, HUB_ID, MODEL_TYPES
+from .names import CONVERT_HINTS, FAMILY_TABLE, HUB_ID, MODEL_TYPES
 
 
 def cached_snapshot(path: str | Path) -> Path | None:
@@ -60,6 +60,7 @@ def checkpoint_problem(folder: str | Path, family: str, key: str = "model.path")
         return f"{key}: {folder} holds a {kind}"
     fits = MODEL_TYPES.get(model_type)
     hint = f"set model.family={fits}" if fits else f"model.family takes {', '.join(FAMILY_TABLE)}"
+    hint = CONVERT_HINTS.get(model_type, hint)
     return (
         f"model.family: {folder} holds a {model_type!r} checkpoint (config.json model_type), not a {family} one; {hint}"
     )

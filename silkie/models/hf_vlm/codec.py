@@ -23,10 +23,14 @@ from silkie.models.family import PairTextError
 from silkie.models.media import MARKERS, Turns, as_keys, as_turns, media_segments, turn_media, user_texts
 
 
-@functools.lru_cache(maxsize=8)
 def load_processor(path: str, min_pixels: int | None, max_pixels: int | None, max_tiles: int | None = None) -> Any:
     """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds (Qwen2-VL) or tile bound
-    (InternVL) applied."""
+    (InternVL) applied; one shared object per folder and bounds (the codec's and the image processor's)."""
+    return _cached_processor(path, min_pixels, max_pixels, max_tiles)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_processor(path: str, min_pixels: int | None, max_pixels: int | None, max_tiles: int | None) -> Any:
     from transformers import AutoProcessor
 
     from .processors import load_image_only_processor
@@ -90,7 +94,8 @@ class ChatTemplateCodec:
         self._video_span = (
             f"{processor.vision_start_token}{video_token}{processor.vision_end_token}" if video_span_collapsed else None
         )
-        self._tags = [tag for tag in (processor.image_token, video_token) if tag]
+        delimiters = (getattr(processor, name, None) for name in ("start_image_token", "end_image_token"))  # InternVL
+        self._tags = [tag for tag in (processor.image_token, video_token, *delimiters) if tag]
         template = str(processor.chat_template or self.tokenizer.chat_template or "")
         specials = {*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()}
         media = {processor.image_token, getattr(processor, "video_token", None)}  # markers, also of media it refuses
@@ -219,7 +224,8 @@ class ChatTemplateCodec:
         return self.videos.most_tokens(max_frames) if self.videos is not None else 0
 
     def answer_ids(self, text: str) -> list[int]:
-        """The assistant turn as rendered after a prompt (the template's end-of-turn tokens; EOS added if absent)."""
+        """The assistant turn as rendered after a prompt (the template's end-of-turn tokens; EOS added when the
+        template closes the turn with no special token of its own)."""
         user = self._messages("", None)
         prefix = self._prompt_from(user, None)
         full = self._render([*user, _assistant_message(text)], False)
@@ -230,8 +236,12 @@ class ChatTemplateCodec:
             )
         ids = self._ids(full[len(prefix) :])
         eos = self.tokenizer.eos_token_id
-        if eos is not None and eos not in ids:  # e.g. llava-hf's template ends a turn with a space, not </s>:
-            ids.append(eos)  # without a stop token the policy would never learn where an answer ends
+        # llava-hf's template ends a turn with a space, not </s>: without a stop token the policy would never learn
+        # where an answer ends. A turn closed by the template's own token (InternVL2.5's <|im_end|> where the
+        # tokenizer's eos is </s>) has its stop; generation stops there too.
+        specials = {index for index, token in self.tokenizer.added_tokens_decoder.items() if token.special}
+        if eos is not None and eos not in ids and not specials.intersection(ids):
+            ids.append(eos)
         return ids
 
     def fingerprint(self) -> str:

@@ -29,7 +29,8 @@ from .video import Qwen2VLVideos
 LLM_PREFIX = r"model\.language_model\.layers\.\d+\.(?:.*\.)?"
 
 
-def _image_outputs(features: list[torch.Tensor], kind: str = "image") -> dict:
+def image_encoder_outputs(features: list[torch.Tensor] | torch.Tensor, kind: str = "image") -> dict:
+    """Forward kwargs handing the model's `kind` ("image" / "video") features computed before (`mm_encoder_outputs`)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     return {"mm_encoder_outputs": {kind: BaseModelOutputWithPooling(pooler_output=features)}}
@@ -188,7 +189,7 @@ class Qwen2VLFamily(HFVisionFamily):
 
     def encoder_outputs(self, picked: list, kind: str) -> dict:
         """`mm_encoder_outputs` holding the `split_features` entries `picked` (row-major) for `kind`."""
-        return _image_outputs(picked, kind)["mm_encoder_outputs"]
+        return image_encoder_outputs(picked, kind)["mm_encoder_outputs"]
 
     def blank_tower_output(self, base: nn.Module) -> Any:
         """The tower's output for one blank image of the smallest grid."""
@@ -340,7 +341,7 @@ class LlavaFamily(HFVisionFamily):
         self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
     ) -> dict:
         if features is not None:
-            return _image_outputs([features[i] for i in order.tolist()])
+            return image_encoder_outputs([features[i] for i in order.tolist()])
         return {"pixel_values": batch["pixel_values"].index_select(0, order)}
 
 

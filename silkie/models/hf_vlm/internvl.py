@@ -18,7 +18,7 @@ from torch import nn
 from silkie.models.family import ImageBatch
 
 from .codec import load_processor
-from .family import HFVisionFamily, _image_outputs
+from .family import HFVisionFamily, image_encoder_outputs
 
 TILE_COUNTS = "image_tiles"  # batch key: [N_img] tiles per image (their rows of `pixel_values`, in image order)
 
@@ -84,7 +84,7 @@ class InternVLFamily(HFVisionFamily):
     ) -> dict:
         picks = order.tolist()
         if features is not None:  # the model scatters one [tokens, D] tensor over its context tokens, in order
-            return _image_outputs(torch.cat([features[i] for i in picks]))
+            return image_encoder_outputs(torch.cat([features[i] for i in picks]))
         tiles = torch.split(batch["pixel_values"], batch[TILE_COUNTS].tolist())
         return {"pixel_values": torch.cat([tiles[i] for i in picks])}
 
