@@ -131,6 +131,17 @@ def test_tokenization_cache_key_follows_the_codec(folder):
         assert bounded.image_token_budget == 4 and cache_key([record], bounded, 64, "drop") != key
 
 
+def test_the_codec_and_the_image_processor_share_one_processor(folder):
+    """One processor per folder and bounds (loading it twice per run costs a tokenizer load and cache room)."""
+    from silkie.models.loading import load_tokenizer
+
+    family, path = folder
+    section = model_section(path, family)
+    codec = load_tokenizer(section)
+    images = get_family(family).image_processor(load_base_model(section).config, section)
+    assert images.image_processor is codec.processor.image_processor
+
+
 def test_an_answer_template_without_a_stop_token_gets_eos(folder):
     """llava-hf's template ends the assistant turn with a space: the codec appends EOS so the stop is learned."""
     from silkie.models.loading import load_tokenizer
