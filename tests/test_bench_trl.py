@@ -33,21 +33,25 @@ def test_benchmark_runs_trl_and_ours_and_writes_ratios(family, tmp_path, capsys)
 
 
 def test_the_large_shapes_are_the_released_models(tmp_path):
-    """`--family qwen2_vl|qwen3_vl|qwen3_vl_moe` without --tiny: Qwen2-VL-7B's, Qwen3-VL-8B's and Qwen3-VL-30B-A3B's
-    shapes (built on the meta device here: parameter counts only; 31.07B is the release's); other families have only
-    the stand-in."""
+    """`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|internvl` without --tiny: Qwen2-VL-7B's, Qwen3-VL-8B's,
+    Qwen3-VL-30B-A3B's and InternVL3-8B's shapes (built on the meta device here: parameter counts only; 31.07B and
+    7.94B are the releases'); LLaVA has only the stand-in."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     from silkie.dev.bench_cli import compare_with_trl, parse_args
     from silkie.dev.bench_trl import model_config, stand_in_folder
 
-    shapes = (("qwen2_vl", "7b", 8.29), ("qwen3_vl", "8b", 8.77), ("qwen3_vl_moe", "30b-a3b", 31.07))
+    shapes = (("qwen2_vl", "7b", 8.29), ("qwen3_vl", "8b", 8.77), ("qwen3_vl_moe", "30b-a3b", 31.07),
+              ("internvl", "8b-internvl3", 7.94))  # fmt: skip
     for family, size, billions in shapes:
-        config = model_config(stand_in_folder(family, tmp_path), size)
+        config = model_config(stand_in_folder(family, tmp_path / family, size), size)
         with torch.device("meta"):
             model = AutoModelForImageTextToText.from_config(config)
         assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
+    # InternVL3-8B's stand-in processor cuts 448 px tiles of 256 tokens, as the release's, so TRL's ids fit the model
+    processor = json.loads((tmp_path / "internvl" / "tiny-internvl" / "processor_config.json").read_text())
+    assert processor["image_seq_length"] == 256 and processor["image_processor"]["size"]["height"] == 448
     with pytest.raises(SystemExit, match="--family llava: only the --tiny stand-in is built in"):
         compare_with_trl(parse_args(["--family", "llava"]))
 

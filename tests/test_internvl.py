@@ -45,6 +45,16 @@ def test_prompt_ids_and_tiles_equal_the_processor_s(folder):
     assert expanded.count(context) == (3 + 5) * 16 and expanded.count(context - 2) == 2  # 16 per tile; two <img>
 
 
+def test_a_processor_whose_tile_tokens_differ_from_the_model_s_is_refused(folder):
+    from silkie.errors import InputError
+
+    config = AutoConfig.from_pretrained(folder)
+    config.downsample_ratio = 0.25  # the tower would give 4 tokens per tile, the processor writes 16
+    section = ModelSection(path=str(folder), family="internvl", dtype="fp32")
+    with pytest.raises(InputError, match="processor writes 16 tokens per tile .* the model makes 4 per 112 px tile"):
+        get_family("internvl").image_processor(config, section)
+
+
 def test_image_delimiters_written_in_a_prompt_drop_the_pair(folder):
     """`<img>` / `</img>` are the processor's special ids around an image's features: as text they would open a span
     with no features, so such a pair is dropped like one writing the image token itself."""

@@ -10,8 +10,8 @@ CPU with the tiny model:  python scripts/benchmark.py --tiny
 GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
 TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112
 TRL vs ours, Qwen2-VL-7B shape on a GPU: python scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16
-(`--family qwen3_vl`: Qwen3-VL-8B's shape; `qwen3_vl_moe`: Qwen3-VL-30B-A3B's, an H200's memory; llava and internvl:
-the tiny stand-in only)
+(`--family qwen3_vl`: Qwen3-VL-8B's shape; `qwen3_vl_moe`: Qwen3-VL-30B-A3B's, an H200's memory; `internvl`:
+InternVL3-8B's; llava: the tiny stand-in only)
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def compare_with_trl(args: argparse.Namespace) -> list:
         torch.set_num_threads(args.threads)
     if args.family not in LARGE_SHAPES and not args.tiny:
         raise SystemExit(f"--family {args.family}: only the --tiny stand-in is built in; the large shapes are "
-                         "Qwen2-VL-7B, Qwen3-VL-8B and Qwen3-VL-30B-A3B")  # fmt: skip
+                         "Qwen2-VL-7B, Qwen3-VL-8B, Qwen3-VL-30B-A3B and InternVL3-8B")  # fmt: skip
     args.size = "tiny" if args.tiny else LARGE_SHAPES[args.family][0]
     device_name = args.device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"model: {args.family} {args.size}, {args.dtype}, device {device_name}", flush=True)

@@ -6,6 +6,7 @@ Both run full training steps through their trainers (ours built by `build_traine
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -58,18 +59,39 @@ QWEN3_VL_30B_A3B = {  # Qwen3-VL-30B-A3B-Instruct's shape: 48 sparse layers of 1
     ),
     "vision": {**QWEN3_VL_8B["vision"], "out_hidden_size": 2048},
 }  # fmt: skip
+INTERNVL3_8B = {  # InternVL3-8B-hf's shape: InternViT-300M (448 px tiles, 256 tokens each) + Qwen2.5-7B
+    "text": dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=151674, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+    ),
+    "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+                   layer_scale_init_value=0.1),
+    "processor": {"image_processor": {"size": {"height": 448, "width": 448}}, "image_seq_length": 256},
+}  # fmt: skip
 LARGE_SHAPES = {  # family -> (size, shape)
     "qwen2_vl": ("7b", QWEN2_VL_7B),
     "qwen3_vl": ("8b", QWEN3_VL_8B),
     "qwen3_vl_moe": ("30b-a3b", QWEN3_VL_30B_A3B),
+    "internvl": ("8b-internvl3", INTERNVL3_8B),
 }
 
 
-def stand_in_folder(family: str, root: Path) -> Path:
-    """The family's tiny stand-in folder (tokenizer, processor, weights) under `root`."""
+def stand_in_folder(family: str, root: Path, size: str = "tiny") -> Path:
+    """The family's tiny stand-in folder (tokenizer, processor, weights) under `root`; for a released shape its
+    processor settings (`LARGE_SHAPES`' "processor": InternVL's 448 px tiles of 256 tokens)."""
     from silkie.dev.tiny_builders import tiny_builder
 
-    return tiny_builder(family)(root / f"tiny-{family}")
+    folder = tiny_builder(family)(root / f"tiny-{family}")
+    settings = LARGE_SHAPES[family][1].get("processor", {}) if size != "tiny" else {}
+    if settings:
+        path = folder / "processor_config.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        for key, value in settings.items():
+            saved[key] = {**saved[key], **value} if isinstance(value, dict) else value
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
 
 
 def model_config(folder: Path, size: str):
@@ -83,6 +105,9 @@ def model_config(folder: Path, size: str):
     (shape,) = [shape for name, shape in LARGE_SHAPES.values() if name == size]
     text = {**shape["text"], "eos_token_id": tiny.text_config.eos_token_id}
     text["pad_token_id"] = tiny.text_config.pad_token_id
+    if tiny.model_type == "internvl":  # one image token; the tower's tiles give image_seq_length tokens each
+        return type(tiny)(text_config=text, vision_config=shape["vision"], image_token_id=tiny.image_token_id,
+                          tie_word_embeddings=False)  # fmt: skip
     ids = {k: getattr(tiny, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
     ids["vision_end_token_id"] = tiny.vision_end_token_id
     return type(tiny)(text_config=text, vision_config=shape["vision"], **ids)
@@ -147,7 +172,7 @@ def run(args) -> list[BenchResult]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        folder = args.folder = stand_in_folder(args.family, root)
+        folder = args.folder = stand_in_folder(args.family, root, args.size)
         pixels = args.image_px * args.image_px if args.family in QWEN_HF_FAMILIES else None
         section = ModelSection(path=str(folder), family=args.family, min_pixels=pixels, max_pixels=pixels)
         codec = family.load_codec(section)

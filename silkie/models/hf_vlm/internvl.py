@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from silkie.errors import InputError
 from silkie.models.family import ImageBatch
 
 from .codec import load_processor
@@ -49,10 +50,8 @@ class InternVLFamily(HFVisionFamily):
     generation_skip_keys = (TILE_COUNTS,)
 
     def image_token_budget(self, processor: Any, path: str) -> int:
-        from transformers import AutoConfig
-
-        per_tile = tile_tokens(AutoConfig.from_pretrained(path))
-        return most_tiles(processor.image_processor, call_defaults(processor)) * per_tile + 2  # + <img>, </img>
+        tiles = most_tiles(processor.image_processor, call_defaults(processor))
+        return tiles * processor.image_seq_length + 2  # + <img>, </img>
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
         return InternVLImages(load_processor(section.path, None, None, section.max_tiles), model_config)
@@ -104,6 +103,11 @@ class InternVLImages:
         self.marker_id = model_config.image_token_id
         self.start_id, self.end_id = processor.start_image_token_id, processor.end_image_token_id
         self.per_tile = tile_tokens(model_config)
+        if processor.image_seq_length != self.per_tile:  # the spans would not match the features the model makes
+            raise InputError(
+                f"model.path: the processor writes {processor.image_seq_length} tokens per tile (image_seq_length) but "
+                f"the model makes {self.per_tile} per {model_config.vision_config.image_size[0]} px tile"
+            )
         self.size = tuple(model_config.vision_config.image_size)
 
     def fingerprint(self) -> str:
