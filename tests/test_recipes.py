@@ -53,6 +53,16 @@ def test_the_paper_recipes_say_what_the_paper_did():
     assert not full.lora.enabled and full.deepspeed.stage == 3
 
 
+def test_the_mpo_recipe_says_what_internvl3_s_script_did():
+    """OpenGVLab's internvl3_8b_mpo.sh: sigmoid 0.8 + bco_pair 0.2 + rpo_alpha 1 (the chosen NLL), every weight
+    trained, lr 2e-7, 256 pairs a step, MMPR's `question` column as the prompt."""
+    mpo = load_recipe(REPO_ROOT / "dpo_config" / "mpo_internvl3.yaml")
+    assert (mpo.dpo.loss_type, mpo.dpo.loss_weights) == (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])
+    assert (mpo.model.family, mpo.lora.enabled, mpo.lora.vision, mpo.deepspeed.stage) == ("internvl", False, True, 3)
+    assert mpo.training["learning_rate"] == 2e-7 and mpo.training["global_batch_size"] == 256
+    assert mpo.data.columns == {"prompt": "question"} and mpo.dpo.beta == 0.1
+
+
 @pytest.mark.parametrize(("section", "field"), _section_fields(), ids=lambda f: getattr(f, "name", f))
 def test_every_key_has_help_and_a_reader_that_reads_it(section, field):
     assert field.metadata.get("help"), f"{section}.{field.name} has no help text"
