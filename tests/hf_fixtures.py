@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from silkie.config import LoraSection, ModelSection
-from silkie.config.names import VIDEO_FAMILIES
+from silkie.config.names import QWEN_HF_FAMILIES, VIDEO_FAMILIES
 from silkie.data.collator import PairCollator
 from silkie.data.video import VideoSampling
 from silkie.dev.clips import noise_clip
@@ -57,7 +57,8 @@ def video_side(family: str) -> int:
 
 def model_section(folder: Path, family: str, attn: str = "sdpa") -> ModelSection:
     side = video_side(family)  # 2x2 merged tokens per frame
-    video = {"video_min_pixels": side * side, "video_max_pixels": side * side} if family in VIDEO_FAMILIES else {}
+    bounds = {"video_min_pixels": side * side, "video_max_pixels": side * side}
+    video = bounds if family in QWEN_HF_FAMILIES else {}  # InternVL's frames are one tile each
     return ModelSection(path=str(folder), family=family, dtype="fp32", attn_implementation=attn, **video)
 
 
@@ -94,7 +95,7 @@ class MediaStore:
 
 
 def media_pairs(family: str) -> list:
-    """MEDIA_PAIRS a family takes (LLaVA and Qwen-VL-Chat: no video)."""
+    """MEDIA_PAIRS a family takes (LLaVA: no video)."""
     return [pair for pair in MEDIA_PAIRS if family in VIDEO_FAMILIES or not pair[4]]
 
 
@@ -207,3 +208,16 @@ def assert_same_step(fast, plain) -> None:
     for param in plain[3]:
         torch.testing.assert_close(fast[3][param], plain[3][param], atol=1e-5, rtol=1e-4)
     assert (plain[0].chosen_logps - plain[1].chosen_logps).abs().max() > 1e-2
+
+
+def join_space_and(folder: Path, char: str) -> None:
+    """Teach the tiny BPE to merge a space and `char` into one token (`Ġ<`, `ĠF`), as Qwen's real vocabulary does."""
+    import json
+
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    vocab |= {token["content"]: token["id"] for token in data["added_tokens"]}  # else their ids would move up
+    vocab["\u0120" + char] = len(vocab)
+    data["model"]["merges"].insert(0, ["\u0120", char])
+    path.write_text(json.dumps(data))

@@ -289,7 +289,11 @@ def released_layout(folder, target, processor_class: str, image_processor_type: 
 
     shutil.copytree(folder, target)
     combined = json.loads((target / "processor_config.json").read_text())
-    (target / "processor_config.json").unlink()
+    rest = {k: v for k, v in combined.items() if k not in ("image_processor", "video_processor", "processor_class")}
+    if rest:  # the processor's own settings (InternVL's image_seq_length) stay in processor_config.json
+        (target / "processor_config.json").write_text(json.dumps({**rest, "processor_class": processor_class}))
+    else:
+        (target / "processor_config.json").unlink()
     parts = {"preprocessor_config.json": "image_processor", "video_preprocessor_config.json": "video_processor"}
     for name, part in parts.items():
         (target / name).write_text(json.dumps({**combined[part], "processor_class": processor_class}))

@@ -128,3 +128,96 @@ def test_chat_inputs_hand_generate_only_the_model_s_tensors(folder, tmp_path):
     options = GenerationOptions(max_new_tokens=3)
     answers = chat_once(folder, [picture], "What is it?", options=options, device="cpu", write=lambda _: None)
     assert list(answers) == ["answer"] and answers["answer"]
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["plain-vocabulary", "space-joins-F"])
+def test_a_video_is_laid_out_as_the_processor_lays_it_out(merged, tmp_path):
+    """Per frame `Frame{k}: <img>` + its context tokens + `</img>`, newline-joined (`replace_video_token`), in place
+    of the template's `<video>`: the prompt's ids equal the whole text tokenized, also where the vocabulary joins the
+    space before a mid-sentence marker with `Frame1`'s `F`."""
+    from silkie.data.video import decode_video
+
+    from .hf_fixtures import MEDIA_SAMPLING, MediaStore, join_space_and
+
+    folder = BUILDERS["internvl"](tmp_path / "internvl")
+    if merged:
+        join_space_and(folder, "F")
+    section = ModelSection(path=str(folder), family="internvl", dtype="fp32")
+    codec = load_tokenizer(section)
+    assert (len(codec.tokenizer(" F", add_special_tokens=False)["input_ids"]) == 1) == merged
+    media = get_family("internvl").image_processor(AutoConfig.from_pretrained(folder), section)
+    store = MediaStore()
+    clip = decode_video("v3-0", store.read_bytes("v3-0"), MEDIA_SAMPLING)  # 4 frames
+    prompt = "Is <image> in the clip <video>?"
+    ids = codec.prompt_ids(prompt, ["m3-0"], ["v3-0"])
+    processed = media([store.open("m3-0")], videos=[clip])
+    (expanded,) = PairCollator._expanded([ids], processed, [1], [1])
+    processor = codec.processor
+    text = codec.prompt_text(prompt, ["m3-0"], ["v3-0"])
+    frames = processor.replace_video_token({"pixel_values_videos": [processed.tensors["pixel_values_videos"]]}, 0)
+    assert frames.startswith("Frame1: <img><IMG_CONTEXT>") and frames.count("\nFrame") == 3
+    whole = text.replace(processor.image_token, processor.replace_image_token({"num_patches": [1]}, 0), 1)
+    expected = codec.tokenizer(whole.replace(processor.video_token, frames), add_special_tokens=False)["input_ids"]
+    assert expanded == expected
+    joined = codec.tokenizer.convert_tokens_to_ids("\u0120F")
+    assert (joined in expected) == merged  # the case arises
+
+
+def test_images_and_frames_fill_the_context_tokens_in_prompt_order(tmp_path):
+    """An image before a video: the plain step scores the pair as the model scores it with the image's tiles, then
+    the video's frames (one `pixel_values`, prompt order); the other order scores differently (the test can fail)."""
+    from transformers import AutoModelForImageTextToText
+
+    from silkie.dpo.step import StepOptions, score_answers
+
+    from .hf_fixtures import media_batch, media_pairs
+
+    folder = BUILDERS["internvl"](tmp_path / "internvl")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    batch, pad = media_batch(folder, "internvl", model)
+    row = [p[0] for p in media_pairs("internvl")].index("Is <image> in the clip <video>?")
+    with torch.no_grad():
+        scored = score_answers(model, batch, StepOptions(image_once=False, share_prompt=False), pad, no_grad=True)
+    image, video = int(batch["image_counts"][:row].sum()), int(batch["video_counts"][:row].sum())  # its first ones
+    tiles = torch.split(batch["pixel_values"], batch["image_tiles"].tolist())[image]
+    frames = torch.split(batch["pixel_values_videos"], batch["video_frames"].tolist())[video]
+    prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row].bool()]
+    chosen = batch["chosen_input_ids"][row][batch["chosen_attention_mask"][row].bool()]
+
+    def chosen_logps(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, chosen])[None], pixel_values=pixels).logits[0]
+        return logits[len(prompt) - 1 : -1].log_softmax(-1).gather(-1, chosen[:, None]).sum()
+
+    in_order = chosen_logps(torch.cat([tiles, frames]))
+    torch.testing.assert_close(scored.chosen_logps[row], in_order, rtol=1e-5, atol=1e-5)
+    assert (chosen_logps(torch.cat([frames, tiles])) - in_order).abs() > 1e-4
+
+
+def test_frames_are_each_segment_s_middle_as_internvl_samples_them():
+    from silkie.data.video import VideoSampling, sample_indices
+
+    middle = VideoSampling(fps=1.0, min_frames=4, max_frames=4, frame_multiple=1, spread="middle")
+    assert sample_indices(16, 4.0, middle) == [2, 6, 10, 14]  # InternVL's get_index: int(seg / 2 + seg * i)
+    assert get_family("internvl").video_frame_spread == "middle"
+
+
+def test_chat_hands_generate_the_image_tiles_and_video_frames_in_prompt_order(folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    from silkie.dev.clips import noise_clip
+    from silkie.tools.chat import GenerationOptions, chat_once
+    from silkie.tools.chat_inputs import family_inputs
+
+    picture, clip = tmp_path / "wide.png", tmp_path / "clip.mkv"
+    pair_image(3, (112, 56)).save(picture)
+    clip.write_bytes(noise_clip(8, (56, 56), fps=4, seed=1))  # 2 s at 4 fps: 4 frames at the default 2 fps
+    config = AutoConfig.from_pretrained(folder)
+    _, ids, tensors = family_inputs(folder, None, config, [picture], [clip], "Is <video> like <image>?")
+    assert set(tensors) == {"pixel_values"} and tensors["pixel_values"].shape == (4 + 3, 3, 112, 112)
+    assert ids[0].tolist().count(config.image_token_id) == (4 + 3) * 16
+    first = ids[0].tolist().index(config.image_token_id - 2)  # the first <img>: the video's first frame
+    assert AutoTokenizer.from_pretrained(folder).decode(ids[0].tolist()[:first]).endswith("Is Frame1: ")
+    answers = chat_once(folder, [picture], "Is <video> like <image>?", videos=[clip], device="cpu",
+                        options=GenerationOptions(max_new_tokens=2), write=lambda _: None)  # fmt: skip
+    assert list(answers) == ["answer"]

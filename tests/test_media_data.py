@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from silkie.config import ModelSection, RecipeError, load_recipe
-from silkie.config.names import VIDEO_FAMILIES
+from silkie.config.names import QWEN_HF_FAMILIES, VIDEO_FAMILIES
 from silkie.data.collator import DroppedPairWarning, PairCollator, expand_markers
 from silkie.data.formatting import encode_pair, format_query
 from silkie.data.images import ZipImageStore
@@ -35,7 +35,7 @@ def tok(tmp_path_factory):
 def codec(request, tmp_path_factory):
     folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
     side = video_side(request.param)
-    video = {"video_max_pixels": side * side} if request.param in VIDEO_FAMILIES else {}
+    video = {"video_max_pixels": side * side} if request.param in QWEN_HF_FAMILIES else {}
     return request.param, folder, load_tokenizer(ModelSection(path=str(folder), family=request.param, **video))
 
 
@@ -110,9 +110,14 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
         assert with_video == (None, "video_unsupported") and codec.video_token_budget(64) == 0
     else:
         assert with_video[1] is None and with_video[0]["prompt_input_ids"].count(codec.video_marker_id) == 1
-        # 32 temporal patches x 4 tokens at 56x56 (Qwen3-VL: 64x64, + its span's 2 and the longest `<t seconds>`)
+        # 32 temporal patches x 4 tokens at 56x56 (Qwen3-VL: 64x64, + its span's 2 and the longest `<t seconds>`);
+        # InternVL: per frame `Frame{k}: ` (after a newline from the second on) and 16 tokens between <img> / </img>
         stamp = len(codec.tokenizer("<99999.9 seconds>", add_special_tokens=False)["input_ids"])
-        assert codec.video_token_budget(64) == 32 * (4 + (2 + stamp if family.startswith("qwen3_vl") else 0))
+        if family == "internvl":
+            texts = sum(len(codec.tokenizer(f"{chr(10) * (k > 0)}Frame{k + 1}: ")["input_ids"]) for k in range(64))
+            assert codec.video_token_budget(64) == texts + 64 * (16 + 2) + 1  # + 1: joined with the text before
+        else:
+            assert codec.video_token_budget(64) == 32 * (4 + (2 + stamp if family.startswith("qwen3_vl") else 0))
         assert encode_pair("Q", [], "a", "b", codec, 100, videos=["v"], video_frames=64) == (None, "too_long")
         from silkie.data.formatting import tokenize_pairs
         from silkie.data.pairs import PairReport, PreferencePair
@@ -174,13 +179,19 @@ def test_a_broken_video_weights_its_pair_0_and_keeps_its_tokens(codec):
     for prompt_id, key in (("good", "good"), ("bad", "bad")):
         ids, _ = encode_pair("Q", [], "a", "b", codec, videos=[key], video_frames=4)
         rows.append({"prompt_id": prompt_id, "images": [], "videos": [key], **ids})
-    model_section = ModelSection(path=str(folder), family=family, video_max_pixels=side**2, video_min_pixels=side**2)
+    bounds = {"video_max_pixels": side**2, "video_min_pixels": side**2} if family in QWEN_HF_FAMILIES else {}
+    model_section = ModelSection(path=str(folder), family=family, **bounds)
     processor = get_family(family).image_processor(load_base_model(model_section).config, model_section)
     sampling = VideoSampling(fps=4, min_frames=2, max_frames=4)
     collate = PairCollator(Store({}, videos), processor, codec.pad_token_id, video_sampling=sampling)
     with pytest.warns(DroppedPairWarning, match="bad.*corrupt video"):
         batch = collate(rows)
     assert batch["pair_weight"].tolist() == [1.0, 0.0] and batch["video_counts"].tolist() == [1, 1]
+    if family == "internvl":  # 16 context tokens per frame; the broken video's blank stand-in a multiple of 2 frames
+        tokens = (batch["prompt_input_ids"] == codec.image_marker_id).sum(1).tolist()
+        assert tokens == [16 * n for n in batch["video_frames"].tolist()] and tokens[0] == 64
+        assert torch.isfinite(batch["pixel_values_videos"]).all()
+        return
     tokens = (batch["prompt_input_ids"] == codec.video_marker_id).sum(1).tolist()  # Qwen3-VL: + timestamps
     per_video = (batch["video_grid_thw"].prod(-1) // 4).tolist()
     assert tokens == per_video and per_video[0] == 8  # 4 frames -> 2 temporal patches x 4 tokens
@@ -192,7 +203,8 @@ def test_video_drops_are_explained_only_when_they_happened(capsys):
 
     from silkie.train.build import _explain_video_drops
 
-    recipe = SimpleNamespace(data=SimpleNamespace(video_max_frames=64), dpo=SimpleNamespace(max_length=512))
+    recipe = SimpleNamespace(data=SimpleNamespace(video_max_frames=64), dpo=SimpleNamespace(max_length=512),
+                             model=SimpleNamespace(family="qwen2_vl"))
     codec = SimpleNamespace(video_marker_id=7, video_token_budget=lambda frames: 8 * frames)
     _explain_video_drops(recipe, codec, SimpleNamespace(too_long_with_video=0))  # long pairs, none with a video
     assert capsys.readouterr().out == ""

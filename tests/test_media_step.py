@@ -14,7 +14,7 @@ from silkie.models.family import unwrap_causal_lm
 
 from .conftest import tiny_config_kwargs
 from .dpo_fixtures import random_pair_batch, step, tiny_lora_model
-from .hf_fixtures import BUILDERS, OPTION_SETS, PLAIN, lora_model, media_batch, media_pairs, run_step
+from .hf_fixtures import BUILDERS, OPTION_SETS, PLAIN, join_space_and, lora_model, media_batch, media_pairs, run_step
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -53,11 +53,16 @@ def test_every_image_and_video_fills_its_own_span(setup):
     if family == "llava":
         assert image_tokens.tolist() == [16 * len(p[3]) for p in pairs]
         return
-    if family == "internvl":  # 16 tokens per 112 px tile; a thumbnail where an image takes several tiles
-        assert batch["image_tiles"].tolist() == [1, 3, 1, 1, 1] and batch["pixel_values"].size(0) == 7
-        per_image = (batch["image_tiles"] * 16).tolist()
-    else:
-        per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
+    if family == "internvl":  # 16 context tokens per 112 px tile (a thumbnail where an image takes several) and frame
+        assert batch["image_tiles"].tolist() == [1, 3, 1, 1, 1, 1] and batch["video_frames"].tolist() == [8, 4, 16]
+        assert image_tokens.tolist() == [16 * n for n in (1 + 3, 3, 8, 1 + 4, 16, 0)]
+        starts = (batch["prompt_input_ids"] == config.image_token_id - 2).sum(1)  # one <img> per image and frame
+        assert starts.tolist() == [2, 3, 8, 1 + 4, 16, 0]
+        assert batch["media_kinds"].tolist()[3] == [0, 1, -1]  # `Is <image> in the clip <video>?`: image, video
+        assert batch["corrupt_pixel_values_videos"].shape == batch["pixel_values_videos"].shape == (28, 3, 112, 112)
+        assert not torch.equal(batch["corrupt_pixel_values_videos"], batch["pixel_values_videos"])
+        return
+    per_image = (batch["image_grid_thw"].prod(-1) // 4).tolist()
     starts = torch.cumsum(torch.tensor([0] + [len(p[3]) for p in pairs]), 0).tolist()
     assert image_tokens.tolist() == [sum(per_image[a:b]) for a, b in zip(starts, starts[1:])]
     if family not in VIDEO_FAMILIES:
@@ -79,6 +84,11 @@ def test_the_marker_places_the_image_in_the_prompt(setup):
     row = [p[0] for p in media_pairs(family)].index("Is <image> in the clip <video>?")
     ids = batch["prompt_input_ids"][row].tolist()
     config = model.config
+    if family == "internvl":  # the image's <img>..</img>, then " in the clip Frame1: " and the frames' spans
+        start, end = config.image_token_id - 2, config.image_token_id - 1
+        starts, ends = [i for i, t in enumerate(ids) if t == start], [i for i, t in enumerate(ids) if t == end]
+        assert len(starts) == 1 + 4 and starts[1] - ends[0] > 3 and batch["media_kinds"][row].tolist() == [0, 1, -1]
+        return
     image_at, video_at = ids.index(config.image_token_id), ids.index(config.video_token_id)
     assert image_at < video_at and video_at - (image_at + ids.count(config.image_token_id)) > 3
 
@@ -127,19 +137,6 @@ def test_qwen_vl_several_pictures_score_as_the_plain_path(images):
     assert (swapped.chosen_logps - plain[0].chosen_logps).abs().max() > 1e-4
 
 
-def join_space_and_angle(folder) -> None:
-    """Teach the tiny BPE Qwen's merge of a space and `<` into one token (`Ġ<`), as its real vocabulary has."""
-    import json
-
-    path = folder / "tokenizer.json"
-    data = json.loads(path.read_text())
-    vocab = data["model"]["vocab"]
-    vocab |= {token["content"]: token["id"] for token in data["added_tokens"]}  # else their ids would move up
-    vocab["\u0120<"] = len(vocab)
-    data["model"]["merges"].insert(0, ["\u0120", "<"])
-    path.write_text(json.dumps(data))
-
-
 @pytest.mark.parametrize(
     ("prompt", "merged"),
     [("What happens in the clip?", False), ("Is <image> in the clip <video>?", False),
@@ -161,7 +158,7 @@ def test_qwen3_vl_videos_are_laid_out_as_its_processor_lays_them_out(prompt, mer
 
     folder = BUILDERS["qwen3_vl"](tmp_path / "qwen3")
     if merged:
-        join_space_and_angle(folder)
+        join_space_and(folder, "<")  # Qwen's merge of a space and `<` (` <`), as its real vocabulary has
     model = load_base_model(model_section(folder, "qwen3_vl"))
     batch, pad = media_batch(folder, "qwen3_vl", model)
     codec = load_tokenizer(model_section(folder, "qwen3_vl"))

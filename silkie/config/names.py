@@ -18,7 +18,7 @@ FAMILIES = tuple(FAMILY_TABLE)
 MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items() for model_type in types}
 # the transformers Qwen VLMs: images of any size within model.min_pixels..max_pixels, M-RoPE positions
 QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-VIDEO_FAMILIES = QWEN_HF_FAMILIES  # the families Silkie feeds video to
+VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds video to
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
 MOE_FAMILIES = ("qwen3_vl_moe",)
 # config.json model_types of checkpoints in a layout Silkie does not load, and what loads them

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from silkie.errors import RecipeError
 
 from .checks import choice, key, require
-from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS, QWEN_HF_FAMILIES, TILED_FAMILIES, VIDEO_FAMILIES
+from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS, QWEN_HF_FAMILIES, TILED_FAMILIES
 
 
 @dataclass
@@ -85,7 +85,8 @@ class ModelSection:
     )
     video_min_pixels: int | None = key(
         None,
-        "The Qwen2-VL / 2.5-VL / 3-VL families: fewest pixels per video frame after resizing (null: the checkpoint's "
+        "The Qwen2-VL / 2.5-VL / 3-VL families (InternVL's frames are one tile each): fewest pixels per video frame "
+        "after resizing (null: the checkpoint's "
         "video_preprocessor_config.json, else 128 x (patch x merge)^2 as qwen-vl-utils; Qwen3-VL's config records a "
         "floor over the whole clip).",
         "models.hf_vlm.video:Qwen2VLVideos.frame_bounds",
@@ -124,13 +125,12 @@ class ModelSection:
         for name in ("min_pixels", "max_pixels", "video_min_pixels", "video_max_pixels"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"model.{name}", value, "null or an integer >= 1")
-            video = name.startswith("video")
-            takes = VIDEO_FAMILIES if video else QWEN_HF_FAMILIES
+            video = name.startswith("video")  # InternVL's frames are one tile each: no pixel bounds
             require(
-                value is None or self.family in takes,
+                value is None or self.family in QWEN_HF_FAMILIES,
                 f"model.{name}",
                 value,
-                f"null: only {'/'.join(takes)} take {'video' if video else 'per-image'} pixel bounds",
+                f"null: only {'/'.join(QWEN_HF_FAMILIES)} take {'video frame' if video else 'per-image'} pixel bounds",
             )
         require(self.max_tiles is None or self.max_tiles >= 1, "model.max_tiles", self.max_tiles, "null or >= 1")
         require(

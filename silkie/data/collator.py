@@ -66,6 +66,16 @@ def expand_marker(ids: Sequence[int], marker_id: int | None, count: int) -> list
     return expand_markers(ids, marker_id, [count] if count else [])
 
 
+def media_kinds(prompts: Sequence[Sequence[int]], image_marker: int | None, video_marker: int | None) -> torch.Tensor:
+    """[B, M]: each prompt's media in the order of their markers (0 image, 1 video; -1 pads)."""
+    kinds = [[0 if token == image_marker else 1 for token in ids if token in (image_marker, video_marker)]
+             for ids in prompts]  # fmt: skip
+    out = torch.full((len(kinds), max((len(k) for k in kinds), default=0)), -1, dtype=torch.long)
+    for row, kind in enumerate(kinds):
+        out[row, : len(kind)] = torch.tensor(kind, dtype=torch.long)
+    return out
+
+
 def media_keys(row: Mapping[str, Any], kind: str) -> list[str]:
     """A tokenized row's image (`kind` "image") or video keys, in order (a row with a single `image` too)."""
     keys = row.get(f"{kind}s")
@@ -180,6 +190,9 @@ class PairCollator:
         for image in images:
             image.close()
         batch: dict[str, torch.Tensor] = {}
+        if processed.media_in_prompt_order:
+            prompts = [row["prompt_input_ids"] for row in rows]
+            batch["media_kinds"] = media_kinds(prompts, processed.marker_id, processed.video_marker_id)
         for name in SEQUENCE_KEYS:
             sequences = [row[f"{name}_input_ids"] for row in rows]
             if name == "prompt":

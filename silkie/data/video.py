@@ -3,8 +3,10 @@
 `sample_indices` follows transformers' `Qwen2VLVideoProcessor.sample_frames` with `fps`: `total / native fps x fps`
 frames, within `min_frames`..`max_frames` (and the clip's own count), a multiple of the temporal patch, spread
 uniformly (`arange(0, total, total / n)`); Qwen3-VL's (`spread="linspace"`): `int(total / native fps x fps)` frames
-within the same bounds, first to last (`linspace(0, total - 1, n).round()`). The rate the frames were sampled at
-goes with them (Qwen2.5-VL's temporal positions use it, as qwen-vl-utils computes it), and each frame's time.
+within the same bounds, first to last (`linspace(0, total - 1, n).round()`); InternVL's (`spread="middle"`): the
+arange count, each frame the middle of its segment (`int(step / 2 + i x step)`, InternVL's `get_index`). The rate
+the frames were sampled at goes with them (Qwen2.5-VL's temporal positions use it, as qwen-vl-utils computes it),
+and each frame's time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class VideoSampling:
     min_frames: int = 4
     max_frames: int = 64
     frame_multiple: int = 2  # the family's temporal patch: a sample count is a multiple of it
-    spread: str = "arange"  # how the frames are spread: Qwen2-VL's "arange", Qwen3-VL's "linspace"
+    spread: str = "arange"  # how frames are spread: Qwen2-VL's "arange", Qwen3-VL's "linspace", InternVL's "middle"
 
     def fingerprint(self) -> str:
         """The settings that decide which frames a video gives."""
@@ -53,7 +55,8 @@ def sample_indices(total: int, native_fps: float, sampling: VideoSampling) -> li
     count = math.floor(min(max(wanted, sampling.min_frames), most, total) / multiple) * multiple
     count = max(count, multiple)  # at least one temporal patch, even with max_frames below it
     step = total / count
-    return [int(i * step) for i in range(count)]
+    offset = step / 2 if sampling.spread == "middle" else 0.0  # InternVL: each of `count` segments' middle frame
+    return [int(offset + i * step) for i in range(count)]
 
 
 def decode_video(key: str, data: bytes, sampling: VideoSampling) -> VideoClip:

@@ -74,6 +74,9 @@ class ImageBatch:
     extra: dict[str, Any] = field(default_factory=dict)
     tokens_per_video: list[int | list[int]] | None = None  # a count, or the ids that replace the marker (Qwen3-VL)
     video_marker_id: int | None = None
+    # one placeholder id for images and video frames (InternVL): the model fills them in prompt order, so the
+    # collator records each pair's media kinds in that order (`media_kinds`: 0 image, 1 video, -1 pads)
+    media_in_prompt_order: bool = False
 
 
 @dataclass

@@ -192,9 +192,8 @@ class FamilyPrompter:
         if self.recipe is not None:  # the run's pixel bounds
             section = dataclasses.replace(self.recipe.model, path=str(model_dir), family=self.family)
         self.codec = load_codec_from(model_dir, adapter_dir, section=section)
-        family = get_family(self.family)
-        self.processor = family.image_processor(config, section)
-        self.skip = getattr(family, "generation_skip_keys", ())  # the DPO step's own image tensors
+        self.family_impl = get_family(self.family)
+        self.processor = self.family_impl.image_processor(config, section)
 
     def __call__(
         self, images: Paths, videos: Paths, question: str, system: str | None = None, history: Iterable[Turn] = ()
@@ -221,11 +220,9 @@ class FamilyPrompter:
         processed = processed if isinstance(processed, ImageBatch) else ImageBatch({"pixel_values": processed})
         (ids,) = PairCollator._expanded([prompt], processed, [len(pictures)], [len(clips)])
         # a modality with no media has empty tensors, which generate() would still encode (an empty torch.cat)
-        tensors = {
-            name: t
-            for name, t in processed.tensors.items()
-            if name not in self.skip and not (torch.is_tensor(t) and t.numel() == 0)
-        }
+        tensors = {name: t for name, t in processed.tensors.items() if not (torch.is_tensor(t) and t.numel() == 0)}
+        markers = {self.codec.image_marker_id: 0, self.codec.video_marker_id: 1}
+        tensors = self.family_impl.generation_inputs(tensors, [markers[t] for t in prompt if t in markers])
         input_ids = torch.tensor([ids])
         if self.family in QWEN_HF_FAMILIES:  # M-RoPE needs the modality of each token
             from silkie.models.hf_vlm.family import mm_token_types

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from silkie.config import Recipe, RecipeError, save_recipe
-from silkie.config.names import TILED_FAMILIES
+from silkie.config.names import QWEN_HF_FAMILIES, TILED_FAMILIES
 from silkie.config.objective import uses_reference
 from silkie.config.trackers import missing_trackers
 from silkie.errors import InputError
@@ -159,11 +159,11 @@ def _explain_video_drops(recipe: Recipe, codec: Any, report: Any) -> None:
     change (only when such drops happened: data without videos hears nothing of it)."""
     budget = codec.video_marker_id is not None and codec.video_token_budget(recipe.data.video_max_frames)
     if budget and budget >= recipe.dpo.max_length and report.too_long_with_video:
+        pixels = "model.video_max_pixels or " if recipe.model.family in QWEN_HF_FAMILIES else ""  # InternVL: frames
         logger.warning(
             f"{report.too_long_with_video} pairs with a video were dropped as too_long: a video of "
             f"data.video_max_frames = {recipe.data.video_max_frames} frames may take {budget} tokens, not below "
-            f"dpo.max_length = {recipe.dpo.max_length}; lower model.video_max_pixels or data.video_max_frames, or "
-            "raise dpo.max_length"
+            f"dpo.max_length = {recipe.dpo.max_length}; lower {pixels}data.video_max_frames, or raise dpo.max_length"
         )
 
 

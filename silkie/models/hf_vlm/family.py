@@ -45,7 +45,6 @@ class HFVisionFamily(ModelFamily):
     vision_parts: tuple[str, ...] = ()  # attribute names under `model.model` (tower first, projector last)
     projector_part = ""
     video_span_collapsed = False  # the template's vision span around a video becomes the bare marker (Qwen3-VL)
-    generation_skip_keys: tuple[str, ...] = ()  # image-batch tensors for the DPO step only, not for generate()
 
     def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
         from transformers import AutoModelForImageTextToText
@@ -89,6 +88,11 @@ class HFVisionFamily(ModelFamily):
     def image_token_budget(self, processor: Any, path: str) -> int:
         """Most tokens one image can take (bounds prompt lengths at tokenization); `path`: the model folder."""
         raise NotImplementedError
+
+    def generation_inputs(self, tensors: dict, media_kinds: list[int]) -> dict:
+        """The image/video tensors `generate()` takes for one prompt whose media come in `media_kinds` order (0 image,
+        1 video); the collator's tensors as they are for most families."""
+        return tensors
 
     def lora_target_regex(self, lora: Any) -> str:
         llm = "|".join(re.escape(t) for t in (lora.target_modules or self.default_lora_targets))

@@ -4,7 +4,9 @@ An InternViT tower, a pixel-shuffle MLP projector and a Qwen2 / Qwen3 / Llama la
 An image is cut into tiles of the processor's size (448 px) on the grid of aspect ratios that fits it best, at most
 `max_patches` (the recipe's `model.max_tiles`), plus a thumbnail of the whole image when it takes several; each tile
 gives `image_seq_length` (256) feature tokens. The chat template writes one `<IMG_CONTEXT>` per image, which the
-collator replaces, as `InternVLProcessor` does, by `<img>` + the image's context tokens + `</img>`.
+collator replaces, as `InternVLProcessor` does, by `<img>` + the image's context tokens + `</img>`; a video's
+`<video>` becomes one such span per frame (`internvl_video`). Images and video frames share the context token, so
+the model fills them in prompt order: the rows' pixels (or features) are interleaved by the pairs' `media_kinds`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from silkie.models.family import ImageBatch
 
 from .codec import load_processor
 from .family import HFVisionFamily, image_encoder_outputs
+from .internvl_video import FRAME_COUNTS, InternVLVideos
 
 TILE_COUNTS = "image_tiles"  # batch key: [N_img] tiles per image (their rows of `pixel_values`, in image order)
+IMAGE, VIDEO = 0, 1  # `media_kinds` entries (-1 pads)
 
 
 def tile_tokens(config: Any) -> int:
@@ -39,7 +43,8 @@ def most_tiles(image_processor: Any, call_kwargs: dict) -> int:
 
 
 class InternVLFamily(HFVisionFamily):
-    """InternVL "-hf": tiled images, each image's features the concatenation of its tiles' (thumbnail last)."""
+    """InternVL "-hf": tiled images (each image's features the concatenation of its tiles', thumbnail last) and
+    videos of one tile per frame, in prompt order."""
 
     class_names = ("InternVLForConditionalGeneration",)
     vision_lora_pattern = (
@@ -47,14 +52,21 @@ class InternVLFamily(HFVisionFamily):
     )
     vision_parts = ("vision_tower", "multi_modal_projector")
     projector_part = "multi_modal_projector"
-    generation_skip_keys = (TILE_COUNTS,)
+    video_frame_spread = "middle"  # each segment's middle frame, as InternVL's own video loader
 
     def image_token_budget(self, processor: Any, path: str) -> int:
         tiles = most_tiles(processor.image_processor, call_defaults(processor))
         return tiles * processor.image_seq_length + 2  # + <img>, </img>
 
+    def video_processor(self, processor: Any, section: Any) -> InternVLVideos:
+        from transformers import AutoConfig
+
+        return InternVLVideos(processor, AutoConfig.from_pretrained(section.path), section, processor.image_seq_length)
+
     def image_processor(self, model_config: Any, section: Any) -> Any:
-        return InternVLImages(load_processor(section.path, None, None, section.max_tiles), model_config)
+        processor = load_processor(section.path, None, None, section.max_tiles)
+        images = InternVLImages(processor, model_config)
+        return InternVLMedia(images, InternVLVideos(processor, model_config, section, images.per_tile))
 
     def quantization_skip_modules(self) -> list[str]:
         return ["lm_head", "vision_tower", "multi_modal_projector"]
@@ -69,9 +81,17 @@ class InternVLFamily(HFVisionFamily):
         )
         return out.pooler_output
 
-    def encode_images(self, base: nn.Module, batch: dict) -> list[torch.Tensor]:
-        tiles = self._tile_features(base, batch["pixel_values"])
-        return [image.flatten(0, 1) for image in torch.split(tiles, batch[TILE_COUNTS].tolist())]
+    def encode_images(self, base: nn.Module, batch: dict) -> dict[str, list[torch.Tensor]]:
+        """Each image's and each video's features ([tiles or frames x tokens, D]), the tower run once on both."""
+        parts = {"image": (batch.get("pixel_values"), batch.get(TILE_COUNTS))}
+        parts["video"] = (batch.get("pixel_values_videos"), batch.get(FRAME_COUNTS))
+        present = {kind: part for kind, part in parts.items() if part[0] is not None and part[0].numel()}
+        tiles = self._tile_features(base, torch.cat([pixels for pixels, _ in present.values()]))
+        features: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
+        for kind, (pixels, counts) in present.items():
+            mine, tiles = tiles[: pixels.size(0)], tiles[pixels.size(0) :]
+            features[kind] = [item.flatten(0, 1) for item in torch.split(mine, counts.tolist())]
+        return features
 
     def blank_image_features(self, base: nn.Module) -> torch.Tensor:
         height, width = base.config.vision_config.image_size
@@ -81,11 +101,53 @@ class InternVLFamily(HFVisionFamily):
     def row_image_kwargs(
         self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
     ) -> dict:
-        picks = order.tolist()
+        sequence = media_sequence(batch, order, video_order)
         if features is not None:  # the model scatters one [tokens, D] tensor over its context tokens, in order
-            return image_encoder_outputs(torch.cat([features[i] for i in picks]))
-        tiles = torch.split(batch["pixel_values"], batch[TILE_COUNTS].tolist())
-        return {"pixel_values": torch.cat([tiles[i] for i in picks])}
+            return image_encoder_outputs(torch.cat([features[kind][index] for kind, index in sequence]))
+        return {"pixel_values": interleaved_pixels(batch, sequence)}
+
+    def generation_inputs(self, tensors: dict, media_kinds: list[int]) -> dict:
+        """One prompt's pixels for `generate()`: its images' tiles and videos' frames in prompt order."""
+        if not media_kinds:
+            return {}
+        counts = {"image_counts": torch.tensor([media_kinds.count(IMAGE)])}
+        counts["video_counts"] = torch.tensor([media_kinds.count(VIDEO)])
+        batch = {**tensors, **counts, "media_kinds": torch.tensor([media_kinds], dtype=torch.long)}
+        order, video_order = torch.arange(media_kinds.count(IMAGE)), torch.arange(media_kinds.count(VIDEO))
+        return {"pixel_values": interleaved_pixels(batch, media_sequence(batch, order, video_order))}
+
+
+def media_sequence(batch: dict, order: torch.Tensor, video_order: torch.Tensor | None) -> list[tuple[str, int]]:
+    """The rows' media as ("image" | "video", batch index), in the order their context tokens come: row-major
+    spans hold each pair's media in prompt order (`media_kinds`), pairs in batch order, every block of rows
+    (concatenated rows: chosen, then rejected) the whole batch again."""
+    videos = video_order.tolist() if video_order is not None else []
+    if not videos:
+        return [("image", index) for index in order.tolist()]
+    per_pair, seen = [], {"image": 0, "video": 0}
+    for kinds in batch["media_kinds"].tolist():
+        pair = []
+        for kind in (("image" if entry == IMAGE else "video") for entry in kinds if entry >= 0):
+            pair.append((kind, seen[kind]))
+            seen[kind] += 1
+        per_pair.append(pair)
+    blocks = (len(order) + len(videos)) // max(1, seen["image"] + seen["video"])
+    sequence = [item for _ in range(blocks) for pair in per_pair for item in pair]
+    if [i for kind, i in sequence if kind == "image"] != order.tolist() or [
+        i for kind, i in sequence if kind == "video"
+    ] != videos:  # the rows' spans must follow the batch's pair order: fail loudly if that ever changes
+        raise RuntimeError("InternVL: the rows' images and videos are not in the batch's pair order")
+    return sequence
+
+
+def interleaved_pixels(batch: dict, sequence: list[tuple[str, int]]) -> torch.Tensor:
+    """The tiles of `sequence`'s images and frames of its videos, one tensor in that order."""
+    chunks = {"image": (), "video": ()}
+    if batch.get("pixel_values") is not None and batch["pixel_values"].numel():
+        chunks["image"] = torch.split(batch["pixel_values"], batch[TILE_COUNTS].tolist())
+    if batch.get("pixel_values_videos") is not None and batch["pixel_values_videos"].numel():
+        chunks["video"] = torch.split(batch["pixel_values_videos"], batch[FRAME_COUNTS].tolist())
+    return torch.cat([chunks[kind][index] for kind, index in sequence])
 
 
 def call_defaults(processor: Any) -> dict:
@@ -119,13 +181,33 @@ class InternVLImages:
         """The ids that replace each image's marker, for images of `tiles` tiles."""
         return [[self.start_id, *[self.marker_id] * (count * self.per_tile), self.end_id] for count in tiles]
 
-    def __call__(self, images: list, videos: list = ()) -> ImageBatch:
-        if videos:
-            raise ValueError("InternVL takes images, not video (tokenization drops such pairs as video_unsupported)")
+    def __call__(self, images: list) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """The tensors of `images` and each one's ids."""
         if not images:
-            empty = {"pixel_values": torch.zeros(0, 3, *self.size), TILE_COUNTS: torch.zeros(0, dtype=torch.long)}
-            return ImageBatch(empty, [], self.marker_id)
+            return {"pixel_values": torch.zeros(0, 3, *self.size), TILE_COUNTS: torch.zeros(0, dtype=torch.long)}, []
         out = self.image_processor(images=images, return_tensors="pt", **self.call_kwargs)
         tiles = [int(count) for count in out["num_patches"]]
         tensors = {"pixel_values": out["pixel_values"], TILE_COUNTS: torch.tensor(tiles, dtype=torch.long)}
-        return ImageBatch(tensors, self.spans(tiles), self.marker_id)
+        return tensors, self.spans(tiles)
+
+
+class InternVLMedia:
+    """The collator's processor: images (`InternVLImages`) and videos (`InternVLVideos`) as one `ImageBatch`, which
+    asks the collator for each pair's media kinds in prompt order (images and frames share one placeholder)."""
+
+    def __init__(self, images: InternVLImages, videos: InternVLVideos):
+        self.images, self.videos = images, videos
+        self.image_processor = images.image_processor  # the processor's, shared with the codec
+
+    def fingerprint(self) -> str:
+        """The image and video settings."""
+        return f"{self.images.fingerprint()} {self.videos.fingerprint()}"
+
+    def __call__(self, images: list, videos: list = ()) -> ImageBatch:
+        tensors, spans = self.images(list(images))
+        batch = ImageBatch(tensors, spans, self.images.marker_id, media_in_prompt_order=True)
+        if videos:
+            video_tensors, batch.tokens_per_video = self.videos(list(videos))
+            batch.tensors |= video_tensors
+            batch.video_marker_id = self.videos.marker_id
+        return batch

@@ -17,7 +17,6 @@ LoRA reaches them through `lora.target_parameters`), and its routers get TRL's l
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -28,6 +27,7 @@ from silkie.models.family import VideoClip
 
 from .expert_layout import write_release_layout
 from .family import Qwen2VLFamily
+from .text_led import TextLedIds
 from .video import DEFAULT_VIDEO_MAX_TOKENS, DEFAULT_VIDEO_MIN_TOKENS, Qwen2VLVideos, folder_video_bounds
 
 
@@ -167,18 +167,9 @@ class Qwen3VLVideos(Qwen2VLVideos):
             ids: list[int] = []
             for seconds in self._patch_times(clip, grid[0]):
                 ids += [*self._ids(_timestamp(seconds)), self.start_id, *[self.marker_id] * per_patch, self.end_id]
-            layouts.append(TextLedIds(ids, ids.index(self.start_id), self))
+            # the first timestamp is tokenized with the prompt text before the marker (a space then `<`: ` <`)
+            layouts.append(TextLedIds(ids, ids.index(self.start_id), self.tokenizer))
         return tensors, layouts
-
-    def join_text(self, before: list[int], layout: list[int], text_ids: int) -> tuple[int, list[int]]:
-        """(n, ids): the last n of `before` (its text since the last added token) and the marker become `ids`, that
-        text and the layout's first `text_ids` ids (its first timestamp) tokenized as one, as the processor's
-        whole-text tokenization does; the same ids where the two do not interact (text after a newline)."""
-        start, boundaries = len(before), self._added_ids  # added tokens split the text before it is tokenized
-        while start and before[start - 1] not in boundaries:
-            start -= 1
-        text = self.tokenizer.decode(before[start:] + layout[:text_ids], clean_up_tokenization_spaces=False)
-        return len(before) - start, self._ids(text) + layout[text_ids:]
 
     def _patch_times(self, clip: VideoClip, patches: int) -> list[float]:
         """The time of each temporal patch: the mean of its first and last frame's (the last frame repeated to fill
@@ -187,24 +178,8 @@ class Qwen3VLVideos(Qwen2VLVideos):
         times += [times[-1]] * (patches * self.temporal - len(times))
         return [(times[i] + times[i + self.temporal - 1]) / 2 for i in range(0, patches * self.temporal, self.temporal)]
 
-    @functools.cached_property
-    def _added_ids(self) -> set[int]:
-        return set(self.tokenizer.added_tokens_decoder)
-
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-class TextLedIds(list):
-    """A video's ids that open with text (its first `<t seconds>`): `joined(before)` also retokenizes the prompt's
-    text before the marker with that text (a space then `<` is one token in Qwen's vocabulary, ` <`)."""
-
-    def __init__(self, ids: list[int], text_ids: int, videos: Qwen3VLVideos):
-        super().__init__(ids)
-        self.text_ids, self.videos = text_ids, videos
-
-    def joined(self, before: list[int]) -> tuple[int, list[int]]:
-        return self.videos.join_text(before, list(self), self.text_ids)
 
 
 def _timestamp(seconds: float) -> str:

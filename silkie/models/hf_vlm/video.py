@@ -28,9 +28,9 @@ from silkie.models.family import VideoClip
 DEFAULT_VIDEO_MIN_TOKENS, DEFAULT_VIDEO_MAX_TOKENS = 128, 768
 
 
-def folder_video_bounds(path: str | Path) -> tuple[int | None, int | None]:
-    """The per-frame pixel bounds a checkpoint folder records for video (`video_preprocessor_config.json`, or the
-    `video_processor` entry of `processor_config.json`), or (None, None)."""
+def folder_video_config(path: str | Path) -> dict:
+    """The video processor settings a checkpoint folder records (`video_preprocessor_config.json`, or the
+    `video_processor` entry of `processor_config.json`); {} when it records none."""
     folder = Path(path)
     for name, entry in (("video_preprocessor_config.json", None), ("processor_config.json", "video_processor")):
         file = folder / name
@@ -38,12 +38,16 @@ def folder_video_bounds(path: str | Path) -> tuple[int | None, int | None]:
             continue
         config = json.loads(file.read_text(encoding="utf-8"))
         config = config.get(entry, {}) if entry else config
-        size = config.get("size") or {}
-        low = size.get("shortest_edge", config.get("min_pixels"))
-        high = size.get("longest_edge", config.get("max_pixels"))
-        if low is not None or high is not None:
-            return low, high
-    return None, None
+        if config:
+            return config
+    return {}
+
+
+def folder_video_bounds(path: str | Path) -> tuple[int | None, int | None]:
+    """The per-frame pixel bounds a checkpoint folder records for video (`folder_video_config`), or (None, None)."""
+    config = folder_video_config(path)
+    size = config.get("size") or {}
+    return size.get("shortest_edge", config.get("min_pixels")), size.get("longest_edge", config.get("max_pixels"))
 
 
 class Qwen2VLVideos:
