@@ -197,9 +197,67 @@ def test_images_and_frames_fill_the_context_tokens_in_prompt_order(tmp_path):
 def test_frames_are_each_segment_s_middle_as_internvl_samples_them():
     from silkie.data.video import VideoSampling, sample_indices
 
-    middle = VideoSampling(fps=1.0, min_frames=4, max_frames=4, frame_multiple=1, spread="middle")
-    assert sample_indices(16, 4.0, middle) == [2, 6, 10, 14]  # InternVL's get_index: int(seg / 2 + seg * i)
+    def middle(count: int) -> VideoSampling:
+        return VideoSampling(fps=1.0, min_frames=count, max_frames=count, frame_multiple=1, spread="middle")
+
+    # InternVL's get_index over frames 0..total-1: seg = (total - 1) / n, int(seg / 2 + round(seg * i))
+    assert sample_indices(16, 4.0, middle(4)) == [1, 5, 9, 12]
+    assert sample_indices(30, 1.0, middle(8)) == [1, 5, 8, 12, 15, 19, 23, 26]
+    assert sample_indices(5, 1.0, middle(4)) == [0, 1, 2, 3]
     assert get_family("internvl").video_frame_spread == "middle"
+
+
+@pytest.mark.parametrize(
+    "before",
+    ["<|im_start|>user\nIs the clip ", "<|im_start|>user\n", "<|im_start|> hello ", "Is the clip "],
+    ids=["mid-sentence", "after-a-newline", "space-after-an-added-token", "input-start"],
+)
+def test_frame_texts_are_tokenized_in_place_by_a_sentencepiece_style_tokenizer(before, tmp_path):
+    """InternVL2.5's Llama-style tokenizers mark only the input's start with `▁`: the frames' text (and the prompt
+    text joined with `Frame1: `) must be tokenized where it stands, after an added token, not on its own."""
+    from types import SimpleNamespace
+
+    from silkie.dev.tiny_hf_vlm import train_tiny_tokenizer
+    from silkie.models.hf_vlm.internvl_video import InternVLVideos
+
+    specials = ("<pad>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+    tokenizer = train_tiny_tokenizer(special_tokens=specials, style="llama")
+    ids = tokenizer.convert_tokens_to_ids
+    processor = SimpleNamespace(
+        image_processor=SimpleNamespace(image_mean=[0.5] * 3, image_std=[0.5] * 3), tokenizer=tokenizer,
+        video_token="<video>", start_image_token_id=ids("<img>"), end_image_token_id=ids("</img>"),
+    )  # fmt: skip
+    config = SimpleNamespace(image_token_id=ids("<IMG_CONTEXT>"), vision_config=SimpleNamespace(image_size=[112, 112]))
+    videos = InternVLVideos(processor, config, SimpleNamespace(path=str(tmp_path)), per_frame=4)
+    head = tokenizer(before, add_special_tokens=False)["input_ids"]
+    replaced, joined = videos.layout(3).joined(head)
+    frames = "\n".join(f"Frame{k + 1}: <img>{'<IMG_CONTEXT>' * 4}</img>" for k in range(3))  # replace_video_token
+    expected = tokenizer(before + frames, add_special_tokens=False)["input_ids"]
+    assert head[: len(head) - replaced] + joined == expected
+    assert len(joined) - replaced <= videos.most_tokens(3)
+
+
+def test_a_pair_s_generation_inputs_from_a_collated_batch_hold_its_media_in_prompt_order(tmp_path):
+    """`prompt_generation_inputs` (evaluation samples) for one pair of a batch of several: that pair's image tiles,
+    then its video's frames."""
+    from transformers import AutoModelForImageTextToText
+
+    from silkie.models.generation import prompt_generation_inputs
+
+    from .hf_fixtures import media_batch, media_pairs
+
+    folder = BUILDERS["internvl"](tmp_path / "internvl")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    batch, _ = media_batch(folder, "internvl", model)
+    row = [p[0] for p in media_pairs("internvl")].index("Is <image> in the clip <video>?")
+    image, video = int(batch["image_counts"][:row].sum()), int(batch["video_counts"][:row].sum())
+    tiles = torch.split(batch["pixel_values"], batch["image_tiles"].tolist())[image]
+    frames = torch.split(batch["pixel_values_videos"], batch["video_frames"].tolist())[video]
+    inputs = prompt_generation_inputs(model, batch, row)
+    assert torch.equal(inputs["pixel_values"], torch.cat([tiles, frames]))
+    videos_only = [p[0] for p in media_pairs("internvl")].index("Go?")  # a 16-frame clip alone
+    clip = torch.split(batch["pixel_values_videos"], batch["video_frames"].tolist())[-1]
+    assert torch.equal(prompt_generation_inputs(model, batch, videos_only)["pixel_values"], clip)
 
 
 def test_chat_hands_generate_the_image_tiles_and_video_frames_in_prompt_order(folder, tmp_path):

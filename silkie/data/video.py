@@ -4,7 +4,8 @@
 frames, within `min_frames`..`max_frames` (and the clip's own count), a multiple of the temporal patch, spread
 uniformly (`arange(0, total, total / n)`); Qwen3-VL's (`spread="linspace"`): `int(total / native fps x fps)` frames
 within the same bounds, first to last (`linspace(0, total - 1, n).round()`); InternVL's (`spread="middle"`): the
-arange count, each frame the middle of its segment (`int(step / 2 + i x step)`, InternVL's `get_index`). The rate
+arange count, each the middle of its segment (InternVL's `get_index`: `int(seg / 2 + round(seg x i))`, seg =
+(total - 1) / n). The rate
 the frames were sampled at goes with them (Qwen2.5-VL's temporal positions use it, as qwen-vl-utils computes it),
 and each frame's time.
 """
@@ -54,9 +55,11 @@ def sample_indices(total: int, native_fps: float, sampling: VideoSampling) -> li
         return list(range(total))
     count = math.floor(min(max(wanted, sampling.min_frames), most, total) / multiple) * multiple
     count = max(count, multiple)  # at least one temporal patch, even with max_frames below it
+    if sampling.spread == "middle":  # InternVL's get_index: the middles of `count` segments of frames 0..total-1
+        segment = (total - 1) / count
+        return [int(segment / 2 + np.round(segment * i)) for i in range(count)]
     step = total / count
-    offset = step / 2 if sampling.spread == "middle" else 0.0  # InternVL: each of `count` segments' middle frame
-    return [int(offset + i * step) for i in range(count)]
+    return [int(i * step) for i in range(count)]
 
 
 def decode_video(key: str, data: bytes, sampling: VideoSampling) -> VideoClip:

@@ -120,10 +120,12 @@ class InternVLFamily(HFVisionFamily):
 def media_sequence(batch: dict, order: torch.Tensor, video_order: torch.Tensor | None) -> list[tuple[str, int]]:
     """The rows' media as ("image" | "video", batch index), in the order their context tokens come: row-major
     spans hold each pair's media in prompt order (`media_kinds`), pairs in batch order, every block of rows
-    (concatenated rows: chosen, then rejected) the whole batch again."""
-    videos = video_order.tolist() if video_order is not None else []
+    (concatenated rows: chosen, then rejected) the whole batch again; or one pair's (a prompt to generate from).
+    Which pair comes first cannot be read from the two index lists alone (a pair with only an image and one with
+    only a video give the same lists in either order), so this layout is checked, not searched for."""
+    images, videos = order.tolist(), video_order.tolist() if video_order is not None else []
     if not videos:
-        return [("image", index) for index in order.tolist()]
+        return [("image", index) for index in images]
     per_pair, seen = [], {"image": 0, "video": 0}
     for kinds in batch["media_kinds"].tolist():
         pair = []
@@ -131,13 +133,14 @@ def media_sequence(batch: dict, order: torch.Tensor, video_order: torch.Tensor |
             pair.append((kind, seen[kind]))
             seen[kind] += 1
         per_pair.append(pair)
-    blocks = (len(order) + len(videos)) // max(1, seen["image"] + seen["video"])
-    sequence = [item for _ in range(blocks) for pair in per_pair for item in pair]
-    if [i for kind, i in sequence if kind == "image"] != order.tolist() or [
-        i for kind, i in sequence if kind == "video"
-    ] != videos:  # the rows' spans must follow the batch's pair order: fail loudly if that ever changes
-        raise RuntimeError("InternVL: the rows' images and videos are not in the batch's pair order")
-    return sequence
+    blocks = (len(images) + len(videos)) // max(1, seen["image"] + seen["video"])
+    candidates = [[item for _ in range(blocks) for pair in per_pair for item in pair], *per_pair]
+    for sequence in candidates:
+        if [i for kind, i in sequence if kind == "image"] == images and [
+            i for kind, i in sequence if kind == "video"
+        ] == videos:
+            return sequence
+    raise RuntimeError("InternVL: the rows' images and videos are not in the batch's pair order")
 
 
 def interleaved_pixels(batch: dict, sequence: list[tuple[str, int]]) -> torch.Tensor:

@@ -3,11 +3,11 @@
 
 Every sampled frame is one tile: resized whole to the tower's tile size (bicubic, through the PIL image processor;
 transformers' torchvision resize can differ by interpolation rounding), rescaled and normalised with the folder's
-video mean/std (the video processor's class defaults where the folder records none). A video's marker becomes, per
-frame, `Frame{k}: ` + `<img>` + the frame's context tokens + `</img>`, the frames joined by newlines; the first
-`Frame1: ` is tokenized together with the prompt text before the marker, as the processor's whole-text
-tokenization does. Images and frames share one placeholder id, so the model fills them in prompt order (the
-family interleaves their pixels or features by the batch's `media_kinds`).
+video mean/std (the image processor's where the folder records none: InternVL normalises frames as images). A
+video's marker becomes, per frame, `Frame{k}: ` + `<img>` + the frame's context tokens + `</img>`, the frames
+joined by newlines; the first `Frame1: ` is tokenized together with the prompt text before the marker, as the
+processor's whole-text tokenization does. Images and frames share one placeholder id, so the model fills them in
+prompt order (the family interleaves their pixels or features by the batch's `media_kinds`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import json
 from typing import Any
 
 import torch
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from silkie.models.family import VideoClip
 
-from .text_led import TextLedIds
-from .video import folder_video_config
+from .text_led import TextLedIds, ids_after
+from .video import folder_video_configs
 
 FRAME_COUNTS = "video_frames"  # batch key: [N_video] frames per video (their rows of `pixel_values_videos`)
+FIRST_FRAME = "Frame1: "
 
 
 class InternVLVideos:
@@ -36,27 +36,31 @@ class InternVLVideos:
         self.context_id = model_config.image_token_id
         self.start_id, self.end_id = processor.start_image_token_id, processor.end_image_token_id
         self.per_frame = per_frame
+        self._texts: dict[int, list[int]] = {}  # frame index -> its `Frame{k}: ` ids
         height, width = model_config.vision_config.image_size  # the only size whose token count the model makes
-        settings = folder_video_config(section.path)
+        settings = next(iter(folder_video_configs(section.path)), {})
+        image = self.image_processor  # the folder records none: InternVL's own normalisation, the images' (ImageNet)
         self.frame_kwargs = {
             "crop_to_patches": False,
             "size": {"height": int(height), "width": int(width)},
-            "image_mean": list(settings.get("image_mean", OPENAI_CLIP_MEAN)),
-            "image_std": list(settings.get("image_std", OPENAI_CLIP_STD)),
+            "image_mean": list(settings.get("image_mean", image.image_mean)),
+            "image_std": list(settings.get("image_std", image.image_std)),
         }
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _frame_text(self, index: int) -> list[int]:
+        """The ids of frame `index`'s `Frame{k}: ` (after the previous frame's `</img>` and a newline), in place."""
+        if index not in self._texts:
+            text = f"\nFrame{index + 1}: " if index else FIRST_FRAME
+            self._texts[index] = ids_after(self.tokenizer, self.end_id if index else None, text)
+        return self._texts[index]
 
     def layout(self, frames: int) -> TextLedIds:
-        """The ids that replace the marker of a `frames`-frame video."""
+        """The ids that replace the marker of a `frames`-frame video (the first `Frame1: ` is tokenized with the
+        prompt text before the marker when the collator expands it)."""
         ids: list[int] = []
-        text_ids = 0
         for index in range(frames):
-            text = self._ids(f"{chr(10) if index else ''}Frame{index + 1}: ")
-            text_ids = text_ids or len(text)
-            ids += [*text, self.start_id, *[self.context_id] * self.per_frame, self.end_id]
-        return TextLedIds(ids, text_ids, self.tokenizer)
+            ids += [*self._frame_text(index), self.start_id, *[self.context_id] * self.per_frame, self.end_id]
+        return TextLedIds(ids, len(self._frame_text(0)), FIRST_FRAME, self.tokenizer)
 
     def most_tokens(self, max_frames: int) -> int:
         """Most ids a video of at most `max_frames` frames takes (+1: joined with the text before, its first

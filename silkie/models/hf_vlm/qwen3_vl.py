@@ -168,7 +168,8 @@ class Qwen3VLVideos(Qwen2VLVideos):
             for seconds in self._patch_times(clip, grid[0]):
                 ids += [*self._ids(_timestamp(seconds)), self.start_id, *[self.marker_id] * per_patch, self.end_id]
             # the first timestamp is tokenized with the prompt text before the marker (a space then `<`: ` <`)
-            layouts.append(TextLedIds(ids, ids.index(self.start_id), self.tokenizer))
+            first = _timestamp(self._patch_times(clip, grid[0])[0])
+            layouts.append(TextLedIds(ids, ids.index(self.start_id), first, self.tokenizer))
         return tensors, layouts
 
     def _patch_times(self, clip: VideoClip, patches: int) -> list[float]:

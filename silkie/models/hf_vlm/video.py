@@ -28,26 +28,28 @@ from silkie.models.family import VideoClip
 DEFAULT_VIDEO_MIN_TOKENS, DEFAULT_VIDEO_MAX_TOKENS = 128, 768
 
 
-def folder_video_config(path: str | Path) -> dict:
-    """The video processor settings a checkpoint folder records (`video_preprocessor_config.json`, or the
-    `video_processor` entry of `processor_config.json`); {} when it records none."""
-    folder = Path(path)
+def folder_video_configs(path: str | Path) -> list[dict]:
+    """The video processor settings a checkpoint folder records, where it may: `video_preprocessor_config.json`,
+    then the `video_processor` entry of `processor_config.json` (the non-empty ones, in that order)."""
+    folder, configs = Path(path), []
     for name, entry in (("video_preprocessor_config.json", None), ("processor_config.json", "video_processor")):
         file = folder / name
-        if not file.is_file():
-            continue
-        config = json.loads(file.read_text(encoding="utf-8"))
-        config = config.get(entry, {}) if entry else config
-        if config:
-            return config
-    return {}
+        if file.is_file():
+            config = json.loads(file.read_text(encoding="utf-8"))
+            configs.append(config.get(entry) or {} if entry else config)
+    return [config for config in configs if config]
 
 
 def folder_video_bounds(path: str | Path) -> tuple[int | None, int | None]:
-    """The per-frame pixel bounds a checkpoint folder records for video (`folder_video_config`), or (None, None)."""
-    config = folder_video_config(path)
-    size = config.get("size") or {}
-    return size.get("shortest_edge", config.get("min_pixels")), size.get("longest_edge", config.get("max_pixels"))
+    """The per-frame pixel bounds a checkpoint folder records for video (the first config with them), or
+    (None, None)."""
+    for config in folder_video_configs(path):
+        size = config.get("size") or {}
+        low = size.get("shortest_edge", config.get("min_pixels"))
+        high = size.get("longest_edge", config.get("max_pixels"))
+        if low is not None or high is not None:
+            return low, high
+    return None, None
 
 
 class Qwen2VLVideos:
