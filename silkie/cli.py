@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # verb -> (module with main(argv), wha
     "chat": ("silkie.tools.chat_cli", "stream answers about an image (base, adapter or both; several turns)"),
     "merge": ("silkie.tools.merge_cli", "merge a LoRA adapter into its base checkpoint"),
     "prepare": ("silkie.tools.prepare_cli", "check a VLFeedback release, report broken rows, convert to pairs"),
+    "internvl-meta": ("silkie.tools.internvl_meta_cli", "InternVL's data meta file (MMPR) as one preference file"),
     "plot": ("silkie.tools.plot_cli", "plot a run's metrics"),
     "annotate": ("silkie.tools.annotate.cli", "build a VLFeedback-format release: pool answers, judge ratings"),
     "bench": ("silkie.dev.bench_cli", "DPO training benchmarks side by side (ours and TRL's)"),

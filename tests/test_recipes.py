@@ -55,12 +55,12 @@ def test_the_paper_recipes_say_what_the_paper_did():
 
 def test_the_mpo_recipe_says_what_internvl3_s_script_did():
     """OpenGVLab's internvl3_8b_mpo.sh: sigmoid 0.8 + bco_pair 0.2 + rpo_alpha 1 (the chosen NLL), every weight
-    trained, lr 2e-7, 256 pairs a step, MMPR's `question` column as the prompt."""
+    trained, lr 2e-7, 256 pairs a step, MMPR converted by `silkie internvl-meta`."""
     mpo = load_recipe(REPO_ROOT / "dpo_config" / "mpo_internvl3.yaml")
     assert (mpo.dpo.loss_type, mpo.dpo.loss_weights) == (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])
     assert (mpo.model.family, mpo.lora.enabled, mpo.lora.vision, mpo.deepspeed.stage) == ("internvl", False, True, 3)
     assert mpo.training["learning_rate"] == 2e-7 and mpo.training["global_batch_size"] == 256
-    assert mpo.data.columns == {"prompt": "question"} and mpo.dpo.beta == 0.1
+    assert mpo.data.path == "data/mmpr_pairs.jsonl" and mpo.dpo.beta == 0.1  # `silkie internvl-meta`'s output
 
 
 @pytest.mark.parametrize(("section", "field"), _section_fields(), ids=lambda f: getattr(f, "name", f))
