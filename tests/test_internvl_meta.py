@@ -99,12 +99,24 @@ def test_a_bad_meta_file_is_one_line_naming_what_is_wrong(meta, message, tmp_pat
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_a_fractional_repeat_over_one_is_refused(tmp_path):
-    from silkie.tools.internvl_meta import read_meta
+def test_repeats_are_taken_as_internvl_s_loader_takes_them_and_a_video_row_keeps_its_clip(tmp_path):
+    """`LazySupervisedDataset`: repeat_time above 1 is `int(repeat_time)` copies; a `video` row's clip goes with it;
+    per-dataset tile bounds are said, not applied."""
+    from silkie.tools.internvl_meta import convert_meta, format_meta_report, read_meta
 
     meta = write_mmpr(tmp_path)
     entries = json.loads(meta.read_text())
-    entries["B"]["repeat_time"] = 1.5
+    entries["B"] |= {"repeat_time": 1.5, "max_dynamic_patch": 6}
     meta.write_text(json.dumps(entries))
-    with pytest.raises(ToolError, match="dataset 'B' repeat_time 1.5 .expected a share <= 1 or an integer"):
+    with (tmp_path / "MMPR" / "annotations" / "B.jsonl").open("a") as file:
+        file.write(json.dumps({"video": "clip.mp4", "question": "What moves?", "chosen": "A ball.",
+                               "rejected": "Nothing."}) + "\n")  # fmt: skip
+    report = convert_meta(meta, tmp_path / "out.jsonl", base=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert report.per_dataset["B"] == {"rows": 3, "written": 3}  # 1.5 -> one copy
+    assert rows[-1]["videos"] == ["B/clip.mp4"] and rows[-1]["images"] == []
+    assert "max_dynamic_patch [6] is not applied: set model.max_tiles" in format_meta_report(report, "out.jsonl")
+    entries["B"]["repeat_time"] = 0
+    meta.write_text(json.dumps(entries))
+    with pytest.raises(ToolError, match="dataset 'B' repeat_time 0.0 .expected a number above 0"):
         read_meta(meta, tmp_path)

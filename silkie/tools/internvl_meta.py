@@ -1,11 +1,12 @@
 """InternVL's data meta file (MMPR's `meta.json`) as one preference file for `data.source: preference`.
 
 A meta file names datasets, `{name: {"root": image folder, "annotation": jsonl, "repeat_time": r, ...}}`; an
-annotation row is `{"image": path or [paths], "question", "chosen", "rejected"}` (image paths relative to its
-root; no image: a text-only pair). The conversion writes one jsonl of `{"id", "prompt", "images", "chosen",
-"rejected"}` rows whose image paths are relative to one folder, the roots' common ancestor (the recipe's
-`data.images`), and takes each dataset as InternVL's loader does: `repeat_time` < 1 a seeded sample of that share
-of its rows, an integer > 1 that many copies (ids kept distinct, so the copies stay pairs of their own).
+annotation row is `{"image": path or [paths], "question", "chosen", "rejected"}` (or `"video": path`; media paths
+relative to its root; neither: a text-only pair). The conversion writes one jsonl of `{"id", "prompt", "images",
+"videos", "chosen", "rejected"}` rows whose media paths are relative to one folder, the roots' common ancestor (the
+recipe's `data.images`), and takes each dataset as InternVL's loader (`LazySupervisedDataset`) does: `repeat_time`
+< 1 a seeded sample of that share of its rows, > 1 `int(repeat_time)` copies (ids kept distinct, so the copies
+stay pairs of their own). A dataset's `max_dynamic_patch` is not applied: `model.max_tiles` bounds every image.
 Relative paths in the meta file are read from `base`: by default the first of the current folder, the meta file's
 folder and its parent where the datasets' annotation files are (InternVL's scripts read them from where they run).
 """
@@ -33,6 +34,7 @@ class MetaDataset:
     root: Path
     annotation: Path
     repeat_time: float = 1.0
+    max_dynamic_patch: int | None = None  # InternVL's per-dataset tile bound (reported, not applied)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class MetaReport:
     per_dataset: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
     first_skipped: dict[str, str] = field(default_factory=dict)
+    tile_bounds: list[int] = field(default_factory=list)  # the datasets' max_dynamic_patch values
 
 
 def read_meta(meta: str | Path, base: str | Path | None = None) -> tuple[list[MetaDataset], Path]:
@@ -70,9 +73,10 @@ def read_meta(meta: str | Path, base: str | Path | None = None) -> tuple[list[Me
     datasets = []
     for name, entry in entries.items():
         repeat = float(entry.get("repeat_time", 1))
-        if repeat <= 0 or (repeat > 1 and not repeat.is_integer()):
-            raise ToolError(f"{meta}: dataset {name!r} repeat_time {repeat} (expected a share <= 1 or an integer)")
-        datasets.append(MetaDataset(name, found / entry["root"], found / entry["annotation"], repeat))
+        if repeat <= 0:
+            raise ToolError(f"{meta}: dataset {name!r} repeat_time {repeat} (expected a number above 0)")
+        patches = entry.get("max_dynamic_patch")
+        datasets.append(MetaDataset(name, found / entry["root"], found / entry["annotation"], repeat, patches))
     return datasets, found
 
 
@@ -101,8 +105,14 @@ def _rows(dataset: MetaDataset, report: MetaReport) -> list[dict[str, Any]]:
     return rows
 
 
+def _media_paths(value: Any, root: str) -> list[str]:
+    """A row's image or video path(s), relative to the common folder (`root`: the dataset's root from there)."""
+    paths = [value] if isinstance(value, str) else list(value or [])
+    return [os.path.normpath(os.path.join(root, str(path))) for path in paths]
+
+
 def _taken(rows: list[dict], repeat: float, rng: random.Random) -> list[tuple[int, dict]]:
-    """(copy, row) as InternVL's loader takes a dataset: a seeded share, or whole copies."""
+    """(copy, row) as InternVL's loader takes a dataset: a seeded share, or `int(repeat)` whole copies."""
     if repeat < 1:
         return [(0, row) for row in rng.sample(rows, k=int(len(rows) * repeat))]
     return [(copy, row) for copy in range(int(repeat)) for row in rows]
@@ -115,18 +125,18 @@ def convert_meta(
     datasets, found = read_meta(meta, base)
     images_root = Path(os.path.commonpath([str(dataset.root.resolve()) for dataset in datasets]))
     report, rng, written = MetaReport(base=str(found), images_root=str(images_root)), random.Random(seed), []
+    report.tile_bounds = sorted({d.max_dynamic_patch for d in datasets if d.max_dynamic_patch is not None})
     for dataset in datasets:
         rows = _rows(dataset, report)
         taken = _taken(rows, dataset.repeat_time, rng)
         report.per_dataset[dataset.name] = {"rows": len(rows), "written": len(taken)}
         root = os.path.relpath(dataset.root.resolve(), images_root)
         for copy, row in taken:
-            image = row.get("image") or []
-            images = [image] if isinstance(image, str) else list(image)
             written.append({
                 "id": f"{dataset.name}/{row['line']}" + (f"#{copy}" if copy else ""),
                 "prompt": row["question"],
-                "images": [os.path.normpath(os.path.join(root, str(path))) for path in images],
+                "images": _media_paths(row.get("image"), root),
+                "videos": _media_paths(row.get("video"), root),
                 "chosen": row["chosen"],
                 "rejected": row["rejected"],
             })  # fmt: skip
@@ -146,6 +156,8 @@ def format_meta_report(report: MetaReport, out: str | Path) -> str:
         lines.append(f"  {name}: {counts['rows']} rows, {counts['written']} written")
     for reason, count in report.skipped.items():
         lines.append(f"  skipped {count} as {reason} (first: {report.first_skipped[reason]})")
+    if report.tile_bounds:
+        lines.append(f"  the datasets' max_dynamic_patch {report.tile_bounds} is not applied: set model.max_tiles")
     lines.append(f"{report.rows_written} pairs in {out}")
     lines.append(f"recipe: data.source=preference data.path={out} data.images={report.images_root}")
     return "\n".join(lines)
