@@ -20,12 +20,12 @@ MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items()
 QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds video to
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
-MOE_FAMILIES = ("qwen3_vl_moe",)
+MOE_FAMILIES = ("qwen3_vl_moe",)  # mixture-of-experts language models: a router load-balancing loss, expert LoRA
 # config.json model_types of checkpoints in a layout Silkie does not load, and what loads them
 CONVERT_HINTS = {
     "internvl_chat": "an original (remote-code) InternVL folder; convert it to the -hf layout with transformers' "
     "convert_internvl_weights_to_hf.py (or take OpenGVLab's -hf release), then model.family=internvl",
-}  # mixture-of-experts language models: a router load-balancing loss, expert LoRA
+}
 
 LOSS_TYPES = (
     "sigmoid",

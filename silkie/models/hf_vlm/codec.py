@@ -100,6 +100,8 @@ class ChatTemplateCodec:
         specials = {*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()}
         media = {processor.image_token, getattr(processor, "video_token", None)}  # markers, also of media it refuses
         self.template_markers = tuple(sorted(t for t in specials if t and t in template and t not in media))
+        decoder = self.tokenizer.added_tokens_decoder
+        self._special_ids = frozenset(index for index, token in decoder.items() if token.special)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self._system_probe: tuple[str | None, bool] = (None, False)  # (template, renders a system message)
@@ -239,8 +241,7 @@ class ChatTemplateCodec:
         # llava-hf's template ends a turn with a space, not </s>: without a stop token the policy would never learn
         # where an answer ends. A turn closed by the template's own token (InternVL2.5's <|im_end|> where the
         # tokenizer's eos is </s>) has its stop; generation stops there too.
-        specials = {index for index, token in self.tokenizer.added_tokens_decoder.items() if token.special}
-        if eos is not None and eos not in ids and not specials.intersection(ids):
+        if eos is not None and eos not in ids and not self._special_ids.intersection(ids):
             ids.append(eos)
         return ids
 

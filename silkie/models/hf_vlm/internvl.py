@@ -25,7 +25,7 @@ from .family import HFVisionFamily, image_encoder_outputs
 from .internvl_video import FRAME_COUNTS, InternVLVideos
 
 TILE_COUNTS = "image_tiles"  # batch key: [N_img] tiles per image (their rows of `pixel_values`, in image order)
-IMAGE, VIDEO = 0, 1  # `media_kinds` entries (-1 pads)
+IMAGE = 0  # a `media_kinds` entry: 0 image, 1 video, -1 pads
 
 
 def tile_tokens(config: Any) -> int:
@@ -110,11 +110,7 @@ class InternVLFamily(HFVisionFamily):
         """One prompt's pixels for `generate()`: its images' tiles and videos' frames in prompt order."""
         if not media_kinds:
             return {}
-        counts = {"image_counts": torch.tensor([media_kinds.count(IMAGE)])}
-        counts["video_counts"] = torch.tensor([media_kinds.count(VIDEO)])
-        batch = {**tensors, **counts, "media_kinds": torch.tensor([media_kinds], dtype=torch.long)}
-        order, video_order = torch.arange(media_kinds.count(IMAGE)), torch.arange(media_kinds.count(VIDEO))
-        return {"pixel_values": interleaved_pixels(batch, media_sequence(batch, order, video_order))}
+        return {"pixel_values": interleaved_pixels(tensors, pair_sequences([media_kinds])[0])}
 
 
 def media_sequence(batch: dict, order: torch.Tensor, video_order: torch.Tensor | None) -> list[tuple[str, int]]:
@@ -126,14 +122,8 @@ def media_sequence(batch: dict, order: torch.Tensor, video_order: torch.Tensor |
     images, videos = order.tolist(), video_order.tolist() if video_order is not None else []
     if not videos:
         return [("image", index) for index in images]
-    per_pair, seen = [], {"image": 0, "video": 0}
-    for kinds in batch["media_kinds"].tolist():
-        pair = []
-        for kind in (("image" if entry == IMAGE else "video") for entry in kinds if entry >= 0):
-            pair.append((kind, seen[kind]))
-            seen[kind] += 1
-        per_pair.append(pair)
-    blocks = (len(images) + len(videos)) // max(1, seen["image"] + seen["video"])
+    per_pair = pair_sequences(batch["media_kinds"].tolist())
+    blocks = (len(images) + len(videos)) // max(1, sum(map(len, per_pair)))
     candidates = [[item for _ in range(blocks) for pair in per_pair for item in pair], *per_pair]
     for sequence in candidates:
         if [i for kind, i in sequence if kind == "image"] == images and [
@@ -141,6 +131,19 @@ def media_sequence(batch: dict, order: torch.Tensor, video_order: torch.Tensor |
         ] == videos:
             return sequence
     raise RuntimeError("InternVL: the rows' images and videos are not in the batch's pair order")
+
+
+def pair_sequences(media_kinds: list[list[int]]) -> list[list[tuple[str, int]]]:
+    """Each pair's media as ("image" | "video", batch index) in prompt order, from its `media_kinds` row (0 image,
+    1 video, -1 pads); indices count each kind across the pairs, in batch order."""
+    per_pair, seen = [], {"image": 0, "video": 0}
+    for kinds in media_kinds:
+        pair = []
+        for kind in (("image" if entry == IMAGE else "video") for entry in kinds if entry >= 0):
+            pair.append((kind, seen[kind]))
+            seen[kind] += 1
+        per_pair.append(pair)
+    return per_pair
 
 
 def interleaved_pixels(batch: dict, sequence: list[tuple[str, int]]) -> torch.Tensor:

@@ -165,11 +165,11 @@ class Qwen3VLVideos(Qwen2VLVideos):
         for clip, grid, count in zip(clips, tensors["video_grid_thw"].tolist(), counts):
             per_patch = count // grid[0]
             ids: list[int] = []
-            for seconds in self._patch_times(clip, grid[0]):
-                ids += [*self._ids(_timestamp(seconds)), self.start_id, *[self.marker_id] * per_patch, self.end_id]
+            stamps = [_timestamp(seconds) for seconds in self._patch_times(clip, grid[0])]
+            for stamp in stamps:
+                ids += [*self._ids(stamp), self.start_id, *[self.marker_id] * per_patch, self.end_id]
             # the first timestamp is tokenized with the prompt text before the marker (a space then `<`: ` <`)
-            first = _timestamp(self._patch_times(clip, grid[0])[0])
-            layouts.append(TextLedIds(ids, ids.index(self.start_id), first, self.tokenizer))
+            layouts.append(TextLedIds(ids, ids.index(self.start_id), stamps[0], self.tokenizer))
         return tensors, layouts
 
     def _patch_times(self, clip: VideoClip, patches: int) -> list[float]:
