@@ -31,6 +31,7 @@ def pictures(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    from silkie.dev.tiny_gemma3 import build_tiny_gemma3
     from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_vl
     from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
 
@@ -39,10 +40,11 @@ def models(tmp_path_factory):
         "qwen_vl": build_tiny_checkpoint(root / "qwen-vl"),
         "qwen2_vl": build_tiny_qwen2_vl(root / "qwen2-vl"),
         "llava": build_tiny_llava(root / "llava"),
+        "gemma3": build_tiny_gemma3(root / "gemma3"),  # left-padded token types: an image attended both ways
     }
 
 
-@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen_vl", "qwen2_vl", "llava", "gemma3"])
 def test_a_batch_answers_as_each_prompt_alone(models, pictures, family):
     by_temperature = {}
     for temperature in (0.0, 1.0):
@@ -76,7 +78,7 @@ def test_a_stop_token_as_the_last_allowed_token_is_a_stop_not_a_cut(models, pict
                                         do_sample=False, **responder.chat.to_device(tensors))[0, ids.shape[1]:]
     stop = int(out[2])
     limit = out.tolist().index(stop) + 1  # where it first comes
-    monkeypatch.setattr(silkie.tools.chat, "stop_token_ids", lambda tokenizer: [stop])
+    monkeypatch.setattr(silkie.tools.chat, "stop_token_ids", lambda tokenizer, model=None: [stop])
     responder.options.max_new_tokens = limit
     exact = responder.reply(pictures[0], QUESTIONS[0], 0)
     assert exact.stopped and exact.answer_tokens == limit

@@ -160,9 +160,11 @@ def score_answers(
         _router_logits(routers) as router_logits,
     ):
         input_ids = rows.input_ids.to(device)
+        position_ids = None if rows.position_ids is None else rows.position_ids.to(device)
 
-        def dense_mask() -> torch.Tensor:  # built on the device, only where it is used (native varlen does not)
-            return _attention_mask(rows.attention_mask_on(device), base)
+        def dense_mask() -> torch.Tensor | dict:  # on the device, only where it is used (native varlen does not)
+            masks = family.attention_masks(base, rows.attention_mask_on(device), input_ids, position_ids)
+            return _attention_mask(masks, base)
 
         if rows.layout is not None:
             prepare_kernel(device)
@@ -171,7 +173,7 @@ def score_answers(
             masking = {"attention_mask": dense_mask()}
         kwargs = dict(
             input_ids=input_ids,
-            position_ids=None if rows.position_ids is None else rows.position_ids.to(device),
+            position_ids=position_ids,
             use_cache=False,
             **masking,
             **images,
@@ -254,8 +256,11 @@ def _on(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _attention_mask(mask: torch.Tensor, base: nn.Module) -> torch.Tensor:
-    """4-D block masks as additive float masks for eager attention (it adds the mask); others take booleans."""
+def _attention_mask(mask: torch.Tensor | dict, base: nn.Module) -> torch.Tensor | dict:
+    """4-D block masks (each of a per-layer-kind dict) as additive float masks for eager attention (it adds the
+    mask); others take booleans."""
+    if isinstance(mask, dict):
+        return {kind: _attention_mask(value, base) for kind, value in mask.items()}
     if mask.dim() != 4 or getattr(base.config, "_attn_implementation", None) != "eager":
         return mask
     dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())

@@ -4,7 +4,7 @@ A family knows how to load its checkpoint and text codec, which modules LoRA tar
 tensors (and how many placeholder tokens each one takes), how image features are computed and injected,
 and which position ids its rows need. The data pipeline, the DPO step and the trainer only call this
 interface; they never branch on model names. Families: `qwen_vl` (native Qwen-VL-Chat), `qwen2_vl` /
-`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava` and `internvl` (transformers-native,
+`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`, `internvl` and `gemma3` (transformers-native,
 `AutoModelForImageTextToText`).
 """
 
@@ -175,7 +175,19 @@ class ModelFamily:
 
     def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
         """Extra per-row forward kwargs (e.g. modality token types)."""
+        return self.token_kwargs(base.config, input_ids)
+
+    def token_kwargs(self, model_config: Any, input_ids: torch.Tensor) -> dict:
+        """Per-token forward kwargs read from the ids (e.g. modality token types); also what `generate` takes."""
         return {}
+
+    def attention_masks(
+        self, base: nn.Module, mask: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> torch.Tensor | dict:
+        """The attention mask the language model takes for rows whose `mask` is the padding mask [R, L] or the
+        packed rows' block mask [R, 1, L, L]: `mask` itself for most families; a model with several kinds of
+        layer takes one mask per kind, built from the block mask, the ids and the position ids (Gemma 3)."""
+        return mask
 
     # ----- mixture of experts (none: a dense language model) ------------------------------------------------------
     def routers(self, base: nn.Module) -> list[nn.Module]:

@@ -16,12 +16,15 @@ def text_tokenizer(codec: Any) -> Any:
     return getattr(codec, "tokenizer", codec)
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
+def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
     """Generation stops at `<|im_end|>`, `<|im_start|>` or `<|endoftext|>` (Qwen-VL), or at the tokenizer's EOS
-    (a transformers tokenizer: Qwen2-VL, LLaVA)."""
-    if not hasattr(tokenizer, "im_end_id"):
-        return [tokenizer.eos_token_id]
-    return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+    and the model's own stops (a transformers model's `generation_config.eos_token_id`: Gemma 3 ends a turn with
+    `<end_of_turn>`, its tokenizer's EOS is `<eos>`)."""
+    if hasattr(tokenizer, "im_end_id"):
+        return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [own] if isinstance(own, int) else list(own or [])
+    return list(dict.fromkeys([tokenizer.eos_token_id, *own]))
 
 
 def pad_token_id(tokenizer: Any) -> int:

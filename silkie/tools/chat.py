@@ -94,11 +94,16 @@ def write_history(path: str | Path, turns: Iterable[Turn]) -> None:
 
 
 def generate_kwargs(
-    tokenizer: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | dict | None, options: GenerationOptions
+    tokenizer: Any,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | dict | None,
+    options: GenerationOptions,
+    model: torch.nn.Module | None = None,
 ) -> dict:
     """Keyword arguments of `model.generate` for one prompt (greedy, or nucleus sampling).
 
-    `pixel_values` is the image tensor, or a dict of the family's image inputs (e.g. + `image_grid_thw`).
+    `pixel_values` is the image tensor, or a dict of the family's image inputs (e.g. + `image_grid_thw`); `model`'s
+    own stop tokens (its generation config's) stop it too.
     """
     if pixel_values is None:
         pixel_values = {}
@@ -108,7 +113,7 @@ def generate_kwargs(
         attention_mask=torch.ones_like(input_ids),
         **images,
         max_new_tokens=options.max_new_tokens,
-        eos_token_id=stop_token_ids(tokenizer),
+        eos_token_id=stop_token_ids(tokenizer, model),
         pad_token_id=pad_token_id(tokenizer),
         do_sample=options.sample,
     )
@@ -136,7 +141,7 @@ def stream_answer(
         try:
             torch.manual_seed(options.seed)
             with torch.no_grad():
-                model.generate(**generate_kwargs(tokenizer, input_ids, pixel_values, options), streamer=streamer)
+                model.generate(**generate_kwargs(tokenizer, input_ids, pixel_values, options, model), streamer=streamer)
         except BaseException as exc:  # re-raised in the caller's thread
             failure.append(exc)
             streamer.end()

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from silkie.config.names import QWEN_HF_FAMILIES
 from silkie.models.media import IMAGE_MARKER, VIDEO_MARKER, marker_mismatch
 from silkie.models.qwen_vl.tokenization import DEFAULT_SYSTEM, IMG_START, MAX_IMAGE_PATH_BYTES
 from silkie.tools.cli import ToolError, read_config, read_image, require_file
@@ -224,10 +223,8 @@ class FamilyPrompter:
         markers = {self.codec.image_marker_id: 0, self.codec.video_marker_id: 1}
         tensors = self.family_impl.generation_inputs(tensors, [markers[t] for t in prompt if t in markers])
         input_ids = torch.tensor([ids])
-        if self.family in QWEN_HF_FAMILIES:  # M-RoPE needs the modality of each token
-            from silkie.models.hf_vlm.family import mm_token_types
-
-            tensors["mm_token_type_ids"] = mm_token_types(config, input_ids)
+        # per-token inputs: the modality of each token (M-RoPE; Gemma 3's images attended both ways)
+        tensors |= self.family_impl.token_kwargs(config, input_ids)
         return self.codec.tokenizer, input_ids, tensors
 
 

@@ -12,7 +12,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogits
 
 from silkie.models.generation import decode_answer
 
-PADDED_PER_TOKEN = ("mm_token_type_ids",)  # [1, L] inputs padded as the ids are; the rest are per image / video
+# [1, L] inputs padded as the ids are (token types); the rest are per image / video
+PADDED_PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
 
 
 class RowSampler(LogitsProcessor):
@@ -77,7 +78,7 @@ def generate_batch(
     """The answer of each (ids [1, L], media) prompt, generated in one batch."""
     from silkie.tools.chat import generate_kwargs
 
-    kwargs = generate_kwargs(tokenizer, prompts[0][0], None, options)
+    kwargs = generate_kwargs(tokenizer, prompts[0][0], None, options, chat.model)
     ids, mask = left_pad([ids for ids, _ in prompts], kwargs["pad_token_id"])
     media = chat.to_device(merge_media([tensors for _, tensors in prompts], ids.shape[1]))
     kwargs.update(input_ids=ids.to(chat.device), attention_mask=mask.to(chat.device), do_sample=False, **media)

@@ -43,7 +43,7 @@ def sample_rows(dataset: Any, count: int) -> list[int]:
 
 def greedy_answer(model: nn.Module, inputs: dict, tokenizer: Any, max_new_tokens: int) -> tuple[str, int]:
     """(answer text, generated tokens up to and with the stop token) of one prompt, greedy."""
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, model)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                              pad_token_id=pad_token_id(tokenizer))  # fmt: skip

@@ -6,7 +6,9 @@ it (TRL's common prefix: a reasoning template's generation prompt may open a `<t
 an answer is what rendering prompt + the assistant turn adds after the prompt text (e.g. `answer<|im_end|>\\n` for
 Qwen2-VL). Both are tokenized without extra special tokens. Images and videos are content parts in the order
 `media_segments` gives (a template may still render them where it likes: llava-hf's puts images first); each stays
-one marker token here, which the collator expands to its feature-token count once its size is known.
+one marker token here, which the collator expands to its feature-token count once its size is known. Where the
+processor writes text around an image's tokens (Gemma 3's blank lines), the prompt holds that text with one feature
+token as the marker (`ImageSpan`), so the text joins its neighbours as in the processor's ids.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from silkie.config.names import VIDEO_FAMILIES
 from silkie.errors import InputError
@@ -55,6 +57,16 @@ def _cached_processor(path: str, min_pixels: int | None, max_pixels: int | None,
     return processor
 
 
+class ImageSpan(NamedTuple):
+    """What the processor writes for an image: the chat template's `placeholder` becomes `text`, in which `marker`
+    (one feature token) stands for the image's feature tokens (Gemma 3: `<start_of_image>` ->
+    "\\n\\n<start_of_image><image_soft_token><end_of_image>\\n\\n")."""
+
+    placeholder: str
+    text: str
+    marker: str
+
+
 SYSTEM_PROBE = "silkie-system-probe-7f3a"  # a system text that no template or prompt writes by itself
 ANSWER_PROBE = "Silkie answer probe."  # an answer text to see where a template's assistant turn starts
 
@@ -81,11 +93,14 @@ class ChatTemplateCodec:
         image_token_budget: int,
         videos: Any = None,
         video_span_collapsed: bool = False,
+        image_span: ImageSpan | None = None,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_budget = int(image_token_budget)
-        self.image_marker_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self._image_span = image_span
+        marker = image_span.marker if image_span else processor.image_token
+        self.image_marker_id = self.tokenizer.convert_tokens_to_ids(marker)
         video_token = getattr(processor, "video_token", None) if videos is not None else None
         self.video_marker_id = self.tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         self.videos = videos  # the family's video processor (`most_tokens`, `slice_key`); None: no video
@@ -95,12 +110,15 @@ class ChatTemplateCodec:
             f"{processor.vision_start_token}{video_token}{processor.vision_end_token}" if video_span_collapsed else None
         )
         delimiters = (getattr(processor, name, None) for name in ("start_image_token", "end_image_token"))  # InternVL
-        self._tags = [tag for tag in (processor.image_token, video_token, *delimiters) if tag]
+        decoder = self.tokenizer.added_tokens_decoder
+        # the special tokens of an image span (Gemma 3's <start_of_image>, <image_soft_token>, <end_of_image>)
+        span_tags = [t.content for t in decoder.values() if t.special and image_span and t.content in image_span.text]
+        self._tags = [tag for tag in (processor.image_token, video_token, *delimiters, *span_tags) if tag]
         template = str(processor.chat_template or self.tokenizer.chat_template or "")
         specials = {*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()}
         media = {processor.image_token, getattr(processor, "video_token", None)}  # markers, also of media it refuses
-        self.template_markers = tuple(sorted(t for t in specials if t and t in template and t not in media))
-        decoder = self.tokenizer.added_tokens_decoder
+        # tokens only: Gemma's added tokens include its newline runs, which any text may hold
+        self.template_markers = tuple(sorted(t for t in specials if t.strip() and t in template and t not in media))
         self._special_ids = frozenset(index for index, token in decoder.items() if token.special)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -219,6 +237,8 @@ class ChatTemplateCodec:
         text = self._prompt_from(self._turn_messages(users, media, history), system, generation)
         if self._video_span:  # the ids' one marker per video, as Qwen3VLProcessor collapses the text
             text = text.replace(self._video_span, self.processor.video_token)
+        if self._image_span:  # the processor's text around each image, tokenized with the prompt's
+            text = text.replace(self._image_span.placeholder, self._image_span.text)
         return self._ids(text)
 
     def video_token_budget(self, max_frames: int) -> int:
@@ -253,6 +273,8 @@ class ChatTemplateCodec:
         digest.update(str(self.processor.chat_template or self.tokenizer.chat_template).encode())
         digest.update(f"image tokens <= {self.image_token_budget}".encode())  # decides which pairs max_length drops
         digest.update(f"video slices {self.videos.slice_key() if self.videos is not None else None}".encode())
+        if self._image_span:
+            digest.update(f"image span {self._image_span.text!r}".encode())
         if self.generation_tail:  # pairs whose answers open as the tail does are split as TRL splits them
             digest.update(b"answers that open with the generation prompt's tail: that part in the prompt")
         return digest.hexdigest()

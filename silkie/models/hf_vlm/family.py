@@ -21,7 +21,7 @@ from silkie.models.family import ImageBatch, ModelFamily
 from silkie.models.qwen_vl.checkpoint_io import refuse_incomplete_load
 from silkie.models.varlen import constructible
 
-from .codec import ChatTemplateCodec, load_processor
+from .codec import ChatTemplateCodec, ImageSpan, load_processor
 from .expert_layout import expert_shapes_seen_under_zero3
 from .varlen_attention import LAYOUT_KEY, use_varlen, uses_varlen
 from .video import Qwen2VLVideos
@@ -79,7 +79,13 @@ class HFVisionFamily(ModelFamily):
             self.check_folder(section.path)
         processor = load_processor(files or section.path, section.min_pixels, section.max_pixels, section.max_tiles)
         budget = self.image_token_budget(processor, section.path)
-        return ChatTemplateCodec(processor, budget, self.video_processor(processor, section), self.video_span_collapsed)
+        videos = self.video_processor(processor, section)
+        return ChatTemplateCodec(processor, budget, videos, self.video_span_collapsed, self.image_span(processor))
+
+    def image_span(self, processor: Any) -> ImageSpan | None:
+        """The text the processor writes for an image in place of the template's placeholder, where it writes more
+        than the feature tokens (Gemma 3); None: the placeholder is the marker itself."""
+        return None
 
     def video_processor(self, processor: Any, section: Any) -> Any:
         """The codec's view of the family's videos (`most_tokens`, `slice_key`); None: no video."""
@@ -244,8 +250,8 @@ class Qwen2VLFamily(HFVisionFamily):
         )
         return positions
 
-    def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
-        return {"mm_token_type_ids": mm_token_types(base.config, input_ids)}
+    def token_kwargs(self, model_config: Any, input_ids: torch.Tensor) -> dict:
+        return {"mm_token_type_ids": mm_token_types(model_config, input_ids)}
 
 
 def mm_token_types(config: Any, input_ids: torch.Tensor) -> torch.Tensor:
