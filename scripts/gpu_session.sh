@@ -11,6 +11,8 @@
 #                                  routers' balancing loss; 62 GB of bf16 weights: run it on nvidia-h200)
 #   scripts/gpu_session.sh trlivl  the same on an InternVL3-8B-shaped model (InternViT-300M, 448x448 images: one tile,
 #                                  256 tokens)
+#   scripts/gpu_session.sh trlgemma the same on a gemma-3-4b-it-shaped model (SigLIP at 896 px pooled to 256 tokens;
+#                                  5 sliding-window layers to 1 full, an image attended both ways)
 #   scripts/gpu_session.sh perf    the speed levers (issue 21), one run (<= 9.5 min; each benchmark rewrites its JSON
 #                                  after every run, so a stage its time limit cuts keeps what it measured):
 #                                  lever_check.py (each lever's log-prob and logit difference vs the fp32 reference at
@@ -58,8 +60,11 @@ elif [ "$1" = perf ]; then
         --levers cached_ref+varlen+no_ckpt@8 varlen+no_ckpt@8 cached_ref+varlen@32 cached_ref+varlen+compile@32 \
         cached_ref+liger+varlen+compile@32 \
         --out "$OUT/bench_levers_trl.json" 2>&1 | quiet | grep -v "^{'train_runtime" | tee "$OUT/bench_levers_trl.log"
-elif [ "$1" = trl ] || [ "$1" = trl3 ] || [ "$1" = trlmoe ] || [ "$1" = trlivl ]; then
-    case "$1" in trl3) family=qwen3_vl ;; trlmoe) family=qwen3_vl_moe ;; trlivl) family=internvl ;; *) family=qwen2_vl ;; esac
+elif [ "$1" = trl ] || [ "$1" = trl3 ] || [ "$1" = trlmoe ] || [ "$1" = trlivl ] || [ "$1" = trlgemma ]; then
+    case "$1" in
+        trl3) family=qwen3_vl ;; trlmoe) family=qwen3_vl_moe ;; trlivl) family=internvl ;; trlgemma) family=gemma3 ;;
+        *) family=qwen2_vl ;;
+    esac
     stage "trl_vs_silkie $family"
     timeout 420 python3 scripts/benchmark.py --family "$family" --device cuda --dtype bf16 --batch-sizes 8 32 \
         --steps 3 --warmup 1 --runs trl silkie-optimized silkie-optimized+cached_ref --out "$OUT/bench_$1.json" 2>&1 \

@@ -22,7 +22,7 @@ from silkie.dpo.step import StepOptions, encode_images_once, score_answers
 from silkie.models.family import get_family, unwrap_causal_lm
 from silkie.models.loading import apply_lora, load_base_model, load_tokenizer
 
-HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl")
+HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl", "gemma3")
 BUILDERS = {family: tiny_builder(family) for family in HF_FAMILIES}
 # (prompt, chosen, rejected, image size (w, h) or None): sizes differ so Qwen2-VL grids (and M-RoPE) differ;
 # answers stay short so summed fp32 log-probs stay under 64 in magnitude, where 1e-5 is above fp32 rounding

@@ -9,7 +9,7 @@ import pytest
 from .script_fixtures import load_script
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "gemma3"])
 def test_benchmark_runs_trl_and_ours_and_writes_ratios(family, tmp_path, capsys):
     benchmark = load_script("benchmark")
     out = tmp_path / "bench.json"
@@ -33,9 +33,9 @@ def test_benchmark_runs_trl_and_ours_and_writes_ratios(family, tmp_path, capsys)
 
 
 def test_the_large_shapes_are_the_released_models(tmp_path):
-    """`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|internvl` without --tiny: Qwen2-VL-7B's, Qwen3-VL-8B's,
-    Qwen3-VL-30B-A3B's and InternVL3-8B's shapes (built on the meta device here: parameter counts only; 31.07B and
-    7.94B are the releases'); LLaVA has only the stand-in."""
+    """`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|internvl|gemma3` without --tiny: Qwen2-VL-7B's, Qwen3-VL-8B's,
+    Qwen3-VL-30B-A3B's, InternVL3-8B's and gemma-3-4b-it's shapes (built on the meta device here: parameter counts
+    only; 31.07B, 7.94B and 4.30B are the releases'); LLaVA has only the stand-in."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -43,7 +43,7 @@ def test_the_large_shapes_are_the_released_models(tmp_path):
     from silkie.dev.bench_trl import model_config, stand_in_folder
 
     shapes = (("qwen2_vl", "7b", 8.29), ("qwen3_vl", "8b", 8.77), ("qwen3_vl_moe", "30b-a3b", 31.07),
-              ("internvl", "8b-internvl3", 7.94))  # fmt: skip
+              ("internvl", "8b-internvl3", 7.94), ("gemma3", "4b-gemma3", 4.30))  # fmt: skip
     for family, size, billions in shapes:
         config = model_config(stand_in_folder(family, tmp_path / family, size), size)
         with torch.device("meta"):
@@ -52,6 +52,8 @@ def test_the_large_shapes_are_the_released_models(tmp_path):
     # InternVL3-8B's stand-in processor cuts 448 px tiles of 256 tokens, as the release's, so TRL's ids fit the model
     processor = json.loads((tmp_path / "internvl" / "tiny-internvl" / "processor_config.json").read_text())
     assert processor["image_seq_length"] == 256 and processor["image_processor"]["size"]["height"] == 448
+    processor = json.loads((tmp_path / "gemma3" / "tiny-gemma3" / "processor_config.json").read_text())
+    assert processor["image_seq_length"] == 256 and processor["image_processor"]["size"]["height"] == 896
     with pytest.raises(SystemExit, match="--family llava: only the --tiny stand-in is built in"):
         compare_with_trl(parse_args(["--family", "llava"]))
 

@@ -22,6 +22,7 @@ RECIPES = {"qwen2_vl": "demo_qwen2_vl", "qwen2_5_vl": "demo_qwen2_vl", "qwen3_vl
 RECIPES["qwen3_vl_moe"] = "demo_qwen3_vl_moe"  # LoRA on the experts too; the routers' load-balancing loss
 RECIPES["llava"] = "demo_llava"
 RECIPES["internvl"] = "demo_internvl"
+RECIPES["gemma3"] = "demo_gemma3"
 
 
 @pytest.fixture(scope="module")

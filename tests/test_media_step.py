@@ -50,8 +50,11 @@ def test_every_image_and_video_fills_its_own_span(setup):
     assert batch["video_counts"].tolist() == [len(p[4]) for p in pairs]
     config = model.config
     image_tokens = (batch["prompt_input_ids"] == config.image_token_id).sum(1)
-    if family == "llava":
+    if family in ("llava", "gemma3"):
         assert image_tokens.tolist() == [16 * len(p[3]) for p in pairs]
+        if family == "gemma3":  # "\n\n<start_of_image>" + 16 tokens + "<end_of_image>\n\n" per image
+            for token in (config.boi_token_id, config.eoi_token_id):
+                assert (batch["prompt_input_ids"] == token).sum(1).tolist() == [len(p[3]) for p in pairs]
         return
     if family == "internvl":  # 16 context tokens per 112 px tile (a thumbnail where an image takes several) and frame
         assert batch["image_tiles"].tolist() == [1, 3, 1, 1, 1, 1] and batch["video_frames"].tolist() == [8, 4, 16]

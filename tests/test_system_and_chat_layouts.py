@@ -109,6 +109,9 @@ def test_hf_families_render_the_system_message_or_drop_the_pair(family, tmp_path
     if family == "llava":  # llava-hf's template writes a system message as plain text before USER:
         assert text.startswith("Answer in one word. USER:") and not codec.tokenizer.decode(
             plain[0]["prompt_input_ids"]).startswith("Answer")  # fmt: skip
+    elif family == "gemma3":  # Gemma's template opens the first user turn with the system message
+        assert text.startswith("<bos><start_of_turn>user\nAnswer in one word.\n\n\n\n<start_of_image>")
+        assert codec.tokenizer.decode(plain[0]["prompt_input_ids"]).startswith("<bos><start_of_turn>user\n\n\n<st")
     else:  # chatml: the system turn in place of the template's default one (Qwen3-VL's and InternVL's have none)
         assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "helpful assistant" not in text
         default = codec.tokenizer.decode(plain[0]["prompt_input_ids"])

@@ -13,6 +13,7 @@ FAMILY_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "qwen3_vl_moe": ("silkie.models.hf_vlm.qwen3_vl:Qwen3VLMoeFamily", ("qwen3_vl_moe",)),
     "llava": ("silkie.models.hf_vlm.family:LlavaFamily", ("llava",)),
     "internvl": ("silkie.models.hf_vlm.internvl:InternVLFamily", ("internvl",)),
+    "gemma3": ("silkie.models.hf_vlm.gemma3:Gemma3Family", ("gemma3",)),
 }
 FAMILIES = tuple(FAMILY_TABLE)
 MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items() for model_type in types}
@@ -20,6 +21,8 @@ MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items()
 QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds video to
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
+# an image's tokens attend each other both ways (a mask per layer kind): no causal-only flash varlen kernel
+BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
 MOE_FAMILIES = ("qwen3_vl_moe",)  # mixture-of-experts language models: a router load-balancing loss, expert LoRA
 # config.json model_types of checkpoints in a layout Silkie does not load, and what loads them
 CONVERT_HINTS = {

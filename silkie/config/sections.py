@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from silkie.errors import RecipeError
 
 from .checks import choice, key, require
-from .names import FAMILIES, IMAGE_CORRUPTIONS, PREFERENCE_FIELDS, QWEN_HF_FAMILIES, TILED_FAMILIES
+from .names import (
+    BIDIRECTIONAL_IMAGE_FAMILIES,
+    FAMILIES,
+    IMAGE_CORRUPTIONS,
+    PREFERENCE_FIELDS,
+    QWEN_HF_FAMILIES,
+    TILED_FAMILIES,
+)
 
 
 @dataclass
@@ -25,8 +32,8 @@ class ModelSection:
     family: str = key(
         "qwen_vl",
         "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, "
-        "`llava`, `internvl` (transformers); left out, read from the local checkpoint's config.json (`model_type`), "
-        "else qwen_vl.",
+        "`llava`, `internvl`, `gemma3` (transformers); left out, read from the local checkpoint's config.json "
+        "(`model_type`), else qwen_vl.",
         "models.family:get_family",
     )
     ref_model: str | None = key(
@@ -115,6 +122,13 @@ class ModelSection:
             "model.attn_implementation",
             self.attn_implementation,
             f"sdpa, eager or varlen for family {self.family} (flex_attention is implemented for qwen_vl)",
+        )
+        require(
+            self.family not in BIDIRECTIONAL_IMAGE_FAMILIES or self.attn_implementation != "varlen",
+            "model.attn_implementation",
+            self.attn_implementation,
+            f"sdpa or eager for family {self.family} (its image tokens attend each other both ways; varlen's flash "
+            "kernel is causal only)",
         )
         require(
             self.family == "qwen_vl" or self.fp32_norm_rope,

@@ -2,7 +2,8 @@
 run), every run through its trainer.
 
 Qwen-VL-Chat (`--family qwen_vl`, default): the plain (TRL-equivalent) step vs the optimized step.
-Qwen2-VL / Qwen3-VL / LLaVA / InternVL (`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|llava|internvl`): TRL's own
+Qwen2-VL / Qwen3-VL / LLaVA / InternVL / Gemma 3 (`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|llava|internvl|gemma3`):
+TRL's own
 `DPOTrainer` vs ours (plain, optimized, cached reference), each through its trainer. Prints pairs/s, tokens/s, peak
 memory (with `--count-flops`, TFLOP/pair and MFU of our runs) per run and batch size, then the ratios against the
 baseline (plain, or TRL; then TRL's best against ours).
@@ -11,7 +12,7 @@ GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16
 TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112
 TRL vs ours, Qwen2-VL-7B shape on a GPU: python scripts/benchmark.py --family qwen2_vl --device cuda --dtype bf16
 (`--family qwen3_vl`: Qwen3-VL-8B's shape; `qwen3_vl_moe`: Qwen3-VL-30B-A3B's, an H200's memory; `internvl`:
-InternVL3-8B's; llava: the tiny stand-in only)
+InternVL3-8B's; `gemma3`: gemma-3-4b-it's; llava: the tiny stand-in only)
 """
 
 from __future__ import annotations

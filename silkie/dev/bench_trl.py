@@ -70,11 +70,24 @@ INTERNVL3_8B = {  # InternVL3-8B-hf's shape: InternViT-300M (448 px tiles, 256 t
                    layer_scale_init_value=0.1),
     "processor": {"image_processor": {"size": {"height": 448, "width": 448}}, "image_seq_length": 256},
 }  # fmt: skip
+GEMMA3_4B = {  # gemma-3-4b-it's shape: SigLIP-400M at 896 px (pooled to 256 tokens) + Gemma 3 4B (5 sliding : 1 full)
+    "text": dict(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=256, query_pre_attn_scalar=256, vocab_size=262208, sliding_window=1024, max_position_embeddings=131072,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    ),
+    "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                   image_size=896, patch_size=14, vision_use_head=False),
+    "mm_tokens_per_image": 256,
+    "processor": {"image_processor": {"size": {"height": 896, "width": 896}}, "image_seq_length": 256},
+}  # fmt: skip
 LARGE_SHAPES = {  # family -> (size, shape)
     "qwen2_vl": ("7b", QWEN2_VL_7B),
     "qwen3_vl": ("8b", QWEN3_VL_8B),
     "qwen3_vl_moe": ("30b-a3b", QWEN3_VL_30B_A3B),
     "internvl": ("8b-internvl3", INTERNVL3_8B),
+    "gemma3": ("4b-gemma3", GEMMA3_4B),
 }
 
 
@@ -108,6 +121,9 @@ def model_config(folder: Path, size: str):
     if tiny.model_type == "internvl":  # one image token; the tower's tiles give image_seq_length tokens each
         return type(tiny)(text_config=text, vision_config=shape["vision"], image_token_id=tiny.image_token_id,
                           tie_word_embeddings=False)  # fmt: skip
+    if tiny.model_type == "gemma3":  # the image tokens around the soft tokens; 256 per image
+        ids = {k: getattr(tiny, k) for k in ("image_token_id", "boi_token_id", "eoi_token_id")}
+        return type(tiny)(text_config=text, vision_config=shape["vision"], mm_tokens_per_image=256, **ids)
     ids = {k: getattr(tiny, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id")}
     ids["vision_end_token_id"] = tiny.vision_end_token_id
     return type(tiny)(text_config=text, vision_config=shape["vision"], **ids)

@@ -14,6 +14,7 @@ TINY_BUILDERS = {
     "qwen3_vl_moe": "silkie.dev.tiny_qwen3_vl:build_tiny_qwen3_vl_moe",
     "llava": "silkie.dev.tiny_hf_vlm:build_tiny_llava",
     "internvl": "silkie.dev.tiny_internvl:build_tiny_internvl",
+    "gemma3": "silkie.dev.tiny_gemma3:build_tiny_gemma3",
 }
 TINY_FOLDERS = {  # the folder names the demo assets use
     "qwen_vl": "tiny-qwen-vl",
@@ -23,6 +24,7 @@ TINY_FOLDERS = {  # the folder names the demo assets use
     "qwen3_vl_moe": "tiny-qwen3-vl-moe",
     "llava": "tiny-llava",
     "internvl": "tiny-internvl",
+    "gemma3": "tiny-gemma3",
 }
 
 

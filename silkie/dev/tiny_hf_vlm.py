@@ -8,7 +8,7 @@ VLFeedback texts, the PIL image processor settings and the official-style chat t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,7 +95,7 @@ def tokenizer_corpus() -> list[str]:
     return scaffolding + demo_corpus()
 
 
-def _train_bpe(texts: Iterable[str], vocab_size: int, backend: Tokenizer, **trainer_kwargs) -> tuple[dict, list]:
+def train_bpe(texts: Iterable[str], vocab_size: int, backend: Tokenizer, **trainer_kwargs) -> tuple[dict, list]:
     """Train BPE merges with `backend`'s normalizer and pre-tokenizer; return (vocab, merges)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = backend.normalizer
@@ -111,7 +111,7 @@ def _llama_vocab(texts: Iterable[str], vocab_size: int) -> tuple[dict, list]:
     words = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = words  # split on words while training; LlamaTokenizer applies merges unsplit
-    learned, merges = _train_bpe(texts, vocab_size, backend, special_tokens=list(LLAMA_CORE_TOKENS))
+    learned, merges = train_bpe(texts, vocab_size, backend, special_tokens=list(LLAMA_CORE_TOKENS))
     pieces = list(LLAMA_CORE_TOKENS) + [f"<0x{byte:02X}>" for byte in range(256)]
     pieces += [piece for piece, _ in sorted(learned.items(), key=lambda item: item[1]) if piece not in pieces]
     return {piece: index for index, piece in enumerate(pieces)}, merges
@@ -130,7 +130,7 @@ def train_tiny_tokenizer(
     """
     corpus = list(texts) if texts is not None else tokenizer_corpus()
     if style == "qwen2":
-        vocab, merges = _train_bpe(
+        vocab, merges = train_bpe(
             corpus, vocab_size, Qwen2Tokenizer().backend_tokenizer, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         )
         tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
@@ -254,10 +254,21 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     )
 
 
-def save_tiny_model(model_class: type[PreTrainedModel], config, out: Path, seed: int, eos: int | list[int]) -> None:
-    """Initialise `model_class(config)` from `seed`; save it (fp32 safetensors) with a greedy generation config."""
+def save_tiny_model(
+    model_class: type[PreTrainedModel],
+    config,
+    out: Path,
+    seed: int,
+    eos: int | list[int],
+    init: Callable[[PreTrainedModel], None] | None = None,
+) -> None:
+    """Initialise `model_class(config)` from `seed` (then `init(model)`: weights a release would not leave as the
+    model's own init does); save it (fp32 safetensors) with a greedy generation config."""
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32)
+    if init is not None:
+        with torch.no_grad():
+            init(model)
     text = config.text_config
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=eos, pad_token_id=text.pad_token_id, do_sample=False

@@ -1,5 +1,5 @@
-"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL MoE, LLaVA-1.5 or
-InternVL) for tests and demos."""
+"""Write a tiny random Hugging Face-format VLM folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL MoE, LLaVA-1.5,
+InternVL or Gemma 3) for tests and demos."""
 
 from __future__ import annotations
 

@@ -37,7 +37,9 @@ LIGER_PATCHES = {  # family -> liger-kernel's patch function for a loaded model 
     "qwen3_vl_moe": "apply_liger_kernel_to_qwen3_vl_moe",
     "llava": "apply_liger_kernel_to_llava",
     "internvl": "apply_liger_kernel_to_internvl",  # its language model's patch (+ the tower's norms)
+    "gemma3": "apply_liger_kernel_to_gemma3",  # GEGLU, not SwiGLU (+ the SigLIP tower's layer norms)
 }
+GEGLU_FAMILIES = ("gemma3",)  # liger's patch names its MLP kernel `geglu`
 
 
 class LigerRMSNorm(RMSNorm):
@@ -93,7 +95,8 @@ def use_liger(base: nn.Module, family: str) -> int:
         if not swiglu:
             logger.info("liger-kernel: the experts carry LoRA (lora.target_parameters) and keep their own forward")
         fused = {"cross_entropy": False, "fused_linear_cross_entropy": False}  # our log-probs are computed outside
-        patch(model=base, rope=True, rms_norm=True, swiglu=swiglu, **fused)
+        mlp = {"geglu" if family in GEGLU_FAMILIES else "swiglu": swiglu}
+        patch(model=base, rope=True, rms_norm=True, **mlp, **fused)
         return len(base.model.language_model.layers)
     changed = 0
     for name, module in base.named_modules():

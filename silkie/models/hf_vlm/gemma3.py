@@ -1,0 +1,126 @@
+"""Gemma 3 (transformers-native `Gemma3ForConditionalGeneration`: gemma-3-4b/12b/27b-it, MedGemma, ...).
+
+A SigLIP tower at a fixed size (896 px), average-pooled to `mm_tokens_per_image` (256) tokens and projected, and a
+Gemma 3 language model with 1-D positions whose layers are of two kinds: sliding-window attention (a window of
+`sliding_window` positions) and full attention (5 to 1 in the releases). An image's tokens attend each other both
+ways (transformers' `token_type_ids`), so the model takes one attention mask per layer kind. `Gemma3Processor`
+writes each image as "\\n\\n<start_of_image>" + its feature tokens + "<end_of_image>\\n\\n" in place of the chat
+template's `<start_of_image>`; the blank lines join the text around them into one token, so the codec writes that
+text before tokenizing (`ImageSpan`) and the collator expands its one `<image_soft_token>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from silkie.errors import InputError
+from silkie.models.family import ImageBatch
+
+from .codec import ImageSpan, load_processor
+from .family import HFVisionFamily, LlavaFamily, image_encoder_outputs
+
+
+class Gemma3Family(HFVisionFamily):
+    """Gemma 3: fixed-size images of `mm_tokens_per_image` tokens, attended both ways within an image; a mask per
+    layer kind (sliding window, full) for the packed rows."""
+
+    class_names = ("Gemma3ForConditionalGeneration",)
+    vision_lora_pattern = LlavaFamily.vision_lora_pattern  # SigLIP's blocks are named as CLIP's
+    vision_parts = ("vision_tower", "multi_modal_projector")
+    projector_part = "multi_modal_projector"
+
+    def image_span(self, processor: Any) -> ImageSpan:
+        """`Gemma3Processor.full_image_sequence` with one feature token (the marker the collator expands)."""
+        tokenizer = processor.tokenizer
+        text = f"\n\n{tokenizer.boi_token}{tokenizer.image_token}{tokenizer.eoi_token}\n\n"
+        return ImageSpan(placeholder=processor.boi_token, text=text, marker=tokenizer.image_token)
+
+    def image_token_budget(self, processor: Any, path: str) -> int:
+        return int(processor.image_seq_length)
+
+    def image_processor(self, model_config: Any, section: Any) -> Any:
+        return Gemma3Images(load_processor(section.path, None, None), model_config, section.path)
+
+    def quantization_skip_modules(self) -> list[str]:
+        return ["lm_head", "vision_tower", "multi_modal_projector"]
+
+    def _features(self, base: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        return list(base.model.get_image_features(pixel_values=pixel_values).pooler_output)
+
+    def encode_images(self, base: nn.Module, batch: dict) -> list[torch.Tensor]:
+        return self._features(base, batch["pixel_values"])
+
+    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
+        size = base.config.vision_config.image_size
+        device = next(base.model.vision_tower.parameters()).device
+        return torch.cat(self._features(base, torch.zeros(1, 3, size, size, device=device)))
+
+    def row_image_kwargs(
+        self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
+    ) -> dict:
+        if features is not None:
+            return image_encoder_outputs(torch.stack([features[i] for i in order.tolist()]))
+        return {"pixel_values": batch["pixel_values"].index_select(0, order)}
+
+    def token_kwargs(self, model_config: Any, input_ids: torch.Tensor) -> dict:
+        """`token_type_ids` as `Gemma3Processor` gives them (1 on image tokens): the model lets an image's tokens
+        attend each other both ways where it builds the masks itself (concatenated rows, generation)."""
+        return {"token_type_ids": (input_ids == model_config.image_token_id).long()}
+
+    def attention_masks(
+        self, base: nn.Module, mask: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> torch.Tensor | dict:
+        """Packed rows' block mask [R, 1, L, L] -> the mask of each layer kind, as transformers composes them for a
+        row of its own: full = block mask OR (same image), sliding = full AND (key position > query position -
+        window). Positions, not row offsets: an answer after the other answer in the row restarts after the prompt."""
+        if mask.dim() != 4:
+            return mask
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+        blocks = get_block_sequence_ids_for_mask((input_ids == base.config.image_token_id).long())
+        same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+        full = mask | same_image[:, None]
+        text = base.config.get_text_config()
+        masks = {"full_attention": full}
+        if "sliding_attention" in text.layer_types:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+            near = position_ids[:, None, :] > position_ids[:, :, None] - text.sliding_window  # [R, query, key]
+            masks["sliding_attention"] = full & near[:, None]
+        return masks
+
+
+class Gemma3Images:
+    """PIL images -> `pixel_values` [N, 3, S, S] (resized whole, no pan-and-scan crops: `Gemma3Processor`'s
+    default); every image fills `mm_tokens_per_image` tokens."""
+
+    def __init__(self, processor: Any, model_config: Any, path: str):
+        self.image_processor = processor.image_processor
+        if getattr(self.image_processor, "do_pan_and_scan", None):
+            raise InputError(
+                f"model.path: {path}'s image processor turns on pan-and-scan (do_pan_and_scan); Silkie feeds each "
+                "image whole, as Gemma3Processor does by default: set it to false in preprocessor_config.json"
+            )
+        self.marker_id = model_config.image_token_id
+        self.tokens = int(model_config.mm_tokens_per_image)
+        if int(processor.image_seq_length) != self.tokens:
+            raise InputError(
+                f"model.path: {path}'s processor gives {processor.image_seq_length} tokens per image "
+                f"(image_seq_length), its model {self.tokens} (mm_tokens_per_image); they must match"
+            )
+        self.size = model_config.vision_config.image_size
+
+    def fingerprint(self) -> str:
+        """The image processor's settings (size, resampling, normalisation)."""
+        return self.image_processor.to_json_string()
+
+    def __call__(self, images: list, videos: list = ()) -> ImageBatch:
+        if videos:
+            raise ValueError("Gemma 3 takes images, not video (tokenization drops such pairs as video_unsupported)")
+        if not images:
+            return ImageBatch({"pixel_values": torch.zeros(0, 3, self.size, self.size)}, [], self.marker_id)
+        out = self.image_processor(images=images, return_tensors="pt", do_pan_and_scan=False)
+        return ImageBatch({"pixel_values": out["pixel_values"]}, [self.tokens] * len(images), self.marker_id)

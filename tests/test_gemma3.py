@@ -1,0 +1,160 @@
+"""Gemma 3: prompts and pixels exactly as `Gemma3Processor` makes them (blank lines around each image joined with the
+text), an image's tokens attended both ways and sliding-window layers in the packed rows, generation's stops."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from silkie.config import ModelSection
+from silkie.data.collator import PairCollator
+from silkie.data.formatting import encode_pair
+from silkie.dev.tiny_gemma3 import GEMMA3_SLIDING_WINDOW
+from silkie.errors import InputError
+from silkie.models.family import get_family
+from silkie.models.loading import load_base_model, load_tokenizer
+
+from .hf_fixtures import BUILDERS, family_batch, pair_image
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return BUILDERS["gemma3"](tmp_path_factory.mktemp("gemma3") / "tiny-gemma3")
+
+
+def section(folder, **extra) -> ModelSection:
+    return ModelSection(path=str(folder), family="gemma3", dtype="fp32", **extra)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "system", "joined"),
+    [
+        ("Compare <image> with\n<image>.", "Be brief.", False),  # the template trims texts: no newline meets
+        ("<image>What is this?", None, True),  # "user\n" + "\n\n"
+        ("<image>Describe it.", "Be brief.", True),  # the system message's "\n\n" + "\n\n"
+        ("Both: <image><image>", None, True),  # one image's "\n\n" + the next one's
+    ],
+)
+def test_prompt_ids_pixels_and_token_types_equal_the_processor_s(folder, prompt, system, joined):
+    """Images at their markers after text, first, next to each other, with and without a system message: the
+    collator's expanded ids, the pixels and the token types are what `Gemma3Processor` gives for the chat
+    template's text (TRL's path), also where the blank lines around an image join the newlines next to them."""
+    codec = load_tokenizer(section(folder))
+    family = get_family("gemma3")
+    config = AutoConfig.from_pretrained(folder)
+    count = prompt.count("<image>")
+    pictures = [pair_image(1, (112, 56)), pair_image(2, (300, 200))][:count]
+    ids = codec.prompt_ids(prompt, ["a", "b"][:count], system=system)
+    assert ids.count(codec.image_marker_id) == count  # one marker per image until the collator expands it
+    processed = family.image_processor(config, section(folder))(pictures)
+    (expanded,) = PairCollator._expanded([ids], processed, [count], [0])
+    parts = [part for piece in prompt.split("<image>") for part in ({"type": "text", "text": piece}, {"type": "image"})]
+    messages = [{"role": "user", "content": parts[:-1]}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    text = codec.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    reference = codec.processor(images=pictures, text=[text], return_tensors="pt", add_special_tokens=False)
+    assert expanded == reference["input_ids"][0].tolist()
+    assert torch.equal(processed.tensors["pixel_values"], reference["pixel_values"])
+    token_types = family.token_kwargs(config, torch.tensor([expanded]))["token_type_ids"]
+    assert torch.equal(token_types, reference["token_type_ids"])
+    assert expanded.count(config.image_token_id) == 16 * count
+    # the blank lines join the newlines around them: the image's ids put between the text's would differ
+    tokenize = codec.tokenizer.convert_tokens_to_ids
+    span = [*tokenize(["\n\n", "<start_of_image>"]), *[config.image_token_id] * 16]
+    span += tokenize(["<end_of_image>", "\n\n"])
+    pieces = [codec.tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in text.split("<start_of_image>")]
+    apart = pieces[0] + [token for piece in pieces[1:] for token in span + piece]
+    assert len(apart) - len(expanded) == int(joined)  # one token fewer where two newline runs join
+
+
+def test_newlines_and_media_tokens_in_texts(folder):
+    """Gemma's newline runs are added tokens, not template markers: texts with blank lines are kept; the image
+    tokens written in a text drop the pair."""
+    codec = load_tokenizer(section(folder))
+    assert "\n" in codec.tokenizer.get_added_vocab() and all(m.strip() for m in codec.template_markers)
+    assert encode_pair("Line one.\n\nLine two.", ["a"], "A.\n\nB.", "C.", codec)[1] is None
+    for tag in ("<start_of_image>", "<image_soft_token>", "<end_of_image>"):
+        assert encode_pair(f"Look {tag} here", ["a"], "A.", "B.", codec) == (None, "image_tag_in_text")
+    assert encode_pair("Q", [], "A.<end_of_turn>", "B.", codec) == (None, "chat_template_in_text")
+
+
+def test_packed_rows_take_a_mask_per_layer_kind(folder):
+    """The efficient step's rows: the sliding-window layers see `sliding_window` positions back (from where each
+    answer restarts after the prompt), an image's tokens see each other both ways; the prompts here are longer
+    than the window, so the step-equality tests (tests/test_hf_vlm_step.py) exercise both."""
+    from silkie.dpo.batching import packed_rows
+
+    model = load_base_model(section(folder))
+    batch, pad = family_batch(folder, "gemma3", model)
+    assert batch["prompt_attention_mask"].sum(1).min() > GEMMA3_SLIDING_WINDOW
+    rows = packed_rows(batch, pad, None, 1, False)
+    family = get_family("gemma3")
+    masks = family.attention_masks(model, rows.attention_mask_on(), rows.input_ids, rows.position_ids)
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    full, sliding, block = masks["full_attention"][0, 0], masks["sliding_attention"][0, 0], rows.attention_mask_on()
+    image = (rows.input_ids[0] == model.config.image_token_id).nonzero().flatten()
+    first, last = int(image[0]), int(image[-1])
+    assert full[first, last] and not block[0, 0, first, last]  # the image's first token sees its last
+    rejected = (rows.segment[0] == 2).nonzero().flatten()
+    query, positions = int(rejected[0]), rows.position_ids[0]
+    assert block[0, 0, query].sum() > GEMMA3_SLIDING_WINDOW  # the full layer sees the prompt
+    seen = sliding[query].nonzero().flatten()
+    assert (positions[query] - positions[seen]).max() == GEMMA3_SLIDING_WINDOW - 1  # by position, not row offset
+    assert int(query - seen.min()) > GEMMA3_SLIDING_WINDOW  # the chosen answer lies between in the row
+    assert family.attention_masks(model, batch["prompt_attention_mask"], batch["prompt_input_ids"], None) is not None
+
+
+def test_pan_and_scan_and_a_token_count_mismatch_are_refused(folder, tmp_path):
+    import shutil
+
+    config = AutoConfig.from_pretrained(folder)
+    config.mm_tokens_per_image = 4
+    with pytest.raises(InputError, match=r"gives 16 tokens per image \(image_seq_length\), its model 4"):
+        get_family("gemma3").image_processor(config, section(folder))
+    scanned = tmp_path / "scanned"
+    shutil.copytree(folder, scanned)
+    settings = json.loads((scanned / "processor_config.json").read_text())
+    settings["image_processor"]["do_pan_and_scan"] = True
+    (scanned / "processor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(InputError, match="turns on pan-and-scan"):
+        get_family("gemma3").image_processor(AutoConfig.from_pretrained(folder), section(scanned))
+
+
+def test_generation_stops_at_the_end_of_turn_and_sees_the_image_both_ways(folder):
+    """The tokenizer's EOS is `<eos>`; a turn ends with `<end_of_turn>`, which the model's generation config names:
+    `generate` stops at both. Prompts for `generate` carry the token types, so the prefill attends an image both
+    ways as training does."""
+    from silkie.models.generation import prompt_generation_inputs, stop_token_ids
+
+    model = load_base_model(section(folder))
+    codec = load_tokenizer(section(folder))
+    end_of_turn = codec.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert stop_token_ids(codec.tokenizer, model) == [codec.tokenizer.eos_token_id, end_of_turn]
+    assert stop_token_ids(codec.tokenizer) == [codec.tokenizer.eos_token_id]
+    batch, _ = family_batch(folder, "gemma3", model)
+    inputs = prompt_generation_inputs(model, batch, 0)
+    assert torch.equal(inputs["token_type_ids"], (inputs["input_ids"] == model.config.image_token_id).long())
+    with torch.no_grad():
+        both_ways = model(**inputs).logits[0, -1]
+        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits[0, -1]
+        first = model.generate(**inputs, max_new_tokens=1, do_sample=False).tolist()[0][-1]
+    assert (both_ways - causal).abs().max() > 1e-4 and first == int(both_ways.argmax())
+
+
+def test_liger_patches_gemma3_with_its_geglu_kernel(folder, monkeypatch):
+    """liger-kernel's Gemma 3 patch names its MLP kernel `geglu` (Gemma's GELU-gated MLP), not `swiglu`."""
+    from silkie.models.kernels import use_liger
+
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake.apply_liger_kernel_to_gemma3 = lambda **kwargs: calls.append(kwargs)
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    assert use_liger(load_base_model(section(folder)), "gemma3") == 2
+    assert calls[0]["geglu"] and "swiglu" not in calls[0] and not calls[0]["fused_linear_cross_entropy"]
