@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from silkie.config import ModelSection
 from silkie.config.annotate import PoolModel
 from silkie.tools.annotate.cli import main
 from silkie.tools.annotate.files import read_jsonl
@@ -77,12 +78,14 @@ def standin_vllm(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    from silkie.dev.tiny_gemma3 import build_tiny_gemma3
     from silkie.dev.tiny_hf_vlm import build_tiny_llava, build_tiny_qwen2_vl
 
     root = tmp_path_factory.mktemp("vllm")
     write_jsonl(root / "instructions.jsonl", synthetic_instructions(root, n=5, seed=0))
     build_tiny_qwen2_vl(root / "qwen2-vl")
     build_tiny_llava(root / "llava")
+    build_tiny_gemma3(root / "gemma3")
     return root
 
 
@@ -138,6 +141,24 @@ def test_sample_with_vllm_writes_its_answers_with_per_answer_seeds(folder, stand
     vllm.ENGINES.clear()
     assert main([*argv, "--images", str(folder / "vlf" / "merged_images.zip"), "--out", str(out), "--no-progress"]) == 0
     assert vllm.ENGINES == [] and len(list(read_jsonl(out / "answers.jsonl"))) == 10
+
+
+def test_a_template_that_writes_bos_does_not_give_vllm_two(folder, standin_vllm, tmp_path):
+    """Gemma's template opens with `<bos>` and its tokenizer adds one to a text (vLLM tokenizes text prompts with
+    special tokens): the prompt handed to vLLM leaves the template's out, so the model reads one, as in training."""
+    from silkie.models.loading import load_tokenizer
+    from silkie.tools.annotate.vllm_backend import VllmResponder
+
+    responder = VllmResponder(PoolModel(path=str(folder / "gemma3"), backend="vllm"), tmp_path)
+    prompt = responder.prompt_text("What is this?")
+    codec = load_tokenizer(ModelSection(path=str(folder / "gemma3"), family="gemma3"))
+    assert prompt.startswith("<start_of_turn>user\n<start_of_image>") and prompt.count("<start_of_image>") == 1
+    ids = codec.tokenizer(prompt)["input_ids"]  # as vLLM tokenizes it
+    assert ids[:2] == [codec.tokenizer.bos_token_id, codec.tokenizer.convert_tokens_to_ids("<start_of_turn>")]
+    assert ids == codec.tokenizer(codec.prompt_text("What is this?", ["image"], generation=True),
+                                  add_special_tokens=False)["input_ids"]  # fmt: skip
+    llava = VllmResponder(PoolModel(path=str(folder / "llava"), backend="vllm"), tmp_path)  # its template writes none
+    assert llava.prompt_text("What is this?").startswith("USER: <image>")
 
 
 def test_an_adapter_is_merged_once_and_qwen_vl_needs_its_remote_code(folder, standin_vllm, tmp_path):

@@ -107,7 +107,55 @@ def test_packed_rows_take_a_mask_per_layer_kind(folder):
     seen = sliding[query].nonzero().flatten()
     assert (positions[query] - positions[seen]).max() == GEMMA3_SLIDING_WINDOW - 1  # by position, not row offset
     assert int(query - seen.min()) > GEMMA3_SLIDING_WINDOW  # the chosen answer lies between in the row
-    assert family.attention_masks(model, batch["prompt_attention_mask"], batch["prompt_input_ids"], None) is not None
+    padding = batch["prompt_attention_mask"]  # a concatenated row's: the model builds its masks from token types
+    assert family.attention_masks(model, padding, batch["prompt_input_ids"], None) is padding
+
+
+def test_eager_attention_takes_the_packed_rows_masks_too(folder):
+    """Eager attention adds the masks: each of the per-kind masks is made additive, and the packed rows score as
+    the plain path does."""
+    from .hf_fixtures import OPTION_SETS, PLAIN, assert_same_step, lora_model, run_step
+
+    model = lora_model(folder, "gemma3", attn="eager")
+    batch, pad = family_batch(folder, "gemma3", model)
+    assert_same_step(run_step(model, batch, OPTION_SETS["all"], pad), run_step(model, batch, PLAIN, pad))
+
+
+def test_chat_inputs_are_the_processor_s_with_token_types(folder, tmp_path):
+    """`silkie chat` / `evaluate` / `annotate` build a prompt as training does: the processor's ids for the whole
+    generation prompt, and the token types `generate` needs to attend the image both ways."""
+    from silkie.tools.chat_inputs import family_inputs
+
+    config = AutoConfig.from_pretrained(folder)
+    picture = tmp_path / "p.png"
+    pair_image(3, (90, 60)).save(picture)
+    _, ids, tensors = family_inputs(folder, None, config, [str(picture)], [], "What is <image> showing?")
+    processor = load_tokenizer(section(folder)).processor
+    parts = [{"type": "text", "text": "What is "}, {"type": "image"}, {"type": "text", "text": " showing?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    reference = processor(images=[pair_image(3, (90, 60))], text=[text], return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(ids, reference["input_ids"])
+    assert torch.equal(tensors["token_type_ids"], reference["token_type_ids"])
+    assert torch.equal(tensors["pixel_values"], reference["pixel_values"])
+
+
+def test_newline_runs_saved_as_special_are_not_image_tags(folder, tmp_path):
+    """A fine-tune may save Gemma's newline runs as special tokens: texts with blank lines still encode."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from silkie.models.hf_vlm.codec import ChatTemplateCodec
+
+    copy = tmp_path / "special-newlines"
+    shutil.copytree(folder, copy)
+    processor = AutoProcessor.from_pretrained(copy)
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": ["\n\n"]})
+    family = get_family("gemma3")
+    codec = ChatTemplateCodec(processor, 16, image_span=family.image_span(processor))
+    assert "\n\n" not in codec._tags
+    assert encode_pair("Line one.\n\nLine two.", ["a"], "A.", "B.", codec)[1] is None
 
 
 def test_pan_and_scan_and_a_token_count_mismatch_are_refused(folder, tmp_path):

@@ -78,7 +78,8 @@ def train_gemma_tokenizer(vocab_size: int = 1024) -> GemmaTokenizer:
     learned, merges = train_bpe(corpus, vocab_size, backend, special_tokens=list(GEMMA_CORE_TOKENS))
     pieces = list(GEMMA_CORE_TOKENS) + [f"<0x{byte:02X}>" for byte in range(256)]
     pieces += [piece for piece, _ in sorted(learned.items(), key=lambda item: item[1]) if piece not in pieces]
-    tokenizer = GemmaTokenizer(vocab={piece: index for index, piece in enumerate(pieces)}, merges=merges)
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)  # as the releases: text gets <bos>
     tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_CHAT_TOKENS)})
     tokenizer.add_tokens([AddedToken(run, normalized=False, special=False) for run in NEWLINE_RUNS])
     return tokenizer
@@ -103,7 +104,8 @@ def tiny_gemma3_config(tokenizer: PreTrainedTokenizerFast) -> Gemma3Config:
         bos_token_id=tokenizer.bos_token_id,
         initializer_range=INIT_STD,
     )
-    vision = SiglipVisionConfig(**{**TINY_VIT, "image_size": GEMMA3_IMAGE_SIZE})
+    # no attention-pooling head, as the releases (Gemma 3 reads the last hidden states)
+    vision = SiglipVisionConfig(**{**TINY_VIT, "image_size": GEMMA3_IMAGE_SIZE}, vision_use_head=False)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3_MEDIA_TOKENS.items()}
     return Gemma3Config(
         text_config=text,

@@ -1,4 +1,4 @@
-"""Gemma 3 (transformers-native `Gemma3ForConditionalGeneration`: gemma-3-4b/12b/27b-it, MedGemma, ...).
+"""Gemma 3 (transformers' `Gemma3ForConditionalGeneration`: gemma-3-4b/12b/27b-it, MedGemma 4B / 27B multimodal).
 
 A SigLIP tower at a fixed size (896 px), average-pooled to `mm_tokens_per_image` (256) tokens and projected, and a
 Gemma 3 language model with 1-D positions whose layers are of two kinds: sliding-window attention (a window of

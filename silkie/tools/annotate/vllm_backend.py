@@ -13,7 +13,7 @@ import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from silkie.config.annotate import PoolModel
 from silkie.tools.cli import ToolError, read_image
@@ -86,7 +86,7 @@ class VllmResponder:
         """The rendered prompt of one question about one picture, its image placeholder unexpanded."""
         if self.family != "qwen_vl":
             self.codec.prompt_ids(question, ["image"])  # the codec's checks: markers, media tokens in the text
-            return self.codec.prompt_text(question, ["image"], generation=True)
+            return without_added_bos(self.codec.prompt_text(question, ["image"], generation=True), self.codec.tokenizer)
         from silkie.models.family import PairTextError
         from silkie.models.qwen_vl.family import format_query
 
@@ -132,3 +132,11 @@ class VllmResponder:
                    o.outputs[0].finish_reason == "stop")  # fmt: skip
             for o in outputs
         ]
+
+
+def without_added_bos(text: str, tokenizer: Any) -> str:
+    """A rendered prompt less the BOS its template writes where the tokenizer adds one itself: vLLM tokenizes a text
+    prompt with special tokens, so Gemma's `<bos>`-opening template would start it with two."""
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos) :] if adds_bos and text.startswith(bos) else text
