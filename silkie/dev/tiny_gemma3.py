@@ -27,7 +27,7 @@ from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImagePr
 
 from silkie.dev.tiny_hf_vlm import (
     INIT_STD,
-    TEXT_HIDDEN,
+    TINY_TEXT,
     TINY_VIT,
     padded_vocab_size,
     save_tiny_model,
@@ -88,21 +88,15 @@ def train_gemma_tokenizer(vocab_size: int = 1024) -> GemmaTokenizer:
 def tiny_gemma3_config(tokenizer: PreTrainedTokenizerFast) -> Gemma3Config:
     """Gemma 3 with a 2-layer, 32-wide SigLIP (112 px) and a 2-layer, 64-wide text model (sliding, full)."""
     text = Gemma3TextConfig(
+        **TINY_TEXT,
         vocab_size=padded_vocab_size(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=GEMMA3_SLIDING_WINDOW,
         layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=4096,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        initializer_range=INIT_STD,
     )
     # no attention-pooling head, as the releases (Gemma 3 reads the last hidden states)
     vision = SiglipVisionConfig(**{**TINY_VIT, "image_size": GEMMA3_IMAGE_SIZE}, vision_use_head=False)

@@ -166,22 +166,27 @@ TINY_VIT = dict(  # the 2-layer, 32-wide ViT of the CLIP-style towers (LLaVA's C
 )
 
 
+TINY_TEXT = dict(  # the 2-layer, 64-wide language model of the stand-ins (4 heads of 16, 2 key-value heads)
+    hidden_size=TEXT_HIDDEN,
+    intermediate_size=4 * TEXT_HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    initializer_range=INIT_STD,
+)
+
+
 def qwen2_text_and_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[dict, dict]:
     """The tiny Qwen2 text config and the special-token ids of a Qwen2-VL-style config."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
     text = dict(
+        **TINY_TEXT,
         vocab_size=padded_vocab_size(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},  # head 16
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        initializer_range=INIT_STD,
     )
     special = dict(
         image_token_id=ids["<|image_pad|>"],

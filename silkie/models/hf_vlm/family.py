@@ -351,8 +351,12 @@ class LlavaFamily(HFVisionFamily):
         self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
     ) -> dict:
         if features is not None:
-            return image_encoder_outputs([features[i] for i in order.tolist()])
+            return image_encoder_outputs(self.feature_input([features[i] for i in order.tolist()]))
         return {"pixel_values": batch["pixel_values"].index_select(0, order)}
+
+    def feature_input(self, picked: list[torch.Tensor]) -> Any:
+        """The rows' image features ([tokens, D] each) as the model's forward takes them back: LLaVA's, a list."""
+        return picked
 
 
 def llava_image_tokens(config: Any) -> int:

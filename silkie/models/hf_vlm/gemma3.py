@@ -20,17 +20,15 @@ from silkie.errors import InputError
 from silkie.models.family import ImageBatch
 
 from .codec import ImageSpan, load_processor
-from .family import HFVisionFamily, LlavaFamily, image_encoder_outputs
+from .family import LlavaFamily
 
 
-class Gemma3Family(HFVisionFamily):
-    """Gemma 3: fixed-size images of `mm_tokens_per_image` tokens, attended both ways within an image; a mask per
-    layer kind (sliding window, full) for the packed rows."""
+class Gemma3Family(LlavaFamily):
+    """Gemma 3: LLaVA's fixed-size image path (SigLIP's blocks are named as CLIP's), images of
+    `mm_tokens_per_image` tokens attended both ways within an image; a mask per layer kind (sliding window, full)
+    for the packed rows."""
 
     class_names = ("Gemma3ForConditionalGeneration",)
-    vision_lora_pattern = LlavaFamily.vision_lora_pattern  # SigLIP's blocks are named as CLIP's
-    vision_parts = ("vision_tower", "multi_modal_projector")
-    projector_part = "multi_modal_projector"
 
     def image_span(self, processor: Any) -> ImageSpan:
         """`Gemma3Processor.full_image_sequence` with one feature token (the marker the collator expands)."""
@@ -44,26 +42,12 @@ class Gemma3Family(HFVisionFamily):
     def image_processor(self, model_config: Any, section: Any) -> Any:
         return Gemma3Images(load_processor(section.path, None, None), model_config, section.path)
 
-    def quantization_skip_modules(self) -> list[str]:
-        return ["lm_head", "vision_tower", "multi_modal_projector"]
-
     def _features(self, base: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         return list(base.model.get_image_features(pixel_values=pixel_values).pooler_output)
 
-    def encode_images(self, base: nn.Module, batch: dict) -> list[torch.Tensor]:
-        return self._features(base, batch["pixel_values"])
-
-    def blank_image_features(self, base: nn.Module) -> torch.Tensor:
-        size = base.config.vision_config.image_size
-        device = next(base.model.vision_tower.parameters()).device
-        return torch.cat(self._features(base, torch.zeros(1, 3, size, size, device=device)))
-
-    def row_image_kwargs(
-        self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
-    ) -> dict:
-        if features is not None:
-            return image_encoder_outputs(torch.stack([features[i] for i in order.tolist()]))
-        return {"pixel_values": batch["pixel_values"].index_select(0, order)}
+    def feature_input(self, picked: list[torch.Tensor]) -> torch.Tensor:
+        """Gemma 3's forward takes the features back as one [images, tokens, D] tensor."""
+        return torch.stack(picked)
 
     def token_kwargs(self, model_config: Any, input_ids: torch.Tensor) -> dict:
         """`token_type_ids` as `Gemma3Processor` gives them (1 on image tokens): the model lets an image's tokens
