@@ -237,17 +237,11 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     """LLaVA-1.5 with a 2-layer, 32-wide CLIP ViT (56 px, patch 14) and a 2-layer, 64-wide Llama."""
     vision = CLIPVisionConfig(**TINY_VIT, image_size=LLAVA_IMAGE_SIZE, projection_dim=VISION_HIDDEN)
     text = LlamaConfig(
+        **{**TINY_TEXT, "num_key_value_heads": 4},  # LLaVA-1.5's Vicuna: no grouped-query heads
         vocab_size=padded_vocab_size(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        initializer_range=INIT_STD,
     )
     return LlavaConfig(
         vision_config=vision,
