@@ -206,3 +206,41 @@ def test_liger_patches_gemma3_with_its_geglu_kernel(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
     assert use_liger(load_base_model(section(folder)), "gemma3") == 2
     assert calls[0]["geglu"] and "swiglu" not in calls[0] and not calls[0]["fused_linear_cross_entropy"]
+
+
+def test_a_folder_laid_out_as_the_releases_loads_the_same(folder, tmp_path):
+    """google/gemma-3-*-it as released (transformers 4.50): a minimal text config (`sliding_window_pattern`, the old
+    `rope_scaling` / `rope_local_base_freq` keys), the image processor in preprocessor_config.json, the media tokens as
+    `extra_special_tokens`: the same layer kinds, window, ids and prompts as the stand-in."""
+    import shutil
+
+    released = tmp_path / "released"
+    shutil.copytree(folder, released)
+    config = json.loads((released / "config.json").read_text())
+    text = config["text_config"]
+    for key in ("layer_types", "rope_parameters", "_sliding_window_pattern", "use_bidirectional_attention"):
+        text.pop(key)
+    text |= {"sliding_window_pattern": 2, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+             "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0}  # fmt: skip
+    (released / "config.json").write_text(json.dumps(config))
+    combined = json.loads((released / "processor_config.json").read_text())
+    image = combined.pop("image_processor") | {"processor_class": "Gemma3Processor", "do_pan_and_scan": None}
+    (released / "preprocessor_config.json").write_text(json.dumps(image))
+    (released / "processor_config.json").write_text(json.dumps(combined))
+    tokenizer = json.loads((released / "tokenizer_config.json").read_text())
+    for key in ("model_specific_special_tokens", "is_local", "local_files_only"):
+        tokenizer.pop(key, None)
+    tokenizer["extra_special_tokens"] = {k: tokenizer[k] for k in ("boi_token", "eoi_token", "image_token")}
+    (released / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+
+    model = load_base_model(section(released))
+    text = model.config.get_text_config()
+    assert text.layer_types == ["sliding_attention", "full_attention"] and text.sliding_window == GEMMA3_SLIDING_WINDOW
+    assert text.rope_parameters["full_attention"]["rope_type"] == "linear"
+    ours, theirs = load_tokenizer(section(folder)), load_tokenizer(section(released))
+    assert theirs.image_marker_id == ours.image_marker_id == model.config.image_token_id
+    prompt = ("Compare <image> with <image>.", ["a", "b"])
+    assert theirs.prompt_ids(*prompt, system="Be brief.") == ours.prompt_ids(*prompt, system="Be brief.")
+    assert theirs.answer_ids("Red.") == ours.answer_ids("Red.")
+    images = get_family("gemma3").image_processor(model.config, section(released))
+    assert images([pair_image(1, (80, 60))]).tensors["pixel_values"].shape == (1, 3, 112, 112)
