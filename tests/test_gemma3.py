@@ -244,3 +244,11 @@ def test_a_folder_laid_out_as_the_releases_loads_the_same(folder, tmp_path):
     assert theirs.answer_ids("Red.") == ours.answer_ids("Red.")
     images = get_family("gemma3").image_processor(model.config, section(released))
     assert images([pair_image(1, (80, 60))]).tensors["pixel_values"].shape == (1, 3, 112, 112)
+
+
+def test_a_text_only_gemma3_folder_is_refused_naming_the_multimodal_ones(tmp_path):
+    from silkie.config.checkpoint import checkpoint_problem
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    problem = checkpoint_problem(tmp_path, "gemma3")
+    assert "'gemma3_text'" in problem and "text-only Gemma 3" in problem and "gemma-3-4b-it" in problem

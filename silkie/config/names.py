@@ -28,6 +28,8 @@ MOE_FAMILIES = ("qwen3_vl_moe",)  # mixture-of-experts language models: a router
 CONVERT_HINTS = {
     "internvl_chat": "an original (remote-code) InternVL folder; convert it to the -hf layout with transformers' "
     "convert_internvl_weights_to_hf.py (or take OpenGVLab's -hf release), then model.family=internvl",
+    "gemma3_text": "a text-only Gemma 3 (gemma-3-1b, gemma-3-270m, MedGemma 27B text); Silkie trains vision-language "
+    "models: take a multimodal Gemma 3 (gemma-3-4b-it and larger, model_type gemma3)",
 }
 
 LOSS_TYPES = (
