@@ -23,6 +23,7 @@ VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds vi
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
 # an image's tokens attend each other both ways (a mask per layer kind): no causal-only flash varlen kernel
 BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
+NO_FP16_FAMILIES = ("gemma3",)  # activations past fp16's range (Gemma's): bf16 or fp32 only
 MOE_FAMILIES = ("qwen3_vl_moe",)  # mixture-of-experts language models: a router load-balancing loss, expert LoRA
 # config.json model_types of checkpoints in a layout Silkie does not load, and what loads them
 CONVERT_HINTS = {

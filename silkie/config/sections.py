@@ -14,6 +14,7 @@ from .names import (
     BIDIRECTIONAL_IMAGE_FAMILIES,
     FAMILIES,
     IMAGE_CORRUPTIONS,
+    NO_FP16_FAMILIES,
     PREFERENCE_FIELDS,
     QWEN_HF_FAMILIES,
     TILED_FAMILIES,
@@ -116,6 +117,12 @@ class ModelSection:
         )
         choice("model.family", self.family, FAMILIES)
         choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        require(
+            self.family not in NO_FP16_FAMILIES or self.dtype != "fp16",
+            "model.dtype",
+            self.dtype,
+            f"auto, bf16 or fp32 for family {self.family} (its activations overflow fp16: infinite, then NaN losses)",
+        )
         choice("model.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flex_attention", "varlen"))
         require(
             self.family == "qwen_vl" or self.attn_implementation != "flex_attention",

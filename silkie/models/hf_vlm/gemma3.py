@@ -70,8 +70,8 @@ class Gemma3Family(LlavaFamily):
         text = base.config.get_text_config()
         masks = {"full_attention": full}
         if "sliding_attention" in text.layer_types:
-            if position_ids is None:
-                position_ids = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+            if position_ids is None:  # row offsets would be wrong for every answer after the first in a row
+                raise ValueError("Gemma 3's packed rows need their position ids for the sliding-window mask")
             near = position_ids[:, None, :] > position_ids[:, :, None] - text.sliding_window  # [R, query, key]
             masks["sliding_attention"] = full & near[:, None]
         return masks

@@ -103,7 +103,8 @@ class VllmResponder:
         return None, request, None
 
     def stop_token_ids(self) -> list[int] | None:
-        """Qwen-VL-Chat's end-of-turn tokens (the other families stop at their EOS, vLLM's default)."""
+        """Qwen-VL-Chat's end-of-turn tokens (the other families stop at their generation config's EOS ids, vLLM's
+        default: Gemma 3's `<end_of_turn>` among them)."""
         from silkie.models.generation import stop_token_ids
 
         return stop_token_ids(self.codec.tokenizer) if self.family == "qwen_vl" else None
