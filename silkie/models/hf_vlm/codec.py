@@ -112,11 +112,9 @@ class ChatTemplateCodec:
         delimiters = (getattr(processor, name, None) for name in ("start_image_token", "end_image_token"))  # InternVL
         decoder = self.tokenizer.added_tokens_decoder
         # the special tokens of an image span (Gemma 3's <start_of_image>, <image_soft_token>, <end_of_image>)
-        span_tags = [
-            t.content
-            for t in decoder.values()
-            if t.special and image_span and t.content.strip() and t.content in image_span.text
-        ]  # whitespace-only ones never: a fine-tune may save Gemma's newline runs as special
+        # (whitespace-only ones never: a fine-tune may save Gemma's newline runs as special)
+        span = image_span.text if image_span else ""
+        span_tags = [t.content for t in decoder.values() if t.special and t.content.strip() and t.content in span]
         self._tags = [tag for tag in (processor.image_token, video_token, *delimiters, *span_tags) if tag]
         template = str(processor.chat_template or self.tokenizer.chat_template or "")
         specials = {*self.tokenizer.all_special_tokens, *self.tokenizer.get_added_vocab()}

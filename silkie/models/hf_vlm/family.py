@@ -372,6 +372,9 @@ def llava_image_tokens(config: Any) -> int:
 class LlavaImages:
     """PIL images -> `pixel_values` [N, 3, S, S] (CLIP preprocessing); every image fills the same token count."""
 
+    model_name = "LLaVA"
+    call_kwargs: dict[str, Any] = {}  # the image processor's call settings, as the family's processor passes them
+
     def __init__(self, processor: Any, model_config: Any):
         self.image_processor = processor.image_processor
         self.marker_id = model_config.image_token_id
@@ -384,8 +387,10 @@ class LlavaImages:
 
     def __call__(self, images: list, videos: list = ()) -> ImageBatch:
         if videos:
-            raise ValueError("LLaVA takes images, not video (tokenization drops such pairs as video_unsupported)")
+            raise ValueError(
+                f"{self.model_name} takes images, not video (tokenization drops such pairs as video_unsupported)"
+            )
         if not images:
             return ImageBatch({"pixel_values": torch.zeros(0, 3, self.size, self.size)}, [], self.marker_id)
-        out = self.image_processor(images=images, return_tensors="pt")
+        out = self.image_processor(images=images, return_tensors="pt", **self.call_kwargs)
         return ImageBatch({"pixel_values": out["pixel_values"]}, [self.tokens] * len(images), self.marker_id)

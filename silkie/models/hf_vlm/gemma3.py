@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from silkie.errors import InputError
-from silkie.models.family import ImageBatch
 
 from .codec import ImageSpan, load_processor
-from .family import LlavaFamily
+from .family import LlavaFamily, LlavaImages
 
 
 class Gemma3Family(LlavaFamily):
@@ -77,9 +76,12 @@ class Gemma3Family(LlavaFamily):
         return masks
 
 
-class Gemma3Images:
+class Gemma3Images(LlavaImages):
     """PIL images -> `pixel_values` [N, 3, S, S] (resized whole, no pan-and-scan crops: `Gemma3Processor`'s
     default); every image fills `mm_tokens_per_image` tokens."""
+
+    model_name = "Gemma 3"
+    call_kwargs = {"do_pan_and_scan": False}
 
     def __init__(self, processor: Any, model_config: Any, path: str):
         self.image_processor = processor.image_processor
@@ -96,15 +98,3 @@ class Gemma3Images:
                 f"(image_seq_length), its model {self.tokens} (mm_tokens_per_image); they must match"
             )
         self.size = model_config.vision_config.image_size
-
-    def fingerprint(self) -> str:
-        """The image processor's settings (size, resampling, normalisation)."""
-        return self.image_processor.to_json_string()
-
-    def __call__(self, images: list, videos: list = ()) -> ImageBatch:
-        if videos:
-            raise ValueError("Gemma 3 takes images, not video (tokenization drops such pairs as video_unsupported)")
-        if not images:
-            return ImageBatch({"pixel_values": torch.zeros(0, 3, self.size, self.size)}, [], self.marker_id)
-        out = self.image_processor(images=images, return_tensors="pt", do_pan_and_scan=False)
-        return ImageBatch({"pixel_values": out["pixel_values"]}, [self.tokens] * len(images), self.marker_id)

@@ -79,6 +79,7 @@ class VllmResponder:
         folder = servable_folder(model, out)
         self.family = family_of(folder)
         self.codec = load_codec_from(folder)
+        self.template_bos = "" if self.family == "qwen_vl" else added_bos(self.codec.tokenizer)  # stripped per prompt
         dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[model.dtype]
         self.llm = LLM(model=str(folder), dtype=dtype, trust_remote_code=self.family == "qwen_vl")
 
@@ -86,7 +87,8 @@ class VllmResponder:
         """The rendered prompt of one question about one picture, its image placeholder unexpanded."""
         if self.family != "qwen_vl":
             self.codec.prompt_ids(question, ["image"])  # the codec's checks: markers, media tokens in the text
-            return without_added_bos(self.codec.prompt_text(question, ["image"], generation=True), self.codec.tokenizer)
+            text = self.codec.prompt_text(question, ["image"], generation=True)
+            return text[len(self.template_bos) :] if self.template_bos and text.startswith(self.template_bos) else text
         from silkie.models.family import PairTextError
         from silkie.models.qwen_vl.family import format_query
 
@@ -135,9 +137,9 @@ class VllmResponder:
         ]
 
 
-def without_added_bos(text: str, tokenizer: Any) -> str:
-    """A rendered prompt less the BOS its template writes where the tokenizer adds one itself: vLLM tokenizes a text
-    prompt with special tokens, so Gemma's `<bos>`-opening template would start it with two."""
+def added_bos(tokenizer: Any) -> str:
+    """The BOS text the tokenizer adds to a text by itself ("" when it adds none): a rendered prompt opening with it
+    (Gemma's template writes `<bos>`) loses it before vLLM, which tokenizes text prompts with special tokens."""
     bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-    return text[len(bos) :] if adds_bos and text.startswith(bos) else text
+    adds = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return bos if adds else ""
