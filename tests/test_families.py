@@ -6,7 +6,7 @@ import pytest
 from transformers.utils import is_torchvision_available
 
 from silkie.config import LoraSection, ModelSection, RecipeError
-from silkie.config.names import MOE_FAMILIES
+from silkie.config.names import RECURRENT_FAMILIES
 from silkie.models.family import FAMILY_CLASSES, get_family, unwrap_causal_lm
 from silkie.models.loading import apply_lora, freeze_vision, load_base_model
 
@@ -20,6 +20,8 @@ VISION_NAMES = {
     "llava": "model.vision_tower.",
     "internvl": "model.vision_tower.",
     "gemma3": "model.vision_tower.",
+    "qwen3_5": "model.visual.",
+    "qwen3_5_moe": "model.visual.",
 }
 PROJECTORS = {
     "qwen2_vl": ("model.visual.merger.",),
@@ -29,6 +31,8 @@ PROJECTORS = {
     "llava": ("model.multi_modal_projector.",),
     "internvl": ("model.multi_modal_projector.",),
     "gemma3": ("model.multi_modal_projector.",),
+    "qwen3_5": ("model.visual.merger.",),  # no DeepStack
+    "qwen3_5_moe": ("model.visual.merger.",),
 }
 
 
@@ -79,10 +83,14 @@ def test_lora_targets_every_llm_linear_and_the_vision_tower_only_when_asked(fold
     plain = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4), family)
     names = [n for n, _ in plain.named_parameters() if "lora_A" in n]
     kinds = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
-    linears = {"q_proj", "k_proj", "v_proj", "o_proj"} | (set() if family in MOE_FAMILIES else {"gate_proj", "up_proj",
-                                                                                              "down_proj"})  # fmt: skip
-    assert kinds == linears  # a MoE layer's experts are 3-D weights, not linear layers: lora.target_parameters
-    assert len(names) == 2 * len(linears) and all("language_model" in n for n in names)  # 2 layers x its linears
+    # a MoE layer's experts are 3-D weights, not linear layers (lora.target_parameters); Qwen3.5 MoE's shared expert
+    # is a linear MLP
+    mlp = set() if family == "qwen3_vl_moe" else {"gate_proj", "up_proj", "down_proj"}
+    mixers = [{"q_proj", "k_proj", "v_proj", "o_proj"}] * 2  # the token mixers of the 2 layers
+    if family in RECURRENT_FAMILIES:  # an attention layer, then a linear-attention one
+        mixers[1] = {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
+    assert kinds == mixers[0] | mixers[1] | mlp
+    assert len(names) == len(mixers[0]) + len(mixers[1]) + 2 * len(mlp) and all("language_model" in n for n in names)
     trainable = [n for n, p in plain.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with_vision = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4, vision=True), family)
@@ -90,7 +98,7 @@ def test_lora_targets_every_llm_linear_and_the_vision_tower_only_when_asked(fold
     # qkv proj fc1 fc2 | + gate up down | q k v out fc1 fc2 (CLIP, SigLIP) | qkv proj linear_fc1 linear_fc2 |
     # q k v projection fc1 fc2
     per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6, "qwen3_vl": 4, "qwen3_vl_moe": 4, "internvl": 6,
-                 "gemma3": 6}[family]  # fmt: skip
+                 "gemma3": 6, "qwen3_5": 4, "qwen3_5_moe": 4}[family]  # fmt: skip
     assert len(vision) == 2 * per_block
 
 
@@ -234,11 +242,18 @@ def test_a_checkpoint_with_missing_weights_is_refused(folder, tmp_path):
     shutil.copytree(path, partial)
     (weights,) = partial.glob("*.safetensors")
     state = load_file(weights)
-    dropped = sorted(name for name in state if "layers.0.mlp" in name)[0]
+    dropped = sorted(name for name in state if "layers.0.mlp" in name and ".experts." not in name)[0]
+    experts = sorted(name for name in state if "layers.0.mlp.experts.0." in name)  # the releases' per-expert tensors
     del state[dropped]
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="1 weights missing from the checkpoint"):
         get_family(family).load_model(model_section(partial, family), torch.float32)
+    if experts:  # Qwen3.5 MoE: an expert's tensor missing stacks the layer's experts one short
+        state[dropped] = load_file(path / weights.name)[dropped]
+        del state[experts[0]]
+        save_file(state, weights, metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=r"1 weights of another shape .*: .*layers\.0\.mlp\.experts\."):
+            get_family(family).load_model(model_section(partial, family), torch.float32)
 
 
 def test_checkpoint_of_another_family_and_hub_ids(tmp_path, monkeypatch):

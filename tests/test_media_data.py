@@ -111,14 +111,16 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
         assert with_video == (None, "video_unsupported") and codec.video_token_budget(64) == 0
     else:
         assert with_video[1] is None and with_video[0]["prompt_input_ids"].count(codec.video_marker_id) == 1
-        # 32 temporal patches x 4 tokens at 56x56 (Qwen3-VL: 64x64, + its span's 2 and the longest `<t seconds>`);
+        # 32 temporal patches x 4 tokens at 56x56 (Qwen3-VL, Qwen3.5: 64x64, + its span's 2 and the longest
+        # `<t seconds>`);
         # InternVL: per frame `Frame{k}: ` (after a newline from the second on) and 16 tokens between <img> / </img>
         stamp = len(codec.tokenizer("<99999.9 seconds>", add_special_tokens=False)["input_ids"])
         if family == "internvl":
             texts = sum(len(codec.tokenizer(f"{chr(10) * (k > 0)}Frame{k + 1}: ")["input_ids"]) for k in range(64))
             assert codec.video_token_budget(64) == texts + 64 * (16 + 2) + 1  # + 1: joined with the text before
         else:
-            assert codec.video_token_budget(64) == 32 * (4 + (2 + stamp if family.startswith("qwen3_vl") else 0))
+            timestamped = family.startswith(("qwen3_vl", "qwen3_5"))
+            assert codec.video_token_budget(64) == 32 * (4 + (2 + stamp if timestamped else 0))
         assert encode_pair("Q", [], "a", "b", codec, 100, videos=["v"], video_frames=64) == (None, "too_long")
         from silkie.data.formatting import tokenize_pairs
         from silkie.data.pairs import PairReport, PreferencePair

@@ -112,10 +112,10 @@ def test_hf_families_render_the_system_message_or_drop_the_pair(family, tmp_path
     elif family == "gemma3":  # Gemma's template opens the first user turn with the system message
         assert text.startswith("<bos><start_of_turn>user\nAnswer in one word.\n\n\n\n<start_of_image>")
         assert codec.tokenizer.decode(plain[0]["prompt_input_ids"]).startswith("<bos><start_of_turn>user\n\n\n<st")
-    else:  # chatml: the system turn in place of the template's default one (Qwen3-VL's and InternVL's have none)
+    else:  # chatml: the system turn in place of the template's default one (none in Qwen3-VL's, Qwen3.5's, InternVL's)
         assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "helpful assistant" not in text
         default = codec.tokenizer.decode(plain[0]["prompt_input_ids"])
-        no_default = family.startswith("qwen3_vl") or family == "internvl"
+        no_default = family.startswith(("qwen3_vl", "qwen3_5")) or family == "internvl"
         assert ("helpful assistant" in default) == (not no_default)
         assert default.startswith("<|im_start|>user\n") == no_default
     dataset = tokenize_pairs(pairs, codec, max_length=4096)

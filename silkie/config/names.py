@@ -14,17 +14,23 @@ FAMILY_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "llava": ("silkie.models.hf_vlm.family:LlavaFamily", ("llava",)),
     "internvl": ("silkie.models.hf_vlm.internvl:InternVLFamily", ("internvl",)),
     "gemma3": ("silkie.models.hf_vlm.gemma3:Gemma3Family", ("gemma3",)),
+    "qwen3_5": ("silkie.models.hf_vlm.qwen3_5:Qwen3_5Family", ("qwen3_5",)),
+    "qwen3_5_moe": ("silkie.models.hf_vlm.qwen3_5:Qwen3_5MoeFamily", ("qwen3_5_moe",)),
 }
 FAMILIES = tuple(FAMILY_TABLE)
 MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items() for model_type in types}
 # the transformers Qwen VLMs: images of any size within model.min_pixels..max_pixels, M-RoPE positions
-QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds video to
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
 # an image's tokens attend each other both ways (a mask per layer kind): no causal-only flash varlen kernel
 BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
 NO_FP16_FAMILIES = ("gemma3",)  # activations past fp16's range (Gemma's): bf16 or fp32 only
-MOE_FAMILIES = ("qwen3_vl_moe",)  # mixture-of-experts language models: a router load-balancing loss, expert LoRA
+# linear-attention (gated DeltaNet) layers between the attention ones: a recurrence, which packed rows run as
+# sequences, each answer from its prompt's state (`silkie/models/hf_vlm/linear_attention.py`)
+RECURRENT_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+# mixture-of-experts language models: a router load-balancing loss, expert LoRA
+MOE_FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe")
 # config.json model_types of checkpoints in a layout Silkie does not load, and what loads them
 CONVERT_HINTS = {
     "internvl_chat": "an original (remote-code) InternVL folder; convert it to the -hf layout with transformers' "

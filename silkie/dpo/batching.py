@@ -48,6 +48,12 @@ class ScoredRows:
             return self.padding_mask.to(device)
         return block_mask(self.owner.to(device), self.segment.to(device))
 
+    def segments_on(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Packed rows' (`owner`, `segment`) on `device`; None for concatenated rows."""
+        if self.owner is None:
+            return None
+        return self.owner.to(device), self.segment.to(device)
+
     def sequence_counts(self, pair_weight: torch.Tensor | None = None) -> torch.Tensor:
         """[R, W] how many of the 2B sequences prompt+chosen, prompt+rejected each row token stands for: 1 per
         token of concatenated rows; in packed rows 2 per shared prompt token, 1 per answer token; 0 for padding;

@@ -163,7 +163,9 @@ def score_answers(
         position_ids = None if rows.position_ids is None else rows.position_ids.to(device)
 
         def dense_mask() -> torch.Tensor | dict:  # on the device, only where it is used (native varlen does not)
-            masks = family.attention_masks(base, rows.attention_mask_on(device), input_ids, position_ids)
+            masks = family.attention_masks(
+                base, rows.attention_mask_on(device), input_ids, position_ids, rows.segments_on(device)
+            )
             return _attention_mask(masks, base)
 
         if rows.layout is not None:
@@ -258,10 +260,12 @@ def _on(batch: dict, device: torch.device) -> dict:
 
 def _attention_mask(mask: torch.Tensor | dict, base: nn.Module) -> torch.Tensor | dict:
     """4-D block masks (each of a per-layer-kind dict) as additive float masks for eager attention (it adds the
-    mask); others take booleans."""
+    mask); others take booleans; a recurrent layer's sequences (Qwen3.5's `RecurrentRows`) stay as they are."""
     if isinstance(mask, dict):
         return {kind: _attention_mask(value, base) for kind, value in mask.items()}
-    if mask.dim() != 4 or getattr(base.config, "_attn_implementation", None) != "eager":
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return mask
+    if getattr(base.config, "_attn_implementation", None) != "eager":
         return mask
     dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

@@ -4,8 +4,8 @@ A family knows how to load its checkpoint and text codec, which modules LoRA tar
 tensors (and how many placeholder tokens each one takes), how image features are computed and injected,
 and which position ids its rows need. The data pipeline, the DPO step and the trainer only call this
 interface; they never branch on model names. Families: `qwen_vl` (native Qwen-VL-Chat), `qwen2_vl` /
-`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`, `internvl` and `gemma3` (transformers-native,
-`AutoModelForImageTextToText`).
+`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`, `internvl`, `gemma3`, `qwen3_5` and `qwen3_5_moe`
+(transformers-native, `AutoModelForImageTextToText`).
 """
 
 from __future__ import annotations
@@ -182,11 +182,18 @@ class ModelFamily:
         return {}
 
     def attention_masks(
-        self, base: nn.Module, mask: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None
+        self,
+        base: nn.Module,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | dict:
         """The attention mask the language model takes for rows whose `mask` is the padding mask [R, L] or the
-        packed rows' block mask [R, 1, L, L]: `mask` itself for most families; a model with several kinds of
-        layer takes one mask per kind, built from the block mask, the ids and the position ids (Gemma 3)."""
+        packed rows' block mask [R, 1, L, L] (`segments`: their tokens' pair and segment, [R, L] each, see
+        `ScoredRows`): `mask` itself for most families; a model with several kinds of layer takes one mask per
+        kind, built from the block mask, the ids and the position ids (Gemma 3), or from the segments (Qwen3.5's
+        linear-attention layers)."""
         return mask
 
     # ----- mixture of experts (none: a dense language model) ------------------------------------------------------

@@ -61,11 +61,14 @@ class HFVisionFamily(ModelFamily):
                 dtype=dtype,
                 attn_implementation=constructible(section.attn_implementation),
                 output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported in `info` (refused below), not raised with a whole report
                 **extra,
             )
         if section.attn_implementation == "varlen":
             use_varlen(model)
-        refuse_incomplete_load(section.path, info, kinds=("missing_keys",))  # missing = left at random init
+        # left at random init: a weight missing, or of another shape (Qwen3.5 MoE's experts stacked from a folder
+        # that lacks one expert's tensor)
+        refuse_incomplete_load(section.path, info, kinds=("missing_keys", "mismatched_keys"))
         if type(model).__name__ not in self.class_names:
             raise InputError(
                 f"model.family: {section.path} holds a {type(model).__name__}, not a {self.name} model "

@@ -54,7 +54,12 @@ class Gemma3Family(LlavaFamily):
         return {"token_type_ids": (input_ids == model_config.image_token_id).long()}
 
     def attention_masks(
-        self, base: nn.Module, mask: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None
+        self,
+        base: nn.Module,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | dict:
         """Packed rows' block mask [R, 1, L, L] -> the mask of each layer kind, as transformers composes them for a
         row of its own: full = block mask OR (same image), sliding = full AND (key position > query position -

@@ -1,6 +1,6 @@
-"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense, MoE) and InternVL processors without torchvision: transformers 5 builds
-their video processors with it, so a folder would not load at all; the image-only processors below serve every image
-recipe."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense, MoE) and InternVL processors without torchvision: transformers 5
+builds their video processors with it, so a folder would not load at all; the image-only processors below serve every
+image recipe."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLProcessor,
+    Qwen3_5Config,
+    Qwen3_5MoeConfig,
     Qwen3VLConfig,
     Qwen3VLMoeConfig,
     Qwen3VLProcessor,
@@ -64,6 +66,8 @@ IMAGE_ONLY = (  # (config class, the official processor, its image-only stand-in
     (Qwen2_5_VLConfig, Qwen2_5_VLProcessor, ImageOnlyQwen2_5_VLProcessor),
     (Qwen3VLConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),
     (Qwen3VLMoeConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),  # the MoE variant: the dense one's processor
+    (Qwen3_5Config, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),  # Qwen3.5 (dense, MoE): Qwen3-VL's processor
+    (Qwen3_5MoeConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),
     (InternVLConfig, InternVLProcessor, ImageOnlyInternVLProcessor),
 )
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")

@@ -70,10 +70,11 @@ class Qwen3VLFamily(Qwen2VLFamily):
         return torch.cat([*out.pooler_output, *(part for layer in out.deepstack_features for part in layer)])
 
 
-class Qwen3VLMoeFamily(Qwen3VLFamily):
-    """Qwen3-VL MoE: Qwen3-VL's interface; each decoder layer's `mlp.gate` routes tokens to its experts."""
+class RoutedExperts:
+    """The mixture-of-experts half of a Qwen MoE family (mixed in before its dense family): each decoder layer's
+    `mlp.gate` routes tokens to its experts, whose weights are 3-D parameters (LoRA reaches them through
+    `lora.target_parameters`), and the routers get TRL's load-balancing loss."""
 
-    class_names = ("Qwen3VLMoeForConditionalGeneration",)
     default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # the experts: lora.target_parameters
 
     def routers(self, base: nn.Module) -> list[nn.Module]:
@@ -85,14 +86,20 @@ class Qwen3VLMoeFamily(Qwen3VLFamily):
     def router_top_k(self, base: nn.Module) -> int:
         return int(base.config.text_config.num_experts_per_tok)
 
-    def finish_saved_folder(self, folder: str) -> None:
-        write_release_layout(folder)
-
     def row_kwargs(self, base: nn.Module, input_ids: torch.Tensor) -> dict:
         # a checkpoint saved with `output_router_logits: true` would have transformers compute its own balancing
         # loss from the attention mask, which packed rows give as a 4-D block mask (it fails there); ours is
         # computed from the routers' logits over TRL's tokens (`dpo.router_aux_loss_coef`)
         return {**super().row_kwargs(base, input_ids), "output_router_logits": False}
+
+
+class Qwen3VLMoeFamily(RoutedExperts, Qwen3VLFamily):
+    """Qwen3-VL MoE: Qwen3-VL's interface with routed experts; the experts are saved in the release's layout."""
+
+    class_names = ("Qwen3VLMoeForConditionalGeneration",)
+
+    def finish_saved_folder(self, folder: str) -> None:
+        write_release_layout(folder)
 
 
 class Qwen3VLVideos(Qwen2VLVideos):
