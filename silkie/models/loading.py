@@ -196,11 +196,19 @@ def switch_off_dropout(model: nn.Module) -> int:
     return active
 
 
-def build_policy(model_section: ModelSection, lora: LoraSection, disable_dropout: bool = False) -> nn.Module:
-    """The recipe's checkpoint as the policy (`make_policy`)."""
+def build_policy(
+    model_section: ModelSection, lora: LoraSection, disable_dropout: bool = False, seed: int | None = None
+) -> nn.Module:
+    """The recipe's checkpoint as the policy (`make_policy`); with `seed`, the random generators are seeded after
+    the load, so the adapter's initial weights do not depend on how the load went (under ZeRO-3 Qwen3.5's layers
+    are built on the device, drawing numbers a plain load does not)."""
     if lora.load_in_4bit and not lora.enabled:
         raise InputError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
     model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
     return make_policy(model, lora, model_section.family, disable_dropout)
 
 

@@ -140,7 +140,7 @@ def build_trainer(
 
         say(settings_line(args, recipe.dpo.beta, recipe.dpo.loss_type))
     set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
-    model, ref_model = _policy_and_reference(recipe, base_model, policy)
+    model, ref_model = _policy_and_reference(recipe, base_model, policy, args.seed)
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)
     if recipe.dpo.sync_ref_model and policy is None:  # a finished policy is scored against its starting model
         _reference_sync(recipe, trainer, bookkeeping)
@@ -168,7 +168,7 @@ def _explain_video_drops(recipe: Recipe, codec: Any, report: Any) -> None:
 
 
 def _policy_and_reference(
-    recipe: Recipe, base_model: nn.Module | None, policy: nn.Module | None
+    recipe: Recipe, base_model: nn.Module | None, policy: nn.Module | None, seed: int
 ) -> tuple[nn.Module, nn.Module | None]:
     """The policy (LoRA on the base, or the whole model) and a frozen reference: `model.ref_model`, or for full
     fine-tuning a copy of the base (none for the reference-free losses; under LoRA the adapters switched off)."""
@@ -181,7 +181,7 @@ def _policy_and_reference(
     elif base_model is not None:
         model = make_policy(base_model, recipe.lora, recipe.model.family, disable_dropout=recipe.dpo.disable_dropout)
     else:
-        model = build_policy(recipe.model, recipe.lora, disable_dropout=recipe.dpo.disable_dropout)
+        model = build_policy(recipe.model, recipe.lora, recipe.dpo.disable_dropout, seed=seed)
     if recipe.dpo.disable_dropout and recipe.lora.enabled and recipe.lora.dropout > 0 and policy is None:
         say(f"dropout is off (dpo.disable_dropout, TRL's default): lora.dropout {recipe.lora.dropout} is not applied")
     if recipe.dpo.pairs_per_row > 1 and recipe.model.attn_implementation in ("sdpa", "eager"):
