@@ -38,8 +38,11 @@ LIGER_PATCHES = {  # family -> liger-kernel's patch function for a loaded model 
     "llava": "apply_liger_kernel_to_llava",
     "internvl": "apply_liger_kernel_to_internvl",  # its language model's patch (+ the tower's norms)
     "gemma3": "apply_liger_kernel_to_gemma3",  # GEGLU, not SwiGLU (+ the SigLIP tower's layer norms)
+    "qwen3_5": "apply_liger_kernel_to_qwen3_5",  # norms and MLPs: liger has no rotary kernel for its hybrid layers
+    "qwen3_5_moe": "apply_liger_kernel_to_qwen3_5_moe",
 }
 GEGLU_FAMILIES = ("gemma3",)  # liger's patch names its MLP kernel `geglu`
+NO_LIGER_ROPE_FAMILIES = ("qwen3_5", "qwen3_5_moe")  # liger's patch raises NotImplementedError on rope=True
 
 
 class LigerRMSNorm(RMSNorm):
@@ -96,7 +99,8 @@ def use_liger(base: nn.Module, family: str) -> int:
             logger.info("liger-kernel: the experts carry LoRA (lora.target_parameters) and keep their own forward")
         fused = {"cross_entropy": False, "fused_linear_cross_entropy": False}  # our log-probs are computed outside
         mlp = {"geglu" if family in GEGLU_FAMILIES else "swiglu": swiglu}
-        patch(model=base, rope=True, rms_norm=True, **mlp, **fused)
+        rope = family not in NO_LIGER_ROPE_FAMILIES
+        patch(model=base, rope=rope, rms_norm=True, **mlp, **fused)
         return len(base.model.language_model.layers)
     changed = 0
     for name, module in base.named_modules():
