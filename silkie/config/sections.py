@@ -33,8 +33,8 @@ class ModelSection:
     family: str = key(
         "qwen_vl",
         "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, "
-        "`llava`, `internvl`, `gemma3` (transformers); left out, read from the local checkpoint's config.json "
-        "(`model_type`), else qwen_vl.",
+        "`llava`, `internvl`, `gemma3`, `qwen3_5`, `qwen3_5_moe` (transformers); left out, read from the local "
+        "checkpoint's config.json (`model_type`), else qwen_vl.",
         "models.family:get_family",
     )
     ref_model: str | None = key(
