@@ -161,3 +161,22 @@ def test_the_adapter_s_first_weights_follow_the_seed_not_the_load(folder):
 
     torch.testing.assert_close(lora_a(7, drawn_before=1), lora_a(7, drawn_before=2), atol=0, rtol=0)
     assert not torch.equal(lora_a(None, drawn_before=1), lora_a(None, drawn_before=2))
+
+
+def test_a_model_loaded_by_transformers_directly_takes_packed_rows(folder, monkeypatch):
+    """Tools and users may load a folder with transformers' Auto classes, not the family's `load_model`: the first
+    packed rows switch its linear-attention layers over."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
+    from silkie.dpo.step import StepOptions, score_answers
+
+    own = getattr(Qwen3_5GatedDeltaNet.forward, "__wrapped__", Qwen3_5GatedDeltaNet.forward)
+    monkeypatch.setattr(Qwen3_5GatedDeltaNet, "forward", own)  # as in a process that never ran `load_model`
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    batch, pad = family_batch(folder, "qwen3_5", model)
+    with torch.no_grad():
+        packed = score_answers(model, batch, StepOptions(pairs_per_row=2), pad, no_grad=True)
+        plain = score_answers(model, batch, PLAIN, pad, no_grad=True)
+    torch.testing.assert_close(packed.chosen_logps, plain.chosen_logps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(packed.rejected_logps, plain.rejected_logps, atol=1e-4, rtol=0)

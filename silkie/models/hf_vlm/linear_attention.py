@@ -137,11 +137,15 @@ def take_packed_rows(model: nn.Module) -> int:
     everything else goes to their own forward. Returns how many layers now do.
 
     The layer class's forward is wrapped (once per class): an instance attribute would not survive every wrapper
-    put around the model, and the class's own forward carries transformers' kernel hooks."""
+    put around the model, and the class's own forward carries transformers' kernel hooks. A model already seen
+    returns at once (the step asks for every batch)."""
+    if getattr(model, "_linear_attention_layers", None) is not None:
+        return model._linear_attention_layers
     layers = [module for module in model.modules() if is_linear_attention(module)]
     for cls in {type(layer) for layer in layers}:
         if not getattr(cls.forward, "takes_packed_rows", False):
             cls.forward = _taking_packed_rows(cls.forward)
+    model._linear_attention_layers = len(layers)
     return len(layers)
 
 

@@ -55,6 +55,7 @@ class Qwen3_5Family(Qwen3VLFamily):
         concatenated rows: the padding mask, from which the model builds both."""
         if segments is None:
             return mask
+        take_packed_rows(base)  # a model loaded without `load_model` (by transformers directly, as tools may)
         return {"full_attention": mask, "linear_attention": recurrent_rows(*segments)}
 
 
