@@ -35,7 +35,7 @@ def test_recurrent_rows_index_each_prompt_and_answer_and_what_each_token_follows
     # a prompt starts from nothing; each answer's first token follows its prompt's last (the rejected one too)
     assert previous[0] == [-1, 0, 1, 2, 3, 2, 5, 6, -1, 8, 9, 9, -1]
     assert previous[1][:5] == [-1, 13, 13, 15, -1]
-    taps = rows.taps(3).view(2, 2, -1)  # 1 and 2 steps back within the token's own sequence
+    taps = recurrent_rows(owner, segment, conv_width=3).taps.view(2, 2, -1)  # 1 and 2 steps back in its sequence
     assert taps[0, 0].tolist() == previous[0] and taps[1, 0].tolist() == [-1, -1, 0, 1, 2, 1, 2, 5, -1, -1, 8, 8, -1]
 
 

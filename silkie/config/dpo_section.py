@@ -103,8 +103,8 @@ class DPOSection:
     )
     router_aux_loss_coef: float | None = key(
         None,
-        "Mixture-of-experts models (qwen3_vl_moe): weight of the routers' load-balancing loss added to the "
-        "objective, TRL's `router_aux_loss_coef` (null: the checkpoint's own, 0.001 for Qwen3-VL MoE; 0: none). "
+        "Mixture-of-experts models (qwen3_vl_moe, qwen3_5_moe): weight of the routers' load-balancing loss added to "
+        "the objective, TRL's `router_aux_loss_coef` (null: the checkpoint's own, 0.001 for Qwen3-VL MoE; 0: none). "
         "Its tokens are TRL's, a shared prompt counted once per answer; logged as `aux_loss`. Refused for a "
         "dense model.",
         "dpo.step:router_aux_loss_coef",

@@ -190,7 +190,7 @@ class ModelFamily:
         segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | dict:
         """The attention mask the language model takes for rows whose `mask` is the padding mask [R, L] or the
-        packed rows' block mask [R, 1, L, L] (`segments`: their tokens' pair and segment, [R, L] each, see
+        packed rows' block mask [R, 1, L, L] (`segments`: their tokens' pair and segment, [R, L] each on the host, see
         `ScoredRows`): `mask` itself for most families; a model with several kinds of layer takes one mask per
         kind, built from the block mask, the ids and the position ids (Gemma 3), or from the segments (Qwen3.5's
         linear-attention layers)."""

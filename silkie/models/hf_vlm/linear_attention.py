@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -24,29 +24,24 @@ from torch import nn
 class RecurrentRows:
     """Where the sequences of packed rows are, as flat indices into the rows' tokens ([R * L]; -1 past an end):
     each pair's prompt tokens in order, each answer's (the B chosen, then the B rejected), the prompt each answer
-    continues, and the token before each one in its own sequence (-1 at a prompt's start and on padding)."""
+    continues, the token before each one in its own sequence (-1 at a prompt's start and on padding), and the
+    tokens a causal convolution reads besides the token itself (`taps`: j = 1 .. width-1 steps back)."""
 
     prompts: torch.Tensor  # [B, longest prompt]
     answers: torch.Tensor  # [2B, longest answer]
     answer_prompt: torch.Tensor  # [2B]
     previous: torch.Tensor  # [R * L]
-    _taps: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    taps: torch.Tensor  # [width - 1, R * L]
 
-    def taps(self, width: int) -> torch.Tensor:
-        """[width - 1, R * L]: the token j = 1 .. width-1 steps back in each token's sequence (-1: before its start),
-        what a causal convolution of `width` reads besides the token itself; computed once for all layers."""
-        if width not in self._taps:
-            steps, back = [], torch.arange(self.previous.numel(), device=self.previous.device)
-            for _ in range(width - 1):
-                back = torch.where(back >= 0, self.previous[back.clamp(min=0)], back)
-                steps.append(back)
-            self._taps[width] = torch.stack(steps) if steps else self.previous.new_zeros(0, self.previous.numel())
-        return self._taps[width]
+    def to(self, device: torch.device | str) -> RecurrentRows:
+        """The same indices on `device`."""
+        return RecurrentRows(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
-def recurrent_rows(owner: torch.Tensor, segment: torch.Tensor) -> RecurrentRows:
+def recurrent_rows(owner: torch.Tensor, segment: torch.Tensor, conv_width: int = 4) -> RecurrentRows:
     """The `RecurrentRows` of packed rows from each token's pair (`owner`, -1 padding) and `segment` (0 prompt,
-    1 chosen, 2 rejected, -1 padding), both [R, L]: a pair's tokens are consecutive in its row, prompt first."""
+    1 chosen, 2 rejected, -1 padding), both [R, L]: a pair's tokens are consecutive in its row, prompt first; taps
+    for a causal convolution `conv_width` wide. Built where the tensors are (on the host: no device syncs)."""
     owner, segment = owner.reshape(-1), segment.reshape(-1)
     real = torch.nonzero(segment >= 0).squeeze(1)  # flat order: pairs in order, each prompt | chosen | rejected
     pairs = int(owner.max()) + 1 if real.numel() else 0
@@ -66,11 +61,16 @@ def recurrent_rows(owner: torch.Tensor, segment: torch.Tensor) -> RecurrentRows:
     previous[real[first_answers]] = prompt_last[owner[real[first_answers]]]
     prompt_width = int(prompt_lengths.max()) if pairs else 0
     answer_width = int(counts.view(pairs, 3)[:, 1:].max()) if pairs else 0
+    steps, back = [], torch.arange(previous.numel(), device=previous.device)
+    for _ in range(conv_width - 1):  # j steps back: the token before the one j - 1 steps back
+        back = torch.where(back >= 0, previous[back.clamp(min=0)], back)
+        steps.append(back)
     return RecurrentRows(
         prompts=grid[:, 0, :prompt_width],
         answers=torch.cat([grid[:, 1, :answer_width], grid[:, 2, :answer_width]]),
         answer_prompt=torch.arange(pairs, device=owner.device).repeat(2),
         previous=previous,
+        taps=torch.stack(steps) if steps else previous.new_zeros(0, previous.numel()),
     )
 
 
@@ -83,23 +83,27 @@ def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _causal_conv(layer: nn.Module, mixed: torch.Tensor, rows: RecurrentRows) -> torch.Tensor:
     """The layer's depthwise causal convolution + activation over [N, C] token inputs, each token reading the ones
-    before it in its own sequence (`RecurrentRows.taps`), as `causal_conv1d_fn` reads a row of its own."""
+    before it in its own sequence (`RecurrentRows.taps`), as `causal_conv1d_fn` reads a row of its own: summed in
+    fp32 and rounded once to the weights' dtype, as a convolution kernel accumulates."""
     weight = layer.conv1d.weight.squeeze(1)  # [C, width]: the last column weighs the token itself
     width = weight.size(-1)
-    inputs = mixed.to(weight.dtype)
-    out = inputs * weight[:, width - 1]
-    for step, index in enumerate(rows.taps(width), start=1):
-        out = out + _gather(inputs, index) * weight[:, width - 1 - step]
+    if rows.taps.size(0) != width - 1:
+        raise ValueError(f"the rows' taps are for a width-{rows.taps.size(0) + 1} convolution, the layer's is {width}")
+    wide = torch.promote_types(weight.dtype, torch.float32)  # bf16 / fp16 summed in fp32, fp64 kept
+    inputs, weights = mixed.to(wide), weight.to(wide)
+    out = inputs * weights[:, width - 1]
+    for step, index in enumerate(rows.taps, start=1):
+        out = out + _gather(inputs, index) * weights[:, width - 1 - step]
     if layer.conv1d.bias is not None:
-        out = out + layer.conv1d.bias
+        out = out + layer.conv1d.bias.to(wide)
     from transformers.activations import ACT2FN
 
-    return ACT2FN[layer.activation](out).to(mixed.dtype)
+    return ACT2FN[layer.activation](out.to(weight.dtype)).to(mixed.dtype)
 
 
 def packed_forward(layer: nn.Module, hidden_states: torch.Tensor, rows: RecurrentRows) -> torch.Tensor:
-    """A gated-DeltaNet layer (`Qwen3_5GatedDeltaNet` and its kin) over packed rows [R, L, D]: each prompt from a
-    zero state, each answer from its prompt's final state; padding positions come out zero."""
+    """A gated-DeltaNet layer (Qwen3.5's, dense or MoE) over packed rows [R, L, D]: each prompt from a zero state,
+    each answer from its prompt's final state; padding positions come out zero."""
     size, length, _ = hidden_states.shape
     flat = hidden_states.reshape(size * length, -1)
     mixed = _causal_conv(layer, layer.in_proj_qkv(flat), rows)
@@ -118,18 +122,23 @@ def packed_forward(layer: nn.Module, hidden_states: torch.Tensor, rows: Recurren
     answer = [_gather(x, rows.answers) for x in inputs]
     answer_out, _ = rule(*answer[:3], g=answer[3], beta=answer[4], initial_state=state[rows.answer_prompt],
                          output_final_state=False, use_qk_l2norm_in_kernel=True)  # fmt: skip
-    core = value.new_zeros(size * length, value.size(1), layer.head_v_dim)
+    tokens = size * length  # the places past an end write to a spare row, dropped after (no data-dependent shapes)
+    core = value.new_zeros(tokens + 1, value.size(1), layer.head_v_dim)
     for index, out in ((rows.prompts, prompt_out), (rows.answers, answer_out)):
-        real = index >= 0
-        core = core.index_put((index[real],), out[real].to(core.dtype))
+        places = torch.where(index >= 0, index, tokens).reshape(-1)
+        core = core.index_put((places,), out.reshape(places.numel(), *out.shape[2:]).to(core.dtype))
+    core = core[:tokens]
     gate = layer.in_proj_z(flat).reshape(-1, layer.head_v_dim)
     core = layer.norm(core.reshape(-1, layer.head_v_dim), gate).reshape(size, length, -1)
     return layer.out_proj(core)
 
 
+LINEAR_ATTENTION_CLASSES = ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")  # what `packed_forward` implements
+
+
 def is_linear_attention(module: nn.Module) -> bool:
-    """A transformers gated-DeltaNet layer (Qwen3.5, Qwen3.5 MoE, Qwen3-Next)."""
-    return type(module).__name__.endswith("GatedDeltaNet")
+    """A transformers gated-DeltaNet layer of Qwen3.5 (dense or MoE)."""
+    return type(module).__name__ in LINEAR_ATTENTION_CLASSES
 
 
 def take_packed_rows(model: nn.Module) -> int:

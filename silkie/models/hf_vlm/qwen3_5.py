@@ -56,7 +56,9 @@ class Qwen3_5Family(Qwen3VLFamily):
         if segments is None:
             return mask
         take_packed_rows(base)  # a model loaded without `load_model` (by transformers directly, as tools may)
-        return {"full_attention": mask, "linear_attention": recurrent_rows(*segments)}
+        width = base.config.get_text_config().linear_conv_kernel_dim
+        rows = recurrent_rows(*segments, width)  # cut on the host, where the segments are: no device syncs
+        return {"full_attention": mask, "linear_attention": rows.to(mask.device)}
 
 
 class Qwen3_5MoeFamily(RoutedExperts, Qwen3_5Family):
