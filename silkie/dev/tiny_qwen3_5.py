@@ -21,26 +21,9 @@ from transformers import (
     Qwen3_5MoeConfig,
     Qwen3_5MoeForConditionalGeneration,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from silkie.dev.tiny_hf_vlm import (
-    INIT_STD,
-    QWEN2_VL_SPECIAL_TOKENS,
-    TEXT_HIDDEN,
-    VISION_HIDDEN,
-    finish_image_only_processor,
-    qwen2_text_and_ids,
-    save_tiny_model,
-    train_tiny_tokenizer,
-)
-from silkie.dev.tiny_qwen3_vl import (
-    QWEN3_ADDED_TOKENS,
-    QWEN3_VL_MAX_PIXELS,
-    QWEN3_VL_MIN_PIXELS,
-    QWEN3_VL_MOE_TEXT,
-    QWEN3_VL_PATCH,
-)
-from silkie.models.hf_vlm.processors import ImageOnlyQwen3VLProcessor, register_image_only_processors
+from silkie.dev.tiny_hf_vlm import qwen2_text_and_ids, save_tiny_model
+from silkie.dev.tiny_qwen3_vl import QWEN3_VL_MOE_TEXT, QWEN3_VL_VISION, qwen3_tokenizer, save_qwen3_vl_processor
 
 # Qwen3.5's layout for system / user / assistant turns (tool turns left out): texts trimmed; an assistant turn after
 # the last user turn carries its reasoning in a <think> block (empty without one), earlier ones only their answer;
@@ -103,44 +86,20 @@ def tiny_qwen3_5_config(tokenizer: PreTrainedTokenizerFast, moe: bool = False) -
     if moe:
         text = {key: value for key, value in text.items() if key != "intermediate_size"} | QWEN3_5_MOE_TEXT
         text = {key: value for key, value in text.items() if key not in ("decoder_sparse_step", "mlp_only_layers")}
-    vision = dict(
-        depth=2,
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=2 * VISION_HIDDEN,
-        num_heads=2,
-        out_hidden_size=TEXT_HIDDEN,
-        patch_size=QWEN3_VL_PATCH,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
-        initializer_range=INIT_STD,
-    )
     config_class = Qwen3_5MoeConfig if moe else Qwen3_5Config
-    return config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **special)
+    return config_class(text_config=text, vision_config=dict(QWEN3_VL_VISION), tie_word_embeddings=False, **special)
 
 
 def build_tiny_qwen3_5(out_dir: str | Path, seed: int = 0, moe: bool = False) -> Path:
     """Write a tiny random Qwen3.5 folder (`moe`: Qwen3.5 MoE): model, tokenizer, PIL image processor, template."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tiny_tokenizer(style="qwen2", special_tokens=QWEN2_VL_SPECIAL_TOKENS)
-    tokenizer.add_tokens(list(QWEN3_ADDED_TOKENS))
+    tokenizer = qwen3_tokenizer()
     config = tiny_qwen3_5_config(tokenizer, moe)
     eos = [config.text_config.eos_token_id, config.text_config.bos_token_id]  # <|im_end|>, <|endoftext|>
     model_class = Qwen3_5MoeForConditionalGeneration if moe else Qwen3_5ForConditionalGeneration
     save_tiny_model(model_class, config, out, seed, eos)
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=QWEN3_VL_MIN_PIXELS,
-        max_pixels=QWEN3_VL_MAX_PIXELS,
-        patch_size=QWEN3_VL_PATCH,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=QWEN3_5_CHAT_TEMPLATE).save_pretrained(out)
-    finish_image_only_processor(out, image_processor, video_type="Qwen3VLVideoProcessor")
-    register_image_only_processors()
+    save_qwen3_vl_processor(out, tokenizer, QWEN3_5_CHAT_TEMPLATE)  # Qwen3.5's processor is Qwen3-VL's
     return out
 
 

@@ -67,6 +67,44 @@ QWEN3_VL_MOE_TEXT = dict(
 )  # 2 x 16 != 64 wide: on load transformers tells the release's expert layout from its own by shape
 
 
+QWEN3_VL_VISION = dict(  # the 2-block, 32-wide ViT (Qwen3.5's tower too, without DeepStack)
+    depth=2,
+    hidden_size=VISION_HIDDEN,
+    intermediate_size=2 * VISION_HIDDEN,
+    num_heads=2,
+    out_hidden_size=TEXT_HIDDEN,
+    patch_size=QWEN3_VL_PATCH,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
+    initializer_range=INIT_STD,
+)
+
+
+def qwen3_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny BPE tokenizer with Qwen2-VL's special tokens and Qwen3's added ones after them."""
+    tokenizer = train_tiny_tokenizer(style="qwen2", special_tokens=QWEN2_VL_SPECIAL_TOKENS)
+    tokenizer.add_tokens(list(QWEN3_ADDED_TOKENS))
+    return tokenizer
+
+
+def save_qwen3_vl_processor(out: Path, tokenizer: PreTrainedTokenizerFast, chat_template: str) -> None:
+    """Save Qwen3-VL's processor (the PIL image processor at its settings: 32 px per merged token, mean/std 0.5) with
+    `tokenizer` and `chat_template` in `out`, loadable as the official one where torchvision is."""
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=QWEN3_VL_MIN_PIXELS,
+        max_pixels=QWEN3_VL_MAX_PIXELS,
+        patch_size=QWEN3_VL_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=chat_template).save_pretrained(out)
+    finish_image_only_processor(out, image_processor, video_type="Qwen3VLVideoProcessor")
+    register_image_only_processors()
+
+
 def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerFast, moe: bool = False) -> Qwen3VLConfig | Qwen3VLMoeConfig:
     """Qwen3-VL with a 2-layer, 64-wide text model (head 16, interleaved M-RoPE; with `moe` each layer's MLP is 4
     experts, 2 per token) and a 2-block, 32-wide ViT whose blocks both feed DeepStack features to the decoder's
@@ -80,19 +118,7 @@ def tiny_qwen3_vl_config(tokenizer: PreTrainedTokenizerFast, moe: bool = False) 
     )  # fmt: skip
     if moe:
         text |= QWEN3_VL_MOE_TEXT
-    vision = dict(
-        depth=2,
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=2 * VISION_HIDDEN,
-        num_heads=2,
-        out_hidden_size=TEXT_HIDDEN,
-        patch_size=QWEN3_VL_PATCH,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=64,  # an 8x8 learned grid, resampled to each image's grid
-        deepstack_visual_indexes=[0, 1],
-        initializer_range=INIT_STD,
-    )
+    vision = {**QWEN3_VL_VISION, "deepstack_visual_indexes": [0, 1]}
     config_class = Qwen3VLMoeConfig if moe else Qwen3VLConfig
     return config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **special)
 
@@ -102,26 +128,14 @@ def build_tiny_qwen3_vl(out_dir: str | Path, seed: int = 0, moe: bool = False) -
     template."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tiny_tokenizer(style="qwen2", special_tokens=QWEN2_VL_SPECIAL_TOKENS)
-    tokenizer.add_tokens(list(QWEN3_ADDED_TOKENS))
+    tokenizer = qwen3_tokenizer()
     config = tiny_qwen3_vl_config(tokenizer, moe)
     eos = [config.text_config.eos_token_id, config.text_config.bos_token_id]  # <|im_end|>, <|endoftext|>
     model_class = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
     save_tiny_model(model_class, config, out, seed, eos)
     if moe:  # the experts as the releases store them
         write_release_layout(out)
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=QWEN3_VL_MIN_PIXELS,
-        max_pixels=QWEN3_VL_MAX_PIXELS,
-        patch_size=QWEN3_VL_PATCH,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
-    ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=QWEN3_VL_CHAT_TEMPLATE).save_pretrained(out)
-    finish_image_only_processor(out, image_processor, video_type="Qwen3VLVideoProcessor")
-    register_image_only_processors()
+    save_qwen3_vl_processor(out, tokenizer, QWEN3_VL_CHAT_TEMPLATE)
     return out
 
 
