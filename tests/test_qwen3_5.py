@@ -180,3 +180,43 @@ def test_a_model_loaded_by_transformers_directly_takes_packed_rows(folder, monke
         plain = score_answers(model, batch, PLAIN, pad, no_grad=True)
     torch.testing.assert_close(packed.chosen_logps, plain.chosen_logps, atol=1e-4, rtol=0)
     torch.testing.assert_close(packed.rejected_logps, plain.rejected_logps, atol=1e-4, rtol=0)
+
+
+def test_chat_template_kwargs_turn_thinking_off_as_trl_does(folder):
+    """`model.chat_template_kwargs: {enable_thinking: false}` renders every prompt with Qwen3.5's empty think block
+    closed, so an answer is its text alone; the ids equal TRL's with the row's `chat_template_kwargs`, and the
+    tokenization cache tells the two apart."""
+    import dataclasses
+
+    from trl.data_utils import apply_chat_template
+
+    from silkie.data.formatting import encode_pair
+
+    off = {"enable_thinking": False}
+    section = dataclasses.replace(model_section(folder, "qwen3_5"), chat_template_kwargs=off)
+    section.check()
+    codec = load_tokenizer(section)
+    ids, reason = encode_pair("<image>Which colour?", ["a.jpg"], "Red.", "Blue.", codec)
+    decode = codec.tokenizer.decode
+    assert reason is None and decode(ids["chosen_input_ids"]) == "Red.<|im_end|>\n"
+    assert decode(ids["prompt_input_ids"]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which colour?"}]}
+    example = {"prompt": [user], "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
+               "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
+               "chat_template_kwargs": off}  # fmt: skip
+    trl = apply_chat_template(example, codec.processor)
+    assert decode(ids["prompt_input_ids"]) == trl["prompt"] and decode(ids["rejected_input_ids"]) == trl["rejected"]
+    assert decode(codec.prompt_ids("Q", [], generation=True)).endswith("<think>\n\n</think>\n\n")
+    assert codec.fingerprint() != load_tokenizer(model_section(folder, "qwen3_5")).fingerprint()
+
+
+def test_chat_template_kwargs_are_checked_in_the_recipe():
+    from silkie.config import ModelSection, RecipeError
+
+    for family, kwargs, needle in (
+        ("qwen_vl", {"enable_thinking": False}, r"model.chat_template_kwargs = .*null for family qwen_vl"),
+        ("qwen3_5", {"enable-thinking": False}, r"model.chat_template_kwargs = .*variable names"),
+        ("qwen3_5", {"enable_thinking": [False]}, r"model.chat_template_kwargs.enable_thinking = \[False\]"),
+    ):
+        with pytest.raises(RecipeError, match=needle):
+            ModelSection(path="m", family=family, chat_template_kwargs=kwargs).check()

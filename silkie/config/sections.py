@@ -56,6 +56,14 @@ class ModelSection:
         "(padding-free flash attention over the packed rows, CUDA; SDPA per sequence on CPU).",
         "models.qwen_vl.family:QwenVLFamily.load_model",
     )
+    chat_template_kwargs: dict[str, str | bool | int | float | None] | None = key(
+        None,
+        "Transformers families: keyword arguments of the checkpoint's chat template for every pair, prompt and "
+        "generation (TRL's per-row `chat_template_kwargs`), e.g. `{enable_thinking: false}` for Qwen3.5: the "
+        "generation prompt then closes an empty `<think>` block and each answer is its text alone. null: the "
+        "template's defaults.",
+        "models.hf_vlm.codec:ChatTemplateCodec",
+    )
     fp32_norm_rope: bool = key(
         True,
         "qwen_vl: RMSNorm and rotary embedding in fp32, as the original; false: in the model's dtype (fewer "
@@ -153,6 +161,7 @@ class ModelSection:
                 value,
                 f"null: only {'/'.join(QWEN_HF_FAMILIES)} take {'video frame' if video else 'per-image'} pixel bounds",
             )
+        self._check_chat_template_kwargs()
         require(self.max_tiles is None or self.max_tiles >= 1, "model.max_tiles", self.max_tiles, "null or >= 1")
         require(
             self.max_tiles is None or self.family in TILED_FAMILIES,
@@ -164,6 +173,30 @@ class ModelSection:
             bottom, top = getattr(self, low), getattr(self, high)
             if bottom is not None and top is not None:
                 require(bottom <= top, f"model.{low}", bottom, f"<= model.{high}")
+
+    def _check_chat_template_kwargs(self) -> None:
+        kwargs = self.chat_template_kwargs
+        if kwargs is None:
+            return
+        require(
+            isinstance(kwargs, dict) and all(isinstance(name, str) and name.isidentifier() for name in kwargs),
+            "model.chat_template_kwargs",
+            kwargs,
+            "a mapping of the template's variable names to values, e.g. {enable_thinking: false}",
+        )
+        require(
+            self.family != "qwen_vl",
+            "model.chat_template_kwargs",
+            kwargs,
+            "null for family qwen_vl (its prompt format is the original's, not a chat template)",
+        )
+        for name, value in kwargs.items():
+            require(
+                value is None or isinstance(value, (str, bool, int, float)),
+                f"model.chat_template_kwargs.{name}",
+                value,
+                "a string, number, true/false or null",
+            )
 
 
 @dataclass

@@ -79,7 +79,8 @@ def _check_same_family(family: str, model_dir: str | Path, folders: tuple) -> No
 def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section: Any = None) -> Any:
     """The family's text codec: tokenizer (and processor) files from the first of `folders` holding them.
 
-    `section` (the run's `model:` recipe section) carries the pixel bounds the run trained with.
+    `section` (the run's `model:` recipe section) carries the pixel bounds and chat template arguments the run
+    trained with.
     """
     from silkie.config import ModelSection
     from silkie.models.family import get_family
@@ -102,7 +103,8 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
         raise ToolError(f"no tokenizer_config.json in {', '.join(str(f) for f in (*folders, model_dir) if f)}")
     bounds = {}
     if section is not None:
-        bounds = {name: getattr(section, name) for name in ("min_pixels", "max_pixels", "max_tiles")}
+        names = ("min_pixels", "max_pixels", "max_tiles", "chat_template_kwargs")  # as the run's codec
+        bounds = {name: getattr(section, name) for name in names}
     return get_family(family).load_codec(ModelSection(path=str(model_dir), family=family, **bounds), files=str(found))
 
 

@@ -94,8 +94,10 @@ class ChatTemplateCodec:
         videos: Any = None,
         video_span_collapsed: bool = False,
         image_span: ImageSpan | None = None,
+        template_kwargs: dict | None = None,
     ):
         self.processor = processor
+        self.template_kwargs = dict(template_kwargs or {})  # the recipe's model.chat_template_kwargs
         self.tokenizer = processor.tokenizer
         self.image_token_budget = int(image_token_budget)
         self._image_span = image_span
@@ -159,7 +161,9 @@ class ChatTemplateCodec:
         return messages
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **self.template_kwargs
+        )
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -277,6 +281,8 @@ class ChatTemplateCodec:
         digest.update(f"video slices {self.videos.slice_key() if self.videos is not None else None}".encode())
         if self._image_span:
             digest.update(f"image span {self._image_span.text!r}".encode())
+        if self.template_kwargs:
+            digest.update(f"template kwargs {json.dumps(self.template_kwargs, sort_keys=True)}".encode())
         if self.generation_tail:  # pairs whose answers open as the tail does are split as TRL splits them
             digest.update(b"answers that open with the generation prompt's tail: that part in the prompt")
         return digest.hexdigest()

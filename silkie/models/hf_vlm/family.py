@@ -83,7 +83,8 @@ class HFVisionFamily(ModelFamily):
         processor = load_processor(files or section.path, section.min_pixels, section.max_pixels, section.max_tiles)
         budget = self.image_token_budget(processor, section.path)
         videos = self.video_processor(processor, section)
-        return ChatTemplateCodec(processor, budget, videos, self.video_span_collapsed, self.image_span(processor))
+        return ChatTemplateCodec(processor, budget, videos, self.video_span_collapsed, self.image_span(processor),
+                                 section.chat_template_kwargs)  # fmt: skip
 
     def image_span(self, processor: Any) -> ImageSpan | None:
         """The text the processor writes for an image in place of the template's placeholder, where it writes more
