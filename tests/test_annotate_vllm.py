@@ -182,3 +182,28 @@ def test_an_adapter_is_merged_once_and_qwen_vl_needs_its_remote_code(folder, sta
     with pytest.raises(ToolError, match=r"official checkpoint's modeling_qwen\.py, which .* lacks"):
         choose_backend(PoolModel(path=str(qwen_vl), backend="vllm"), "auto")
     assert choose_backend(PoolModel(path=str(qwen_vl)), "auto") == "transformers"
+
+
+def test_a_pool_adapter_s_run_renders_its_prompts_with_its_chat_template_kwargs(standin_vllm, tmp_path):
+    """An adapter trained with `model.chat_template_kwargs` (Qwen3.5 with thinking off) is prompted as its run was,
+    on vLLM as with transformers; the base alone keeps the template's defaults."""
+    from peft import LoraConfig, get_peft_model
+
+    from silkie.config import load_recipe, save_recipe
+    from silkie.dev.tiny_qwen3_5 import build_tiny_qwen3_5
+    from silkie.tools.annotate.vllm_backend import VllmResponder
+    from silkie.tools.common import load_model
+
+    from .conftest import REPO_ROOT
+
+    base = build_tiny_qwen3_5(tmp_path / "qwen3.5")
+    run = tmp_path / "run"
+    lora = get_peft_model(load_model(base, None), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(run / "adapter")
+    recipe = load_recipe(REPO_ROOT / "dpo_config" / "demo_qwen3_5.yaml",
+                         [f"model.path={base}", "model.chat_template_kwargs={enable_thinking: false}"])  # fmt: skip
+    save_recipe(recipe, run / "config.yaml")
+    tuned = VllmResponder(PoolModel(path=str(base), adapter=str(run / "adapter"), backend="vllm"), tmp_path / "out")
+    plain = VllmResponder(PoolModel(path=str(base), backend="vllm"), tmp_path / "out")
+    assert tuned.prompt_text("What is this?").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert plain.prompt_text("What is this?").endswith("<|im_start|>assistant\n<think>\n")

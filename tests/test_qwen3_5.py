@@ -217,6 +217,8 @@ def test_chat_template_kwargs_are_checked_in_the_recipe():
         ("qwen_vl", {"enable_thinking": False}, r"model.chat_template_kwargs = .*null for family qwen_vl"),
         ("qwen3_5", {"enable-thinking": False}, r"model.chat_template_kwargs = .*variable names"),
         ("qwen3_5", {"enable_thinking": [False]}, r"model.chat_template_kwargs.enable_thinking = \[False\]"),
+        ("qwen3_5", {"enable_thinking": "no"}, r"model.chat_template_kwargs.enable_thinking = 'no'.*true or false"),
+        ("qwen3_5", {"add_generation_prompt": True}, r"add_generation_prompt = True.*Silkie sets it"),
     ):
         with pytest.raises(RecipeError, match=needle):
             ModelSection(path="m", family=family, chat_template_kwargs=kwargs).check()

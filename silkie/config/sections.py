@@ -20,6 +20,12 @@ from .names import (
     TILED_FAMILIES,
 )
 
+# apply_chat_template's own arguments, which the codec sets (not template variables)
+RENDER_ARGUMENTS = (
+    "conversation", "messages", "chat_template", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "return_dict", "return_tensors", "processor_kwargs",
+)  # fmt: skip
+
 
 @dataclass
 class ModelSection:
@@ -192,10 +198,22 @@ class ModelSection:
         )
         for name, value in kwargs.items():
             require(
+                name not in RENDER_ARGUMENTS,
+                f"model.chat_template_kwargs.{name}",
+                value,
+                "left out: Silkie sets it when it renders a prompt (only the template's own variables go here)",
+            )
+            require(
                 value is None or isinstance(value, (str, bool, int, float)),
                 f"model.chat_template_kwargs.{name}",
                 value,
                 "a string, number, true/false or null",
+            )
+            require(  # `no` in a YAML file is the string 'no', which a template's `is false` test does not take
+                not name.startswith("enable_") or isinstance(value, bool),
+                f"model.chat_template_kwargs.{name}",
+                value,
+                "true or false (a switch)",
             )
 
 

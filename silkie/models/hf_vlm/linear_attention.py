@@ -41,7 +41,8 @@ class RecurrentRows:
 def recurrent_rows(owner: torch.Tensor, segment: torch.Tensor, conv_width: int = 4) -> RecurrentRows:
     """The `RecurrentRows` of packed rows from each token's pair (`owner`, -1 padding) and `segment` (0 prompt,
     1 chosen, 2 rejected, -1 padding), both [R, L]: a pair's tokens are consecutive in its row, prompt first; taps
-    for a causal convolution `conv_width` wide. Built where the tensors are (on the host: no device syncs)."""
+    for a causal convolution `conv_width` wide. Built where the tensors are (on the host, the step cuts them without
+    waiting for the device)."""
     owner, segment = owner.reshape(-1), segment.reshape(-1)
     real = torch.nonzero(segment >= 0).squeeze(1)  # flat order: pairs in order, each prompt | chosen | rejected
     pairs = int(owner.max()) + 1 if real.numel() else 0

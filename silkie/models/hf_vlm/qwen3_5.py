@@ -57,7 +57,7 @@ class Qwen3_5Family(Qwen3VLFamily):
             return mask
         take_packed_rows(base)  # a model loaded without `load_model` (by transformers directly, as tools may)
         width = base.config.get_text_config().linear_conv_kernel_dim
-        rows = recurrent_rows(*segments, width)  # cut on the host, where the segments are: no device syncs
+        rows = recurrent_rows(*segments, width)  # cut on the host, where the segments are, then copied over once
         return {"full_attention": mask, "linear_attention": rows.to(mask.device)}
 
 

@@ -9,6 +9,7 @@ so this module is tested against a stand-in of vLLM's API; docs/annotate.md says
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -73,12 +74,15 @@ class VllmResponder:
     def __init__(self, model: PoolModel, out: Path):
         from vllm import LLM
 
+        from silkie.tools.chat_inputs import run_recipe
         from silkie.tools.common import family_of, load_codec_from
 
         self.spec = model
         folder = servable_folder(model, out)
         self.family = family_of(folder)
-        self.codec = load_codec_from(folder)
+        recipe = run_recipe(model.adapter)  # an adapter's run renders its prompts (chat template kwargs) as it did
+        section = None if recipe is None else dataclasses.replace(recipe.model, path=str(folder), family=self.family)
+        self.codec = load_codec_from(folder, section=section)
         self.template_bos = "" if self.family == "qwen_vl" else added_bos(self.codec.tokenizer)  # stripped per prompt
         dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[model.dtype]
         self.llm = LLM(model=str(folder), dtype=dtype, trust_remote_code=self.family == "qwen_vl")
