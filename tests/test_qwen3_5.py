@@ -30,8 +30,8 @@ def test_recurrent_rows_index_each_prompt_and_answer_and_what_each_token_follows
     rows = recurrent_rows(owner, segment)
     assert rows.prompts.tolist() == [[0, 1, 2], [8, 9, -1], [13, -1, -1]]
     assert rows.answers.tolist() == [[3, 4, -1], [10, -1, -1], [14, -1, -1], [5, 6, 7], [11, -1, -1], [15, 16, -1]]
-    assert rows.answer_prompt.tolist() == [0, 1, 2, 0, 1, 2]
-    previous = rows.previous.view(2, -1).tolist()
+    assert rows.answers.size(0) == 2 * rows.prompts.size(0)  # answer i continues prompt i mod B (chosen, rejected)
+    previous = rows.taps[0].view(2, -1).tolist()  # one step back
     # a prompt starts from nothing; each answer's first token follows its prompt's last (the rejected one too)
     assert previous[0] == [-1, 0, 1, 2, 3, 2, 5, 6, -1, 8, 9, 9, -1]
     assert previous[1][:5] == [-1, 13, 13, 15, -1]
@@ -45,7 +45,7 @@ def test_packed_rows_take_the_block_mask_and_the_recurrent_layers_their_sequence
     batch, pad = family_batch(folder, "qwen3_5", model)
     rows = packed_rows(batch, pad, family.prompt_positions(model, batch), pairs_per_row=2)
     mask = rows.attention_mask_on()
-    masks = family.attention_masks(model, mask, rows.input_ids, rows.position_ids, rows.segments_on())
+    masks = family.attention_masks(model, mask, rows.input_ids, rows.position_ids, rows.packed_segments())
     assert masks["full_attention"] is mask and isinstance(masks["linear_attention"], RecurrentRows)
     assert masks["linear_attention"].prompts.size(0) == batch["prompt_input_ids"].size(0)
     padding = batch["prompt_attention_mask"]  # concatenated rows: the padding mask, from which the model builds both

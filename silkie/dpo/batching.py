@@ -48,11 +48,9 @@ class ScoredRows:
             return self.padding_mask.to(device)
         return block_mask(self.owner.to(device), self.segment.to(device))
 
-    def segments_on(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Packed rows' (`owner`, `segment`) on `device`; None for concatenated rows."""
-        if self.owner is None:
-            return None
-        return self.owner.to(device), self.segment.to(device)
+    def packed_segments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Packed rows' (`owner`, `segment`), on the host where they were cut; None for concatenated rows."""
+        return None if self.owner is None else (self.owner, self.segment)
 
     def sequence_counts(self, pair_weight: torch.Tensor | None = None) -> torch.Tensor:
         """[R, W] how many of the 2B sequences prompt+chosen, prompt+rejected each row token stands for: 1 per

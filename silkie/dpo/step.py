@@ -164,7 +164,7 @@ def score_answers(
 
         def dense_mask() -> torch.Tensor | dict:  # on the device, only where it is used (native varlen does not)
             masks = family.attention_masks(
-                base, rows.attention_mask_on(device), input_ids, position_ids, rows.segments_on()  # on the host
+                base, rows.attention_mask_on(device), input_ids, position_ids, rows.packed_segments()
             )
             return _attention_mask(masks, base)
 

@@ -199,27 +199,28 @@ def switch_off_dropout(model: nn.Module) -> int:
 def build_policy(
     model_section: ModelSection, lora: LoraSection, disable_dropout: bool = False, seed: int | None = None
 ) -> nn.Module:
-    """The recipe's checkpoint as the policy (`make_policy`); with `seed`, the random generators are seeded after
-    the load, so the adapter's initial weights do not depend on how the load went (under ZeRO-3 Qwen3.5's layers
-    are built on the device, drawing numbers a plain load does not)."""
+    """The recipe's checkpoint as the policy (`make_policy`, `seed` included)."""
     if lora.load_in_4bit and not lora.enabled:
         raise InputError("lora.load_in_4bit needs lora.enabled: true (4-bit weights cannot be fine-tuned directly)")
     model = load_base_model(model_section, load_in_4bit=lora.load_in_4bit)
-    if seed is not None:
-        from transformers import set_seed
-
-        set_seed(seed)
-    return make_policy(model, lora, model_section.family, disable_dropout)
+    return make_policy(model, lora, model_section.family, disable_dropout, seed)
 
 
 def make_policy(
-    model: nn.Module, lora: LoraSection, family: str = "qwen_vl", disable_dropout: bool = False
+    model: nn.Module, lora: LoraSection, family: str = "qwen_vl", disable_dropout: bool = False, seed: int | None = None
 ) -> nn.Module:
     """A base model as the policy: plus LoRA (vision frozen unless `lora.vision`), or the whole model for full
-    fine-tuning; with `disable_dropout` (TRL's default for DPO) no dropout anywhere in it."""
+    fine-tuning; with `disable_dropout` (TRL's default for DPO) no dropout anywhere in it. With `seed` the random
+    generators are seeded just before the adapter is made, so its initial weights depend on the seed alone: not on
+    what ran before, a data cache hit or miss, or how the load went (under ZeRO-3 Qwen3.5's layers are built on the
+    device, drawing numbers a plain load does not)."""
     if disable_dropout:
         switch_off_dropout(model)
     if lora.enabled:
+        if seed is not None:
+            from transformers import set_seed
+
+            set_seed(seed)
         return apply_lora(model, lora, family, disable_dropout)
     if not lora.vision:  # full fine-tuning: LLM + projector, vision tower frozen (as VL-RLHF)
         freeze_vision(model, keep_resampler=True, family=family)

@@ -79,7 +79,6 @@ def build_trainer(
     switches are applied as to a loaded one), `policy` (a finished policy, e.g. base + trained adapter), `codec`
     (the text codec) and `data` (a `PreparedData`).
     """
-    from transformers import set_seed
 
     from silkie.data.build import prepare_data
     from silkie.logs import on_terminal, quiet_libraries
@@ -139,7 +138,6 @@ def build_trainer(
         from .console import settings_line
 
         say(settings_line(args, recipe.dpo.beta, recipe.dpo.loss_type))
-    set_seed(args.seed)  # LoRA initialisation must not depend on what ran before (cache hit or miss)
     model, ref_model = _policy_and_reference(recipe, base_model, policy, args.seed)
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)
     if recipe.dpo.sync_ref_model and policy is None:  # a finished policy is scored against its starting model
@@ -179,7 +177,7 @@ def _policy_and_reference(
     if policy is not None:
         model = policy
     elif base_model is not None:
-        model = make_policy(base_model, recipe.lora, recipe.model.family, disable_dropout=recipe.dpo.disable_dropout)
+        model = make_policy(base_model, recipe.lora, recipe.model.family, recipe.dpo.disable_dropout, seed)
     else:
         model = build_policy(recipe.model, recipe.lora, recipe.dpo.disable_dropout, seed=seed)
     if recipe.dpo.disable_dropout and recipe.lora.enabled and recipe.lora.dropout > 0 and policy is None:

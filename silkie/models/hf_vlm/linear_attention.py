@@ -23,14 +23,12 @@ from torch import nn
 @dataclass
 class RecurrentRows:
     """Where the sequences of packed rows are, as flat indices into the rows' tokens ([R * L]; -1 past an end):
-    each pair's prompt tokens in order, each answer's (the B chosen, then the B rejected), the prompt each answer
-    continues, the token before each one in its own sequence (-1 at a prompt's start and on padding), and the
-    tokens a causal convolution reads besides the token itself (`taps`: j = 1 .. width-1 steps back)."""
+    each pair's prompt tokens in order, each answer's (the B chosen, then the B rejected: answer i continues prompt
+    i mod B), and the tokens a causal convolution reads besides the token itself (`taps`: j = 1 .. width-1 steps
+    back in its own sequence; -1 before a prompt's start and on padding)."""
 
     prompts: torch.Tensor  # [B, longest prompt]
     answers: torch.Tensor  # [2B, longest answer]
-    answer_prompt: torch.Tensor  # [2B]
-    previous: torch.Tensor  # [R * L]
     taps: torch.Tensor  # [width - 1, R * L]
 
     def to(self, device: torch.device | str) -> RecurrentRows:
@@ -69,8 +67,6 @@ def recurrent_rows(owner: torch.Tensor, segment: torch.Tensor, conv_width: int =
     return RecurrentRows(
         prompts=grid[:, 0, :prompt_width],
         answers=torch.cat([grid[:, 1, :answer_width], grid[:, 2, :answer_width]]),
-        answer_prompt=torch.arange(pairs, device=owner.device).repeat(2),
-        previous=previous,
         taps=torch.stack(steps) if steps else previous.new_zeros(0, previous.numel()),
     )
 
@@ -121,7 +117,7 @@ def packed_forward(layer: nn.Module, hidden_states: torch.Tensor, rows: Recurren
     prompt_out, state = rule(*prompt[:3], g=prompt[3], beta=prompt[4], initial_state=None, output_final_state=True,
                              use_qk_l2norm_in_kernel=True)  # fmt: skip
     answer = [_gather(x, rows.answers) for x in inputs]
-    answer_out, _ = rule(*answer[:3], g=answer[3], beta=answer[4], initial_state=state[rows.answer_prompt],
+    answer_out, _ = rule(*answer[:3], g=answer[3], beta=answer[4], initial_state=torch.cat([state, state]),
                          output_final_state=False, use_qk_l2norm_in_kernel=True)  # fmt: skip
     tokens = size * length  # the places past an end write to a spare row, dropped after (no data-dependent shapes)
     core = value.new_zeros(tokens + 1, value.size(1), layer.head_v_dim)

@@ -12,8 +12,6 @@ its routers get TRL's load-balancing loss, its experts LoRA through `lora.target
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -31,11 +29,6 @@ class Qwen3_5Family(Qwen3VLFamily):
 
     class_names = ("Qwen3_5ForConditionalGeneration",)
     default_lora_targets = (*Qwen2VLFamily.default_lora_targets, *LINEAR_ATTENTION_TARGETS)
-
-    def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
-        model = super().load_model(section, dtype, quantization_config)
-        take_packed_rows(model)
-        return model
 
     # no DeepStack: the tower's merged output is all it hands the language model
     freeze_vision = Qwen2VLFamily.freeze_vision
@@ -55,7 +48,7 @@ class Qwen3_5Family(Qwen3VLFamily):
         concatenated rows: the padding mask, from which the model builds both."""
         if segments is None:
             return mask
-        take_packed_rows(base)  # a model loaded without `load_model` (by transformers directly, as tools may)
+        take_packed_rows(base)  # once per model, whoever loaded it (the family, or transformers' Auto classes)
         width = base.config.get_text_config().linear_conv_kernel_dim
         rows = recurrent_rows(*segments, width)  # cut on the host, where the segments are, then copied over once
         return {"full_attention": mask, "linear_attention": rows.to(mask.device)}
