@@ -20,6 +20,7 @@ VISION_NAMES = {
     "llava": "model.vision_tower.",
     "internvl": "model.vision_tower.",
     "gemma3": "model.vision_tower.",
+    "gemma4": "model.vision_tower.",
     "qwen3_5": "model.visual.",
     "qwen3_5_moe": "model.visual.",
 }
@@ -31,6 +32,7 @@ PROJECTORS = {
     "llava": ("model.multi_modal_projector.",),
     "internvl": ("model.multi_modal_projector.",),
     "gemma3": ("model.multi_modal_projector.",),
+    "gemma4": ("model.embed_vision.",),
     "qwen3_5": ("model.visual.merger.",),  # no DeepStack
     "qwen3_5_moe": ("model.visual.merger.",),
 }
@@ -89,16 +91,20 @@ def test_lora_targets_every_llm_linear_and_the_vision_tower_only_when_asked(fold
     mixers = [{"q_proj", "k_proj", "v_proj", "o_proj"}] * 2  # the token mixers of the 2 layers
     if family in RECURRENT_FAMILIES:  # an attention layer, then a linear-attention one
         mixers[1] = {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"}
-    assert kinds == mixers[0] | mixers[1] | mlp
-    assert len(names) == len(mixers[0]) + len(mixers[1]) + 2 * len(mlp) and all("language_model" in n for n in names)
+    if family == "gemma4":  # sliding; full with keys as values (no v_proj); sliding; full on the second's keys, values
+        mixers = [{"q_proj", "k_proj", "v_proj", "o_proj"}, {"q_proj", "k_proj", "o_proj"}] * 2
+        mixers[3] = {"q_proj", "o_proj"}
+    assert kinds == set().union(*mixers) | mlp
+    layers = len(mixers)
+    assert len(names) == sum(map(len, mixers)) + layers * len(mlp) and all("language_model" in n for n in names)
     trainable = [n for n, p in plain.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with_vision = apply_lora(load_base_model(model_section(path, family)), LoraSection(r=4, vision=True), family)
     vision = [n for n, _ in with_vision.named_parameters() if "lora_A" in n and VISION_NAMES[family] in n]
     # qkv proj fc1 fc2 | + gate up down | q k v out fc1 fc2 (CLIP, SigLIP) | qkv proj linear_fc1 linear_fc2 |
-    # q k v projection fc1 fc2
+    # q k v projection fc1 fc2 | q k v o gate up down (Gemma 4)
     per_block = {"qwen2_vl": 4, "qwen2_5_vl": 5, "llava": 6, "qwen3_vl": 4, "qwen3_vl_moe": 4, "internvl": 6,
-                 "gemma3": 6, "qwen3_5": 4, "qwen3_5_moe": 4}[family]  # fmt: skip
+                 "gemma3": 6, "gemma4": 7, "qwen3_5": 4, "qwen3_5_moe": 4}[family]  # fmt: skip
     assert len(vision) == 2 * per_block
 
 
@@ -137,7 +143,7 @@ def test_tokenization_cache_key_follows_the_codec(folder):
         bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_tiles=1))
         assert codec.image_token_budget == 5 * 16 + 2  # at most 4 tiles + the thumbnail
         assert bounded.image_token_budget == 18 and cache_key([record], bounded, 64, "drop") != key
-    elif family not in ("llava", "gemma3"):  # fixed-size images
+    elif family not in ("llava", "gemma3", "gemma4"):  # fixed-size images; Gemma 4: its processor's token bound
         side = 2 * 2 * codec.processor.image_processor.patch_size  # 2x2 merged tokens (merge size 2)
         bounded = load_tokenizer(ModelSection(path=str(path), family=family, max_pixels=side * side))
         assert bounded.image_token_budget == 4 and cache_key([record], bounded, 64, "drop") != key
@@ -161,8 +167,9 @@ def test_an_answer_template_without_a_stop_token_gets_eos(folder):
     family, path = folder
     codec = load_tokenizer(model_section(path, family))
     eos = codec.tokenizer.eos_token_id
-    # Gemma 3 closes a turn with <end_of_turn> (a stop of its generation config), its tokenizer's EOS is <eos>
-    assert codec.answer_ids("Red.").count(eos) == (0 if family == "gemma3" else 1)
+    # Gemma 3 (4) closes a turn with <end_of_turn> (<turn|>), a stop of its generation config; its tokenizer's EOS is
+    # <eos>
+    assert codec.answer_ids("Red.").count(eos) == (0 if family in ("gemma3", "gemma4") else 1)
     template = codec.processor.chat_template
     codec.processor.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'][-1]['text'] }} "
@@ -214,8 +221,8 @@ def test_an_image_the_processor_cannot_take_drops_its_pair(folder):
     from .hf_fixtures import MemoryImages, tokenized_rows
 
     family, path = folder
-    if family in ("llava", "internvl", "gemma3"):
-        pytest.skip("CLIP and SigLIP (Gemma 3) resize any aspect ratio; InternVL tiles it")
+    if family in ("llava", "internvl", "gemma3", "gemma4"):
+        pytest.skip("CLIP and SigLIP (Gemma 3) resize any aspect ratio; InternVL tiles it; Gemma 4 fits it in patches")
     section = model_section(path, family)
     codec = load_tokenizer(section)
     store = MemoryImages()
@@ -333,6 +340,7 @@ def released_layout(folder, target, processor_class: str, image_processor_type: 
         ("qwen2_vl", "Qwen2VLProcessor", None, {"max_pixels": 200704}, 256),  # 448x448 px: 28 px per token
         ("qwen3_vl", "Qwen3VLProcessor", None, {"max_pixels": 200704}, 196),  # 32 px per token
         ("internvl", "InternVLProcessor", "GotOcr2ImageProcessorFast", {"max_tiles": 6}, 7 * 16 + 2),  # + thumbnail
+        ("gemma4", "Gemma4Processor", "Gemma4ImageProcessor", {}, 70),
     ],
 )
 def test_a_released_folder_loads_without_torchvision(family, processor_class, image_type, bound, budget, tmp_path):

@@ -42,6 +42,13 @@ def test_batch_expands_each_image_to_its_feature_tokens(setup):
         per_image = [16, 48, 16]
         starts = batch["prompt_input_ids"] == model.config.image_token_id - 2  # <img>, </img> around each image
         assert starts.sum(dim=1).tolist() == [1, 1, 0, 1]
+    elif family == "gemma4":  # sized to fill 630 patches of 8 px at 24 px multiples, pooled 3x3: 64x80 -> 168x216 px
+        per_image = [63, 55, 64]  # -> 21x27 patches -> 63 tokens; 112x56 -> 264x120 -> 55; 90x90 -> 192x192 -> 64
+        assert batch["pixel_values"].shape == (3, 630, 192)
+        assert (batch["image_position_ids"][..., 0] >= 0).sum(dim=1).tolist() == [9 * n for n in per_image]
+        starts = batch["prompt_input_ids"] == model.config.boi_token_id  # <|image> ... <image|> around each image
+        assert starts.sum(dim=1).tolist() == (batch["prompt_input_ids"] == model.config.eoi_token_id).sum(1).tolist()
+        assert starts.sum(dim=1).tolist() == [1, 1, 0, 1]
     else:
         per_image = [16] * int(batch["pixel_values"].size(0))
     assert batch["image_counts"].tolist() == [1, 1, 0, 1]

@@ -23,6 +23,7 @@ RECIPES["qwen3_vl_moe"] = "demo_qwen3_vl_moe"  # LoRA on the experts too; the ro
 RECIPES["llava"] = "demo_llava"
 RECIPES["internvl"] = "demo_internvl"
 RECIPES["gemma3"] = "demo_gemma3"
+RECIPES["gemma4"] = "demo_gemma4"
 RECIPES["qwen3_5"] = "demo_qwen3_5"
 RECIPES["qwen3_5_moe"] = "demo_qwen3_5_moe"
 

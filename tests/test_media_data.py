@@ -100,9 +100,9 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
     assert encode_pair(f"Q {image_tag}", [], "a", "b", codec) == (None, stray)
     # a prompt that was templated already (TRL's string format brings them) would be wrapped a second time
     templated = codec.prompt_text("What is this?", [])
-    if family != "llava":  # chatml: <|im_start|> / <|im_end|>; Gemma's <start_of_turn> / <end_of_turn>
+    if family != "llava":  # chatml: <|im_start|> / <|im_end|>; Gemma 3's <start_of_turn> / <end_of_turn>, 4's <turn|>
         assert codec.template_markers and encode_pair(templated, [], "a", "b", codec) == (None, "chat_template_in_text")
-        closing = "<end_of_turn>" if family == "gemma3" else "<|im_end|>"
+        closing = {"gemma3": "<end_of_turn>", "gemma4": "<turn|>"}.get(family, "<|im_end|>")
         assert encode_pair("Q", [], f"A cat.{closing}", "b", codec) == (None, "chat_template_in_text")
     else:  # llava-hf's template writes USER: / ASSISTANT:, no tokens of its own
         assert codec.template_markers == ()

@@ -112,6 +112,9 @@ def test_hf_families_render_the_system_message_or_drop_the_pair(family, tmp_path
     elif family == "gemma3":  # Gemma's template opens the first user turn with the system message
         assert text.startswith("<bos><start_of_turn>user\nAnswer in one word.\n\n\n\n<start_of_image>")
         assert codec.tokenizer.decode(plain[0]["prompt_input_ids"]).startswith("<bos><start_of_turn>user\n\n\n<st")
+    elif family == "gemma4":  # a system turn of its own, only when a system message is given
+        assert text.startswith("<bos><|turn>system\nAnswer in one word.<turn|>\n<|turn>user\n<|image>")
+        assert codec.tokenizer.decode(plain[0]["prompt_input_ids"]).startswith("<bos><|turn>user\n<|image>")
     else:  # chatml: the system turn in place of the template's default one (none in Qwen3-VL's, Qwen3.5's, InternVL's)
         assert "<|im_start|>system\nAnswer in one word.<|im_end|>" in text and "helpful assistant" not in text
         default = codec.tokenizer.decode(plain[0]["prompt_input_ids"])

@@ -28,7 +28,7 @@ class PoolModel:
     path: str = key(
         "",
         "Checkpoint folder (any family Silkie loads: qwen_vl, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava, "
-        "internvl, gemma3, qwen3_5, qwen3_5_moe).",
+        "internvl, gemma3, gemma4, qwen3_5, qwen3_5_moe).",
         "",
     )
     name: str | None = key(None, "The answer's `model` in the release (null: the folder's name).", "")

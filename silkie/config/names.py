@@ -14,6 +14,7 @@ FAMILY_TABLE: dict[str, tuple[str, tuple[str, ...]]] = {
     "llava": ("silkie.models.hf_vlm.family:LlavaFamily", ("llava",)),
     "internvl": ("silkie.models.hf_vlm.internvl:InternVLFamily", ("internvl",)),
     "gemma3": ("silkie.models.hf_vlm.gemma3:Gemma3Family", ("gemma3",)),
+    "gemma4": ("silkie.models.hf_vlm.gemma4:Gemma4Family", ("gemma4",)),
     "qwen3_5": ("silkie.models.hf_vlm.qwen3_5:Qwen3_5Family", ("qwen3_5",)),
     "qwen3_5_moe": ("silkie.models.hf_vlm.qwen3_5:Qwen3_5MoeFamily", ("qwen3_5_moe",)),
 }
@@ -24,8 +25,9 @@ QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3
 VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds video to
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
 # an image's tokens attend each other both ways (a mask per layer kind): no causal-only flash varlen kernel
-BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
-NO_FP16_FAMILIES = ("gemma3",)  # activations past fp16's range (Gemma's): bf16 or fp32 only
+BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3", "gemma4")
+NO_FP16_FAMILIES = ("gemma3", "gemma4")  # activations past fp16's range (Gemma's): bf16 or fp32 only
+NO_LIGER_FAMILIES = ("gemma4",)  # liger-kernel has no patch function for them (model.liger_kernels)
 # linear-attention (gated DeltaNet) layers between the attention ones: a recurrence, which packed rows run as
 # sequences, each answer from its prompt's state (`silkie/models/hf_vlm/linear_attention.py`)
 RECURRENT_FAMILIES = ("qwen3_5", "qwen3_5_moe")

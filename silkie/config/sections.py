@@ -15,6 +15,7 @@ from .names import (
     FAMILIES,
     IMAGE_CORRUPTIONS,
     NO_FP16_FAMILIES,
+    NO_LIGER_FAMILIES,
     PREFERENCE_FIELDS,
     QWEN_HF_FAMILIES,
     TILED_FAMILIES,
@@ -39,8 +40,8 @@ class ModelSection:
     family: str = key(
         "qwen_vl",
         "Model family: `qwen_vl` (Qwen-VL-Chat, native), `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, "
-        "`llava`, `internvl`, `gemma3`, `qwen3_5`, `qwen3_5_moe` (transformers); left out, read from the local "
-        "checkpoint's config.json (`model_type`), else qwen_vl.",
+        "`llava`, `internvl`, `gemma3`, `gemma4`, `qwen3_5`, `qwen3_5_moe` (transformers); left out, read from the "
+        "local checkpoint's config.json (`model_type`), else qwen_vl.",
         "models.family:get_family",
     )
     ref_model: str | None = key(
@@ -150,6 +151,12 @@ class ModelSection:
             self.attn_implementation,
             f"sdpa or eager for family {self.family} (its image tokens attend each other both ways; varlen's flash "
             "kernel is causal only)",
+        )
+        require(
+            self.family not in NO_LIGER_FAMILIES or not self.liger_kernels,
+            "model.liger_kernels",
+            self.liger_kernels,
+            f"false for family {self.family} (liger-kernel has no patch for its layers)",
         )
         require(
             self.family == "qwen_vl" or self.fp32_norm_rope,

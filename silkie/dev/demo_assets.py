@@ -1,10 +1,10 @@
 """Create the demos' stand-ins: tiny checkpoints of each model family and a synthetic VLFeedback release.
 
 Writes OUT/tiny-qwen-vl/ (config.json, model.safetensors, qwen.tiktoken), OUT/tiny-qwen2-vl/, OUT/tiny-qwen2.5-vl/,
-OUT/tiny-qwen3-vl/, OUT/tiny-qwen3-vl-moe/, OUT/tiny-llava/, OUT/tiny-internvl/, OUT/tiny-gemma3/, OUT/tiny-qwen3.5/,
-OUT/tiny-qwen3.5-moe/ (Hugging Face folders: config, weights, tokenizer, processor, chat template), OUT/vlfeedback/
-(vlfeedback_80k.jsonl, merged_images.zip) and OUT/two_pictures/ (a two-images-per-pair preference set:
-two_pictures.jsonl, two_pictures.zip). Existing assets are kept (use --force to rebuild).
+OUT/tiny-qwen3-vl/, OUT/tiny-qwen3-vl-moe/, OUT/tiny-llava/, OUT/tiny-internvl/, OUT/tiny-gemma3/, OUT/tiny-gemma4/,
+OUT/tiny-qwen3.5/, OUT/tiny-qwen3.5-moe/ (Hugging Face folders: config, weights, tokenizer, processor, chat
+template), OUT/vlfeedback/ (vlfeedback_80k.jsonl, merged_images.zip) and OUT/two_pictures/ (a two-images-per-pair
+preference set: two_pictures.jsonl, two_pictures.zip). Existing assets are kept (use --force to rebuild).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ TINY_BUILDERS = {
     "llava": "silkie.dev.tiny_hf_vlm:build_tiny_llava",
     "internvl": "silkie.dev.tiny_internvl:build_tiny_internvl",
     "gemma3": "silkie.dev.tiny_gemma3:build_tiny_gemma3",
+    "gemma4": "silkie.dev.tiny_gemma4:build_tiny_gemma4",
     "qwen3_5": "silkie.dev.tiny_qwen3_5:build_tiny_qwen3_5",
     "qwen3_5_moe": "silkie.dev.tiny_qwen3_5:build_tiny_qwen3_5_moe",
 }
@@ -27,6 +28,7 @@ TINY_FOLDERS = {  # the folder names the demo assets use
     "llava": "tiny-llava",
     "internvl": "tiny-internvl",
     "gemma3": "tiny-gemma3",
+    "gemma4": "tiny-gemma4",
     "qwen3_5": "tiny-qwen3.5",
     "qwen3_5_moe": "tiny-qwen3.5-moe",
 }

@@ -10,6 +10,7 @@ layer; the PIL image processor at Gemma's normalisation and the releases' chat t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
@@ -68,10 +69,13 @@ GEMMA3_IMAGE_TOKENS = 16
 GEMMA3_SLIDING_WINDOW = 16
 
 
-def train_gemma_tokenizer(vocab_size: int = 1024) -> GemmaTokenizer:
-    """Gemma's layout: the core tokens, the 256 byte-fallback pieces, the learned pieces, then the chat and image
-    tokens (special) and the newline runs (added, not special)."""
-    corpus = [*tokenizer_corpus(), "user\n", "model\n", "\n\n\n\n"]
+def train_gemma_tokenizer(
+    vocab_size: int = 1024, chat_tokens: Sequence[str] = GEMMA3_CHAT_TOKENS, scaffolding: Sequence[str] = ()
+) -> GemmaTokenizer:
+    """Gemma's layout: the core tokens, the 256 byte-fallback pieces, the learned pieces (also from the template's
+    `scaffolding` texts), then the chat and image tokens `chat_tokens` (special) and the newline runs (added, not
+    special)."""
+    corpus = [*tokenizer_corpus(), "user\n", "model\n", "\n\n\n\n", *scaffolding]
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
@@ -80,7 +84,7 @@ def train_gemma_tokenizer(vocab_size: int = 1024) -> GemmaTokenizer:
     pieces += [piece for piece, _ in sorted(learned.items(), key=lambda item: item[1]) if piece not in pieces]
     vocab = {piece: index for index, piece in enumerate(pieces)}
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)  # as the releases: text gets <bos>
-    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA3_CHAT_TOKENS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(chat_tokens)})
     tokenizer.add_tokens([AddedToken(run, normalized=False, special=False) for run in NEWLINE_RUNS])
     return tokenizer
 

@@ -276,17 +276,25 @@ def save_tiny_model(
 
 
 def finish_image_only_processor(
-    out: Path, image_processor: Any, video_type: str = "Qwen2VLVideoProcessor", keys: Sequence[str] = QWEN_VIDEO_KEYS
+    out: Path,
+    image_processor: Any,
+    video_type: str = "Qwen2VLVideoProcessor",
+    keys: Sequence[str] = QWEN_VIDEO_KEYS,
+    parts: dict | None = None,
 ) -> None:
     """Let a saved image-only processor (`ImageOnlyQwen2VLProcessor`, ...) load as the official one where
     torchvision is.
 
     Drops the class name (AutoProcessor then goes by config.json's model type) and records the video processor
-    settings (of `video_type`: the image processor's size and `keys`) that the official processor needs.
+    settings (of `video_type`: the image processor's size, where it has one, and `keys`) and any other `parts` (name
+    -> settings: Gemma 4's audio feature extractor) that the official processor needs.
     """
-    video = {"video_processor_type": video_type, "size": dict(image_processor.size)}
+    video = {"video_processor_type": video_type}
+    if image_processor.size:
+        video["size"] = dict(image_processor.size)
     video |= {key: getattr(image_processor, key) for key in keys}
-    for name, extra in (("processor_config.json", {"video_processor": video}), ("tokenizer_config.json", {})):
+    additions = {"processor_config.json": {"video_processor": video, **(parts or {})}, "tokenizer_config.json": {}}
+    for name, extra in additions.items():
         data = json.loads((out / name).read_text(encoding="utf-8"))
         data.pop("processor_class", None)
         (out / name).write_text(json.dumps(data | extra, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -185,12 +185,13 @@ def score_answers(
         sum_sq = stats and options.wpo_weights
         scored = {}
         if options.chunked_logps:
+            head = family.output_head(base)
             hidden = family.hidden_states(model, base, kwargs)
             flat = hidden.reshape(-1, hidden.size(-1))
             for kind in ("chosen", "rejected"):
                 index, targets = getattr(rows, f"{kind}_index").to(device), getattr(rows, f"{kind}_targets").to(device)
                 scored[kind] = chunked_token_logps(
-                    flat[index], targets, base.lm_head, options.chunk_size, stats, sum_sq
+                    flat[index], targets, head, options.chunk_size, stats, sum_sq
                 )
         else:
             logits = family.logits(model, kwargs)

@@ -4,7 +4,7 @@ A family knows how to load its checkpoint and text codec, which modules LoRA tar
 tensors (and how many placeholder tokens each one takes), how image features are computed and injected,
 and which position ids its rows need. The data pipeline, the DPO step and the trainer only call this
 interface; they never branch on model names. Families: `qwen_vl` (native Qwen-VL-Chat), `qwen2_vl` /
-`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`, `internvl`, `gemma3`, `qwen3_5` and `qwen3_5_moe`
+`qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`, `internvl`, `gemma3`, `gemma4`, `qwen3_5` and `qwen3_5_moe`
 (transformers-native, `AutoModelForImageTextToText`).
 """
 
@@ -222,6 +222,11 @@ class ModelFamily:
     def hidden_states(self, model: nn.Module, base: nn.Module, kwargs: dict) -> torch.Tensor:
         """Last hidden states [R, L, D] (LoRA active as in `model`), without computing logits."""
         raise NotImplementedError
+
+    def output_head(self, base: nn.Module) -> nn.Module:
+        """Hidden states -> logits as the model's own forward computes them: `lm_head` (and, where the model caps its
+        logits, the cap), applied to answer positions only by the chunked log-probs."""
+        return base.lm_head
 
     def logits(self, model: nn.Module, kwargs: dict) -> torch.Tensor:
         """Full logits [R, L, V] through the model's own forward (the plain, TRL-equivalent path)."""

@@ -23,6 +23,7 @@ from silkie.models.varlen import constructible
 
 from .codec import ChatTemplateCodec, ImageSpan, load_processor
 from .expert_layout import expert_shapes_seen_under_zero3
+from .softcap import SoftcappedHead
 from .varlen_attention import LAYOUT_KEY, use_varlen, uses_varlen
 from .video import Qwen2VLVideos
 
@@ -143,10 +144,18 @@ class HFVisionFamily(ModelFamily):
 
         handle = base.model.register_forward_hook(keep)
         try:
-            model(**kwargs, logits_to_keep=1)
+            model(**kwargs, logits_to_keep=self.last_position(kwargs["input_ids"]))
         finally:
             handle.remove()
         return captured["hidden"]
+
+    def last_position(self, input_ids: torch.Tensor) -> int | torch.Tensor:
+        """`logits_to_keep` for the logits of the last position alone (the hidden states are what is read)."""
+        return 1
+
+    def output_head(self, base: nn.Module) -> nn.Module:
+        cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        return SoftcappedHead(base.lm_head, cap) if cap else base.lm_head
 
 
 class Qwen2VLFamily(HFVisionFamily):

@@ -66,19 +66,29 @@ class Gemma3Family(LlavaFamily):
         window). Positions, not row offsets: an answer after the other answer in the row restarts after the prompt."""
         if mask.dim() != 4:
             return mask
-        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+        full = mask | same_image(input_ids, base.config.image_token_id)
+        return {"full_attention": full, **sliding_masks(full, position_ids, base.config.get_text_config())}
 
-        blocks = get_block_sequence_ids_for_mask((input_ids == base.config.image_token_id).long())
-        same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
-        full = mask | same_image[:, None]
-        text = base.config.get_text_config()
-        masks = {"full_attention": full}
-        if "sliding_attention" in text.layer_types:
-            if position_ids is None:  # row offsets would be wrong for every answer after the first in a row
-                raise ValueError("Gemma 3's packed rows need their position ids for the sliding-window mask")
-            near = position_ids[:, None, :] > position_ids[:, :, None] - text.sliding_window  # [R, query, key]
-            masks["sliding_attention"] = full & near[:, None]
-        return masks
+
+def same_image(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """[R, 1, L, L]: query and key are tokens of one image (a run of `image_token_id`), as transformers' Gemma
+    `get_block_sequence_ids_for_mask` groups them."""
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    blocks = get_block_sequence_ids_for_mask((input_ids == image_token_id).long())
+    return ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))[:, None]
+
+
+def sliding_masks(mask: torch.Tensor, position_ids: torch.Tensor | None, text: Any) -> dict:
+    """{"sliding_attention": `mask` AND (key position > query position - window)} where the language model has
+    sliding-window layers, else {}. Positions, not row offsets: an answer after the other answer in a packed row
+    restarts after the prompt."""
+    if "sliding_attention" not in text.layer_types:
+        return {}
+    if position_ids is None:  # row offsets would be wrong for every answer after the first in a row
+        raise ValueError("packed rows need their position ids for the sliding-window mask")
+    near = position_ids[:, None, :] > position_ids[:, :, None] - text.sliding_window  # [R, query, key]
+    return {"sliding_attention": mask & near[:, None]}
 
 
 class Gemma3Images(LlavaImages):

@@ -1,6 +1,6 @@
-"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense, MoE) and InternVL processors without torchvision: transformers 5
-builds their video processors with it, so a folder would not load at all; the image-only processors below serve every
-image recipe."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 (dense, MoE), InternVL and Gemma 4 processors without torchvision:
+transformers 5 builds their video processors with it, so a folder would not load at all; the image-only processors
+below serve every image recipe."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import (
     AutoProcessor,
+    Gemma4Config,
+    Gemma4Processor,
     InternVLConfig,
     InternVLProcessor,
     Qwen2_5_VLConfig,
@@ -22,6 +24,7 @@ from transformers import (
     Qwen3VLMoeConfig,
     Qwen3VLProcessor,
 )
+from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
 from silkie.config.checkpoint import model_type_of
@@ -61,6 +64,25 @@ class ImageOnlyInternVLProcessor(InternVLProcessor):
         )
 
 
+class ImageOnlyGemma4Processor(Gemma4Processor):
+    """Gemma4Processor without the video processor (see `ImageOnlyQwen2VLProcessor`) and the audio feature extractor
+    (Silkie feeds Gemma 4 images only). `Gemma4Processor.__init__` takes both as required arguments, so its token
+    attributes are set here as it sets them."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 280, **kwargs):
+        self.image_seq_length = image_seq_length
+        self.image_token_id = tokenizer.image_token_id
+        for name in ("boi_token", "eoi_token", "image_token"):
+            setattr(self, name, getattr(tokenizer, name))
+        self.video_token = "<|video|>"  # Gemma4Processor's: the releases' tokenizers do not name it
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        for name in ("audio_token_id", "audio_token", "boa_token", "eoa_token"):
+            setattr(self, name, getattr(tokenizer, name, None))
+        ProcessorMixin.__init__(
+            self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+        )
+
+
 IMAGE_ONLY = (  # (config class, the official processor, its image-only stand-in)
     (Qwen2VLConfig, Qwen2VLProcessor, ImageOnlyQwen2VLProcessor),
     (Qwen2_5_VLConfig, Qwen2_5_VLProcessor, ImageOnlyQwen2_5_VLProcessor),
@@ -69,13 +91,14 @@ IMAGE_ONLY = (  # (config class, the official processor, its image-only stand-in
     (Qwen3_5Config, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),  # Qwen3.5 (dense, MoE): Qwen3-VL's processor
     (Qwen3_5MoeConfig, Qwen3VLProcessor, ImageOnlyQwen3VLProcessor),
     (InternVLConfig, InternVLProcessor, ImageOnlyInternVLProcessor),
+    (Gemma4Config, Gemma4Processor, ImageOnlyGemma4Processor),
 )
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
 def register_image_only_processors() -> bool:
-    """Without torchvision, make AutoProcessor load Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL folders as the
-    image-only processors.
+    """Without torchvision, make AutoProcessor load Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL / Gemma 4 folders as
+    the image-only processors.
 
     transformers 5.24 cannot build (or load) their processors without torchvision, because their video processors
     need it. Returns True when the image-only processors were registered.
@@ -88,8 +111,8 @@ def register_image_only_processors() -> bool:
 
 
 def load_image_only_processor(path: str) -> Any | None:
-    """The image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL folder (a checkpoint, or an adapter
-    folder with the processor files saved beside it) where it is needed; None for another model, or where
+    """The image-only processor of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / InternVL / Gemma 4 folder (a checkpoint, or an
+    adapter folder with the processor files saved beside it) where it is needed; None for another model, or where
     AutoProcessor loads it.
 
     Chosen by the processor class the folder names, else by its config.json model type, and loaded by class, not

@@ -1,0 +1,193 @@
+"""Gemma 4: prompts, pixels and patch positions exactly as `Gemma4Processor` makes them, TRL's split of the generation
+prompt's empty thought channel, images attended both ways in the sliding-window layers only, the KV-sharing layers
+and the logit cap on the chunked log-probs, the routed experts (26B-A4B), generation's stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from silkie.config import LoraSection, ModelSection
+from silkie.data.collator import PairCollator
+from silkie.dev.tiny_gemma4 import GEMMA4_SLIDING_WINDOW, build_tiny_gemma4_moe
+from silkie.errors import RecipeError
+from silkie.models.family import get_family
+from silkie.models.loading import apply_lora, load_base_model, load_tokenizer
+
+from .hf_fixtures import BUILDERS, OPTION_SETS, PLAIN, assert_same_step, family_batch, pair_image, run_step
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return BUILDERS["gemma4"](tmp_path_factory.mktemp("gemma4") / "tiny-gemma4")
+
+
+def section(folder, **extra) -> ModelSection:
+    return ModelSection(path=str(folder), family="gemma4", dtype="fp32", **extra)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "system", "sizes"),
+    [
+        ("Compare <image> with\n<image>.", "Be brief.", [(112, 56), (300, 200)]),  # text trimmed around each image
+        ("<image>What is this?", None, [(64, 80)]),
+        ("Both: <image><image>", None, [(90, 90), (20, 400)]),  # an elongated picture: 24 px wide
+    ],
+)
+def test_prompt_ids_pixels_positions_and_token_types_equal_the_processor_s(folder, prompt, system, sizes):
+    """The collator's expanded ids (`<|image>` + each image's soft tokens + `<image|>`), the patches, their positions
+    and the token types are what `Gemma4Processor` gives for the chat template's text (TRL's path)."""
+    codec = load_tokenizer(section(folder))
+    family = get_family("gemma4")
+    config = AutoConfig.from_pretrained(folder)
+    pictures = [pair_image(k, size) for k, size in enumerate(sizes)]
+    ids = codec.prompt_ids(prompt, ["a", "b"][: len(sizes)], system=system, generation=True)
+    processed = family.image_processor(config, section(folder))(pictures)
+    (expanded,) = PairCollator._expanded([ids], processed, [len(sizes)], [0])
+    parts = [part for piece in prompt.split("<image>") for part in ({"type": "text", "text": piece}, {"type": "image"})]
+    messages = [{"role": "user", "content": parts[:-1]}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    text = codec.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    reference = codec.processor(images=pictures, text=[text], return_tensors="pt", add_special_tokens=False)
+    assert expanded == reference["input_ids"][0].tolist()
+    for name in ("pixel_values", "image_position_ids"):
+        assert torch.equal(processed.tensors[name], reference[name])
+    token_types = family.token_kwargs(config, torch.tensor([expanded]))["mm_token_type_ids"]
+    assert torch.equal(token_types, reference["mm_token_type_ids"])
+    assert processed.tokens_per_image == [int(n) for n in (reference["image_position_ids"][..., 0] >= 0).sum(1) // 9]
+    assert expanded.count(config.boi_token_id) == expanded.count(config.eoi_token_id) == len(sizes)
+
+
+def test_the_empty_thought_channel_stays_with_the_generation_prompt(folder):
+    """gemma-4-31B-it's generation prompt closes an empty thought channel, which a rendered model turn does not
+    write: as TRL splits them, a pair's prompt ends at `<|turn>model\\n` and an answer is its text and `<turn|>\\n`;
+    generation prompts keep the channel. With `enable_thinking` (model.chat_template_kwargs) the two agree."""
+    codec = load_tokenizer(section(folder))
+    assert codec.generation_tail == "<|channel>thought\n<channel|>"
+    assert codec.prompt_text("Q").endswith("<|turn>user\nQ<turn|>\n<|turn>model\n")
+    assert codec.prompt_text("Q", generation=True).endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    tokenize = codec.tokenizer.convert_tokens_to_ids
+    assert codec.answer_ids("A cat.") == codec._ids("A cat.") + tokenize(["<turn|>", "\n"])
+    thinking = load_tokenizer(section(folder, chat_template_kwargs={"enable_thinking": True}))
+    assert thinking.generation_tail == "" and thinking.prompt_text("Q").startswith("<bos><|turn>system\n<|think|>\n")
+    assert thinking.answer_ids("A cat.") == codec.answer_ids("A cat.")
+
+
+@pytest.mark.parametrize("both_ways", ["vision", None])  # 31B / 26B-A4B; E2B / E4B
+def test_packed_rows_attend_images_both_ways_in_the_sliding_layers_only(folder, both_ways):
+    """As transformers' `create_masks_for_vision_model`: the full-attention layers are causal (the block mask); the
+    sliding-window layers see `sliding_window` positions back and, where images are attended both ways, an image's
+    later tokens. The prompts are longer than the window, so the step-equality tests exercise both."""
+    from silkie.dpo.batching import packed_rows
+
+    model = load_base_model(section(folder))
+    model.config.get_text_config().use_bidirectional_attention = both_ways
+    batch, pad = family_batch(folder, "gemma4", model)
+    assert batch["prompt_attention_mask"].sum(1).min() > GEMMA4_SLIDING_WINDOW
+    rows = packed_rows(batch, pad, None, 1, False)
+    family = get_family("gemma4")
+    block = rows.attention_mask_on()
+    masks = family.attention_masks(model, block, rows.input_ids, rows.position_ids)
+    assert set(masks) == {"full_attention", "sliding_attention"} and masks["full_attention"] is block
+    sliding = masks["sliding_attention"][0, 0]
+    image = (rows.input_ids[0] == model.config.image_token_id).nonzero().flatten()
+    first, second = int(image[0]), int(image[1])
+    assert not block[0, 0, first, second] and bool(sliding[first, second]) == (both_ways == "vision")
+    rejected = (rows.segment[0] == 2).nonzero().flatten()
+    query, positions = int(rejected[0]), rows.position_ids[0]
+    seen = sliding[query].nonzero().flatten()
+    assert (positions[query] - positions[seen]).max() == GEMMA4_SLIDING_WINDOW - 1  # by position, not row offset
+    padding = batch["prompt_attention_mask"]  # a concatenated row's: the model builds its masks from token types
+    assert family.attention_masks(model, padding, batch["prompt_input_ids"], None) is padding
+
+
+def test_chunked_log_probs_read_every_position_and_cap_the_logits(folder):
+    """The last layer reuses the keys and values of the one before it (E2B / E4B's KV sharing): an integer
+    `logits_to_keep` would run it on the kept positions alone, so the hidden states are read with an index. The
+    head applies the model's logit cap (`final_logit_softcapping`), as its forward does."""
+    model = load_base_model(section(folder))
+    batch, pad = family_batch(folder, "gemma4", model)
+    family = get_family("gemma4")
+    ids = batch["prompt_input_ids"]
+    kwargs = {"input_ids": ids, "attention_mask": batch["prompt_attention_mask"], "use_cache": False}
+    kwargs |= family.row_image_kwargs(model, batch, torch.arange(3), None) | family.row_kwargs(model, ids)
+    with torch.no_grad():
+        hidden = family.hidden_states(model, model, kwargs)
+        logits = model(**kwargs).logits
+        head = family.output_head(model)
+        assert hidden.shape[:2] == ids.shape
+        torch.testing.assert_close(head(hidden), logits, atol=1e-5, rtol=0)
+        assert (model.lm_head(hidden) - logits).abs().max() > 1e-3  # the cap matters at these logits
+        shared = model(**kwargs, logits_to_keep=1)
+    assert shared.logits.shape[1] == 1
+
+
+def test_routed_experts_take_lora_and_the_paths_agree(tmp_path):
+    """26B-A4B's layout: each layer's experts sit beside its MLP; LoRA reaches them as parameters
+    (`lora.target_parameters`), the efficient step scores as the plain one, and the expert adapters get gradients."""
+    folder = build_tiny_gemma4_moe(tmp_path / "tiny-gemma4-moe")
+    torch.manual_seed(0)
+    base = load_base_model(section(folder))
+    assert base.config.get_text_config().enable_moe_block
+    lora = LoraSection(r=8, alpha=16, dropout=0.0, target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    model = apply_lora(base, lora, "gemma4")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.3)
+    batch, pad = family_batch(folder, "gemma4", model.train())
+    plain = run_step(model, batch, PLAIN, pad)
+    assert_same_step(run_step(model, batch, OPTION_SETS["all"], pad), plain, "gemma4")
+    experts = [name for name in plain[3] if ".experts." in name]
+    assert len(experts) == 2 * 2 * 4 and all(plain[3][name].abs().max() > 0 for name in experts)  # A, B x 2 x 4
+
+
+def test_generation_stops_at_the_end_of_turn_and_sees_the_image_both_ways(folder):
+    """`generate` stops at `<eos>` and `<turn|>` (the generation config's), and its prompt carries the token types,
+    so the prefill attends an image both ways in the sliding-window layers, as training does."""
+    from silkie.models.generation import prompt_generation_inputs, stop_token_ids
+
+    model = load_base_model(section(folder))
+    codec = load_tokenizer(section(folder))
+    end_of_turn = codec.tokenizer.convert_tokens_to_ids("<turn|>")
+    assert stop_token_ids(codec.tokenizer, model) == [codec.tokenizer.eos_token_id, end_of_turn]
+    batch, _ = family_batch(folder, "gemma4", model)
+    inputs = prompt_generation_inputs(model, batch, 0)
+    assert set(inputs) >= {"pixel_values", "image_position_ids", "mm_token_type_ids"}
+    with torch.no_grad():
+        both_ways = model(**inputs).logits[0, -1]
+        causal = model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}).logits[0, -1]
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+    assert (both_ways - causal).abs().max() > 1e-3
+    torch.testing.assert_close(out.logits[0][0], both_ways, atol=1e-5, rtol=0)
+
+
+def test_chat_inputs_are_the_processor_s(folder, tmp_path):
+    """`silkie chat` / `evaluate` / `annotate` build a prompt as training does: the processor's ids for the whole
+    generation prompt (its empty thought channel too), patches, positions and token types."""
+    from silkie.tools.chat_inputs import family_inputs
+
+    config = AutoConfig.from_pretrained(folder)
+    picture = tmp_path / "p.png"
+    pair_image(3, (90, 60)).save(picture)
+    _, ids, tensors = family_inputs(folder, None, config, [str(picture)], [], "What is <image> showing?")
+    processor = load_tokenizer(section(folder)).processor
+    parts = [{"type": "text", "text": "What is "}, {"type": "image"}, {"type": "text", "text": " showing?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
+    reference = processor(images=[pair_image(3, (90, 60))], text=[text], return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(ids, reference["input_ids"])
+    for name in ("mm_token_type_ids", "pixel_values", "image_position_ids"):
+        assert torch.equal(tensors[name], reference[name])
+
+
+def test_fp16_and_liger_are_refused_in_the_recipe():
+    """Gemma's activations overflow fp16's range; liger-kernel has no Gemma 4 patch: refused before anything loads."""
+    with pytest.raises(RecipeError, match="auto, bf16 or fp32 for family gemma4"):
+        ModelSection(path="m", family="gemma4", dtype="fp16").check()
+    with pytest.raises(RecipeError, match="model.liger_kernels = True.*no patch"):
+        ModelSection(path="m", family="gemma4", liger_kernels=True).check()
+    ModelSection(path="m", family="gemma4", dtype="bf16").check()
