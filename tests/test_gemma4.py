@@ -184,6 +184,30 @@ def test_chat_inputs_are_the_processor_s(folder, tmp_path):
         assert torch.equal(tensors[name], reference[name])
 
 
+def test_the_soft_token_budget_bounds_each_image(folder):
+    """`model.max_image_tokens` is the processor's `max_soft_tokens`: a 90x90 picture fills 64 tokens at the stand-in's
+    70 and 121 at 140 (resized to 264 px: 33x33 patches, pooled 3x3); the codec's bound and the tokenization cache
+    key follow it. Off the processor's budgets, or for another family, it is refused in the recipe."""
+    from silkie.data.formatting import cache_key
+
+    default, larger = (load_tokenizer(section(folder, max_image_tokens=n)) for n in (None, 140))
+    assert (default.image_token_budget, larger.image_token_budget) == (70, 140)
+    record = {"prompt_id": "p", "prompt": "Q", "image": "i", "chosen": "a", "rejected": "b",
+              "chosen_score": 1.0, "rejected_score": 0.0}  # fmt: skip
+    assert cache_key([record], default, 512, "drop") != cache_key([record], larger, 512, "drop")
+    config = AutoConfig.from_pretrained(folder)
+    images = get_family("gemma4").image_processor(config, section(folder, max_image_tokens=140))
+    assert images.image_processor is larger.processor.image_processor
+    at_default = get_family("gemma4").image_processor(config, section(folder))
+    assert at_default([pair_image(0, (90, 90))]).tokens_per_image == [64]
+    batch = images([pair_image(0, (90, 90))])
+    assert batch.tokens_per_image == [121] and batch.tensors["pixel_values"].shape == (1, 140 * 9, 192)
+    with pytest.raises(RecipeError, match="model.max_image_tokens = 100.*one of 70, 140, 280, 560, 1120"):
+        ModelSection(path="m", family="gemma4", max_image_tokens=100).check()
+    with pytest.raises(RecipeError, match="model.max_image_tokens = 140.*only gemma4"):
+        ModelSection(path="m", family="gemma3", max_image_tokens=140).check()
+
+
 def test_fp16_and_liger_are_refused_in_the_recipe():
     """Gemma's activations overflow fp16's range; liger-kernel has no Gemma 4 patch: refused before anything loads."""
     with pytest.raises(RecipeError, match="auto, bf16 or fp32 for family gemma4"):

@@ -3,11 +3,12 @@
 from silkie.errors import RecipeError
 
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
+from .data_section import DataSection
 from .dpo_section import DPOSection
 from .lora_section import LoraSection
+from .model_section import ModelSection
 from .names import BATCH_LEVEL_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, FAMILIES, LOSS_TYPES
 from .recipe import Recipe, load_recipe, recipe_from_dict, save_recipe
-from .sections import DataSection, ModelSection
 from .training import REPORT_TO_CHOICES, TRAINING_CHOICES, TRAINING_KEYS, TRAINING_RANGES
 from .yaml_io import dump_yaml, parse_yaml
 

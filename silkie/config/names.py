@@ -24,6 +24,9 @@ MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items()
 QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds video to
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
+# images resized to fill at most model.max_image_tokens soft tokens, one of the budgets the processor allows
+SOFT_TOKEN_FAMILIES = ("gemma4",)
+SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 # an image's tokens attend each other both ways (a mask per layer kind): no causal-only flash varlen kernel
 BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3", "gemma4")
 NO_FP16_FAMILIES = ("gemma3", "gemma4")  # activations past fp16's range (Gemma's): bf16 or fp32 only

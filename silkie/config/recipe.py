@@ -21,12 +21,13 @@ from silkie.errors import RecipeError
 from .checkpoint import checkpoint_family
 from .checks import coerce, describe, refuse_unknown, suggest, type_ok
 from .cluster import DeepSpeedSection, LaunchSection, SlurmSection
+from .data_section import DataSection
 from .dpo_section import DPOSection
 from .flat import is_flat, translate_flat
 from .lora_section import LoraSection, module_names
+from .model_section import ModelSection
 from .names import MOE_FAMILIES
 from .objective import uses_reference
-from .sections import DataSection, ModelSection
 from .training import TRAINING_KEYS, check_training
 from .yaml_io import apply_overrides, dump_yaml, override_named_in, parse_yaml, yaml_error
 

@@ -7,10 +7,11 @@ image, audio and video tokens, the thought channel); a 2-layer, 32-wide Gemma 4 
 sliding-window layers (a window of 16 positions, shorter than a prompt) between full-attention ones (wider heads,
 keys as values, a quarter of each head rotated: 31B's), per-layer input embeddings (E2B/E4B's) and a last layer that
 reuses the keys and values of the full-attention layer before it (E2B/E4B's KV sharing); a layer that reads a full
-layer's output comes between them, so that what the full layer makes of an image reaches the answers. Images are attended both ways in
-the sliding-window layers (`use_bidirectional_attention: vision`, as 31B and 26B-A4B). With `moe`, each layer adds
-4 routed experts, 2 per token, beside its MLP (26B-A4B's). The chat template has the layout of gemma-4-31B-it's for
-system, user and assistant turns; its generation prompt closes an empty thought channel unless `enable_thinking`.
+layer's output comes between them, so that what the full layer makes of an image reaches the answers. Images are
+attended both ways in the sliding-window layers (`use_bidirectional_attention: vision`, as 31B and 26B-A4B). With
+`moe`, each layer adds 4 routed experts, 2 per token, beside its MLP (26B-A4B's). The chat template has the layout
+of gemma-4-31B-it's for system, user and assistant turns; its generation prompt closes an empty thought channel
+unless `enable_thinking`.
 """
 
 from __future__ import annotations

@@ -25,19 +25,32 @@ from silkie.models.family import PairTextError
 from silkie.models.media import MARKERS, Turns, as_keys, as_turns, media_segments, turn_media, user_texts
 
 
-def load_processor(path: str, min_pixels: int | None, max_pixels: int | None, max_tiles: int | None = None) -> Any:
-    """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds (Qwen2-VL) or tile bound
-    (InternVL) applied; one shared object per folder and bounds (the codec's and the image processor's)."""
-    return _cached_processor(path, min_pixels, max_pixels, max_tiles)
+def load_processor(
+    path: str,
+    min_pixels: int | None,
+    max_pixels: int | None,
+    max_tiles: int | None = None,
+    max_image_tokens: int | None = None,
+) -> Any:
+    """`AutoProcessor` of a checkpoint folder, with the recipe's per-image pixel bounds (Qwen2-VL), tile bound
+    (InternVL) or soft-token budget (Gemma 4) applied; one shared object per folder and bounds (the codec's and the
+    image processor's)."""
+    return _cached_processor(path, min_pixels, max_pixels, max_tiles, max_image_tokens)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_processor(path: str, min_pixels: int | None, max_pixels: int | None, max_tiles: int | None) -> Any:
+def _cached_processor(
+    path: str, min_pixels: int | None, max_pixels: int | None, max_tiles: int | None, max_image_tokens: int | None
+) -> Any:
     from transformers import AutoProcessor
 
     from .processors import load_image_only_processor
 
     processor = load_image_only_processor(path) or AutoProcessor.from_pretrained(path)
+    if max_image_tokens is not None:
+        if not hasattr(processor.image_processor, "max_soft_tokens"):
+            raise InputError("model.max_image_tokens: only Gemma 4's processor takes a soft-token budget")
+        processor.image_processor.max_soft_tokens = max_image_tokens
     if max_tiles is not None:
         if not hasattr(processor.image_processor, "max_patches"):
             raise InputError("model.max_tiles: only tiling processors (InternVL's) take a tile bound")

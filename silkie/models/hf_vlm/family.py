@@ -81,7 +81,9 @@ class HFVisionFamily(ModelFamily):
         """The codec of the checkpoint; tokenizer/processor files from `files` (e.g. an adapter folder) if given."""
         if files is None:
             self.check_folder(section.path)
-        processor = load_processor(files or section.path, section.min_pixels, section.max_pixels, section.max_tiles)
+        processor = load_processor(
+            files or section.path, section.min_pixels, section.max_pixels, section.max_tiles, section.max_image_tokens
+        )
         budget = self.image_token_budget(processor, section.path)
         videos = self.video_processor(processor, section)
         return ChatTemplateCodec(processor, budget, videos, self.video_span_collapsed, self.image_span(processor),

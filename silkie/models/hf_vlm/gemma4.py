@@ -59,7 +59,7 @@ class Gemma4Family(HFVisionFamily):
         return int(processor.image_processor.max_soft_tokens)
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
-        return Gemma4Images(load_processor(section.path, None, None), model_config)
+        return Gemma4Images(load_processor(section.path, None, None, None, section.max_image_tokens), model_config)
 
     def _features(self, base: nn.Module, pixel_values: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         return list(base.model.get_image_features(pixel_values, positions).pooler_output)
