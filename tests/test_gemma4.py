@@ -208,6 +208,31 @@ def test_the_soft_token_budget_bounds_each_image(folder):
         ModelSection(path="m", family="gemma3", max_image_tokens=140).check()
 
 
+def test_the_audio_tower_is_frozen_for_training(folder):
+    """E2B / E4B hear too: no pair feeds their audio tower, which full fine-tuning with `lora.vision` would otherwise
+    leave trainable without a gradient (DDP refuses that); the vision tower stays as the recipe asks."""
+    from transformers import Gemma4AudioConfig, Gemma4ForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(folder)
+    config.audio_config = Gemma4AudioConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            output_proj_dims=16, subsampling_conv_channels=[8, 4])  # fmt: skip
+    model = Gemma4ForConditionalGeneration(config)
+    get_family("gemma4").prepare_for_training(model)
+    hearing = [p for n, p in model.named_parameters() if n.startswith(("model.audio_tower.", "model.embed_audio."))]
+    assert hearing and not any(p.requires_grad for p in hearing)
+    assert all(p.requires_grad for p in model.model.vision_tower.parameters())
+
+
+def test_a_gemma4_12b_folder_is_refused_naming_the_ones_that_load(tmp_path):
+    import json
+
+    from silkie.config.checkpoint import checkpoint_problem
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_unified"}))
+    problem = checkpoint_problem(tmp_path, "gemma4")
+    assert "'gemma4_unified'" in problem and "Gemma 4 12B" in problem and "E2B, E4B, 31B and 26B-A4B" in problem
+
+
 def test_fp16_and_liger_are_refused_in_the_recipe():
     """Gemma's activations overflow fp16's range; liger-kernel has no Gemma 4 patch: refused before anything loads."""
     with pytest.raises(RecipeError, match="auto, bf16 or fp32 for family gemma4"):

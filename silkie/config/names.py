@@ -42,6 +42,8 @@ CONVERT_HINTS = {
     "convert_internvl_weights_to_hf.py (or take OpenGVLab's -hf release), then model.family=internvl",
     "gemma3_text": "a text-only Gemma 3 (gemma-3-1b, gemma-3-270m, MedGemma 27B text); Silkie trains vision-language "
     "models: take a multimodal Gemma 3 (gemma-3-4b-it and larger, model_type gemma3)",
+    "gemma4_unified": "Gemma 4 12B (Gemma4UnifiedForConditionalGeneration, a layout of its own), which no family "
+    "loads yet; the gemma4 family takes Gemma 4 E2B, E4B, 31B and 26B-A4B (model_type gemma4)",
 }
 
 LOSS_TYPES = (

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from silkie.models.family import ImageBatch
+from silkie.models.family import ImageBatch, unwrap_causal_lm
 
 from .codec import ImageSpan, load_processor
 from .family import HFVisionFamily, image_encoder_outputs
@@ -36,13 +36,15 @@ class Gemma4Family(HFVisionFamily):
     )
     vision_parts = ("vision_tower", "embed_vision")
     projector_part = "embed_vision"
-    hearing_parts = ("audio_tower", "embed_audio")  # E2B / E4B: frozen, never fed
+    hearing_parts = ("audio_tower", "embed_audio")  # E2B / E4B's
 
-    def freeze_vision(self, model: nn.Module, keep_projector: bool = False) -> None:
-        super().freeze_vision(model, keep_projector)
+    def prepare_for_training(self, model: nn.Module) -> None:
+        """Freeze the audio tower (E2B / E4B), which no pair feeds: trainable, it would get no gradient, which DDP
+        refuses, in full fine-tuning with the vision tower trained too."""
+        base, _ = unwrap_causal_lm(model)
         for part in self.hearing_parts:
-            if getattr(model.model, part, None) is not None:
-                getattr(model.model, part).requires_grad_(False)
+            if getattr(base.model, part, None) is not None:
+                getattr(base.model, part).requires_grad_(False)
 
     def quantization_skip_modules(self) -> list[str]:
         return ["lm_head", *self.vision_parts, *self.hearing_parts]
