@@ -1,5 +1,6 @@
 """Gemma 3: prompts and pixels exactly as `Gemma3Processor` makes them (blank lines around each image joined with the
-text), an image's tokens attended both ways and sliding-window layers in the packed rows, generation's stops."""
+text), an image's tokens attended both ways and sliding-window layers in the packed rows (what Gemma 3 and 4 share,
+generation's stops among it: test_gemma_families)."""
 
 from __future__ import annotations
 
@@ -121,25 +122,6 @@ def test_eager_attention_takes_the_packed_rows_masks_too(folder):
     assert_same_step(run_step(model, batch, OPTION_SETS["all"], pad), run_step(model, batch, PLAIN, pad))
 
 
-def test_chat_inputs_are_the_processor_s_with_token_types(folder, tmp_path):
-    """`silkie chat` / `evaluate` / `annotate` build a prompt as training does: the processor's ids for the whole
-    generation prompt, and the token types `generate` needs to attend the image both ways."""
-    from silkie.tools.chat_inputs import family_inputs
-
-    config = AutoConfig.from_pretrained(folder)
-    picture = tmp_path / "p.png"
-    pair_image(3, (90, 60)).save(picture)
-    _, ids, tensors = family_inputs(folder, None, config, [str(picture)], [], "What is <image> showing?")
-    processor = load_tokenizer(section(folder)).processor
-    parts = [{"type": "text", "text": "What is "}, {"type": "image"}, {"type": "text", "text": " showing?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                         tokenize=False)  # fmt: skip
-    reference = processor(images=[pair_image(3, (90, 60))], text=[text], return_tensors="pt", add_special_tokens=False)
-    assert torch.equal(ids, reference["input_ids"])
-    assert torch.equal(tensors["token_type_ids"], reference["token_type_ids"])
-    assert torch.equal(tensors["pixel_values"], reference["pixel_values"])
-
-
 def test_newline_runs_saved_as_special_are_not_image_tags(folder, tmp_path):
     """A fine-tune may save Gemma's newline runs as special tokens: texts with blank lines still encode."""
     import shutil
@@ -172,29 +154,6 @@ def test_pan_and_scan_and_a_token_count_mismatch_are_refused(folder, tmp_path):
     (scanned / "processor_config.json").write_text(json.dumps(settings))
     with pytest.raises(InputError, match="turns on pan-and-scan"):
         get_family("gemma3").image_processor(AutoConfig.from_pretrained(folder), section(scanned))
-
-
-def test_generation_stops_at_the_end_of_turn_and_sees_the_image_both_ways(folder):
-    """The tokenizer's EOS is `<eos>`; a turn ends with `<end_of_turn>`, which the model's generation config names:
-    `generate` stops at both. Prompts for `generate` carry the token types, so the prefill attends an image both
-    ways as training does."""
-    from silkie.models.generation import prompt_generation_inputs, stop_token_ids
-
-    model = load_base_model(section(folder))
-    codec = load_tokenizer(section(folder))
-    end_of_turn = codec.tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    assert stop_token_ids(codec.tokenizer, model) == [codec.tokenizer.eos_token_id, end_of_turn]
-    assert stop_token_ids(codec.tokenizer) == [codec.tokenizer.eos_token_id]
-    batch, _ = family_batch(folder, "gemma3", model)
-    inputs = prompt_generation_inputs(model, batch, 0)
-    assert torch.equal(inputs["token_type_ids"], (inputs["input_ids"] == model.config.image_token_id).long())
-    with torch.no_grad():
-        both_ways = model(**inputs).logits[0, -1]
-        causal = model(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits[0, -1]
-        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)  # fmt: skip
-    assert (both_ways - causal).abs().max() > 1e-2  # the prefill's first logits are the both-ways forward's
-    torch.testing.assert_close(out.logits[0][0], both_ways, atol=1e-5, rtol=0)
 
 
 def test_liger_patches_gemma3_with_its_geglu_kernel(folder, monkeypatch):
@@ -246,20 +205,3 @@ def test_a_folder_laid_out_as_the_releases_loads_the_same(folder, tmp_path):
     assert theirs.answer_ids("Red.") == ours.answer_ids("Red.")
     images = get_family("gemma3").image_processor(model.config, section(released))
     assert images([pair_image(1, (80, 60))]).tensors["pixel_values"].shape == (1, 3, 112, 112)
-
-
-def test_a_text_only_gemma3_folder_is_refused_naming_the_multimodal_ones(tmp_path):
-    from silkie.config.checkpoint import checkpoint_problem
-
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
-    problem = checkpoint_problem(tmp_path, "gemma3")
-    assert "'gemma3_text'" in problem and "text-only Gemma 3" in problem and "gemma-3-4b-it" in problem
-
-
-def test_fp16_is_refused_in_the_recipe():
-    """Gemma's activations overflow fp16's range: a recipe asking for it is refused before anything loads."""
-    from silkie.errors import RecipeError
-
-    with pytest.raises(RecipeError, match="auto, bf16 or fp32 for family gemma3"):
-        ModelSection(path="m", family="gemma3", dtype="fp16").check()
-    ModelSection(path="m", family="gemma3", dtype="bf16").check()

@@ -1,6 +1,7 @@
 """Gemma 4: prompts, pixels and patch positions exactly as `Gemma4Processor` makes them, TRL's split of the generation
 prompt's empty thought channel, images attended both ways in the sliding-window layers only, the KV-sharing layers
-and the logit cap on the chunked log-probs, the routed experts (26B-A4B), generation's stops."""
+and the logit cap on the chunked log-probs, the routed experts (26B-A4B), the soft-token budget (what Gemma 3 and 4
+share: test_gemma_families)."""
 
 from __future__ import annotations
 
@@ -144,46 +145,6 @@ def test_routed_experts_take_lora_and_the_paths_agree(tmp_path):
     assert len(experts) == 2 * 2 * 4 and all(plain[3][name].abs().max() > 0 for name in experts)  # A, B x 2 x 4
 
 
-def test_generation_stops_at_the_end_of_turn_and_sees_the_image_both_ways(folder):
-    """`generate` stops at `<eos>` and `<turn|>` (the generation config's), and its prompt carries the token types,
-    so the prefill attends an image both ways in the sliding-window layers, as training does."""
-    from silkie.models.generation import prompt_generation_inputs, stop_token_ids
-
-    model = load_base_model(section(folder))
-    codec = load_tokenizer(section(folder))
-    end_of_turn = codec.tokenizer.convert_tokens_to_ids("<turn|>")
-    assert stop_token_ids(codec.tokenizer, model) == [codec.tokenizer.eos_token_id, end_of_turn]
-    batch, _ = family_batch(folder, "gemma4", model)
-    inputs = prompt_generation_inputs(model, batch, 0)
-    assert set(inputs) >= {"pixel_values", "image_position_ids", "mm_token_type_ids"}
-    with torch.no_grad():
-        both_ways = model(**inputs).logits[0, -1]
-        causal = model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}).logits[0, -1]
-        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)  # fmt: skip
-    assert (both_ways - causal).abs().max() > 1e-3
-    torch.testing.assert_close(out.logits[0][0], both_ways, atol=1e-5, rtol=0)
-
-
-def test_chat_inputs_are_the_processor_s(folder, tmp_path):
-    """`silkie chat` / `evaluate` / `annotate` build a prompt as training does: the processor's ids for the whole
-    generation prompt (its empty thought channel too), patches, positions and token types."""
-    from silkie.tools.chat_inputs import family_inputs
-
-    config = AutoConfig.from_pretrained(folder)
-    picture = tmp_path / "p.png"
-    pair_image(3, (90, 60)).save(picture)
-    _, ids, tensors = family_inputs(folder, None, config, [str(picture)], [], "What is <image> showing?")
-    processor = load_tokenizer(section(folder)).processor
-    parts = [{"type": "text", "text": "What is "}, {"type": "image"}, {"type": "text", "text": " showing?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
-                                         tokenize=False)  # fmt: skip
-    reference = processor(images=[pair_image(3, (90, 60))], text=[text], return_tensors="pt", add_special_tokens=False)
-    assert torch.equal(ids, reference["input_ids"])
-    for name in ("mm_token_type_ids", "pixel_values", "image_position_ids"):
-        assert torch.equal(tensors[name], reference[name])
-
-
 def test_the_soft_token_budget_bounds_each_image(folder):
     """`model.max_image_tokens` is the processor's `max_soft_tokens`: a 90x90 picture fills 64 tokens at the stand-in's
     70 and 121 at 140 (resized to 264 px: 33x33 patches, pooled 3x3); the codec's bound and the tokenization cache
@@ -223,20 +184,8 @@ def test_the_audio_tower_is_frozen_for_training(folder):
     assert all(p.requires_grad for p in model.model.vision_tower.parameters())
 
 
-def test_a_gemma4_12b_folder_is_refused_naming_the_ones_that_load(tmp_path):
-    import json
-
-    from silkie.config.checkpoint import checkpoint_problem
-
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_unified"}))
-    problem = checkpoint_problem(tmp_path, "gemma4")
-    assert "'gemma4_unified'" in problem and "Gemma 4 12B" in problem and "E2B, E4B, 31B and 26B-A4B" in problem
-
-
-def test_fp16_and_liger_are_refused_in_the_recipe():
-    """Gemma's activations overflow fp16's range; liger-kernel has no Gemma 4 patch: refused before anything loads."""
-    with pytest.raises(RecipeError, match="auto, bf16 or fp32 for family gemma4"):
-        ModelSection(path="m", family="gemma4", dtype="fp16").check()
+def test_liger_is_refused_in_the_recipe():
+    """liger-kernel has no Gemma 4 patch: refused before anything loads (fp16 too: test_gemma_families)."""
     with pytest.raises(RecipeError, match="model.liger_kernels = True.*no patch"):
         ModelSection(path="m", family="gemma4", liger_kernels=True).check()
-    ModelSection(path="m", family="gemma4", dtype="bf16").check()
+    ModelSection(path="m", family="gemma4").check()
