@@ -3,10 +3,10 @@ run), every run through its trainer.
 
 Qwen-VL-Chat (`--family qwen_vl`, default): the plain (TRL-equivalent) step vs the optimized step.
 Qwen2-VL / Qwen3-VL / LLaVA / InternVL / Gemma 3 (`--family qwen2_vl|qwen3_vl|qwen3_vl_moe|llava|internvl|gemma3`;
-with `--tiny` every transformers family, Qwen3.5 and Gemma 4 included): TRL's own `DPOTrainer` vs ours (plain, optimized, cached
-reference), each through its trainer. Prints pairs/s, tokens/s, peak memory (with `--count-flops`, TFLOP/pair and
-MFU of our runs) per run and batch size, then the ratios against the baseline (plain, or TRL; then TRL's best
-against ours).
+with `--tiny` every transformers family, Qwen3.5 and Gemma 4 included): TRL's own `DPOTrainer` vs ours (plain,
+optimized, cached reference), each through its trainer. Prints pairs/s, tokens/s, peak memory (with `--count-flops`,
+TFLOP/pair and MFU of our runs) per run and batch size, then the ratios against the baseline (plain, or TRL; then
+TRL's best against ours).
 CPU with the tiny model:  python scripts/benchmark.py --tiny
 GPU at Qwen-VL-Chat size: python scripts/benchmark.py --device cuda --dtype bf16 --batch-sizes 2 4 8
 TRL vs ours, CPU tiny:     python scripts/benchmark.py --family qwen2_vl --tiny --image-px 112
