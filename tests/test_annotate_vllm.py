@@ -10,8 +10,9 @@ import sys
 import textwrap
 
 import pytest
+from PIL import Image
 
-from silkie.config import ModelSection
+from silkie.config import ModelSection, RecipeError
 from silkie.config.annotate import PoolModel
 from silkie.tools.annotate.cli import main
 from silkie.tools.annotate.files import read_jsonl
@@ -207,3 +208,31 @@ def test_a_pool_adapter_s_run_renders_its_prompts_with_its_chat_template_kwargs(
     plain = VllmResponder(PoolModel(path=str(base), backend="vllm"), tmp_path / "out")
     assert tuned.prompt_text("What is this?").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert plain.prompt_text("What is this?").endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_a_pool_model_s_own_chat_template_kwargs_render_its_prompts(standin_vllm, folder, tmp_path):
+    """A pool model's `chat_template_kwargs` (Qwen3.5 with thinking off, no adapter) render its prompts on vLLM and
+    with transformers alike; bad ones are refused in pool.yaml, and any on Qwen-VL-Chat when the model loads."""
+    from silkie.config.annotate import load_pool
+    from silkie.dev.tiny_qwen3_5 import build_tiny_qwen3_5
+    from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
+    from silkie.tools.annotate.sample import Responder
+    from silkie.tools.annotate.vllm_backend import VllmResponder
+
+    base = build_tiny_qwen3_5(tmp_path / "qwen3.5")
+    off = {"enable_thinking": False}
+    engine = VllmResponder(PoolModel(path=str(base), backend="vllm", chat_template_kwargs=off), tmp_path / "out")
+    assert engine.prompt_text("What is this?").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    image = folder / "picture.png"
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(image)
+    tokenizer, ids, _ = Responder(PoolModel(path=str(base), chat_template_kwargs=off), device="cpu").inputs(image, "Q")
+    assert tokenizer.decode(ids[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    _, default_ids, _ = Responder(PoolModel(path=str(base)), device="cpu").inputs(image, "Q")
+    assert tokenizer.decode(default_ids[0]).endswith("<|im_start|>assistant\n<think>\n")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(f"models:\n  - {{path: {base}, chat_template_kwargs: {{enable_thinking: no}}}}\n")
+    with pytest.raises(RecipeError, match=r"pool.models\[0\].chat_template_kwargs.enable_thinking = 'no'.*true or"):
+        load_pool(pool)
+    qwen_vl = build_tiny_checkpoint(tmp_path / "qwen-vl")
+    with pytest.raises(ToolError, match=r"pool model qwen-vl: chat_template_kwargs = .*null for a qwen_vl model"):
+        Responder(PoolModel(path=str(qwen_vl), chat_template_kwargs=off), device="cpu")

@@ -13,6 +13,7 @@ from silkie.errors import RecipeError
 
 from .checks import choice, key, require
 from .cluster import SlurmSection
+from .model_section import check_chat_template_kwargs
 from .recipe import _build_section
 from .yaml_io import parse_yaml, yaml_error
 
@@ -41,6 +42,12 @@ class PoolModel:
     backend: str = key(
         "auto", "transformers (`generate`), vllm, or auto: vllm when it is installed and a GPU is here.", ""
     )
+    chat_template_kwargs: dict | None = key(
+        None,
+        "Variables of the model's chat template for its prompts, e.g. {enable_thinking: false} (Qwen3.5) (null: "
+        "those of the adapter's run, else none); not for qwen_vl.",
+        "",
+    )
 
     @property
     def label(self) -> str:
@@ -54,6 +61,7 @@ class PoolModel:
         require(0 < self.top_p <= 1, f"{where}.top_p", self.top_p, "a number in (0, 1]")
         require(self.batch_size >= 1, f"{where}.batch_size", self.batch_size, "an integer >= 1")
         choice(f"{where}.backend", self.backend, BACKENDS)
+        check_chat_template_kwargs(self.chat_template_kwargs, f"{where}.chat_template_kwargs")
 
 
 @dataclass

@@ -5,6 +5,7 @@ Imports no torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .checks import choice, key, require
 from .names import (
@@ -204,37 +205,42 @@ class ModelSection:
                 require(bottom <= top, f"model.{low}", bottom, f"<= model.{high}")
 
     def _check_chat_template_kwargs(self) -> None:
-        kwargs = self.chat_template_kwargs
-        if kwargs is None:
-            return
+        check_chat_template_kwargs(self.chat_template_kwargs, "model.chat_template_kwargs")
         require(
-            isinstance(kwargs, dict) and all(isinstance(name, str) and name.isidentifier() for name in kwargs),
+            self.chat_template_kwargs is None or self.family != "qwen_vl",
             "model.chat_template_kwargs",
-            kwargs,
-            "a mapping of the template's variable names to values, e.g. {enable_thinking: false}",
-        )
-        require(
-            self.family != "qwen_vl",
-            "model.chat_template_kwargs",
-            kwargs,
+            self.chat_template_kwargs,
             "null for family qwen_vl (its prompt format is the original's, not a chat template)",
         )
-        for name, value in kwargs.items():
-            require(
-                name not in RENDER_ARGUMENTS,
-                f"model.chat_template_kwargs.{name}",
-                value,
-                "left out: Silkie sets it when it renders a prompt (only the template's own variables go here)",
-            )
-            require(
-                value is None or isinstance(value, (str, bool, int, float)),
-                f"model.chat_template_kwargs.{name}",
-                value,
-                "a string, number, true/false or null",
-            )
-            require(  # `no` in a YAML file is the string 'no', which a template's `is false` test does not take
-                not name.startswith("enable_") or isinstance(value, bool),
-                f"model.chat_template_kwargs.{name}",
-                value,
-                "true or false (a switch)",
-            )
+
+
+def check_chat_template_kwargs(kwargs: Any, where: str) -> None:
+    """One-line `RecipeError` unless `kwargs` (at `where`) is null or a mapping of the chat template's own variables
+    to scalar values (apply_chat_template's arguments refused; an `enable_*` switch true or false)."""
+    if kwargs is None:
+        return
+    require(
+        isinstance(kwargs, dict) and all(isinstance(name, str) and name.isidentifier() for name in kwargs),
+        where,
+        kwargs,
+        "a mapping of the template's variable names to values, e.g. {enable_thinking: false}",
+    )
+    for name, value in kwargs.items():
+        require(
+            name not in RENDER_ARGUMENTS,
+            f"{where}.{name}",
+            value,
+            "left out: Silkie sets it when it renders a prompt (only the template's own variables go here)",
+        )
+        require(
+            value is None or isinstance(value, (str, bool, int, float)),
+            f"{where}.{name}",
+            value,
+            "a string, number, true/false or null",
+        )
+        require(  # `no` in a YAML file is the string 'no', which a template's `is false` test does not take
+            not name.startswith("enable_") or isinstance(value, bool),
+            f"{where}.{name}",
+            value,
+            "true or false (a switch)",
+        )

@@ -180,7 +180,7 @@ class FamilyPrompter:
     """Qwen2-VL / LLaVA prompt inputs of one model folder (+ adapter): the codec and the image/video processor,
     with the adapter's run's pixel bounds and video frames, loaded once for any number of questions."""
 
-    def __init__(self, model_dir: Any, adapter_dir: Any, config: Any):
+    def __init__(self, model_dir: Any, adapter_dir: Any, config: Any, template_kwargs: dict | None = None):
         from silkie.config import ModelSection
         from silkie.models.family import get_family
         from silkie.tools.common import family_of, load_codec_from
@@ -190,6 +190,8 @@ class FamilyPrompter:
         section = ModelSection(path=str(model_dir), family=self.family)
         if self.recipe is not None:  # the run's pixel bounds
             section = dataclasses.replace(self.recipe.model, path=str(model_dir), family=self.family)
+        if template_kwargs is not None:  # a pool model's own (`silkie annotate`)
+            section = dataclasses.replace(section, chat_template_kwargs=template_kwargs)
         self.codec = load_codec_from(model_dir, adapter_dir, section=section)
         self.family_impl = get_family(self.family)
         self.processor = self.family_impl.image_processor(config, section)
@@ -247,8 +249,8 @@ class PromptBuilder:
     """One loaded model's prompt inputs for any number of single-turn questions, every family: the Qwen-VL-Chat
     tokenizer, or the other families' codec and processor (loaded at the first question)."""
 
-    def __init__(self, chat: Any):
-        self.chat = chat
+    def __init__(self, chat: Any, template_kwargs: dict | None = None):
+        self.chat, self.template_kwargs = chat, template_kwargs  # the chat template's variables (null: the run's)
         self.tokenizer = qwen_vl_tokenizer(chat) if chat.family == "qwen_vl" else None
         self.prompter: FamilyPrompter | None = None
 
@@ -258,5 +260,7 @@ class PromptBuilder:
             ids, tensors = qwen_vl_inputs(self.chat, self.tokenizer, images, question, system, [])
             return self.tokenizer, ids, tensors
         if self.prompter is None:
-            self.prompter = FamilyPrompter(self.chat.model_dir, self.chat.adapter_dir, self.chat.config)
+            self.prompter = FamilyPrompter(
+                self.chat.model_dir, self.chat.adapter_dir, self.chat.config, self.template_kwargs
+            )
         return self.prompter(images, [], question)

@@ -103,7 +103,8 @@ def load_codec_from(model_dir: str | Path, *folders: str | Path | None, section:
         raise ToolError(f"no tokenizer_config.json in {', '.join(str(f) for f in (*folders, model_dir) if f)}")
     bounds = {}
     if section is not None:
-        names = ("min_pixels", "max_pixels", "max_tiles", "chat_template_kwargs")  # as the run's codec
+        # as the run's codec: its image bounds and chat template variables
+        names = ("min_pixels", "max_pixels", "max_tiles", "max_image_tokens", "chat_template_kwargs")
         bounds = {name: getattr(section, name) for name in names}
     return get_family(family).load_codec(ModelSection(path=str(model_dir), family=family, **bounds), files=str(found))
 

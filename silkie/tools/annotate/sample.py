@@ -86,7 +86,8 @@ class Responder:
 
         self.spec = model
         self.chat = load_chat_model(model.path, model.adapter, model.dtype, device)
-        self.prompt = PromptBuilder(self.chat)
+        refuse_template_kwargs(model, self.chat.family)
+        self.prompt = PromptBuilder(self.chat, model.chat_template_kwargs)
         sample = model.temperature > 0
         self.options = GenerationOptions(model.max_new_tokens, sample, model.top_p, model.temperature or 1.0)
 
@@ -109,6 +110,16 @@ class Responder:
 
         pairs = [(ids, tensors) for _, ids, tensors in prompts]
         return generate_batch(self.chat, prompts[0][0], pairs, self.options, seeds)
+
+
+def refuse_template_kwargs(model: PoolModel, family: str) -> None:
+    """`ToolError` for a pool model's `chat_template_kwargs` on Qwen-VL-Chat, whose prompts are the original's
+    format, not a chat template's."""
+    if model.chat_template_kwargs is not None and family == "qwen_vl":
+        raise ToolError(
+            f"pool model {model.label}: chat_template_kwargs = {model.chat_template_kwargs!r}: null for a qwen_vl "
+            "model (its prompt format is the original's, not a chat template)"
+        )
 
 
 def shard_file(index: int, count: int) -> str:

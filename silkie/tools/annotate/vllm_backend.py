@@ -74,14 +74,22 @@ class VllmResponder:
     def __init__(self, model: PoolModel, out: Path):
         from vllm import LLM
 
+        from silkie.config import ModelSection
+        from silkie.tools.annotate.sample import refuse_template_kwargs
         from silkie.tools.chat_inputs import run_recipe
         from silkie.tools.common import family_of, load_codec_from
 
         self.spec = model
         folder = servable_folder(model, out)
         self.family = family_of(folder)
+        refuse_template_kwargs(model, self.family)
         recipe = run_recipe(model.adapter)  # an adapter's run renders its prompts (chat template kwargs) as it did
         section = None if recipe is None else dataclasses.replace(recipe.model, path=str(folder), family=self.family)
+        if model.chat_template_kwargs is not None:  # the pool model's own
+            section = dataclasses.replace(
+                section or ModelSection(path=str(folder), family=self.family),
+                chat_template_kwargs=model.chat_template_kwargs,
+            )
         self.codec = load_codec_from(folder, section=section)
         self.template_bos = "" if self.family == "qwen_vl" else added_bos(self.codec.tokenizer)  # stripped per prompt
         dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[model.dtype]
