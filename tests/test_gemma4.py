@@ -76,6 +76,30 @@ def test_the_empty_thought_channel_stays_with_the_generation_prompt(folder):
     assert thinking.answer_ids("A cat.") == codec.answer_ids("A cat.")
 
 
+@pytest.mark.parametrize(
+    ("system_branch", "rendered"),
+    [  # gemma-4-31B-it's first release: a list of parts would be written as its repr, so the text goes as a string
+        ("{{- messages[0]['content'] | trim -}}", "<|turn>system\nBe brief.<turn|>\n"),
+        # later revisions: list parts each trimmed and followed by a space; TRL's list form is kept
+        ("{%- if messages[0]['content'] is string -%}{{- messages[0]['content'] | trim -}}{%- else -%}"
+         "{%- for item in messages[0]['content'] -%}{{- item['text'] | trim + ' ' -}}{%- endfor -%}{%- endif -%}",
+         "<|turn>system\nBe brief. <turn|>\n"),
+    ],
+)  # fmt: skip
+def test_system_messages_as_the_release_templates_render_them(folder, system_branch, rendered):
+    from silkie.dev.tiny_gemma4 import GEMMA4_CHAT_TEMPLATE
+
+    codec = load_tokenizer(section(folder))
+    ours = "{{- content_text(messages[0]['content'], 'system') -}}"
+    assert ours in GEMMA4_CHAT_TEMPLATE
+    try:
+        codec.processor.chat_template = GEMMA4_CHAT_TEMPLATE.replace(ours, system_branch)
+        text = codec.prompt_text("Q", system="Be brief.")
+    finally:
+        codec.processor.chat_template = GEMMA4_CHAT_TEMPLATE  # the processor is cached per folder
+    assert text.startswith(f"<bos>{rendered}<|turn>user\nQ<turn|>\n") and "'type'" not in text
+
+
 @pytest.mark.parametrize("both_ways", ["vision", None])  # 31B / 26B-A4B; E2B / E4B
 def test_packed_rows_attend_images_both_ways_in_the_sliding_layers_only(folder, both_ways):
     """As transformers' `create_masks_for_vision_model`: the full-attention layers are causal (the block mask); the
@@ -167,6 +191,44 @@ def test_the_soft_token_budget_bounds_each_image(folder):
         ModelSection(path="m", family="gemma4", max_image_tokens=100).check()
     with pytest.raises(RecipeError, match="model.max_image_tokens = 140.*only gemma4"):
         ModelSection(path="m", family="gemma3", max_image_tokens=140).check()
+
+
+def test_an_encoder_s_masks_and_4_bit_experts_are_refused_at_load(folder, tmp_path):
+    """`use_bidirectional_attention: all` (every token both ways) and 4-bit weights for the experts, which
+    bitsandbytes would leave unquantized (and peft cast to fp32), are refused before the weights load."""
+    import json
+    import shutil
+
+    from silkie.errors import InputError
+
+    encoder = tmp_path / "encoder"
+    shutil.copytree(folder, encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "all"
+    (encoder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="use_bidirectional_attention: all"):
+        load_base_model(section(encoder))
+    experts = build_tiny_gemma4_moe(tmp_path / "moe")
+    with pytest.raises(InputError, match=r"lora.load_in_4bit with a Gemma 4 mixture of experts"):
+        get_family("gemma4").load_model(section(experts), torch.float32, quantization_config=object())
+
+
+def test_reentrant_checkpointing_is_refused_where_layers_share_keys_and_values(folder):
+    """A reentrant checkpoint runs the layer that stores the shared keys and values without gradients, so the
+    sharing layers' gradients into it would be lost (E2B / E4B): refused with the key to change."""
+    from types import SimpleNamespace
+
+    from silkie.errors import InputError
+    from silkie.train.build import _check_reentrant_checkpointing
+
+    model = load_base_model(section(folder))
+    reentrant = SimpleNamespace(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(InputError, match=r"use_reentrant: true .*: 1 of its layers reuse earlier layers' keys"):
+        _check_reentrant_checkpointing(reentrant, model, "gemma4")
+    plain = SimpleNamespace(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+    _check_reentrant_checkpointing(plain, model, "gemma4")
+    model.config.get_text_config().num_kv_shared_layers = 0  # 31B, 26B-A4B
+    _check_reentrant_checkpointing(reentrant, model, "gemma4")
 
 
 def test_the_audio_tower_is_frozen_for_training(folder):

@@ -223,6 +223,10 @@ class ModelFamily:
         """Last hidden states [R, L, D] (LoRA active as in `model`), without computing logits."""
         raise NotImplementedError
 
+    def reentrant_checkpointing_problem(self, base: nn.Module) -> str | None:
+        """Why reentrant activation checkpointing would give this model wrong gradients, or None (most models)."""
+        return None
+
     def output_head(self, base: nn.Module) -> nn.Module:
         """Hidden states -> logits as the model's own forward computes them: `lm_head` (and, where the model caps its
         logits, the cap), applied to answer positions only by the chunked log-probs."""

@@ -139,6 +139,7 @@ def build_trainer(
 
         say(settings_line(args, recipe.dpo.beta, recipe.dpo.loss_type))
     model, ref_model = _policy_and_reference(recipe, base_model, policy, args.seed)
+    _check_reentrant_checkpointing(args, model, recipe.model.family)
     trainer = _trainer(recipe, working, args, model, ref_model, codec, data, dtype, bookkeeping, callbacks, preemption)
     if recipe.dpo.sync_ref_model and policy is None:  # a finished policy is scored against its starting model
         _reference_sync(recipe, trainer, bookkeeping)
@@ -162,6 +163,22 @@ def _explain_video_drops(recipe: Recipe, codec: Any, report: Any) -> None:
             f"{report.too_long_with_video} pairs with a video were dropped as too_long: a video of "
             f"data.video_max_frames = {recipe.data.video_max_frames} frames may take {budget} tokens, not below "
             f"dpo.max_length = {recipe.dpo.max_length}; lower {pixels}data.video_max_frames, or raise dpo.max_length"
+        )
+
+
+def _check_reentrant_checkpointing(args: Any, model: nn.Module, family: str) -> None:
+    """`InputError` where reentrant activation checkpointing would lose gradients the model needs (the family's
+    reason, e.g. layers that reuse an earlier layer's keys and values)."""
+    from silkie.models.family import get_family, unwrap_causal_lm
+
+    options = args.activation_checkpointing_kwargs or {}
+    if not (args.activation_checkpointing and options.get("use_reentrant")):
+        return
+    problem = get_family(family).reentrant_checkpointing_problem(unwrap_causal_lm(model)[0])
+    if problem:
+        raise InputError(
+            f"training.activation_checkpointing_kwargs.use_reentrant: true with this checkpoint: {problem}; set it to "
+            "false (the default)"
         )
 
 

@@ -89,8 +89,9 @@ def _without_markers(text: str) -> str:
     return MARKERS.sub("", text)
 
 
-def _system_message(text: str) -> dict:
-    return {"role": "system", "content": [{"type": "text", "text": text}]}
+def _system_message(text: str, as_string: bool = False) -> dict:
+    """A system message with its text as a content part (TRL's form), or `as_string` as the bare text."""
+    return {"role": "system", "content": text if as_string else [{"type": "text", "text": text}]}
 
 
 def _assistant_message(text: str) -> dict:
@@ -139,7 +140,8 @@ class ChatTemplateCodec:
         self._special_ids = frozenset(index for index, token in decoder.items() if token.special)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
-        self._system_probe: tuple[str | None, bool] = (None, False)  # (template, renders a system message)
+        # (template, renders a system message, takes it as a string: it writes a list of parts as their repr)
+        self._system_probe: tuple[str | None, bool, bool] = (None, False, False)
         self._prompt_tail: tuple[str | None, str] = (None, "")  # (template, generation prompt text past the answer)
 
     def _refuse_video(self, videos: Any) -> None:
@@ -202,7 +204,9 @@ class ChatTemplateCodec:
         if system is not None and not self._renders_system():
             raise PairTextError("system_unsupported", f"{type(self.processor).__name__}'s chat template leaves the "
                                 "system message out (or refuses one)")  # fmt: skip
-        text = self._render(messages if system is None else [_system_message(system), *messages], True)
+        if system is not None:
+            messages = [_system_message(system, self._system_probe[2]), *messages]
+        text = self._render(messages, True)
         tail = "" if generation else self.generation_tail
         return text[: -len(tail)] if tail and text.endswith(tail) else text
 
@@ -222,14 +226,20 @@ class ChatTemplateCodec:
 
     def _renders_system(self) -> bool:
         """Whether the chat template renders a system message (probed once per template with a text no prompt holds;
-        a template that raises on one, as Gemma's, does not)."""
+        a template that raises on one, as Gemma 3's, does not). A template that writes a system message's list of
+        content parts as its Python repr (gemma-4-31B-it's first release: `content | trim`) gets the bare text."""
         template = str(self.processor.chat_template or self.tokenizer.chat_template or "")
         if self._system_probe[0] != template:
-            try:
-                text = self._render([_system_message(SYSTEM_PROBE), *self._messages("x")], True)
-            except Exception:  # jinja2's TemplateError from the template's raise_exception
-                text = ""
-            self._system_probe = (template, SYSTEM_PROBE in text)
+            found = (False, False)
+            for as_string in (False, True):
+                try:
+                    text = self._render([_system_message(SYSTEM_PROBE, as_string), *self._messages("x")], True)
+                except Exception:  # jinja2's TemplateError from the template's raise_exception
+                    continue
+                if SYSTEM_PROBE in text and repr(SYSTEM_PROBE) not in text:
+                    found = (True, as_string)
+                    break
+            self._system_probe = (template, *found)
         return self._system_probe[1]
 
     def prompt_ids(
