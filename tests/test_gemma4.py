@@ -5,6 +5,8 @@ share: test_gemma_families)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoConfig
@@ -59,6 +61,49 @@ def test_prompt_ids_pixels_positions_and_token_types_equal_the_processor_s(folde
     assert torch.equal(token_types, reference["mm_token_type_ids"])
     assert processed.tokens_per_image == [int(n) for n in (reference["image_position_ids"][..., 0] >= 0).sum(1) // 9]
     assert expanded.count(config.boi_token_id) == expanded.count(config.eoi_token_id) == len(sizes)
+
+
+@pytest.mark.parametrize("prompt", ["What happens in <video>?", "Clip:<video> and <image>", "<video>"])
+def test_video_ids_are_the_processor_s_frame_by_frame(folder, prompt):
+    """A video's marker becomes, per frame, `mm:ss <|image>` + its soft tokens + `<image|>`, frames joined by spaces,
+    as `Gemma4Processor.replace_video_token` writes it (the text written in place, tokenized with the prompt: the
+    first time joins the text before it); frames are sized at the video budget (70 tokens), as the official
+    `get_aspect_ratio_preserving_size` gives."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma4.processing_gemma4 import get_aspect_ratio_preserving_size
+
+    from silkie.models.family import VideoClip
+
+    codec = load_tokenizer(section(folder))
+    family = get_family("gemma4")
+    config = AutoConfig.from_pretrained(folder)
+    images = family.image_processor(config, section(folder))
+    frames = [pair_image(k, (80, 50)) for k in range(3)]
+    clip = VideoClip(frames, fps=0.5, times=(0.0, 2.0, 61.0))  # 00:00, 00:02, 01:01
+    pictures = [pair_image(9, (64, 64))] if "<image>" in prompt else []
+    ids = codec.prompt_ids(prompt, ["a"] * len(pictures), ["v"], generation=True)
+    processed = images(pictures, videos=[clip])
+    (expanded,) = PairCollator._expanded([ids], processed, [len(pictures)], [1])
+    height, width = get_aspect_ratio_preserving_size(50, 80, patch_size=8, max_patches=70 * 9, pooling_kernel_size=3)
+    per_frame = (height // 8) * (width // 8) // 9
+    assert processed.tensors["num_frames_per_video"].tolist() == [3]
+    assert (processed.tensors["video_position_ids"][..., 0] >= 0).sum(1).tolist() == [9 * per_frame] * 3
+    kinds = {"<image>": "image", "<video>": "video"}
+    content = [{"type": kinds[piece]} if piece in kinds else {"type": "text", "text": piece}
+               for piece in re.split("(<image>|<video>)", prompt)]  # fmt: skip
+    text = codec.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                               tokenize=False)  # fmt: skip
+    metadata = SimpleNamespace(fps=0.5, timestamps=[0.0, 2.0, 61.0])
+    inputs = {"num_soft_tokens_per_video": [per_frame], "video_metadata": [metadata]}
+    video = codec.processor.replace_video_token(inputs, 0)
+    assert video.startswith("00:00 <|image>") and " 01:01 <|image>" in video
+    text = text.replace("<|video|>", video, 1)
+    if pictures:
+        count = processed.tokens_per_image[0]
+        text = text.replace("<|image|>", f"<|image>{'<|image|>' * count}<image|>", 1)
+    assert expanded == codec.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert expanded.count(config.video_token_id) == 3 * per_frame
 
 
 def test_the_empty_thought_channel_stays_with_the_generation_prompt(folder):

@@ -118,6 +118,10 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
         if family == "internvl":
             texts = sum(len(codec.tokenizer(f"{chr(10) * (k > 0)}Frame{k + 1}: ")["input_ids"]) for k in range(64))
             assert codec.video_token_budget(64) == texts + 64 * (16 + 2) + 1  # + 1: joined with the text before
+        elif family == "gemma4":  # per frame `mm:ss ` (after a space from the second on), <|image>, 70, <image|>
+            first = len(codec.tokenizer("99:59 ", add_special_tokens=False)["input_ids"])
+            later = len(codec.tokenizer("<image|> 99:59 ", add_special_tokens=False)["input_ids"]) - 1
+            assert codec.video_token_budget(64) == first + 63 * later + 64 * (70 + 2) + 1
         else:
             timestamped = family.startswith(("qwen3_vl", "qwen3_5"))
             assert codec.video_token_budget(64) == 32 * (4 + (2 + stamp if timestamped else 0))
@@ -190,6 +194,11 @@ def test_a_broken_video_weights_its_pair_0_and_keeps_its_tokens(codec):
     with pytest.warns(DroppedPairWarning, match="bad.*corrupt video"):
         batch = collate(rows)
     assert batch["pair_weight"].tolist() == [1.0, 0.0] and batch["video_counts"].tolist() == [1, 1]
+    if family == "gemma4":  # 56x56 frames -> 192x192 px -> 24x24 patches -> 64 soft tokens each
+        tokens = (batch["prompt_input_ids"] == codec.video_marker_id).sum(1).tolist()
+        assert tokens == [64 * n for n in batch["num_frames_per_video"].tolist()] and tokens[0] == 4 * 64
+        assert torch.isfinite(batch["pixel_values_videos"]).all()
+        return
     if family == "internvl":  # 16 context tokens per frame; the broken video's blank stand-in a multiple of 2 frames
         tokens = (batch["prompt_input_ids"] == codec.image_marker_id).sum(1).tolist()
         assert tokens == [16 * n for n in batch["video_frames"].tolist()] and tokens[0] == 64

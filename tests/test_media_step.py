@@ -66,10 +66,15 @@ def test_every_image_and_video_fills_its_own_span(setup):
             for token in (config.boi_token_id, config.eoi_token_id):
                 assert (batch["prompt_input_ids"] == token).sum(1).tolist() == [len(p[3]) for p in pairs]
         return
-    if family == "gemma4":  # 64x80 -> 63 tokens, 112x56 -> 55, the square ones 64 (test_hf_vlm_step); no video
-        assert image_tokens.tolist() == [63 + 55, 3 * 64, 0] and "pixel_values_videos" not in batch
-        for token in (config.boi_token_id, config.eoi_token_id):  # "<|image>" + its tokens + "<image|>" per image
-            assert (batch["prompt_input_ids"] == token).sum(1).tolist() == [2, 3, 0]
+    if family == "gemma4":  # 64x80 -> 63 tokens, 112x56 -> 55, the square ones 64 (test_hf_vlm_step); 56x56 frames:
+        # 64 tokens each (at the video budget of 70: 192x192 px)
+        assert image_tokens.tolist() == [63 + 55, 3 * 64, 0, 64, 0, 0]
+        video_tokens = (batch["prompt_input_ids"] == config.video_token_id).sum(1)
+        assert batch["num_frames_per_video"].tolist() == [8, 4, 16]
+        assert video_tokens.tolist() == [0, 0, 8 * 64, 4 * 64, 16 * 64, 0]
+        for token in (config.boi_token_id, config.eoi_token_id):  # "<|image>" ... "<image|>" per image and frame
+            assert (batch["prompt_input_ids"] == token).sum(1).tolist() == [2, 3, 8, 1 + 4, 16, 0]
+        assert batch["corrupt_pixel_values_videos"].shape == batch["pixel_values_videos"].shape == (28, 630, 192)
         return
     if family == "internvl":  # 16 context tokens per 112 px tile (a thumbnail where an image takes several) and frame
         assert batch["image_tiles"].tolist() == [1, 3, 1, 1, 1, 1] and batch["video_frames"].tolist() == [8, 4, 16]

@@ -157,3 +157,26 @@ def test_a_video_alone_is_enough_to_chat(qwen2_vl, media):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **tensors, max_new_tokens=3,
                              do_sample=False, eos_token_id=[tokenizer.eos_token_id])  # fmt: skip
     assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_gemma4_chat_takes_a_picture_and_a_video(media, tmp_path):
+    """Gemma 4: the picture and the clip's frames (`mm:ss` before each) reach `generate`, whose greedy answer is the
+    chat's; 8 frames at 4 fps sampled at 2 fps -> 4 frames of 56x56 px, 64 soft tokens each."""
+    from transformers import AutoModelForImageTextToText
+
+    folder = BUILDERS["gemma4"](tmp_path / "tiny-gemma4")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    config = model.config
+    question = "Is <image> the colour of <video>?"
+    tokenizer, ids, tensors = family_inputs(folder, None, config, [media["red"]], [media["clip"]], question)
+    assert tensors["num_frames_per_video"].tolist() == [4] and tensors["pixel_values_videos"].shape[0] == 4
+    assert ids[0].tolist().count(config.video_token_id) == 4 * 64
+    assert "00:00 <|image>" in tokenizer.decode(ids[0]) and " 00:01 <|image>" in tokenizer.decode(ids[0])
+    options = GenerationOptions(max_new_tokens=4)
+    answers = chat_once(folder, [media["red"]], question, videos=[media["clip"]], options=options, device="cpu")
+    (answer,) = answers.values()
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<turn|>")]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **tensors, max_new_tokens=4,
+                             do_sample=False, eos_token_id=stops)  # fmt: skip
+    assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

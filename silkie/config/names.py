@@ -22,7 +22,7 @@ FAMILIES = tuple(FAMILY_TABLE)
 MODEL_TYPES = {model_type: family for family, (_, types) in FAMILY_TABLE.items() for model_type in types}
 # the transformers Qwen VLMs: images of any size within model.min_pixels..max_pixels, M-RoPE positions
 QWEN_HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl")  # the families Silkie feeds video to
+VIDEO_FAMILIES = (*QWEN_HF_FAMILIES, "internvl", "gemma4")  # the families Silkie feeds video to
 TILED_FAMILIES = ("internvl",)  # images cut into fixed-size tiles (+ a thumbnail), at most model.max_tiles
 # images resized to fill at most model.max_image_tokens soft tokens, one of the budgets the processor allows
 SOFT_TOKEN_FAMILIES = ("gemma4",)

@@ -70,12 +70,15 @@ class Gemma3Family(LlavaFamily):
         return {"full_attention": full, **sliding_masks(full, position_ids, base.config.get_text_config())}
 
 
-def same_image(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """[R, 1, L, L]: query and key are tokens of one image (a run of `image_token_id`), as transformers' Gemma
-    `get_block_sequence_ids_for_mask` groups them."""
+def same_image(input_ids: torch.Tensor, *token_ids: int) -> torch.Tensor:
+    """[R, 1, L, L]: query and key are tokens of one image (a run of the media `token_ids`: Gemma 4's video frames
+    too), as transformers' Gemma `get_block_sequence_ids_for_mask` groups them."""
     from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
-    blocks = get_block_sequence_ids_for_mask((input_ids == image_token_id).long())
+    media = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token_id in token_ids:
+        media |= input_ids == token_id
+    blocks = get_block_sequence_ids_for_mask(media.long())
     return ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))[:, None]
 
 

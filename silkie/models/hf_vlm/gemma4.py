@@ -8,8 +8,8 @@ other both ways in the sliding-window layers only (`create_masks_for_vision_mode
 parts need nothing here: per-layer input embeddings are read from the ids the model is given, the last layers reuse
 earlier layers' keys and values within the one forward, and the MoE variant's experts sit beside each layer's MLP
 (LoRA reaches them through `lora.target_parameters`; the release defines no load-balancing loss). `Gemma4Processor`
-writes each image as `<|image>` + its soft tokens + `<image|>` in place of the template's `<|image|>`. Images only:
-Gemma 4's video (frames with `mm:ss` stamps) and audio are not read.
+writes each image as `<|image>` + its soft tokens + `<image|>` in place of the template's `<|image|>`; videos are
+frames with their `mm:ss` times (`gemma4_video`). Audio is not read.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from silkie.models.family import ImageBatch, unwrap_causal_lm
 from .codec import ImageSpan, load_processor
 from .family import HFVisionFamily, image_encoder_outputs
 from .gemma3 import same_image, sliding_masks
+from .gemma4_video import FRAME_COUNTS, Gemma4Videos
 
 
 class Gemma4Family(HFVisionFamily):
@@ -90,14 +91,29 @@ class Gemma4Family(HFVisionFamily):
         return int(processor.image_processor.max_soft_tokens)
 
     def image_processor(self, model_config: Any, section: Any) -> Any:
-        return Gemma4Images(load_processor(section.path, None, None, None, section.max_image_tokens), model_config)
+        processor = load_processor(section.path, None, None, None, section.max_image_tokens)
+        return Gemma4Images(processor, model_config, Gemma4Videos(processor, model_config, section))
+
+    def video_processor(self, processor: Any, section: Any) -> Gemma4Videos:
+        from transformers import AutoConfig
+
+        return Gemma4Videos(processor, AutoConfig.from_pretrained(section.path), section)
 
     def _features(self, base: nn.Module, pixel_values: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         return list(base.model.get_image_features(pixel_values, positions).pooler_output)
 
-    def encode_images(self, base: nn.Module, batch: dict) -> list[torch.Tensor]:
-        """Each image's soft tokens [n_i, D] (its padding patches dropped by the tower)."""
-        return self._features(base, batch["pixel_values"], batch["image_position_ids"])
+    def encode_images(self, base: nn.Module, batch: dict) -> dict[str, list | None]:
+        """Each image's soft tokens [n_i, D] and each video's (all its frames') [n_v, D], padding patches dropped by
+        the tower."""
+        features: dict[str, list | None] = {"image": None, "video": None}
+        if batch.get("pixel_values") is not None and batch["pixel_values"].numel():
+            features["image"] = self._features(base, batch["pixel_values"], batch["image_position_ids"])
+        if batch.get("pixel_values_videos") is not None and batch["pixel_values_videos"].numel():
+            out = base.model.get_video_features(
+                batch["pixel_values_videos"], batch["video_position_ids"], num_frames_per_video=batch[FRAME_COUNTS]
+            )
+            features["video"] = list(out.pooler_output)
+        return features
 
     def blank_image_features(self, base: nn.Module) -> torch.Tensor:
         """The features of one blank image of a single soft token (3x3 patches)."""
@@ -111,10 +127,28 @@ class Gemma4Family(HFVisionFamily):
     def row_image_kwargs(
         self, base: nn.Module, batch: dict, order: torch.Tensor, features: Any, video_order: torch.Tensor | None = None
     ) -> dict:
-        if features is not None:
-            return image_encoder_outputs([features[i] for i in order.tolist()])
-        order = order.to(batch["pixel_values"].device)
-        return {name: batch[name].index_select(0, order) for name in ("pixel_values", "image_position_ids")}
+        """The rows' images (`order`) and videos (`video_order`): their features, else their pixels (a video's
+        frames picked by `num_frames_per_video`)."""
+        kwargs: dict[str, Any] = {}
+        outputs: dict[str, Any] = {}
+        for kind, picks in (("image", order), ("video", video_order)):
+            if picks is None or not picks.numel():
+                continue
+            if features is not None:
+                picked = [features[kind][i] for i in picks.tolist()]
+                outputs |= image_encoder_outputs(picked, kind)["mm_encoder_outputs"]
+            elif kind == "image":
+                picks = picks.to(batch["pixel_values"].device)
+                kwargs |= {name: batch[name].index_select(0, picks) for name in ("pixel_values", "image_position_ids")}
+            else:
+                counts = batch[FRAME_COUNTS].tolist()
+                for name in ("pixel_values_videos", "video_position_ids"):
+                    frames = torch.split(batch[name], counts)
+                    kwargs[name] = torch.cat([frames[i] for i in picks.tolist()])
+                kwargs[FRAME_COUNTS] = batch[FRAME_COUNTS].index_select(0, picks.to(batch[FRAME_COUNTS].device))
+        if outputs:
+            kwargs["mm_encoder_outputs"] = outputs
+        return kwargs
 
     def last_position(self, input_ids: torch.Tensor) -> torch.Tensor:
         """As an index tensor: an integer `logits_to_keep` makes Gemma 4 run its KV-sharing layers (E2B / E4B) on
@@ -122,9 +156,9 @@ class Gemma4Family(HFVisionFamily):
         return torch.tensor([input_ids.size(1) - 1], device=input_ids.device)
 
     def token_kwargs(self, model_config: Any, input_ids: torch.Tensor) -> dict:
-        """`mm_token_type_ids` as `Gemma4Processor` gives them (1 on image tokens): where the model builds the masks
-        itself (concatenated rows, generation) it reads an image's extent from them."""
-        return {"mm_token_type_ids": (input_ids == model_config.image_token_id).long()}
+        """`mm_token_type_ids` as `Gemma4Processor` gives them (1 on image tokens, 2 on video tokens): where the model
+        builds the masks itself (concatenated rows, generation) it reads an image's or a frame's extent from them."""
+        return {"mm_token_type_ids": mm_token_types(model_config, input_ids)}
 
     def attention_masks(
         self,
@@ -140,7 +174,7 @@ class Gemma4Family(HFVisionFamily):
         if mask.dim() != 4:
             return mask
         text = base.config.get_text_config()
-        both_ways = mask | same_image(input_ids, base.config.image_token_id)
+        both_ways = mask | same_image(input_ids, base.config.image_token_id, base.config.video_token_id)
         sliding = both_ways if text.use_bidirectional_attention == "vision" else mask
         return {"full_attention": mask, **sliding_masks(sliding, position_ids, text)}
 
@@ -148,28 +182,38 @@ class Gemma4Family(HFVisionFamily):
 class Gemma4Images:
     """PIL images -> `pixel_values` [N, P, 3 * patch^2] (each image's patches, padded to the P = max_soft_tokens x
     pooling^2 of the largest) + `image_position_ids` [N, P, 2] (each patch's column and row; -1 on padding), and each
-    image's soft-token count."""
+    image's soft-token count; video clips -> their frames' tensors and ids (`Gemma4Videos`)."""
 
-    def __init__(self, processor: Any, model_config: Any):
+    def __init__(self, processor: Any, model_config: Any, videos: Gemma4Videos):
         self.image_processor = processor.image_processor
         self.marker_id = model_config.image_token_id
         image = self.image_processor
         self.patches = image.max_soft_tokens * image.pooling_kernel_size**2
         self.width = 3 * image.patch_size**2
+        self.videos = videos
 
     def fingerprint(self) -> str:
-        """The image processor's settings (patch size, soft-token bound, pooling)."""
-        return self.image_processor.to_json_string()
+        """The image processor's settings (patch size, soft-token bound, pooling) and the video ones."""
+        return self.image_processor.to_json_string() + self.videos.fingerprint()
 
     def __call__(self, images: list, videos: list = ()) -> ImageBatch:
-        if videos:
-            raise ValueError("Gemma 4 takes images, not video (tokenization drops such pairs as video_unsupported)")
         if not images:
             tensors = {
                 "pixel_values": torch.zeros(0, self.patches, self.width),
                 "image_position_ids": torch.zeros(0, self.patches, 2, dtype=torch.long),
             }
-            return ImageBatch(tensors, [], self.marker_id)
-        out = self.image_processor(images=images, return_tensors="pt")
-        tensors = {"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"]}
-        return ImageBatch(tensors, [int(n) for n in out["num_soft_tokens_per_image"]], self.marker_id)
+            batch = ImageBatch(tensors, [], self.marker_id)
+        else:
+            out = self.image_processor(images=images, return_tensors="pt")
+            tensors = {"pixel_values": out["pixel_values"], "image_position_ids": out["image_position_ids"]}
+            batch = ImageBatch(tensors, [int(n) for n in out["num_soft_tokens_per_image"]], self.marker_id)
+        if videos:
+            video_tensors, batch.tokens_per_video = self.videos(list(videos))
+            batch.tensors |= video_tensors
+            batch.video_marker_id = self.videos.marker_id
+        return batch
+
+
+def mm_token_types(config: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token types as `Gemma4Processor` gives them: 0 text, 1 image, 2 video."""
+    return (input_ids == config.image_token_id).long() + 2 * (input_ids == config.video_token_id).long()
