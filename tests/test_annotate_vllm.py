@@ -213,10 +213,11 @@ def test_a_pool_adapter_s_run_renders_its_prompts_with_its_chat_template_kwargs(
 def test_a_pool_model_s_own_chat_template_kwargs_render_its_prompts(standin_vllm, folder, tmp_path):
     """A pool model's `chat_template_kwargs` (Qwen3.5 with thinking off, no adapter) render its prompts on vLLM and
     with transformers alike; bad ones are refused in pool.yaml, and any on Qwen-VL-Chat when the model loads."""
-    from silkie.config.annotate import load_pool
+    from silkie.config.annotate import PoolConfig, RoundsConfig, load_judge, load_pool
     from silkie.dev.tiny_qwen3_5 import build_tiny_qwen3_5
     from silkie.dev.tiny_qwen_vl import build_tiny_checkpoint
-    from silkie.tools.annotate.sample import Responder
+    from silkie.tools.annotate.rounds import policy_models
+    from silkie.tools.annotate.sample import Responder, check_pool_folders
     from silkie.tools.annotate.vllm_backend import VllmResponder
 
     base = build_tiny_qwen3_5(tmp_path / "qwen3.5")
@@ -234,5 +235,24 @@ def test_a_pool_model_s_own_chat_template_kwargs_render_its_prompts(standin_vllm
     with pytest.raises(RecipeError, match=r"pool.models\[0\].chat_template_kwargs.enable_thinking = 'no'.*true or"):
         load_pool(pool)
     qwen_vl = build_tiny_checkpoint(tmp_path / "qwen-vl")
-    with pytest.raises(ToolError, match=r"pool model qwen-vl: chat_template_kwargs = .*null for a qwen_vl model"):
+    refused = r"pool model qwen-vl: chat_template_kwargs = .*null for a qwen_vl model"
+    with pytest.raises(ToolError, match=refused):
         Responder(PoolModel(path=str(qwen_vl), chat_template_kwargs=off), device="cpu")
+    mixed = PoolConfig(models=[PoolModel(path=str(base)), PoolModel(path=str(qwen_vl), chat_template_kwargs=off)])
+    with pytest.raises(ToolError, match=refused):  # before any model of the pool answers
+        check_pool_folders(mixed)
+    judge = tmp_path / "judge.yaml"  # a local judge takes them too; an endpoint renders its own prompts
+    judge.write_text(f"kind: local\nmodel: {base}\nchat_template_kwargs: {{enable_thinking: false}}\n")
+    assert load_judge(judge).chat_template_kwargs == off
+    judge.write_text("kind: openai\nmodel: gpt-4o\nchat_template_kwargs: {enable_thinking: false}\n")
+    with pytest.raises(RecipeError, match=r"judge.chat_template_kwargs = .*null unless judge.kind is local"):
+        load_judge(judge)
+    from silkie.tools.annotate.serve import parse_args  # `annotate serve --chat-template-kwargs`
+
+    served = parse_args(["--model", "m", "--chat-template-kwargs", "{enable_thinking: false}"])
+    assert served.chat_template_kwargs == off
+    with pytest.raises(SystemExit):  # argparse's one-line error: `no` is a string, not a switch
+        parse_args(["--model", "m", "--chat-template-kwargs", "{enable_thinking: no}"])
+    # `annotate rounds` prompts the policy as the recipe renders the pairs it trains on
+    policies = policy_models(RoundsConfig(policy_answers=2), base, 1, off)
+    assert [model.chat_template_kwargs for model in policies] == [off, off]

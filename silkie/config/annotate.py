@@ -102,6 +102,12 @@ class JudgeConfig:
     )
     api_key_env: str = key("OPENAI_API_KEY", "openai: the environment variable holding the key.", "")
     adapter: str | None = key(None, "local: a LoRA adapter folder on top of `model`.", "")
+    chat_template_kwargs: dict | None = key(
+        None,
+        "local: variables of the judge's chat template, e.g. {enable_thinking: false} (null: those of the adapter's "
+        "run, else none); not for qwen_vl.",
+        "",
+    )
     function: str | None = key(None, "python: `module:function(prompt, image_path, answers) -> text`.", "")
     concurrency: int = key(4, "Requests in flight at once.", "")
     max_retries: int = key(3, "Retries of a failed request or an unparseable answer before it is counted out.", "")
@@ -124,6 +130,13 @@ class JudgeConfig:
         require(self.backoff_seconds >= 0, "judge.backoff_seconds", self.backoff_seconds, "a number >= 0")
         rpm = self.requests_per_minute
         require(rpm is None or rpm > 0, "judge.requests_per_minute", rpm, "null or a number > 0")
+        check_chat_template_kwargs(self.chat_template_kwargs, "judge.chat_template_kwargs")
+        require(
+            self.chat_template_kwargs is None or self.kind == "local",
+            "judge.chat_template_kwargs",
+            self.chat_template_kwargs,
+            "null unless judge.kind is local (an endpoint renders its own prompts)",
+        )
 
 
 @dataclass

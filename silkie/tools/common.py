@@ -210,3 +210,13 @@ def _load_base(family: str, model_dir: Path, dtype: torch.dtype) -> torch.nn.Mod
 
         model = get_family(family).load_model(ModelSection(path=str(model_dir), family=family), dtype)
     return model
+
+
+def refuse_template_kwargs(kwargs: dict | None, model: str, family: str) -> None:
+    """`ToolError` for chat template variables given to a Qwen-VL-Chat `model`, whose prompts are the original's
+    format, not a chat template's."""
+    if kwargs is not None and family == "qwen_vl":
+        raise ToolError(
+            f"pool model {model}: chat_template_kwargs = {kwargs!r}: null for a qwen_vl model (its prompt format is "
+            "the original's, not a chat template)"
+        )

@@ -306,6 +306,8 @@ class ChatTemplateCodec:
             digest.update(f"image span {self._image_span.text!r}".encode())
         if self.template_kwargs:
             digest.update(f"template kwargs {json.dumps(self.template_kwargs, sort_keys=True)}".encode())
+        if self._renders_system() and self._system_probe[2]:  # a system message goes as its bare text
+            digest.update(b"system message as a string")
         if self.generation_tail:  # pairs whose answers open as the tail does are split as TRL splits them
             digest.update(b"answers that open with the generation prompt's tail: that part in the prompt")
         return digest.hexdigest()

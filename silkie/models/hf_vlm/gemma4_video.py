@@ -25,7 +25,7 @@ from .video import folder_video_configs
 
 FRAME_COUNTS = "num_frames_per_video"  # batch key (the model's argument): [N_video] frames per video
 VIDEO_SOFT_TOKENS = 70  # Gemma4VideoProcessor's default budget per frame
-LONGEST_TIME = 99 * 60 + 59  # the widest `mm:ss` (past 99 minutes the minutes take a third digit)
+LONGEST_TIME = 999 * 60 + 59  # the widest `mm:ss` written (from 100 minutes on the minutes take a third digit)
 
 
 def frame_time(seconds: float) -> str:

@@ -111,7 +111,8 @@ def local_judge(config: JudgeConfig, device: str = "auto") -> JudgeCall:
     """A checkpoint (+ adapter) of any family answering the rubric with its image, as `silkie chat` would."""
     from silkie.tools.annotate.sample import Responder
 
-    spec = PoolModel(config.model, "judge", config.adapter, config.max_tokens, config.temperature, 1.0)
+    spec = PoolModel(config.model, "judge", config.adapter, config.max_tokens, config.temperature, 1.0,
+                     chat_template_kwargs=config.chat_template_kwargs)  # fmt: skip
     responder = Responder(spec, device)
     attempts: Counter = Counter()
 

@@ -55,11 +55,15 @@ def _hashed_split(config: RoundsConfig, target: Path) -> bool:
     return not chosen and not started
 
 
-def policy_models(config: RoundsConfig, policy: Path, number: int) -> list[PoolModel]:
-    """The policy as `policy_answers` pool entries (one name and seed each)."""
+def policy_models(
+    config: RoundsConfig, policy: Path, number: int, template_kwargs: dict | None = None
+) -> list[PoolModel]:
+    """The policy as `policy_answers` pool entries (one name and seed each), prompted with the recipe's chat template
+    variables (`template_kwargs`: the pairs it trains on are rendered with them)."""
     return [
         PoolModel(
-            str(policy), f"policy-r{number}-s{i}", None, config.policy_max_new_tokens, config.policy_temperature, 0.9
+            str(policy), f"policy-r{number}-s{i}", None, config.policy_max_new_tokens, config.policy_temperature, 0.9,
+            chat_template_kwargs=template_kwargs,
         )  # fmt: skip
         for i in range(1, config.policy_answers + 1)
     ]
@@ -133,7 +137,7 @@ def run_rounds(config: RoundsConfig, working: Path, progress: bool = True) -> li
     for number in range(1, config.rounds + 1):
         folder = working / f"round-{number}"
         data, run = folder / "data", folder / "run"
-        policies = policy_models(config, policy, number)
+        policies = policy_models(config, policy, number, first.chat_template_kwargs)
         names = [model.label for model in policies]
         if not (run / FINISHED_NAME).is_file():
             data.mkdir(parents=True, exist_ok=True)

@@ -83,10 +83,11 @@ class Responder:
     def __init__(self, model: PoolModel, device: str = "auto"):
         from silkie.tools.chat import GenerationOptions, load_chat_model
         from silkie.tools.chat_inputs import PromptBuilder
+        from silkie.tools.common import refuse_template_kwargs
 
         self.spec = model
         self.chat = load_chat_model(model.path, model.adapter, model.dtype, device)
-        refuse_template_kwargs(model, self.chat.family)
+        refuse_template_kwargs(model.chat_template_kwargs, model.label, self.chat.family)
         self.prompt = PromptBuilder(self.chat, model.chat_template_kwargs)
         sample = model.temperature > 0
         self.options = GenerationOptions(model.max_new_tokens, sample, model.top_p, model.temperature or 1.0)
@@ -112,16 +113,6 @@ class Responder:
         return generate_batch(self.chat, prompts[0][0], pairs, self.options, seeds)
 
 
-def refuse_template_kwargs(model: PoolModel, family: str) -> None:
-    """`ToolError` for a pool model's `chat_template_kwargs` on Qwen-VL-Chat, whose prompts are the original's
-    format, not a chat template's."""
-    if model.chat_template_kwargs is not None and family == "qwen_vl":
-        raise ToolError(
-            f"pool model {model.label}: chat_template_kwargs = {model.chat_template_kwargs!r}: null for a qwen_vl "
-            "model (its prompt format is the original's, not a chat template)"
-        )
-
-
 def shard_file(index: int, count: int) -> str:
     """The answers file of shard `index` of `count` (merged into answers.jsonl when all are done)."""
     return f"answers.shard-{index}-of-{count}.jsonl"
@@ -143,14 +134,15 @@ def check_pool_folders(pool: PoolConfig, where: str = "pool") -> None:
     """ToolError naming the first pool model whose checkpoint (or adapter) folder is missing or of no family Silkie
     loads, before any model answers (else the pool's last model would fail after the first ones had run)."""
     from silkie.tools.cli import require_dir
-    from silkie.tools.common import family_of
+    from silkie.tools.common import family_of, refuse_template_kwargs
 
     for index, model in enumerate(pool.models):
         entry = f"{where}: models[{index}]"
         try:
-            family_of(Path(model.path).expanduser())
+            family = family_of(Path(model.path).expanduser())
         except ToolError as err:
             raise ToolError(f"{entry}.path: {err}") from err
+        refuse_template_kwargs(model.chat_template_kwargs, model.label, family)
         if model.adapter:
             try:
                 require_dir(Path(model.adapter).expanduser(), "adapter folder", "adapter_config.json")

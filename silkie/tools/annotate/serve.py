@@ -168,14 +168,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="default answer length limit (1024)")
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: GPU when present)")
+    parser.add_argument(
+        "--chat-template-kwargs",
+        type=template_kwargs,
+        help="variables of the chat template as a YAML mapping, e.g. '{enable_thinking: false}' (default: those of "
+        "the adapter's run, else none)",
+    )
     return parser.parse_args(argv)
+
+
+def template_kwargs(text: str) -> dict:
+    """`--chat-template-kwargs`: a YAML mapping of the template's variables, checked as a recipe's."""
+    import yaml
+
+    from silkie.config.model_section import check_chat_template_kwargs
+    from silkie.config.yaml_io import parse_yaml
+    from silkie.errors import RecipeError
+
+    try:
+        value = parse_yaml(text)
+        check_chat_template_kwargs(value, "--chat-template-kwargs")
+    except (RecipeError, yaml.YAMLError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve until interrupted; prints `serving http://HOST:PORT/v1` once ready."""
     if not Path(args.model).is_dir():
         raise ToolError(f"model folder not found: {args.model}")
-    spec = PoolModel(args.model, args.name, args.adapter, args.max_new_tokens, 0.0, 1.0, args.dtype)
+    spec = PoolModel(args.model, args.name, args.adapter, args.max_new_tokens, 0.0, 1.0, args.dtype,
+                     chat_template_kwargs=args.chat_template_kwargs)  # fmt: skip
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(ModelServer(spec, args.device)))
     host, port = httpd.server_address[:2]
     print(f"serving http://{host}:{port}/v1 ({spec.label})", flush=True)

@@ -75,14 +75,13 @@ class VllmResponder:
         from vllm import LLM
 
         from silkie.config import ModelSection
-        from silkie.tools.annotate.sample import refuse_template_kwargs
         from silkie.tools.chat_inputs import run_recipe
-        from silkie.tools.common import family_of, load_codec_from
+        from silkie.tools.common import family_of, load_codec_from, refuse_template_kwargs
 
         self.spec = model
         folder = servable_folder(model, out)
         self.family = family_of(folder)
-        refuse_template_kwargs(model, self.family)
+        refuse_template_kwargs(model.chat_template_kwargs, model.label, self.family)
         recipe = run_recipe(model.adapter)  # an adapter's run renders its prompts (chat template kwargs) as it did
         section = None if recipe is None else dataclasses.replace(recipe.model, path=str(folder), family=self.family)
         if model.chat_template_kwargs is not None:  # the pool model's own
