@@ -21,7 +21,7 @@ import torch
 from silkie.models.family import VideoClip
 
 from .text_led import TextLedIds, ids_after
-from .video import folder_video_configs
+from .video import folder_video_configs, processed_frames
 
 FRAME_COUNTS = "num_frames_per_video"  # batch key (the model's argument): [N_video] frames per video
 VIDEO_SOFT_TOKENS = 70  # Gemma4VideoProcessor's default budget per frame
@@ -97,9 +97,7 @@ class Gemma4Videos:
         """The tensors of `clips` and each one's ids."""
         if not clips:
             return self.empty(), []
-        frames = [frame.convert("RGB") for clip in clips for frame in clip.frames]
-        out = self.image_processor(images=frames, return_tensors="pt", **self.frame_kwargs)
-        counts = [len(clip.frames) for clip in clips]
+        out, counts = processed_frames(self.image_processor, clips, self.frame_kwargs)
         tensors = {
             "pixel_values_videos": out["pixel_values"],
             "video_position_ids": out["image_position_ids"],

@@ -20,7 +20,7 @@ import torch
 from silkie.models.family import VideoClip
 
 from .text_led import TextLedIds, ids_after
-from .video import folder_video_configs
+from .video import folder_video_configs, processed_frames
 
 FRAME_COUNTS = "video_frames"  # batch key: [N_video] frames per video (their rows of `pixel_values_videos`)
 FIRST_FRAME = "Frame1: "
@@ -87,8 +87,6 @@ class InternVLVideos:
         """The tensors of `clips` and each one's ids."""
         if not clips:
             return self.empty(), []
-        frames = [frame.convert("RGB") for clip in clips for frame in clip.frames]
-        out = self.image_processor(images=frames, return_tensors="pt", **self.frame_kwargs)
-        counts = [len(clip.frames) for clip in clips]
+        out, counts = processed_frames(self.image_processor, clips, self.frame_kwargs)
         tensors = {"pixel_values_videos": out["pixel_values"], FRAME_COUNTS: torch.tensor(counts, dtype=torch.long)}
         return tensors, [self.layout(count) for count in counts]

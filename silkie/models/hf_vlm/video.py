@@ -52,6 +52,13 @@ def folder_video_bounds(path: str | Path) -> tuple[int | None, int | None]:
     return None, None
 
 
+def processed_frames(image_processor: Any, clips: list[VideoClip], frame_kwargs: dict) -> tuple[Any, list[int]]:
+    """Every clip's frames (RGB, in clip order) through `image_processor` at `frame_kwargs`, and each clip's frame
+    count (InternVL's and Gemma 4's videos: a frame is processed as an image)."""
+    frames = [frame.convert("RGB") for clip in clips for frame in clip.frames]
+    return image_processor(images=frames, return_tensors="pt", **frame_kwargs), [len(clip.frames) for clip in clips]
+
+
 class Qwen2VLVideos:
     """`VideoClip`s -> `pixel_values_videos` patches + `video_grid_thw` (+ `second_per_grid_ts`), and the
     tokens each video fills (grid / merge^2)."""
