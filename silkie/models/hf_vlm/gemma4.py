@@ -180,9 +180,9 @@ class Gemma4Family(HFVisionFamily):
 
 
 class Gemma4Images:
-    """PIL images -> `pixel_values` [N, P, 3 * patch^2] (each image's patches, padded to the P = max_soft_tokens x
-    pooling^2 of the largest) + `image_position_ids` [N, P, 2] (each patch's column and row; -1 on padding), and each
-    image's soft-token count; video clips -> their frames' tensors and ids (`Gemma4Videos`)."""
+    """PIL images -> `pixel_values` [N, P, 3 * patch^2] (each image's patches, padded to P = max_soft_tokens x
+    pooling^2) + `image_position_ids` [N, P, 2] (each patch's column and row; -1 on padding), and each image's
+    soft-token count; video clips -> their frames' tensors and ids (`Gemma4Videos`)."""
 
     def __init__(self, processor: Any, model_config: Any, videos: Gemma4Videos):
         self.image_processor = processor.image_processor
