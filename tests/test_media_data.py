@@ -118,9 +118,10 @@ def test_chat_template_codecs_place_media_and_refuse_what_they_cannot(codec):
         if family == "internvl":
             texts = sum(len(codec.tokenizer(f"{chr(10) * (k > 0)}Frame{k + 1}: ")["input_ids"]) for k in range(64))
             assert codec.video_token_budget(64) == texts + 64 * (16 + 2) + 1  # + 1: joined with the text before
-        elif family == "gemma4":  # per frame `mm:ss ` (after a space from the second on), <|image>, 70, <image|>
-            first = len(codec.tokenizer("99:59 ", add_special_tokens=False)["input_ids"])
-            later = len(codec.tokenizer("<image|> 99:59 ", add_special_tokens=False)["input_ids"]) - 1
+        elif family == "gemma4":  # per frame `mm:ss ` (after a space from the second on; the widest written,
+            # 999:59), <|image>, 70 tokens, <image|>
+            first = len(codec.tokenizer("999:59 ", add_special_tokens=False)["input_ids"])
+            later = len(codec.tokenizer("<image|> 999:59 ", add_special_tokens=False)["input_ids"]) - 1
             assert codec.video_token_budget(64) == first + 63 * later + 64 * (70 + 2) + 1
         else:
             timestamped = family.startswith(("qwen3_vl", "qwen3_5"))
