@@ -51,6 +51,7 @@ class HFVisionFamily(ModelFamily):
         from transformers import AutoModelForImageTextToText
 
         self.check_folder(section.path)
+        self.refuse_checkpoint(section.path, quantization_config is not None)
         if section.attn_implementation == "flex_attention":
             raise InputError(
                 f"model.attn_implementation: flex_attention is for qwen_vl; use sdpa, eager or varlen with {self.name}"
@@ -76,6 +77,10 @@ class HFVisionFamily(ModelFamily):
                 f"({', '.join(self.class_names)})"
             )
         return model
+
+    def refuse_checkpoint(self, path: str, quantized: bool) -> None:
+        """`InputError` before the weights load for a checkpoint the family would train wrongly (`quantized`: in
+        4-bit); most families refuse none."""
 
     def load_codec(self, section: Any, files: str | None = None) -> ChatTemplateCodec:
         """The codec of the checkpoint; tokenizer/processor files from `files` (e.g. an adapter folder) if given."""

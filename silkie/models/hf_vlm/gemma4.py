@@ -40,25 +40,23 @@ class Gemma4Family(HFVisionFamily):
     projector_part = "embed_vision"
     hearing_parts = ("audio_tower", "embed_audio")  # E2B / E4B's
 
-    def load_model(self, section: Any, dtype: torch.dtype, quantization_config: Any = None) -> nn.Module:
-        """The checkpoint, after refusing what Silkie would train wrongly: images attended both ways everywhere
-        (`use_bidirectional_attention: all`, an encoder's setting), and 4-bit weights for the mixture of experts."""
+    def refuse_checkpoint(self, path: str, quantized: bool) -> None:
+        """Images attended both ways everywhere (`use_bidirectional_attention: all`, an encoder's setting), and
+        4-bit weights for the mixture of experts."""
         from transformers import AutoConfig
 
-        self.check_folder(section.path)
-        text = AutoConfig.from_pretrained(section.path).get_text_config()
+        text = AutoConfig.from_pretrained(path).get_text_config()
         if text.use_bidirectional_attention == "all":
             raise InputError(
-                f"model.path: {section.path} attends every token both ways (text_config.use_bidirectional_attention: "
-                "all, an encoder's setting); Silkie trains causal language models (vision or null)"
+                f"model.path: {path} attends every token both ways (text_config.use_bidirectional_attention: all, an "
+                "encoder's setting); Silkie trains causal language models (vision or null)"
             )
-        if quantization_config is not None and text.enable_moe_block:
+        if quantized and text.enable_moe_block:
             raise InputError(
                 "lora.load_in_4bit with a Gemma 4 mixture of experts (26B-A4B): bitsandbytes quantizes linear layers "
                 "only, so its experts (3-D weights, most of the model) would stay unquantized and be cast to fp32; "
                 "train it in bf16 (deepspeed.stage=3 spreads it over the GPUs)"
             )
-        return super().load_model(section, dtype, quantization_config)
 
     def prepare_for_training(self, model: nn.Module) -> None:
         """Freeze the audio tower (E2B / E4B), which no pair feeds: trainable, it would get no gradient, which DDP
